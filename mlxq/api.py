@@ -1,0 +1,143 @@
+"""The Python API: `mlxq.load(name) -> Model`, then generate, stream or score."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxq.engine.generate import Generation, Timings, held_back, stop_index
+from mlxq.engine.sampling import LogitsProcessor, SamplingParams
+from mlxq.engine.tokenizer import Tokenizer, load_tokenizer
+from mlxq.errors import InvalidRequest
+from mlxq.formats import Checkpoint, open_checkpoint
+from mlxq.loading import load_model
+
+Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed output."""
+
+    text: str
+    token: int | None = None
+    finish_reason: str | None = None  # "stop" | "length" on the last chunk
+    logprobs: mx.array | None = None
+
+
+@dataclass
+class Result:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    timings: Timings = field(default_factory=Timings)
+
+
+class Model:
+    """A loaded model with its tokenizer."""
+
+    def __init__(self, net: nn.Module, tokenizer: Tokenizer, checkpoint: Checkpoint, name: str):
+        self.net = net
+        self.tokenizer = tokenizer
+        self.checkpoint = checkpoint
+        self.name = name
+        self.config = checkpoint.config
+
+    # ---------------------------------------------------------------------------------------- scoring
+    def logits(self, token_ids: list[int] | mx.array) -> mx.array:
+        """Full-sequence logits, float32 [len, vocab], with a fresh cache."""
+        tokens = mx.array(token_ids).reshape(1, -1)
+        out = self.net(tokens, self.net.make_cache())
+        return out[0].astype(mx.float32)
+
+    def make_cache(self) -> list:
+        return self.net.make_cache()
+
+    # ---------------------------------------------------------------------------------------- prompts
+    def encode_prompt(self, prompt: Prompt, *, tools: list[dict] | None = None,
+                      chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if prompt and isinstance(prompt[0], int):
+            return list(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.apply_chat_template(prompt, tools=tools, **(chat_template_kwargs or {}))
+        raise InvalidRequest("prompt must be text, token ids, or a non-empty list of chat messages")
+
+    # ---------------------------------------------------------------------------------------- generation
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int = 256,
+        stop: list[str] | str | None = None,
+        params: SamplingParams | None = None,
+        logits_processors: list[LogitsProcessor] | None = None,
+        cache: list | None = None,
+        cached_tokens: int = 0,
+        logprobs: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict] | None = None,
+        timings: Timings | None = None,
+        generation: Generation | None = None,
+        **sampling: Any,
+    ) -> Iterator[Chunk]:
+        """Yields text as it becomes final. Sampling options (temperature, top_p, top_k, min_p,
+        repetition_penalty, seed, ...) go by keyword or as `params`."""
+        ids = self.encode_prompt(prompt, tools=tools, chat_template_kwargs=chat_template_kwargs)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        gen = generation or Generation(self.net, cache if cache is not None else self.make_cache())
+        gen.params = params or SamplingParams(**sampling)
+        gen.processors = list(logits_processors or [])
+        gen.want_logprobs = logprobs
+        if timings is not None:
+            gen.timings = timings
+        if not ids:
+            raise InvalidRequest("empty prompt")
+        detok = self.tokenizer.detokenizer()
+        eos = self.tokenizer.eos_token_ids
+        text, emitted, finish = "", 0, "length"
+        for step in gen.steps(ids, max_tokens, cached=cached_tokens):
+            if step.token in eos:
+                gen.generated.pop()
+                finish = "stop"
+                break
+            text += detok.add(step.token)
+            cut = stop_index(text, stops)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+                break
+            safe = len(text) - held_back(text, stops)
+            if safe > emitted or logprobs:
+                yield Chunk(text[emitted:safe], step.token, None, step.logprobs)
+                emitted = max(emitted, safe)
+        if stop_index(text, stops) < 0:
+            text += detok.flush()
+        yield Chunk(text[emitted:], None, finish)
+
+    def generate(self, prompt: Prompt, **kwargs: Any) -> Result:
+        cache = kwargs.pop("cache", None)
+        gen = Generation(self.net, cache if cache is not None else self.make_cache())
+        pieces, finish = [], "length"
+        for chunk in self.stream(prompt, generation=gen, **kwargs):
+            pieces.append(chunk.text)
+            finish = chunk.finish_reason or finish
+        return Result("".join(pieces), list(gen.generated), finish, gen.timings)
+
+
+def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantized: bool | None = None) -> Model:
+    """Load a model by name: a local HF/mlx-lm dir, a GGUF file, an alias (`smollm2`), `ollama:NAME`, or a
+    hub id. With no name, the default small model. Off Metal, quantized GGUF weights are dequantized to
+    float32 unless `keep_quantized=True`, since MLX's quantized CPU kernels are slow on x86."""
+    if keep_quantized is None:
+        keep_quantized = mx.metal.is_available()
+    ckpt = open_checkpoint(name, keep_quantized=keep_quantized)
+    net = load_model(ckpt, dtype)
+    eos = ckpt.config.get("eos_token_id")
+    tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template,
+                         eos if isinstance(eos, list) else ([eos] if eos is not None else None))
+    return Model(net, tok, ckpt, name or "smollm2")

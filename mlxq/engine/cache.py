@@ -1,0 +1,120 @@
+"""Per-layer caches behind one interface.
+
+Every cache knows its token position (`offset`), builds the attention mask for the next chunk, and can
+`checkpoint()` its state at the current position and `restore()` it later: the server's prompt cache
+and speculative decoding rewind through that, for attention and recurrent layers alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+
+_STEP = 256  # grow KV buffers in blocks, so decode writes in place instead of concatenating
+
+
+class KVCache:
+    """Growing key/value buffers for a full-attention layer; arrays are [B, heads, tokens, head_dim]."""
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        end = self.offset + n
+        if self.keys is None or end > self.keys.shape[2]:
+            self._grow(keys, values, end)
+        self.keys[..., self.offset : end, :] = keys
+        self.values[..., self.offset : end, :] = values
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def _grow(self, keys: mx.array, values: mx.array, end: int) -> None:
+        size = (end + _STEP - 1) // _STEP * _STEP
+        B, H, _, Dk = keys.shape
+        new_k = mx.zeros((B, H, size, Dk), keys.dtype)
+        new_v = mx.zeros((B, H, size, values.shape[3]), values.dtype)
+        if self.keys is not None and self.offset:
+            new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
+            new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
+        self.keys, self.values = new_k, new_v
+
+    def make_mask(self, n: int) -> mx.array | str | None:
+        """Mask for `n` new queries against everything cached so far plus themselves."""
+        return "causal" if n > 1 else None
+
+    # KV entries past a position are never read, so a position is a complete checkpoint.
+    def checkpoint(self) -> Any:
+        return self.offset
+
+    def restore(self, state: Any) -> None:
+        self.offset = state
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return (self.keys.nbytes + self.values.nbytes) * self.offset // self.keys.shape[2]
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]
+
+
+class RotatingKVCache:
+    """Sliding-window attention: keeps the last `window` tokens in a ring buffer."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.keys: mx.array | None = None  # chronological, at most window + chunk - 1 tokens
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        # Keep the simple chronological layout: the chunk attends to the (window - 1) tokens before it,
+        # and after the step only the last (window - 1) stay, which is all the next token can see.
+        if self.keys is None:
+            all_k, all_v = keys, values
+        else:
+            all_k = mx.concatenate([self.keys, keys], axis=2)
+            all_v = mx.concatenate([self.values, values], axis=2)
+        self.offset += keys.shape[2]
+        self._n_queries = keys.shape[2]
+        self.keys = all_k[..., -(self.window - 1) :, :] if self.window > 1 else all_k[..., :0, :]
+        self.values = all_v[..., -(self.window - 1) :, :] if self.window > 1 else all_v[..., :0, :]
+        return all_k, all_v
+
+    def make_mask(self, n: int) -> mx.array | None:
+        """Causal and windowed: query i (absolute p) sees keys in (p - window, p]."""
+        cached = 0 if self.keys is None else self.keys.shape[2]
+        total = cached + n
+        q_pos = mx.arange(self.offset, self.offset + n)[:, None]
+        k_pos = mx.arange(self.offset - cached, self.offset - cached + total)[None, :]
+        return (k_pos <= q_pos) & (k_pos > q_pos - self.window)
+
+    def checkpoint(self) -> Any:
+        return (self.offset, self.keys, self.values)  # arrays are immutable: no copy needed
+
+    def restore(self, state: Any) -> None:
+        self.offset, self.keys, self.values = state
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]
+
+
+def checkpoint(caches: list) -> list:
+    """Snapshot every layer's cache at the current position."""
+    return [c.checkpoint() for c in caches]
+
+
+def restore(caches: list, states: list) -> None:
+    for c, s in zip(caches, states, strict=True):
+        c.restore(s)

@@ -1,0 +1,104 @@
+"""Sampling parameters, logits processors and the token sampler, all in MLX (no per-token host sync)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from mlxq.errors import InvalidRequest
+
+# (generated-so-far token ids, logits [1, V]) -> logits [1, V]
+LogitsProcessor = Callable[[list[int], mx.array], mx.array]
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise InvalidRequest(msg)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def penalty_processors(p: SamplingParams, context: int = 64) -> list[LogitsProcessor]:
+    """Repetition (multiplicative, over the last `context` tokens), presence/frequency (additive, over
+    everything generated) and logit bias."""
+    procs: list[LogitsProcessor] = []
+    if p.logit_bias:
+        ids = mx.array(list(p.logit_bias.keys()))
+        vals = mx.array(list(p.logit_bias.values()), dtype=mx.float32)
+        procs.append(lambda _, logits: logits.at[:, ids].add(vals))
+    if p.repetition_penalty != 1.0:
+        def repetition(tokens: list[int], logits: mx.array) -> mx.array:
+            if not tokens:
+                return logits
+            ids = mx.array(sorted(set(tokens[-context:])))
+            sel = logits[:, ids]
+            sel = mx.where(sel < 0, sel * p.repetition_penalty, sel / p.repetition_penalty)
+            logits[:, ids] = sel
+            return logits
+        procs.append(repetition)
+    if p.presence_penalty or p.frequency_penalty:
+        def presence_frequency(tokens: list[int], logits: mx.array) -> mx.array:
+            if not tokens:
+                return logits
+            counts: dict[int, int] = {}
+            for t in tokens:
+                counts[t] = counts.get(t, 0) + 1
+            ids = mx.array(list(counts))
+            n = mx.array(list(counts.values()), dtype=mx.float32)
+            return logits.at[:, ids].add(-(p.presence_penalty + p.frequency_penalty * n))
+        procs.append(presence_frequency)
+    return procs
+
+
+def make_sampler(p: SamplingParams) -> Callable[[mx.array], mx.array]:
+    """logprobs [1, V] -> token [1]. Filters compose in the usual order: top-k, top-p, min-p."""
+    if p.greedy:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    key = [mx.random.key(p.seed)] if p.seed is not None else None
+
+    def sample(logprobs: mx.array) -> mx.array:
+        scores = logprobs / p.temperature
+        if p.top_k and p.top_k < scores.shape[-1]:
+            kth = mx.sort(scores, axis=-1)[:, -p.top_k][:, None]
+            scores = mx.where(scores < kth, -mx.inf, scores)
+        if p.top_p < 1.0:
+            order = mx.argsort(-scores, axis=-1)
+            sorted_scores = mx.take_along_axis(scores, order, axis=-1)
+            probs = mx.softmax(sorted_scores, axis=-1)
+            before = mx.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+            sorted_scores = mx.where(before >= p.top_p, -mx.inf, sorted_scores)
+            scores = mx.put_along_axis(scores, order, sorted_scores, axis=-1)
+        if p.min_p > 0:
+            top = mx.max(scores, axis=-1, keepdims=True)
+            scores = mx.where(scores < top + math.log(p.min_p), -mx.inf, scores)
+        if key is None:
+            return mx.random.categorical(scores)
+        key[0], sub = mx.random.split(key[0])
+        return mx.random.categorical(scores, key=sub)
+
+    return sample

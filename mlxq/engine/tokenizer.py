@@ -1,0 +1,113 @@
+"""Tokenizer, chat template and streaming detokenization over a transformers tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlxq.errors import TokenizerError
+
+
+# Tokens that end an assistant turn in the common chat formats; generation stops at any of them.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+class Tokenizer:
+    """Encode/decode, chat templates (with `enable_thinking` passed through) and the EOS set."""
+
+    def __init__(self, hf, chat_template: str | None = None, eos_token_ids: list[int] | None = None):
+        self.hf = hf
+        if chat_template:
+            hf.chat_template = chat_template
+        vocab = hf.get_vocab()
+        ids = set(eos_token_ids or []) | {vocab[t] for t in END_OF_TURN if t in vocab}
+        if hf.eos_token_id is not None:
+            ids.add(hf.eos_token_id)
+        self.eos_token_ids = ids
+        self.bos_token_id = hf.bos_token_id
+        self.vocab_size = len(hf)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.hf.chat_template)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """Token ids of the rendered conversation. Extra kwargs (e.g. `enable_thinking`) reach the
+        template as variables, as transformers passes them."""
+        if not self.has_chat_template:
+            raise TokenizerError("the model has no chat template; pass a plain prompt instead")
+        text = self.hf.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False,
+            **template_kwargs,
+        )
+        # The template already writes BOS where the model wants it.
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def detokenizer(self) -> StreamingDetokenizer:
+        return StreamingDetokenizer(self)
+
+
+class StreamingDetokenizer:
+    """Turns tokens into text pieces as they come, never splitting a multi-byte character.
+
+    Decodes only a short window (the previous piece and the new tokens) per step, so each step costs
+    O(1) however long the output grows.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._decode = tokenizer.hf.decode
+        self.tokens: list[int] = []
+        self._prefix = 0  # start of the window that is decoded for context
+        self._read = 0  # tokens before this have been emitted
+        self.text = ""
+
+    def add(self, token: int) -> str:
+        """Feed one token; returns the text that is now final (possibly empty)."""
+        self.tokens.append(token)
+        return self._emit(final=False)
+
+    def flush(self) -> str:
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        before = self._decode(self.tokens[self._prefix : self._read])
+        now = self._decode(self.tokens[self._prefix :])
+        if len(now) <= len(before) or (now.endswith("\ufffd") and not final):
+            return ""
+        piece = now[len(before) :]
+        self._prefix, self._read = self._read, len(self.tokens)
+        self.text += piece
+        return piece
+
+
+def load_tokenizer(tokenizer_dir: Path | None, gguf_file: Path | None, chat_template: str | None,
+                   eos_token_ids: list[int] | None = None) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    try:
+        if gguf_file is not None:
+            hf = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        elif tokenizer_dir is not None:
+            hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        else:
+            raise TokenizerError("no tokenizer: the checkpoint has neither tokenizer files nor GGUF vocab")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        where = gguf_file or tokenizer_dir
+        raise TokenizerError(f"{where}: cannot load a tokenizer ({str(e).splitlines()[0][:200]})") from None
+    if chat_template is None and tokenizer_dir is not None:
+        jinja = tokenizer_dir / "chat_template.jinja"
+        chat_template = jinja.read_text() if jinja.exists() and not hf.chat_template else None
+    return Tokenizer(hf, chat_template, eos_token_ids)

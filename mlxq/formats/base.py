@@ -1,0 +1,65 @@
+"""What every checkpoint format gives the rest of mlxq: an HF-style config and lazy tensors in HF names.
+
+Format quirks (GGUF names, permuted Q/K, packed blocks) are undone here at the edge, so model code only
+ever sees one convention: the transformers one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "float32", "bfloat16", "Q4_1", "uint32", ...
+    nbytes: int
+
+
+class TensorSource(Mapping[str, mx.array]):
+    """name -> array, loaded only when asked for (one tensor at a time)."""
+
+    def __init__(self, infos: dict[str, TensorInfo], loader: Callable[[str], mx.array]):
+        self._infos = infos
+        self._loader = loader
+
+    def __getitem__(self, name: str) -> mx.array:
+        if name not in self._infos:
+            raise KeyError(name)
+        return self._loader(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos.values())
+
+
+@dataclass
+class Checkpoint:
+    """A model on disk, opened but not loaded."""
+
+    path: Path
+    format: str  # "hf" | "mlx" | "gguf"
+    config: dict[str, Any]  # HF config.json content (text config merged in for multimodal wrappers)
+    tensors: TensorSource  # HF tensor names; mlx-lm quantized triples keep their .weight/.scales/.biases
+    tokenizer_dir: Path | None = None  # directory with tokenizer.json / tokenizer_config.json
+    gguf_file: Path | None = None  # set for GGUF checkpoints (transformers builds the tokenizer from it)
+    chat_template: str | None = None  # overrides the tokenizer's own when set
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        return self.config.get("quantization") or self.config.get("quantization_config")

