@@ -1,0 +1,182 @@
+"""The `mlxq` command line. Every error a user can cause prints one line and exits 2."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from mlxq.errors import MlxqError
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def _use_openblas() -> None:
+    """MLX's Linux CPU wheel links reference BLAS (40x slower matmuls); re-exec once with OpenBLAS
+    preloaded when it is installed. MLXQ_NO_REEXEC=1 turns this off."""
+    if not sys.platform.startswith("linux") or os.environ.get("MLXQ_NO_REEXEC") or not os.path.exists(OPENBLAS):
+        return
+    if OPENBLAS in os.environ.get("LD_PRELOAD", ""):
+        return
+    env = {**os.environ, "LD_PRELOAD": ":".join(filter(None, [OPENBLAS, os.environ.get("LD_PRELOAD")])),
+           "MLXQ_NO_REEXEC": "1"}
+    os.execve(sys.executable, [sys.executable, "-m", "mlxq.cli", *sys.argv[1:]], env)
+
+
+class LazyGroup(click.Group):
+    """Subcommands that live in other packages (server, quant, eval) are imported only when used."""
+
+    lazy = {
+        "serve": ("server.command", "serve"),
+        "quantize": ("mlxq.quant.command", "quantize"),
+        "eval": ("mlxq.eval.command", "eval"),
+    }
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx, name):
+        if name in self.lazy:
+            module, attr = self.lazy[name]
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError):
+                return None
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="mlxq")
+def cli() -> None:
+    """mlxq: run, quantize and serve LLMs with MLX."""
+
+
+def sampling_options(f):
+    for opt in reversed([
+        click.option("--max-tokens", "-n", default=256, show_default=True, type=click.IntRange(1)),
+        click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(0)),
+        click.option("--top-p", default=1.0, type=click.FloatRange(0, 1, min_open=True)),
+        click.option("--top-k", default=0, type=click.IntRange(0)),
+        click.option("--min-p", default=0.0, type=click.FloatRange(0, 1)),
+        click.option("--repetition-penalty", default=1.0, type=click.FloatRange(0, min_open=True)),
+        click.option("--seed", default=None, type=int),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _sampling(kw: dict) -> dict:
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+    return {k: kw[k] for k in keys}
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--model", "-m", default=None, help="Model name or path (default: smollm2).")
+@click.option("--chat/--raw", default=True, help="Wrap the prompt in the chat template (default) or not.")
+@click.option("--system", default=None, help="System message (chat mode).")
+@click.option("--think/--no-think", default=None, help="enable_thinking for templates that have it.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--verbose", "-v", is_flag=True, help="Print timings to stderr.")
+@sampling_options
+def generate(prompt, model, chat, system, think, stop, verbose, max_tokens, **kw):
+    """Generate a completion for PROMPT and stream it to stdout."""
+    import mlxq
+
+    m = mlxq.load(model)
+    if chat and m.tokenizer.has_chat_template:
+        prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    kwargs = {"enable_thinking": think} if think is not None else {}
+    result = None
+    for chunk in m.stream(prompt, max_tokens=max_tokens, stop=list(stop), chat_template_kwargs=kwargs,
+                          **_sampling(kw)):
+        click.echo(chunk.text, nl=False)
+        result = chunk
+    click.echo()
+    if verbose and result is not None:
+        click.echo(f"[finish: {result.finish_reason}]", err=True)
+
+
+@cli.command()
+@click.option("--model", "-m", default=None, help="Model name or path (default: smollm2).")
+@click.option("--system", default=None, help="System message.")
+@click.option("--think/--no-think", default=None, help="enable_thinking for templates that have it.")
+@sampling_options
+def chat(model, system, think, max_tokens, **kw):
+    """Interactive chat (empty line or Ctrl-D quits). The cache is kept between turns."""
+    import mlxq
+    from mlxq.session import Session
+
+    m = mlxq.load(model)
+    session = Session(m, system=system, enable_thinking=bool(think), **_sampling(kw))
+    click.echo(f"mlxq chat with {m.name}: empty line or Ctrl-D to quit", err=True)
+    while True:
+        try:
+            text = click.prompt(">", prompt_suffix=" ", default="", show_default=False)
+        except (EOFError, click.Abort):
+            break
+        if not text.strip():
+            break
+        for piece in session.stream(text, max_tokens=max_tokens):
+            click.echo(piece, nl=False)
+        click.echo()
+
+
+@cli.command()
+@click.argument("model")
+def inspect(model):
+    """Architecture, tensors, dtypes, parameters, size and quantization of MODEL (weights are not read)."""
+    from mlxq.formats import open_checkpoint
+    from mlxq.models import text_config
+
+    ckpt = open_checkpoint(model, keep_quantized=True)
+    cfg = text_config(ckpt.config)
+    infos = ckpt.tensors.infos()
+    quant = ckpt.quantization or {}
+    params = 0
+    for info in infos:
+        if info.name.endswith((".scales", ".biases")) and quant:
+            continue
+        n = 1
+        for d in info.shape:
+            n *= d
+        params += n * (32 // quant.get("bits", 32)) if info.dtype == "uint32" and quant else n
+    size = sum(i.nbytes for i in infos)
+    rows = [
+        ("path", str(ckpt.path)),
+        ("format", ckpt.format),
+        ("architecture", str(cfg.get("model_type"))),
+        ("layers", str(cfg.get("num_hidden_layers"))),
+        ("hidden size", str(cfg.get("hidden_size"))),
+        ("tensors", str(len(infos))),
+        ("dtypes", ", ".join(f"{k}: {v}" for k, v in Counter(i.dtype for i in infos).most_common())),
+        ("parameters", f"{params / 1e6:.1f} M"),
+        ("size", f"{size / 1e6:.1f} MB ({8 * size / max(params, 1):.2f} bits per parameter)"),
+        ("quantization", ", ".join(f"{k}={v}" for k, v in quant.items() if not isinstance(v, dict)) or "none"),
+    ]
+    for key, value in rows:
+        click.echo(f"{key:>13}  {value}")
+
+
+def main() -> None:
+    _use_openblas()
+    try:
+        cli.main(standalone_mode=False)
+    except MlxqError as e:
+        click.echo(f"mlxq: error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

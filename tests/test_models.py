@@ -1,0 +1,83 @@
+"""Dense families: mlxq logits equal transformers' (and mlx-lm's where it reads the checkpoint right)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from tiny import FAMILIES, make_tiny
+
+from mlxq.formats import open_checkpoint
+from mlxq.loading import load_model
+
+PROMPT = [3, 17, 42, 99, 5, 120, 7, 64, 11, 150, 33]
+DECODE = [8, 19, 140, 2, 77, 45, 90, 13, 101, 66, 25, 38, 149, 4, 58, 71]  # 16 cached steps
+
+
+def rel(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    ref = make_tiny(request.param, path)
+    with torch.no_grad():
+        ref_logits = ref(torch.tensor([PROMPT + DECODE])).logits[0].numpy()
+    return request.param, path, ref_logits
+
+
+def test_prompt_logits_match_transformers(family):
+    _, path, ref = family
+    net = load_model(open_checkpoint(str(path)))
+    out = net(mx.array([PROMPT]), net.make_cache())[0]
+    assert rel(out, ref[: len(PROMPT)]) < 1e-4
+
+
+def test_cached_decode_matches_transformers(family):
+    _, path, ref = family
+    net = load_model(open_checkpoint(str(path)))
+    cache = net.make_cache()
+    steps = [net(mx.array([PROMPT]), cache)[0, -1]]
+    for tok in DECODE[:-1]:
+        steps.append(net(mx.array([[tok]]), cache)[0, -1])
+    assert rel(mx.stack(steps), ref[len(PROMPT) - 1 : -1]) < 1e-4
+
+
+def to_old_style_rope(path) -> None:
+    """Rewrite config.json from transformers-5 `rope_parameters` to `rope_theta` + `rope_scaling`."""
+    import json
+
+    cfg = json.loads((path / "config.json").read_text())
+    params = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = params.pop("rope_theta")
+    if params.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = params
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_tied_linear", "qwen3"])
+def test_same_logits_as_mlx_lm(name, tmp_path):
+    """mlx-lm 0.32 is a second, independent implementation to agree with. It reads only the old-style
+    rope fields (it ignores transformers-5 `rope_parameters`) and cannot load gemma3_text, so it gets the
+    config in the style it reads."""
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    make_tiny(name, tmp_path)
+    to_old_style_rope(tmp_path)
+    theirs, _ = mlx_lm_load_model(tmp_path)
+    ours = load_model(open_checkpoint(str(tmp_path)))
+    tokens = mx.array([PROMPT])
+    assert rel(ours(tokens, ours.make_cache()), theirs(tokens)) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_old_style_rope_config_reads_the_same(name, tmp_path):
+    """`rope_theta` + `rope_scaling` (transformers 4) and `rope_parameters` (5) are the same model."""
+    ref = make_tiny(name, tmp_path)
+    to_old_style_rope(tmp_path)
+    net = load_model(open_checkpoint(str(tmp_path)))
+    with torch.no_grad():
+        want = ref(torch.tensor([PROMPT])).logits[0].numpy()
+    assert rel(net(mx.array([PROMPT]), net.make_cache())[0], want) < 1e-4

@@ -1,0 +1,38 @@
+"""Tiny random transformers checkpoints for every dense family (fp32, seeded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 256}, rope_theta=50000.0)),
+    "llama_tied_linear": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1e6)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, rope_theta=1e6)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=5, num_hidden_layers=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"])),
+}
+
+
+def make_tiny(family: str, path: Path, seed: int = 0):
+    """Builds, saves and returns the torch model (eval mode)."""
+    import torch
+    import transformers
+
+    cfg_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, cfg_cls)(**{**COMMON, **extra})
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # random norms and biases, so a mishandled one shows in the logits
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(0.0 if family == "gemma3" else 1.0, 0.2)
+    model.save_pretrained(path)
+    return model
