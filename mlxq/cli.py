@@ -6,7 +6,6 @@ import importlib
 import os
 import sys
 from collections import Counter
-from pathlib import Path
 
 import click
 

@@ -16,7 +16,9 @@ def default_dtype() -> mx.Dtype:
     return mx.float16 if mx.metal.is_available() else mx.float32
 
 
-def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None) -> nn.Module:
+def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = True) -> nn.Module:
+    """`fuse` merges projections that share an input (q/k/v, gate/up) after loading, for speed; pass
+    False to keep the checkpoint's module layout (calibration hooks, weight export)."""
     config = text_config(ckpt.config)
     model = build_model(config)
     weights = model.sanitize({name: ckpt.tensors[name] for name in ckpt.tensors})
@@ -36,6 +38,10 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None) -> nn.Module:
     dtype = dtype or default_dtype()
     cast = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     model.load_weights(list(cast.items()), strict=True)
+    if fuse:
+        for _, module in model.named_modules():
+            if hasattr(module, "fuse"):
+                module.fuse()
     mx.eval(model.parameters())
     model.eval()
     return model

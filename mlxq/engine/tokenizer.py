@@ -7,7 +7,6 @@ from typing import Any
 
 from mlxq.errors import TokenizerError
 
-
 # Tokens that end an assistant turn in the common chat formats; generation stops at any of them.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
