@@ -44,7 +44,19 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
                 module.fuse()
     mx.eval(model.parameters())
     model.eval()
+    wire_weights(model)
     return model
+
+
+def wire_weights(model: nn.Module) -> None:
+    """On Metal, keep the weights wired (never paged out between tokens), up to what the GPU's
+    recommended working set allows; elsewhere there is nothing to wire."""
+    if not mx.metal.is_available():
+        return
+    size = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    budget = mx.device_info().get("max_recommended_working_set_size", 0)
+    if budget:
+        mx.set_wired_limit(min(max(size, 1), budget))
 
 
 def _quantize_like(model: nn.Module, weights: dict, quant: dict) -> None:
