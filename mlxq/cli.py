@@ -161,6 +161,28 @@ def inspect(model):
         click.echo(f"{key:>13}  {value}")
 
 
+@cli.command()
+def doctor():
+    """What mlxq sees: platform, MLX backend, BLAS, cache, default model."""
+    import platform
+
+    import mlx.core as mx
+
+    from mlxq.formats.fetch import ALIASES, DEFAULT_MODEL, cache_dir
+
+    pin = ALIASES[DEFAULT_MODEL]
+    rows = [
+        ("platform", f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"),
+        ("mlx", f"{mx.__version__}, device {mx.default_device()}, metal {mx.metal.is_available()}"),
+        ("openblas", "preloaded" if OPENBLAS in os.environ.get("LD_PRELOAD", "") else
+         ("installed, not preloaded" if os.path.exists(OPENBLAS) else "not installed (slow CPU matmuls)")),
+        ("cache", str(cache_dir())),
+        ("default model", f"{DEFAULT_MODEL}: {'cached' if pin.path.exists() else 'fetched on first use'}"),
+    ]
+    for key, value in rows:
+        click.echo(f"{key:>13}  {value}")
+
+
 def main() -> None:
     _use_openblas()
     try:

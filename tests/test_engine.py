@@ -1,0 +1,131 @@
+"""Engine pieces: samplers, penalties, stop strings, caches (checkpoint/restore, sliding window), prefill."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from tiny import make_tiny
+
+from mlxq.engine.cache import KVCache, RotatingKVCache, checkpoint, restore
+from mlxq.engine.generate import Generation, held_back, prefill, stop_index
+from mlxq.engine.sampling import SamplingParams, make_sampler, penalty_processors
+from mlxq.errors import InvalidRequest
+from mlxq.formats import open_checkpoint
+from mlxq.loading import load_model
+
+
+def logprobs_of(probs):
+    p = mx.array([probs])
+    return mx.log(p)
+
+
+def sample_many(params, probs, n=400):
+    sampler = make_sampler(params)
+    lp = logprobs_of(probs)
+    return {sampler(lp).item() for _ in range(n)}
+
+
+def test_greedy_is_argmax():
+    assert make_sampler(SamplingParams())(logprobs_of([0.1, 0.6, 0.3])).item() == 1
+
+
+def test_top_k_top_p_min_p_keep_only_the_head():
+    probs = [0.5, 0.3, 0.15, 0.05]
+    assert sample_many(SamplingParams(temperature=1.0, top_k=2, seed=0), probs) == {0, 1}
+    assert sample_many(SamplingParams(temperature=1.0, top_p=0.7, seed=0), probs) == {0, 1}
+    assert sample_many(SamplingParams(temperature=1.0, min_p=0.4, seed=0), probs) == {0, 1}  # keeps p >= 0.4 * 0.5
+    assert sample_many(SamplingParams(temperature=1.0, seed=0), probs) == {0, 1, 2, 3}
+
+
+def test_seed_reproducible():
+    lp = logprobs_of([0.25] * 4)
+    a = [make_sampler(SamplingParams(temperature=1.0, seed=7))(lp).item() for _ in range(1)]
+    s1, s2 = make_sampler(SamplingParams(temperature=1.0, seed=7)), make_sampler(SamplingParams(temperature=1.0, seed=7))
+    seq1 = [s1(lp).item() for _ in range(20)]
+    assert seq1 == [s2(lp).item() for _ in range(20)] and a[0] == seq1[0]
+    assert len(set(seq1)) > 1  # the key advances between draws
+
+
+def test_penalties_and_bias():
+    logits = mx.zeros((1, 5))
+    (bias,) = penalty_processors(SamplingParams(logit_bias={3: 5.0}))
+    assert mx.argmax(bias([], logits)).item() == 3
+    (rep,) = penalty_processors(SamplingParams(repetition_penalty=2.0))
+    out = rep([1, 1], mx.array([[1.0, 2.0, -1.0]]))
+    assert out.tolist() == [[1.0, 1.0, -1.0]]
+    (freq,) = penalty_processors(SamplingParams(frequency_penalty=1.0, presence_penalty=0.5))
+    assert freq([2, 2], mx.zeros((1, 3))).tolist() == [[0.0, 0.0, -2.5]]
+
+
+def test_bad_sampling_params():
+    with pytest.raises(InvalidRequest, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(InvalidRequest, match="temperature"):
+        SamplingParams(temperature=-1)
+
+
+def test_stop_strings():
+    assert stop_index("hello world", ["wor", "xyz"]) == 6
+    assert stop_index("hello", ["xyz"]) == -1
+    assert held_back("hello wo", ["world"]) == 2  # "wo" may begin "world"
+    assert held_back("hello", ["world"]) == 0
+
+
+def test_kv_checkpoint_restore():
+    c = KVCache()
+    k = mx.random.normal((1, 2, 5, 4))
+    c.update_and_fetch(k, k)
+    state = c.checkpoint()
+    c.update_and_fetch(k[:, :, :2], k[:, :, :2])
+    assert c.offset == 7
+    c.restore(state)
+    kk, _ = c.update_and_fetch(k[:, :, :1], k[:, :, :1])
+    assert kk.shape[2] == 6 and mx.array_equal(kk[:, :, :5], k)
+
+
+def test_rotating_cache_keeps_window_and_restores():
+    c = RotatingKVCache(window=4)
+    for t in range(6):
+        x = mx.full((1, 1, 1, 2), float(t))
+        k, _ = c.update_and_fetch(x, x)
+    assert k[0, 0, :, 0].tolist() == [2.0, 3.0, 4.0, 5.0]
+    state = c.checkpoint()
+    c.update_and_fetch(x, x)
+    c.restore(state)
+    assert c.offset == 6 and c.keys[0, 0, :, 0].tolist() == [3.0, 4.0, 5.0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gemma3")
+    make_tiny("gemma3", path)  # has sliding-window layers
+    return load_model(open_checkpoint(str(path)))
+
+
+def test_chunked_prefill_equals_one_pass(tiny):
+    ids = list(range(3, 40))
+    full = tiny(mx.array([ids]), tiny.make_cache())[0, -1]
+    for chunk in (4, 7, 64):
+        assert mx.allclose(prefill(tiny, ids, tiny.make_cache(), chunk=chunk)[0], full, atol=1e-4)
+
+
+def test_whole_cache_checkpoint_restore_gives_same_logits(tiny):
+    cache = tiny.make_cache()
+    tiny(mx.array([list(range(3, 20))]), cache)
+    saved = checkpoint(cache)
+    first = tiny(mx.array([[5, 6, 7]]), cache)
+    restore(cache, saved)
+    again = tiny(mx.array([[5, 6, 7]]), cache)
+    assert mx.array_equal(first, again)
+
+
+def test_generation_records_tokens_in_cache(tiny):
+    gen = Generation(tiny, tiny.make_cache())
+    out = [s.token for s in gen.steps([3, 4, 5], 5)]
+    fed = gen.fed_tokens()
+    assert fed[:3] == [3, 4, 5] and fed[3:] == out[: len(fed) - 3]
+    assert tiny_cache_len(gen.cache) == len(fed)
+
+
+def tiny_cache_len(cache) -> int:
+    return cache[0].offset
