@@ -15,6 +15,7 @@ from mlxq.engine.tokenizer import Tokenizer, load_tokenizer
 from mlxq.errors import InvalidRequest
 from mlxq.formats import Checkpoint, open_checkpoint
 from mlxq.loading import load_model
+from mlxq.session import Session  # noqa: F401  (re-exported: games use mlxq.api.Session)
 
 Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages
 

@@ -111,7 +111,7 @@ def chat(model, system, think, max_tokens, **kw):
     from mlxq.session import Session
 
     m = mlxq.load(model)
-    session = Session(m, system=system, enable_thinking=bool(think), **_sampling(kw))
+    session = Session(m, system=system, enable_thinking=bool(think), max_tokens=max_tokens, **_sampling(kw))
     click.echo(f"mlxq chat with {m.name}: empty line or Ctrl-D to quit", err=True)
     while True:
         try:
@@ -120,9 +120,7 @@ def chat(model, system, think, max_tokens, **kw):
             break
         if not text.strip():
             break
-        for piece in session.stream(text, max_tokens=max_tokens):
-            click.echo(piece, nl=False)
-        click.echo()
+        click.echo(session.ask(text))
 
 
 @cli.command()

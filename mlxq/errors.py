@@ -42,3 +42,9 @@ class DownloadError(MlxqError):
     """A pinned file could not be fetched, or its checksum did not match."""
 
     status = 502
+
+
+class GenerationError(MlxqError):
+    """Generation that cannot give a usable answer: empty content after a retry, a grammar left incomplete."""
+
+    status = 500
