@@ -18,6 +18,10 @@ FAMILIES = {
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
         head_dim=16, query_pre_attn_scalar=16, sliding_window=5, num_hidden_layers=4,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"])),
+    # every 6th layer global: the only schedule a GGUF can state (llama.cpp fixes the period at 6)
+    "gemma3_p6": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=5, num_hidden_layers=6,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"])),
 }
 
 
@@ -33,6 +37,6 @@ def make_tiny(family: str, path: Path, seed: int = 0):
     with torch.no_grad():  # random norms and biases, so a mishandled one shows in the logits
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
-                p.normal_(0.0 if family == "gemma3" else 1.0, 0.2)
+                p.normal_(0.0 if family.startswith("gemma3") else 1.0, 0.2)
     model.save_pretrained(path)
     return model

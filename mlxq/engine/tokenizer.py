@@ -98,7 +98,7 @@ def load_tokenizer(tokenizer_dir: Path | None, gguf_file: Path | None, chat_temp
 
     try:
         if gguf_file is not None:
-            hf = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+            hf = _gguf_tokenizer(gguf_file)
         elif tokenizer_dir is not None:
             hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         else:
@@ -110,3 +110,36 @@ def load_tokenizer(tokenizer_dir: Path | None, gguf_file: Path | None, chat_temp
         jinja = tokenizer_dir / "chat_template.jinja"
         chat_template = jinja.read_text() if jinja.exists() and not hf.chat_template else None
     return Tokenizer(hf, chat_template, eos_token_ids)
+
+
+def _gguf_tokenizer(gguf_file: Path):
+    """transformers builds a tokenizer from GGUF vocab in seconds; the result is cached, keyed by the file's
+    identity, so later loads take a fraction of that."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from mlxq.formats.fetch import cache_dir
+
+    st = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "tokenizers" / key
+    if (cached / "tokenizer_config.json").exists():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except (OSError, ValueError, KeyError, TypeError):
+            shutil.rmtree(cached, ignore_errors=True)  # a damaged cache entry is rebuilt, never trusted
+    hf = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent))
+    except OSError:  # a read-only or full cache only costs speed
+        return hf
+    try:
+        hf.save_pretrained(str(tmp))
+        tmp.rename(cached)  # appears whole or not at all
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return hf

@@ -41,7 +41,8 @@ def _hub(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        raise ModelNotFound(f"{repo_id}: not cached and cannot be downloaded from the hub ({type(e).__name__})") from None
+        why = type(e).__name__
+        raise ModelNotFound(f"{repo_id}: not cached and cannot be downloaded from the hub ({why})") from None
 
 
 def open_checkpoint(name: str | None, keep_quantized: bool = False) -> Checkpoint:

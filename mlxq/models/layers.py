@@ -69,6 +69,8 @@ class RoPE(nn.Module):
             periods = _llama3_freqs(dims, base, settings)
         elif kind in ("default", "linear"):
             periods = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+        elif kind == "freq_factors":  # GGUF Llama 3.1+: per-frequency divisors stored with the weights
+            periods = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims) * mx.array(settings["factors"])
         else:
             raise ConfigError(f"config.json: rope_type '{kind}' is not supported")
         # angle(position, i) = position * scale / periods[i]; kept as periods for mx.fast.rope's `freqs`

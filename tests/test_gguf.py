@@ -1,0 +1,148 @@
+"""GGUF reading: block codecs bit-exact against gguf-py, tiny models written the way llama.cpp's converter
+writes them (permuted llama q/k, Gemma's +1 norms, Llama 3 rope factors as a tensor) give transformers'
+logits, and damaged files give one-line errors."""
+
+from __future__ import annotations
+
+import gguf
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+from tiny import make_tiny
+
+from mlxq.errors import FormatError, UnsupportedModel
+from mlxq.formats import open_checkpoint
+from mlxq.formats.gguf import AFFINE_TYPES, GROUP
+from mlxq.formats.gguf_names import ARCHITECTURES, gguf_name
+from mlxq.loading import load_model
+from mlxq.models.layers import RoPE, rope_settings
+
+PROMPT = [3, 17, 42, 99, 5, 120, 7, 64, 11, 150, 33, 8, 19, 140]
+GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_p6": "gemma3"}
+
+
+@pytest.mark.parametrize("kind", sorted(AFFINE_TYPES))
+def test_blocks_map_to_mlx_affine_exactly(kind):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 4 * GROUP)).astype(np.float32)
+    qtype = gguf.GGMLQuantizationType[kind]
+    raw = gguf.quants.quantize(w, qtype)
+    want = gguf.quants.dequantize(raw, qtype)
+    bits, split = AFFINE_TYPES[kind]
+    q, scales, biases = split(raw.reshape(8, 4, -1))
+    got = mx.dequantize(mx.array(q), mx.array(scales.astype(np.float32)), mx.array(biases.astype(np.float32)),
+                        group_size=GROUP, bits=bits)
+    np.testing.assert_array_equal(np.array(got), want)
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to llama q/k rows (its fact, restated to write test files)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(ref, arch: str, path, quantize: str | None = None) -> None:
+    """A GGUF of a transformers model, converted as llama.cpp does; `quantize` stores 2D weights in that
+    block type."""
+    cfg = ref.config
+    rope = rope_settings(cfg.to_dict(), "full_attention")
+    w = gguf.GGUFWriter(str(path), arch)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for key, value in {"block_count": cfg.num_hidden_layers, "embedding_length": cfg.hidden_size,
+                       "feed_forward_length": cfg.intermediate_size, "context_length": 512,
+                       "attention.head_count": cfg.num_attention_heads,
+                       "attention.head_count_kv": cfg.num_key_value_heads, "attention.key_length": head_dim,
+                       "attention.value_length": head_dim}.items():
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    w.add_float32(f"{arch}.rope.freq_base", rope["rope_theta"])
+    if arch == "gemma3":
+        w.add_uint32(f"{arch}.attention.sliding_window", cfg.sliding_window)
+    if rope["rope_type"] == "llama3":  # stored as per-frequency factors, as the converter does
+        default = RoPE(head_dim, {**rope, "rope_type": "default"})._periods
+        w.add_tensor("rope_freqs.weight", np.array(RoPE(head_dim, rope)._periods / default, dtype=np.float32))
+    for name, p in ref.state_dict().items():
+        t = p.float().numpy()
+        if arch == "llama" and ".q_proj." in name:
+            t = _permute(t, cfg.num_attention_heads)
+        if arch == "llama" and ".k_proj." in name:
+            t = _permute(t, cfg.num_key_value_heads)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            t = t + 1.0
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        target = gguf_name(arch, name)
+        assert target, name
+        if quantize and t.ndim == 2:
+            qtype = gguf.GGMLQuantizationType[quantize]
+            w.add_tensor(target, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(target, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def rel(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@pytest.mark.parametrize("family", sorted(GGUF_ARCH))
+def test_converted_tiny_model_gives_transformers_logits(family, tmp_path):
+    ref = make_tiny(family, tmp_path / "hf")
+    write_gguf(ref, GGUF_ARCH[family], tmp_path / "m.gguf")
+    net = load_model(open_checkpoint(str(tmp_path / "m.gguf")))
+    with torch.no_grad():
+        want = ref(torch.tensor([PROMPT])).logits[0].numpy()
+    assert rel(net(mx.array([PROMPT]), net.make_cache())[0], want) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0"])
+def test_keep_quantized_equals_dequantized(kind, tmp_path):
+    """Packed blocks loaded as MLX quantized layers (q/k permutation applied to packed rows) compute what
+    the float dequantization computes."""
+    ref = make_tiny("llama", tmp_path / "hf")
+    write_gguf(ref, "llama", tmp_path / "q.gguf", quantize=kind)
+    ckpt = open_checkpoint(str(tmp_path / "q.gguf"), keep_quantized=True)
+    assert ckpt.quantization["model.layers.0.self_attn.q_proj"]["bits"] == AFFINE_TYPES[kind][0]
+    packed = load_model(ckpt)
+    plain = load_model(open_checkpoint(str(tmp_path / "q.gguf")))
+    assert isinstance(packed.model.layers[0].mlp.down_proj, nn.QuantizedLinear)
+    tokens = mx.array([PROMPT])
+    assert rel(packed(tokens, packed.make_cache()), plain(tokens, plain.make_cache())) < 1e-4
+
+
+def test_smollm2_metadata_becomes_hf_config(smollm2_gguf):
+    ckpt = open_checkpoint(str(smollm2_gguf))
+    c = ckpt.config
+    assert (c["model_type"], c["num_hidden_layers"], c["hidden_size"]) == ("llama", 30, 576)
+    assert (c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"]) == (9, 3, 1536)
+    assert c["tie_word_embeddings"] and c["rope_theta"] == 100000.0 and c["vocab_size"] == 49152
+    assert "lm_head.weight" not in ckpt.tensors and ckpt.chat_template.startswith("{% for message")
+    assert ckpt.tensors["model.layers.0.self_attn.q_proj.weight"].shape == (576, 576)
+
+
+def test_truncated_gguf_is_a_one_line_error(smollm2_gguf, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    data = smollm2_gguf.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError, match="cut.gguf: .*truncated"):
+        open_checkpoint(str(cut))
+    head = tmp_path / "head.gguf"
+    head.write_bytes(data[:1000])  # ends inside the metadata
+    with pytest.raises(FormatError, match="head.gguf"):
+        open_checkpoint(str(head))
+
+
+def test_unknown_architecture_names_it(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "mamba9")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModel, match="'mamba9' is not supported"):
+        open_checkpoint(str(tmp_path / "x.gguf"))
+    assert "llama" in ARCHITECTURES
