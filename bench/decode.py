@@ -72,9 +72,7 @@ def main() -> None:
         return gen.timings.prefill_tps, gen.timings.decode_tps
 
     def run_mlx_lm() -> tuple[float, float]:
-        last = None
-        for last in mlx_lm.stream_generate(theirs, tok, ids, max_tokens=gen_n):
-            pass
+        *_, last = mlx_lm.stream_generate(theirs, tok, ids, max_tokens=gen_n)
         return last.prompt_tps, last.generation_tps
 
     run_mlxq(), run_mlx_lm()  # warm-up: first-call allocations and compiles

@@ -40,7 +40,7 @@ def test_top_k_top_p_min_p_keep_only_the_head():
 def test_seed_reproducible():
     lp = logprobs_of([0.25] * 4)
     a = [make_sampler(SamplingParams(temperature=1.0, seed=7))(lp).item() for _ in range(1)]
-    s1, s2 = make_sampler(SamplingParams(temperature=1.0, seed=7)), make_sampler(SamplingParams(temperature=1.0, seed=7))
+    s1, s2 = (make_sampler(SamplingParams(temperature=1.0, seed=7)) for _ in range(2))
     seq1 = [s1(lp).item() for _ in range(20)]
     assert seq1 == [s2(lp).item() for _ in range(20)] and a[0] == seq1[0]
     assert len(set(seq1)) > 1  # the key advances between draws

@@ -26,5 +26,6 @@ def test_wheel_ships_packages_and_installs(tmp_path):
                    check=True, capture_output=True)
     env = {**os.environ, "PYTHONPATH": str(target)}
     code = "import mlxq, server, metal; print(mlxq.__file__); print(server.__file__)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         check=True)
     assert all(line.startswith(str(target)) for line in out.stdout.split())

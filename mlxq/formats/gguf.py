@@ -105,7 +105,8 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
             if part is None:
                 arr = mx.array(_dequantize(t, gguf))
             else:
-                packed = dict(zip(("weight", "scales", "biases"), AFFINE_TYPES[t.tensor_type.name][1](_blocks(t))))
+                parts = AFFINE_TYPES[t.tensor_type.name][1](_blocks(t))
+                packed = dict(zip(("weight", "scales", "biases"), parts, strict=True))
                 arr = mx.array(packed[part])
         except (ValueError, TypeError, NotImplementedError) as e:
             raise FormatError(f"{path}: tensor '{name}' ({t.tensor_type.name}) cannot be decoded ({e})") from None

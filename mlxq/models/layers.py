@@ -127,11 +127,25 @@ def _llama3_freqs(dims: int, base: float, s: dict[str, Any]) -> mx.array:
 
 
 # ---------------------------------------------------------------------------------------------- blocks
+_ON_METAL = mx.metal.is_available()
+
+
+class Linear(nn.Linear):
+    """nn.Linear that computes a single row (a decode step) as W @ x off Metal: CPU BLAS streams the weight
+    about 1.3x faster as a matrix-vector product than as x @ W.T (OpenBLAS 0.3.21 here: 22 vs 16 GB/s)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if _ON_METAL or x.size != x.shape[-1]:
+            return super().__call__(x)
+        y = (self["weight"] @ x.reshape(-1, 1)).reshape(*x.shape[:-1], -1)
+        return y + self["bias"] if "bias" in self else y
+
+
 def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     """One layer whose output is the given layers' outputs concatenated (one matmul instead of several:
     fewer, larger reads of the same input), or None when they cannot share one (mixed quantization)."""
     first = linears[0]
-    if any(type(m) is not type(first) for m in linears) or type(first) not in (nn.Linear, nn.QuantizedLinear):
+    if any(type(m) is not type(first) for m in linears) or not isinstance(first, (nn.Linear, nn.QuantizedLinear)):
         return None
     quant = [(m.group_size, m.bits, m.mode) for m in linears if isinstance(m, nn.QuantizedLinear)]
     if len(set(quant)) > 1 or len({"bias" in m for m in linears}) > 1:
@@ -160,9 +174,6 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
     return (weights @ v).reshape(B, H, L, v.shape[-1])
 
 
-_ON_METAL = mx.metal.is_available()
-
-
 class Attention(nn.Module):
     """GQA attention, optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3, Gemma 3)."""
 
@@ -183,10 +194,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.scale = scale if scale is not None else head_dim**-0.5
-        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
+        self.q_proj = Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = Linear(n_heads * head_dim, dim, bias=out_bias)
         if qk_norm_eps is not None:
             self.q_norm = norm_cls(head_dim, eps=qk_norm_eps)
             self.k_norm = norm_cls(head_dim, eps=qk_norm_eps)
@@ -223,9 +234,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, act=nn.silu, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_proj = Linear(dim, hidden, bias=bias)
+        self.up_proj = Linear(dim, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
         self.act = act
 
     def fuse(self) -> None:
