@@ -130,7 +130,7 @@ def inspect(model):
     from mlxq.formats import open_checkpoint
     from mlxq.models import text_config
 
-    ckpt = open_checkpoint(model, keep_quantized=True)
+    ckpt = open_checkpoint(model)  # GGUF tensors keep their block type in the infos: exact sizes, per-type counts
     cfg = text_config(ckpt.config)
     infos = ckpt.tensors.infos()
     quant = ckpt.quantization or {}
@@ -153,7 +153,8 @@ def inspect(model):
         ("dtypes", ", ".join(f"{k}: {v}" for k, v in Counter(i.dtype for i in infos).most_common())),
         ("parameters", f"{params / 1e6:.1f} M"),
         ("size", f"{size / 1e6:.1f} MB ({8 * size / max(params, 1):.2f} bits per parameter)"),
-        ("quantization", ", ".join(f"{k}={v}" for k, v in quant.items() if not isinstance(v, dict)) or "none"),
+        ("quantization", ", ".join(f"{k}={v}" for k, v in quant.items() if not isinstance(v, dict))
+         or ("GGUF blocks (see dtypes)" if ckpt.format == "gguf" else "none")),
     ]
     for key, value in rows:
         click.echo(f"{key:>13}  {value}")

@@ -110,6 +110,39 @@ class RotatingKVCache:
         return [] if self.keys is None else [self.keys, self.values]
 
 
+class RecurrentCache:
+    """A recurrent layer (Gated DeltaNet): the last (kernel - 1) inputs of its causal conv, [B, kernel - 1,
+    channels], and its recurrent state, [B, heads, Dv, Dk] in float32. Both are small and fixed-size, and
+    are replaced (never written in place) on every update, so a checkpoint is just the references."""
+
+    def __init__(self) -> None:
+        self.conv: mx.array | None = None
+        self.recurrent: mx.array | None = None
+        self.offset = 0
+
+    def update(self, conv: mx.array, recurrent: mx.array, n: int) -> None:
+        """Stores the states after `n` more tokens."""
+        self.conv, self.recurrent = conv, recurrent
+        self.offset += n
+
+    def make_mask(self, n: int) -> None:
+        return None
+
+    def checkpoint(self) -> Any:
+        return (self.offset, self.conv, self.recurrent)
+
+    def restore(self, state: Any) -> None:
+        self.offset, self.conv, self.recurrent = state
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [a for a in (self.conv, self.recurrent) if a is not None]
+
+
 def checkpoint(caches: list) -> list:
     """Snapshot every layer's cache at the current position."""
     return [c.checkpoint() for c in caches]

@@ -65,12 +65,14 @@ def open_safetensors(files: list[Path]) -> TensorSource:
 
     def load(name: str) -> mx.array:
         f = where[name]
-        if f not in opened:  # mx.load maps lazily: a tensor is read when it is evaluated
+        if name not in opened.get(f, {}):  # mx.load maps lazily: a tensor is read when it is evaluated
             try:
                 opened[f] = mx.load(str(f))
             except (RuntimeError, ValueError) as e:
                 raise FormatError(f"{f}: cannot read ({e})") from None
-        return opened[f][name]
+        # Each lazy array is handed out once (popped), so the source never keeps an evaluated tensor
+        # alive: streaming a checkpoint tensor by tensor stays near one tensor's memory.
+        return opened[f].pop(name)
 
     return TensorSource(infos, load)
 

@@ -16,6 +16,11 @@ REGISTRY: dict[str, str] = {
     "qwen3": "llama",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_text": "qwen3_5",
+    "qwen3_5_moe": "qwen3_5",
+    "qwen3_5_moe_text": "qwen3_5",
+    "qwen3_next": "qwen3_5",
 }
 
 
