@@ -130,14 +130,16 @@ class Model:
         return Result("".join(pieces), list(gen.generated), finish, gen.timings)
 
 
-def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantized: bool | None = None) -> Model:
+def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantized: bool | None = None,
+         experts_per_tok: int | None = None) -> Model:
     """Load a model by name: a local HF/mlx-lm dir, a GGUF file, an alias (`smollm2`), `ollama:NAME`, or a
     hub id. With no name, the default small model. Off Metal, quantized GGUF weights are dequantized to
-    float32 unless `keep_quantized=True`, since MLX's quantized CPU kernels are slow on x86."""
+    float32 unless `keep_quantized=True`, since MLX's quantized CPU kernels are slow on x86.
+    `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact)."""
     if keep_quantized is None:
         keep_quantized = mx.metal.is_available()
     ckpt = open_checkpoint(name, keep_quantized=keep_quantized)
-    net = load_model(ckpt, dtype)
+    net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
     eos = ckpt.config.get("eos_token_id")
     tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template,
                          eos if isinstance(eos, list) else ([eos] if eos is not None else None))

@@ -6,9 +6,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxq.errors import FormatError
+from mlxq.errors import ConfigError, FormatError
 from mlxq.formats.base import Checkpoint
 from mlxq.models import build_model, text_config
+from mlxq.models.layers import cpu_layout
 
 
 def default_dtype() -> mx.Dtype:
@@ -16,9 +17,12 @@ def default_dtype() -> mx.Dtype:
     return mx.float16 if mx.metal.is_available() else mx.float32
 
 
-def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = True) -> nn.Module:
-    """`fuse` merges projections that share an input (q/k/v, gate/up) after loading, for speed; pass
-    False to keep the checkpoint's module layout (calibration hooks, weight export)."""
+def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = True,
+               experts_per_tok: int | None = None) -> nn.Module:
+    """`fuse` merges projections that share an input (q/k/v, gate/up) after loading and puts weights in
+    the backend's fastest layout (`inference_layout`); pass False to keep the checkpoint's module layout
+    (calibration hooks, weight export). `experts_per_tok` routes each token of a MoE model to that many
+    experts instead of the configured `num_experts_per_tok`."""
     config = text_config(ckpt.config)
     model = build_model(config)
     weights = model.sanitize({name: ckpt.tensors[name] for name in ckpt.tensors})
@@ -39,13 +43,24 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     cast = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     model.load_weights(list(cast.items()), strict=True)
     if fuse:
-        for _, module in model.named_modules():
-            if hasattr(module, "fuse"):
-                module.fuse()
+        inference_layout(model)
+    if experts_per_tok is not None:
+        if not hasattr(model, "set_experts_per_tok"):
+            raise ConfigError(f"{ckpt.path}: experts per token: the model has no routed experts")
+        model.set_experts_per_tok(experts_per_tok)
     mx.eval(model.parameters())
     model.eval()
     wire_weights(model)
     return model
+
+
+def inference_layout(model: nn.Module) -> None:
+    """What loading does after binding the weights, for speed: merge projections that share an input
+    (`fuse()`, parents first), then move weights into the backend's fastest layout (`cpu_layout`)."""
+    for _, module in model.named_modules():
+        if hasattr(module, "fuse"):
+            module.fuse()
+    cpu_layout(model)
 
 
 def wire_weights(model: nn.Module) -> None:
@@ -69,6 +84,13 @@ def _quantize_like(model: nn.Module, weights: dict, quant: dict) -> None:
         if isinstance(override, dict):
             return {"group_size": override["group_size"], "bits": override["bits"],
                     "mode": override.get("mode", "affine")}
+        # Per-layer entries are keyed by the writer's module paths, which need not be ours (mlx-lm's Qwen3.5
+        # writes `language_model.model.layers.0.mlp.gate` for our `model.layers.0.mlp.gate`), so the layout is
+        # read off the tensors: packed width = in * bits / 32, scales = in / group_size.
+        dim_in, packed, scales = module.weight.shape[-1], weights[f"{path}.weight"], weights[f"{path}.scales"]
+        if packed.dtype == mx.uint32 and dim_in % scales.shape[-1] == 0 and packed.shape[-1] * 32 % dim_in == 0:
+            return {"group_size": dim_in // scales.shape[-1], "bits": packed.shape[-1] * 32 // dim_in,
+                    "mode": quant.get("mode", "affine")}
         return True
 
     nn.quantize(model, group_size=quant.get("group_size", 64), bits=quant.get("bits", 4),

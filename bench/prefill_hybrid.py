@@ -1,0 +1,221 @@
+"""Prefill and decode speed of hybrid Gated DeltaNet + gated-attention models: mlxq against mlx-lm.
+
+Both models are built from their own classes with the same random fp32 weights (mlx-lm's from
+`mlx_lm.models.qwen3_5`, which covers the dense and the MoE text models; mlxq's put through the same
+`inference_layout` its loader applies), checked to give the same logits, then timed in the same process,
+alternating, and the medians of the repeats reported (the machine is shared):
+
+- prefill: one call on the whole prompt, until every layer's cache is evaluated (as both generate loops do
+  for prompt chunks; the logits are not needed there);
+- decode: greedy single-token steps on top of that cache, one evaluation per token. Decode reads every
+  fp32 weight once per token; `decode_floor_tps` is the weights' bytes at the one-row matmul bandwidth
+  measured in the same run.
+
+Configs keep the proportions of the real models (3 DeltaNet layers per attention layer, 128-wide DeltaNet
+heads with twice as many value heads as key heads, 256-wide attention heads with 2 KV heads, value width
+twice the hidden size; the MoE one Qwen3-Next's 10 routed experts of hidden/4 plus a shared one), scaled
+down to hidden 1024 and 8 layers to fit this machine.
+
+    python bench/prefill_hybrid.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+COMMON = dict(
+    hidden_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=256,
+    linear_num_key_heads=8,
+    linear_num_value_heads=16,
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    linear_conv_kernel_dim=4,
+    vocab_size=32000,
+    full_attention_interval=4,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    max_position_embeddings=32768,
+    rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25},
+)
+CONFIGS = {
+    "dense": dict(COMMON, model_type="qwen3_5_text", intermediate_size=3072),
+    "moe": dict(
+        COMMON,
+        model_type="qwen3_5_moe_text",
+        intermediate_size=3072,
+        num_experts=64,
+        num_experts_per_tok=10,
+        moe_intermediate_size=256,
+        shared_expert_intermediate_size=256,
+    ),
+}
+
+
+def build_pair(config: dict, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """mlxq's model and mlx-lm's, with the same random weights."""
+    from mlx_lm.models import qwen3_5 as mlx_lm_qwen3_5
+
+    from mlxq.loading import inference_layout
+    from mlxq.models import build_model
+
+    ours = build_model(config)
+    mx.random.seed(seed)
+    weights = {}
+    for name, p in tree_flatten(ours.parameters()):
+        if name.endswith("A_log"):
+            w = mx.log(mx.random.uniform(1.0, 16.0, p.shape))
+        elif name.endswith(("norm.weight", "dt_bias")):
+            w = 1.0 + 0.1 * mx.random.normal(p.shape)
+        else:  # linears, experts, conv, embedding: unit-variance outputs
+            w = mx.random.normal(p.shape) * (p.shape[-1] if "conv1d" not in name else 4) ** -0.5
+        weights[name] = w
+    ours.update(tree_unflatten(list(weights.items())))
+    # mlx-lm's args rewrite rope_parameters in place: give them a copy
+    theirs = mlx_lm_qwen3_5.TextModel(mlx_lm_qwen3_5.TextModelArgs.from_dict(copy.deepcopy(config)))
+    theirs.load_weights([(k.replace(".mlp.experts.", ".mlp.switch_mlp."), v) for k, v in weights.items()])
+    inference_layout(ours)  # what mlxq's loader does after binding the weights
+    mx.eval(ours.parameters(), theirs.parameters())
+    return ours.eval(), theirs.eval()
+
+
+def prefill_s(model: nn.Module, tokens: mx.array, ours: bool) -> tuple[float, list]:
+    cache = model.make_cache()
+    t0 = time.perf_counter()
+    if ours:
+        model(tokens, cache)
+    else:
+        model(tokens, cache=cache)
+    mx.eval([c.state for c in cache])
+    return time.perf_counter() - t0, cache
+
+
+def decode_tps(model: nn.Module, cache: list, first: int, steps: int, ours: bool) -> float:
+    token = mx.array([[first]])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = model(token, cache) if ours else model(token, cache=cache)
+        token = mx.argmax(logits[:, -1:], axis=-1)
+        mx.eval(token)
+    return steps / (time.perf_counter() - t0)
+
+
+def weight_bandwidth() -> float:
+    """Bytes/s of a one-row product with a 128 MB fp32 weight stored [in, out] (the layout mlxq decodes with,
+    the fastest here): what bounds decode on this machine."""
+    w, x = mx.random.normal((1024, 32000)), mx.random.normal((1, 1024))
+    mx.eval(w, x)
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        mx.eval(x @ w)
+        times.append(time.perf_counter() - t0)
+    return w.nbytes / statistics.median(times)
+
+
+def decode_floor_tps(model: nn.Module, config: dict, bandwidth: float) -> float:
+    """Tokens/s if a step did nothing but read each weight it uses once: not the embedding table (one row),
+    and of the routed experts only the top-k of each layer."""
+    active = config.get("num_experts_per_tok", 1) / config.get("num_experts", 1)
+    total = sum(
+        p.nbytes * (active if ".experts." in name else 1)
+        for name, p in tree_flatten(model.parameters())
+        if "embed_tokens" not in name
+    )
+    return bandwidth / total
+
+
+def run(name: str, config: dict, prompt_len: int, decode_steps: int, repeats: int) -> dict:
+    ours, theirs = build_pair(config)
+    rng = np.random.default_rng(0)
+    check = mx.array(rng.integers(0, config["vocab_size"], (1, 96)))
+    want = theirs(check, cache=theirs.make_cache())
+    agreement = float(mx.abs(ours(check, ours.make_cache()) - want).max() / mx.abs(want).max())
+    # compile / warm both models' kernels on a short prompt first (not timed)
+    for model, is_ours in ((ours, True), (theirs, False)):
+        _, cache = prefill_s(model, mx.zeros((1, 80), mx.int32), is_ours)
+        decode_tps(model, cache, 0, 2, is_ours)
+    tokens = mx.array(rng.integers(0, config["vocab_size"], (1, prompt_len)))
+    prefill = {"mlxq": [], "mlx_lm": []}
+    decode = {"mlxq": [], "mlx_lm": []}
+    for _ in range(repeats):  # alternate, so both see the same background load
+        for key, model, is_ours in (("mlxq", ours, True), ("mlx_lm", theirs, False)):
+            seconds, cache = prefill_s(model, tokens, is_ours)
+            prefill[key].append(seconds)
+            decode[key].append(decode_tps(model, cache, int(tokens[0, -1]), decode_steps, is_ours))
+            del cache
+    return {
+        "config": {k: v for k, v in config.items() if k != "rope_parameters"},
+        "rope_parameters": config.get("rope_parameters"),
+        "prompt_tokens": prompt_len,
+        "decode_steps": decode_steps,
+        "repeats": repeats,
+        "max_rel_logit_diff_vs_mlx_lm": agreement,
+        "prefill_s": prefill,
+        "prefill_tps": {k: prompt_len / statistics.median(v) for k, v in prefill.items()},  # medians
+        "decode_tps": {k: statistics.median(v) for k, v in decode.items()},
+        "decode_tps_all": decode,
+        "decode_floor_tps": decode_floor_tps(ours, config, weight_bandwidth()),
+    }
+
+
+def machine() -> dict:
+    import mlx_lm
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "metal": mx.metal.is_available(),
+        "loadavg": list(os.getloadavg()),
+        "blas_preload": os.environ.get("LD_PRELOAD", ""),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="dense config only, 1024-token prompt, 2 repeats")
+    args = parser.parse_args()
+    if args.quick:
+        plan = [("dense", 1024, 8, 2)]
+    else:
+        plan = [("dense", 2048, 32, 3), ("moe", 2048, 32, 3)]
+    results = {name: run(name, CONFIGS[name], n, steps, reps) for name, n, steps, reps in plan}
+    ratios = {}
+    for name, r in results.items():
+        tag = "" if name == "dense" else f"{name}_"
+        ratios[f"{tag}prefill_vs_mlx_lm"] = r["prefill_tps"]["mlxq"] / r["prefill_tps"]["mlx_lm"]
+        ratios[f"{tag}decode_vs_mlx_lm"] = r["decode_tps"]["mlxq"] / r["decode_tps"]["mlx_lm"]
+    out = {
+        "benchmark": "prefill_hybrid",
+        "quick": args.quick,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": machine(),
+        "results": results,
+        "ratios": ratios,
+    }
+    path = Path(__file__).parent / "results" / "prefill_hybrid.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
