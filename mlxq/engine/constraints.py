@@ -50,7 +50,9 @@ class TokenTables:
         if width not in self._bit_index:
             ids = mx.arange(width, dtype=mx.uint32)
             last_word = (self.vocab_size + 31) // 32 - 1
-            self._bit_index[width] = (mx.minimum(ids // 32, last_word), ids % 32, ids < self.vocab_size)
+            index = (mx.minimum(ids // 32, last_word), ids % 32, ids < self.vocab_size)
+            mx.eval(index)  # a lazy array can only be evaluated on the thread that made it, and this is shared
+            self._bit_index[width] = index
         return self._bit_index[width]
 
     def id_of(self, text: str) -> int | None:
@@ -164,18 +166,25 @@ def lark_processor(tokenizer: Tokenizer, grammar: str, *, start_after: int | Non
     return GrammarProcessor(tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar), start_after=start_after)
 
 
-def response_format_processor(tokenizer: Tokenizer, response_format: dict[str, Any] | None,
-                              *, start_after: int | None = None) -> GrammarProcessor | None:
-    """The processor for an OpenAI `response_format` ({"type": "text" | "json_object" | "json_schema"}), or None."""
+def response_format_grammar(response_format: dict[str, Any] | None, *, leading_newlines: bool = False) -> str | None:
+    """The grammar for an OpenAI `response_format` ({"type": "text" | "json_object" | "json_schema"}), or None
+    for text."""
     kind = (response_format or {}).get("type", "text")
     if kind == "text":
         return None
     if kind == "json_object":
-        return json_schema_processor(tokenizer, None, start_after=start_after)
+        return json_grammar(None, leading_newlines=leading_newlines)
     if kind == "json_schema":
         spec = response_format.get("json_schema") or {}
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if schema is None:
             raise InvalidRequest("response_format.json_schema.schema is required")
-        return json_schema_processor(tokenizer, schema, start_after=start_after)
+        return json_grammar(schema, leading_newlines=leading_newlines)
     raise InvalidRequest(f"response_format.type must be text, json_object or json_schema, not {kind!r}")
+
+
+def response_format_processor(tokenizer: Tokenizer, response_format: dict[str, Any] | None,
+                              *, start_after: int | None = None) -> GrammarProcessor | None:
+    """The processor for an OpenAI `response_format`, or None for text."""
+    grammar = response_format_grammar(response_format, leading_newlines=start_after is not None)
+    return None if grammar is None else GrammarProcessor(tokenizer, grammar, start_after=start_after)

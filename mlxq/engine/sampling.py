@@ -79,7 +79,7 @@ def make_sampler(p: SamplingParams) -> Callable[[mx.array], mx.array]:
     """logprobs [1, V] -> token [1]. Filters compose in the usual order: top-k, top-p, min-p."""
     if p.greedy:
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    key = [mx.random.key(p.seed)] if p.seed is not None else None
+    key = [mx.random.key(p.seed % (1 << 64))] if p.seed is not None else None  # any int (OpenAI seeds may be < 0)
 
     def sample(logprobs: mx.array) -> mx.array:
         scores = logprobs / p.temperature

@@ -1,0 +1,155 @@
+"""Prompt cache: the model state of earlier requests, kept so a new request runs only what is new.
+
+A request whose prompt starts with tokens an earlier request already ran (the same system prompt, or the
+conversation so far in a multi-turn chat) resumes from the longest such prefix. Full-attention KV can resume at
+any position (entries past it are simply not read), so an entry keeps its keys and values once and serves every
+prefix of its tokens. Other layers (recurrent states, sliding windows) cannot rewind, so an entry also keeps their
+checkpoints at a few positions (the end of each prompt, the end of the conversation before the assistant turn),
+and such a model resumes only at one of those.
+
+Entries are independent copies, never written again; fetching builds fresh caches from them, so two requests can
+resume from one entry at once. The total size is bounded in bytes, least recently used entries leave first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from mlxq.engine.cache import KVCache
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n, limit = 0, min(len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _state_bytes(state: Any) -> int:
+    if isinstance(state, mx.array):
+        return state.nbytes
+    if isinstance(state, (tuple, list)):
+        return sum(_state_bytes(s) for s in state)
+    return 0
+
+
+@dataclass
+class _Entry:
+    tokens: list[int]
+    kv: dict[int, tuple[mx.array, mx.array]]  # layer -> keys, values [1, heads, len(tokens), head_dim]
+    marks: dict[int, dict[int, Any]] = field(default_factory=dict)  # position -> {layer: checkpoint}
+
+    @property
+    def nbytes(self) -> int:
+        kv = sum(k.nbytes + v.nbytes for k, v in self.kv.values())
+        return kv + sum(_state_bytes(s) for mark in self.marks.values() for s in mark.values())
+
+    def usable(self, n: int, rewindable: bool) -> int:
+        """The longest prefix of length <= n this entry can resume at."""
+        if rewindable:
+            return min(n, len(self.tokens))
+        return max((p for p in self.marks if p <= n), default=0)
+
+
+class PromptCache:
+    """Longest-prefix reuse across requests, bounded by `max_bytes`. `make_cache` builds a model's empty caches
+    (one per layer); every layer is a `KVCache` or has `checkpoint()`/`restore()`."""
+
+    def __init__(self, make_cache: Callable[[], list], max_bytes: int):
+        self.make_cache = make_cache
+        self.max_bytes = max_bytes
+        template = make_cache()
+        self.kv_layers = [i for i, c in enumerate(template) if type(c) is KVCache]
+        self.rewindable = len(self.kv_layers) == len(template)
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # oldest first
+        self._next_id = 0
+        self.nbytes = 0
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # ----------------------------------------------------------------------------------------- fetch
+    def fetch(self, tokens: list[int]) -> tuple[list, int]:
+        """Fresh caches holding the longest cached prefix of `tokens`, and its length. At least one token is
+        left to run (its logits start the answer), so the length is at most len(tokens) - 1."""
+        limit = len(tokens) - 1
+        best, best_n = None, 0
+        for key, entry in self._entries.items():
+            n = entry.usable(min(common_prefix(entry.tokens, tokens), limit), self.rewindable)
+            if n > best_n:
+                best, best_n = key, n
+        caches = self.make_cache()
+        if best is None:
+            self.misses += 1
+            return caches, 0
+        self.hits += 1
+        entry = self._entries[best]
+        self._entries.move_to_end(best)
+        mark = entry.marks.get(best_n, {})
+        for i, cache in enumerate(caches):
+            if i in entry.kv:
+                keys, values = entry.kv[i]
+                cache.update_and_fetch(keys[:, :, :best_n], values[:, :, :best_n])
+            else:
+                cache.restore(mark[i])
+        return caches, best_n
+
+    # ----------------------------------------------------------------------------------------- store
+    def store(self, tokens: list[int], caches: list, marks: dict[int, list] | None = None) -> None:
+        """Keeps `caches` (single-row, holding exactly `tokens`) and `marks`, checkpoints of the whole cache at
+        earlier positions (as `cache.checkpoint()` gives them), for the layers that cannot rewind."""
+        if self.max_bytes <= 0 or not tokens:
+            return
+        if any(caches[i].offset != len(tokens) for i in self.kv_layers):
+            raise ValueError(f"prompt cache: caches hold {caches[self.kv_layers[0]].offset} tokens, not {len(tokens)}")
+        for key, old in self._entries.items():
+            if common_prefix(old.tokens, tokens) == len(tokens):  # already held by a longer entry
+                if not self.rewindable:  # which gains the new positions' checkpoints
+                    self.nbytes -= old.nbytes
+                    new_marks = self._marks(tokens, caches, marks)
+                    old.marks = {**old.marks, **new_marks}
+                    self.nbytes += old.nbytes
+                self._entries.move_to_end(key)
+                self._evict()
+                return
+        entry = _Entry(list(tokens), {})
+        for i in self.kv_layers:
+            c = caches[i]
+            entry.kv[i] = (mx.contiguous(c.keys[:, :, : len(tokens)]), mx.contiguous(c.values[:, :, : len(tokens)]))
+        if not self.rewindable:
+            entry.marks = self._marks(tokens, caches, marks)
+        mx.eval([kv for kv in entry.kv.values()])
+        # An entry whose tokens are a prefix of the new one's adds nothing the new one lacks (its marks move over).
+        for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, tokens) == len(e.tokens)]:
+            old = self._entries.pop(key)
+            self.nbytes -= old.nbytes
+            entry.marks = {**old.marks, **entry.marks}
+        size = entry.nbytes
+        if size > self.max_bytes:
+            return
+        self._entries[self._next_id] = entry
+        self._next_id += 1
+        self.nbytes += size
+        self._evict()
+
+    def _marks(self, tokens: list[int], caches: list, marks: dict[int, list] | None) -> dict[int, dict[int, Any]]:
+        """Checkpoints of the layers that cannot rewind: at the end of `tokens` and at the given positions."""
+        others = [i for i in range(len(caches)) if i not in self.kv_layers]
+        out = {pos: {i: mark[i] for i in others} for pos, mark in (marks or {}).items() if 0 < pos < len(tokens)}
+        out[len(tokens)] = {i: caches[i].checkpoint() for i in others}
+        return out
+
+    def _evict(self) -> None:
+        while self.nbytes > self.max_bytes and self._entries:
+            _, old = self._entries.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0

@@ -1,0 +1,328 @@
+"""OpenAI request bodies -> engine requests: prompt rendering, limits, sampling, and the logits processors
+(thinking control, JSON schema or tool-call grammar) each choice needs.
+
+Everything here runs on the request's own thread and touches no MLX array: processors are built by a factory
+the engine thread calls (MLX arrays belong to the thread that makes them). Grammars are compiled here once to
+reject a bad schema with a 400 before anything is queued.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import llguidance
+
+from mlxq.engine.constraints import GrammarProcessor, response_format_grammar, token_tables
+from mlxq.engine.guards import THINK_CLOSE, THINK_OPEN, prompt_opens_think, thinking_processor
+from mlxq.engine.sampling import LogitsProcessor, SamplingParams
+from mlxq.engine.scheduler import Request
+from mlxq.errors import InvalidRequest
+from mlxq.models import text_config
+from server.schemas import MAX_STOPS, ChatRequest, CompletionRequest, Message
+from server.tools import plan_tools
+
+DEFAULT_CONTEXT = 4096  # when the model's config does not say
+
+
+@dataclass
+class Limits:
+    """What one request may ask for."""
+
+    max_tokens: int = 4096  # completion tokens per choice
+    max_choices: int = 8  # n (times the number of prompts, for completions)
+    max_request_bytes: int = 4 << 20
+    max_pending: int = 256  # requests queued or running in the engine before new ones get a 503
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+@dataclass
+class Choice:
+    """How one choice's output is read back."""
+
+    prompt_index: int
+    reasoning: bool = False  # split a think block into reasoning_content
+    think_open: bool = False  # the prompt itself opened the think block
+    tools: bool = False  # parse tool-call blocks out of the content
+    echo: str = ""  # completions with echo: the prompt text, written before the choice's text
+
+
+@dataclass
+class Plan:
+    """Engine requests for one API call (one per choice) and how to read their outputs."""
+
+    requests: list[Request]
+    choices: list[Choice]
+    prompt_tokens: list[int] = field(default_factory=list)  # per prompt
+
+
+class Planner:
+    """Builds `Plan`s for one model. `default_thinking` (None: the template's default, which is on for Qwen3)
+    and `thinking_budget` apply where a request does not say."""
+
+    def __init__(
+        self,
+        model: Any,
+        limits: Limits | None = None,
+        *,
+        default_thinking: bool | None = None,
+        thinking_budget: int | None = None,
+        rewindable_cache: bool = True,
+    ):
+        self.tokenizer = model.tokenizer
+        self.limits = limits or Limits()
+        self.context = int(text_config(model.config).get("max_position_embeddings") or DEFAULT_CONTEXT)
+        self.tables = token_tables(self.tokenizer)  # built now (about a second for a large vocabulary)
+        self.vocab = self.tables.vocab_size
+        # Thinking control needs `<think>` and `</think>` as single tokens (Qwen3, Qwen3.5 and their likes).
+        open_id, close_id = self.tables.id_of(THINK_OPEN), self.tables.id_of(THINK_CLOSE)
+        self.think_close = close_id if open_id is not None and close_id is not None else None
+        self.default_thinking = default_thinking
+        self.thinking_budget = thinking_budget
+        self.rewindable_cache = rewindable_cache  # False: mark where the conversation so far ends (hybrid models)
+
+    @property
+    def supports_thinking(self) -> bool:
+        return self.think_close is not None
+
+    # -------------------------------------------------------------------------------------------- chat
+    def chat(self, body: ChatRequest) -> Plan:
+        tok = self.tokenizer
+        if not tok.has_chat_template:
+            raise InvalidRequest("this model has no chat template: use /v1/completions with a plain prompt")
+        messages = [_message(m, i) for i, m in enumerate(body.messages)]
+        kwargs = dict(body.chat_template_kwargs or {})
+        thinking = self._thinking(kwargs, body.reasoning_effort)
+        if thinking is not None:
+            kwargs["enable_thinking"] = thinking
+        enable = bool(thinking) and self.supports_thinking
+
+        tools = plan_tools(tok, body.tools, body.tool_choice, after_think=enable)
+        fmt_grammar = response_format_grammar(body.response_format, leading_newlines=enable)
+        if tools.grammar is not None and fmt_grammar is not None:
+            raise InvalidRequest("response_format cannot be combined with tool_choice 'required' or a named function")
+        grammar = tools.grammar or fmt_grammar
+        if grammar is not None:
+            self._check_grammar(grammar, "response_format" if fmt_grammar else "tools")
+
+        ids = self._render(messages, tools.tools, kwargs, generation_prompt=True)
+        marks = []
+        if not self.rewindable_cache:  # where the next turn's prompt will part from this one
+            history = self._render(messages, tools.tools, kwargs, generation_prompt=False)
+            if 0 < len(history) < len(ids) and history == ids[: len(history)]:
+                marks = [len(history)]
+        max_tokens = self._max_tokens(len(ids), body.max_completion_tokens or body.max_tokens)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidRequest("top_logprobs: needs logprobs: true")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+
+        think_open = enable and prompt_opens_think(tok, ids)
+        budget = body.thinking_budget if body.thinking_budget is not None else self.thinking_budget
+        start_after = self.think_close if enable else None
+        forced_tool = tools.grammar is not None
+
+        def processors() -> list[LogitsProcessor]:
+            procs: list[LogitsProcessor] = []
+            if self.supports_thinking:
+                # A forced tool call starts with a special token, which "require content" would mask.
+                procs.append(
+                    thinking_processor(
+                        tok, enable, budget if enable else None, prompt=ids, require_content=not forced_tool
+                    )
+                )
+            if grammar is not None:
+                procs.append(GrammarProcessor(tok, grammar, start_after=start_after))
+            return procs
+
+        n = self._choices(body.n, 1)
+        requests = [self._request(ids, max_tokens, body, j, processors, logprobs, marks) for j in range(n)]
+        choice = Choice(0, reasoning=self.supports_thinking, think_open=think_open, tools=tools.parse)
+        return Plan(requests, [choice] * n, [len(ids)])
+
+    def _thinking(self, kwargs: dict, effort: str | None) -> bool | None:
+        """enable_thinking from chat_template_kwargs and reasoning_effort ("none" turns it off)."""
+        asked = kwargs.get("enable_thinking")
+        if asked is not None and not isinstance(asked, bool):
+            raise InvalidRequest("chat_template_kwargs.enable_thinking must be a boolean")
+        if effort is not None:
+            wanted = effort != "none"
+            if asked is not None and asked != wanted:
+                raise InvalidRequest(f"reasoning_effort {effort!r} contradicts chat_template_kwargs.enable_thinking")
+            asked = wanted
+        if asked is None:
+            asked = self.default_thinking
+        if asked is None and self.supports_thinking:
+            asked = True  # what Qwen3-style templates do when enable_thinking is not given
+        return asked
+
+    def _render(
+        self, messages: list[dict], tools: list[dict] | None, kwargs: dict, generation_prompt: bool
+    ) -> list[int]:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=generation_prompt, **kwargs
+            )
+        except InvalidRequest:
+            raise
+        except Exception as e:  # the template's own checks (roles must alternate, ...) raise jinja errors
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InvalidRequest(f"messages: the chat template cannot render them: {first[:300]}") from None
+
+    # -------------------------------------------------------------------------------------------- completions
+    def completion(self, body: CompletionRequest) -> Plan:
+        if body.suffix:
+            raise InvalidRequest("suffix is not supported")
+        if body.best_of is not None and body.best_of != body.n:
+            raise InvalidRequest("best_of is not supported (only best_of == n)")
+        if body.echo and body.logprobs is not None:
+            raise InvalidRequest("echo with logprobs is not supported")
+        prompts = self._prompts(body.prompt)
+        n = self._choices(body.n, len(prompts))
+        requests, choices, lengths = [], [], []
+        requested = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
+        for p, ids in enumerate(prompts):
+            max_tokens = self._max_tokens(len(ids), requested)
+            echo = self.tokenizer.decode(ids) if body.echo else ""
+            lengths.append(len(ids))
+            for j in range(n):
+                requests.append(self._request(ids, max_tokens, body, p * n + j, list, body.logprobs, []))
+                choices.append(Choice(p, echo=echo))
+        return Plan(requests, choices, lengths)
+
+    def _prompts(self, prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif prompt and all(isinstance(t, int) for t in prompt):
+            prompts = [prompt]
+        else:
+            prompts = list(prompt)
+        out = []
+        for i, p in enumerate(prompts):
+            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            if not ids:
+                raise InvalidRequest(f"prompt[{i}] is empty" if len(prompts) > 1 else "prompt is empty")
+            bad = next((t for t in ids if not 0 <= t < self.vocab), None)
+            if bad is not None:
+                raise InvalidRequest(f"prompt: token id {bad} is outside the vocabulary (0..{self.vocab - 1})")
+            out.append(ids)
+        return out
+
+    # -------------------------------------------------------------------------------------------- shared
+    def _choices(self, n: int, prompts: int) -> int:
+        if n * prompts > self.limits.max_choices:
+            raise InvalidRequest(f"n: at most {self.limits.max_choices} choices per request (asked for {n * prompts})")
+        return n
+
+    def _max_tokens(self, prompt_len: int, requested: int | None) -> int:
+        limit = self.limits.max_tokens
+        room = self.context - prompt_len
+        if room < 1:
+            raise ContextLengthExceeded(
+                f"the prompt has {prompt_len} tokens; this model's context length is {self.context} tokens"
+            )
+        if requested is None:
+            return min(limit, room)
+        if requested > limit:
+            raise InvalidRequest(f"max_tokens: {requested} is more than this server allows ({limit})")
+        if requested > room:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.context} tokens; the prompt "
+                f"has {prompt_len} and max_tokens asks for {requested} more"
+            )
+        return requested
+
+    def _request(
+        self,
+        ids: list[int],
+        max_tokens: int,
+        body: ChatRequest | CompletionRequest,
+        index: int,
+        processors: Callable[[], list[LogitsProcessor]],
+        logprobs: int | None,
+        marks: list[int],
+    ) -> Request:
+        return Request(
+            ids,
+            max_tokens,
+            self._params(body, index),
+            processors,
+            _stops(body.stop),
+            logprobs,
+            marks,
+            ignore_eos=body.ignore_eos,
+        )
+
+    def _params(self, body: ChatRequest | CompletionRequest, index: int) -> SamplingParams:
+        bias = {}
+        for key, value in (body.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise InvalidRequest(f"logit_bias: key {key!r} is not a token id") from None
+            if not 0 <= token < self.vocab:
+                raise InvalidRequest(f"logit_bias: token id {token} is outside the vocabulary (0..{self.vocab - 1})")
+            if not -100 <= value <= 100:
+                raise InvalidRequest(f"logit_bias: value {value} for token {token} is not in [-100, 100]")
+            bias[token] = float(value)
+        seed = None if body.seed is None else body.seed + index  # choices of one request differ, yet repeat
+        return SamplingParams(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logit_bias=bias,
+            seed=seed,
+        )
+
+    def _check_grammar(self, grammar: str, what: str) -> None:
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.tables.ll)
+        if error:
+            raise InvalidRequest(f"{what}: {error.splitlines()[0][:300]}")
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS:
+        raise InvalidRequest(f"stop: at most {MAX_STOPS} stop strings")
+    if any(not s for s in stops):
+        raise InvalidRequest("stop: stop strings must not be empty")
+    return stops
+
+
+def _message(m: Message, i: int) -> dict[str, Any]:
+    """A message as the chat template takes it: text parts joined, `developer` as `system`."""
+    content = m.content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"messages[{i}].content[{j}]: only text parts are supported")
+            texts.append(part["text"])
+        content = "".join(texts)
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+    for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+        value = getattr(m, key)
+        if value is not None:
+            out[key] = value
+    if m.tool_calls:  # templates expect arguments as an object, while the API sends a JSON string
+        out["tool_calls"] = [_template_call(c) for c in m.tool_calls]
+    return out
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    fn = dict(call.get("function") or {})
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            fn["arguments"] = json.loads(args)
+        except ValueError:
+            pass
+    return {**call, "function": fn}

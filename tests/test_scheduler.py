@@ -1,0 +1,168 @@
+"""The engine thread: continuous batching gives the tokens each request gets alone, the prompt cache resumes
+attention and hybrid (Gated DeltaNet) models, a failing request fails alone, cancelling ends a request."""
+
+from __future__ import annotations
+
+import threading
+
+import mlx.core as mx
+import pytest
+from fixtures_qwen3 import *  # noqa: F403  (pytest fixtures: qwen3_model, ...)
+from fixtures_qwen35 import *  # noqa: F403  (pytest fixture: hybrid_model)
+
+from mlxq.engine.cache import KVCache
+from mlxq.engine.prompt_cache import PromptCache
+from mlxq.engine.sampling import SamplingParams
+from mlxq.engine.scheduler import Engine, Output, Request
+from mlxq.errors import GenerationError
+
+
+def run(engine: Engine, requests: list[Request], timeout: float = 60) -> list[list[Output]]:
+    """Submits `requests` together; returns each one's outputs once all have finished."""
+    outs: list[list[Output]] = [[] for _ in requests]
+    done = [threading.Event() for _ in requests]
+    for i, req in enumerate(requests):
+
+        def on_output(out: Output, i: int = i) -> None:
+            outs[i].append(out)
+            if out.finish_reason is not None:
+                done[i].set()
+
+        req.on_output = on_output
+        engine.submit(req)
+    for event in done:
+        assert event.wait(timeout), "a request did not finish"
+    return outs
+
+
+def tokens(outs: list[Output]) -> list[int]:
+    return [t for o in outs for t in o.tokens]
+
+
+@pytest.fixture(scope="module")
+def engine(qwen3_model):
+    e = Engine(qwen3_model, max_batch=4).start()
+    yield e
+    e.close()
+
+
+def prompts(model, n: int) -> list[list[int]]:
+    return [model.tokenizer.encode("The story so far: " + "once upon a time " * (2 * i + 1)) for i in range(n)]
+
+
+def test_batched_decode_gives_each_request_its_own_tokens(qwen3_model, engine):
+    ps = prompts(qwen3_model, 6)  # more than max_batch: two wait, then join as others finish
+    alone = [qwen3_model.generate(p, max_tokens=12 + i).tokens for i, p in enumerate(ps)]
+    outs = run(engine, [Request(p, 12 + i, logprobs=3) for i, p in enumerate(ps)])
+    for i, o in enumerate(outs):
+        assert tokens(o) == alone[i]
+        assert o[-1].finish_reason == "length" and o[-1].usage.completion_tokens == 12 + i
+        for lp in (x for out in o for x in out.logprobs):
+            assert len(lp.top) == 3 and lp.top[0][1] >= lp.logprob - 1e-4 and lp.logprob <= 0
+
+
+def test_sampling_with_a_seed_repeats_in_any_batch(qwen3_model, engine):
+    p = prompts(qwen3_model, 1)[0]
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=7)
+    first = tokens(run(engine, [Request(p, 10, params)])[0])
+    together = run(
+        engine,
+        [
+            Request(p, 10, SamplingParams(temperature=1.0, top_p=0.9, seed=7)),
+            Request(p[:-2], 10, SamplingParams(temperature=1.0, seed=8)),
+        ],
+    )
+    assert tokens(together[0]) == first
+
+
+def test_prompt_cache_resumes_an_attention_model(qwen3_model, engine):
+    p = qwen3_model.tokenizer.encode("A long shared system prompt about puzzles. " * 4)
+    first = run(engine, [Request(p, 6)])[0]
+    follow = p + tokens(first)[:-1] + qwen3_model.tokenizer.encode(" And then?")
+    second = run(engine, [Request(follow, 6)])[0]
+    usage = second[-1].usage
+    assert usage.cached_tokens == len(p) + len(tokens(first)) - 1  # everything the first request ran
+    assert tokens(second) == qwen3_model.generate(follow, max_tokens=6).tokens
+
+
+def test_a_failing_request_fails_alone(qwen3_model, engine):
+    ps = prompts(qwen3_model, 3)
+
+    def broken() -> list:
+        def boom(generated: list[int], logits: mx.array) -> mx.array:
+            if len(generated) == 3:
+                raise RuntimeError("processor exploded")
+            return logits
+
+        return [boom]
+
+    failures = engine.failures
+    outs = run(engine, [Request(ps[0], 8), Request(ps[1], 8, make_processors=broken), Request(ps[2], 8)])
+    assert isinstance(outs[1][-1].error, GenerationError) and outs[1][-1].finish_reason == "error"
+    assert "processor exploded" in str(outs[1][-1].error)
+    for i in (0, 2):
+        assert tokens(outs[i]) == qwen3_model.generate(ps[i], max_tokens=8).tokens
+    assert engine.failures == failures + 1 and engine.alive
+    assert tokens(run(engine, [Request(ps[1], 4)])[0]) == qwen3_model.generate(ps[1], max_tokens=4).tokens
+
+
+def test_cancel_ends_a_request_and_keeps_its_work(qwen3_model, engine):
+    p = qwen3_model.tokenizer.encode("Count slowly: " * 3)
+    got, done = [], threading.Event()
+    req = Request(p, 10_000, ignore_eos=True)
+
+    def on_output(out: Output) -> None:
+        got.append(out)
+        if len(got) == 3:
+            req.cancel()
+        if out.finish_reason is not None:
+            done.set()
+
+    req.on_output = on_output
+    engine.submit(req)
+    assert done.wait(30)
+    assert got[-1].finish_reason == "cancelled" and got[-1].usage.completion_tokens < 50
+    assert engine.pending == 0
+    # What it ran is in the prompt cache: the same prompt resumes at once.
+    again = run(engine, [Request(p, 2)])[0]
+    assert again[-1].usage.cached_tokens == len(p) - 1
+
+
+def test_prompt_cache_is_bounded_by_bytes(qwen3_model):
+    probe = qwen3_model.make_cache()
+    qwen3_model.net(mx.array([[1, 2, 3, 4]]), probe)
+    per_token = sum(c.nbytes for c in probe) // 4
+    cache = PromptCache(qwen3_model.make_cache, max_bytes=per_token * 10)
+    for start in range(0, 40, 4):  # ten unrelated 4-token prompts; room for two
+        caches = qwen3_model.make_cache()
+        ids = list(range(100 + start, 104 + start))
+        qwen3_model.net(mx.array([ids]), caches)
+        cache.store(ids, caches)
+        assert cache.nbytes <= cache.max_bytes
+    assert len(cache) == 2
+    resumed, n = cache.fetch(list(range(136, 140)) + [5])  # the newest is kept
+    assert n == 4 and resumed[0].offset == 4
+
+
+# ------------------------------------------------------------------------------------------------ hybrid
+def test_hybrid_model_batches_and_resumes_from_checkpoints(hybrid_model):
+    model = hybrid_model
+    assert not all(isinstance(c, KVCache) for c in model.make_cache())  # recurrent layers: no free rewind
+    engine = Engine(model, max_batch=4).start()
+    try:
+        ps = prompts(model, 3)
+        outs = run(engine, [Request(p, 10) for p in ps])
+        for p, o in zip(ps, outs, strict=True):
+            assert tokens(o) == model.generate(p, max_tokens=10).tokens
+        # A chat-like follow-up: resumes at the end of what the first request ran (its stored checkpoint) ...
+        follow = ps[2] + tokens(outs[2])[:-1] + [13, 14, 15]
+        again = run(engine, [Request(follow, 5, marks=[len(follow) - 2])])[0]
+        assert again[-1].usage.cached_tokens == len(ps[2]) + 9
+        assert tokens(again) == model.generate(follow, max_tokens=5).tokens
+        # ... and a prompt parting from it at the mark it asked for resumes there.
+        branch = follow[:-2] + [77, 78]
+        third = run(engine, [Request(branch, 5)])[0]
+        assert third[-1].usage.cached_tokens == len(follow) - 2
+        assert tokens(third) == model.generate(branch, max_tokens=5).tokens
+    finally:
+        engine.close()
