@@ -8,6 +8,7 @@ REAL Qwen3 tokenizer and chat template, for the engine and server tests.
 from __future__ import annotations
 
 import pytest
+from tiny import HYBRID_TEXT
 
 __all__ = ["hybrid_model"]
 
@@ -26,19 +27,7 @@ def hybrid_model(qwen3_tokenizer_dir, tmp_path_factory):
     tok = transformers.AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir))
     torch.manual_seed(0)
     config = transformers.Qwen3_5TextConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        linear_conv_kernel_dim=4,
-        linear_key_head_dim=16,
-        linear_value_head_dim=8,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        max_position_embeddings=2048,
+        **{**HYBRID_TEXT, "vocab_size": len(tok), "max_position_embeddings": 2048},
         tie_word_embeddings=True,
         eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
     )

@@ -9,27 +9,14 @@ import numpy as np
 import pytest
 import torch
 from fixtures_qwen3 import *  # noqa: F403  (pytest fixtures: qwen3_tokenizer_dir)
+from tiny import HYBRID_TEXT
 
 from mlxq.engine.cache import KVCache, RecurrentCache, checkpoint, restore
 from mlxq.errors import ConfigError
 from mlxq.formats import open_checkpoint
 from mlxq.loading import load_model
 
-TEXT = dict(
-    vocab_size=160,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    linear_conv_kernel_dim=4,
-    linear_key_head_dim=16,
-    linear_value_head_dim=8,
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
-    max_position_embeddings=512,
-)
+TEXT = HYBRID_TEXT
 MOE = dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, shared_expert_intermediate_size=48)
 VISION = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64)
 

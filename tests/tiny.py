@@ -25,6 +25,13 @@ FAMILIES = {
 }
 
 
+# The hybrid (Qwen3.5) text config the hybrid tests share: three DeltaNet layers, one attention layer
+HYBRID_TEXT = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+                   linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                   max_position_embeddings=512)
+
+
 def make_tiny(family: str, path: Path, seed: int = 0):
     """Builds, saves and returns the torch model (eval mode)."""
     import torch
