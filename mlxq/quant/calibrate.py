@@ -1,0 +1,329 @@
+"""Calibration: run text through the float model and record, for the input of every linear layer and expert,
+the mean squared activation per input channel (the importance matrix, as llama.cpp's imatrix) and, for
+GPTQ, the mean outer product E[x x^T] (the layer's Hessian up to a constant).
+
+Layers that read the same input share one record (q/k/v, gate/up, the DeltaNet input projections); experts
+get one row per expert, counting only the tokens routed to them. The output head's input is the final norm's
+output, recorded there, so tied embeddings get the head's statistics.
+
+Records are cached under the cache dir, in a folder named by the source's fingerprint (paths, sizes and
+mtimes of its files), keyed by the text, the token budget and whether Hessians were kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxq.errors import InvalidRequest
+from mlxq.formats.base import Checkpoint
+from mlxq.formats.fetch import cache_dir
+from mlxq.quant.source import module_path
+
+# Projections that read the same input as another one: their statistics are recorded once, on the leader.
+LEADER: dict[str, str] = {
+    "k_proj": "q_proj",
+    "v_proj": "q_proj",
+    "up_proj": "gate_proj",
+    "in_proj_z": "in_proj_qkv",
+    "in_proj_a": "in_proj_qkv",
+    "in_proj_b": "in_proj_qkv",
+    "in_proj_qkvz": "in_proj_qkv",
+    "in_proj_ba": "in_proj_qkv",
+    "gate_up_proj": "gate_proj",
+}
+HEAD_SITE = "lm_head"  # the output head's input (final norm output)
+FLOOR = 1e-2  # importance added to every channel, as a fraction of the mean
+SEQ_LEN = 512
+DEFAULT_TOKENS = 32768
+
+
+@dataclass
+class Stats:
+    """Per-site statistics: `diag` [in] or [experts, in] = E[x^2]; `hessian` [in, in] or [experts, in, in] =
+    E[x x^T] (only when collected for GPTQ)."""
+
+    diag: dict[str, mx.array] = field(default_factory=dict)
+    hessian: dict[str, mx.array] = field(default_factory=dict)
+    tokens: int = 0
+
+    def lookup(self, name: str, tied: bool = False) -> tuple[mx.array | None, mx.array | None]:
+        """(importance, hessian) for source tensor `name`, shaped to broadcast against its weight: [in] for a
+        linear, [experts, 1, in] / [experts, in, in] for stacked experts, one expert's row for a per-expert
+        tensor. (None, None) when the tensor's input was never seen (e.g. MTP, an untied input embedding)."""
+        site, expert = site_of(name, tied)
+        if site is None or site not in self.diag:
+            return None, None
+        d, h = self.diag[site], self.hessian.get(site)
+        d = d + FLOOR * d.mean(axis=-1, keepdims=True)  # a silent channel still counts a little
+        if d.ndim == 2:  # experts
+            if expert is not None:
+                return d[expert], (h[expert] if h is not None else None)
+            return d[:, None, :], h
+        return d, h
+
+
+_EXPERT = re.compile(r"\.experts\.(\d+)\.(\w+)$")
+
+
+def site_of(name: str, tied: bool = False) -> tuple[str | None, int | None]:
+    """Source tensor name -> (site whose input it reads, expert index for per-expert tensors)."""
+    base = name.removesuffix(".weight")
+    if base.endswith("lm_head") or (tied and base.endswith("embed_tokens")):
+        return HEAD_SITE, None
+    if base.endswith("embed_tokens"):
+        return None, None
+    expert = None
+    if m := _EXPERT.search(base):
+        expert = int(m.group(1))
+        base = base[: m.start()] + ".experts." + m.group(2)
+    path = module_path(base)
+    parent, _, leaf = path.rpartition(".")
+    return f"{parent}.{LEADER.get(leaf, leaf)}" if parent else path, expert
+
+
+# ---------------------------------------------------------------------------------------------- recording
+class _Accumulator:
+    def __init__(self, dim: int, experts: int, hessian: bool):
+        shape = (experts, dim) if experts else (dim,)
+        self.experts, self.dim = experts, dim
+        self.sum_sq = mx.zeros(shape)
+        self.count = mx.zeros((experts,) if experts else ())
+        self.outer = (mx.zeros((experts, dim, dim) if experts else (dim, dim))) if hessian else None
+
+    def add(self, x: mx.array, experts: mx.array | None = None) -> None:
+        x = x.astype(mx.float32).reshape(-1, self.dim)
+        if not self.experts:
+            self.sum_sq = self.sum_sq + (x * x).sum(axis=0)
+            self.count = self.count + x.shape[0]
+            if self.outer is not None:
+                self.outer = self.outer + x.T @ x
+        else:
+            e = experts.reshape(-1)
+            if x.shape[0] != e.size:  # one row per token, k experts each: one row per (token, expert) pair
+                x = mx.broadcast_to(x[:, None], (x.shape[0], e.size // x.shape[0], self.dim)).reshape(-1, self.dim)
+            onehot = (e[:, None] == mx.arange(self.experts)[None]).astype(mx.float32)  # [pairs, experts]
+            self.sum_sq = self.sum_sq + onehot.T @ (x * x)
+            self.count = self.count + onehot.sum(axis=0)
+            if self.outer is not None:
+                self.outer = self.outer + mx.stack([(x * onehot[:, i : i + 1]).T @ x for i in range(self.experts)])
+        mx.eval(self.sum_sq, self.count, *([self.outer] if self.outer is not None else []))
+
+    def result(self) -> tuple[mx.array, mx.array | None]:
+        n = mx.maximum(self.count, 1)
+        diag = self.sum_sq / (n[:, None] if self.experts else n)
+        outer = None if self.outer is None else self.outer / (n[:, None, None] if self.experts else n)
+        return diag, outer
+
+
+class _Recorder(nn.Module):
+    """Wraps a layer: records its input (or, for the final norm, its output), then runs it unchanged."""
+
+    def __init__(self, inner: nn.Module, acc: _Accumulator, output: bool = False):
+        super().__init__()
+        self.inner = inner
+        self._acc, self._output = acc, output
+
+    def __getattr__(self, key: str):
+        # callers may read the wrapped layer's attributes (e.g. a MoE block asking its experts' count)
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            inner = self.get("inner")
+            if inner is None:
+                raise
+            return getattr(inner, key)
+
+    def expert(self, x: mx.array, e: int) -> mx.array:
+        """One expert's tokens at once (the CPU MoE path): recorded for that expert alone."""
+        self._acc.add(x, mx.full((x.shape[0],), e))
+        return self["inner"].expert(x, e)
+
+    def __call__(self, x: mx.array, *args, **kwargs):
+        y = self.inner(x, *args, **kwargs)
+        if self._output:
+            self._acc.add(y)
+        else:
+            self._acc.add(x, args[0] if args else None)
+        return y
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    obj = model
+    *parts, leaf = path.split(".")
+    for p in parts:
+        obj = obj[int(p)] if isinstance(obj, list) else obj[p]
+    return obj, leaf
+
+
+def attach(model: nn.Module, hessian: bool) -> dict[str, _Accumulator]:
+    """Wrap every linear/expert leader and the final norm with recorders; returns site -> accumulator."""
+    from mlxq.models.moe import SwitchLinear
+
+    accs: dict[str, _Accumulator] = {}
+    targets = []
+    for path, module in model.named_modules():
+        leaf = path.rpartition(".")[2]
+        if isinstance(module, nn.Linear | SwitchLinear) and leaf not in LEADER and path != "lm_head":
+            targets.append((path, module))
+    for path, module in targets:
+        # `weight_t` is the [.., in, out] layout some layers switch to for CPU speed
+        w = module["weight_t"].swapaxes(-1, -2) if "weight_t" in module else module["weight"]
+        accs[path] = _Accumulator(w.shape[-1], w.shape[0] if w.ndim == 3 else 0, hessian)
+        parent, leaf = _parent(model, path)
+        parent[leaf] = _Recorder(module, accs[path])
+    norm = dict(model.named_modules()).get("model.norm")
+    if norm is not None:
+        accs[HEAD_SITE] = _Accumulator(norm["weight"].shape[0], 0, hessian)
+        parent, leaf = _parent(model, "model.norm")
+        parent[leaf] = _Recorder(norm, accs[HEAD_SITE], output=True)
+    return accs
+
+
+def token_batches(tokenizer, texts: dict[str, str], n_tokens: int, seq_len: int) -> list[list[int]]:
+    """Sequences of `seq_len` tokens, taken in turn from each text so that the mix stays balanced."""
+    streams = {k: tokenizer.encode(t, add_special_tokens=False) for k, t in texts.items()}
+    cursors = dict.fromkeys(streams, 0)
+    out: list[list[int]] = []
+    while len(out) * seq_len < n_tokens:
+        progressed = False
+        for k, ids in streams.items():
+            if cursors[k] + seq_len <= len(ids) and len(out) * seq_len < n_tokens:
+                out.append(ids[cursors[k] : cursors[k] + seq_len])
+                cursors[k] += seq_len
+                progressed = True
+        if not progressed:
+            break
+    if not out:
+        raise InvalidRequest(f"calibration text is shorter than one sequence of {seq_len} tokens")
+    return out
+
+
+def collect(model: nn.Module, batches: list[list[int]], hessian: bool, progress=None) -> Stats:
+    accs = attach(model, hessian)
+    for seq in batches:
+        model(mx.array(seq)[None], model.make_cache())
+        if progress is not None:
+            progress(len(seq))
+    stats = Stats(tokens=sum(len(b) for b in batches))
+    for site, acc in accs.items():
+        stats.diag[site], outer = acc.result()
+        if outer is not None:
+            stats.hessian[site] = outer
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- cache
+def fingerprint(ckpt: Checkpoint) -> str:
+    """Identity of a source on disk: resolved paths, sizes and mtimes of its weights and config."""
+    root = Path(ckpt.path).resolve()
+    files = (
+        [root]
+        if root.is_file()
+        else sorted(
+            p
+            for p in root.iterdir()
+            if p.is_file() and (p.suffix in (".safetensors", ".gguf") or p.name == "config.json")
+        )
+    )
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def cache_path(ckpt: Checkpoint, text_key: str, n_tokens: int, seq_len: int, hessian: bool) -> Path:
+    name = f"{text_key}-{n_tokens}x{seq_len}{'-hessian' if hessian else ''}.safetensors"
+    return cache_dir() / "imatrix" / fingerprint(ckpt) / name
+
+
+def save(stats: Stats, path: Path, about: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"diag:{k}": v for k, v in stats.diag.items()}
+    arrays.update({f"hessian:{k}": v for k, v in stats.hessian.items()})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata={"tokens": str(stats.tokens)})
+    os.replace(tmp, path)  # appears whole or not at all
+    (path.parent / "source.json").write_text(json.dumps(about, indent=1) + "\n")
+
+
+def load(path: Path) -> Stats | None:
+    try:
+        arrays, meta = mx.load(str(path), return_metadata=True)
+    except (OSError, RuntimeError, ValueError):
+        return None
+    stats = Stats(tokens=int(meta.get("tokens", 0)))
+    for key, value in arrays.items():
+        kind, _, site = key.partition(":")
+        (stats.diag if kind == "diag" else stats.hessian)[site] = value
+    return stats
+
+
+def text_key(text: str | None) -> tuple[str, dict[str, str]]:
+    """The calibration texts for `--calibrate [FILE]` and a short key naming them in the cache."""
+    from mlxq.eval.texts import DEFAULT_CALIBRATION, calibration_texts, read_text_file
+
+    if not text or text == DEFAULT_CALIBRATION:
+        return DEFAULT_CALIBRATION, calibration_texts()
+    body = read_text_file(text)
+    return "text-" + hashlib.sha256(body.encode()).hexdigest()[:12], {"file": body}
+
+
+def calibration_stats(
+    ckpt_opener, text: str | None, hessian: bool, n_tokens: int = DEFAULT_TOKENS, seq_len: int = SEQ_LEN, console=None
+) -> Stats:
+    """Statistics for a source, from the cache when present. `ckpt_opener()` opens a fresh float view of the
+    source (the model is loaded from it only when the cache misses)."""
+    from mlxq.engine.tokenizer import load_tokenizer
+    from mlxq.loading import load_model
+
+    ckpt = ckpt_opener()
+    key, texts = text_key(text)
+    for want in [True] if hessian else [False, True]:  # statistics with Hessians also serve a diag-only run
+        path = cache_path(ckpt, key, n_tokens, seq_len, want)
+        cached = load(path) if path.exists() else None
+        if cached is not None:
+            _say(console, f"calibration: cached statistics ({cached.tokens} tokens of {key})")
+            return cached
+    tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template)
+    batches = token_batches(tok, texts, n_tokens, seq_len)
+    model = load_model(ckpt, dtype=mx.float32, fuse=False)
+    total = sum(len(b) for b in batches)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("calibrating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("calibrate", total=total)
+        stats = collect(model, batches, hessian, progress=lambda n: bar.advance(task, n))
+    del model
+    path = cache_path(ckpt, key, n_tokens, seq_len, hessian)
+    save(
+        stats,
+        path,
+        {"source": str(ckpt.path), "text": key, "tokens": stats.tokens, "seq_len": seq_len, "hessian": hessian},
+    )
+    _say(console, f"calibration: {stats.tokens} tokens of {key}; statistics cached in {path.parent}")
+    return stats
+
+
+def _say(console, msg: str) -> None:
+    if console is not None:
+        console.print(f"mlxq: {msg}", highlight=False, soft_wrap=True)
+    else:
+        print(f"mlxq: {msg}", file=sys.stderr)

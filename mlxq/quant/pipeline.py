@@ -1,0 +1,415 @@
+"""The streaming quantizer: source checkpoint -> mlx-lm compatible directory, one tensor at a time.
+
+Plan first (from tensor names, shapes and the recipe: no weight is read), then stream: read one tensor,
+quantize it, write it into its shard, drop it. Peak memory is the largest tensor plus the quantizer's working
+set on one row chunk. The output is built in a hidden temporary directory next to OUT and renamed into place
+only when complete; an interrupted run removes it (a killed one leaves it hidden, and the next run clears it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlxq.errors import InvalidRequest
+from mlxq.formats import open_checkpoint
+from mlxq.formats.base import Checkpoint
+from mlxq.models import text_config
+from mlxq.quant import affine
+from mlxq.quant.calibrate import DEFAULT_TOKENS, Stats, calibration_stats
+from mlxq.quant.gptq import gptq
+from mlxq.quant.recipes import FLOAT, Recipe, Spec, Where
+from mlxq.quant.roles import in_mtp, layer_of, role_of
+from mlxq.quant.source import float_checkpoint, module_path
+from mlxq.quant.writer import DEFAULT_SHARD_BYTES, OutTensor, ShardWriter
+
+METHODS = ("auto", "rtn", "search", "gptq")
+# What `auto` picks. Measured on SmolLM2-135M, 3-bit g64, 2048 held-back wiki tokens, 8192 calibration tokens
+# (bench/quant_quality.py has the rest): mean KL vs the float model: RTN 2.22, importance-weighted clip search
+# 0.79, GPTQ 0.75 (q2_k mix: search 1.64, GPTQ 1.47). Without calibration, the clip search minimising plain
+# weight error is worse than RTN (2.66: it clips outliers that matter), so RTN is the uncalibrated default.
+AUTO_CALIBRATED, AUTO_PLAIN = "gptq", "rtn"
+
+# Source dtype names (safetensors headers, GGUF type names) -> the array dtype the source hands out.
+_SOURCE_DTYPES: dict[str, mx.Dtype] = {
+    "f32": mx.float32,
+    "f16": mx.float16,
+    "bf16": mx.bfloat16,
+    "float32": mx.float32,
+    "float16": mx.float16,
+    "bfloat16": mx.bfloat16,
+    "i64": mx.int64,
+    "i32": mx.int32,
+    "i16": mx.int16,
+    "i8": mx.int8,
+    "u8": mx.uint8,
+    "u16": mx.uint16,
+    "u32": mx.uint32,
+    "u64": mx.uint64,
+    "bool": mx.bool_,
+    "uint32": mx.uint32,
+}
+_KEEP_FLOAT32 = ("ssm_a", "ssm_dt")  # tiny, and exp()'d by the model: keep the source's float32
+_FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")  # HF's 3-D expert tensors (no .weight)
+
+_ternary_warned = False
+
+
+@dataclass
+class Item:
+    """One source tensor and what becomes of it."""
+
+    name: str
+    role: str | None
+    spec: Spec
+    src_bytes: int
+    outputs: list[OutTensor]
+    parts: list[tuple[str, int, int]] = field(default_factory=list)  # quantized: (module base, row lo, row hi)
+
+
+@dataclass
+class Plan:
+    items: list[Item]
+    quantization: dict | None
+    tied: bool
+    unknown: list[str]
+
+    @property
+    def outputs(self) -> list[OutTensor]:
+        return [t for item in self.items for t in item.outputs]
+
+
+@dataclass
+class Result:
+    out: Path
+    tensors: int
+    quantized: int
+    bytes_in: int
+    bytes_out: int
+    params: int
+    bpw_quantized: float  # over quantized tensors: codes + fp16 scales and biases
+    bpw: float  # whole model: every byte written over every parameter
+    seconds: float
+    method: str
+    recipe: str
+
+
+def plan(ckpt: Checkpoint, recipe: Recipe, dtype: mx.Dtype | None = None) -> Plan:
+    """What each tensor becomes: its role, its spec and the tensors written for it. Reads no weights."""
+    cfg = text_config(ckpt.config)
+    arch = cfg.get("model_type")
+    n_layers = int(cfg.get("num_hidden_layers") or 1)
+    heads = cfg.get("num_attention_heads") or 1
+    gqa = max(1, heads // (cfg.get("num_key_value_heads") or heads))
+    infos = ckpt.tensors.infos()
+    names = {i.name for i in infos}
+    tied = not any(n.endswith("lm_head.weight") and not in_mtp(n) for n in names)
+    items, unknown = [], []
+    for info in infos:
+        name, shape = info.name, tuple(info.shape)
+        role = role_of(name, arch)
+        src_dtype = _SOURCE_DTYPES.get(info.dtype.lower(), mx.float32)  # GGUF block types load as float32
+        is_float = mx.issubdtype(src_dtype, mx.floating)
+        weightlike = len(shape) >= 2 and is_float and (name.endswith(".weight") or _FUSED_EXPERTS.search(name))
+        spec = FLOAT
+        if role is None:
+            unknown.append(name)
+        elif weightlike:
+            where = Where(layer_of(name), n_layers, gqa, in_mtp(name))
+            # a tied embedding is also the output head: it follows the head's rules (as llama.cpp does)
+            if role == "embedding" and tied and not where.mtp:
+                spec = recipe.spec("lm_head", where, alias="embedding")
+            else:
+                spec = recipe.spec(role, where)
+            spec = _fit_group(spec, shape[-1])
+        if not spec.quantized:
+            out_dtype = (
+                src_dtype
+                if not is_float
+                else (
+                    mx.float32
+                    if role in _KEEP_FLOAT32 and src_dtype == mx.float32
+                    else dtype or (mx.bfloat16 if src_dtype == mx.bfloat16 else mx.float16)
+                )
+            )
+            items.append(Item(name, role, spec, info.nbytes, [OutTensor(name, shape, out_dtype)]))
+            continue
+        if m := _FUSED_EXPERTS.search(name):
+            prefix = name[: m.start()] + ".experts."
+            rows = shape[-2]
+            parts = (
+                [(prefix + "gate_proj", 0, rows // 2), (prefix + "up_proj", rows // 2, rows)]
+                if m.group(1) == "gate_up_proj"
+                else [(prefix + "down_proj", 0, rows)]
+            )
+        else:
+            parts = [(name.removesuffix(".weight"), 0, shape[-2])]
+        outputs = []
+        for base, lo, hi in parts:
+            lead = (*shape[:-2], hi - lo)
+            groups = shape[-1] // spec.group_size
+            outputs += [
+                OutTensor(f"{base}.weight", (*lead, shape[-1] * spec.bits // 32), mx.uint32),
+                OutTensor(f"{base}.scales", (*lead, groups), affine.PARAM_DTYPE),
+                OutTensor(f"{base}.biases", (*lead, groups), affine.PARAM_DTYPE),
+            ]
+        items.append(Item(name, role, spec, info.nbytes, outputs, parts))
+    return Plan(items, _quant_config(items), tied, unknown)
+
+
+def _fit_group(spec: Spec, cols: int) -> Spec:
+    """A group size that divides the input dimension (smaller ones first), or float when none does."""
+    if not spec.quantized or cols % spec.group_size == 0:
+        return spec
+    for g in (64, 32):
+        if g < spec.group_size and cols % g == 0:
+            return Spec(spec.precision, g)
+    return FLOAT
+
+
+def _quant_config(items: list[Item]) -> dict | None:
+    """mlx-lm's `quantization`: the most common (bits, group) as default, the others as per-module entries,
+    keyed by the module path as the loaders name it (and as the checkpoint names it, when different)."""
+    modules = [
+        (base, (it.spec.bits, it.spec.group_size)) for it in items if it.spec.quantized for base, _, _ in it.parts
+    ]
+    if not modules:
+        return None
+    (bits, group), _ = Counter(p for _, p in modules).most_common(1)[0]
+    config: dict = {"group_size": group, "bits": bits, "mode": "affine"}
+    for base, (b, g) in modules:
+        if (b, g) != (bits, group):
+            for path in dict.fromkeys([base, module_path(base)]):
+                config[path] = {"group_size": g, "bits": b, "mode": "affine"}
+    return config
+
+
+# ---------------------------------------------------------------------------------------------- running
+def quantize(
+    src: str,
+    out: str | Path,
+    recipe: Recipe,
+    *,
+    calibrate: str | None = None,
+    method: str = "auto",
+    dtype: mx.Dtype | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    calib_tokens: int = DEFAULT_TOKENS,
+    console=None,
+    progress: bool = True,
+) -> Result:
+    """Quantize checkpoint `src` (any name mlxq opens) into a new mlx-lm directory `out`.
+    `calibrate`: None (no calibration), "" or "default" (the pinned corpus) or a text file."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    if method not in METHODS:
+        raise InvalidRequest(f"--method {method}: unknown (known: {', '.join(METHODS)})")
+    if method == "gptq" and calibrate is None:
+        raise InvalidRequest("--method gptq needs calibration text (--calibrate)")
+    method = (AUTO_CALIBRATED if calibrate is not None else AUTO_PLAIN) if method == "auto" else method
+    out = Path(out).expanduser()
+
+    def opener() -> Checkpoint:
+        return float_checkpoint(open_checkpoint(src))
+
+    ckpt = opener()
+    _check_paths(ckpt, out)
+    the_plan = plan(ckpt, recipe, dtype)
+    if the_plan.unknown:
+        console.print(
+            f"mlxq: {len(the_plan.unknown)} tensors have no known role and are kept as they are "
+            f"(first: '{the_plan.unknown[0]}')",
+            highlight=False,
+        )
+    if recipe.warning and any(it.spec.precision == "ternary" for it in the_plan.items):
+        _warn_ternary(console, recipe.warning)
+    stats = None
+    if calibrate is not None and method != "rtn":
+        stats = calibration_stats(opener, calibrate, hessian=method == "gptq", n_tokens=calib_tokens, console=console)
+        ckpt = opener()  # the calibration model consumed the lazy tensors it loaded
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    start = time.perf_counter()
+    restore = _terminate_cleanly()
+    try:
+        tmp.mkdir()
+        writer = ShardWriter(tmp, the_plan.outputs, shard_bytes)
+        try:
+            _stream(ckpt, the_plan, writer, method, stats, console, progress)
+        finally:
+            writer.abort()
+        writer.close()
+        _copy_tokenizer(ckpt, tmp)
+        config = {k: v for k, v in ckpt.config.items() if k not in ("quantization", "quantization_config")}
+        if the_plan.quantization:
+            config["quantization"] = config["quantization_config"] = the_plan.quantization
+        config["mlxq_quantization"] = {
+            "recipe": recipe.name,
+            "method": method,
+            "calibration": (None if stats is None else {"text": calibrate or "default", "tokens": stats.tokens}),
+            "overrides": dict(recipe.overrides),
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        os.rename(tmp, out)  # the directory appears complete or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        restore()
+    return _result(the_plan, out, method, recipe, time.perf_counter() - start)
+
+
+def _stream(
+    ckpt: Checkpoint, the_plan: Plan, writer: ShardWriter, method: str, stats: Stats | None, console, progress: bool
+) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    total = sum(it.src_bytes for it in the_plan.items)
+    with Progress(
+        TextColumn("quantizing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tensors"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not progress,
+    ) as bar:
+        task = bar.add_task("quantize", total=len(the_plan.items), rate="")
+        start, done = time.perf_counter(), 0
+        for item in the_plan.items:
+            w = ckpt.tensors[item.name]
+            if not item.spec.quantized:
+                writer.write(item.name, w.astype(item.outputs[0].dtype))
+            else:
+                for base, lo, hi in item.parts:
+                    part = w[..., lo:hi, :] if (lo, hi) != (0, w.shape[-2]) else w
+                    q = _quantize(item.name, part, item.spec, method, stats, the_plan.tied)
+                    for suffix, array in (("weight", q.weight), ("scales", q.scales), ("biases", q.biases)):
+                        writer.write(f"{base}.{suffix}", array)
+            del w
+            done += item.src_bytes
+            rate = done / max(time.perf_counter() - start, 1e-9) / 1e9
+            bar.update(task, advance=1, rate=f"{rate:.3f} GB/s ({done / 1e9:.2f}/{total / 1e9:.2f} GB read)")
+
+
+def _quantize(name: str, w: mx.array, spec: Spec, method: str, stats: Stats | None, tied: bool) -> affine.Quantized:
+    if spec.precision == "ternary":
+        return affine.ternary(w, spec.group_size)
+    importance, hessian = stats.lookup(name, tied) if stats is not None else (None, None)
+    if method == "gptq" and hessian is not None and hessian.ndim == w.ndim:
+        if w.ndim == 2:
+            return gptq(w, hessian, spec.bits, spec.group_size)
+        parts = [gptq(w[e], hessian[e], spec.bits, spec.group_size) for e in range(w.shape[0])]
+        return affine.Quantized(*(mx.stack([getattr(p, k) for p in parts]) for k in ("weight", "scales", "biases")))
+    if method == "rtn":
+        return affine.quantize(w, spec.bits, spec.group_size)
+    return affine.quantize(w, spec.bits, spec.group_size, importance, "search")
+
+
+def _result(the_plan: Plan, out: Path, method: str, recipe: Recipe, seconds: float) -> Result:
+    q_items = [it for it in the_plan.items if it.spec.quantized]
+    q_bytes = sum(t.nbytes for it in q_items for t in it.outputs)
+    q_params = sum(_numel(it.outputs[0].shape) * 32 // it.spec.bits for it in q_items)  # packed words -> weights
+    params = sum(_numel(t.shape) for it in the_plan.items if not it.spec.quantized for t in it.outputs) + q_params
+    out_bytes = sum(t.nbytes for t in the_plan.outputs)
+    return Result(
+        out,
+        len(the_plan.items),
+        len(q_items),
+        sum(it.src_bytes for it in the_plan.items),
+        out_bytes,
+        params,
+        8 * q_bytes / max(q_params, 1),
+        8 * out_bytes / max(params, 1),
+        seconds,
+        method,
+        recipe.name,
+    )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _check_paths(ckpt: Checkpoint, out: Path) -> None:
+    if out.exists():
+        raise InvalidRequest(f"{out}: already exists (quantize writes a new directory; remove it or pick another)")
+    src = Path(ckpt.path).resolve()
+    target = out.resolve()
+    if target == src or (src.is_dir() and src in target.parents):
+        raise InvalidRequest(f"{out}: inside the source {src} (the source is never written to)")
+
+
+def _clear_stale(out: Path) -> None:
+    """Temporary directories left by killed runs (their process is gone) are removed."""
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _terminate_cleanly():
+    """SIGTERM raises SystemExit in the main thread, so the temporary directory is removed on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+# Files of a model directory that are weights or are rewritten here; everything else (tokenizer, chat
+# template, generation config, processor configs) is copied as it is.
+_NOT_COPIED = re.compile(
+    r"(\.safetensors|\.safetensors\.index\.json|\.bin|\.pt|\.pth|\.gguf|\.h5|\.msgpack|"
+    r"\.ckpt|\.npz|^config\.json)$"
+)
+
+
+def _copy_tokenizer(ckpt: Checkpoint, dest: Path) -> None:
+    if ckpt.tokenizer_dir is not None and Path(ckpt.tokenizer_dir).is_dir():
+        for f in sorted(Path(ckpt.tokenizer_dir).iterdir()):
+            if f.is_file() and not f.name.startswith(".") and not _NOT_COPIED.search(f.name):
+                shutil.copy2(f, dest / f.name)
+        return
+    if ckpt.gguf_file is not None:  # GGUF: the tokenizer transformers builds from the file's vocab
+        from mlxq.engine.tokenizer import load_tokenizer
+
+        load_tokenizer(None, ckpt.gguf_file, ckpt.chat_template).hf.save_pretrained(str(dest))
+
+
+def _warn_ternary(console, message: str) -> None:
+    global _ternary_warned
+    if _ternary_warned:
+        return
+    _ternary_warned = True
+    from rich.panel import Panel
+
+    console.print(Panel(message, title="WARNING", style="bold red"))
