@@ -52,12 +52,14 @@ def big_checkpoint(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
+# VmHWM, not ru_maxrss: ru_maxrss carries over the forked copy of this (large) pytest process from before exec.
 RUN = """
-import resource, sys
+import re, sys
 from mlxq.quant.pipeline import quantize
 from mlxq.quant.recipes import uniform
 quantize(sys.argv[1], sys.argv[2], uniform(4), progress=False)
-print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+status = open("/proc/self/status").read()
+print("PEAK", int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024)
 """
 
 
