@@ -29,16 +29,7 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     quant = ckpt.quantization
     if quant:
         _quantize_like(model, weights, quant)
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        what = f"missing tensor '{missing[0]}'" if missing else f"unexpected tensor '{unexpected[0]}'"
-        more = len(missing) + len(unexpected) - 1
-        raise FormatError(f"{ckpt.path}: {what}" + (f" (and {more} more)" if more else ""))
-    for name, w in weights.items():
-        if w.shape != expected[name].shape:
-            raise FormatError(f"{ckpt.path}: tensor '{name}' has shape {w.shape}, expected {expected[name].shape}")
+    check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
     dtype = dtype or default_dtype()
     cast = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     model.load_weights(list(cast.items()), strict=True)
@@ -52,6 +43,19 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     model.eval()
     wire_weights(model)
     return model
+
+
+def check_weights(path, expected: dict[str, mx.array], weights: dict[str, mx.array]) -> None:
+    """The weights are exactly the parameters the model expects, in name and shape (else one FormatError)."""
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        what = f"missing tensor '{missing[0]}'" if missing else f"unexpected tensor '{unexpected[0]}'"
+        more = len(missing) + len(unexpected) - 1
+        raise FormatError(f"{path}: {what}" + (f" (and {more} more)" if more else ""))
+    for name, w in weights.items():
+        if w.shape != expected[name].shape:
+            raise FormatError(f"{path}: tensor '{name}' has shape {w.shape}, expected {expected[name].shape}")
 
 
 def inference_layout(model: nn.Module) -> None:

@@ -21,34 +21,32 @@ LAYERS, ROWS, COLS = 12, 4096, 8192  # 4 float16 [4096, 8192] tensors a layer: 3
 PEAK_LIMIT = 1.0e9  # measured here: 0.42 GB for 3.2 GB
 
 
-@pytest.fixture(scope="module")
-def big_checkpoint(tmp_path_factory):
-    """A llama-shaped checkpoint of random float16 weights, written tensor by tensor (removed afterwards)."""
-    root = tmp_path_factory.mktemp("big")
-    src = root / "src"
+def write_random(src: Path, shapes: dict[str, tuple[int, ...]], config: dict) -> int:
+    """A checkpoint of random float16 matrices (ones for vectors), written tensor by tensor; its size."""
     src.mkdir()
-    names = [f"model.layers.{i}.mlp.{p}.weight" for i in range(LAYERS) for p in ("gate_proj", "up_proj")]
-    names += [f"model.layers.{i}.self_attn.{p}.weight" for i in range(LAYERS) for p in ("q_proj", "o_proj")]
-    tensors = [OutTensor(n, (ROWS, COLS), mx.float16) for n in sorted(names)]
-    tensors += [OutTensor(f"model.layers.{i}.input_layernorm.weight", (COLS,), mx.float16) for i in range(LAYERS)]
+    tensors = [OutTensor(n, shape, mx.float16) for n, shape in sorted(shapes.items())]
     writer = ShardWriter(src, tensors, shard_bytes=1 << 30)
-    base = mx.random.normal((ROWS, COLS), key=mx.random.key(0)) * 0.02
-    for i, t in enumerate(tensors):  # one random draw, shifted per tensor: writing, not sampling, is the cost
-        w = base + 1e-3 * i if len(t.shape) == 2 else mx.ones(t.shape)
+    bases = {}
+    for i, t in enumerate(tensors):  # one random draw per shape, shifted per tensor: writing, not sampling, is the cost
+        if len(t.shape) == 2 and t.shape not in bases:
+            bases[t.shape] = mx.random.normal(t.shape, key=mx.random.key(len(bases))) * 0.02
+        w = bases[t.shape] + 1e-3 * i if len(t.shape) == 2 else mx.ones(t.shape)
         writer.write(t.name, w.astype(mx.float16))
     writer.close()
-    config = {
-        "model_type": "llama",
-        "hidden_size": COLS,
-        "intermediate_size": ROWS,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": 64,
-        "num_key_value_heads": 64,
-        "vocab_size": 32,
-        "rms_norm_eps": 1e-5,
-    }
-    (src / "config.json").write_text(json.dumps(config))
-    yield src, sum(t.nbytes for t in tensors)
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "rms_norm_eps": 1e-5, **config}))
+    return sum(t.nbytes for t in tensors)
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory):
+    """A llama-shaped set of large float16 tensors (not a whole model: quantizing needs none of the rest)."""
+    root = tmp_path_factory.mktemp("big")
+    shapes = {f"model.layers.{i}.{p}.weight": (ROWS, COLS) for i in range(LAYERS)
+              for p in ("mlp.gate_proj", "mlp.up_proj", "self_attn.q_proj", "self_attn.o_proj")}
+    shapes.update({f"model.layers.{i}.input_layernorm.weight": (COLS,) for i in range(LAYERS)})
+    config = {"hidden_size": COLS, "intermediate_size": ROWS, "num_hidden_layers": LAYERS,
+              "num_attention_heads": 64, "num_key_value_heads": 64, "vocab_size": 32}
+    yield root / "src", write_random(root / "src", shapes, config)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -120,3 +118,51 @@ def test_killed_midway_leaves_no_out(sig, big_checkpoint, tmp_path):
 
         _clear_stale(out)
         assert not partial.exists()
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+CAL_LAYERS, HIDDEN, INTER = 16, 2048, 8192  # 1.07 B parameters: 2.1 GB on disk, 4.3 GB as float32
+CAL_PEAK_LIMIT = 1.5e9  # Hessians alone come to 5.1 GB for the whole model
+CALIBRATE = """
+import re, sys
+from pathlib import Path
+from mlxq.formats import open_checkpoint
+from mlxq.quant.calibrate import collect, load
+out = Path(sys.argv[2])
+stats = collect(open_checkpoint(sys.argv[1]), [[(7 * i) % 250 + 3 for i in range(256)]] * 2, True, out)
+status = open("/proc/self/status").read()
+print("PEAK", int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024)
+print("HESSIANS", len(stats.hessian_files), len(load(out).hessian_files))
+"""
+
+
+@pytest.fixture(scope="module")
+def whole_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("whole")
+    per_layer = {
+        "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
+        "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
+        "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER),
+        "input_layernorm": (HIDDEN,), "post_attention_layernorm": (HIDDEN,),
+    }
+    shapes = {f"model.layers.{i}.{k}.weight": v for i in range(CAL_LAYERS) for k, v in per_layer.items()}
+    shapes.update({"model.embed_tokens.weight": (256, HIDDEN), "model.norm.weight": (HIDDEN,)})
+    config = {"hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": CAL_LAYERS,
+              "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 256, "tie_word_embeddings": True}
+    yield root / "src", write_random(root / "src", shapes, config)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_calibration_holds_one_layer_at_a_time(whole_model, tmp_path):
+    src, size = whole_model
+    assert size > 2e9
+    proc = subprocess.run(
+        [sys.executable, "-c", CALIBRATE, str(src), str(tmp_path / "stats")], capture_output=True, text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stdout.split("PEAK")[-1].split()[0])
+    print(f"peak RSS {peak / 1e9:.2f} GB calibrating a model of {2 * size / 1e9:.1f} GB in float32")
+    assert peak < CAL_PEAK_LIMIT, f"peak RSS {peak / 1e9:.2f} GB for a {2 * size / 1e9:.1f} GB float32 model"
+    # q, o, gate, down of every layer, and the head's input
+    assert proc.stdout.split("HESSIANS")[-1].split() == [str(4 * CAL_LAYERS + 1)] * 2

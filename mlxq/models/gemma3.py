@@ -78,9 +78,12 @@ class Model(nn.Module):
         self.args = a = Args.from_config(config)
         self.model = Body(a, config)
 
-    def __call__(self, tokens: mx.array, cache: list) -> mx.array:
+    def embed(self, tokens: mx.array) -> mx.array:
         x = self.model.embed_tokens(tokens)
-        x = x * mx.array(self.args.hidden_size**0.5, x.dtype)
+        return x * mx.array(self.args.hidden_size**0.5, x.dtype)
+
+    def __call__(self, tokens: mx.array, cache: list) -> mx.array:
+        x = self.embed(tokens)
         for layer, c in zip(self.model.layers, cache, strict=True):
             x = layer(x, c)
         logits = self.model.embed_tokens.as_linear(self.model.norm(x))

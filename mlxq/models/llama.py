@@ -74,8 +74,11 @@ class Model(nn.Module):
         if not a.tie_word_embeddings:
             self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
 
+    def embed(self, tokens: mx.array) -> mx.array:
+        return self.model.embed_tokens(tokens)
+
     def __call__(self, tokens: mx.array, cache: list) -> mx.array:
-        x = self.model.embed_tokens(tokens)
+        x = self.embed(tokens)
         for layer, c in zip(self.model.layers, cache, strict=True):
             x = layer(x, c)
         x = self.model.norm(x)

@@ -323,8 +323,11 @@ class Model(nn.Module):
             self.lm_head = Linear(a.hidden_size, a.vocab_size, bias=False)
         self.mtp_weights: MappingProxyType = MappingProxyType({})  # filled by sanitize
 
+    def embed(self, tokens: mx.array) -> mx.array:
+        return self.model.embed_tokens(tokens)
+
     def __call__(self, tokens: mx.array, cache: list) -> mx.array:
-        x = self.model.embed_tokens(tokens)
+        x = self.embed(tokens)
         for layer, c in zip(self.model.layers, cache, strict=True):
             x = layer(x, c)
         x = self.model.norm(x)

@@ -6,6 +6,12 @@ Layers that read the same input share one record (q/k/v, gate/up, the DeltaNet i
 get one row per expert, counting only the tokens routed to them. The output head's input is the final norm's
 output, recorded there, so tied embeddings get the head's statistics.
 
+The model runs layer by layer (`collect`): every calibration sequence goes through decoder layer i before
+layer i+1 is read from the source, so one layer's weights are in memory at a time, however big the model.
+Statistics are written out as each layer finishes and Hessians are read back one site at a time, so neither
+pile up either. Routed experts get the importance matrix only: one Hessian per expert costs experts x in^2
+(34 GB a layer for Qwen3.5-397B) and would rest on the few tokens routed to that expert.
+
 Records are cached under the cache dir, in a folder named by the source's fingerprint (paths, sizes and
 mtimes of its files), keyed by the text, the token budget and whether Hessians were kept.
 """
@@ -16,16 +22,20 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from mlxq.errors import InvalidRequest
 from mlxq.formats.base import Checkpoint
 from mlxq.formats.fetch import cache_dir
+from mlxq.loading import check_weights
+from mlxq.models import build_model, text_config
 from mlxq.quant.source import module_path
 
 # Projections that read the same input as another one: their statistics are recorded once, on the leader.
@@ -48,12 +58,16 @@ DEFAULT_TOKENS = 32768
 
 @dataclass
 class Stats:
-    """Per-site statistics: `diag` [in] or [experts, in] = E[x^2]; `hessian` [in, in] or [experts, in, in] =
-    E[x x^T] (only when collected for GPTQ)."""
+    """Per-site statistics: `diag` [in] or [experts, in] = E[x^2]; Hessians E[x x^T] [in, in] (only when
+    collected for GPTQ, never for experts) stay on disk, in `hessian_files`, until `hessian(site)` reads one."""
 
     diag: dict[str, mx.array] = field(default_factory=dict)
-    hessian: dict[str, mx.array] = field(default_factory=dict)
+    hessian_files: dict[str, Path] = field(default_factory=dict)  # site -> safetensors file holding it
     tokens: int = 0
+
+    def hessian(self, site: str) -> mx.array | None:
+        # read afresh each time: an evaluated Hessian is dropped with its caller's reference
+        return mx.load(str(self.hessian_files[site]))[site] if site in self.hessian_files else None
 
     def lookup(self, name: str, tied: bool = False) -> tuple[mx.array | None, mx.array | None]:
         """(importance, hessian) for source tensor `name`, shaped to broadcast against its weight: [in] for a
@@ -62,12 +76,10 @@ class Stats:
         site, expert = site_of(name, tied)
         if site is None or site not in self.diag:
             return None, None
-        d, h = self.diag[site], self.hessian.get(site)
+        d, h = self.diag[site], self.hessian(site)
         d = d + FLOOR * d.mean(axis=-1, keepdims=True)  # a silent channel still counts a little
         if d.ndim == 2:  # experts
-            if expert is not None:
-                return d[expert], (h[expert] if h is not None else None)
-            return d[:, None, :], h
+            return (d[expert] if expert is not None else d[:, None, :]), None
         return d, h
 
 
@@ -97,7 +109,7 @@ class _Accumulator:
         self.experts, self.dim = experts, dim
         self.sum_sq = mx.zeros(shape)
         self.count = mx.zeros((experts,) if experts else ())
-        self.outer = (mx.zeros((experts, dim, dim) if experts else (dim, dim))) if hessian else None
+        self.outer = mx.zeros((dim, dim)) if hessian and not experts else None
 
     def add(self, x: mx.array, experts: mx.array | None = None) -> None:
         x = x.astype(mx.float32).reshape(-1, self.dim)
@@ -113,14 +125,12 @@ class _Accumulator:
             onehot = (e[:, None] == mx.arange(self.experts)[None]).astype(mx.float32)  # [pairs, experts]
             self.sum_sq = self.sum_sq + onehot.T @ (x * x)
             self.count = self.count + onehot.sum(axis=0)
-            if self.outer is not None:
-                self.outer = self.outer + mx.stack([(x * onehot[:, i : i + 1]).T @ x for i in range(self.experts)])
         mx.eval(self.sum_sq, self.count, *([self.outer] if self.outer is not None else []))
 
     def result(self) -> tuple[mx.array, mx.array | None]:
         n = mx.maximum(self.count, 1)
         diag = self.sum_sq / (n[:, None] if self.experts else n)
-        outer = None if self.outer is None else self.outer / (n[:, None, None] if self.experts else n)
+        outer = None if self.outer is None else self.outer / n
         return diag, outer
 
 
@@ -164,26 +174,27 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return obj, leaf
 
 
-def attach(model: nn.Module, hessian: bool) -> dict[str, _Accumulator]:
-    """Wrap every linear/expert leader and the final norm with recorders; returns site -> accumulator."""
+def attach(root: nn.Module, hessian: bool, prefix: str = "") -> dict[str, _Accumulator]:
+    """Wrap every linear/expert leader under `root` (and, for a whole model, the final norm) with recorders;
+    returns site -> accumulator, sites named by their path in the model (`prefix` + path under `root`)."""
     from mlxq.models.moe import SwitchLinear
 
     accs: dict[str, _Accumulator] = {}
     targets = []
-    for path, module in model.named_modules():
+    for path, module in root.named_modules():
         leaf = path.rpartition(".")[2]
-        if isinstance(module, nn.Linear | SwitchLinear) and leaf not in LEADER and path != "lm_head":
+        if isinstance(module, nn.Linear | SwitchLinear) and leaf not in LEADER and prefix + path != "lm_head":
             targets.append((path, module))
     for path, module in targets:
         # `weight_t` is the [.., in, out] layout some layers switch to for CPU speed
         w = module["weight_t"].swapaxes(-1, -2) if "weight_t" in module else module["weight"]
-        accs[path] = _Accumulator(w.shape[-1], w.shape[0] if w.ndim == 3 else 0, hessian)
-        parent, leaf = _parent(model, path)
-        parent[leaf] = _Recorder(module, accs[path])
-    norm = dict(model.named_modules()).get("model.norm")
+        acc = accs[prefix + path] = _Accumulator(w.shape[-1], w.shape[0] if w.ndim == 3 else 0, hessian)
+        parent, leaf = _parent(root, path)
+        parent[leaf] = _Recorder(module, acc)
+    norm = dict(root.named_modules()).get("model.norm")
     if norm is not None:
         accs[HEAD_SITE] = _Accumulator(norm["weight"].shape[0], 0, hessian)
-        parent, leaf = _parent(model, "model.norm")
+        parent, leaf = _parent(root, "model.norm")
         parent[leaf] = _Recorder(norm, accs[HEAD_SITE], output=True)
     return accs
 
@@ -207,17 +218,82 @@ def token_batches(tokenizer, texts: dict[str, str], n_tokens: int, seq_len: int)
     return out
 
 
-def collect(model: nn.Module, batches: list[list[int]], hessian: bool, progress=None) -> Stats:
-    accs = attach(model, hessian)
-    for seq in batches:
-        model(mx.array(seq)[None], model.make_cache())
-        if progress is not None:
-            progress(len(seq))
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _layer_of(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+class _LayerSource:
+    """The model's weights one decoder layer at a time. The model's own `sanitize` sees every name each time
+    (renames and layout checks may look across layers), but only the wanted layer's tensors are read from
+    the source; the others are lazy zeros of their shape that are never evaluated."""
+
+    def __init__(self, ckpt: Checkpoint, model: nn.Module):
+        self.ckpt, self.model = ckpt, model
+        self.expected = dict(tree_flatten(model.parameters()))
+        self.groups: dict[int | None, list[str]] = {}
+        for name in ckpt.tensors:
+            self.groups.setdefault(_layer_of(name), []).append(name)
+
+    def bind(self, layer: int | None) -> None:
+        """Load layer `layer`'s weights (None: those outside the layers) into the model, as float32."""
+        wanted = set(self.groups.get(layer, ()))
+        tensors = self.ckpt.tensors
+        sources = {n: tensors[n] if n in wanted else mx.zeros(tensors.info(n).shape) for n in tensors}
+        weights = {k: v for k, v in self.model.sanitize(sources).items() if _layer_of(k) == layer}
+        check_weights(self.ckpt.path, {k: v for k, v in self.expected.items() if _layer_of(k) == layer}, weights)
+        weights = {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+        self.model.load_weights(list(weights.items()), strict=False)
+
+
+def collect(ckpt: Checkpoint, batches: list[list[int]], hessian: bool, out: Path, progress=None) -> Stats:
+    """Run the calibration sequences through the model layer by layer, recording every site's statistics;
+    each layer's Hessians are written into directory `out` as soon as the layer is done."""
+    model = build_model(text_config(ckpt.config))
+    model.eval()
+    source = _LayerSource(ckpt, model)
+    layers = model.model.layers
+    caches = [model.make_cache() for _ in batches]  # made while every layer is still there to say its kind
+    source.bind(None)
+    hidden = [model.embed(mx.array(seq)[None]) for seq in batches]
+    mx.eval(hidden)
+    model.model.embed_tokens = None  # the head's input is what is recorded: neither matrix is needed again
+    if "lm_head" in model:
+        model.lm_head = None
     stats = Stats(tokens=sum(len(b) for b in batches))
-    for site, acc in accs.items():
-        stats.diag[site], outer = acc.result()
-        if outer is not None:
-            stats.hessian[site] = outer
+    out.mkdir(parents=True)
+
+    def keep(accs: dict[str, _Accumulator], file: str) -> None:
+        hessians = {}
+        for site, acc in accs.items():
+            stats.diag[site], outer = acc.result()
+            if outer is not None:
+                hessians[site] = outer
+        if hessians:
+            mx.save_safetensors(str(out / file), hessians)
+            stats.hessian_files.update(dict.fromkeys(hessians, out / file))
+
+    for i in range(len(layers)):
+        source.bind(i)
+        mx.eval(layers[i].parameters())
+        accs = attach(layers[i], hessian, prefix=f"model.layers.{i}.")
+        for b, seq in enumerate(batches):
+            hidden[b] = layers[i](hidden[b], caches[b][i])
+            caches[b][i] = None
+            mx.eval(hidden[b])
+            if progress is not None:
+                progress(len(seq), i)
+        keep(accs, f"hessian-{i:05d}.safetensors")
+        layers[i] = None  # this layer's weights and recorders go
+        mx.clear_cache()
+    head = _Accumulator(hidden[0].shape[-1], 0, hessian)
+    for h in hidden:
+        head.add(model.model.norm(h))
+    keep({HEAD_SITE: head}, "hessian-head.safetensors")
+    mx.save_safetensors(str(out / "diag.safetensors"), stats.diag, metadata={"tokens": str(stats.tokens)})
     return stats
 
 
@@ -242,29 +318,19 @@ def fingerprint(ckpt: Checkpoint) -> str:
 
 
 def cache_path(ckpt: Checkpoint, text_key: str, n_tokens: int, seq_len: int, hessian: bool) -> Path:
-    name = f"{text_key}-{n_tokens}x{seq_len}{'-hessian' if hessian else ''}.safetensors"
+    """The directory of one set of statistics: diag.safetensors and, with Hessians, one file a layer."""
+    name = f"{text_key}-{n_tokens}x{seq_len}{'-hessian' if hessian else ''}"
     return cache_dir() / "imatrix" / fingerprint(ckpt) / name
-
-
-def save(stats: Stats, path: Path, about: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"diag:{k}": v for k, v in stats.diag.items()}
-    arrays.update({f"hessian:{k}": v for k, v in stats.hessian.items()})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata={"tokens": str(stats.tokens)})
-    os.replace(tmp, path)  # appears whole or not at all
-    (path.parent / "source.json").write_text(json.dumps(about, indent=1) + "\n")
 
 
 def load(path: Path) -> Stats | None:
     try:
-        arrays, meta = mx.load(str(path), return_metadata=True)
+        diag, meta = mx.load(str(path / "diag.safetensors"), return_metadata=True)
+        stats = Stats(diag=dict(diag), tokens=int(meta.get("tokens", 0)))
+        for f in sorted(path.glob("hessian-*.safetensors")):
+            stats.hessian_files.update(dict.fromkeys(mx.load(str(f)), f))
     except (OSError, RuntimeError, ValueError):
         return None
-    stats = Stats(tokens=int(meta.get("tokens", 0)))
-    for key, value in arrays.items():
-        kind, _, site = key.partition(":")
-        (stats.diag if kind == "diag" else stats.hessian)[site] = value
     return stats
 
 
@@ -284,7 +350,6 @@ def calibration_stats(
     """Statistics for a source, from the cache when present. `ckpt_opener()` opens a fresh float view of the
     source (the model is loaded from it only when the cache misses)."""
     from mlxq.engine.tokenizer import load_tokenizer
-    from mlxq.loading import load_model
 
     ckpt = ckpt_opener()
     key, texts = text_key(text)
@@ -296,30 +361,37 @@ def calibration_stats(
             return cached
     tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template)
     batches = token_batches(tok, texts, n_tokens, seq_len)
-    model = load_model(ckpt, dtype=mx.float32, fuse=False)
-    total = sum(len(b) for b in batches)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    layers = text_config(ckpt.config).get("num_hidden_layers", 1)
+    path = cache_path(ckpt, key, n_tokens, seq_len, hessian)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(
         TextColumn("calibrating"),
         BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tokens"),
+        TextColumn("layer {task.fields[layer]}/" + str(layers)),
         TimeRemainingColumn(),
         console=console,
         transient=True,
     ) as bar:
-        task = bar.add_task("calibrate", total=total)
-        stats = collect(model, batches, hessian, progress=lambda n: bar.advance(task, n))
-    del model
-    path = cache_path(ckpt, key, n_tokens, seq_len, hessian)
-    save(
-        stats,
-        path,
-        {"source": str(ckpt.path), "text": key, "tokens": stats.tokens, "seq_len": seq_len, "hessian": hessian},
-    )
-    _say(console, f"calibration: {stats.tokens} tokens of {key}; statistics cached in {path.parent}")
-    return stats
+        task = bar.add_task("calibrate", total=sum(len(b) for b in batches) * layers, layer=0)
+        try:
+            stats = collect(ckpt, batches, hessian, tmp, lambda n, i: bar.update(task, advance=n, layer=i + 1))
+            (tmp / "source.json").write_text(
+                json.dumps(
+                    {"source": str(ckpt.path), "text": key, "tokens": stats.tokens, "seq_len": seq_len,
+                     "hessian": hessian},
+                    indent=1,
+                )
+                + "\n"
+            )
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)  # the statistics appear whole or not at all
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _say(console, f"calibration: {stats.tokens} tokens of {key}; statistics cached in {path}")
+    return load(path)
 
 
 def _say(console, msg: str) -> None:
