@@ -8,8 +8,10 @@ dequantized weights (MLX's quantized matmul is slow on x86; the logits are the s
 
     python bench/quant_quality.py [--quick]
 
-Quick: 3-bit only plus the 2-bit mix, 2048 scored tokens. Full: 2/3/4 bits, every
-mlxq method, the q3_k_m and q2_k mixes, 8192 scored tokens. Both calibrate on 8192 tokens (cached after the first run).
+Quick (about 3 minutes once calibrated): 3 bits and llama.cpp's Q3_K_M, 2048 scored tokens. Full: 2/3/4 bits,
+every mlxq method, the q3_k_m and q2_k mixes, llama.cpp's Q2_K, Q3_K_M, Q4_K_M and pure Q4_0 (when llama-cpp-python
+is installed: `pip install -e .[bench]`), 8192 scored tokens. Both calibrate on 8192 tokens (cached after the first
+run).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import struct
 import sys
@@ -115,15 +118,86 @@ def run_mlxq(
     )
 
 
-def llama_cpp_status() -> dict:
+# llama.cpp's mixes: label -> (`LLAMA_FTYPE_MOSTLY_*` name, pure). K-quants work on 256-weight super-blocks;
+# SmolLM2's 576-wide rows do not divide into them, so llama.cpp falls back to 32-blocks (Q4_0, Q5_0, Q8_0)
+# for every matrix but ffn_down, and its K mixes land near 5 bits here. Pure Q4_0 (4.5 bpw, every tensor)
+# is the peer with the same bits as mlxq's 4-bit at group 64.
+LLAMA_CPP_MIXES = {
+    "Q2_K": ("Q2_K", False),
+    "Q3_K_M": ("Q3_K_M", False),
+    "Q4_K_M": ("Q4_K_M", False),
+    "Q4_0-pure": ("Q4_0", True),
+}
+
+
+def llama_cpp_missing() -> str | None:
     try:
         import llama_cpp  # noqa: F401
     except ImportError as e:
-        return {
-            "skipped": f"llama_cpp is not importable ({e}); llama-cpp-python is not installed here, so "
-            "llama.cpp K-quants were not measured"
-        }
-    return {"skipped": "llama_cpp is importable but the K-quant comparison is not implemented in this run"}
+        return f"llama_cpp is not importable ({e}); `pip install -e .[bench]` builds it"
+    return None
+
+
+def run_llama_cpp(out: Path, mix: str) -> None:
+    """llama.cpp's own quantizer on the same weights: the pinned GGUF, whose Q4_1 blocks it dequantizes
+    exactly to the baseline's numbers before quantizing (allow_requantize). No importance matrix:
+    llama-cpp-python cannot pass one."""
+    import ctypes
+
+    import llama_cpp
+
+    from mlxq.formats.fetch import ALIASES, fetch
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    ftype, pure = LLAMA_CPP_MIXES[mix]
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.pure = pure
+    params.allow_requantize = True
+    params.nthread = 2
+    out.mkdir(parents=True)
+    source = str(fetch(ALIASES["smollm2"])).encode()
+    with stdout_to_stderr():
+        rc = llama_cpp.llama_model_quantize(source, str(out / "model.gguf").encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize {mix} failed with {rc}")
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """File descriptor 1 onto 2 while C code runs, so that the result line stays the last line of stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def gguf_bits_per_weight(path: Path) -> dict:
+    """The same counts as `bits_per_weight`, from a GGUF's tensors (K-quant blocks carry their own scales)."""
+    import gguf
+
+    tensors = gguf.GGUFReader(path).tensors
+    matrices = [t for t in tensors if t.name.endswith(".weight") and sum(d > 1 for d in t.shape) >= 2]
+    total_bytes = sum(int(t.n_bytes) for t in tensors)
+    matrix_params = sum(int(t.n_elements) for t in matrices)
+    share: dict[str, int] = {}
+    for t in matrices:
+        share[t.tensor_type.name] = share.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return {
+        "bpw": round(8 * sum(int(t.n_bytes) for t in matrices) / matrix_params, 4),
+        "bpw_all": round(8 * total_bytes / sum(int(t.n_elements) for t in tensors), 4),
+        "size_mb": round(total_bytes / 1e6, 2),
+        "types": {k: round(v / matrix_params, 3) for k, v in sorted(share.items())},  # share of matrix weights
+    }
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
 
 
 def main() -> None:
@@ -156,10 +230,14 @@ def main() -> None:
         methods = ("rtn", "gptq") if quick else ("rtn", "search", "gptq")
         for m in methods:
             variants.append((f"mlxq-{m}-{b}bit", lambda o, b=b, m=m: run_mlxq(baseline, o, None, b, m, calib_tokens)))
-    for mix in ("q2_k",) if quick else ("q2_k", "q3_k_m"):
+    for mix in () if quick else ("q2_k", "q3_k_m"):
         variants.append((f"mlxq-gptq-{mix}", lambda o, mix=mix: run_mlxq(baseline, o, mix, None, "gptq", calib_tokens)))
     if not quick:
         variants.append(("mlxq-rtn-q2_k", lambda o: run_mlxq(baseline, o, "q2_k", None, "rtn", calib_tokens)))
+    llama_cpp_skipped = llama_cpp_missing()
+    if not llama_cpp_skipped:
+        for mix in ("Q3_K_M",) if quick else LLAMA_CPP_MIXES:
+            variants.append((f"llama_cpp-{mix}", lambda o, mix=mix: run_llama_cpp(o, mix)))
 
     results = {}
     for label, runner in variants:
@@ -169,13 +247,15 @@ def main() -> None:
         start = time.perf_counter()
         runner(out)
         seconds = time.perf_counter() - start
-        s = score(load_for_eval(str(out)).logits, wins, ref)
+        gguf_file = out / "model.gguf"
+        model_path = gguf_file if gguf_file.exists() else out
+        s = score(load_for_eval(str(model_path)).logits, wins, ref)
         results[label] = {
             "kl": round(s.kl, 5),
             "kl_p99": round(s.kl_p99, 4),
             "top1": round(s.top1, 4),
             "ppl": round(s.ppl, 3),
-            **bits_per_weight(out, base_sizes),
+            **(gguf_bits_per_weight(gguf_file) if gguf_file.exists() else bits_per_weight(out, base_sizes)),
             "seconds": round(seconds, 1),
         }
         print(f"{label:24s} " + " ".join(f"{k} {v}" for k, v in results[label].items()), file=sys.stderr, flush=True)
@@ -188,10 +268,21 @@ def main() -> None:
         ratios[f"kl_{b}bit_vs_mlx_lm"] = round(results[f"mlxq-gptq-{b}bit"]["kl"] / peer["kl"], 4)
         ratios[f"ppl_{b}bit_vs_mlx_lm"] = round(results[f"mlxq-gptq-{b}bit"]["ppl"] / peer["ppl"], 4)
         ratios[f"kl_{b}bit_rtn_vs_mlx_lm"] = round(results[f"mlxq-rtn-{b}bit"]["kl"] / peer["kl"], 4)
-    mix = results["mlxq-gptq-q2_k"]
-    # "collapse": the model stops tracking the baseline (output like ternary on an ordinary model gives:
-    # perplexity in the hundreds to thousands, top-1 agreement near chance)
-    collapsed = mix["top1"] < 0.4 or mix["ppl"] > 5 * base_scores.ppl
+    # against llama.cpp at the same bits per weight (its K mixes land at other widths here: see LLAMA_CPP_MIXES)
+    if "mlxq-gptq-4bit" in results and "llama_cpp-Q4_0-pure" in results:
+        ours, theirs = results["mlxq-gptq-4bit"], results["llama_cpp-Q4_0-pure"]
+        ratios["kl_4bit_vs_llama_cpp_q4_0"] = round(ours["kl"] / theirs["kl"], 4)
+    mix_2bit = None
+    if "mlxq-gptq-q2_k" in results:
+        mix = results["mlxq-gptq-q2_k"]
+        # "collapse": the model stops tracking the baseline (output like ternary on an ordinary model gives:
+        # perplexity in the hundreds to thousands, top-1 agreement near chance)
+        mix_2bit = {
+            "recipe": "q2_k",
+            "method": "gptq",
+            "collapsed": mix["top1"] < 0.4 or mix["ppl"] > 5 * base_scores.ppl,
+            "criterion": "not collapsed: top-1 agreement >= 0.4 and perplexity <= 5x baseline",
+        }
     write_result(
         "quant_quality",
         {
@@ -209,13 +300,10 @@ def main() -> None:
                 "tokens": calib_tokens,
             },
             "results": results,
-            "mix_2bit": {
-                "recipe": "q2_k",
-                "method": "gptq",
-                "collapsed": collapsed,
-                "criterion": "not collapsed: top-1 agreement >= 0.4 and perplexity <= 5x baseline",
-            },
-            "llama_cpp": llama_cpp_status(),
+            "mix_2bit": mix_2bit,
+            "llama_cpp": {"skipped": llama_cpp_skipped}
+            if llama_cpp_skipped
+            else {"version": _version("llama_cpp_python"), "imatrix": False, "source": "the pinned Q4_1 GGUF"},
             "ratios": ratios,
         },
     )
