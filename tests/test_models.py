@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from tiny import FAMILIES, make_tiny
+from tiny import FAMILIES, make_tiny, to_old_style_rope
 
 from mlxq.formats import open_checkpoint
 from mlxq.loading import load_model
@@ -43,18 +43,6 @@ def test_cached_decode_matches_transformers(family):
     for tok in DECODE[:-1]:
         steps.append(net(mx.array([[tok]]), cache)[0, -1])
     assert rel(mx.stack(steps), ref[len(PROMPT) - 1 : -1]) < 1e-4
-
-
-def to_old_style_rope(path) -> None:
-    """Rewrite config.json from transformers-5 `rope_parameters` to `rope_theta` + `rope_scaling`."""
-    import json
-
-    cfg = json.loads((path / "config.json").read_text())
-    params = dict(cfg.pop("rope_parameters"))
-    cfg["rope_theta"] = params.pop("rope_theta")
-    if params.get("rope_type", "default") != "default":
-        cfg["rope_scaling"] = params
-    (path / "config.json").write_text(json.dumps(cfg))
 
 
 @pytest.mark.parametrize("name", ["llama", "llama_tied_linear", "qwen3"])

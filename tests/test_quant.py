@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny import make_tiny
+from tiny import make_tiny, to_old_style_rope
 
 from mlxq.errors import InvalidRequest
 from mlxq.formats import open_checkpoint
@@ -49,16 +49,6 @@ def add_tokenizer(path: Path, vocab_size: int = 160) -> None:
     )
 
 
-def old_style_rope(path: Path) -> None:
-    """mlx-lm 0.32 reads only `rope_theta` / `rope_scaling` (see test_models.to_old_style_rope)."""
-    cfg = json.loads((path / "config.json").read_text())
-    params = dict(cfg.pop("rope_parameters"))
-    cfg["rope_theta"] = params.pop("rope_theta")
-    if params.get("rope_type", "default") != "default":
-        cfg["rope_scaling"] = params
-    (path / "config.json").write_text(json.dumps(cfg))
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """Tiny models with tokenizers, built once: name -> directory."""
@@ -74,7 +64,7 @@ def tiny_dir(tmp_path_factory):
             else:
                 make_tiny(name, path)
                 if not name.startswith("gemma3"):
-                    old_style_rope(path)
+                    to_old_style_rope(path)
             add_tokenizer(path)
             made[name] = path
         return made[name]

@@ -47,3 +47,16 @@ def make_tiny(family: str, path: Path, seed: int = 0):
                 p.normal_(0.0 if family.startswith("gemma3") else 1.0, 0.2)
     model.save_pretrained(path)
     return model
+
+
+def to_old_style_rope(path: Path) -> None:
+    """Rewrite config.json from transformers-5 `rope_parameters` to `rope_theta` + `rope_scaling`
+    (what mlx-lm 0.32 reads)."""
+    import json
+
+    cfg = json.loads((path / "config.json").read_text())
+    params = dict(cfg.pop("rope_parameters"))
+    cfg["rope_theta"] = params.pop("rope_theta")
+    if params.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = params
+    (path / "config.json").write_text(json.dumps(cfg))
