@@ -15,7 +15,7 @@ from tiny import make_tiny
 from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats import open_checkpoint
 from mlxq.formats.gguf import AFFINE_TYPES, GROUP
-from mlxq.formats.gguf_names import ARCHITECTURES, gguf_name
+from mlxq.formats.gguf.names import ARCHITECTURES, gguf_name
 from mlxq.loading import load_model
 from mlxq.models.layers import RoPE, rope_settings
 

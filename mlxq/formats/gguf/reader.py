@@ -16,7 +16,7 @@ import numpy as np
 
 from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
-from mlxq.formats.gguf_names import ARCHITECTURES, CONFIG_KEYS, hf_name
+from mlxq.formats.gguf.names import ARCHITECTURES, CONFIG_KEYS, hf_name
 
 GROUP = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
 
