@@ -1,7 +1,7 @@
 """llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity) for the benchmarks' peer runs.
 
 They are built once from the pinned llama-cpp-python sdist, i.e. from the very llama.cpp the `llama_cpp` package
-(the `[bench]` extra) was built from, and cached under `<mlxq cache>/llama.cpp-tools/<version>/`. The Python
+(a dev dependency) was built from, and cached under `<mlxq cache>/llama.cpp-tools/<version>/`. The Python
 binding cannot run these: it has no importance-matrix input to its quantizer and no KL-divergence scoring, and
 the peer figures must come from llama.cpp's own quantizer with an imatrix and its own scoring.
 

@@ -10,7 +10,7 @@ dequantized weights (MLX's quantized matmul is slow on x86; the logits are the s
 
 Quick (about 5 minutes here once calibrated): 3 bits and llama.cpp's Q3_K_M, 2048 scored tokens. Full: 2/3/4 bits,
 every mlxq method, the q3_k_m and q2_k mixes, llama.cpp's Q2_K, Q3_K_M, Q4_K_M and pure Q4_0 (when llama-cpp-python
-is installed: `pip install -e .[bench]`), 8192 scored tokens. Both calibrate on 8192 tokens (cached after the first
+is installed; it is a dev dependency), 8192 scored tokens. Both calibrate on 8192 tokens (cached after the first
 run).
 """
 
@@ -134,7 +134,7 @@ def llama_cpp_missing() -> str | None:
     try:
         import llama_cpp  # noqa: F401
     except ImportError as e:
-        return f"llama_cpp is not importable ({e}); `pip install -e .[bench]` builds it"
+        return f"llama_cpp is not importable ({e}); `make setup` installs it"
     return None
 
 
