@@ -60,12 +60,11 @@ def build() -> Path:
         src = next(tmp.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
         build_dir = tmp / "build"
         print(f"llama.cpp tools: building {', '.join(TOOLS)} (about 10 minutes)", file=sys.stderr)
-        subprocess.run(["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                        "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF",
-                        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF"],
-                       check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 2), "--target", *TOOLS],
-                       check=True, stdout=subprocess.DEVNULL)
+        log = tmp / "build.log"
+        _run(["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
+              "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+              "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF"], log)
+        _run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 2), "--target", *TOOLS], log)
         staged = tmp / "tools"
         staged.mkdir()
         for name in TOOLS:
@@ -74,6 +73,15 @@ def build() -> Path:
             shutil.rmtree(out)
         staged.rename(out)  # complete or absent
     return out
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    """Runs a build step with its (very chatty) output in `log`; on failure, raises with the log's last lines."""
+    with open(log, "a") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed (exit {done.returncode}):\n{tail}")
 
 
 if __name__ == "__main__":
