@@ -1,0 +1,138 @@
+"""Ternary (1.58-bit) weights: the two packings, activation quantization and the matmul, by backend.
+
+A ternary weight W [N, K] is codes t in {-1, 0, +1} times a scale per output channel (per-channel, [N])
+or one for the whole tensor (BitNet b1.58 2B4T, [1]). The codes are stored code + 1 in {0, 1, 2}, in
+256-value blocks laid out exactly as the `qs` (and `qh`) of GGUF's blocks, so one codec serves the kernels
+and the GGUF writer (which adds a float16 `d` per block):
+
+- "tq2": 2 bits a value, 64 bytes a block (TQ2_0): in each 32-byte half, byte m holds values m, m+32, m+64,
+  m+96 of the half's 128 in bits 0-1, 2-3, 4-5, 6-7;
+- "tq1": base 3, 5 values a byte, 52 bytes a block (TQ1_0, 1.625 bits a value): bytes 0-31 hold values
+  m + 32 n (n = 0..4), bytes 32-47 values 160 + m + 16 n, bytes 48-51 values 240 + m + 4 n (n = 0..3), each
+  byte the fixed-point fraction ceil(q * 256 / 243) of q = the values as base-3 digits, first most
+  significant. Digit n comes back as ((byte * 3^n mod 256) * 3) >> 8: a multiply and a shift.
+
+K is padded to whole blocks with zero codes (stored 1), so any K packs. Activations go in as float or as
+int8 with one scale per token (BitNet's absmax quantization); with int8 the sum over K is exact in integers.
+
+`ternary_matmul` runs the Metal kernels (`metal/ternary.metal`) on Metal and the pure-MLX reference
+everywhere else; the reference is also the oracle the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from mlxq.errors import ConfigError
+
+BLOCK = 256
+PACKINGS = {"tq2": 64, "tq1": 52}  # bytes per 256-value block
+_POW3 = (81, 27, 9, 3, 1)
+
+
+def packed_width(k: int, packing: str) -> int:
+    """Bytes per row of K values in `packing`."""
+    return -(-k // BLOCK) * PACKINGS[packing]
+
+
+# ----------------------------------------------------------------------------------------------- codecs
+def pack(codes: mx.array, packing: str) -> mx.array:
+    """Codes in {-1, 0, 1} [..., K] -> uint8 [..., packed_width(K)]."""
+    if packing not in PACKINGS:
+        raise ConfigError(f"ternary packing '{packing}': unknown (known: {', '.join(PACKINGS)})")
+    *lead, k = codes.shape
+    nb = -(-k // BLOCK)
+    c = (codes.astype(mx.int32) + 1).astype(mx.uint32)
+    if nb * BLOCK != k:
+        c = mx.pad(c, [(0, 0)] * len(lead) + [(0, nb * BLOCK - k)], constant_values=1)
+    c = c.reshape(*lead, nb, BLOCK)
+    if packing == "tq2":
+        q = c.reshape(*lead, nb, 2, 4, 32) << (2 * mx.arange(4, dtype=mx.uint32))[:, None]
+        out = q.sum(axis=-2).reshape(*lead, nb, 64)
+    else:
+        pow3 = mx.array(_POW3, mx.uint32)[:, None]
+        q0 = (c[..., :160].reshape(*lead, nb, 5, 32) * pow3).sum(-2)
+        q1 = (c[..., 160:240].reshape(*lead, nb, 5, 16) * pow3).sum(-2)
+        qh = (c[..., 240:].reshape(*lead, nb, 4, 4) * pow3[:4]).sum(-2)
+        q = mx.concatenate([q0, q1, qh], axis=-1)
+        out = (q * 256 + 242) // 243
+    return out.astype(mx.uint8).reshape(*lead, nb * PACKINGS[packing])
+
+
+def unpack(packed: mx.array, k: int, packing: str) -> mx.array:
+    """uint8 [..., packed_width(K)] -> codes in {-1, 0, 1} as int8 [..., K]."""
+    *lead, width = packed.shape
+    nb = width // PACKINGS[packing]
+    b = packed.astype(mx.uint32).reshape(*lead, nb, PACKINGS[packing])
+    if packing == "tq2":
+        shifts = (2 * mx.arange(4, dtype=mx.uint32))[:, None]
+        c = (b.reshape(*lead, nb, 2, 1, 32) >> shifts) & 3
+        c = c.reshape(*lead, nb, BLOCK)
+    else:
+        def digits(q, n):
+            pow3 = mx.array(_POW3[::-1][:n], mx.uint32)[:, None]  # 1, 3, 9, ...: digit n first
+            return (((q[..., None, :] * pow3) & 255) * 3) >> 8
+
+        c0 = digits(b[..., :32], 5).reshape(*lead, nb, 160)
+        c1 = digits(b[..., 32:48], 5).reshape(*lead, nb, 80)
+        ch = digits(b[..., 48:52], 4).reshape(*lead, nb, 16)
+        c = mx.concatenate([c0, c1, ch], axis=-1)
+    return (c.reshape(*lead, nb * BLOCK)[..., :k].astype(mx.int8) - 1).astype(mx.int8)
+
+
+# ------------------------------------------------------------------------------------------ activations
+def quantize_activations(x: mx.array) -> tuple[mx.array, mx.array]:
+    """BitNet's per-token absmax int8: x ~ xq * scale with xq = round(x * 127 / max|x|) in [-128, 127].
+    Returns (xq int8 [..., K], scale float32 [..., 1])."""
+    x = x.astype(mx.float32)
+    amax = mx.maximum(mx.abs(x).max(axis=-1, keepdims=True), 1e-5)
+    xq = mx.clip(mx.round(x * (127.0 / amax)), -128, 127).astype(mx.int8)
+    return xq, amax / 127.0
+
+
+# ------------------------------------------------------------------------------------------ the matmul
+@dataclass(frozen=True)
+class TernaryWeight:
+    """A packed ternary weight: codes [N, packed_width(K)] uint8 and scales [N] or [1] (float)."""
+
+    packed: mx.array
+    scales: mx.array
+    k: int
+    packing: str
+
+    @property
+    def n(self) -> int:
+        return self.packed.shape[0]
+
+
+def ternary_matmul(
+    x: mx.array, w: TernaryWeight, x_scale: mx.array | None = None, *, backend: str | None = None
+) -> mx.array:
+    """x [..., K] @ W^T -> [..., N] in float32 (or x's float type).
+
+    x is float, or int8 with `x_scale` [..., 1] (then y = (xq . t) x_scale w_scale, the dot product exact).
+    `backend`: None picks Metal on Metal, the reference elsewhere; "reference" or "metal" force one.
+    """
+    backend = backend or ("metal" if _ON_METAL else "reference")
+    if backend == "metal":
+        from mlxq.kernels.metal_ternary import metal_ternary_matmul
+
+        return metal_ternary_matmul(x, w, x_scale)
+    return reference_matmul(x, w, x_scale)
+
+
+def reference_matmul(x: mx.array, w: TernaryWeight, x_scale: mx.array | None = None) -> mx.array:
+    """The oracle: unpack the codes to float and matmul. Integer activations sum exactly in float32
+    (|partial sums| <= 127 K < 2^24 for K < 132k)."""
+    t = unpack(w.packed, w.k, w.packing).astype(mx.float32)
+    out_dtype = mx.float32 if x.dtype == mx.int8 else x.dtype
+    y = x.astype(mx.float32) @ t.T
+    y = y * w.scales.astype(mx.float32)
+    if x_scale is not None:
+        y = y * x_scale.astype(mx.float32)
+    return y.astype(out_dtype)
+
+
+_ON_METAL = mx.metal.is_available()

@@ -1,0 +1,34 @@
+"""Ternary packings: bit-exact with GGUF's TQ2_0 / TQ1_0 block payloads (gguf-py), both ways; ragged K pads."""
+
+from __future__ import annotations
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+from gguf.quants import dequantize, quantize
+
+from mlxq.kernels import ternary
+
+GGUF_TYPES = {"tq2": gguf.GGMLQuantizationType.TQ2_0, "tq1": gguf.GGMLQuantizationType.TQ1_0}
+
+
+@pytest.mark.parametrize("packing", sorted(GGUF_TYPES))
+def test_packing_is_ggufs_block_payload(packing):
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-1, 2, size=(5, 768)).astype(np.int8)
+    ours = np.asarray(ternary.pack(mx.array(codes), packing)).reshape(5, 3, -1)
+    theirs = quantize(codes.astype(np.float32), GGUF_TYPES[packing]).reshape(5, 3, -1)
+    assert (theirs[..., :-2] == ours).all()  # a GGUF block is our payload followed by its float16 d (1.0 here)
+    d_one = np.broadcast_to(np.frombuffer(np.float16(1).tobytes(), np.uint8), (5, 3, 2))
+    blocks = np.concatenate([ours, d_one], axis=-1).reshape(5, -1)
+    assert (dequantize(blocks, GGUF_TYPES[packing]) == codes).all()
+
+
+@pytest.mark.parametrize("packing", sorted(GGUF_TYPES))
+@pytest.mark.parametrize("k", [1, 255, 300])
+def test_ragged_rows_round_trip(packing, k):
+    codes = np.random.default_rng(k).integers(-1, 2, size=(3, k)).astype(np.int8)
+    packed = ternary.pack(mx.array(codes), packing)
+    assert packed.shape == (3, ternary.packed_width(k, packing))
+    assert (np.asarray(ternary.unpack(packed, k, packing)) == codes).all()
