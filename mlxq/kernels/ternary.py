@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from mlxq.errors import ConfigError
+from mlxq.kernels import metal
 
 BLOCK = 256
 PACKINGS = {"tq2": 64, "tq1": 52}  # bytes per 256-value block
@@ -116,11 +117,39 @@ def ternary_matmul(
     `backend`: None picks Metal on Metal, the reference elsewhere; "reference" or "metal" force one.
     """
     backend = backend or ("metal" if _ON_METAL else "reference")
-    if backend == "metal":
-        from mlxq.kernels.metal_ternary import metal_ternary_matmul
+    if backend != "metal":
+        return reference_matmul(x, w, x_scale)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.k)
+    s2 = x_scale.reshape(-1) if x_scale is not None else None
+    (y,) = metal.run(launch(x2, w, s2))
+    return y.reshape(*lead, w.n)
 
-        return metal_ternary_matmul(x, w, x_scale)
-    return reference_matmul(x, w, x_scale)
+
+GEMV_MAX_TOKENS = 8  # up to this many tokens the GEMV kernel (one simdgroup per 4 rows) beats the tiled GEMM
+
+
+def launch(x: mx.array, w: TernaryWeight, x_scale: mx.array | None = None) -> metal.Launch:
+    """The Metal launch for x [M, K] (float, or int8 with x_scale [M]) @ W^T -> y [M, N]."""
+    m, k = x.shape
+    if k != w.k:
+        raise ConfigError(f"ternary matmul: x has {k} columns, the weight {w.k}")
+    integer = x.dtype == mx.int8
+    if integer and x_scale is None:
+        raise ConfigError("ternary matmul: int8 activations need their scales")
+    x_scale = x_scale.astype(mx.float32) if x_scale is not None else mx.ones((m,), mx.float32)
+    nb = w.packed.shape[1] // PACKINGS[w.packing]
+    dims = mx.array([m, w.n, k, nb], mx.int32)
+    template = [("A", mx.int32 if integer else mx.float32), ("PACK", 2 if w.packing == "tq2" else 1),
+                ("PER_TENSOR", int(w.scales.size == 1))]
+    out_dtype = mx.float32 if integer else x.dtype
+    kernels = metal.kernels("ternary.metal")
+    if m <= GEMV_MAX_TOKENS:
+        grid, group, kernel = (64, -(-w.n // 8), m), (64, 1, 1), kernels["ternary_gemv"]
+    else:
+        grid, group, kernel = (256, -(-w.n // 32), -(-m // 32)), (256, 1, 1), kernels["ternary_gemm"]
+    return metal.Launch(kernel, [w.packed, w.scales, x, x_scale, dims], [(m, w.n)], [out_dtype],
+                        (grid[0], grid[1] * group[1], grid[2]), group, template)
 
 
 def reference_matmul(x: mx.array, w: TernaryWeight, x_scale: mx.array | None = None) -> mx.array:
