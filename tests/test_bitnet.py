@@ -95,3 +95,33 @@ def test_hf_packing_and_scale_convention():
     w = ternary.TernaryWeight(ternary.pack(mx.array(codes.numpy()), "tq2"), mx.array([0.25]), 256, "tq2")
     xq, scale = ternary.quantize_activations(mx.array(x.numpy()))
     assert rel(ternary.ternary_matmul(xq, w, scale), want) < 1e-6
+
+
+def test_quantize_ternary_writes_the_packing_losslessly(tmp_path):
+    """`mlxq quantize --recipe ternary` on a packed BitNet checkpoint writes mlxq's ternary packing (uint8 codes,
+    one scale a row, int8 activations recorded) and, with the embeddings and norms kept in float32, the result
+    still matches transformers: the ternary weights lost nothing. No warning: the model was trained ternary."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from mlxq.quant import pipeline
+    from mlxq.quant.recipes import make_recipe
+
+    path = tmp_path / "src"
+    path.mkdir()
+    with torch.no_grad():
+        ref = make_bitnet(path, packed=True)(torch.tensor([PROMPT + DECODE])).logits[0].numpy()
+    out = tmp_path / "ternary"
+    pipeline._ternary_warned = False
+    log = StringIO()
+    recipe = make_recipe("ternary", overrides={"embeddings": "float"})
+    pipeline.quantize(str(path), out, recipe, dtype=mx.float32, progress=False, console=Console(file=log))
+    assert "TERNARY" not in log.getvalue()
+    cfg = json.loads((out / "config.json").read_text())
+    entry = cfg["quantization"]["model.layers.0.mlp.down_proj"]
+    assert entry["mode"] == "ternary" and entry["packing"] == "tq2" and entry["act_bits"] == 8
+    ckpt = open_checkpoint(str(out))
+    assert ckpt.tensors.info("model.layers.0.mlp.down_proj.weight").dtype == "u8"
+    net = load_model(ckpt)
+    assert rel(net(mx.array([PROMPT + DECODE]), net.make_cache())[0], ref) < 1e-4

@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
+from mlxq.kernels import ternary
 
 # Module paths as a checkpoint names them -> as the loaders name them after their own renaming (mlxq's qwen3_5
 # sanitize and mlx-lm's): multimodal prefixes dropped, mlx-lm's switch_mlp and per-expert tensors stacked.
@@ -38,6 +39,8 @@ def float_checkpoint(ckpt: Checkpoint) -> Checkpoint:
     Checkpoints without quantized triples come back as they are (GGUF sources are opened dequantized)."""
     quant = ckpt.quantization
     infos = {i.name: i for i in ckpt.tensors.infos()}
+    if isinstance(quant, dict) and quant.get("quant_method") == "bitnet":
+        return _bitnet_float(ckpt, infos)
     bases = {n[: -len(".scales")] for n in infos if n.endswith(".scales") and n[: -len(".scales")] + ".weight" in infos}
     if not bases:
         return ckpt
@@ -49,7 +52,12 @@ def float_checkpoint(ckpt: Checkpoint) -> Checkpoint:
         base = name.rsplit(".", 1)[0]
         if base in bases and name.endswith((".scales", ".biases")):
             continue
-        if base in bases and name.endswith(".weight"):
+        if base in bases and name.endswith(".weight") and _entry(quant, base).get("mode") == "ternary":
+            cols = int(_entry(quant, base)["in_features"])
+            params[name] = ("ternary", _entry(quant, base)["packing"], cols)
+            shape = (*info.shape[:-1], cols)
+            out[name] = TensorInfo(name, shape, "float32", _numel(shape) * 4)
+        elif base in bases and name.endswith(".weight"):
             bits, group = _params(ckpt, quant, base, info, infos[base + ".scales"])
             cols = info.shape[-1] * 32 // bits
             params[name] = (bits, group)
@@ -63,6 +71,10 @@ def float_checkpoint(ckpt: Checkpoint) -> Checkpoint:
         if name not in params:
             return src[name]
         base = name[: -len(".weight")]
+        if params[name][0] == "ternary":
+            _, packing, cols = params[name]
+            codes = ternary.unpack(src[name], cols, packing).astype(mx.float32)
+            return codes * src[base + ".scales"].astype(mx.float32)[..., None]
         bits, group = params[name]
         # float32 scales: dequantizing with the stored float16 ones would round every weight to float16
         w, s = src[name], src[base + ".scales"].astype(mx.float32)
@@ -73,10 +85,44 @@ def float_checkpoint(ckpt: Checkpoint) -> Checkpoint:
     return replace(ckpt, config=config, tensors=TensorSource(out, load), format="hf")
 
 
+def _entry(quant: dict, base: str) -> dict:
+    """The quantization entry of one module: its own, else the default."""
+    entry = quant.get(base) or quant.get(module_path(base))
+    return entry if isinstance(entry, dict) else quant
+
+
+def _bitnet_float(ckpt: Checkpoint, infos: dict[str, TensorInfo]) -> Checkpoint:
+    """transformers' packed BitNet checkpoint as float weights: codes / weight_scale (see mlxq/models/bitnet.py);
+    `weight_scale` tensors disappear into them."""
+    from mlxq.models.bitnet import unpack_hf
+
+    out: dict[str, TensorInfo] = {}
+    packed = set()
+    for name, info in infos.items():
+        base = name.rsplit(".", 1)[0]
+        if name.endswith(".weight_scale"):
+            continue
+        if name.endswith(".weight") and f"{base}.weight_scale" in infos:
+            shape = (info.shape[0] * 4, *info.shape[1:])
+            out[name] = TensorInfo(name, shape, "float32", _numel(shape) * 4)
+            packed.add(name)
+        else:
+            out[name] = info
+    src = ckpt.tensors
+
+    def load(name: str) -> mx.array:
+        if name not in packed:
+            return src[name]
+        scale = src[name + "_scale"].astype(mx.float32).reshape(())
+        return unpack_hf(src[name]).astype(mx.float32) / scale
+
+    config = {k: v for k, v in ckpt.config.items() if k not in ("quantization", "quantization_config")}
+    return replace(ckpt, config=config, tensors=TensorSource(out, load), format="hf")
+
+
 def _params(ckpt: Checkpoint, quant: dict, base: str, weight: TensorInfo, scales: TensorInfo) -> tuple[int, int]:
     """(bits, group size) of one quantized tensor: its per-layer entry, else the default, checked against shapes."""
-    entry = quant.get(base) or quant.get(module_path(base))
-    entry = entry if isinstance(entry, dict) else quant
+    entry = _entry(quant, base)
     if entry.get("mode", "affine") != "affine":
         raise UnsupportedModel(
             f"{ckpt.path}: tensor '{base}.weight' uses quantization mode '{entry.get('mode')}' "
