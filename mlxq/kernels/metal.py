@@ -1,4 +1,5 @@
-"""The Python side of `metal/*.metal`: kernel sources read from the package, launches described as data.
+"""The Python side of `metal/*.metal` (and the `.cu` twins): kernel sources read from the package, launches
+described as data.
 
 A `.metal` file holds what `mx.fast.metal_kernel` takes: an optional header (helpers shared by the file's
 kernels) and kernel bodies, each after a marker line:
@@ -72,12 +73,15 @@ def kernels(file: str) -> dict[str, Kernel]:
 
 @cache
 def _compiled(k: Kernel):
-    return mx.fast.metal_kernel(name=k.name, input_names=list(k.input_names), output_names=list(k.output_names),
-                                source=k.source, header=k.header)
+    """MLX's kernel object: `mx.fast.metal_kernel` for .metal sources, `mx.fast.cuda_kernel` for their .cu twins
+    (same launch description; MLX's CUDA build reads the grid in threads too)."""
+    make = mx.fast.cuda_kernel if k.file.endswith(".cu") else mx.fast.metal_kernel
+    return make(name=k.name, input_names=list(k.input_names), output_names=list(k.output_names),
+                source=k.source, header=k.header)
 
 
 def run(launch: Launch) -> list[mx.array]:
-    """Runs a launch through MLX (Metal only)."""
+    """Runs a launch through MLX (Metal for .metal kernels, MLX's CUDA build for .cu ones)."""
     return launch.kernel.mlx()(
         inputs=launch.inputs, output_shapes=launch.output_shapes, output_dtypes=launch.output_dtypes,
         grid=launch.grid, threadgroup=launch.threadgroup, template=launch.template or None,

@@ -22,6 +22,7 @@ everywhere else; the reference is also the oracle the kernels are tested against
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import mlx.core as mx
 
@@ -114,11 +115,14 @@ def ternary_matmul(
     """x [..., K] @ W^T -> [..., N] in float32 (or x's float type).
 
     x is float, or int8 with `x_scale` [..., 1] (then y = (xq . t) x_scale w_scale, the dot product exact).
-    `backend`: None picks Metal on Metal, the reference elsewhere; "reference" or "metal" force one.
+    `backend`: None picks "metal" on Metal and "mlx" elsewhere; "reference" is the oracle the others are
+    tested against.
     """
-    backend = backend or ("metal" if _ON_METAL else "reference")
-    if backend != "metal":
+    backend = backend or ("metal" if _ON_METAL else "mlx")
+    if backend == "reference":
         return reference_matmul(x, w, x_scale)
+    if backend == "mlx":
+        return mlx_matmul(x, w, x_scale)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     s2 = x_scale.reshape(-1) if x_scale is not None else None
@@ -129,8 +133,9 @@ def ternary_matmul(
 GEMV_MAX_TOKENS = 8  # up to this many tokens the GEMV kernel (one simdgroup per 4 rows) beats the tiled GEMM
 
 
-def launch(x: mx.array, w: TernaryWeight, x_scale: mx.array | None = None) -> metal.Launch:
-    """The Metal launch for x [M, K] (float, or int8 with x_scale [M]) @ W^T -> y [M, N]."""
+def launch(x: mx.array, w: TernaryWeight, x_scale: mx.array | None = None, cuda: bool = False) -> metal.Launch:
+    """The Metal launch for x [M, K] (float, or int8 with x_scale [M]) @ W^T -> y [M, N]; `cuda`: the CUDA
+    twin of the GEMV instead (metal/ternary.cu, same arguments)."""
     m, k = x.shape
     if k != w.k:
         raise ConfigError(f"ternary matmul: x has {k} columns, the weight {w.k}")
@@ -143,8 +148,8 @@ def launch(x: mx.array, w: TernaryWeight, x_scale: mx.array | None = None) -> me
     template = [("A", mx.int32 if integer else mx.float32), ("PACK", 2 if w.packing == "tq2" else 1),
                 ("PER_TENSOR", int(w.scales.size == 1))]
     out_dtype = mx.float32 if integer else x.dtype
-    kernels = metal.kernels("ternary.metal")
-    if m <= GEMV_MAX_TOKENS:
+    kernels = metal.kernels("ternary.cu" if cuda else "ternary.metal")
+    if m <= GEMV_MAX_TOKENS or cuda:
         grid, group, kernel = (64, -(-w.n // 8), m), (64, 1, 1), kernels["ternary_gemv"]
     else:
         grid, group, kernel = (256, -(-w.n // 32), -(-m // 32)), (256, 1, 1), kernels["ternary_gemm"]
@@ -164,4 +169,68 @@ def reference_matmul(x: mx.array, w: TernaryWeight, x_scale: mx.array | None = N
     return y.astype(out_dtype)
 
 
+# ------------------------------------------------------------------------------ the pure-MLX fast path
+# The weight is decoded in its storage order (byte by byte, digit by digit) and x is permuted to match, which
+# saves reordering N x K codes; the sum over K does not care about the order. Storage position -> K position:
+def storage_order(packing: str) -> list[int]:
+    if packing == "tq2":  # byte (half, m), bits j -> half * 128 + 32 j + m
+        return [h * 128 + 32 * j + m for h in range(2) for m in range(32) for j in range(4)]
+    return ([m + 32 * n for m in range(32) for n in range(5)] + [160 + m + 16 * n for m in range(16) for n in range(5)]
+            + [240 + m + 4 * n for m in range(4) for n in range(4)])
+
+
+@cache
+def _x_order(packing: str, nb: int) -> mx.array:
+    block = mx.array(storage_order(packing), mx.int32)
+    return (mx.arange(nb, dtype=mx.int32)[:, None] * BLOCK + block).reshape(-1)
+
+
+_TQ2_SHIFTS = mx.array([0, 2, 4, 6], mx.uint8)
+_POW3_DIGITS = mx.array([1, 3, 9, 27, 81], mx.uint32)
+
+
+@mx.compile
+def _decode_tq2(packed: mx.array) -> mx.array:
+    return ((packed[..., None] >> _TQ2_SHIFTS) & 3).astype(mx.float32) - 1.0
+
+
+@mx.compile
+def _decode_tq1(qs: mx.array, qh: mx.array) -> mx.array:
+    def digits(b, n):
+        return ((((b.astype(mx.uint32)[..., None] * _POW3_DIGITS[:n]) & 255) * 3) >> 8).astype(mx.float32) - 1.0
+
+    return mx.concatenate([digits(qs, 5).reshape(*qs.shape[:-1], -1), digits(qh, 4).reshape(*qh.shape[:-1], -1)], -1)
+
+
+def decode_storage_order(packed: mx.array, packing: str) -> mx.array:
+    """Codes as float in storage order, [N, blocks * 256]."""
+    n = packed.shape[0]
+    if packing == "tq2":
+        return _decode_tq2(packed).reshape(n, -1)
+    blocks = packed.reshape(n, -1, PACKINGS["tq1"])
+    return _decode_tq1(blocks[..., :48], blocks[..., 48:]).reshape(n, -1)
+
+
+def mlx_matmul(x: mx.array, w: TernaryWeight, x_scale: mx.array | None = None) -> mx.array:
+    """The pure-MLX path off Metal. Few tokens with tq2: MLX's own 2-bit affine matmul reads the packed bytes as
+    they are (a tq2 byte stream is MLX's 2-bit layout in storage order; code c is scale * c - scale), no copy
+    of the weight. Otherwise: decode in storage order (one fused pass) and a BLAS matmul."""
+    out_dtype = mx.float32 if x.dtype == mx.int8 else x.dtype
+    nb = w.packed.shape[1] // PACKINGS[w.packing]
+    xf = x.astype(mx.float32)
+    if nb * BLOCK != w.k:
+        xf = mx.pad(xf, [(0, 0)] * (x.ndim - 1) + [(0, nb * BLOCK - w.k)])
+    xs = mx.take(xf, _x_order(w.packing, nb), axis=-1)
+    tokens = x.size // x.shape[-1]
+    if w.packing == "tq2" and tokens <= AFFINE_MAX_TOKENS:
+        scales = mx.broadcast_to(w.scales.astype(mx.float32).reshape(-1, 1), (w.n, nb * BLOCK // 64))
+        y = mx.quantized_matmul(xs, w.packed.view(mx.uint32), scales, -scales, transpose=True, group_size=64, bits=2)
+    else:
+        y = (xs @ decode_storage_order(w.packed, w.packing).T) * w.scales.astype(mx.float32)
+    if x_scale is not None:
+        y = y * x_scale.astype(mx.float32)
+    return y.astype(out_dtype)
+
+
+AFFINE_MAX_TOKENS = 8  # MLX's CPU quantized matmul beats decode + BLAS for decode; far behind it for prefill
 _ON_METAL = mx.metal.is_available()

@@ -9,6 +9,10 @@
     switch at barriers and simd ops, threadgroup memory poisoned per group, buffers fenced by guard pages,
     under a chosen thread schedule ("forward", "reverse", "shuffle" with a seed).
 
+The CUDA twins (`metal/*.cu`, `mx.fast.cuda_kernel`) go through the same emulator (include/cuda_emu.h maps
+blocks, warps and __shfl_xor_sync onto it), with `cuda_source` reproducing MLX's CUDA generated source; MLX
+cannot trace a CUDA kernel without a CUDA build, so that reproduction is not cross-checked here.
+
 Two mechanical rewrites separate the source from what clang / g++ accept, both applied to the exact source and
 nothing else: threadgroup arrays declared in the kernel body become function statics (C++ has no address
 space for automatic variables; statics are also what makes the group's fibers share them), and the attribute
@@ -58,6 +62,7 @@ ATTRIBUTES = [
     ("threadgroups_per_grid", "uint3"), ("threads_per_grid", "uint3"), ("threads_per_simdgroup", "uint"),
     ("threads_per_threadgroup", "uint3"),
 ]
+CUDA_TYPE_NAMES = {**TYPE_NAMES, mx.float16: "__half", mx.bfloat16: "__nv_bfloat16"}
 NP_DTYPES = {
     mx.float32: np.float32, mx.float16: np.float16, mx.int8: np.int8, mx.uint8: np.uint8, mx.int16: np.int16,
     mx.uint16: np.uint16, mx.int32: np.int32, mx.uint32: np.uint32, mx.int64: np.int64, mx.uint64: np.uint64,
@@ -89,7 +94,15 @@ def _template_text(template) -> tuple[str, str]:
     return definition, hashed
 
 
+def is_cuda(launch: Launch) -> bool:
+    return launch.kernel.file.endswith(".cu")
+
+
 def kernel_name(launch: Launch) -> str:
+    if is_cuda(launch):  # MLX's CUDA naming: the template values only
+        return "custom_kernel_" + launch.kernel.name + "".join(
+            "_" + (CUDA_TYPE_NAMES[v] if isinstance(v, mx.Dtype) else ("t" if v else "f") if isinstance(v, bool)
+                   else str(v)) for _, v in launch.template)
     name = "custom_kernel_" + launch.kernel.name
     if launch.template:
         name += "_" + _template_text(launch.template)[1]
@@ -102,6 +115,13 @@ def kernel_name(launch: Launch) -> str:
 
 def signature(launch: Launch) -> list[Param]:
     k, src = launch.kernel, launch.kernel.source
+    if is_cuda(launch):  # every input a pointer, outputs after; no attributes (threadIdx & co. are builtins)
+        if any(f"{n}_{s}" in src for n in k.input_names for s in ("shape", "strides", "ndim")):
+            raise NotImplementedError("the harness does not emulate CUDA _shape/_strides/_ndim arguments")
+        return ([Param(n, f"const {CUDA_TYPE_NAMES[a.dtype]}*", "input", i)
+                 for i, (n, a) in enumerate(zip(k.input_names, launch.inputs, strict=True))]
+                + [Param(n, f"{CUDA_TYPE_NAMES[d]}*", "output", i)
+                   for i, (n, d) in enumerate(zip(k.output_names, launch.output_dtypes, strict=True))])
     params = []
     for i, (name, a) in enumerate(zip(k.input_names, launch.inputs, strict=True)):
         space = "constant" if a.size < MAX_CONSTANT_ARRAY else "device"
@@ -121,8 +141,26 @@ def signature(launch: Launch) -> list[Param]:
     return params
 
 
+def cuda_source(launch: Launch) -> str:
+    """What `mx.fast.cuda_kernel` generates (after its default header, which includes MLX's CUDA device utils and
+    cooperative_groups): the kernel in namespace mlx::core::cu, template arguments as constexprs / aliases."""
+    k, name = launch.kernel, kernel_name(launch)
+    out = k.header + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+    out += f"__global__ void {name}(\n" + ",\n".join(f"    {p.decl} {p.name}" for p in signature(launch)) + ") {\n"
+    if launch.template:
+        for n, v in launch.template:
+            if isinstance(v, mx.Dtype):
+                out += f"  using {n} = {CUDA_TYPE_NAMES[v]};\n"
+            else:
+                out += f"  constexpr {'bool' if isinstance(v, bool) else 'int'} {n} = {str(v).lower()};\n"
+        out += "\n"
+    return out + k.source + "\n}\n\n} // namespace mlx::core::cu\n"
+
+
 def mlx_source(launch: Launch) -> str:
     """The kernel source MLX generates for this launch (MLX prepends its metal utils header when compiling)."""
+    if is_cuda(launch):
+        return cuda_source(launch)
     k, name, params = launch.kernel, kernel_name(launch), signature(launch)
     out = k.header
     if launch.template:
@@ -206,7 +244,9 @@ def _entry_shim(launch: Launch) -> str:
     """The C++ that calls the kernel for one thread: buffers from the driver's array, attributes from the
     thread's info, in the signature's order."""
     name = kernel_name(launch)
-    if launch.template:
+    if is_cuda(launch):
+        name = "mlx::core::cu::" + name
+    elif launch.template:
         name += _template_text(launch.template)[0]
     args, buffer = [], 0
     for p in signature(launch):
@@ -224,9 +264,11 @@ def _entry_shim(launch: Launch) -> str:
 
 def build(launch: Launch, source: str | None = None) -> Path:
     """The emulator executable for this launch's source (cached by content)."""
-    text = (f'#include "{INCLUDE / "msl_emu.h"}"\n' + for_emulator(source or mlx_source(launch))
-            + _entry_shim(launch) + f'#include "{INCLUDE / "msl_emu_main.cpp"}"\n')
-    deps = "".join((INCLUDE / f).read_text() for f in ("msl_emu.h", "msl_emu_main.cpp"))
+    prelude = "namespace cooperative_groups {}\n" if is_cuda(launch) else ""
+    text = (f'#include "{INCLUDE / ("cuda_emu.h" if is_cuda(launch) else "msl_emu.h")}"\n' + prelude
+            + for_emulator(source or mlx_source(launch)) + _entry_shim(launch)
+            + f'#include "{INCLUDE / "msl_emu_main.cpp"}"\n')
+    deps = "".join((INCLUDE / f).read_text() for f in ("msl_emu.h", "cuda_emu.h", "msl_emu_main.cpp"))
     key = hashlib.sha256((text + deps).encode()).hexdigest()[:16]
     exe = _cache_dir() / f"{launch.kernel.name}-{key}"
     if not exe.exists():
@@ -278,7 +320,8 @@ def emulate(launch: Launch, schedule: tuple[str, int] = ("forward", 0), source: 
                 outputs.append((path, data.shape, data.dtype))
         manifest = Path(tmp) / "manifest"
         manifest.write_text(f"grid {' '.join(map(str, launch.grid))}\ntg {' '.join(map(str, launch.threadgroup))}\n"
-                            f"schedule {order} {schedule[1]}\nbuffers {len(lines)}\n" + "\n".join(lines) + "\n")
+                            f"schedule {order} {schedule[1]}\nfull_groups {int(is_cuda(launch))}\n"
+                            f"buffers {len(lines)}\n" + "\n".join(lines) + "\n")
         res = subprocess.run([str(exe), str(manifest)], capture_output=True, text=True, timeout=300)
         if res.returncode:
             raise EmulatorError(f"{k.name}: {res.stderr.strip() or f'exit {res.returncode}'}")

@@ -53,6 +53,18 @@ def test_ternary_matches_reference(mnk, packing, integer):
             assert rel(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("packing", ["tq2", "tq1"])
+def test_ternary_cuda_twin_matches_reference(packing):
+    """The CUDA twin of the GEMV (metal/ternary.cu), run by the same emulator (warps as simdgroups)."""
+    for m, integer in ((1, True), (5, False)):
+        launch, want = ternary_case(m, 37, 300, packing, integer, not integer)
+        cuda = ternary.launch(launch.inputs[2], ternary.TernaryWeight(launch.inputs[0], launch.inputs[1], 300, packing),
+                              launch.inputs[3] if integer else None, cuda=True)
+        for schedule in SCHEDULES[:3]:
+            got = emulate(cuda, schedule)[0]
+            assert (got == np.asarray(want)).all() if integer else rel(got, want) <= 1e-5
+
+
 @pytest.mark.parametrize("mnk", [TERNARY_SHAPES[0], TERNARY_SHAPES[2]], ids=["gemv", "gemm"])
 def test_ternary_schedule_independent(mnk):
     launch, want = ternary_case(*mnk, "tq1", True, False, seed=1)

@@ -111,7 +111,9 @@ inline int main_impl(int argc, char** argv) {
   int order;
   unsigned seed;
   size_t nbuf;
-  m >> word >> g[0] >> g[1] >> g[2] >> word >> t[0] >> t[1] >> t[2] >> word >> order >> seed >> word >> nbuf;
+  int full_groups;  // CUDA: every block full size (MLX launches ceil(grid / block) of them)
+  m >> word >> g[0] >> g[1] >> g[2] >> word >> t[0] >> t[1] >> t[2] >> word >> order >> seed >> word >> full_groups
+    >> word >> nbuf;
   std::vector<Buffer> bufs(nbuf);
   std::vector<void*> ptrs(nbuf);
   for (auto& b : bufs) {
@@ -137,6 +139,7 @@ inline int main_impl(int argc, char** argv) {
       for (uint gx = 0; gx < ng[0]; ++gx) {
         uint size[3] = {std::min(tg[0], g[0] - gx * tg[0]), std::min(tg[1], g[1] - gy * tg[1]),
                         std::min(tg[2], g[2] - gz * tg[2])};
+        if (full_groups) std::copy(tg, tg + 3, size);
         uint count = size[0] * size[1] * size[2];
         threads.clear();
         for (uint z = 0; z < size[2]; ++z)
