@@ -185,13 +185,15 @@ def _x_order(packing: str, nb: int) -> mx.array:
     return (mx.arange(nb, dtype=mx.int32)[:, None] * BLOCK + block).reshape(-1)
 
 
-_TQ2_SHIFTS = mx.array([0, 2, 4, 6], mx.uint8)
+_TQ2_SHIFTS = 2 * mx.arange(16, dtype=mx.uint32)
 _POW3_DIGITS = mx.array([1, 3, 9, 27, 81], mx.uint32)
 
 
 @mx.compile
-def _decode_tq2(packed: mx.array) -> mx.array:
-    return ((packed[..., None] >> _TQ2_SHIFTS) & 3).astype(mx.float32) - 1.0
+def _decode_tq2(words: mx.array) -> mx.array:
+    """tq2 read as little-endian uint32 words: value i of a word is bits 2i..2i+1, which is byte-major storage
+    order (MLX's CPU backend runs this several times faster on words than on bytes)."""
+    return ((words[..., None] >> _TQ2_SHIFTS) & 3).astype(mx.float32) - 1.0
 
 
 @mx.compile
@@ -206,7 +208,7 @@ def decode_storage_order(packed: mx.array, packing: str) -> mx.array:
     """Codes as float in storage order, [N, blocks * 256]."""
     n = packed.shape[0]
     if packing == "tq2":
-        return _decode_tq2(packed).reshape(n, -1)
+        return _decode_tq2(packed.view(mx.uint32)).reshape(n, -1)
     blocks = packed.reshape(n, -1, PACKINGS["tq1"])
     return _decode_tq1(blocks[..., :48], blocks[..., 48:]).reshape(n, -1)
 
