@@ -459,3 +459,7 @@ def _kernel(op: str, backend: str | None) -> Callable | None:
 
 
 _ON_METAL = mx.metal.is_available()
+if _ON_METAL:
+    from mlxq.kernels import kquants_metal
+
+    kquants_metal.register()

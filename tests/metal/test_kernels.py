@@ -1,4 +1,4 @@
-"""Every Metal kernel of mlxq, proved on Linux: MLX's exact source for its launches (a), a clean clang compile
+"""Every Metal kernel of mlxq (ternary, DeltaNet, K-quants) and the CUDA twin, proved on Linux: MLX's exact source for its launches (a), a clean clang compile
 against the Metal subset (b), and emulated execution equal to the pure-MLX reference (c) — bit-exact where the
 arithmetic is integer, within 1e-5 relative in float32 — under several thread schedules, on ragged shapes
 (rows and columns that are not multiples of the tiles, one token and many)."""
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from harness import SCHEDULES, clang_check, emulate, exported_source, mlx_source
 
-from mlxq.kernels import deltanet, ternary
+from mlxq.kernels import deltanet, kquants, kquants_metal, ternary
 
 RNG = np.random.default_rng(0)
 
@@ -103,6 +103,57 @@ def test_deltanet_step_matches_reference(shape):
         assert rel(y, y_ref) <= 1e-5 and rel(state, s_ref) <= 1e-5, schedule
 
 
+# ---------------------------------------------------------------------------------------------- K-quants
+GGUF_D_BYTES = {"Q6_K": [208], "Q3_K": [108], "Q2_K": [80, 82]}  # where each block keeps its float16 scales
+
+
+def kquant_blocks(kind: str, n: int, k: int, experts: int | None = None, seed: int = 0) -> mx.array:
+    """Random blocks (every byte pattern is a valid block) with sane float16 super-block scales."""
+    rng = np.random.default_rng(seed)
+    size = kquants.BLOCK_SIZES[kind][1]
+    shape = (*(() if experts is None else (experts,)), n, k // 256, size)
+    b = rng.integers(0, 256, shape, dtype=np.uint8)
+    for at in GGUF_D_BYTES[kind]:
+        b[..., at : at + 2] = rng.uniform(0.001, 0.05, shape[:-1]).astype(np.float16).view(np.uint8).reshape(
+            *shape[:-1], 2)
+    return mx.array(b.reshape(*shape[:-2], -1))
+
+
+@pytest.mark.parametrize("kind", sorted(kquants_metal.TYPES))
+def test_kquant_dequantization_is_ggufs(kind):
+    """Through the GEMM with x = I, y = W^T exactly (one product per sum): bit-exact with gguf-py."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    blocks = kquant_blocks(kind, 37, 256)
+    got = emulate(kquants_metal.gemm_launch(mx.eye(256), blocks, kind))[0]
+    assert (got.T == dequantize(np.asarray(blocks), GGMLQuantizationType[kind])).all()
+
+
+@pytest.mark.parametrize("kind", sorted(kquants_metal.TYPES))
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_kquant_matmul_matches_reference(kind, m):
+    blocks = kquant_blocks(kind, 37, 512, seed=m)
+    x = mx.array(np.random.default_rng(m).normal(size=(m, 512)).astype(np.float32))
+    want = kquants.matmul(x, blocks, kind, backend="reference")
+    launch = (kquants_metal.gemv_launch(x, blocks, kind, mx.zeros((m,), mx.int32)) if m <= 8
+              else kquants_metal.gemm_launch(x, blocks, kind))
+    for schedule in SCHEDULES if m == 40 else SCHEDULES[1:3]:
+        assert rel(emulate(launch, schedule)[0], want) <= 1e-5, schedule
+
+
+@pytest.mark.parametrize("kind", sorted(kquants_metal.TYPES))
+def test_kquant_gathered_experts_match_reference(kind):
+    """MoE: 3 tokens x top-2 of 5 stacked experts (one picked twice), as kquants.gather_matmul lays them out."""
+    blocks = kquant_blocks(kind, 20, 256, experts=5)
+    x = mx.array(np.random.default_rng(1).normal(size=(3, 1, 1, 256)).astype(np.float32))
+    indices = mx.array([[0, 4], [2, 2], [1, 3]])
+    want = kquants.gather_matmul(x, blocks, kind, indices, backend="reference")
+    xb = mx.broadcast_to(x, (3, 2, 1, 256)).reshape(-1, 256)
+    got = emulate(kquants_metal.gemv_launch(xb, blocks, kind, indices.reshape(-1)), SCHEDULES[2])[0]
+    assert rel(got.reshape(want.shape), want) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------- source and clang
 def all_launches():
     cases = {}
@@ -117,6 +168,12 @@ def all_launches():
                                                    *launch.inputs[3:]], output_dtypes=[mx.float16])
         cases[f"ternary-{packing}-half"] = half
     cases["deltanet"] = deltanet_case(1, 1, 2, 4, 16, 8)[0]
+    for kind in kquants_metal.TYPES:
+        blocks = kquant_blocks(kind, 8, 256)
+        cases[f"kquant-{kind}-gemv"] = kquants_metal.gemv_launch(mx.ones((1, 256)), blocks, kind, mx.zeros((1,)))
+        cases[f"kquant-{kind}-gemv-half"] = kquants_metal.gemv_launch(mx.ones((9, 256), mx.float16), blocks, kind,
+                                                                      mx.zeros((9,)))
+        cases[f"kquant-{kind}-gemm"] = kquants_metal.gemm_launch(mx.ones((40, 256)), blocks, kind)
     return cases
 
 
@@ -146,3 +203,8 @@ def test_kernels_on_metal_match_reference():
     launch, (y_ref, s_ref) = deltanet_case(2, 3, 1, 2, 40, 6)
     y, state = run(launch)
     assert rel(y, y_ref) <= 1e-5 and rel(state, s_ref) <= 1e-5
+    for kind in kquants_metal.TYPES:  # through the registry, as the model runs them
+        blocks, x = kquant_blocks(kind, 37, 512), mx.random.normal((40, 512))
+        for rows in (x[:1], x):
+            want = kquants.matmul(rows, blocks, kind, backend="reference")
+            assert rel(kquants.matmul(rows, blocks, kind), want) <= 1e-5
