@@ -1,4 +1,4 @@
-"""Kernel speed: mlxq's ternary matmul paths against dequantize-then-matmul, same shapes, same process.
+"""Kernel speed: mlxq's ternary and K-quant matmul paths against dequantize-then-matmul, same shapes, one process.
 
 CPU (any machine): the pure-MLX path that runs off Metal (`ternary_matmul(..., backend="mlx")`: MLX's 2-bit
 affine matmul on the tq2 bytes for few tokens, a fused storage-order decode + BLAS matmul otherwise) against
@@ -6,10 +6,12 @@ two ways of dequantizing per call and then multiplying, holding the same packed 
   - `dequant_mlx`: the oracle (`reference_matmul`: unpack the codes to float in MLX, matmul),
   - `dequant_gguf`: gguf-py's TQ2_0 / TQ1_0 dequantizer (numpy) on the same bytes as GGUF blocks, matmul.
 A float32 matmul on weights dequantized once (`float_resident`, 16x the memory of tq2) is reported for
-context, not as a peer. Ratios `mlx_vs_PEER` are speeds (ours / theirs: above 1 is faster).
+context, not as a peer. K-quants (Q2_K, Q3_K, Q6_K): `kquants.matmul` (the pure-MLX path on raw blocks) against
+gguf-py's dequantizer + matmul. Ratios `mlx_vs_PEER` are speeds (ours / theirs: above 1 is faster).
 
 GPU (`--gpu`, with MLX's CUDA build, e.g. on a lent H100/H200 after ../shared/tools/gpu-wheels.sh): the CUDA
-twin of the ternary GEMV (metal/ternary.cu) on decode shapes, its GB/s (packed weights + activations +
+twins of the ternary and K-quant GEMVs (metal/ternary.cu, metal/kquants.cu: tq2, tq1, Q2_K, Q6_K) on decode
+shapes, its GB/s (packed weights + activations +
 outputs over the time) as % of `--peak-gbs`, and against MLX's own 2-bit and 4-bit affine quantized_matmul
 (group 64) on the same shapes. Every result is checked against the reference before it is timed.
 
@@ -29,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, write_result  # noqa: E402
 
-from mlxq.kernels import metal, ternary  # noqa: E402
+from mlxq.kernels import kquants, kquants_metal, metal, ternary  # noqa: E402
 
 GGUF_TYPE = {"tq2": "TQ2_0", "tq1": "TQ1_0"}
 
@@ -101,6 +103,38 @@ def cpu_part(quick: bool) -> list[dict]:
     return rows
 
 
+def random_kquant_blocks(kind: str, n: int, k: int, seed: int = 0) -> mx.array:
+    """Random K-quant blocks (any byte pattern is a block) with small float16 super-block scales."""
+    rng = np.random.default_rng(seed)
+    size = kquants.BLOCK_SIZES[kind][1]
+    b = rng.integers(0, 256, (n, k // 256, size), dtype=np.uint8)
+    for at in {"Q6_K": [208], "Q3_K": [108], "Q2_K": [80, 82]}[kind]:
+        b[..., at : at + 2] = rng.uniform(0.001, 0.05, (n, k // 256)).astype(np.float16).view(np.uint8).reshape(
+            n, k // 256, 2)
+    return mx.array(b.reshape(n, -1))
+
+
+def kquant_cpu_part(quick: bool) -> list[dict]:
+    """kquants' pure-MLX path (the reference on CPU) against gguf-py's dequantizer + matmul, same blocks."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rows = []
+    for kind in ("Q2_K", "Q3_K", "Q6_K"):
+        for m in (1, 32):
+            n, k = 2560, 2560
+            blocks, x = random_kquant_blocks(kind, n, k), mx.random.normal((m, k), key=mx.random.key(4))
+            qtype, raw = GGMLQuantizationType[kind], np.asarray(blocks)
+            t = timed({"mlx": lambda x=x, b=blocks, kind=kind: kquants.matmul(x, b, kind),
+                       "dequant_gguf": lambda x=x, raw=raw, q=qtype: x @ mx.array(dequantize(raw, q)).T},
+                      3 if quick else 7)
+            rows.append({"kind": kind, "tokens": m, "n": n, "k": k,
+                         "ms": {key: round(v * 1e3, 3) for key, v in t.items()},
+                         "ratios": {"mlx_vs_dequant_gguf": round(t["dequant_gguf"] / t["mlx"], 3)}})
+            print(f"{kind} M={m}: " + ", ".join(f"{key} {v * 1e3:.1f} ms" for key, v in t.items()), flush=True)
+    return rows
+
+
 def gpu_part(quick: bool, peak_gbs: float) -> list[dict]:
     """CUDA twin of the ternary GEMV against MLX 2-bit / 4-bit affine, decode shapes (one token)."""
     if not mx.cuda.is_available():
@@ -121,8 +155,16 @@ def gpu_part(quick: bool, peak_gbs: float) -> list[dict]:
             assert err < 1e-2, (packing, err)  # float16 activations and output
             fns[packing] = lambda launch=launch: metal.run(launch)[0]
             moved[packing] = w.packed.nbytes + w.scales.nbytes + x.nbytes + n * 2
+        for kind in ("Q2_K", "Q6_K"):
+            blocks = random_kquant_blocks(kind, n, k)
+            launch = kquants_metal.gemv_launch(x, blocks, kind, mx.zeros((1,), mx.int32), cuda=True)
+            want = kquants.matmul(x.astype(mx.float32), blocks, kind, backend="reference")
+            err = float(mx.abs(metal.run(launch)[0] - want).max() / mx.abs(want).max())
+            assert err < 1e-2, (kind, err)
+            fns[kind] = lambda launch=launch: metal.run(launch)[0]
+            moved[kind] = blocks.nbytes + x.nbytes + n * 4
         for bits, (wq, s, b) in affine.items():
-            fns[f"mlx_{bits}bit"] = lambda wq=wq, s=s, b=b, bits=bits: mx.quantized_matmul(
+            fns[f"mlx_{bits}bit"] = lambda x=x, wq=wq, s=s, b=b, bits=bits: mx.quantized_matmul(
                 x, wq, s, b, transpose=True, group_size=64, bits=bits)
             moved[f"mlx_{bits}bit"] = wq.nbytes + s.nbytes + b.nbytes + x.nbytes + n * 2
         t = timed(fns, 20)
@@ -130,8 +172,8 @@ def gpu_part(quick: bool, peak_gbs: float) -> list[dict]:
         row = {"n": n, "k": k, "tokens": 1, "us": {key: round(v * 1e6, 2) for key, v in t.items()},
                "gb_per_s": {key: round(v, 1) for key, v in gbs.items()},
                "pct_of_peak": {key: round(100 * v / peak_gbs, 1) for key, v in gbs.items()},
-               "ratios": {f"{p}_vs_mlx_{b}bit": round(t[f"mlx_{b}bit"] / t[p], 3) for p in ("tq2", "tq1")
-                          for b in (2, 4)}}
+               "ratios": {f"{p}_vs_mlx_{b}bit": round(t[f"mlx_{b}bit"] / t[p], 3)
+                          for p in ("tq2", "tq1", "Q2_K", "Q6_K") for b in (2, 4)}}
         print(f"GPU {n}x{k}: " + ", ".join(f"{key} {v * 1e6:.1f} us ({gbs[key]:.0f} GB/s)" for key, v in t.items()),
               flush=True)
         rows.append(row)
@@ -144,12 +186,13 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="also time the CUDA twins (MLX's CUDA build only)")
     ap.add_argument("--peak-gbs", type=float, default=4800.0, help="the GPU's peak memory bandwidth (H200: 4800)")
     args = ap.parse_args()
-    result: dict = {"quick": args.quick, "cpu": cpu_part(args.quick)}
+    result: dict = {"quick": args.quick, "cpu": cpu_part(args.quick), "cpu_kquants": kquant_cpu_part(args.quick)}
     result["gpu"] = gpu_part(args.quick, args.peak_gbs) if args.gpu else "not run (no GPU lent; run with --gpu)"
     cpu = result["cpu"]
     result["ratios"] = {
         "mlx_vs_dequant_mlx_min": min(r["ratios"]["mlx_vs_dequant_mlx"] for r in cpu),
         "mlx_vs_dequant_gguf_min": min(r["ratios"]["mlx_vs_dequant_gguf"] for r in cpu),
+        "kquants_mlx_vs_dequant_gguf_min": min(r["ratios"]["mlx_vs_dequant_gguf"] for r in result["cpu_kquants"]),
     }
     if args.gpu:
         result["ratios"].update({f"gpu_{key}_min": min(r["ratios"][key] for r in result["gpu"])

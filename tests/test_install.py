@@ -20,7 +20,8 @@ def test_wheel_ships_packages_and_installs(tmp_path):
         assert pkg in names, f"{pkg} missing from {wheel.name}"
     shipped_kernels = {n for n in names if n.startswith("metal/") and n.endswith((".metal", ".cu"))}
     assert shipped_kernels == {f"metal/{p.name}" for p in (ROOT / "metal").glob("*") if p.suffix in (".metal", ".cu")}
-    assert {"metal/ternary.metal", "metal/deltanet.metal"} <= shipped_kernels
+    assert {"metal/ternary.metal", "metal/deltanet.metal", "metal/kquants.metal", "metal/ternary.cu",
+            "metal/kquants.cu"} <= shipped_kernels
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

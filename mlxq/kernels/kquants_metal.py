@@ -16,13 +16,14 @@ def _template(kind: str) -> list:
     return [("TYPE", TYPES[kind]), ("BYTES", kquants.BLOCK_SIZES[kind][1])]
 
 
-def gemv_launch(x: mx.array, blocks: mx.array, kind: str, experts: mx.array) -> metal.Launch:
-    """x [Z, K] through W_{experts[z]} -> y [Z, N]; blocks [E, N, row bytes] (or [N, row bytes], one expert)."""
+def gemv_launch(x: mx.array, blocks: mx.array, kind: str, experts: mx.array, cuda: bool = False) -> metal.Launch:
+    """x [Z, K] through W_{experts[z]} -> y [Z, N]; blocks [E, N, row bytes] (or [N, row bytes], one expert).
+    `cuda`: the CUDA twin (metal/kquants.cu), same arguments."""
     z, k = x.shape
     n = blocks.shape[-2]
     nb = k // kquants.QK_K
     dims = mx.array([z, n, k, nb], mx.int32)
-    return metal.Launch(metal.kernels("kquants.metal")["kquant_gemv"],
+    return metal.Launch(metal.kernels("kquants.cu" if cuda else "kquants.metal")["kquant_gemv"],
                         [blocks, x, experts.astype(mx.int32).reshape(-1), dims], [(z, n)], [mx.float32],
                         (64, -(-n // 8), z), (64, 1, 1), _template(kind))
 

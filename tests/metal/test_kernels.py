@@ -1,7 +1,8 @@
-"""Every Metal kernel of mlxq (ternary, DeltaNet, K-quants) and the CUDA twin, proved on Linux: MLX's exact source for its launches (a), a clean clang compile
-against the Metal subset (b), and emulated execution equal to the pure-MLX reference (c) — bit-exact where the
-arithmetic is integer, within 1e-5 relative in float32 — under several thread schedules, on ragged shapes
-(rows and columns that are not multiples of the tiles, one token and many)."""
+"""Every Metal kernel of mlxq (ternary, DeltaNet, K-quants) and the CUDA twins, proved on Linux: MLX's exact
+source for its launches (a), a clean clang compile against the Metal subset (b), and emulated execution equal to
+the pure-MLX reference (c) — bit-exact where the arithmetic is integer, within 1e-5 relative in float32 — under
+several thread schedules, on ragged shapes (rows and columns that are not multiples of the tiles, one token and
+many)."""
 
 from __future__ import annotations
 
@@ -140,6 +141,16 @@ def test_kquant_matmul_matches_reference(kind, m):
               else kquants_metal.gemm_launch(x, blocks, kind))
     for schedule in SCHEDULES if m == 40 else SCHEDULES[1:3]:
         assert rel(emulate(launch, schedule)[0], want) <= 1e-5, schedule
+
+
+@pytest.mark.parametrize("kind", sorted(kquants_metal.TYPES))
+def test_kquant_cuda_twin_matches_reference(kind):
+    blocks = kquant_blocks(kind, 37, 512, experts=2)
+    x = mx.array(np.random.default_rng(2).normal(size=(3, 512)).astype(np.float32))
+    experts = mx.array([1, 0, 1])
+    want = kquants.gather_matmul(x[:, None], blocks, kind, experts, backend="reference")[:, 0]
+    got = emulate(kquants_metal.gemv_launch(x, blocks, kind, experts, cuda=True), SCHEDULES[2])[0]
+    assert rel(got, want) <= 1e-5
 
 
 @pytest.mark.parametrize("kind", sorted(kquants_metal.TYPES))

@@ -18,3 +18,6 @@ typedef _Float16 __half;
 template <class T> inline T __shfl_xor_sync(unsigned, T v, int mask) { return metal::simd_shuffle_xor(v, (ushort)mask); }
 template <class T> inline T __shfl_down_sync(unsigned, T v, int delta) { return metal::simd_shuffle_down(v, (ushort)delta); }
 template <class T> inline T __shfl_sync(unsigned, T v, int lane) { return metal::simd_shuffle(v, (ushort)lane); }
+
+inline __half __ushort_as_half(unsigned short u) { return metal::as_type<__half>(u); }
+inline float __half2float(__half h) { return (float)h; }
