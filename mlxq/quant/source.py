@@ -9,6 +9,7 @@ model's logits up to float rounding (the weights are exactly scale * code + bias
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import replace
 
 import mlx.core as mx
@@ -35,8 +36,9 @@ def module_path(path: str) -> str:
 
 
 def float_checkpoint(ckpt: Checkpoint) -> Checkpoint:
-    """`ckpt` with every mlx-lm quantized triple presented as one float weight and no `quantization` config.
-    Checkpoints without quantized triples come back as they are (GGUF sources are opened dequantized)."""
+    """`ckpt` with every mlx-lm quantized triple (affine, or mlxq's ternary weight + scales) presented as one float
+    weight and no `quantization` config; transformers' packed BitNet weights likewise. Checkpoints without
+    quantized tensors come back as they are (GGUF sources are opened dequantized)."""
     quant = ckpt.quantization
     infos = {i.name: i for i in ckpt.tensors.infos()}
     if isinstance(quant, dict) and quant.get("quant_method") == "bitnet":
@@ -46,40 +48,44 @@ def float_checkpoint(ckpt: Checkpoint) -> Checkpoint:
         return ckpt
     if not isinstance(quant, dict):
         raise FormatError(f"{ckpt.path}: tensors have .scales but config.json has no 'quantization'")
-    out: dict[str, TensorInfo] = {}
-    params: dict[str, tuple[int, int]] = {}
-    for name, info in infos.items():
-        base = name.rsplit(".", 1)[0]
-        if base in bases and name.endswith((".scales", ".biases")):
-            continue
-        if base in bases and name.endswith(".weight") and _entry(quant, base).get("mode") == "ternary":
-            cols = int(_entry(quant, base)["in_features"])
-            params[name] = ("ternary", _entry(quant, base)["packing"], cols)
-            shape = (*info.shape[:-1], cols)
-            out[name] = TensorInfo(name, shape, "float32", _numel(shape) * 4)
-        elif base in bases and name.endswith(".weight"):
+    src = ckpt.tensors
+    views: dict[str, tuple[tuple[int, ...], Callable[[], mx.array]]] = {}
+    for base in bases:
+        info, entry = infos[base + ".weight"], _entry(quant, base)
+        if entry.get("mode") == "ternary":
+            cols, packing = int(entry["in_features"]), entry["packing"]
+
+            def load(base=base, cols=cols, packing=packing) -> mx.array:
+                codes = ternary.unpack(src[base + ".weight"], cols, packing).astype(mx.float32)
+                return codes * src[base + ".scales"].astype(mx.float32)[..., None]
+        else:
             bits, group = _params(ckpt, quant, base, info, infos[base + ".scales"])
             cols = info.shape[-1] * 32 // bits
-            params[name] = (bits, group)
-            shape = (*info.shape[:-1], cols)
+
+            def load(base=base, bits=bits, group=group) -> mx.array:
+                # float32 scales: dequantizing with the stored float16 ones would round every weight to float16
+                w, s = src[base + ".weight"], src[base + ".scales"].astype(mx.float32)
+                b = src[base + ".biases"].astype(mx.float32) if base + ".biases" in infos else None
+                return mx.dequantize(w, s, b, group_size=group, bits=bits)
+
+        views[base + ".weight"] = ((*info.shape[:-1], cols), load)
+    return _float_view(ckpt, infos, views, {f"{b}.{s}" for b in bases for s in ("scales", "biases")})
+
+
+def _float_view(ckpt: Checkpoint, infos: dict[str, TensorInfo], views: dict, dropped: set[str]) -> Checkpoint:
+    """The checkpoint with `views` (name -> (float shape, loader)) in place of those tensors, `dropped` gone and
+    no quantization config."""
+    out = {}
+    for name, info in infos.items():
+        if name in views:
+            shape = views[name][0]
             out[name] = TensorInfo(name, shape, "float32", _numel(shape) * 4)
-        else:
+        elif name not in dropped:
             out[name] = info
     src = ckpt.tensors
 
     def load(name: str) -> mx.array:
-        if name not in params:
-            return src[name]
-        base = name[: -len(".weight")]
-        if params[name][0] == "ternary":
-            _, packing, cols = params[name]
-            codes = ternary.unpack(src[name], cols, packing).astype(mx.float32)
-            return codes * src[base + ".scales"].astype(mx.float32)[..., None]
-        bits, group = params[name]
-        # float32 scales: dequantizing with the stored float16 ones would round every weight to float16
-        w, s = src[name], src[base + ".scales"].astype(mx.float32)
-        b = src[base + ".biases"].astype(mx.float32) if base + ".biases" in infos else None
-        return mx.dequantize(w, s, b, group_size=group, bits=bits)
+        return views[name][1]() if name in views else src[name]
 
     config = {k: v for k, v in ckpt.config.items() if k not in ("quantization", "quantization_config")}
     return replace(ckpt, config=config, tensors=TensorSource(out, load), format="hf")
@@ -96,28 +102,16 @@ def _bitnet_float(ckpt: Checkpoint, infos: dict[str, TensorInfo]) -> Checkpoint:
     `weight_scale` tensors disappear into them."""
     from mlxq.models.bitnet import unpack_hf
 
-    out: dict[str, TensorInfo] = {}
-    packed = set()
-    for name, info in infos.items():
-        base = name.rsplit(".", 1)[0]
-        if name.endswith(".weight_scale"):
-            continue
-        if name.endswith(".weight") and f"{base}.weight_scale" in infos:
-            shape = (info.shape[0] * 4, *info.shape[1:])
-            out[name] = TensorInfo(name, shape, "float32", _numel(shape) * 4)
-            packed.add(name)
-        else:
-            out[name] = info
     src = ckpt.tensors
+    views = {}
+    for name, info in infos.items():
+        if name.endswith(".weight") and name + "_scale" in infos:
 
-    def load(name: str) -> mx.array:
-        if name not in packed:
-            return src[name]
-        scale = src[name + "_scale"].astype(mx.float32).reshape(())
-        return unpack_hf(src[name]).astype(mx.float32) / scale
+            def load(name=name) -> mx.array:
+                return unpack_hf(src[name]).astype(mx.float32) / src[name + "_scale"].astype(mx.float32).reshape(())
 
-    config = {k: v for k, v in ckpt.config.items() if k not in ("quantization", "quantization_config")}
-    return replace(ckpt, config=config, tensors=TensorSource(out, load), format="hf")
+            views[name] = ((info.shape[0] * 4, *info.shape[1:]), load)
+    return _float_view(ckpt, infos, views, {n + "_scale" for n in views})
 
 
 def _params(ckpt: Checkpoint, quant: dict, base: str, weight: TensorInfo, scales: TensorInfo) -> tuple[int, int]:
