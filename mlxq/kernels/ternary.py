@@ -210,7 +210,7 @@ def decode_storage_order(packed: mx.array, packing: str) -> mx.array:
     if packing == "tq2":
         return _decode_tq2(packed.view(mx.uint32)).reshape(n, -1)
     blocks = packed.reshape(n, -1, PACKINGS["tq1"])
-    return _decode_tq1(blocks[..., :48], blocks[..., 48:]).reshape(n, -1)
+    return _decode_tq1(mx.contiguous(blocks[..., :48]), mx.contiguous(blocks[..., 48:])).reshape(n, -1)
 
 
 def mlx_matmul(x: mx.array, w: TernaryWeight, x_scale: mx.array | None = None) -> mx.array:
@@ -227,6 +227,9 @@ def mlx_matmul(x: mx.array, w: TernaryWeight, x_scale: mx.array | None = None) -
     if w.packing == "tq2" and tokens <= AFFINE_MAX_TOKENS:
         scales = mx.broadcast_to(w.scales.astype(mx.float32).reshape(-1, 1), (w.n, nb * BLOCK // 64))
         y = mx.quantized_matmul(xs, w.packed.view(mx.uint32), scales, -scales, transpose=True, group_size=64, bits=2)
+    elif tokens == 1:  # one row: W @ x streams the decoded weight once (see layers.Linear)
+        y = (decode_storage_order(w.packed, w.packing) @ xs.reshape(-1, 1)).reshape(xs.shape[:-1] + (w.n,))
+        y = y * w.scales.astype(mx.float32)
     else:
         y = (xs @ decode_storage_order(w.packed, w.packing).T) * w.scales.astype(mx.float32)
     if x_scale is not None:
