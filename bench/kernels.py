@@ -6,7 +6,8 @@ two ways of dequantizing per call and then multiplying, holding the same packed 
   - `dequant_mlx`: the oracle (`reference_matmul`: unpack the codes to float in MLX, matmul),
   - `dequant_gguf`: gguf-py's TQ2_0 / TQ1_0 dequantizer (numpy) on the same bytes as GGUF blocks, matmul.
 A float32 matmul on weights dequantized once (`float_resident`, 16x the memory of tq2) is reported for
-context, not as a peer. K-quants (Q2_K, Q3_K, Q6_K): `kquants.matmul` (the pure-MLX path on raw blocks) against
+context, not as a peer; so is `lut_mlx`, the lookup-table formulation (one-token tq2 rows), tried and measured
+against the kept path. K-quants (Q2_K, Q3_K, Q6_K): `kquants.matmul` (the pure-MLX path on raw blocks) against
 gguf-py's dequantizer + matmul. Ratios `mlx_vs_PEER` are speeds (ours / theirs: above 1 is faster).
 
 GPU (`--gpu`, with MLX's CUDA build, e.g. on a lent H100/H200 after ../shared/tools/gpu-wheels.sh): the CUDA
@@ -66,6 +67,20 @@ def gguf_blocks(w: ternary.TernaryWeight) -> np.ndarray:
     return np.concatenate([payload, d], axis=-1).reshape(n, -1)
 
 
+_BYTE_CODES = mx.array(np.stack([((np.arange(256) >> (2 * j)) & 3) - 1 for j in range(4)], 1).astype(np.float32))
+
+
+def lut_tq2(x: mx.array, w: ternary.TernaryWeight) -> mx.array:
+    """The lookup-table formulation (bitnet.cpp's idea), tried for the record: per group of the 4 activations a tq2
+    byte covers, a table of all 256 byte values' partial sums (x_g @ codes^T), then one lookup per weight byte."""
+    order = mx.array(ternary.storage_order("tq2"))
+    nb = w.packed.shape[1] // 64
+    xs = mx.take(x.reshape(-1, nb, 256), order, axis=-1).reshape(x.shape[0], -1, 4)  # [M, K / 4, 4]
+    table = xs @ _BYTE_CODES.T  # [M, K / 4, 256]
+    groups = mx.arange(w.packed.shape[1])[None, :]
+    return mx.stack([t[groups, w.packed.astype(mx.uint32)].sum(-1) for t in table]) * w.scales
+
+
 def cpu_part(quick: bool) -> list[dict]:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
@@ -86,7 +101,12 @@ def cpu_part(quick: bool) -> list[dict]:
             got = ternary.ternary_matmul(x, w, backend="mlx")
             err = float(mx.abs(got - want).max() / mx.abs(want).max())
             assert err < 1e-5, (name, packing, err)
+            fns = {}
+            if packing == "tq2" and m == 1:
+                assert float(mx.abs(lut_tq2(x, w) - want).max() / mx.abs(want).max()) < 1e-5
+                fns["lut_mlx"] = lambda x=x, w=w: lut_tq2(x, w)
             t = timed({
+                **fns,
                 "mlx": lambda x=x, w=w: ternary.ternary_matmul(x, w, backend="mlx"),
                 "dequant_mlx": lambda x=x, w=w: ternary.reference_matmul(x, w),
                 "dequant_gguf": lambda x=x, w=w, b=blocks, q=qtype: (x @ mx.array(dequantize(b, q)).T) * w.scales,
@@ -97,6 +117,8 @@ def cpu_part(quick: bool) -> list[dict]:
                    "packed_bytes": int(w.packed.nbytes), "float_bytes": n * k * 4}
             row["ratios"] = {f"mlx_vs_{p}": round(t[p] / t["mlx"], 3) for p in ("dequant_mlx", "dequant_gguf")}
             row["ratios"]["mlx_vs_float_resident"] = round(t["float_resident"] / t["mlx"], 3)
+            if "lut_mlx" in t:
+                row["ratios"]["mlx_vs_lut_mlx"] = round(t["lut_mlx"] / t["mlx"], 3)
             print(f"{name} M={m} {packing}: " + ", ".join(f"{key} {v * 1e3:.1f} ms" for key, v in t.items()),
                   flush=True)
             rows.append(row)
