@@ -54,3 +54,18 @@ def test_mlx_path_matches_the_oracle(packing, m, integer):
         got = ternary.ternary_matmul(x, w, x_scale, backend="mlx")
         assert got.shape == (2, m, n)
         assert float(mx.abs(got - want).max() / mx.abs(want).max()) < 1e-5
+
+
+def test_tq1_layer_repacks_to_tq2_off_metal():
+    """The CPU layout of a tq1 layer: same codes as tq2 (what MLX's 2-bit matmul reads), same outputs."""
+    from mlxq.models.layers import TernaryLinear
+
+    codes = mx.array(np.random.default_rng(4).integers(-1, 2, (16, 300)).astype(np.int8))
+    layer = TernaryLinear(300, 16, packing="tq1")
+    layer.weight = ternary.pack(codes, "tq1")
+    x = mx.random.normal((2, 300), key=mx.random.key(0))
+    want = layer(x)
+    layer.cpu_layout()
+    assert layer.packing == "tq2" and layer.weight.shape == (16, ternary.packed_width(300, "tq2"))
+    assert (np.asarray(ternary.unpack(layer.weight, 300, "tq2")) == np.asarray(codes)).all()
+    assert float(mx.abs(layer(x) - want).max()) < 1e-4

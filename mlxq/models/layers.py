@@ -157,13 +157,15 @@ class Linear(nn.Linear):
 
 
 def cpu_layout(model: nn.Module) -> None:
-    """Off Metal, put every module with an inference-only weight layout (`transpose_weight`) into it; on
-    Metal the fused kernels want the checkpoint layout. Call after `fuse()`, which concatenates weights."""
+    """Off Metal, put every module with an inference-only weight layout (`transpose_weight`, `cpu_layout`) into
+    it; on Metal the fused kernels want the checkpoint layout. Call after `fuse()`, which concatenates weights."""
     if _ON_METAL:
         return
     for _, module in model.named_modules():
         if hasattr(module, "transpose_weight"):
             module.transpose_weight()
+        elif hasattr(module, "cpu_layout"):
+            module.cpu_layout()
 
 
 class TernaryLinear(nn.Module):
@@ -179,6 +181,14 @@ class TernaryLinear(nn.Module):
         self.scales = mx.ones((1 if per_tensor else dim_out,))
         if bias:
             self.bias = mx.zeros((dim_out,))
+
+    def cpu_layout(self) -> None:
+        """Off Metal, tq1 codes are re-packed as tq2 once: MLX's CPU 2-bit matmul reads tq2 bytes as they are,
+        while tq1's base-3 digits cost a decode pass per call (bench/kernels.py: often slower than dequantizing).
+        25 % more memory for the codes, CPU only."""
+        if self.packing == "tq1":
+            self.weight = ternary.pack(ternary.unpack(self["weight"], self.dim_in, "tq1"), "tq2")
+            self.packing = "tq2"
 
     def __call__(self, x: mx.array) -> mx.array:
         w = ternary.TernaryWeight(self["weight"], self["scales"], self.dim_in, self.packing)
