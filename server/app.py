@@ -409,7 +409,7 @@ def build_app(
     thinking_budget: int | None = None,
 ) -> tuple[FastAPI, Engine]:
     """An app serving `model` (an `mlxq.Model`) and its started engine; close the engine when done."""
-    engine = Engine(model, max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes).start()
+    engine = Engine(model.net, model.tokenizer, max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes).start()
     try:
         planner = Planner(
             model,

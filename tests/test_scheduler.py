@@ -41,7 +41,7 @@ def tokens(outs: list[Output]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def engine(qwen3_model):
-    e = Engine(qwen3_model, max_batch=4).start()
+    e = Engine(qwen3_model.net, qwen3_model.tokenizer, max_batch=4).start()
     yield e
     e.close()
 
@@ -148,7 +148,7 @@ def test_prompt_cache_is_bounded_by_bytes(qwen3_model):
 def test_hybrid_model_batches_and_resumes_from_checkpoints(hybrid_model):
     model = hybrid_model
     assert not all(isinstance(c, KVCache) for c in model.make_cache())  # recurrent layers: no free rewind
-    engine = Engine(model, max_batch=4).start()
+    engine = Engine(model.net, model.tokenizer, max_batch=4).start()
     try:
         ps = prompts(model, 3)
         outs = run(engine, [Request(p, 10) for p in ps])
