@@ -41,25 +41,13 @@ METHODS = ("auto", "rtn", "search", "gptq")
 # weight error is worse than RTN (2.66: it clips outliers that matter), so RTN is the uncalibrated default.
 AUTO_CALIBRATED, AUTO_PLAIN = "gptq", "rtn"
 
-# Source dtype names (safetensors headers, GGUF type names) -> the array dtype the source hands out.
+# Source dtype names (TensorInfo.dtype, lower-cased: safetensors dtypes as mlxq names them, GGUF float type names)
+# -> the array dtype the source hands out; GGUF block types load as float32.
 _SOURCE_DTYPES: dict[str, mx.Dtype] = {
-    "f32": mx.float32,
-    "f16": mx.float16,
-    "bf16": mx.bfloat16,
-    "float32": mx.float32,
-    "float16": mx.float16,
-    "bfloat16": mx.bfloat16,
-    "i64": mx.int64,
-    "i32": mx.int32,
-    "i16": mx.int16,
-    "i8": mx.int8,
-    "u8": mx.uint8,
-    "u16": mx.uint16,
-    "u32": mx.uint32,
-    "u64": mx.uint64,
-    "bool": mx.bool_,
-    "uint32": mx.uint32,
-}
+    name: getattr(mx, name)
+    for name in ("float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32",
+                 "uint64")
+} | {"bool": mx.bool_, "f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 _KEEP_FLOAT32 = ("ssm_a", "ssm_dt")  # tiny, and exp()'d by the model: keep the source's float32
 _FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")  # HF's 3-D expert tensors (no .weight)
 
