@@ -190,6 +190,10 @@ def main() -> None:
     except MlxqError as e:
         click.echo(f"mlxq: error: {e}", err=True)
         sys.exit(2)
+    except OSError as e:  # the machine said no (no space, no permission, read-only, ...): one line, like our own
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"mlxq: error: {where}{e.strerror or e}", err=True)
+        sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as e:
