@@ -17,6 +17,7 @@ from mlxq.engine.controls import Prompt, prepare, split_options
 from mlxq.engine.prompt_cache import CacheSlot
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams
 from mlxq.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES, PREFILL_CHUNK, Engine, Request
+from mlxq.engine.stops import check_stops
 from mlxq.engine.stream import Chunk, Result, Timings  # noqa: F401  (the API's result types)
 from mlxq.engine.tokenizer import Tokenizer, load_tokenizer
 from mlxq.errors import InvalidRequest
@@ -110,7 +111,7 @@ class Model:
             raise InvalidRequest(f"give sampling options either as params or by keyword, not both ({min(sampling)})")
         prepared = prepare(self.tokenizer, prompt, controls, chat_template_kwargs=chat_template_kwargs,
                            rewindable=self.engine.rewindable)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = check_stops(stop)
         k = int(logprobs) if logprobs is not None and logprobs is not False else None
         return prepared.request(max_tokens, params or SamplingParams(**sampling), stop=stops, logprobs=k,
                                 ignore_eos=ignore_eos, extra=logits_processors, slot=slot)

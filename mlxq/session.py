@@ -25,6 +25,7 @@ from mlxq.engine.prompt_cache import CacheSlot
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams
 from mlxq.engine.scheduler import Request
 from mlxq.engine.stream import Result
+from mlxq.engine.tools import template_call
 from mlxq.errors import GenerationError, InvalidRequest
 
 RETRY_NOTE = "(Please answer now, in a few words; do not leave the answer empty.)"
@@ -45,7 +46,8 @@ class Session:
     """A conversation with `model`. `secrets` (hidden from the player) are guarded against verbatim leaks of
     `min_span` normalised characters, except spans that occur in `public` text; `enable_thinking` is passed to
     the chat template and enforced while decoding, `thinking_budget` (default: half of max_tokens) bounds the
-    reasoning; `tools` are offered to the model (its calls are in `last.tool_calls`); `logprobs` (k) records
+    reasoning; `tools` are offered to the model as `tool_choice` says (its calls are in `last.tool_calls`; answer
+    them with `add_tool_result` and `ask(None)`); `logprobs` (k) records
     each answer token's logprob in `last.logprobs`; other keywords are sampling options (temperature, ...).
 
     One question at a time per Session; any number of Sessions at once."""
@@ -53,7 +55,7 @@ class Session:
     def __init__(self, model: Any, system: str | None = None, secrets: list[str] | None = None, *,
                  public: list[str] | None = None, min_span: int = 8, enable_thinking: bool = False,
                  thinking_budget: int | None = None, max_tokens: int = 256, tools: list[dict] | None = None,
-                 logprobs: int | None = None, **sampling: Any):
+                 tool_choice: str | dict | None = None, logprobs: int | None = None, **sampling: Any):
         if not model.tokenizer.has_chat_template:
             raise InvalidRequest(f"{model.name}: a Session needs a model with a chat template")
         self.model = model
@@ -64,7 +66,7 @@ class Session:
         self.enable_thinking = enable_thinking
         self.thinking_budget = thinking_budget
         self.max_tokens = max_tokens
-        self.tools = tools
+        self.tools, self.tool_choice = tools, tool_choice
         self.logprobs = logprobs
         self.params = SamplingParams(**sampling)
         self.stats: list[TurnStats] = []
@@ -72,6 +74,7 @@ class Session:
         self.last_reasoning: str | None = None
         self.slot = CacheSlot()  # this conversation's cache, kept by the engine between turns
         self._busy = threading.Lock()
+        self._running: Request | None = None  # the request of the turn in progress
         token_tables(model.tokenizer)  # build the shared tables now, not inside the first turn's timing
         if self.secrets:
             secret_guard_processor(model.tokenizer, self.secrets, min_span, self.public)  # caches their tables
@@ -106,6 +109,13 @@ class Session:
                 except StopIteration as done:
                     return done.value
 
+    def cancel(self) -> None:
+        """Ends the turn in progress (from any thread): its `ask` raises GenerationError and the conversation is
+        left as it was before the question."""
+        request = self._running
+        if request is not None:
+            request.cancel()
+
     def add_tool_result(self, tool_call_id: str, content: str) -> None:
         """The result of one of the last answer's tool calls, for the model to read at the next `ask`."""
         self.messages.append({"role": "tool", "tool_call_id": tool_call_id, "content": content})
@@ -125,6 +135,7 @@ class Session:
         try:
             yield
         finally:
+            self._running = None
             self._busy.release()
 
     def _ask(self, text: str | None, schema: dict | None, max_tokens: int | None,
@@ -135,12 +146,14 @@ class Session:
         started = time.perf_counter()
         result = yield self._request([*self.messages, *user], schema, max_tokens, extra)
         stats = _stats(result, started - t0, t0)
+        _check_not_cancelled(result, self.model.name)
         if not _usable(result, schema):
             retry = {"role": "user", "content": f"{text}\n\n{RETRY_NOTE}" if text is not None else RETRY_NOTE}
             started = time.perf_counter()
             result = yield self._request([*self.messages, retry], schema, max_tokens, extra)
             stats = _stats(result, started - t0, t0)
             stats.retried = True
+            _check_not_cancelled(result, self.model.name)
             if not _usable(result, schema):
                 self.stats.append(stats)
                 what = "an incomplete JSON answer" if result.text.strip() else "an empty answer"
@@ -151,18 +164,20 @@ class Session:
         content = result.text.strip()
         answer: dict[str, Any] = {"role": "assistant", "content": content}
         if result.tool_calls:
-            answer["tool_calls"] = [_template_call(c) for c in result.tool_calls]
+            answer["tool_calls"] = [template_call(c) for c in result.tool_calls]
         self.messages += [*user, answer]
         return json.loads(content) if schema is not None else content
 
     def _request(self, messages: list[dict], schema: dict | None, max_tokens: int | None,
                  extra: list[LogitsProcessor] | None) -> Request:
-        return self.model.request(
+        self._running = self.model.request(
             messages, max_tokens=max_tokens or self.max_tokens, params=self.params, logits_processors=extra,
             logprobs=self.logprobs, slot=self.slot, enable_thinking=self.enable_thinking,
-            thinking_budget=self.thinking_budget, schema=schema, tools=self.tools, secrets=self.secrets,
+            thinking_budget=self.thinking_budget, schema=schema, tools=self.tools, tool_choice=self.tool_choice,
+            secrets=self.secrets,
             public=self.public, min_span=self.min_span,
         )
+        return self._running
 
 
 def _stats(result: Result, started: float, t0: float) -> TurnStats:
@@ -171,6 +186,11 @@ def _stats(result: Result, started: float, t0: float) -> TurnStats:
     first = started + timings.first_token_s if result.tokens else total
     return TurnStats(usage.prompt_tokens, usage.cached_tokens, usage.prompt_tokens - usage.cached_tokens,
                      usage.completion_tokens, first, total)
+
+
+def _check_not_cancelled(result: Result, name: str) -> None:
+    if result.finish_reason == "cancelled":
+        raise GenerationError(f"{name}: the turn was cancelled")
 
 
 def _usable(result: Result, schema: dict | None) -> bool:
@@ -185,13 +205,3 @@ def _usable(result: Result, schema: dict | None) -> bool:
     except ValueError:
         return False
     return result.finish_reason == "stop"  # the grammar ends the output only once the JSON is complete
-
-
-def _template_call(call: dict) -> dict:
-    """An OpenAI tool call as chat templates take it: arguments as an object, not a JSON string."""
-    fn = dict(call["function"])
-    try:
-        fn["arguments"] = json.loads(fn["arguments"])
-    except (TypeError, ValueError):
-        pass
-    return {**call, "function": fn}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any
 
 import llguidance
@@ -33,6 +34,7 @@ from mlxq.engine.tools import ToolPlan, plan_tools
 from mlxq.errors import InvalidRequest, MlxqError, TokenizerError
 
 Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages
+MAX_SECRETS, MAX_SECRET_CHARS = 64, 4096
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class Controls:
             if isinstance(value, str) or not all(isinstance(s, str) for s in value):
                 raise InvalidRequest(f"{name}: must be a list of strings")
             object.__setattr__(self, name, tuple(value))
+        # The guard's tables grow with a secret's length times its span window: bounded, as any input is.
+        if len(self.secrets) > MAX_SECRETS or any(len(s) > MAX_SECRET_CHARS for s in self.secrets):
+            raise InvalidRequest(f"secrets: at most {MAX_SECRETS} secrets of at most {MAX_SECRET_CHARS} characters")
 
 
 CONTROL_FIELDS = frozenset(f.name for f in fields(Controls))
@@ -106,11 +111,17 @@ class Prepared:
         )
 
 
+Render = Callable[[list[dict], list[dict] | None, dict, bool], str]  # (messages, tools, kwargs, gen. prompt) -> text
+
+
 def prepare(tokenizer: Tokenizer, prompt: Prompt, controls: Controls = Controls(), *,
-            chat_template_kwargs: dict[str, Any] | None = None, rewindable: bool = True) -> Prepared:
+            chat_template_kwargs: dict[str, Any] | None = None, rewindable: bool = True,
+            render: Render | None = None) -> Prepared:
     """Renders `prompt` (chat messages through the template) and plans `controls` for it. `rewindable`: the
     model's caches can resume at any position; when not (recurrent layers), the request marks where the
-    conversation so far ends, so the next turn can resume there."""
+    conversation so far ends, so the next turn can resume there. `render`: how chat messages become text (the
+    server bounds templates that requests bring); by default the model's chat template."""
+    render = render or partial(render_chat, tokenizer)
     kwargs = dict(chat_template_kwargs or {})
     chat = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
     thinking = _thinking(controls.enable_thinking, kwargs.get("enable_thinking"))
@@ -129,7 +140,7 @@ def prepare(tokenizer: Tokenizer, prompt: Prompt, controls: Controls = Controls(
     grammar = tools.grammar
     if controls.schema is not None:
         if grammar is not None:
-            raise InvalidRequest("schema: cannot be combined with tool_choice 'required' or a named function")
+            raise InvalidRequest("tool_choice: a forced tool call cannot be combined with a JSON schema for the answer")
         grammar = json_grammar(controls.schema, leading_newlines=on)
         error = llguidance.LLMatcher.validate_grammar(grammar, token_tables(tokenizer).ll)
         if error:
@@ -137,9 +148,9 @@ def prepare(tokenizer: Tokenizer, prompt: Prompt, controls: Controls = Controls(
 
     marks: list[int] = []
     if chat:
-        ids = _render(tokenizer, prompt, tools.tools, kwargs, generation_prompt=True)
+        ids = tokenizer.encode(render(prompt, tools.tools, kwargs, True), add_special_tokens=False)
         if not rewindable:  # where the next turn's prompt will part from this one
-            history = _render(tokenizer, prompt, tools.tools, kwargs, generation_prompt=False)
+            history = tokenizer.encode(render(prompt, tools.tools, kwargs, False), add_special_tokens=False)
             if 0 < len(history) < len(ids) and history == ids[: len(history)]:
                 marks = [len(history)]
     elif isinstance(prompt, str):
@@ -187,10 +198,12 @@ def _thinking(asked: bool | None, in_kwargs: Any) -> bool | None:
     return asked if asked is not None else in_kwargs
 
 
-def _render(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None, kwargs: dict,
-            generation_prompt: bool) -> list[int]:
+def render_chat(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None, kwargs: dict,
+                generation_prompt: bool) -> str:
+    """Chat messages as text, through the model's chat template (the template writes BOS where it belongs)."""
     try:
-        return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt, **kwargs)
+        return tokenizer.render_chat_template(messages, tools=tools, add_generation_prompt=generation_prompt,
+                                              **kwargs)
     except MlxqError:
         raise
     except Exception as e:  # the template's own checks (roles must alternate, ...) raise jinja errors

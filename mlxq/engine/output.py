@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mlxq.engine.guards import THINK_CLOSE, THINK_OPEN
+from mlxq.engine.stops import StopMatcher
 from mlxq.engine.tokenizer import Tokenizer
 from mlxq.engine.tools import OPEN as TOOL_OPEN
 from mlxq.engine.tools import ToolPlan, parse_tool_calls
@@ -57,27 +58,9 @@ class Reading:
     tools: ToolPlan | None = None  # parse tool-call blocks out of the content
 
 
-# ------------------------------------------------------------------------------------------------ stop strings
-def stop_index(text: str, stops: list[str]) -> int:
-    """Where the earliest stop string starts in `text`, or -1."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else -1
+# What may still become `</think>` or `<tool_call>` is held back as a stop string would be.
+_THINK_CLOSE, _TOOL_OPEN = StopMatcher([THINK_CLOSE]), StopMatcher([TOOL_OPEN])
 
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper beginning of `tag` (it may still become `tag`)."""
-    for k in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:k]):
-            return k
-    return 0
-
-
-def held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters could still be the start of a stop string (not safe to emit yet)."""
-    return max((_partial_suffix(text, s) for s in stops), default=0)
-
-
-# ------------------------------------------------------------------------------------------------ reading back
 Piece = tuple[str, str]  # (field, text): field is "content" or "reasoning"
 
 
@@ -142,7 +125,7 @@ class TextSplitter:
                 else:
                     # Hold back what may be the start of `</think>`, and trailing whitespace (dropped if the block
                     # ends there).
-                    keep = len(self.pending) - _partial_suffix(self.pending, THINK_CLOSE)
+                    keep = len(self.pending) - _THINK_CLOSE.held_back(self.pending)
                     safe = self.pending[:keep].rstrip()
                     self._emit(out, "reasoning", safe)
                     self.pending = self.pending[len(safe) :]
@@ -154,7 +137,7 @@ class TextSplitter:
                 else:
                     keep = len(self.pending)
                     if self.tools and not final:
-                        keep -= _partial_suffix(self.pending, TOOL_OPEN)
+                        keep -= _TOOL_OPEN.held_back(self.pending)
                     self._emit(out, "content", self.pending[:keep])
                     self.pending = self.pending[keep:]
                     return out
@@ -195,7 +178,7 @@ class OutputProcessor:
                  reading: Reading = Reading()):
         self.detok = tokenizer.detokenizer()
         self.eos = tokenizer.eos_token_ids
-        self.max_tokens, self.stops, self.ignore_eos = max_tokens, [s for s in stop if s], ignore_eos
+        self.max_tokens, self.stops, self.ignore_eos = max_tokens, StopMatcher(stop), ignore_eos
         self.splitter = TextSplitter(reading)
         self.generated: list[int] = []
         self.text, self.emitted = "", 0
@@ -208,14 +191,15 @@ class OutputProcessor:
             finish, token, logprob = "stop", None, None
         else:
             self.generated.append(token)
+            before = len(self.text)
             self.text += self.detok.add(token)
-            at = stop_index(self.text, self.stops)
+            at = self.stops.find(self.text, before)
             if at >= 0:
                 self.text, finish, cut = self.text[:at], "stop", True
             elif len(self.generated) >= self.max_tokens:
                 finish = "length"
         if finish is None:
-            safe = max(self.emitted, len(self.text) - held_back(self.text, self.stops))
+            safe = max(self.emitted, len(self.text) - self.stops.held_back(self.text))
         else:
             if not cut:
                 self.text += self.detok.flush()

@@ -78,7 +78,10 @@ def plan_tools(
     if choice == "required":
         chosen = functions
     elif isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise InvalidRequest("tool_choice: must be {'type': 'function', 'function': {'name': ...}}")
         chosen = tuple(f for f in functions if f.name == name)
         if not chosen:
             raise InvalidRequest(f"tool_choice: names function {name!r}, which is not in tools")
@@ -109,8 +112,11 @@ def tool_grammar(
     prefix = "/\\n{0,2}/ " if leading_newlines else ""  # the newlines a template writes after `</think>`
     body = _xml_rules(functions) if xml else _json_rules(functions)
     lark = f'start: {prefix}{tag[OPEN]} "\\n" call "\\n" {tag[CLOSE]}\n{body}'
-    grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-    error = llguidance.LLMatcher.validate_grammar(grammar, tables.ll)
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        error = llguidance.LLMatcher.validate_grammar(grammar, tables.ll)
+    except (ValueError, TypeError, RuntimeError) as e:
+        error = str(e) or type(e).__name__
     if error:
         raise InvalidRequest(f"tools: cannot build a grammar from the function parameters: {error}")
     return grammar
@@ -205,3 +211,14 @@ def _xml_value(raw: str, kind: Any) -> Any:
         return json.loads(raw)
     except ValueError:
         return {"True": True, "False": False, "None": None}.get(raw.strip(), raw)
+
+
+def template_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI tool call as chat templates take it: arguments as an object (the API carries a JSON string)."""
+    fn = dict(call.get("function") or {})
+    if isinstance(fn.get("arguments"), str):
+        try:
+            fn["arguments"] = json.loads(fn["arguments"])
+        except (ValueError, RecursionError):
+            pass
+    return {**call, "function": fn}
