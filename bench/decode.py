@@ -53,7 +53,6 @@ def main() -> None:
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     import mlxq
-    from mlxq.engine.generate import Generation
     from mlxq.loading import load_model
     from mlxq.models import text_config
 
@@ -65,11 +64,11 @@ def main() -> None:
     tok = TokenizerWrapper(model.tokenizer.hf)
     ids = model.tokenizer.encode(TEXT * (prompt_n // 30 + 2))[:prompt_n]
 
+    model.configure(prompt_cache_bytes=0)  # every run prefills the whole prompt, as mlx-lm's does
+
     def run_mlxq() -> tuple[float, float]:
-        gen = Generation(model.net, model.make_cache())
-        for _ in gen.steps(ids, gen_n):
-            pass
-        return gen.timings.prefill_tps, gen.timings.decode_tps
+        timings = model.generate(ids, max_tokens=gen_n, ignore_eos=True).timings
+        return timings.prefill_tps, timings.decode_tps
 
     def run_mlx_lm() -> tuple[float, float]:
         *_, last = mlx_lm.stream_generate(theirs, tok, ids, max_tokens=gen_n)

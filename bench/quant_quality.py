@@ -206,8 +206,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from mlxq.eval.metrics import load_for_eval, reference, score, windows
-    from mlxq.eval.texts import heldout_text
     from mlxq.formats.fetch import cache_dir
+    from mlxq.formats.texts import heldout_text
 
     quick = args.quick
     eval_tokens, calib_tokens = (2048, 8192) if quick else (8192, 8192)

@@ -1,20 +1,20 @@
 """The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
 Three layers: routes here (HTTP, JSON, SSE, errors, auth, limits), `prepare.Planner` (bodies -> engine requests)
-and the engine thread (`mlxq.engine.scheduler.Engine`), reached through `bridge.Submission`. Every bad request
+and the engine thread (`mlxq.engine.scheduler.Engine`), reached through `bridge.ServerSubmission`. Every bad request
 gets OpenAI's error JSON with a 4xx status; a request that fails in the engine fails alone.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
 import re
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pydantic
@@ -23,10 +23,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from mlxq.engine.scheduler import Engine, Output
-from mlxq.errors import MlxqError
-from server.bridge import EngineUnavailable, Submission
-from server.output import CompletionLogprobs, TextSplitter, TokenText, chat_logprobs, usage_json
+from mlxq.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES, Engine, Output
+from mlxq.errors import InvalidRequest, MlxqError
+from server.bridge import EngineUnavailable, ServerSubmission
+from server.output import CompletionLogprobs, TokenText, chat_logprobs, usage_json
 from server.prepare import Limits, Plan, Planner
 from server.schemas import ChatRequest, CompletionRequest
 
@@ -65,7 +65,7 @@ class _EventStream(StreamingResponse):
     """Server-sent events that cancel their engine requests however the response ends (finished, client gone,
     server shutting down)."""
 
-    def __init__(self, events: AsyncIterator[str], submission: Submission):
+    def __init__(self, events: AsyncIterator[str], submission: ServerSubmission):
         super().__init__(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
@@ -83,11 +83,10 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 class _ChoiceRun:
-    """One choice's progress: its text split into fields, logprobs, finish reason and usage."""
+    """One choice's progress: its content, reasoning, tool calls, logprobs, finish reason and usage."""
 
     def __init__(self, plan: Plan, index: int):
         self.choice = plan.choices[index]
-        self.splitter = TextSplitter(self.choice)
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.calls: list[dict] = []
@@ -96,16 +95,13 @@ class _ChoiceRun:
         self.usage = None
 
     def take(self, out: Output) -> list[tuple[str, str]]:
-        """The pieces this output makes final (and at the end the tool calls, in `calls`)."""
-        pieces = self.splitter.feed(out.text, len(out.tokens))
+        """The pieces this output makes final, as (field, text): reasoning first, then content."""
+        pieces = [(name, text) for name, text in (("reasoning_content", out.reasoning), ("content", out.text)) if text]
+        self.reasoning.append(out.reasoning)
+        self.content.append(out.text)
         self.logprobs += out.logprobs
         if out.finish_reason is not None:
-            more, self.calls = self.splitter.finish()
-            pieces += more
-            self.finish = "tool_calls" if self.calls else out.finish_reason
-            self.usage = out.usage
-        for name, text in pieces:
-            (self.reasoning if name == "reasoning_content" else self.content).append(text)
+            self.calls, self.finish, self.usage = out.tool_calls, out.finish_reason, out.usage
         return pieces
 
 
@@ -113,11 +109,12 @@ class OpenAIServer:
     """Routes for one model served by `engine`. `names`: model ids requests may use (the first is listed)."""
 
     def __init__(self, engine: Engine, planner: Planner, names: list[str], *, api_key: str | None = None):
+        if api_key is not None and not api_key.strip():
+            raise InvalidRequest("the API key is empty: give a key, or none to serve without auth")
         self.engine, self.planner, self.names = engine, planner, names
         self.api_key = api_key
         self.text = TokenText(planner.tokenizer)
         self.created = int(time.time())
-        self._plan_lock = threading.Lock()  # one tokenizer, shared: templating and encoding one at a time
 
     # -------------------------------------------------------------------------------------------- app
     def app(self) -> FastAPI:
@@ -125,23 +122,17 @@ class OpenAIServer:
         app.add_exception_handler(ApiError, lambda _, e: e.response())
         app.add_exception_handler(MlxqError, lambda _, e: ApiError.of(e).response())
         app.add_exception_handler(HTTPException, self._http_error)
-        app.add_exception_handler(Exception, self._internal_error)
-        app.add_api_route("/health", self.health, methods=["GET"])
-        app.add_api_route("/v1/models", self.models, methods=["GET"])
-        app.add_api_route("/v1/models/{model:path}", self.model, methods=["GET"])
-        app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
-        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/health", _guarded(self.health), methods=["GET"])
+        app.add_api_route("/v1/models", _guarded(self.models), methods=["GET"])
+        app.add_api_route("/v1/models/{model:path}", _guarded(self.model), methods=["GET"])
+        app.add_api_route("/v1/chat/completions", _guarded(self.chat), methods=["POST"])
+        app.add_api_route("/v1/completions", _guarded(self.completions), methods=["POST"])
         return app
 
     @staticmethod
     async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
         message = {404: "no such endpoint", 405: "method not allowed"}.get(e.status_code, str(e.detail))
         return ApiError(e.status_code, message).response()
-
-    @staticmethod
-    async def _internal_error(_: Request, e: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return ApiError.of(e).response()
 
     # -------------------------------------------------------------------------------------------- routes
     async def health(self) -> JSONResponse:
@@ -162,7 +153,7 @@ class OpenAIServer:
         self._auth(request)
         body = await self._body(request, ChatRequest)
         self._check_model(body.model)
-        plan = await run_in_threadpool(self._plan, self.planner.chat, body)
+        plan = await run_in_threadpool(self.planner.chat, body)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await self._respond(request, plan, "chat", body.model, body.stream, include_usage)
 
@@ -170,7 +161,7 @@ class OpenAIServer:
         self._auth(request)
         body = await self._body(request, CompletionRequest)
         self._check_model(body.model)
-        plan = await run_in_threadpool(self._plan, self.planner.completion, body)
+        plan = await run_in_threadpool(self.planner.completion, body)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await self._respond(request, plan, "completion", body.model, body.stream, include_usage)
 
@@ -210,15 +201,11 @@ class OpenAIServer:
         except pydantic.ValidationError as e:
             raise _validation_error(e) from None
 
-    def _plan(self, build, body) -> Plan:
-        with self._plan_lock:
-            return build(body)
-
     # -------------------------------------------------------------------------------------------- responses
     async def _respond(
         self, request: Request, plan: Plan, kind: str, model: str, stream: bool, include_usage: bool
     ) -> Response:
-        sub = Submission(self.engine, plan.requests, self.planner.limits.max_pending)
+        sub = ServerSubmission(self.engine, plan.requests, self.planner.limits.max_pending)
         try:
             first = await self._next(request, sub)  # an error before any output still gets its own status
             if first is None:
@@ -246,7 +233,7 @@ class OpenAIServer:
             sub.cancel()
         return JSONResponse(self._whole(plan, runs, kind, ident, model))
 
-    async def _next(self, request: Request, sub: Submission) -> tuple[int, Output] | None:
+    async def _next(self, request: Request, sub: ServerSubmission) -> tuple[int, Output] | None:
         """The next output; None when the client has gone away (checked every POLL_S, busy or not)."""
         while True:
             if time.monotonic() - sub.checked >= POLL_S:
@@ -254,7 +241,7 @@ class OpenAIServer:
                 if await request.is_disconnected():
                     sub.cancel()
                     return None
-            item = await sub.get(POLL_S)
+            item = await sub.aget(POLL_S)
             if item is not None:
                 return item
 
@@ -272,7 +259,7 @@ class OpenAIServer:
         for i, run in enumerate(runs):
             if kind == "chat":
                 message: dict[str, Any] = {"role": "assistant", "content": "".join(run.content)}
-                if run.reasoning:
+                if "".join(run.reasoning):
                     message["reasoning_content"] = "".join(run.reasoning)
                 if run.calls:
                     message["tool_calls"] = run.calls
@@ -299,13 +286,12 @@ class OpenAIServer:
     def _usage(plan: Plan, runs: list[_ChoiceRun]) -> dict[str, Any]:
         prompts = range(len(plan.prompt_tokens))
         first = [next(i for i, c in enumerate(plan.choices) if c.prompt_index == p) for p in prompts]
-        reasoning = sum(r.splitter.reasoning_tokens for r in runs)
-        return usage_json([r.usage for r in runs], plan.prompt_tokens, first, reasoning)
+        return usage_json([r.usage for r in runs], plan.prompt_tokens, first)
 
     async def _events(
         self,
         request: Request,
-        sub: Submission,
+        sub: ServerSubmission,
         plan: Plan,
         runs: list[_ChoiceRun],
         first: tuple[int, Output],
@@ -373,12 +359,34 @@ class OpenAIServer:
                 item = await self._next(request, sub)
                 if item is None:
                     return  # the client went away
-        except ApiError as e:  # the status line is long gone: the error goes in the stream (the client raises)
-            yield _sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
+        except Exception as e:  # the status line is long gone: the error goes in the stream (the client raises)
+            error = ApiError.of(e)
+            if error.status >= 500 and not isinstance(e, (ApiError, MlxqError)):
+                log.error("streamed request failed", exc_info=e)
+            yield _sse({"error": {"message": error.message, "type": error.kind, "param": error.param,
+                                  "code": error.code}})
             return
         if include_usage:
             yield _sse({**head, "choices": [], "usage": self._usage(plan, runs)})
         yield _sse("[DONE]")
+
+
+def _guarded(route: Callable) -> Callable:
+    """A route whose unexpected exceptions (bugs) are logged once and answered as a 500 in OpenAI's error JSON.
+    Left to Starlette, such an exception is logged twice (its handler, then the server) and closes the
+    connection; the errors a client causes are ApiErrors and MlxqErrors, answered by their handlers."""
+
+    @functools.wraps(route)
+    async def guarded(*args, **kwargs):
+        try:
+            return await route(*args, **kwargs)
+        except (ApiError, MlxqError, HTTPException):
+            raise
+        except Exception as e:
+            log.error("request failed", exc_info=e)
+            return ApiError.of(e).response()
+
+    return guarded
 
 
 def _validation_error(e: pydantic.ValidationError) -> ApiError:
@@ -403,20 +411,22 @@ def build_app(
     *,
     api_key: str | None = None,
     limits: Limits | None = None,
-    max_batch: int = 8,
-    prompt_cache_bytes: int = 1 << 30,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
     default_thinking: bool | None = None,
     thinking_budget: int | None = None,
 ) -> tuple[FastAPI, Engine]:
-    """An app serving `model` (an `mlxq.Model`) and its started engine; close the engine when done."""
-    engine = Engine(model, max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes).start()
+    """An app serving `model` (an `mlxq.Model`) on the model's own engine (so the Python API in the same process
+    shares it), started with these settings; close the engine when done."""
+    model.configure(max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes)
+    engine = model.engine
     try:
         planner = Planner(
             model,
             limits,
             default_thinking=default_thinking,
             thinking_budget=thinking_budget,
-            rewindable_cache=engine.prompt_cache.rewindable,
+            rewindable_cache=engine.rewindable,
         )
         return create_app(engine, planner, names, api_key=api_key), engine
     except BaseException:

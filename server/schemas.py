@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_STOPS = 16
 MAX_TOP_LOGPROBS = 20
 
 
@@ -19,6 +18,16 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class Extension(_Body):
+    """mlxq's own fields, under `"mlxq"`: the secret guard (`mlxq.engine.guards.SecretGuard`), as the Python API
+    and `Session` take it: no span of `min_span` normalised characters of a secret is written, except spans that
+    occur in `public` text."""
+
+    secrets: list[str] = Field(default_factory=list)
+    public: list[str] = Field(default_factory=list)
+    min_span: int = Field(8, ge=1)
 
 
 class SamplingFields(_Body):
@@ -40,13 +49,25 @@ class SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension (as vLLM): generate max_tokens whatever the model says
+    mlxq: Extension | None = None  # extension: the secret guard
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # the API sends a JSON string; templates take an object
+
+
+class ToolCall(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
 

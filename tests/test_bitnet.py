@@ -17,7 +17,8 @@ from mlxq.loading import load_model
 from mlxq.models.bitnet import unpack_hf
 
 CONFIG = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+              bos_token_id=1, eos_token_id=2)  # BitNetConfig's defaults (128000/1) lie past this vocab
 QUANT = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"}
 
 
@@ -122,6 +123,6 @@ def test_quantize_ternary_writes_the_packing_losslessly(tmp_path):
     entry = cfg["quantization"]["model.layers.0.mlp.down_proj"]
     assert entry["mode"] == "ternary" and entry["packing"] == "tq2" and entry["act_bits"] == 8
     ckpt = open_checkpoint(str(out))
-    assert ckpt.tensors.info("model.layers.0.mlp.down_proj.weight").dtype == "u8"
+    assert ckpt.tensors.info("model.layers.0.mlp.down_proj.weight").dtype == "uint8"
     net = load_model(ckpt)
     assert rel(net(mx.array([PROMPT + DECODE]), net.make_cache())[0], ref) < 1e-4

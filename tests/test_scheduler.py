@@ -41,7 +41,7 @@ def tokens(outs: list[Output]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def engine(qwen3_model):
-    e = Engine(qwen3_model, max_batch=4).start()
+    e = Engine(qwen3_model.net, qwen3_model.tokenizer, max_batch=4).start()
     yield e
     e.close()
 
@@ -148,7 +148,7 @@ def test_prompt_cache_is_bounded_by_bytes(qwen3_model):
 def test_hybrid_model_batches_and_resumes_from_checkpoints(hybrid_model):
     model = hybrid_model
     assert not all(isinstance(c, KVCache) for c in model.make_cache())  # recurrent layers: no free rewind
-    engine = Engine(model, max_batch=4).start()
+    engine = Engine(model.net, model.tokenizer, max_batch=4).start()
     try:
         ps = prompts(model, 3)
         outs = run(engine, [Request(p, 10) for p in ps])
@@ -164,5 +164,77 @@ def test_hybrid_model_batches_and_resumes_from_checkpoints(hybrid_model):
         third = run(engine, [Request(branch, 5)])[0]
         assert third[-1].usage.cached_tokens == len(follow) - 2
         assert tokens(third) == model.generate(branch, max_tokens=5).tokens
+    finally:
+        engine.close()
+
+
+# ------------------------------------------------------------------------------------------------ batched prefill
+def hold_at(token: int, inside: threading.Event, gate: threading.Event):
+    """Processors that stop the engine thread (mid-step) at the request's `token`-th token until `gate` opens."""
+
+    def make() -> list:
+        def hold(generated: list[int], logits: mx.array) -> mx.array:
+            if len(generated) == token:
+                inside.set()
+                gate.wait(60)
+            return logits
+
+        return [hold]
+
+    return make
+
+
+@pytest.mark.parametrize("name", ["qwen3_model", "hybrid_model"])
+def test_prompts_that_arrive_together_are_prefilled_in_one_pass(name, request):
+    """Four prompts of different lengths, queued while the engine is busy, run their whole prompts in one forward
+    pass (ragged rows; recurrent state untouched by the padding) and each gets the tokens it gets alone."""
+    model = request.getfixturevalue(name)
+    engine = Engine(model.net, model.tokenizer, max_batch=8).start()
+    try:
+        inside, gate = threading.Event(), threading.Event()
+        blocker = Request(prompts(model, 1)[0], 6, make_processors=hold_at(2, inside, gate), ignore_eos=True)
+        outs: list[list[Output]] = []
+        thread = threading.Thread(target=lambda: outs.append(run(engine, [blocker])[0]))
+        thread.start()
+        assert inside.wait(60)
+        before = engine.prefill_steps
+        ps = prompts(model, 5)[1:]
+        together = [Request(p, 7) for p in ps]
+        gate.set()
+        got = run(engine, together)  # submitted while the engine is held, so they arrive together
+        thread.join(60)
+        assert engine.prefill_steps - before == 1
+        for p, o in zip(ps, got, strict=True):
+            assert tokens(o) == model.generate(p, max_tokens=7).tokens
+        assert len(tokens(outs[0])) == 6
+    finally:
+        engine.close()
+
+
+def test_a_long_prompt_does_not_stall_a_running_stream(qwen3_model):
+    """While a long prompt is prefilled chunk by chunk, a running stream gets a token after every chunk."""
+    engine = Engine(qwen3_model.net, qwen3_model.tokenizer, max_batch=4, prefill_chunk=32).start()
+    try:
+        seen: list[int] = []  # prefill steps done when each of the stream's tokens came out
+        started = threading.Event()
+        stream = Request(prompts(qwen3_model, 1)[0], 10_000, ignore_eos=True, logprobs=0)  # an output per token
+
+        def on_stream(out: Output) -> None:
+            seen.append(engine.prefill_steps)
+            if len(seen) == 3:
+                started.set()
+
+        stream.on_output = on_stream
+        engine.submit(stream)
+        assert started.wait(60)
+        long = qwen3_model.tokenizer.encode("A very long story about a lighthouse keeper. " * 40)
+        before = engine.prefill_steps
+        first = run(engine, [Request(long, 1)])[0]
+        steps = engine.prefill_steps - before
+        stream.cancel()
+        assert steps >= len(long) // 32 and tokens(first)
+        during = [s for s in seen if before <= s <= before + steps]
+        assert all(b - a <= 1 for a, b in zip(during, during[1:], strict=False))  # never two chunks in a row
+        assert len(during) >= steps - 1
     finally:
         engine.close()

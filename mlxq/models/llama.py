@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxq.engine.cache import KVCache
+from mlxq.models.base import CausalLM
 from mlxq.models.layers import Attention, BaseArgs, GatedMLP, RoPE, rope_settings
 
 
@@ -65,7 +66,7 @@ class Body(nn.Module):
         self.norm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     def __init__(self, config: dict[str, Any]):
         super().__init__()
         self.args = a = Args.from_config(config)
@@ -76,18 +77,6 @@ class Model(nn.Module):
 
     def block_for(self, config: dict[str, Any]):
         return Block
-
-    def embed(self, tokens: mx.array) -> mx.array:
-        return self.model.embed_tokens(tokens)
-
-    def __call__(self, tokens: mx.array, cache: list) -> mx.array:
-        x = self.embed(tokens)
-        for layer, c in zip(self.model.layers, cache, strict=True):
-            x = layer(x, c)
-        x = self.model.norm(x)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(x)
-        return self.lm_head(x)
 
     def make_cache(self) -> list:
         return [KVCache() for _ in self.model.layers]

@@ -16,6 +16,7 @@ import numpy as np
 
 from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
+from mlxq.formats.gguf.checks import check_gguf
 from mlxq.formats.gguf.names import ARCHITECTURES, CONFIG_KEYS, hf_name, to_hf_all, transforms
 
 GROUP = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
@@ -54,6 +55,7 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
     import gguf
 
     path = Path(path)
+    check_gguf(path)  # gguf-py trusts the file: its structure is checked first
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
@@ -64,12 +66,7 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
         raise UnsupportedModel(f"{path}: GGUF architecture '{arch}' is not supported "
                                f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     spec = ARCHITECTURES[arch]
-    size = path.stat().st_size
-    raw = {}
-    for t in reader.tensors:
-        if t.data_offset + int(t.n_bytes) > size:
-            raise FormatError(f"{path}: truncated (tensor '{t.name}' ends past the end of the file)")
-        raw[t.name] = t
+    raw = {t.name: t for t in reader.tensors}
     config = _config(meta, arch, spec, raw, path)
 
     infos: dict[str, TensorInfo] = {}
