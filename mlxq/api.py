@@ -56,8 +56,11 @@ class Model:
         """The engine every request of this model runs on (started on first use)."""
         with self._engine_lock:
             if self._engine is None or not self._engine.alive:
-                self._engine = Engine(self.net, self.tokenizer, **self._engine_options).start()
+                self._engine = self._new_engine().start()
             return self._engine
+
+    def _new_engine(self) -> Engine:
+        return Engine(self.net, self.tokenizer, **self._engine_options)
 
     def configure(self, *, max_batch: int | None = None, prompt_cache_bytes: int | None = None,
                   prefill_chunk: int | None = None) -> None:
@@ -134,19 +137,36 @@ class Model:
 
 
 def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantized: bool | None = None,
-         experts_per_tok: int | None = None) -> Model:
+         experts_per_tok: int | None = None, group: Any = None, parallel: str | None = None) -> Model:
     """Load a model by name: a local HF/mlx-lm dir, a GGUF file, an alias (`smollm2`), `ollama:NAME`, or a
     hub id. With no name, the default small model. Off Metal, quantized GGUF weights are dequantized to
     float32 unless `keep_quantized=True`, since MLX's quantized CPU kernels are slow on x86.
-    `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact)."""
+    `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact).
+
+    `group` (`mx.distributed.init()`, more than one rank): every rank calls `load` alike and loads only its share,
+    split `parallel` ("pipeline", "tensor" or "experts"; default experts for a MoE model, else pipeline). Rank 0
+    gets a model that runs the whole group; the others call `model.follow()` (`mlxq.distributed`)."""
+    if group is not None and group.size() > 1:
+        from mlxq.distributed.group import load_group
+
+        return load_group(name, group, parallel=parallel, dtype=dtype, keep_quantized=keep_quantized,
+                          experts_per_tok=experts_per_tok)
+    ckpt, _ = open_model(name, keep_quantized)
+    net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
+    return Model(net, load_tokenizer_for(ckpt), ckpt, name or "smollm2")
+
+
+def open_model(name: str | None, keep_quantized: bool | None = None) -> tuple[Checkpoint, bool]:
+    """The checkpoint `name` stands for, and whether quantized weights stay quantized (default: on Metal)."""
     if keep_quantized is None:
         keep_quantized = mx.metal.is_available()
-    ckpt = open_checkpoint(name, keep_quantized=keep_quantized)
-    net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
+    return open_checkpoint(name, keep_quantized=keep_quantized), keep_quantized
+
+
+def load_tokenizer_for(ckpt: Checkpoint) -> Tokenizer:
     eos = ckpt.config.get("eos_token_id")
-    tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template,
-                         eos if isinstance(eos, list) else ([eos] if eos is not None else None))
-    return Model(net, tok, ckpt, name or "smollm2")
+    return load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template,
+                          eos if isinstance(eos, list) else ([eos] if eos is not None else None))
 
 
 from mlxq.session import Session  # noqa: E402, F401  (re-exported: games use mlxq.api.Session)

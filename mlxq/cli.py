@@ -9,7 +9,7 @@ from collections import Counter
 
 import click
 
-from mlxq.errors import MlxqError
+from mlxq.errors import InvalidRequest, MlxqError
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
@@ -68,6 +68,36 @@ def sampling_options(f):
     return f
 
 
+def group_options(f):
+    """Options that split the model over several machines (`mlxq.distributed`)."""
+    for opt in reversed([
+        click.option("--hosts", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="Split the model over the hosts of this mlx.launch host file (JSON); the first is this "
+                     "process."),
+        click.option("--parallel", type=click.Choice(["pipeline", "tensor", "experts"]), default=None,
+                     help="How --hosts splits the model (default: experts for a MoE model, else pipeline)."),
+        click.option("--ring-port", default=32323, show_default=True, type=click.IntRange(1, 65535),
+                     help="With --hosts: the ring's first port (rank r listens on it + r)."),
+        click.option("--rank-timeout", default=15.0, show_default=True, type=click.FloatRange(0, min_open=True),
+                     help="With --hosts: seconds without a heartbeat before a rank counts as lost."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def load_for_cli(model: str | None, hosts: str | None, parallel: str | None, ring_port: int, rank_timeout: float):
+    """The model, on this process alone or, with `hosts`, split over a group of which this process is rank 0."""
+    import mlxq
+
+    if hosts is None:
+        if parallel is not None:
+            raise InvalidRequest("--parallel splits the model over --hosts; give a host file")
+        return mlxq.load(model)
+    from mlxq.distributed.launch import load_on_hosts
+
+    return load_on_hosts(model, hosts, parallel, ring_port=ring_port, rank_timeout=rank_timeout)
+
+
 def _sampling(kw: dict) -> dict:
     keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
     return {k: kw[k] for k in keys}
@@ -82,11 +112,11 @@ def _sampling(kw: dict) -> dict:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--verbose", "-v", is_flag=True, help="Print timings to stderr.")
 @sampling_options
-def generate(prompt, model, chat, system, think, stop, verbose, max_tokens, **kw):
+@group_options
+def generate(prompt, model, chat, system, think, stop, verbose, max_tokens, hosts, parallel, ring_port, rank_timeout,
+             **kw):
     """Generate a completion for PROMPT and stream it to stdout."""
-    import mlxq
-
-    m = mlxq.load(model)
+    m = load_for_cli(model, hosts, parallel, ring_port, rank_timeout)
     if chat and m.tokenizer.has_chat_template:
         prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     kwargs = {"enable_thinking": think} if think is not None else {}
@@ -107,12 +137,12 @@ def generate(prompt, model, chat, system, think, stop, verbose, max_tokens, **kw
 @click.option("--system", default=None, help="System message.")
 @click.option("--think/--no-think", default=None, help="enable_thinking for templates that have it.")
 @sampling_options
-def chat(model, system, think, max_tokens, **kw):
+@group_options
+def chat(model, system, think, max_tokens, hosts, parallel, ring_port, rank_timeout, **kw):
     """Interactive chat (empty line or Ctrl-D quits). The cache is kept between turns."""
-    import mlxq
     from mlxq.session import Session
 
-    m = mlxq.load(model)
+    m = load_for_cli(model, hosts, parallel, ring_port, rank_timeout)
     session = Session(m, system=system, enable_thinking=bool(think), max_tokens=max_tokens, **_sampling(kw))
     click.echo(f"mlxq chat with {m.name}: empty line or Ctrl-D to quit", err=True)
     while True:

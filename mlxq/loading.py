@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -13,6 +17,9 @@ from mlxq.formats.base import Checkpoint
 from mlxq.models import build_model, text_config
 from mlxq.models.layers import TernaryLinear, cpu_layout
 
+if TYPE_CHECKING:
+    from mlxq.distributed.split import Split
+
 
 def default_dtype() -> mx.Dtype:
     """float32 off Metal: MLX's CPU kernels for half types are several times slower on x86."""
@@ -20,15 +27,22 @@ def default_dtype() -> mx.Dtype:
 
 
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = True,
-               experts_per_tok: int | None = None) -> nn.Module:
+               experts_per_tok: int | None = None, split: Split | None = None) -> nn.Module:
     """`fuse` merges projections that share an input (q/k/v, gate/up) after loading and puts weights in
     the backend's fastest layout (`inference_layout`); pass False to keep the checkpoint's module layout
     (calibration hooks, weight export). `experts_per_tok` routes each token of a MoE model to that many
-    experts instead of the configured `num_experts_per_tok`."""
+    experts instead of the configured `num_experts_per_tok`. `split`: load only one rank's share of the model
+    (`mlxq.distributed.split`): the tensors it wants, the parts of them it holds, into its network."""
+    _return_freed_memory()
     config = text_config(ckpt.config)
     with _as_config_error(ckpt):
         model = build_model(config)
-    weights = model.sanitize({name: ckpt.tensors[name] for name in ckpt.tensors})
+    sources = {name: ckpt.tensors[name] for name in ckpt.tensors if split is None or split.wants(name)}
+    weights = model.sanitize(dict(sources))
+    if split is not None:
+        with _as_config_error(ckpt):
+            model, weights = split.take(model, build_model, weights, sources, ckpt.tensors)
+    del sources
     quant = ckpt.quantization
     if quant and "quant_method" not in quant:  # mlx-lm's; a transformers quant_method is the family's to read
         with _as_config_error(ckpt):
@@ -38,16 +52,39 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     dtype = dtype or default_dtype()
     cast = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     model.load_weights(list(cast.items()), strict=True)
+    del weights, cast  # the model holds what it needs; a source kept here would stay in memory once read
     if fuse:
         inference_layout(model)
     if experts_per_tok is not None:
         if not hasattr(model, "set_experts_per_tok"):
             raise ConfigError(f"{ckpt.path}: experts per token: the model has no routed experts")
         model.set_experts_per_tok(experts_per_tok)
-    mx.eval(model.parameters())
+    # One tensor at a time, so at most one module's transient copies (read, fused, transposed) exist at once, with
+    # MLX's buffer cache off so that what they free goes back to the system instead of adding up.
+    cache_limit = mx.set_cache_limit(0)
+    try:
+        for _, w in tree_flatten(model.parameters()):
+            mx.eval(w)
+    finally:
+        mx.set_cache_limit(cache_limit)
     model.eval()
     wire_weights(model)
-    return model
+    return model if split is None else split.finish(model)
+
+
+@functools.cache
+def _return_freed_memory() -> None:
+    """On glibc, give every buffer of 128 KiB or more its own mapping, returned to the system when freed. By default
+    glibc raises that threshold as large buffers are freed, after which freed buffers stay in its heap: loading frees
+    many (each tensor as read, before fusing and transposing), and a process would keep their memory at its peak.
+    MLX keeps its own cache of buffers while it runs, so this costs nothing afterwards."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 @contextmanager

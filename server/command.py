@@ -10,6 +10,7 @@ import time
 
 import click
 
+from mlxq.cli import group_options, load_for_cli
 from mlxq.errors import GenerationError, InvalidRequest
 
 
@@ -70,6 +71,7 @@ from mlxq.errors import GenerationError, InvalidRequest
     help="Let requests send their own chat template (chat_template_kwargs.chat_template): arbitrary Jinja, "
     "rendered within a time and size budget. Off: such requests get a 400.",
 )
+@group_options
 @click.option(
     "--log-level",
     default="info",
@@ -89,6 +91,10 @@ def serve(
     thinking,
     thinking_budget,
     allow_request_templates,
+    hosts,
+    parallel,
+    ring_port,
+    rank_timeout,
     log_level,
 ):
     """Serve MODEL (default: smollm2) over an OpenAI-compatible HTTP API: /v1/chat/completions,
@@ -96,7 +102,6 @@ def serve(
     import uvicorn
     from rich.console import Console
 
-    import mlxq
     from mlxq.formats.fetch import DEFAULT_MODEL
     from server.app import build_app
     from server.prepare import Limits
@@ -112,7 +117,7 @@ def serve(
         console.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
     t0 = time.perf_counter()
     with console.status(f"loading {model or DEFAULT_MODEL} (fetched on first use)...") as status:
-        loaded = mlxq.load(model)
+        loaded = load_for_cli(model, hosts, parallel, ring_port, rank_timeout)
         console.log(f"loaded {model or DEFAULT_MODEL} in {time.perf_counter() - t0:.1f} s")
         status.update("building the engine and token tables...")
         limits = Limits(max_tokens=max_tokens, max_request_bytes=int(max_request_mb * (1 << 20)),

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny import make_tiny, to_old_style_rope
+from tiny import add_tokenizer, make_tiny, to_old_style_rope
 
 from mlxq.errors import InvalidRequest
 from mlxq.formats import open_checkpoint
@@ -28,25 +28,6 @@ TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with 
 
 def rel(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
-
-
-def add_tokenizer(path: Path, vocab_size: int = 160) -> None:
-    """A character-level tokenizer that fits the tiny models' 160-token vocabulary (mlx_lm.load and mlxq.load
-    both want one)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in [chr(c) for c in range(32, 127)] + ["\n"]:
-        vocab.setdefault(ch, len(vocab))
-    while len(vocab) < vocab_size:
-        vocab[f"<extra_{len(vocab)}>"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
-        str(path)
-    )
 
 
 @pytest.fixture(scope="module")

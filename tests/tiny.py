@@ -60,3 +60,23 @@ def to_old_style_rope(path: Path) -> None:
     if params.get("rope_type", "default") != "default":
         cfg["rope_scaling"] = params
     (path / "config.json").write_text(json.dumps(cfg))
+
+
+def add_tokenizer(path: Path, vocab_size: int = 160) -> None:
+    """A character-level tokenizer that fits the tiny models' 160-token vocabulary (mlx_lm.load and mlxq.load
+    both want one): one token per printable ASCII character and newline, spelled as byte-level symbols with a
+    byte-level decoder, which llguidance (constrained decoding, the server) reads."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bytes_ = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in [chr(c) for c in range(32, 127)] + ["\n"]:
+        vocab.setdefault(bytes_.pre_tokenize_str(ch)[0][0], len(vocab))
+    while len(vocab) < vocab_size:
+        vocab[f"<extra_{len(vocab)}>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([bytes_, pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")])
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(path))

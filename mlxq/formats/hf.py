@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import mmap
 import struct
 from pathlib import Path
 
@@ -155,22 +157,37 @@ def _read_slice(path: Path, start: int, info: TensorInfo, axis: int, ranges: lis
     shape = info.shape
     outer, span, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
     width = sum(b - a for a, b in ranges)
-    out = np.empty((outer, width, inner), carrier)
-    with open(path, "rb", buffering=0) as f:
+    with _scratch((outer, width, inner), carrier) as out, open(path, "rb", buffering=0) as f:
         if outer == 1:
             at = 0
             for a, b in ranges:
                 _read_exact(f, start + a * inner * itemsize, out[0, at : at + b - a])
                 at += b - a
         else:
-            rows = max(1, CHUNK_BYTES // max(1, span * inner * itemsize))
-            buf = np.empty((rows, span, inner), carrier)
-            for first in range(0, outer, rows):
-                n = min(rows, outer - first)
-                _read_exact(f, start + first * span * inner * itemsize, buf[:n])
-                out[first : first + n] = np.concatenate([buf[:n, a:b] for a, b in ranges], axis=1)
-    arr = mx.array(out.reshape(*shape[:axis], width, *shape[axis + 1 :]))
+            rows = max(1, min(outer, CHUNK_BYTES // max(1, span * inner * itemsize)))
+            with _scratch((rows, span, inner), carrier) as buf:
+                for first in range(0, outer, rows):
+                    n = min(rows, outer - first)
+                    _read_exact(f, start + first * span * inner * itemsize, buf[:n])
+                    out[first : first + n] = np.concatenate([buf[:n, a:b] for a, b in ranges], axis=1)
+        arr = mx.array(out.reshape(*shape[:axis], width, *shape[axis + 1 :]))
     return arr.view(getattr(mx, view)) if view else arr
+
+
+@contextlib.contextmanager
+def _scratch(shape: tuple[int, ...], dtype: str):
+    """A numpy buffer in its own anonymous mapping, unmapped on exit. From the C heap instead, a large temporary
+    raises glibc's mmap threshold when freed, and later buffers then stay in the heap after they are freed: the
+    process would keep the memory of every part it read."""
+    size = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
+    region = mmap.mmap(-1, size)
+    try:
+        yield np.frombuffer(region, dtype, count=math.prod(shape)).reshape(shape)
+    finally:
+        try:
+            region.close()
+        except BufferError:  # a view of it is still alive somewhere: the mapping goes when that does
+            pass
 
 
 def _read_exact(f, offset: int, into: np.ndarray) -> None:

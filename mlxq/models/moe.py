@@ -180,12 +180,17 @@ class SparseMoE(nn.Module):
             self.shared_expert = GatedMLP(dim, shared_hidden, act=silu)
             self.shared_expert_gate = Linear(dim, 1, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Each token's top-k experts [..., k] and their weights [..., k] (float32)."""
         probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
         experts = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
         weights = mx.take_along_axis(probs, experts, axis=-1)
         if self.norm_topk:
             weights = weights / weights.sum(axis=-1, keepdims=True)
+        return experts, weights
+
+    def __call__(self, x: mx.array) -> mx.array:
+        experts, weights = self.route(x)
         y = (self.experts(x, experts) * weights[..., None].astype(x.dtype)).sum(axis=-2)
         if "shared_expert" in self:
             y = y + sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
