@@ -83,7 +83,7 @@ class Control:
                 raise GenerationError(f"distributed: ranks {missing} did not connect within {timeout:.0f} s") from None
             conn.settimeout(10.0)
             try:
-                hello = json.loads(conn.makefile("rb").readline() or b"{}")
+                hello = json.loads(_first_line(conn) or b"{}")
             except (OSError, ValueError):
                 conn.close()
                 continue
@@ -237,6 +237,18 @@ class Control:
             busy = self._busy_since
             if busy is not None and now - busy > self.step_timeout:
                 self.down(f"a step has run for {now - busy:.0f} s (a rank is not taking part)")
+
+
+def _first_line(conn: socket.socket, limit: int = 4096) -> bytes:
+    """The first line a connection sends, read byte by byte: a buffered reader would also take what follows it (the
+    rank's next message), which the reader thread must see."""
+    line = b""
+    while not line.endswith(b"\n") and len(line) < limit:
+        byte = conn.recv(1)
+        if not byte:
+            break
+        line += byte
+    return line
 
 
 class Link:
