@@ -39,6 +39,10 @@ def tokens(outs: list[Output]) -> list[int]:
     return [t for o in outs for t in o.tokens]
 
 
+def logprobs(outs: list[Output]) -> list[float]:
+    return [lp.logprob for o in outs for lp in o.logprobs]
+
+
 @pytest.fixture(scope="module")
 def engine(qwen3_model):
     e = Engine(qwen3_model.net, qwen3_model.tokenizer, max_batch=4).start()
@@ -199,13 +203,16 @@ def test_prompts_that_arrive_together_are_prefilled_in_one_pass(name, request):
         assert inside.wait(60)
         before = engine.prefill_steps
         ps = prompts(model, 5)[1:]
-        together = [Request(p, 7) for p in ps]
+        together = [Request(p, 7, logprobs=0) for p in ps]
         gate.set()
         got = run(engine, together)  # submitted while the engine is held, so they arrive together
         thread.join(60)
         assert engine.prefill_steps - before == 1
         for p, o in zip(ps, got, strict=True):
-            assert tokens(o) == model.generate(p, max_tokens=7).tokens
+            want = model.generate(p, max_tokens=7, logprobs=0)
+            assert tokens(o) == want.tokens
+            # the same probabilities, not just the same argmax: padding left no trace in any row's state
+            assert mx.allclose(mx.array(logprobs(o)), mx.array([lp.logprob for lp in want.logprobs]), rtol=0, atol=1e-5)
         assert len(tokens(outs[0])) == 6
     finally:
         engine.close()

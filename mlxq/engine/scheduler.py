@@ -392,8 +392,8 @@ class Engine:
         except Exception as e:
             self._fail(seq, e)
             return None
-        if out.finish_reason is None and (out.text or out.reasoning or out.logprobs):
-            self._emit(seq, out)
+        if out.finish_reason is None:
+            self._emit(seq, out)  # every token, even one whose text is held back (its caller counts it)
         return out
 
     def _leave(self, batch, seqs: list[_Sequence], i: int, last: Output | None) -> None:
