@@ -113,7 +113,7 @@ class Planner:
     def chat(self, body: ChatRequest) -> Plan:
         tok = self.tokenizer
         if not tok.has_chat_template:
-            raise InvalidRequest("this model has no chat template: use /v1/completions with a plain prompt")
+            raise InvalidRequest("messages: this model has no chat template: use /v1/completions with a plain prompt")
         n = self._choices(body.n, 1)
         messages = [_message(m, i) for i, m in enumerate(body.messages)]
         kwargs = self._template_kwargs(body.chat_template_kwargs)
@@ -125,7 +125,7 @@ class Planner:
         tools = plan_tools(tok, body.tools, body.tool_choice, after_think=enable)
         fmt_grammar = response_format_grammar(body.response_format, leading_newlines=enable)
         if tools.grammar is not None and fmt_grammar is not None:
-            raise InvalidRequest("response_format cannot be combined with tool_choice 'required' or a named function")
+            raise InvalidRequest("response_format: cannot be combined with tool_choice 'required' or a named function")
         grammar = tools.grammar or fmt_grammar
         if grammar is not None:
             self._check_grammar(grammar, "response_format" if fmt_grammar else "tools")
@@ -138,7 +138,7 @@ class Planner:
             history = [] if history_text is None else tok.encode(history_text, add_special_tokens=False)
             think_open = enable and prompt_opens_think(tok, ids)
         marks = [len(history)] if 0 < len(history) < len(ids) and history == ids[: len(history)] else []
-        max_tokens = self._max_tokens(len(ids), body.max_completion_tokens or body.max_tokens)
+        max_tokens = self._max_tokens(len(ids), body.max_completion_tokens or body.max_tokens, "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidRequest("top_logprobs: needs logprobs: true")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -168,11 +168,11 @@ class Planner:
         """enable_thinking from chat_template_kwargs and reasoning_effort ("none" turns it off)."""
         asked = kwargs.get("enable_thinking")
         if asked is not None and not isinstance(asked, bool):
-            raise InvalidRequest("chat_template_kwargs.enable_thinking must be a boolean")
+            raise InvalidRequest("chat_template_kwargs.enable_thinking: must be a boolean")
         if effort is not None:
             wanted = effort != "none"
             if asked is not None and asked != wanted:
-                raise InvalidRequest(f"reasoning_effort {effort!r} contradicts chat_template_kwargs.enable_thinking")
+                raise InvalidRequest(f"reasoning_effort: {effort!r} contradicts chat_template_kwargs.enable_thinking")
             asked = wanted
         if asked is None:
             asked = self.default_thinking
@@ -218,11 +218,11 @@ class Planner:
     # -------------------------------------------------------------------------------------------- completions
     def completion(self, body: CompletionRequest) -> Plan:
         if body.suffix:
-            raise InvalidRequest("suffix is not supported")
+            raise InvalidRequest("suffix: is not supported")
         if body.best_of is not None and body.best_of != body.n:
-            raise InvalidRequest("best_of is not supported (only best_of == n)")
+            raise InvalidRequest("best_of: is not supported (only best_of == n)")
         if body.echo and body.logprobs is not None:
-            raise InvalidRequest("echo with logprobs is not supported")
+            raise InvalidRequest("echo: cannot be combined with logprobs")
         prompts = _prompt_list(body.prompt)
         n = self._choices(body.n, len(prompts))  # before any prompt is tokenized
         with self.lock:
@@ -231,7 +231,7 @@ class Planner:
         requests, choices, lengths = [], [], []
         requested = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
         for p, (ids, echo) in enumerate(zip(token_ids, echoes, strict=True)):
-            max_tokens = self._max_tokens(len(ids), requested)
+            max_tokens = self._max_tokens(len(ids), requested, "prompt")
             lengths.append(len(ids))
             for j in range(n):
                 requests.append(self._request(ids, max_tokens, body, p * n + j, list, body.logprobs, []))
@@ -253,12 +253,13 @@ class Planner:
             raise InvalidRequest(f"n: at most {self.limits.max_choices} choices per request (asked for {n * prompts})")
         return n
 
-    def _max_tokens(self, prompt_len: int, requested: int | None) -> int:
+    def _max_tokens(self, prompt_len: int, requested: int | None, prompt_field: str) -> int:
         limit = self.limits.max_tokens
         room = self.context - prompt_len
         if room < 1:
             raise ContextLengthExceeded(
-                f"the prompt has {prompt_len} tokens; this model's context length is {self.context} tokens"
+                f"{prompt_field}: the prompt has {prompt_len} tokens; this model's context length is "
+                f"{self.context} tokens"
             )
         if requested is None:
             return min(limit, room)
@@ -266,7 +267,7 @@ class Planner:
             raise InvalidRequest(f"max_tokens: {requested} is more than this server allows ({limit})")
         if requested > room:
             raise ContextLengthExceeded(
-                f"this model's maximum context length is {self.context} tokens; the prompt "
+                f"max_tokens: this model's maximum context length is {self.context} tokens; the prompt "
                 f"has {prompt_len} and max_tokens asks for {requested} more"
             )
         return requested
