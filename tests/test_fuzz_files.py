@@ -48,7 +48,7 @@ FAST_EXAMPLES = 60  # per target, in `make test`
 SLOW_EXAMPLES = int(os.environ.get("MLXQ_FUZZ_EXAMPLES", "3000"))
 
 # ------------------------------------------------------------------------------------------------ values
-INTERESTING_INTS = [0, 1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 33, 63, 64, 65, 96, 159, 160, 161, 255, 256, 512,
+INTERESTING_INTS = [0, 1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 33, 63, 64, 65, 96, 128, 159, 160, 161, 255, 256, 512,
                     2**15, 2**16, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 10**9, 2**40, 2**53, 2**63 - 1, 2**63,
                     2**64 - 1, -1, -2**31, -2**63]
 ints = st.one_of(st.sampled_from(INTERESTING_INTS), st.integers(-(2**63), 2**64 - 1))
@@ -60,7 +60,8 @@ json_values = st.recursive(json_scalars, lambda inner: st.one_of(
 
 # GGUF values: what GGUFWriter can write (ints it can pack, float32 or float64, strings, bools, int arrays)
 gguf_values = st.one_of(st.integers(-(2**63), 2**64 - 1), st.sampled_from(INTERESTING_INTS), floats,
-                        st.text(max_size=12), st.booleans(),
+                        st.text(max_size=12), st.sampled_from(["linear", "yarn", "llama", "qwen3", "gemma3", "gpt2"]),
+                        st.booleans(),
                         st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=4), st.none())
 META_KEYS = [*GGUF_META, f"{ARCH}.vocab_size", f"{ARCH}.rope.scaling.type", f"{ARCH}.rope.scaling.factor",
              f"{ARCH}.attention.sliding_window", "general.alignment", "general.architecture",
