@@ -9,6 +9,7 @@ allocates without bound or crashes the interpreter is reported as such instead o
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import select
@@ -90,7 +91,7 @@ def gguf_value_type(value: Any) -> GGUFValueType:
             return GGUFValueType.INT32
         return GGUFValueType.UINT64 if value >= 0 else GGUFValueType.INT64
     if isinstance(value, float):
-        return GGUFValueType.FLOAT32
+        return GGUFValueType.FLOAT64 if math.isfinite(value) and abs(value) > 3.4e38 else GGUFValueType.FLOAT32
     if isinstance(value, str):
         return GGUFValueType.STRING
     return GGUFValueType.ARRAY
@@ -98,7 +99,8 @@ def gguf_value_type(value: Any) -> GGUFValueType:
 
 def write_gguf(path: Path, meta: dict[str, tuple[GGUFValueType, Any]] | None = None, seed: int = 0,
                arch: str = ARCH, alignment: int | None = None) -> Path:
-    """A tiny llama GGUF as llama.cpp's converter lays it out; `meta` entries replace or add metadata."""
+    """A tiny llama GGUF as llama.cpp's converter lays it out; `meta` entries replace or add metadata (a value
+    of None removes the key)."""
     from mlxq.formats.gguf.names import gguf_name
 
     w = gguf.GGUFWriter(str(path), arch)
@@ -107,6 +109,8 @@ def write_gguf(path: Path, meta: dict[str, tuple[GGUFValueType, Any]] | None = N
         w.data_alignment = alignment
     w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(VOCAB)])
     for key, (kind, value) in {**GGUF_META, **(meta or {})}.items():
+        if value is None:
+            continue
         sub = gguf_value_type(value[0]) if kind == GGUFValueType.ARRAY and value else None
         w.add_key_value(key, value, kind, sub_type=sub)
     for name, (t, kind) in hf_tensors(seed).items():
@@ -281,3 +285,12 @@ class BoundedLoader:
             self._proc.kill()
             self._proc.wait()
             self._proc = None
+
+
+def report(name: str, counts: Counter) -> None:
+    """Prints a fuzz run's counts as one JSON line (and appends it to $MLXQ_FUZZ_REPORT when set)."""
+    line = json.dumps({"fuzz": name, "tried": sum(counts.values()), "outcomes": dict(sorted(counts.items()))})
+    print(line)
+    if os.environ.get("MLXQ_FUZZ_REPORT"):
+        with open(os.environ["MLXQ_FUZZ_REPORT"], "a") as f:
+            f.write(line + "\n")

@@ -553,4 +553,4 @@ def test_mlxq_serve_command(qwen3_model_dir):
             proc.kill()
             out, _ = proc.communicate()
     assert proc.returncode in (0, 130), out
-    assert "loaded" in out and "ready" in out and f"127.0.0.1:{port}/v1" in out
+    assert "loaded" in out and "ready" in out and f"127.0.0.1:{port}/v1" in out and "auth on" in out
