@@ -9,7 +9,7 @@ import json
 import pytest
 import transformers
 from fixtures_qwen3 import *  # noqa: F403  (pytest fixtures: qwen3_model, ...)
-from test_server import MODEL, USER, serving
+from test_server import MODEL, USER, WEATHER_TOOLS, serving
 
 from mlxq.api import Model
 from mlxq.engine.tokenizer import Tokenizer
@@ -23,14 +23,14 @@ QWEN35_TEMPLATE = PinnedFile(
     "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715",
     binary=False,
 )
-TOOLS = [
+WEATHER = WEATHER_TOOLS[0]["function"]
+TOOLS = [  # the server tests' tool with parameters of every kind the XML format writes differently
     {
         "type": "function",
         "function": {
-            "name": "get_weather",
-            "description": "Weather in a city",
+            **WEATHER,
             "parameters": {
-                "type": "object",
+                **WEATHER["parameters"],
                 "properties": {
                     "city": {"type": "string", "enum": ["Paris", "Tokyo"]},
                     "days": {"type": "integer", "minimum": 1, "maximum": 7},
@@ -39,7 +39,6 @@ TOOLS = [
                     "hours": {"type": "array", "items": {"type": "integer"}},
                 },
                 "required": ["city", "days"],
-                "additionalProperties": False,
             },
         },
     }
