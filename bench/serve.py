@@ -250,10 +250,10 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=None, help="session turns")
     args = ap.parse_args()
     levels = sorted({int(c) for c in args.clients.split(",")})
-    max_tokens = args.max_tokens or (24 if args.quick else 96)
+    max_tokens = args.max_tokens or (16 if args.quick else 96)
     requests = args.requests or (1 if args.quick else 2)
     rounds = 1 if args.quick else 2
-    turns = args.turns or (3 if args.quick else 8)
+    turns = args.turns or (2 if args.quick else 8)
     load_before = os.getloadavg()
 
     concurrency = bench_concurrency(args.model, levels, max_tokens, requests, rounds)

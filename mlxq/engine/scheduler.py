@@ -7,9 +7,10 @@ run one prefill step, then one decode step.
 
 - Prefill: the requests being prefilled form one batch (`batch.py`) and run one forward pass together per
   iteration, each row feeding its own share of `prefill_chunk` prompt tokens (rows of different lengths, each
-  at its own offset). Prompts that arrive together are prefilled together, and a running stream waits at most
-  one such step for its next token, however long the prompts are. A row whose prompt is done samples its
-  first token from that same pass and moves to the decode batch.
+  at its own offset). Prompts that arrive together are prefilled together when they fit one pass; long ones a
+  few at a time, oldest first (`_prefill_room`). A running stream waits at most one such step for its next
+  token, however long the prompts are. A row whose prompt is done samples its first token from that same pass
+  and moves to the decode batch.
 - Decode: every running request advances by one token in one forward pass.
 
 A prompt first resumes from a cache: the request's own `CacheSlot` (a Session's conversation) or else the
@@ -38,7 +39,7 @@ import mlx.core as mx
 
 from mlxq.engine.batch import make_batch
 from mlxq.engine.output import Output, OutputProcessor, Reading, TokenLogprob, Usage
-from mlxq.engine.prompt_cache import CacheSlot, PromptCache
+from mlxq.engine.prompt_cache import CacheSlot, PromptCache, resume_point
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams, make_sampler, penalty_processors
 from mlxq.engine.tokenizer import Tokenizer
 from mlxq.errors import GenerationError, InvalidRequest, MlxqError
@@ -47,6 +48,7 @@ from mlxq.models.base import CausalLM
 log = logging.getLogger("mlxq.engine")
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill step, shared by the rows being prefilled
+MIN_SHARE = 128  # a long prompt's fewest tokens per prefill step (see Engine._prefill_room)
 DEFAULT_MAX_BATCH = 32
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
 
@@ -288,8 +290,10 @@ class Engine:
             block = False
 
     def _admit(self) -> None:
-        """Waiting requests join the prefill batch while there is room, resumed from a cache."""
-        while self._waiting and len(self._prefilling) + len(self._running) < self.max_batch:
+        """Waiting requests join the prefill batch, oldest first, while the batch has room and the prefill step can
+        take them (`_prefill_room`), resumed from a cache."""
+        while (self._waiting and len(self._prefilling) + len(self._running) < self.max_batch
+               and self._prefill_room(self._waiting[0])):
             seq = self._waiting.popleft()
             try:
                 caches, seq.cached = self._resume(seq.req)
@@ -299,6 +303,19 @@ class Engine:
             seq.pos = seq.cached
             self._prefill.add(caches)
             self._prefilling.append(seq)
+
+    def _prefill_room(self, seq: _Sequence) -> bool:
+        """Whether `seq` may join the rows being prefilled: when all of them finish their prompts in one step
+        together (short prompts arriving together share one pass), or each still gets `MIN_SHARE` tokens a step.
+        Long prompts are otherwise prefilled a few at a time, so the first of them answer sooner, rather than all
+        at the end. A prompt's remainder is its full length here, unless its own slot already holds a prefix."""
+        rows = len(self._prefilling) + 1
+        if rows == 1 or rows * MIN_SHARE <= self.prefill_chunk:
+            return True
+        slot, prompt = seq.req.slot, seq.req.prompt
+        held = resume_point(slot.tokens, slot.marks, prompt, self.rewindable) if slot and slot.caches else 0
+        longest = max([len(prompt) - held, *(len(s.req.prompt) - s.pos for s in self._prefilling)])
+        return rows * longest <= self.prefill_chunk
 
     def _resume(self, req: Request) -> tuple[list, int]:
         """Caches holding the longest prefix of the prompt at hand: the request's own slot, else the prompt cache."""
