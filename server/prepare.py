@@ -100,7 +100,7 @@ class Planner:
     # -------------------------------------------------------------------------------------------- chat
     def chat(self, body: ChatRequest) -> Plan:
         if not self.tokenizer.has_chat_template:
-            raise InvalidRequest("this model has no chat template: use /v1/completions with a plain prompt")
+            raise InvalidRequest("messages: this model has no chat template: use /v1/completions with a plain prompt")
         n = self._choices(body.n, 1)
         messages = [_message(m, i) for i, m in enumerate(body.messages)]
         kwargs = self._template_kwargs(body.chat_template_kwargs)
@@ -113,7 +113,7 @@ class Planner:
                                   tools=body.tools, tool_choice=body.tool_choice)
         prepared = prepare(self.tokenizer, messages, controls, chat_template_kwargs=kwargs,
                            rewindable=self.rewindable_cache, render=self._render)
-        max_tokens = self._max_tokens(len(prepared.prompt), body.max_completion_tokens or body.max_tokens)
+        max_tokens = self._max_tokens(len(prepared.prompt), body.max_completion_tokens or body.max_tokens, "messages")
         requests = [self._request(prepared, max_tokens, body, j, logprobs) for j in range(n)]
         return Plan(requests, [Choice(0)] * n, [len(prepared.prompt)])
 
@@ -125,7 +125,7 @@ class Planner:
             return self.default_thinking if asked is None else None
         wanted = effort != "none"
         if isinstance(asked, bool) and asked != wanted:
-            raise InvalidRequest(f"reasoning_effort {effort!r} contradicts chat_template_kwargs.enable_thinking")
+            raise InvalidRequest(f"reasoning_effort: {effort!r} contradicts chat_template_kwargs.enable_thinking")
         return wanted
 
     def _schema(self, response_format: dict[str, Any] | None) -> dict | None:
@@ -184,11 +184,11 @@ class Planner:
     # -------------------------------------------------------------------------------------------- completions
     def completion(self, body: CompletionRequest) -> Plan:
         if body.suffix:
-            raise InvalidRequest("suffix is not supported")
+            raise InvalidRequest("suffix: is not supported")
         if body.best_of is not None and body.best_of != body.n:
-            raise InvalidRequest("best_of is not supported (only best_of == n)")
+            raise InvalidRequest("best_of: is not supported (only best_of == n)")
         if body.echo and body.logprobs is not None:
-            raise InvalidRequest("echo with logprobs is not supported")
+            raise InvalidRequest("echo: cannot be combined with logprobs")
         prompts = _prompt_list(body.prompt)
         n = self._choices(body.n, len(prompts))  # before any prompt is tokenized
         controls = self._controls(body)
@@ -197,7 +197,7 @@ class Planner:
         requests, choices = [], []
         requested = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
         for p, prompt in enumerate(prepared):
-            max_tokens = self._max_tokens(len(prompt.prompt), requested)
+            max_tokens = self._max_tokens(len(prompt.prompt), requested, "prompt")
             echo = self.tokenizer.decode(prompt.prompt) if body.echo else ""
             for j in range(n):
                 requests.append(self._request(prompt, max_tokens, body, p * n + j, body.logprobs))
@@ -216,12 +216,13 @@ class Planner:
             raise InvalidRequest(f"n: at most {self.limits.max_choices} choices per request (asked for {n * prompts})")
         return n
 
-    def _max_tokens(self, prompt_len: int, requested: int | None) -> int:
+    def _max_tokens(self, prompt_len: int, requested: int | None, prompt_field: str) -> int:
         limit = self.limits.max_tokens
         room = self.context - prompt_len
         if room < 1:
             raise ContextLengthExceeded(
-                f"the prompt has {prompt_len} tokens; this model's context length is {self.context} tokens"
+                f"{prompt_field}: the prompt has {prompt_len} tokens; this model's context length is "
+                f"{self.context} tokens"
             )
         if requested is None:
             return min(limit, room)
@@ -229,7 +230,7 @@ class Planner:
             raise InvalidRequest(f"max_tokens: {requested} is more than this server allows ({limit})")
         if requested > room:
             raise ContextLengthExceeded(
-                f"this model's maximum context length is {self.context} tokens; the prompt "
+                f"max_tokens: this model's maximum context length is {self.context} tokens; the prompt "
                 f"has {prompt_len} and max_tokens asks for {requested} more"
             )
         return requested

@@ -9,6 +9,7 @@ allocates without bound or crashes the interpreter is reported as such instead o
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import select
@@ -16,12 +17,14 @@ import struct
 import subprocess
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
+import pytest
 from gguf.constants import GGMLQuantizationType, GGUFValueType
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 160, 64, 3, 4, 2, 96
@@ -90,7 +93,7 @@ def gguf_value_type(value: Any) -> GGUFValueType:
             return GGUFValueType.INT32
         return GGUFValueType.UINT64 if value >= 0 else GGUFValueType.INT64
     if isinstance(value, float):
-        return GGUFValueType.FLOAT32
+        return GGUFValueType.FLOAT64 if math.isfinite(value) and abs(value) > 3.4e38 else GGUFValueType.FLOAT32
     if isinstance(value, str):
         return GGUFValueType.STRING
     return GGUFValueType.ARRAY
@@ -98,7 +101,8 @@ def gguf_value_type(value: Any) -> GGUFValueType:
 
 def write_gguf(path: Path, meta: dict[str, tuple[GGUFValueType, Any]] | None = None, seed: int = 0,
                arch: str = ARCH, alignment: int | None = None) -> Path:
-    """A tiny llama GGUF as llama.cpp's converter lays it out; `meta` entries replace or add metadata."""
+    """A tiny llama GGUF as llama.cpp's converter lays it out; `meta` entries replace or add metadata (a value
+    of None removes the key)."""
     from mlxq.formats.gguf.names import gguf_name
 
     w = gguf.GGUFWriter(str(path), arch)
@@ -107,6 +111,8 @@ def write_gguf(path: Path, meta: dict[str, tuple[GGUFValueType, Any]] | None = N
         w.data_alignment = alignment
     w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(VOCAB)])
     for key, (kind, value) in {**GGUF_META, **(meta or {})}.items():
+        if value is None:
+            continue
         sub = gguf_value_type(value[0]) if kind == GGUFValueType.ARRAY and value else None
         w.add_key_value(key, value, kind, sub_type=sub)
     for name, (t, kind) in hf_tensors(seed).items():
@@ -281,3 +287,30 @@ class BoundedLoader:
             self._proc.kill()
             self._proc.wait()
             self._proc = None
+
+
+# A fuzz test runs twice: a small fixed-seed budget in `make test`, and the long run behind the slow marker
+# (MLXQ_FUZZ_EXAMPLES examples, times a test's own scale).
+RUNS = [pytest.param("fast", id="fast"), pytest.param("long", id="long", marks=pytest.mark.slow)]
+
+
+def budget(run: str, fast: int, scale: int = 1) -> tuple[int, int]:
+    """(examples, seed) of a fuzz run."""
+    return (fast, 10) if run == "fast" else (int(os.environ.get("MLXQ_FUZZ_EXAMPLES", "3000")) * scale, 20)
+
+
+@contextmanager
+def reporting(name: str, counts: Counter):
+    """Counts of one fuzz run, printed as one JSON line at its end, pass or fail (and appended to
+    $MLXQ_FUZZ_REPORT when set)."""
+    counts.clear()
+    try:
+        yield counts
+    finally:
+        line = json.dumps({"fuzz": name, "tried": sum(counts.values()), "outcomes": dict(sorted(counts.items()))})
+        print(line)
+        if os.environ.get("MLXQ_FUZZ_REPORT"):
+            out = Path(os.environ["MLXQ_FUZZ_REPORT"])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "a") as f:
+                f.write(line + "\n")

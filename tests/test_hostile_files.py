@@ -146,7 +146,7 @@ def test_config_not_an_object(st_dir, config):
     ("num_hidden_layers", 10**9, r"layers 0\.\.2"),
     ("num_hidden_layers", True, "integer"),
     ("eos_token_id", "x", "token id"),
-    ("eos_token_id", [2, 160], "token id"),
+    ("eos_token_id", [2, -1], "token id"),
     ("rms_norm_eps", float("nan"), "number"),
     ("rope_theta", -1, "number > 0"),
     ("tie_word_embeddings", "false", "true or false"),
@@ -178,11 +178,14 @@ def test_config_type_the_family_reads_badly(st_dir):
     ("vocab_size", 2**32 - 1, "too large"),
     ("block_count", 10**9, r"layers 0\.\.2"),
     ("block_count", 2, None),  # fewer layers than the file holds: an unexpected tensor
+    ("attention.head_count", 128, "rows"),  # divides nothing wrong in the config, but not the q rows it un-permutes
 ])
 def test_gguf_metadata_value(tmp_path, key, value, why):
     path = write_gguf(tmp_path / "m.gguf", {f"{ARCH}.{key}": (U32, value)})
     if why is None:
         refused(path, FormatError, r"unexpected tensor 'model\.layers\.2\.")
+    elif why == "rows":
+        refused(path, FormatError, r"tensor 'blk\.0\.attn_q\.weight' \(F16\) cannot be decoded")
     else:
         assert f"'{ARCH}.{key.removesuffix('_kv')}" in refused(path, ConfigError, why)
 
@@ -190,6 +193,15 @@ def test_gguf_metadata_value(tmp_path, key, value, why):
 def test_gguf_metadata_of_the_wrong_type(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", {f"{ARCH}.embedding_length": (GGUFValueType.STRING, "64")})
     refused(path, ConfigError, "embedding_length.*must be an integer")
+
+
+@pytest.mark.parametrize(("meta", "why"), [
+    ({f"{ARCH}.rope.scaling.type": (GGUFValueType.STRING, "linear")}, "'llama.rope.scaling.factor' is missing"),
+    ({f"{ARCH}.rope.scaling.type": (GGUFValueType.STRING, "linear"),
+      f"{ARCH}.rope.scaling.factor": (GGUFValueType.STRING, "x")}, "could not convert"),
+])
+def test_gguf_metadata_that_does_not_make_a_config(tmp_path, meta, why):
+    refused(write_gguf(tmp_path / "m.gguf", meta), FormatError, why)
 
 
 def test_gguf_token_id_outside_the_vocabulary(tmp_path):

@@ -4,6 +4,7 @@ attention and hybrid (Gated DeltaNet) models, a failing request fails alone, can
 from __future__ import annotations
 
 import threading
+import time
 
 import mlx.core as mx
 import pytest
@@ -37,6 +38,10 @@ def run(engine: Engine, requests: list[Request], timeout: float = 60) -> list[li
 
 def tokens(outs: list[Output]) -> list[int]:
     return [t for o in outs for t in o.tokens]
+
+
+def logprobs(outs: list[Output]) -> list[float]:
+    return [lp.logprob for o in outs for lp in o.logprobs]
 
 
 @pytest.fixture(scope="module")
@@ -199,13 +204,16 @@ def test_prompts_that_arrive_together_are_prefilled_in_one_pass(name, request):
         assert inside.wait(60)
         before = engine.prefill_steps
         ps = prompts(model, 5)[1:]
-        together = [Request(p, 7) for p in ps]
+        together = [Request(p, 7, logprobs=0) for p in ps]
         gate.set()
         got = run(engine, together)  # submitted while the engine is held, so they arrive together
         thread.join(60)
         assert engine.prefill_steps - before == 1
         for p, o in zip(ps, got, strict=True):
-            assert tokens(o) == model.generate(p, max_tokens=7).tokens
+            want = model.generate(p, max_tokens=7, logprobs=0)
+            assert tokens(o) == want.tokens
+            # the same probabilities, not just the same argmax: padding left no trace in any row's state
+            assert mx.allclose(mx.array(logprobs(o)), mx.array([lp.logprob for lp in want.logprobs]), rtol=0, atol=1e-5)
         assert len(tokens(outs[0])) == 6
     finally:
         engine.close()
@@ -236,5 +244,37 @@ def test_a_long_prompt_does_not_stall_a_running_stream(qwen3_model):
         during = [s for s in seen if before <= s <= before + steps]
         assert all(b - a <= 1 for a, b in zip(during, during[1:], strict=False))  # never two chunks in a row
         assert len(during) >= steps - 1
+    finally:
+        engine.close()
+
+
+def test_long_prompts_are_prefilled_a_few_at_a_time_oldest_first(qwen3_model):
+    """Six long prompts queued together: the four oldest share the prefill steps (each its 128-token share) and
+    answer first; the other two start when there is room, instead of every prompt answering at the very end."""
+    engine = Engine(qwen3_model.net, qwen3_model.tokenizer, max_batch=8, prefill_chunk=512).start()
+    try:
+        inside, gate = threading.Event(), threading.Event()
+        blocker = Request(prompts(qwen3_model, 1)[0], 4, make_processors=hold_at(1, inside, gate), ignore_eos=True)
+        thread = threading.Thread(target=run, args=(engine, [blocker]))
+        thread.start()
+        assert inside.wait(60)
+        story = "A keeper lit the lamp every night, and ships passed safely. "
+        long = [qwen3_model.tokenizer.encode(f"Story {i}. " + story * 25) for i in range(6)]
+        first_at = [0] * 6  # prefill steps done when each request's first token came out
+        requests = [Request(p, 2) for p in long]
+        for i, req in enumerate(requests):
+            req.on_output = lambda out, i=i: first_at.__setitem__(i, first_at[i] or engine.prefill_steps)
+        before = engine.prefill_steps
+        for req in requests:
+            engine.submit(req)
+        gate.set()
+        thread.join(60)
+        deadline = time.monotonic() + 120
+        while engine.pending:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        steps = [at - before for at in first_at]
+        assert len(set(steps[:4])) == 1 and min(steps[4:]) > steps[0]  # the first four together, then the rest
+        assert steps[0] == -(-len(long[0]) // 128)  # each of the four fed 128 tokens a step
     finally:
         engine.close()

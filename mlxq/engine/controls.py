@@ -160,7 +160,7 @@ def prepare(tokenizer: Tokenizer, prompt: Prompt, controls: Controls = Controls(
     else:
         raise InvalidRequest("prompt: must be text, token ids, or a non-empty list of chat messages")
     if not ids:
-        raise InvalidRequest("prompt: is empty")
+        raise InvalidRequest("prompt: must not be empty")
     bad = next((t for t in ids if not 0 <= t < tokenizer.vocab_size), None)
     if bad is not None:
         raise InvalidRequest(f"prompt: token id {bad} is outside the vocabulary (0..{tokenizer.vocab_size - 1})")
@@ -192,9 +192,9 @@ def prepare(tokenizer: Tokenizer, prompt: Prompt, controls: Controls = Controls(
 
 def _thinking(asked: bool | None, in_kwargs: Any) -> bool | None:
     if in_kwargs is not None and not isinstance(in_kwargs, bool):
-        raise InvalidRequest("chat_template_kwargs.enable_thinking must be a boolean")
+        raise InvalidRequest("chat_template_kwargs.enable_thinking: must be a boolean")
     if asked is not None and in_kwargs is not None and asked != in_kwargs:
-        raise InvalidRequest("enable_thinking contradicts chat_template_kwargs.enable_thinking")
+        raise InvalidRequest("enable_thinking: contradicts chat_template_kwargs.enable_thinking")
     return asked if asked is not None else in_kwargs
 
 

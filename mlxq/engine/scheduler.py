@@ -7,9 +7,10 @@ run one prefill step, then one decode step.
 
 - Prefill: the requests being prefilled form one batch (`batch.py`) and run one forward pass together per
   iteration, each row feeding its own share of `prefill_chunk` prompt tokens (rows of different lengths, each
-  at its own offset). Prompts that arrive together are prefilled together, and a running stream waits at most
-  one such step for its next token, however long the prompts are. A row whose prompt is done samples its
-  first token from that same pass and moves to the decode batch.
+  at its own offset). Prompts that arrive together are prefilled together when they fit one pass; long ones a
+  few at a time, oldest first (`_prefill_room`). A running stream waits at most one such step for its next
+  token, however long the prompts are. A row whose prompt is done samples its first token from that same pass
+  and moves to the decode batch.
 - Decode: every running request advances by one token in one forward pass.
 
 A prompt first resumes from a cache: the request's own `CacheSlot` (a Session's conversation) or else the
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from mlxq.engine.output import Output, OutputProcessor, Reading, TokenLogprob, Usage
-from mlxq.engine.prompt_cache import CacheSlot
+from mlxq.engine.prompt_cache import CacheSlot, resume_point
 from mlxq.engine.runner import DECODE, PREFILL, Runner
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams, make_sampler, penalty_processors
 from mlxq.engine.tokenizer import Tokenizer
@@ -52,6 +53,7 @@ from mlxq.models.base import CausalLM
 log = logging.getLogger("mlxq.engine")
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill step, shared by the rows being prefilled
+MIN_SHARE = 128  # a long prompt's fewest tokens per prefill step (see Engine._prefill_room)
 DEFAULT_MAX_BATCH = 32
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
 
@@ -335,8 +337,10 @@ class Engine:
             block = False
 
     def _admit(self) -> None:
-        """Waiting requests join the prefill batch while there is room, resumed from a cache."""
-        while self._waiting and len(self._prefilling) + len(self._running) < self.max_batch:
+        """Waiting requests join the prefill batch, oldest first, while the batch has room and the prefill step can
+        take them (`_prefill_room`), resumed from a cache."""
+        while (self._waiting and len(self._prefilling) + len(self._running) < self.max_batch
+               and self._prefill_room(self._waiting[0])):
             seq = self._waiting.popleft()
             try:
                 seq.cached = self.runner.admit(seq.req.prompt, seq.req.slot)
@@ -348,6 +352,19 @@ class Engine:
                 continue
             seq.pos = seq.cached
             self._prefilling.append(seq)
+
+    def _prefill_room(self, seq: _Sequence) -> bool:
+        """Whether `seq` may join the rows being prefilled: when all of them finish their prompts in one step
+        together (short prompts arriving together share one pass), or each still gets `MIN_SHARE` tokens a step.
+        Long prompts are otherwise prefilled a few at a time, so the first of them answer sooner, rather than all
+        at the end. A prompt's remainder is its full length here, unless its own slot already holds a prefix."""
+        rows = len(self._prefilling) + 1
+        if rows == 1 or rows * MIN_SHARE <= self.prefill_chunk:
+            return True
+        slot, prompt = seq.req.slot, seq.req.prompt
+        held = resume_point(slot.tokens, slot.marks, prompt, self.rewindable) if slot and slot.caches else 0
+        longest = max([len(prompt) - held, *(len(s.req.prompt) - s.pos for s in self._prefilling)])
+        return rows * longest <= self.prefill_chunk
 
     def _drop_cancelled(self, phase: str, seqs: list[_Sequence]) -> None:
         """Cancelled requests end: those waiting, and those in `phase` (whose work is kept for the next request)."""
@@ -431,8 +448,8 @@ class Engine:
         except Exception as e:
             self._fail(seq, e)
             return None
-        if out.finish_reason is None and (out.text or out.reasoning or out.logprobs):
-            self._emit(seq, out)
+        if out.finish_reason is None:
+            self._emit(seq, out)  # every token, even one whose text is held back (its caller counts it)
         return out
 
     def _leave(self, phase: str, seqs: list[_Sequence], i: int, last: Output | None) -> None:

@@ -119,14 +119,16 @@ class Result:
 
 
 class _Reader:
-    """Outputs -> chunks, timed from the call; raises a request's error."""
+    """Outputs -> chunks, timed from the call (`timings`, filled in as they come); raises a request's error."""
 
-    def __init__(self) -> None:
+    def __init__(self, timings: Timings | None) -> None:
         self.t0 = time.perf_counter()
-        self.timings = Timings()
+        self.timings = timings if timings is not None else Timings()
         self.first: float | None = None
+        self.done = False
 
-    def chunk(self, out: Output) -> Chunk:
+    def chunk(self, item: tuple[int, Output]) -> Chunk:
+        out = item[1]
         if out.error is not None:
             raise out.error
         now = time.perf_counter()
@@ -138,40 +140,27 @@ class _Reader:
             self.timings.generated_tokens += len(out.tokens)
         if out.usage is not None:
             self.timings.prompt_tokens, self.timings.cached_tokens = out.usage.prompt_tokens, out.usage.cached_tokens
+        self.done = out.finish_reason is not None
         return Chunk(out.text, out.reasoning, out.tokens, out.logprobs, out.finish_reason, out.tool_calls, out.usage)
 
 
 def stream(engine: Engine, request: Request, timings: Timings | None = None) -> Iterator[Chunk]:
     """Submits `request`; yields its chunks as the engine makes them. Closing the iterator early (a `break`)
-    cancels the request. `timings` is filled in as it goes."""
-    reader = _Reader()
-    if timings is not None:
-        reader.timings = timings
-    sub = Submission(engine, [request])
+    cancels the request."""
+    reader, sub = _Reader(timings), Submission(engine, [request])
     try:
-        while True:
-            _, out = sub.get()
-            chunk = reader.chunk(out)
-            yield chunk
-            if chunk.finish_reason is not None:
-                return
+        while not reader.done:
+            yield reader.chunk(sub.get())
     finally:
         sub.cancel()
 
 
 async def astream(engine: Engine, request: Request, timings: Timings | None = None) -> AsyncIterator[Chunk]:
     """`stream` for asyncio: outputs arrive on the running event loop, which is never blocked."""
-    reader = _Reader()
-    if timings is not None:
-        reader.timings = timings
-    sub = Submission(engine, [request], loop=asyncio.get_running_loop())
+    reader, sub = _Reader(timings), Submission(engine, [request], loop=asyncio.get_running_loop())
     try:
-        while True:
-            _, out = await sub.aget()
-            chunk = reader.chunk(out)
-            yield chunk
-            if chunk.finish_reason is not None:
-                return
+        while not reader.done:
+            yield reader.chunk(await sub.aget())
     finally:
         sub.cancel()
 
@@ -179,8 +168,8 @@ async def astream(engine: Engine, request: Request, timings: Timings | None = No
 class Collector:
     """Chunks -> one `Result`."""
 
-    def __init__(self, timings: Timings) -> None:
-        self.timings = timings
+    def __init__(self) -> None:
+        self.timings = Timings()
         self.text, self.reasoning, self.tokens, self.logprobs = [], [], [], []
         self.last: Chunk | None = None
 
@@ -199,17 +188,15 @@ class Collector:
 
 def run(engine: Engine, request: Request) -> Result:
     """Submits `request` and waits for its whole result."""
-    timings = Timings()
-    collector = Collector(timings)
-    for chunk in stream(engine, request, timings):
+    collector = Collector()
+    for chunk in stream(engine, request, collector.timings):
         collector.add(chunk)
     return collector.result()
 
 
 async def arun(engine: Engine, request: Request) -> Result:
     """`run` for asyncio."""
-    timings = Timings()
-    collector = Collector(timings)
-    async for chunk in astream(engine, request, timings):
+    collector = Collector()
+    async for chunk in astream(engine, request, collector.timings):
         collector.add(chunk)
     return collector.result()

@@ -30,6 +30,7 @@ from mlxq.errors import InvalidRequest
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 _XML_FUNCTION = re.compile(r"^<function=([^>\n]+)>\s*(.*?)\s*(?:</function>\s*)?$", re.DOTALL)
+_UNSAFE = re.compile(r"[<>=\n\r]")  # a name with these would break the tags it is written into
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
 
 
@@ -95,8 +96,11 @@ def _function(tool: Any, i: int) -> Function:
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
         raise InvalidRequest(f"tools[{i}]: must be {{'type': 'function', 'function': {{'name': ..., ...}}}}")
     params = fn.get("parameters") or {"type": "object"}
-    if not isinstance(params, dict):
+    if not isinstance(params, dict) or not isinstance(params.get("properties", {}), dict):
         raise InvalidRequest(f"tools[{i}].function.parameters: must be a JSON schema object")
+    names = [fn["name"], *params.get("properties", {})]
+    if any(not isinstance(n, str) or not n or _UNSAFE.search(n) for n in names):
+        raise InvalidRequest(f"tools[{i}].function: names must be non-empty, without '<', '>', '=' or line breaks")
     return Function(fn["name"], params)
 
 
@@ -110,15 +114,16 @@ def tool_grammar(
     # A special token is named <like_this> in the grammar; plain text is quoted.
     tag = {t: (t if tables.id_of(t) is not None else json.dumps(t)) for t in (OPEN, CLOSE)}
     prefix = "/\\n{0,2}/ " if leading_newlines else ""  # the newlines a template writes after `</think>`
-    body = _xml_rules(functions) if xml else _json_rules(functions)
-    lark = f'start: {prefix}{tag[OPEN]} "\\n" call "\\n" {tag[CLOSE]}\n{body}'
     try:
+        body = _xml_rules(functions) if xml else _json_rules(functions)
+        lark = f'start: {prefix}{tag[OPEN]} "\\n" call "\\n" {tag[CLOSE]}\n{body}'
         grammar = llguidance.LLMatcher.grammar_from_lark(lark)
         error = llguidance.LLMatcher.validate_grammar(grammar, tables.ll)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, RecursionError) as e:
         error = str(e) or type(e).__name__
     if error:
-        raise InvalidRequest(f"tools: cannot build a grammar from the function parameters: {error}")
+        first = error.splitlines()[0][:300]
+        raise InvalidRequest(f"tools: cannot build a grammar from the function parameters: {first}")
     return grammar
 
 
@@ -141,20 +146,26 @@ def _xml_rules(functions: tuple[Function, ...]) -> str:
     rules = [f"call: {' | '.join(f'fn{i}' for i in range(len(functions)))}"]
     for i, f in enumerate(functions):
         props = f.parameters.get("properties") or {}
-        required = set(f.parameters.get("required") or [])
+        listed = f.parameters.get("required") or []
+        required = {r for r in listed if isinstance(r, str)} if isinstance(listed, list) else set()
         params = []
         for j, (name, schema) in enumerate(props.items()):
             value = f"v{i}_{j}"
             if isinstance(schema, dict) and "enum" in schema and all(isinstance(e, str) for e in schema["enum"]):
-                rules.append(f"{value}: {' | '.join(json.dumps(e) for e in schema['enum'])}")
+                rules.append(f"{value}: {' | '.join(_literal(e) for e in schema['enum'])}")
             elif isinstance(schema, dict) and schema.get("type") == "string":
                 rules.append(f"{value}: /[^<\\n]+/")
             else:
                 rules.append(f"{value}: %json {json.dumps({**(schema or {}), 'x-guidance': JSON_OPTIONS})}")
-            block = f'"<parameter={name}>\\n" {value} "\\n</parameter>\\n"'
+            block = f'{_literal(f"<parameter={name}>" + chr(10))} {value} "\\n</parameter>\\n"'
             params.append(block if name in required else f"({block})?")
-        rules.append(f'fn{i}: "<function={f.name}>\\n" {" ".join(params)} "</function>"')
+        rules.append(f'fn{i}: {_literal(f"<function={f.name}>" + chr(10))} {" ".join(params)} "</function>"')
     return "\n".join(rules)
+
+
+def _literal(text: str) -> str:
+    """`text` as a string literal of the Lark grammar (JSON's quoting, characters kept as they are)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 # ------------------------------------------------------------------------------------------------ parsing

@@ -67,7 +67,11 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
                                f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     spec = ARCHITECTURES[arch]
     raw = {t.name: t for t in reader.tensors}
-    config = _config(meta, arch, spec, raw, path)
+    try:  # values of the wrong type or missing companions (a linear rope scaling without its factor)
+        config = _config(meta, arch, spec, raw, path)
+    except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
+        what = f"field {e} is missing" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:200]}"
+        raise FormatError(f"{path}: the metadata does not make a model config ({what})") from None
 
     infos: dict[str, TensorInfo] = {}
     loaders: dict[str, Any] = {}
@@ -105,10 +109,10 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
                 parts = AFFINE_TYPES[t.tensor_type.name][1](_blocks(t))
                 packed = dict(zip(("weight", "scales", "biases"), parts, strict=True))
                 arr = mx.array(packed[part])
-        except (ValueError, TypeError, NotImplementedError) as e:
+            source = hf if part is None else hf.rsplit(".", 1)[0] + ".weight"  # packed parts move with their rows
+            return to_hf_all(transforms(arch, source), arr, config)
+        except (ValueError, TypeError, NotImplementedError) as e:  # the metadata's heads may not fit the rows
             raise FormatError(f"{path}: tensor '{name}' ({t.tensor_type.name}) cannot be decoded ({e})") from None
-        source = hf if part is None else hf.rsplit(".", 1)[0] + ".weight"  # packed parts move with their weight's rows
-        return to_hf_all(transforms(arch, source), arr, config)
 
     chat_template = meta.get("tokenizer.chat_template")
     return Checkpoint(path, "gguf", config, TensorSource(infos, load), gguf_file=path,
