@@ -340,7 +340,7 @@ def _affine_blocks(b: mx.array, kind: str) -> tuple[mx.array, mx.array, mx.array
         return codes, _f16(b, 0), _f16(b, 2)
     if kind == "Q8_0":
         d = _f16(b, 0)
-        return (mx.view(b[:, 2:34], mx.int8).astype(mx.int16) + 128).astype(mx.uint8), d, -128 * d
+        return b[:, 2:34] ^ 0x80, d, -128 * d  # int8 + 128 as a byte: the sign bit flipped
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
     if kind == "Q4_K":
@@ -353,12 +353,22 @@ def _affine_blocks(b: mx.array, kind: str) -> tuple[mx.array, mx.array, mx.array
 
 def pack_codes(codes: mx.array, bits: int) -> mx.array:
     """Codes [rows, n] (each < 2**bits) -> MLX's packed uint32 [rows, n * bits / 32]: one little-endian bit
-    stream per row (code i in bits [i * bits, (i + 1) * bits)), 8 codes = `bits` bytes at a time."""
+    stream per row (code i in bits [i * bits, (i + 1) * bits)). Built a byte at a time: every 8 codes make `bits`
+    bytes, byte j gathering the codes whose bits overlap bits [8j, 8j + 8)."""
     rows, n = codes.shape
-    c = codes.reshape(rows, n // 8, 8).astype(mx.uint64)
-    word = (c << (bits * mx.arange(8, dtype=mx.uint64))).sum(axis=-1)  # the codes' bits do not overlap
-    stream = ((word[..., None] >> (8 * mx.arange(bits, dtype=mx.uint64))) & 0xFF).astype(mx.uint8)
-    return mx.view(stream.reshape(rows, n * bits // 8), mx.uint32)
+    if bits == 8:
+        return mx.view(codes.astype(mx.uint8), mx.uint32)
+    c = codes.astype(mx.uint8).reshape(rows, n // 8, 8)
+    out = []
+    for j in range(bits):
+        byte = None
+        for k in range(8):
+            shift = bits * k - 8 * j  # where code k's bit 0 lands in byte j
+            if -bits < shift < 8:
+                part = c[..., k] << shift if shift >= 0 else c[..., k] >> -shift
+                byte = part if byte is None else byte | part
+        out.append(byte)
+    return mx.view(mx.stack(out, axis=-1).reshape(rows, n * bits // 8), mx.uint32)
 
 
 def to_affine(blocks: mx.array, kind: str, rows_per_step: int = 2048) -> tuple[mx.array, mx.array, mx.array]:

@@ -91,6 +91,10 @@ class Transform:
     def to_hf(self, w, config: dict[str, Any]):
         raise NotImplementedError
 
+    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape `to_hf` gives a tensor of this (GGUF-side) shape."""
+        return shape
+
 
 @dataclass(frozen=True)
 class Shift(Transform):
@@ -127,6 +131,9 @@ class Squeeze(Transform):
 
     def to_hf(self, w, config):
         return w.reshape(*w.shape[: self.axis], 1, *w.shape[self.axis :])
+
+    def hf_shape(self, shape):
+        return (*shape[: self.axis], 1, *shape[self.axis :])
 
 
 class Permutation(Transform):
@@ -202,12 +209,10 @@ PLUS_ONE = Shift(1.0)
 
 @dataclass(frozen=True)
 class Split:
-    """One GGUF tensor that holds several HF tensors stacked along rows (import only: llama.cpp's own names keep
-    them apart). `grouped` interleaves them per key head (Qwen3-Next's [b a] per key head) instead of whole
-    tensors one after the other."""
+    """One GGUF tensor that holds several HF tensors one after the other along rows, in equal parts (import only:
+    llama.cpp's own names keep them apart); `transforms` apply to each part."""
 
     parts: tuple[str, ...]
-    grouped: bool = False
     transforms: tuple[Transform, ...] = ()
 
 
@@ -326,12 +331,13 @@ ARCHITECTURES: dict[str, Architecture] = {
         transforms={**_QWEN35_TRANSFORMS, "model.norm.weight": (PLUS_ONE,)},
         splits={_name(MODEL_TENSOR.SSM_BETA_ALPHA) + ".weight": Split(
             ("linear_attn.in_proj_b.weight", "linear_attn.in_proj_a.weight"), transforms=(TiledVHeads(),))}),
-    # Qwen3-Next: no value-head reordering; its fused b/a keeps HF's grouping per key head ([b a] per key head)
+    # Qwen3-Next: no value-head reordering; its fused tensors are HF's own (grouped per key head), which the model's
+    # sanitize splits: ssm_ba = in_proj_ba, and the legacy ssm_in = in_proj_qkvz
     "qwen3next": Architecture(
-        "qwen3_next", block={**_HYBRID_BLOCK, _name(MODEL_TENSOR.SSM_IN): "linear_attn.in_proj_qkvz"}, hybrid=True,
-        transforms={**_QWEN3NEXT_TRANSFORMS, "model.norm.weight": (PLUS_ONE,)},
-        splits={_name(MODEL_TENSOR.SSM_BETA_ALPHA) + ".weight": Split(
-            ("linear_attn.in_proj_b.weight", "linear_attn.in_proj_a.weight"), grouped=True)}),
+        "qwen3_next", hybrid=True,
+        block={**_HYBRID_BLOCK, _name(MODEL_TENSOR.SSM_IN): "linear_attn.in_proj_qkvz",
+               _name(MODEL_TENSOR.SSM_BETA_ALPHA): "linear_attn.in_proj_ba"},
+        transforms={**_QWEN3NEXT_TRANSFORMS, "model.norm.weight": (PLUS_ONE,)}),
 }
 
 # Multi-token-prediction blocks (qwen35, qwen35moe, qwen3next): llama.cpp appends them as blocks after the model's
