@@ -72,8 +72,8 @@ class Header:
     path: Path
     version: int
     meta: dict[str, Any]  # scalars, strings, numeric arrays as numpy, string arrays as `Strings`
+    types: dict[str, tuple[int, int | None]]  # key -> (GGUFValueType, item type of an array)
     tensors: dict[str, TensorRecord]
-    declared_tensors: int
 
 
 _SCALARS = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
@@ -142,11 +142,14 @@ def _parse(data, path: Path) -> Header:
         raise ValueError(f"arrays of value type {item} are not allowed")
 
     meta: dict[str, Any] = {}
+    types: dict[str, tuple[int, int | None]] = {}
     for _ in range(n_kv):
         key = string()
         (kind,) = struct.unpack_from("<I", data, pos)
+        item = struct.unpack_from("<I", data, pos + 4)[0] if kind == GGUFValueType.ARRAY else None
         pos += 4
         meta[key] = value(kind)
+        types[key] = (kind, item)
     records = []
     for _ in range(n_tensors):
         name = string()
@@ -169,7 +172,7 @@ def _parse(data, path: Path) -> Header:
     for t in tensors.values():
         if t.offset + t.nbytes > len(data):
             raise FormatError(f"{path}: truncated (tensor '{t.name}' ends past the end of the file)")
-    return Header(path, version, meta, tensors, n_tensors)
+    return Header(path, version, meta, types, tensors)
 
 
 def read_bytes(path: Path, record: TensorRecord, fd: int | None = None) -> np.ndarray:
