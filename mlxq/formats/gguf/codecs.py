@@ -642,6 +642,10 @@ class _TQ1_0(Codec):
 CODECS: dict[str, Codec] = {c.name: c for c in (
     _Q4_0(), _Q4_1(), _Q5_0(), _Q5_1(), _Q8_0(), _Q2_K(), _Q3_K(), _Q4_K(), _Q5_K(), _Q6_K(), _TQ1_0(), _TQ2_0())}
 FLOAT_TYPES = ("F32", "F16", "BF16")
+# llama.cpp's fallback when a row is not a whole number of blocks (llama-quant.cpp, tensor_type_fallback); a
+# 32-weight type that does not fit either becomes F16
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
+            "Q6_K": "Q8_0"}
 TYPES = (*FLOAT_TYPES, "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K", "TQ2_0", "TQ1_0")
 
 

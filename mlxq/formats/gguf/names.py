@@ -95,3 +95,32 @@ def gguf_name(arch: str, hf: str) -> str | None:
         if h == suffix:
             return f"blk.{layer}.{g}.{kind}"
     return None
+
+
+# ---------------------------------------------------------------------------------------------- export
+# HF model_type -> GGUF architecture (every model_type the reader produces, plus multimodal wrappers' names)
+EXPORT_ARCHITECTURES: dict[str, str] = {
+    **{spec["model_type"]: arch for arch, spec in ARCHITECTURES.items()},
+    "gemma3": "gemma3",
+}
+
+
+def gguf_arch(model_type: str | None) -> str | None:
+    return EXPORT_ARCHITECTURES.get(model_type or "")
+
+
+def gguf_shape(arch: str, hf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a tensor has in the GGUF (numpy order)."""
+    return shape
+
+
+def to_gguf(arch: str, hf: str, w, config: dict):
+    """What llama.cpp's converter does to a tensor (the forward of the reader's `_undo_conversion`)."""
+    spec = ARCHITECTURES[arch]
+    if spec.get("permute_qk") and (".self_attn.q_proj." in hf or ".self_attn.k_proj." in hf):
+        key = "num_attention_heads" if ".q_proj." in hf else "num_key_value_heads"
+        heads = config.get(key) or config["num_attention_heads"]
+        w = w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    if spec.get("norm_shift") and hf.endswith("norm.weight"):
+        w = w + spec["norm_shift"]
+    return w
