@@ -67,13 +67,17 @@ def ggml_gelu(x: mx.array) -> mx.array:
     return mx.where(x <= -10, 0.0, mx.where(x >= 10, x, y))
 
 
-def mlxq_logits(path, src, monkeypatch) -> np.ndarray:
-    """mlxq's logits with the weights the GGUF holds (read back and dequantized by mlxq's GGUF reader) in the
+def mlxq_net(path, src):
+    """mlxq's model with the weights the GGUF holds (read back and dequantized by mlxq's GGUF reader) in the
     source's own architecture."""
     config = open_checkpoint(str(src)).config
-    if config["model_type"].startswith("gemma3"):
+    return load_model(Checkpoint(path, "gguf", config, open_checkpoint(str(path)).tensors), dtype=mx.float32)
+
+
+def mlxq_logits(path, src, monkeypatch) -> np.ndarray:
+    if open_checkpoint(str(src)).config["model_type"].startswith("gemma3"):
         monkeypatch.setattr(nn, "gelu_approx", ggml_gelu)
-    net = load_model(Checkpoint(path, "gguf", config, open_checkpoint(str(path)).tensors))
+    net = mlxq_net(path, src)
     return np.array(net(mx.array([PROMPT]), net.make_cache())[0])
 
 
@@ -152,6 +156,37 @@ def test_smollm2_q4_k_m_generates_llama_cpp_greedy_text(smollm2_gguf, tmp_path):
     assert m.tokenizer.decode(theirs) == mine.text
 
 
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs!\n") * 40
+
+
+@pytest.mark.parametrize("kind", ["Q3_K", "Q4_0"])
+def test_calibrated_export_lowers_kl(kind, tiny_src, tmp_path, monkeypatch):
+    """--calibrate (importance-weighted fits + GPTQ error feedback into the same block format) gives a lower KL
+    to the float model than the plain export, on the calibration text; llama.cpp loads and runs the result."""
+    from transformers import AutoTokenizer
+
+    from mlxq.eval.metrics import reference, score, windows
+
+    monkeypatch.setenv("MLXQ_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    src = tiny_src("llama", True)
+    plain = exported(src, tmp_path, kind)
+    cal = tmp_path / f"{kind}-cal.gguf"
+    export(str(src), cal, gguf_recipe(kind), calibrate=str(text), calib_tokens=1024, progress=False)
+    assert tensors(cal).keys() == tensors(plain).keys()
+    float_net = load_model(open_checkpoint(str(src)), dtype=mx.float32)
+    wins = windows(AutoTokenizer.from_pretrained(src).encode(TEXT), 128, 1024)
+
+    def logits(net):
+        return lambda ids: net(mx.array([ids]), net.make_cache())[0]
+
+    ref = reference(logits(float_net), wins)
+    kl = {p.name: score(logits(mlxq_net(p, src)), wins, ref).kl for p in (plain, cal)}
+    assert kl[cal.name] < 0.8 * kl[plain.name], kl
+    assert rel(llama_cpp_logits(cal, PROMPT), mlxq_logits(cal, src, monkeypatch)) <= QUANTIZED_TOLERANCE
+
+
 def test_tied_embedding_has_no_output_tensor(tiny_src, tmp_path):
     names = tensors(exported(tiny_src("llama_tied_linear"), tmp_path, "Q8_0"))
     assert "token_embd.weight" in names and "output.weight" not in names
@@ -192,3 +227,22 @@ def test_unsupported_architecture_names_it(tmp_path):
     save_file({"x.weight": np.zeros((2, 2), np.float32)}, str(src / "model.safetensors"))
     with pytest.raises(UnsupportedModel, match="model_type 'mamba' cannot be exported"):
         export(str(src), tmp_path / "m.gguf", gguf_recipe("F16"), progress=False)
+
+
+def test_cli_export_and_its_errors(tiny_src, tmp_path):
+    import subprocess
+    import sys
+
+    def mlxq(*args):
+        return subprocess.run([sys.executable, "-m", "mlxq.cli", *args], capture_output=True, text=True,
+                              timeout=300)
+
+    src = str(tiny_src("qwen2"))
+    done = mlxq("export", src, "-o", str(tmp_path / "q.gguf"), "--type", "q8_0", "--set", "embedding=F16")
+    assert done.returncode == 0, done.stderr
+    assert "q.gguf: 39 tensors" in done.stdout and tensors(tmp_path / "q.gguf")["token_embd.weight"][0] == "F16"
+    for args, message in [(("--type", "Q8_0"), "already exists"), (("--set", "attn_v=Q9"), "attn_v=Q9"),
+                          (("--set", "nonsense=Q8_0"), "'nonsense' is not a role")]:
+        done = mlxq("export", src, "-o", str(tmp_path / "q.gguf"), *args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr

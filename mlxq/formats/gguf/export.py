@@ -29,7 +29,8 @@ from mlxq.formats.gguf.vocab import tokenizer_metadata
 from mlxq.formats.gguf.writer import GGUFOut, TensorOut, Value
 from mlxq.models import text_config
 from mlxq.models.layers import RoPE, rope_settings
-from mlxq.quant.calibrate import DEFAULT_TOKENS
+from mlxq.quant.calibrate import DEFAULT_TOKENS, Stats, calibration_stats
+from mlxq.quant.gptq import gptq_blocks
 from mlxq.quant.pipeline import ModelShape, progress_bar, terminate_cleanly
 from mlxq.quant.recipes import FLOORS, Recipe
 from mlxq.quant.roles import in_mtp, role_of
@@ -56,6 +57,7 @@ class Plan:
     items: list[Item]
     extra: list[tuple[TensorOut, np.ndarray]]  # tensors the converter adds (llama 3's rope factors)
     skipped: list[str]  # source tensors llama.cpp has no place for (MTP, vision), not written
+    tied: bool  # the embedding is also the output head
 
 
 @dataclass
@@ -200,7 +202,7 @@ def plan(ckpt: Checkpoint, recipe: Recipe, warn=lambda text: None) -> Plan:
         extra.append((TensorOut("rope_freqs.weight", factors.shape, "F32"), factors))
     if skipped and any(in_mtp(n) for n in skipped):
         warn(f"{sum(in_mtp(n) for n in skipped)} multi-token-prediction tensors are not exported")
-    return Plan(arch, cfg, metadata, items, extra, skipped)
+    return Plan(arch, cfg, metadata, items, extra, skipped, shape_of.tied)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -231,6 +233,14 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
                       "more than quantizing the original weights once. Better: export from the original "
                       "(unquantized) checkpoint.", style="yellow", highlight=False)
     ckpt = float_checkpoint(raw)
+    stats = None
+    if calibrate is not None:
+
+        def opener() -> Checkpoint:
+            return float_checkpoint(open_checkpoint(src))
+
+        stats = calibration_stats(opener, calibrate, hessian=True, n_tokens=calib_tokens, console=console)
+        ckpt = opener()  # the calibration model consumed the lazy tensors it loaded
 
     def warn(text: str) -> None:
         console.print(f"mlxq: warning: {text}", style="yellow", highlight=False)
@@ -249,7 +259,7 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
                 f.write(t.name, data)
             with progress_bar(console, "exporting", the_plan.items, progress) as advance:
                 for item in the_plan.items:
-                    f.write(item.out.name, _encoded(ckpt, the_plan, item))
+                    f.write(item.out.name, _encoded(ckpt, the_plan, item, stats))
                     advance(item.src_bytes)
     finally:
         restore()
@@ -258,11 +268,20 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
                   time.perf_counter() - start, recipe.name)
 
 
-def _encoded(ckpt: Checkpoint, the_plan: Plan, item: Item) -> np.ndarray:
+def _encoded(ckpt: Checkpoint, the_plan: Plan, item: Item, stats: Stats | None) -> np.ndarray:
+    """One tensor's GGUF data. Calibrated: codes chosen by GPTQ error feedback where the layer's Hessian is known,
+    else by ggml's importance-weighted fits (experts: importance only)."""
     w = ckpt.tensors[item.hf]
     w = np.asarray(w.astype(mx.float32) if mx.issubdtype(w.dtype, mx.floating) else w)
-    w = names.to_gguf(the_plan.arch, item.hf, w, the_plan.config)
-    data = encode(w.reshape(item.out.shape), item.out.kind)
+    w = names.to_gguf(the_plan.arch, item.hf, w, the_plan.config).reshape(item.out.shape)
+    kind = item.out.kind
+    importance = hessian = None
+    if stats is not None and kind in CODECS:
+        importance, hessian = stats.lookup(item.hf, the_plan.tied)
+    if hessian is not None and w.ndim == 2:
+        data = gptq_blocks(w, hessian, CODECS[kind], np.asarray(importance))
+    else:
+        data = encode(w, kind, None if importance is None else np.asarray(importance))
     mx.clear_cache()
     return data
 
