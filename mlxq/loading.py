@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxq.errors import ConfigError, FormatError
 from mlxq.formats.base import Checkpoint
 from mlxq.models import build_model, text_config
-from mlxq.models.layers import cpu_layout
+from mlxq.models.layers import cpu_layout, to_blocks
 
 
 def default_dtype() -> mx.Dtype:
@@ -27,10 +27,11 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     model = build_model(config)
     weights = model.sanitize({name: ckpt.tensors[name] for name in ckpt.tensors})
     quant = ckpt.quantization
+    dtype = dtype or default_dtype()
     if quant:
+        _blocks_like(model, quant, dtype)
         _quantize_like(model, weights, quant)
     check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
-    dtype = dtype or default_dtype()
     cast = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     model.load_weights(list(cast.items()), strict=True)
     if fuse:
@@ -76,6 +77,19 @@ def wire_weights(model: nn.Module) -> None:
     budget = mx.device_info().get("max_recommended_working_set_size", 0)
     if budget:
         mx.set_wired_limit(min(max(size, 1), budget))
+
+
+def _blocks_like(model: nn.Module, quant: dict, dtype: mx.Dtype) -> None:
+    """Swap in block layers (`models.layers.to_blocks`) where the checkpoint keeps GGML blocks (GGUF types MLX's
+    affine format cannot hold exactly): the quantization entry of such a module names its `ggml_type`."""
+
+    def swap(path: str, module: nn.Module) -> nn.Module:
+        entry = quant.get(path)
+        if isinstance(entry, dict) and "ggml_type" in entry:
+            return to_blocks(module, entry["ggml_type"], dtype, input_order=entry.get("input_order", False))
+        return module
+
+    model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
 
 
 def _quantize_like(model: nn.Module, weights: dict, quant: dict) -> None:
