@@ -33,6 +33,7 @@ class LazyGroup(click.Group):
         "serve": ("server.command", "serve"),
         "quantize": ("mlxq.quant.command", "quantize"),
         "eval": ("mlxq.eval.command", "eval"),
+        "export": ("mlxq.formats.gguf.command", "export"),
     }
 
     def list_commands(self, ctx):

@@ -95,6 +95,10 @@ class Transform:
         """The shape `to_hf` gives a tensor of this (GGUF-side) shape."""
         return shape
 
+    def gguf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape `to_gguf` gives a tensor of this (HF-side) shape."""
+        return shape
+
 
 @dataclass(frozen=True)
 class Shift(Transform):
@@ -134,6 +138,9 @@ class Squeeze(Transform):
 
     def hf_shape(self, shape):
         return (*shape[: self.axis], 1, *shape[self.axis :])
+
+    def gguf_shape(self, shape):
+        return (*shape[: self.axis], *shape[self.axis + 1 :])
 
 
 @dataclass(frozen=True)
@@ -444,3 +451,37 @@ def split(arch: str, gguf_name: str) -> tuple[int, Split] | None:
         return None
     hit = ARCHITECTURES[arch].splits.get(m.group(2))
     return None if hit is None else (int(m.group(1)), hit)
+
+
+# ---------------------------------------------------------------------------------------------- export
+# HF model_type -> GGUF architecture: every model_type the reader gives, and the multimodal wrappers' own names
+EXPORT_ARCHITECTURES: dict[str, str] = {
+    **{spec.model_type: arch for arch, spec in ARCHITECTURES.items()},
+    "gemma3": "gemma3", "qwen3_5": "qwen35", "qwen3_5_moe": "qwen35moe",
+}
+
+
+def gguf_arch(model_type: str | None) -> str | None:
+    return EXPORT_ARCHITECTURES.get(model_type or "")
+
+
+def to_gguf(arch: str, hf: str, w, config: dict[str, Any]):
+    """The tensor as llama.cpp's converter writes it."""
+    return to_gguf_all(transforms(arch, hf), w, config)
+
+
+def gguf_shape(arch: str, hf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    for t in transforms(arch, hf):
+        shape = t.gguf_shape(shape)
+    return shape
+
+
+def column_order(arch: str, hf: str, cols: int, config: dict[str, Any]) -> np.ndarray | None:
+    """Where the converter moves a matrix's columns (input channels), as gguf = hf[:, order]; None when it
+    leaves them in place. Calibration statistics are per input channel, so they move the same way."""
+    order = None
+    for t in transforms(arch, hf):
+        if isinstance(t, Permutation) and t.axis in (1, -1):
+            step = t.order(cols, config)
+            order = step if order is None else order[step]
+    return order
