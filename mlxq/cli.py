@@ -162,8 +162,18 @@ def inspect(model):
 
 
 @cli.command()
-def doctor():
-    """What mlxq sees: platform, MLX backend, BLAS, cache, default model."""
+@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--fix", is_flag=True, help="Write a repaired copy of FILE (needs -o).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Where --fix writes the repaired file.")
+@click.pass_context
+def doctor(ctx, file, fix, output):
+    """What mlxq sees: platform, MLX backend, BLAS, cache, default model. With a GGUF FILE: what in it llama.cpp,
+    Ollama or mlxq trip over, one line per finding (exit status 2 with errors, 1 with warnings), and with --fix -o OUT
+    a repaired copy that llama.cpp loads."""
+    if file is not None:
+        ctx.exit(_doctor_file(file, fix, output))
+    if fix or output:
+        raise click.UsageError("--fix and -o need a GGUF FILE")
     import platform
 
     import mlx.core as mx
@@ -183,10 +193,34 @@ def doctor():
         click.echo(f"{key:>13}  {value}")
 
 
+def _doctor_file(file: str, fix: bool, output: str | None) -> int:
+    from mlxq.formats.gguf.doctor import examine, repair, status
+
+    if fix and not output:
+        raise click.UsageError("--fix writes a new file: give it with -o OUT")
+    findings = examine(file)[0]
+    for f in findings:
+        click.echo(f.line())
+    if not findings:
+        click.echo(f"{file}: no problems found")
+    if not fix:
+        return status(findings)
+    if not any(f.fixable for f in findings):
+        click.echo(f"{file}: nothing --fix can repair; {output} not written", err=True)
+        return status(findings)
+    left = repair(file, output)
+    click.echo(f"wrote {output}: " + (f"{len(left)} finding(s) left" if left else "no problems left"))
+    for f in left:
+        click.echo(f.line())
+    return status(left)
+
+
 def main() -> None:
     _use_openblas()
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except MlxqError as e:
         click.echo(f"mlxq: error: {e}", err=True)
         sys.exit(2)

@@ -5,8 +5,6 @@
 - Ollama's way: that file rewritten with Ollama's conventions (its convert/convert_qwen3next.go, 0.17): `ssm_dt`
   without ".bias", b and a fused as `ssm_ba`, the three HF rope sections, a per-layer `head_count_kv` array, its
   own keys (`ssm.v_head_reordered`, `mrope_sections`, ...), and vision tensors in the same file;
-- `llama_cpp_logits`: llama.cpp (llama-cpp-python) loads a GGUF in a subprocess (a bad file can abort it) and
-  scores tokens.
 
     from fixtures_qwen3 import *  # noqa: F403  (the Qwen3 tokenizer fixture these use)
     from fixtures_gguf import *  # noqa: F403
@@ -168,26 +166,6 @@ def write_ollama_style(src: Path, out: Path, fuse_ba: bool = True) -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
-
-
-_LLAMA_CPP_SCRIPT = """
-import sys, numpy as np
-from llama_cpp import Llama
-model = Llama(sys.argv[1], logits_all=True, verbose=False, n_ctx=256, n_threads=2)
-tokens = [int(t) for t in sys.argv[3].split(",")]
-model.eval(tokens)
-np.save(sys.argv[2], np.array(model.scores[: len(tokens)], dtype=np.float32))
-"""
-
-
-def llama_cpp_logits(path: Path, tokens: list[int], tmp: Path) -> tuple[np.ndarray | None, str]:
-    """llama.cpp's logits for `tokens` (None and its stderr when it refuses or aborts on the file)."""
-    out = tmp / "llama_cpp_logits.npy"
-    done = subprocess.run([sys.executable, "-c", _LLAMA_CPP_SCRIPT, str(path), str(out),
-                           ",".join(map(str, tokens))], capture_output=True, text=True, timeout=300)
-    if done.returncode != 0 or not out.exists():
-        return None, done.stderr[-2000:]
-    return np.load(out), done.stderr
 
 
 def hf_config(tiny: TinyHybrid) -> dict:

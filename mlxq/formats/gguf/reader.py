@@ -164,8 +164,9 @@ def _parse(data, path: Path) -> Header:
     for name, shape, kind, offset in records:
         try:
             qtype = GGMLQuantizationType(kind)
-        except ValueError:
-            raise FormatError(f"{path}: tensor '{name}' has unknown type {kind}") from None
+        except ValueError:  # kept for `doctor` to report; loading refuses it
+            tensors[name] = TensorRecord(name, shape, f"type {kind}", start + offset, 0)
+            continue
         block, size = GGML_QUANT_SIZES[qtype]
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         tensors[name] = TensorRecord(name, shape, qtype.name, start + offset, count // block * size)
@@ -203,6 +204,9 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
         raise UnsupportedModel(f"{path}: GGUF architecture '{arch}' is not supported "
                                f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     spec = ARCHITECTURES[arch]
+    for t in header.tensors.values():
+        if t.kind.startswith("type "):
+            raise FormatError(f"{path}: tensor '{t.name}' has unknown {t.kind}")
     config = _config(meta, arch, spec, header.tensors, path)
     plan = _plan(header, arch, config, keep_quantized)
     quant = {}
