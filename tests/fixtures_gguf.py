@@ -25,7 +25,7 @@ from tiny import HYBRID_TEXT, randomise_hybrid
 from mlxq.errors import DownloadError
 from mlxq.formats.fetch import LLAMA_CPP_SDIST, fetch_source
 
-__all__ = ["_hybrid_models", "hybrid_gguf", "hybrid_gguf_q8"]  # pytest fixtures
+__all__ = ["_hybrid_models", "dense_gguf", "hybrid_gguf", "hybrid_gguf_q8", "moe_gguf"]  # pytest fixtures
 
 # Key heads != value heads (2 vs 4), so the value-head reordering matters; value head dim = key head dim and rope
 # sections that fit the 4 rotary dims, as llama.cpp's qwen35 requires to run it.
@@ -52,6 +52,8 @@ def convert_with_llama_cpp(hf_dir: Path, out: Path, outtype: str = "f32") -> Pat
     try:
         src = fetch_source(LLAMA_CPP_SDIST, CONVERTER) / "vendor" / "llama.cpp"
     except DownloadError as e:
+        if "does not match" in str(e):  # a checksum mismatch is a failure, never a skip
+            raise
         pytest.skip(f"PyPI unreachable, cannot fetch llama.cpp's converter: {e}")
     done = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", outtype,
                            "--no-mtp", "--outfile", str(out)], capture_output=True, text=True, timeout=600)
@@ -96,6 +98,16 @@ def _hybrid_models(qwen3_tokenizer_dir, tmp_path_factory):
 def hybrid_gguf(request, _hybrid_models) -> TinyHybrid:
     """A tiny Qwen3.5 (dense, then MoE) converted by llama.cpp's converter, with transformers' logits."""
     return _hybrid_models(request.param)
+
+
+@pytest.fixture(scope="session")
+def dense_gguf(_hybrid_models) -> TinyHybrid:
+    return _hybrid_models("qwen35")
+
+
+@pytest.fixture(scope="session")
+def moe_gguf(_hybrid_models) -> TinyHybrid:
+    return _hybrid_models("qwen35moe")
 
 
 @pytest.fixture(scope="session")

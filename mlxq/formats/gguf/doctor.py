@@ -14,7 +14,7 @@ missing or unusual), "note" (a harmless divergence). Exit status: 2 with errors,
 from __future__ import annotations
 
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,14 +128,14 @@ def _check_tensors(header: Header, arch: str, findings: list[Finding], repairs: 
     if beyond:
         findings.append(Finding("error", f"tensors for blocks {_ranges(beyond)}, past the {blocks} blocks the header "
                                          "declares"))
-    # blocks of one kind (same tensor-name family) must have the same tensors: the most common set per kind
+    # blocks of one kind (DeltaNet, attention, MoE) have the same tensors: any a sibling has, each must have
     kinds: dict[str, list[int]] = defaultdict(list)
     for i, parts in per_block.items():
         if i < n_layers:
             kinds[_block_kind(parts)].append(i)
     for kind, members in kinds.items():
-        common = Counter(frozenset(per_block[i]) for i in members).most_common(1)[0][0]
-        short = {i: sorted(common - per_block[i]) for i in members if common - per_block[i]}
+        union = set().union(*(per_block[i] for i in members))
+        short = {i: sorted(union - per_block[i]) for i in members if union - per_block[i]}
         if short:
             first = next(iter(short.values()))
             findings.append(Finding("error", f"{len(short)} {kind} block(s) ({_ranges(sorted(short))}) lack tensors "
@@ -211,16 +211,16 @@ def _check_rope_sections(meta: dict, arch: str, findings: list[Finding], repairs
 
 
 def _sections(meta: dict, arch: str, rotary: int, head: int) -> list[int]:
-    """4 rope sections llama.cpp accepts: the file's own (or Ollama's copies), padded with 0; llama.cpp's
-    converter default when there are none; all on the first section when they do not fit the head."""
+    """4 rope sections llama.cpp accepts: the file's own (or Ollama's copies), padded with 0; else the rotary pairs
+    dealt out to three sections as Qwen's interleaved MRoPE does (64 rotary dims: [11, 11, 10, 0]), which is what
+    text needs: every pair on a position llama.cpp fills for text (the fourth section's stays 0)."""
     found = meta.get(f"{arch}.{names.ROPE_SECTIONS}")
     for alt in names.OLLAMA_ROPE_SECTIONS:
         found = found if found is not None else meta.get(f"{arch}.{alt}")
-    sections = [int(x) for x in (found if found is not None else [11, 11, 10])][:4]
-    sections += [0] * (4 - len(sections))
-    if head and sum(sections) > head:  # text positions are equal across sections: one section is the same rope
-        sections = [rotary // 2, 0, 0, 0]
-    return sections
+    if found is not None and (not head or int(np.sum(found)) <= head):
+        return [int(x) for x in found][:4] + [0] * max(0, 4 - len(found))
+    pairs = rotary // 2
+    return [len(range(r, pairs, 3)) for r in range(3)] + [0]
 
 
 def _check_v_heads(header: Header, arch: str, findings: list[Finding], repairs: Repairs) -> None:
@@ -268,8 +268,7 @@ def _check_tokenizer(meta: dict, findings: list[Finding]) -> None:
     if "tokenizer.ggml.model" not in meta or not isinstance(meta.get("tokenizer.ggml.tokens"), Strings):
         findings.append(Finding("error", "no tokenizer ('tokenizer.ggml.model' / 'tokenizer.ggml.tokens'): llama.cpp "
                                          "and mlxq cannot turn text into tokens"))
-        return
-    if meta.get("tokenizer.ggml.model") == "gpt2" and "tokenizer.ggml.pre" not in meta:
+    elif meta.get("tokenizer.ggml.model") == "gpt2" and "tokenizer.ggml.pre" not in meta:
         findings.append(Finding("warning", "no 'tokenizer.ggml.pre': llama.cpp falls back to its default "
                                            "pre-tokenizer, which splits text differently"))
     if "tokenizer.ggml.eos_token_id" not in meta:
