@@ -69,6 +69,12 @@ def sampling_options(f):
     return f
 
 
+keep_quantized_option = click.option(
+    "--keep-quantized", is_flag=True,
+    help="Keep a GGUF model's quantized blocks (the model stays at its file size). Default: on Metal, or when the "
+         "float model would not fit comfortably in memory.")
+
+
 def _sampling(kw: dict) -> dict:
     keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
     return {k: kw[k] for k in keys}
@@ -82,12 +88,13 @@ def _sampling(kw: dict) -> dict:
 @click.option("--think/--no-think", default=None, help="enable_thinking for templates that have it.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--verbose", "-v", is_flag=True, help="Print timings to stderr.")
+@keep_quantized_option
 @sampling_options
-def generate(prompt, model, chat, system, think, stop, verbose, max_tokens, **kw):
+def generate(prompt, model, chat, system, think, stop, verbose, keep_quantized, max_tokens, **kw):
     """Generate a completion for PROMPT and stream it to stdout."""
     import mlxq
 
-    m = mlxq.load(model)
+    m = mlxq.load(model, keep_quantized=keep_quantized or None)
     if chat and m.tokenizer.has_chat_template:
         prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     kwargs = {"enable_thinking": think} if think is not None else {}
@@ -105,13 +112,14 @@ def generate(prompt, model, chat, system, think, stop, verbose, max_tokens, **kw
 @click.option("--model", "-m", default=None, help="Model name or path (default: smollm2).")
 @click.option("--system", default=None, help="System message.")
 @click.option("--think/--no-think", default=None, help="enable_thinking for templates that have it.")
+@keep_quantized_option
 @sampling_options
-def chat(model, system, think, max_tokens, **kw):
+def chat(model, system, think, keep_quantized, max_tokens, **kw):
     """Interactive chat (empty line or Ctrl-D quits). The cache is kept between turns."""
     import mlxq
     from mlxq.session import Session
 
-    m = mlxq.load(model)
+    m = mlxq.load(model, keep_quantized=keep_quantized or None)
     session = Session(m, system=system, enable_thinking=bool(think), max_tokens=max_tokens, **_sampling(kw))
     click.echo(f"mlxq chat with {m.name}: empty line or Ctrl-D to quit", err=True)
     while True:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
@@ -15,6 +18,40 @@ from mlxq.models.layers import cpu_layout, to_blocks
 def default_dtype() -> mx.Dtype:
     """float32 off Metal: MLX's CPU kernels for half types are several times slower on x86."""
     return mx.float16 if mx.metal.is_available() else mx.float32
+
+
+def float_nbytes(ckpt: Checkpoint) -> int:
+    """Bytes the checkpoint's tensors take as float32 (what loading a GGUF without keeping its blocks costs)."""
+    return 4 * sum(math.prod(info.shape) for info in ckpt.tensors.infos())
+
+
+def memory_available() -> int:
+    """Bytes of memory available to a new allocation: MemAvailable on Linux, else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fits_in_memory(nbytes: int) -> bool:
+    """Whether a model of `nbytes` fits comfortably: at most half the available memory (the rest for the KV
+    cache, the activations, and everything else running)."""
+    return nbytes <= memory_available() // 2
+
+
+def open_for_run(name: str | None, keep_quantized: bool | None = None) -> Checkpoint:
+    """The checkpoint to run: a GGUF file's quantized blocks kept when `keep_quantized`, and by default on Metal or
+    when its float32 form would not fit comfortably in memory."""
+    from mlxq.formats import open_checkpoint
+
+    ckpt = open_checkpoint(name, keep_quantized=mx.metal.is_available() if keep_quantized is None else keep_quantized)
+    if keep_quantized is None and ckpt.format == "gguf" and not fits_in_memory(float_nbytes(ckpt)):
+        ckpt = open_checkpoint(name, keep_quantized=True)
+    return ckpt
 
 
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = True,

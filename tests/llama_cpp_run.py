@@ -61,22 +61,26 @@ _QUANTIZE = r"""
 import ctypes, sys
 import llama_cpp
 
-src, dst, ftype, pure = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "pure"
+src, dst, ftype = sys.argv[1], sys.argv[2], int(sys.argv[3])
+pure, requantize = sys.argv[4] == "pure", sys.argv[5] == "1"
 params = llama_cpp.llama_model_quantize_default_params()
 params.ftype = ftype
 params.pure = pure
+params.allow_requantize = requantize
 params.nthread = 2
 sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)))
 """
 
 
-def llama_cpp_quantize(src: Path, dst: Path, file_type: str, pure: bool = False) -> None:
+def llama_cpp_quantize(src: Path, dst: Path, file_type: str, pure: bool = False, requantize: bool = False) -> None:
     """llama.cpp's own quantizer (llama_model_quantize, no importance matrix) on a GGUF: `file_type` is a
-    llama_ftype name as gguf-py spells it (MOSTLY_Q4_K_M, ...); `pure` puts every tensor in its default type."""
+    llama_ftype name as gguf-py spells it (MOSTLY_Q4_K_M, ...); `pure` puts every tensor in its default type;
+    `requantize` lets it start from quantized tensors (it dequantizes them first)."""
     import gguf
 
     ftype = int(gguf.LlamaFileType[file_type])
-    done = subprocess.run([sys.executable, "-c", _QUANTIZE, str(src), str(dst), str(ftype), "pure" if pure else "-"],
+    done = subprocess.run([sys.executable, "-c", _QUANTIZE, str(src), str(dst), str(ftype), "pure" if pure else "-",
+                           str(int(requantize))],
                           capture_output=True, text=True, timeout=600)
     if done.returncode != 0 or not dst.exists():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
