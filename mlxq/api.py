@@ -137,9 +137,13 @@ def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantiz
     off Metal they are dequantized to float32 (MLX's quantized CPU kernels are slow on x86) while the float model
     fits comfortably in memory, else kept too (`loading.open_for_run`). `keep_quantized` forces either way.
     `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     ckpt = open_for_run(name, keep_quantized)
-    net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
     eos = ckpt.config.get("eos_token_id")
-    tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template,
-                         eos if isinstance(eos, list) else ([eos] if eos is not None else None))
-    return Model(net, tok, ckpt, name or "smollm2")
+    eos = eos if isinstance(eos, list) else ([eos] if eos is not None else None)
+    # the tokenizer loads beside the weights: MLX computes with the GIL released
+    with ThreadPoolExecutor(1) as pool:
+        tok = pool.submit(load_tokenizer, ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template, eos)
+        net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
+        return Model(net, tok.result(), ckpt, name or "smollm2")

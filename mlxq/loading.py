@@ -72,6 +72,7 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
     cast = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     model.load_weights(list(cast.items()), strict=True)
+    del weights, cast  # the model holds them now; fusing below replaces some, which must not stay alive here
     if fuse:
         inference_layout(model)
     if experts_per_tok is not None:

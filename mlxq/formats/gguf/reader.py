@@ -176,22 +176,32 @@ def _parse(data, path: Path) -> Header:
     return Header(path, version, meta, types, tensors)
 
 
-def read_bytes(path: Path, record: TensorRecord, fd: int | None = None) -> np.ndarray:
+def read_bytes(path: Path, record: TensorRecord) -> np.ndarray:
     """A tensor's bytes, read (not mapped: mapped pages would stay resident on top of the loaded arrays)."""
-    own = fd is None
-    fd = os.open(path, os.O_RDONLY) if own else fd
+    buf = np.empty(record.nbytes, np.uint8)
+    _read_into(path, record, buf)
+    return buf
+
+
+def read_array(path: Path, record: TensorRecord) -> mx.array:
+    """A tensor's bytes read straight into an MLX array (one copy from the file, no staging buffer)."""
+    out = mx.zeros((record.nbytes,), mx.uint8)
+    mx.eval(out)
+    _read_into(path, record, np.asarray(out))  # the array's own memory, before anything reads it
+    return out
+
+
+def _read_into(path: Path, record: TensorRecord, buf: np.ndarray) -> None:
+    view, done = memoryview(buf), 0
+    fd = os.open(path, os.O_RDONLY)
     try:
-        buf = bytearray(record.nbytes)
-        view, done = memoryview(buf), 0
         while done < record.nbytes:
             n = os.preadv(fd, [view[done:]], record.offset + done)
             if n <= 0:
                 raise FormatError(f"{path}: truncated (tensor '{record.name}')")
             done += n
-        return np.frombuffer(buf, np.uint8)
     finally:
-        if own:
-            os.close(fd)
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ open
@@ -339,7 +349,7 @@ class _Part:
         return cache["value"][self.part or "weight"]
 
     def _convert(self, path: Path, config: dict) -> dict[str, mx.array]:
-        raw = mx.array(read_bytes(path, self.record)).reshape(*self.record.shape[:-1], -1)
+        raw = read_array(path, self.record).reshape(*self.record.shape[:-1], -1)
         if self.rows is not None:
             raw = raw[mx.array(self.rows)]
         if self.form == "float":
