@@ -6,7 +6,8 @@ Each (engine, file) runs in a fresh child process, interleaved across repetition
   llama.cpp: `Llama(...)` with its vocabulary and a 512-token context), after the imports;
 - ttft_s: load_s plus the first token of a short chat prompt (prefill included; the same token ids for both);
 - decode_tok_s: greedy tokens per second after the first;
-- rss_peak_mb (the child's VmHWM) and rss_model_mb = peak minus the process's RSS right after its imports.
+- rss_peak_mb (the child's VmHWM) and rss_model_mb = peak minus the process's RSS right after its imports;
+  for mlxq also mlx_peak_mb, MLX's own peak of allocated arrays (the weights, the cache, the activations).
 
 mlxq runs each file twice: with its quantized blocks kept (`keep_quantized=True`: the mode for models bigger than
 memory) and dequantized to float32 (the CPU default for small models). Goals with blocks kept: load_s <= 2x
@@ -88,7 +89,10 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 # ------------------------------------------------------------------------------------------------ children
 def child_mlxq(path: str, keep: bool, gen: int) -> dict:
-    import transformers  # noqa: F401  (imported before the baseline: loading uses it for the tokenizer)
+    # what loading imports, imported before the baseline: the code is not the model
+    import mlx.core as mx
+    import mlx.nn  # noqa: F401
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
 
     import mlxq
     from mlxq.formats.gguf import reader  # noqa: F401
@@ -107,7 +111,7 @@ def child_mlxq(path: str, keep: bool, gen: int) -> dict:
     kv_dim = model.config["num_key_value_heads"] * model.config.get("head_dim", model.config["hidden_size"] //
                                                                        model.config["num_attention_heads"])
     return {"load_s": t1 - t0, "ttft_s": first - t0, "decode_tok_s": result.timings.decode_tps,
-            "prompt_tokens": len(ids), "rss_import_mb": base,
+            "prompt_tokens": len(ids), "rss_import_mb": base, "mlx_peak_mb": mx.get_peak_memory() / 2**20,
             "kv_mb": layers * 2 * kv_dim * (len(ids) + gen) * 4 / 2**20}  # float32 K and V per token
 
 
@@ -192,6 +196,7 @@ def main() -> None:
         ratios[f"decode_tok_s_float_vs_llama_cpp_{kind}"] = round(flt["decode_tok_s"] / theirs["decode_tok_s"], 3)
         ratios[f"rss_model_blocks_vs_file_plus_kv_{kind}"] = round(ours["rss_model_mb"] / (file_mb + ours["kv_mb"]), 3)
         ratios[f"rss_model_float_vs_file_plus_kv_{kind}"] = round(flt["rss_model_mb"] / (file_mb + flt["kv_mb"]), 3)
+        ratios[f"mlx_peak_blocks_vs_file_plus_kv_{kind}"] = round(ours["mlx_peak_mb"] / (file_mb + ours["kv_mb"]), 3)
         ratios[f"rss_peak_blocks_vs_llama_cpp_{kind}"] = round(ours["rss_peak_mb"] / theirs["rss_peak_mb"], 3)
     write_result("gguf_load", {
         "model": "SmolLM2-135M-Instruct re-quantized by llama.cpp (llama_model_quantize)",
