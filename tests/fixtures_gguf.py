@@ -34,7 +34,8 @@ GGUF_TEXT = {**HYBRID_TEXT, "linear_value_head_dim": 16, "tie_word_embeddings": 
                                  "mrope_section": [1, 1, 0], "mrope_interleaved": True}}
 MOE = dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, shared_expert_intermediate_size=48)
 KINDS = {"qwen35": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", {}),
-         "qwen35moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", MOE)}
+         "qwen35moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", MOE),
+         "qwen3next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", MOE)}  # llama.cpp: experts in every layer
 PROMPT = [(37 * i + 11) % 5000 for i in range(24)]
 CONVERTER = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion", "vendor/llama.cpp/gguf-py")
 
@@ -96,7 +97,7 @@ def _hybrid_models(qwen3_tokenizer_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session", params=sorted(KINDS))
 def hybrid_gguf(request, _hybrid_models) -> TinyHybrid:
-    """A tiny Qwen3.5 (dense, then MoE) converted by llama.cpp's converter, with transformers' logits."""
+    """A tiny Qwen3.5 (dense, MoE) and Qwen3-Next converted by llama.cpp's converter, with transformers' logits."""
     return _hybrid_models(request.param)
 
 

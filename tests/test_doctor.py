@@ -65,7 +65,9 @@ def test_llama_cpp_converted_file_is_clean(hybrid_gguf):
     assert status(findings) == 0, [f.line() for f in findings]
 
 
-def test_ollama_file_found_refused_by_llama_cpp_and_fixed(hybrid_gguf, tmp_path):
+@pytest.mark.parametrize("kind", ["qwen35", "qwen35moe"])  # what Ollama writes
+def test_ollama_file_found_refused_by_llama_cpp_and_fixed(_hybrid_models, tmp_path, kind):
+    hybrid_gguf = _hybrid_models(kind)
     ollama = write_ollama_style(hybrid_gguf.gguf, tmp_path / "ollama.gguf")
     found = "\n".join(messages(ollama))
     for what in ("another model in the same file", "lack the '.bias' suffix", "'blk.N.ssm_ba' hold b and a fused",

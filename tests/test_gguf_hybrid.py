@@ -1,6 +1,6 @@
-"""Qwen3.5 / Qwen3.5-MoE GGUFs: the names tables against llama.cpp's own converter (both directions), and files
-written by llama.cpp's converter and in Ollama's conventions loading to transformers' logits, float and with the
-quantized tensors kept."""
+"""Qwen3.5 / Qwen3.5-MoE / Qwen3-Next GGUFs: the names tables against llama.cpp's own converter (both directions),
+and files written by llama.cpp's converter and in Ollama's conventions loading to transformers' logits, float and
+with the quantized tensors kept."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from mlxq.formats.gguf import names
 from mlxq.formats.gguf.reader import read_bytes, read_header
 from mlxq.loading import load_model
 from mlxq.models.layers import BlockLinear
+from mlxq.models.qwen3_5 import Args, _split_fused_in_proj
 
 
 def rel(a, b) -> float:
@@ -29,8 +30,13 @@ def logits(path, **options) -> np.ndarray:
     return np.array(net(mx.array([PROMPT]), net.make_cache())[0])
 
 
-def hf_tensor(hf: dict, name: str) -> np.ndarray:
-    """An HF tensor by our name; routed experts are stacked [experts, out, in] here, one tensor each in the file."""
+def hf_tensor(hf: dict, name: str, config: dict) -> np.ndarray:
+    """An HF tensor by our name; routed experts are stacked [experts, out, in] here, one tensor each in the file;
+    Qwen3-Next's fused q/k/v/z projection split as the model's sanitize splits it (checked against transformers)."""
+    if name.endswith((".in_proj_qkv.weight", ".in_proj_z.weight")) and name not in hf:
+        fused = name.rsplit(".in_proj_", 1)[0] + ".in_proj_qkvz.weight"
+        args = Args.from_config(config)
+        return np.array(_split_fused_in_proj({fused: mx.array(hf[fused])}, args)[name])
     if ".mlp.experts." not in name:
         return hf[name]
     prefix, proj = name.rsplit(".mlp.experts.", 1)[0], name.split(".")[-2]
@@ -52,11 +58,12 @@ def test_tables_are_llama_cpp_converters_transforms_both_ways(hybrid_gguf):
         assert name is not None, t.name
         assert names.gguf_name(hybrid_gguf.kind, name) == t.name
         transforms = names.transforms(hybrid_gguf.kind, name)
-        want = hf_tensor(hf, name)
+        want = hf_tensor(hf, name, config)
         np.testing.assert_allclose(names.to_hf_all(transforms, file_value, config), want, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(names.to_gguf_all(transforms, want, config), file_value, rtol=1e-6, atol=1e-6)
         seen.update(type(x).__name__ for x in transforms)
-    assert {"Shift", "NegExp", "Squeeze", "TiledVHeads"} <= seen
+    assert {"Shift", "NegExp", "Squeeze"} <= seen
+    assert ("TiledVHeads" in seen) == (hybrid_gguf.kind != "qwen3next")  # Qwen3-Next's heads stay grouped
 
 
 def test_llama_cpp_converted_file_gives_transformers_logits(hybrid_gguf):
@@ -81,7 +88,9 @@ def test_quantized_tensors_kept_give_the_dequantized_logits(hybrid_gguf_q8):
 
 
 @pytest.mark.parametrize("fused_ba", [True, False])
-def test_ollama_style_file_gives_transformers_logits(hybrid_gguf, tmp_path, fused_ba):
+@pytest.mark.parametrize("kind", ["qwen35", "qwen35moe"])  # Ollama writes Qwen3.5 (both) this way
+def test_ollama_style_file_gives_transformers_logits(_hybrid_models, tmp_path, fused_ba, kind):
+    hybrid_gguf = _hybrid_models(kind)
     path = write_ollama_style(hybrid_gguf.gguf, tmp_path / "ollama.gguf", fuse_ba=fused_ba)
     ckpt = open_checkpoint(str(path))
     assert ckpt.config["layer_types"] == hf_config(hybrid_gguf)["layer_types"]  # from the head_count_kv array
