@@ -33,7 +33,9 @@ from common import median, write_result  # noqa: E402
 
 TYPES = {"Q4_K_M": "MOSTLY_Q4_K_M", "Q6_K": "MOSTLY_Q6_K", "Q2_K": "MOSTLY_Q2_K"}
 ENGINES = ("llama_cpp", "mlxq_blocks", "mlxq_float")
-THREADS = os.cpu_count() or 1  # llama.cpp's threads: one per core, as llama-cli does
+# llama.cpp's threads. Its thread pool spins while it waits: on a machine whose cores are busy with other work, two
+# threads made its decode 50x slower here than one did; --threads changes it
+THREADS = 1
 # SmolLM2's chat template applied by hand, so both engines tokenize the very same text
 PROMPT = ("<|im_start|>user\nWrite three sentences about the history of the printing press in Europe and why it "
           "mattered.<|im_end|>\n<|im_start|>assistant\n")
@@ -115,12 +117,12 @@ def child_mlxq(path: str, keep: bool, gen: int) -> dict:
             "kv_mb": layers * 2 * kv_dim * (len(ids) + gen) * 4 / 2**20}  # float32 K and V per token
 
 
-def child_llama_cpp(path: str, gen: int) -> dict:
+def child_llama_cpp(path: str, gen: int, threads: int) -> dict:
     from llama_cpp import Llama
 
     base = rss_mb()
     t0 = time.perf_counter()
-    llm = Llama(path, n_ctx=512, n_threads=THREADS, verbose=False)
+    llm = Llama(path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     t1 = time.perf_counter()
     ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
     llm.eval(ids)
@@ -138,19 +140,20 @@ def child_llama_cpp(path: str, gen: int) -> dict:
             "rss_import_mb": base, "kv_mb": n_layer * 2 * kv * 512 * 2 / 2**20}  # F16 K and V, 512 slots
 
 
-def child(engine: str, path: str, gen: int) -> None:
+def child(engine: str, path: str, gen: int, threads: int) -> None:
     if engine == "llama_cpp":
         with stdout_to_stderr():
-            out = child_llama_cpp(path, gen)
+            out = child_llama_cpp(path, gen, threads)
     else:
         out = child_mlxq(path, engine == "mlxq_blocks", gen)
     out["rss_peak_mb"] = rss_mb("VmHWM")
     print(json.dumps(out))
 
 
-def run_child(engine: str, path: Path, gen: int) -> dict:
+def run_child(engine: str, path: Path, gen: int, threads: int = THREADS) -> dict:
     env = {**os.environ, "MLXQ_NO_REEXEC": "1"}
-    done = subprocess.run([sys.executable, __file__, "--child", engine, str(path), "--gen", str(gen)],
+    done = subprocess.run([sys.executable, __file__, "--child", engine, str(path), "--gen", str(gen), "--threads",
+                           str(threads)],
                           capture_output=True, text=True, env=env, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"{engine} on {path.name} failed:\n{done.stderr[-2000:]}")
@@ -163,11 +166,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one file (Q4_K_M), two runs (about 2 minutes)")
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--gen", type=int, default=None, help="decoded tokens per run")
+    ap.add_argument("--threads", type=int, default=THREADS, help="llama.cpp's threads (default: %(default)s)")
     ap.add_argument("--child", nargs=2, metavar=("ENGINE", "FILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     gen = args.gen or (16 if args.quick else 48)
     if args.child:
-        return child(args.child[0], args.child[1], gen)
+        return child(args.child[0], args.child[1], gen, args.threads)
     kinds = ["Q4_K_M"] if args.quick else list(TYPES)
     runs = args.runs or (2 if args.quick else 3)
     files = {kind: prepare(kind) for kind in kinds}
@@ -177,7 +181,7 @@ def main() -> None:
     for _ in range(runs):
         for kind, path in files.items():
             for engine in ENGINES:
-                raw[kind][engine].append(run_child(engine, path, gen))
+                raw[kind][engine].append(run_child(engine, path, gen, args.threads))
                 print(f"{kind} {engine}: {raw[kind][engine][-1]}", file=sys.stderr)
     results, ratios = {}, {}
     for kind, path in files.items():
@@ -200,7 +204,8 @@ def main() -> None:
         ratios[f"rss_peak_blocks_vs_llama_cpp_{kind}"] = round(ours["rss_peak_mb"] / theirs["rss_peak_mb"], 3)
     write_result("gguf_load", {
         "model": "SmolLM2-135M-Instruct re-quantized by llama.cpp (llama_model_quantize)",
-        "runs": runs, "decoded_tokens": gen, "quick": args.quick,
+        "runs": runs, "decoded_tokens": gen, "quick": args.quick, "llama_cpp_threads": args.threads,
+        "load_average": os.getloadavg(),  # other work on the machine: figures from a busy one are noisier
         "goals": {"load_s_blocks_vs_llama_cpp": "<= 2", "rss_model_blocks_vs_file_plus_kv": "<= 1.3"},
         "results": results, "ratios": ratios})
 

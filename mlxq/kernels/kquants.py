@@ -68,8 +68,7 @@ def _q4_1(b):
 def _q5(b: mx.array, at: int) -> mx.array:
     """Q5_0 / Q5_1 codes 0..31: four bytes of high bits (bit j for weight j), then the nibbles."""
     n = b.shape[0]
-    qh = mx.view(b[:, at : at + 4], mx.uint32)  # [n, 1]
-    high = ((qh >> mx.arange(32, dtype=mx.uint32)[None]) & 1).astype(mx.uint8)
+    high = (b[:, at : at + 4, None] >> mx.arange(8, dtype=mx.uint8)) & 1  # [n, byte, bit]: weight 8 * byte + bit
     return _nibbles(b[:, at + 4 : at + 20], 16) | (high.reshape(n, 32) << 4)
 
 
