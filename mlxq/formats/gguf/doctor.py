@@ -24,6 +24,7 @@ from gguf.constants import GGUFValueType
 
 from mlxq.errors import FormatError
 from mlxq.formats.gguf import names
+from mlxq.formats.gguf.checks import check_gguf
 from mlxq.formats.gguf.reader import Header, Strings, TensorRecord, read_bytes, read_header, v_heads_tiled
 from mlxq.formats.gguf.writer import GGUFOut, TensorOut, Value
 from mlxq.kernels import kquants
@@ -67,6 +68,10 @@ def examine(path: Path) -> tuple[list[Finding], Repairs, Header]:
     meta = header.meta
     findings: list[Finding] = []
     repairs = Repairs()
+    try:  # what llama.cpp's loader refuses structurally (offsets, sizes, alignment, token ids)
+        check_gguf(path)
+    except FormatError as e:
+        findings.append(Finding("error", str(e)))
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         findings.append(Finding("error", "no 'general.architecture': neither llama.cpp nor mlxq can tell what "

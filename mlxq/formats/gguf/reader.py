@@ -32,6 +32,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
 from mlxq.formats.gguf import names
+from mlxq.formats.gguf.checks import check_gguf
 from mlxq.formats.gguf.names import ARCHITECTURES, CONFIG_KEYS
 from mlxq.kernels import kquants
 
@@ -89,6 +90,7 @@ _NUMPY = {GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.U
 def read_header(path: Path) -> Header:
     """Metadata and tensor records of a GGUF file (the data is not touched)."""
     path = Path(path)
+    check_gguf(path)  # gguf-py trusts the file: its structure is checked first
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             return _parse(data, path)
@@ -207,6 +209,7 @@ def _read_into(path: Path, record: TensorRecord, buf: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------------------ open
 def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
     path = Path(path)
+    check_gguf(path)  # the file's structure (counts, offsets, sizes, types, token ids) before anything trusts it
     header = read_header(path)
     meta = header.meta
     arch = meta.get("general.architecture")
@@ -217,8 +220,12 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
     for t in header.tensors.values():
         if t.kind.startswith("type "):
             raise FormatError(f"{path}: tensor '{t.name}' has unknown {t.kind}")
-    config = _config(meta, arch, spec, header.tensors, path)
-    plan = _plan(header, arch, config, keep_quantized)
+    try:  # values of the wrong type or missing companions (a linear rope scaling without its factor)
+        config = _config(meta, arch, spec, header.tensors, path)
+        plan = _plan(header, arch, config, keep_quantized)
+    except (KeyError, ValueError, TypeError, ZeroDivisionError, IndexError) as e:
+        what = f"field {e} is missing" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:200]}"
+        raise FormatError(f"{path}: the metadata does not make a model config ({what})") from None
     quant = {}
     for p in plan.values():
         if p.form == "affine":
@@ -236,7 +243,7 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
         p = plan[hf]
         try:
             return p.load(path, config, cache)
-        except (ValueError, TypeError, NotImplementedError) as e:
+        except (ValueError, TypeError, NotImplementedError) as e:  # the metadata's heads may not fit the rows
             raise FormatError(f"{path}: tensor '{p.record.name}' ({p.record.kind}) cannot be decoded ({e})") from None
 
     chat_template = meta.get("tokenizer.chat_template")
