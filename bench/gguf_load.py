@@ -19,7 +19,6 @@ llama.cpp's, rss_model_mb <= 1.3x (file + KV cache).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import median, write_result  # noqa: E402
+from common import median, stdout_to_stderr, write_result  # noqa: E402
 
 TYPES = {"Q4_K_M": "MOSTLY_Q4_K_M", "Q6_K": "MOSTLY_Q6_K", "Q2_K": "MOSTLY_Q2_K"}
 ENGINES = ("llama_cpp", "mlxq_blocks", "mlxq_float")
@@ -66,19 +65,6 @@ def prepare(kind: str) -> Path:
         raise RuntimeError(f"llama_model_quantize {kind} failed with {rc}")
     tmp.rename(out)
     return out
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """File descriptor 1 onto 2 while C code prints, so the result stays the last line of stdout."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def rss_mb(field: str = "VmRSS") -> float:

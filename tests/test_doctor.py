@@ -60,6 +60,13 @@ def rewrite(src, out, meta_changes: dict | None = None, drop: set | None = None,
     return out
 
 
+def assert_repair_runs(path, want_logits) -> None:
+    """--fix leaves nothing to report, and llama.cpp runs the repaired file to the model's own logits."""
+    fixed = path.with_name(path.stem + "-fixed.gguf")
+    assert status(repair(path, fixed)) == 0
+    assert rel(llama_cpp_logits(fixed, PROMPT), want_logits) < 1e-3
+
+
 def test_llama_cpp_converted_file_is_clean(hybrid_gguf):
     findings = examine(hybrid_gguf.gguf)[0]
     assert status(findings) == 0, [f.line() for f in findings]
@@ -76,12 +83,8 @@ def test_ollama_file_found_refused_by_llama_cpp_and_fixed(_hybrid_models, tmp_pa
     with pytest.raises(AssertionError, match="Failed to load model"):  # llama.cpp refuses the file
         llama_cpp_logits(ollama, PROMPT)
 
-    fixed = tmp_path / "fixed.gguf"
-    left = repair(ollama, fixed)
-    assert status(left) == 0, [f.line() for f in left]
-    theirs = llama_cpp_logits(fixed, PROMPT)  # llama.cpp runs the repaired file, to the model's own logits
-    assert rel(theirs, hybrid_gguf.logits) < 1e-3
-    net = load_model(open_checkpoint(str(fixed)))  # and mlxq still reads it
+    assert_repair_runs(ollama, hybrid_gguf.logits)
+    net = load_model(open_checkpoint(str(ollama.with_name("ollama-fixed.gguf"))))  # and mlxq still reads it
     assert rel(net(mx.array([PROMPT]), net.make_cache())[0], hybrid_gguf.logits) < 1e-4
 
 
@@ -103,9 +106,7 @@ def test_grouped_value_heads_are_reordered(dense_gguf, tmp_path):
                       meta_changes={"qwen35.ssm.v_head_reordered": Value(False, GGUFValueType.BOOL)})
     assert rel(llama_cpp_logits(grouped, PROMPT), hybrid_gguf.logits) > 0.05  # garbage, as the finding says
     assert any("grouped order" in m for m in messages(grouped))
-    fixed = tmp_path / "fixed.gguf"
-    assert status(repair(grouped, fixed)) == 0
-    assert rel(llama_cpp_logits(fixed, PROMPT), hybrid_gguf.logits) < 1e-3
+    assert_repair_runs(grouped, hybrid_gguf.logits)
 
 
 def test_damaged_files_one_line_per_problem(dense_gguf, tmp_path):
@@ -121,9 +122,7 @@ def test_damaged_files_one_line_per_problem(dense_gguf, tmp_path):
     sections = rewrite(src, tmp_path / "sections.gguf", meta_changes={
         "qwen35.rope.dimension_sections": Value([11, 11, 10, 0], GGUFValueType.ARRAY, GGUFValueType.INT32)})
     assert any("sums to more than the head size 16" in m for m in messages(sections))
-    fixed = tmp_path / "sections-fixed.gguf"
-    assert status(repair(sections, fixed)) == 0
-    assert rel(llama_cpp_logits(fixed, PROMPT), hybrid_gguf.logits) < 1e-3
+    assert_repair_runs(sections, hybrid_gguf.logits)
 
 
 def test_unknown_tensor_type_is_a_finding_and_a_load_error(dense_gguf, tmp_path):

@@ -16,20 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlx.core as mx
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from mlxq.errors import FormatError
 from mlxq.kernels import ternary
 
 QK_K = 256
 
-# GGML type name -> (weights per block, bytes per block), as gguf-py's GGML_QUANT_SIZES
-BLOCK_SIZES: dict[str, tuple[int, int]] = {
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-    "Q2_K": (QK_K, 84), "Q3_K": (QK_K, 110), "Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176), "Q6_K": (QK_K, 210),
-    "TQ1_0": (QK_K, 54), "TQ2_0": (QK_K, 66), "IQ4_NL": (32, 18), "IQ4_XS": (QK_K, 136),
-    "IQ2_XXS": (QK_K, 66), "IQ2_XS": (QK_K, 74), "IQ2_S": (QK_K, 82), "IQ3_XXS": (QK_K, 98), "IQ3_S": (QK_K, 110),
-    "IQ1_S": (QK_K, 50), "IQ1_M": (QK_K, 56),
-}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -304,6 +297,8 @@ _DEQUANTIZE: dict[str, Callable[[mx.array], mx.array]] = {
     "IQ2_XXS": _iq2_xxs, "IQ2_XS": _iq2_xs, "IQ2_S": _iq2_s, "IQ3_XXS": _iq3_xxs, "IQ3_S": _iq3_s,
     "IQ1_S": _iq1_s, "IQ1_M": _iq1_m,
 }
+# GGML type name -> (weights per block, bytes per block), from gguf-py's table
+BLOCK_SIZES: dict[str, tuple[int, int]] = {kind: GGML_QUANT_SIZES[GGMLQuantizationType[kind]] for kind in _DEQUANTIZE}
 
 
 # ------------------------------------------------------------------------------------------------ as MLX affine

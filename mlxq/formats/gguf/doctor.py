@@ -64,14 +64,14 @@ def status(findings: list[Finding]) -> int:
 def examine(path: Path) -> tuple[list[Finding], Repairs, Header]:
     """Findings for one file and the repairs for those that are fixable (structural damage the header parser
     cannot get past raises FormatError instead)."""
-    header = read_header(path)
-    meta = header.meta
     findings: list[Finding] = []
     repairs = Repairs()
-    try:  # what llama.cpp's loader refuses structurally (offsets, sizes, alignment, token ids)
+    try:  # what llama.cpp's loader refuses structurally (offsets, sizes, alignment, types, token ids)
         check_gguf(path)
     except FormatError as e:
         findings.append(Finding("error", str(e)))
+    header = read_header(path, check=False)
+    meta = header.meta
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
         findings.append(Finding("error", "no 'general.architecture': neither llama.cpp nor mlxq can tell what "

@@ -33,12 +33,12 @@ from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
 from mlxq.formats.gguf import names
 from mlxq.formats.gguf.checks import check_gguf
+from mlxq.formats.gguf.codecs import FLOAT_TYPES
 from mlxq.formats.gguf.names import ARCHITECTURES, CONFIG_KEYS
 from mlxq.kernels import kquants
 
 GROUP = kquants.AFFINE_GROUP
 AFFINE_TYPES = kquants.AFFINE_BITS  # GGML type -> bits of its exact MLX affine form
-FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 # ------------------------------------------------------------------------------------------------ header
@@ -87,10 +87,12 @@ _NUMPY = {GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.U
           GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8"}
 
 
-def read_header(path: Path) -> Header:
-    """Metadata and tensor records of a GGUF file (the data is not touched)."""
+def read_header(path: Path, check: bool = True) -> Header:
+    """Metadata and tensor records of a GGUF file (the data is not touched). `check`: refuse what llama.cpp's loader
+    refuses structurally first (`checks.check_gguf`); `doctor` reads damaged files without it, to report on them."""
     path = Path(path)
-    check_gguf(path)  # gguf-py trusts the file: its structure is checked first
+    if check:
+        check_gguf(path)
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             return _parse(data, path)
@@ -209,7 +211,6 @@ def _read_into(path: Path, record: TensorRecord, buf: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------------------ open
 def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
     path = Path(path)
-    check_gguf(path)  # the file's structure (counts, offsets, sizes, types, token ids) before anything trusts it
     header = read_header(path)
     meta = header.meta
     arch = meta.get("general.architecture")
