@@ -17,12 +17,14 @@ import struct
 import subprocess
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
+import pytest
 from gguf.constants import GGMLQuantizationType, GGUFValueType
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 160, 64, 3, 4, 2, 96
@@ -287,10 +289,28 @@ class BoundedLoader:
             self._proc = None
 
 
-def report(name: str, counts: Counter) -> None:
-    """Prints a fuzz run's counts as one JSON line (and appends it to $MLXQ_FUZZ_REPORT when set)."""
-    line = json.dumps({"fuzz": name, "tried": sum(counts.values()), "outcomes": dict(sorted(counts.items()))})
-    print(line)
-    if os.environ.get("MLXQ_FUZZ_REPORT"):
-        with open(os.environ["MLXQ_FUZZ_REPORT"], "a") as f:
-            f.write(line + "\n")
+# A fuzz test runs twice: a small fixed-seed budget in `make test`, and the long run behind the slow marker
+# (MLXQ_FUZZ_EXAMPLES examples, times a test's own scale).
+RUNS = [pytest.param("fast", id="fast"), pytest.param("long", id="long", marks=pytest.mark.slow)]
+
+
+def budget(run: str, fast: int, scale: int = 1) -> tuple[int, int]:
+    """(examples, seed) of a fuzz run."""
+    return (fast, 10) if run == "fast" else (int(os.environ.get("MLXQ_FUZZ_EXAMPLES", "3000")) * scale, 20)
+
+
+@contextmanager
+def reporting(name: str, counts: Counter):
+    """Counts of one fuzz run, printed as one JSON line at its end, pass or fail (and appended to
+    $MLXQ_FUZZ_REPORT when set)."""
+    counts.clear()
+    try:
+        yield counts
+    finally:
+        line = json.dumps({"fuzz": name, "tried": sum(counts.values()), "outcomes": dict(sorted(counts.items()))})
+        print(line)
+        if os.environ.get("MLXQ_FUZZ_REPORT"):
+            out = Path(os.environ["MLXQ_FUZZ_REPORT"])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "a") as f:
+                f.write(line + "\n")

@@ -17,7 +17,6 @@ ranges. Only checksums could tell, and neither format has them (llama.cpp and sa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import tempfile
@@ -31,11 +30,13 @@ from hostile import (
     ARCH,
     GGUF_META,
     HF_CONFIG,
+    RUNS,
     BoundedLoader,
+    budget,
     gguf_layout,
     gguf_value_type,
     patch,
-    report,
+    reporting,
     rewrite_safetensors_header,
     safetensors_header,
     write_gguf,
@@ -45,7 +46,6 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 FAST_EXAMPLES = 60  # per target, in `make test`
-SLOW_EXAMPLES = int(os.environ.get("MLXQ_FUZZ_EXAMPLES", "3000"))
 
 # ------------------------------------------------------------------------------------------------ values
 INTERESTING_INTS = [0, 1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 33, 63, 64, 65, 96, 128, 159, 160, 161, 255, 256, 512,
@@ -320,35 +320,15 @@ def fuzz_safetensors(target: Target, examples: int, seed_value: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the tests
-def test_fuzz_gguf(gguf_target):
-    gguf_target.counts.clear()
-    try:
-        fuzz_gguf(gguf_target, FAST_EXAMPLES, seed_value=10)
-    finally:
-        report("fuzz_gguf", gguf_target.counts)
+@pytest.mark.parametrize("run", RUNS)
+def test_fuzz_gguf(gguf_target, run):
+    examples, seed_value = budget(run, FAST_EXAMPLES)
+    with reporting(f"fuzz_gguf_{run}", gguf_target.counts):
+        fuzz_gguf(gguf_target, examples, seed_value)
 
 
-def test_fuzz_safetensors(st_target):
-    st_target.counts.clear()
-    try:
-        fuzz_safetensors(st_target, FAST_EXAMPLES, seed_value=10)
-    finally:
-        report("fuzz_safetensors", st_target.counts)
-
-
-@pytest.mark.slow
-def test_fuzz_gguf_long(gguf_target):
-    gguf_target.counts.clear()
-    try:
-        fuzz_gguf(gguf_target, SLOW_EXAMPLES, seed_value=20)
-    finally:
-        report("fuzz_gguf_long", gguf_target.counts)
-
-
-@pytest.mark.slow
-def test_fuzz_safetensors_long(st_target):
-    st_target.counts.clear()
-    try:
-        fuzz_safetensors(st_target, SLOW_EXAMPLES, seed_value=20)
-    finally:
-        report("fuzz_safetensors_long", st_target.counts)
+@pytest.mark.parametrize("run", RUNS)
+def test_fuzz_safetensors(st_target, run):
+    examples, seed_value = budget(run, FAST_EXAMPLES)
+    with reporting(f"fuzz_safetensors_{run}", st_target.counts):
+        fuzz_safetensors(st_target, examples, seed_value)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import os
 import types
 import typing
 from collections import Counter
@@ -23,7 +22,7 @@ from typing import Any, Literal
 import pydantic
 import pytest
 from fixtures_qwen3 import *  # noqa: F403  (pytest fixtures: qwen3_model, ...)
-from hostile import report
+from hostile import RUNS, budget, reporting
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from test_server import KEY, MODEL, serving
@@ -34,7 +33,6 @@ from server.schemas import ChatRequest, CompletionRequest
 
 FAST_EXAMPLES = 80
 FAST_PLANS = 400  # in-process: bodies straight to the planner, no HTTP, no generation
-SLOW_EXAMPLES = int(os.environ.get("MLXQ_FUZZ_EXAMPLES", "3000"))
 BATCH = 20  # requests between /health checks
 DEADLINE_S = 60  # a tiny model answers in well under a second: this only tells a hang from an answer
 
@@ -310,35 +308,15 @@ def live(qwen3_model):
         yield server
 
 
-def test_fuzz_planner(qwen3_model):
-    counts: Counter = Counter()
-    try:
-        fuzz_planner(Planner(qwen3_model, Limits(max_tokens=8, max_choices=4)), FAST_PLANS, 10, counts)
-    finally:
-        report("fuzz_planner", counts)
+@pytest.mark.parametrize("run", RUNS)
+def test_fuzz_planner(qwen3_model, run):
+    examples, seed_value = budget(run, FAST_PLANS, scale=5)
+    with reporting(f"fuzz_planner_{run}", Counter()) as counts:
+        fuzz_planner(Planner(qwen3_model, Limits(max_tokens=8, max_choices=4)), examples, seed_value, counts)
 
 
-@pytest.mark.slow
-def test_fuzz_planner_long(qwen3_model):
-    counts: Counter = Counter()
-    try:
-        fuzz_planner(Planner(qwen3_model, Limits(max_tokens=8, max_choices=4)), SLOW_EXAMPLES * 5, 20, counts)
-    finally:
-        report("fuzz_planner_long", counts)
-
-
-def test_fuzz_http(live):
-    counts: Counter = Counter()
-    try:
-        fuzz_http(live, FAST_EXAMPLES, seed_value=10, counts=counts)
-    finally:
-        report("fuzz_http", counts)
-
-
-@pytest.mark.slow
-def test_fuzz_http_long(live):
-    counts: Counter = Counter()
-    try:
-        fuzz_http(live, SLOW_EXAMPLES, seed_value=20, counts=counts)
-    finally:
-        report("fuzz_http_long", counts)
+@pytest.mark.parametrize("run", RUNS)
+def test_fuzz_http(live, run):
+    examples, seed_value = budget(run, FAST_EXAMPLES)
+    with reporting(f"fuzz_http_{run}", Counter()) as counts:
+        fuzz_http(live, examples, seed_value, counts)
