@@ -21,8 +21,8 @@ from mlxq.engine.stops import check_stops
 from mlxq.engine.stream import Chunk, Result, Timings  # noqa: F401  (the API's result types)
 from mlxq.engine.tokenizer import Tokenizer, load_tokenizer
 from mlxq.errors import InvalidRequest
-from mlxq.formats import Checkpoint, open_checkpoint
-from mlxq.loading import load_model
+from mlxq.formats import Checkpoint
+from mlxq.loading import load_model, open_for_run
 from mlxq.models.base import CausalLM
 
 
@@ -139,8 +139,9 @@ class Model:
 def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantized: bool | None = None,
          experts_per_tok: int | None = None, group: Any = None, parallel: str | None = None) -> Model:
     """Load a model by name: a local HF/mlx-lm dir, a GGUF file, an alias (`smollm2`), `ollama:NAME`, or a
-    hub id. With no name, the default small model. Off Metal, quantized GGUF weights are dequantized to
-    float32 unless `keep_quantized=True`, since MLX's quantized CPU kernels are slow on x86.
+    hub id. With no name, the default small model. A GGUF file's quantized weights stay in their blocks on Metal;
+    off Metal they are dequantized to float32 (MLX's quantized CPU kernels are slow on x86) while the float model
+    fits comfortably in memory, else kept too (`loading.open_for_run`). `keep_quantized` forces either way.
     `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact).
 
     `group` (`mx.distributed.init()`, more than one rank): every rank calls `load` alike and loads only its share,
@@ -151,16 +152,14 @@ def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantiz
 
         return load_group(name, group, parallel=parallel, dtype=dtype, keep_quantized=keep_quantized,
                           experts_per_tok=experts_per_tok)
-    ckpt, _ = open_model(name, keep_quantized)
-    net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
-    return Model(net, load_tokenizer_for(ckpt), ckpt, name or "smollm2")
+    from concurrent.futures import ThreadPoolExecutor
 
-
-def open_model(name: str | None, keep_quantized: bool | None = None) -> tuple[Checkpoint, bool]:
-    """The checkpoint `name` stands for, and whether quantized weights stay quantized (default: on Metal)."""
-    if keep_quantized is None:
-        keep_quantized = mx.metal.is_available()
-    return open_checkpoint(name, keep_quantized=keep_quantized), keep_quantized
+    ckpt = open_for_run(name, keep_quantized)
+    # the tokenizer loads beside the weights: MLX computes with the GIL released
+    with ThreadPoolExecutor(1) as pool:
+        tok = pool.submit(load_tokenizer_for, ckpt)
+        net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
+        return Model(net, tok.result(), ckpt, name or "smollm2")
 
 
 def load_tokenizer_for(ckpt: Checkpoint) -> Tokenizer:

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from group_worker import probe
 from test_hybrid import make_tiny as make_hybrid
-from tiny import add_tokenizer, make_tiny
+from tiny import make_tiny, save_tiny_tokenizer
 
 import mlxq
 
@@ -75,7 +75,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
                                "moe": (make_hybrid, "qwen3_next")}.items():
         path = tmp_path_factory.mktemp(name)
         make(arch, path)
-        add_tokenizer(path)
+        save_tiny_tokenizer(path, 160)
         model = mlxq.load(str(path))
         probe(model, path / "single")
         model.close()
@@ -139,7 +139,7 @@ def make_wide_llama(path: Path, hidden: int = 512, layers: int = 8, intermediate
     mx.random.seed(0)
     weights = {k: 0.02 * mx.random.normal(s) if len(s) > 1 else mx.ones(s) for k, s in shapes.items()}
     mx.save_safetensors(str(path / "model.safetensors"), weights)
-    add_tokenizer(path)
+    save_tiny_tokenizer(path, 160)
     return sum(v.nbytes for v in weights.values())
 
 

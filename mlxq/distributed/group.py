@@ -92,11 +92,13 @@ def load_group(name: str | None, group, *, parallel: str | None = None, dtype: m
     """This rank's share of model `name`, split `parallel` (pipeline, tensor, experts; default: experts for a MoE
     model, else pipeline) over `group` (`mx.distributed.init()`); every rank calls it with the same arguments."""
     import mlxq
-    from mlxq.api import load_tokenizer_for, open_model
-    from mlxq.loading import load_model
+    from mlxq.api import load_tokenizer_for
+    from mlxq.loading import load_model, open_for_run
 
     rank, size = group.rank(), group.size()
-    ckpt, keep_quantized = open_model(name, keep_quantized)
+    if keep_quantized is None:  # alike on every rank (not by each one's free memory, as a single process decides)
+        keep_quantized = mx.metal.is_available()
+    ckpt = open_for_run(name, keep_quantized)
     config = text_config(ckpt.config)
     parallel = parallel or auto_mode(config)
     settings = {"parallel": parallel, "size": size, "dtype": str(dtype), "keep_quantized": keep_quantized,

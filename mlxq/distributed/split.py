@@ -56,6 +56,7 @@ class Placement:
     ranges: Ranges = ()
     logical: int = 0
     zero: bool = False
+    align: int = 1  # where the axis is packed (quantized), each boundary must fall on a multiple of this
 
 
 def even_ranges(total: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
@@ -95,7 +96,7 @@ class Split:
 
     def __init__(self, config: dict[str, Any], infos: list[TensorInfo], rank: int, size: int, group=None):
         self.config, self.rank, self.size, self.group = config, rank, size, group
-        self.quant_align = (config.get("quantization") or {}).get("group_size", 1) if "quantization" in config else 1
+        self.quant_align = quant_align(config)
 
     def wants(self, name: str) -> bool:
         return True
@@ -164,6 +165,16 @@ class Split:
         return None
 
 
+def quant_align(config: dict[str, Any]) -> int:
+    """The run of values a quantized tensor packs together along its input axis (mlx-lm's group size; GGML blocks hold
+    up to 256): a split must cut packed columns at multiples of it."""
+    quant = config.get("quantization") or {}
+    entries = [quant, *(v for v in quant.values() if isinstance(v, dict))]
+    if any("ggml_type" in e for e in entries):
+        return 256
+    return max(int(e.get("group_size", 1)) for e in entries)
+
+
 def _flat_parameters(net: nn.Module) -> dict[str, mx.array]:
     from mlx.utils import tree_flatten
 
@@ -174,8 +185,10 @@ def _read_part(arr: mx.array, where: Placement, source_name: str | None, tensors
     axis = where.axis % arr.ndim
     scale = arr.shape[axis] / where.logical if where.logical else 1
     ranges = [(int(a * scale), int(b * scale)) for a, b in where.ranges]
-    if any(a != s * scale or b != e * scale for (a, b), (s, e) in zip(ranges, where.ranges, strict=True)):
-        raise ConfigError(f"tensor '{where.name}': its packed layout cannot be split at {list(where.ranges)}")
+    packed = scale != 1 and any(a % where.align or b % where.align for a, b in where.ranges)
+    if packed or any(a != s * scale or b != e * scale for (a, b), (s, e) in zip(ranges, where.ranges, strict=True)):
+        raise ConfigError(f"tensor '{where.name}': its quantized layout cannot be split at {list(where.ranges)} "
+                          f"(packed by {where.align}); try fewer ranks or --parallel pipeline")
     if source_name is not None and tensors.can_slice:
         return tensors.read_slice(source_name, axis, ranges)
     part = mx.concatenate([mx.take(arr, mx.arange(a, b), axis=axis) for a, b in ranges], axis=axis)
@@ -407,7 +420,7 @@ class TensorSplit(Split):
             return Placement(name, zero=self.rank > 0)
         if name.endswith(".bias"):
             axis = 0
-        return Placement(name, axis, self._ranges(share, size), size)
+        return Placement(name, axis, self._ranges(share, size), size, align=self.quant_align)
 
     def finish(self, net):
         for layer in net.layers:

@@ -14,7 +14,8 @@ from mlxq.errors import MlxqError
 @click.command()
 @click.argument("model")
 @click.option("--parallel", default=None)
-def main(model: str, parallel: str | None) -> None:
+@click.option("--keep-quantized", is_flag=True)
+def main(model: str, parallel: str | None, keep_quantized: bool) -> None:
     import mlx.core as mx
 
     import mlxq
@@ -22,7 +23,7 @@ def main(model: str, parallel: str | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     group = mx.distributed.init(backend="ring", strict=True)
     try:
-        mlxq.load(model, group=group, parallel=parallel).follow()
+        mlxq.load(model, group=group, parallel=parallel, keep_quantized=keep_quantized or None).follow()
     except MlxqError as e:
         click.echo(f"mlxq: rank {group.rank()}: {e}", err=True)
         sys.exit(1)
