@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -289,19 +288,31 @@ def rank_worker(plan_path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def free_base_port(n: int) -> int:
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        try:
-            for port in range(base, base + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
+def rank_blas_threads(ranks: int) -> int:
+    """The ranks share this machine's cores: BLAS threads split between them (OpenBLAS's idle threads spin, and so
+    does a rank waiting on the ring, so more threads than cores starve the rank that computes)."""
+    return max(1, (os.cpu_count() or 1) // ranks)
+
+
+def run_group(cases: list[dict], ranks: int, **settings) -> list[tuple[dict, list[dict]]]:
+    """Runs `cases` on a ring of `ranks` local processes (`mlx.launch`); per case, rank 0's decode figures and
+    every rank's collectives."""
+    from mlxq.distributed.launch import free_loopback_ports
+
+    with tempfile.TemporaryDirectory(prefix="mlxq-bench-distributed-") as work:
+        plan = Path(work) / "plan.json"
+        cases = [{**case, "out": str(Path(work) / f"{case['name']}-{case['parallel']}")} for case in cases]
+        plan.write_text(json.dumps({"cases": cases, **settings}))
+        cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(ranks), "--backend", "ring",
+               "--starting-port", str(free_loopback_ports(ranks)), "--python", sys.executable, __file__,
+               "--rank-worker", str(plan)]
+        blas = str(rank_blas_threads(ranks))
+        done = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, timeout=1800,
+                              env={**os.environ, "OPENBLAS_NUM_THREADS": blas, "OMP_NUM_THREADS": blas})
+        if done.returncode:
+            raise SystemExit(f"bench/distributed: the group exited {done.returncode}")
+        return [(json.loads((Path(c["out"]) / "decode.json").read_text()),
+                 [json.loads((Path(c["out"]) / f"rank{r}.json").read_text()) for r in range(ranks)]) for c in cases]
 
 
 def main() -> None:
@@ -335,30 +346,13 @@ def main() -> None:
         single[name] = [decode_ms(model, tokens) for _ in range(runs)]
         model.close()
         del model
-    work = Path(tempfile.mkdtemp(prefix="mlxq-bench-distributed-"))
-    cases = [{"name": name, "model": path, "parallel": mode, "out": str(work / f"{name}-{mode}")}
-             for name, path in paths.items() for mode in splits[name]]
-    plan = work / "plan.json"
-    plan.write_text(json.dumps({"cases": cases, "tokens": tokens, "runs": runs,
-                                "replay_tokens": 20 if args.quick else 100}))
-    launch = Path(sys.executable).with_name("mlx.launch")
-    cmd = [str(launch), "-n", str(args.ranks), "--backend", "ring", "--starting-port",
-           str(free_base_port(args.ranks)), "--python", sys.executable, __file__, "--rank-worker", str(plan)]
-    # The ranks share this machine's cores: BLAS threads split between them (OpenBLAS's idle threads spin, and
-    # so does a rank waiting on the ring, so more threads than cores starve the rank that computes).
-    blas = str(max(1, (os.cpu_count() or 1) // args.ranks))
+    cases = [{"name": name, "model": path, "parallel": mode} for name, path in paths.items() for mode in splits[name]]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, timeout=1800,
-                          env={**os.environ, "OPENBLAS_NUM_THREADS": blas, "OMP_NUM_THREADS": blas})
-    if done.returncode:
-        raise SystemExit(f"bench/distributed: the group exited {done.returncode}")
+    outputs = run_group(cases, args.ranks, tokens=tokens, runs=runs, replay_tokens=20 if args.quick else 100)
     group_s = time.perf_counter() - t0
 
     results, per_layer = {}, {}
-    for case in cases:
-        out = Path(case["out"])
-        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(args.ranks)]
-        decode = json.loads((out / "decode.json").read_text())
+    for case, (decode, ranks) in zip(cases, outputs, strict=True):
         name, mode = case["name"], case["parallel"]
         split_ms, one_ms = median(decode["decode_ms"]), median(single[name])
         layers = MODELS[name][2]["num_hidden_layers"] if name in MODELS else None
@@ -369,9 +363,9 @@ def main() -> None:
             "wire_bytes_per_token": sum(r["wire_bytes_per_token"] for r in ranks),
             "messages_per_token": ranks[0]["per_token"],
             "comm_ms_per_token": max(r["comm_ms_per_token"] for r in ranks),
-            "ranks": [{k: v for k, v in r.items() if k != "step"} | {"share": s["share"], "peak_rss_bytes":
-                       s["peak_rss_bytes"], "weights_bytes": s["weights_bytes"]}
-                      for r, s in zip(ranks, decode["status"]["ranks"], strict=True)],
+            # (each rank's peak memory is in tests/test_distributed.py: here one process loads every case in turn)
+            "ranks": [{k: v for k, v in r.items() if k != "step"} | {"share": s["share"], "weights_bytes":
+                       s["weights_bytes"]} for r, s in zip(ranks, decode["status"]["ranks"], strict=True)],
         }
         if name == "moe":  # the layout the projection scales: mixer + MoE block in every layer
             hidden = MODELS[name][2]["hidden_size"]
@@ -383,7 +377,7 @@ def main() -> None:
                   "k4": project(per_layer), "k10": project(per_layer, experts_per_tok=10)}
     pipe = results.get("smollm2_pipeline") or next(v for k, v in results.items() if k.endswith("_pipeline"))
     write_result("distributed", {
-        "quick": args.quick, "ranks": args.ranks, "rank_blas_threads": int(blas),
+        "quick": args.quick, "ranks": args.ranks, "rank_blas_threads": rank_blas_threads(args.ranks),
         "tokens": tokens, "runs": runs, "group_wall_s": group_s,
         "load_avg": os.getloadavg(), "splits": results, "single_process_ms": single,
         "pipeline_overhead_ms_per_token": pipe["overhead_ms_per_token"],

@@ -30,6 +30,7 @@ from test_hybrid import make_tiny as make_hybrid
 from tiny import make_tiny, save_tiny_tokenizer
 
 import mlxq
+from mlxq.distributed.launch import free_loopback_ports
 
 WORKER = Path(__file__).with_name("group_worker.py")
 PYTHON = sys.executable
@@ -163,20 +164,6 @@ def test_each_rank_holds_only_its_share(tmp_path, parallel):
 
 
 # ---------------------------------------------------------------------------------------------- failures
-def free_ports(n: int) -> int:
-    """The first of `n` consecutive free loopback ports."""
-    for _ in range(100):
-        base = free_port()
-        try:
-            for port in range(base + 1, base + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
-
-
 def http(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
     """(status, JSON body) of a GET, or of a POST of `body`."""
     data = None if body is None else json.dumps(body).encode()
@@ -199,8 +186,9 @@ def serve_group(models, tmp_path):
         hosts.write_text(json.dumps([{"ssh": "localhost", "ips": ["127.0.0.1"]}] * 3))
         port = free_port()
         log = open(tmp_path / "serve.log", "w")
+        ring_port = free_loopback_ports(3)
         proc = subprocess.Popen([PYTHON, "-m", "mlxq.cli", "serve", str(models["dense"]), "--hosts", str(hosts),
-                                 "--parallel", parallel, "--port", str(port), "--ring-port", str(free_ports(3)),
+                                 "--parallel", parallel, "--port", str(port), "--ring-port", str(ring_port),
                                  "--log-level", "warning", *extra], stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         started.append(proc)

@@ -12,9 +12,10 @@ import pytest
 
 from mlxq.distributed.control import Control
 from mlxq.distributed.group import check_members
-from mlxq.distributed.split import balance, even_ranges, head_ranges
+from mlxq.distributed.split import PipelineSplit, balance, even_ranges, head_ranges
 from mlxq.engine.prompt_cache import PromptCache
 from mlxq.errors import ConfigError, EngineDown
+from mlxq.formats.base import TensorInfo
 
 
 # ---------------------------------------------------------------------------------------------- shares
@@ -42,6 +43,17 @@ def test_pipeline_balance_counts_the_embedding_on_rank_zero():
     assert balance([10] * 6, 0, 2) == [0, 3, 6]
     assert balance([10] * 6, 20, 2) == [0, 2, 6]  # rank 0 also holds 20 bytes of embedding and head
     assert balance([1, 1, 1], 1000, 3) == [0, 1, 2, 3]  # every rank gets at least one layer
+
+
+def test_pipeline_balances_a_gguf_by_the_bytes_its_tensors_take_once_loaded():
+    """A GGUF stores its embedding at 8 bits and its layers at 4 (SmolLM2 Q4_1): by file bytes the embedding is
+    light, but dequantized at load every tensor takes 4 bytes a weight, and the layers must be balanced by that."""
+    infos = [TensorInfo("model.embed_tokens.weight", (49152, 576), "Q8_0", 49152 * 576 * 34 // 32)]
+    infos += [TensorInfo(f"model.layers.{i}.mlp.up_proj.weight", (3072, 1152), "Q4_1", 3072 * 1152 * 20 // 32)
+              for i in range(30)]
+    config = {"num_hidden_layers": 30}
+    assert PipelineSplit(config, infos, 0, 2).bounds == [0, 8, 30]  # by file bytes: blocks kept
+    assert PipelineSplit(config, infos, 0, 2, dequantized=True).bounds == [0, 11, 30]  # 4 bytes a weight each
 
 
 # ---------------------------------------------------------------------------------------------- start-up

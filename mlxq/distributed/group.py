@@ -115,7 +115,8 @@ def load_group(name: str | None, group, *, parallel: str | None = None, dtype: m
         link = Link(members[0]["control"], members[0]["token"], rank)
     else:
         control.accept()
-    split = make_split(parallel, config, ckpt.tensors.infos(), rank, size, group)
+    split = make_split(parallel, config, ckpt.tensors.infos(), rank, size, group,
+                       dequantized=ckpt.format == "gguf" and not keep_quantized)
     rss_before = rss_bytes()
     net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, split=split)
     share = {"share": split.describe(), "weights_bytes": sum(v.nbytes for _, v in tree_flatten(net.parameters())),

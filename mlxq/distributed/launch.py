@@ -29,6 +29,24 @@ log = logging.getLogger("mlxq.distributed")
 DEFAULT_RING_PORT = 32323
 
 
+def free_loopback_ports(n: int) -> int:
+    """The first of `n` consecutive free loopback ports: a ring of `n` local ranks (`--ring-port`, `mlx.launch -p`)."""
+    import socket
+
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        try:
+            for port in range(base + 1, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise ConfigError(f"no {n} consecutive free loopback ports")
+
+
 def read_hosts(path: str) -> list[dict]:
     """The hosts of an `mlx.launch` host file, each with an "ssh" name and at least one IP."""
     try:

@@ -20,6 +20,7 @@ reads only that part of each tensor.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -94,9 +95,11 @@ class Split:
 
     mode = ""
 
-    def __init__(self, config: dict[str, Any], infos: list[TensorInfo], rank: int, size: int, group=None):
+    def __init__(self, config: dict[str, Any], infos: list[TensorInfo], rank: int, size: int, group=None,
+                 dequantized: bool = False):
         self.config, self.rank, self.size, self.group = config, rank, size, group
         self.quant_align = quant_align(config)
+        self.dequantized = dequantized  # GGML blocks become floats at load: a tensor's bytes are then its elements'
 
     def wants(self, name: str) -> bool:
         return True
@@ -254,15 +257,16 @@ class PipelineSplit(Split):
 
     mode = "pipeline"
 
-    def __init__(self, config, infos, rank, size, group=None):
-        super().__init__(config, infos, rank, size, group)
+    def __init__(self, config, infos, rank, size, group=None, dequantized=False):
+        super().__init__(config, infos, rank, size, group, dequantized)
         layer_bytes: dict[int, int] = {}
         extra = 0
         for info in infos:
+            nbytes = 4 * math.prod(info.shape) if dequantized else info.nbytes  # as loaded (a GGUF's types differ)
             if m := _LAYER.match(info.name):
-                layer_bytes[int(m.group(1))] = layer_bytes.get(int(m.group(1)), 0) + info.nbytes
+                layer_bytes[int(m.group(1))] = layer_bytes.get(int(m.group(1)), 0) + nbytes
             elif not info.name.startswith(("mtp.", "model.mtp.", "model.visual.", "vision_tower.", "visual.")):
-                extra += info.nbytes
+                extra += nbytes
         n_layers = int(config.get("num_hidden_layers") or len(layer_bytes))
         if n_layers < size:
             raise ConfigError(f"pipeline: {n_layers} layers cannot be split over {size} ranks")
@@ -348,8 +352,8 @@ class TensorSplit(Split):
 
     mode = "tensor"
 
-    def __init__(self, config, infos, rank, size, group=None):
-        super().__init__(config, infos, rank, size, group)
+    def __init__(self, config, infos, rank, size, group=None, dequantized=False):
+        super().__init__(config, infos, rank, size, group, dequantized)
         c = config
         self.heads = int(c["num_attention_heads"])
         self.kv_heads = int(c.get("num_key_value_heads") or self.heads)
@@ -445,8 +449,8 @@ class ExpertsSplit(Split):
 
     mode = "experts"
 
-    def __init__(self, config, infos, rank, size, group=None):
-        super().__init__(config, infos, rank, size, group)
+    def __init__(self, config, infos, rank, size, group=None, dequantized=False):
+        super().__init__(config, infos, rank, size, group, dequantized)
         n = int(config.get("num_experts") or config.get("num_local_experts") or 0)
         if not n:
             raise ConfigError("experts split: the model has no routed experts (use --parallel pipeline or tensor)")
@@ -517,10 +521,12 @@ class ExpertShard(nn.Module):
 SPLITS = {"pipeline": PipelineSplit, "tensor": TensorSplit, "experts": ExpertsSplit}
 
 
-def make_split(mode: str, config: dict[str, Any], infos: list[TensorInfo], rank: int, size: int, group=None) -> Split:
+def make_split(mode: str, config: dict[str, Any], infos: list[TensorInfo], rank: int, size: int, group=None,
+               dequantized: bool = False) -> Split:
+    """Rank `rank`'s share; `dequantized`: the checkpoint's quantized blocks become floats as they load."""
     if mode not in SPLITS:
         raise ConfigError(f"parallel: '{mode}' is not one of {', '.join(MODES)}")
-    return SPLITS[mode](config, infos, rank, size, group)
+    return SPLITS[mode](config, infos, rank, size, group, dequantized)
 
 
 def auto_mode(config: dict[str, Any]) -> str:
