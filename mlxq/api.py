@@ -14,7 +14,6 @@ import mlx.core as mx
 
 from mlxq.engine import stream as streams
 from mlxq.engine.controls import Prompt, prepare, split_options
-from mlxq.engine.prompt_cache import CacheSlot
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams
 from mlxq.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES, PREFILL_CHUNK, Engine, Request
 from mlxq.engine.stops import check_stops
@@ -104,11 +103,9 @@ class Model:
         params: SamplingParams | None = None,
         logits_processors: list[LogitsProcessor] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
-        slot: CacheSlot | None = None,
         **options: Any,
     ) -> Request:
-        """The engine request for a prompt and the options above (what `stream` and `generate` submit). `slot`:
-        a conversation's own cache (see `Session`)."""
+        """The engine request for a prompt and the options above (what `stream` and `generate` submit)."""
         controls, sampling = split_options(options)
         if params is not None and sampling:
             raise InvalidRequest(f"give sampling options either as params or by keyword, not both ({min(sampling)})")
@@ -117,7 +114,7 @@ class Model:
         stops = check_stops(stop)
         k = int(logprobs) if logprobs is not None and logprobs is not False else None
         return prepared.request(max_tokens, params or SamplingParams(**sampling), stop=stops, logprobs=k,
-                                ignore_eos=ignore_eos, extra=logits_processors, slot=slot)
+                                ignore_eos=ignore_eos, extra=logits_processors)
 
     def stream(self, prompt: Prompt, **options: Any) -> Iterator[Chunk]:
         """Yields the output as it becomes final. Leaving the loop early ends the request."""

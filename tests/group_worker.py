@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 import mlxq
+from mlxq.engine import stream as streams
 from mlxq.engine.prompt_cache import CacheSlot
 
 TOKENS = [40, 74, 83, 84, 3, 91, 12, 150, 33, 7, 64, 99, 120, 5]
@@ -45,7 +46,9 @@ def probe(model, out: Path) -> None:
     slot, turns, prompt = CacheSlot(), [], TOKENS[:6]  # a conversation's own cache, as a Session keeps it
     for more in ([], [9, 21, 33]):
         prompt = prompt + more
-        r = model.generate(prompt, max_tokens=5, ignore_eos=True, slot=slot)
+        request = model.request(prompt, max_tokens=5, ignore_eos=True)
+        request.slot = slot
+        r = streams.run(model.engine, request)
         turns.append({"tokens": r.tokens, "cached": r.usage.cached_tokens})
         prompt = prompt + r.tokens
     result = {"batched": [found[i] for i in range(len(PROMPTS))], "resumed": again.tokens,

@@ -12,8 +12,10 @@ import pytest
 
 from mlxq.distributed.control import Control
 from mlxq.distributed.group import check_members
+from mlxq.distributed.runner import GroupRunner
 from mlxq.distributed.split import PipelineSplit, balance, even_ranges, head_ranges
 from mlxq.engine.prompt_cache import PromptCache
+from mlxq.engine.runner import Runner
 from mlxq.errors import ConfigError, EngineDown
 from mlxq.formats.base import TensorInfo
 
@@ -158,6 +160,18 @@ def test_a_step_that_never_ends_is_caught_by_the_watchdog():
     with control.step():  # every rank answers heartbeats, but the step (a collective) never returns
         assert wait_for(lambda: downs, timeout=20)
     assert "a step has run for" in str(downs[0])
+
+
+# Runner methods that read this process's state or hold its own wiring: nothing the other ranks must repeat
+LOCAL_ONLY = {"attach", "lengths", "state", "idle", "stats", "close"}
+
+
+def test_the_group_runner_forwards_every_runner_operation():
+    """An operation of the one engine's Runner that rank 0 ran alone would leave the other ranks' caches behind, and
+    the next collective would pair the wrong steps: every operation must be posted to the group (and followed)."""
+    ops = {name for name, f in vars(Runner).items() if callable(f) and not name.startswith("_")} - LOCAL_ONLY
+    missing = sorted(name for name in ops if name not in vars(GroupRunner))
+    assert not missing, f"GroupRunner runs {missing} on rank 0 only; post them to the group as its other steps"
 
 
 def test_the_prompt_cache_of_another_rank_replays_rank_zeros_decisions():

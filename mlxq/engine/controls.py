@@ -101,13 +101,13 @@ class Prepared:
 
     def request(self, max_tokens: int, params: SamplingParams | None = None, *, stop: list[str] | None = None,
                 logprobs: int | None = None, ignore_eos: bool = False,
-                extra: list[LogitsProcessor] | None = None, slot=None) -> Request:
+                extra: list[LogitsProcessor] | None = None) -> Request:
         """An engine request for one choice. `extra`: the caller's own processor instances (used by this request
         alone)."""
         build, extra = self._processors, list(extra or [])
         return Request(
             self.prompt, max_tokens, params or SamplingParams(), lambda: [*extra, *build(max_tokens)],
-            list(stop or []), logprobs, self.marks, ignore_eos, self.reading, slot,
+            list(stop or []), logprobs, self.marks, ignore_eos, self.reading,
         )
 
 
