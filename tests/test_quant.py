@@ -132,6 +132,7 @@ def test_ternary_is_absmean_per_output_channel():
 # ---------------------------------------------------------------------------------------------- roles
 HYBRIDS = ["qwen3_5_text", "qwen3_5_vl", "qwen3_5_moe_text", "qwen3_5_moe_vl", "qwen3_next"]
 DENSE = ["llama", "llama_tied_linear", "qwen2", "qwen3", "gemma3"]
+MOE = ["qwen3_moe", "mixtral"]
 # What Qwen3.5 / Qwen3-Next release checkpoints carry beyond transformers' tiny models: the MTP block.
 MTP_NAMES = [
     "mtp.fc.weight",
@@ -147,7 +148,7 @@ MTP_NAMES = [
 ]
 
 
-@pytest.mark.parametrize("name", DENSE + HYBRIDS)
+@pytest.mark.parametrize("name", DENSE + MOE + HYBRIDS)
 def test_every_hf_tensor_gets_a_role(name, tiny_dir):
     ckpt = open_checkpoint(str(tiny_dir(name)))
     arch = ckpt.config.get("model_type")
@@ -312,6 +313,7 @@ def quantized(src: Path, out: Path, recipe, **kw) -> pipeline.Result:
         ("llama", uniform(4, 32)),
         ("llama_tied_linear", RECIPES["q3_k_m"]),
         ("qwen3", make_recipe("q2_k", group_size=32)),
+        ("mixtral", RECIPES["experts-2bit"]),
     ],
 )
 def test_round_trip_mlx_lm_and_mlxq_agree(name, recipe, tiny_dir, tmp_path):

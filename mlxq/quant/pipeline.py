@@ -146,7 +146,7 @@ def plan(ckpt: Checkpoint, recipe: Recipe, dtype: mx.Dtype | None = None) -> Pla
             items.append(Item(name, role, spec, info.nbytes, [OutTensor(name, shape, out_dtype)]))
             continue
         if m := _FUSED_EXPERTS.search(name):
-            prefix = name[: m.start()] + ".experts."
+            prefix = name[: m.start()] + ".switch_mlp."  # mlx-lm's name for stacked experts
             rows = shape[-2]
             parts = (
                 [(prefix + "gate_proj", 0, rows // 2), (prefix + "up_proj", rows // 2, rows)]
