@@ -33,20 +33,9 @@ def rel(a, b) -> float:
 def add_tokenizer(path: Path, vocab_size: int = 160) -> None:
     """A character-level tokenizer that fits the tiny models' 160-token vocabulary (mlx_lm.load and mlxq.load
     both want one)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from mlxq.bench.synthetic import char_tokenizer
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in [chr(c) for c in range(32, 127)] + ["\n"]:
-        vocab.setdefault(ch, len(vocab))
-    while len(vocab) < vocab_size:
-        vocab[f"<extra_{len(vocab)}>"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
-        str(path)
-    )
+    char_tokenizer(path, vocab_size)
 
 
 @pytest.fixture(scope="module")
