@@ -44,6 +44,7 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
             raise ConfigError(f"{ckpt.path}: experts per token: the model has no routed experts")
         model.set_experts_per_tok(experts_per_tok)
     mx.eval(model.parameters())
+    mx.clear_cache()  # the checkpoint's arrays, replaced by cast / fused ones: their buffers go back now
     model.eval()
     wire_weights(model)
     if streamed:
