@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -51,6 +53,7 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
         from mlxq.experts import start_pool
 
         model.expert_pool = start_pool(streamed, packs, expert_memory, dtype, fuse, expert_options)
+        weakref.finalize(model, model.expert_pool.close)  # reader threads and file descriptors go with the model
     return model
 
 
