@@ -172,7 +172,6 @@ class SlotPool:
         self.steps: deque[dict] = deque(maxlen=4096)  # per forward pass (a decode step is one token)
         self._step_start = ExpertStats()
         self._last_layer = -1
-        self.order = sorted(packs.layers)
 
     # ------------------------------------------------------------------------------------------ sizes
     @property
@@ -185,10 +184,6 @@ class SlotPool:
     def experts(self, layer: int) -> SwitchGLU:
         """The layer's experts as computed: stacked over slots."""
         return self.groups[layer].glu
-
-    def next_layer(self, layer: int) -> int | None:
-        i = self.order.index(layer) + 1
-        return self.order[i] if i < len(self.order) else None
 
     # ------------------------------------------------------------------------------------------ one layer
     def routed(self, layer: int, experts: mx.array) -> np.ndarray:
