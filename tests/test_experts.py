@@ -146,6 +146,16 @@ def test_statistics_add_up(made):
     assert 0 < d["hit_rate"] < 1 and d["bytes_per_token"] == stats.bytes_read / stats.tokens
 
 
+def test_api_timings_carry_the_run_s_expert_counters(made):
+    _, resident, packs = made("qwen3_moe")
+    model = mlxq.load(str(packs), expert_memory="50%")
+    result = model.generate("the fox", max_tokens=5)
+    experts = result.timings.experts
+    assert experts["tokens"] >= len(model.encode_prompt("the fox")) + len(result.tokens) - 1  # prompt + decode steps
+    assert experts["hits"] + experts["misses"] > 0 and experts["bytes_read"] == model.expert_stats().bytes_read
+    assert mlxq.load(str(resident)).generate("the fox", max_tokens=2).timings.experts is None
+
+
 def test_parse_size():
     assert parse_size("8GB") == 8_000_000_000 and parse_size("512MiB") == 512 << 20 and parse_size(1234) == 1234
     assert parse_size("25%", 1000) == 250
