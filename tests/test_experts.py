@@ -339,3 +339,26 @@ def test_smollm2_upcycled_to_moe_and_streamed_gives_the_dense_logits(smollm2_ggu
     assert diff < 1e-5
     assert np.array_equal(got.argmax(-1), want.argmax(-1))
     assert streamed.expert_pool.snapshot().misses > 0
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["layers"]["0"].update(stride=1000), "is not a 16384-aligned layout"),
+        (lambda m: m["layers"]["0"]["experts"][3].__setitem__(0, 7), "layer 0 expert 3: offset 7"),
+        (lambda m: m["layers"]["0"]["tensors"][0].update(shape=[-1, 4]), "tensor 'gate_proj.weight'"),
+        (lambda m: m["layers"]["0"]["quantization"]["up_proj"].update(bits=7), "up_proj quantization"),
+        (lambda m: m.update(layers=[1, 2]), "malformed layer entry"),
+        (lambda m: m.update(version=9), "not an mlxq expert pack manifest"),
+    ],
+)
+def test_malformed_manifest_is_one_line(edit, message, made, tmp_path):
+    _, _, packs = made("qwen3_moe")
+    bad = copy_dir(packs, tmp_path / "bad")
+    path = bad / "experts" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(FormatError, match=re.escape(message)) as e:
+        mlxq.load(str(bad), expert_memory="50%")
+    assert "\n" not in str(e.value)
