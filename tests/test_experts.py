@@ -301,7 +301,8 @@ def test_smollm2_upcycled_to_moe_and_streamed_gives_the_dense_logits(smollm2_ggu
     """SmolLM2-135M as a Mixtral whose 4 experts are copies of each layer's MLP, the router all zeros (uniform: the
     top 2 get weight 0.5 each). Quantized 8-bit and streamed from packs at a quarter of the experts' memory, it
     gives the 8-bit dense model's logits (up to float rounding: the dense MLP and the experts use different
-    SwiGLU kernels)."""
+    kernels; off Metal the dense prompt dequantizes and runs one BLAS matmul, the experts run gather_qmm, about
+    1e-5 of the largest logit apart; a wrong byte, scale or expert in a slot is orders of magnitude more)."""
     from mlxq.formats import open_checkpoint
     from mlxq.loading import load_model
     from mlxq.quant.recipes import uniform
@@ -336,7 +337,7 @@ def test_smollm2_upcycled_to_moe_and_streamed_gives_the_dense_logits(smollm2_ggu
     diff = np.abs(got - want).max() / np.abs(want).max()
     print(f"up-cycled MoE streamed vs dense 8-bit: max relative difference {diff:.2e}, "
           f"bit-identical: {np.array_equal(got, want)}; {streamed.expert_pool.snapshot().summary()}")
-    assert diff < 1e-5
+    assert diff < 1e-4
     assert np.array_equal(got.argmax(-1), want.argmax(-1))
     assert streamed.expert_pool.snapshot().misses > 0
 
