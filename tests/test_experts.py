@@ -139,6 +139,8 @@ def test_statistics_add_up(made):
     stats, pool = model.expert_stats(), model.net.expert_pool
     stride = next(iter(pool.packs.layers.values())).stride
     assert stats.bytes_read == stats.misses * stride  # no prefetch: every byte read was asked for
+    # one read per missing expert at most, each whole blocks: the prompt's rounds read neighbouring experts together
+    assert 0 < stats.reads < stats.misses
     assert stats.hits + stats.misses >= 2 * (len(DECODE) + 1)  # at least top-k... per MoE layer and step
     assert len(pool.steps) == len(DECODE)  # one entry per finished forward pass
     assert sum(s["misses"] for s in pool.steps) <= stats.misses
