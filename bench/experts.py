@@ -245,7 +245,7 @@ def main() -> None:
     mode = "quick" if args.quick else "full"
     shape = SHAPES[mode]
     work = cache_dir() / "bench" / f"experts-{mode}"
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), os.getloadavg()
     paths, prep = prepare(work, shape, coactivation=not args.quick)
     packs = open_pack_dir(paths["packs"])
     n_tokens = args.tokens or (24 if args.quick else 40)
@@ -318,6 +318,7 @@ def main() -> None:
         "prepare": prep,
         "projection_397b": projection,
         "seconds": time.perf_counter() - t_start,
+        "load_average": [load_start, os.getloadavg()],  # other work on the machine: busy runs are noisier
         "ratios": {
             "read_rate_vs_raw": _ratio(e.get("read_gb_per_s"), raw["gb_per_s"]),
             "read_rate_vs_raw_one_in_flight": _ratio(e.get("read_gb_per_s"), raw_1["gb_per_s"]),
@@ -330,13 +331,17 @@ def main() -> None:
         },
         "notes": [
             "mlx-lm at the cap: " + ("ran" if theirs_capped["ok"] else theirs_capped["error"]),
-            "synthetic routing follows the token: on random tokens it is close to uniform, so hits sit near the budget "
-            "share (the pessimistic case); on text it is skewed, but a character vocabulary gives a small working set "
-            "(real models: flash-moe saw 71 % page-cache hits on Qwen3.5-397B)",
+            "synthetic routing follows the token: on random tokens it is close to uniform (the pessimistic case); on "
+            "text it is skewed, but a character vocabulary gives a small working set (real models: flash-moe saw 71 % "
+            "page-cache hits on Qwen3.5-397B)",
+            "hit rates count from an empty pool over the prompt and the decode steps: a budget that holds every expert "
+            "those tokens touch evicts nothing, so such budgets show the same hits (first uses miss at any budget)",
+            "prefetch: an expert read ahead for the next layer and then routed to counts as a hit (prefetch_hits); it "
+            "moves reads off the critical path (stall_s) rather than saving bytes",
             "read rate while decoding = bytes / time with at least one read in flight; raw = random one-expert "
             "O_DIRECT reads, as many in flight as the reader has threads (and one at a time)",
-            f"the machine is shared and busy (load average ~11 on 2 cores): the capped, uncapped and resident runs "
-            f"ran {REPEAT}x, the matrix once; the fastest is kept (decode_tps_runs lists them)",
+            f"the machine may be shared (load_average: at the start and at the end): the capped, uncapped and "
+            f"resident runs ran {REPEAT}x, the matrix once; the fastest is kept (decode_tps_runs lists them)",
         ],
     }
     for case in projection["cases"]:
