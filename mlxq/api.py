@@ -87,6 +87,13 @@ class Model:
     def make_cache(self) -> list:
         return self.net.make_cache()
 
+    def expert_stats(self):
+        """Streaming counters so far (`mlxq.experts.ExpertStats`: hits, misses, bytes, read / stall / compute
+        time; subtract two snapshots for one run), or None when the experts are not streamed."""
+        from mlxq.experts import pool_stats
+
+        return pool_stats(self.net)
+
     def encode_prompt(self, prompt: Prompt, **chat_template_kwargs: Any) -> list[int]:
         """Token ids of text, token ids, or chat messages (rendered by the chat template)."""
         return prepare(self.tokenizer, prompt, chat_template_kwargs=chat_template_kwargs).prompt
@@ -125,21 +132,32 @@ class Model:
         return streams.astream(self.engine, self.request(prompt, **options))
 
     def generate(self, prompt: Prompt, **options: Any) -> Result:
-        """The whole output, with timings."""
-        return streams.run(self.engine, self.request(prompt, **options))
+        """The whole output, with timings (streamed experts' counters over the run in `timings.experts`: with other
+        requests running at once, theirs count too)."""
+        before = self.expert_stats()
+        return self._count_experts(before, streams.run(self.engine, self.request(prompt, **options)))
 
     async def agenerate(self, prompt: Prompt, **options: Any) -> Result:
         """`generate` for asyncio."""
-        return await streams.arun(self.engine, self.request(prompt, **options))
+        before = self.expert_stats()
+        return self._count_experts(before, await streams.arun(self.engine, self.request(prompt, **options)))
+
+    def _count_experts(self, before, result: Result) -> Result:
+        if before is not None:
+            result.timings.experts = (self.expert_stats() - before).as_dict()
+        return result
 
 
 def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantized: bool | None = None,
-         experts_per_tok: int | None = None, group: Any = None, parallel: str | None = None) -> Model:
+         experts_per_tok: int | None = None, expert_memory: str | int | None = None,
+         expert_options: dict | None = None, group: Any = None, parallel: str | None = None) -> Model:
     """Load a model by name: a local HF/mlx-lm dir, a GGUF file, an alias (`smollm2`), `ollama:NAME`, or a
     hub id. With no name, the default small model. A GGUF file's quantized weights stay in their blocks on Metal;
     off Metal they are dequantized to float32 (MLX's quantized CPU kernels are slow on x86) while the float model
     fits comfortably in memory, else kept too (`loading.open_for_run`). `keep_quantized` forces either way.
     `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact).
+    `expert_memory` ("8GB", "25%"): a model with expert packs streams its experts from disk within that much
+    memory (`expert_options`: see `mlxq.experts.StreamOptions`); `Model.expert_stats()` reports the I/O.
 
     `group` (`mx.distributed.init()`, more than one rank): every rank calls `load` alike and loads only its share,
     split `parallel` ("pipeline", "tensor" or "experts"; default experts for a MoE model, else pipeline). Rank 0
@@ -147,6 +165,8 @@ def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantiz
     if group is not None and group.size() > 1:
         from mlxq.distributed.group import load_group
 
+        if expert_memory is not None:
+            raise InvalidRequest("expert streaming (expert_memory) does not run on a split model yet")
         return load_group(name, group, parallel=parallel, dtype=dtype, keep_quantized=keep_quantized,
                           experts_per_tok=experts_per_tok)
     from concurrent.futures import ThreadPoolExecutor
@@ -155,7 +175,8 @@ def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantiz
     # the tokenizer loads beside the weights: MLX computes with the GIL released
     with ThreadPoolExecutor(1) as pool:
         tok = pool.submit(load_tokenizer_for, ckpt)
-        net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
+        net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=expert_memory,
+                         expert_options=expert_options)
         return Model(net, tok.result(), ckpt, name or "smollm2")
 
 

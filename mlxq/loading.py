@@ -7,6 +7,7 @@ import functools
 import math
 import os
 import sys
+import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -63,18 +64,25 @@ def open_for_run(name: str | None, keep_quantized: bool | None = None) -> Checkp
 
 
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = True,
-               experts_per_tok: int | None = None, split: Split | None = None) -> nn.Module:
+               experts_per_tok: int | None = None, expert_memory: str | int | None = None,
+               expert_options: dict | None = None, split: Split | None = None) -> nn.Module:
     """`fuse` merges projections that share an input (q/k/v, gate/up) after loading and puts weights in
     the backend's fastest layout (`inference_layout`); pass False to keep the checkpoint's module layout
     (calibration hooks, weight export). `experts_per_tok` routes each token of a MoE model to that many
-    experts instead of the configured `num_experts_per_tok`. `split`: load only one rank's share of the model
-    (`mlxq.distributed.split`): the tensors it wants, the parts of them it holds, into its network."""
+    experts instead of the configured `num_experts_per_tok`. A model written with expert packs
+    (`mlxq quantize --stream-experts`) streams its experts within `expert_memory` bytes ('8GB', '25%'; see
+    `mlxq.experts`, options in `StreamOptions`), or holds them all in memory when that is None. `split`: load only
+    one rank's share of the model (`mlxq.distributed.split`): the tensors it wants, the parts of them it holds,
+    into its network."""
     _return_freed_memory()
     config = text_config(ckpt.config)
     with _as_config_error(ckpt):
         model = build_model(config)
     sources = {name: ckpt.tensors[name] for name in ckpt.tensors if split is None or split.wants(name)}
     weights = model.sanitize(dict(sources))
+    if split is not None and (expert_memory is not None or _has_packs(ckpt)):
+        raise ConfigError(f"{ckpt.path}: a model with expert packs does not split over a group yet")
+    packs, streamed = _expert_packs(ckpt, model, weights, expert_memory)
     if split is not None:
         with _as_config_error(ckpt):
             model, weights = split.take(model, build_model, weights, sources, ckpt.tensors)
@@ -106,6 +114,11 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
         mx.set_cache_limit(cache_limit)
     model.eval()
     wire_weights(model)
+    if streamed:
+        from mlxq.experts import start_pool
+
+        model.expert_pool = start_pool(streamed, packs, expert_memory, dtype, fuse, expert_options)
+        weakref.finalize(model, model.expert_pool.close)  # reader threads and file descriptors go with the model
     return model if split is None else split.finish(model)
 
 
@@ -122,6 +135,30 @@ def _return_freed_memory() -> None:
         libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def _has_packs(ckpt: Checkpoint) -> bool:
+    from mlxq.experts import has_packs
+
+    return has_packs(ckpt.config)
+
+
+def _expert_packs(ckpt: Checkpoint, model: nn.Module, weights: dict, expert_memory) -> tuple:
+    """Expert packs, if the checkpoint has them: all experts read into `weights` (no `expert_memory`), or the MoE
+    blocks swapped for streaming ones (returned, to get their slot pool once the model is complete)."""
+    from mlxq.experts import moe_blocks, open_packs, stream_blocks
+    from mlxq.experts.pack import check_model
+
+    if not _has_packs(ckpt):
+        if expert_memory is not None:
+            raise ConfigError(f"{ckpt.path}: expert memory needs expert packs (mlxq quantize --stream-experts)")
+        return None, []
+    packs = open_packs(ckpt.path, ckpt.config)
+    if expert_memory is None:
+        check_model(packs, moe_blocks(model))
+        weights.update(packs.resident_weights())
+        return packs, []
+    return packs, stream_blocks(model, packs)
 
 
 @contextmanager

@@ -15,7 +15,8 @@ from mlxq.errors import MlxqError
 @click.argument("model")
 @click.option("--parallel", default=None)
 @click.option("--keep-quantized", is_flag=True)
-def main(model: str, parallel: str | None, keep_quantized: bool) -> None:
+@click.option("--experts-per-tok", type=int, default=None)
+def main(model: str, parallel: str | None, keep_quantized: bool, experts_per_tok: int | None) -> None:
     import mlx.core as mx
 
     import mlxq
@@ -23,7 +24,8 @@ def main(model: str, parallel: str | None, keep_quantized: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     group = mx.distributed.init(backend="ring", strict=True)
     try:
-        mlxq.load(model, group=group, parallel=parallel, keep_quantized=keep_quantized or None).follow()
+        mlxq.load(model, group=group, parallel=parallel, keep_quantized=keep_quantized or None,
+                  experts_per_tok=experts_per_tok).follow()
     except MlxqError as e:
         click.echo(f"mlxq: rank {group.rank()}: {e}", err=True)
         sys.exit(1)

@@ -285,7 +285,10 @@ class Engine:
             log.error("%s", e)
             self.abort(e)
         except Exception as e:
-            log.exception("engine step failed")
+            if isinstance(e, MlxqError):  # a clear failure (a damaged expert block): one line, as it reaches the user
+                log.error("engine step failed: %s", e)
+            else:
+                log.exception("engine step failed")
             seqs = self._running if name == DECODE else self._prefilling
             for seq in seqs:
                 self._fail(seq, e, clear_slot=False)

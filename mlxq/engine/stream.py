@@ -83,6 +83,7 @@ class Timings:
     prefill_s: float = 0.0  # from the call to the first token (queueing included)
     decode_s: float = 0.0  # from the first token to the last
     first_token_s: float = 0.0
+    experts: dict | None = None  # streamed experts' counters over the run (mlxq.experts.ExpertStats.as_dict())
 
     @property
     def prefill_tps(self) -> float:
