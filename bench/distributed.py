@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -55,11 +56,8 @@ SPLITS = {"dense": ("pipeline", "tensor"), "hybrid": ("pipeline", "tensor"), "mo
 QUICK = {"dense": ("pipeline",), "moe": ("tensor", "experts")}  # each split once, and what the projection scales
 
 # ---------------------------------------------------------------------------------------------- projection
-# Qwen3.5-397B-A17B as published (config.json of Qwen/Qwen3.5-397B-A17B): 60 layers, 3 Gated DeltaNet to 1 gated
-# attention, a MoE block in every layer.
-QWEN35_397B = dict(layers=60, attention_layers=15, hidden=4096, vocab=248320, heads=32, kv_heads=2, head_dim=256,
-                   delta_key_heads=16, delta_value_heads=64, delta_head_dim=128, experts=512, experts_per_tok=10,
-                   moe_intermediate=1024, shared_intermediate=1024)
+# Qwen3.5-397B-A17B's shape (mlxq.bench.synthetic, as published): 60 layers, 3 Gated DeltaNet to 1 gated attention, a
+# MoE block in every layer; flash-moe's measured single-Mac figure (bench/experts.py).
 # What the projection assumes (stated, not measured here).
 ASSUME = {
     "link": "Thunderbolt 5, 80 Gb/s per direction; 10 GB/s taken as usable by the ring's TCP",
@@ -74,22 +72,17 @@ ASSUME = {
     "activation_bytes": 2,  # float16 on Metal
     "experts_per_tok": 4,  # flash-moe's setting (the model's own is 10; both are reported)
 }
-FLASH_MOE = {"tok_s": 5.5, "machine": "MacBook Pro M3 Max, 48 GB", "experts": "2-bit, 4 per token, SSD-streamed",
-             "source": "danveloper/flash-moe (Simon Willison's write-up, in shared/seeds)"}
-
-
-def params_397b(c: dict) -> dict[str, float]:
-    """Parameter counts of Qwen3.5-397B-A17B from its config (projections only; norms are negligible)."""
-    d, h = c["hidden"], c["head_dim"]
-    attention = d * (2 * c["heads"] * h) + 2 * d * c["kv_heads"] * h + c["heads"] * h * d  # gated q, k, v, o
-    key, value = c["delta_key_heads"] * c["delta_head_dim"], c["delta_value_heads"] * c["delta_head_dim"]
-    delta = d * (2 * key + value) + d * value + 2 * d * c["delta_value_heads"] + value * d  # qkv, z, b and a, out
-    shared = 3 * d * c["shared_intermediate"] + d + d * c["experts"]  # shared expert, its gate, the router
-    expert = 3 * d * c["moe_intermediate"]
-    mixers = c["attention_layers"] * attention + (c["layers"] - c["attention_layers"]) * delta
-    return {"expert": expert, "experts_total": expert * c["experts"] * c["layers"],
-            "dense_per_token": mixers + c["layers"] * shared + c["vocab"] * d,  # the head; one embedding row
-            "dense_total": mixers + c["layers"] * shared + 2 * c["vocab"] * d}
+def params_397b(q) -> dict[str, float]:
+    """Parameter counts of Qwen3.5-397B-A17B from its shape (projections only; norms are negligible)."""
+    d, h = q.hidden, q.head_dim
+    attention = d * (2 * q.heads * h) + 2 * d * q.kv_heads * h + q.heads * h * d  # gated q, k, v, o
+    key, value = q.linear_key_heads * q.linear_head_dim, q.linear_value_heads * q.linear_head_dim
+    delta = d * (2 * key + value) + d * value + 2 * d * q.linear_value_heads + value * d  # qkv, z, b and a, out
+    shared = 3 * d * q.shared_hidden + d + d * q.experts  # shared expert, its gate, the router
+    mixers = q.layers // 4 * attention + (q.layers - q.layers // 4) * delta
+    return {"expert": q.expert_params(), "experts_total": q.expert_params() * q.experts * q.layers,
+            "dense_per_token": mixers + q.layers * shared + q.vocab * d,  # the head; one embedding row
+            "dense_total": mixers + q.layers * shared + 2 * q.vocab * d}
 
 
 def project(measured: dict[str, dict], ranks_list=(1, 2, 4), experts_per_tok: int | None = None) -> dict:
@@ -97,13 +90,17 @@ def project(measured: dict[str, dict], ranks_list=(1, 2, 4), experts_per_tok: in
     bandwidth (experts that do not fit its budget from SSD), plus the communication the measured splits issue per
     layer, scaled to the model's hidden size and sent over the assumed link. n = 1: one Mac alone, the same
     assumptions (to set beside flash-moe's measured figure)."""
-    c, a = QWEN35_397B, ASSUME
+    from experts import FLASH_MOE
+
+    from mlxq.bench.synthetic import QWEN35_397B as c
+
+    a = ASSUME
     k = experts_per_tok or a["experts_per_tok"]
     p = params_397b(c)
     expert_b, dense_b = a["expert_bits"] / 8, a["dense_bits"] / 8
     experts_bytes, dense_bytes = p["experts_total"] * expert_b, p["dense_total"] * dense_b
-    read_dense, read_experts = p["dense_per_token"] * dense_b, k * c["layers"] * p["expert"] * expert_b
-    out = {"model": c, "experts_per_tok": k, "weights_bytes": experts_bytes + dense_bytes,
+    read_dense, read_experts = p["dense_per_token"] * dense_b, k * c.layers * p["expert"] * expert_b
+    out = {"model": asdict(c), "params": p, "experts_per_tok": k, "weights_bytes": experts_bytes + dense_bytes,
            "read_per_token_bytes": read_dense + read_experts}
     for n in ranks_list:
         for mode, m in (measured.items() if n > 1 else [("one_mac", {})]):
@@ -126,18 +123,18 @@ def project(measured: dict[str, dict], ranks_list=(1, 2, 4), experts_per_tok: in
             if mode == "one_mac":
                 hops, wire = 0, 0
             elif mode == "pipeline":
-                hops, wire = n, n * c["hidden"] * a["activation_bytes"]
+                hops, wire = n, n * c.hidden * a["activation_bytes"]
             else:
-                sums = m["all_sums_per_layer"] * c["layers"]
+                sums = m["all_sums_per_layer"] * c.layers
                 hops = sums * 2 * (n - 1)
-                units = m["payload_units_per_layer"] * c["layers"]  # hidden-sized vectors summed per token
-                wire = units * c["hidden"] * a["activation_bytes"] * 2 * (n - 1) / n
+                units = m["payload_units_per_layer"] * c.layers  # hidden-sized vectors summed per token
+                wire = units * c.hidden * a["activation_bytes"] * 2 * (n - 1) / n
             comm_s = hops * a["link_latency_s"] + wire / a["link_bytes_per_s"]
             step = compute_s + ssd_s + comm_s
             out[mode if n == 1 else f"{mode}_x{n}"] = {"experts_resident": round(resident, 3),
                                    "compute_ms": 1e3 * compute_s, "ssd_ms": 1e3 * ssd_s, "comm_ms": 1e3 * comm_s,
                                    "comm_messages": hops, "comm_bytes": wire, "tok_s": 1 / step,
-                                   "vs_flash_moe": (1 / step) / FLASH_MOE["tok_s"]}
+                                   "vs_flash_moe": (1 / step) / min(FLASH_MOE["tok_s"])}
     return out
 
 
@@ -373,6 +370,8 @@ def main() -> None:
             per_layer[mode] = {"all_sums_per_layer": all_sums / layers,
                                "payload_units_per_layer": ranks[0]["payload_bytes_per_token"] / 4 / hidden / layers}
     per_layer["pipeline"] = {}  # one hand-over per stage, whatever the model
+    from experts import FLASH_MOE
+
     projection = {"assumptions": ASSUME, "flash_moe": FLASH_MOE,
                   "k4": project(per_layer), "k10": project(per_layer, experts_per_tok=10)}
     pipe = results.get("smollm2_pipeline") or next(v for k, v in results.items() if k.endswith("_pipeline"))
