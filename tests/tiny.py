@@ -32,14 +32,14 @@ HYBRID_TEXT = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hid
                    max_position_embeddings=512)
 
 
-def make_tiny(family: str, path: Path, seed: int = 0):
-    """Builds, saves and returns the torch model (eval mode)."""
+def make_tiny(family: str, path: Path, seed: int = 0, **overrides):
+    """Builds, saves and returns the torch model (eval mode); `overrides` change config fields."""
     import torch
     import transformers
 
     cfg_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    config = getattr(transformers, cfg_cls)(**{**COMMON, **extra})
+    config = getattr(transformers, cfg_cls)(**{**COMMON, **extra, **overrides})
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():  # random norms and biases, so a mishandled one shows in the logits
         for name, p in model.named_parameters():
