@@ -190,9 +190,9 @@ def _inspect_diff(diff, ref, prompt, tokens_file, gen_tokens, as_json, plot_file
     if (prompt is None) == (tokens_file is None):
         raise InvalidRequest("give either --prompt TEXT or --tokens FILE")
     if plot_file:
-        from mlxq.eval.report import pyplot
+        from mlxq.eval.report import plot_target
 
-        pyplot()  # a missing matplotlib fails before any model is loaded
+        plot_target(plot_file)  # a missing matplotlib or directory fails before any model is loaded
     tokens = layer_diff.read_tokens(tokens_file) if tokens_file else None
     report = layer_diff.run(diff[0], diff[1], ref, prompt, tokens, gen_tokens)
     if plot_file:

@@ -105,6 +105,7 @@ def test_cli_with_a_reference_table_json_and_plot(tiny, tmp_path):
     (["--tokens", "t.txt"], "t.txt: expected token ids"),
     (["--tokens", "missing.txt"], "missing.txt: cannot read token file"),
     (["--tokens", "big.txt"], "token id 100000 is outside"),
+    (["--prompt", "x", "--plot", "nodir/x.png"], "--plot nodir/x.png: the directory nodir does not exist"),
 ])
 def test_bad_input_is_one_line(tiny, args, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

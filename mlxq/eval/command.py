@@ -143,9 +143,9 @@ def gm(scenarios: str, models: tuple[str, ...], variants: tuple[str, ...], guard
     todo = game.load_scenarios(scenarios)[:limit]
     recipes = [_variant_recipe(v) for v in variants]
     if plot_file:
-        from mlxq.eval.report import pyplot
+        from mlxq.eval.report import plot_target
 
-        pyplot()  # a missing matplotlib fails before anything runs
+        plot_target(plot_file)  # a missing matplotlib or directory fails before anything runs
     options = dict(guard=guard, free=free, max_tokens=max_tokens, temperature=temperature, seed=seed)
     summaries = []
     for name in models:

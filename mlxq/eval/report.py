@@ -1,35 +1,12 @@
-"""Outputs of the evaluation commands: JSON and PNG files written whole or not at all, and matplotlib on demand
+"""Pictures from the evaluation commands: PNG files written whole or not at all, with matplotlib loaded on demand
 (an optional extra: `pip install 'mlxq[plot]'`)."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from mlxq.errors import InvalidRequest
-
-
-def _atomic(path: str | Path, write) -> Path:
-    """Calls `write(tmp_path)` on a temporary file next to `path`, then renames it into place."""
-    path = Path(path).expanduser()
-    if not path.parent.is_dir():
-        raise InvalidRequest(f"{path}: the directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    return _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
 
 def pyplot():
@@ -44,9 +21,24 @@ def pyplot():
     return plt
 
 
+def plot_target(path: str | Path) -> Path:
+    """Checks, before any long work, that a PNG can be written at `path` (matplotlib importable, directory there)."""
+    pyplot()
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():
+        raise InvalidRequest(f"--plot {path}: the directory {path.parent} does not exist")
+    return path
+
+
 def save_figure(fig, path: str | Path) -> Path:
+    """Writes `fig` as a PNG at `path` through a temporary file, so the file appears complete or not at all."""
     plt = pyplot()
+    path = plot_target(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
     finally:
+        tmp.unlink(missing_ok=True)
         plt.close(fig)
+    return path
