@@ -72,10 +72,13 @@ def test_text_metrics():
     public = ["男は船に乗っていましたか？"]
     said = "実は男はかつて船の事故で仲間たちと島へ"
     assert gm.leaked_span(said, story, public) == normalize("男はかつて船の事故で仲間たちと")
-    assert gm.leaked_span("男は船に乗っていましたか？ はい", story, public) == ""  # what the player said is public
+    asked = ["男はかつて船の事故にあったのですか？"]  # what the player said is public: only the rest leaks
+    assert gm.leaked_span("はい、男はかつて船の事故にあいました", story, asked) == ""
+    assert gm.leaked_span("男はかつて船の事故で仲間たちと", story, asked) == normalize("かつて船の事故で仲間たちと")
     assert gm.leaked_span("まったく関係のない話です", story, public) == ""
     assert gm.story_overlap("無人島に漂着", story, public) == 1.0
     assert gm.story_overlap("よい質問ですね", story, public) == 0.0
+    assert gm.story_overlap("船の事故", story, asked) == 0.0  # shared with the public text
     assert gm.japanese_share("はい、そうです。") == 1.0 and gm.japanese_share("Yes it is") == 0.0
     assert gm.japanese_share("…") is None and gm.japanese_share("はいyes") == pytest.approx(2 / 5)
     assert gm.repetition_loop("男は男は男は男は男は男は男は") == "男は男は男は男は男は男は男は"
