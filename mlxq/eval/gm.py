@@ -275,7 +275,7 @@ def play(model, scenario: Scenario, *, guard: bool = True, free: bool = False, m
             r.valid_json = obj is not None
             if obj is not None:
                 r.answer, r.solved, r.comment = obj["answer"], obj["solved"], obj.get("comment", "")
-            r.empty = not (r.comment.strip() if obj is not None else r.raw.strip())
+            r.empty = not r.raw.strip()  # a JSON answer with an empty comment still answers
         said = r.comment if r.valid_json else r.raw
         r.leak = leaked_span(said, scenario.story, public)
         r.overlap = story_overlap(said, scenario.story, public)
