@@ -121,6 +121,14 @@ def test_bad_input_is_one_line(tiny, args, message, tmp_path, monkeypatch, capsy
     assert e.value.code == 2 and message in err and err.strip().count("\n") == 0, err
 
 
+def test_models_of_different_depth_are_refused(tiny, tmp_path):
+    other = tmp_path / "llama3"
+    make_tiny("llama", other)  # three layers
+    add_tokenizer(other)
+    with pytest.raises(InvalidRequest, match="has 3 layers, the reference 6"):
+        diff.run(str(tiny["base"]), str(other), tokens=PROMPT, gen_tokens=0)
+
+
 def test_read_tokens_errors(tmp_path):
     (tmp_path / "neg.json").write_text("[1, -2]")
     with pytest.raises(InvalidRequest, match="neg.json: expected a non-empty list"):

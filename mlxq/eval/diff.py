@@ -227,6 +227,9 @@ def run(a: str, b: str, ref: str | None = None, prompt: str | None = None, token
             if max(tokens) >= vocab:
                 raise InvalidRequest(f"token id {max(tokens)} is outside {name}'s vocabulary ({vocab})")
             n_layers = len(m.net.model.layers)
+            if ref_hidden is not None and len(ref_hidden) != n_layers + 1:
+                raise InvalidRequest(f"{name} has {n_layers} layers, the reference {len(ref_hidden) - 1}: --diff "
+                                     "needs models of one architecture")
             bar.update(task, description=f"{label}: {name}", total=n_layers + 1 + gen_tokens, completed=0)
             rows, kept, target = profile(m.net, tokens, ref_hidden, target, keep=ref_hidden is None,
                                          progress=lambda task=task: bar.advance(task))
