@@ -157,6 +157,7 @@ def test_cli_model_and_quantized_variant_json_and_plot(qwen3_model_dir, tmp_path
         assert m["turns"] == len(m["per_turn"]) == 4
         assert all(0.0 <= m[key] <= 1.0 for key in ("accuracy", "json_valid", "empty", "leak_rate", "loops"))
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert f"{qwen3_model_dir}+4bit: 1/1 scenarios played" in out.stderr  # progress without a terminal
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gm.png"]  # the quantized copy is gone
 
 

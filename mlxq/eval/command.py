@@ -184,10 +184,19 @@ def _play_all(name: str, label: str, scenarios: list, console, **options):
 
     with console.status(f"loading {name}"):
         model = mlxq.load(name)
+    last_turn = {s.id: len(s.turns) - 1 for s in scenarios}
+    done = []
+
+    def on_turn(r) -> None:
+        bar.advance(task)
+        if r.turn == last_turn[r.scenario] and not console.is_terminal:  # no live bar: a line per scenario
+            done.append(r.scenario)
+            console.print(f"{label}: {len(done)}/{len(scenarios)} scenarios played", highlight=False)
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("turns"),
                   console=console, transient=True) as bar:
         task = bar.add_task(label, total=sum(len(s.turns) for s in scenarios))
-        return game.evaluate(model, scenarios, label, on_turn=lambda _: bar.advance(task), **options)
+        return game.evaluate(model, scenarios, label, on_turn=on_turn, **options)
 
 
 def _play_quantized(name: str, recipe, scenarios: list, console, **options):
