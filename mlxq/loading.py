@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -9,7 +11,7 @@ from mlx.utils import tree_flatten
 from mlxq.errors import ConfigError, FormatError
 from mlxq.formats.base import Checkpoint
 from mlxq.models import build_model, text_config
-from mlxq.models.layers import cpu_layout
+from mlxq.models.layers import TernaryLinear, cpu_layout
 
 
 def default_dtype() -> mx.Dtype:
@@ -31,7 +33,8 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     weights = model.sanitize({name: ckpt.tensors[name] for name in ckpt.tensors})
     packs, streamed = _expert_packs(ckpt, model, weights, expert_memory)
     quant = ckpt.quantization
-    if quant:
+    if quant and "quant_method" not in quant:  # mlx-lm's; a transformers quant_method is the family's to read
+        _ternary_like(model, weights, quant)
         _quantize_like(model, weights, quant)
     check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
     dtype = dtype or default_dtype()
@@ -44,12 +47,14 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
             raise ConfigError(f"{ckpt.path}: experts per token: the model has no routed experts")
         model.set_experts_per_tok(experts_per_tok)
     mx.eval(model.parameters())
+    mx.clear_cache()  # the checkpoint's arrays, replaced by cast / fused ones: their buffers go back now
     model.eval()
     wire_weights(model)
     if streamed:
         from mlxq.experts import start_pool
 
         model.expert_pool = start_pool(streamed, packs, expert_memory, dtype, fuse, expert_options)
+        weakref.finalize(model, model.expert_pool.close)  # reader threads and file descriptors go with the model
     return model
 
 
@@ -104,11 +109,37 @@ def wire_weights(model: nn.Module) -> None:
         mx.set_wired_limit(min(max(size, 1), budget))
 
 
+def _ternary_like(model: nn.Module, weights: dict, quant: dict) -> None:
+    """Swap in ternary linears where the checkpoint's quantization names mode "ternary" for the module (mlxq's
+    ternary packing: `weight` uint8 codes, `scales` per channel or per tensor)."""
+    for path, module in model.named_modules():
+        entry = quant.get(path) if isinstance(quant.get(path), dict) else quant
+        if entry.get("mode") != "ternary" or not isinstance(module, nn.Linear) or f"{path}.scales" not in weights:
+            continue
+        dim_out, dim_in = module.weight.shape
+        per_tensor = weights[f"{path}.scales"].size == 1
+        layer = TernaryLinear(dim_in, dim_out, "bias" in module, packing=entry["packing"], per_tensor=per_tensor,
+                              act_bits=entry.get("act_bits"))
+        parent, _, name = path.rpartition(".")
+        target = model if not parent else _module_at(model, parent)
+        if isinstance(target, list):
+            target[int(name)] = layer
+        else:
+            setattr(target, name, layer)
+
+
+def _module_at(model: nn.Module, path: str):
+    node = model
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
 def _quantize_like(model: nn.Module, weights: dict, quant: dict) -> None:
     """Swap in quantized layers exactly where the checkpoint has `.scales` (mlx-lm convention)."""
 
     def predicate(path: str, module: nn.Module):
-        if f"{path}.scales" not in weights:
+        if f"{path}.scales" not in weights or isinstance(module, TernaryLinear):
             return False
         override = quant.get(path)
         if isinstance(override, dict):

@@ -38,8 +38,7 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PARTS = ("weight", "scales", "biases")
 CONFIG_KEY = "mlxq_experts"
 
-_NP_DTYPES = {"uint32": np.uint32, "float16": np.float16, "float32": np.float32}
-_BF16 = "bfloat16"  # numpy has no bfloat16: kept as its 16 bits (uint16) and viewed back in MLX
+_NP_DTYPES = {"uint32": np.uint32, "float16": np.float16, "float32": np.float32}  # what affine quantization gives
 
 
 def _aligned(n: int, to: int) -> int:
@@ -57,11 +56,11 @@ class BlockTensor:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * (2 if self.dtype == _BF16 else np.dtype(_NP_DTYPES[self.dtype]).itemsize)
+        return int(np.prod(self.shape)) * np.dtype(self.np_dtype).itemsize
 
     @property
     def np_dtype(self):
-        return np.uint16 if self.dtype == _BF16 else _NP_DTYPES[self.dtype]
+        return _NP_DTYPES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -138,8 +137,7 @@ class Packs:
         out = {}
         for t in lp.tensors:
             part = np.ascontiguousarray(blocks[:, t.offset : t.offset + t.nbytes]).view(t.np_dtype)
-            arr = mx.array(part.reshape(lp.n_experts, *t.shape))
-            out[t.name] = arr.view(mx.bfloat16) if t.dtype == _BF16 else arr
+            out[t.name] = mx.array(part.reshape(lp.n_experts, *t.shape))
         return out
 
     def resident_weights(self) -> dict[str, mx.array]:
@@ -294,8 +292,9 @@ class PackWriter:
         for proj in PROJECTIONS:
             for part in PARTS:
                 a = parts[(proj, 0)][part]
-                dtype = _BF16 if a.dtype == np.uint16 else a.dtype.name
-                tensors.append(BlockTensor(f"{proj}.{part}", offset, tuple(a.shape), dtype))
+                if a.dtype.name not in _NP_DTYPES:
+                    raise FormatError(f"layer {layer} {proj}.{part}: {a.dtype} cannot go into an expert pack")
+                tensors.append(BlockTensor(f"{proj}.{part}", offset, tuple(a.shape), a.dtype.name))
                 offset = _aligned(offset + a.nbytes, TENSOR_ALIGN)
         payload = tensors[-1].offset + tensors[-1].nbytes
         stride = _aligned(payload, ALIGN)

@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "qwen3": "llama",
     "qwen3_moe": "llama",
     "mixtral": "llama",
+    "bitnet": "bitnet",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
     "qwen3_5": "qwen3_5",
