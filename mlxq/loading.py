@@ -17,6 +17,10 @@ def default_dtype() -> mx.Dtype:
     return mx.float16 if mx.metal.is_available() else mx.float32
 
 
+def _cast(w: mx.array, dtype: mx.Dtype) -> mx.array:
+    return w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
+
+
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = True,
                experts_per_tok: int | None = None) -> nn.Module:
     """`fuse` merges projections that share an input (q/k/v, gate/up) after loading and puts weights in
@@ -25,14 +29,15 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     experts instead of the configured `num_experts_per_tok`."""
     config = text_config(ckpt.config)
     model = build_model(config)
-    weights = model.sanitize({name: ckpt.tensors[name] for name in ckpt.tensors})
+    dtype = dtype or default_dtype()
+    # Cast before sanitize, so that its arithmetic (the 1 + w of zero-centred norms) runs at compute precision: in a
+    # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits.
+    weights = model.sanitize({name: _cast(ckpt.tensors[name], dtype) for name in ckpt.tensors})
     quant = ckpt.quantization
     if quant:
         _quantize_like(model, weights, quant)
     check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
-    dtype = dtype or default_dtype()
-    cast = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
-    model.load_weights(list(cast.items()), strict=True)
+    model.load_weights(list(weights.items()), strict=True)
     if fuse:
         inference_layout(model)
     if experts_per_tok is not None:
