@@ -3,7 +3,7 @@ some limited to certain layers or model shapes (llama.cpp's K-quant mixes give m
 layers' attn_v and ffn_down, and to attn_v when many query heads share one KV head).
 
 A precision is an int (affine bits, mlx-lm's format), "float" (kept unquantized) or "ternary" (BitNet
-absmean, stored as 2-bit affine). Floors are applied last and win over every recipe and user override:
+absmean, stored in mlxq's ternary packing). Floors are applied last and win over every recipe and user override:
 routers, gates, SSM state and conv never go below 8 bits, norms are never quantized.
 """
 
@@ -39,7 +39,9 @@ class Spec:
 
     @property
     def bpw(self) -> float:
-        """Bits per weight including the fp16 scale and bias of each group."""
+        """Bits per weight including the fp16 scale and bias of each group (ternary: 2-bit codes, one scale a row)."""
+        if self.precision == "ternary":
+            return 2.0
         return self.bits + 32 / self.group_size if self.quantized else 16.0
 
 

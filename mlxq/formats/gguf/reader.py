@@ -16,7 +16,7 @@ import numpy as np
 
 from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
-from mlxq.formats.gguf.names import ARCHITECTURES, CONFIG_KEYS, hf_name
+from mlxq.formats.gguf.names import ARCHITECTURES, CONFIG_KEYS, hf_name, to_hf_all, transforms
 
 GROUP = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
 
@@ -110,7 +110,8 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
                 arr = mx.array(packed[part])
         except (ValueError, TypeError, NotImplementedError) as e:
             raise FormatError(f"{path}: tensor '{name}' ({t.tensor_type.name}) cannot be decoded ({e})") from None
-        return _undo_conversion(arr, hf, spec, config)
+        source = hf if part is None else hf.rsplit(".", 1)[0] + ".weight"  # packed parts move with their weight's rows
+        return to_hf_all(transforms(arch, source), arr, config)
 
     chat_template = meta.get("tokenizer.chat_template")
     return Checkpoint(path, "gguf", config, TensorSource(infos, load), gguf_file=path,
@@ -132,7 +133,7 @@ def _metadata(reader, path: Path) -> dict[str, Any]:
 
 
 def _config(meta: dict, arch: str, spec: dict, raw: dict, path: Path) -> dict[str, Any]:
-    config: dict[str, Any] = {"model_type": spec["model_type"], **spec.get("defaults", {})}
+    config: dict[str, Any] = {"model_type": spec.model_type, **spec.defaults}
     for key, field in CONFIG_KEYS.items():
         if f"{arch}.{key}" in meta:
             config[field] = meta[f"{arch}.{key}"]
@@ -180,22 +181,3 @@ def _dequantize(t, gguf) -> np.ndarray:
             data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         return data.astype(np.float32).reshape(shape)
     return dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
-
-
-def _undo_conversion(w: mx.array, hf: str, spec: dict, config: dict) -> mx.array:
-    """What llama.cpp's converter changed in the numbers, undone, so the tensor is the HF one."""
-    if spec.get("permute_qk"):
-        if ".self_attn.q_proj." in hf:
-            w = _unpermute(w, config["num_attention_heads"])
-        elif ".self_attn.k_proj." in hf:
-            w = _unpermute(w, config.get("num_key_value_heads") or config["num_attention_heads"])
-    if spec.get("norm_shift") and hf.endswith("norm.weight"):
-        w = w - spec["norm_shift"]
-    return w
-
-
-def _unpermute(w: mx.array, heads: int) -> mx.array:
-    """llama.cpp stores each head's rotary halves interleaved (rows 0, d/2, 1, d/2+1, ...): put them back.
-    Works on rows, so packed quantized weights, scales and biases un-permute the same way."""
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

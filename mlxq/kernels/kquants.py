@@ -1,0 +1,465 @@
+"""GGML block-quantized weights (GGUF's K-quants, legacy and ternary types) used as they are stored: dequantization,
+`x @ W^T` on raw blocks, and its gathered form for MoE experts.
+
+A quantized weight W [out, in] is `blocks`, uint8 [out, in / block_elems * block_bytes]: each row is its blocks back
+to back, byte for byte as in the GGUF file (stacked experts: [experts, out, ...]). This is the pure-MLX reference
+path: it dequantizes the weight it multiplies, one layer at a time at call time, so the model stays at its file
+size and only one layer's float weight exists at once. Kernels (Metal) register themselves with
+`register_backend` under the same signatures and are tested against these functions.
+
+Dequantization is bit-exact with gguf-py's `gguf.quants.dequantize` (the same float32 operations in the same
+order; every product of a scale and a code is exact, so fused multiply-adds cannot change a result).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+
+from mlxq.errors import FormatError
+from mlxq.kernels import ternary
+
+QK_K = 256
+
+# GGML type name -> (weights per block, bytes per block), as gguf-py's GGML_QUANT_SIZES
+BLOCK_SIZES: dict[str, tuple[int, int]] = {
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "Q2_K": (QK_K, 84), "Q3_K": (QK_K, 110), "Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176), "Q6_K": (QK_K, 210),
+    "TQ1_0": (QK_K, 54), "TQ2_0": (QK_K, 66), "IQ4_NL": (32, 18), "IQ4_XS": (QK_K, 136),
+    "IQ2_XXS": (QK_K, 66), "IQ2_XS": (QK_K, 74), "IQ2_S": (QK_K, 82), "IQ3_XXS": (QK_K, 98), "IQ3_S": (QK_K, 110),
+    "IQ1_S": (QK_K, 50), "IQ1_M": (QK_K, 56),
+}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _f16(b: mx.array, at: int) -> mx.array:
+    """The float16 at byte `at` of every block, as float32 [n, 1]."""
+    return mx.view(b[:, at : at + 2], mx.float16).astype(mx.float32)
+
+
+def _bits(b: mx.array, shifts: list[int], mask: int) -> mx.array:
+    """[n, k] bytes -> [n, len(shifts), k]: (byte >> shift) & mask for each shift."""
+    return (b[:, None, :] >> mx.array(shifts, b.dtype)[None, :, None]) & mask
+
+
+def _nibbles(qs: mx.array, run: int) -> mx.array:
+    """Low nibbles then high nibbles of each `run` bytes: [n, k] -> [n, 2k] (llama.cpp's 4-bit layout)."""
+    n = qs.shape[0]
+    return _bits(qs.reshape(n * (qs.shape[1] // run), run), [0, 4], 0xF).reshape(n, -1)
+
+
+def _int8(q: mx.array) -> mx.array:
+    return q.astype(mx.int8)
+
+
+# ------------------------------------------------------------------------------------------------ legacy (32)
+def _q4_0(b):
+    d = _f16(b, 0)
+    q = _int8(_nibbles(b[:, 2:18], 16)) - 8
+    return d * q.astype(mx.float32)
+
+
+def _q4_1(b):
+    d, m = _f16(b, 0), _f16(b, 2)
+    return d * _nibbles(b[:, 4:20], 16).astype(mx.float32) + m
+
+
+def _q5(b: mx.array, at: int) -> mx.array:
+    """Q5_0 / Q5_1 codes 0..31: four bytes of high bits (bit j for weight j), then the nibbles."""
+    n = b.shape[0]
+    qh = mx.view(b[:, at : at + 4], mx.uint32)  # [n, 1]
+    high = ((qh >> mx.arange(32, dtype=mx.uint32)[None]) & 1).astype(mx.uint8)
+    return _nibbles(b[:, at + 4 : at + 20], 16) | (high.reshape(n, 32) << 4)
+
+
+def _q5_0(b):
+    d = _f16(b, 0)
+    return d * (_int8(_q5(b, 2)) - 16).astype(mx.float32)
+
+
+def _q5_1(b):
+    d, m = _f16(b, 0), _f16(b, 2)
+    return d * _q5(b, 4).astype(mx.float32) + m
+
+
+def _q8_0(b):
+    d = _f16(b, 0)
+    return mx.view(b[:, 2:34], mx.int8).astype(mx.float32) * d
+
+
+# ------------------------------------------------------------------------------------------------ K-quants (256)
+def _q2_k(b):
+    n = b.shape[0]
+    scales, qs = b[:, 0:16], b[:, 16:80]
+    d, dmin = _f16(b, 80), _f16(b, 82)
+    dl = (d * (scales & 0xF).astype(mx.float32)).reshape(n, 16, 1)
+    ml = (dmin * (scales >> 4).astype(mx.float32)).reshape(n, 16, 1)
+    q = _bits(qs.reshape(n * 2, 32), [0, 2, 4, 6], 3).reshape(n, 16, 16).astype(mx.float32)
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def _q3_k(b):
+    n = b.shape[0]
+    hmask, qs, scales = b[:, 0:32], b[:, 32:96], b[:, 96:108]
+    d = _f16(b, 108)
+    low = _bits(scales[:, 0:8], [0, 4], 0xF).reshape(n, 16)
+    high = _bits(scales[:, 8:12], [0, 2, 4, 6], 3).reshape(n, 16)
+    sc = (_int8(low | (high << 4)) - 32).astype(mx.float32)
+    dl = (d * sc).reshape(n, 16, 1)
+    ql = _bits(qs.reshape(n * 2, 32), [0, 2, 4, 6], 3).reshape(n, 16, 16)
+    qh = _bits(hmask, list(range(8)), 1).reshape(n, 16, 16) ^ 1  # a set bit means no offset
+    q = (_int8(ql) - _int8(qh << 2)).astype(mx.float32)
+    return (dl * q).reshape(n, QK_K)
+
+
+def _scale_min_k4(s: mx.array) -> tuple[mx.array, mx.array]:
+    """Q4_K / Q5_K: eight 6-bit scales and eight 6-bit mins packed in 12 bytes."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = mx.concatenate([d & 0x3F, (md & 0xF) | ((d >> 2) & 0x30)], axis=1)
+    mn = mx.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=1)
+    return sc, mn
+
+
+def _q4_k(b):
+    n = b.shape[0]
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    dl = (d * sc.astype(mx.float32)).reshape(n, 8, 1)
+    dm = (dmin * mn.astype(mx.float32)).reshape(n, 8, 1)
+    q = _nibbles(b[:, 16:144], 32).reshape(n, 8, 32).astype(mx.float32)
+    return (dl * q - dm).reshape(n, QK_K)
+
+
+def _q5_k(b):
+    n = b.shape[0]
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    dl = (d * sc.astype(mx.float32)).reshape(n, 8, 1)
+    dm = (dmin * mn.astype(mx.float32)).reshape(n, 8, 1)
+    ql = _nibbles(b[:, 48:176], 32).reshape(n, 8, 32)
+    qh = _bits(b[:, 16:48], list(range(8)), 1).reshape(n, 8, 32)
+    q = (ql | (qh << 4)).astype(mx.float32)
+    return (dl * q - dm).reshape(n, QK_K)
+
+
+def _q6_k(b):
+    n = b.shape[0]
+    ql, qh, scales = b[:, 0:128], b[:, 128:192], b[:, 192:208]
+    d = _f16(b, 208)
+    dl = (d * mx.view(scales, mx.int8).astype(mx.float32)).reshape(n, 16, 1)
+    low = _nibbles(ql, 64).reshape(n, 8, 32)
+    high = _bits(qh.reshape(n * 2, 32), [0, 2, 4, 6], 3).reshape(n, 8, 32)
+    q = (_int8(low | (high << 4)) - 32).reshape(n, 16, 16).astype(mx.float32)
+    return (dl * q).reshape(n, QK_K)
+
+
+# ------------------------------------------------------------------------------------------------ ternary, IQ4
+def _tq1_0(b):  # the payload is mlxq's own ternary packing (mlxq.kernels.ternary), then d
+    return _f16(b, 52) * ternary.unpack(b[:, 0:52], QK_K, "tq1").astype(mx.float32)
+
+
+def _tq2_0(b):
+    return _f16(b, 64) * ternary.unpack(b[:, 0:64], QK_K, "tq2").astype(mx.float32)
+
+
+_IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
+
+
+def _iq4_nl(b):
+    d = _f16(b, 0)
+    q = mx.array(_IQ4_VALUES, mx.int8)[_nibbles(b[:, 2:18], 16).astype(mx.uint32)]
+    return d * q.astype(mx.float32)
+
+
+def _iq4_xs(b):
+    n = b.shape[0]
+    d = _f16(b, 0)
+    high = (mx.view(b[:, 2:4], mx.uint16) >> mx.arange(0, 16, 2, dtype=mx.uint16)[None]).astype(mx.uint8) & 3
+    low = _bits(b[:, 4:8], [0, 4], 0xF).swapaxes(1, 2).reshape(n, 8)
+    sc = (_int8(low | (high << 4)) - 32).astype(mx.float32)
+    dl = (d * sc).reshape(n, 8, 1)
+    q = mx.array(_IQ4_VALUES, mx.int8)[_nibbles(b[:, 8:136], 16).astype(mx.uint32)]
+    return (dl * q.reshape(n, 8, 32).astype(mx.float32)).reshape(n, QK_K)
+
+
+# ------------------------------------------------------------------------------------------------ IQ grids
+_GRIDS: dict[str, mx.array] = {}
+
+
+def _grid(kind: str) -> mx.array:
+    """The IQ type's codebook [entries, values] (gguf-py holds llama.cpp's tables as data)."""
+    if kind not in _GRIDS:
+        from gguf import quants
+
+        cls = getattr(quants, kind)
+        cls.init_grid()
+        _GRIDS[kind] = mx.array(cls.grid.reshape(cls.grid_shape))
+    return _GRIDS[kind]
+
+
+def _ksigns() -> mx.array:
+    if "ksigns" not in _GRIDS:
+        from gguf import quants
+
+        _GRIDS["ksigns"] = mx.array(list(quants.IQ2_XXS.ksigns), mx.uint8)
+    return _GRIDS["ksigns"]
+
+
+def _sign_bits(bytes_: mx.array) -> mx.array:
+    """[...] sign bytes -> [..., 8] of +1 / -1 (bit i set: weight i negative)."""
+    bits = (bytes_[..., None] >> mx.arange(8, dtype=mx.uint8)) & 1
+    return mx.where(bits == 0, mx.array(1.0), mx.array(-1.0))
+
+
+def _iq2_xxs(b):
+    n = b.shape[0]
+    d = _f16(b, 0)
+    q = mx.view(b[:, 2:66], mx.uint32).reshape(n, 8, 2)
+    db = (d * (0.5 + (q[..., 1] >> 28).astype(mx.float32)) * 0.25).reshape(n, 8, 1, 1)
+    sign_index = (q[..., 1:2] >> mx.array([0, 7, 14, 21], mx.uint32)) & 0x7F
+    signs = _sign_bits(_ksigns()[sign_index])  # [n, 8, 4, 8]
+    grid = _grid("IQ2_XXS")[mx.view(q[..., 0], mx.uint8).reshape(n, 8, 4).astype(mx.uint32)]
+    return (db * grid * signs).reshape(n, QK_K)
+
+
+def _iq2_xs(b):
+    n = b.shape[0]
+    d = _f16(b, 0)
+    qs = mx.view(b[:, 2:66], mx.uint16)  # [n, 32]
+    sc = _bits(b[:, 66:74], [0, 4], 0xF).swapaxes(1, 2).reshape(n, 16)
+    db = (d * (0.5 + sc.astype(mx.float32)) * 0.25).reshape(n, 16, 1, 1)
+    signs = _sign_bits(_ksigns()[(qs >> 9).astype(mx.uint32)]).reshape(n, 16, 2, 8)
+    grid = _grid("IQ2_XS")[(qs & 511).astype(mx.uint32)].reshape(n, 16, 2, 8)
+    return (db * grid * signs).reshape(n, QK_K)
+
+
+def _iq2_s(b):
+    n = b.shape[0]
+    d = _f16(b, 0)
+    qs, sign_bytes, qh, scales = b[:, 2:34], b[:, 34:66], b[:, 66:74], b[:, 74:82]
+    sc = _bits(scales, [0, 4], 0xF).swapaxes(1, 2).reshape(n, 16)
+    db = (d * (0.5 + sc.astype(mx.float32)) * 0.25).reshape(n, 16, 1, 1)
+    signs = _sign_bits(sign_bytes).reshape(n, 16, 2, 8)
+    high = _bits(qh, [0, 2, 4, 6], 3).swapaxes(1, 2).reshape(n, 32).astype(mx.uint32)
+    grid = _grid("IQ2_S")[qs.astype(mx.uint32) | (high << 8)].reshape(n, 16, 2, 8)
+    return (db * grid * signs).reshape(n, QK_K)
+
+
+def _iq3_xxs(b):
+    n = b.shape[0]
+    d = _f16(b, 0)
+    qs, scales = b[:, 2:66], mx.view(b[:, 66:98], mx.uint32)  # [n, 64], [n, 8]
+    db = (d * (0.5 + (scales >> 28).astype(mx.float32)) * 0.5).reshape(n, 8, 1, 1)
+    sign_index = (scales[..., None] >> mx.array([0, 7, 14, 21], mx.uint32)) & 0x7F
+    signs = _sign_bits(_ksigns()[sign_index])  # [n, 8, 4, 8]
+    grid = _grid("IQ3_XXS")[qs.astype(mx.uint32)].reshape(n, 8, 4, 8)
+    return (db * grid * signs).reshape(n, QK_K)
+
+
+def _iq3_s(b):
+    n = b.shape[0]
+    d = _f16(b, 0)
+    qs, qh, sign_bytes, scales = b[:, 2:66], b[:, 66:74], b[:, 74:106], b[:, 106:110]
+    sc = _bits(scales, [0, 4], 0xF).swapaxes(1, 2).reshape(n, 8)
+    db = (d * (1 + 2 * sc).astype(mx.float32)).reshape(n, 8, 1, 1)
+    signs = _sign_bits(sign_bytes).reshape(n, 8, 4, 8)
+    high = _bits(qh, list(range(8)), 1).swapaxes(1, 2).reshape(n, 64).astype(mx.uint32)
+    grid = _grid("IQ3_S")[qs.astype(mx.uint32) | (high << 8)].reshape(n, 8, 4, 8)
+    return (db * grid * signs).reshape(n, QK_K)
+
+
+IQ1_DELTA = 0.125
+
+
+def _iq1_s(b):
+    n = b.shape[0]
+    d = _f16(b, 0)
+    qs, qh = b[:, 2:34], mx.view(b[:, 34:50], mx.uint16)  # [n, 32], [n, 8]
+    dl = (d * (2 * ((qh >> 12) & 7) + 1).astype(mx.float32)).reshape(n, 8, 1, 1)
+    delta = mx.where((qh & 0x8000) == 0, IQ1_DELTA, -IQ1_DELTA).reshape(n, 8, 1, 1)
+    high = ((qh[..., None] >> mx.array([0, 3, 6, 9], mx.uint16)) & 7).reshape(n, 32).astype(mx.uint32)
+    grid = _grid("IQ1_S")[qs.astype(mx.uint32) | (high << 8)].reshape(n, 8, 4, 8)
+    return (dl * (grid + delta)).reshape(n, QK_K)
+
+
+def _iq1_m(b):
+    n = b.shape[0]
+    qs, qh, scales = b[:, 0:32], b[:, 32:48], mx.view(b[:, 48:56], mx.uint16)  # [n, 32], [n, 16], [n, 4]
+    # the float16 scale is spread over the top nibbles of the four scale words
+    parts = (scales & 0xF000) >> mx.array([12, 8, 4, 0], mx.uint16)
+    d = mx.view(parts[:, 0:1] | parts[:, 1:2] | parts[:, 2:3] | parts[:, 3:4], mx.float16).astype(mx.float32)
+    sc = ((scales[..., None] >> mx.array([0, 3, 6, 9], mx.uint16)) & 7).reshape(n, 16)
+    dl = (d * (2 * sc + 1).astype(mx.float32)).reshape(n, 8, 2, 1, 1)
+    halves = (qh[..., None] >> mx.array([0, 4], mx.uint8)).reshape(n, 32)  # [n, 32]
+    idx = qs.astype(mx.uint32) | ((halves & 7).astype(mx.uint32) << 8)
+    delta = mx.where((halves & 8) == 0, IQ1_DELTA, -IQ1_DELTA).reshape(n, 8, 2, 2, 1)
+    grid = _grid("IQ1_M")[idx].reshape(n, 8, 2, 2, 8)
+    return (dl * (grid + delta)).reshape(n, QK_K)
+
+
+_DEQUANTIZE: dict[str, Callable[[mx.array], mx.array]] = {
+    "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
+    "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
+    "TQ1_0": _tq1_0, "TQ2_0": _tq2_0, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs,
+    "IQ2_XXS": _iq2_xxs, "IQ2_XS": _iq2_xs, "IQ2_S": _iq2_s, "IQ3_XXS": _iq3_xxs, "IQ3_S": _iq3_s,
+    "IQ1_S": _iq1_s, "IQ1_M": _iq1_m,
+}
+
+
+# ------------------------------------------------------------------------------------------------ as MLX affine
+# Types whose every value is exactly `scale * code + bias` with one scale and bias per 32 weights: MLX's affine
+# quantization holds them without loss (float32 scales and biases; K-quant scales are products of a float16 and a
+# 6-bit integer, exact in float32, not in float16). GGML type -> bits per code.
+AFFINE_BITS: dict[str, int] = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
+AFFINE_GROUP = 32
+
+
+def _affine_blocks(b: mx.array, kind: str) -> tuple[mx.array, mx.array, mx.array]:
+    """Per block: codes [n, elems] (uint8), scales and biases [n, elems / 32] (float32)."""
+    n = b.shape[0]
+    if kind in ("Q4_0", "Q5_0"):
+        d = _f16(b, 0)
+        codes = _nibbles(b[:, 2:18], 16) if kind == "Q4_0" else _q5(b, 2)
+        return codes, d, -(8 if kind == "Q4_0" else 16) * d
+    if kind in ("Q4_1", "Q5_1"):
+        codes = _nibbles(b[:, 4:20], 16) if kind == "Q4_1" else _q5(b, 4)
+        return codes, _f16(b, 0), _f16(b, 2)
+    if kind == "Q8_0":
+        d = _f16(b, 0)
+        return (mx.view(b[:, 2:34], mx.int8).astype(mx.int16) + 128).astype(mx.uint8), d, -128 * d
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    if kind == "Q4_K":
+        codes = _nibbles(b[:, 16:144], 32)
+    else:
+        qh = _bits(b[:, 16:48], list(range(8)), 1).reshape(n, QK_K)
+        codes = _nibbles(b[:, 48:176], 32) | (qh << 4)
+    return codes, d * sc.astype(mx.float32), -(dmin * mn.astype(mx.float32))
+
+
+def pack_codes(codes: mx.array, bits: int) -> mx.array:
+    """Codes [rows, n] (each < 2**bits) -> MLX's packed uint32 [rows, n * bits / 32]: one little-endian bit
+    stream per row (code i in bits [i * bits, (i + 1) * bits)), 8 codes = `bits` bytes at a time."""
+    rows, n = codes.shape
+    c = codes.reshape(rows, n // 8, 8).astype(mx.uint64)
+    word = (c << (bits * mx.arange(8, dtype=mx.uint64))).sum(axis=-1)  # the codes' bits do not overlap
+    stream = ((word[..., None] >> (8 * mx.arange(bits, dtype=mx.uint64))) & 0xFF).astype(mx.uint8)
+    return mx.view(stream.reshape(rows, n * bits // 8), mx.uint32)
+
+
+def to_affine(blocks: mx.array, kind: str, rows_per_step: int = 2048) -> tuple[mx.array, mx.array, mx.array]:
+    """blocks [..., row_bytes] of an `AFFINE_BITS` type -> (weight, scales, biases) as `mx.quantize` would store
+    them (group size 32, `AFFINE_BITS[kind]` bits), with `mx.dequantize` of the result bit-exact with
+    `dequantize`. Works `rows_per_step` rows at a time (the packing widens codes to 64 bits)."""
+    if kind not in AFFINE_BITS:
+        raise FormatError(f"GGML type {kind} is not exactly representable as MLX affine")
+    elems, size = BLOCK_SIZES[kind]
+    bits = AFFINE_BITS[kind]
+    *lead, nbytes = blocks.shape
+    flat = blocks.reshape(-1, nbytes)
+    parts = []
+    for start in range(0, flat.shape[0], rows_per_step):
+        chunk = flat[start : start + rows_per_step]
+        rows = chunk.shape[0]
+        codes, scales, biases = _affine_blocks(chunk.reshape(-1, size), kind)
+        packed = pack_codes(codes.reshape(rows, -1), bits)
+        part = (packed, scales.reshape(rows, -1), biases.reshape(rows, -1))
+        mx.eval(part)
+        parts.append(part)
+    weight, scales, biases = (mx.concatenate(p) if len(parts) > 1 else p[0] for p in zip(*parts, strict=True))
+    return weight.reshape(*lead, -1), scales.reshape(*lead, -1), biases.reshape(*lead, -1)
+
+
+# ------------------------------------------------------------------------------------------------ interface
+def supports(kind: str) -> bool:
+    """Whether `kind` (a GGML type name) has a reference path here."""
+    return kind in _DEQUANTIZE
+
+
+def row_bytes(kind: str, n: int) -> int:
+    """Bytes of one row of `n` weights."""
+    elems, size = BLOCK_SIZES[kind]
+    if n % elems:
+        raise FormatError(f"{kind}: a row of {n} weights is not a whole number of {elems}-weight blocks")
+    return n // elems * size
+
+
+def dequantize(blocks: mx.array, kind: str, dtype: mx.Dtype = mx.float32, *, backend: str | None = None) -> mx.array:
+    """uint8 blocks [..., n_blocks * block_bytes] -> weights [..., n_blocks * block_elems] in `dtype`.
+
+    The reference path is bit-exact with `gguf.quants.dequantize` in float32."""
+    if (kernel := _kernel("dequantize", backend)) and (out := kernel(blocks, kind, dtype)) is not NotImplemented:
+        return out
+    if kind not in _DEQUANTIZE:
+        raise FormatError(f"GGML type {kind} has no MLX dequantization (have: {', '.join(_DEQUANTIZE)})")
+    elems, size = BLOCK_SIZES[kind]
+    *lead, nbytes = blocks.shape
+    if nbytes % size:
+        raise FormatError(f"{kind}: {nbytes} bytes per row is not a whole number of {size}-byte blocks")
+    out = _DEQUANTIZE[kind](blocks.reshape(-1, size)).reshape(*lead, nbytes // size * elems)
+    return out if dtype == mx.float32 else out.astype(dtype)
+
+
+def matmul(x: mx.array, blocks: mx.array, kind: str, *, backend: str | None = None) -> mx.array:
+    """x [..., in] @ W^T -> [..., out] in x's dtype, W [out, in] stored as `blocks` [out, row_bytes(kind, in)]: a
+    GEMV for one row (decode), a GEMM for many (prefill). The reference dequantizes W, then multiplies."""
+    if (kernel := _kernel("matmul", backend)) and (out := kernel(x, blocks, kind)) is not NotImplemented:
+        return out
+    w = dequantize(blocks, kind, x.dtype, backend="reference")
+    if x.size == x.shape[-1] and not _ON_METAL:  # one row: W @ x streams the weight once (see layers.Linear)
+        return (w @ x.reshape(-1, 1)).reshape(*x.shape[:-1], -1)
+    return x @ w.T
+
+
+def gather_matmul(x: mx.array, blocks: mx.array, kind: str, indices: mx.array, sorted_indices: bool = False, *,
+                  backend: str | None = None) -> mx.array:
+    """MoE experts, as `mx.gather_mm(x, W^T, rhs_indices=indices)`: x [..., rows, in] through the weight of expert
+    `indices[...]`, the experts stacked as `blocks` [experts, out, row_bytes(kind, in)] -> [..., rows, out].
+    The reference dequantizes only the experts used: the selected ones for a few tokens, all of them once for
+    many (prefill)."""
+    if (kernel := _kernel("gather_matmul", backend)) and (
+            out := kernel(x, blocks, kind, indices, sorted_indices)) is not NotImplemented:
+        return out
+    if indices.size < blocks.shape[0]:  # decode: a few (token, expert) pairs
+        w = dequantize(blocks[indices.reshape(-1)], kind, x.dtype, backend="reference")  # [pairs, out, in]
+        return x @ w.reshape(*indices.shape, *w.shape[1:]).swapaxes(-1, -2)
+    w = dequantize(blocks, kind, x.dtype, backend="reference")
+    return mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+
+def take_rows(blocks: mx.array, kind: str, ids: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """Rows `ids` of the weight (an embedding lookup): only those rows are dequantized."""
+    return dequantize(blocks[ids], kind, dtype)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+_BACKENDS: dict[str, dict[str, Callable]] = {}
+
+
+def register_backend(name: str, **ops: Callable) -> None:
+    """Kernels for some of `dequantize`, `matmul`, `gather_matmul` (same signatures, minus `backend`); an op may
+    return NotImplemented for a type it does not handle, and the reference runs instead. "auto" (the default)
+    picks "metal" on Metal when it is registered."""
+    unknown = set(ops) - {"dequantize", "matmul", "gather_matmul"}
+    if unknown:
+        raise ValueError(f"kquants backend {name}: unknown ops {sorted(unknown)}")
+    _BACKENDS[name] = ops
+
+
+def _kernel(op: str, backend: str | None) -> Callable | None:
+    backend = backend or "auto"
+    if backend == "auto":
+        backend = "metal" if _ON_METAL and "metal" in _BACKENDS else "reference"
+    if backend == "reference":
+        return None
+    if backend not in _BACKENDS:
+        raise ValueError(f"kquants: backend '{backend}' is not registered (have: {', '.join(sorted(_BACKENDS))})")
+    return _BACKENDS[backend].get(op)
+
+
+_ON_METAL = mx.metal.is_available()
+if _ON_METAL:
+    from mlxq.kernels import kquants_metal
+
+    kquants_metal.register()

@@ -1,0 +1,104 @@
+"""GGML block types in MLX (`mlxq.kernels.kquants`): dequantization bit-exact with gguf-py on random blocks and edge
+cases, the exact MLX-affine form of the types that have one, and the block matmuls against plain float math."""
+
+from __future__ import annotations
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxq.kernels import kquants
+
+# byte offsets of each type's float16 scales inside a block (random bytes there would be NaN or inf)
+F16_AT = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82], "Q3_K": [108],
+          "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "TQ1_0": [52], "TQ2_0": [64], "IQ4_NL": [0], "IQ4_XS": [0],
+          "IQ2_XXS": [0], "IQ2_XS": [0], "IQ2_S": [0], "IQ3_XXS": [0], "IQ3_S": [0], "IQ1_S": [0], "IQ1_M": []}
+EDGE_SCALES = np.array([0.0, -0.0, 65504.0, -65504.0, 6e-8, -6e-8, 1e-5, 1.0], np.float16)  # +-max, denormals
+
+
+def random_blocks(kind: str, rows: int = 16, blocks_per_row: int = 4, seed: int = 0) -> np.ndarray:
+    """Random bytes with finite float16 scales: the first rows' scales are edge cases (zero, +-max, denormal),
+    and one row is all-zero bytes."""
+    rng = np.random.default_rng(seed)
+    elems, size = kquants.BLOCK_SIZES[kind]
+    raw = rng.integers(0, 256, size=(rows, blocks_per_row * size), dtype=np.uint8)
+    b = raw.reshape(-1, size)
+    for at in F16_AT[kind]:
+        scales = rng.normal(size=b.shape[0]).astype(np.float16)
+        scales[: len(EDGE_SCALES)] = EDGE_SCALES
+        b[:, at : at + 2] = scales.view(np.uint8).reshape(-1, 2)
+    raw[-1] = 0
+    return raw
+
+
+@pytest.mark.parametrize("kind", sorted(kquants.BLOCK_SIZES))
+def test_dequantize_is_bit_exact_with_gguf_py(kind):
+    raw = random_blocks(kind)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
+    got = np.array(kquants.dequantize(mx.array(raw), kind))
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)  # NaN where gguf-py has NaN (IQ1_M's scale is spread over bytes)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0"])
+def test_dequantize_of_quantized_data_with_an_outlier(kind):
+    """Real codes from gguf-py's quantizer: normal weights, one huge outlier, an all-zero row."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(8, 512)).astype(np.float32)
+    w[3, 17] = 3e4
+    w[5] = 0.0
+    qtype = gguf.GGMLQuantizationType[kind]
+    raw = gguf.quants.quantize(w, qtype)
+    np.testing.assert_array_equal(np.array(kquants.dequantize(mx.array(raw), kind)), gguf.quants.dequantize(raw, qtype))
+
+
+@pytest.mark.parametrize("kind", sorted(kquants.AFFINE_BITS))
+def test_affine_form_is_exact(kind):
+    """Q4_K and Q5_K as 4/5-bit groups of 32 with float32 scales and biases, the legacy types likewise: MLX's own
+    dequantization of the converted weight equals gguf-py's of the blocks, bit for bit."""
+    raw = random_blocks(kind, rows=12)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
+    weight, scales, biases = kquants.to_affine(mx.array(raw), kind, rows_per_step=5)  # several steps
+    got = mx.dequantize(weight, scales, biases, group_size=kquants.AFFINE_GROUP, bits=kquants.AFFINE_BITS[kind])
+    np.testing.assert_array_equal(np.array(got), want)
+
+
+@pytest.mark.parametrize("kind", ["Q2_K", "Q3_K", "Q6_K", "IQ4_XS", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 7])  # GEMV (decode) and GEMM (prefill)
+def test_matmul_on_blocks(kind, rows):
+    raw = mx.array(random_blocks(kind, rows=24, blocks_per_row=2, seed=3)[:-1])  # no all-zero row here
+    w = kquants.dequantize(raw, kind)
+    x = mx.random.normal((2, rows, w.shape[1]), key=mx.random.key(0))
+    got = kquants.matmul(x, raw, kind)
+    want = np.einsum("bri,oi->bro", np.array(x, np.float64), np.array(w, np.float64))
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("tokens", [1, 40])  # a few (token, expert) pairs; more pairs than experts
+def test_gather_matmul_on_blocks(tokens):
+    kind, experts = "Q6_K", 6
+    raw = mx.array(random_blocks(kind, rows=experts * 8, blocks_per_row=1, seed=4)).reshape(experts, 8, -1)
+    w = kquants.dequantize(raw, kind)  # [experts, 8, 256]
+    x = mx.random.normal((tokens, 1, 1, 256), key=mx.random.key(1))
+    idx = mx.random.randint(0, experts, (tokens, 2), key=mx.random.key(2))
+    got = kquants.gather_matmul(x, raw, kind, idx)
+    want = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx)
+    assert got.shape == want.shape == (tokens, 2, 1, 8)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-3)
+
+
+def test_take_rows_dequantizes_only_those_rows():
+    raw = mx.array(random_blocks("Q3_K", rows=10, blocks_per_row=1))
+    ids = mx.array([[3, 0], [9, 3]])
+    np.testing.assert_array_equal(np.array(kquants.take_rows(raw, "Q3_K", ids)),
+                                  np.array(kquants.dequantize(raw, "Q3_K"))[np.array(ids)])
+
+
+def test_pack_codes_is_mlx_layout():
+    rng = np.random.default_rng(5)
+    for bits in (2, 3, 4, 5, 6, 8):
+        codes = rng.integers(0, 1 << bits, size=(3, 64)).astype(np.uint8)
+        packed = kquants.pack_codes(mx.array(codes), bits)
+        ones, zeros = mx.ones((3, 2)), mx.zeros((3, 2))
+        np.testing.assert_array_equal(np.array(mx.dequantize(packed, ones, zeros, group_size=32, bits=bits)), codes)
