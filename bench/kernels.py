@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, write_result  # noqa: E402
+from common import median, parse_args, write_result  # noqa: E402
 
 from mlxq.kernels import kquants, kquants_metal, metal, ternary  # noqa: E402
 
@@ -204,10 +204,9 @@ def gpu_part(quick: bool, peak_gbs: float) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--gpu", action="store_true", help="also time the CUDA twins (MLX's CUDA build only)")
     ap.add_argument("--peak-gbs", type=float, default=4800.0, help="the GPU's peak memory bandwidth (H200: 4800)")
-    args = ap.parse_args()
+    args = parse_args(ap)
     result: dict = {"quick": args.quick, "cpu": cpu_part(args.quick), "cpu_kquants": kquant_cpu_part(args.quick)}
     result["gpu"] = gpu_part(args.quick, args.peak_gbs) if args.gpu else "not run (no GPU lent; run with --gpu)"
     cpu = result["cpu"]

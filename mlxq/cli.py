@@ -275,8 +275,8 @@ def main() -> None:
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # bad options and arguments: one line too, not click's usage block
+        click.echo(f"mlxq: error: {e.format_message()}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -19,6 +19,10 @@ def default_dtype() -> mx.Dtype:
     return mx.float16 if mx.metal.is_available() else mx.float32
 
 
+def _cast(w: mx.array, dtype: mx.Dtype) -> mx.array:
+    return w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) and w.dtype != dtype else w
+
+
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = True,
                experts_per_tok: int | None = None, expert_memory: str | int | None = None,
                expert_options: dict | None = None) -> nn.Module:
@@ -30,16 +34,18 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     `mlxq.experts`, options in `StreamOptions`), or holds them all in memory when that is None."""
     config = text_config(ckpt.config)
     model = build_model(config)
-    weights = model.sanitize({name: ckpt.tensors[name] for name in ckpt.tensors})
+    dtype = dtype or default_dtype()
+    # Cast before sanitize, so that its arithmetic (the 1 + w of zero-centred norms) runs at compute precision: in a
+    # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits.
+    weights = model.sanitize({name: _cast(ckpt.tensors[name], dtype) for name in ckpt.tensors})
     packs, streamed = _expert_packs(ckpt, model, weights, expert_memory)
+    weights = {k: _cast(v, dtype) for k, v in weights.items()}  # experts read from packs come in their stored dtype
     quant = ckpt.quantization
     if quant and "quant_method" not in quant:  # mlx-lm's; a transformers quant_method is the family's to read
         _ternary_like(model, weights, quant)
         _quantize_like(model, weights, quant)
     check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
-    dtype = dtype or default_dtype()
-    cast = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
-    model.load_weights(list(cast.items()), strict=True)
+    model.load_weights(list(weights.items()), strict=True)
     if fuse:
         inference_layout(model)
     if experts_per_tok is not None:
