@@ -56,6 +56,8 @@ def test_vs_peer_both_rows_and_the_ratios(peer, smollm2_dir, smollm2_gguf):
     for side in result["sides"].values():
         assert len(side["runs"]) == 1 and side["prefill_tps"] > 0 and side["decode_tps"] > 0
     assert 0 <= result["agreeing_tokens"] <= 4
+    assert result["machine"]["blas"]["kind"] in ("openblas", "accelerate", "gpu")  # the CLI preloads OpenBLAS
+    assert f"mlxq bench: run 1/1: {peer}" in done.stderr  # progress, a line per step without a terminal
     if sys.platform.startswith("linux"):
         assert result["sides"]["mlxq"]["peak_rss_gb"] > 0.1  # at least the model's float32 weights
     console = Console(record=True, width=160)

@@ -40,16 +40,24 @@ def bench(model, vs, prompt_tokens, gen_tokens, runs, expert_memory, experts_per
     from rich.console import Console
 
     from mlxq.bench import runtime
+    from mlxq.bench.record import machine
 
     console = Console(stderr=True)
     load = {"expert_memory": expert_memory, "experts_per_tok": experts_per_tok}
     with console.status("mlxq bench") as status:
-        result = runtime.run(model, vs, prompt_tokens, gen_tokens, runs, load,
-                             progress=lambda what: status.update(f"mlxq bench: {what}"))
+        def progress(what: str) -> None:
+            status.update(f"mlxq bench: {what}")
+            if not console.is_terminal:  # no live status line: one line per step
+                console.print(f"mlxq bench: {what}", highlight=False)
+
+        result = runtime.run(model, vs, prompt_tokens, gen_tokens, runs, load, progress=progress)
+    result["machine"] = facts = machine()
     if as_json:
         click.echo(json.dumps(result))
         return
     runtime.show(result, Console(width=max(Console().width, 120)))
+    if facts["blas"]["kind"] == "reference":
+        console.print("mlxq bench: MLX used reference BLAS (about 40x slower matmuls): preload OpenBLAS", style="red")
 
 
 def _io(io_dir: str, threads: int, seconds: float, cached: bool, as_json: bool) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,9 +26,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlxq.bench.record import median
 from mlxq.errors import InvalidRequest
 
 PEERS = ("mlx-lm", "llama.cpp")
+RATES = ("greedy, exactly the generated tokens asked for (end-of-sequence does not stop), no detokenization; "
+         "TTFT: from the call to the first generated token; prefill: prompt tokens / TTFT; decode: (generated - 1) "
+         "/ time from the first to the last generated token")
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable type changed how "
     "knowledge spread across Europe. Before it, books were copied by hand, slowly and at great cost. "
@@ -46,11 +49,11 @@ class Side:
     peak_rss_gb: float | None = None
     mlx_peak_gb: float | None = None
     runs: list[dict] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # what the warm-up generated
+    stable: bool = True  # every timed run generated the warm-up's tokens (greedy decoding is deterministic)
 
     def medians(self) -> dict:
-        keys = ("ttft_s", "prefill_tps", "decode_tps")
-        return {k: statistics.median(r[k] for r in self.runs) for k in keys}
+        return {k: median(r[k] for r in self.runs) for k in ("ttft_s", "prefill_tps", "decode_tps")}
 
 
 def timed(tokens: Iterable[int], prompt_tokens: int) -> tuple[list[int], dict]:
@@ -211,16 +214,18 @@ def run(model: str, vs: str | None = None, prompt_tokens: int = 512, gen_tokens:
     for i in range(runs):
         for side in sides:
             say(f"run {i + 1}/{runs}: {side.name}")
-            _, figures = timed(side.generate(ids, gen_tokens), prompt_tokens)
+            tokens, figures = timed(side.generate(ids, gen_tokens), prompt_tokens)
             side.runs.append({k: round(v, 4) for k, v in figures.items()})
+            side.stable = side.stable and tokens == side.tokens
     result = {
         "model": model,
+        "rate_definition": RATES,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "runs": runs,
         "sides": {s.name: {"about": s.about, **{k: round(v, 4) for k, v in s.medians().items()},
                            "peak_rss_gb": _round(s.peak_rss_gb), "mlx_peak_gb": _round(s.mlx_peak_gb),
-                           "runs": s.runs} for s in sides},
+                           "stable_tokens": s.stable, "runs": s.runs} for s in sides},
     }
     if experts_before is not None:  # the timed runs' reads, hits and stalls (the peer does not touch the pool)
         streamed = model_obj.expert_stats() - experts_before
