@@ -32,11 +32,11 @@ tools:
 	@for t in npm g++; do command -v $$t >/dev/null || { echo "make: $$t is not on PATH even after installing it" >&2; \
 	  exit 1; }; done
 
-test: setup tools  ## the fast suite (skip reasons printed; under CI=true any skip fails)
-	$(RUN) $(PY) -m pytest -q -m "not slow"
+test: setup tools  ## the fast suite (skip reasons printed; under CI=true any skip fails); ARGS: more pytest arguments
+	$(RUN) $(PY) -m pytest -q -m "not slow" $(ARGS)
 
 test-slow: setup tools  ## the tests that write gigabytes or build a wheel (CI runs them as a separate step)
-	$(RUN) $(PY) -m pytest -q -m slow
+	$(RUN) $(PY) -m pytest -q -m slow $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

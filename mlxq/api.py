@@ -9,8 +9,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxq.engine.generate import Generation, Timings, held_back, stop_index
+from mlxq.engine.generate import Generation, Timings
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams
+from mlxq.engine.stops import StopMatcher
 from mlxq.engine.tokenizer import Tokenizer, load_tokenizer
 from mlxq.errors import InvalidRequest
 from mlxq.formats import Checkpoint, open_checkpoint
@@ -96,7 +97,7 @@ class Model:
         """Yields text as it becomes final. Sampling options (temperature, top_p, top_k, min_p,
         repetition_penalty, seed, ...) go by keyword or as `params`."""
         ids = self.encode_prompt(prompt, tools=tools, chat_template_kwargs=chat_template_kwargs)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = StopMatcher(stop)
         gen = generation or Generation(self.net, cache if cache is not None else self.make_cache())
         gen.params = params or SamplingParams(**sampling)
         gen.processors = list(logits_processors or [])
@@ -108,22 +109,23 @@ class Model:
         detok = self.tokenizer.detokenizer()
         eos = self.tokenizer.eos_token_ids
         experts_before = self.expert_stats()
-        text, emitted, finish = "", 0, "length"
+        text, emitted, finish, cut = "", 0, "length", -1
         for step in gen.steps(ids, max_tokens, cached=cached_tokens):
             if step.token in eos:
                 gen.generated.pop()
                 finish = "stop"
                 break
+            before = len(text)
             text += detok.add(step.token)
-            cut = stop_index(text, stops)
+            cut = stops.find(text, before)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
                 break
-            safe = len(text) - held_back(text, stops)
+            safe = len(text) - stops.held_back(text)
             if safe > emitted or logprobs:
                 yield Chunk(text[emitted:safe], step.token, None, step.logprobs)
                 emitted = max(emitted, safe)
-        if stop_index(text, stops) < 0:
+        if cut < 0:
             text += detok.flush()
         if experts_before is not None:
             gen.timings.experts = (self.expert_stats() - experts_before).as_dict()

@@ -172,22 +172,23 @@ def inspect(model, diff, ref, prompt, tokens_file, gen_tokens, as_json, plot_fil
     if diff:
         return _inspect_diff(diff, ref, prompt, tokens_file, gen_tokens, as_json, plot_file)
     if model is None:
-        raise click.UsageError("give a MODEL, or --diff A B")
+        raise InvalidRequest("mlxq inspect: give a MODEL, or --diff A B")
+    import math
+
+    from mlxq.errors import UnsupportedModel
     from mlxq.formats import open_checkpoint
     from mlxq.models import text_config
+    from mlxq.quant.source import float_checkpoint
 
     ckpt = open_checkpoint(model)  # GGUF tensors keep their block type in the infos: exact sizes, per-type counts
     cfg = text_config(ckpt.config)
     infos = ckpt.tensors.infos()
     quant = ckpt.quantization or {}
-    params = 0
-    for info in infos:
-        if info.name.endswith((".scales", ".biases")) and quant:
-            continue
-        n = 1
-        for d in info.shape:
-            n *= d
-        params += n * (32 // quant.get("bits", 32)) if info.dtype == "uint32" and quant else n
+    try:  # parameters as the float model has them: each mlx-lm quantized triple counts as its float weight
+        shapes = [i.shape for i in float_checkpoint(ckpt).tensors.infos()]
+    except UnsupportedModel:  # a quantization mode other than affine: counted as stored
+        shapes = [i.shape for i in infos]
+    params = sum(math.prod(shape) for shape in shapes)
     size = sum(i.nbytes for i in infos)
     packs = None
     if ckpt.format != "gguf":
@@ -272,6 +273,10 @@ def main() -> None:
         cli.main(standalone_mode=False)
     except MlxqError as e:
         click.echo(f"mlxq: error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:  # the machine said no (no space, no permission, read-only, ...): one line, like our own
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"mlxq: error: {where}{e.strerror or e}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)

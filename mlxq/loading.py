@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,7 +34,8 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     (`mlxq quantize --stream-experts`) streams its experts within `expert_memory` bytes ('8GB', '25%'; see
     `mlxq.experts`, options in `StreamOptions`), or holds them all in memory when that is None."""
     config = text_config(ckpt.config)
-    model = build_model(config)
+    with _as_config_error(ckpt):
+        model = build_model(config)
     dtype = dtype or default_dtype()
     # Cast before sanitize, so that its arithmetic (the 1 + w of zero-centred norms) runs at compute precision: in a
     # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits.
@@ -42,8 +44,9 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     weights = {k: _cast(v, dtype) for k, v in weights.items()}  # experts read from packs come in their stored dtype
     quant = ckpt.quantization
     if quant and "quant_method" not in quant:  # mlx-lm's; a transformers quant_method is the family's to read
-        _ternary_like(model, weights, quant)
-        _quantize_like(model, weights, quant)
+        with _as_config_error(ckpt):
+            _ternary_like(model, weights, quant)
+            _quantize_like(model, weights, quant)
     check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
     model.load_weights(list(weights.items()), strict=True)
     if fuse:
@@ -82,6 +85,17 @@ def _expert_packs(ckpt: Checkpoint, model: nn.Module, weights: dict, expert_memo
     return packs, stream_blocks(model, packs)
 
 
+@contextmanager
+def _as_config_error(ckpt: Checkpoint):
+    """What `formats.validate` cannot foresee about a family's config (a rope setting of the wrong type, say) fails
+    as one ConfigError naming the checkpoint, not as a traceback from inside the model's constructor."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:200]}"
+        raise ConfigError(f"{ckpt.path}: the config does not describe a model mlxq can build ({what})") from None
+
+
 def check_weights(path, expected: dict[str, mx.array], weights: dict[str, mx.array]) -> None:
     """The weights are exactly the parameters the model expects, in name and shape (else one FormatError)."""
     missing = sorted(set(expected) - set(weights))
@@ -91,8 +105,14 @@ def check_weights(path, expected: dict[str, mx.array], weights: dict[str, mx.arr
         more = len(missing) + len(unexpected) - 1
         raise FormatError(f"{path}: {what}" + (f" (and {more} more)" if more else ""))
     for name, w in weights.items():
-        if w.shape != expected[name].shape:
-            raise FormatError(f"{path}: tensor '{name}' has shape {w.shape}, expected {expected[name].shape}")
+        want = expected[name]
+        if w.shape != want.shape:
+            raise FormatError(f"{path}: tensor '{name}' has shape {w.shape}, expected {want.shape}")
+        # Floats of any width cast to the load dtype; anything else (packed quantized words) must match exactly:
+        # an int32 tensor where float weights belong is a damaged header, never weights.
+        float_w, float_want = mx.issubdtype(w.dtype, mx.floating), mx.issubdtype(want.dtype, mx.floating)
+        if float_w != float_want or (not float_w and w.dtype != want.dtype):
+            raise FormatError(f"{path}: tensor '{name}' is {w.dtype}, expected {want.dtype}")
 
 
 def inference_layout(model: nn.Module) -> None:

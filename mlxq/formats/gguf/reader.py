@@ -16,6 +16,7 @@ import numpy as np
 
 from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
+from mlxq.formats.gguf.checks import check_gguf
 from mlxq.formats.gguf.names import ARCHITECTURES, CONFIG_KEYS, hf_name, to_hf_all, transforms
 
 GROUP = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
@@ -54,6 +55,7 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
     import gguf
 
     path = Path(path)
+    check_gguf(path)  # gguf-py trusts the file: its structure is checked first
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
@@ -64,13 +66,12 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
         raise UnsupportedModel(f"{path}: GGUF architecture '{arch}' is not supported "
                                f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     spec = ARCHITECTURES[arch]
-    size = path.stat().st_size
-    raw = {}
-    for t in reader.tensors:
-        if t.data_offset + int(t.n_bytes) > size:
-            raise FormatError(f"{path}: truncated (tensor '{t.name}' ends past the end of the file)")
-        raw[t.name] = t
-    config = _config(meta, arch, spec, raw, path)
+    raw = {t.name: t for t in reader.tensors}
+    try:  # values of the wrong type or missing companions (a linear rope scaling without its factor)
+        config = _config(meta, arch, spec, raw, path)
+    except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
+        what = f"field {e} is missing" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:200]}"
+        raise FormatError(f"{path}: the metadata does not make a model config ({what})") from None
 
     infos: dict[str, TensorInfo] = {}
     loaders: dict[str, Any] = {}
@@ -108,10 +109,10 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
                 parts = AFFINE_TYPES[t.tensor_type.name][1](_blocks(t))
                 packed = dict(zip(("weight", "scales", "biases"), parts, strict=True))
                 arr = mx.array(packed[part])
-        except (ValueError, TypeError, NotImplementedError) as e:
+            source = hf if part is None else hf.rsplit(".", 1)[0] + ".weight"  # packed parts move with their rows
+            return to_hf_all(transforms(arch, source), arr, config)
+        except (ValueError, TypeError, NotImplementedError) as e:  # the metadata's heads may not fit the rows
             raise FormatError(f"{path}: tensor '{name}' ({t.tensor_type.name}) cannot be decoded ({e})") from None
-        source = hf if part is None else hf.rsplit(".", 1)[0] + ".weight"  # packed parts move with their weight's rows
-        return to_hf_all(transforms(arch, source), arr, config)
 
     chat_template = meta.get("tokenizer.chat_template")
     return Checkpoint(path, "gguf", config, TensorSource(infos, load), gguf_file=path,
