@@ -391,16 +391,16 @@ def plot(summaries: list[dict], path: str) -> Path:
     width = 0.8 / max(len(summaries), 1)
     for k, s in enumerate(summaries):
         xs = [i + k * width for i in range(len(rates))]
-        left.bar(xs, [s[key] or 0.0 for key, _, _ in rates], width, label=s["model"], color=f"C{k}")
+        left.bar(xs, [s[key] or 0.0 for key, _, _ in rates], width, label=f"{k + 1}: {s['model']}", color=f"C{k}")
         mid.bar([k], [s["ttft_s"] or 0.0], color=f"C{k}")
         right.bar([k], [s["decode_tps"] or 0.0], color=f"C{k}")
     left.set_xticks([i + 0.4 - width / 2 for i in range(len(rates))], [h for _, h, _ in rates], rotation=30)
     left.set_ylim(0, 1.05)
     left.set_title("rates per turn")
-    left.legend(fontsize=7)
+    fig.legend(loc="outside lower center", ncol=min(len(summaries), 3), fontsize=8)
     for ax, title in ((mid, "median time to first token (s)"), (right, "median decode tok/s")):
         ax.set_xticks(range(len(summaries)), [str(i + 1) for i in range(len(summaries))])
-        ax.set_xlabel("model (legend order)")
+        ax.set_xlabel("model")
         ax.set_title(title, fontsize=9)
     fig.suptitle("mlxq eval gm")
     return save_figure(fig, path)
