@@ -91,8 +91,8 @@ def _status_kb(field_name: str) -> int | None:
 
 
 class PeakMemory:
-    """Peak resident-set growth (Linux: VmHWM after resetting it through /proc/self/clear_refs) and MLX's peak
-    allocation over a span of work."""
+    """Peak resident-set growth (Linux: VmHWM after resetting it through /proc/self/clear_refs) and the growth of
+    MLX's peak allocation over a span of work (arrays held from before the span do not count)."""
 
     def __enter__(self) -> PeakMemory:
         mx.clear_cache()
@@ -104,10 +104,11 @@ class PeakMemory:
         except OSError:
             self.resettable = False
         mx.reset_peak_memory()
+        self.mlx_before = mx.get_active_memory()  # what earlier sides hold: not this span's
         return self
 
     def __exit__(self, *exc) -> None:
-        self.mlx_gb = mx.get_peak_memory() / 1e9
+        self.mlx_gb = (mx.get_peak_memory() - self.mlx_before) / 1e9
         hwm = _status_kb("VmHWM")
         self.rss_gb = (hwm - self.rss_before) * 1024 / 1e9 if self.resettable and hwm and self.rss_before else None
 
