@@ -49,14 +49,19 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
             _quantize_like(model, weights, quant)
     check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
     model.load_weights(list(weights.items()), strict=True)
+    del weights  # from here only the model holds the checkpoint's arrays, so each can go once it is replaced
     if fuse:
         inference_layout(model)
     if experts_per_tok is not None:
         if not hasattr(model, "set_experts_per_tok"):
             raise ConfigError(f"{ckpt.path}: experts per token: the model has no routed experts")
         model.set_experts_per_tok(experts_per_tok)
-    mx.eval(model.parameters())
-    mx.clear_cache()  # the checkpoint's arrays, replaced by cast / fused ones: their buffers go back now
+    # One parameter at a time: its checkpoint arrays are read, cast / fused / laid out, and freed before the next
+    # are read. Evaluated all at once, every checkpoint array and every replacement were alive together: a peak
+    # of twice the model.
+    for _, p in tree_flatten(model.parameters()):
+        mx.eval(p)
+    mx.clear_cache()  # the freed checkpoint buffers go back now
     model.eval()
     wire_weights(model)
     if streamed:
