@@ -21,6 +21,9 @@ from mlxq.errors import InvalidRequest
 @click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(1), help="Prompt length.")
 @click.option("--gen-tokens", default=128, show_default=True, type=click.IntRange(2), help="Tokens generated.")
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1), help="Timed runs per side (median).")
+@click.option("--peer-threads", default=None, type=click.IntRange(1),
+              help="--vs llama.cpp: its threads, decode and prompt (default: llama-cpp-python's, half the cores decode "
+              "and all prefill; its pool spins while waiting, so on a busy machine fewer can be much faster).")
 @expert_options
 @click.option("--io", "io_dir", default=None, metavar="PACKDIR",
               help="Measure the read rate of the device holding PACKDIR's expert packs (a model directory written "
@@ -29,8 +32,8 @@ from mlxq.errors import InvalidRequest
 @click.option("--seconds", default=3.0, show_default=True, type=click.FloatRange(0.1), help="--io: how long to read.")
 @click.option("--cached", is_flag=True, help="--io: read through the page cache (default: bypass it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
-def bench(model, vs, prompt_tokens, gen_tokens, runs, expert_memory, experts_per_tok, io_dir, threads, seconds,
-          cached, as_json) -> None:
+def bench(model, vs, prompt_tokens, gen_tokens, runs, peer_threads, expert_memory, experts_per_tok, io_dir, threads,
+          seconds, cached, as_json) -> None:
     """Measure what this machine does: MODEL's speed and memory (against a peer with --vs), or with --io PACKDIR
     how fast expert packs read."""
     if (model is None) == (io_dir is None):
@@ -50,7 +53,8 @@ def bench(model, vs, prompt_tokens, gen_tokens, runs, expert_memory, experts_per
             if not console.is_terminal:  # no live status line: one line per step
                 console.print(f"mlxq bench: {what}", highlight=False)
 
-        result = runtime.run(model, vs, prompt_tokens, gen_tokens, runs, load, progress=progress)
+        result = runtime.run(model, vs, prompt_tokens, gen_tokens, runs, load, progress=progress,
+                             peer_threads=peer_threads)
     result["machine"] = facts = machine()
     if as_json:
         click.echo(json.dumps(result))

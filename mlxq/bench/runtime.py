@@ -17,7 +17,6 @@ freed), and for MLX sides MLX's own peak allocation over the same span.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -148,13 +147,14 @@ def mlx_lm_side(path: str, dtype: mx.Dtype) -> Side:
     return Side("mlx-lm", generate, f"mlx_lm.load, cast to {dtype}")
 
 
-def llama_cpp_side(path: str, context: int) -> Side:
-    """llama.cpp through llama-cpp-python on the same GGUF, every core, all layers offloaded when Metal is there."""
+def llama_cpp_side(path: str, context: int, threads: int | None = None) -> Side:
+    """llama.cpp through llama-cpp-python on the same GGUF, all layers offloaded when Metal is there. `threads` for
+    both decode and prompt; None keeps llama-cpp-python's defaults (half the cores decode, all of them prefill). Its
+    thread pool spins while it waits, so on a machine busy with other work more threads can be far slower."""
     try:
         from llama_cpp import Llama
     except ImportError:
         raise InvalidRequest("--vs llama.cpp needs llama-cpp-python (pip install 'mlxq[dev]')") from None
-    threads = os.cpu_count() or 1
     llm = Llama(model_path=str(Path(path).expanduser()), n_ctx=context, n_batch=512, n_threads=threads,
                 n_threads_batch=threads, n_gpu_layers=-1 if mx.metal.is_available() else 0, verbose=False)
 
@@ -162,7 +162,8 @@ def llama_cpp_side(path: str, context: int) -> Side:
         llm.reset()  # no prefix reuse between runs: every run prefills the whole prompt
         return itertools.islice(llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0), n)
 
-    return Side("llama.cpp", generate, f"llama-cpp-python, {threads} threads")
+    return Side("llama.cpp", generate,
+                f"llama-cpp-python, {llm.n_threads} decode / {llm.n_threads_batch} prompt threads")
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -181,10 +182,12 @@ def check_peer(model: str, vs: str | None) -> None:
 
 
 def run(model: str, vs: str | None = None, prompt_tokens: int = 512, gen_tokens: int = 128, runs: int = 3,
-        load: dict | None = None, progress: Callable[[str], None] | None = None) -> dict:
+        load: dict | None = None, progress: Callable[[str], None] | None = None,
+        peer_threads: int | None = None) -> dict:
     """Benchmarks mlxq on `model` (`load`: options for `mlxq.load`, such as expert_memory) and the peer `vs` on the
-    same weights; a JSON-able dict with the raw runs, medians, memory, expert-stream statistics when the experts
-    stream, and `ratios` (mlxq / peer: above 1 is better for rates, below 1 for time and memory)."""
+    same weights (`peer_threads`: llama.cpp's); a JSON-able dict with the raw runs, medians, memory, expert-stream
+    statistics when the experts stream, and `ratios` (mlxq / peer: above 1 is better for rates, below 1 for time
+    and memory)."""
     check_peer(model, vs)
     if prompt_tokens < 1 or gen_tokens < 2 or runs < 1:
         raise InvalidRequest("need at least 1 prompt token, 2 generated tokens and 1 run")
@@ -206,7 +209,7 @@ def run(model: str, vs: str | None = None, prompt_tokens: int = 512, gen_tokens:
         say(f"loading {vs}")
         with PeakMemory() as mem:
             peer = (mlx_lm_side(model, _compute_dtype(model_obj.net)) if vs == "mlx-lm"
-                    else llama_cpp_side(model, prompt_tokens + gen_tokens + 16))
+                    else llama_cpp_side(model, prompt_tokens + gen_tokens + 16, peer_threads))
             peer.tokens, _ = timed(peer.generate(ids, gen_tokens), prompt_tokens)
         peer.peak_rss_gb = mem.rss_gb
         peer.mlx_peak_gb = mem.mlx_gb if vs == "mlx-lm" else None
