@@ -11,7 +11,9 @@ quick run: widths / 8, fewer layers and experts), its routed experts 2-bit, so t
    writes without --stream-experts, both in one memory cgroup (v1 `memory.limit_in_bytes`, which counts the page
    cache; v2 `memory.max`) capped at what mlxq needs (resident weights + budget + margin); where mlx-lm cannot run
    at the cap that is recorded, and it is also measured without a cap;
-4. hit rate and tok/s at 25 / 50 / 100 % of the experts, identity vs co-activation order, prefetch off vs on;
+4. hit rate and tok/s at 25 / 50 / 100 % of the experts, identity vs co-activation order, prefetch off vs on, on
+   random tokens (routing follows the token, so it is close to uniform: the budget decides the hits), and on text
+   at 25 % (skewed routing);
 
 and projects the measured bytes per token and hit rates to Qwen3.5-397B-A17B on a 5.5 GB/s Mac SSD, beside
 flash-moe's 5.5-5.7 tok/s (2-bit experts, 4 per token, M3 Max).
@@ -164,9 +166,9 @@ class Cgroup:
 REPEAT = 1  # runs per configuration (set by --repeat); the fastest is kept: the machine is shared and busy
 
 
-def run(args: dict, cgroup: Cgroup | None = None) -> dict:
-    """The configuration run REPEAT times; the fastest run, with every run's tok/s."""
-    runs = [run_once(args, cgroup) for _ in range(REPEAT)]
+def run(args: dict, cgroup: Cgroup | None = None, repeat: int | None = None) -> dict:
+    """The configuration run `repeat` (REPEAT) times; the fastest run, with every run's tok/s."""
+    runs = [run_once(args, cgroup) for _ in range(repeat or REPEAT)]
     ok = [r for r in runs if r["ok"]]
     if not ok:
         return runs[-1]
@@ -243,12 +245,16 @@ def main() -> None:
     mode = "quick" if args.quick else "full"
     shape = SHAPES[mode]
     work = cache_dir() / "bench" / f"experts-{mode}"
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), os.getloadavg()
     paths, prep = prepare(work, shape, coactivation=not args.quick)
     packs = open_pack_dir(paths["packs"])
-    n_tokens = args.tokens or (24 if args.quick else 48)
-    ids = text_ids(paths["packs"], 32 + n_tokens)
-    base = {"top_k": args.top_k, "prompt": ids[:32], "forced": ids[32:]}
+    n_tokens = args.tokens or (24 if args.quick else 40)
+    rng = random.Random(0)
+    noise = [rng.randrange(3, shape.vocab) for _ in range(32 + n_tokens)]
+    text = text_ids(paths["packs"], 32 + n_tokens)
+    workloads = {"random": {"prompt": noise[:32], "forced": noise[32:]},
+                 "text": {"prompt": text[:32], "forced": text[32:]}}
+    base = {"top_k": args.top_k, **workloads["random"]}
     opts = {"threads": args.threads}
 
     # 1. the ceiling
@@ -257,28 +263,25 @@ def main() -> None:
     print(f"raw device: {raw['gb_per_s']:.3f} GB/s at {raw['read_bytes'] / 1e3:.0f} KB reads, {args.threads} in "
           f"flight ({raw_1['gb_per_s']:.3f} GB/s one at a time), O_DIRECT {raw['direct']}", file=sys.stderr)
 
-    # 4. budgets x order x prefetch, on text (the 25 % run in a measuring cgroup: what it needs sets the cap below)
+    # 4. budgets x order x prefetch on random tokens (near-uniform routing: the budget decides the hits), and text
+    # (skewed routing) at 25 %. The headline 25 % run goes in a measuring cgroup: what it needs sets the cap.
     probe = Cgroup(None, "probe")
-    configs = [("identity", 25, False), ("identity", 25, True)] if args.quick else [
-        (order, budget, prefetch) for order in ("identity", "coactivation") for budget in (25, 50, 100)
-        for prefetch in (False, True)]
+    configs = [("random", "identity", 25, False), ("random", "identity", 25, True), ("text", "identity", 25, False)]
+    if not args.quick:
+        configs = [("random", order, budget, prefetch) for order in ("identity", "coactivation")
+                   for budget in (25, 50, 100) for prefetch in (False, True)]
+        configs += [("text", order, 25, False) for order in ("identity", "coactivation")]
     matrix = []
-    for order, budget, prefetch in configs:
+    for workload, order, budget, prefetch in configs:
         path = paths["packs" if order == "identity" else "packs_coact"]
-        headline = order == "identity" and budget == 25 and not prefetch
-        r = run({**base, "peer": "mlxq", "path": str(path), "budget": f"{budget}%",
-                 "options": {**opts, "prefetch": prefetch}}, probe if headline else None)
-        r.update(budget_pct=budget, order=order, prefetch=prefetch)
-        matrix.append(show(f"mlxq {order} {budget}% prefetch {'on' if prefetch else 'off'}", r))
-    # the same at 25 % on uniformly random tokens: routing close to uniform, the pessimistic case
-    rng = random.Random(0)
-    noise = [rng.randrange(3, shape.vocab) for _ in range(32 + n_tokens)]
-    uniform = show("mlxq identity 25% random tokens", run(
-        {**base, "prompt": noise[:32], "forced": noise[32:], "peer": "mlxq", "path": str(paths["packs"]),
-         "budget": "25%", "options": opts}))
+        headline = (workload, order, budget, prefetch) == ("random", "identity", 25, False)
+        r = run({**base, **workloads[workload], "peer": "mlxq", "path": str(path), "budget": f"{budget}%",
+                 "options": {**opts, "prefetch": prefetch}}, probe if headline else None, repeat=1)
+        r.update(workload=workload, budget_pct=budget, order=order, prefetch=prefetch)
+        matrix.append(show(f"mlxq {workload} {order} {budget}% prefetch {'on' if prefetch else 'off'}", r))
+    headline = matrix[0]
 
     # 3. the same memory cap for mlxq (25 %) and mlx-lm: what mlxq's 25 % run was charged, plus 10 %
-    headline = next(r for r in matrix if r["budget_pct"] == 25 and r["order"] == "identity" and not r["prefetch"])
     need = probe.peak() or headline["peak_rss"]
     probe.close()
     cap = int(need * CAP_SLACK)
@@ -295,7 +298,7 @@ def main() -> None:
 
     # the headline figures, from the capped 25 % run
     e = ours_capped.get("experts", {}) if ours_capped["ok"] else {}
-    projection = project(matrix, uniform, raw, args.top_k)
+    projection = project(matrix, raw, args.top_k)
     result = {
         "mode": mode,
         "model": {**shape.__dict__, "expert_bytes": next(iter(packs.layers.values())).payload,
@@ -303,7 +306,8 @@ def main() -> None:
                   "scaled_from": f"Qwen3.5-397B-A17B (widths and head counts / {QWEN35_397B.hidden // shape.hidden})"},
         "top_k": args.top_k,
         "decode_tokens": n_tokens,
-        "decode": "teacher-forced: each step's input is the next token of held-back text",
+        "decode": "teacher-forced: each step's input is the next token of the workload (random: uniformly drawn "
+                  "token ids; text: held-back Wikipedia), not the model's own choice",
         "raw_read": raw,
         "raw_read_one_in_flight": raw_1,
         "memory_cap_bytes": cap,
@@ -311,27 +315,33 @@ def main() -> None:
         "capped": {"mlxq_25pct": ours_capped, "mlx_lm": theirs_capped},
         "uncapped": {"mlx_lm": theirs, "mlxq_resident": resident},
         "matrix": matrix,
-        "uniform_routing_25pct": uniform,
         "prepare": prep,
         "projection_397b": projection,
         "seconds": time.perf_counter() - t_start,
+        "load_average": [load_start, os.getloadavg()],  # other work on the machine: busy runs are noisier
         "ratios": {
             "read_rate_vs_raw": _ratio(e.get("read_gb_per_s"), raw["gb_per_s"]),
+            "read_rate_vs_raw_one_in_flight": _ratio(e.get("read_gb_per_s"), raw_1["gb_per_s"]),
             "decode_vs_mlx_lm_at_cap": (_ratio(ours_capped.get("decode_tps"), theirs_capped.get("decode_tps"))
                                         if theirs_capped["ok"] else None),
             "decode_vs_mlx_lm_uncapped": _ratio(ours_capped.get("decode_tps"), theirs.get("decode_tps")),
             "decode_vs_mlxq_resident": _ratio(ours_capped.get("decode_tps"), resident.get("decode_tps")),
-            "bytes_per_token_vs_all_miss": _ratio(headline.get("experts", {}).get("bytes_per_token"),
+            "bytes_per_token_vs_all_miss": _ratio(e.get("bytes_per_token"),
                                                   len(packs.layers) * args.top_k * _stride(packs)),
         },
         "notes": [
             "mlx-lm at the cap: " + ("ran" if theirs_capped["ok"] else theirs_capped["error"]),
-            "synthetic routers are random: routing is close to uniform, so hit rates sit near the budget share; "
-            "real models route far more unevenly (flash-moe saw 71 % page-cache hits on Qwen3.5-397B)",
+            "synthetic routing follows the token: on random tokens it is close to uniform (the pessimistic case); on "
+            "text it is skewed, but a character vocabulary gives a small working set (real models: flash-moe saw 71 % "
+            "page-cache hits on Qwen3.5-397B)",
+            "hit rates count from an empty pool over the prompt and the decode steps: a budget that holds every expert "
+            "those tokens touch evicts nothing, so such budgets show the same hits (first uses miss at any budget)",
+            "prefetch: an expert read ahead for the next layer and then routed to counts as a hit (prefetch_hits); it "
+            "moves reads off the critical path (stall_s) rather than saving bytes",
             "read rate while decoding = bytes / time with at least one read in flight; raw = random one-expert "
-            "O_DIRECT reads at the same number in flight",
-            f"the machine is shared and busy: each configuration ran {REPEAT}x, the fastest kept "
-            "(decode_tps_runs lists them all)",
+            "O_DIRECT reads, as many in flight as the reader has threads (and one at a time)",
+            f"the machine may be shared (load_average: at the start and at the end): the capped, uncapped and "
+            f"resident runs ran {REPEAT}x, the matrix once; the fastest is kept (decode_tps_runs lists them)",
         ],
     }
     for case in projection["cases"]:
@@ -349,8 +359,9 @@ def show(name: str, r: dict) -> dict:
         return r
     e = r.get("experts")
     print(f"{name}: {r['decode_tps']:.2f} tok/s, peak RSS {r['peak_rss'] / 1e9:.2f} GB" + (
-        f"; hit {100 * e['hit_rate']:.1f}%, {e['bytes_per_token'] / 1e6:.2f} MB/token, read {e['read_gb_per_s']:.3f} "
-        f"GB/s, stall {e['stall_s']:.2f} s" if e else ""), file=sys.stderr)
+        f"; hit {100 * e['hit_rate']:.1f}% ({e['prefetch_hits']} prefetched), {e['bytes_per_token'] / 1e6:.2f} "
+        f"MB/token, read {e['read_gb_per_s']:.3f} GB/s, {e['experts_per_read']:.2f} experts/read, stall "
+        f"{e['stall_s']:.2f} s" if e else ""), file=sys.stderr)
     return r
 
 
@@ -371,7 +382,7 @@ def _ratio(a, b):
     return round(a / b, 3) if a and b else None
 
 
-def project(matrix: list[dict], uniform: dict, raw: dict, top_k: int) -> dict:
+def project(matrix: list[dict], raw: dict, top_k: int) -> dict:
     """Qwen3.5-397B-A17B on a 5.5 GB/s Mac SSD: its experts (3.93 MB at 2 bits) missed at the measured rates, read
     at the measured share of the device's rate (and at the full rate: a 3.9 MB read keeps an SSD busier than the
     small reads measured here), after flash-moe's measured per-token compute (its M3 Max GPU time, I/O excluded),
@@ -382,12 +393,8 @@ def project(matrix: list[dict], uniform: dict, raw: dict, top_k: int) -> dict:
     compute = q.layers * FLASH_MOE["non_io_ms_per_layer"] / 1e3
     out = {"expert_bytes": expert, "layers": q.layers, "top_k": top_k, "ssd_bytes_per_s": MAC_SSD,
            "compute_s_per_token": compute, "flash_moe": FLASH_MOE, "cases": []}
-    text25 = next((r for r in matrix if r["ok"] and r["order"] == "identity" and r["budget_pct"] == 25
-                   and not r["prefetch"]), None)
-    rows = [("random tokens, 25 % (near-uniform routing)", uniform), ("text, 25 %", text25)]
-    rows += [(f"text, {r['budget_pct']} %", r) for r in matrix
-             if r["ok"] and r["order"] == "identity" and not r["prefetch"] and r["budget_pct"] > 25]
-    cases = [(label, r["experts"]["hit_rate"], r["experts"]["read_gb_per_s"]) for label, r in rows if r and r["ok"]]
+    cases = [(f"{r['workload']} tokens, {r['budget_pct']} %", r["experts"]["hit_rate"], r["experts"]["read_gb_per_s"])
+             for r in matrix if r["ok"] and r["order"] == "identity" and not r["prefetch"]]
     cases.append(("flash-moe's page-cache hit rate on Qwen3.5-397B", FLASH_MOE["page_cache_hit_rate"], None))
     for label, hit, rate in cases:
         read = q.layers * top_k * (1 - hit) * expert
@@ -418,7 +425,8 @@ def plot(result: dict, path: Path) -> None:
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
     for order in ("identity", "coactivation"):
         for prefetch in (False, True):
-            rows = [r for r in result["matrix"] if r["ok"] and r["order"] == order and r["prefetch"] == prefetch]
+            rows = [r for r in result["matrix"] if r["ok"] and r["workload"] == "random" and r["order"] == order
+                    and r["prefetch"] == prefetch]
             rows.sort(key=lambda r: r["budget_pct"])
             if not rows:
                 continue
@@ -430,8 +438,8 @@ def plot(result: dict, path: Path) -> None:
                            ("mlxq, all in memory", result["uncapped"]["mlxq_resident"], ":")):
         if r["ok"]:
             a.axhline(r["decode_tps"], linestyle=style, color="gray", label=name)
-    a.set(xlabel="expert memory, % of all experts", ylabel="decode tok/s", title="decode speed")
-    b.set(xlabel="expert memory, % of all experts", ylabel="hit rate, %", title="expert hits")
+    a.set(xlabel="expert memory, % of all experts", ylabel="decode tok/s", title="decode speed (random tokens)")
+    b.set(xlabel="expert memory, % of all experts", ylabel="hit rate, %", title="expert hits (random tokens)")
     a.legend(fontsize=7)
     b.legend(fontsize=7)
     capped = result["capped"]

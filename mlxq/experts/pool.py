@@ -56,6 +56,7 @@ class ExpertStats:
             "hit_rate": self.hits / wanted if wanted else 0.0,
             "bytes_per_token": self.bytes_read / self.tokens if self.tokens else 0.0,
             "read_gb_per_s": self.bytes_read / self.read_s / 1e9 if self.read_s else 0.0,
+            "experts_per_read": (self.misses + self.prefetch_reads) / self.reads if self.reads else 0.0,
         }
 
     def summary(self) -> str:
