@@ -47,8 +47,9 @@ def test_vs_peer_both_rows_and_the_ratios(peer, smollm2_dir, smollm2_gguf):
     from rich.console import Console
 
     model = str(smollm2_dir if peer == "mlx-lm" else smollm2_gguf)
-    threads = ["--peer-threads", "1"] if peer == "llama.cpp" else []  # its spinning pool on a busy machine: one
-    done = mlxq_cli("bench", model, "--vs", peer, *SHORT, *threads, "--json")
+    # llama.cpp: its spinning pool on a busy machine wants one thread; mlxq keeps the GGUF's blocks, as llama.cpp does
+    extra = ["--peer-threads", "1", "--keep-quantized"] if peer == "llama.cpp" else []
+    done = mlxq_cli("bench", model, "--vs", peer, *SHORT, *extra, "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.splitlines()[-1])
     assert list(result["sides"]) == ["mlxq", peer]
@@ -59,6 +60,7 @@ def test_vs_peer_both_rows_and_the_ratios(peer, smollm2_dir, smollm2_gguf):
     assert 0 <= result["agreeing_tokens"] <= 4
     if peer == "llama.cpp":
         assert "1 decode / 1 prompt threads" in result["sides"][peer]["about"]
+        assert "quantized layers" in result["sides"]["mlxq"]["about"]
     assert result["machine"]["blas"]["kind"] in ("openblas", "accelerate", "gpu")  # the CLI preloads OpenBLAS
     assert f"mlxq bench: run 1/1: {peer}" in done.stderr  # progress, a line per step without a terminal
     if sys.platform.startswith("linux"):

@@ -9,7 +9,7 @@ import json
 
 import click
 
-from mlxq.cli import expert_options
+from mlxq.cli import expert_options, keep_quantized_option
 from mlxq.errors import InvalidRequest
 
 
@@ -24,6 +24,7 @@ from mlxq.errors import InvalidRequest
 @click.option("--peer-threads", default=None, type=click.IntRange(1),
               help="--vs llama.cpp: its threads, decode and prompt (default: llama-cpp-python's, half the cores decode "
               "and all prefill; its pool spins while waiting, so on a busy machine fewer can be much faster).")
+@keep_quantized_option
 @expert_options
 @click.option("--io", "io_dir", default=None, metavar="PACKDIR",
               help="Measure the read rate of the device holding PACKDIR's expert packs (a model directory written "
@@ -32,8 +33,8 @@ from mlxq.errors import InvalidRequest
 @click.option("--seconds", default=3.0, show_default=True, type=click.FloatRange(0.1), help="--io: how long to read.")
 @click.option("--cached", is_flag=True, help="--io: read through the page cache (default: bypass it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
-def bench(model, vs, prompt_tokens, gen_tokens, runs, peer_threads, expert_memory, experts_per_tok, io_dir, threads,
-          seconds, cached, as_json) -> None:
+def bench(model, vs, prompt_tokens, gen_tokens, runs, peer_threads, keep_quantized, expert_memory, experts_per_tok,
+          io_dir, threads, seconds, cached, as_json) -> None:
     """Measure what this machine does: MODEL's speed and memory (against a peer with --vs), or with --io PACKDIR
     how fast expert packs read."""
     if (model is None) == (io_dir is None):
@@ -46,7 +47,8 @@ def bench(model, vs, prompt_tokens, gen_tokens, runs, peer_threads, expert_memor
     from mlxq.bench.record import machine
 
     console = Console(stderr=True)
-    load = {"expert_memory": expert_memory, "experts_per_tok": experts_per_tok}
+    load = {"keep_quantized": keep_quantized or None, "expert_memory": expert_memory,
+            "experts_per_tok": experts_per_tok}
     with console.status("mlxq bench") as status:
         def progress(what: str) -> None:
             status.update(f"mlxq bench: {what}")
