@@ -1,7 +1,8 @@
 """Kernel speed: mlxq's ternary and K-quant matmul paths against dequantize-then-matmul, same shapes, one process.
 
-CPU (any machine): the pure-MLX path that runs off Metal (`ternary_matmul(..., backend="mlx")`: MLX's 2-bit
-affine matmul on the tq2 bytes for few tokens, a fused storage-order decode + BLAS matmul otherwise) against
+CPU (any machine): the pure-MLX path that runs off Metal (`ternary_matmul(..., backend="mlx")`: the codes as 2-bit
+words -- tq2's bytes as they are, tq1 re-packed per call in one integer pass -- then MLX's 2-bit affine matmul on
+them for few tokens, a fused decode + BLAS matmul otherwise) against
 two ways of dequantizing per call and then multiplying, holding the same packed weights:
   - `dequant_mlx`: the oracle (`reference_matmul`: unpack the codes to float in MLX, matmul),
   - `dequant_gguf`: gguf-py's TQ2_0 / TQ1_0 dequantizer (numpy) on the same bytes as GGUF blocks, matmul.
