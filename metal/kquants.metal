@@ -79,23 +79,39 @@ for (uint r = 0; r < ROWS; ++r) {
   }
 }
 
-// @kernel kquant_gemm(w, x, dims) -> (y)
-// Prefill: a threadgroup of 256 threads computes a 32-token x 32-row tile, 64 values of K at a time: the 32 rows'
-// values dequantized into threadgroup memory once, the tokens' activations staged beside them, each thread a
-// 2 x 2 sub-tile. dims = {M, N, K, blocks per row}. Grid (256, ceil(N / 32), ceil(M / 32)).
+// @kernel kquant_gemm(w, x, offsets, dims) -> (y)
+// Prefill, dense or MoE experts (the gathered GEMM): the rows of x sorted by expert, expert e's rows offsets[e] up
+// to offsets[e + 1] (a dense layer is one expert, offsets {0, M}); y[z, n] = x[z] . W_e[n]. A threadgroup of 256
+// threads computes a 32-row x 32-column tile of one expert, 64 values of K at a time: the 32 weight rows' values
+// dequantized into threadgroup memory once, the rows' activations staged beside them, each thread a 2 x 2
+// sub-tile. The grid's z counts tiles, expert by expert (each expert ceil(rows / 32) of them); a group finds its
+// expert by one scan over offsets, the same in every thread, and a group past the last tile returns at once.
+// dims = {Z, N, K, blocks per row, E}. Grid (256, ceil(N / 32), at least the tile count).
 constexpr uint BM = 32, BN = 32, BK = 64;
 typedef KQuant<TYPE> Q;
 threadgroup float wt[BN][BK + 1];
 threadgroup float xt[BM][BK + 1];
-const uint M = dims[0], N = dims[1], K = dims[2], NB = dims[3];
+const uint N = dims[1], K = dims[2], NB = dims[3], E = dims[4];
 const uint tid = thread_index_in_threadgroup;
-const uint n0 = threadgroup_position_in_grid.y * BN, m0 = threadgroup_position_in_grid.z * BM;
+uint tile = threadgroup_position_in_grid.z, e = 0;
+for (; e < E; ++e) {
+  const uint tiles = (uint(offsets[e + 1] - offsets[e]) + BM - 1) / BM;
+  if (tile < tiles) {
+    break;
+  }
+  tile -= tiles;
+}
+if (e == E) {
+  return;
+}
+const uint n0 = threadgroup_position_in_grid.y * BN, m0 = uint(offsets[e]) + tile * BM, M = uint(offsets[e + 1]);
+const device uint8_t* we = w + (size_t)e * N * NB * BYTES;
 const uint tm = (tid / 16) * 2, tn = (tid % 16) * 2;
 float acc[2][2] = {{0, 0}, {0, 0}};
 for (uint k0 = 0; k0 < K; k0 += BK) {
   for (uint i = tid; i < BN * BK; i += 256) {
     uint r = i / BK, c = i % BK, k = k0 + c;
-    const device uint8_t* blk = w + ((size_t)min(n0 + r, N - 1) * NB + k / 256) * BYTES;
+    const device uint8_t* blk = we + ((size_t)min(n0 + r, N - 1) * NB + k / 256) * BYTES;
     wt[r][c] = Q::value(blk, k % 256);
   }
   for (uint i = tid; i < BM * BK; i += 256) {
