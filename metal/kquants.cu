@@ -1,10 +1,12 @@
-// CUDA twin of kquants.metal's GEMV (gathered form included): same arguments and layout, TYPE 6 / 3 / 2 (Q6_K,
-// Q3_K, Q2_K) and BYTES its block size; dims = {Z, N, K, blocks per row}. A warp computes 4 rows of one z.
+// CUDA twin of kquants.metal's GEMV (gathered form included): same arguments and layout, TYPE 6 / 3 / 2 / 4 (Q6_K,
+// Q3_K, Q2_K, IQ4_XS) and BYTES its block size; dims = {Z, N, K, blocks per row}. A warp computes 4 rows of one z.
 // Block 64 threads; grid (64, ceil(N / 8), Z) threads.
 // @header
 __device__ __forceinline__ float kq_half(const uint8_t* p) {
   return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
 }
+
+__constant__ signed char kq_iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 template <int TYPE>
 __device__ __forceinline__ float kq_value(const uint8_t* b, unsigned v) {
@@ -20,6 +22,12 @@ __device__ __forceinline__ float kq_value(const uint8_t* b, unsigned v) {
     unsigned sc = b[n * 8 + j * 2 + p / 16];
     unsigned q = (b[16 + n * 32 + p] >> (2 * j)) & 3;
     return (kq_half(b + 80) * float(sc & 0xF)) * float(q) - kq_half(b + 82) * float(sc >> 4);
+  } else if (TYPE == 4) {
+    unsigned j = v / 32, p = v % 32;
+    unsigned low = (b[4 + j / 2] >> (4 * (j % 2))) & 0xF;
+    unsigned high = (((unsigned)b[2] | ((unsigned)b[3] << 8)) >> (2 * j)) & 3;
+    unsigned q = (b[8 + 16 * j + p % 16] >> (4 * (p / 16))) & 0xF;
+    return (kq_half(b) * float(int(low | (high << 4)) - 32)) * float(kq_iq4_values[q]);
   } else {
     unsigned n = v / 128, j = (v % 128) / 32, p = v % 32, s = n * 8 + j * 2 + p / 16;
     int q = int((b[32 + n * 32 + p] >> (2 * j)) & 3) - (((b[p] >> (v / 32)) & 1) ? 0 : 4);

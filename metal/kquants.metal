@@ -1,7 +1,8 @@
 // GGUF K-quant matmuls on the raw blocks, as mlxq/kernels/kquants.py stores them: a weight W [N, K] is uint8
 // [N, K / 256 * BYTES], each row its 256-value blocks back to back as in the GGUF file (experts stacked in
-// front: [E, N, ...]). Template arguments TYPE: 6 (Q6_K), 3 (Q3_K), 2 (Q2_K); BYTES: its block size (210, 110, 84). Each value is dequantized as
-// gguf-py / llama.cpp do (same float32 operations: d times the sub-block scale, times the code).
+// front: [E, N, ...]). Template arguments TYPE: 6 (Q6_K), 3 (Q3_K), 2 (Q2_K), 4 (IQ4_XS); BYTES: its block size
+// (210, 110, 84, 136). Each value is dequantized as gguf-py / llama.cpp do (same float32 operations: d times the
+// sub-block scale, times the code).
 // @header
 template <int TYPE>
 struct KQuant;
@@ -31,6 +32,22 @@ struct KQuant<2> {
     uint sc = b[n * 8 + j * 2 + p / 16];
     uint q = (b[16 + n * 32 + p] >> (2 * j)) & 3;
     return (kq_half(b + 80) * float(sc & 0xF)) * float(q) - kq_half(b + 82) * float(sc >> 4);
+  }
+};
+
+// IQ4_XS's codes index ggml's non-linear 4-bit values (kvalues_iq4nl)
+constant int8_t kq_iq4_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+template <>
+struct KQuant<4> {
+  // d, scales_h (16 bits: 2 high bits per sub-block), scales_l[4] (a nibble per sub-block), qs[128]: sub-block j of
+  // 32 values takes bytes 16 j .. 16 j + 15, low nibbles first; scale 6 bits, minus 32
+  static float value(const device uint8_t* b, uint v) {
+    uint j = v / 32, p = v % 32;
+    uint low = (b[4 + j / 2] >> (4 * (j % 2))) & 0xF;
+    uint high = ((uint(b[2]) | (uint(b[3]) << 8)) >> (2 * j)) & 3;
+    uint q = (b[8 + 16 * j + p % 16] >> (4 * (p / 16))) & 0xF;
+    return (kq_half(b) * float(int(low | (high << 4)) - 32)) * float(kq_iq4_values[q]);
   }
 };
 
