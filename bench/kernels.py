@@ -8,8 +8,8 @@ two ways of dequantizing per call and then multiplying, holding the same packed 
   - `dequant_gguf`: gguf-py's TQ2_0 / TQ1_0 dequantizer (numpy) on the same bytes as GGUF blocks, matmul.
 A float32 matmul on weights dequantized once (`float_resident`, 16x the memory of tq2) is reported for
 context, not as a peer; so is `lut_mlx`, the lookup-table formulation (one-token tq2 rows), tried and measured
-against the kept path. K-quants (Q2_K, Q3_K, Q6_K): `kquants.matmul` (the pure-MLX path on raw blocks) against
-gguf-py's dequantizer + matmul. Ratios `mlx_vs_PEER` are speeds (ours / theirs: above 1 is faster).
+against the kept path. K-quants (Q2_K, Q3_K, Q6_K) and IQ4_XS: `kquants.matmul` (the pure-MLX path on raw
+blocks) against gguf-py's dequantizer + matmul. Ratios `mlx_vs_PEER` are speeds (ours / theirs: above 1 is faster).
 
 GPU (`--gpu`, with MLX's CUDA build, e.g. on a lent H100/H200 after ../shared/tools/gpu-wheels.sh): the CUDA
 twins of the ternary and K-quant GEMVs (metal/ternary.cu, metal/kquants.cu: tq2, tq1, Q2_K, Q6_K, IQ4_XS) on
@@ -148,7 +148,7 @@ def kquant_cpu_part(quick: bool) -> list[dict]:
     from gguf.quants import dequantize
 
     rows = []
-    for kind in ("Q2_K", "Q3_K", "Q6_K"):
+    for kind in ("Q2_K", "Q3_K", "Q6_K", "IQ4_XS"):
         for m in (1, 32):
             n, k = 2560, 2560
             blocks, x = random_kquant_blocks(kind, n, k), mx.random.normal((m, k), key=mx.random.key(4))

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlx.core as mx
+import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from mlxq.errors import FormatError
@@ -156,12 +157,23 @@ def _tq2_0(b):
 
 
 _IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
+# The table as 4 words of 4 bytes (value + 127): a lookup in arithmetic, which MLX's CPU backend runs about twice as
+# fast as a gather from the table
+_IQ4_WORDS = [mx.array(np.uint32(sum((v + 127) << (8 * i) for i, v in enumerate(_IQ4_VALUES[j : j + 4]))))
+              for j in range(0, 16, 4)]
+
+
+@mx.compile
+def _iq4(codes: mx.array) -> mx.array:
+    """4-bit codes -> ggml's non-linear values, float32."""
+    c = codes.astype(mx.uint32)
+    w = _IQ4_WORDS
+    word = mx.where(c < 8, mx.where(c < 4, w[0], w[1]), mx.where(c < 12, w[2], w[3]))
+    return ((word >> ((c & 3) * 8)) & 255).astype(mx.float32) - 127.0
 
 
 def _iq4_nl(b):
-    d = _f16(b, 0)
-    q = mx.array(_IQ4_VALUES, mx.int8)[_nibbles(b[:, 2:18], 16).astype(mx.uint32)]
-    return d * q.astype(mx.float32)
+    return _f16(b, 0) * _iq4(_nibbles(b[:, 2:18], 16))
 
 
 def _iq4_xs(b):
@@ -171,8 +183,7 @@ def _iq4_xs(b):
     low = _bits(b[:, 4:8], [0, 4], 0xF).swapaxes(1, 2).reshape(n, 8)
     sc = (_int8(low | (high << 4)) - 32).astype(mx.float32)
     dl = (d * sc).reshape(n, 8, 1)
-    q = mx.array(_IQ4_VALUES, mx.int8)[_nibbles(b[:, 8:136], 16).astype(mx.uint32)]
-    return (dl * q.reshape(n, 8, 32).astype(mx.float32)).reshape(n, QK_K)
+    return (dl * _iq4(_nibbles(b[:, 8:136], 16)).reshape(n, 8, 32)).reshape(n, QK_K)
 
 
 # ------------------------------------------------------------------------------------------------ IQ grids
