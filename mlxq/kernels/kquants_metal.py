@@ -1,7 +1,7 @@
 """Metal kernels for GGUF K-quant weights (metal/kquants.metal), behind `mlxq.kernels.kquants`' backend registry:
 `matmul` (GEMV for up to 8 tokens, tiled GEMM beyond) and `gather_matmul` (MoE experts: the GEMV on each
 (token, expert) pair for up to 8 pairs, beyond that the gathered GEMM on the pairs sorted by expert) for Q6_K,
-Q3_K, Q2_K and IQ4_XS; other types return NotImplemented and the reference runs."""
+Q3_K, Q2_K, IQ4_XS and IQ2_XXS; other types return NotImplemented and the reference runs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import mlx.core as mx
 
 from mlxq.kernels import kquants, metal
 
-TYPES = {"Q6_K": 6, "Q3_K": 3, "Q2_K": 2, "IQ4_XS": 4}  # the kernels' TYPE template argument
+TYPES = {"Q6_K": 6, "Q3_K": 3, "Q2_K": 2, "IQ4_XS": 4, "IQ2_XXS": 1}  # the kernels' TYPE template argument
 GEMV_MAX_TOKENS = 8
 
 
