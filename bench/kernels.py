@@ -95,7 +95,6 @@ def cpu_part(quick: bool) -> list[dict]:
               ("ffn_up_6912x2560", 32, 6912, 2560)]
     if not quick:
         shapes += [("ffn_down_2560x6912", 1, 2560, 6912), ("ffn_up_6912x2560", 128, 6912, 2560)]
-    repeats = 3 if quick else 7
     rows = []
     for name, m, n, k in shapes:
         for packing in ("tq2", "tq1"):
@@ -117,7 +116,7 @@ def cpu_part(quick: bool) -> list[dict]:
                 "dequant_mlx": lambda x=x, w=w: ternary.reference_matmul(x, w),
                 "dequant_gguf": lambda x=x, w=w, b=blocks, q=qtype: (x @ mx.array(dequantize(b, q)).T) * w.scales,
                 "float_resident": lambda x=x, wf=w_float: x @ wf.T,
-            }, repeats)
+            }, (5 if quick else 15) if m == 1 else (3 if quick else 7))  # one-token calls are short: more samples
             row = {"shape": name, "tokens": m, "n": n, "k": k, "packing": packing, "max_rel_err": err,
                    "ms": {key: round(v * 1e3, 3) for key, v in t.items()},
                    "packed_bytes": int(w.packed.nbytes), "float_bytes": n * k * 4}
