@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlx.core as mx
-import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from mlxq.errors import FormatError
@@ -157,19 +156,19 @@ def _tq2_0(b):
 
 
 _IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
-# The table as 4 words of 4 bytes (value + 127): a lookup in arithmetic, which MLX's CPU backend runs about twice as
-# fast as a gather from the table
-_IQ4_WORDS = [mx.array(np.uint32(sum((v + 127) << (8 * i) for i, v in enumerate(_IQ4_VALUES[j : j + 4]))))
-              for j in range(0, 16, 4)]
+# ggml's table is smooth: this quartic, rounded, is exactly it at the 16 codes (at most 0.48 off before rounding;
+# tests check all 16). Plain float ops run about 3x faster on MLX's CPU backend than a lookup, gathered or selected.
+_IQ4_QUARTIC = (0.001324720171469444, 0.04121682411156027, -1.5001835754544741, 24.743245746341753, -127.04360165118695)
 
 
 @mx.compile
 def _iq4(codes: mx.array) -> mx.array:
-    """4-bit codes -> ggml's non-linear values, float32."""
-    c = codes.astype(mx.uint32)
-    w = _IQ4_WORDS
-    word = mx.where(c < 8, mx.where(c < 4, w[0], w[1]), mx.where(c < 12, w[2], w[3]))
-    return ((word >> ((c & 3) * 8)) & 255).astype(mx.float32) - 127.0
+    """4-bit codes -> ggml's non-linear values (_IQ4_VALUES), float32."""
+    x = codes.astype(mx.float32)
+    y = _IQ4_QUARTIC[0] * x
+    for p in _IQ4_QUARTIC[1:-1]:  # Horner
+        y = (y + p) * x
+    return mx.round(y + _IQ4_QUARTIC[-1])
 
 
 def _iq4_nl(b):
