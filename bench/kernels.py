@@ -2,21 +2,22 @@
 
 CPU (any machine): the pure-MLX path that runs off Metal (`ternary_matmul(..., backend="mlx")`: the codes as 2-bit
 words -- tq2's bytes as they are, tq1 re-packed per call in one integer pass -- then MLX's 2-bit affine matmul on
-them for few tokens, a fused decode + BLAS matmul otherwise) against
-two ways of dequantizing per call and then multiplying, holding the same packed weights:
+them for few tokens, a fused decode + BLAS matmul otherwise) against two ways of dequantizing per call and then
+multiplying, holding the same packed weights:
   - `dequant_mlx`: the oracle (`reference_matmul`: unpack the codes to float in MLX, matmul),
   - `dequant_gguf`: gguf-py's TQ2_0 / TQ1_0 dequantizer (numpy) on the same bytes as GGUF blocks, matmul.
-A float32 matmul on weights dequantized once (`float_resident`, 16x the memory of tq2) is reported for
-context, not as a peer; so is `lut_mlx`, the lookup-table formulation (one-token tq2 rows), tried and measured
-against the kept path. K-quants (Q2_K, Q3_K, Q6_K), IQ4_XS and IQ2_XXS: `kquants.matmul` (the pure-MLX path on raw
-blocks) against gguf-py's dequantizer + matmul. Ratios `mlx_vs_PEER` are speeds (ours / theirs: above 1 is faster).
+A float32 matmul on weights dequantized once (`float_resident`, 16x the memory of tq2) is reported for context,
+not as a peer; so is `lut_mlx`, the lookup-table formulation (one-token tq2 rows), tried and measured against the
+kept path. The types with Metal kernels (K-quants Q2_K, Q3_K, Q6_K; IQ2_XXS, IQ2_XS, IQ2_S, IQ4_XS):
+`kquants.matmul` (the pure-MLX path on raw blocks) against gguf-py's dequantizer + matmul. Ratios `mlx_vs_PEER`
+are speeds (ours / theirs: above 1 is faster).
 
-GPU (`--gpu`, with MLX's CUDA build, e.g. on a lent H100/H200 after ../shared/tools/gpu-wheels.sh): the CUDA
-twins of the ternary and K-quant GEMVs (metal/ternary.cu, metal/kquants.cu: tq2, tq1, Q2_K, Q6_K, IQ4_XS,
-IQ2_XXS) on decode shapes, their GB/s (packed weights + activations + outputs over the time) as % of `--peak-gbs`, and
-against MLX's own 2-bit and 4-bit affine quantized_matmul (group 64) on the same shapes. Every result is checked
-against the reference before it is timed. `--gpu --dry-run` builds the GPU part's weights and launches on any
-machine and runs none of them.
+GPU (`--gpu`, with MLX's CUDA build, e.g. on a lent H100/H200 after ../shared/tools/gpu-wheels.sh): the CUDA twins
+of the ternary and K-quant GEMVs (metal/ternary.cu, metal/kquants.cu: tq2, tq1 and every type of
+kquants_metal.KINDS) on decode shapes, their GB/s (packed weights + activations + outputs over the time) as % of
+`--peak-gbs`, and against MLX's own 2-bit and 4-bit affine quantized_matmul (group 64) on the same shapes. Every
+result is checked against the reference before it is timed. `--gpu --dry-run` builds the GPU part's weights and
+launches on any machine and runs none of them.
 
     python bench/kernels.py [--quick] [--gpu [--peak-gbs 4800] [--no-cpu] [--dry-run]]
 
@@ -135,7 +136,7 @@ def random_kquant_blocks(kind: str, n: int, k: int, seed: int = 0) -> mx.array:
     rng = np.random.default_rng(seed)
     size = kquants.BLOCK_SIZES[kind][1]
     b = rng.integers(0, 256, (n, k // 256, size), dtype=np.uint8)
-    for at in {"Q6_K": [208], "Q3_K": [108], "Q2_K": [80, 82], "IQ4_XS": [0], "IQ2_XXS": [0]}[kind]:
+    for at in {"Q6_K": [208], "Q3_K": [108], "Q2_K": [80, 82]}.get(kind, [0]):  # IQ types: d first
         b[..., at : at + 2] = rng.uniform(0.001, 0.05, (n, k // 256)).astype(np.float16).view(np.uint8).reshape(
             n, k // 256, 2)
     return mx.array(b.reshape(n, -1))
@@ -147,7 +148,7 @@ def kquant_cpu_part(quick: bool) -> list[dict]:
     from gguf.quants import dequantize
 
     rows = []
-    for kind in ("Q2_K", "Q3_K", "Q6_K", "IQ4_XS", "IQ2_XXS"):
+    for kind in kquants_metal.KINDS:
         for m in (1, 32):
             n, k = 2560, 2560
             blocks, x = random_kquant_blocks(kind, n, k), mx.random.normal((m, k), key=mx.random.key(4))
@@ -160,9 +161,6 @@ def kquant_cpu_part(quick: bool) -> list[dict]:
                          "ratios": {"mlx_vs_dequant_gguf": round(t["dequant_gguf"] / t["mlx"], 3)}})
             print(f"{kind} M={m}: " + ", ".join(f"{key} {v * 1e3:.1f} ms" for key, v in t.items()), flush=True)
     return rows
-
-
-GPU_KINDS = ("Q2_K", "Q6_K", "IQ4_XS", "IQ2_XXS")
 
 
 def gpu_part(quick: bool, peak_gbs: float, dry_run: bool = False) -> list[dict]:
@@ -180,7 +178,7 @@ def gpu_part(quick: bool, peak_gbs: float, dry_run: bool = False) -> list[dict]:
             launches[packing] = ternary.launch(x, w, None, cuda=True)
             wants[packing] = lambda x=x, w=w: ternary.reference_matmul(x.astype(mx.float32), w)
             moved[packing] = w.packed.nbytes + w.scales.nbytes + x.nbytes + n * 2
-        for kind in GPU_KINDS:
+        for kind in kquants_metal.KINDS:
             blocks = random_kquant_blocks(kind, n, k)
             launches[kind] = kquants_metal.gemv_launch(x, blocks, kind, mx.zeros((1,), mx.int32), cuda=True)
             wants[kind] = lambda x=x, b=blocks, kind=kind: kquants.matmul(x.astype(mx.float32), b, kind,

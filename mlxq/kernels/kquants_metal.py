@@ -1,15 +1,17 @@
 """Metal kernels for GGUF K-quant weights (metal/kquants.metal), behind `mlxq.kernels.kquants`' backend registry:
 `matmul` (GEMV for up to 8 tokens, tiled GEMM beyond) and `gather_matmul` (MoE experts: the GEMV on each
 (token, expert) pair for up to 8 pairs, beyond that the gathered GEMM on the pairs sorted by expert) for Q6_K,
-Q3_K, Q2_K, IQ4_XS and IQ2_XXS; other types return NotImplemented and the reference runs."""
+Q3_K, Q2_K, IQ4_XS, IQ2_XXS, IQ2_XS and IQ2_S; other types return NotImplemented and the reference runs."""
 
 from __future__ import annotations
 
 import mlx.core as mx
+from gguf.constants import GGMLQuantizationType
 
 from mlxq.kernels import kquants, metal
 
-TYPES = {"Q6_K": 6, "Q3_K": 3, "Q2_K": 2, "IQ4_XS": 4, "IQ2_XXS": 1}  # the kernels' TYPE template argument
+KINDS = ("Q2_K", "Q3_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ4_XS")
+TYPES = {kind: GGMLQuantizationType[kind].value for kind in KINDS}  # the kernels' TYPE: ggml's type number
 GEMV_MAX_TOKENS = 8
 
 

@@ -106,7 +106,8 @@ def test_deltanet_step_matches_reference(shape):
 
 # ---------------------------------------------------------------------------------------------- K-quants
 # where each block keeps its float16 scales
-GGUF_D_BYTES = {"Q6_K": [208], "Q3_K": [108], "Q2_K": [80, 82], "IQ4_XS": [0], "IQ2_XXS": [0]}
+GGUF_D_BYTES = {"Q6_K": [208], "Q3_K": [108], "Q2_K": [80, 82], "IQ4_XS": [0], "IQ2_XXS": [0], "IQ2_XS": [0],
+                "IQ2_S": [0]}
 
 
 def kquant_blocks(kind: str, n: int, k: int, experts: int | None = None, seed: int = 0) -> mx.array:
