@@ -57,6 +57,11 @@ def timed(fns: dict, repeats: int) -> dict[str, float]:
     return {k: median(v) for k, v in times.items()}
 
 
+def samples(quick: bool, tokens: int) -> int:
+    """Timed calls per function: more for one-token calls (short, so a loaded machine's noise weighs more)."""
+    return (5 if quick else 15) if tokens == 1 else (3 if quick else 7)
+
+
 def make_weight(n: int, k: int, packing: str, seed: int = 0):
     rng = np.random.default_rng(seed)
     codes = rng.integers(-1, 2, (n, k)).astype(np.int8)
@@ -117,7 +122,7 @@ def cpu_part(quick: bool) -> list[dict]:
                 "dequant_mlx": lambda x=x, w=w: ternary.reference_matmul(x, w),
                 "dequant_gguf": lambda x=x, w=w, b=blocks, q=qtype: (x @ mx.array(dequantize(b, q)).T) * w.scales,
                 "float_resident": lambda x=x, wf=w_float: x @ wf.T,
-            }, (5 if quick else 15) if m == 1 else (3 if quick else 7))  # one-token calls are short: more samples
+            }, samples(quick, m))
             row = {"shape": name, "tokens": m, "n": n, "k": k, "packing": packing, "max_rel_err": err,
                    "ms": {key: round(v * 1e3, 3) for key, v in t.items()},
                    "packed_bytes": int(w.packed.nbytes), "float_bytes": n * k * 4}
@@ -155,7 +160,7 @@ def kquant_cpu_part(quick: bool) -> list[dict]:
             qtype, raw = GGMLQuantizationType[kind], np.asarray(blocks)
             t = timed({"mlx": lambda x=x, b=blocks, kind=kind: kquants.matmul(x, b, kind),
                        "dequant_gguf": lambda x=x, raw=raw, q=qtype: x @ mx.array(dequantize(raw, q)).T},
-                      3 if quick else 7)
+                      samples(quick, m))
             rows.append({"kind": kind, "tokens": m, "n": n, "k": k,
                          "ms": {key: round(v * 1e3, 3) for key, v in t.items()},
                          "ratios": {"mlx_vs_dequant_gguf": round(t["dequant_gguf"] / t["mlx"], 3)}})
