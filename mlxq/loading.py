@@ -29,6 +29,10 @@ def default_dtype() -> mx.Dtype:
     return mx.float16 if mx.metal.is_available() else mx.float32
 
 
+def _cast(w: mx.array, dtype: mx.Dtype) -> mx.array:
+    return w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) and w.dtype != dtype else w
+
+
 def float_nbytes(ckpt: Checkpoint) -> int:
     """Bytes the checkpoint's tensors take as float32 (what loading a GGUF without keeping its blocks costs)."""
     return 4 * sum(math.prod(info.shape) for info in ckpt.tensors.infos())
@@ -78,7 +82,10 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     config = text_config(ckpt.config)
     with _as_config_error(ckpt):
         model = build_model(config)
-    sources = {name: ckpt.tensors[name] for name in ckpt.tensors if split is None or split.wants(name)}
+    dtype = dtype or default_dtype()
+    # Cast before sanitize, so that its arithmetic (the 1 + w of zero-centred norms) runs at compute precision: in a
+    # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits.
+    sources = {name: _cast(ckpt.tensors[name], dtype) for name in ckpt.tensors if split is None or split.wants(name)}
     weights = model.sanitize(dict(sources))
     if split is not None and (expert_memory is not None or _has_packs(ckpt)):
         raise ConfigError(f"{ckpt.path}: a model with expert packs does not split over a group yet")
@@ -87,17 +94,17 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
         with _as_config_error(ckpt):
             model, weights = split.take(model, build_model, weights, sources, ckpt.tensors)
     del sources
+    # experts read from packs, and parts of tensors read from the file, come in their stored dtype
+    weights = {k: _cast(v, dtype) for k, v in weights.items()}
     quant = ckpt.quantization
-    dtype = dtype or default_dtype()
     if quant and "quant_method" not in quant:  # mlx-lm's; a transformers quant_method is the family's to read
         with _as_config_error(ckpt):
             _blocks_like(model, quant, dtype)
             _ternary_like(model, weights, quant)
             _quantize_like(model, weights, quant)
     check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
-    cast = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
-    model.load_weights(list(cast.items()), strict=True)
-    del weights, cast  # the model holds them now; a source kept here would stay in memory once read
+    model.load_weights(list(weights.items()), strict=True)
+    del weights  # from here only the model holds the checkpoint's arrays, so each can go once it is replaced
     if fuse:
         inference_layout(model)
     if experts_per_tok is not None:
