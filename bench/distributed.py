@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import median, write_result  # noqa: E402
+from common import median, parse_args, write_result  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "mlxq" / "bench-distributed"
 PROMPT = [(7 * i + 3) % 150 + 5 for i in range(24)]
@@ -314,14 +314,13 @@ def run_group(cases: list[dict], ranks: int, **settings) -> list[tuple[dict, lis
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--cases", default=None, help="MODEL:SPLIT,... (default: every split of every model; --quick: "
                     "the dense pipeline, the MoE tensor and experts splits)")
     ap.add_argument("--rank-worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_args(ap)
     if args.rank_worker:
         return rank_worker(args.rank_worker)
     tokens, runs = args.tokens or (8 if args.quick else 32), args.runs or (1 if args.quick else 3)
