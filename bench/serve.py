@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples" / "umigame"))
 
-from common import median, write_result  # noqa: E402
+from common import median, parse_args, write_result  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 
@@ -243,12 +243,11 @@ def bench_session(model_name: str, turns: int, max_tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--clients", default="1,8,32", help="concurrency levels, comma-separated")
     ap.add_argument("--max-tokens", type=int, default=None, help="completion tokens per request")
     ap.add_argument("--requests", type=int, default=None, help="requests per client")
     ap.add_argument("--turns", type=int, default=None, help="session turns")
-    args = ap.parse_args()
+    args = parse_args(ap)
     levels = sorted({int(c) for c in args.clients.split(",")})
     max_tokens = args.max_tokens or (16 if args.quick else 96)
     requests = args.requests or (1 if args.quick else 2)

@@ -20,6 +20,7 @@ from mlxq.engine.stops import check_stops
 from mlxq.engine.stream import Chunk, Result, Timings  # noqa: F401  (the API's result types)
 from mlxq.engine.tokenizer import Tokenizer, load_tokenizer
 from mlxq.errors import InvalidRequest
+from mlxq.experts import ExpertStats, expert_stats
 from mlxq.formats import Checkpoint
 from mlxq.loading import load_model, open_for_run
 from mlxq.models.base import CausalLM
@@ -84,6 +85,11 @@ class Model:
     def make_cache(self) -> list:
         return self.net.make_cache()
 
+    def expert_stats(self) -> ExpertStats | None:
+        """Streaming counters so far (`mlxq.experts.ExpertStats`: hits, misses, bytes, read / stall / compute
+        time; subtract two snapshots for one run), or None when the experts are not streamed."""
+        return expert_stats(self.net)
+
     def encode_prompt(self, prompt: Prompt, **chat_template_kwargs: Any) -> list[int]:
         """Token ids of text, token ids, or chat messages (rendered by the chat template)."""
         return prepare(self.tokenizer, prompt, chat_template_kwargs=chat_template_kwargs).prompt
@@ -123,20 +129,30 @@ class Model:
 
     def generate(self, prompt: Prompt, **options: Any) -> Result:
         """The whole output, with timings."""
-        return streams.run(self.engine, self.request(prompt, **options))
+        before = self.expert_stats()
+        return self._count_experts(streams.run(self.engine, self.request(prompt, **options)), before)
 
     async def agenerate(self, prompt: Prompt, **options: Any) -> Result:
         """`generate` for asyncio."""
-        return await streams.arun(self.engine, self.request(prompt, **options))
+        before = self.expert_stats()
+        return self._count_experts(await streams.arun(self.engine, self.request(prompt, **options)), before)
+
+    def _count_experts(self, result: Result, before: ExpertStats | None) -> Result:
+        if before is not None:
+            result.timings.experts = (self.expert_stats() - before).as_dict()
+        return result
 
 
 def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantized: bool | None = None,
-         experts_per_tok: int | None = None) -> Model:
+         experts_per_tok: int | None = None, expert_memory: str | int | None = None,
+         expert_options: dict | None = None) -> Model:
     """Load a model by name: a local HF/mlx-lm dir, a GGUF file, an alias (`smollm2`), `ollama:NAME`, or a
     hub id. With no name, the default small model. A GGUF file's quantized weights stay in their blocks on Metal;
     off Metal they are dequantized to float32 (MLX's quantized CPU kernels are slow on x86) while the float model
     fits comfortably in memory, else kept too (`loading.open_for_run`). `keep_quantized` forces either way.
-    `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact)."""
+    `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact).
+    `expert_memory` ("8GB", "25%"): a model with expert packs streams its experts from disk within that much
+    memory (`expert_options`: see `mlxq.experts.StreamOptions`); `Model.expert_stats()` reports the I/O."""
     from concurrent.futures import ThreadPoolExecutor
 
     ckpt = open_for_run(name, keep_quantized)
@@ -145,7 +161,8 @@ def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantiz
     # the tokenizer loads beside the weights: MLX computes with the GIL released
     with ThreadPoolExecutor(1) as pool:
         tok = pool.submit(load_tokenizer, ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template, eos)
-        net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
+        net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=expert_memory,
+                         expert_options=expert_options)
         return Model(net, tok.result(), ckpt, name or "smollm2")
 
 

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 
 from mlxq.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES, Engine, Output
 from mlxq.errors import InvalidRequest, MlxqError
+from mlxq.experts import expert_stats
 from server.bridge import EngineUnavailable, ServerSubmission
 from server.output import CompletionLogprobs, TokenText, chat_logprobs, usage_json
 from server.prepare import Limits, Plan, Planner
@@ -115,6 +116,7 @@ class OpenAIServer:
         self.api_key = api_key
         self.text = TokenText(planner.tokenizer)
         self.created = int(time.time())
+        self._experts_logged = expert_stats(engine.net)  # streamed experts: I/O logged after each request
 
     # -------------------------------------------------------------------------------------------- app
     def app(self) -> FastAPI:
@@ -231,7 +233,17 @@ class OpenAIServer:
                 return Response(status_code=499)
         finally:
             sub.cancel()
+            self._log_experts()
         return JSONResponse(self._whole(plan, runs, kind, ident, model))
+
+    def _log_experts(self) -> None:
+        """Streamed experts' I/O since the last log line (concurrent requests share one line)."""
+        if self._experts_logged is None:
+            return
+        now = expert_stats(self.engine.net)
+        run, self._experts_logged = now - self._experts_logged, now
+        if run.tokens:
+            log.info("%s", run.summary())
 
     async def _next(self, request: Request, sub: ServerSubmission) -> tuple[int, Output] | None:
         """The next output; None when the client has gone away (checked every POLL_S, busy or not)."""
@@ -368,6 +380,7 @@ class OpenAIServer:
             return
         if include_usage:
             yield _sse({**head, "choices": [], "usage": self._usage(plan, runs)})
+        self._log_experts()
         yield _sse("[DONE]")
 
 

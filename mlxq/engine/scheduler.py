@@ -245,7 +245,10 @@ class Engine:
         try:
             phase()
         except Exception as e:
-            log.exception("engine step failed")
+            if isinstance(e, MlxqError):  # a clear error (a damaged expert pack, say): its requests report it
+                log.info("engine step failed: %s", e)
+            else:
+                log.exception("engine step failed")
             seqs = self._running if decode else self._prefilling
             for seq in seqs:
                 self._fail(seq, e)
