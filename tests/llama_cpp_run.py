@@ -22,7 +22,7 @@ from llama_cpp import Llama
 
 path, mode, tokens, n, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 llm = Llama(model_path=path, n_ctx=max(64, len(tokens) + n + 8), n_batch=512, n_threads=2, logits_all=True,
-            verbose=False, seed=0, type_k=0, type_v=0)  # float32 KV cache: the default F16 one costs 1e-3
+            verbose=True, seed=0, type_k=0, type_v=0)  # float32 KV cache: the default F16 one costs 1e-3
 if mode == "logits":
     llm.eval(tokens)
     np.save(out, np.array(llm.scores[: len(tokens)], dtype=np.float32))
@@ -38,13 +38,19 @@ else:
 """
 
 
+def _why(done: subprocess.CompletedProcess) -> str:
+    """The lines of llama.cpp's log that say what went wrong (its log is long)."""
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return "\n".join([ln for ln in lines if "error" in ln.lower() or "assert" in ln.lower()][-8:] or lines[-8:])
+
+
 def _run(path: Path, mode: str, tokens: list[int], n: int, suffix: str):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"out{suffix}"
         done = subprocess.run([sys.executable, "-c", _CHILD, str(path), mode, json.dumps(list(map(int, tokens))),
                                str(n), str(out)], capture_output=True, text=True, timeout=600)
         if done.returncode != 0 or not out.exists():
-            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+            tail = _why(done)
             raise AssertionError(f"llama.cpp could not run {path} (exit {done.returncode}):\n{tail}")
         return np.load(out) if suffix == ".npy" else json.loads(out.read_text())
 
@@ -79,5 +85,5 @@ def llama_cpp_quantize(src: Path, dst: Path, file_type: str, pure: bool = False)
     done = subprocess.run([sys.executable, "-c", _QUANTIZE, str(src), str(dst), str(ftype), "pure" if pure else "-"],
                           capture_output=True, text=True, timeout=600)
     if done.returncode != 0 or not dst.exists():
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        tail = _why(done)
         raise AssertionError(f"llama.cpp could not quantize {src} (exit {done.returncode}):\n{tail}")

@@ -62,6 +62,9 @@ CONFIG_KEYS: dict[str, str] = {
     "norm_top_k_prob": "norm_topk_prob",  # Ollama's name for the same flag
 }
 
+# The keys of CONFIG_KEYS llama.cpp reads (the others are other writers' spellings, read on import only)
+WRITTEN_KEYS = tuple(k for k in CONFIG_KEYS if k != "norm_top_k_prob")
+
 # Keys that are not one HF field each (the reader derives fields from them; writers compute them)
 SSM_INNER_SIZE = _key(Keys.SSM.INNER_SIZE)  # linear_value_head_dim * linear_num_value_heads
 ROPE_DIMENSION_COUNT = _key(Keys.Rope.DIMENSION_COUNT)  # rotary width = head_dim * partial_rotary_factor
