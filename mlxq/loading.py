@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mlxq.errors import ConfigError, FormatError
 from mlxq.formats.base import Checkpoint
 from mlxq.models import build_model, text_config
-from mlxq.models.layers import cpu_layout, to_blocks
+from mlxq.models.layers import TernaryLinear, cpu_layout, to_blocks
 
 
 def default_dtype() -> mx.Dtype:
@@ -28,8 +28,9 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     weights = model.sanitize({name: ckpt.tensors[name] for name in ckpt.tensors})
     quant = ckpt.quantization
     dtype = dtype or default_dtype()
-    if quant:
+    if quant and "quant_method" not in quant:  # mlx-lm's; a transformers quant_method is the family's to read
         _blocks_like(model, quant, dtype)
+        _ternary_like(model, weights, quant)
         _quantize_like(model, weights, quant)
     check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
     cast = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
@@ -92,11 +93,37 @@ def _blocks_like(model: nn.Module, quant: dict, dtype: mx.Dtype) -> None:
     model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
 
 
+def _ternary_like(model: nn.Module, weights: dict, quant: dict) -> None:
+    """Swap in ternary linears where the checkpoint's quantization names mode "ternary" for the module (mlxq's
+    ternary packing: `weight` uint8 codes, `scales` per channel or per tensor)."""
+    for path, module in model.named_modules():
+        entry = quant.get(path) if isinstance(quant.get(path), dict) else quant
+        if entry.get("mode") != "ternary" or not isinstance(module, nn.Linear) or f"{path}.scales" not in weights:
+            continue
+        dim_out, dim_in = module.weight.shape
+        per_tensor = weights[f"{path}.scales"].size == 1
+        layer = TernaryLinear(dim_in, dim_out, "bias" in module, packing=entry["packing"], per_tensor=per_tensor,
+                              act_bits=entry.get("act_bits"))
+        parent, _, name = path.rpartition(".")
+        target = model if not parent else _module_at(model, parent)
+        if isinstance(target, list):
+            target[int(name)] = layer
+        else:
+            setattr(target, name, layer)
+
+
+def _module_at(model: nn.Module, path: str):
+    node = model
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
 def _quantize_like(model: nn.Module, weights: dict, quant: dict) -> None:
     """Swap in quantized layers exactly where the checkpoint has `.scales` (mlx-lm convention)."""
 
     def predicate(path: str, module: nn.Module):
-        if f"{path}.scales" not in weights:
+        if f"{path}.scales" not in weights or isinstance(module, TernaryLinear):
             return False
         override = quant.get(path)
         if isinstance(override, dict):

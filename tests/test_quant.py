@@ -121,12 +121,20 @@ def test_gptq_beats_search_on_output_error():
 
 
 def test_ternary_is_absmean_per_output_channel():
+    """Codes by BitNet's absmean rule; the per-row scale refit by least squares, so weights that already are
+    ternary times a scale come back exactly."""
+    from mlxq.kernels.ternary import unpack
+
     w = mx.random.normal((4, 128), key=mx.random.key(5))
-    q = affine.ternary(w, 64)
-    deq = affine.dequantize(q, 2, 64)
+    q = affine.ternary(w)
+    codes = unpack(q.weight, 128, "tq2").astype(mx.float32)
     alpha = mx.abs(w).mean(axis=-1, keepdims=True)
-    assert mx.allclose(deq, alpha * mx.clip(mx.round(w / alpha), -1, 1), atol=1e-3)
-    assert set(np.unique(np.round(np.asarray(deq / alpha)))) <= {-1.0, 0.0, 1.0}
+    assert mx.array_equal(codes, mx.clip(mx.round(w / alpha), -1, 1))
+    ls = (w * codes).sum(-1) / mx.abs(codes).sum(-1)
+    assert mx.allclose(q.scales.astype(mx.float32), ls, rtol=1e-3)
+    exact = mx.array([[0.5], [2.0]]) * mx.clip(mx.round(w[:2]), -1, 1)
+    again = affine.ternary(exact)
+    assert mx.array_equal(unpack(again.weight, 128, "tq2").astype(mx.float32) * again.scales[:, None], exact)
 
 
 # ---------------------------------------------------------------------------------------------- roles

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from mlxq.errors import ConfigError
+from mlxq.kernels import metal
 from mlxq.kernels.activations import exp
 
 DEFAULT_CHUNK = 64
@@ -225,5 +226,31 @@ def _unit_lower_inverse(L: mx.array) -> mx.array:
     return inv[..., 0, :, :]
 
 
+# ---------------------------------------------------------------------------------------- Metal kernel
+def step_launch(q: mx.array, k: mx.array, v: mx.array, g: mx.array, beta: mx.array, state: mx.array) -> metal.Launch:
+    """The fused step kernel (`metal/deltanet.metal`) for the whole call: one simdgroup per state row, the
+    row kept in registers across the T tokens."""
+    B, T, Hk, Dk = k.shape
+    Hv, Dv = v.shape[2:]
+    rows_per_group = 4
+    dims = mx.array([B, T, Hk, Hv, Dk, Dv], mx.int32)
+    return metal.Launch(
+        metal.kernels("deltanet.metal")["gated_delta_step"],
+        [q, k, v, g, beta, state.astype(mx.float32), dims],
+        [(B, T, Hv, Dv), (B, Hv, Dv, Dk)],
+        [v.dtype, mx.float32],
+        (32 * rows_per_group, -(-Dv // rows_per_group), B * Hv),
+        (32 * rows_per_group, 1, 1),
+        [("KP", -(-Dk // 32))],
+    )
+
+
+def metal_gated_delta_rule(q, k, v, g, beta, state):
+    y, state = metal.run(step_launch(q, k, v, g, beta, state))
+    return y, state
+
+
 register_backend("step", recurrent_gated_delta_rule)
 register_backend("chunked", chunked_gated_delta_rule)
+if _ON_METAL:
+    register_backend("metal", metal_gated_delta_rule)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from mlxq.errors import FormatError
+from mlxq.kernels import ternary
 
 QK_K = 256
 
@@ -154,26 +155,12 @@ def _q6_k(b):
 
 
 # ------------------------------------------------------------------------------------------------ ternary, IQ4
-def _base3(qs: mx.array, digits: int, run: int) -> mx.array:
-    """TQ1_0: each byte holds `digits` base-3 digits as a fixed-point fraction; digit j of byte i is weight
-    j * run + i of the group."""
-    n = qs.shape[0]
-    powers = mx.array([1, 3, 9, 27, 81][:digits], mx.uint8)
-    return (qs.reshape(n, -1, 1, run) * powers[None, None, :, None]).reshape(n, -1)  # uint8 products wrap, as in C
-
-
-def _tq1_0(b):
-    d = _f16(b, 52)
-    q = mx.concatenate([_base3(b[:, 0:32], 5, 32), _base3(b[:, 32:48], 5, 16), _base3(b[:, 48:52], 4, 4)], axis=1)
-    q = _int8((q.astype(mx.uint16) * 3) >> 8) - 1
-    return d * q.astype(mx.float32)
+def _tq1_0(b):  # the payload is mlxq's own ternary packing (mlxq.kernels.ternary), then d
+    return _f16(b, 52) * ternary.unpack(b[:, 0:52], QK_K, "tq1").astype(mx.float32)
 
 
 def _tq2_0(b):
-    n = b.shape[0]
-    d = _f16(b, 64)
-    q = _int8(_bits(b[:, 0:64].reshape(n * 2, 32), [0, 2, 4, 6], 3).reshape(n, QK_K)) - 1
-    return d * q.astype(mx.float32)
+    return _f16(b, 64) * ternary.unpack(b[:, 0:64], QK_K, "tq2").astype(mx.float32)
 
 
 _IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
@@ -482,3 +469,7 @@ def _kernel(op: str, backend: str | None) -> Callable | None:
 
 
 _ON_METAL = mx.metal.is_available()
+if _ON_METAL:
+    from mlxq.kernels import kquants_metal
+
+    kquants_metal.register()

@@ -14,6 +14,7 @@ REGISTRY: dict[str, str] = {
     "llama": "llama",
     "qwen2": "llama",
     "qwen3": "llama",
+    "bitnet": "bitnet",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
     "qwen3_5": "qwen3_5",

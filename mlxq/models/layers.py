@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxq.errors import ConfigError
-from mlxq.kernels import kquants
+from mlxq.kernels import kquants, ternary
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -211,13 +211,47 @@ def to_blocks(module: nn.Module, kind: str, dtype: mx.Dtype, input_order: bool =
 
 
 def cpu_layout(model: nn.Module) -> None:
-    """Off Metal, put every module with an inference-only weight layout (`transpose_weight`) into it; on
-    Metal the fused kernels want the checkpoint layout. Call after `fuse()`, which concatenates weights."""
+    """Off Metal, put every module with an inference-only weight layout (`transpose_weight`, `cpu_layout`) into
+    it; on Metal the fused kernels want the checkpoint layout. Call after `fuse()`, which concatenates weights."""
     if _ON_METAL:
         return
     for _, module in model.named_modules():
         if hasattr(module, "transpose_weight"):
             module.transpose_weight()
+        elif hasattr(module, "cpu_layout"):
+            module.cpu_layout()
+
+
+class TernaryLinear(nn.Module):
+    """A linear layer with ternary weights: codes packed as `mlxq.kernels.ternary` lays them out ("tq2" or "tq1"),
+    `scales` per output channel [out] or per tensor [1], and optionally BitNet's int8 activations
+    (`act_bits=8`: each token rounded to int8 on its absmax before the product, as BitLinear does)."""
+
+    def __init__(self, dim_in: int, dim_out: int, bias: bool = False, *, packing: str = "tq2",
+                 per_tensor: bool = False, act_bits: int | None = None):
+        super().__init__()
+        self.dim_in, self.packing, self.act_bits = dim_in, packing, act_bits
+        self.weight = mx.zeros((dim_out, ternary.packed_width(dim_in, packing)), mx.uint8)
+        self.scales = mx.ones((1 if per_tensor else dim_out,))
+        if bias:
+            self.bias = mx.zeros((dim_out,))
+
+    def cpu_layout(self) -> None:
+        """Off Metal, tq1 codes are re-packed as tq2 once: MLX's CPU 2-bit matmul reads tq2 bytes as they are,
+        while tq1's base-3 digits cost a decode pass per call (bench/kernels.py: often slower than dequantizing).
+        25 % more memory for the codes, CPU only."""
+        if self.packing == "tq1":
+            self.weight = ternary.pack(ternary.unpack(self["weight"], self.dim_in, "tq1"), "tq2")
+            self.packing = "tq2"
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = ternary.TernaryWeight(self["weight"], self["scales"], self.dim_in, self.packing)
+        if self.act_bits == 8:
+            xq, scale = ternary.quantize_activations(x)
+            y = ternary.ternary_matmul(xq, w, scale).astype(x.dtype)
+        else:
+            y = ternary.ternary_matmul(x, w)
+        return y + self["bias"] if "bias" in self else y
 
 
 def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
@@ -260,7 +294,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
 
 
 class Attention(nn.Module):
-    """GQA attention, optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3, Gemma 3)."""
+    """GQA attention, optional q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3, Gemma 3) and an RMSNorm on the
+    heads' output before o_proj (BitNet's attn_sub_norm). `linear` builds the projections (BitNet: ternary)."""
 
     def __init__(
         self,
@@ -275,17 +310,22 @@ class Attention(nn.Module):
         qk_norm_eps: float | None = None,
         scale: float | None = None,
         norm_cls: type[nn.Module] = nn.RMSNorm,
+        sub_norm_eps: float | None = None,
+        linear=None,
     ):
         super().__init__()
+        linear = linear or Linear
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.scale = scale if scale is not None else head_dim**-0.5
-        self.q_proj = Linear(dim, n_heads * head_dim, bias=bias)
-        self.k_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.v_proj = Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = Linear(n_heads * head_dim, dim, bias=out_bias)
+        self.q_proj = linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = linear(n_heads * head_dim, dim, bias=out_bias)
         if qk_norm_eps is not None:
             self.q_norm = norm_cls(head_dim, eps=qk_norm_eps)
             self.k_norm = norm_cls(head_dim, eps=qk_norm_eps)
+        if sub_norm_eps is not None:
+            self.attn_sub_norm = nn.RMSNorm(n_heads * head_dim, eps=sub_norm_eps)
         self.rope = rope
 
     def fuse(self) -> None:
@@ -310,18 +350,25 @@ class Attention(nn.Module):
         mask = cache.make_mask(L)
         q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
         k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        out = attention(q, k, v, self.scale, mask).transpose(0, 2, 1, 3).reshape(B, L, -1)
+        if "attn_sub_norm" in self:
+            out = self.attn_sub_norm(out)
+        return self.o_proj(out)
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU for Llama/Qwen, GeGLU (tanh) for Gemma."""
+    """down(act(gate(x)) * up(x)): SwiGLU for Llama/Qwen, GeGLU (tanh) for Gemma, ReLU² with an RMSNorm before
+    down (ffn_sub_norm) for BitNet. `linear` builds the projections (BitNet: ternary)."""
 
-    def __init__(self, dim: int, hidden: int, act=nn.silu, bias: bool = False):
+    def __init__(self, dim: int, hidden: int, act=nn.silu, bias: bool = False, sub_norm_eps: float | None = None,
+                 linear=None):
         super().__init__()
-        self.gate_proj = Linear(dim, hidden, bias=bias)
-        self.up_proj = Linear(dim, hidden, bias=bias)
-        self.down_proj = Linear(hidden, dim, bias=bias)
+        linear = linear or Linear
+        self.gate_proj = linear(dim, hidden, bias=bias)
+        self.up_proj = linear(dim, hidden, bias=bias)
+        self.down_proj = linear(hidden, dim, bias=bias)
+        if sub_norm_eps is not None:
+            self.ffn_sub_norm = nn.RMSNorm(hidden, eps=sub_norm_eps)
         self.act = act
 
     def fuse(self) -> None:
@@ -334,7 +381,13 @@ class GatedMLP(nn.Module):
             gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(_glu(self.act, gate, up))
+        h = _glu(self.act, gate, up)
+        return self.down_proj(self.ffn_sub_norm(h) if "ffn_sub_norm" in self else h)
+
+
+def relu2(x: mx.array) -> mx.array:
+    """ReLU squared (BitNet b1.58's activation)."""
+    return mx.square(nn.relu(x))
 
 
 

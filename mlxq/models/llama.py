@@ -58,10 +58,10 @@ class Block(nn.Module):
 
 
 class Body(nn.Module):
-    def __init__(self, a: Args, rope: RoPE):
+    def __init__(self, a: Args, rope: RoPE, block):
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = [Block(a, rope) for _ in range(a.num_hidden_layers)]
+        self.layers = [block(a, rope) for _ in range(a.num_hidden_layers)]
         self.norm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
 
 
@@ -70,9 +70,12 @@ class Model(nn.Module):
         super().__init__()
         self.args = a = Args.from_config(config)
         rope = RoPE(a.head_dim, rope_settings(config))
-        self.model = Body(a, rope)
+        self.model = Body(a, rope, self.block_for(config))
         if not a.tie_word_embeddings:
             self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+
+    def block_for(self, config: dict[str, Any]):
+        return Block
 
     def embed(self, tokens: mx.array) -> mx.array:
         return self.model.embed_tokens(tokens)

@@ -6,8 +6,8 @@
   refit of scale and bias, keeping whatever minimises sum_j h_j (w_j - w^_j)^2 with h the importance matrix
   (mean squared input activation per input channel). Errors in channels that carry large activations cost
   more in the layer's output, so that is the error worth minimising;
-- ternary: BitNet b1.58 absmean, w^ = alpha * {-1, 0, 1} with one alpha per output channel, stored as 2-bit
-  affine (codes 0..2, scale alpha, bias -alpha) so every MLX loader reads it.
+- ternary: BitNet b1.58 absmean, w^ = alpha * {-1, 0, 1} with one alpha per output channel, stored in mlxq's
+  ternary packing (mlxq.kernels.ternary: GGUF TQ2_0's block payload, 2 bits a weight) for its ternary kernels.
 
 Scales and biases are rounded to float16 (what is stored) before the codes are chosen, so the codes are the
 best ones for the stored parameters. Large tensors are processed in row chunks to bound memory.
@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+
+from mlxq.kernels import ternary as ternary_kernels
 
 CHUNK_ELEMENTS = 1 << 22  # weights per row chunk (16 MB of float32): bounds the search's working memory
 PARAM_DTYPE = mx.float16  # scales and biases on disk
@@ -79,15 +81,22 @@ def quantize(
     return Quantized(weight.reshape(*lead, -1), scales.reshape(*lead, -1), biases.reshape(*lead, -1))
 
 
-def ternary(w: mx.array, group_size: int) -> Quantized:
-    """BitNet b1.58 absmean ternarisation, one scale per output channel, as 2-bit affine."""
-    *lead, cols = w.shape
+@dataclass
+class Ternary:
+    weight: mx.array  # uint8 [..., out, packed_width(in)]: mlxq.kernels.ternary's packing
+    scales: mx.array  # float32 [..., out]: one a row costs nothing, and a BitNet scale survives exactly
+
+
+def ternary(w: mx.array, packing: str = "tq2") -> Ternary:
+    """BitNet b1.58 absmean ternarisation with one scale per output channel: codes round(w / mean|w|) clipped to
+    {-1, 0, 1}, then the scale refit by least squares for those codes (sum |w| over the nonzero codes / their
+    count). On weights that are already ternary times a scale (a BitNet checkpoint) both steps are exact."""
     w = w.astype(mx.float32)
-    alpha = mx.maximum(mx.abs(w).mean(axis=-1, keepdims=True), 1e-8)  # [..., out, 1]
-    codes = mx.clip(mx.round(w / alpha), -1, 1) + 1
-    groups = cols // group_size
-    scales = mx.broadcast_to(alpha, (*lead, groups)).astype(PARAM_DTYPE)
-    return Quantized(pack(codes.astype(mx.uint32), 2), scales, -scales)
+    alpha = mx.maximum(mx.abs(w).mean(axis=-1, keepdims=True), 1e-8)
+    codes = mx.clip(mx.round(w / alpha), -1, 1)
+    nonzero = mx.maximum(mx.abs(codes).sum(axis=-1), 1.0)
+    scale = (w * codes).sum(axis=-1) / nonzero
+    return Ternary(ternary_kernels.pack(codes.astype(mx.int8), packing), scale)
 
 
 # ------------------------------------------------------------------------------------------- internals

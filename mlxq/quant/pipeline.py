@@ -26,6 +26,7 @@ import mlx.core as mx
 from mlxq.errors import InvalidRequest
 from mlxq.formats import open_checkpoint
 from mlxq.formats.base import Checkpoint
+from mlxq.kernels import ternary
 from mlxq.models import text_config
 from mlxq.quant import affine
 from mlxq.quant.calibrate import DEFAULT_TOKENS, Stats, calibration_stats
@@ -65,6 +66,7 @@ _KEEP_FLOAT32 = ("ssm_a", "ssm_dt")  # tiny, and exp()'d by the model: keep the 
 _FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")  # HF's 3-D expert tensors (no .weight)
 
 _ternary_warned = False
+TERNARY_PACKING = "tq2"  # 2 bits a weight: the faster decode of the two packings, GGUF TQ2_0's layout
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Item:
     src_bytes: int
     outputs: list[OutTensor]
     parts: list[tuple[str, int, int]] = field(default_factory=list)  # quantized: (module base, row lo, row hi)
+    cols: int = 0  # the weight's input dimension
 
 
 @dataclass
@@ -179,19 +182,23 @@ def plan(ckpt: Checkpoint, recipe: Recipe, dtype: mx.Dtype | None = None) -> Pla
         outputs = []
         for base, lo, hi in parts:
             lead = (*shape[:-2], hi - lo)
+            if spec.precision == "ternary":
+                outputs += [OutTensor(f"{base}.weight", (*lead, ternary.packed_width(shape[-1], TERNARY_PACKING)),
+                                      mx.uint8), OutTensor(f"{base}.scales", lead, mx.float32)]
+                continue
             groups = shape[-1] // spec.group_size
             outputs += [
                 OutTensor(f"{base}.weight", (*lead, shape[-1] * spec.bits // 32), mx.uint32),
                 OutTensor(f"{base}.scales", (*lead, groups), affine.PARAM_DTYPE),
                 OutTensor(f"{base}.biases", (*lead, groups), affine.PARAM_DTYPE),
             ]
-        items.append(Item(name, role, spec, info.nbytes, outputs, parts))
-    return Plan(items, _quant_config(items), shape_of.tied, unknown)
+        items.append(Item(name, role, spec, info.nbytes, outputs, parts, shape[-1]))
+    return Plan(items, _quant_config(items, shape_of.model_type), shape_of.tied, unknown)
 
 
 def _fit_group(spec: Spec, cols: int) -> Spec:
     """A group size that divides the input dimension (smaller ones first), or float when none does."""
-    if not spec.quantized or cols % spec.group_size == 0:
+    if not spec.quantized or spec.precision == "ternary" or cols % spec.group_size == 0:
         return spec
     for g in (64, 32):
         if g < spec.group_size and cols % g == 0:
@@ -199,20 +206,30 @@ def _fit_group(spec: Spec, cols: int) -> Spec:
     return FLOAT
 
 
-def _quant_config(items: list[Item]) -> dict | None:
-    """mlx-lm's `quantization`: the most common (bits, group) as default, the others as per-module entries,
-    keyed by the module path as the loaders name it (and as the checkpoint names it, when different)."""
-    modules = [
-        (base, (it.spec.bits, it.spec.group_size)) for it in items if it.spec.quantized for base, _, _ in it.parts
-    ]
-    if not modules:
+def _quant_config(items: list[Item], arch: str | None = None) -> dict | None:
+    """mlx-lm's `quantization`: the most common affine (bits, group) as default, the others as per-module entries,
+    keyed by the module path as the loaders name it (and as the checkpoint names it, when different). Ternary
+    modules always get their own entry (mode "ternary"; BitNet's also its int8 activations)."""
+    quantized = [(base, it.spec) for it in items if it.spec.quantized for base, _, _ in it.parts]
+    modules = [(base, (s.bits, s.group_size)) for base, s in quantized if s.precision != "ternary"]
+    if not quantized:
         return None
-    (bits, group), _ = Counter(p for _, p in modules).most_common(1)[0]
-    config: dict = {"group_size": group, "bits": bits, "mode": "affine"}
-    for base, (b, g) in modules:
-        if (b, g) != (bits, group):
-            for path in dict.fromkeys([base, module_path(base)]):
-                config[path] = {"group_size": g, "bits": b, "mode": "affine"}
+    config: dict = {"group_size": 64, "bits": 2, "mode": "ternary", "packing": TERNARY_PACKING}
+    if modules:
+        (bits, group), _ = Counter(p for _, p in modules).most_common(1)[0]
+        config = {"group_size": group, "bits": bits, "mode": "affine"}
+    for base, spec in quantized:
+        if spec.precision == "ternary":
+            cols = next(it.cols for it in items if any(b == base for b, _, _ in it.parts))
+            entry = {"mode": "ternary", "packing": TERNARY_PACKING, "bits": 2, "group_size": 64, "in_features": cols}
+            if arch == "bitnet":
+                entry["act_bits"] = 8
+        elif (spec.bits, spec.group_size) != (config["bits"], config["group_size"]) or config["mode"] != "affine":
+            entry = {"group_size": spec.group_size, "bits": spec.bits, "mode": "affine"}
+        else:
+            continue
+        for path in dict.fromkeys([base, module_path(base)]):
+            config[path] = entry
     return config
 
 
@@ -254,7 +271,8 @@ def quantize(
             f"(first: '{the_plan.unknown[0]}')",
             highlight=False,
         )
-    if recipe.warning and any(it.spec.precision == "ternary" for it in the_plan.items):
+    trained_ternary = text_config(ckpt.config).get("model_type") == "bitnet"
+    if recipe.warning and not trained_ternary and any(it.spec.precision == "ternary" for it in the_plan.items):
         _warn_ternary(console, recipe.warning)
     stats = None
     if calibrate is not None and method != "rtn":
@@ -326,6 +344,11 @@ def _stream(
             else:
                 for base, lo, hi in item.parts:
                     part = w[..., lo:hi, :] if (lo, hi) != (0, w.shape[-2]) else w
+                    if item.spec.precision == "ternary":
+                        t = affine.ternary(part, TERNARY_PACKING)
+                        writer.write(f"{base}.weight", t.weight)
+                        writer.write(f"{base}.scales", t.scales)
+                        continue
                     q = _quantize(item.name, part, item.spec, method, stats, the_plan.tied)
                     for suffix, array in (("weight", q.weight), ("scales", q.scales), ("biases", q.biases)):
                         writer.write(f"{base}.{suffix}", array)
@@ -335,8 +358,6 @@ def _stream(
 
 
 def _quantize(name: str, w: mx.array, spec: Spec, method: str, stats: Stats | None, tied: bool) -> affine.Quantized:
-    if spec.precision == "ternary":
-        return affine.ternary(w, spec.group_size)
     importance, hessian = stats.lookup(name, tied) if stats is not None else (None, None)
     if method == "gptq" and hessian is not None and hessian.ndim == w.ndim:
         if w.ndim == 2:
@@ -351,7 +372,7 @@ def _quantize(name: str, w: mx.array, spec: Spec, method: str, stats: Stats | No
 def _result(the_plan: Plan, out: Path, method: str, recipe: Recipe, seconds: float) -> Result:
     q_items = [it for it in the_plan.items if it.spec.quantized]
     q_bytes = sum(t.nbytes for it in q_items for t in it.outputs)
-    q_params = sum(_numel(it.outputs[0].shape) * 32 // it.spec.bits for it in q_items)  # packed words -> weights
+    q_params = sum(_numel(it.outputs[0].shape[:-1]) * it.cols for it in q_items)
     params = sum(_numel(t.shape) for it in the_plan.items if not it.spec.quantized for t in it.outputs) + q_params
     out_bytes = sum(t.nbytes for t in the_plan.outputs)
     return Result(

@@ -9,12 +9,14 @@ model's logits up to float rounding (the weights are exactly scale * code + bias
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import replace
 
 import mlx.core as mx
 
 from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
+from mlxq.kernels import ternary
 
 # Module paths as a checkpoint names them -> as the loaders name them after their own renaming (mlxq's qwen3_5
 # sanitize and mlx-lm's): multimodal prefixes dropped, mlx-lm's switch_mlp and per-expert tensors stacked.
@@ -34,49 +36,87 @@ def module_path(path: str) -> str:
 
 
 def float_checkpoint(ckpt: Checkpoint) -> Checkpoint:
-    """`ckpt` with every mlx-lm quantized triple presented as one float weight and no `quantization` config.
-    Checkpoints without quantized triples come back as they are (GGUF sources are opened dequantized)."""
+    """`ckpt` with every mlx-lm quantized triple (affine, or mlxq's ternary weight + scales) presented as one float
+    weight and no `quantization` config; transformers' packed BitNet weights likewise. Checkpoints without
+    quantized tensors come back as they are (GGUF sources are opened dequantized)."""
     quant = ckpt.quantization
     infos = {i.name: i for i in ckpt.tensors.infos()}
+    if isinstance(quant, dict) and quant.get("quant_method") == "bitnet":
+        return _bitnet_float(ckpt, infos)
     bases = {n[: -len(".scales")] for n in infos if n.endswith(".scales") and n[: -len(".scales")] + ".weight" in infos}
     if not bases:
         return ckpt
     if not isinstance(quant, dict):
         raise FormatError(f"{ckpt.path}: tensors have .scales but config.json has no 'quantization'")
-    out: dict[str, TensorInfo] = {}
-    params: dict[str, tuple[int, int]] = {}
-    for name, info in infos.items():
-        base = name.rsplit(".", 1)[0]
-        if base in bases and name.endswith((".scales", ".biases")):
-            continue
-        if base in bases and name.endswith(".weight"):
+    src = ckpt.tensors
+    views: dict[str, tuple[tuple[int, ...], Callable[[], mx.array]]] = {}
+    for base in bases:
+        info, entry = infos[base + ".weight"], _entry(quant, base)
+        if entry.get("mode") == "ternary":
+            cols, packing = int(entry["in_features"]), entry["packing"]
+
+            def load(base=base, cols=cols, packing=packing) -> mx.array:
+                codes = ternary.unpack(src[base + ".weight"], cols, packing).astype(mx.float32)
+                return codes * src[base + ".scales"].astype(mx.float32)[..., None]
+        else:
             bits, group = _params(ckpt, quant, base, info, infos[base + ".scales"])
             cols = info.shape[-1] * 32 // bits
-            params[name] = (bits, group)
-            shape = (*info.shape[:-1], cols)
+
+            def load(base=base, bits=bits, group=group) -> mx.array:
+                # float32 scales: dequantizing with the stored float16 ones would round every weight to float16
+                w, s = src[base + ".weight"], src[base + ".scales"].astype(mx.float32)
+                b = src[base + ".biases"].astype(mx.float32) if base + ".biases" in infos else None
+                return mx.dequantize(w, s, b, group_size=group, bits=bits)
+
+        views[base + ".weight"] = ((*info.shape[:-1], cols), load)
+    return _float_view(ckpt, infos, views, {f"{b}.{s}" for b in bases for s in ("scales", "biases")})
+
+
+def _float_view(ckpt: Checkpoint, infos: dict[str, TensorInfo], views: dict, dropped: set[str]) -> Checkpoint:
+    """The checkpoint with `views` (name -> (float shape, loader)) in place of those tensors, `dropped` gone and
+    no quantization config."""
+    out = {}
+    for name, info in infos.items():
+        if name in views:
+            shape = views[name][0]
             out[name] = TensorInfo(name, shape, "float32", _numel(shape) * 4)
-        else:
+        elif name not in dropped:
             out[name] = info
     src = ckpt.tensors
 
     def load(name: str) -> mx.array:
-        if name not in params:
-            return src[name]
-        base = name[: -len(".weight")]
-        bits, group = params[name]
-        # float32 scales: dequantizing with the stored float16 ones would round every weight to float16
-        w, s = src[name], src[base + ".scales"].astype(mx.float32)
-        b = src[base + ".biases"].astype(mx.float32) if base + ".biases" in infos else None
-        return mx.dequantize(w, s, b, group_size=group, bits=bits)
+        return views[name][1]() if name in views else src[name]
 
     config = {k: v for k, v in ckpt.config.items() if k not in ("quantization", "quantization_config")}
     return replace(ckpt, config=config, tensors=TensorSource(out, load), format="hf")
 
 
+def _entry(quant: dict, base: str) -> dict:
+    """The quantization entry of one module: its own, else the default."""
+    entry = quant.get(base) or quant.get(module_path(base))
+    return entry if isinstance(entry, dict) else quant
+
+
+def _bitnet_float(ckpt: Checkpoint, infos: dict[str, TensorInfo]) -> Checkpoint:
+    """transformers' packed BitNet checkpoint as float weights: codes / weight_scale (see mlxq/models/bitnet.py);
+    `weight_scale` tensors disappear into them."""
+    from mlxq.models.bitnet import unpack_hf
+
+    src = ckpt.tensors
+    views = {}
+    for name, info in infos.items():
+        if name.endswith(".weight") and name + "_scale" in infos:
+
+            def load(name=name) -> mx.array:
+                return unpack_hf(src[name]).astype(mx.float32) / src[name + "_scale"].astype(mx.float32).reshape(())
+
+            views[name] = ((info.shape[0] * 4, *info.shape[1:]), load)
+    return _float_view(ckpt, infos, views, {n + "_scale" for n in views})
+
+
 def _params(ckpt: Checkpoint, quant: dict, base: str, weight: TensorInfo, scales: TensorInfo) -> tuple[int, int]:
     """(bits, group size) of one quantized tensor: its per-layer entry, else the default, checked against shapes."""
-    entry = quant.get(base) or quant.get(module_path(base))
-    entry = entry if isinstance(entry, dict) else quant
+    entry = _entry(quant, base)
     if entry.get("mode", "affine") != "affine":
         raise UnsupportedModel(
             f"{ckpt.path}: tensor '{base}.weight' uses quantization mode '{entry.get('mode')}' "
