@@ -58,6 +58,12 @@ class Model:
     def make_cache(self) -> list:
         return self.net.make_cache()
 
+    def expert_stats(self):
+        """Streaming counters so far (`mlxq.experts.ExpertStats`: hits, misses, bytes, read / stall / compute
+        time; subtract two snapshots for one run), or None when the experts are not streamed."""
+        pool = getattr(self.net, "expert_pool", None)
+        return None if pool is None else pool.snapshot()
+
     # ---------------------------------------------------------------------------------------- prompts
     def encode_prompt(self, prompt: Prompt, *, tools: list[dict] | None = None,
                       chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
@@ -101,6 +107,7 @@ class Model:
             raise InvalidRequest("empty prompt")
         detok = self.tokenizer.detokenizer()
         eos = self.tokenizer.eos_token_ids
+        experts_before = self.expert_stats()
         text, emitted, finish = "", 0, "length"
         for step in gen.steps(ids, max_tokens, cached=cached_tokens):
             if step.token in eos:
@@ -118,6 +125,8 @@ class Model:
                 emitted = max(emitted, safe)
         if stop_index(text, stops) < 0:
             text += detok.flush()
+        if experts_before is not None:
+            gen.timings.experts = (self.expert_stats() - experts_before).as_dict()
         yield Chunk(text[emitted:], None, finish)
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> Result:
@@ -131,15 +140,19 @@ class Model:
 
 
 def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantized: bool | None = None,
-         experts_per_tok: int | None = None) -> Model:
+         experts_per_tok: int | None = None, expert_memory: str | int | None = None,
+         expert_options: dict | None = None) -> Model:
     """Load a model by name: a local HF/mlx-lm dir, a GGUF file, an alias (`smollm2`), `ollama:NAME`, or a
     hub id. With no name, the default small model. Off Metal, quantized GGUF weights are dequantized to
     float32 unless `keep_quantized=True`, since MLX's quantized CPU kernels are slow on x86.
-    `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact)."""
+    `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact).
+    `expert_memory` ("8GB", "25%"): a model with expert packs streams its experts from disk within that much
+    memory (`expert_options`: see `mlxq.experts.StreamOptions`); `Model.expert_stats()` reports the I/O."""
     if keep_quantized is None:
         keep_quantized = mx.metal.is_available()
     ckpt = open_checkpoint(name, keep_quantized=keep_quantized)
-    net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
+    net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=expert_memory,
+                     expert_options=expert_options)
     eos = ckpt.config.get("eos_token_id")
     tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template,
                          eos if isinstance(eos, list) else ([eos] if eos is not None else None))

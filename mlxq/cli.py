@@ -27,13 +27,14 @@ def _use_openblas() -> None:
 
 
 class LazyGroup(click.Group):
-    """Subcommands that live in other packages (server, quant, eval) are imported only when used."""
+    """Subcommands that live in other packages (server, quant, eval, bench) are imported only when used."""
 
     lazy = {
         "serve": ("server.command", "serve"),
         "quantize": ("mlxq.quant.command", "quantize"),
         "eval": ("mlxq.eval.command", "eval"),
         "export": ("mlxq.formats.gguf.command", "export"),
+        "bench": ("mlxq.bench.command", "bench"),
     }
 
     def list_commands(self, ctx):
@@ -69,6 +70,19 @@ def sampling_options(f):
     return f
 
 
+def expert_options(f):
+    """--expert-memory and --experts-per-tok: shared by generate, chat and serve."""
+    for opt in reversed([
+        click.option("--expert-memory", default=None, metavar="SIZE",
+                     help="Stream MoE experts from the model's expert packs within SIZE of memory (8GB, 512MiB, "
+                     "25%); default: all experts in memory."),
+        click.option("--experts-per-tok", default=None, type=click.IntRange(1),
+                     help="Route each token to this many experts instead of the model's number."),
+    ]):
+        f = opt(f)
+    return f
+
+
 def _sampling(kw: dict) -> dict:
     keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
     return {k: kw[k] for k in keys}
@@ -82,12 +96,14 @@ def _sampling(kw: dict) -> dict:
 @click.option("--think/--no-think", default=None, help="enable_thinking for templates that have it.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--verbose", "-v", is_flag=True, help="Print timings to stderr.")
+@expert_options
 @sampling_options
-def generate(prompt, model, chat, system, think, stop, verbose, max_tokens, **kw):
+def generate(prompt, model, chat, system, think, stop, verbose, expert_memory, experts_per_tok, max_tokens, **kw):
     """Generate a completion for PROMPT and stream it to stdout."""
     import mlxq
 
-    m = mlxq.load(model)
+    m = mlxq.load(model, expert_memory=expert_memory, experts_per_tok=experts_per_tok)
+    before = m.expert_stats()
     if chat and m.tokenizer.has_chat_template:
         prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     kwargs = {"enable_thinking": think} if think is not None else {}
@@ -99,19 +115,29 @@ def generate(prompt, model, chat, system, think, stop, verbose, max_tokens, **kw
     click.echo()
     if verbose and result is not None:
         click.echo(f"[finish: {result.finish_reason}]", err=True)
+    if verbose and before is not None:
+        run = m.expert_stats() - before
+        steps = list(m.net.expert_pool.steps)[-run.tokens:] if run.tokens else []
+        click.echo(f"[{run.summary()}]", err=True)
+        if steps:
+            worst = max(steps, key=lambda s: s["stall_s"])
+            click.echo(f"[per token: {run.bytes_read / max(run.tokens, 1) / 1e6:.2f} MB read, "
+                       f"{run.stall_s / max(run.tokens, 1) * 1e3:.1f} ms stall on average; worst "
+                       f"{worst['stall_s'] * 1e3:.1f} ms stall, {worst['misses']} misses]", err=True)
 
 
 @cli.command()
 @click.option("--model", "-m", default=None, help="Model name or path (default: smollm2).")
 @click.option("--system", default=None, help="System message.")
 @click.option("--think/--no-think", default=None, help="enable_thinking for templates that have it.")
+@expert_options
 @sampling_options
-def chat(model, system, think, max_tokens, **kw):
+def chat(model, system, think, expert_memory, experts_per_tok, max_tokens, **kw):
     """Interactive chat (empty line or Ctrl-D quits). The cache is kept between turns."""
     import mlxq
     from mlxq.session import Session
 
-    m = mlxq.load(model)
+    m = mlxq.load(model, expert_memory=expert_memory, experts_per_tok=experts_per_tok)
     session = Session(m, system=system, enable_thinking=bool(think), max_tokens=max_tokens, **_sampling(kw))
     click.echo(f"mlxq chat with {m.name}: empty line or Ctrl-D to quit", err=True)
     while True:
@@ -144,6 +170,15 @@ def inspect(model):
             n *= d
         params += n * (32 // quant.get("bits", 32)) if info.dtype == "uint32" and quant else n
     size = sum(i.nbytes for i in infos)
+    packs = None
+    if ckpt.format != "gguf":
+        from mlxq.experts.pack import has_packs, open_packs
+
+        if has_packs(ckpt.config):  # the routed experts live in expert packs, not among the tensors
+            packs = open_packs(ckpt.path, ckpt.config)
+            size += packs.nbytes
+            params += sum(lp.n_experts * lp.dims(p)[0] * lp.dims(p)[1]
+                          for lp in packs.layers.values() for p in lp.quantization)
     rows = [
         ("path", str(ckpt.path)),
         ("format", ckpt.format),
@@ -157,6 +192,10 @@ def inspect(model):
         ("quantization", ", ".join(f"{k}={v}" for k, v in quant.items() if not isinstance(v, dict))
          or ("GGUF blocks (see dtypes)" if ckpt.format == "gguf" else "none")),
     ]
+    if packs is not None:
+        from mlxq.experts.pack import describe
+
+        rows += describe(packs)
     for key, value in rows:
         click.echo(f"{key:>13}  {value}")
 

@@ -18,14 +18,18 @@ def default_dtype() -> mx.Dtype:
 
 
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = True,
-               experts_per_tok: int | None = None) -> nn.Module:
+               experts_per_tok: int | None = None, expert_memory: str | int | None = None,
+               expert_options: dict | None = None) -> nn.Module:
     """`fuse` merges projections that share an input (q/k/v, gate/up) after loading and puts weights in
     the backend's fastest layout (`inference_layout`); pass False to keep the checkpoint's module layout
     (calibration hooks, weight export). `experts_per_tok` routes each token of a MoE model to that many
-    experts instead of the configured `num_experts_per_tok`."""
+    experts instead of the configured `num_experts_per_tok`. A model written with expert packs
+    (`mlxq quantize --stream-experts`) streams its experts within `expert_memory` bytes ('8GB', '25%'; see
+    `mlxq.experts`, options in `StreamOptions`), or holds them all in memory when that is None."""
     config = text_config(ckpt.config)
     model = build_model(config)
     weights = model.sanitize({name: ckpt.tensors[name] for name in ckpt.tensors})
+    packs, streamed = _expert_packs(ckpt, model, weights, expert_memory)
     quant = ckpt.quantization
     dtype = dtype or default_dtype()
     if quant and "quant_method" not in quant:  # mlx-lm's; a transformers quant_method is the family's to read
@@ -42,9 +46,32 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
             raise ConfigError(f"{ckpt.path}: experts per token: the model has no routed experts")
         model.set_experts_per_tok(experts_per_tok)
     mx.eval(model.parameters())
+    mx.clear_cache()  # the checkpoint's arrays, replaced by cast / fused ones: their buffers go back now
     model.eval()
     wire_weights(model)
+    if streamed:
+        from mlxq.experts import start_pool
+
+        model.expert_pool = start_pool(streamed, packs, expert_memory, dtype, fuse, expert_options)
     return model
+
+
+def _expert_packs(ckpt: Checkpoint, model: nn.Module, weights: dict, expert_memory) -> tuple:
+    """Expert packs, if the checkpoint has them: all experts read into `weights` (no `expert_memory`), or the MoE
+    blocks swapped for streaming ones (returned, to get their slot pool once the model is complete)."""
+    from mlxq.experts import has_packs, moe_blocks, open_packs, stream_blocks
+    from mlxq.experts.pack import check_model
+
+    if not has_packs(ckpt.config):
+        if expert_memory is not None:
+            raise ConfigError(f"{ckpt.path}: expert memory needs expert packs (mlxq quantize --stream-experts)")
+        return None, []
+    packs = open_packs(ckpt.path, ckpt.config)
+    if expert_memory is None:
+        check_model(packs, moe_blocks(model))
+        weights.update(packs.resident_weights())
+        return packs, []
+    return packs, stream_blocks(model, packs)
 
 
 def check_weights(path, expected: dict[str, mx.array], weights: dict[str, mx.array]) -> None:

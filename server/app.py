@@ -118,6 +118,7 @@ class OpenAIServer:
         self.text = TokenText(planner.tokenizer)
         self.created = int(time.time())
         self._plan_lock = threading.Lock()  # one tokenizer, shared: templating and encoding one at a time
+        self._experts_logged = engine.model.expert_stats()  # streamed experts: I/O logged after each request
 
     # -------------------------------------------------------------------------------------------- app
     def app(self) -> FastAPI:
@@ -244,7 +245,17 @@ class OpenAIServer:
                 return Response(status_code=499)
         finally:
             sub.cancel()
+            self._log_experts()
         return JSONResponse(self._whole(plan, runs, kind, ident, model))
+
+    def _log_experts(self) -> None:
+        """Streamed experts' I/O since the last log line (concurrent requests share one line)."""
+        if self._experts_logged is None:
+            return
+        now = self.engine.model.expert_stats()
+        run, self._experts_logged = now - self._experts_logged, now
+        if run.tokens:
+            log.info("%s", run.summary())
 
     async def _next(self, request: Request, sub: Submission) -> tuple[int, Output] | None:
         """The next output; None when the client has gone away (checked every POLL_S, busy or not)."""
@@ -378,6 +389,7 @@ class OpenAIServer:
             return
         if include_usage:
             yield _sse({**head, "choices": [], "usage": self._usage(plan, runs)})
+        self._log_experts()
         yield _sse("[DONE]")
 
 

@@ -9,6 +9,7 @@ import time
 
 import click
 
+from mlxq.cli import expert_options
 from mlxq.errors import GenerationError, InvalidRequest
 
 
@@ -63,6 +64,7 @@ from mlxq.errors import GenerationError, InvalidRequest
     type=click.IntRange(0),
     help="Reasoning tokens before '</think>' is forced, when a request does not say.",
 )
+@expert_options
 @click.option(
     "--log-level",
     default="info",
@@ -81,6 +83,8 @@ def serve(
     prompt_cache_mb,
     thinking,
     thinking_budget,
+    expert_memory,
+    experts_per_tok,
     log_level,
 ):
     """Serve MODEL (default: smollm2) over an OpenAI-compatible HTTP API: /v1/chat/completions,
@@ -100,7 +104,7 @@ def serve(
         console.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
     t0 = time.perf_counter()
     with console.status(f"loading {model or DEFAULT_MODEL} (fetched on first use)...") as status:
-        loaded = mlxq.load(model)
+        loaded = mlxq.load(model, expert_memory=expert_memory, experts_per_tok=experts_per_tok)
         console.log(f"loaded {model or DEFAULT_MODEL} in {time.perf_counter() - t0:.1f} s")
         status.update("building the engine and token tables...")
         limits = Limits(max_tokens=max_tokens, max_request_bytes=int(max_request_mb * (1 << 20)))

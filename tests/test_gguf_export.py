@@ -20,6 +20,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from llama_cpp_run import llama_cpp_greedy, llama_cpp_logits, llama_cpp_quantize
+from test_bitnet import make_bitnet
 from test_hybrid import make_tiny as make_hybrid
 from tiny import WIDE, make_tiny, save_tiny_tokenizer
 
@@ -53,7 +54,12 @@ def tiny_src(tmp_path_factory):
     def get(family: str, wide: bool = False):
         if (family, wide) not in made:
             path = tmp_path_factory.mktemp(f"{family}{'-wide' * wide}")
-            if family.startswith("qwen3_5") or family == "qwen3_next":
+            if family.startswith("bitnet"):  # llama.cpp's bitnet: SiLU, tied output head
+                make_bitnet(path, family == "bitnet_packed", hidden_act="silu", tie_word_embeddings=True,
+                            **({"hidden_size": 256, "intermediate_size": 512} if wide else {}))
+            elif family == "qwen3_moe_norm":
+                make_tiny(family, path, **({**WIDE, **MOE_WIDE, "num_experts_per_tok": 6} if wide else {}))
+            elif family.startswith("qwen3_5") or family == "qwen3_next":
                 make_hybrid(family, path, **HYBRID, **HYBRID_FIXES.get(family, {}), **(HYBRID_WIDE if wide else {}),
                             **(MOE_WIDE if wide and family in ("qwen3_5_moe_text", "qwen3_next") else {}))
             else:
@@ -81,7 +87,7 @@ def ggml_gelu(x: mx.array) -> mx.array:
 def mlxq_net(path, src):
     """mlxq's model with the weights the GGUF holds (read back and dequantized by mlxq's GGUF reader) in the
     source's own architecture."""
-    config = open_checkpoint(str(src)).config
+    config = {k: v for k, v in open_checkpoint(str(src)).config.items() if k != "quantization_config"}  # float
     return load_model(Checkpoint(path, "gguf", config, open_checkpoint(str(path)).tensors), dtype=mx.float32)
 
 
@@ -110,6 +116,10 @@ LOGIT_CASES = [
     ("qwen3_5_text", True, "Q3_K_M"), ("qwen3_5_vl", False, "Q5_1"),
     ("qwen3_5_moe_text", False, "F32"), ("qwen3_5_moe_text", True, "Q4_K_M"),
     ("qwen3_next", False, "F32"), ("qwen3_next", True, "Q6_K"),
+    ("qwen3_moe_norm", False, "F32"), ("qwen3_moe_norm", True, "Q4_K_M"),
+    # (a packed tiny BitNet with random codes is chaotic: any 8-bit activation rounding grows 10x over 14 tokens, so
+    # its block-type agreement is shown on the float one, its exact ternary storage below)
+    ("bitnet_packed", False, "F32"), ("bitnet_float", True, "TQ2_0"), ("bitnet_float", True, "TQ1_0"),
 ]
 
 
@@ -246,6 +256,53 @@ def test_hybrid_configs_llama_cpp_cannot_run_are_refused(overrides, message, tmp
     with pytest.raises(ConfigError, match=message):
         export(str(src), tmp_path / "q.gguf", gguf_recipe("Q8_0"), progress=False)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".q.gguf*"))
+
+
+@pytest.mark.parametrize(("family", "overrides", "message"), [
+    ("qwen3_moe", {}, "norm_topk_prob is false"),  # (its tiny config: unnormalised, a dense layer among experts)
+    ("qwen3_moe", {"norm_topk_prob": True}, r"mlp_only_layers \[1\]"),
+    ("bitnet", {}, "hidden_act 'relu2'"),  # microsoft/bitnet-b1.58-2B-4T's activation
+    ("bitnet", {"hidden_act": "silu"}, "tie_word_embeddings is false"),
+])
+def test_configs_other_llama_cpp_graphs_would_run_differently_are_refused(family, overrides, message, tmp_path):
+    src = tmp_path / family
+    src.mkdir()
+    if family == "bitnet":
+        make_bitnet(src, True, **overrides)
+    else:
+        make_tiny(family, src, **overrides)
+    save_tiny_tokenizer(src, 160)
+    with pytest.raises(ConfigError, match=message):
+        export(str(src), tmp_path / "x.gguf", gguf_recipe("TQ2_0" if family == "bitnet" else "Q8_0"),
+               progress=False)
+
+
+def test_ternary_source_to_ternary_types_is_not_called_lossy(tiny_src, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    for kind, lossy in [("TQ1_0", False), ("F16", False), ("Q4_0", True)]:
+        buf = io.StringIO()
+        export(str(tiny_src("bitnet_packed", True)), tmp_path / f"{kind}.gguf", gguf_recipe(kind), progress=False,
+               console=Console(file=buf, width=200))
+        assert ("lossy" in buf.getvalue()) == lossy, (kind, buf.getvalue())
+
+
+@pytest.mark.parametrize("kind", ["TQ1_0", "TQ2_0"])
+def test_ternary_weights_are_stored_exactly_in_ternary_types(kind, tiny_src, tmp_path):
+    """A BitNet checkpoint's ternary weights (codes x one scale per tensor) come back from TQ1_0 / TQ2_0 as they
+    were, up to the float16 rounding of the block scale."""
+    from mlxq.quant.source import float_checkpoint
+
+    src = tiny_src("bitnet_packed", True)
+    back = open_checkpoint(str(exported(src, tmp_path, kind))).tensors
+    orig = float_checkpoint(open_checkpoint(str(src))).tensors
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert tensors(tmp_path / f"{kind}.gguf")["blk.1.ffn_down.weight"][0] == kind
+    w, v = np.array(orig[name]), np.array(back[name])
+    assert set(np.unique(np.round(w / np.abs(w).max()))) == {-1.0, 0.0, 1.0}
+    np.testing.assert_allclose(v, w, rtol=2**-11, atol=0)
 
 
 def test_mrope_sections_cover_the_rotary_width(tiny_src, tmp_path):

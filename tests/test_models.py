@@ -45,7 +45,7 @@ def test_cached_decode_matches_transformers(family):
     assert rel(mx.stack(steps), ref[len(PROMPT) - 1 : -1]) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_tied_linear", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "llama_tied_linear", "qwen3", "qwen3_moe", "mixtral"])
 def test_same_logits_as_mlx_lm(name, tmp_path):
     """mlx-lm 0.32 is a second, independent implementation to agree with. It reads only the old-style
     rope fields (it ignores transformers-5 `rope_parameters`) and cannot load gemma3_text, so it gets the

@@ -15,6 +15,8 @@ REGISTRY: dict[str, str] = {
     "qwen2": "llama",
     "qwen3": "llama",
     "bitnet": "bitnet",
+    "qwen3_moe": "llama",
+    "mixtral": "llama",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
     "qwen3_5": "qwen3_5",

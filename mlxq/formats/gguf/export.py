@@ -153,7 +153,8 @@ def _value(v: Any) -> Value:
 def model_metadata(cfg: dict[str, Any], arch: str, path) -> dict[str, str | int | float | list]:
     """The `{arch}.*` keys for an HF config, after checking it is something llama.cpp runs as the config says."""
     keys: dict[str, Any] = {}
-    moe = bool(cfg.get("num_experts"))  # dense configs may still carry expert fields (unused defaults)
+    cfg = {**cfg, "num_experts": cfg.get("num_experts") or cfg.get("num_local_experts")}  # (transformers 5's name)
+    moe = bool(cfg["num_experts"])  # dense configs may still carry expert fields (unused defaults)
     for key, field in names.CONFIG_KEYS.items():
         if cfg.get(field) is not None and key in names.WRITTEN_KEYS and (moe or not key.startswith("expert_")):
             keys[key] = cfg[field]
@@ -175,7 +176,29 @@ def model_metadata(cfg: dict[str, Any], arch: str, path) -> dict[str, str | int 
         keys.update(_gemma3_keys(cfg, head_dim, path))
     if names.ARCHITECTURES[arch].hybrid:
         keys.update(_hybrid_keys(cfg, arch, head_dim, rope, path))
+    if moe:
+        _check_moe(cfg, arch, path)
+    if arch == "bitnet":
+        if cfg.get("hidden_act", "relu2") != "silu":  # e.g. microsoft/bitnet-b1.58-2B-4T's ReLU²
+            raise ConfigError(f"{path}: hidden_act '{cfg.get('hidden_act', 'relu2')}', but llama.cpp's bitnet "
+                              "(1bitLLM's bitnet_b1_58) always runs SiLU (the output would differ)")
+        if not cfg.get("tie_word_embeddings", False):
+            raise ConfigError(f"{path}: tie_word_embeddings is false, but llama.cpp's bitnet always uses the "
+                              "embedding as the output head")
+        if heads * head_dim != cfg["hidden_size"]:
+            raise ConfigError(f"{path}: heads x head_dim != hidden_size, which llama.cpp's bitnet assumes")
     return {f"{arch}.{k}": v for k, v in keys.items()}
+
+
+def _check_moe(cfg: dict[str, Any], arch: str, path) -> None:
+    """llama.cpp's MoE graphs (qwen3moe, qwen35moe, qwen3next) renormalise the chosen experts' weights and route in
+    every layer."""
+    if not cfg.get("norm_topk_prob", True):
+        raise ConfigError(f"{path}: norm_topk_prob is false, but llama.cpp's {arch} always renormalises the "
+                          "chosen experts' weights (the output would differ)")
+    if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
+        raise ConfigError(f"{path}: mlp_only_layers {cfg.get('mlp_only_layers')} / decoder_sparse_step "
+                          f"{cfg.get('decoder_sparse_step', 1)}: llama.cpp's {arch} has routed experts in every layer")
 
 
 def _hybrid_keys(cfg: dict[str, Any], arch: str, head_dim: int, rope: dict, path) -> dict[str, Any]:
@@ -194,13 +217,6 @@ def _hybrid_keys(cfg: dict[str, Any], arch: str, head_dim: int, rope: dict, path
     types = cfg.get("layer_types") or ["full_attention" if (i + 1) % keys["full_attention_interval"] == 0
                                        else "linear_attention" for i in range(n)]
     keys[names.RECURRENT_LAYERS] = [t == "linear_attention" for t in types]
-    moe = cfg.get("num_experts")
-    if moe and not cfg.get("norm_topk_prob", True):
-        raise ConfigError(f"{path}: norm_topk_prob is false, but llama.cpp's {arch} always renormalises the "
-                          "chosen experts' weights (the output would differ)")
-    if moe and cfg.get("mlp_only_layers"):
-        raise ConfigError(f"{path}: mlp_only_layers {cfg['mlp_only_layers']}: llama.cpp's {arch} has routed "
-                          "experts in every layer")
     if arch in ("qwen35", "qwen35moe"):
         keys[names.ROPE_SECTIONS] = _rope_sections(rope, rotary, path)
     return keys
@@ -313,10 +329,17 @@ def plan(ckpt: Checkpoint, recipe: Recipe, warn=lambda text: None) -> Plan:
 
 
 # ---------------------------------------------------------------------------------------------- running
-def lossy_source(ckpt: Checkpoint) -> str | None:
-    """Why exporting `ckpt` loses more than quantizing its original weights once, or None."""
-    if ckpt.quantization:
-        return f"{ckpt.path} is an mlx-lm quantized directory"
+def lossy_source(ckpt: Checkpoint, recipe: Recipe) -> str | None:
+    """Why exporting `ckpt` with `recipe` loses more than quantizing its original weights once, or None: a
+    quantized source quantized again (a float export only dequantizes; ternary weights fit TQ1_0 / TQ2_0 exactly)."""
+    if recipe.default in FLOAT_TYPES:
+        return None
+    quant = ckpt.quantization or {}
+    ternary = quant.get("quant_method") == "bitnet" or quant.get("mode") == "ternary"
+    if ternary and recipe.default in ("TQ1_0", "TQ2_0"):
+        return None
+    if quant:
+        return f"{ckpt.path} is already quantized ({quant.get('quant_method') or quant.get('mode', 'affine')})"
     kinds = Counter(i.dtype for i in ckpt.tensors.infos() if i.dtype in CODECS)
     if kinds:
         return f"{ckpt.path} holds quantized GGUF blocks ({', '.join(sorted(kinds))})"
@@ -335,7 +358,7 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
         raise InvalidRequest(f"{out}: already exists (export writes a new file; remove it or pick another)")
     if Path(raw.path).resolve() == out.resolve():
         raise InvalidRequest(f"{out}: is the source")
-    if why := lossy_source(raw):
+    if why := lossy_source(raw, recipe):
         console.print(f"mlxq: warning: lossy: {why}; exporting dequantizes and quantizes it again, which loses "
                       "more than quantizing the original weights once. Better: export from the original "
                       "(unquantized) checkpoint.", style="yellow", highlight=False)

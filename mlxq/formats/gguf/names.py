@@ -252,8 +252,17 @@ BLOCK_TENSORS: dict[str, str] = {
 _GEMMA3_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                  "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm")
 
+# Routed experts (stacked [experts, out, in]) and their router
+_MOE_BLOCK: dict[str, str] = {
+    _name(MODEL_TENSOR.FFN_GATE_INP): "mlp.gate",
+    _name(MODEL_TENSOR.FFN_GATE_EXP): "mlp.experts.gate_proj",
+    _name(MODEL_TENSOR.FFN_UP_EXP): "mlp.experts.up_proj",
+    _name(MODEL_TENSOR.FFN_DOWN_EXP): "mlp.experts.down_proj",
+}
+
 # Hybrid Qwen (Gated DeltaNet + gated attention): names shared by qwen35, qwen35moe and qwen3next
 _HYBRID_BLOCK: dict[str, str] = {
+    **_MOE_BLOCK,
     _name(MODEL_TENSOR.ATTN_POST_NORM): "post_attention_layernorm",
     _name(MODEL_TENSOR.SSM_CONV1D): "linear_attn.conv1d",
     _name(MODEL_TENSOR.SSM_NORM): "linear_attn.norm",
@@ -265,10 +274,6 @@ _HYBRID_BLOCK: dict[str, str] = {
     _name(MODEL_TENSOR.ATTN_GATE): "linear_attn.in_proj_z",
     _name(MODEL_TENSOR.SSM_BETA): "linear_attn.in_proj_b",
     _name(MODEL_TENSOR.SSM_ALPHA): "linear_attn.in_proj_a",
-    _name(MODEL_TENSOR.FFN_GATE_INP): "mlp.gate",
-    _name(MODEL_TENSOR.FFN_GATE_EXP): "mlp.experts.gate_proj",  # stacked [experts, out, in]
-    _name(MODEL_TENSOR.FFN_UP_EXP): "mlp.experts.up_proj",
-    _name(MODEL_TENSOR.FFN_DOWN_EXP): "mlp.experts.down_proj",
     _name(MODEL_TENSOR.FFN_GATE_INP_SHEXP): "mlp.shared_expert_gate",
     _name(MODEL_TENSOR.FFN_GATE_SHEXP): "mlp.shared_expert.gate_proj",
     _name(MODEL_TENSOR.FFN_UP_SHEXP): "mlp.shared_expert.up_proj",
@@ -321,6 +326,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     }),
     "qwen2": Architecture("qwen2"),
     "qwen3": Architecture("qwen3"),
+    "qwen3moe": Architecture("qwen3_moe", block=_MOE_BLOCK),
+    # llama.cpp's bitnet is 1bitLLM's bitnet_b1_58: SiLU, sub-norms before o_proj and down_proj, rotate-half rope
+    "bitnet": Architecture("bitnet", block={_name(MODEL_TENSOR.ATTN_SUB_NORM): "self_attn.attn_sub_norm",
+                                            _name(MODEL_TENSOR.FFN_SUB_NORM): "mlp.ffn_sub_norm"},
+                           defaults={"hidden_act": "silu"}),
     "gemma3": Architecture(
         "gemma3_text",
         # Gemma 3 has four norms a block; llama.cpp names them by position around attention and the MLP
