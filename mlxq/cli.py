@@ -34,6 +34,7 @@ class LazyGroup(click.Group):
         "quantize": ("mlxq.quant.command", "quantize"),
         "eval": ("mlxq.eval.command", "eval"),
         "export": ("mlxq.formats.gguf.command", "export"),
+        "convert": ("mlxq.formats.gguf.command", "convert"),
         "bench": ("mlxq.bench.command", "bench"),
     }
 

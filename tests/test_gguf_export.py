@@ -344,3 +344,41 @@ def test_cli_export_and_its_errors(tiny_src, tmp_path):
         done = mlxq("export", src, "-o", str(tmp_path / "q.gguf"), *args)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_convert_both_ways_warns_when_lossy_and_names_the_better_path(tiny_src, tmp_path):
+    """mlx-lm 4-bit -> GGUF (Q4_K_M by default) and GGUF Q6_K -> mlx-lm (6-bit by default): both re-quantize, so
+    both warn and name the command that quantizes the original once; a float source converts without a warning.
+    The results load: llama.cpp runs the GGUF, mlxq the mlx-lm directory (its logits within 6-bit rounding of the
+    GGUF's)."""
+    import subprocess
+    import sys
+
+    from mlxq.quant import pipeline
+    from mlxq.quant.recipes import uniform
+
+    def mlxq(*args):
+        done = subprocess.run([sys.executable, "-m", "mlxq.cli", *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return " ".join(done.stderr.split())
+
+    src = tiny_src("qwen3", True)
+    mlx4 = tmp_path / "mlx4"
+    pipeline.quantize(str(src), mlx4, uniform(4), progress=False)
+    said = mlxq("convert", str(mlx4), "-o", str(tmp_path / "from-mlx.gguf"))
+    assert "lossy" in said and "mlx-lm affine 4-bit" in said and "mlxq export ORIGINAL" in said and "Q4_K_M" in said
+    assert {t for t, _ in tensors(tmp_path / "from-mlx.gguf").values()} >= {"Q4_K", "Q6_K"}
+    assert llama_cpp_logits(tmp_path / "from-mlx.gguf", PROMPT).shape == (len(PROMPT), 160)
+
+    q6 = exported(src, tmp_path, "Q6_K")
+    said = mlxq("convert", str(q6), "-o", str(tmp_path / "mlx6"))
+    assert "lossy" in said and "GGUF Q6_K" in said and "mlxq quantize ORIGINAL" in said
+    import json
+
+    assert json.loads((tmp_path / "mlx6" / "config.json").read_text())["quantization"]["bits"] == 6
+    import mlxq as api
+
+    got = np.array(api.load(str(tmp_path / "mlx6")).logits(PROMPT))
+    assert rel(got, mlxq_logits(q6, src)) < 0.1
+
+    assert "lossy" not in mlxq("convert", str(src), "-o", str(tmp_path / "float.gguf"), "--type", "Q8_0")

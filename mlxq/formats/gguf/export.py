@@ -35,7 +35,7 @@ from mlxq.quant.gptq import gptq_blocks
 from mlxq.quant.pipeline import ModelShape, progress_bar, terminate_cleanly
 from mlxq.quant.recipes import FLOORS, Recipe
 from mlxq.quant.roles import in_mtp, in_vision, role_of
-from mlxq.quant.source import float_checkpoint, module_path
+from mlxq.quant.source import float_checkpoint, lossy_warning, module_path, quantized_as
 
 GGML_QUANT_VERSION = 2  # general.quantization_version, as llama-quantize writes it
 
@@ -330,20 +330,12 @@ def plan(ckpt: Checkpoint, recipe: Recipe, warn=lambda text: None) -> Plan:
 
 # ---------------------------------------------------------------------------------------------- running
 def lossy_source(ckpt: Checkpoint, recipe: Recipe) -> str | None:
-    """Why exporting `ckpt` with `recipe` loses more than quantizing its original weights once, or None: a
-    quantized source quantized again (a float export only dequantizes; ternary weights fit TQ1_0 / TQ2_0 exactly)."""
-    if recipe.default in FLOAT_TYPES:
+    """How `ckpt` is quantized, when exporting it with `recipe` quantizes it again (None: a float export only
+    dequantizes, and ternary weights fit TQ1_0 / TQ2_0 exactly)."""
+    how = quantized_as(ckpt)
+    if how is None or recipe.default in FLOAT_TYPES or (how.startswith("ternary") and recipe.default.startswith("TQ")):
         return None
-    quant = ckpt.quantization or {}
-    ternary = quant.get("quant_method") == "bitnet" or quant.get("mode") == "ternary"
-    if ternary and recipe.default in ("TQ1_0", "TQ2_0"):
-        return None
-    if quant:
-        return f"{ckpt.path} is already quantized ({quant.get('quant_method') or quant.get('mode', 'affine')})"
-    kinds = Counter(i.dtype for i in ckpt.tensors.infos() if i.dtype in CODECS)
-    if kinds:
-        return f"{ckpt.path} holds quantized GGUF blocks ({', '.join(sorted(kinds))})"
-    return None
+    return how
 
 
 def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None = None,
@@ -358,10 +350,9 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
         raise InvalidRequest(f"{out}: already exists (export writes a new file; remove it or pick another)")
     if Path(raw.path).resolve() == out.resolve():
         raise InvalidRequest(f"{out}: is the source")
-    if why := lossy_source(raw, recipe):
-        console.print(f"mlxq: warning: lossy: {why}; exporting dequantizes and quantizes it again, which loses "
-                      "more than quantizing the original weights once. Better: export from the original "
-                      "(unquantized) checkpoint.", style="yellow", highlight=False)
+    if how := lossy_source(raw, recipe):
+        better = f"mlxq export ORIGINAL -o {out.name} --type {recipe.name} (the unquantized checkpoint)"
+        console.print(f"mlxq: warning: {lossy_warning(src, how, better)}", style="yellow", highlight=False)
     ckpt = float_checkpoint(raw)
     stats = None
     if calibrate is not None:
