@@ -7,16 +7,17 @@ exactly that file. Two parts, both run in this one process, mlxq and llama.cpp i
   `llama-quantize F32.gguf OUT T 2` (llama_model_quantize, 2 threads) per type; wall and CPU seconds (this machine
   is shared, so wall times carry other people's load; CPU seconds do not). Whether the two files hold the same
   tensors byte for byte is recorded too (mlxq's encoders follow ggml's arithmetic: they should).
-- Quality: mlxq's calibrated export (`--calibrate`: ggml's importance-weighted fits plus GPTQ error feedback) against
-  llama.cpp's quantizer with an importance matrix (llama-imatrix), both calibrated on the same text file (the
-  default calibration mix, same tokens), at Q4_K_M / Q3_K_M / Q2_K. Both files are scored by llama.cpp itself:
-  llama-perplexity's KL-divergence mode against the float model's logits on held-back Wikipedia text.
+- Quality: mlxq's calibrated export (`--calibrate`, its default method: ggml's importance-weighted fits with mlxq's
+  importance matrix; the full run adds `--method gptq`) against llama.cpp's quantizer with its own importance
+  matrix (llama-imatrix), both calibrated on the same text file (the default calibration mix, same tokens), at
+  Q4_K_M / Q3_K_M / Q2_K. All files are scored by llama.cpp itself: llama-perplexity's KL-divergence mode against
+  the float model's logits on held-back Wikipedia text.
 
     python bench/gguf_export.py [--quick]
 
 Ratios: `export_time_T_vs_llama_cpp` (wall) and `export_cpu_T_vs_llama_cpp` = mlxq / llama.cpp (goal <= 1);
-`kl_T_vs_llama_cpp` = mlxq's mean KL / llama.cpp's (goal <= 0.8). Quick: two types timed, Q3_K_M's quality on
-2048 calibration and 2048 scored tokens (calibration statistics are cached after the first run).
+`kl_T_vs_llama_cpp` = mlxq's mean KL / llama.cpp's (goal <= 0.8). Quick: Q4_K_M timed once, Q3_K_M's quality on
+1024 calibration and 1024 scored tokens.
 """
 
 from __future__ import annotations
@@ -42,14 +43,15 @@ def tensors(path: Path) -> dict[str, tuple[str, bytes]]:
     return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors}
 
 
-def ours(src: Path, out: Path, kind: str, calibrate: Path | None = None, calib_tokens: int = 0) -> dict:
+def ours(src: Path, out: Path, kind: str, calibrate: Path | None = None, calib_tokens: int = 0,
+         method: str = "imatrix") -> dict:
     from mlxq.formats.gguf.export import export
     from mlxq.quant.recipes import gguf_recipe
 
     out.unlink(missing_ok=True)
     wall, cpu = time.perf_counter(), time.process_time()
     export(str(src), out, gguf_recipe(kind), calibrate=None if calibrate is None else str(calibrate),
-           calib_tokens=calib_tokens, progress=False)
+           method=method, calib_tokens=calib_tokens, progress=False)
     return {"wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3),
             "size_mb": round(out.stat().st_size / 1e6, 2)}
 
@@ -86,9 +88,9 @@ def main() -> None:
     from mlxq.formats.gguf.export import export
     from mlxq.quant.recipes import gguf_recipe
 
-    speed_types = ["Q4_K_M", "Q8_0"] if quick else ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+    speed_types = ["Q4_K_M"] if quick else ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
     quality_types = ["Q3_K_M"] if quick else ["Q4_K_M", "Q3_K_M", "Q2_K"]
-    calib_tokens, eval_tokens = (2048, 2048) if quick else (8192, 8192)
+    calib_tokens, eval_tokens = (1024, 1024) if quick else (8192, 8192)
     reps = 1 if quick else 2
 
     work = cache_dir() / "bench" / "gguf_export"
@@ -126,7 +128,10 @@ def main() -> None:
         cal_ours = ours(f32, out / f"{kind}.mlxq-calibrated.gguf", kind, calib, calib_tokens)
         row = {"mlxq_calibrated": {**cal_ours, "kl": kl(out / f"{kind}.mlxq-calibrated.gguf", base, CTX)},
                "llama_cpp_imatrix": {**cal_theirs, "kl": kl(out / f"{kind}.llama-imatrix.gguf", base, CTX)}}
-        if not quick:  # the uncalibrated pair for context (same types, no calibration on either side)
+        if not quick:  # GPTQ codes, and the uncalibrated pair for context
+            gptq = ours(f32, out / f"{kind}.mlxq-gptq.gguf", kind, calib, calib_tokens, "gptq")
+            row["mlxq_gptq"] = {**gptq, "kl": kl(out / f"{kind}.mlxq-gptq.gguf", base, CTX)}
+            ratios[f"kl_{kind}_gptq_vs_llama_cpp"] = round(row["mlxq_gptq"]["kl"] / row["llama_cpp_imatrix"]["kl"], 3)
             for name, path in (("mlxq", f"{kind}.mlxq.gguf"), ("llama_cpp", f"{kind}.llama.gguf")):
                 if (out / path).exists():
                     row[name] = {"kl": kl(out / path, base, CTX)}

@@ -65,25 +65,39 @@ def llama_cpp_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
 
 _QUANTIZE = r"""
 import ctypes, sys
+import numpy as np
 import llama_cpp
 
-src, dst, ftype, pure = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "pure"
+src, dst, ftype, pure, imatrix = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "pure", sys.argv[5]
 params = llama_cpp.llama_model_quantize_default_params()
 params.ftype = ftype
 params.pure = pure
 params.nthread = 2
+if imatrix != "-":
+    arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in np.load(imatrix).items()}
+    entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()  # ends with a null name
+    for e, (name, a) in zip(entries, arrays.items()):
+        e.name, e.data, e.size = name.encode(), a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size
+    params.imatrix = entries
 sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)))
 """
 
 
-def llama_cpp_quantize(src: Path, dst: Path, file_type: str, pure: bool = False) -> None:
-    """llama.cpp's own quantizer (llama_model_quantize, no importance matrix) on a GGUF: `file_type` is a
-    llama_ftype name as gguf-py spells it (MOSTLY_Q4_K_M, ...); `pure` puts every tensor in its default type."""
+def llama_cpp_quantize(src: Path, dst: Path, file_type: str, pure: bool = False,
+                       imatrix: dict[str, np.ndarray] | None = None) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize) on a GGUF: `file_type` is a llama_ftype name as gguf-py
+    spells it (MOSTLY_Q4_K_M, ...); `pure` puts every tensor in its default type; `imatrix` maps GGUF tensor
+    names to importance per input channel (what llama-imatrix would give it)."""
     import gguf
 
     ftype = int(gguf.LlamaFileType[file_type])
-    done = subprocess.run([sys.executable, "-c", _QUANTIZE, str(src), str(dst), str(ftype), "pure" if pure else "-"],
-                          capture_output=True, text=True, timeout=600)
+    with tempfile.TemporaryDirectory() as tmp:
+        table = "-"
+        if imatrix:
+            table = str(Path(tmp) / "imatrix.npz")
+            np.savez(table, **imatrix)
+        done = subprocess.run([sys.executable, "-c", _QUANTIZE, str(src), str(dst), str(ftype),
+                               "pure" if pure else "-", table], capture_output=True, text=True, timeout=600)
     if done.returncode != 0 or not dst.exists():
         tail = _why(done)
         raise AssertionError(f"llama.cpp could not quantize {src} (exit {done.returncode}):\n{tail}")

@@ -187,8 +187,8 @@ TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with 
 
 @pytest.mark.parametrize(("family", "kind"), [("llama", "Q3_K"), ("llama", "Q4_0"), ("qwen3_5_text", "Q4_0")])
 def test_calibrated_export_lowers_kl(family, kind, tiny_src, tmp_path, monkeypatch):
-    """--calibrate (importance-weighted fits + GPTQ error feedback into the same block format) gives a lower KL
-    to the float model than the plain export, on the calibration text; llama.cpp loads and runs the result."""
+    """--calibrate --method gptq (importance-weighted fits + GPTQ error feedback into the same block format) gives
+    a lower KL to the float model than the plain export, on the calibration text; llama.cpp runs the result."""
     from transformers import AutoTokenizer
 
     from mlxq.eval.metrics import reference, score, windows
@@ -199,7 +199,7 @@ def test_calibrated_export_lowers_kl(family, kind, tiny_src, tmp_path, monkeypat
     src = tiny_src(family, True)  # (qwen3_5: the DeltaNet's out_proj columns move; the statistics move with them)
     plain = exported(src, tmp_path, kind)
     cal = tmp_path / f"{kind}-cal.gguf"
-    export(str(src), cal, gguf_recipe(kind), calibrate=str(text), calib_tokens=1024, progress=False)
+    export(str(src), cal, gguf_recipe(kind), calibrate=str(text), method="gptq", calib_tokens=1024, progress=False)
     assert tensors(cal).keys() == tensors(plain).keys()
     float_net = load_model(open_checkpoint(str(src)), dtype=mx.float32)
     wins = windows(AutoTokenizer.from_pretrained(src).encode(TEXT), 128, 1024)
@@ -211,6 +211,36 @@ def test_calibrated_export_lowers_kl(family, kind, tiny_src, tmp_path, monkeypat
     kl = {p.name: score(logits(mlxq_net(p, src)), wins, ref).kl for p in (plain, cal)}
     assert kl[cal.name] < 0.8 * kl[plain.name], kl
     assert rel(llama_cpp_logits(cal, PROMPT), mlxq_logits(cal, src)) <= QUANTIZED_TOLERANCE
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_M", "Q2_K"])
+def test_importance_weighted_export_is_llama_quantize_with_the_same_imatrix(mix, tiny_src, tmp_path, monkeypatch):
+    """--calibrate's default (imatrix): given mlxq's importance matrix, llama.cpp's quantizer writes the same bytes."""
+    from mlxq.formats.gguf.export import calibration_for, plan
+    from mlxq.quant.calibrate import calibration_stats
+    from mlxq.quant.source import float_checkpoint
+
+    monkeypatch.setenv("MLXQ_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    src = tiny_src("llama", True)
+    ours = tmp_path / f"{mix}-imatrix.gguf"
+    export(str(src), ours, gguf_recipe(mix), calibrate=str(text), calib_tokens=1024, progress=False)
+
+    def opener():
+        return float_checkpoint(open_checkpoint(str(src)))
+
+    stats = calibration_stats(opener, str(text), hessian=False, n_tokens=1024)  # (cached by the export)
+    the_plan = plan(opener(), gguf_recipe(mix))
+    found = {it.out.name: calibration_for(the_plan, it, stats)[0] for it in the_plan.items}
+    imatrix = {name: imp for name, imp in found.items() if imp is not None}
+    assert len(imatrix) == 22  # 7 linears x 3 layers + the output head
+    ref = tmp_path / f"{mix}-llama.gguf"
+    llama_cpp_quantize(exported(src, tmp_path, "F32"), ref, f"MOSTLY_{mix}", imatrix=imatrix)
+    got, want = tensors(ours), tensors(ref)
+    assert {n: t for n, (t, _) in got.items()} == {n: t for n, (t, _) in want.items()}
+    assert [n for n in want if got[n][1] != want[n][1]] == []
+    assert got != tensors(exported(src, tmp_path, mix))  # the importance matrix did change the codes
 
 
 def test_tied_embedding_has_no_output_tensor(tiny_src, tmp_path):

@@ -26,11 +26,13 @@ GGUF_FOR_BITS = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8:
               help="Per-role (or group) GGUF type, e.g. --set attn_v=Q8_0 --set experts=Q2_K. Routers, gates, "
                    "SSM state and norms keep their floors.")
 @click.option("--calibrate", "-c", is_flag=False, flag_value="default", default=None, metavar="[TEXT]",
-              help="Choose codes with the importance matrix and GPTQ error feedback from this text file "
-                   "(no value: the pinned default corpus).")
+              help="Choose codes with statistics of this text (no value: the pinned default corpus).")
+@click.option("--method", "-m", type=click.Choice(["imatrix", "gptq"]), default="imatrix", show_default=True,
+              help="With --calibrate: imatrix: ggml's importance-weighted fits (as llama-quantize --imatrix); "
+                   "gptq: those fits plus GPTQ error feedback.")
 @click.option("--calib-tokens", default=DEFAULT_TOKENS, show_default=True, type=click.IntRange(64),
               help="Calibration tokens.")
-def export(src, out, kind, overrides, calibrate, calib_tokens) -> None:
+def export(src, out, kind, overrides, calibrate, method, calib_tokens) -> None:
     """Export SRC (HF dir, hub id, mlx-lm dir or GGUF) as a GGUF file for llama.cpp / Ollama."""
     from rich.console import Console
 
@@ -39,7 +41,8 @@ def export(src, out, kind, overrides, calibrate, calib_tokens) -> None:
     from mlxq.quant.recipes import gguf_recipe, parse_overrides
 
     recipe = gguf_recipe(kind, parse_overrides(overrides))
-    result = run(src, out, recipe, calibrate=calibrate, calib_tokens=calib_tokens, console=Console(stderr=True))
+    result = run(src, out, recipe, calibrate=calibrate, method=method, calib_tokens=calib_tokens,
+                 console=Console(stderr=True))
     click.echo(summary(result))
 
 
