@@ -17,7 +17,7 @@ exactly that file. Two parts, both run in this one process, mlxq and llama.cpp i
 
 Ratios: `export_time_T_vs_llama_cpp` (wall) and `export_cpu_T_vs_llama_cpp` = mlxq / llama.cpp (goal <= 1);
 `kl_T_vs_llama_cpp` = mlxq's mean KL / llama.cpp's (goal <= 0.8). Quick: Q4_K_M timed once, Q3_K_M's quality on
-1024 calibration and 1024 scored tokens.
+512 calibration and 1024 scored tokens.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def main() -> None:
 
     speed_types = ["Q4_K_M"] if quick else ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
     quality_types = ["Q3_K_M"] if quick else ["Q4_K_M", "Q3_K_M", "Q2_K"]
-    calib_tokens, eval_tokens = (1024, 1024) if quick else (8192, 8192)
+    calib_tokens, eval_tokens = (512, 1024) if quick else (8192, 8192)
     reps = 1 if quick else 2
 
     work = cache_dir() / "bench" / "gguf_export"
