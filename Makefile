@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml
 demo: setup  ## serve the default small model (SmolLM2-135M-Instruct) on 127.0.0.1:8080
 	$(RUN) $(VENV)/bin/mlxq serve
 
-test: setup
-	$(RUN) $(PY) -m pytest -q
+test: setup  ## the fast suite; `pytest -m slow` runs the long ones (fuzzing, big runs)
+	$(RUN) $(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -9,12 +9,13 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxq.engine.generate import Generation, Timings, held_back, stop_index
+from mlxq.engine.generate import Generation, Timings
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams
+from mlxq.engine.stops import StopMatcher
 from mlxq.engine.tokenizer import Tokenizer, load_tokenizer
 from mlxq.errors import InvalidRequest
-from mlxq.formats import Checkpoint, open_checkpoint
-from mlxq.loading import load_model
+from mlxq.formats import Checkpoint
+from mlxq.loading import load_model, open_for_run
 from mlxq.session import Session  # noqa: F401  (re-exported: games use mlxq.api.Session)
 
 Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages
@@ -96,7 +97,7 @@ class Model:
         """Yields text as it becomes final. Sampling options (temperature, top_p, top_k, min_p,
         repetition_penalty, seed, ...) go by keyword or as `params`."""
         ids = self.encode_prompt(prompt, tools=tools, chat_template_kwargs=chat_template_kwargs)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = StopMatcher(stop)
         gen = generation or Generation(self.net, cache if cache is not None else self.make_cache())
         gen.params = params or SamplingParams(**sampling)
         gen.processors = list(logits_processors or [])
@@ -108,22 +109,23 @@ class Model:
         detok = self.tokenizer.detokenizer()
         eos = self.tokenizer.eos_token_ids
         experts_before = self.expert_stats()
-        text, emitted, finish = "", 0, "length"
+        text, emitted, finish, cut = "", 0, "length", -1
         for step in gen.steps(ids, max_tokens, cached=cached_tokens):
             if step.token in eos:
                 gen.generated.pop()
                 finish = "stop"
                 break
+            before = len(text)
             text += detok.add(step.token)
-            cut = stop_index(text, stops)
+            cut = stops.find(text, before)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
                 break
-            safe = len(text) - held_back(text, stops)
+            safe = len(text) - stops.held_back(text)
             if safe > emitted or logprobs:
                 yield Chunk(text[emitted:safe], step.token, None, step.logprobs)
                 emitted = max(emitted, safe)
-        if stop_index(text, stops) < 0:
+        if cut < 0:
             text += detok.flush()
         if experts_before is not None:
             gen.timings.experts = (self.expert_stats() - experts_before).as_dict()
@@ -143,17 +145,20 @@ def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantiz
          experts_per_tok: int | None = None, expert_memory: str | int | None = None,
          expert_options: dict | None = None) -> Model:
     """Load a model by name: a local HF/mlx-lm dir, a GGUF file, an alias (`smollm2`), `ollama:NAME`, or a
-    hub id. With no name, the default small model. Off Metal, quantized GGUF weights are dequantized to
-    float32 unless `keep_quantized=True`, since MLX's quantized CPU kernels are slow on x86.
+    hub id. With no name, the default small model. A GGUF file's quantized weights stay in their blocks on Metal;
+    off Metal they are dequantized to float32 (MLX's quantized CPU kernels are slow on x86) while the float model
+    fits comfortably in memory, else kept too (`loading.open_for_run`). `keep_quantized` forces either way.
     `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact).
     `expert_memory` ("8GB", "25%"): a model with expert packs streams its experts from disk within that much
     memory (`expert_options`: see `mlxq.experts.StreamOptions`); `Model.expert_stats()` reports the I/O."""
-    if keep_quantized is None:
-        keep_quantized = mx.metal.is_available()
-    ckpt = open_checkpoint(name, keep_quantized=keep_quantized)
-    net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=expert_memory,
-                     expert_options=expert_options)
+    from concurrent.futures import ThreadPoolExecutor
+
+    ckpt = open_for_run(name, keep_quantized)
     eos = ckpt.config.get("eos_token_id")
-    tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template,
-                         eos if isinstance(eos, list) else ([eos] if eos is not None else None))
-    return Model(net, tok, ckpt, name or "smollm2")
+    eos = eos if isinstance(eos, list) else ([eos] if eos is not None else None)
+    # the tokenizer loads beside the weights: MLX computes with the GIL released
+    with ThreadPoolExecutor(1) as pool:
+        tok = pool.submit(load_tokenizer, ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template, eos)
+        net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=expert_memory,
+                         expert_options=expert_options)
+        return Model(net, tok.result(), ckpt, name or "smollm2")

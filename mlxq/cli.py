@@ -82,6 +82,10 @@ def expert_options(f):
     ]):
         f = opt(f)
     return f
+keep_quantized_option = click.option(
+    "--keep-quantized", is_flag=True,
+    help="Keep a GGUF model's quantized blocks (the model stays at its file size). Default: on Metal, or when the "
+         "float model would not fit comfortably in memory.")
 
 
 def _sampling(kw: dict) -> dict:
@@ -98,12 +102,15 @@ def _sampling(kw: dict) -> dict:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--verbose", "-v", is_flag=True, help="Print timings to stderr.")
 @expert_options
+@keep_quantized_option
 @sampling_options
-def generate(prompt, model, chat, system, think, stop, verbose, expert_memory, experts_per_tok, max_tokens, **kw):
+def generate(prompt, model, chat, system, think, stop, verbose, expert_memory, experts_per_tok, keep_quantized,
+             max_tokens, **kw):
     """Generate a completion for PROMPT and stream it to stdout."""
     import mlxq
 
-    m = mlxq.load(model, expert_memory=expert_memory, experts_per_tok=experts_per_tok)
+    m = mlxq.load(model, keep_quantized=keep_quantized or None, expert_memory=expert_memory,
+                  experts_per_tok=experts_per_tok)
     before = m.expert_stats()
     if chat and m.tokenizer.has_chat_template:
         prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -132,13 +139,15 @@ def generate(prompt, model, chat, system, think, stop, verbose, expert_memory, e
 @click.option("--system", default=None, help="System message.")
 @click.option("--think/--no-think", default=None, help="enable_thinking for templates that have it.")
 @expert_options
+@keep_quantized_option
 @sampling_options
-def chat(model, system, think, expert_memory, experts_per_tok, max_tokens, **kw):
+def chat(model, system, think, expert_memory, experts_per_tok, keep_quantized, max_tokens, **kw):
     """Interactive chat (empty line or Ctrl-D quits). The cache is kept between turns."""
     import mlxq
     from mlxq.session import Session
 
-    m = mlxq.load(model, expert_memory=expert_memory, experts_per_tok=experts_per_tok)
+    m = mlxq.load(model, keep_quantized=keep_quantized or None, expert_memory=expert_memory,
+                  experts_per_tok=experts_per_tok)
     session = Session(m, system=system, enable_thinking=bool(think), max_tokens=max_tokens, **_sampling(kw))
     click.echo(f"mlxq chat with {m.name}: empty line or Ctrl-D to quit", err=True)
     while True:
@@ -155,21 +164,22 @@ def chat(model, system, think, expert_memory, experts_per_tok, max_tokens, **kw)
 @click.argument("model")
 def inspect(model):
     """Architecture, tensors, dtypes, parameters, size and quantization of MODEL (weights are not read)."""
+    import math
+
+    from mlxq.errors import UnsupportedModel
     from mlxq.formats import open_checkpoint
     from mlxq.models import text_config
+    from mlxq.quant.source import float_checkpoint
 
     ckpt = open_checkpoint(model)  # GGUF tensors keep their block type in the infos: exact sizes, per-type counts
     cfg = text_config(ckpt.config)
     infos = ckpt.tensors.infos()
     quant = ckpt.quantization or {}
-    params = 0
-    for info in infos:
-        if info.name.endswith((".scales", ".biases")) and quant:
-            continue
-        n = 1
-        for d in info.shape:
-            n *= d
-        params += n * (32 // quant.get("bits", 32)) if info.dtype == "uint32" and quant else n
+    try:  # parameters as the float model has them: each mlx-lm quantized triple counts as its float weight
+        shapes = [i.shape for i in float_checkpoint(ckpt).tensors.infos()]
+    except UnsupportedModel:  # a quantization mode other than affine: counted as stored
+        shapes = [i.shape for i in infos]
+    params = sum(math.prod(shape) for shape in shapes)
     size = sum(i.nbytes for i in infos)
     packs = None
     if ckpt.format != "gguf":
@@ -202,8 +212,18 @@ def inspect(model):
 
 
 @cli.command()
-def doctor():
-    """What mlxq sees: platform, MLX backend, BLAS, cache, default model."""
+@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--fix", is_flag=True, help="Write a repaired copy of FILE (needs -o).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Where --fix writes the repaired file.")
+@click.pass_context
+def doctor(ctx, file, fix, output):
+    """What mlxq sees: platform, MLX backend, BLAS, cache, default model. With a GGUF FILE: what in it llama.cpp,
+    Ollama or mlxq trip over, one line per finding (exit status 2 with errors, 1 with warnings), and with --fix -o OUT
+    a repaired copy that llama.cpp loads."""
+    if file is not None:
+        ctx.exit(_doctor_file(file, fix, output))
+    if fix or output:
+        raise click.UsageError("--fix and -o need a GGUF FILE")
     import platform
 
     import mlx.core as mx
@@ -223,12 +243,40 @@ def doctor():
         click.echo(f"{key:>13}  {value}")
 
 
+def _doctor_file(file: str, fix: bool, output: str | None) -> int:
+    from mlxq.formats.gguf.doctor import examine, repair, status
+
+    if fix and not output:
+        raise click.UsageError("--fix writes a new file: give it with -o OUT")
+    findings = examine(file)[0]
+    for f in findings:
+        click.echo(f.line())
+    if not findings:
+        click.echo(f"{file}: no problems found")
+    if not fix:
+        return status(findings)
+    if not any(f.fixable for f in findings):
+        click.echo(f"{file}: nothing --fix can repair; {output} not written", err=True)
+        return status(findings)
+    left = repair(file, output)
+    click.echo(f"wrote {output}: " + (f"{len(left)} finding(s) left" if left else "no problems left"))
+    for f in left:
+        click.echo(f.line())
+    return status(left)
+
+
 def main() -> None:
     _use_openblas()
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except MlxqError as e:
         click.echo(f"mlxq: error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:  # the machine said no (no space, no permission, read-only, ...): one line, like our own
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"mlxq: error: {where}{e.strerror or e}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import os
+from contextlib import contextmanager
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
@@ -17,6 +21,40 @@ def default_dtype() -> mx.Dtype:
     return mx.float16 if mx.metal.is_available() else mx.float32
 
 
+def float_nbytes(ckpt: Checkpoint) -> int:
+    """Bytes the checkpoint's tensors take as float32 (what loading a GGUF without keeping its blocks costs)."""
+    return 4 * sum(math.prod(info.shape) for info in ckpt.tensors.infos())
+
+
+def memory_available() -> int:
+    """Bytes of memory available to a new allocation: MemAvailable on Linux, else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fits_in_memory(nbytes: int) -> bool:
+    """Whether a model of `nbytes` fits comfortably: at most half the available memory (the rest for the KV
+    cache, the activations, and everything else running)."""
+    return nbytes <= memory_available() // 2
+
+
+def open_for_run(name: str | None, keep_quantized: bool | None = None) -> Checkpoint:
+    """The checkpoint to run: a GGUF file's quantized blocks kept when `keep_quantized`, and by default on Metal or
+    when its float32 form would not fit comfortably in memory."""
+    from mlxq.formats import open_checkpoint
+
+    ckpt = open_checkpoint(name, keep_quantized=mx.metal.is_available() if keep_quantized is None else keep_quantized)
+    if keep_quantized is None and ckpt.format == "gguf" and not fits_in_memory(float_nbytes(ckpt)):
+        ckpt = open_checkpoint(name, keep_quantized=True)
+    return ckpt
+
+
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = True,
                experts_per_tok: int | None = None, expert_memory: str | int | None = None,
                expert_options: dict | None = None) -> nn.Module:
@@ -27,18 +65,21 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     (`mlxq quantize --stream-experts`) streams its experts within `expert_memory` bytes ('8GB', '25%'; see
     `mlxq.experts`, options in `StreamOptions`), or holds them all in memory when that is None."""
     config = text_config(ckpt.config)
-    model = build_model(config)
+    with _as_config_error(ckpt):
+        model = build_model(config)
     weights = model.sanitize({name: ckpt.tensors[name] for name in ckpt.tensors})
     packs, streamed = _expert_packs(ckpt, model, weights, expert_memory)
     quant = ckpt.quantization
     dtype = dtype or default_dtype()
     if quant and "quant_method" not in quant:  # mlx-lm's; a transformers quant_method is the family's to read
-        _blocks_like(model, quant, dtype)
-        _ternary_like(model, weights, quant)
-        _quantize_like(model, weights, quant)
+        with _as_config_error(ckpt):
+            _blocks_like(model, quant, dtype)
+            _ternary_like(model, weights, quant)
+            _quantize_like(model, weights, quant)
     check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
     cast = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
     model.load_weights(list(cast.items()), strict=True)
+    del weights, cast  # the model holds them now; fusing below replaces some, which must not stay alive here
     if fuse:
         inference_layout(model)
     if experts_per_tok is not None:
@@ -72,6 +113,15 @@ def _expert_packs(ckpt: Checkpoint, model: nn.Module, weights: dict, expert_memo
         weights.update(packs.resident_weights())
         return packs, []
     return packs, stream_blocks(model, packs)
+@contextmanager
+def _as_config_error(ckpt: Checkpoint):
+    """What `formats.validate` cannot foresee about a family's config (a rope setting of the wrong type, say) fails
+    as one ConfigError naming the checkpoint, not as a traceback from inside the model's constructor."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError) as e:
+        what = f"missing field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:200]}"
+        raise ConfigError(f"{ckpt.path}: the config does not describe a model mlxq can build ({what})") from None
 
 
 def check_weights(path, expected: dict[str, mx.array], weights: dict[str, mx.array]) -> None:
@@ -83,8 +133,14 @@ def check_weights(path, expected: dict[str, mx.array], weights: dict[str, mx.arr
         more = len(missing) + len(unexpected) - 1
         raise FormatError(f"{path}: {what}" + (f" (and {more} more)" if more else ""))
     for name, w in weights.items():
-        if w.shape != expected[name].shape:
-            raise FormatError(f"{path}: tensor '{name}' has shape {w.shape}, expected {expected[name].shape}")
+        want = expected[name]
+        if w.shape != want.shape:
+            raise FormatError(f"{path}: tensor '{name}' has shape {w.shape}, expected {want.shape}")
+        # Floats of any width cast to the load dtype; anything else (packed quantized words) must match exactly:
+        # an int32 tensor where float weights belong is a damaged header, never weights.
+        float_w, float_want = mx.issubdtype(w.dtype, mx.floating), mx.issubdtype(want.dtype, mx.floating)
+        if float_w != float_want or (not float_w and w.dtype != want.dtype):
+            raise FormatError(f"{path}: tensor '{name}' is {w.dtype}, expected {want.dtype}")
 
 
 def inference_layout(model: nn.Module) -> None:

@@ -7,14 +7,14 @@ gets OpenAI's error JSON with a 4xx status; a request that fails in the engine f
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
 import re
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pydantic
@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from mlxq.engine.scheduler import Engine, Output
-from mlxq.errors import MlxqError
+from mlxq.errors import InvalidRequest, MlxqError
 from server.bridge import EngineUnavailable, Submission
 from server.output import CompletionLogprobs, TextSplitter, TokenText, chat_logprobs, usage_json
 from server.prepare import Limits, Plan, Planner
@@ -113,11 +113,12 @@ class OpenAIServer:
     """Routes for one model served by `engine`. `names`: model ids requests may use (the first is listed)."""
 
     def __init__(self, engine: Engine, planner: Planner, names: list[str], *, api_key: str | None = None):
+        if api_key is not None and not api_key.strip():
+            raise InvalidRequest("the API key is empty: give a key, or none to serve without auth")
         self.engine, self.planner, self.names = engine, planner, names
         self.api_key = api_key
         self.text = TokenText(planner.tokenizer)
         self.created = int(time.time())
-        self._plan_lock = threading.Lock()  # one tokenizer, shared: templating and encoding one at a time
         self._experts_logged = engine.model.expert_stats()  # streamed experts: I/O logged after each request
 
     # -------------------------------------------------------------------------------------------- app
@@ -126,23 +127,17 @@ class OpenAIServer:
         app.add_exception_handler(ApiError, lambda _, e: e.response())
         app.add_exception_handler(MlxqError, lambda _, e: ApiError.of(e).response())
         app.add_exception_handler(HTTPException, self._http_error)
-        app.add_exception_handler(Exception, self._internal_error)
-        app.add_api_route("/health", self.health, methods=["GET"])
-        app.add_api_route("/v1/models", self.models, methods=["GET"])
-        app.add_api_route("/v1/models/{model:path}", self.model, methods=["GET"])
-        app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
-        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/health", _guarded(self.health), methods=["GET"])
+        app.add_api_route("/v1/models", _guarded(self.models), methods=["GET"])
+        app.add_api_route("/v1/models/{model:path}", _guarded(self.model), methods=["GET"])
+        app.add_api_route("/v1/chat/completions", _guarded(self.chat), methods=["POST"])
+        app.add_api_route("/v1/completions", _guarded(self.completions), methods=["POST"])
         return app
 
     @staticmethod
     async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
         message = {404: "no such endpoint", 405: "method not allowed"}.get(e.status_code, str(e.detail))
         return ApiError(e.status_code, message).response()
-
-    @staticmethod
-    async def _internal_error(_: Request, e: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return ApiError.of(e).response()
 
     # -------------------------------------------------------------------------------------------- routes
     async def health(self) -> JSONResponse:
@@ -163,7 +158,7 @@ class OpenAIServer:
         self._auth(request)
         body = await self._body(request, ChatRequest)
         self._check_model(body.model)
-        plan = await run_in_threadpool(self._plan, self.planner.chat, body)
+        plan = await run_in_threadpool(self.planner.chat, body)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await self._respond(request, plan, "chat", body.model, body.stream, include_usage)
 
@@ -171,7 +166,7 @@ class OpenAIServer:
         self._auth(request)
         body = await self._body(request, CompletionRequest)
         self._check_model(body.model)
-        plan = await run_in_threadpool(self._plan, self.planner.completion, body)
+        plan = await run_in_threadpool(self.planner.completion, body)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await self._respond(request, plan, "completion", body.model, body.stream, include_usage)
 
@@ -210,10 +205,6 @@ class OpenAIServer:
             return schema.model_validate_json(bytes(data))
         except pydantic.ValidationError as e:
             raise _validation_error(e) from None
-
-    def _plan(self, build, body) -> Plan:
-        with self._plan_lock:
-            return build(body)
 
     # -------------------------------------------------------------------------------------------- responses
     async def _respond(
@@ -384,13 +375,35 @@ class OpenAIServer:
                 item = await self._next(request, sub)
                 if item is None:
                     return  # the client went away
-        except ApiError as e:  # the status line is long gone: the error goes in the stream (the client raises)
-            yield _sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
+        except Exception as e:  # the status line is long gone: the error goes in the stream (the client raises)
+            error = ApiError.of(e)
+            if error.status >= 500 and not isinstance(e, (ApiError, MlxqError)):
+                log.error("streamed request failed", exc_info=e)
+            yield _sse({"error": {"message": error.message, "type": error.kind, "param": error.param,
+                                  "code": error.code}})
             return
         if include_usage:
             yield _sse({**head, "choices": [], "usage": self._usage(plan, runs)})
         self._log_experts()
         yield _sse("[DONE]")
+
+
+def _guarded(route: Callable) -> Callable:
+    """A route whose unexpected exceptions (bugs) are logged once and answered as a 500 in OpenAI's error JSON.
+    Left to Starlette, such an exception is logged twice (its handler, then the server) and closes the
+    connection; the errors a client causes are ApiErrors and MlxqErrors, answered by their handlers."""
+
+    @functools.wraps(route)
+    async def guarded(*args, **kwargs):
+        try:
+            return await route(*args, **kwargs)
+        except (ApiError, MlxqError, HTTPException):
+            raise
+        except Exception as e:
+            log.error("request failed", exc_info=e)
+            return ApiError.of(e).response()
+
+    return guarded
 
 
 def _validation_error(e: pydantic.ValidationError) -> ApiError:

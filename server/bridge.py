@@ -11,7 +11,7 @@ import time
 from functools import partial
 
 from mlxq.engine.scheduler import Engine, Output, Request
-from mlxq.errors import MlxqError
+from mlxq.errors import InvalidRequest, MlxqError
 
 
 class EngineUnavailable(MlxqError):
@@ -22,6 +22,8 @@ class Submission:
     """Outputs of one API call's requests (one per choice), as (choice index, Output) pairs."""
 
     def __init__(self, engine: Engine, requests: list[Request], max_pending: int):
+        if not requests:  # nothing would ever arrive: the response would wait forever
+            raise InvalidRequest("the request asks for no completions")
         if not engine.alive:
             raise EngineUnavailable("the engine is not running")
         if engine.pending + len(requests) > max_pending:

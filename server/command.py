@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import threading
 import time
 
 import click
 
-from mlxq.cli import expert_options
+from mlxq.cli import expert_options, keep_quantized_option
 from mlxq.errors import GenerationError, InvalidRequest
 
 
@@ -21,7 +22,7 @@ from mlxq.errors import GenerationError, InvalidRequest
     "--api-key",
     envvar="MLXQ_API_KEY",
     default=None,
-    help="Require 'Authorization: Bearer KEY' on /v1 (also from MLXQ_API_KEY).",
+    help="Require 'Authorization: Bearer KEY' on /v1 (also from MLXQ_API_KEY; an empty key is an error).",
 )
 @click.option("--served-model-name", default=None, help="Model id clients use (default: MODEL, or smollm2).")
 @click.option(
@@ -65,6 +66,13 @@ from mlxq.errors import GenerationError, InvalidRequest
     help="Reasoning tokens before '</think>' is forced, when a request does not say.",
 )
 @expert_options
+@keep_quantized_option
+@click.option(
+    "--allow-request-templates",
+    is_flag=True,
+    help="Let requests send their own chat template (chat_template_kwargs.chat_template): arbitrary Jinja, "
+    "rendered within a time and size budget. Off: such requests get a 400.",
+)
 @click.option(
     "--log-level",
     default="info",
@@ -85,6 +93,8 @@ def serve(
     thinking_budget,
     expert_memory,
     experts_per_tok,
+    keep_quantized,
+    allow_request_templates,
     log_level,
 ):
     """Serve MODEL (default: smollm2) over an OpenAI-compatible HTTP API: /v1/chat/completions,
@@ -97,6 +107,10 @@ def serve(
     from server.app import build_app
     from server.prepare import Limits
 
+    if api_key is None and os.environ.get("MLXQ_API_KEY") is not None:
+        api_key = os.environ["MLXQ_API_KEY"]  # click reads an empty variable as unset; here it is an error
+    if api_key is not None and not api_key.strip():
+        raise InvalidRequest("--api-key / MLXQ_API_KEY is empty: give a key, or unset it to serve without auth")
     _check_bindable(host, port)  # before the model loads, not after
     console = Console(stderr=True, log_path=False)
     name = served_model_name or model or DEFAULT_MODEL
@@ -104,10 +118,12 @@ def serve(
         console.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
     t0 = time.perf_counter()
     with console.status(f"loading {model or DEFAULT_MODEL} (fetched on first use)...") as status:
-        loaded = mlxq.load(model, expert_memory=expert_memory, experts_per_tok=experts_per_tok)
+        loaded = mlxq.load(model, keep_quantized=keep_quantized or None, expert_memory=expert_memory,
+                           experts_per_tok=experts_per_tok)
         console.log(f"loaded {model or DEFAULT_MODEL} in {time.perf_counter() - t0:.1f} s")
         status.update("building the engine and token tables...")
-        limits = Limits(max_tokens=max_tokens, max_request_bytes=int(max_request_mb * (1 << 20)))
+        limits = Limits(max_tokens=max_tokens, max_request_bytes=int(max_request_mb * (1 << 20)),
+                        allow_request_templates=allow_request_templates)
         app, engine = build_app(
             loaded,
             list(dict.fromkeys([name, model or DEFAULT_MODEL])),
@@ -125,8 +141,9 @@ def serve(
             engine.close()
             raise
     console.log(
-        f"ready in {time.perf_counter() - t0:.1f} s: model '{name}' at http://{_url_host(host)}:{port}/v1"
-        + (" (bearer auth on)" if api_key else "")
+        f"ready in {time.perf_counter() - t0:.1f} s: model '{name}' at http://{_url_host(host)}:{port}/v1, "
+        + ("auth on (bearer key)" if api_key else "auth off (no --api-key)")
+        + (", request chat templates allowed" if allow_request_templates else "")
     )
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -8,8 +8,13 @@ reject a bad schema with a 400 before anything is queued.
 
 from __future__ import annotations
 
+import inspect
 import json
+import sys
+import threading
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +24,14 @@ from mlxq.engine.constraints import GrammarProcessor, response_format_grammar, t
 from mlxq.engine.guards import THINK_CLOSE, THINK_OPEN, prompt_opens_think, thinking_processor
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams
 from mlxq.engine.scheduler import Request
+from mlxq.engine.stops import check_stops
 from mlxq.errors import InvalidRequest
 from mlxq.models import text_config
-from server.schemas import MAX_STOPS, ChatRequest, CompletionRequest, Message
+from server.schemas import ChatRequest, CompletionRequest, Message
 from server.tools import plan_tools
 
 DEFAULT_CONTEXT = 4096  # when the model's config does not say
+TEMPLATE_FIELD = "chat_template_kwargs.chat_template"
 
 
 @dataclass
@@ -35,6 +42,11 @@ class Limits:
     max_choices: int = 8  # n (times the number of prompts, for completions)
     max_request_bytes: int = 4 << 20
     max_pending: int = 256  # requests queued or running in the engine before new ones get a 503
+    # Chat templates sent in requests (chat_template_kwargs.chat_template) run arbitrary Jinja: refused unless
+    # allowed, and then rendered within a time budget and an output size budget (characters).
+    allow_request_templates: bool = False
+    template_seconds: float = 2.0
+    template_chars: int = 1 << 20
 
 
 class ContextLengthExceeded(InvalidRequest):
@@ -63,7 +75,11 @@ class Plan:
 
 class Planner:
     """Builds `Plan`s for one model. `default_thinking` (None: the template's default, which is on for Qwen3)
-    and `thinking_budget` apply where a request does not say."""
+    and `thinking_budget` apply where a request does not say.
+
+    Plans are built on many request threads at once. Cheap checks come first (choices, fields), templates are
+    rendered with no lock held, and only the shared tokenizer's own work (encoding, decoding) is serialised by
+    `lock`, so one request's slow template never stalls another's."""
 
     def __init__(
         self,
@@ -85,6 +101,9 @@ class Planner:
         self.default_thinking = default_thinking
         self.thinking_budget = thinking_budget
         self.rewindable_cache = rewindable_cache  # False: mark where the conversation so far ends (hybrid models)
+        self.lock = threading.Lock()  # one tokenizer, shared: encoding and decoding one request at a time
+        # apply_chat_template's own parameters: a request's chat_template_kwargs may only set template variables
+        self.template_parameters = set(inspect.signature(type(self.tokenizer.hf).apply_chat_template).parameters)
 
     @property
     def supports_thinking(self) -> bool:
@@ -94,9 +113,10 @@ class Planner:
     def chat(self, body: ChatRequest) -> Plan:
         tok = self.tokenizer
         if not tok.has_chat_template:
-            raise InvalidRequest("this model has no chat template: use /v1/completions with a plain prompt")
+            raise InvalidRequest("messages: this model has no chat template: use /v1/completions with a plain prompt")
+        n = self._choices(body.n, 1)
         messages = [_message(m, i) for i, m in enumerate(body.messages)]
-        kwargs = dict(body.chat_template_kwargs or {})
+        kwargs = self._template_kwargs(body.chat_template_kwargs)
         thinking = self._thinking(kwargs, body.reasoning_effort)
         if thinking is not None:
             kwargs["enable_thinking"] = thinking
@@ -105,23 +125,24 @@ class Planner:
         tools = plan_tools(tok, body.tools, body.tool_choice, after_think=enable)
         fmt_grammar = response_format_grammar(body.response_format, leading_newlines=enable)
         if tools.grammar is not None and fmt_grammar is not None:
-            raise InvalidRequest("response_format cannot be combined with tool_choice 'required' or a named function")
+            raise InvalidRequest("response_format: cannot be combined with tool_choice 'required' or a named function")
         grammar = tools.grammar or fmt_grammar
         if grammar is not None:
             self._check_grammar(grammar, "response_format" if fmt_grammar else "tools")
 
-        ids = self._render(messages, tools.tools, kwargs, generation_prompt=True)
-        marks = []
-        if not self.rewindable_cache:  # where the next turn's prompt will part from this one
-            history = self._render(messages, tools.tools, kwargs, generation_prompt=False)
-            if 0 < len(history) < len(ids) and history == ids[: len(history)]:
-                marks = [len(history)]
-        max_tokens = self._max_tokens(len(ids), body.max_completion_tokens or body.max_tokens)
+        text = self._render(messages, tools.tools, kwargs, generation_prompt=True)
+        # where the next turn's prompt will part from this one (caches that cannot rewind mark it)
+        history_text = None if self.rewindable_cache else self._render(messages, tools.tools, kwargs, False)
+        with self.lock:
+            ids = tok.encode(text, add_special_tokens=False)
+            history = [] if history_text is None else tok.encode(history_text, add_special_tokens=False)
+            think_open = enable and prompt_opens_think(tok, ids)
+        marks = [len(history)] if 0 < len(history) < len(ids) and history == ids[: len(history)] else []
+        max_tokens = self._max_tokens(len(ids), body.max_completion_tokens or body.max_tokens, "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidRequest("top_logprobs: needs logprobs: true")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
 
-        think_open = enable and prompt_opens_think(tok, ids)
         budget = body.thinking_budget if body.thinking_budget is not None else self.thinking_budget
         start_after = self.think_close if enable else None
         forced_tool = tools.grammar is not None
@@ -139,7 +160,6 @@ class Planner:
                 procs.append(GrammarProcessor(tok, grammar, start_after=start_after))
             return procs
 
-        n = self._choices(body.n, 1)
         requests = [self._request(ids, max_tokens, body, j, processors, logprobs, marks) for j in range(n)]
         choice = Choice(0, reasoning=self.supports_thinking, think_open=think_open, tools=tools.parse)
         return Plan(requests, [choice] * n, [len(ids)])
@@ -148,11 +168,11 @@ class Planner:
         """enable_thinking from chat_template_kwargs and reasoning_effort ("none" turns it off)."""
         asked = kwargs.get("enable_thinking")
         if asked is not None and not isinstance(asked, bool):
-            raise InvalidRequest("chat_template_kwargs.enable_thinking must be a boolean")
+            raise InvalidRequest("chat_template_kwargs.enable_thinking: must be a boolean")
         if effort is not None:
             wanted = effort != "none"
             if asked is not None and asked != wanted:
-                raise InvalidRequest(f"reasoning_effort {effort!r} contradicts chat_template_kwargs.enable_thinking")
+                raise InvalidRequest(f"reasoning_effort: {effort!r} contradicts chat_template_kwargs.enable_thinking")
             asked = wanted
         if asked is None:
             asked = self.default_thinking
@@ -160,57 +180,72 @@ class Planner:
             asked = True  # what Qwen3-style templates do when enable_thinking is not given
         return asked
 
-    def _render(
-        self, messages: list[dict], tools: list[dict] | None, kwargs: dict, generation_prompt: bool
-    ) -> list[int]:
+    def _template_kwargs(self, given: dict[str, Any] | None) -> dict[str, Any]:
+        """A request's chat_template_kwargs: template variables only; its own chat template only when allowed."""
+        kwargs = dict(given or {})
+        for key in kwargs:
+            if key == "chat_template" and not self.limits.allow_request_templates:
+                raise InvalidRequest(f"{TEMPLATE_FIELD}: this server does not take chat templates from requests "
+                                     "(start it with --allow-request-templates to allow them)")
+            if key in self.template_parameters and key != "chat_template":
+                raise InvalidRequest(f"chat_template_kwargs.{key}: not a template variable")
+        if "chat_template" in kwargs and not isinstance(kwargs["chat_template"], str):
+            raise InvalidRequest(f"{TEMPLATE_FIELD}: must be a string")
+        return kwargs
+
+    def _render(self, messages: list[dict], tools: list[dict] | None, kwargs: dict, generation_prompt: bool) -> str:
+        """The prompt text. A request's own template renders within the time and size budgets of `limits`."""
+        own = "chat_template" in kwargs
+        field = TEMPLATE_FIELD if own else "messages"
         try:
-            return self.tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=generation_prompt, **kwargs
-            )
+            with _time_budget(self.limits.template_seconds if own else None):
+                text = self.tokenizer.render_chat_template(
+                    messages, tools=tools, add_generation_prompt=generation_prompt, **kwargs
+                )
         except InvalidRequest:
             raise
+        except _Overtime:
+            raise InvalidRequest(f"{field}: rendering took longer than {self.limits.template_seconds:g} s") from None
         except Exception as e:  # the template's own checks (roles must alternate, ...) raise jinja errors
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise InvalidRequest(f"messages: the chat template cannot render them: {first[:300]}") from None
+            raise InvalidRequest(f"{field}: the chat template cannot render the messages: {first[:300]}") from None
+        if not isinstance(text, str):
+            raise InvalidRequest(f"{field}: the chat template did not render text")
+        if own and len(text) > self.limits.template_chars:
+            raise InvalidRequest(f"{field}: renders {len(text)} characters; at most {self.limits.template_chars}")
+        return text
 
     # -------------------------------------------------------------------------------------------- completions
     def completion(self, body: CompletionRequest) -> Plan:
         if body.suffix:
-            raise InvalidRequest("suffix is not supported")
+            raise InvalidRequest("suffix: is not supported")
         if body.best_of is not None and body.best_of != body.n:
-            raise InvalidRequest("best_of is not supported (only best_of == n)")
+            raise InvalidRequest("best_of: is not supported (only best_of == n)")
         if body.echo and body.logprobs is not None:
-            raise InvalidRequest("echo with logprobs is not supported")
-        prompts = self._prompts(body.prompt)
-        n = self._choices(body.n, len(prompts))
+            raise InvalidRequest("echo: cannot be combined with logprobs")
+        prompts = _prompt_list(body.prompt)
+        n = self._choices(body.n, len(prompts))  # before any prompt is tokenized
+        with self.lock:
+            token_ids = [self._prompt_ids(p, i, len(prompts)) for i, p in enumerate(prompts)]
+            echoes = [self.tokenizer.decode(ids) if body.echo else "" for ids in token_ids]
         requests, choices, lengths = [], [], []
         requested = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
-        for p, ids in enumerate(prompts):
-            max_tokens = self._max_tokens(len(ids), requested)
-            echo = self.tokenizer.decode(ids) if body.echo else ""
+        for p, (ids, echo) in enumerate(zip(token_ids, echoes, strict=True)):
+            max_tokens = self._max_tokens(len(ids), requested, "prompt")
             lengths.append(len(ids))
             for j in range(n):
                 requests.append(self._request(ids, max_tokens, body, p * n + j, list, body.logprobs, []))
                 choices.append(Choice(p, echo=echo))
         return Plan(requests, choices, lengths)
 
-    def _prompts(self, prompt: Any) -> list[list[int]]:
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif prompt and all(isinstance(t, int) for t in prompt):
-            prompts = [prompt]
-        else:
-            prompts = list(prompt)
-        out = []
-        for i, p in enumerate(prompts):
-            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
-            if not ids:
-                raise InvalidRequest(f"prompt[{i}] is empty" if len(prompts) > 1 else "prompt is empty")
-            bad = next((t for t in ids if not 0 <= t < self.vocab), None)
-            if bad is not None:
-                raise InvalidRequest(f"prompt: token id {bad} is outside the vocabulary (0..{self.vocab - 1})")
-            out.append(ids)
-        return out
+    def _prompt_ids(self, prompt: str | list[int], i: int, count: int) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InvalidRequest(f"prompt: prompt[{i}] is empty" if count > 1 else "prompt: must not be empty")
+        bad = next((t for t in ids if not 0 <= t < self.vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt: token id {bad} is outside the vocabulary (0..{self.vocab - 1})")
+        return ids
 
     # -------------------------------------------------------------------------------------------- shared
     def _choices(self, n: int, prompts: int) -> int:
@@ -218,12 +253,13 @@ class Planner:
             raise InvalidRequest(f"n: at most {self.limits.max_choices} choices per request (asked for {n * prompts})")
         return n
 
-    def _max_tokens(self, prompt_len: int, requested: int | None) -> int:
+    def _max_tokens(self, prompt_len: int, requested: int | None, prompt_field: str) -> int:
         limit = self.limits.max_tokens
         room = self.context - prompt_len
         if room < 1:
             raise ContextLengthExceeded(
-                f"the prompt has {prompt_len} tokens; this model's context length is {self.context} tokens"
+                f"{prompt_field}: the prompt has {prompt_len} tokens; this model's context length is "
+                f"{self.context} tokens"
             )
         if requested is None:
             return min(limit, room)
@@ -231,7 +267,7 @@ class Planner:
             raise InvalidRequest(f"max_tokens: {requested} is more than this server allows ({limit})")
         if requested > room:
             raise ContextLengthExceeded(
-                f"this model's maximum context length is {self.context} tokens; the prompt "
+                f"max_tokens: this model's maximum context length is {self.context} tokens; the prompt "
                 f"has {prompt_len} and max_tokens asks for {requested} more"
             )
         return requested
@@ -251,7 +287,7 @@ class Planner:
             max_tokens,
             self._params(body, index),
             processors,
-            _stops(body.stop),
+            check_stops(body.stop),
             logprobs,
             marks,
             ignore_eos=body.ignore_eos,
@@ -283,18 +319,49 @@ class Planner:
         )
 
     def _check_grammar(self, grammar: str, what: str) -> None:
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.tables.ll)
+        try:
+            error = llguidance.LLMatcher.validate_grammar(grammar, self.tables.ll)
+        except (ValueError, TypeError, RuntimeError) as e:
+            error = str(e) or type(e).__name__
         if error:
             raise InvalidRequest(f"{what}: {error.splitlines()[0][:300]}")
 
 
-def _stops(stop: str | list[str] | None) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > MAX_STOPS:
-        raise InvalidRequest(f"stop: at most {MAX_STOPS} stop strings")
-    if any(not s for s in stops):
-        raise InvalidRequest("stop: stop strings must not be empty")
-    return stops
+def _prompt_list(prompt: str | list) -> list[str | list[int]]:
+    """The prompts of a completions request (text or token ids each), counted before any is tokenized."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequest("prompt: must not be empty")
+    return list(prompt)
+
+
+class _Overtime(BaseException):
+    """Raised inside a template that ran past its time budget. A BaseException, so that no `except Exception`
+    in Jinja or transformers swallows it on the way out."""
+
+
+@contextmanager
+def _time_budget(seconds: float | None):
+    """Stops Python code run in this block (in this thread) once `seconds` have passed, by a trace function that
+    looks at the clock on every call and line. Jinja templates are Python code once compiled, so a template that
+    loops for minutes ends within the budget. None: no budget (and no tracing cost)."""
+    if seconds is None:
+        yield
+        return
+    deadline = time.monotonic() + seconds
+
+    def trace(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _Overtime
+        return trace
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
 
 
 def _message(m: Message, i: int) -> dict[str, Any]:
@@ -313,16 +380,15 @@ def _message(m: Message, i: int) -> dict[str, Any]:
         if value is not None:
             out[key] = value
     if m.tool_calls:  # templates expect arguments as an object, while the API sends a JSON string
-        out["tool_calls"] = [_template_call(c) for c in m.tool_calls]
+        out["tool_calls"] = [_template_call(c.model_dump(exclude_none=True)) for c in m.tool_calls]
     return out
 
 
 def _template_call(call: dict[str, Any]) -> dict[str, Any]:
-    fn = dict(call.get("function") or {})
-    args = fn.get("arguments")
-    if isinstance(args, str):
+    fn = call["function"]
+    if isinstance(fn["arguments"], str):
         try:
-            fn["arguments"] = json.loads(args)
-        except ValueError:
+            fn["arguments"] = json.loads(fn["arguments"])
+        except (ValueError, RecursionError):
             pass
-    return {**call, "function": fn}
+    return call

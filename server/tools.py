@@ -52,7 +52,10 @@ def plan_tools(
     if choice == "required":
         return ToolPlan(tools, tool_grammar(tokenizer, functions, leading_newlines=after_think), True)
     if isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise InvalidRequest("tool_choice: must be {'type': 'function', 'function': {'name': ...}}")
         chosen = [f for f in functions if f["name"] == name]
         if not chosen:
             raise InvalidRequest(f"tool_choice: names function {name!r}, which is not in tools")
@@ -90,8 +93,11 @@ def tool_grammar(tokenizer: Tokenizer, functions: list[dict], *, leading_newline
     tag = {t: (t if tables.id_of(t) is not None else json.dumps(t)) for t in (OPEN, CLOSE)}
     prefix = "/\\n{0,2}/ " if leading_newlines else ""  # the newlines a template writes after `</think>`
     lark = f'start: {prefix}{tag[OPEN]} "\\n" call "\\n" {tag[CLOSE]}\ncall: %json {json.dumps(schema)}'
-    grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-    error = llguidance.LLMatcher.validate_grammar(grammar, tables.ll)
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        error = llguidance.LLMatcher.validate_grammar(grammar, tables.ll)
+    except (ValueError, TypeError, RuntimeError) as e:
+        error = str(e)
     if error:
         raise InvalidRequest(f"tools: cannot build a grammar from the function parameters: {error}")
     return grammar

@@ -68,10 +68,12 @@ import ctypes, sys
 import numpy as np
 import llama_cpp
 
-src, dst, ftype, pure, imatrix = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "pure", sys.argv[5]
+src, dst, ftype, imatrix = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[6]
+pure, requantize = sys.argv[4] == "pure", sys.argv[5] == "1"
 params = llama_cpp.llama_model_quantize_default_params()
 params.ftype = ftype
 params.pure = pure
+params.allow_requantize = requantize
 params.nthread = 2
 if imatrix != "-":
     arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in np.load(imatrix).items()}
@@ -83,11 +85,12 @@ sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref
 """
 
 
-def llama_cpp_quantize(src: Path, dst: Path, file_type: str, pure: bool = False,
+def llama_cpp_quantize(src: Path, dst: Path, file_type: str, pure: bool = False, requantize: bool = False,
                        imatrix: dict[str, np.ndarray] | None = None) -> None:
     """llama.cpp's own quantizer (llama_model_quantize) on a GGUF: `file_type` is a llama_ftype name as gguf-py
-    spells it (MOSTLY_Q4_K_M, ...); `pure` puts every tensor in its default type; `imatrix` maps GGUF tensor
-    names to importance per input channel (what llama-imatrix would give it)."""
+    spells it (MOSTLY_Q4_K_M, ...); `pure` puts every tensor in its default type; `requantize` lets it start from
+    quantized tensors (it dequantizes them first); `imatrix` maps GGUF tensor names to importance per input channel
+    (what llama-imatrix would give it)."""
     import gguf
 
     ftype = int(gguf.LlamaFileType[file_type])
@@ -97,7 +100,8 @@ def llama_cpp_quantize(src: Path, dst: Path, file_type: str, pure: bool = False,
             table = str(Path(tmp) / "imatrix.npz")
             np.savez(table, **imatrix)
         done = subprocess.run([sys.executable, "-c", _QUANTIZE, str(src), str(dst), str(ftype),
-                               "pure" if pure else "-", table], capture_output=True, text=True, timeout=600)
+                               "pure" if pure else "-", str(int(requantize)), table],
+                              capture_output=True, text=True, timeout=600)
     if done.returncode != 0 or not dst.exists():
         tail = _why(done)
         raise AssertionError(f"llama.cpp could not quantize {src} (exit {done.returncode}):\n{tail}")

@@ -123,6 +123,6 @@ def test_quantize_ternary_writes_the_packing_losslessly(tmp_path):
     entry = cfg["quantization"]["model.layers.0.mlp.down_proj"]
     assert entry["mode"] == "ternary" and entry["packing"] == "tq2" and entry["act_bits"] == 8
     ckpt = open_checkpoint(str(out))
-    assert ckpt.tensors.info("model.layers.0.mlp.down_proj.weight").dtype == "u8"
+    assert ckpt.tensors.info("model.layers.0.mlp.down_proj.weight").dtype == "uint8"
     net = load_model(ckpt)
     assert rel(net(mx.array([PROMPT + DECODE]), net.make_cache())[0], ref) < 1e-4

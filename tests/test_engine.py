@@ -7,7 +7,7 @@ import pytest
 from tiny import make_tiny
 
 from mlxq.engine.cache import KVCache, RotatingKVCache, checkpoint, restore
-from mlxq.engine.generate import Generation, held_back, prefill, stop_index
+from mlxq.engine.generate import Generation, prefill
 from mlxq.engine.sampling import SamplingParams, make_sampler, penalty_processors
 from mlxq.errors import InvalidRequest
 from mlxq.formats import open_checkpoint
@@ -62,13 +62,6 @@ def test_bad_sampling_params():
         SamplingParams(top_p=0)
     with pytest.raises(InvalidRequest, match="temperature"):
         SamplingParams(temperature=-1)
-
-
-def test_stop_strings():
-    assert stop_index("hello world", ["wor", "xyz"]) == 6
-    assert stop_index("hello", ["xyz"]) == -1
-    assert held_back("hello wo", ["world"]) == 2  # "wo" may begin "world"
-    assert held_back("hello", ["world"]) == 0
 
 
 def test_kv_checkpoint_restore():

@@ -352,7 +352,7 @@ def test_unsupported_architecture_names_it(tmp_path):
     (src / "config.json").write_text(json.dumps({"model_type": "mamba", "num_hidden_layers": 1}))
     from safetensors.numpy import save_file
 
-    save_file({"x.weight": np.zeros((2, 2), np.float32)}, str(src / "model.safetensors"))
+    save_file({"model.layers.0.mixer.weight": np.zeros((2, 2), np.float32)}, str(src / "model.safetensors"))
     with pytest.raises(UnsupportedModel, match="model_type 'mamba' cannot be exported"):
         export(str(src), tmp_path / "m.gguf", gguf_recipe("F16"), progress=False)
 

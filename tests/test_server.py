@@ -18,6 +18,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import openai
@@ -58,6 +59,7 @@ class Live:
     url: str
     engine: Engine
     client: openai.OpenAI
+    app: Any = None
 
     def raw(self, path: str, body: bytes | None = None, *, key: str | None = KEY, method: str | None = None):
         """(status, parsed JSON) of a raw HTTP request."""
@@ -86,7 +88,7 @@ def serving(model, **options):
             assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
             time.sleep(0.02)
         url = f"http://127.0.0.1:{port}"
-        yield Live(url, engine, openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60))
+        yield Live(url, engine, openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60), app)
     finally:
         server.should_exit = True
         thread.join(10)
@@ -551,4 +553,4 @@ def test_mlxq_serve_command(qwen3_model_dir):
             proc.kill()
             out, _ = proc.communicate()
     assert proc.returncode in (0, 130), out
-    assert "loaded" in out and "ready" in out and f"127.0.0.1:{port}/v1" in out
+    assert "loaded" in out and "ready" in out and f"127.0.0.1:{port}/v1" in out and "auth on" in out

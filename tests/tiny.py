@@ -39,6 +39,23 @@ HYBRID_TEXT = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hid
                    max_position_embeddings=512)
 
 
+def randomise_hybrid(model) -> None:
+    """Every norm, gate bias and decay parameter of a Qwen3.5 / Qwen3-Next model randomised (their initial values
+    are zeros and ones), so that a mishandled one shows in the logits."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "visual" in name:
+                continue
+            if name.endswith("linear_attn.norm.weight"):
+                p.normal_(1.0, 0.2)
+            elif "norm" in name or name.endswith(("dt_bias", "bias")):
+                p.normal_(0.0, 0.3)
+            elif name.endswith("A_log"):
+                p.uniform_(-2.0, 1.0)
+
+
 # Rows of 256 weights, so that GGUF's K-quants (256-weight super-blocks) apply instead of falling back
 WIDE = dict(hidden_size=256, intermediate_size=512, head_dim=64)
 

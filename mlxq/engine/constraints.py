@@ -133,16 +133,19 @@ class GrammarProcessor:
         return self._sync() and self.matcher.is_stopped()
 
 
-def json_grammar(schema: dict | None, *, leading_newlines: bool = False) -> str:
-    """llguidance grammar for a JSON value matching `schema`; None means any JSON object."""
+def json_grammar(schema: dict | None, *, leading_newlines: bool = False, field: str = "schema") -> str:
+    """llguidance grammar for a JSON value matching `schema`; None means any JSON object. Errors name `field`."""
     schema = {"type": "object"} if schema is None else schema
     if not isinstance(schema, dict):
-        raise InvalidRequest("json schema must be a JSON object")
-    body = {**schema, "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}
+        raise InvalidRequest(f"{field}: a JSON schema must be a JSON object")
+    options = schema.get("x-guidance", {})
+    if not isinstance(options, dict):
+        raise InvalidRequest(f"{field}: 'x-guidance' must be an object of llguidance options")
+    body = {**schema, "x-guidance": {**JSON_OPTIONS, **options}}
     try:
         text = json.dumps(body)
-    except (TypeError, ValueError) as e:
-        raise InvalidRequest(f"json schema is not serialisable: {e}") from None
+    except (TypeError, ValueError, RecursionError) as e:
+        raise InvalidRequest(f"{field}: the JSON schema is not serialisable: {e}") from None
     # After a think block, models write a newline or two before the answer; allow those, nothing more.
     prefix = '/\\n{0,2}/ ' if leading_newlines else ""
     return llguidance.LLMatcher.grammar_from_lark(f"start: {prefix}json\njson: %json {text}")
@@ -178,9 +181,9 @@ def response_format_grammar(response_format: dict[str, Any] | None, *, leading_n
         spec = response_format.get("json_schema") or {}
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if schema is None:
-            raise InvalidRequest("response_format.json_schema.schema is required")
-        return json_grammar(schema, leading_newlines=leading_newlines)
-    raise InvalidRequest(f"response_format.type must be text, json_object or json_schema, not {kind!r}")
+            raise InvalidRequest("response_format: json_schema.schema is required")
+        return json_grammar(schema, leading_newlines=leading_newlines, field="response_format")
+    raise InvalidRequest(f"response_format: type must be text, json_object or json_schema, not {str(kind)[:40]!r}")
 
 
 def response_format_processor(tokenizer: Tokenizer, response_format: dict[str, Any] | None,

@@ -114,21 +114,3 @@ class Generation:
 
     def fed_tokens(self) -> list[int]:
         return [t if isinstance(t, int) else t.item() for t in self.fed]
-
-
-def stop_index(text: str, stops: list[str]) -> int:
-    """Where the earliest stop string starts in `text`, or -1."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else -1
-
-
-def held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters could still be the start of a stop string (not safe to emit yet)."""
-    keep = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                keep = max(keep, k)
-                break
-    return keep
-

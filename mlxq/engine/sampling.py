@@ -28,11 +28,11 @@ class SamplingParams:
 
     def __post_init__(self):
         checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.temperature >= 0, "temperature: must be >= 0"),
+            (0 < self.top_p <= 1, "top_p: must be in (0, 1]"),
+            (self.top_k >= 0, "top_k: must be >= 0"),
+            (0 <= self.min_p <= 1, "min_p: must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty: must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -28,9 +28,9 @@ import mlx.core as mx
 
 from mlxq.engine.batch import make_batch
 from mlxq.engine.cache import checkpoint
-from mlxq.engine.generate import held_back, stop_index
 from mlxq.engine.prompt_cache import PromptCache
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams, make_sampler, penalty_processors
+from mlxq.engine.stops import StopMatcher
 from mlxq.errors import GenerationError, InvalidRequest, MlxqError
 
 if TYPE_CHECKING:
@@ -95,6 +95,7 @@ class _Sequence:
     def __init__(self, req: Request, tokenizer: Tokenizer):
         self.req = req
         self.sampler = make_sampler(req.params)
+        self.stops = StopMatcher(req.stop)
         self.procs = penalty_processors(req.params) + list(req.make_processors())
         self.eos = tokenizer.eos_token_ids
         self.detok = tokenizer.detokenizer()
@@ -131,18 +132,19 @@ class _Sequence:
             if len(picked) > 2:
                 top = sorted(zip(picked[2].tolist(), picked[3].tolist(), strict=True), key=lambda t: -t[1])
             out.logprobs.append(TokenLogprob(token, picked[1].item(), top))
-        stops, finish, cut = self.req.stop, None, False
+        finish, cut = None, False
         if token in self.eos and not self.req.ignore_eos:
             finish = "stop"
         else:
+            before = len(self.text)
             self.text += self.detok.add(token)
-            at = stop_index(self.text, stops)
+            at = self.stops.find(self.text, before)
             if at >= 0:
                 self.text, finish, cut = self.text[:at], "stop", True
             elif len(self.generated) >= self.req.max_tokens:
                 finish = "length"
         if finish is None:
-            safe = max(self.emitted, len(self.text) - held_back(self.text, stops))
+            safe = max(self.emitted, len(self.text) - self.stops.held_back(self.text))
         else:
             if not cut:
                 self.text += self.detok.flush()

@@ -36,24 +36,27 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(
+    def apply_chat_template(self, messages: list[dict[str, Any]], **options: Any) -> list[int]:
+        """Token ids of the rendered conversation (`render_chat_template` takes the options)."""
+        # The template already writes BOS where the model wants it.
+        return self.hf.encode(self.render_chat_template(messages, **options), add_special_tokens=False)
+
+    def render_chat_template(
         self,
         messages: list[dict[str, Any]],
         *,
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
         **template_kwargs: Any,
-    ) -> list[int]:
-        """Token ids of the rendered conversation. Extra kwargs (e.g. `enable_thinking`) reach the
-        template as variables, as transformers passes them."""
+    ) -> str:
+        """The conversation rendered as text (Jinja only: the tokenizer itself is not touched). Extra kwargs
+        (e.g. `enable_thinking`) reach the template as variables, as transformers passes them."""
         if not self.has_chat_template:
             raise TokenizerError("the model has no chat template; pass a plain prompt instead")
-        text = self.hf.apply_chat_template(
+        return self.hf.apply_chat_template(
             messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False,
             **template_kwargs,
         )
-        # The template already writes BOS where the model wants it.
-        return self.hf.encode(text, add_special_tokens=False)
 
     def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlxq.errors import ModelNotFound
+from mlxq.errors import FormatError, ModelNotFound
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
 from mlxq.formats.fetch import ALIASES, DEFAULT_MODEL, fetch
 
@@ -46,18 +46,27 @@ def _hub(repo_id: str) -> Path:
 
 
 def open_checkpoint(name: str | None, keep_quantized: bool = False) -> Checkpoint:
+    """The checkpoint `name` stands for, its config checked against its tensors (`validate.check_config`)."""
+    from mlxq.formats.validate import check_config
+
     path = resolve(name)
     if path.is_dir():
         from mlxq.formats.hf import open_hf_dir
 
-        return open_hf_dir(path)
-    if path.suffix == ".gguf" or _is_gguf(path):
+        ckpt = open_hf_dir(path)
+    elif path.suffix == ".gguf" or _is_gguf(path):
         from mlxq.formats.gguf import open_gguf
 
-        return open_gguf(path, keep_quantized=keep_quantized)
-    raise ModelNotFound(f"{path}: not a model directory or a GGUF file")
+        ckpt = open_gguf(path, keep_quantized=keep_quantized)
+    else:
+        raise ModelNotFound(f"{path}: not a model directory or a GGUF file")
+    check_config(ckpt)
+    return ckpt
 
 
 def _is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None

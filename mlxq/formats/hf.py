@@ -8,47 +8,96 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxq.errors import FormatError, ModelNotFound
+from mlxq.errors import ConfigError, FormatError, ModelNotFound
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
 
-_SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2,
-                       "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# safetensors dtype code -> (our dtype name, bytes per element)
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "U64": ("uint64", 8), "I32": ("int32", 4), "U32": ("uint32", 4), "I16": ("int16", 2),
+    "U16": ("uint16", 2), "I8": ("int8", 1), "U8": ("uint8", 1), "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3", 1), "F8_E5M2": ("float8_e5m2", 1),
+}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor names, shapes and dtypes from the JSON header, with the file's size checked against it."""
+    """Tensor names, shapes and dtypes from the JSON header, checked as the safetensors format defines it: every
+    entry well formed, its byte range as long as its shape and dtype say, and the ranges tiling the data section
+    exactly (no overlap, no hole, nothing past the end), so a damaged header is refused rather than read."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            if n <= 0 or 8 + n > size:
-                raise ValueError("header length past end of file")
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"header length {n} past end of file")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
-    infos, end = {}, 0
+    except (OSError, ValueError, struct.error, UnicodeDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: not a readable safetensors file ({str(e)[:200]})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: the header is not a JSON object")
+    infos, ranges = {}, []
     for name, h in header.items():
         if name == "__metadata__":
             continue
-        try:
-            start, stop = h["data_offsets"]
-            infos[name] = TensorInfo(name, tuple(h["shape"]), h["dtype"].lower(), stop - start)
-            end = max(end, stop)
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{path}: tensor '{name}' has a malformed header entry") from None
+        info, start, stop = _entry(path, name, h)
+        infos[name] = info
+        ranges.append((start, stop, name))
+    end = 0
+    for start, stop, name in sorted(ranges):
+        if start != end:
+            what = "overlaps the tensor before it" if start < end else "leaves a hole before it"
+            raise FormatError(f"{path}: tensor '{name}' starts at byte {start}, which {what} (damaged header)")
+        end = stop
     if 8 + n + end > size:
         raise FormatError(f"{path}: truncated ({size} bytes, header says {8 + n + end})")
+    if 8 + n + end < size:
+        raise FormatError(f"{path}: {size - 8 - n - end} bytes after the last tensor (damaged header)")
     return infos
+
+
+def _entry(path: Path, name: str, h) -> tuple[TensorInfo, int, int]:
+    """One header entry as (TensorInfo, start, stop), or a FormatError naming the tensor."""
+    def bad(why: str) -> FormatError:
+        return FormatError(f"{path}: tensor '{name}' has a malformed header entry ({why})")
+
+    if not isinstance(h, dict):
+        raise bad("not an object")
+    dtype, shape, offsets = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise bad(f"unknown dtype {str(dtype)[:20]!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad("shape must be a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise bad("data_offsets must be two non-negative integers")
+    start, stop = offsets
+    kind, itemsize = SAFETENSORS_DTYPES[dtype]
+    nbytes = itemsize
+    for d in shape:
+        nbytes *= d
+    if stop - start != nbytes:
+        raise bad(f"{stop - start} bytes for shape {shape} of {dtype}, which needs {nbytes}")
+    return TensorInfo(name, tuple(shape), kind, nbytes), start, stop
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _shards(root: Path) -> list[Path]:
     index = root / "model.safetensors.index.json"
     if index.exists():
         try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise FormatError(f"{index}: malformed index ({e})") from None
-        return [root / f for f in files]
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise ValueError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            raise FormatError(f"{index}: malformed index ({str(e)[:200]})") from None
+        files = set(weight_map.values())
+        for f in files:  # a shard is a file beside the index, never a path elsewhere
+            if not isinstance(f, str) or not f or Path(f).name != f or f in (".", ".."):
+                raise FormatError(f"{index}: weight_map names {str(f)[:80]!r}, which is not a file in {root}")
+        return [root / f for f in sorted(files)]
     return sorted(root.glob("*.safetensors"))
 
 
@@ -83,8 +132,10 @@ def open_hf_dir(root: Path) -> Checkpoint:
         raise ModelNotFound(f"{root}: no config.json (not a model directory)")
     try:
         config = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise FormatError(f"{config_path}: invalid JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise FormatError(f"{config_path}: not readable JSON ({str(e)[:200]})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{config_path}: must hold a JSON object, not {type(config).__name__}")
     files = _shards(root)
     if not files:
         raise FormatError(f"{root}: no *.safetensors weights")

@@ -155,6 +155,48 @@ class Linear(nn.Linear):
             self.weight_t = mx.contiguous(self["weight"].T)
             del self.weight
 
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
+                     quantize_input: bool = False) -> nn.Module:
+        if quantize_input:
+            return super().to_quantized(group_size, bits, mode, quantize_input)
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+# From this many rows on (a prompt), off Metal, quantized layers dequantize their weight and run one BLAS matmul:
+# MLX's CPU quantized matmul costs about a row's worth of that per row, so it wins only for a few rows (decode).
+DEQUANTIZE_FROM_ROWS = 8
+
+
+def _quantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
+    """x @ W^T for an affine-quantized layer (QuantizedLinear, QuantizedEmbedding.as_linear)."""
+    if _ON_METAL or layer.mode != "affine" or x.size // x.shape[-1] < DEQUANTIZE_FROM_ROWS:
+        return mx.quantized_matmul(x, layer["weight"], layer["scales"], layer.get("biases"), transpose=True,
+                                   group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+    w = kquants.affine_dequantize(layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits,
+                                  x.dtype)
+    return x @ w.T
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear with a faster CPU path for prompts (`_quantized_matmul`)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = _quantized_matmul(self, x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose quantized form has the faster CPU path for prompts when it doubles as the output head."""
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
+                     quantize_input: bool = False) -> nn.Module:
+        return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
+
+
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _quantized_matmul(self, x)
+
 
 class BlockLinear(nn.Module):
     """A linear layer whose weight stays in GGML blocks as the GGUF file stores it (`mlxq.kernels.kquants`):

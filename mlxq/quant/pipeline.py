@@ -43,25 +43,13 @@ METHODS = ("auto", "rtn", "search", "gptq")
 # weight error is worse than RTN (2.66: it clips outliers that matter), so RTN is the uncalibrated default.
 AUTO_CALIBRATED, AUTO_PLAIN = "gptq", "rtn"
 
-# Source dtype names (safetensors headers, GGUF type names) -> the array dtype the source hands out.
+# Source dtype names (TensorInfo.dtype, lower-cased: safetensors dtypes as mlxq names them, GGUF float type names)
+# -> the array dtype the source hands out; GGUF block types load as float32.
 _SOURCE_DTYPES: dict[str, mx.Dtype] = {
-    "f32": mx.float32,
-    "f16": mx.float16,
-    "bf16": mx.bfloat16,
-    "float32": mx.float32,
-    "float16": mx.float16,
-    "bfloat16": mx.bfloat16,
-    "i64": mx.int64,
-    "i32": mx.int32,
-    "i16": mx.int16,
-    "i8": mx.int8,
-    "u8": mx.uint8,
-    "u16": mx.uint16,
-    "u32": mx.uint32,
-    "u64": mx.uint64,
-    "bool": mx.bool_,
-    "uint32": mx.uint32,
-}
+    name: getattr(mx, name)
+    for name in ("float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32",
+                 "uint64")
+} | {"bool": mx.bool_, "f32": mx.float32, "f16": mx.float16, "bf16": mx.bfloat16}
 _KEEP_FLOAT32 = ("ssm_a", "ssm_dt")  # tiny, and exp()'d by the model: keep the source's float32
 _FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")  # HF's 3-D expert tensors (no .weight)
 
@@ -301,7 +289,7 @@ def quantize(
         ckpt = opener()  # the calibration model consumed the lazy tensors it loaded
     calibrated = stats is not None and method != "rtn"
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(out)
     _clear_stale(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     start = time.perf_counter()
@@ -333,7 +321,7 @@ def quantize(
         if packs is not None:
             config["mlxq_experts"] = packs.close(text_config(ckpt.config))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        os.rename(tmp, out)  # the directory appears complete or not at all
+        _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -435,12 +423,38 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 # ---------------------------------------------------------------------------------------------- files
 def _check_paths(ckpt: Checkpoint, out: Path) -> None:
-    if out.exists():
+    if out.exists() or out.is_symlink():  # a dangling symlink is there too: rename would not replace it
         raise InvalidRequest(f"{out}: already exists (quantize writes a new directory; remove it or pick another)")
     src = Path(ckpt.path).resolve()
     target = out.resolve()
     if target == src or (src.is_dir() and src in target.parents):
         raise InvalidRequest(f"{out}: inside the source {src} (the source is never written to)")
+
+
+def _make_parent(out: Path) -> None:
+    """The directory OUT goes into, created if missing; a parent that is a file, or a place that cannot be written
+    (a read-only mount, no permission), is one InvalidRequest before any work is done."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InvalidRequest(f"{out}: cannot be created: {parent} is not a directory") from None
+    except OSError as e:
+        raise InvalidRequest(f"{out}: cannot be created in {parent}: {e.strerror or e}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidRequest(f"{out}: cannot be created: {parent} is not writable")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Renames the finished directory into place, so OUT appears complete or not at all. Two runs racing for one OUT:
+    the first rename wins and the loser's is refused (a rename onto a non-empty directory fails)."""
+    try:
+        os.rename(tmp, out)
+    except OSError as e:
+        if out.exists() or out.is_symlink():
+            raise InvalidRequest(f"{out}: appeared while quantizing (another run wrote it first); "
+                                 "this run's output was discarded") from None
+        raise InvalidRequest(f"{out}: cannot be written: {e.strerror or e}") from None
 
 
 def _clear_stale(out: Path) -> None:

@@ -3,10 +3,10 @@ some limited to certain layers or model shapes (llama.cpp's K-quant mixes give m
 layers' attn_v and ffn_down, and to attn_v when many query heads share one KV head).
 
 A precision is an int (affine bits, mlx-lm's format), "float" (kept unquantized) or "ternary" (BitNet
-absmean, stored in mlxq's ternary packing); for GGUF export it is a GGUF type name ("Q4_K", "Q8_0", "F16",
-...), and llama.cpp's own mixes (Q4_K_M, Q3_K_M, Q2_K, ...) are recipes over the same roles (`GGUF_RECIPES`).
-Floors are applied last and win over every recipe and user override: routers, gates, SSM state and conv never go
-below 8 bits, norms are never quantized.
+absmean, stored in mlxq's ternary packing); for GGUF export it is a GGUF type name ("Q4_K", "Q8_0", "F16", ...),
+and llama.cpp's own mixes (Q4_K_M, Q3_K_M, Q2_K, ...) are recipes over the same roles (`GGUF_RECIPES`). Floors are
+applied last and win over every recipe and user override: routers, gates, SSM state and conv never go below 8
+bits, norms are never quantized.
 """
 
 from __future__ import annotations

@@ -146,6 +146,20 @@ class Squeeze(Transform):
         return (*shape[: self.axis], *shape[self.axis + 1 :])
 
 
+@dataclass(frozen=True)
+class AsRow(Transform):
+    """A [1, n] weight (the shared expert's gate), which llama.cpp keeps as it is and Ollama stores as [n]."""
+
+    def to_gguf(self, w, config):
+        return w
+
+    def to_hf(self, w, config):
+        return w.reshape(1, -1)
+
+    def hf_shape(self, shape):
+        return (1, shape[-1])
+
+
 class Permutation(Transform):
     """Entries along `axis` reordered: gguf = hf.take(order, axis). Reorders whole rows (or columns), so readers
     can apply it to packed quantized rows too, and to packed columns when the moved runs are whole blocks."""
@@ -296,6 +310,7 @@ _QWEN35_TRANSFORMS: dict[str, tuple[Transform, ...]] = {
     "linear_attn.in_proj_b.weight": (TiledVHeads(),),
     "linear_attn.in_proj_a.weight": (TiledVHeads(),),
     "linear_attn.out_proj.weight": (TiledVHeads(1, V_HEAD_DIM),),
+    "mlp.shared_expert_gate.weight": (AsRow(),),
 }
 _QWEN3NEXT_TRANSFORMS = {name: tuple(t for t in ts if not isinstance(t, TiledVHeads))
                          for name, ts in _QWEN35_TRANSFORMS.items()}

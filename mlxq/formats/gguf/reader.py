@@ -32,12 +32,13 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
 from mlxq.formats.gguf import names
+from mlxq.formats.gguf.checks import check_gguf
+from mlxq.formats.gguf.codecs import FLOAT_TYPES
 from mlxq.formats.gguf.names import ARCHITECTURES, CONFIG_KEYS
 from mlxq.kernels import kquants
 
 GROUP = kquants.AFFINE_GROUP
 AFFINE_TYPES = kquants.AFFINE_BITS  # GGML type -> bits of its exact MLX affine form
-FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 # ------------------------------------------------------------------------------------------------ header
@@ -72,8 +73,8 @@ class Header:
     path: Path
     version: int
     meta: dict[str, Any]  # scalars, strings, numeric arrays as numpy, string arrays as `Strings`
+    types: dict[str, tuple[int, int | None]]  # key -> (GGUFValueType, item type of an array)
     tensors: dict[str, TensorRecord]
-    declared_tensors: int
 
 
 _SCALARS = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
@@ -86,9 +87,12 @@ _NUMPY = {GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.U
           GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8"}
 
 
-def read_header(path: Path) -> Header:
-    """Metadata and tensor records of a GGUF file (the data is not touched)."""
+def read_header(path: Path, check: bool = True) -> Header:
+    """Metadata and tensor records of a GGUF file (the data is not touched). `check`: refuse what llama.cpp's loader
+    refuses structurally first (`checks.check_gguf`); `doctor` reads damaged files without it, to report on them."""
     path = Path(path)
+    if check:
+        check_gguf(path)
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             return _parse(data, path)
@@ -142,11 +146,14 @@ def _parse(data, path: Path) -> Header:
         raise ValueError(f"arrays of value type {item} are not allowed")
 
     meta: dict[str, Any] = {}
+    types: dict[str, tuple[int, int | None]] = {}
     for _ in range(n_kv):
         key = string()
         (kind,) = struct.unpack_from("<I", data, pos)
+        item = struct.unpack_from("<I", data, pos + 4)[0] if kind == GGUFValueType.ARRAY else None
         pos += 4
         meta[key] = value(kind)
+        types[key] = (kind, item)
     records = []
     for _ in range(n_tensors):
         name = string()
@@ -161,33 +168,44 @@ def _parse(data, path: Path) -> Header:
     for name, shape, kind, offset in records:
         try:
             qtype = GGMLQuantizationType(kind)
-        except ValueError:
-            raise FormatError(f"{path}: tensor '{name}' has unknown type {kind}") from None
+        except ValueError:  # kept for `doctor` to report; loading refuses it
+            tensors[name] = TensorRecord(name, shape, f"type {kind}", start + offset, 0)
+            continue
         block, size = GGML_QUANT_SIZES[qtype]
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         tensors[name] = TensorRecord(name, shape, qtype.name, start + offset, count // block * size)
     for t in tensors.values():
         if t.offset + t.nbytes > len(data):
             raise FormatError(f"{path}: truncated (tensor '{t.name}' ends past the end of the file)")
-    return Header(path, version, meta, tensors, n_tensors)
+    return Header(path, version, meta, types, tensors)
 
 
-def read_bytes(path: Path, record: TensorRecord, fd: int | None = None) -> np.ndarray:
+def read_bytes(path: Path, record: TensorRecord) -> np.ndarray:
     """A tensor's bytes, read (not mapped: mapped pages would stay resident on top of the loaded arrays)."""
-    own = fd is None
-    fd = os.open(path, os.O_RDONLY) if own else fd
+    buf = np.empty(record.nbytes, np.uint8)
+    _read_into(path, record, buf)
+    return buf
+
+
+def read_array(path: Path, record: TensorRecord) -> mx.array:
+    """A tensor's bytes read straight into an MLX array (one copy from the file, no staging buffer)."""
+    out = mx.zeros((record.nbytes,), mx.uint8)
+    mx.eval(out)
+    _read_into(path, record, np.asarray(out))  # the array's own memory, before anything reads it
+    return out
+
+
+def _read_into(path: Path, record: TensorRecord, buf: np.ndarray) -> None:
+    view, done = memoryview(buf), 0
+    fd = os.open(path, os.O_RDONLY)
     try:
-        buf = bytearray(record.nbytes)
-        view, done = memoryview(buf), 0
         while done < record.nbytes:
             n = os.preadv(fd, [view[done:]], record.offset + done)
             if n <= 0:
                 raise FormatError(f"{path}: truncated (tensor '{record.name}')")
             done += n
-        return np.frombuffer(buf, np.uint8)
     finally:
-        if own:
-            os.close(fd)
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ open
@@ -200,8 +218,15 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
         raise UnsupportedModel(f"{path}: GGUF architecture '{arch}' is not supported "
                                f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     spec = ARCHITECTURES[arch]
-    config = _config(meta, arch, spec, header.tensors, path)
-    plan = _plan(header, arch, config, keep_quantized)
+    for t in header.tensors.values():
+        if t.kind.startswith("type "):
+            raise FormatError(f"{path}: tensor '{t.name}' has unknown {t.kind}")
+    try:  # values of the wrong type or missing companions (a linear rope scaling without its factor)
+        config = _config(meta, arch, spec, header.tensors, path)
+        plan = _plan(header, arch, config, keep_quantized)
+    except (KeyError, ValueError, TypeError, ZeroDivisionError, IndexError) as e:
+        what = f"field {e} is missing" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:200]}"
+        raise FormatError(f"{path}: the metadata does not make a model config ({what})") from None
     quant = {}
     for p in plan.values():
         if p.form == "affine":
@@ -219,7 +244,7 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
         p = plan[hf]
         try:
             return p.load(path, config, cache)
-        except (ValueError, TypeError, NotImplementedError) as e:
+        except (ValueError, TypeError, NotImplementedError) as e:  # the metadata's heads may not fit the rows
             raise FormatError(f"{path}: tensor '{p.record.name}' ({p.record.kind}) cannot be decoded ({e})") from None
 
     chat_template = meta.get("tokenizer.chat_template")
@@ -332,7 +357,7 @@ class _Part:
         return cache["value"][self.part or "weight"]
 
     def _convert(self, path: Path, config: dict) -> dict[str, mx.array]:
-        raw = mx.array(read_bytes(path, self.record)).reshape(*self.record.shape[:-1], -1)
+        raw = read_array(path, self.record).reshape(*self.record.shape[:-1], -1)
         if self.rows is not None:
             raw = raw[mx.array(self.rows)]
         if self.form == "float":
