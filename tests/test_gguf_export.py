@@ -317,6 +317,7 @@ def test_ternary_source_to_ternary_types_is_not_called_lossy(tiny_src, tmp_path)
         export(str(tiny_src("bitnet_packed", True)), tmp_path / f"{kind}.gguf", gguf_recipe(kind), progress=False,
                console=Console(file=buf, width=200))
         assert ("lossy" in buf.getvalue()) == lossy, (kind, buf.getvalue())
+        assert ("TQ1_0 has no Metal kernels" in buf.getvalue()) == (kind == "TQ1_0"), buf.getvalue()
 
 
 @pytest.mark.parametrize("kind", ["TQ1_0", "TQ2_0"])
@@ -339,6 +340,9 @@ def test_mrope_sections_cover_the_rotary_width(tiny_src, tmp_path):
     meta = gguf.GGUFReader(exported(tiny_src("qwen3_5_text"), tmp_path, "F32")).fields
     assert meta["qwen35.rope.dimension_count"].contents() == 4  # head_dim 16 x partial_rotary_factor 0.25
     assert meta["qwen35.rope.dimension_sections"].contents() == [1, 1, 0, 0]
+    # Ollama's own keys: its engine reads llama.cpp's layout but defaults both to false
+    assert meta["qwen35.ssm.v_head_reordered"].contents() is True
+    assert meta["qwen35.rope.mrope_interleaved"].contents() is True
     from mlxq.formats.gguf.export import _rope_sections
 
     assert _rope_sections({}, 64, "x") == [11, 11, 10, 0]  # Qwen3.5's own: llama.cpp's converter's default

@@ -219,6 +219,8 @@ def _hybrid_keys(cfg: dict[str, Any], arch: str, head_dim: int, rope: dict, path
     keys[names.RECURRENT_LAYERS] = [t == "linear_attention" for t in types]
     if arch in ("qwen35", "qwen35moe"):
         keys[names.ROPE_SECTIONS] = _rope_sections(rope, rotary, path)
+        # Ollama's engine reads llama.cpp's layout but takes these two from keys of its own, both off by default
+        keys[names.OLLAMA_V_HEADS_TILED] = keys[names.OLLAMA_MROPE_INTERLEAVED] = True
     return keys
 
 
@@ -323,6 +325,9 @@ def plan(ckpt: Checkpoint, recipe: Recipe, warn=lambda text: None) -> Plan:
     extra = []
     if (factors := _rope_factors(cfg)) is not None:
         extra.append((TensorOut("rope_freqs.weight", factors.shape, "F32"), factors))
+    if any(it.out.kind == "TQ1_0" for it in items):
+        warn("TQ1_0 has no Metal kernels in llama.cpp (those layers run on the CPU) and crashed Ollama 0.17.4; "
+             "TQ2_0 runs on Metal")
     if skipped and any(in_mtp(n) for n in skipped):
         warn(f"{sum(in_mtp(n) for n in skipped)} multi-token-prediction tensors are not exported")
     return Plan(arch, cfg, metadata, items, extra, skipped, shape_of.tied)

@@ -73,6 +73,7 @@ NEXTN_LAYERS = _key(Keys.LLM.NEXTN_PREDICT_LAYERS)  # MTP blocks appended after 
 RECURRENT_LAYERS = "attention.recurrent_layers"  # per-block bools (newer gguf-py than the one on PyPI has the key)
 OLLAMA_V_HEADS_TILED = "ssm.v_head_reordered"  # Ollama's flag: DeltaNet V heads stored in llama.cpp's tiled order
 OLLAMA_ROPE_SECTIONS = ("mrope_sections", "rope.mrope_section")  # Ollama's copies of the 3 HF sections
+OLLAMA_MROPE_INTERLEAVED = "rope.mrope_interleaved"  # Ollama's flag: Qwen3.5's interleaved M-RoPE (its default: not)
 
 
 # ------------------------------------------------------------------------------------------------ transforms
