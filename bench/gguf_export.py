@@ -8,12 +8,12 @@ exactly that file. Two parts, both run in this one process, mlxq and llama.cpp i
   is shared, so wall times carry other people's load; CPU seconds do not). Whether the two files hold the same
   tensors byte for byte is recorded too (mlxq's encoders follow ggml's arithmetic: they should).
 - Quality: mlxq's calibrated export (`--calibrate`, its default method: ggml's importance-weighted fits with mlxq's
-  importance matrix; the full run adds `--method gptq`) against llama.cpp's quantizer with its own importance
-  matrix (llama-imatrix), both calibrated on the same text file (the default calibration mix, same tokens), at
+  importance matrix; `--gptq` adds `--method gptq`, about half an hour per type here) against llama.cpp's quantizer
+  with its own importance matrix (llama-imatrix), both calibrated on the same text file (the default mix), at
   Q4_K_M / Q3_K_M / Q2_K. All files are scored by llama.cpp itself: llama-perplexity's KL-divergence mode against
   the float model's logits on held-back Wikipedia text.
 
-    python bench/gguf_export.py [--quick]
+    python bench/gguf_export.py [--quick] [--gptq]
 
 Ratios: `export_time_T_vs_llama_cpp` (wall) and `export_cpu_T_vs_llama_cpp` = mlxq / llama.cpp (goal <= 1);
 `kl_T_vs_llama_cpp` = mlxq's mean KL / llama.cpp's (goal <= 0.8). Quick: Q4_K_M timed once, Q3_K_M's quality on
@@ -83,7 +83,9 @@ def texts(work: Path, calib_tokens: int, eval_tokens: int) -> tuple[Path, Path]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
-    quick = p.parse_args().quick
+    p.add_argument("--gptq", action="store_true", help="also score --method gptq (slow)")
+    args = p.parse_args()
+    quick = args.quick
     from mlxq.formats.fetch import cache_dir
     from mlxq.formats.gguf.export import export
     from mlxq.quant.recipes import gguf_recipe
@@ -128,10 +130,11 @@ def main() -> None:
         cal_ours = ours(f32, out / f"{kind}.mlxq-calibrated.gguf", kind, calib, calib_tokens)
         row = {"mlxq_calibrated": {**cal_ours, "kl": kl(out / f"{kind}.mlxq-calibrated.gguf", base, CTX)},
                "llama_cpp_imatrix": {**cal_theirs, "kl": kl(out / f"{kind}.llama-imatrix.gguf", base, CTX)}}
-        if not quick:  # GPTQ codes, and the uncalibrated pair for context
+        if args.gptq:
             gptq = ours(f32, out / f"{kind}.mlxq-gptq.gguf", kind, calib, calib_tokens, "gptq")
             row["mlxq_gptq"] = {**gptq, "kl": kl(out / f"{kind}.mlxq-gptq.gguf", base, CTX)}
             ratios[f"kl_{kind}_gptq_vs_llama_cpp"] = round(row["mlxq_gptq"]["kl"] / row["llama_cpp_imatrix"]["kl"], 3)
+        if not quick:  # the uncalibrated pair, for context
             for name, path in (("mlxq", f"{kind}.mlxq.gguf"), ("llama_cpp", f"{kind}.llama.gguf")):
                 if (out / path).exists():
                     row[name] = {"kl": kl(out / path, base, CTX)}
@@ -142,6 +145,7 @@ def main() -> None:
 
     write_result("gguf_export", {
         "quick": quick,
+        "gptq": args.gptq,
         "model": "SmolLM2-135M-Instruct (the default model's Q4_1 GGUF dequantized to F32: both tools start from it)",
         "peer": "llama.cpp 0.3.36 (llama-cpp-python's vendored copy): llama-quantize, llama-imatrix, "
                 "llama-perplexity --kl-divergence, 2 threads",
