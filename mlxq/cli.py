@@ -82,6 +82,8 @@ def expert_options(f):
     ]):
         f = opt(f)
     return f
+
+
 keep_quantized_option = click.option(
     "--keep-quantized", is_flag=True,
     help="Keep a GGUF model's quantized blocks (the model stays at its file size). Default: on Metal, or when the "
@@ -101,10 +103,10 @@ def _sampling(kw: dict) -> dict:
 @click.option("--think/--no-think", default=None, help="enable_thinking for templates that have it.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--verbose", "-v", is_flag=True, help="Print timings to stderr.")
-@expert_options
 @keep_quantized_option
+@expert_options
 @sampling_options
-def generate(prompt, model, chat, system, think, stop, verbose, expert_memory, experts_per_tok, keep_quantized,
+def generate(prompt, model, chat, system, think, stop, verbose, keep_quantized, expert_memory, experts_per_tok,
              max_tokens, **kw):
     """Generate a completion for PROMPT and stream it to stdout."""
     import mlxq
@@ -138,10 +140,10 @@ def generate(prompt, model, chat, system, think, stop, verbose, expert_memory, e
 @click.option("--model", "-m", default=None, help="Model name or path (default: smollm2).")
 @click.option("--system", default=None, help="System message.")
 @click.option("--think/--no-think", default=None, help="enable_thinking for templates that have it.")
-@expert_options
 @keep_quantized_option
+@expert_options
 @sampling_options
-def chat(model, system, think, expert_memory, experts_per_tok, keep_quantized, max_tokens, **kw):
+def chat(model, system, think, keep_quantized, expert_memory, experts_per_tok, max_tokens, **kw):
     """Interactive chat (empty line or Ctrl-D quits). The cache is kept between turns."""
     import mlxq
     from mlxq.session import Session

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from contextlib import contextmanager
 
 import mlx.core as mx
@@ -94,6 +95,7 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
         from mlxq.experts import start_pool
 
         model.expert_pool = start_pool(streamed, packs, expert_memory, dtype, fuse, expert_options)
+        weakref.finalize(model, model.expert_pool.close)  # reader threads and file descriptors go with the model
     return model
 
 
@@ -113,6 +115,8 @@ def _expert_packs(ckpt: Checkpoint, model: nn.Module, weights: dict, expert_memo
         weights.update(packs.resident_weights())
         return packs, []
     return packs, stream_blocks(model, packs)
+
+
 @contextmanager
 def _as_config_error(ckpt: Checkpoint):
     """What `formats.validate` cannot foresee about a family's config (a rope setting of the wrong type, say) fails

@@ -65,8 +65,8 @@ from mlxq.errors import GenerationError, InvalidRequest
     type=click.IntRange(0),
     help="Reasoning tokens before '</think>' is forced, when a request does not say.",
 )
-@expert_options
 @keep_quantized_option
+@expert_options
 @click.option(
     "--allow-request-templates",
     is_flag=True,
@@ -91,9 +91,9 @@ def serve(
     prompt_cache_mb,
     thinking,
     thinking_budget,
+    keep_quantized,
     expert_memory,
     experts_per_tok,
-    keep_quantized,
     allow_request_templates,
     log_level,
 ):

@@ -95,10 +95,10 @@ def write_moe(out: Path, shape: MoEShape, expert_bits: int = 2, group_size: int 
         k = mx.random.key(seed * 100003 + i)
         if t.dtype == mx.uint32:
             a = mx.random.randint(0, 2**31, t.shape, key=k).astype(mx.uint32) * 2 + mx.random.randint(0, 2, t.shape)
-        elif t.name.endswith(".scales"):  # a weight range of about +-0.05 (0.02 std at 2 bits)
-            a = mx.full(t.shape, 0.1 / levels / (shape.hidden / 1024) ** 0.5, t.dtype)
+        elif t.name.endswith(".scales"):  # weights in +-r (r = 1/sqrt(fan in), down_proj's scaled as outputs are)
+            a = mx.full(t.shape, 2 * _range(t.name, shape) / levels, t.dtype)
         elif t.name.endswith(".biases"):
-            a = mx.full(t.shape, -0.05 / (shape.hidden / 1024) ** 0.5, t.dtype)
+            a = mx.full(t.shape, -_range(t.name, shape), t.dtype)
         elif t.name.endswith(("norm.weight", "layernorm.weight")):
             a = mx.ones(t.shape, t.dtype)
         elif t.name.endswith("A_log"):
@@ -106,8 +106,7 @@ def write_moe(out: Path, shape: MoEShape, expert_bits: int = 2, group_size: int 
         elif t.name.endswith("dt_bias"):
             a = mx.zeros(t.shape, t.dtype)
         else:
-            fan_in = t.shape[-1] if len(t.shape) > 1 else 1
-            a = (mx.random.normal(t.shape, key=k) * (0.5 if "embed" in t.name else fan_in**-0.5)).astype(t.dtype)
+            a = (mx.random.normal(t.shape, key=k) * _std(t.name, t.shape)).astype(t.dtype)
         writer.write(t.name, a.astype(t.dtype))
         mx.clear_cache()
     writer.close()
@@ -117,6 +116,29 @@ def write_moe(out: Path, shape: MoEShape, expert_bits: int = 2, group_size: int 
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     char_tokenizer(out, shape.vocab)
     return out
+
+
+# Random deep networks forget their input: every token's hidden state drifts to the same direction, and then
+# every token is routed to the same few experts (a cache would look perfect). Here each layer adds a small update
+# to the residual stream (outputs scaled down), so a token's hidden state stays close to its own embedding and its
+# routing follows the token: common tokens share experts, rare ones reach others, as in a real model.
+_OUTPUT = ("o_proj.weight", "out_proj.weight", "down_proj.weight")
+OUTPUT_SCALE = 0.05
+ROUTER_SCALE = 4.0  # router logits spread over a few units: top-k decided, not a coin toss
+
+
+def _std(name: str, shape: tuple[int, ...]) -> float:
+    fan_in = shape[-1] if len(shape) > 1 else 1
+    if "embed" in name:
+        return 1.0
+    if name.endswith("mlp.gate.weight"):
+        return ROUTER_SCALE * fan_in**-0.5
+    return fan_in**-0.5 * (OUTPUT_SCALE if name.endswith(_OUTPUT) else 1.0)
+
+
+def _range(name: str, shape: MoEShape) -> float:
+    fan_in = shape.moe_hidden if "down_proj" in name else shape.hidden
+    return fan_in**-0.5 * (OUTPUT_SCALE if "down_proj" in name else 1.0)
 
 
 def char_tokenizer(path: Path, vocab_size: int = 160) -> None:

@@ -27,7 +27,10 @@ __all__ = ["ExpertStats", "Packs", "SlotPool", "StreamOptions", "has_packs", "op
 @dataclass
 class StreamOptions:
     threads: int = 4  # reader threads (reads in flight)
-    prefetch: bool = False  # read the next layer's likely experts while this one computes (see bench/experts.py)
+    # read the next layer's likely experts (its router on this layer's input) while this one computes: it helps on
+    # bench/experts.py's synthetic model, whose routing is predictable from layer to layer; flash-moe measured a
+    # loss on the real Qwen3.5-397B (cache pollution, ~30 % accurate predictions), so it is off by default
+    prefetch: bool = False
     policy: str = "lru"
     direct: bool = True  # O_DIRECT / F_NOCACHE: reads bypass the page cache
     verify: bool = True  # check each block's CRC-32 as it is read

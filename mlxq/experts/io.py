@@ -5,18 +5,23 @@ comes from the device, and the cache does not grow behind the budget); on macOS 
 system refuses O_DIRECT (tmpfs), reads fall back to the page cache and `direct` says so. Staging buffers come
 from mmap (page aligned, as O_DIRECT wants); every read starts and ends on the packs' 16 KiB boundaries.
 Adjacent experts are read with one call. Each block's CRC-32 is checked before it is handed on.
+
+Reads are tasks on a queue served by reader threads; a thread that waits for a read nobody has started yet does
+it itself. A layer's single missing expert is then read by the forward pass's own thread, without waking a reader
+(on a busy machine that wake-up alone takes longer than reading an expert), and several are read in parallel.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import queue
 import random
 import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mlxq.errors import FormatError
@@ -95,6 +100,35 @@ class IOCounters:
             return self.reads, self.bytes, self.read_s, busy
 
 
+class Read:
+    """One queued read: run by a reader thread or by whoever waits for it first."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self._fn = fn
+        self._claim = threading.Lock()
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        if not self._claim.acquire(blocking=False):
+            return  # someone else has it
+        try:
+            self._fn()
+        except BaseException as e:  # handed to the waiter
+            self.error = e
+        finally:
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self) -> None:
+        self.run()
+        self._done.wait()
+        if self.error is not None:
+            raise self.error
+
+
 class PackReader:
     """Reads runs of adjacent expert blocks on `threads` threads; `sink(position, payload)` gets each checked
     block (a memoryview into the staging buffer, valid only during the call)."""
@@ -107,10 +141,14 @@ class PackReader:
             self.fds[layer], ok = open_uncached(packs.path(lp), direct)
             bypass.append(ok)
         self.direct = all(bypass)
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mlxq-experts-io")
         self.threads = threads
         self.io = IOCounters()
         self._staging = _Staging()
+        self._queue: queue.SimpleQueue[Read | None] = queue.SimpleQueue()
+        self._workers = [threading.Thread(target=self._serve, name=f"mlxq-experts-io-{i}", daemon=True)
+                         for i in range(threads)]
+        for w in self._workers:
+            w.start()
 
     def runs(self, lp: LayerPack, positions: list[int]) -> list[tuple[int, int]]:
         """Sorted positions -> (first, count) runs of adjacent experts, each at most MAX_MERGE bytes."""
@@ -123,8 +161,14 @@ class PackReader:
                 out.append((p, 1))
         return out
 
-    def submit(self, layer: int, first: int, count: int, sink: Callable[[int, memoryview], None]) -> Future:
-        return self.pool.submit(self._read, layer, first, count, sink)
+    def submit(self, layer: int, first: int, count: int, sink: Callable[[int, memoryview], None]) -> Read:
+        read = Read(lambda: self._read(layer, first, count, sink))
+        self._queue.put(read)
+        return read
+
+    def _serve(self) -> None:
+        while (read := self._queue.get()) is not None:
+            read.run()
 
     def _read(self, layer: int, first: int, count: int, sink: Callable[[int, memoryview], None]) -> None:
         lp = self.packs.layers[layer]
@@ -146,7 +190,10 @@ class PackReader:
             sink(first + i, payload)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        for _ in self._workers:
+            self._queue.put(None)
+        for w in self._workers:
+            w.join()
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()

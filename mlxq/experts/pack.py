@@ -38,8 +38,7 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PARTS = ("weight", "scales", "biases")
 CONFIG_KEY = "mlxq_experts"
 
-_NP_DTYPES = {"uint32": np.uint32, "float16": np.float16, "float32": np.float32}
-_BF16 = "bfloat16"  # numpy has no bfloat16: kept as its 16 bits (uint16) and viewed back in MLX
+_NP_DTYPES = {"uint32": np.uint32, "float16": np.float16, "float32": np.float32}  # what affine quantization gives
 
 
 def _aligned(n: int, to: int) -> int:
@@ -57,11 +56,11 @@ class BlockTensor:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * (2 if self.dtype == _BF16 else np.dtype(_NP_DTYPES[self.dtype]).itemsize)
+        return int(np.prod(self.shape)) * np.dtype(self.np_dtype).itemsize
 
     @property
     def np_dtype(self):
-        return np.uint16 if self.dtype == _BF16 else _NP_DTYPES[self.dtype]
+        return _NP_DTYPES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -138,8 +137,7 @@ class Packs:
         out = {}
         for t in lp.tensors:
             part = np.ascontiguousarray(blocks[:, t.offset : t.offset + t.nbytes]).view(t.np_dtype)
-            arr = mx.array(part.reshape(lp.n_experts, *t.shape))
-            out[t.name] = arr.view(mx.bfloat16) if t.dtype == _BF16 else arr
+            out[t.name] = mx.array(part.reshape(lp.n_experts, *t.shape))
         return out
 
     def resident_weights(self) -> dict[str, mx.array]:
@@ -159,7 +157,10 @@ def open_packs(model_dir: Path, config: dict[str, Any]) -> Packs:
     """The packs a model directory's config.json points to; FormatError when the manifest is unreadable, is for
     another model, or a pack file is missing or has the wrong size."""
     entry = config[CONFIG_KEY]
-    return read_manifest(Path(model_dir) / entry.get("manifest", f"{PACK_DIR}/{MANIFEST}"), entry.get("id"))
+    manifest, model_id = entry.get("manifest", f"{PACK_DIR}/{MANIFEST}"), entry.get("id")
+    if not isinstance(manifest, str) or not isinstance(model_id, str):
+        raise FormatError(f"{Path(model_dir) / 'config.json'}: '{CONFIG_KEY}' needs a manifest path and an id")
+    return read_manifest(Path(model_dir) / manifest, model_id)
 
 
 def open_pack_dir(path: Path) -> Packs:
@@ -201,7 +202,8 @@ def read_manifest(manifest_path: Path, expected_id: str | None = None) -> Packs:
                 [Expert(*e) for e in lr["experts"]], lr.get("permutation"),
             )
             packs.layers[lp.layer] = lp
-    except (KeyError, TypeError, ValueError) as e:
+            _check_layer(manifest_path, lp)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise FormatError(f"{manifest_path}: malformed layer entry ({type(e).__name__}: {e})") from None
     for lp in packs.layers.values():
         path = packs.path(lp)
@@ -217,6 +219,28 @@ def read_manifest(manifest_path: Path, expected_id: str | None = None) -> Packs:
                 + (" (truncated)" if size < want else "")
             )
     return packs
+
+
+def _check_layer(manifest_path: Path, lp: LayerPack) -> None:
+    """A layer entry that is self-consistent: aligned blocks in order, tensors inside the payload, known dtypes."""
+    where = f"{manifest_path}: layer {lp.layer}"
+    if not lp.experts or lp.stride <= 0 or lp.stride % ALIGN or not 0 < lp.payload <= lp.stride:
+        raise FormatError(f"{where}: block size {lp.payload} / stride {lp.stride} is not a {ALIGN}-aligned layout")
+    for p, e in enumerate(lp.experts):
+        if e.offset != p * lp.stride or e.size != lp.payload:
+            raise FormatError(f"{where} expert {p}: offset {e.offset} / size {e.size} do not follow the layout")
+    names = {f"{proj}.{part}" for proj in PROJECTIONS for part in PARTS}
+    for t in lp.tensors:
+        bad_shape = len(t.shape) != 2 or any(not isinstance(d, int) or d <= 0 for d in t.shape)
+        if bad_shape or t.dtype not in _NP_DTYPES or t.offset < 0 or t.offset + t.nbytes > lp.payload or (
+                t.name not in names):
+            raise FormatError(f"{where}: tensor '{t.name}' ({t.dtype} at {t.offset}) does not fit the expert block")
+    if {t.name for t in lp.tensors} != names or set(lp.quantization) != set(PROJECTIONS):
+        raise FormatError(f"{where}: the block must hold gate, up and down weights, scales and biases")
+    for proj, q in lp.quantization.items():
+        w = next(t for t in lp.tensors if t.name == f"{proj}.weight")
+        if q["bits"] not in (2, 3, 4, 5, 6, 8) or w.shape[-1] * 32 % q["bits"] or q["group_size"] <= 0:
+            raise FormatError(f"{where}: {proj} quantization {q} does not fit its weight {list(w.shape)}")
 
 
 def describe(packs: Packs) -> list[tuple[str, str]]:
@@ -294,8 +318,9 @@ class PackWriter:
         for proj in PROJECTIONS:
             for part in PARTS:
                 a = parts[(proj, 0)][part]
-                dtype = _BF16 if a.dtype == np.uint16 else a.dtype.name
-                tensors.append(BlockTensor(f"{proj}.{part}", offset, tuple(a.shape), dtype))
+                if a.dtype.name not in _NP_DTYPES:
+                    raise FormatError(f"layer {layer} {proj}.{part}: {a.dtype} cannot go into an expert pack")
+                tensors.append(BlockTensor(f"{proj}.{part}", offset, tuple(a.shape), a.dtype.name))
                 offset = _aligned(offset + a.nbytes, TENSOR_ALIGN)
         payload = tensors[-1].offset + tensors[-1].nbytes
         stride = _aligned(payload, ALIGN)

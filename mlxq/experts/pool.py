@@ -18,14 +18,13 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass, fields
 
 import mlx.core as mx
 import numpy as np
 
 from mlxq.errors import ConfigError
-from mlxq.experts.io import PackReader
+from mlxq.experts.io import PackReader, Read
 from mlxq.experts.pack import LayerPack, Packs
 from mlxq.models.moe import QuantizedSwitchLinear, SwitchGLU
 
@@ -57,6 +56,7 @@ class ExpertStats:
             "hit_rate": self.hits / wanted if wanted else 0.0,
             "bytes_per_token": self.bytes_read / self.tokens if self.tokens else 0.0,
             "read_gb_per_s": self.bytes_read / self.read_s / 1e9 if self.read_s else 0.0,
+            "experts_per_read": (self.misses + self.prefetch_reads) / self.reads if self.reads else 0.0,
         }
 
     def summary(self) -> str:
@@ -124,7 +124,7 @@ class _Slots:
             module, lo, hi = where[proj]
             self.dest.append((t, np.array(self.glu[module][part], copy=False)[:, lo:hi]))
         self.owner: list[tuple[int, int] | None] = [None] * n_slots
-        self.loading: dict[int, Future] = {}
+        self.loading: dict[int, Read] = {}
         self.prefetched: set[int] = set()
         self.policy = POLICIES[policy](n_slots)
 
@@ -173,7 +173,6 @@ class SlotPool:
         self.steps: deque[dict] = deque(maxlen=4096)  # per forward pass (a decode step is one token)
         self._step_start = ExpertStats()
         self._last_layer = -1
-        self.order = sorted(packs.layers)
 
     # ------------------------------------------------------------------------------------------ sizes
     @property
@@ -186,10 +185,6 @@ class SlotPool:
     def experts(self, layer: int) -> SwitchGLU:
         """The layer's experts as computed: stacked over slots."""
         return self.groups[layer].glu
-
-    def next_layer(self, layer: int) -> int | None:
-        i = self.order.index(layer) + 1
-        return self.order[i] if i < len(self.order) else None
 
     # ------------------------------------------------------------------------------------------ one layer
     def routed(self, layer: int, experts: mx.array) -> np.ndarray:
@@ -211,14 +206,14 @@ class SlotPool:
             mx.eval(self.pending)
             self.pending.clear()
 
-    def request(self, layer: int, wanted: np.ndarray, prefetch: bool = False) -> list[Future]:
+    def request(self, layer: int, wanted: np.ndarray, prefetch: bool = False) -> list[Read]:
         """Make sure experts `wanted` (sorted, at most `capacity`) of `layer` are in slots: missing ones are read.
         Returns the reads to wait for. A prefetch only reads what fits without touching the current request."""
         slots, table, lp = self.groups[layer], self.tables[layer], self.packs.layers[layer]
         if not prefetch:
             self.settle()
             self.pinned = set()
-        for s in [s for s, f in slots.loading.items() if f.done() and f.exception() is None]:
+        for s in [s for s, f in slots.loading.items() if f.done() and f.error is None]:
             del slots.loading[s]
         futures, misses, held = [], [], set()
         for e in wanted.tolist():
@@ -266,7 +261,7 @@ class SlotPool:
                 slots.policy.touch(s)
         return futures
 
-    def wait(self, layer: int, futures: list[Future]) -> None:
+    def wait(self, layer: int, futures: list[Read]) -> None:
         """Block until the reads are done; a failed read empties its slots and raises its error."""
         t0 = time.perf_counter()
         try:
@@ -275,7 +270,7 @@ class SlotPool:
         except BaseException:
             slots = self.groups[layer]
             for s, f in list(slots.loading.items()):
-                if f.done() and f.exception() is not None:
+                if f.done() and f.error is not None:
                     owner = slots.owner[s]
                     if owner is not None:
                         self.tables[owner[0]][owner[1]] = -1

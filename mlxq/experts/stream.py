@@ -44,12 +44,11 @@ class StreamedMoE(SparseMoE):
         if shared is not None:
             mx.async_eval(shared)  # computed while the reads run
         y, cap = None, pool.capacity(layer)
+        decoding = ids.size // ids.shape[-1] <= PREFETCH_MAX_TOKENS
         for start in range(0, len(wanted), cap):
             chunk = wanted[start : start + cap]
             reads = pool.request(layer, chunk)
-            if start == 0 and pool.prefetch and self.next is not None and ids.size // ids.shape[-1] <= (
-                PREFETCH_MAX_TOKENS
-            ):
+            if start == 0 and pool.prefetch and decoding and self.next is not None:
                 self._prefetch_next(x)
             pool.wait(layer, reads)
             out = pool.experts(layer)(x, pool.slot_indices(layer, ids, chunk))

@@ -57,7 +57,7 @@ class PackSink:
     def add(self, item, base: str, weight: mx.array, scales: mx.array, biases: mx.array, spec) -> None:
         block, proj, index = expert_target(base)
         parts = {"weight": weight, "scales": scales, "biases": biases}
-        parts = {k: _numpy(v if index is None else v[None]) for k, v in parts.items()}
+        parts = {k: np.array(v if index is None else v[None]) for k, v in parts.items()}
         self.writer.add(layer_of(item.name), block, proj, index or 0, parts,
                         {"bits": spec.bits, "group_size": spec.group_size})
 
@@ -71,8 +71,3 @@ class PackSink:
         model = {k: config.get(k) for k in ("model_type", "num_hidden_layers", "hidden_size")}
         return self.writer.close(model)
 
-
-def _numpy(a: mx.array) -> np.ndarray:
-    if a.dtype == mx.bfloat16:
-        a = a.view(mx.uint16)
-    return np.array(a)

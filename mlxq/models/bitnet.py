@@ -41,7 +41,7 @@ def packed_linear(config: dict[str, Any]):
 
 
 class Block(nn.Module):
-    def __init__(self, a: llama.Args, i: int, rope: RoPE, linear=None, act=relu2):
+    def __init__(self, a: llama.Args, rope: RoPE, linear=None, layer: int = 0, act=relu2):  # (every layer alike)
         super().__init__()
         eps = a.rms_norm_eps
         self.self_attn = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, rope,

@@ -46,7 +46,7 @@ class Args(BaseArgs):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         self.num_experts = self.num_experts or self.num_local_experts
         self.moe_intermediate_size = self.moe_intermediate_size or self.intermediate_size
-        if not self.use_sliding_window or not FAMILY_FLAGS[self.model_type]["sliding"]:
+        if not self.use_sliding_window or not FAMILY_FLAGS.get(self.model_type, {}).get("sliding"):
             self.sliding_window = None
 
 
@@ -58,12 +58,11 @@ FAMILY_FLAGS = {
     "qwen3": dict(qkv_bias=None, qk_norm=True, norm_topk=None, sliding=False),
     "qwen3_moe": dict(qkv_bias=None, qk_norm=True, norm_topk=None, sliding=False),
     "mixtral": dict(qkv_bias=None, qk_norm=False, norm_topk=True, sliding=True),
-    "bitnet": dict(qkv_bias=None, qk_norm=False, norm_topk=None, sliding=False),  # (models/bitnet.py's blocks)
 }
 
 
 class Block(nn.Module):
-    def __init__(self, a: Args, i: int, rope: RoPE):
+    def __init__(self, a: Args, rope: RoPE, layer: int = 0):
         super().__init__()
         flags = FAMILY_FLAGS[a.model_type]
         bias = a.attention_bias if flags["qkv_bias"] is None else flags["qkv_bias"]
@@ -71,7 +70,7 @@ class Block(nn.Module):
             a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, rope,
             bias=bias, out_bias=a.attention_bias, qk_norm_eps=a.rms_norm_eps if flags["qk_norm"] else None,
         )
-        if is_moe_layer(a, i):
+        if is_moe_layer(a, layer):
             norm_topk = a.norm_topk_prob if flags["norm_topk"] is None else flags["norm_topk"]
             self.mlp = SparseMoE(a.hidden_size, a.moe_intermediate_size, a.num_experts, a.num_experts_per_tok,
                                  norm_topk=norm_topk)
@@ -89,7 +88,7 @@ class Body(nn.Module):
     def __init__(self, a: Args, rope: RoPE, block):
         super().__init__()
         self.embed_tokens = Embedding(a.vocab_size, a.hidden_size)
-        self.layers = [block(a, i, rope) for i in range(a.num_hidden_layers)]
+        self.layers = [block(a, rope, layer=i) for i in range(a.num_hidden_layers)]
         self.norm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
 
 

@@ -186,10 +186,12 @@ def plan(ckpt: Checkpoint, recipe: Recipe, dtype: mx.Dtype | None = None, stream
         items.append(Item(name, role, spec, info.nbytes, outputs, parts, shape[-1],
                           stream_experts and role.startswith("expert_")))
     if stream_experts:
-        floats = [it.name for it in items if it.role and it.role.startswith("expert_") and not it.spec.quantized]
-        if floats:
-            raise InvalidRequest(f"--stream-experts: expert tensor '{floats[0]}' would stay float (packs hold "
-                                 "quantized experts; pick a recipe that quantizes them)")
+        unpackable = [it for it in items if it.role and it.role.startswith("expert_")
+                      and it.spec.precision in ("float", "ternary")]
+        if unpackable:
+            raise InvalidRequest(f"--stream-experts: expert tensor '{unpackable[0].name}' would be "
+                                 f"{unpackable[0].spec.precision} (packs hold affine-quantized experts; pick a recipe "
+                                 "that quantizes them to 2..8 bits)")
     return Plan(items, _quant_config([it for it in items if not it.pack], shape_of.model_type), shape_of.tied,
                 unknown)
 
