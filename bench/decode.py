@@ -1,9 +1,12 @@
-"""Prefill and decode tokens/s, mlxq vs mlx-lm: same model, same weights, same prompt, same run.
+"""Prefill and decode tokens/s, mlxq vs mlx-lm: the same stored weights, prompt and token count, in the same run.
 
-mlx-lm runs its own model class (mlx_lm.models.<type>) with the very arrays mlxq loaded, through its
-own `stream_generate`, whose reported prompt/generation tokens-per-second are used as they are.
+Both sides load one directory (`--weights float`: the model's weights as float32; `4bit`: those quantized to
+4-bit affine, group 64), each with its own loader (`mlxq.load`, `mlx_lm.load`), compute in the same dtype, run their
+own greedy generate loops and are timed alike, runs alternating, medians reported: `mlxq bench DIR --vs mlx-lm`
+(mlxq.bench.runtime, where the rate definitions are). A ratio is reported only when both sides generated exactly
+the same tokens.
 
-    python bench/decode.py [--model smollm2] [--quick]
+    python bench/decode.py [--model smollm2] [--weights float|4bit] [--quick]
 """
 
 from __future__ import annotations
@@ -14,88 +17,72 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import mlx.core as mx  # noqa: E402
-from common import median, write_result  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+from common import float_copy, parse_args, write_result  # noqa: E402
 
-TEXT = (
-    "The history of the printing press begins in the fifteenth century, when movable type changed how "
-    "knowledge spread across Europe. Before it, books were copied by hand, slowly and at great cost. "
-)
+from mlxq.bench import runtime  # noqa: E402
+
+WEIGHTS = ("float", "4bit")
 
 
-def mlx_lm_twin(config: dict, weights: list):
-    """mlx-lm's own model for this config, holding mlxq's arrays (no copy)."""
-    import importlib
+def stored_weights(model: str, form: str) -> Path:
+    """The directory both sides load: the float32 copy, or its 4-bit quantization (made once, cached)."""
+    from mlxq.quant.pipeline import quantize
+    from mlxq.quant.recipes import uniform
 
-    from mlx_lm.models.base import BaseModelArgs  # noqa: F401  (mlx-lm must be importable)
+    src = float_copy(model)
+    if form == "float":
+        return src
+    path = src.with_name(src.name.removesuffix("-f32") + "-4bit-g64")
+    if not (path / "config.json").exists():
+        quantize(str(src), path, uniform(4, 64), progress=False)
+    return path
 
-    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
-    model = module.Model(module.ModelArgs.from_dict(config))
-    model.load_weights(weights)
-    mx.eval(model.parameters())
-    return model
+
+def run(model: str, form: str, prompt_n: int, gen_n: int, runs: int) -> dict:
+    result = runtime.run(str(stored_weights(model, form)), "mlx-lm", prompt_n, gen_n, runs)
+    if not all(side["stable_tokens"] for side in result["sides"].values()):
+        sys.exit(f"decode: {form}: a side generated different tokens from one run to the next (greedy)")
+    result["same_tokens"] = same = result["agreeing_tokens"] == gen_n
+    if not same:
+        print(f"decode: {form}: mlxq and mlx-lm generate different tokens from position {result['agreeing_tokens']}:"
+              " no ratio", file=sys.stderr)
+    ratios = result["ratios"]
+    result["ratios"] = {"decode_vs_mlx_lm": ratios["decode_tps_vs_mlx_lm"],
+                        "prefill_vs_mlx_lm": ratios["prefill_tps_vs_mlx_lm"]} if same else {}
+    return result
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--weights", choices=WEIGHTS, action="append", help="the stored form(s) both sides load "
+                    "(default: float; a full run does both)")
     ap.add_argument("--prompt-tokens", type=int, default=None)
     ap.add_argument("--gen-tokens", type=int, default=None)
     ap.add_argument("--runs", type=int, default=None)
-    args = ap.parse_args()
+    args = parse_args(ap)
     prompt_n = args.prompt_tokens or (128 if args.quick else 512)
     gen_n = args.gen_tokens or (32 if args.quick else 128)
     runs = args.runs or (2 if args.quick else 5)
+    forms = args.weights or (["float"] if args.quick else list(WEIGHTS))
 
-    import mlx_lm
-    from mlx_lm.tokenizer_utils import TokenizerWrapper
-
-    import mlxq
-    from mlxq.engine.generate import Generation
-    from mlxq.loading import load_model
-    from mlxq.models import text_config
-
-    model = mlxq.load(args.model)
-    config = text_config(model.checkpoint.config)
-    plain = load_model(model.checkpoint, fuse=False)  # checkpoint layout, which mlx-lm's classes expect
-    theirs = mlx_lm_twin(config, list(tree_flatten(plain.parameters())))
-    del plain
-    tok = TokenizerWrapper(model.tokenizer.hf)
-    ids = model.tokenizer.encode(TEXT * (prompt_n // 30 + 2))[:prompt_n]
-
-    def run_mlxq() -> tuple[float, float]:
-        gen = Generation(model.net, model.make_cache())
-        for _ in gen.steps(ids, gen_n):
-            pass
-        return gen.timings.prefill_tps, gen.timings.decode_tps
-
-    def run_mlx_lm() -> tuple[float, float]:
-        *_, last = mlx_lm.stream_generate(theirs, tok, ids, max_tokens=gen_n)
-        return last.prompt_tps, last.generation_tps
-
-    run_mlxq(), run_mlx_lm()  # warm-up: first-call allocations and compiles
-    figures = {"mlxq": {"prefill": [], "decode": []}, "mlx_lm": {"prefill": [], "decode": []}}
-    for _ in range(runs):  # interleaved, so load from elsewhere on the machine hits both alike
-        for name, fn in (("mlxq", run_mlxq), ("mlx_lm", run_mlx_lm)):
-            p, d = fn()
-            figures[name]["prefill"].append(round(p, 2))
-            figures[name]["decode"].append(round(d, 2))
-    med = {k: {m: median(v) for m, v in f.items()} for k, f in figures.items()}
+    results = {form: run(args.model, form, prompt_n, gen_n, runs) for form in forms}
+    ratios = {}
+    for form, r in results.items():
+        tag = "" if form == "float" else f"{form}_"
+        ratios.update({f"{tag}{k}": v for k, v in r["ratios"].items()})
     write_result("decode", {
         "model": args.model,
-        "dtype": str(model.net.model.norm.weight.dtype),
+        "quick": args.quick,
         "prompt_tokens": prompt_n,
         "gen_tokens": gen_n,
         "runs": runs,
-        "tokens_per_s": figures,
-        "median_tokens_per_s": med,
-        "ratios": {
-            "decode_vs_mlx_lm": round(med["mlxq"]["decode"] / med["mlx_lm"]["decode"], 3),
-            "prefill_vs_mlx_lm": round(med["mlxq"]["prefill"] / med["mlx_lm"]["prefill"], 3),
-        },
+        "rate_definition": runtime.RATES,
+        "results": results,
+        "ratios": ratios,
     })
+    if any(not r["same_tokens"] for r in results.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

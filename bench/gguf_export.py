@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import write_result  # noqa: E402
+from common import parse_args, write_result  # noqa: E402
 from llama_cpp_peer import imatrix, kl, kl_base, quantize  # noqa: E402
 
 CTX = 512
@@ -82,9 +82,8 @@ def texts(work: Path, calib_tokens: int, eval_tokens: int) -> tuple[Path, Path]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
     p.add_argument("--gptq", action="store_true", help="also score --method gptq (slow)")
-    args = p.parse_args()
+    args = parse_args(p)  # --quick, and the reference-BLAS refusal
     quick = args.quick
     from mlxq.formats.fetch import cache_dir
     from mlxq.formats.gguf.export import export

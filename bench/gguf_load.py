@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import median, stdout_to_stderr, write_result  # noqa: E402
+from common import median, parse_args, stdout_to_stderr, write_result  # noqa: E402
 
 TYPES = {"Q4_K_M": "MOSTLY_Q4_K_M", "Q6_K": "MOSTLY_Q6_K", "Q2_K": "MOSTLY_Q2_K"}
 ENGINES = ("llama_cpp", "mlxq_blocks", "mlxq_float")
@@ -149,12 +149,11 @@ def run_child(engine: str, path: Path, gen: int, threads: int = THREADS) -> dict
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="one file (Q4_K_M), two runs (about 2 minutes)")
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--gen", type=int, default=None, help="decoded tokens per run")
     ap.add_argument("--threads", type=int, default=THREADS, help="llama.cpp's threads (default: %(default)s)")
     ap.add_argument("--child", nargs=2, metavar=("ENGINE", "FILE"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_args(ap)  # --quick: one file (Q4_K_M), two runs
     gen = args.gen or (16 if args.quick else 48)
     if args.child:
         return child(args.child[0], args.child[1], gen, args.threads)

@@ -37,7 +37,7 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, write_result  # noqa: E402
+from common import median, parse_args, write_result  # noqa: E402
 
 from mlxq.kernels import kquants, kquants_metal, metal, ternary  # noqa: E402
 
@@ -220,13 +220,12 @@ def gpu_part(quick: bool, peak_gbs: float, dry_run: bool = False) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--gpu", action="store_true", help="also time the CUDA twins (MLX's CUDA build only)")
     ap.add_argument("--peak-gbs", type=float, default=4800.0, help="the GPU's peak memory bandwidth (H200: 4800)")
     ap.add_argument("--no-cpu", action="store_true", help="only the GPU part (writes bench/results/kernels_gpu.json)")
     ap.add_argument("--dry-run", action="store_true",
                     help="with --gpu: build the GPU part's weights and launches, run nothing (no GPU needed)")
-    args = ap.parse_args()
+    args = parse_args(ap)  # adds --quick
     if args.gpu and not args.dry_run and not mx.cuda.is_available():
         raise SystemExit("--gpu needs MLX's CUDA build (mx.cuda.is_available() is False here); --dry-run checks the "
                          "GPU part's setup without one")

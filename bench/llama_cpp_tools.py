@@ -1,4 +1,6 @@
-"""llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity) for the benchmarks' peer runs.
+"""llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity) for the benchmarks' peer runs,
+and the few steps a peer run takes with them: a float32 GGUF of the stored weights, an importance matrix from a
+calibration text, a quantization with it, and bits per weight counted from the GGUF's own tensors.
 
 They are built once from the pinned llama-cpp-python sdist, i.e. from the very llama.cpp the `llama_cpp` package
 (a dev dependency) was built from, and cached under `<mlxq cache>/llama.cpp-tools/<version>/`. The Python
@@ -6,6 +8,11 @@ binding cannot run these: it has no importance-matrix input to its quantizer and
 the peer figures must come from llama.cpp's own quantizer with an imatrix and its own scoring.
 
     python bench/llama_cpp_tools.py          # build if needed (about 10 minutes on 2 cores), print the folder
+
+    f32 = float_gguf(source_gguf, work / "f32.gguf")
+    imat = importance_matrix(f32, calibration_txt, work / "imatrix.gguf", ctx=512, chunks=16)
+    quantize(f32, work / "q.gguf", "IQ4_NL", imatrix=imat, pure=True)
+    bits_per_weight(work / "q.gguf")
 """
 
 from __future__ import annotations
@@ -67,6 +74,61 @@ def build() -> Path:
         if out.exists():
             shutil.rmtree(out)
         staged.rename(out)  # complete or absent
+    return out
+
+
+def float_gguf(src: Path, out: Path) -> Path:
+    """`src` with every tensor stored as float32 (quantized blocks dequantized exactly by llama.cpp): the start
+    for an importance matrix and for quantizing from the very numbers the other peers start from."""
+    return quantize(src, out, "F32", allow_requantize=True)
+
+
+def importance_matrix(model: Path, text: Path, out: Path, ctx: int = 512, chunks: int | None = None) -> Path:
+    """llama-imatrix over `text` in chunks of `ctx` tokens (the output matmul included)."""
+    args = ["-m", model, "-f", text, "-o", out, "-c", ctx, "--process-output", "-t", os.cpu_count() or 2]
+    return _tool("llama-imatrix", *args, *(["--chunks", chunks] if chunks else []), out=out)
+
+
+def quantize(src: Path, out: Path, ftype: str, *, imatrix: Path | None = None, pure: bool = False,
+             allow_requantize: bool = False) -> Path:
+    """llama-quantize `src` to `ftype` (a name llama-quantize takes: Q4_0, IQ4_NL, Q3_K_M, F32, ...)."""
+    flags = [*(["--imatrix", imatrix] if imatrix else []), *(["--pure"] if pure else []),
+             *(["--allow-requantize"] if allow_requantize else [])]
+    return _tool("llama-quantize", *flags, src, out, ftype, os.cpu_count() or 2, out=out)
+
+
+def bits_per_weight(path: Path) -> dict:
+    """Bits per weight of a GGUF from its own tensors (K-quant blocks carry their own scales): `bpw` over the weight
+    matrices, `bpw_all` over every tensor, and the share of matrix weights each block type holds."""
+    import gguf
+
+    tensors = gguf.GGUFReader(path).tensors
+    matrices = [t for t in tensors if t.name.endswith(".weight") and sum(d > 1 for d in t.shape) >= 2]
+    total_bytes = sum(int(t.n_bytes) for t in tensors)
+    matrix_params = sum(int(t.n_elements) for t in matrices)
+    share: dict[str, int] = {}
+    for t in matrices:
+        share[t.tensor_type.name] = share.get(t.tensor_type.name, 0) + int(t.n_elements)
+    return {
+        "bpw": round(8 * sum(int(t.n_bytes) for t in matrices) / matrix_params, 4),
+        "bpw_all": round(8 * total_bytes / sum(int(t.n_elements) for t in tensors), 4),
+        "size_mb": round(total_bytes / 1e6, 2),
+        "types": {k: round(v / matrix_params, 3) for k, v in sorted(share.items())},
+    }
+
+
+def _tool(name: str, *args, out: Path) -> Path:
+    """Runs one tool with its (chatty) output kept in `out`'s log; `out` appears only when the tool succeeded."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial")
+    log = out.with_name(f"{out.name}.log")
+    argv = [str(tool(name)), *(str(tmp) if a == out else str(a) for a in args)]
+    with open(log, "w") as f:
+        done = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0 or not tmp.exists():
+        tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+        raise RuntimeError(f"{name} failed (exit {done.returncode}; log {log}): {tail}")
+    os.replace(tmp, out)
     return out
 
 

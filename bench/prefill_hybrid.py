@@ -16,6 +16,9 @@ heads with twice as many value heads as key heads, 256-wide attention heads with
 twice the hidden size; the MoE one Qwen3-Next's 10 routed experts of hidden/4 plus a shared one), scaled
 down to hidden 1024 and 8 layers to fit this machine.
 
+The two models must agree before anything is timed: a run whose logits differ from mlx-lm's by more than
+`TOLERANCE` (max abs difference relative to the largest logit) fails.
+
     python bench/prefill_hybrid.py [--quick]
 """
 
@@ -23,17 +26,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+sys.path.insert(0, str(Path(__file__).parent))
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import numpy as np  # noqa: E402
+from common import parse_args, write_result  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+
+TOLERANCE = 1e-4  # float32 on both sides: what is left is summation order
 
 COMMON = dict(
     hidden_size=1024,
@@ -146,6 +152,9 @@ def run(name: str, config: dict, prompt_len: int, decode_steps: int, repeats: in
     check = mx.array(rng.integers(0, config["vocab_size"], (1, 96)))
     want = theirs(check, cache=theirs.make_cache())
     agreement = float(mx.abs(ours(check, ours.make_cache()) - want).max() / mx.abs(want).max())
+    if not agreement <= TOLERANCE:
+        sys.exit(f"prefill_hybrid: {name}: mlxq's logits differ from mlx-lm's by {agreement:.3g} (relative), "
+                 f"above the tolerance {TOLERANCE:g}: nothing timed")
     # compile / warm both models' kernels on a short prompt first (not timed)
     for model, is_ours in ((ours, True), (theirs, False)):
         _, cache = prefill_s(model, mx.zeros((1, 80), mx.int32), is_ours)
@@ -174,27 +183,11 @@ def run(name: str, config: dict, prompt_len: int, decode_steps: int, repeats: in
     }
 
 
-def machine() -> dict:
-    import mlx_lm
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpus": os.cpu_count(),
-        "mlx": mx.__version__,
-        "mlx_lm": mlx_lm.__version__,
-        "metal": mx.metal.is_available(),
-        "loadavg": list(os.getloadavg()),
-        "blas_preload": os.environ.get("LD_PRELOAD", ""),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="dense config only, 1024-token prompt, 2 repeats")
-    args = parser.parse_args()
+    args = parse_args(parser)  # --quick: the dense config only, a shorter prompt, 2 repeats
     if args.quick:
-        plan = [("dense", 1024, 8, 2)]
+        plan = [("dense", 256, 8, 2)]
     else:
         plan = [("dense", 2048, 32, 3), ("moe", 2048, 32, 3)]
     results = {name: run(name, CONFIGS[name], n, steps, reps) for name, n, steps, reps in plan}
@@ -203,18 +196,15 @@ def main() -> None:
         tag = "" if name == "dense" else f"{name}_"
         ratios[f"{tag}prefill_vs_mlx_lm"] = r["prefill_tps"]["mlxq"] / r["prefill_tps"]["mlx_lm"]
         ratios[f"{tag}decode_vs_mlx_lm"] = r["decode_tps"]["mlxq"] / r["decode_tps"]["mlx_lm"]
-    out = {
-        "benchmark": "prefill_hybrid",
+    import mlx_lm
+
+    write_result("prefill_hybrid", {
         "quick": args.quick,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": machine(),
+        "mlx_lm": mlx_lm.__version__,
+        "logit_tolerance": TOLERANCE,
         "results": results,
         "ratios": ratios,
-    }
-    path = Path(__file__).parent / "results" / "prefill_hybrid.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out))
+    })
 
 
 if __name__ == "__main__":

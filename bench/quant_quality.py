@@ -1,38 +1,60 @@
-"""Quantization quality on real weights: SmolLM2-135M-Instruct, mlxq (RTN, calibrated) vs mlx_lm.convert.
+"""Quantization quality on real weights (SmolLM2-135M-Instruct): mlxq's recipes against the peers' best methods at
+equal bits per weight, all calibrated on the same text.
 
-Baseline: the default model's GGUF weights, dequantized once and saved as a float32 HF directory (every
-quantizer starts from exactly these numbers). Each variant is scored against it on held-back Wikipedia text
-(never part of the calibration mix): mean KL(baseline || variant), 99th percentile, top-1 agreement,
-perplexity. Bits per weight count the codes plus float16 scales and biases. Evaluation runs in float32 on
-dequantized weights (MLX's quantized matmul is slow on x86; the logits are the same up to float rounding).
+Baseline: the default model's GGUF weights dequantized once to a float32 HF directory; every quantizer starts from
+exactly these numbers. Each variant is scored against it on held-back Wikipedia text (never part of the calibration
+mix): mean KL(baseline || variant), its 99th percentile, top-1 agreement, perplexity. Evaluation runs in float32 on
+dequantized weights (the logits of the quantized model up to float rounding).
+
+Calibration: the same 16 sequences of 512 tokens (8192 tokens of mlxq's default mix) for every calibrated method.
+
+Peers (each at the group size and bits of the mlxq variant it is compared with):
+- mlx-lm: `mlx_lm.convert` (round to nearest); from `mlx_lm.quant` GPTQ (packs 2, 4 or 8 bits only), AWQ and DWQ
+  (distillation of the quantized scales and biases: on this text, one pass of 4 optimizer steps; the time its
+  default recipe would take here is estimated) at 3 bits only (their CPU cost here: see "not_run"), and dynamic
+  quant (mixed 3/4 or 2/3 bits by gradient sensitivity, aimed at the bits per weight of mlxq's q3_k_m / q2_k).
+- llama.cpp with an importance matrix from the same text (llama-imatrix, llama-quantize; bench/llama_cpp_tools.py):
+  pure IQ4_NL and Q4_0, 4.5 bits per weight like 4-bit at group 64. No llama.cpp type goes below 4.5 bpw on
+  SmolLM2's 576-wide rows (its K and IQ types need rows in multiples of 256; llama-quantize falls back to a
+  32-block type there): a pure Q3_K run records that fallback (only the 1536-wide ffn_down gets Q3_K), no ratio.
+
+Bits per weight count the codes plus float16 scales and biases (`bpw`: weight matrices, `bpw_all`: every tensor).
+Ratios compare only variants whose `bpw` agree within 0.05; `X_vs_PEER` = mlxq's KL / the peer's.
+`kl_{b}bit_vs_best_peer` divides by the lowest KL among the peers at that width; the goal is <= 0.8.
 
     python bench/quant_quality.py [--quick]
 
-Quick (about 5 minutes here once calibrated): 3 bits and llama.cpp's Q3_K_M, 2048 scored tokens. Full: 2/3/4 bits,
-every mlxq method, the q3_k_m and q2_k mixes, llama.cpp's Q2_K, Q3_K_M, Q4_K_M and pure Q4_0 (when llama-cpp-python
-is installed; it is a dev dependency), 8192 scored tokens. Both calibrate on 8192 tokens (cached after the first
-run).
+Quick (about 90 CPU-seconds once the baseline and calibration statistics are cached: 2 minutes on a lightly loaded
+machine here): 3 bits, 512 scored tokens, mlxq's GPTQ against `mlx_lm.convert` only; the calibrated peers run in the
+full run (it says so).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
+import hashlib
 import json
 import shutil
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import llama_cpp_tools as llama_cpp  # noqa: E402
 import mlx.core as mx  # noqa: E402
-from common import stdout_to_stderr, write_result  # noqa: E402
+from common import float_copy, parse_args, stdout_to_stderr, write_result  # noqa: E402
 
 GROUP = 64
+CALIB_TOKENS, SEQ_LEN = 8192, 512
+BPW_TOLERANCE = 0.05
+GOAL = 0.8  # mlxq's KL / the best peer's, at equal bits per weight
 
 
+# ------------------------------------------------------------------------------------------------- sizes
 def read_header(path: Path) -> dict:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -50,6 +72,13 @@ def sizes(root: Path) -> dict[str, tuple[list[int], int]]:
     return out
 
 
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def bits_per_weight(out: Path, baseline: dict) -> dict:
     """Weight matrices (codes + scales + biases, or float) per parameter, and the whole model."""
     got = sizes(out)
@@ -57,11 +86,8 @@ def bits_per_weight(out: Path, baseline: dict) -> dict:
     for name, (shape, _) in baseline.items():
         if len(shape) < 2 or not name.endswith(".weight") or name not in got:
             continue
-        n = 1
-        for d in shape:
-            n *= d
         base = name.removesuffix(".weight")
-        matrix_params += n
+        matrix_params += _numel(shape)
         matrix_bytes += sum(got[k][1] for k in (name, base + ".scales", base + ".biases") if k in got)
     total_params = sum(_numel(s) for s, _ in baseline.values())
     return {
@@ -71,228 +97,287 @@ def bits_per_weight(out: Path, baseline: dict) -> dict:
     }
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def make_baseline(root: Path) -> Path:
-    """SmolLM2's GGUF weights dequantized to float32, as an HF directory with its tokenizer."""
-    from mlxq.quant.pipeline import quantize
-    from mlxq.quant.recipes import Recipe
-
-    path = root / "smollm2-f32"
-    if not (path / "config.json").exists():
-        shutil.rmtree(path, ignore_errors=True)
-        quantize("smollm2", path, Recipe("float", "float"), dtype=mx.float32, progress=False)
-    return path
-
-
-def run_mlx_lm(baseline: Path, out: Path, bits: int) -> None:
-    from mlx_lm import convert
-
-    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the result line
-        convert(
-            hf_path=str(baseline), mlx_path=str(out), quantize=True, q_bits=bits, q_group_size=GROUP, dtype="float16"
-        )
-
-
-def run_mlxq(
-    baseline: Path, out: Path, recipe_name: str | None, bits: int | None, method: str, calib_tokens: int
-) -> None:
+# ------------------------------------------------------------------------------------------------- mlxq
+def run_mlxq(baseline: Path, out: Path, recipe_name: str | None, bits: int | None, method: str) -> None:
     from mlxq.quant.pipeline import quantize
     from mlxq.quant.recipes import make_recipe
 
-    recipe = make_recipe(recipe_name, bits, GROUP)
-    quantize(
-        str(baseline),
-        out,
-        recipe,
-        method=method,
-        calibrate=None if method == "rtn" else "default",
-        calib_tokens=calib_tokens,
-        progress=False,
-    )
+    calibrate = None if method == "rtn" else "default"
+    quantize(str(baseline), out, make_recipe(recipe_name, bits, GROUP), method=method, calibrate=calibrate,
+             calib_tokens=CALIB_TOKENS, progress=False)
 
 
-# llama.cpp's mixes: label -> (`LLAMA_FTYPE_MOSTLY_*` name, pure). K-quants work on 256-weight super-blocks;
-# SmolLM2's 576-wide rows do not divide into them, so llama.cpp falls back to 32-blocks (Q4_0, Q5_0, Q8_0)
-# for every matrix but ffn_down, and its K mixes land near 5 bits here. Pure Q4_0 (4.5 bpw, every tensor)
-# is the peer with the same bits as mlxq's 4-bit at group 64.
-LLAMA_CPP_MIXES = {
-    "Q2_K": ("Q2_K", False),
-    "Q3_K_M": ("Q3_K_M", False),
-    "Q4_K_M": ("Q4_K_M", False),
-    "Q4_0-pure": ("Q4_0", True),
-}
+# ------------------------------------------------------------------------------------------------- mlx-lm
+def load_mlx_lm(baseline: Path):
+    from mlx_lm.utils import load
+
+    return load(str(baseline), return_config=True)
 
 
-def llama_cpp_missing() -> str | None:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError as e:
-        return f"llama_cpp is not importable ({e}); `make setup` installs it"
-    return None
+def save_mlx_lm(baseline: Path, out: Path, model, tokenizer, config: dict) -> None:
+    """Saves as `mlx_lm.convert --dtype float16` would: float16 scales, biases and unquantized tensors."""
+    from mlx_lm.utils import save
+
+    model.set_dtype(mx.float16)
+    save(str(out), str(baseline), model, tokenizer, config)
 
 
-def run_llama_cpp(out: Path, mix: str) -> None:
-    """llama.cpp's own quantizer on the same weights: the pinned GGUF, whose Q4_1 blocks it dequantizes
-    exactly to the baseline's numbers before quantizing (allow_requantize). No importance matrix:
-    llama-cpp-python cannot pass one."""
-    import ctypes
+def run_mlx_lm_rtn(baseline: Path, out: Path, bits: int, batches: list) -> None:
+    from mlx_lm import convert
 
-    import llama_cpp
+    convert(hf_path=str(baseline), mlx_path=str(out), quantize=True, q_bits=bits, q_group_size=GROUP,
+            dtype="float16")
+
+
+def run_mlx_lm_gptq(baseline: Path, out: Path, bits: int, batches: list) -> None:
+    """mlx-lm's GPTQ on every linear; the tied embedding (not a linear) at the same bits, round to nearest."""
+    from mlx_lm.quant.gptq import gptq_quantize
+
+    model, tokenizer, config = load_mlx_lm(baseline)
+    model, config["quantization"] = gptq_quantize(model, mx.array(batches), bits, GROUP, bits, GROUP)
+    save_mlx_lm(baseline, out, model, tokenizer, config)
+
+
+def run_mlx_lm_awq(baseline: Path, out: Path, bits: int, batches: list) -> None:
+    """mlx-lm's AWQ (scale and clip search per block), the embedding at the same bits and group."""
+    from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize, update_config
+
+    model, tokenizer, config = load_mlx_lm(baseline)
+    awq_quantize(model, mx.array(batches), AWQ_MODEL_CONFIGS[config["model_type"]], group_size=GROUP, bits=bits,
+                 embed_group_size=GROUP, embed_bits=bits)
+    save_mlx_lm(baseline, out, model, tokenizer, update_config(model, config))
+
+
+def run_mlx_lm_dwq(baseline: Path, out: Path, bits: int, batches: list) -> dict:
+    """mlx-lm's DWQ with its own optimizer settings (Adam, learning rate 1e-6, batch 4, temperature 2), starting
+    from round to nearest, distilling from the float model on the calibration sequences (used for validation too:
+    there is no other text of the same kind). Returns how far that got and what the default recipe would cost."""
+    import mlx.optimizers as optimizers
+    from mlx_lm.quant.dwq import dwq_quantize
+    from mlx_lm.utils import quantize_model
+
+    teacher, tokenizer, config = load_mlx_lm(baseline)
+    student = copy.deepcopy(teacher)
+    _, config = quantize_model(student, config, group_size=GROUP, bits=bits)
+    data = [(seq, 0) for seq in batches]
+    batch_size = 4
+    start = time.perf_counter()
+    dwq_quantize(student, lambda batch, idx, split: teacher(batch), optimizers.Adam(learning_rate=1e-6,
+                 bias_correction=True), data, data, batch_size=batch_size, max_seq_length=SEQ_LEN, seed=123,
+                 dtype=mx.float32)
+    seconds = time.perf_counter() - start
+    save_mlx_lm(baseline, out, student, tokenizer, config)
+    steps = len(batches) // batch_size
+    return {"steps": steps, "batch_size": batch_size, "learning_rate": 1e-6, "train_tokens": len(batches) * SEQ_LEN,
+            "default_recipe": "2048 samples x up to 1025 tokens, batch 4, learning rate 1e-6 (about 512 steps)",
+            # this run's time (its two validation passes included) scaled by the tokens the default recipe trains on
+            "default_recipe_hours_here_about": round(seconds * 2048 * 1025 / (len(batches) * SEQ_LEN) / 3600, 1)}
+
+
+def run_mlx_lm_dynamic(baseline: Path, out: Path, low: int, high: int, target_bpw: float, batches: list) -> dict:
+    """mlx-lm's dynamic quant: per-layer sensitivities from gradients on the calibration sequences, then the
+    threshold that puts the most sensitive layers at `high` bits within `target_bpw` (mlx-lm's own bpw count)."""
+    from mlx_lm.quant.dynamic_quant import estimate_sensitivities, estimate_threshold
+    from mlx_lm.utils import quantize_model
+
+    model, tokenizer, config = load_mlx_lm(baseline)
+    sens = dict(estimate_sensitivities(model, mx.array(batches), low, GROUP, high, GROUP))
+    threshold = estimate_threshold(model, sens, target_bpw, low, GROUP, high, GROUP)
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        return {"bits": high, "group_size": GROUP} if sens[path] > threshold else True
+
+    model, config = quantize_model(model, config, group_size=GROUP, bits=low, quant_predicate=predicate)
+    save_mlx_lm(baseline, out, model, tokenizer, config)
+    return {"low_bits": low, "high_bits": high, "target_bpw_mlx_lm": round(target_bpw, 4),
+            "high_layers": sum(v > threshold for v in sens.values()), "layers": len(sens)}
+
+
+def mlx_lm_bpw(path: Path) -> float:
+    """mlx-lm's own bits-per-weight figure for a saved directory, counted as dynamic quant counts while it searches
+    (on the float32 model: float32 scales and biases)."""
+    from mlx_lm.utils import compute_bits_per_weight, load
+
+    model, _ = load(str(path), lazy=True)
+    model.set_dtype(mx.float32)
+    return float(compute_bits_per_weight(model))
+
+
+# ------------------------------------------------------------------------------------------------- llama.cpp
+def run_llama_cpp(work: Path, out: Path, ftype: str, text: str) -> dict:
+    """llama.cpp's quantizer on the same weights (the pinned GGUF, dequantized exactly to float32 first), every
+    tensor `ftype`, with an importance matrix from the calibration text (both made once per run)."""
+    import re
 
     from mlxq.formats.fetch import ALIASES, fetch
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    ftype, pure = LLAMA_CPP_MIXES[mix]
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    params.pure = pure
-    params.allow_requantize = True
-    params.nthread = 2
+    f32 = work / "f32.gguf"
+    if not f32.exists():
+        llama_cpp.float_gguf(fetch(ALIASES["smollm2"]), f32)
+    imatrix = work / f"imatrix-{hashlib.sha256(text.encode()).hexdigest()[:12]}.gguf"  # per calibration text
+    if not imatrix.exists():
+        (work / "calibration.txt").write_text(text)
+        llama_cpp.importance_matrix(f32, work / "calibration.txt", imatrix, ctx=SEQ_LEN, chunks=CALIB_TOKENS // SEQ_LEN)
     out.mkdir(parents=True)
-    source = str(fetch(ALIASES["smollm2"])).encode()
-    with stdout_to_stderr():
-        rc = llama_cpp.llama_model_quantize(source, str(out / "model.gguf").encode(), ctypes.byref(params))
-    if rc != 0:
-        raise RuntimeError(f"llama_model_quantize {mix} failed with {rc}")
+    llama_cpp.quantize(f32, out / "model.gguf", ftype, imatrix=imatrix, pure=True)
+    chunks = re.search(r"computing over (\d+) chunks", imatrix.with_name(imatrix.name + ".log").read_text())
+    return {"imatrix_tokens": int(chunks.group(1)) * SEQ_LEN if chunks else None, "pure": True}
 
 
-def gguf_bits_per_weight(path: Path) -> dict:
-    """The same counts as `bits_per_weight`, from a GGUF's tensors (K-quant blocks carry their own scales)."""
-    import gguf
+# ------------------------------------------------------------------------------------------------- plan
+def plan(quick: bool, baseline: Path, batches: list, text: str, work: Path) -> list[tuple[str, int, Callable]]:
+    """(label, bits, runner): label is "<tool>-<method>-<width>"; bits 0 for mixes."""
+    variants = []
+    widths = (3,) if quick else (2, 3, 4)
+    for b in widths:
+        for m in ("gptq",) if quick else ("rtn", "search", "gptq"):
+            variants.append((f"mlxq-{m}-{b}bit", b, lambda o, b=b, m=m: run_mlxq(baseline, o, None, b, m)))
+        peers = {"rtn": run_mlx_lm_rtn} if quick else {"rtn": run_mlx_lm_rtn, "gptq": run_mlx_lm_gptq,
+                                                        "awq": run_mlx_lm_awq, "dwq": run_mlx_lm_dwq}
+        for m, fn in peers.items():
+            if m == "gptq" and b not in (2, 4):
+                continue  # recorded in "not_run"
+            if m in ("awq", "dwq") and b != 3:
+                continue  # recorded in "not_run"
+            variants.append((f"mlx_lm-{m}-{b}bit", b, lambda o, b=b, fn=fn: fn(baseline, o, b, batches)))
+    if quick:
+        return variants
+    for mix in ("q3_k_m", "q2_k"):
+        variants.append((f"mlxq-gptq-{mix}", 0, lambda o, mix=mix: run_mlxq(baseline, o, mix, None, "gptq")))
+    for mix, low in (("q3_k_m", 3), ("q2_k", 2)):
+        # aimed at the mlxq mix just written (it comes earlier in the plan)
+        variants.append((f"mlx_lm-dynamic-{mix}", 0, lambda o, mix=mix, low=low: run_mlx_lm_dynamic(
+            baseline, o, low, low + 1, mlx_lm_bpw(work / "runs" / f"mlxq-gptq-{mix}" / "kept"), batches)))
+    for ftype in ("IQ4_NL", "Q4_0", "Q3_K"):
+        variants.append((f"llama_cpp-imatrix-{ftype}", 4 if ftype != "Q3_K" else 3,
+                         lambda o, ftype=ftype: run_llama_cpp(work, o, ftype, text)))
+    return variants
 
-    tensors = gguf.GGUFReader(path).tensors
-    matrices = [t for t in tensors if t.name.endswith(".weight") and sum(d > 1 for d in t.shape) >= 2]
-    total_bytes = sum(int(t.n_bytes) for t in tensors)
-    matrix_params = sum(int(t.n_elements) for t in matrices)
-    share: dict[str, int] = {}
-    for t in matrices:
-        share[t.tensor_type.name] = share.get(t.tensor_type.name, 0) + int(t.n_elements)
-    return {
-        "bpw": round(8 * sum(int(t.n_bytes) for t in matrices) / matrix_params, 4),
-        "bpw_all": round(8 * total_bytes / sum(int(t.n_elements) for t in tensors), 4),
-        "size_mb": round(total_bytes / 1e6, 2),
-        "types": {k: round(v / matrix_params, 3) for k, v in sorted(share.items())},  # share of matrix weights
-    }
+
+NOT_RUN = {
+    "mlx_lm-gptq-3bit": "mlx_lm.quant.gptq packs only 2, 4 or 8 bits (assert bits in {2, 4, 8})",
+    "mlx_lm-awq-2bit, mlx_lm-awq-4bit": "AWQ's scale and clip search takes about 80 CPU-seconds per block on this "
+                                        "text here (40 CPU-minutes a width): run at 3 bits, where GPTQ cannot",
+    "mlx_lm-dwq-2bit, mlx_lm-dwq-4bit": "DWQ trains on the CPU here (see mlx_lm-dwq-3bit's seconds): 3 bits only",
+    "llama_cpp-2bit, llama_cpp-3bit": "no llama.cpp type below 4.5 bpw fits SmolLM2's 576-wide rows (K/IQ types "
+                                      "need multiples of 256; llama-quantize falls back to a 32-block type): see "
+                                      "llama_cpp-imatrix-Q3_K's bpw and types",
+}
+
+
+# ------------------------------------------------------------------------------------------------- run
+def main() -> None:
+    args = parse_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+
+    from mlxq.eval.metrics import load_for_eval, reference, score, windows
+    from mlxq.eval.texts import calibration_texts, heldout_text
+    from mlxq.formats.fetch import cache_dir
+    from mlxq.quant.calibrate import token_batches
+
+    quick = args.quick
+    eval_tokens = 512 if quick else 8192
+    work = cache_dir() / "bench" / "quant_quality"
+    work.mkdir(parents=True, exist_ok=True)
+    baseline = float_copy("smollm2")
+    base_sizes = sizes(baseline)
+
+    ref_model = load_for_eval(str(baseline))
+    tok = ref_model.tokenizer
+    batches = token_batches(tok, calibration_texts(), CALIB_TOKENS, SEQ_LEN)  # what mlxq calibrates on
+    text = "".join(tok.decode(seq) for seq in batches)  # the same, for llama-imatrix (it tokenizes itself)
+    wins = windows(tok.encode(heldout_text(), add_special_tokens=False), 512, eval_tokens)
+    ref = reference(ref_model.logits, wins)
+    base_scores = score(ref_model.logits, wins)
+    del ref_model
+
+    results = {}
+    for label, bits, runner in plan(quick, baseline, batches, text, work):
+        out = work / "runs" / label / "kept"
+        shutil.rmtree(out.parent, ignore_errors=True)
+        out.parent.mkdir(parents=True)
+        start = time.perf_counter()
+        try:
+            with stdout_to_stderr():
+                note = runner(out)
+        except Exception as e:  # a peer that fails here is recorded as such; the others still get their figures
+            results[label] = {"bits": bits, "failed": f"{type(e).__name__}: {e}"}
+            print(f"{label:28s} failed: {results[label]['failed']}", file=sys.stderr, flush=True)
+            continue
+        seconds = time.perf_counter() - start
+        gguf_file = out / "model.gguf"
+        s = score(load_for_eval(str(gguf_file if gguf_file.exists() else out)).logits, wins, ref)
+        results[label] = {
+            "bits": bits,
+            "kl": round(s.kl, 5),
+            "kl_p99": round(s.kl_p99, 4),
+            "top1": round(s.top1, 4),
+            "ppl": round(s.ppl, 3),
+            **(llama_cpp.bits_per_weight(gguf_file) if gguf_file.exists() else bits_per_weight(out, base_sizes)),
+            "seconds": round(seconds, 1),
+            **({"run": note} if note else {}),
+        }
+        print(f"{label:28s} " + " ".join(f"{k} {v}" for k, v in results[label].items()), file=sys.stderr, flush=True)
+        if not label.startswith("mlxq-gptq-q"):  # the mixes stay until dynamic quant has read their size
+            shutil.rmtree(out.parent, ignore_errors=True)
+        mx.clear_cache()
+    for label in [k for k in results if k.startswith("mlxq-gptq-q")]:
+        shutil.rmtree(work / "runs" / label, ignore_errors=True)
+
+    ratios, best = compare({k: r for k, r in results.items() if "failed" not in r}, calibrated_peers=not quick)
+    skipped = ("quick: mlx-lm's GPTQ, AWQ, DWQ and dynamic quant and llama.cpp with an importance matrix run in the "
+               "full run only") if quick else None
+    if skipped:
+        print(f"quant_quality: {skipped}", file=sys.stderr)
+    write_result("quant_quality", {
+        "quick": quick,
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
+        "group_size": GROUP,
+        "eval": {"text": "held-back wiki (second half of exllamav2 wiki.utf8)", "tokens": base_scores.tokens,
+                 "ctx": 512, "baseline_ppl": round(base_scores.ppl, 3)},
+        "calibration": {"text": "mlxq's default mix (wiki first half, c4, code, technical, multilingual)",
+                        "tokens": CALIB_TOKENS, "seq_len": SEQ_LEN, "same_for": "every calibrated method"},
+        "versions": {"mlx_lm": _version("mlx-lm"), "llama_cpp": llama_cpp.VERSION},
+        "results": results,
+        "not_run": {} if quick else NOT_RUN,
+        "skipped": skipped,
+        "best_peer": best,
+        "goal": f"mlxq's KL <= {GOAL} x the best peer's at equal bpw",
+        "ratios": ratios,
+    })
+
+
+def compare(results: dict, calibrated_peers: bool) -> tuple[dict, dict]:
+    """Ratios of mlxq's calibrated variants to each peer at equal bits per weight, and, when the calibrated peers
+    ran, to the best such peer."""
+    ratios, best = {}, {}
+    pairs = [(f"mlxq-gptq-{b}bit", b, f"{b}bit") for b in (2, 3, 4)]
+    pairs += [(f"mlxq-gptq-{mix}", 0, mix) for mix in ("q3_k_m", "q2_k")]
+    for ours_label, bits, tag in pairs:
+        ours = results.get(ours_label)
+        if ours is None:
+            continue
+        peers = {label: r for label, r in results.items() if not label.startswith("mlxq-")
+                 and (r["bits"] == bits if bits else label.endswith(tag))
+                 and abs(r["bpw"] - ours["bpw"]) <= BPW_TOLERANCE}
+        for label, r in peers.items():
+            tool, method = label.split("-")[:2]
+            peer = f"{tool}_{method}" if tool == "mlx_lm" else f"{tool}_{method}_{label.split('-')[2].lower()}"
+            ratios[f"kl_{tag}_vs_{peer}"] = round(ours["kl"] / r["kl"], 4)
+        if peers and calibrated_peers:
+            name = min(peers, key=lambda k: peers[k]["kl"])
+            ratio = ours["kl"] / peers[name]["kl"]
+            ratios[f"kl_{tag}_vs_best_peer"] = round(ratio, 4)
+            best[tag] = {"peer": name, "kl": peers[name]["kl"], "bpw": peers[name]["bpw"], "mlxq": ours_label,
+                         "mlxq_kl": ours["kl"], "mlxq_bpw": ours["bpw"], "goal_met": ratio <= GOAL}
+    return ratios, best
 
 
 def _version(dist: str) -> str:
     from importlib.metadata import version
 
     return version(dist)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-
-    from mlxq.eval.metrics import load_for_eval, reference, score, windows
-    from mlxq.eval.texts import heldout_text
-    from mlxq.formats.fetch import cache_dir
-
-    quick = args.quick
-    eval_tokens, calib_tokens = (2048, 8192) if quick else (8192, 8192)
-    bit_widths = (3,) if quick else (2, 3, 4)
-    root = cache_dir() / "bench" / "quant_quality"
-    root.mkdir(parents=True, exist_ok=True)
-    baseline = make_baseline(root)
-    base_sizes = sizes(baseline)
-
-    ref_model = load_for_eval(str(baseline))
-    wins = windows(ref_model.tokenizer.encode(heldout_text(), add_special_tokens=False), 512, eval_tokens)
-    ref = reference(ref_model.logits, wins)
-    base_scores = score(ref_model.logits, wins)
-    del ref_model
-
-    # (label, runner): label is "<tool>-<method>-<bits or recipe>"
-    variants = []
-    for b in bit_widths:
-        variants.append((f"mlx_lm-rtn-{b}bit", lambda o, b=b: run_mlx_lm(baseline, o, b)))
-        methods = ("rtn", "gptq") if quick else ("rtn", "search", "gptq")
-        for m in methods:
-            variants.append((f"mlxq-{m}-{b}bit", lambda o, b=b, m=m: run_mlxq(baseline, o, None, b, m, calib_tokens)))
-    for mix in () if quick else ("q2_k", "q3_k_m"):
-        variants.append((f"mlxq-gptq-{mix}", lambda o, mix=mix: run_mlxq(baseline, o, mix, None, "gptq", calib_tokens)))
-    if not quick:
-        variants.append(("mlxq-rtn-q2_k", lambda o: run_mlxq(baseline, o, "q2_k", None, "rtn", calib_tokens)))
-    llama_cpp_skipped = llama_cpp_missing()
-    if not llama_cpp_skipped:
-        for mix in ("Q3_K_M",) if quick else LLAMA_CPP_MIXES:
-            variants.append((f"llama_cpp-{mix}", lambda o, mix=mix: run_llama_cpp(o, mix)))
-
-    results = {}
-    for label, runner in variants:
-        out = root / "runs" / label
-        shutil.rmtree(out, ignore_errors=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        runner(out)
-        seconds = time.perf_counter() - start
-        gguf_file = out / "model.gguf"
-        model_path = gguf_file if gguf_file.exists() else out
-        s = score(load_for_eval(str(model_path)).logits, wins, ref)
-        results[label] = {
-            "kl": round(s.kl, 5),
-            "kl_p99": round(s.kl_p99, 4),
-            "top1": round(s.top1, 4),
-            "ppl": round(s.ppl, 3),
-            **(gguf_bits_per_weight(gguf_file) if gguf_file.exists() else bits_per_weight(out, base_sizes)),
-            "seconds": round(seconds, 1),
-        }
-        print(f"{label:24s} " + " ".join(f"{k} {v}" for k, v in results[label].items()), file=sys.stderr, flush=True)
-        shutil.rmtree(out, ignore_errors=True)
-        mx.clear_cache()
-
-    ratios = {}
-    for b in bit_widths:
-        peer = results[f"mlx_lm-rtn-{b}bit"]
-        ratios[f"kl_{b}bit_vs_mlx_lm"] = round(results[f"mlxq-gptq-{b}bit"]["kl"] / peer["kl"], 4)
-        ratios[f"ppl_{b}bit_vs_mlx_lm"] = round(results[f"mlxq-gptq-{b}bit"]["ppl"] / peer["ppl"], 4)
-        ratios[f"kl_{b}bit_rtn_vs_mlx_lm"] = round(results[f"mlxq-rtn-{b}bit"]["kl"] / peer["kl"], 4)
-    # against llama.cpp at the same bits per weight (its K mixes land at other widths here: see LLAMA_CPP_MIXES)
-    if "mlxq-gptq-4bit" in results and "llama_cpp-Q4_0-pure" in results:
-        ours, theirs = results["mlxq-gptq-4bit"], results["llama_cpp-Q4_0-pure"]
-        ratios["kl_4bit_vs_llama_cpp_q4_0"] = round(ours["kl"] / theirs["kl"], 4)
-    mix_2bit = None
-    if "mlxq-gptq-q2_k" in results:
-        mix = results["mlxq-gptq-q2_k"]
-        # "collapse": the model stops tracking the baseline (output like ternary on an ordinary model gives:
-        # perplexity in the hundreds to thousands, top-1 agreement near chance)
-        mix_2bit = {
-            "recipe": "q2_k",
-            "method": "gptq",
-            "collapsed": mix["top1"] < 0.4 or mix["ppl"] > 5 * base_scores.ppl,
-            "criterion": "not collapsed: top-1 agreement >= 0.4 and perplexity <= 5x baseline",
-        }
-    write_result(
-        "quant_quality",
-        {
-            "quick": quick,
-            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
-            "group_size": GROUP,
-            "eval": {
-                "text": "held-back wiki (second half of exllamav2 wiki.utf8)",
-                "tokens": base_scores.tokens,
-                "ctx": 512,
-                "baseline_ppl": round(base_scores.ppl, 3),
-            },
-            "calibration": {
-                "text": "default mix (wiki first half, c4, code, technical, multilingual)",
-                "tokens": calib_tokens,
-            },
-            "results": results,
-            "mix_2bit": mix_2bit,
-            "llama_cpp": {"skipped": llama_cpp_skipped}
-            if llama_cpp_skipped
-            else {"version": _version("llama_cpp_python"), "imatrix": False, "source": "the pinned Q4_1 GGUF"},
-            "ratios": ratios,
-        },
-    )
 
 
 if __name__ == "__main__":

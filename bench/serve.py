@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples" / "umigame"))
 
-from common import median, write_result  # noqa: E402
+from common import median, parse_args, write_result  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 
@@ -200,12 +200,11 @@ def bench_session(model_name: str, turns: int, max_tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=None, help="completion tokens per request")
     ap.add_argument("--requests", type=int, default=None, help="requests per client")
     ap.add_argument("--turns", type=int, default=None, help="session turns")
-    args = ap.parse_args()
+    args = parse_args(ap)
     max_tokens = args.max_tokens or (48 if args.quick else 128)
     requests = args.requests or (1 if args.quick else 3)
     rounds = 1 if args.quick else 2

@@ -9,7 +9,7 @@ from collections import Counter
 
 import click
 
-from mlxq.errors import MlxqError
+from mlxq.errors import InvalidRequest, MlxqError
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
@@ -163,9 +163,29 @@ def chat(model, system, think, keep_quantized, expert_memory, experts_per_tok, m
 
 
 @cli.command()
-@click.argument("model")
-def inspect(model):
-    """Architecture, tensors, dtypes, parameters, size and quantization of MODEL (weights are not read)."""
+@click.argument("model", required=False)
+@click.option("--diff", nargs=2, metavar="A B", default=None,
+              help="Compare two models layer by layer on the same tokens (see mlxq.eval.diff).")
+@click.option("--ref", default=None, metavar="R", help="With --diff: the reference both are measured against "
+              "(default: A).")
+@click.option("--prompt", default=None, help="With --diff: the text to run (raw, not chat-wrapped).")
+@click.option("--tokens", "tokens_file", default=None, metavar="FILE",
+              help="With --diff: token ids to run (a JSON list, or integers separated by spaces).")
+@click.option("--gen-tokens", default=16, show_default=True, type=click.IntRange(0),
+              help="With --diff: greedy tokens each model generates, to find where A and B part.")
+@click.option("--json", "as_json", is_flag=True, help="With --diff: print the report as one JSON object.")
+@click.option("--plot", "plot_file", default=None, metavar="FILE", help="With --diff: also write a PNG of the "
+              "curves (needs matplotlib: pip install 'mlxq[plot]').")
+def inspect(model, diff, ref, prompt, tokens_file, gen_tokens, as_json, plot_file):
+    """Architecture, tensors, dtypes, parameters, size and quantization of MODEL (weights are not read).
+
+    With --diff A B [--ref R] (--prompt TEXT | --tokens FILE): per-layer statistics of two or three models on
+    the same tokens, their errors against the reference, the layer where the error jumps and the first
+    generated token where A and B part."""
+    if diff:
+        return _inspect_diff(diff, ref, prompt, tokens_file, gen_tokens, as_json, plot_file)
+    if model is None:
+        raise InvalidRequest("mlxq inspect: give a MODEL, or --diff A B")
     import math
 
     from mlxq.errors import UnsupportedModel
@@ -211,6 +231,31 @@ def inspect(model):
         rows += describe(packs)
     for key, value in rows:
         click.echo(f"{key:>13}  {value}")
+
+
+def _inspect_diff(diff, ref, prompt, tokens_file, gen_tokens, as_json, plot_file) -> None:
+    import json
+
+    from rich.console import Console
+
+    from mlxq.eval import diff as layer_diff
+
+    if (prompt is None) == (tokens_file is None):
+        raise InvalidRequest("give either --prompt TEXT or --tokens FILE")
+    if plot_file:
+        from mlxq.eval.report import plot_target
+
+        plot_target(plot_file)  # a missing matplotlib or directory fails before any model is loaded
+    tokens = layer_diff.read_tokens(tokens_file) if tokens_file else None
+    report = layer_diff.run(diff[0], diff[1], ref, prompt, tokens, gen_tokens)
+    if plot_file:
+        layer_diff.plot(report, plot_file)
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False))
+    else:
+        layer_diff.show(report, Console(width=max(Console().width, 150)))  # ~15 columns: keep them readable
+        if plot_file:
+            click.echo(f"plot: {plot_file}")
 
 
 @cli.command()
@@ -282,8 +327,8 @@ def main() -> None:
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # bad options and arguments: one line too, not click's usage block
+        click.echo(f"mlxq: error: {e.format_message()}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

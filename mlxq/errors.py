@@ -44,6 +44,10 @@ class DownloadError(MlxqError):
     status = 502
 
 
+class ChecksumMismatch(DownloadError):
+    """A pinned file (downloaded or cached) whose sha256 is not the pinned one: damaged or tampered with."""
+
+
 class GenerationError(MlxqError):
     """Generation that cannot give a usable answer: empty content after a retry, a grammar left incomplete."""
 

@@ -22,6 +22,10 @@ def default_dtype() -> mx.Dtype:
     return mx.float16 if mx.metal.is_available() else mx.float32
 
 
+def _cast(w: mx.array, dtype: mx.Dtype) -> mx.array:
+    return w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) and w.dtype != dtype else w
+
+
 def float_nbytes(ckpt: Checkpoint) -> int:
     """Bytes the checkpoint's tensors take as float32 (what loading a GGUF without keeping its blocks costs)."""
     return 4 * sum(math.prod(info.shape) for info in ckpt.tensors.infos())
@@ -68,27 +72,33 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     config = text_config(ckpt.config)
     with _as_config_error(ckpt):
         model = build_model(config)
-    weights = model.sanitize({name: ckpt.tensors[name] for name in ckpt.tensors})
-    packs, streamed = _expert_packs(ckpt, model, weights, expert_memory)
-    quant = ckpt.quantization
     dtype = dtype or default_dtype()
+    # Cast before sanitize, so that its arithmetic (the 1 + w of zero-centred norms) runs at compute precision: in a
+    # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits.
+    weights = model.sanitize({name: _cast(ckpt.tensors[name], dtype) for name in ckpt.tensors})
+    packs, streamed = _expert_packs(ckpt, model, weights, expert_memory)
+    weights = {k: _cast(v, dtype) for k, v in weights.items()}  # experts read from packs come in their stored dtype
+    quant = ckpt.quantization
     if quant and "quant_method" not in quant:  # mlx-lm's; a transformers quant_method is the family's to read
         with _as_config_error(ckpt):
             _blocks_like(model, quant, dtype)
             _ternary_like(model, weights, quant)
             _quantize_like(model, weights, quant)
     check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
-    cast = {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
-    model.load_weights(list(cast.items()), strict=True)
-    del weights, cast  # the model holds them now; fusing below replaces some, which must not stay alive here
+    model.load_weights(list(weights.items()), strict=True)
+    del weights  # from here only the model holds the checkpoint's arrays, so each can go once it is replaced
     if fuse:
         inference_layout(model)
     if experts_per_tok is not None:
         if not hasattr(model, "set_experts_per_tok"):
             raise ConfigError(f"{ckpt.path}: experts per token: the model has no routed experts")
         model.set_experts_per_tok(experts_per_tok)
-    mx.eval(model.parameters())
-    mx.clear_cache()  # the checkpoint's arrays, replaced by cast / fused ones: their buffers go back now
+    # One parameter at a time: its checkpoint arrays are read, cast / fused / laid out, and freed before the next
+    # are read. Evaluated all at once, every checkpoint array and every replacement were alive together: a peak
+    # of twice the model.
+    for _, p in tree_flatten(model.parameters()):
+        mx.eval(p)
+    mx.clear_cache()  # the freed checkpoint buffers go back now
     model.eval()
     wire_weights(model)
     if streamed:

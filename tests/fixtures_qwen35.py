@@ -16,13 +16,12 @@ __all__ = ["hybrid_model"]
 @pytest.fixture(scope="session")
 def hybrid_model(qwen3_tokenizer_dir, tmp_path_factory):
     """`mlxq.Model`: tiny random Qwen3.5 text model (three DeltaNet layers, one attention layer)."""
-    transformers = pytest.importorskip("transformers")
     import torch
+    import transformers
 
     import mlxq
 
-    if not hasattr(transformers, "Qwen3_5ForCausalLM"):
-        pytest.skip("this transformers has no Qwen3.5")
+    assert hasattr(transformers, "Qwen3_5ForCausalLM"), f"transformers {transformers.__version__} has no Qwen3.5"
     path = tmp_path_factory.mktemp("tiny-qwen35")
     tok = transformers.AutoTokenizer.from_pretrained(str(qwen3_tokenizer_dir))
     torch.manual_seed(0)

@@ -40,6 +40,16 @@ def valid(obj) -> bool:
             and type(obj["score"]) is int and 0 <= obj["score"] <= 99)
 
 
+def follows(proc, tok, text: str) -> bool:
+    """Whether `text`, fed token by token, stays inside the processor's grammar and completes it."""
+    ids = tok.encode(text, add_special_tokens=False)
+    for i, token in enumerate(ids):
+        if proc(ids[:i], mx.zeros((1, tok.vocab_size)))[0, token].item() == -float("inf"):
+            return False
+    proc(ids, mx.zeros((1, tok.vocab_size)))  # feeds the last token
+    return proc.finished
+
+
 def test_json_schema_answers_are_always_valid(qwen3_model):
     model = qwen3_model
     unconstrained = model.generate(PROMPT, max_tokens=40, temperature=1.0, seed=0, chat_template_kwargs=NO_THINK)
@@ -98,8 +108,13 @@ def test_bad_grammars_and_response_format(qwen3_model):
     with pytest.raises(InvalidRequest, match="JSON object"):
         json_schema_processor(tok, ["not", "a", "schema"])
     assert response_format_processor(tok, {"type": "text"}) is None
-    assert response_format_processor(tok, {"type": "json_object"}) is not None
+    answer = '{"answer": "yes", "solved": false, "comment": "warm", "score": 7}'
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
-    assert response_format_processor(tok, fmt) is not None
+    for text, accepted in ((answer, {"json_object": True, "json_schema": True}),
+                           ('{"answer": "maybe"}', {"json_object": True, "json_schema": False}),
+                           ('{"answer": "yes", "score": 100}', {"json_object": True, "json_schema": False}),
+                           ('["yes"]', {"json_object": False, "json_schema": False})):
+        for kind, response_format in (("json_object", {"type": "json_object"}), ("json_schema", fmt)):
+            assert follows(response_format_processor(tok, response_format), tok, text) == accepted[kind], (kind, text)
     with pytest.raises(InvalidRequest, match="response_format"):
         response_format_processor(tok, {"type": "xml"})

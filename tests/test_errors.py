@@ -98,7 +98,10 @@ def test_cli_error_is_one_line_exit_2(tiny_dir, tmp_path):
 
 def test_cli_bad_option_exit_2(tiny_dir):
     done = run_cli("generate", "hi", "--temperature", "-1")
-    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()  # one line naming the option and the value, no usage block
+    assert len(lines) == 1 and lines[0].startswith("mlxq: error: "), done.stderr
+    assert "'--temperature'" in lines[0] and "-1.0 is not in the range x>=0" in lines[0], lines[0]
 
 
 def test_cli_inspect(tiny_dir):

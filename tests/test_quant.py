@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,41 @@ def digest(path: Path) -> str:
     for f in sorted(path.iterdir()):
         h.update(f.name.encode() + f.read_bytes() + str(f.stat().st_mtime_ns).encode())
     return h.hexdigest()
+
+
+def dequantized_copy(out: Path, dest: Path, src: Path) -> Path:
+    """An HF float32 directory (`src`'s config) holding the numbers of the quantized directory `out`: each quantized
+    tensor through MLX's own `mx.dequantize` with its bits and group size from `out`'s config, the rest as stored.
+    With transformers on top, a reference for `out` that shares no code with mlxq."""
+    quant = json.loads((out / "config.json").read_text())["quantization"]
+    stored = {}
+    for shard in out.glob("model*.safetensors"):
+        stored.update(mx.load(str(shard)))
+    weights = {}
+    for name, w in stored.items():
+        module = name.removesuffix(".weight")
+        if name.endswith((".scales", ".biases")):
+            continue
+        if module + ".scales" in stored:
+            spec = quant.get(module, quant)
+            scales, biases = (stored[f"{module}.{k}"].astype(mx.float32) for k in ("scales", "biases"))
+            w = mx.dequantize(w, scales, biases, group_size=spec["group_size"], bits=spec["bits"])
+        weights[name] = w.astype(mx.float32)
+    dest.mkdir()
+    (dest / "config.json").write_text((src / "config.json").read_text())
+    mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "pt"})
+    return dest
+
+
+def transformers_logits(path: Path, tokens: list[list[int]]) -> np.ndarray:
+    """Logits [batch, len, vocab] of the transformers class the directory's config names."""
+    import torch
+    import transformers
+
+    arch = json.loads((path / "config.json").read_text())["architectures"][0]
+    model = getattr(transformers, arch).from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.double().numpy()
 
 
 # ---------------------------------------------------------------------------------------------- math
@@ -343,28 +379,36 @@ def test_round_trip_mlx_lm_and_mlxq_agree(name, recipe, tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["gemma3", "qwen3_5_vl", "qwen3_5_moe_text", "qwen3_next"])
-def test_round_trip_mlxq_families_mlx_lm_cannot_read(name, tiny_dir, tmp_path):
-    """mlx-lm 0.32 loads none of these transformers-5 checkpoints; mlxq loads the quantized output, its logits
-    equal the dequantized evaluation model's, and 8-bit stays close to the float model."""
+def test_round_trip_against_transformers(name, tiny_dir, tmp_path):
+    """Families mlx-lm 0.32 does not all load (the MoE hybrids): the reference is transformers running the output's
+    own numbers. mlxq's quantized model and its evaluation model give those logits, and 8-bit stays close to the
+    float model."""
     import mlxq
     from mlxq.eval.metrics import load_for_eval
 
     src = tiny_dir(name)
     out = tmp_path / "q8"
     quantized(src, out, uniform(8, 32))
-    q = mlxq.load(str(out), dtype=mx.float32).logits(PROMPT)
-    assert rel(q, load_for_eval(str(out)).logits(PROMPT)) < 1e-4
-    assert rel(q, load_for_eval(str(src)).logits(PROMPT)) < 5e-2
+    want = transformers_logits(dequantized_copy(out, tmp_path / "ref", src), [PROMPT])[0]
+    assert rel(mlxq.load(str(out), dtype=mx.float32).logits(PROMPT), want) < 1e-5
+    assert rel(load_for_eval(str(out)).logits(PROMPT), want) < 1e-5
+    assert rel(want, transformers_logits(src, [PROMPT])[0]) < 5e-2
 
 
 def test_requantizing_an_mlx_lm_directory(tiny_dir, tmp_path):
+    import mlx_lm
+
     from mlxq.eval.metrics import load_for_eval
 
     src = tiny_dir("qwen3")
     quantized(src, tmp_path / "q8", uniform(8, 32))
     quantized(tmp_path / "q8", tmp_path / "q4", uniform(4, 32))
     assert json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]["bits"] == 4
-    assert rel(load_for_eval(str(tmp_path / "q4")).logits(PROMPT), load_for_eval(str(src)).logits(PROMPT)) < 0.3
+    theirs, _ = mlx_lm.load(str(tmp_path / "q4"))
+    theirs.set_dtype(mx.float32)
+    want = theirs(mx.array([PROMPT]))[0]
+    assert rel(load_for_eval(str(tmp_path / "q4")).logits(PROMPT), want) < 1e-4
+    assert rel(want, transformers_logits(src, [PROMPT])[0]) < 0.3
 
 
 def test_small_shards_and_index(tiny_dir, tmp_path):
@@ -490,22 +534,64 @@ def test_eval_against_itself_is_zero_kl(tiny_dir):
     assert s.tokens == 396 and abs(s.kl) < 1e-5 and s.top1 == 1.0 and s.ppl == pytest.approx(s.ref_ppl)
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def expected_scores(src: Path, out: Path, text: str, ctx: int) -> dict:
+    """`mlxq eval kl out --ref src` computed without mlxq: transformers for the reference, mlx-lm for the quantized
+    model, numpy for the scores (KL(ref || model) per predicted position, argmax agreement, perplexities)."""
+    import mlx_lm
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(src)).encode(text, add_special_tokens=False)
+    wins = [w for w in (ids[i : i + ctx] for i in range(0, len(ids), ctx)) if len(w) >= 2]
+    model, _ = mlx_lm.load(str(out))
+    model.set_dtype(mx.float32)
+    kl, agree, nll, ref_nll, n = 0.0, 0, 0.0, 0.0, 0
+    for batch in ([w for w in wins if len(w) == ctx], [w for w in wins if len(w) < ctx]):  # equal lengths
+        if not batch:
+            continue
+        ref = log_softmax(transformers_logits(src, batch)[:, :-1])
+        got = log_softmax(np.array(model(mx.array(batch))[:, :-1]).astype(np.float64))
+        kl += float((np.exp(ref) * (ref - got)).sum())
+        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        targets = np.array(batch)[:, 1:, None]
+        nll -= float(np.take_along_axis(got, targets, -1).sum())
+        ref_nll -= float(np.take_along_axis(ref, targets, -1).sum())
+        n += targets.size
+    return {"tokens": n, "kl": kl / n, "top1": agree / n, "ppl": np.exp(nll / n), "ref_ppl": np.exp(ref_nll / n)}
+
+
 def mlxq_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mlxq.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+def peaked_copy(src: Path, dest: Path, scale: float = 30.0) -> Path:
+    """`src` with its output head scaled: a random tiny model predicts nearly uniformly, and between nearly uniform
+    distributions KL(p || q) and KL(q || p) agree to 0.05%; peaked ones tell the two directions apart."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dest)
+    weights = load_file(str(dest / "model.safetensors"))
+    weights["lm_head.weight"] = weights["lm_head.weight"] * scale
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
 def test_cli_quantize_report_and_eval(tiny_dir, tmp_path):
-    src = tiny_dir("qwen3")
+    src = peaked_copy(tiny_dir("qwen3"), tmp_path / "src")
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
-    out = tmp_path / "cli-q4"
+    out = tmp_path / "cli-q2"
     done = mlxq_cli(
         "quantize",
         str(src),
         "-o",
         str(out),
         "--bits",
-        "4",
+        "2",
         "-g",
         "32",
         "--set",
@@ -520,7 +606,11 @@ def test_cli_quantize_report_and_eval(tiny_dir, tmp_path):
     done = mlxq_cli("eval", "kl", str(out), "--ref", str(src), "--text", str(text), "--ctx", "64", "--json")
     assert done.returncode == 0, done.stderr
     scores = json.loads(done.stdout.strip().splitlines()[-1])
-    assert scores["tokens"] > 0 and 0 <= scores["kl"] < 1 and 0 <= scores["top1"] <= 1
+    want = expected_scores(src, out, TEXT, ctx=64)
+    assert scores["tokens"] == want["tokens"] and scores["kl"] == pytest.approx(want["kl"], rel=1e-5)
+    assert scores["top1"] == pytest.approx(want["top1"], abs=2 / want["tokens"])
+    assert scores["ppl"] == pytest.approx(want["ppl"], rel=1e-4)
+    assert scores["ref_ppl"] == pytest.approx(want["ref_ppl"], rel=1e-4)
     done = mlxq_cli("eval", "ppl", str(out), "--text", str(text), "--ctx", "64")
     assert done.returncode == 0 and "perplexity" in done.stdout
 

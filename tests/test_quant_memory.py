@@ -20,6 +20,8 @@ from mlxq.quant.writer import OutTensor, ShardWriter
 LAYERS, ROWS, COLS = 12, 4096, 8192  # 4 float16 [4096, 8192] tensors a layer: 3.2 GB in 48 tensors
 PEAK_LIMIT = 1.0e9  # measured here: 0.42 GB for 3.2 GB
 
+pytestmark = pytest.mark.slow  # writes a 3.2 GB checkpoint and kills runs midway
+
 
 def write_random(src: Path, shapes: dict[str, tuple[int, ...]], config: dict) -> int:
     """A checkpoint of random float16 matrices (ones for vectors), written tensor by tensor; its size."""

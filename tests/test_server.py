@@ -114,18 +114,28 @@ def wait_idle(engine: Engine, timeout: float = 20) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ basics
-def test_chat_completion_and_usage(live, qwen3_model):
-    r = chat(live, temperature=0, extra_body=NO_THINK)
-    assert r.object == "chat.completion" and r.model == MODEL and r.id.startswith("chatcmpl-")
-    choice = r.choices[0]
-    assert choice.message.role == "assistant" and choice.message.content
-    assert choice.finish_reason in ("stop", "length")
-    prompt = qwen3_model.tokenizer.apply_chat_template(USER, enable_thinking=False)
-    u = r.usage
-    assert u.prompt_tokens == len(prompt) and u.total_tokens == u.prompt_tokens + u.completion_tokens
-    assert 1 <= u.completion_tokens <= 16 and u.prompt_tokens_details.cached_tokens >= 0
-    models = live.client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+def test_chat_completion_and_usage(qwen3_model):
+    with serving(qwen3_model) as live:  # a fresh server: its prompt cache starts empty
+        r = chat(live, temperature=0, extra_body=NO_THINK)
+        assert r.object == "chat.completion" and r.model == MODEL and r.id.startswith("chatcmpl-")
+        choice = r.choices[0]
+        assert choice.message.role == "assistant" and choice.message.content
+        assert choice.finish_reason in ("stop", "length")
+        prompt = qwen3_model.tokenizer.apply_chat_template(USER, enable_thinking=False)
+        u = r.usage
+        assert u.prompt_tokens == len(prompt) and u.total_tokens == u.prompt_tokens + u.completion_tokens
+        assert 1 <= u.completion_tokens <= 16 and u.prompt_tokens_details.cached_tokens == 0
+        # The same prompt again resumes all of it but the last token (whose logits start the answer); another
+        # question resumes exactly the tokens both prompts share.
+        again = chat(live, temperature=0, extra_body=NO_THINK)
+        assert again.usage.prompt_tokens_details.cached_tokens == len(prompt) - 1
+        other = [{"role": "user", "content": "Did he die of thirst?"}]
+        other_prompt = qwen3_model.tokenizer.apply_chat_template(other, enable_thinking=False)
+        shared = next(i for i, (a, b) in enumerate(zip(prompt, other_prompt, strict=False)) if a != b)
+        r = chat(live, messages=other, temperature=0, extra_body=NO_THINK)
+        assert 0 < shared < len(prompt) - 1 and r.usage.prompt_tokens_details.cached_tokens == shared
+        models = live.client.models.list()
+        assert [m.id for m in models.data] == [MODEL]
 
 
 def test_completions_with_echo_and_logprobs(live, qwen3_model):

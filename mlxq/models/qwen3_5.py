@@ -330,10 +330,13 @@ class Model(nn.Module):
         x = self.embed(tokens)
         for layer, c in zip(self.model.layers, cache, strict=True):
             x = layer(x, c)
-        x = self.model.norm(x)
+        return self.head(self.model.norm(x))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits from the final norm's output."""
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(x)
-        return self.lm_head(x)
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
 
     def make_cache(self) -> list:
         return [RecurrentCache() if layer.is_linear else KVCache() for layer in self.model.layers]
