@@ -65,8 +65,8 @@ def theirs(src: Path, out: Path, kind: str, imatrix_file: Path | None = None) ->
 def texts(work: Path, calib_tokens: int, eval_tokens: int) -> tuple[Path, Path]:
     """The calibration file (the default mix's sequences, as mlxq takes them, decoded) and the held-back text."""
     from mlxq.engine.tokenizer import load_tokenizer
-    from mlxq.eval.texts import calibration_texts, heldout_text
     from mlxq.formats import open_checkpoint
+    from mlxq.formats.texts import calibration_texts, heldout_text
     from mlxq.quant.calibrate import token_batches
 
     ckpt = open_checkpoint("smollm2")

@@ -320,9 +320,9 @@ def test_session_on_a_hybrid_resumes_from_checkpoints(hybrid_api_model):
 
     model, _ = hybrid_api_model
     s = Session(model, system="You are a game master.", max_tokens=6, temperature=0.0)
-    assert not s._rewindable and isinstance(s.cache[0], RecurrentCache)
     answers = [s.ask(q) for q in ("Is it about soup?", "Did he die?")]
     assert all(answers)
+    assert not model.engine.rewindable and isinstance(s.slot.caches[0], RecurrentCache) and s.slot.marks
     second = s.stats[1]
     assert 0 < second.cached_tokens and second.cached_tokens + second.processed_tokens == second.prompt_tokens
     fresh = Session(model, max_tokens=6, temperature=0.0)

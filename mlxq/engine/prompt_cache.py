@@ -14,13 +14,13 @@ resume from one entry at once. The total size is bounded in bytes, least recentl
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 
-from mlxq.engine.cache import KVCache
+from mlxq.engine.cache import KVCache, checkpoint, restore
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -28,6 +28,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while n < limit and a[n] == b[n]:
         n += 1
     return n
+
+
+def resume_point(held: list[int], marks: Iterable[int], tokens: list[int], rewindable: bool) -> int:
+    """The longest prefix of `tokens` that a cache holding `held` resumes at: anywhere in their common prefix when
+    every layer rewinds freely, else the furthest checkpoint (`marks`) within it. At least one token of `tokens`
+    is left to run, since its logits start the answer."""
+    n = min(common_prefix(held, tokens), len(tokens) - 1)
+    return n if rewindable else max((p for p in marks if p <= n), default=0)
 
 
 def _state_bytes(state: Any) -> int:
@@ -49,11 +57,6 @@ class _Entry:
         kv = sum(k.nbytes + v.nbytes for k, v in self.kv.values())
         return kv + sum(_state_bytes(s) for mark in self.marks.values() for s in mark.values())
 
-    def usable(self, n: int, rewindable: bool) -> int:
-        """The longest prefix of length <= n this entry can resume at."""
-        if rewindable:
-            return min(n, len(self.tokens))
-        return max((p for p in self.marks if p <= n), default=0)
 
 
 class PromptCache:
@@ -78,10 +81,9 @@ class PromptCache:
     def fetch(self, tokens: list[int]) -> tuple[list, int]:
         """Fresh caches holding the longest cached prefix of `tokens`, and its length. At least one token is
         left to run (its logits start the answer), so the length is at most len(tokens) - 1."""
-        limit = len(tokens) - 1
         best, best_n = None, 0
         for key, entry in self._entries.items():
-            n = entry.usable(min(common_prefix(entry.tokens, tokens), limit), self.rewindable)
+            n = resume_point(entry.tokens, entry.marks, tokens, self.rewindable)
             if n > best_n:
                 best, best_n = key, n
         caches = self.make_cache()
@@ -153,3 +155,47 @@ class PromptCache:
     def clear(self) -> None:
         self._entries.clear()
         self.nbytes = 0
+
+
+class CacheSlot:
+    """One conversation's own cache between its requests (a Session's turns). The engine resumes a request from it
+    and leaves the request's cache in it afterwards: handed over, not copied into the shared prompt cache, and
+    never evicted, so however many other conversations run, the next turn runs only its new tokens. Caches that
+    cannot rewind keep whole-cache checkpoints (`marks`) at the end of the conversation so far and at the end of
+    what ran, where the next turn can resume. One request uses a slot at a time."""
+
+    MAX_MARKS = 4  # checkpoints kept (the newest): a recurrent checkpoint is a copy of every recurrent state
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []  # what the caches hold
+        self.caches: list | None = None
+        self.marks: dict[int, list] = {}  # position -> checkpoint of every layer
+
+    def take(self, tokens: list[int], rewindable: bool) -> tuple[list | None, int]:
+        """The caches rewound to the longest prefix of `tokens` they can resume at, and its length; (None, 0)
+        when there is nothing to resume. The slot is empty until `put`."""
+        caches, self.caches = self.caches, None
+        if caches is None:
+            return None, 0
+        n = resume_point(self.tokens, self.marks, tokens, rewindable)
+        if n == 0:
+            self.clear()
+            return None, 0
+        restore(caches, [n] * len(caches) if rewindable else self.marks[n])
+        self.tokens = self.tokens[:n]
+        self.marks = {p: m for p, m in self.marks.items() if p <= n}
+        return caches, n
+
+    def put(self, tokens: list[int], caches: list, marks: dict[int, list], rewindable: bool) -> None:
+        """Keeps `caches` (holding exactly `tokens`) and, for caches that cannot rewind, the request's checkpoints
+        `marks` and one at the end."""
+        self.tokens, self.caches = list(tokens), caches
+        if rewindable:
+            self.marks = {}
+            return
+        kept = {**self.marks, **{p: m for p, m in marks.items() if 0 < p < len(tokens)}}
+        kept[len(tokens)] = checkpoint(caches)
+        self.marks = dict(sorted(kept.items())[-self.MAX_MARKS :])
+
+    def clear(self) -> None:
+        self.tokens, self.caches, self.marks = [], None, {}

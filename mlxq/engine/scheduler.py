@@ -1,15 +1,27 @@
-"""The engine thread: one thread owns MLX and runs every request; callers talk to it through `submit` and a
-callback, never touching MLX themselves.
+"""The engine: one thread that owns MLX and runs every request of every caller (the Python API, Sessions, the
+server). It is the only loop that runs a model; callers talk to it through `submit` and a callback, never
+touching MLX themselves (`mlxq.engine.stream` is the callers' side).
 
-Each loop iteration: take new requests, drop cancelled ones, run up to one chunk of prompt tokens, oldest waiting
-request first (so a long prompt delays the others' next token by one chunk, not by its whole length, and short
-prompts that arrive together join the batch together), then one decode step of every running request together
-(`batch.py`). A prompt first resumes from the longest prefix the prompt
-cache holds; a finished request leaves its cache there for the next one.
+Each loop iteration: take new requests, drop cancelled ones, admit waiting requests while the batch has room,
+run one prefill step, then one decode step.
 
-A request's text is detokenized here, and stop strings, end-of-sequence and `max_tokens` end it here, so the
-caller gets finished text pieces. Errors stay with their request: a processor or sampler that raises fails that
-request alone, and a failure of the shared model step fails the requests in that step, while the engine goes on.
+- Prefill: the requests being prefilled form one batch (`batch.py`) and run one forward pass together per
+  iteration, each row feeding its own share of `prefill_chunk` prompt tokens (rows of different lengths, each
+  at its own offset). Prompts that arrive together are prefilled together when they fit one pass; long ones a
+  few at a time, oldest first (`_prefill_room`). A running stream waits at most one such step for its next
+  token, however long the prompts are. A row whose prompt is done samples its first token from that same pass
+  and moves to the decode batch.
+- Decode: every running request advances by one token in one forward pass.
+
+A prompt first resumes from a cache: the request's own `CacheSlot` (a Session's conversation) or else the
+longest prefix the shared prompt cache holds; a finished request leaves its cache there for the next one.
+Caches that cannot rewind (recurrent layers) are checkpointed where the request asked (`marks`), so prefill
+chunks end there.
+
+A request's tokens go through its `OutputProcessor` here (detokenize, stops, end-of-sequence, logprobs,
+reasoning split, tool calls), so callers get finished pieces. Errors stay with their request: a processor or
+sampler that raises fails that request alone, and a failure of a shared model step fails the requests in that
+step, while the engine goes on.
 """
 
 from __future__ import annotations
@@ -22,51 +34,23 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from mlxq.engine.batch import make_batch
-from mlxq.engine.cache import checkpoint
-from mlxq.engine.prompt_cache import PromptCache
+from mlxq.engine.output import Output, OutputProcessor, Reading, TokenLogprob, Usage
+from mlxq.engine.prompt_cache import CacheSlot, PromptCache, resume_point
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams, make_sampler, penalty_processors
-from mlxq.engine.stops import StopMatcher
+from mlxq.engine.tokenizer import Tokenizer
 from mlxq.errors import GenerationError, InvalidRequest, MlxqError
-
-if TYPE_CHECKING:
-    from mlxq.api import Model
-    from mlxq.engine.tokenizer import Tokenizer
+from mlxq.models.base import CausalLM
 
 log = logging.getLogger("mlxq.engine")
 
-PREFILL_CHUNK = 256
-
-
-@dataclass
-class TokenLogprob:
-    token: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # the most likely tokens, best first
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int  # prompt tokens resumed from the prompt cache
-
-
-@dataclass
-class Output:
-    """What a request produced since its last output. The last one has `finish_reason` and `usage`, or
-    `error` when the request failed."""
-
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
-    usage: Usage | None = None
-    error: MlxqError | None = None
+PREFILL_CHUNK = 512  # prompt tokens per prefill step, shared by the rows being prefilled
+MIN_SHARE = 128  # a long prompt's fewest tokens per prefill step (see Engine._prefill_room)
+DEFAULT_MAX_BATCH = 32
+DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -79,8 +63,10 @@ class Request:
     make_processors: Callable[[], list[LogitsProcessor]] = list
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
-    marks: list[int] = field(default_factory=list)  # prompt positions worth a prompt-cache checkpoint
+    marks: list[int] = field(default_factory=list)  # prompt positions worth a checkpoint (caches that cannot rewind)
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
+    reading: Reading = field(default_factory=Reading)  # how the text reads back: reasoning split, tool calls
+    slot: CacheSlot | None = None  # a conversation's own cache: resumed from, and left there afterwards
     on_output: Callable[[Output], None] = lambda out: None  # called on the engine thread; must not block
     cancelled: bool = False
 
@@ -90,24 +76,22 @@ class Request:
 
 
 class _Sequence:
-    """A request inside the engine: its sampler, detokenizer, cache while prefilling, and output so far."""
+    """A request inside the engine: its sampler, processors, output processor and position."""
 
     def __init__(self, req: Request, tokenizer: Tokenizer):
         self.req = req
         self.sampler = make_sampler(req.params)
-        self.stops = StopMatcher(req.stop)
         self.procs = penalty_processors(req.params) + list(req.make_processors())
-        self.eos = tokenizer.eos_token_ids
-        self.detok = tokenizer.detokenizer()
-        self.generated: list[int] = []
-        self.text, self.emitted = "", 0
-        self.cache: list | None = None  # while prefilling; then the row lives in the batch
-        self.cached = self.pos = 0  # prompt tokens resumed from the prompt cache / already in the cache
-        self.marks: dict[int, list] = {}  # position -> cache checkpoint, for the prompt cache
-        self.next_input = req.prompt[-1]
+        self.out = OutputProcessor(tokenizer, max_tokens=req.max_tokens, stop=req.stop, ignore_eos=req.ignore_eos,
+                                   reading=req.reading)
+        self.generated = self.out.generated
+        self.cached = self.pos = 0  # prompt tokens resumed from a cache / in the cache
+        self.marks: dict[int, list] = {}  # position -> checkpoint of every layer
+        self.next_input = -1  # the last sampled token, which the next decode step feeds
+        self.decoded = 0  # sampled tokens fed back (in the cache)
 
     def pick(self, logits: mx.array) -> tuple:
-        """Lazy (token, logprobs, chosen logprob, top ids, top logprobs) from this row's logits [1, V]."""
+        """Lazy (token, chosen logprob, top ids, top logprobs) from this row's logits [1, V]."""
         logits = logits.astype(mx.float32)
         for proc in self.procs:
             logits = proc(self.generated, logits)
@@ -125,71 +109,61 @@ class _Sequence:
     def accept(self, picked: tuple) -> Output:
         """Takes the sampled token; returns the output it makes final, finished if the request is done."""
         token = picked[0].item()
-        self.generated.append(token)
-        out = Output(tokens=[token])
+        logprob = None
         if self.req.logprobs is not None:
             top = []
             if len(picked) > 2:
                 top = sorted(zip(picked[2].tolist(), picked[3].tolist(), strict=True), key=lambda t: -t[1])
-            out.logprobs.append(TokenLogprob(token, picked[1].item(), top))
-        finish, cut = None, False
-        if token in self.eos and not self.req.ignore_eos:
-            finish = "stop"
-        else:
-            before = len(self.text)
-            self.text += self.detok.add(token)
-            at = self.stops.find(self.text, before)
-            if at >= 0:
-                self.text, finish, cut = self.text[:at], "stop", True
-            elif len(self.generated) >= self.req.max_tokens:
-                finish = "length"
-        if finish is None:
-            safe = max(self.emitted, len(self.text) - self.stops.held_back(self.text))
-        else:
-            if not cut:
-                self.text += self.detok.flush()
-            safe = len(self.text)
-        out.text, self.emitted = self.text[self.emitted : safe], safe
-        out.finish_reason = finish
+            logprob = TokenLogprob(token, picked[1].item(), top)
+        out = self.out.add(token, logprob)
+        self.next_input = token
+        if out.finish_reason is not None:
+            out.usage = self.usage()
+        return out
+
+    def end(self, reason: str) -> Output:
+        out = self.out.finish(reason)
+        out.usage = self.usage()
         return out
 
     def usage(self) -> Usage:
-        return Usage(len(self.req.prompt), len(self.generated), self.cached)
+        return Usage(len(self.req.prompt), len(self.generated), self.cached, self.out.reasoning_tokens)
 
     @property
     def fed(self) -> list[int]:
-        """The tokens in this sequence's cache: the last prompt token, or later the last sampled token, has not
-        been run yet."""
-        if not self.generated:
-            return self.req.prompt[:-1]
-        return self.req.prompt + self.generated[:-1]
+        """The tokens in this sequence's cache: the prompt so far, then the sampled tokens decode steps fed."""
+        if self.pos < len(self.req.prompt):
+            return self.req.prompt[: self.pos]
+        return self.req.prompt + self.generated[: self.decoded]
 
 
 class Engine:
-    """Runs `model` (an `mlxq.Model`) for many requests at once on its own thread.
+    """Runs `net` (a `CausalLM`) for many requests at once on its own thread.
 
-    `max_batch`: requests decoded together; more wait their turn. `prompt_cache_bytes`: bound of the prompt
-    cache (0 turns it off). `prefill_chunk`: prompt tokens run per loop iteration."""
+    `max_batch`: requests run together (prefilling and decoding); more wait their turn. `prompt_cache_bytes`:
+    bound of the shared prompt cache (0 turns it off; conversation slots are not counted). `prefill_chunk`:
+    prompt tokens per prefill step."""
 
-    def __init__(
-        self, model: Model, *, max_batch: int = 8, prompt_cache_bytes: int = 1 << 30, prefill_chunk: int = PREFILL_CHUNK
-    ):
+    def __init__(self, net: CausalLM, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, prefill_chunk: int = PREFILL_CHUNK):
         if max_batch < 1:
             raise InvalidRequest("max_batch must be >= 1")
-        self.model, self.net, self.tokenizer = model, model.net, model.tokenizer
+        if prefill_chunk < 1:
+            raise InvalidRequest("prefill_chunk must be >= 1")
+        self.net, self.tokenizer = net, tokenizer
         _evaluate_all(self.net)
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.prompt_cache = PromptCache(self.net.make_cache, prompt_cache_bytes)
+        self.rewindable = self.prompt_cache.rewindable  # every layer can resume at any position (attention only)
         self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._waiting: deque[_Sequence] = deque()
-        self._prefilling: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
-        self._batch = make_batch(self.net)
+        self._prefill, self._prefilling = make_batch(self.net), []  # rows being prefilled, in row order
+        self._decode, self._running = make_batch(self.net), []  # rows being decoded, in row order
         self._thread: threading.Thread | None = None
         self._closed = False
         self._loop_done = False
         self._parked = threading.Event()
-        self.steps = self.failures = self.cancelled = 0
+        self.steps = self.prefill_steps = self.failures = self.cancelled = 0
 
     # ------------------------------------------------------------------------------------------ public
     def start(self) -> Engine:
@@ -233,6 +207,7 @@ class Engine:
             "prefilling": len(self._prefilling),
             "waiting": len(self._waiting),
             "steps": self.steps,
+            "prefill_steps": self.prefill_steps,
             "failures": self.failures,
             "cancelled": self.cancelled,
             "prompt_cache": {
@@ -248,22 +223,45 @@ class Engine:
     def _run(self) -> None:
         mx.set_default_stream(mx.new_stream(mx.default_device()))  # MLX streams are per thread
         while self._take_new():
-            try:
-                self._drop_cancelled()
-                if self._prefilling:
-                    self._prefill_some()
-                if self._running:
-                    self._decode()
-            except Exception as e:  # the shared step failed: its requests fail, the engine goes on
-                log.exception("engine step failed")
-                self._fail_all(e)
+            self._guarded(self._prefill_phase, decode=False)
+            self._guarded(self._decode_phase, decode=True)
         self._loop_done = True
         self._cancel_left()
+
+    def _prefill_phase(self) -> None:
+        self._drop_cancelled(self._prefill, self._prefilling)
+        self._admit()
+        if self._prefilling:
+            self._prefill_step()
+
+    def _decode_phase(self) -> None:
+        self._drop_cancelled(self._decode, self._running)
+        if self._running:
+            self._decode_step()
+
+    def _guarded(self, phase: Callable[[], None], decode: bool) -> None:
+        """Runs a phase; if its shared step fails, its batch is in an unknown state: the batch's requests fail and
+        the engine goes on with a fresh one."""
+        try:
+            phase()
+        except Exception as e:
+            if isinstance(e, MlxqError):  # a clear error (a damaged expert pack, say): its requests report it
+                log.info("engine step failed: %s", e)
+            else:
+                log.exception("engine step failed")
+            seqs = self._running if decode else self._prefilling
+            for seq in seqs:
+                self._fail(seq, e)
+            seqs.clear()
+            if decode:
+                self._decode = make_batch(self.net)
+            else:
+                self._prefill = make_batch(self.net)
 
     def _cancel_left(self) -> None:
         """On close, every request not finished yet ends as cancelled, so no caller waits forever."""
         for seq in [*self._waiting, *self._prefilling, *self._running]:
-            self._emit(seq, Output(finish_reason="cancelled", usage=seq.usage()))
+            self._emit(seq, seq.end("cancelled"))
         self._waiting.clear(), self._prefilling.clear(), self._running.clear()
         self._drain_inbox()
 
@@ -283,7 +281,7 @@ class Engine:
             try:
                 req = self._inbox.get(block=block)
             except queue.Empty:
-                break
+                return True
             if req is None or self._closed:
                 if req is not None:
                     _deliver(req, Output(finish_reason="cancelled", usage=Usage(len(req.prompt), 0, 0)))
@@ -293,72 +291,107 @@ class Engine:
             except Exception as e:  # a bad sampler setting, say: this request fails
                 self._emit_error(req, e)
             block = False
-        while self._waiting and len(self._prefilling) + len(self._running) < self.max_batch:
-            self._prefilling.append(self._waiting.popleft())
-        return True
 
-    def _drop_cancelled(self) -> None:
-        for queue_ in (self._waiting, self._prefilling):
-            for seq in [s for s in queue_ if s.req.cancelled]:
-                queue_.remove(seq)
+    def _admit(self) -> None:
+        """Waiting requests join the prefill batch, oldest first, while the batch has room and the prefill step can
+        take them (`_prefill_room`), resumed from a cache."""
+        while (self._waiting and len(self._prefilling) + len(self._running) < self.max_batch
+               and self._prefill_room(self._waiting[0])):
+            seq = self._waiting.popleft()
+            try:
+                caches, seq.cached = self._resume(seq.req)
+            except Exception as e:
+                self._fail(seq, e)
+                continue
+            seq.pos = seq.cached
+            self._prefill.add(caches)
+            self._prefilling.append(seq)
+
+    def _prefill_room(self, seq: _Sequence) -> bool:
+        """Whether `seq` may join the rows being prefilled: when all of them finish their prompts in one step
+        together (short prompts arriving together share one pass), or each still gets `MIN_SHARE` tokens a step.
+        Long prompts are otherwise prefilled a few at a time, so the first of them answer sooner, rather than all
+        at the end. A prompt's remainder is its full length here, unless its own slot already holds a prefix."""
+        rows = len(self._prefilling) + 1
+        if rows == 1 or rows * MIN_SHARE <= self.prefill_chunk:
+            return True
+        slot, prompt = seq.req.slot, seq.req.prompt
+        held = resume_point(slot.tokens, slot.marks, prompt, self.rewindable) if slot and slot.caches else 0
+        longest = max([len(prompt) - held, *(len(s.req.prompt) - s.pos for s in self._prefilling)])
+        return rows * longest <= self.prefill_chunk
+
+    def _resume(self, req: Request) -> tuple[list, int]:
+        """Caches holding the longest prefix of the prompt at hand: the request's own slot, else the prompt cache."""
+        if req.slot is not None:
+            caches, n = req.slot.take(req.prompt, self.rewindable)
+            if caches is not None:
+                return caches, n
+        return self.prompt_cache.fetch(req.prompt)
+
+    def _drop_cancelled(self, batch, seqs: list[_Sequence]) -> None:
+        """Cancelled requests end: those waiting, and those in `batch` (whose work is kept for the next request)."""
+        if batch is self._prefill:
+            for seq in [s for s in self._waiting if s.req.cancelled]:
+                self._waiting.remove(seq)
                 self.cancelled += 1
-                self._emit(seq, Output(finish_reason="cancelled", usage=seq.usage()))
-        for i in reversed([i for i, s in enumerate(self._running) if s.req.cancelled]):
-            seq = self._running[i]
-            self._leave(i, store=True)  # what it computed may serve the next request
+                self._emit(seq, seq.end("cancelled"))
+        for i in reversed([i for i, s in enumerate(seqs) if s.req.cancelled]):
             self.cancelled += 1
-            self._emit(seq, Output(finish_reason="cancelled", usage=seq.usage()))
+            self._leave(batch, seqs, i, seqs[i].end("cancelled"))  # what it computed serves the next request
 
-    def _prefill_some(self) -> None:
-        """Runs up to `prefill_chunk` prompt tokens, oldest request first: short prompts that arrive together all
-        join the next decode step (a full batch at once), while a long prompt delays the running requests' next
-        token by one chunk at most."""
-        budget = self.prefill_chunk
-        for seq in list(self._prefilling):
-            while budget > 0:
-                ran = self._prefill(seq, budget)
-                if ran is None:  # joined the batch, or failed
-                    break
-                budget -= ran
-            if budget <= 0:
-                return
-
-    def _prefill(self, seq: _Sequence, budget: int) -> int | None:
-        """Runs up to `budget` more prompt tokens of `seq`; returns how many, or None once the sequence is fully
-        prefilled and has joined the batch (its last prompt token is run by the next decode step, which samples
-        its first token) or has failed."""
-        ran = 0
-        try:
+    def _prefill_step(self) -> None:
+        """One forward pass over every row being prefilled, each feeding its share of `prefill_chunk` prompt tokens
+        (up to its next checkpoint mark). Rows whose prompt is done sample their first token and join the decode
+        batch."""
+        share = max(1, self.prefill_chunk // len(self._prefilling))
+        tokens, at = [], []
+        for seq in self._prefilling:
             prompt = seq.req.prompt
-            if seq.cache is None:
-                seq.cache, seq.cached = self.prompt_cache.fetch(prompt)
-                seq.pos = seq.cached
-            end = len(prompt) - 1
-            # Caches that cannot rewind are checkpointed where a later prompt may resume: chunks end there.
-            marks = [] if self.prompt_cache.rewindable else [p for p in seq.req.marks if seq.pos < p < end]
-            target = min([end, seq.pos + budget, *marks])
-            if target > seq.pos:
-                self.net(mx.array(prompt[seq.pos : target], dtype=mx.uint32)[None], seq.cache)
-                mx.eval([c.state for c in seq.cache])
-                ran, seq.pos = target - seq.pos, target
-                if target in marks or (target == end and not self.prompt_cache.rewindable):
-                    seq.marks[target] = checkpoint(seq.cache)
-        except Exception as e:
-            self._prefilling.remove(seq)
-            self._fail(seq, e)
-            return None
-        if seq.pos < end:
-            return ran
-        self._prefilling.remove(seq)
-        self._batch.add(seq.cache)
-        seq.cache = None
-        self._running.append(seq)
-        return None
+            target = min(len(prompt), seq.pos + share)
+            if not self.rewindable:
+                target = min([target, *(m for m in seq.req.marks if seq.pos < m < len(prompt))])
+            tokens.append(prompt[seq.pos : target])
+            at.append([target - seq.pos - 1] if target == len(prompt) else [])
+        logits = self._prefill.step(tokens, at)
+        mx.eval(logits, self._prefill.state)
+        self.prefill_steps += 1
+        done: list[int] = []
+        for i, (seq, fed) in enumerate(zip(self._prefilling, tokens, strict=True)):
+            seq.pos += len(fed)
+            if seq.pos in seq.req.marks and not self.rewindable:
+                seq.marks[seq.pos] = self._prefill.checkpoint(i)
+            if at[i]:
+                done.append(i)
+        if not done:
+            return
+        picks = self._pick([self._prefilling[i] for i in done], logits)
+        for i, picked in reversed(list(zip(done, picks, strict=True))):
+            seq = self._prefilling[i]
+            out = self._accept(seq, picked)
+            if out is None or out.finish_reason is not None:
+                self._leave(self._prefill, self._prefilling, i, out)
+            else:
+                del self._prefilling[i]
+                self._decode.add(self._prefill.remove(i))
+                self._running.append(seq)
 
-    def _decode(self) -> None:
-        logits = self._batch.step([s.next_input for s in self._running])
+    def _decode_step(self) -> None:
+        """One token for every running request, in one forward pass."""
+        n = len(self._running)
+        logits = self._decode.step([[s.next_input] for s in self._running], [[0]] * n)
+        for seq in self._running:
+            seq.decoded += 1
+        picks = self._pick(self._running, logits)
+        self.steps += 1
+        for i, picked in reversed(list(enumerate(picks))):
+            out = self._accept(self._running[i], picked)
+            if out is None or out.finish_reason is not None:
+                self._leave(self._decode, self._running, i, out)
+
+    def _pick(self, seqs: list[_Sequence], logits: mx.array) -> list[tuple | Exception]:
+        """Each sequence's sampled token (row i of `logits`), evaluated; an exception for a row that failed."""
         picks: list[tuple | Exception] = []
-        for i, seq in enumerate(self._running):
+        for i, seq in enumerate(seqs):
             try:
                 picks.append(seq.pick(logits[i : i + 1]))
             except Exception as e:
@@ -367,53 +400,54 @@ class Engine:
             mx.eval([p for p in picks if not isinstance(p, Exception)])
         except Exception:  # find the rows that fail on their own; if the model step failed, that is all
             picks = [_evaluated(p) for p in picks]
-        self.steps += 1
-        done: list[tuple[int, Exception | None]] = []
-        for i, (seq, picked) in enumerate(zip(self._running, picks, strict=True)):
-            if isinstance(picked, Exception):
-                done.append((i, picked))
-                continue
-            try:
-                out = seq.accept(picked)
-            except Exception as e:
-                done.append((i, e))
-                continue
-            seq.next_input = out.tokens[0]
-            if out.finish_reason:
-                out.usage = seq.usage()
-                done.append((i, None))
-            if out.text or out.logprobs or out.finish_reason:
-                self._emit(seq, out)
-        for i, error in reversed(done):
-            seq = self._running[i]
-            self._leave(i, store=error is None)
-            if error is not None:
-                self._fail(seq, error)
+        return picks
 
-    def _leave(self, i: int, store: bool) -> None:
-        """Takes running sequence i out of the batch, its cache into the prompt cache when `store`."""
-        seq = self._running.pop(i)
-        store = store and self.prompt_cache.max_bytes > 0
-        cache = self._batch.remove(i, keep_cache=store)
-        if cache is not None:
-            try:
-                self.prompt_cache.store(seq.fed, cache, seq.marks)
-            except Exception:  # a cache that is not kept costs time later, nothing else
-                log.exception("prompt cache store failed")
+    def _accept(self, seq: _Sequence, picked: tuple | Exception) -> Output | None:
+        """Hands the sampled token to the sequence and, unless it finished (see `_leave`), its output to the
+        caller; None if the sequence failed."""
+        try:
+            if isinstance(picked, Exception):
+                raise picked
+            out = seq.accept(picked)
+        except Exception as e:
+            self._fail(seq, e)
+            return None
+        if out.finish_reason is None:
+            self._emit(seq, out)  # every token, even one whose text is held back (its caller counts it)
+        return out
+
+    def _leave(self, batch, seqs: list[_Sequence], i: int, last: Output | None) -> None:
+        """Takes sequence i out of `batch`; its cache goes to its slot or to the prompt cache, unless it failed
+        (`last` None). Its last output goes out after that, so a caller that sees it finished finds its slot
+        ready for the next request."""
+        seq = seqs.pop(i)
+        keep = last is not None and (seq.req.slot is not None or self.prompt_cache.max_bytes > 0)
+        self._keep_cache(seq, batch.remove(i, keep_cache=keep))
+        if last is not None:
+            self._emit(seq, last)
+
+    def _keep_cache(self, seq: _Sequence, cache: list | None) -> None:
+        slot, tokens = seq.req.slot, seq.fed
+        if cache is None or not tokens:
+            if slot is not None:
+                slot.clear()
+            return
+        try:
+            if slot is not None:
+                slot.put(tokens, cache, seq.marks, self.rewindable)
+            else:
+                self.prompt_cache.store(tokens, cache, seq.marks)
+        except Exception:  # a cache that is not kept costs time later, nothing else
+            log.exception("storing a finished request's cache failed")
 
     # ------------------------------------------------------------------------------------------ failures
     def _fail(self, seq: _Sequence, error: Exception) -> None:
         self.failures += 1
         if not isinstance(error, MlxqError):
             log.error("request failed: %r", error)
+        if seq.req.slot is not None:
+            seq.req.slot.clear()
         self._emit_error(seq.req, error)
-
-    def _fail_all(self, error: Exception) -> None:
-        """The batch is in an unknown state: its requests fail (prefilling ones have their own caches)."""
-        for seq in self._running:
-            self._fail(seq, error)
-        self._running.clear()
-        self._batch = make_batch(self.net)
 
     def _emit_error(self, req: Request, error: Exception) -> None:
         if not isinstance(error, MlxqError):
