@@ -31,7 +31,7 @@ class Model:
 
     Generation options, the same on every path (here, `Session`, the server):
     - `max_tokens`, `stop` (a string or a list), `logprobs` (k: each token's logprob and the k most likely),
-      `ignore_eos`;
+      `ignore_eos`, `speculative` (k: prompt-lookup draft tokens checked per decode step; same output);
     - sampling: `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `presence_penalty`,
       `frequency_penalty`, `logit_bias`, `seed` (or `params=SamplingParams(...)`);
     - controls (`mlxq.engine.controls`): `enable_thinking`, `thinking_budget`, `schema`, `tools`, `tool_choice`,
@@ -102,10 +102,12 @@ class Model:
         logits_processors: list[LogitsProcessor] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         slot: CacheSlot | None = None,
+        speculative: int = 0,
         **options: Any,
     ) -> Request:
         """The engine request for a prompt and the options above (what `stream` and `generate` submit). `slot`:
-        a conversation's own cache (see `Session`)."""
+        a conversation's own cache (see `Session`). `speculative`: draft tokens checked per decode step, looked
+        up in the prompt and the answer so far (prompt lookup; the output is the same as without)."""
         controls, sampling = split_options(options)
         if params is not None and sampling:
             raise InvalidRequest(f"give sampling options either as params or by keyword, not both ({min(sampling)})")
@@ -114,7 +116,7 @@ class Model:
         stops = check_stops(stop)
         k = int(logprobs) if logprobs is not None and logprobs is not False else None
         return prepared.request(max_tokens, params or SamplingParams(**sampling), stop=stops, logprobs=k,
-                                ignore_eos=ignore_eos, extra=logits_processors, slot=slot)
+                                ignore_eos=ignore_eos, extra=logits_processors, slot=slot, speculative=speculative)
 
     def stream(self, prompt: Prompt, **options: Any) -> Iterator[Chunk]:
         """Yields the output as it becomes final. Leaving the loop early ends the request."""

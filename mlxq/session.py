@@ -48,14 +48,17 @@ class Session:
     the chat template and enforced while decoding, `thinking_budget` (default: half of max_tokens) bounds the
     reasoning; `tools` are offered to the model as `tool_choice` says (its calls are in `last.tool_calls`; answer
     them with `add_tool_result` and `ask(None)`); `logprobs` (k) records
-    each answer token's logprob in `last.logprobs`; other keywords are sampling options (temperature, ...).
+    each answer token's logprob in `last.logprobs`; `speculative` (k): prompt-lookup drafts of k tokens checked per
+    decode step (same answers, faster when they quote the conversation); other keywords are sampling options
+    (temperature, ...).
 
     One question at a time per Session; any number of Sessions at once."""
 
     def __init__(self, model: Any, system: str | None = None, secrets: list[str] | None = None, *,
                  public: list[str] | None = None, min_span: int = 8, enable_thinking: bool = False,
                  thinking_budget: int | None = None, max_tokens: int = 256, tools: list[dict] | None = None,
-                 tool_choice: str | dict | None = None, logprobs: int | None = None, **sampling: Any):
+                 tool_choice: str | dict | None = None, logprobs: int | None = None, speculative: int = 0,
+                 **sampling: Any):
         if not model.tokenizer.has_chat_template:
             raise InvalidRequest(f"{model.name}: a Session needs a model with a chat template")
         self.model = model
@@ -68,6 +71,7 @@ class Session:
         self.max_tokens = max_tokens
         self.tools, self.tool_choice = tools, tool_choice
         self.logprobs = logprobs
+        self.speculative = speculative
         self.params = SamplingParams(**sampling)
         self.stats: list[TurnStats] = []
         self.last: Result | None = None  # the last answer in full: text, reasoning, tokens, tool calls, logprobs
@@ -175,7 +179,7 @@ class Session:
             logprobs=self.logprobs, slot=self.slot, enable_thinking=self.enable_thinking,
             thinking_budget=self.thinking_budget, schema=schema, tools=self.tools, tool_choice=self.tool_choice,
             secrets=self.secrets,
-            public=self.public, min_span=self.min_span,
+            public=self.public, min_span=self.min_span, speculative=self.speculative,
         )
         return self._running
 

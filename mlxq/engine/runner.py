@@ -42,6 +42,7 @@ class Runner:
         self.rewindable = self.prompt_cache.rewindable  # every layer can resume at any position (attention only)
         self._batches = {PREFILL: make_batch(net), DECODE: make_batch(net)}
         self._rows: dict[str, list[_Row]] = {PREFILL: [], DECODE: []}
+        self._before: tuple | None = None  # the decode batch before a `verify` pass, and what the pass fed
 
     def admit(self, prompt: list[int], slot: CacheSlot | None) -> int:
         """A new row in the prefill batch, resumed from the longest prefix of `prompt` that its slot or else the
@@ -68,6 +69,23 @@ class Runner:
     def decode(self, tokens: list[int]) -> mx.array:
         """One token for every decode row; the logits [rows, vocab], lazy (sampling joins the same graph)."""
         return self._batches[DECODE].step([[t] for t in tokens], [[0]] * len(tokens))
+
+    def verify(self, tokens: list[list[int]]) -> mx.array:
+        """One pass feeding decode row b `tokens[b]`: its next token, then a speculative draft to check. Returns the
+        logits after every token fed (stacked in row order, lazy); `rewind` then says how many each row keeps."""
+        batch = self._batches[DECODE]
+        self._before = (batch.snapshot(), tokens)
+        return batch.step(tokens, [list(range(len(t))) for t in tokens])
+
+    def rewind(self, keep: list[int]) -> None:
+        """After `verify`: decode row b holds only the first `keep[b]` tokens it was fed (the draft's rejected tail
+        goes). Recurrent state cannot drop tokens, so such a batch goes back to its checkpoint from before the pass
+        and runs the kept tokens again."""
+        snapshot, fed = self._before
+        self._before = None
+        if all(k == len(t) for k, t in zip(keep, fed, strict=True)):
+            return
+        self._batches[DECODE].rewind(snapshot, [t[:k] for k, t in zip(keep, fed, strict=True)])
 
     def promote(self, i: int) -> None:
         """Prefill row i, its prompt done, becomes the last decode row."""
