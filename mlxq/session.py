@@ -15,9 +15,11 @@ import threading
 import time
 from collections.abc import Generator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+from mlxq.engine import persist
 from mlxq.engine import stream as streams
 from mlxq.engine.constraints import token_tables
 from mlxq.engine.guards import secret_guard_processor
@@ -26,7 +28,7 @@ from mlxq.engine.sampling import LogitsProcessor, SamplingParams
 from mlxq.engine.scheduler import Request
 from mlxq.engine.stream import Result
 from mlxq.engine.tools import template_call
-from mlxq.errors import GenerationError, InvalidRequest
+from mlxq.errors import FormatError, GenerationError, InvalidRequest
 
 RETRY_NOTE = "(Please answer now, in a few words; do not leave the answer empty.)"
 
@@ -112,6 +114,36 @@ class Session:
                     request = steps.send(result)
                 except StopIteration as done:
                     return done.value
+
+    def save(self, path: str | Path) -> None:
+        """Writes the conversation, its settings and its cache (attention keys and values, recurrent states whole,
+        and the checkpoints a turn resumes from) to `path`, atomically, with the model's fingerprint; `load` takes
+        it up again, in this process or another, and its next turn is the one this session would have given. The
+        file holds the secrets too: keep it where the players cannot read it."""
+        with self._turn():
+            settings = dict(
+                secrets=self.secrets, public=self.public, min_span=self.min_span, enable_thinking=self.enable_thinking,
+                thinking_budget=self.thinking_budget, max_tokens=self.max_tokens, tools=self.tools,
+                tool_choice=self.tool_choice, logprobs=self.logprobs, speculative=self.speculative,
+                **{**asdict(self.params), "logit_bias": [[t, b] for t, b in self.params.logit_bias.items()]},
+            )
+            slot = self.slot
+            persist.save(path, self.model.net, slot.tokens, slot.caches, slot.marks,
+                         {"messages": self.messages, "settings": settings})
+
+    @classmethod
+    def load(cls, model: Any, path: str | Path) -> Session:
+        """The session `save` wrote to `path`, on `model` (the same weights, checked by fingerprint)."""
+        tokens, caches, marks, extra = persist.load(path, model.net)
+        try:
+            settings = dict(extra["settings"])
+            settings["logit_bias"] = {int(t): float(b) for t, b in settings["logit_bias"]}
+            session = cls(model, **settings)
+            session.messages = list(extra["messages"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{path}: is not a saved session ({type(e).__name__}: {e})") from None
+        session.slot.tokens, session.slot.caches, session.slot.marks = tokens, caches, marks
+        return session
 
     def cancel(self) -> None:
         """Ends the turn in progress (from any thread): its `ask` raises GenerationError and the conversation is
