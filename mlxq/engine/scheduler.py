@@ -97,13 +97,20 @@ class _Sequence:
         self.next_input = -1  # the last sampled token, which the next decode step feeds
         self.decoded = 0  # sampled tokens fed back (in the cache)
         self.lookup = PromptLookup(req.prompt) if req.speculative > 0 else None
+        self.draft_len = req.speculative  # adapts to how much of the drafts the model takes (`checked`)
 
     def draft(self) -> list[int]:
         """Tokens to check after the next one (prompt lookup), never more than the request may still take."""
         if self.lookup is None:
             return []
         self.lookup.extend(self.generated[len(self.lookup.tokens) - len(self.req.prompt) :])
-        return self.lookup.draft(min(self.req.speculative, self.req.max_tokens - len(self.generated) - 1))
+        return self.lookup.draft(min(self.draft_len, self.req.max_tokens - len(self.generated) - 1))
+
+    def checked(self, drafted: int, accepted: int) -> None:
+        """The next draft is twice as long as what was accepted of this one (at least one token, at most the
+        request's `speculative`): each draft token costs its verification whether it is taken or not."""
+        grown = max(self.draft_len, 2 * drafted) if accepted == drafted else 2 * accepted
+        self.draft_len = max(1, min(self.req.speculative, grown))
 
     def pick(self, logits: mx.array, draft: int | None = None) -> tuple:
         """Lazy (token, chosen logprob, top ids, top logprobs) from this row's logits [1, V]; with a `draft` token,
@@ -453,6 +460,8 @@ class Engine:
                 out, taken = self._accept(seq, self._pick([seq], logits[at : at + 1], [following])[0]), taken + 1
             outs.append(out)
             keep.append(taken)
+            if draft:
+                seq.checked(len(draft), taken - 1)
         if any(drafts):
             self.runner.rewind(keep)
         for i in reversed(range(len(outs))):
