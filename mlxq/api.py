@@ -47,7 +47,7 @@ class Model:
         self.config = checkpoint.config
         self._engine: Engine | None = None
         self._engine_options = dict(max_batch=DEFAULT_MAX_BATCH, prompt_cache_bytes=DEFAULT_PROMPT_CACHE_BYTES,
-                                    prefill_chunk=PREFILL_CHUNK)
+                                    prefill_chunk=PREFILL_CHUNK, prompt_cache_spill=None)
         self._engine_lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------------- the engine
@@ -60,11 +60,13 @@ class Model:
             return self._engine
 
     def configure(self, *, max_batch: int | None = None, prompt_cache_bytes: int | None = None,
-                  prefill_chunk: int | None = None) -> None:
+                  prefill_chunk: int | None = None, prompt_cache_spill: tuple[str, int] | None = None) -> None:
         """Engine settings: requests run together, bytes of the shared prompt cache, prompt tokens per prefill
-        step. A running engine is closed (its unfinished requests end as cancelled) and the next request starts
+        step, (directory, bytes) on disk where prompt-cache entries go when they leave memory. A running engine is
+        closed (its unfinished requests end as cancelled) and the next request starts
         one with these settings."""
-        given = dict(max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes, prefill_chunk=prefill_chunk)
+        given = dict(max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes, prefill_chunk=prefill_chunk,
+                     prompt_cache_spill=prompt_cache_spill)
         self._engine_options.update({k: v for k, v in given.items() if v is not None})
         self.close()
 

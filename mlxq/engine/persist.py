@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +83,10 @@ def _unflatten(doc: Any, arrays: dict[str, mx.array]) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ files
-def save(path: str | Path, net: Any, tokens: list[int], caches: list | None, marks: dict[int, list],
-         extra: dict) -> None:
+def save(path: str | Path, model: str, tokens: list[int], caches: list | None, marks: dict[int, list],
+         extra: dict) -> int:
     """Writes `caches` (single-row, holding `tokens`; None for none), their checkpoints `marks` and the caller's
-    JSON-able `extra` to `path`, atomically."""
+    JSON-able `extra` to `path`, atomically, for the model whose `fingerprint` is `model`; returns the file's size."""
     path = Path(path)
     arrays: dict[str, mx.array] = {}
     doc = {
@@ -99,7 +100,7 @@ def save(path: str | Path, net: Any, tokens: list[int], caches: list | None, mar
     digest = hashlib.sha256()
     for k in sorted(arrays):
         digest.update(k.encode() + _bytes(arrays[k]))
-    meta = {"format": FORMAT, "model": fingerprint(net), "sha256": digest.hexdigest(), "doc": json.dumps(doc)}
+    meta = {"format": FORMAT, "model": model, "sha256": digest.hexdigest(), "doc": json.dumps(doc)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
@@ -109,6 +110,7 @@ def save(path: str | Path, net: Any, tokens: list[int], caches: list | None, mar
     try:
         mx.save_safetensors(tmp, arrays or {"empty": mx.zeros((0,))}, metadata=meta)
         os.replace(tmp, path)
+        return path.stat().st_size
     except OSError as e:
         raise InvalidRequest(f"{path}: cannot be written: {e.strerror or e}") from None
     finally:
@@ -116,8 +118,10 @@ def save(path: str | Path, net: Any, tokens: list[int], caches: list | None, mar
             os.unlink(tmp)
 
 
-def load(path: str | Path, net: Any) -> tuple[list[int], list | None, dict[int, list], dict]:
-    """(tokens, caches, marks, extra) from a file `save` wrote for this model; one-line errors naming the file."""
+def load(path: str | Path, model: str, make_cache: Callable[[], list]) -> tuple[list[int], list | None,
+                                                                              dict[int, list], dict]:
+    """(tokens, caches, marks, extra) from a file `save` wrote for the model whose fingerprint is `model` (its caches
+    built by `make_cache`); one-line errors naming the file."""
     path = Path(path)
     if not path.is_file():
         raise InvalidRequest(f"{path}: no such file")
@@ -127,9 +131,9 @@ def load(path: str | Path, net: Any) -> tuple[list[int], list | None, dict[int, 
         raise FormatError(f"{path}: not a readable cache file ({type(e).__name__}: {e})") from None
     if meta.get("format") != FORMAT:
         raise FormatError(f"{path}: not an mlxq cache file (format {meta.get('format')!r}, want {FORMAT!r})")
-    if meta.get("model") != fingerprint(net):
+    if meta.get("model") != model:
         raise InvalidRequest(f"{path}: was saved from another model (fingerprint {meta.get('model')}, this model's "
-                             f"is {fingerprint(net)})")
+                             f"is {model})")
     arrays.pop("empty", None)
     mx.eval(list(arrays.values()))  # read now, on this thread: the engine thread takes them as they are
     digest = hashlib.sha256()
@@ -142,7 +146,7 @@ def load(path: str | Path, net: Any) -> tuple[list[int], list | None, dict[int, 
         tokens = [int(t) for t in doc["tokens"]]
         caches = None
         if doc["caches"] is not None:
-            caches = net.make_cache()
+            caches = make_cache()
             if len(caches) != len(doc["caches"]):
                 raise ValueError(f"{len(doc['caches'])} layers, the model has {len(caches)}")
             for cache, state in zip(caches, doc["caches"], strict=True):

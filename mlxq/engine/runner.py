@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from mlxq.engine.batch import make_batch
-from mlxq.engine.prompt_cache import CacheSlot, PromptCache
+from mlxq.engine.persist import fingerprint
+from mlxq.engine.prompt_cache import CacheSlot, DiskSpill, PromptCache
 from mlxq.models.base import CausalLM
 
 log = logging.getLogger("mlxq.engine")
@@ -33,12 +34,14 @@ class _Row:
 
 class Runner:
     """Runs `net` (a `CausalLM`) for the scheduler. `prompt_cache_bytes`: bound of the shared prompt cache (0 turns
-    it off; conversation slots are not counted)."""
+    it off; conversation slots are not counted). `spill`: (directory, bytes) where entries leaving the prompt cache
+    go, within that many bytes on disk."""
 
-    def __init__(self, net: CausalLM, prompt_cache_bytes: int):
+    def __init__(self, net: CausalLM, prompt_cache_bytes: int, spill: tuple[str, int] | None = None):
         self.net = net
         evaluate_all(net)
-        self.prompt_cache = PromptCache(net.make_cache, prompt_cache_bytes)
+        disk = None if spill is None else DiskSpill(spill[0], spill[1], fingerprint(net), net.make_cache)
+        self.prompt_cache = PromptCache(net.make_cache, prompt_cache_bytes, disk)
         self.rewindable = self.prompt_cache.rewindable  # every layer can resume at any position (attention only)
         self._batches = {PREFILL: make_batch(net), DECODE: make_batch(net)}
         self._rows: dict[str, list[_Row]] = {PREFILL: [], DECODE: []}
@@ -136,6 +139,8 @@ class Runner:
                 "max_bytes": pc.max_bytes,
                 "hits": pc.hits,
                 "misses": pc.misses,
+                **({} if pc.spill is None else {"spilled_entries": len(pc.spill), "spilled_bytes": pc.spill.nbytes,
+                                                "spill_writes": pc.spill.writes, "spill_reads": pc.spill.reads}),
             },
         }
 

@@ -165,17 +165,19 @@ class Engine:
 
     `max_batch`: requests run together (prefilling and decoding); more wait their turn. `prompt_cache_bytes`:
     bound of the shared prompt cache (0 turns it off; conversation slots are not counted; ignored when given a
-    runner, which has its own). `prefill_chunk`: prompt tokens per prefill step."""
+    runner, which has its own). `prefill_chunk`: prompt tokens per prefill step. `prompt_cache_spill`: (directory,
+    bytes): entries leaving the prompt cache go to disk there, up to that many bytes."""
 
     IDLE_S = 2.0  # an idle loop calls `runner.idle()` this often
 
     def __init__(self, net: CausalLM | Runner, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
-                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, prefill_chunk: int = PREFILL_CHUNK):
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, prefill_chunk: int = PREFILL_CHUNK,
+                 prompt_cache_spill: tuple[str, int] | None = None):
         if max_batch < 1:
             raise InvalidRequest("max_batch must be >= 1")
         if prefill_chunk < 1:
             raise InvalidRequest("prefill_chunk must be >= 1")
-        self.runner = net if isinstance(net, Runner) else Runner(net, prompt_cache_bytes)
+        self.runner = net if isinstance(net, Runner) else Runner(net, prompt_cache_bytes, prompt_cache_spill)
         self.net, self.tokenizer = self.runner.net, tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.prompt_cache = self.runner.prompt_cache
