@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -41,3 +42,16 @@ def write_result(name: str, result: dict) -> dict:
     sys.stdout.flush()
     print(json.dumps(result))
     return result
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """File descriptor 1 onto 2 while C code (llama.cpp) prints, so the result line stays the last line of stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import struct
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import mlx.core as mx  # noqa: E402
-from common import write_result  # noqa: E402
+from common import stdout_to_stderr, write_result  # noqa: E402
 
 GROUP = 64
 
@@ -160,19 +159,6 @@ def run_llama_cpp(out: Path, mix: str) -> None:
         rc = llama_cpp.llama_model_quantize(source, str(out / "model.gguf").encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize {mix} failed with {rc}")
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """File descriptor 1 onto 2 while C code runs, so that the result line stays the last line of stdout."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def gguf_bits_per_weight(path: Path) -> dict:

@@ -14,15 +14,14 @@ import mlx.core as mx
 
 from mlxq.engine import stream as streams
 from mlxq.engine.controls import Prompt, prepare, split_options
-from mlxq.engine.prompt_cache import CacheSlot
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams
 from mlxq.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES, PREFILL_CHUNK, Engine, Request
 from mlxq.engine.stops import check_stops
 from mlxq.engine.stream import Chunk, Result, Timings  # noqa: F401  (the API's result types)
 from mlxq.engine.tokenizer import Tokenizer, load_tokenizer
 from mlxq.errors import InvalidRequest
-from mlxq.formats import Checkpoint, open_checkpoint
-from mlxq.loading import load_model
+from mlxq.formats import Checkpoint
+from mlxq.loading import load_model, open_for_run
 from mlxq.models.base import CausalLM
 
 
@@ -103,13 +102,12 @@ class Model:
         params: SamplingParams | None = None,
         logits_processors: list[LogitsProcessor] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
-        slot: CacheSlot | None = None,
         speculative: int = 0,
         **options: Any,
     ) -> Request:
-        """The engine request for a prompt and the options above (what `stream` and `generate` submit). `slot`:
-        a conversation's own cache (see `Session`). `speculative`: draft tokens checked per decode step, looked
-        up in the prompt and the answer so far (prompt lookup; the output is the same as without)."""
+        """The engine request for a prompt and the options above (what `stream` and `generate` submit).
+        `speculative`: draft tokens checked per decode step, looked up in the prompt and the answer so far (prompt
+        lookup; the output is the same as without)."""
         controls, sampling = split_options(options)
         if params is not None and sampling:
             raise InvalidRequest(f"give sampling options either as params or by keyword, not both ({min(sampling)})")
@@ -118,7 +116,7 @@ class Model:
         stops = check_stops(stop)
         k = int(logprobs) if logprobs is not None and logprobs is not False else None
         return prepared.request(max_tokens, params or SamplingParams(**sampling), stop=stops, logprobs=k,
-                                ignore_eos=ignore_eos, extra=logits_processors, slot=slot, speculative=speculative)
+                                ignore_eos=ignore_eos, extra=logits_processors, speculative=speculative)
 
     def stream(self, prompt: Prompt, **options: Any) -> Iterator[Chunk]:
         """Yields the output as it becomes final. Leaving the loop early ends the request."""
@@ -140,17 +138,20 @@ class Model:
 def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantized: bool | None = None,
          experts_per_tok: int | None = None) -> Model:
     """Load a model by name: a local HF/mlx-lm dir, a GGUF file, an alias (`smollm2`), `ollama:NAME`, or a
-    hub id. With no name, the default small model. Off Metal, quantized GGUF weights are dequantized to
-    float32 unless `keep_quantized=True`, since MLX's quantized CPU kernels are slow on x86.
+    hub id. With no name, the default small model. A GGUF file's quantized weights stay in their blocks on Metal;
+    off Metal they are dequantized to float32 (MLX's quantized CPU kernels are slow on x86) while the float model
+    fits comfortably in memory, else kept too (`loading.open_for_run`). `keep_quantized` forces either way.
     `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact)."""
-    if keep_quantized is None:
-        keep_quantized = mx.metal.is_available()
-    ckpt = open_checkpoint(name, keep_quantized=keep_quantized)
-    net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
+    from concurrent.futures import ThreadPoolExecutor
+
+    ckpt = open_for_run(name, keep_quantized)
     eos = ckpt.config.get("eos_token_id")
-    tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template,
-                         eos if isinstance(eos, list) else ([eos] if eos is not None else None))
-    return Model(net, tok, ckpt, name or "smollm2")
+    eos = eos if isinstance(eos, list) else ([eos] if eos is not None else None)
+    # the tokenizer loads beside the weights: MLX computes with the GIL released
+    with ThreadPoolExecutor(1) as pool:
+        tok = pool.submit(load_tokenizer, ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template, eos)
+        net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
+        return Model(net, tok.result(), ckpt, name or "smollm2")
 
 
 from mlxq.session import Session  # noqa: E402, F401  (re-exported: games use mlxq.api.Session)

@@ -206,14 +206,15 @@ class Session:
 
     def _request(self, messages: list[dict], schema: dict | None, max_tokens: int | None,
                  extra: list[LogitsProcessor] | None) -> Request:
-        self._running = self.model.request(
+        request = self.model.request(
             messages, max_tokens=max_tokens or self.max_tokens, params=self.params, logits_processors=extra,
-            logprobs=self.logprobs, slot=self.slot, enable_thinking=self.enable_thinking,
-            thinking_budget=self.thinking_budget, schema=schema, tools=self.tools, tool_choice=self.tool_choice,
-            secrets=self.secrets,
-            public=self.public, min_span=self.min_span, speculative=self.speculative,
+            logprobs=self.logprobs, enable_thinking=self.enable_thinking, thinking_budget=self.thinking_budget,
+            schema=schema, tools=self.tools, tool_choice=self.tool_choice, secrets=self.secrets, public=self.public,
+            min_span=self.min_span, speculative=self.speculative,
         )
-        return self._running
+        request.slot = self.slot  # the engine resumes this conversation's cache (not an option of Model's calls)
+        self._running = request
+        return request
 
 
 def _stats(result: Result, started: float, t0: float) -> TurnStats:

@@ -7,8 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -177,3 +181,18 @@ def test_a_cancelled_turn_leaves_the_conversation_as_it_was(name, request):
         s.ask("Did he die?", logits_processors=[cancel_at(s, 2)])
     assert len(s.messages) == 3 and s.ask("Did he die?") == fresh.ask("Did he die?")
     assert s.stats[-1].cached_tokens > 0  # the cancelled turn's work was kept for the retry
+
+
+def test_umigame_players_mode_runs_many_games_at_once(qwen3_model_dir):
+    """`examples/umigame/play.py --players N`: N guarded JSON games on one engine, with throughput and turn latency
+    reported (the tiny random model answers nonsense, but every answer is schema-valid JSON or counted as none)."""
+    play = Path(__file__).parent.parent / "examples" / "umigame" / "play.py"
+    done = subprocess.run([sys.executable, str(play), "--model", str(qwen3_model_dir), "--players", "3",
+                           "--max-tokens", "24"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    head = re.search(r"^3 players, (\d+) turns \((\d+) without an answer\) in [\d.]+ s$", done.stdout, re.M)
+    assert head, done.stdout
+    assert int(head[1]) + int(head[2]) >= 3  # every player asked at least once
+    assert re.search(r"throughput: [\d.]+ generated tokens/s aggregate \((\d+) tokens\)", done.stdout)
+    assert re.search(r"turn latency: p50 \d+ ms, p95 \d+ ms", done.stdout)
+    assert re.search(r"first token:  p50 \d+ ms, p95 \d+ ms", done.stdout)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,15 @@ def test_every_family_satisfies_the_model_contract(module):
     model_cls = importlib.import_module(f"mlxq.models.{module}").Model
     assert issubclass(model_cls, CausalLM)
     assert model_cls.make_cache is not CausalLM.make_cache  # each family says which cache each layer needs
+
+
+@pytest.mark.parametrize("call", ["request", "stream", "astream", "generate", "agenerate"])
+def test_model_calls_take_options_not_internals(call):
+    """Model's generation calls take a prompt and the documented options; the engine's caches, slots and
+    generation state stay inside (a Session hands its cache slot to the engine on the request it gets back)."""
+    from mlxq.api import Model
+
+    params = inspect.signature(getattr(Model, call)).parameters
+    internals = {"cache", "cached_tokens", "generation", "slot", "caches", "engine"}
+    assert not internals & set(params), f"Model.{call} exposes {sorted(internals & set(params))}"
+    assert list(params)[:2] == ["self", "prompt"]

@@ -10,7 +10,7 @@ from test_guards import SECRET_JA, teacher
 
 from mlxq.api import Session
 from mlxq.engine.guards import normalize
-from mlxq.errors import GenerationError
+from mlxq.errors import GenerationError, InvalidRequest
 
 QUESTIONS = ["Is it about soup?", "Did he die?", "Was he alone on the island?"]
 SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no", "irrelevant"]},
@@ -78,3 +78,11 @@ def test_incomplete_answer_is_retried_then_raises(qwen3_model):
     with pytest.raises(GenerationError, match="incomplete JSON answer twice"):
         s.ask("Answer in JSON.", schema=SCHEMA, max_tokens=3)  # too short for the schema, twice
     assert s.stats[-1].retried and s.messages == []  # nothing half-done is kept in the conversation
+
+
+def test_a_cache_slot_is_not_an_option_of_model_calls(qwen3_model):
+    """Only a Session hands the engine its conversation's cache; Model's calls name the option as unknown."""
+    from mlxq.engine.prompt_cache import CacheSlot
+
+    with pytest.raises(InvalidRequest, match="unknown option 'slot'"):
+        qwen3_model.generate("Hello", max_tokens=2, slot=CacheSlot())

@@ -13,6 +13,7 @@ import pytest
 from fixtures_qwen3 import *  # noqa: F403  (pytest fixtures: qwen3_model, ...)
 from fixtures_qwen35 import *  # noqa: F403  (pytest fixture: hybrid_model)
 
+from mlxq.engine import stream as streams
 from mlxq.engine.cache import KVCache
 from mlxq.engine.prompt_cache import CacheSlot
 from mlxq.engine.sampling import SamplingParams, make_sampler
@@ -88,7 +89,7 @@ def test_rollback_leaves_the_cache_exact(hybrid_model):
     prompt = repeating_prompt(model, "A man walks into a bar and")
     slot = CacheSlot()
     drafted0, accepted0 = engine_counts(model)
-    out = model.generate(prompt, max_tokens=30, speculative=6, slot=slot)
+    out = run_in_slot(model, slot, prompt, max_tokens=30, speculative=6)
     drafted, accepted = engine_counts(model)
     assert 0 < accepted - accepted0 < drafted - drafted0
     assert slot.tokens == prompt + out.tokens[:-1]
@@ -105,8 +106,15 @@ def test_rollback_leaves_the_cache_exact(hybrid_model):
             assert np.allclose(np.array(a), np.array(b), atol=1e-4, rtol=1e-3)
     # and the next turn from that cache is what a fresh cache gives
     follow = slot.tokens + model.tokenizer.encode(" and then")
-    assert model.generate(follow, max_tokens=12, slot=slot, speculative=6).tokens == \
+    assert run_in_slot(model, slot, follow, max_tokens=12, speculative=6).tokens == \
         model.generate(follow, max_tokens=12).tokens
+
+
+def run_in_slot(model, slot: CacheSlot, prompt: list[int], **options):
+    """`model.generate` resuming from and leaving its cache in `slot`, as a Session's turn does."""
+    request = model.request(prompt, **options)
+    request.slot = slot
+    return streams.run(model.engine, request)
 
 
 # ------------------------------------------------------------------------------------------------ sampling

@@ -97,6 +97,8 @@ def test_forced_call_through_the_api(qwen3_model, xml_model, xml):
         r = model.generate(USER, tools=TOOLS, tool_choice="required", enable_thinking=False, max_tokens=80,
                            temperature=1.0, seed=seed)
         assert r.finish_reason == "tool_calls", r
+        written = model.tokenizer.decode(r.tokens)  # the call as the model wrote it: in the template's format
+        assert ("<function=get_weather>" in written) == xml and ('"name": "get_weather"' in written) != xml
         (call,) = r.tool_calls
         args = json.loads(call["function"]["arguments"])
         assert call["function"]["name"] == "get_weather"

@@ -101,7 +101,7 @@ class Prepared:
 
     def request(self, max_tokens: int, params: SamplingParams | None = None, *, stop: list[str] | None = None,
                 logprobs: int | None = None, ignore_eos: bool = False,
-                extra: list[LogitsProcessor] | None = None, slot=None, speculative: int = 0) -> Request:
+                extra: list[LogitsProcessor] | None = None, speculative: int = 0) -> Request:
         """An engine request for one choice. `extra`: the caller's own processor instances (used by this request
         alone)."""
         if speculative < 0:
@@ -109,7 +109,8 @@ class Prepared:
         build, extra = self._processors, list(extra or [])
         return Request(
             self.prompt, max_tokens, params or SamplingParams(), lambda: [*extra, *build(max_tokens)],
-            list(stop or []), logprobs, self.marks, ignore_eos, self.reading, slot, speculative,
+            list(stop or []), logprobs, self.marks, ignore_eos, self.reading,
+            speculative=speculative,
         )
 
 
