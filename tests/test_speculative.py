@@ -5,6 +5,7 @@ dense, hybrid and real models; sampling: the same distribution), and a rejected 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import mlx.core as mx
@@ -174,3 +175,24 @@ def test_sampled_answers_keep_their_distribution(qwen3_model):
         counts[key] = counts.get(key, 0) + 1
     assert sum(counts.values()) == n
     assert chi_square(counts, exact, n) < 37.70, (counts, exact)  # 15 degrees of freedom, p = 0.001
+
+
+def test_the_server_takes_speculative_as_an_extension_field(qwen3_model):
+    """`"mlxq": {"speculative": k}` on a chat request: drafts are checked, the answer is the plain one."""
+    from test_server import MODEL, serving
+
+    messages = [{"role": "user", "content": "Say: the blue bird sings, the blue bird sings, the blue bird"}]
+    with serving(qwen3_model) as live:
+        def ask(extra: dict):
+            r = live.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
+                                                    extra_body={"chat_template_kwargs": {"enable_thinking": False},
+                                                                **extra})
+            return r.choices[0].message.content
+
+        plain = ask({})
+        drafted = live.engine.stats()["drafted"]
+        assert ask({"mlxq": {"speculative": 6}}) == plain
+        assert live.engine.stats()["drafted"] > drafted
+        bad = live.raw("/v1/chat/completions", json.dumps({"model": MODEL, "messages": messages,
+                                                           "mlxq": {"speculative": -1}}).encode())
+        assert bad[0] == 400
