@@ -20,8 +20,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples" / "umigame"))
 
 from common import median, write_result  # noqa: E402
+from puzzle import SCHEMA  # noqa: E402  (the umigame service's answer schema)
 
 PUZZLE = (
     "A man walks into a restaurant by the sea and orders turtle soup. After one spoonful he asks the chef: 'Is this "
@@ -37,16 +39,6 @@ SYSTEM = (
     'Answer every question with a JSON object: {"answer": "yes" | "no" | "irrelevant", "solved": true | false, '
     '"comment": "a short remark"}. Keep the comment short and never quote the hidden story.'
 )
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "answer": {"enum": ["yes", "no", "irrelevant"]},
-        "solved": {"type": "boolean"},
-        "comment": {"type": "string", "maxLength": 80},
-    },
-    "required": ["answer", "solved", "comment"],
-    "additionalProperties": False,
-}
 TURNS = [
     ("Was the soup poisoned?", {"answer": "no", "solved": False, "comment": "The soup was not poisoned."}),
     ("Had the man eaten turtle soup before?", {"answer": "yes", "solved": False,
