@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct, greedy (so both give the same tokens, which is checked), on two tasks:
 1. `json_game_master`: a lateral-thinking-puzzle game master several turns into the game, answering the next
-   question in JSON (constrained to the game's schema), as the umigame service does: the answer repeats keys,
+   questions in JSON (four of them, each asked of the transcript; constrained to the game's schema), as the
+   umigame service does: the answers repeat keys,
    values and phrases of the transcript.
 2. `summary`: a summary of a passage given in the prompt.
 
@@ -46,7 +47,12 @@ TURNS = [
     ("Was the man ever shipwrecked?", {"answer": "yes", "solved": False, "comment": "Yes, he was shipwrecked."}),
     ("Did someone die on the island?", {"answer": "yes", "solved": False, "comment": "Yes, someone died."}),
 ]
-NEXT_QUESTION = "Was the soup he had eaten on the island really turtle soup?"
+NEXT_QUESTIONS = [  # each asked of the transcript above: more decoded tokens per measurement, less noise
+    "Was the soup he had eaten on the island really turtle soup?",
+    "Did the chef lie to the man?",
+    "Did his friends lie to him on the island?",
+    "Was the man a sailor?",
+]
 
 PASSAGE = (
     "The city council met on Tuesday to discuss the new library. The library will be built next to the central "
@@ -60,45 +66,50 @@ PASSAGE = (
 )
 
 
-def game_master_messages() -> list[dict]:
+def game_master_prompts() -> list[list[dict]]:
     msgs = [{"role": "system", "content": SYSTEM}]
     for question, answer in TURNS:
         msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": json.dumps(answer)}]
-    return [*msgs, {"role": "user", "content": NEXT_QUESTION}]
+    return [[*msgs, {"role": "user", "content": q}] for q in NEXT_QUESTIONS]
 
 
 TASKS = {
-    "json_game_master": (game_master_messages, dict(schema=SCHEMA)),
-    "summary": (lambda: [{"role": "user", "content": f"Summarize this news story in three sentences:\n\n{PASSAGE}"}],
+    "json_game_master": (game_master_prompts, dict(schema=SCHEMA)),
+    "summary": (lambda: [[{"role": "user", "content": f"Summarize this news story in three sentences:\n\n{PASSAGE}"}]],
                 {}),
 }
 
 
-def measure(model, messages: list[dict], options: dict, draft: int, max_tokens: int) -> dict:
-    """One greedy answer; decode tokens/s (from the first token to the last) and decode steps it took."""
+def measure(model, prompts: list[list[dict]], options: dict, draft: int, max_tokens: int) -> dict:
+    """One greedy answer to each prompt, one after the other; decode tokens/s over them all (each answer from its
+    first token to its last) and the decode steps they took."""
     before = model.engine.stats()
-    result = model.generate(messages, max_tokens=max_tokens, speculative=draft, **options)
+    results = [model.generate(p, max_tokens=max_tokens, speculative=draft, **options) for p in prompts]
     after = model.engine.stats()
-    steps = after["steps"] - before["steps"]
-    return {"tokens": result.tokens, "decode_tps": result.timings.decode_tps, "steps": steps,
+    decoded = sum(len(r.tokens) - 1 for r in results)  # each answer's first token comes from prefill
+    decode_s = sum(r.timings.decode_s for r in results)
+    return {"tokens": [r.tokens for r in results], "decode_tps": decoded / decode_s if decode_s else 0.0,
+            "decoded": decoded, "steps": after["steps"] - before["steps"],
             "accepted": after["accepted_drafts"] - before["accepted_drafts"],
             "drafted": after["drafted"] - before["drafted"]}
 
 
 def run_task(model, name: str, draft: int, max_tokens: int, repeats: int) -> dict:
     build, options = TASKS[name]
-    messages = build()
-    model.generate(messages, max_tokens=4, **options)  # warm up: the prompt is cached for every run below
+    prompts = build()
+    for p in prompts:  # warm up: every prompt is in the prompt cache for the runs below
+        model.generate(p, max_tokens=4, **options)
     plain, fast = [], []
     for _ in range(repeats):  # alternated, so a change in machine load hits both alike
-        plain.append(measure(model, messages, options, 0, max_tokens))
-        fast.append(measure(model, messages, options, draft, max_tokens))
+        plain.append(measure(model, prompts, options, 0, max_tokens))
+        fast.append(measure(model, prompts, options, draft, max_tokens))
     tokens = plain[0]["tokens"]
     identical = all(r["tokens"] == tokens for r in plain + fast)
     plain_tps, fast_tps = median([r["decode_tps"] for r in plain]), median([r["decode_tps"] for r in fast])
-    decoded = len(tokens) - 1  # the first token comes from prefill
+    decoded = plain[0]["decoded"]
     out = {
-        "completion_tokens": len(tokens),
+        "answers": len(prompts),
+        "completion_tokens": sum(len(t) for t in tokens),
         "identical_output": identical,
         "plain_decode_tps": round(plain_tps, 2),
         "speculative_decode_tps": round(fast_tps, 2),
@@ -106,7 +117,7 @@ def run_task(model, name: str, draft: int, max_tokens: int, repeats: int) -> dic
         "tokens_per_step": round(decoded / fast[0]["steps"], 3) if fast[0]["steps"] else None,
         "accepted_per_step": round(fast[0]["accepted"] / fast[0]["steps"], 3) if fast[0]["steps"] else None,
         "draft_acceptance": round(fast[0]["accepted"] / fast[0]["drafted"], 3) if fast[0]["drafted"] else None,
-        "text": model.tokenizer.decode(tokens, skip_special_tokens=True),
+        "texts": [model.tokenizer.decode(t, skip_special_tokens=True) for t in tokens],
     }
     print(f"{name}: plain {out['plain_decode_tps']} tok/s, prompt lookup {out['speculative_decode_tps']} tok/s "
           f"({out['speculative_vs_plain']}x), {out['tokens_per_step']} tokens/step, identical={identical}",
