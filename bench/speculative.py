@@ -3,8 +3,7 @@
 SmolLM2-135M-Instruct, greedy (so both give the same tokens, which is checked), on two tasks:
 1. `json_game_master`: a lateral-thinking-puzzle game master several turns into the game, answering the next
    questions in JSON (four of them, each asked of the transcript; constrained to the game's schema), as the
-   umigame service does: the answers repeat keys,
-   values and phrases of the transcript.
+   umigame service does: the answers repeat keys, values and phrases of the transcript.
 2. `summary`: a summary of a passage given in the prompt.
 
 Figures per task: decode tokens/s with drafts and without (`speculative_vs_plain` = ours / plain; goal >= 1.5x on
