@@ -31,7 +31,7 @@ class Model:
 
     Generation options, the same on every path (here, `Session`, the server):
     - `max_tokens`, `stop` (a string or a list), `logprobs` (k: each token's logprob and the k most likely),
-      `ignore_eos`;
+      `ignore_eos`, `speculative` (k: prompt-lookup draft tokens checked per decode step; same output);
     - sampling: `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `presence_penalty`,
       `frequency_penalty`, `logit_bias`, `seed` (or `params=SamplingParams(...)`);
     - controls (`mlxq.engine.controls`): `enable_thinking`, `thinking_budget`, `schema`, `tools`, `tool_choice`,
@@ -47,7 +47,7 @@ class Model:
         self.config = checkpoint.config
         self._engine: Engine | None = None
         self._engine_options = dict(max_batch=DEFAULT_MAX_BATCH, prompt_cache_bytes=DEFAULT_PROMPT_CACHE_BYTES,
-                                    prefill_chunk=PREFILL_CHUNK)
+                                    prefill_chunk=PREFILL_CHUNK, prompt_cache_spill=None)
         self._engine_lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------------- the engine
@@ -60,11 +60,13 @@ class Model:
             return self._engine
 
     def configure(self, *, max_batch: int | None = None, prompt_cache_bytes: int | None = None,
-                  prefill_chunk: int | None = None) -> None:
+                  prefill_chunk: int | None = None, prompt_cache_spill: tuple[str, int] | None = None) -> None:
         """Engine settings: requests run together, bytes of the shared prompt cache, prompt tokens per prefill
-        step. A running engine is closed (its unfinished requests end as cancelled) and the next request starts
+        step, (directory, bytes) on disk where prompt-cache entries go when they leave memory. A running engine is
+        closed (its unfinished requests end as cancelled) and the next request starts
         one with these settings."""
-        given = dict(max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes, prefill_chunk=prefill_chunk)
+        given = dict(max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes, prefill_chunk=prefill_chunk,
+                     prompt_cache_spill=prompt_cache_spill)
         self._engine_options.update({k: v for k, v in given.items() if v is not None})
         self.close()
 
@@ -106,9 +108,12 @@ class Model:
         params: SamplingParams | None = None,
         logits_processors: list[LogitsProcessor] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        speculative: int = 0,
         **options: Any,
     ) -> Request:
-        """The engine request for a prompt and the options above (what `stream` and `generate` submit)."""
+        """The engine request for a prompt and the options above (what `stream` and `generate` submit).
+        `speculative`: draft tokens checked per decode step, looked up in the prompt and the answer so far (prompt
+        lookup; the output is the same as without)."""
         controls, sampling = split_options(options)
         if params is not None and sampling:
             raise InvalidRequest(f"give sampling options either as params or by keyword, not both ({min(sampling)})")
@@ -117,7 +122,7 @@ class Model:
         stops = check_stops(stop)
         k = int(logprobs) if logprobs is not None and logprobs is not False else None
         return prepared.request(max_tokens, params or SamplingParams(**sampling), stop=stops, logprobs=k,
-                                ignore_eos=ignore_eos, extra=logits_processors)
+                                ignore_eos=ignore_eos, extra=logits_processors, speculative=speculative)
 
     def stream(self, prompt: Prompt, **options: Any) -> Iterator[Chunk]:
         """Yields the output as it becomes final. Leaving the loop early ends the request."""

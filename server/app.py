@@ -428,10 +428,11 @@ def build_app(
     prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
     default_thinking: bool | None = None,
     thinking_budget: int | None = None,
+    prompt_cache_spill: tuple[str, int] | None = None,
 ) -> tuple[FastAPI, Engine]:
     """An app serving `model` (an `mlxq.Model`) on the model's own engine (so the Python API in the same process
     shares it), started with these settings; close the engine when done."""
-    model.configure(max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes)
+    model.configure(max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes, prompt_cache_spill=prompt_cache_spill)
     engine = model.engine
     try:
         planner = Planner(

@@ -17,7 +17,8 @@ from mlxq.loading import load_model
 from mlxq.models.bitnet import unpack_hf
 
 CONFIG = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+              bos_token_id=1, eos_token_id=2)  # BitNetConfig's defaults (128000/1) lie past this vocab
 QUANT = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"}
 
 

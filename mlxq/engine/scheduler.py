@@ -18,6 +18,11 @@ longest prefix the shared prompt cache holds; a finished request leaves its cach
 Caches that cannot rewind (recurrent layers) are checkpointed where the request asked (`marks`), so prefill
 chunks end there.
 
+The model, its batches and every cache belong to the `Runner` (`runner.py`), which the loop drives with plain
+data (token ids, row numbers); the runner of a group of processes replays those decisions on every member
+(`mlxq.distributed`). A runner failure that ends the model for good (`EngineDown`: a member of the group is
+gone) fails every request and stops the loop.
+
 A request's tokens go through its `OutputProcessor` here (detokenize, stops, end-of-sequence, logprobs,
 reasoning split, tool calls), so callers get finished pieces. Errors stay with their request: a processor or
 sampler that raises fails that request alone, and a failure of a shared model step fails the requests in that
@@ -37,12 +42,13 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from mlxq.engine.batch import make_batch
 from mlxq.engine.output import Output, OutputProcessor, Reading, TokenLogprob, Usage
-from mlxq.engine.prompt_cache import CacheSlot, PromptCache, resume_point
+from mlxq.engine.prompt_cache import CacheSlot, resume_point
+from mlxq.engine.runner import DECODE, PREFILL, Runner
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams, make_sampler, penalty_processors
+from mlxq.engine.speculative import PromptLookup
 from mlxq.engine.tokenizer import Tokenizer
-from mlxq.errors import GenerationError, InvalidRequest, MlxqError
+from mlxq.errors import EngineDown, GenerationError, InvalidRequest, MlxqError
 from mlxq.models.base import CausalLM
 
 log = logging.getLogger("mlxq.engine")
@@ -67,8 +73,10 @@ class Request:
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
     reading: Reading = field(default_factory=Reading)  # how the text reads back: reasoning split, tool calls
     slot: CacheSlot | None = None  # a conversation's own cache: resumed from, and left there afterwards
+    speculative: int = 0  # draft tokens checked per decode step, looked up in the prompt and answer (0: off)
     on_output: Callable[[Output], None] = lambda out: None  # called on the engine thread; must not block
     cancelled: bool = False
+    finished: bool = False  # its last output went out
 
     def cancel(self) -> None:
         """Ends the request at the next step (from any thread)."""
@@ -86,17 +94,32 @@ class _Sequence:
                                    reading=req.reading)
         self.generated = self.out.generated
         self.cached = self.pos = 0  # prompt tokens resumed from a cache / in the cache
-        self.marks: dict[int, list] = {}  # position -> checkpoint of every layer
         self.next_input = -1  # the last sampled token, which the next decode step feeds
         self.decoded = 0  # sampled tokens fed back (in the cache)
+        self.lookup = PromptLookup(req.prompt) if req.speculative > 0 else None
+        self.draft_len = req.speculative  # adapts to how much of the drafts the model takes (`checked`)
 
-    def pick(self, logits: mx.array) -> tuple:
-        """Lazy (token, chosen logprob, top ids, top logprobs) from this row's logits [1, V]."""
+    def draft(self) -> list[int]:
+        """Tokens to check after the next one (prompt lookup), never more than the request may still take."""
+        if self.lookup is None:
+            return []
+        self.lookup.extend(self.generated[len(self.lookup.tokens) - len(self.req.prompt) :])
+        return self.lookup.draft(min(self.draft_len, self.req.max_tokens - len(self.generated) - 1))
+
+    def checked(self, drafted: int, accepted: int) -> None:
+        """The next draft is twice as long as what was accepted of this one (at least one token, at most the
+        request's `speculative`): each draft token costs its verification whether it is taken or not."""
+        grown = max(self.draft_len, 2 * drafted) if accepted == drafted else 2 * accepted
+        self.draft_len = max(1, min(self.req.speculative, grown))
+
+    def pick(self, logits: mx.array, draft: int | None = None) -> tuple:
+        """Lazy (token, chosen logprob, top ids, top logprobs) from this row's logits [1, V]; with a `draft` token,
+        the token is drawn so that it is the draft as often as exactness allows (`Sampler.verify`)."""
         logits = logits.astype(mx.float32)
         for proc in self.procs:
             logits = proc(self.generated, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = self.sampler(logprobs)
+        token = self.sampler(logprobs) if draft is None else self.sampler.verify(logprobs, draft)
         if self.req.logprobs is None:
             return (token,)
         chosen = logprobs[0, token]
@@ -138,32 +161,38 @@ class _Sequence:
 
 
 class Engine:
-    """Runs `net` (a `CausalLM`) for many requests at once on its own thread.
+    """Runs `net` (a `CausalLM`, or a `Runner` that runs one) for many requests at once on its own thread.
 
     `max_batch`: requests run together (prefilling and decoding); more wait their turn. `prompt_cache_bytes`:
-    bound of the shared prompt cache (0 turns it off; conversation slots are not counted). `prefill_chunk`:
-    prompt tokens per prefill step."""
+    bound of the shared prompt cache (0 turns it off; conversation slots are not counted; ignored when given a
+    runner, which has its own). `prefill_chunk`: prompt tokens per prefill step. `prompt_cache_spill`: (directory,
+    bytes): entries leaving the prompt cache go to disk there, up to that many bytes."""
 
-    def __init__(self, net: CausalLM, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
-                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, prefill_chunk: int = PREFILL_CHUNK):
+    IDLE_S = 2.0  # an idle loop calls `runner.idle()` this often
+
+    def __init__(self, net: CausalLM | Runner, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, prefill_chunk: int = PREFILL_CHUNK,
+                 prompt_cache_spill: tuple[str, int] | None = None):
         if max_batch < 1:
             raise InvalidRequest("max_batch must be >= 1")
         if prefill_chunk < 1:
             raise InvalidRequest("prefill_chunk must be >= 1")
-        self.net, self.tokenizer = net, tokenizer
-        _evaluate_all(self.net)
+        self.runner = net if isinstance(net, Runner) else Runner(net, prompt_cache_bytes, prompt_cache_spill)
+        self.net, self.tokenizer = self.runner.net, tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
-        self.prompt_cache = PromptCache(self.net.make_cache, prompt_cache_bytes)
-        self.rewindable = self.prompt_cache.rewindable  # every layer can resume at any position (attention only)
+        self.prompt_cache = self.runner.prompt_cache
+        self.rewindable = self.runner.rewindable  # every layer can resume at any position (attention only)
         self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._waiting: deque[_Sequence] = deque()
-        self._prefill, self._prefilling = make_batch(self.net), []  # rows being prefilled, in row order
-        self._decode, self._running = make_batch(self.net), []  # rows being decoded, in row order
+        self._prefilling: list[_Sequence] = []  # the runner's prefill rows, in row order
+        self._running: list[_Sequence] = []  # its decode rows, in row order
+        self._down: EngineDown | None = None  # set once the runner can no longer run the model
         self._thread: threading.Thread | None = None
         self._closed = False
         self._loop_done = False
         self._parked = threading.Event()
         self.steps = self.prefill_steps = self.failures = self.cancelled = 0
+        self.drafted = self.accepted_drafts = 0  # speculative draft tokens checked / taken by decode steps
 
     # ------------------------------------------------------------------------------------------ public
     def start(self) -> Engine:
@@ -177,7 +206,7 @@ class Engine:
         """Stops the loop after its current step; requests not finished end as cancelled."""
         self._closed = True
         self._inbox.put(None)
-        if self._thread is not None:
+        if self._thread is not None and self._down is None:  # an aborted loop may be stuck for good
             self._parked.wait(timeout)
 
     def submit(self, request: Request) -> None:
@@ -185,10 +214,12 @@ class Engine:
             raise InvalidRequest("empty prompt")
         if request.max_tokens < 1:
             raise InvalidRequest("max_tokens must be >= 1")
+        if self._down is not None:
+            raise self._down
         if self._closed or not self.alive:
             raise GenerationError("the engine is not running")
         self._inbox.put(request)
-        if self._loop_done:  # closed meanwhile, after the loop's last look at the inbox
+        if self._loop_done or self._down is not None:  # closed meanwhile, after the loop's last look at the inbox
             self._drain_inbox()
 
     @property
@@ -201,62 +232,88 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and not self._loop_done
 
     def stats(self) -> dict:
-        pc = self.prompt_cache
         return {
             "running": len(self._running),
             "prefilling": len(self._prefilling),
             "waiting": len(self._waiting),
             "steps": self.steps,
             "prefill_steps": self.prefill_steps,
+            "drafted": self.drafted,
+            "accepted_drafts": self.accepted_drafts,
             "failures": self.failures,
             "cancelled": self.cancelled,
-            "prompt_cache": {
-                "entries": len(pc),
-                "bytes": pc.nbytes,
-                "max_bytes": pc.max_bytes,
-                "hits": pc.hits,
-                "misses": pc.misses,
-            },
+            **self.runner.stats(),
         }
+
+    def abort(self, error: EngineDown) -> None:
+        """The model cannot run any more (a member of a group is gone): every request not finished ends with
+        `error`, new ones are refused with it, and the loop stops. Callable from any thread, also while the loop
+        is stuck in a step that will never finish (the runner's watchdog calls it then)."""
+        if self._down is not None:
+            return
+        self._down = error
+        self._closed = True
+        for seq in self._snapshot():
+            self._emit_error(seq.req, error)
+        self._drain_inbox()
+        self._inbox.put(None)
+
+    def _snapshot(self) -> list[_Sequence]:
+        """Every sequence the loop holds, read safely from another thread."""
+        while True:
+            try:
+                return [*self._waiting, *self._prefilling, *self._running]
+            except RuntimeError:  # the loop changed the deque meanwhile
+                continue
 
     # ------------------------------------------------------------------------------------------ the loop
     def _run(self) -> None:
         mx.set_default_stream(mx.new_stream(mx.default_device()))  # MLX streams are per thread
         while self._take_new():
-            self._guarded(self._prefill_phase, decode=False)
-            self._guarded(self._decode_phase, decode=True)
+            self._guarded(self._prefill_phase, PREFILL)
+            self._guarded(self._decode_phase, DECODE)
         self._loop_done = True
         self._cancel_left()
+        try:
+            self.runner.close()
+        except Exception:
+            log.exception("closing the runner failed")
 
     def _prefill_phase(self) -> None:
-        self._drop_cancelled(self._prefill, self._prefilling)
+        self._drop_cancelled(PREFILL, self._prefilling)
         self._admit()
         if self._prefilling:
             self._prefill_step()
 
     def _decode_phase(self) -> None:
-        self._drop_cancelled(self._decode, self._running)
+        self._drop_cancelled(DECODE, self._running)
         if self._running:
             self._decode_step()
 
-    def _guarded(self, phase: Callable[[], None], decode: bool) -> None:
+    def _guarded(self, phase: Callable[[], None], name: str) -> None:
         """Runs a phase; if its shared step fails, its batch is in an unknown state: the batch's requests fail and
-        the engine goes on with a fresh one."""
+        the engine goes on with a fresh one. If the model cannot run any more (`EngineDown`), every request fails
+        and the loop stops."""
+        if self._down is not None:
+            return
         try:
             phase()
+        except EngineDown as e:
+            log.error("%s", e)
+            self.abort(e)
         except Exception as e:
             if isinstance(e, MlxqError):  # a clear error (a damaged expert pack, say): its requests report it
                 log.info("engine step failed: %s", e)
             else:
                 log.exception("engine step failed")
-            seqs = self._running if decode else self._prefilling
+            seqs = self._running if name == DECODE else self._prefilling
             for seq in seqs:
-                self._fail(seq, e)
+                self._fail(seq, e, clear_slot=False)
             seqs.clear()
-            if decode:
-                self._decode = make_batch(self.net)
-            else:
-                self._prefill = make_batch(self.net)
+            try:
+                self.runner.reset(name)
+            except EngineDown as down:
+                self.abort(down)
 
     def _cancel_left(self) -> None:
         """On close, every request not finished yet ends as cancelled, so no caller waits forever."""
@@ -271,7 +328,11 @@ class Engine:
                 req = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if req is not None:
+            if req is None:
+                continue
+            if self._down is not None:
+                self._emit_error(req, self._down)
+            else:
                 _deliver(req, Output(finish_reason="cancelled", usage=Usage(len(req.prompt), 0, 0)))
 
     def _take_new(self) -> bool:
@@ -279,8 +340,11 @@ class Engine:
         block = not (self._waiting or self._prefilling or self._running)
         while True:
             try:
-                req = self._inbox.get(block=block)
+                req = self._inbox.get(block=block, timeout=self.IDLE_S if block else None)
             except queue.Empty:
+                if block:  # idle: the runner may check on its group meanwhile
+                    self._guarded(self.runner.idle, PREFILL)
+                    continue
                 return True
             if req is None or self._closed:
                 if req is not None:
@@ -299,12 +363,14 @@ class Engine:
                and self._prefill_room(self._waiting[0])):
             seq = self._waiting.popleft()
             try:
-                caches, seq.cached = self._resume(seq.req)
+                seq.cached = self.runner.admit(seq.req.prompt, seq.req.slot)
+            except EngineDown:
+                self._waiting.appendleft(seq)
+                raise
             except Exception as e:
                 self._fail(seq, e)
                 continue
             seq.pos = seq.cached
-            self._prefill.add(caches)
             self._prefilling.append(seq)
 
     def _prefill_room(self, seq: _Sequence) -> bool:
@@ -320,24 +386,16 @@ class Engine:
         longest = max([len(prompt) - held, *(len(s.req.prompt) - s.pos for s in self._prefilling)])
         return rows * longest <= self.prefill_chunk
 
-    def _resume(self, req: Request) -> tuple[list, int]:
-        """Caches holding the longest prefix of the prompt at hand: the request's own slot, else the prompt cache."""
-        if req.slot is not None:
-            caches, n = req.slot.take(req.prompt, self.rewindable)
-            if caches is not None:
-                return caches, n
-        return self.prompt_cache.fetch(req.prompt)
-
-    def _drop_cancelled(self, batch, seqs: list[_Sequence]) -> None:
-        """Cancelled requests end: those waiting, and those in `batch` (whose work is kept for the next request)."""
-        if batch is self._prefill:
+    def _drop_cancelled(self, phase: str, seqs: list[_Sequence]) -> None:
+        """Cancelled requests end: those waiting, and those in `phase` (whose work is kept for the next request)."""
+        if phase == PREFILL:
             for seq in [s for s in self._waiting if s.req.cancelled]:
                 self._waiting.remove(seq)
                 self.cancelled += 1
                 self._emit(seq, seq.end("cancelled"))
         for i in reversed([i for i, s in enumerate(seqs) if s.req.cancelled]):
             self.cancelled += 1
-            self._leave(batch, seqs, i, seqs[i].end("cancelled"))  # what it computed serves the next request
+            self._leave(phase, seqs, i, seqs[i].end("cancelled"))  # what it computed serves the next request
 
     def _prefill_step(self) -> None:
         """One forward pass over every row being prefilled, each feeding its share of `prefill_chunk` prompt tokens
@@ -352,14 +410,13 @@ class Engine:
                 target = min([target, *(m for m in seq.req.marks if seq.pos < m < len(prompt))])
             tokens.append(prompt[seq.pos : target])
             at.append([target - seq.pos - 1] if target == len(prompt) else [])
-        logits = self._prefill.step(tokens, at)
-        mx.eval(logits, self._prefill.state)
+        marks = [i for i, (seq, fed) in enumerate(zip(self._prefilling, tokens, strict=True))
+                 if not self.rewindable and seq.pos + len(fed) in seq.req.marks]
+        logits = self.runner.prefill(tokens, at, marks)
         self.prefill_steps += 1
         done: list[int] = []
         for i, (seq, fed) in enumerate(zip(self._prefilling, tokens, strict=True)):
             seq.pos += len(fed)
-            if seq.pos in seq.req.marks and not self.rewindable:
-                seq.marks[seq.pos] = self._prefill.checkpoint(i)
             if at[i]:
                 done.append(i)
         if not done:
@@ -369,31 +426,61 @@ class Engine:
             seq = self._prefilling[i]
             out = self._accept(seq, picked)
             if out is None or out.finish_reason is not None:
-                self._leave(self._prefill, self._prefilling, i, out)
+                self._leave(PREFILL, self._prefilling, i, out)
             else:
                 del self._prefilling[i]
-                self._decode.add(self._prefill.remove(i))
+                self.runner.promote(i)
                 self._running.append(seq)
 
     def _decode_step(self) -> None:
-        """One token for every running request, in one forward pass."""
-        n = len(self._running)
-        logits = self._decode.step([[s.next_input] for s in self._running], [[0]] * n)
+        """One token for every running request, in one forward pass; more for a request whose draft is right.
+
+        A row with a draft (`Request.speculative`) feeds its next token and then the draft, and gets logits at
+        each of them: the token after position j is picked from them as plain decoding would (the processors see
+        the tokens accepted so far), and while it equals draft token j + 1, that token's logits are valid too and
+        the next is picked from them. The cache then keeps what was accepted (`Runner.rewind`)."""
+        drafts = [seq.draft() for seq in self._running]
+        if any(drafts):
+            self.drafted += sum(len(d) for d in drafts)
+            logits = self.runner.verify([[s.next_input, *d] for s, d in zip(self._running, drafts, strict=True)])
+            starts = [0]
+            for d in drafts[:-1]:
+                starts.append(starts[-1] + 1 + len(d))
+            firsts = logits[mx.array(starts)]
+        else:
+            firsts = self.runner.decode([s.next_input for s in self._running])
         for seq in self._running:
             seq.decoded += 1
-        picks = self._pick(self._running, logits)
+        picks = self._pick(self._running, firsts, [d[0] if d else None for d in drafts])
         self.steps += 1
-        for i, picked in reversed(list(enumerate(picks))):
-            out = self._accept(self._running[i], picked)
-            if out is None or out.finish_reason is not None:
-                self._leave(self._decode, self._running, i, out)
+        outs, keep = [], []
+        for i, (seq, draft, picked) in enumerate(zip(self._running, drafts, picks, strict=True)):
+            out, taken = self._accept(seq, picked), 1
+            while out is not None and out.finish_reason is None and taken <= len(draft) and \
+                    seq.next_input == draft[taken - 1]:
+                seq.decoded += 1  # the draft token is in the cache, and the logits after it are valid
+                self.accepted_drafts += 1
+                at = starts[i] + taken
+                following = draft[taken] if taken < len(draft) else None
+                out, taken = self._accept(seq, self._pick([seq], logits[at : at + 1], [following])[0]), taken + 1
+            outs.append(out)
+            keep.append(taken)
+            if draft:
+                seq.checked(len(draft), taken - 1)
+        if any(drafts):
+            self.runner.rewind(keep)
+        for i in reversed(range(len(outs))):
+            if outs[i] is None or outs[i].finish_reason is not None:
+                self._leave(DECODE, self._running, i, outs[i])
 
-    def _pick(self, seqs: list[_Sequence], logits: mx.array) -> list[tuple | Exception]:
-        """Each sequence's sampled token (row i of `logits`), evaluated; an exception for a row that failed."""
+    def _pick(self, seqs: list[_Sequence], logits: mx.array,
+              drafts: list[int | None] | None = None) -> list[tuple | Exception]:
+        """Each sequence's sampled token (row i of `logits`, given draft token i if any), evaluated; an exception for
+        a row that failed."""
         picks: list[tuple | Exception] = []
         for i, seq in enumerate(seqs):
             try:
-                picks.append(seq.pick(logits[i : i + 1]))
+                picks.append(seq.pick(logits[i : i + 1], drafts[i] if drafts else None))
             except Exception as e:
                 picks.append(e)
         try:
@@ -416,37 +503,22 @@ class Engine:
             self._emit(seq, out)  # every token, even one whose text is held back (its caller counts it)
         return out
 
-    def _leave(self, batch, seqs: list[_Sequence], i: int, last: Output | None) -> None:
-        """Takes sequence i out of `batch`; its cache goes to its slot or to the prompt cache, unless it failed
+    def _leave(self, phase: str, seqs: list[_Sequence], i: int, last: Output | None) -> None:
+        """Takes sequence i out of `phase`; its cache goes to its slot or to the prompt cache, unless it failed
         (`last` None). Its last output goes out after that, so a caller that sees it finished finds its slot
         ready for the next request."""
         seq = seqs.pop(i)
-        keep = last is not None and (seq.req.slot is not None or self.prompt_cache.max_bytes > 0)
-        self._keep_cache(seq, batch.remove(i, keep_cache=keep))
+        self.runner.leave(phase, i, seq.fed if last is not None else None)
         if last is not None:
             self._emit(seq, last)
 
-    def _keep_cache(self, seq: _Sequence, cache: list | None) -> None:
-        slot, tokens = seq.req.slot, seq.fed
-        if cache is None or not tokens:
-            if slot is not None:
-                slot.clear()
-            return
-        try:
-            if slot is not None:
-                slot.put(tokens, cache, seq.marks, self.rewindable)
-            else:
-                self.prompt_cache.store(tokens, cache, seq.marks)
-        except Exception:  # a cache that is not kept costs time later, nothing else
-            log.exception("storing a finished request's cache failed")
-
     # ------------------------------------------------------------------------------------------ failures
-    def _fail(self, seq: _Sequence, error: Exception) -> None:
+    def _fail(self, seq: _Sequence, error: Exception, clear_slot: bool = True) -> None:
         self.failures += 1
         if not isinstance(error, MlxqError):
             log.error("request failed: %r", error)
-        if seq.req.slot is not None:
-            seq.req.slot.clear()
+        if seq.req.slot is not None and clear_slot:
+            self.runner.clear_slot(seq.req.slot)
         self._emit_error(seq.req, error)
 
     def _emit_error(self, req: Request, error: Exception) -> None:
@@ -459,6 +531,9 @@ class Engine:
 
 
 def _deliver(req: Request, out: Output) -> None:
+    if req.finished:  # ended already (an engine aborted from another thread, say): nothing more goes out
+        return
+    req.finished = out.finish_reason is not None
     try:
         req.on_output(out)
     except Exception:  # the receiver is gone: nobody wants the rest
@@ -486,22 +561,3 @@ def _evaluated(picked: tuple | Exception) -> tuple | Exception:
         return picked
     except Exception as e:
         return e
-
-
-def _evaluate_all(net) -> None:
-    """Computes every array the model holds, private tables included (rope frequencies). An unevaluated array
-    belongs to the stream of the thread that made it, and the engine thread cannot evaluate it."""
-    found: list[mx.array] = []
-
-    def walk(value) -> None:
-        if isinstance(value, mx.array):
-            found.append(value)
-        elif isinstance(value, dict):  # modules are dicts
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-
-    walk(net)
-    mx.eval(found)
