@@ -12,6 +12,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlxq.engine import persist
 from mlxq.engine import stream as streams
 from mlxq.engine.controls import Prompt, prepare, split_options
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams
@@ -20,6 +21,7 @@ from mlxq.engine.stops import check_stops
 from mlxq.engine.stream import Chunk, Result, Timings  # noqa: F401  (the API's result types)
 from mlxq.engine.tokenizer import Tokenizer, load_tokenizer
 from mlxq.errors import InvalidRequest
+from mlxq.experts import ExpertStats, expert_stats
 from mlxq.formats import Checkpoint
 from mlxq.loading import load_model, open_for_run
 from mlxq.models.base import CausalLM
@@ -30,7 +32,7 @@ class Model:
 
     Generation options, the same on every path (here, `Session`, the server):
     - `max_tokens`, `stop` (a string or a list), `logprobs` (k: each token's logprob and the k most likely),
-      `ignore_eos`;
+      `ignore_eos`, `speculative` (k: prompt-lookup draft tokens checked per decode step; same output);
     - sampling: `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `presence_penalty`,
       `frequency_penalty`, `logit_bias`, `seed` (or `params=SamplingParams(...)`);
     - controls (`mlxq.engine.controls`): `enable_thinking`, `thinking_budget`, `schema`, `tools`, `tool_choice`,
@@ -46,7 +48,7 @@ class Model:
         self.config = checkpoint.config
         self._engine: Engine | None = None
         self._engine_options = dict(max_batch=DEFAULT_MAX_BATCH, prompt_cache_bytes=DEFAULT_PROMPT_CACHE_BYTES,
-                                    prefill_chunk=PREFILL_CHUNK)
+                                    prefill_chunk=PREFILL_CHUNK, prompt_cache_spill=None)
         self._engine_lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------------- the engine
@@ -62,11 +64,13 @@ class Model:
         return Engine(self.net, self.tokenizer, **self._engine_options)
 
     def configure(self, *, max_batch: int | None = None, prompt_cache_bytes: int | None = None,
-                  prefill_chunk: int | None = None) -> None:
+                  prefill_chunk: int | None = None, prompt_cache_spill: tuple[str, int] | None = None) -> None:
         """Engine settings: requests run together, bytes of the shared prompt cache, prompt tokens per prefill
-        step. A running engine is closed (its unfinished requests end as cancelled) and the next request starts
+        step, (directory, bytes) on disk where prompt-cache entries go when they leave memory. A running engine is
+        closed (its unfinished requests end as cancelled) and the next request starts
         one with these settings."""
-        given = dict(max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes, prefill_chunk=prefill_chunk)
+        given = dict(max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes, prefill_chunk=prefill_chunk,
+                     prompt_cache_spill=prompt_cache_spill)
         self._engine_options.update({k: v for k, v in given.items() if v is not None})
         self.close()
 
@@ -87,12 +91,14 @@ class Model:
     def make_cache(self) -> list:
         return self.net.make_cache()
 
-    def expert_stats(self):
+    def cache_fingerprint(self) -> str:
+        """What a cache written to disk (`Session.save`) must match to be read back into this model."""
+        return persist.fingerprint(self.net)
+
+    def expert_stats(self) -> ExpertStats | None:
         """Streaming counters so far (`mlxq.experts.ExpertStats`: hits, misses, bytes, read / stall / compute
         time; subtract two snapshots for one run), or None when the experts are not streamed."""
-        from mlxq.experts import pool_stats
-
-        return pool_stats(self.net)
+        return expert_stats(self.net)
 
     def encode_prompt(self, prompt: Prompt, **chat_template_kwargs: Any) -> list[int]:
         """Token ids of text, token ids, or chat messages (rendered by the chat template)."""
@@ -110,9 +116,12 @@ class Model:
         params: SamplingParams | None = None,
         logits_processors: list[LogitsProcessor] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        speculative: int = 0,
         **options: Any,
     ) -> Request:
-        """The engine request for a prompt and the options above (what `stream` and `generate` submit)."""
+        """The engine request for a prompt and the options above (what `stream` and `generate` submit).
+        `speculative`: draft tokens checked per decode step, looked up in the prompt and the answer so far (prompt
+        lookup; the output is the same as without)."""
         controls, sampling = split_options(options)
         if params is not None and sampling:
             raise InvalidRequest(f"give sampling options either as params or by keyword, not both ({min(sampling)})")
@@ -121,7 +130,7 @@ class Model:
         stops = check_stops(stop)
         k = int(logprobs) if logprobs is not None and logprobs is not False else None
         return prepared.request(max_tokens, params or SamplingParams(**sampling), stop=stops, logprobs=k,
-                                ignore_eos=ignore_eos, extra=logits_processors)
+                                ignore_eos=ignore_eos, extra=logits_processors, speculative=speculative)
 
     def stream(self, prompt: Prompt, **options: Any) -> Iterator[Chunk]:
         """Yields the output as it becomes final. Leaving the loop early ends the request."""
@@ -132,17 +141,16 @@ class Model:
         return streams.astream(self.engine, self.request(prompt, **options))
 
     def generate(self, prompt: Prompt, **options: Any) -> Result:
-        """The whole output, with timings (streamed experts' counters over the run in `timings.experts`: with other
-        requests running at once, theirs count too)."""
+        """The whole output, with timings."""
         before = self.expert_stats()
-        return self._count_experts(before, streams.run(self.engine, self.request(prompt, **options)))
+        return self._count_experts(streams.run(self.engine, self.request(prompt, **options)), before)
 
     async def agenerate(self, prompt: Prompt, **options: Any) -> Result:
         """`generate` for asyncio."""
         before = self.expert_stats()
-        return self._count_experts(before, await streams.arun(self.engine, self.request(prompt, **options)))
+        return self._count_experts(await streams.arun(self.engine, self.request(prompt, **options)), before)
 
-    def _count_experts(self, before, result: Result) -> Result:
+    def _count_experts(self, result: Result, before: ExpertStats | None) -> Result:
         if before is not None:
             result.timings.experts = (self.expert_stats() - before).as_dict()
         return result

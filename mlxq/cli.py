@@ -33,8 +33,9 @@ class LazyGroup(click.Group):
         "serve": ("server.command", "serve"),
         "quantize": ("mlxq.quant.command", "quantize"),
         "eval": ("mlxq.eval.command", "eval"),
-        "bench": ("mlxq.bench.command", "bench"),
         "export": ("mlxq.formats.gguf.command", "export"),
+        "convert": ("mlxq.formats.gguf.command", "convert"),
+        "bench": ("mlxq.bench.command", "bench"),
     }
 
     def list_commands(self, ctx):

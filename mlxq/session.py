@@ -15,9 +15,11 @@ import threading
 import time
 from collections.abc import Generator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+from mlxq.engine import persist
 from mlxq.engine import stream as streams
 from mlxq.engine.constraints import token_tables
 from mlxq.engine.guards import secret_guard_processor
@@ -26,7 +28,7 @@ from mlxq.engine.sampling import LogitsProcessor, SamplingParams
 from mlxq.engine.scheduler import Request
 from mlxq.engine.stream import Result
 from mlxq.engine.tools import template_call
-from mlxq.errors import GenerationError, InvalidRequest
+from mlxq.errors import FormatError, GenerationError, InvalidRequest
 
 RETRY_NOTE = "(Please answer now, in a few words; do not leave the answer empty.)"
 
@@ -48,14 +50,17 @@ class Session:
     the chat template and enforced while decoding, `thinking_budget` (default: half of max_tokens) bounds the
     reasoning; `tools` are offered to the model as `tool_choice` says (its calls are in `last.tool_calls`; answer
     them with `add_tool_result` and `ask(None)`); `logprobs` (k) records
-    each answer token's logprob in `last.logprobs`; other keywords are sampling options (temperature, ...).
+    each answer token's logprob in `last.logprobs`; `speculative` (k): prompt-lookup drafts of k tokens checked per
+    decode step (same answers, faster when they quote the conversation); other keywords are sampling options
+    (temperature, ...).
 
     One question at a time per Session; any number of Sessions at once."""
 
     def __init__(self, model: Any, system: str | None = None, secrets: list[str] | None = None, *,
                  public: list[str] | None = None, min_span: int = 8, enable_thinking: bool = False,
                  thinking_budget: int | None = None, max_tokens: int = 256, tools: list[dict] | None = None,
-                 tool_choice: str | dict | None = None, logprobs: int | None = None, **sampling: Any):
+                 tool_choice: str | dict | None = None, logprobs: int | None = None, speculative: int = 0,
+                 **sampling: Any):
         if not model.tokenizer.has_chat_template:
             raise InvalidRequest(f"{model.name}: a Session needs a model with a chat template")
         self.model = model
@@ -68,6 +73,7 @@ class Session:
         self.max_tokens = max_tokens
         self.tools, self.tool_choice = tools, tool_choice
         self.logprobs = logprobs
+        self.speculative = speculative
         self.params = SamplingParams(**sampling)
         self.stats: list[TurnStats] = []
         self.last: Result | None = None  # the last answer in full: text, reasoning, tokens, tool calls, logprobs
@@ -108,6 +114,36 @@ class Session:
                     request = steps.send(result)
                 except StopIteration as done:
                     return done.value
+
+    def save(self, path: str | Path) -> None:
+        """Writes the conversation, its settings and its cache (attention keys and values, recurrent states whole,
+        and the checkpoints a turn resumes from) to `path`, atomically, with the model's fingerprint; `load` takes
+        it up again, in this process or another, and its next turn is the one this session would have given. The
+        file holds the secrets too: keep it where the players cannot read it."""
+        with self._turn():
+            settings = dict(
+                secrets=self.secrets, public=self.public, min_span=self.min_span, enable_thinking=self.enable_thinking,
+                thinking_budget=self.thinking_budget, max_tokens=self.max_tokens, tools=self.tools,
+                tool_choice=self.tool_choice, logprobs=self.logprobs, speculative=self.speculative,
+                **{**asdict(self.params), "logit_bias": [[t, b] for t, b in self.params.logit_bias.items()]},
+            )
+            slot = self.slot
+            persist.save(path, self.model.cache_fingerprint(), slot.tokens, slot.caches, slot.marks,
+                         {"messages": self.messages, "settings": settings})
+
+    @classmethod
+    def load(cls, model: Any, path: str | Path) -> Session:
+        """The session `save` wrote to `path`, on `model` (the same weights, checked by fingerprint)."""
+        tokens, caches, marks, extra = persist.load(path, model.cache_fingerprint(), model.net.make_cache)
+        try:
+            settings = dict(extra["settings"])
+            settings["logit_bias"] = {int(t): float(b) for t, b in settings["logit_bias"]}
+            session = cls(model, **settings)
+            session.messages = list(extra["messages"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{path}: is not a saved session ({type(e).__name__}: {e})") from None
+        session.slot.tokens, session.slot.caches, session.slot.marks = tokens, caches, marks
+        return session
 
     def cancel(self) -> None:
         """Ends the turn in progress (from any thread): its `ask` raises GenerationError and the conversation is
@@ -174,7 +210,7 @@ class Session:
             messages, max_tokens=max_tokens or self.max_tokens, params=self.params, logits_processors=extra,
             logprobs=self.logprobs, enable_thinking=self.enable_thinking, thinking_budget=self.thinking_budget,
             schema=schema, tools=self.tools, tool_choice=self.tool_choice, secrets=self.secrets, public=self.public,
-            min_span=self.min_span,
+            min_span=self.min_span, speculative=self.speculative,
         )
         request.slot = self.slot  # the engine resumes this conversation's cache (not an option of Model's calls)
         self._running = request

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from mlxq.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES, Engine, Output
 from mlxq.errors import InvalidRequest, MlxqError
-from mlxq.experts import pool_stats
+from mlxq.experts import expert_stats
 from server.bridge import EngineUnavailable, ServerSubmission
 from server.output import CompletionLogprobs, TokenText, chat_logprobs, usage_json
 from server.prepare import Limits, Plan, Planner
@@ -116,7 +116,7 @@ class OpenAIServer:
         self.api_key = api_key
         self.text = TokenText(planner.tokenizer)
         self.created = int(time.time())
-        self._experts_logged = pool_stats(engine.net)  # streamed experts: I/O logged after each request
+        self._experts_logged = expert_stats(engine.net)  # streamed experts: I/O logged after each request
 
     # -------------------------------------------------------------------------------------------- app
     def app(self) -> FastAPI:
@@ -243,7 +243,7 @@ class OpenAIServer:
         """Streamed experts' I/O since the last log line (concurrent requests share one line)."""
         if self._experts_logged is None:
             return
-        now = pool_stats(self.engine.net)
+        now = expert_stats(self.engine.net)
         run, self._experts_logged = now - self._experts_logged, now
         if run.tokens:
             log.info("%s", run.summary())
@@ -431,10 +431,11 @@ def build_app(
     prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
     default_thinking: bool | None = None,
     thinking_budget: int | None = None,
+    prompt_cache_spill: tuple[str, int] | None = None,
 ) -> tuple[FastAPI, Engine]:
     """An app serving `model` (an `mlxq.Model`) on the model's own engine (so the Python API in the same process
     shares it), started with these settings; close the engine when done."""
-    model.configure(max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes)
+    model.configure(max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes, prompt_cache_spill=prompt_cache_spill)
     engine = model.engine
     try:
         planner = Planner(

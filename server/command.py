@@ -55,6 +55,19 @@ from mlxq.errors import GenerationError, InvalidRequest
     help="Memory kept for reusing prompt prefixes across requests (0: off).",
 )
 @click.option(
+    "--prompt-cache-spill",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Directory where prompt-cache entries go when they leave memory, to come back when a prompt needs them.",
+)
+@click.option(
+    "--prompt-cache-spill-mb",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Disk the spilled prompt cache may take.",
+)
+@click.option(
     "--thinking/--no-thinking",
     default=None,
     help="enable_thinking when a request does not say (default: what the chat template does).",
@@ -90,6 +103,8 @@ def serve(
     max_tokens,
     max_request_mb,
     prompt_cache_mb,
+    prompt_cache_spill,
+    prompt_cache_spill_mb,
     thinking,
     thinking_budget,
     keep_quantized,
@@ -116,6 +131,8 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise InvalidRequest("--api-key / MLXQ_API_KEY is empty: give a key, or unset it to serve without auth")
     _check_bindable(host, port)  # before the model loads, not after
+    if hosts is not None and prompt_cache_spill is not None:
+        raise InvalidRequest("--prompt-cache-spill does not run with --hosts: the ranks would keep different entries")
     console = Console(stderr=True, log_path=False)
     name = served_model_name or model or DEFAULT_MODEL
     if not _loopback(host) and not api_key:
@@ -137,6 +154,7 @@ def serve(
             prompt_cache_bytes=prompt_cache_mb << 20,
             default_thinking=thinking,
             thinking_budget=thinking_budget,
+            prompt_cache_spill=prompt_cache_spill and (prompt_cache_spill, prompt_cache_spill_mb << 20),
         )
         try:
             status.update("warming up...")

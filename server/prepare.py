@@ -238,7 +238,7 @@ class Planner:
     def _request(self, prepared: Prepared, max_tokens: int, body: ChatRequest | CompletionRequest, index: int,
                  logprobs: int | None) -> Request:
         return prepared.request(max_tokens, self._params(body, index), stop=check_stops(body.stop), logprobs=logprobs,
-                                ignore_eos=body.ignore_eos)
+                                ignore_eos=body.ignore_eos, speculative=body.mlxq.speculative if body.mlxq else 0)
 
     def _params(self, body: ChatRequest | CompletionRequest, index: int) -> SamplingParams:
         bias = {}

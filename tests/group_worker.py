@@ -29,7 +29,7 @@ PROMPTS = ["Once upon a time", "The quick brown fox", "12 + 30 ="]
 def probe(model, out: Path) -> None:
     """What a split model must do exactly as the single-process one: full-sequence logits; greedy generation of
     several requests at once (batched rows, micro-batches); a prompt resumed from the prompt cache; a conversation
-    resumed from its own slot (as a Session's turns are)."""
+    resumed from its own slot (as a Session's turns are); speculative decoding (`speculate`)."""
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "logits.npy", np.array(model.logits(TOKENS)))
     found: dict = {}
@@ -52,8 +52,33 @@ def probe(model, out: Path) -> None:
         turns.append({"tokens": r.tokens, "cached": r.usage.cached_tokens})
         prompt = prompt + r.tokens
     result = {"batched": [found[i] for i in range(len(PROMPTS))], "resumed": again.tokens,
-              "resumed_cached": again.usage.cached_tokens, "slot": turns}
+              "resumed_cached": again.usage.cached_tokens, "slot": turns, **speculate(model)}
     (out / "result.json").write_text(json.dumps(result))
+
+
+def speculate(model) -> dict:
+    """Greedy answers with prompt-lookup drafts (`speculative`), one request beside a plain one in the same batch:
+    a prompt whose tail occurred before, followed by the model's own continuation with every fifth token changed,
+    so that some drafts are taken and some rolled back (`Runner.verify` / `Runner.rewind` on every rank). The
+    engine's draft counters go with the tokens: every rank must have taken the same decisions."""
+    head = TOKENS[:5]
+    first = model.generate(head, max_tokens=12, ignore_eos=True).tokens
+    prompt = head + [t ^ 1 if i % 5 == 4 else t for i, t in enumerate(first)] + head
+    before = model.engine.stats()
+    found: dict = {}
+
+    def run(k: int) -> None:
+        found[k] = model.generate(prompt, max_tokens=16, ignore_eos=True, speculative=k).tokens
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = model.engine.stats()
+    return {"speculative": found[4], "speculative_plain": found[0],
+            "drafted": after["drafted"] - before["drafted"],
+            "accepted_drafts": after["accepted_drafts"] - before["accepted_drafts"]}
 
 
 def main(plan_path: str) -> None:

@@ -4,7 +4,8 @@ CPU, loopback only, every process ended by the test.
 - Every split (pipeline, tensor, experts) of a tiny dense model (Llama), a tiny hybrid (Qwen3.5: Gated DeltaNet
   and gated attention) and a tiny MoE (Qwen3-Next: hybrid, routed and shared experts, a dense layer among them)
   gives the single-process model's full-sequence logits (float32, <= 1e-5 relative) and the same greedy tokens,
-  for requests batched together, a prompt resumed from the prompt cache and a conversation from its slot.
+  for requests batched together, a prompt resumed from the prompt cache, a conversation from its slot, and a
+  request with speculative drafts (some taken, some rolled back) batched beside a plain one.
 - Each rank holds only its share: its peak RSS grows by about the bytes of its share, far below the model's.
 - A rank killed (or frozen) mid-generation: the server answers the request with an error and /health says the
   group is degraded; nothing hangs.
@@ -114,6 +115,12 @@ def test_every_split_matches_the_single_process_model(models, tmp_path, ranks):
     # what was compared exercised the caches: a prefix resumed from the prompt cache, a turn from its slot
     dense = json.loads((models["dense"] / "single" / "result.json").read_text())
     assert dense["resumed_cached"] > 0 and dense["slot"][1]["cached"] > 0, dense
+    # and speculative decoding, with the tokens plain greedy decoding gives: drafts taken on every model, and
+    # drafts rolled back on the dense one (attention moves back) and the hybrid (DeltaNet's checkpoint restored)
+    for name in models:
+        single = json.loads((models[name] / "single" / "result.json").read_text())
+        assert single["speculative"] == single["speculative_plain"] and single["accepted_drafts"] > 0, (name, single)
+        assert name == "moe" or single["accepted_drafts"] < single["drafted"], (name, single)
 
 
 # ---------------------------------------------------------------------------------------------- memory

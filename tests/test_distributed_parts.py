@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from fixtures_qwen3 import *  # noqa: F403  (pytest fixtures: qwen3_model, ...)
 
 from mlxq.distributed.control import Control
 from mlxq.distributed.group import check_members
@@ -196,3 +197,45 @@ def test_the_prompt_cache_of_another_rank_replays_rank_zeros_decisions():
         assert len(cache) == 2
         assert cache.fetch(list(range(0, 10)) + [99])[1] == 0  # evicted
         assert cache.fetch(list(range(30, 40)) + [99])[1] == 10  # kept
+
+
+def test_a_split_model_refuses_what_would_part_its_ranks_caches(qwen3_model, tmp_path):
+    """Each rank holds its share of every cache: a prompt-cache spill would let each rank's disk decide alone which
+    entries stay, and a saved session would hold rank 0's share only. Both are refused in one line."""
+    from mlxq.distributed.group import GroupModel
+    from mlxq.errors import InvalidRequest
+    from mlxq.session import Session
+
+    class Rank0:  # all GroupModel asks of its group before a step runs
+        def rank(self) -> int:
+            return 0
+
+    alone = qwen3_model
+    split = GroupModel(alone.net, alone.tokenizer, alone.checkpoint, alone.name, group=Rank0(), split=None)
+    with pytest.raises(InvalidRequest, match="prompt-cache spill does not run on a split model"):
+        split.configure(prompt_cache_spill=(str(tmp_path / "spill"), 1 << 20))
+    split.configure(max_batch=2)  # the other settings still apply
+    assert split._engine_options["max_batch"] == 2
+    with pytest.raises(InvalidRequest, match="Session.save / load do not run on it"):
+        Session(split).save(tmp_path / "a.session")
+    assert not (tmp_path / "a.session").exists()
+    with pytest.raises(InvalidRequest, match="Session.save / load do not run on it"):
+        Session.load(split, tmp_path / "a.session")
+
+
+def test_serve_refuses_a_spill_with_hosts_before_starting_any_rank(tmp_path):
+    import subprocess
+    import sys
+
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "mlxq.cli", "serve", "smollm2", "--hosts", str(hosts), "--port",
+                           str(port), "--prompt-cache-spill", str(tmp_path / "spill")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("mlxq: error: --prompt-cache-spill does not run with --hosts: the ranks would keep "
+                                   "different entries")
+    assert not (tmp_path / "spill").exists()

@@ -56,12 +56,13 @@ def rel(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-def make_tiny(arch: str, path, seed: int = 0):
+def make_tiny(arch: str, path, seed: int = 0, **overrides):
     """Builds, saves and returns the transformers model (fp32, eval mode), with every norm, gate bias and
-    decay parameter randomised so that a mishandled one shows in the logits."""
+    decay parameter randomised so that a mishandled one shows in the logits; `overrides` change the config."""
     import transformers
 
     cfg_cls, model_cls, kwargs, wrapped = ARCHS[arch]
+    kwargs = {**kwargs, **overrides}
     torch.manual_seed(seed)
     config_cls = getattr(transformers, cfg_cls)
     config = config_cls(text_config=kwargs, vision_config=VISION) if wrapped else config_cls(**kwargs)

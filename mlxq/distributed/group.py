@@ -49,6 +49,14 @@ class GroupModel(Model):
         self.rank = group.rank()
         self.slots = SlotNumbers()
 
+    def configure(self, *, prompt_cache_spill: tuple[str, int] | None = None, **settings: Any) -> None:
+        """`Model.configure`, but no prompt-cache spill: each rank's disk would decide by its own sizes which entries
+        stay, and the ranks' caches would part."""
+        if prompt_cache_spill is not None:
+            raise InvalidRequest("prompt-cache spill does not run on a split model (its ranks would keep different "
+                                 "entries)")
+        super().configure(**settings)
+
     def _new_engine(self) -> Engine:
         if self.rank:
             raise InvalidRequest(f"rank {self.rank} follows rank 0: requests go to rank 0 (call follow() here)")
@@ -67,6 +75,9 @@ class GroupModel(Model):
 
     def make_cache(self) -> list:
         raise InvalidRequest("a split model's caches live across its ranks; use generate, stream or logits")
+
+    def cache_fingerprint(self) -> str:
+        raise InvalidRequest("a split model's caches live across its ranks: Session.save / load do not run on it")
 
     def follow(self) -> None:
         """Runs rank 0's steps until it ends the group (returns), or until it is lost (raises EngineDown)."""

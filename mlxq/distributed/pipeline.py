@@ -26,11 +26,12 @@ class Stage(CausalLM):
     """One rank's layers of a pipeline, behind the `CausalLM` contract: rank 0's `embed` is the embedding, the
     others' receives the previous rank's output; rank 0 alone has the final norm and the head."""
 
-    def __init__(self, net: CausalLM, cache_template: list, rank: int, size: int, group):
+    def __init__(self, net: CausalLM, cache_template: list, rank: int, size: int, group, rewindable: bool):
         super().__init__()
         self.net = net
         self.rank, self.size, self._group = rank, size, group
         self._template = cache_template
+        self.rewindable = rewindable  # whether every layer of the whole model resumes anywhere (not only these)
         self.hidden = net.args.hidden_size
         self.dtype = net.layers[0].input_layernorm.weight.dtype  # of the activations: the weights' load dtype
 
@@ -105,12 +106,35 @@ class PipelineBatch:
         p, j = self.where[i]
         return self.parts[p].checkpoint(j)
 
+    def _rows(self, p: int) -> list[int]:
+        """The rows micro-batch p holds, in its own order."""
+        return [i for i, (q, _) in enumerate(self.where) if q == p]
+
+    def snapshot(self) -> list:
+        """`Batch.snapshot` of every micro-batch (None for one without rows), for `rewind`."""
+        return [part.snapshot() if len(part) else None for part in self.parts]
+
+    def rewind(self, snapshot: list, kept: list[list[int]]) -> None:
+        """`Batch.rewind` down the pipeline. Whether the kept tokens run again is the whole model's to say (a
+        recurrent layer on any rank): every rank then restores its micro-batches and runs them, so the sends and
+        receives pair up, even a rank whose own layers are all attention."""
+        if self.stage.rewindable:
+            for p, part in enumerate(self.parts):
+                if snapshot[p] is not None:
+                    part.rewind(snapshot[p], [kept[i] for i in self._rows(p)])
+            return
+        for part, state in zip(self.parts, snapshot, strict=True):
+            if state is not None:
+                part.restore(state)
+        self.step(kept, [[]] * len(kept))
+        mx.eval(self.state)
+
     def step(self, tokens: list[list[int]], at: list[list[int]]) -> mx.array:
         """`Batch.step` over every micro-batch, down the pipeline one after another; on rank 0 the logits at the
         positions `at`, stacked in row order (lazy); elsewhere an empty array, the step already run."""
         stage, sent, back, counts = self.stage, [], [], []
         for p, part in enumerate(self.parts):
-            rows = [i for i, (q, _) in enumerate(self.where) if q == p]  # in the micro-batch's own order
+            rows = self._rows(p)
             if not rows:
                 continue
             part.rows.begin([len(tokens[i]) for i in rows])

@@ -7,9 +7,9 @@ prompt cache, conversation slots, checkpoints) hold the same rows in the same pl
 Any failure inside an operation ends the group (`EngineDown`): once one rank has run a step another has not,
 their collectives no longer pair up, and nothing short of a restart puts them back in step.
 
-Speculative decoding fits the same scheme: verifying a draft is a prefill-like step over several tokens per row
-with logits at each, and rolling back a rejected suffix restores a checkpoint; both are runner operations with
-plain data, replayed the same way.
+Speculative decoding fits the same scheme: `verify` (a decode step over a row's next token and its draft, with
+logits at each) and `rewind` (how many of them each row keeps; a recurrent model restores the checkpoint taken
+before the pass and runs the kept tokens again) are runner operations with plain data, replayed the same way.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class GroupRunner(Runner):
         self.control, self.slots = control, slots
         self._lock = threading.Lock()
         control.post("start", prompt_cache_bytes=prompt_cache_bytes)
-        super().__init__(net, prompt_cache_bytes, new_batch, rewindable)
+        super().__init__(net, prompt_cache_bytes, new_batch=new_batch, rewindable=rewindable)
 
     def attach(self, abort: Callable[[EngineDown], None]) -> None:
         self.control.on_down = abort
@@ -97,13 +97,24 @@ class GroupRunner(Runner):
         return self._run("prefill", {"tokens": tokens, "at": at, "marks": marks, "lengths": self.lengths(PREFILL)},
                          lambda: Runner.prefill(self, tokens, at, marks))
 
-    def decode(self, tokens):
+    def _decode_step(self, op: str, args: dict, step: Callable[[], mx.array]) -> mx.array:
+        """A step of the decode batch, evaluated whole (logits and caches) while the watchdog looks on."""
         def local():
-            logits = Runner.decode(self, tokens)
+            logits = step()
             mx.eval(logits, self.state(DECODE))
             return logits
 
-        return self._run("decode", {"tokens": tokens, "lengths": self.lengths(DECODE)}, local)
+        return self._run(op, {**args, "lengths": self.lengths(DECODE)}, local)
+
+    def decode(self, tokens):
+        return self._decode_step("decode", {"tokens": tokens}, lambda: Runner.decode(self, tokens))
+
+    def verify(self, tokens):
+        return self._decode_step("verify", {"tokens": tokens}, lambda: Runner.verify(self, tokens))
+
+    def rewind(self, keep):
+        """Every rank keeps the same tokens: a recurrent model runs them again, with collectives in the pass."""
+        return self._run("rewind", {"keep": keep, "lengths": self.lengths(DECODE)}, lambda: Runner.rewind(self, keep))
 
     def promote(self, i):
         return self._run("promote", {"i": i}, lambda: Runner.promote(self, i))
@@ -154,15 +165,17 @@ def follow(net: CausalLM, link: Link, new_batch: Callable[[], Any] | None = None
                 raise RuntimeError(f"out of step with rank 0: its rows hold {args['lengths']} tokens, these hold "
                                    f"{runner.lengths(PREFILL if op == 'prefill' else DECODE)}")
             if op == "start":
-                runner = Runner(net, args["prompt_cache_bytes"], new_batch, rewindable)
+                runner = Runner(net, args["prompt_cache_bytes"], new_batch=new_batch, rewindable=rewindable)
             elif op == "stop":
                 runner = None
             elif op == "admit":
                 runner.admit(args["prompt"], slot(args["slot"]))
             elif op == "prefill":
                 runner.prefill(args["tokens"], args["at"], args["marks"])
-            elif op == "decode":
-                mx.eval(runner.decode(args["tokens"]), runner.state(DECODE))
+            elif op in ("decode", "verify"):
+                mx.eval(getattr(runner, op)(args["tokens"]), runner.state(DECODE))
+            elif op == "rewind":
+                runner.rewind(args["keep"])
             elif op == "promote":
                 runner.promote(args["i"])
             elif op == "leave":

@@ -296,7 +296,7 @@ class PipelineSplit(Split):
     def finish(self, net):
         from mlxq.distributed.pipeline import Stage
 
-        return Stage(net, self.template[self.first : self.stop], self.rank, self.size, self.group)
+        return Stage(net, self.template[self.first : self.stop], self.rank, self.size, self.group, self.rewindable)
 
     def describe(self):
         return {**super().describe(), "layers": [self.first, self.stop]}

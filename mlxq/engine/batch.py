@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxq.engine.cache import KVCache, RecurrentCache
+from mlxq.engine.cache import KVCache, RecurrentCache, checkpoint, restore
 from mlxq.models.base import CausalLM
 
 _STEP = 256  # KV buffers grow and shrink in blocks of this many positions
@@ -136,6 +136,12 @@ class BatchKVCache:
     def checkpoint_row(self, i: int) -> int:
         return self.rows.lengths[i]  # KV entries past a position are never read
 
+    def checkpoint_all(self) -> None:
+        return None  # the row lengths are the whole checkpoint
+
+    def restore_all(self, state: None) -> None:
+        pass
+
     def remove(self, keep: list[int]) -> None:
         """Keeps only the rows `keep` (call after `Rows.lengths` shrank); the buffer shrinks to what they need."""
         size = _round_up(max(self.rows.lengths, default=0) + 1)
@@ -189,6 +195,12 @@ class BatchRecurrentCache:
 
     def checkpoint_row(self, i: int) -> tuple:
         return (self.rows.lengths[i], *self._row_states(i))
+
+    def checkpoint_all(self) -> tuple:
+        return self.conv, self.recurrent
+
+    def restore_all(self, state: tuple) -> None:
+        self.conv, self.recurrent = state
 
     def remove(self, keep: list[int]) -> None:
         self.conv, self.recurrent = _take_rows(self.conv, keep), _take_rows(self.recurrent, keep)
@@ -290,6 +302,29 @@ class Batch:
         self.rows.end()
         return logits
 
+    def snapshot(self) -> tuple:
+        """The batch's state now, for `rewind`: the row lengths and the recurrent layers' states (references:
+        their arrays are replaced, never written, by a step)."""
+        return list(self.rows.lengths), [c.checkpoint_all() for c in self.caches]
+
+    def rewind(self, snapshot: tuple, kept: list[list[int]]) -> None:
+        """Back to `snapshot`, then holding `kept[b]` more tokens in row b: the first tokens fed since. KV entries
+        past a row's length are never read, so attention only moves its lengths back; recurrent layers restore
+        their states and run the kept tokens again."""
+        if all(isinstance(c, BatchKVCache) for c in self.caches):
+            self.rows.lengths = [n + len(k) for n, k in zip(snapshot[0], kept, strict=True)]
+            return
+        self.restore(snapshot)
+        self.step(kept, [[]] * len(kept))
+        mx.eval(self.state)
+
+    def restore(self, snapshot: tuple) -> None:
+        """Back to `snapshot`, every layer (the first half of `rewind` where its kept tokens run elsewhere)."""
+        lengths, states = snapshot
+        self.rows.lengths = list(lengths)
+        for c, state in zip(self.caches, states, strict=True):
+            c.restore_all(state)
+
 
 class SerialBatch:
     """The same interface for caches that cannot be stacked: every row steps alone with its own cache."""
@@ -318,6 +353,16 @@ class SerialBatch:
 
     def checkpoint(self, i: int) -> list:
         return [c.checkpoint() for c in self.caches[i]]
+
+    def snapshot(self) -> list:
+        return [checkpoint(c) for c in self.caches]
+
+    def rewind(self, snapshot: list, kept: list[list[int]]) -> None:
+        """Back to `snapshot`, then every row runs its kept tokens again (a sliding window cannot drop tokens)."""
+        for cache, state in zip(self.caches, snapshot, strict=True):
+            restore(cache, state)
+        self.step(kept, [[]] * len(kept))
+        mx.eval(self.state)
 
     def step(self, tokens: list[list[int]], at: list[list[int]]) -> mx.array:
         rows = [forward(self.net, pad_rows([t]), c, [a]) for t, c, a in zip(tokens, self.caches, at, strict=True)]

@@ -101,13 +101,16 @@ class Prepared:
 
     def request(self, max_tokens: int, params: SamplingParams | None = None, *, stop: list[str] | None = None,
                 logprobs: int | None = None, ignore_eos: bool = False,
-                extra: list[LogitsProcessor] | None = None) -> Request:
+                extra: list[LogitsProcessor] | None = None, speculative: int = 0) -> Request:
         """An engine request for one choice. `extra`: the caller's own processor instances (used by this request
         alone)."""
+        if speculative < 0:
+            raise InvalidRequest("speculative: must be >= 0")
         build, extra = self._processors, list(extra or [])
         return Request(
             self.prompt, max_tokens, params or SamplingParams(), lambda: [*extra, *build(max_tokens)],
             list(stop or []), logprobs, self.marks, ignore_eos, self.reading,
+            speculative=speculative,
         )
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import mlx.core as mx
 
 from mlxq.engine.batch import make_batch
-from mlxq.engine.prompt_cache import CacheSlot, PromptCache
+from mlxq.engine.persist import fingerprint
+from mlxq.engine.prompt_cache import CacheSlot, DiskSpill, PromptCache
 from mlxq.errors import EngineDown
 from mlxq.models.base import CausalLM
 
@@ -37,19 +38,22 @@ class _Row:
 
 class Runner:
     """Runs `net` (a `CausalLM`) for the scheduler. `prompt_cache_bytes`: bound of the shared prompt cache (0 turns
-    it off; conversation slots are not counted). `new_batch`: makes the batches rows run in (`batch.make_batch`,
-    or a pipeline stage's micro-batches). `rewindable`: whether the whole model resumes anywhere (default: whether
+    it off; conversation slots are not counted). `spill`: (directory, bytes) where entries leaving the prompt cache
+    go, within that many bytes on disk. `new_batch`: makes the batches rows run in (`batch.make_batch`, or a
+    pipeline stage's micro-batches). `rewindable`: whether the whole model resumes anywhere (default: whether
     `net`'s layers do)."""
 
-    def __init__(self, net: CausalLM, prompt_cache_bytes: int, new_batch: Callable[[], Any] | None = None,
-                 rewindable: bool | None = None):
+    def __init__(self, net: CausalLM, prompt_cache_bytes: int, spill: tuple[str, int] | None = None,
+                 new_batch: Callable[[], Any] | None = None, rewindable: bool | None = None):
         self.net = net
         evaluate_all(net)
         self.new_batch = new_batch or partial(make_batch, net)
-        self.prompt_cache = PromptCache(net.make_cache, prompt_cache_bytes, rewindable)
+        disk = None if spill is None else DiskSpill(spill[0], spill[1], fingerprint(net), net.make_cache)
+        self.prompt_cache = PromptCache(net.make_cache, prompt_cache_bytes, disk, rewindable)
         self.rewindable = self.prompt_cache.rewindable  # every layer can resume at any position (attention only)
         self._batches = {PREFILL: self.new_batch(), DECODE: self.new_batch()}
         self._rows: dict[str, list[_Row]] = {PREFILL: [], DECODE: []}
+        self._before: tuple | None = None  # the decode batch before a `verify` pass, and what the pass fed
 
     def attach(self, abort: Callable[[EngineDown], None]) -> None:
         """The scheduler's `abort`, for a runner that can find the model gone while a step runs (a group's)."""
@@ -79,6 +83,23 @@ class Runner:
     def decode(self, tokens: list[int]) -> mx.array:
         """One token for every decode row; the logits [rows, vocab], lazy (sampling joins the same graph)."""
         return self._batches[DECODE].step([[t] for t in tokens], [[0]] * len(tokens))
+
+    def verify(self, tokens: list[list[int]]) -> mx.array:
+        """One pass feeding decode row b `tokens[b]`: its next token, then a speculative draft to check. Returns the
+        logits after every token fed (stacked in row order, lazy); `rewind` then says how many each row keeps."""
+        batch = self._batches[DECODE]
+        self._before = (batch.snapshot(), tokens)
+        return batch.step(tokens, [list(range(len(t))) for t in tokens])
+
+    def rewind(self, keep: list[int]) -> None:
+        """After `verify`: decode row b holds only the first `keep[b]` tokens it was fed (the draft's rejected tail
+        goes). Recurrent state cannot drop tokens, so such a batch goes back to its checkpoint from before the pass
+        and runs the kept tokens again."""
+        snapshot, fed = self._before
+        self._before = None
+        if all(k == len(t) for k, t in zip(keep, fed, strict=True)):
+            return
+        self._batches[DECODE].rewind(snapshot, [t[:k] for k, t in zip(keep, fed, strict=True)])
 
     def lengths(self, phase: str) -> list[int]:
         """Tokens in the cache of each row of `phase`."""
@@ -148,6 +169,8 @@ class Runner:
                 "max_bytes": pc.max_bytes,
                 "hits": pc.hits,
                 "misses": pc.misses,
+                **({} if pc.spill is None else {"spilled_entries": len(pc.spill), "spilled_bytes": pc.spill.nbytes,
+                                                "spill_writes": pc.spill.writes, "spill_reads": pc.spill.reads}),
             },
         }
 

@@ -46,6 +46,7 @@ from mlxq.engine.output import Output, OutputProcessor, Reading, TokenLogprob, U
 from mlxq.engine.prompt_cache import CacheSlot, resume_point
 from mlxq.engine.runner import DECODE, PREFILL, Runner
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams, make_sampler, penalty_processors
+from mlxq.engine.speculative import PromptLookup
 from mlxq.engine.tokenizer import Tokenizer
 from mlxq.errors import EngineDown, GenerationError, InvalidRequest, MlxqError
 from mlxq.models.base import CausalLM
@@ -72,6 +73,7 @@ class Request:
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
     reading: Reading = field(default_factory=Reading)  # how the text reads back: reasoning split, tool calls
     slot: CacheSlot | None = None  # a conversation's own cache: resumed from, and left there afterwards
+    speculative: int = 0  # draft tokens checked per decode step, looked up in the prompt and answer (0: off)
     on_output: Callable[[Output], None] = lambda out: None  # called on the engine thread; must not block
     cancelled: bool = False
     finished: bool = False  # its last output went out
@@ -94,14 +96,30 @@ class _Sequence:
         self.cached = self.pos = 0  # prompt tokens resumed from a cache / in the cache
         self.next_input = -1  # the last sampled token, which the next decode step feeds
         self.decoded = 0  # sampled tokens fed back (in the cache)
+        self.lookup = PromptLookup(req.prompt) if req.speculative > 0 else None
+        self.draft_len = req.speculative  # adapts to how much of the drafts the model takes (`checked`)
 
-    def pick(self, logits: mx.array) -> tuple:
-        """Lazy (token, chosen logprob, top ids, top logprobs) from this row's logits [1, V]."""
+    def draft(self) -> list[int]:
+        """Tokens to check after the next one (prompt lookup), never more than the request may still take."""
+        if self.lookup is None:
+            return []
+        self.lookup.extend(self.generated[len(self.lookup.tokens) - len(self.req.prompt) :])
+        return self.lookup.draft(min(self.draft_len, self.req.max_tokens - len(self.generated) - 1))
+
+    def checked(self, drafted: int, accepted: int) -> None:
+        """The next draft is twice as long as what was accepted of this one (at least one token, at most the
+        request's `speculative`): each draft token costs its verification whether it is taken or not."""
+        grown = max(self.draft_len, 2 * drafted) if accepted == drafted else 2 * accepted
+        self.draft_len = max(1, min(self.req.speculative, grown))
+
+    def pick(self, logits: mx.array, draft: int | None = None) -> tuple:
+        """Lazy (token, chosen logprob, top ids, top logprobs) from this row's logits [1, V]; with a `draft` token,
+        the token is drawn so that it is the draft as often as exactness allows (`Sampler.verify`)."""
         logits = logits.astype(mx.float32)
         for proc in self.procs:
             logits = proc(self.generated, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = self.sampler(logprobs)
+        token = self.sampler(logprobs) if draft is None else self.sampler.verify(logprobs, draft)
         if self.req.logprobs is None:
             return (token,)
         chosen = logprobs[0, token]
@@ -147,17 +165,19 @@ class Engine:
 
     `max_batch`: requests run together (prefilling and decoding); more wait their turn. `prompt_cache_bytes`:
     bound of the shared prompt cache (0 turns it off; conversation slots are not counted; ignored when given a
-    runner, which has its own). `prefill_chunk`: prompt tokens per prefill step."""
+    runner, which has its own). `prefill_chunk`: prompt tokens per prefill step. `prompt_cache_spill`: (directory,
+    bytes): entries leaving the prompt cache go to disk there, up to that many bytes."""
 
     IDLE_S = 2.0  # an idle loop calls `runner.idle()` this often
 
     def __init__(self, net: CausalLM | Runner, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
-                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, prefill_chunk: int = PREFILL_CHUNK):
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, prefill_chunk: int = PREFILL_CHUNK,
+                 prompt_cache_spill: tuple[str, int] | None = None):
         if max_batch < 1:
             raise InvalidRequest("max_batch must be >= 1")
         if prefill_chunk < 1:
             raise InvalidRequest("prefill_chunk must be >= 1")
-        self.runner = net if isinstance(net, Runner) else Runner(net, prompt_cache_bytes)
+        self.runner = net if isinstance(net, Runner) else Runner(net, prompt_cache_bytes, prompt_cache_spill)
         self.runner.attach(self.abort)
         self.net, self.tokenizer = self.runner.net, tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
@@ -173,6 +193,7 @@ class Engine:
         self._loop_done = False
         self._parked = threading.Event()
         self.steps = self.prefill_steps = self.failures = self.cancelled = 0
+        self.drafted = self.accepted_drafts = 0  # speculative draft tokens checked / taken by decode steps
 
     # ------------------------------------------------------------------------------------------ public
     def start(self) -> Engine:
@@ -223,6 +244,8 @@ class Engine:
             "waiting": len(self._waiting),
             "steps": self.steps,
             "prefill_steps": self.prefill_steps,
+            "drafted": self.drafted,
+            "accepted_drafts": self.accepted_drafts,
             "failures": self.failures,
             "cancelled": self.cancelled,
             **self.runner.stats(),
@@ -285,8 +308,8 @@ class Engine:
             log.error("%s", e)
             self.abort(e)
         except Exception as e:
-            if isinstance(e, MlxqError):  # a clear failure (a damaged expert block): one line, as it reaches the user
-                log.error("engine step failed: %s", e)
+            if isinstance(e, MlxqError):  # a clear error (a damaged expert pack, say): its requests report it
+                log.info("engine step failed: %s", e)
             else:
                 log.exception("engine step failed")
             seqs = self._running if name == DECODE else self._prefilling
@@ -416,23 +439,54 @@ class Engine:
                 self._running.append(seq)
 
     def _decode_step(self) -> None:
-        """One token for every running request, in one forward pass."""
-        logits = self.runner.decode([s.next_input for s in self._running])
+        """One token for every running request, in one forward pass; more for a request whose draft is right.
+
+        A row with a draft (`Request.speculative`) feeds its next token and then the draft, and gets logits at
+        each of them: the token after position j is picked from them as plain decoding would (the processors see
+        the tokens accepted so far), and while it equals draft token j + 1, that token's logits are valid too and
+        the next is picked from them. The cache then keeps what was accepted (`Runner.rewind`)."""
+        drafts = [seq.draft() for seq in self._running]
+        if any(drafts):
+            self.drafted += sum(len(d) for d in drafts)
+            logits = self.runner.verify([[s.next_input, *d] for s, d in zip(self._running, drafts, strict=True)])
+            starts = [0]
+            for d in drafts[:-1]:
+                starts.append(starts[-1] + 1 + len(d))
+            firsts = logits[mx.array(starts)]
+        else:
+            firsts = self.runner.decode([s.next_input for s in self._running])
         for seq in self._running:
             seq.decoded += 1
-        picks = self._pick(self._running, logits)
+        picks = self._pick(self._running, firsts, [d[0] if d else None for d in drafts])
         self.steps += 1
-        for i, picked in reversed(list(enumerate(picks))):
-            out = self._accept(self._running[i], picked)
-            if out is None or out.finish_reason is not None:
-                self._leave(DECODE, self._running, i, out)
+        outs, keep = [], []
+        for i, (seq, draft, picked) in enumerate(zip(self._running, drafts, picks, strict=True)):
+            out, taken = self._accept(seq, picked), 1
+            while out is not None and out.finish_reason is None and taken <= len(draft) and \
+                    seq.next_input == draft[taken - 1]:
+                seq.decoded += 1  # the draft token is in the cache, and the logits after it are valid
+                self.accepted_drafts += 1
+                at = starts[i] + taken
+                following = draft[taken] if taken < len(draft) else None
+                out, taken = self._accept(seq, self._pick([seq], logits[at : at + 1], [following])[0]), taken + 1
+            outs.append(out)
+            keep.append(taken)
+            if draft:
+                seq.checked(len(draft), taken - 1)
+        if any(drafts):
+            self.runner.rewind(keep)
+        for i in reversed(range(len(outs))):
+            if outs[i] is None or outs[i].finish_reason is not None:
+                self._leave(DECODE, self._running, i, outs[i])
 
-    def _pick(self, seqs: list[_Sequence], logits: mx.array) -> list[tuple | Exception]:
-        """Each sequence's sampled token (row i of `logits`), evaluated; an exception for a row that failed."""
+    def _pick(self, seqs: list[_Sequence], logits: mx.array,
+              drafts: list[int | None] | None = None) -> list[tuple | Exception]:
+        """Each sequence's sampled token (row i of `logits`, given draft token i if any), evaluated; an exception for
+        a row that failed."""
         picks: list[tuple | Exception] = []
         for i, seq in enumerate(seqs):
             try:
-                picks.append(seq.pick(logits[i : i + 1]))
+                picks.append(seq.pick(logits[i : i + 1], drafts[i] if drafts else None))
             except Exception as e:
                 picks.append(e)
         try:

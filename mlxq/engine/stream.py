@@ -83,7 +83,9 @@ class Timings:
     prefill_s: float = 0.0  # from the call to the first token (queueing included)
     decode_s: float = 0.0  # from the first token to the last
     first_token_s: float = 0.0
-    experts: dict | None = None  # streamed experts' counters over the run (mlxq.experts.ExpertStats.as_dict())
+    # streamed experts' counters over the call (`mlxq.experts.ExpertStats.as_dict()`; requests running at the same
+    # time share the pool, so theirs are counted too); None when the experts are not streamed
+    experts: dict | None = None
 
     @property
     def prefill_tps(self) -> float:

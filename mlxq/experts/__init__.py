@@ -20,8 +20,15 @@ from mlxq.experts.pool import ExpertStats, SlotPool, experts_nbytes
 from mlxq.experts.stream import StreamedMoE
 from mlxq.models.moe import SparseMoE
 
-__all__ = ["ExpertStats", "Packs", "SlotPool", "StreamOptions", "has_packs", "open_packs", "parse_size",
-           "pool_stats", "moe_blocks", "stream_blocks", "start_pool"]
+__all__ = ["ExpertStats", "expert_stats", "Packs", "SlotPool", "StreamOptions", "has_packs", "open_packs", "parse_size",
+           "moe_blocks", "stream_blocks", "start_pool"]
+
+
+def expert_stats(net: nn.Module) -> ExpertStats | None:
+    """Streaming counters so far of a loaded model (hits, misses, bytes, read / stall / compute time; subtract
+    two snapshots for one run), or None when its experts are not streamed."""
+    pool = getattr(net, "expert_pool", None)
+    return None if pool is None else pool.snapshot()
 
 
 @dataclass
@@ -63,13 +70,6 @@ def parse_size(value: str | int | float, whole: int | None = None) -> int:
             raise ConfigError(f"expert memory '{value}': a percentage needs the experts' total size")
         return int(whole * number / 100)
     return int(number * _UNITS[unit.removesuffix("b")])
-
-
-def pool_stats(model: nn.Module) -> ExpertStats | None:
-    """A model's streamed-expert counters so far (subtract two snapshots for one run); None when its experts are
-    resident."""
-    pool = getattr(model, "expert_pool", None)
-    return None if pool is None else pool.snapshot()
 
 
 def moe_blocks(model: nn.Module) -> dict[str, SparseMoE]:
