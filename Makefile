@@ -38,7 +38,7 @@ setup: system $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml | system
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -U pip "setuptools>=68"  # setuptools: the wheel test builds with --no-build-isolation
 	$(PY) -m pip install -q -e ".[dev]" $(if $(TORCH_CPU),$$($(PY) -c "import urllib.request as r; \
 	  r.urlopen('$(TORCH_CPU)/', timeout=10)" 2>/dev/null && echo --extra-index-url $(TORCH_CPU)))
 	touch $@
