@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -124,3 +125,19 @@ def write_result(name: str, result: dict) -> dict:
     sys.stdout.flush()
     print(json.dumps(result))
     return result
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Python's and C's stdout (llama.cpp, peers' progress) onto stderr while a peer runs, so the result line stays
+    the last line of stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

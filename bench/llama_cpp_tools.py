@@ -17,7 +17,6 @@ the peer figures must come from llama.cpp's own quantizer with an imatrix and it
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -26,8 +25,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-PACKAGE, VERSION = "llama-cpp-python", "0.3.36"
-SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+from mlxq.formats.fetch import LLAMA_CPP_SDIST, download_sdist
+
+VERSION = LLAMA_CPP_SDIST.package.split("==")[1]
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 
 
@@ -55,13 +55,8 @@ def build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp = Path(tmp)
-        print(f"llama.cpp tools: fetching {PACKAGE}=={VERSION} (sdist)", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "-d", str(tmp),
-                        f"{PACKAGE}=={VERSION}"], check=True, stdout=subprocess.DEVNULL)
-        sdist = next(tmp.glob("*.tar.gz"))
-        got = hashlib.sha256(sdist.read_bytes()).hexdigest()
-        if got != SDIST_SHA256:
-            raise RuntimeError(f"{sdist.name}: sha256 {got} does not match pinned {SDIST_SHA256}")
+        print(f"llama.cpp tools: fetching {LLAMA_CPP_SDIST.package} (sdist)", file=sys.stderr)
+        sdist = download_sdist(LLAMA_CPP_SDIST, tmp)
         with tarfile.open(sdist) as t:
             t.extractall(tmp, filter="data")
         src = next(tmp.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"

@@ -32,7 +32,6 @@ full run (it says so).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
@@ -47,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import llama_cpp_tools as llama_cpp  # noqa: E402
 import mlx.core as mx  # noqa: E402
-from common import float_copy, parse_args, write_result  # noqa: E402
+from common import float_copy, parse_args, stdout_to_stderr, write_result  # noqa: E402
 
 GROUP = 64
 CALIB_TOKENS, SEQ_LEN = 8192, 512
@@ -109,23 +108,6 @@ def run_mlxq(baseline: Path, out: Path, recipe_name: str | None, bits: int | Non
 
 
 # ------------------------------------------------------------------------------------------------- mlx-lm
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Python's and C's stdout onto stderr while a peer runs, so the result line stays the last line of stdout."""
-    import os
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def load_mlx_lm(baseline: Path):
     from mlx_lm.utils import load
 

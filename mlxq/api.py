@@ -14,8 +14,8 @@ from mlxq.engine.sampling import LogitsProcessor, SamplingParams
 from mlxq.engine.stops import StopMatcher
 from mlxq.engine.tokenizer import Tokenizer, load_tokenizer
 from mlxq.errors import InvalidRequest
-from mlxq.formats import Checkpoint, open_checkpoint
-from mlxq.loading import load_model
+from mlxq.formats import Checkpoint
+from mlxq.loading import load_model, open_for_run
 from mlxq.session import Session  # noqa: F401  (re-exported: games use mlxq.api.Session)
 
 Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages
@@ -135,14 +135,17 @@ class Model:
 def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantized: bool | None = None,
          experts_per_tok: int | None = None) -> Model:
     """Load a model by name: a local HF/mlx-lm dir, a GGUF file, an alias (`smollm2`), `ollama:NAME`, or a
-    hub id. With no name, the default small model. Off Metal, quantized GGUF weights are dequantized to
-    float32 unless `keep_quantized=True`, since MLX's quantized CPU kernels are slow on x86.
+    hub id. With no name, the default small model. A GGUF file's quantized weights stay in their blocks on Metal;
+    off Metal they are dequantized to float32 (MLX's quantized CPU kernels are slow on x86) while the float model
+    fits comfortably in memory, else kept too (`loading.open_for_run`). `keep_quantized` forces either way.
     `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact)."""
-    if keep_quantized is None:
-        keep_quantized = mx.metal.is_available()
-    ckpt = open_checkpoint(name, keep_quantized=keep_quantized)
-    net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
+    from concurrent.futures import ThreadPoolExecutor
+
+    ckpt = open_for_run(name, keep_quantized)
     eos = ckpt.config.get("eos_token_id")
-    tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template,
-                         eos if isinstance(eos, list) else ([eos] if eos is not None else None))
-    return Model(net, tok, ckpt, name or "smollm2")
+    eos = eos if isinstance(eos, list) else ([eos] if eos is not None else None)
+    # the tokenizer loads beside the weights: MLX computes with the GIL released
+    with ThreadPoolExecutor(1) as pool:
+        tok = pool.submit(load_tokenizer, ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template, eos)
+        net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
+        return Model(net, tok.result(), ckpt, name or "smollm2")

@@ -33,6 +33,7 @@ class LazyGroup(click.Group):
         "serve": ("server.command", "serve"),
         "quantize": ("mlxq.quant.command", "quantize"),
         "eval": ("mlxq.eval.command", "eval"),
+        "export": ("mlxq.formats.gguf.command", "export"),
     }
 
     def list_commands(self, ctx):
@@ -68,6 +69,12 @@ def sampling_options(f):
     return f
 
 
+keep_quantized_option = click.option(
+    "--keep-quantized", is_flag=True,
+    help="Keep a GGUF model's quantized blocks (the model stays at its file size). Default: on Metal, or when the "
+         "float model would not fit comfortably in memory.")
+
+
 def _sampling(kw: dict) -> dict:
     keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
     return {k: kw[k] for k in keys}
@@ -81,12 +88,13 @@ def _sampling(kw: dict) -> dict:
 @click.option("--think/--no-think", default=None, help="enable_thinking for templates that have it.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--verbose", "-v", is_flag=True, help="Print timings to stderr.")
+@keep_quantized_option
 @sampling_options
-def generate(prompt, model, chat, system, think, stop, verbose, max_tokens, **kw):
+def generate(prompt, model, chat, system, think, stop, verbose, keep_quantized, max_tokens, **kw):
     """Generate a completion for PROMPT and stream it to stdout."""
     import mlxq
 
-    m = mlxq.load(model)
+    m = mlxq.load(model, keep_quantized=keep_quantized or None)
     if chat and m.tokenizer.has_chat_template:
         prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     kwargs = {"enable_thinking": think} if think is not None else {}
@@ -104,13 +112,14 @@ def generate(prompt, model, chat, system, think, stop, verbose, max_tokens, **kw
 @click.option("--model", "-m", default=None, help="Model name or path (default: smollm2).")
 @click.option("--system", default=None, help="System message.")
 @click.option("--think/--no-think", default=None, help="enable_thinking for templates that have it.")
+@keep_quantized_option
 @sampling_options
-def chat(model, system, think, max_tokens, **kw):
+def chat(model, system, think, keep_quantized, max_tokens, **kw):
     """Interactive chat (empty line or Ctrl-D quits). The cache is kept between turns."""
     import mlxq
     from mlxq.session import Session
 
-    m = mlxq.load(model)
+    m = mlxq.load(model, keep_quantized=keep_quantized or None)
     session = Session(m, system=system, enable_thinking=bool(think), max_tokens=max_tokens, **_sampling(kw))
     click.echo(f"mlxq chat with {m.name}: empty line or Ctrl-D to quit", err=True)
     while True:
@@ -162,8 +171,18 @@ def inspect(model):
 
 
 @cli.command()
-def doctor():
-    """What mlxq sees: platform, MLX backend, BLAS, cache, default model."""
+@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--fix", is_flag=True, help="Write a repaired copy of FILE (needs -o).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Where --fix writes the repaired file.")
+@click.pass_context
+def doctor(ctx, file, fix, output):
+    """What mlxq sees: platform, MLX backend, BLAS, cache, default model. With a GGUF FILE: what in it llama.cpp,
+    Ollama or mlxq trip over, one line per finding (exit status 2 with errors, 1 with warnings), and with --fix -o OUT
+    a repaired copy that llama.cpp loads."""
+    if file is not None:
+        ctx.exit(_doctor_file(file, fix, output))
+    if fix or output:
+        raise click.UsageError("--fix and -o need a GGUF FILE")
     import platform
 
     import mlx.core as mx
@@ -183,10 +202,34 @@ def doctor():
         click.echo(f"{key:>13}  {value}")
 
 
+def _doctor_file(file: str, fix: bool, output: str | None) -> int:
+    from mlxq.formats.gguf.doctor import examine, repair, status
+
+    if fix and not output:
+        raise click.UsageError("--fix writes a new file: give it with -o OUT")
+    findings = examine(file)[0]
+    for f in findings:
+        click.echo(f.line())
+    if not findings:
+        click.echo(f"{file}: no problems found")
+    if not fix:
+        return status(findings)
+    if not any(f.fixable for f in findings):
+        click.echo(f"{file}: nothing --fix can repair; {output} not written", err=True)
+        return status(findings)
+    left = repair(file, output)
+    click.echo(f"wrote {output}: " + (f"{len(left)} finding(s) left" if left else "no problems left"))
+    for f in left:
+        click.echo(f.line())
+    return status(left)
+
+
 def main() -> None:
     _use_openblas()
     try:
-        cli.main(standalone_mode=False)
+        code = cli.main(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except MlxqError as e:
         click.echo(f"mlxq: error: {e}", err=True)
         sys.exit(2)

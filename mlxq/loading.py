@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import os
 from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxq.errors import ConfigError, FormatError
 from mlxq.formats.base import Checkpoint
 from mlxq.models import build_model, text_config
-from mlxq.models.layers import TernaryLinear, cpu_layout
+from mlxq.models.layers import TernaryLinear, cpu_layout, to_blocks
 
 
 def default_dtype() -> mx.Dtype:
@@ -21,6 +23,40 @@ def default_dtype() -> mx.Dtype:
 
 def _cast(w: mx.array, dtype: mx.Dtype) -> mx.array:
     return w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
+
+
+def float_nbytes(ckpt: Checkpoint) -> int:
+    """Bytes the checkpoint's tensors take as float32 (what loading a GGUF without keeping its blocks costs)."""
+    return 4 * sum(math.prod(info.shape) for info in ckpt.tensors.infos())
+
+
+def memory_available() -> int:
+    """Bytes of memory available to a new allocation: MemAvailable on Linux, else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fits_in_memory(nbytes: int) -> bool:
+    """Whether a model of `nbytes` fits comfortably: at most half the available memory (the rest for the KV
+    cache, the activations, and everything else running)."""
+    return nbytes <= memory_available() // 2
+
+
+def open_for_run(name: str | None, keep_quantized: bool | None = None) -> Checkpoint:
+    """The checkpoint to run: a GGUF file's quantized blocks kept when `keep_quantized`, and by default on Metal or
+    when its float32 form would not fit comfortably in memory."""
+    from mlxq.formats import open_checkpoint
+
+    ckpt = open_checkpoint(name, keep_quantized=mx.metal.is_available() if keep_quantized is None else keep_quantized)
+    if keep_quantized is None and ckpt.format == "gguf" and not fits_in_memory(float_nbytes(ckpt)):
+        ckpt = open_checkpoint(name, keep_quantized=True)
+    return ckpt
 
 
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = True,
@@ -39,10 +75,14 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     quant = ckpt.quantization
     if quant and "quant_method" not in quant:  # mlx-lm's; a transformers quant_method is the family's to read
         with _as_config_error(ckpt):
+            _blocks_like(model, quant, dtype)
             _ternary_like(model, weights, quant)
             _quantize_like(model, weights, quant)
     check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
-    model.load_weights(list(weights.items()), strict=True)
+    # anything sanitize or the quantized layouts made in another float type joins the compute dtype
+    cast = {k: _cast(v, dtype) for k, v in weights.items()}
+    model.load_weights(list(cast.items()), strict=True)
+    del weights, cast  # the model holds them now; fusing below replaces some, which must not stay alive here
     if fuse:
         inference_layout(model)
     if experts_per_tok is not None:
@@ -103,6 +143,19 @@ def wire_weights(model: nn.Module) -> None:
     budget = mx.device_info().get("max_recommended_working_set_size", 0)
     if budget:
         mx.set_wired_limit(min(max(size, 1), budget))
+
+
+def _blocks_like(model: nn.Module, quant: dict, dtype: mx.Dtype) -> None:
+    """Swap in block layers (`models.layers.to_blocks`) where the checkpoint keeps GGML blocks (GGUF types MLX's
+    affine format cannot hold exactly): the quantization entry of such a module names its `ggml_type`."""
+
+    def swap(path: str, module: nn.Module) -> nn.Module:
+        entry = quant.get(path)
+        if isinstance(entry, dict) and "ggml_type" in entry:
+            return to_blocks(module, entry["ggml_type"], dtype, input_order=entry.get("input_order", False))
+        return module
+
+    model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
 
 
 def _ternary_like(model: nn.Module, weights: dict, quant: dict) -> None:

@@ -10,6 +10,7 @@ import time
 
 import click
 
+from mlxq.cli import keep_quantized_option
 from mlxq.errors import GenerationError, InvalidRequest
 
 
@@ -64,6 +65,7 @@ from mlxq.errors import GenerationError, InvalidRequest
     type=click.IntRange(0),
     help="Reasoning tokens before '</think>' is forced, when a request does not say.",
 )
+@keep_quantized_option
 @click.option(
     "--allow-request-templates",
     is_flag=True,
@@ -88,6 +90,7 @@ def serve(
     prompt_cache_mb,
     thinking,
     thinking_budget,
+    keep_quantized,
     allow_request_templates,
     log_level,
 ):
@@ -112,7 +115,7 @@ def serve(
         console.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
     t0 = time.perf_counter()
     with console.status(f"loading {model or DEFAULT_MODEL} (fetched on first use)...") as status:
-        loaded = mlxq.load(model)
+        loaded = mlxq.load(model, keep_quantized=keep_quantized or None)
         console.log(f"loaded {model or DEFAULT_MODEL} in {time.perf_counter() - t0:.1f} s")
         status.update("building the engine and token tables...")
         limits = Limits(max_tokens=max_tokens, max_request_bytes=int(max_request_mb * (1 << 20)),

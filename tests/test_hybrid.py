@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures_qwen3 import *  # noqa: F403  (pytest fixtures: qwen3_tokenizer_dir)
-from tiny import HYBRID_TEXT
+from tiny import HYBRID_TEXT, randomise_hybrid
 
 from mlxq.engine.cache import KVCache, RecurrentCache, checkpoint, restore
 from mlxq.errors import ConfigError
@@ -66,16 +66,7 @@ def make_tiny(arch: str, path, seed: int = 0):
     config_cls = getattr(transformers, cfg_cls)
     config = config_cls(text_config=kwargs, vision_config=VISION) if wrapped else config_cls(**kwargs)
     model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "visual" in name:
-                continue
-            if name.endswith("linear_attn.norm.weight"):
-                p.normal_(1.0, 0.2)
-            elif "norm" in name or name.endswith(("dt_bias", "bias")):
-                p.normal_(0.0, 0.3)
-            elif name.endswith("A_log"):
-                p.uniform_(-2.0, 1.0)
+    randomise_hybrid(model)
     model.save_pretrained(path)
     return model
 

@@ -102,3 +102,30 @@ def test_pack_codes_is_mlx_layout():
         packed = kquants.pack_codes(mx.array(codes), bits)
         ones, zeros = mx.ones((3, 2)), mx.zeros((3, 2))
         np.testing.assert_array_equal(np.array(mx.dequantize(packed, ones, zeros, group_size=32, bits=bits)), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_affine_dequantize_is_mlx_dequantize(bits):
+    w = mx.random.normal((48, 256), key=mx.random.key(bits))
+    packed, scales, biases = mx.quantize(w, 32, bits)
+    assert mx.array_equal(kquants.unpack_codes(kquants.pack_codes(kquants.unpack_codes(packed, bits), bits), bits),
+                          kquants.unpack_codes(packed, bits))
+    np.testing.assert_array_equal(np.array(kquants.affine_dequantize(packed, scales, biases, 32, bits)),
+                                  np.array(mx.dequantize(packed, scales, biases, group_size=32, bits=bits)))
+
+
+def test_quantized_layers_prompt_path_matches_the_quantized_matmul():
+    """Off Metal, a prompt's rows go through dequantize + one matmul; decode rows through MLX's quantized matmul;
+    both compute what nn.QuantizedLinear computes."""
+    import mlx.nn as nn
+
+    from mlxq.models.layers import DEQUANTIZE_FROM_ROWS, Embedding, Linear
+
+    linear = Linear(256, 96, bias=True)
+    ours, theirs = linear.to_quantized(32, 5), nn.QuantizedLinear.from_linear(linear, 32, 5)
+    table = Embedding(96, 256)
+    head, plain_head = table.to_quantized(32, 4), nn.QuantizedEmbedding.from_embedding(table, 32, 4)
+    for rows in (1, DEQUANTIZE_FROM_ROWS, 3 * DEQUANTIZE_FROM_ROWS):
+        x = mx.random.normal((rows, 256), key=mx.random.key(rows))
+        np.testing.assert_allclose(np.array(ours(x)), np.array(theirs(x)), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.array(head.as_linear(x)), np.array(plain_head.as_linear(x)), rtol=1e-5, atol=1e-5)

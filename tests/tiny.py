@@ -32,14 +32,35 @@ HYBRID_TEXT = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hid
                    max_position_embeddings=512)
 
 
-def make_tiny(family: str, path: Path, seed: int = 0):
-    """Builds, saves and returns the torch model (eval mode)."""
+def randomise_hybrid(model) -> None:
+    """Every norm, gate bias and decay parameter of a Qwen3.5 / Qwen3-Next model randomised (their initial values
+    are zeros and ones), so that a mishandled one shows in the logits."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "visual" in name:
+                continue
+            if name.endswith("linear_attn.norm.weight"):
+                p.normal_(1.0, 0.2)
+            elif "norm" in name or name.endswith(("dt_bias", "bias")):
+                p.normal_(0.0, 0.3)
+            elif name.endswith("A_log"):
+                p.uniform_(-2.0, 1.0)
+
+
+# Rows of 256 weights, so that GGUF's K-quants (256-weight super-blocks) apply instead of falling back
+WIDE = dict(hidden_size=256, intermediate_size=512, head_dim=64)
+
+
+def make_tiny(family: str, path: Path, seed: int = 0, **overrides):
+    """Builds, saves and returns the torch model (eval mode); `overrides` change the config (e.g. **WIDE)."""
     import torch
     import transformers
 
     cfg_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    config = getattr(transformers, cfg_cls)(**{**COMMON, **extra})
+    config = getattr(transformers, cfg_cls)(**{**COMMON, **extra, **overrides})
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():  # random norms and biases, so a mishandled one shows in the logits
         for name, p in model.named_parameters():
@@ -60,3 +81,24 @@ def to_old_style_rope(path: Path) -> None:
     if params.get("rope_type", "default") != "default":
         cfg["rope_scaling"] = params
     (path / "config.json").write_text(json.dumps(cfg))
+
+
+def save_tiny_tokenizer(path: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer of exactly `vocab_size` tokens (the last one "<|endoftext|>", special), so
+    that a tiny model written to GGUF has the vocabulary llama.cpp needs to load it. Printable ASCII, space
+    and newline come first, so that English calibration text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_char = bytes_to_unicode()
+    first = [byte_char[b] for b in [10, *range(32, 127)]]
+    base = (first + sorted(set(byte_char.values()) - set(first)))[: vocab_size - 11]
+    merges = [(base[2 * i + 40], base[2 * i + 41]) for i in range(10)]  # llama.cpp refuses BPE without merges
+    tokens = base + [a + b for a, b in merges]
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    assert len(fast) == vocab_size
+    fast.save_pretrained(path)

@@ -89,6 +89,62 @@ def _extract(archive: Path, member: str, out: Path) -> None:
                 dst.write(block)
 
 
+@dataclass(frozen=True)
+class PinnedSource:
+    """A source distribution (sdist) on PyPI, identified by the sha256 of the archive itself."""
+
+    package: str  # "name==version"
+    sha256: str
+
+    @property
+    def root(self) -> Path:
+        return cache_dir() / "sources" / self.sha256[:16]
+
+
+def download_sdist(pin: PinnedSource, dest: Path) -> Path:
+    """The sdist archive in `dest`, downloaded and checked against the pinned sha256."""
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "-d",
+                           str(dest), pin.package], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    archives = [p for p in Path(dest).iterdir() if p.name.endswith((".tar.gz", ".zip"))]
+    if done.returncode != 0 or not archives:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DownloadError(f"cannot download {pin.package} (sdist): {last}")
+    got = sha256_of(archives[0])
+    if got != pin.sha256:
+        raise DownloadError(f"{archives[0].name}: sha256 {got} does not match pinned {pin.sha256}")
+    return archives[0]
+
+
+def fetch_source(pin: PinnedSource, members: tuple[str, ...]) -> Path:
+    """Files of a pinned sdist, extracted under mlxq's cache: `members` are paths inside the archive's top folder
+    (a folder stands for everything under it). Returns the folder they are in; downloads once, and the folder
+    appears complete or not at all."""
+    import tarfile
+
+    out = pin.root / "+".join(m.replace("/", "_") for m in members)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        print(f"mlxq: fetching {pin.package} (sdist) into {out.parent}", file=sys.stderr)
+        archive = download_sdist(pin, Path(tmp))
+        staged = Path(tmp) / "files"
+        with tarfile.open(archive) as t:
+            top = t.getnames()[0].split("/")[0]
+            wanted = [m for m in t.getmembers()
+                      if any(m.name == f"{top}/{w}" or m.name.startswith(f"{top}/{w}/") for w in members)]
+            if not wanted:
+                raise DownloadError(f"{archive.name}: has none of {', '.join(members)}")
+            t.extractall(staged, members=wanted, filter="data")
+        (staged / top).rename(out)  # complete or absent
+    return out
+
+
+# llama.cpp as vendored by the llama-cpp-python release installed as a dev dependency: its converter and tools are
+# the reference the GGUF tests and benchmarks compare against.
+LLAMA_CPP_SDIST = PinnedSource("llama-cpp-python==0.3.36",
+                               "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
+
 # Short names usable wherever a model name goes.
 ALIASES: dict[str, PinnedFile] = {
     "smollm2": PinnedFile(

@@ -16,20 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlx.core as mx
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from mlxq.errors import FormatError
 from mlxq.kernels import ternary
 
 QK_K = 256
 
-# GGML type name -> (weights per block, bytes per block), as gguf-py's GGML_QUANT_SIZES
-BLOCK_SIZES: dict[str, tuple[int, int]] = {
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-    "Q2_K": (QK_K, 84), "Q3_K": (QK_K, 110), "Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176), "Q6_K": (QK_K, 210),
-    "TQ1_0": (QK_K, 54), "TQ2_0": (QK_K, 66), "IQ4_NL": (32, 18), "IQ4_XS": (QK_K, 136),
-    "IQ2_XXS": (QK_K, 66), "IQ2_XS": (QK_K, 74), "IQ2_S": (QK_K, 82), "IQ3_XXS": (QK_K, 98), "IQ3_S": (QK_K, 110),
-    "IQ1_S": (QK_K, 50), "IQ1_M": (QK_K, 56),
-}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -68,8 +61,7 @@ def _q4_1(b):
 def _q5(b: mx.array, at: int) -> mx.array:
     """Q5_0 / Q5_1 codes 0..31: four bytes of high bits (bit j for weight j), then the nibbles."""
     n = b.shape[0]
-    qh = mx.view(b[:, at : at + 4], mx.uint32)  # [n, 1]
-    high = ((qh >> mx.arange(32, dtype=mx.uint32)[None]) & 1).astype(mx.uint8)
+    high = (b[:, at : at + 4, None] >> mx.arange(8, dtype=mx.uint8)) & 1  # [n, byte, bit]: weight 8 * byte + bit
     return _nibbles(b[:, at + 4 : at + 20], 16) | (high.reshape(n, 32) << 4)
 
 
@@ -305,6 +297,8 @@ _DEQUANTIZE: dict[str, Callable[[mx.array], mx.array]] = {
     "IQ2_XXS": _iq2_xxs, "IQ2_XS": _iq2_xs, "IQ2_S": _iq2_s, "IQ3_XXS": _iq3_xxs, "IQ3_S": _iq3_s,
     "IQ1_S": _iq1_s, "IQ1_M": _iq1_m,
 }
+# GGML type name -> (weights per block, bytes per block), from gguf-py's table
+BLOCK_SIZES: dict[str, tuple[int, int]] = {kind: GGML_QUANT_SIZES[GGMLQuantizationType[kind]] for kind in _DEQUANTIZE}
 
 
 # ------------------------------------------------------------------------------------------------ as MLX affine
@@ -327,7 +321,7 @@ def _affine_blocks(b: mx.array, kind: str) -> tuple[mx.array, mx.array, mx.array
         return codes, _f16(b, 0), _f16(b, 2)
     if kind == "Q8_0":
         d = _f16(b, 0)
-        return (mx.view(b[:, 2:34], mx.int8).astype(mx.int16) + 128).astype(mx.uint8), d, -128 * d
+        return b[:, 2:34] ^ 0x80, d, -128 * d  # int8 + 128 as a byte: the sign bit flipped
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
     if kind == "Q4_K":
@@ -340,12 +334,52 @@ def _affine_blocks(b: mx.array, kind: str) -> tuple[mx.array, mx.array, mx.array
 
 def pack_codes(codes: mx.array, bits: int) -> mx.array:
     """Codes [rows, n] (each < 2**bits) -> MLX's packed uint32 [rows, n * bits / 32]: one little-endian bit
-    stream per row (code i in bits [i * bits, (i + 1) * bits)), 8 codes = `bits` bytes at a time."""
+    stream per row (code i in bits [i * bits, (i + 1) * bits)). Built a byte at a time: every 8 codes make `bits`
+    bytes, byte j gathering the codes whose bits overlap bits [8j, 8j + 8)."""
     rows, n = codes.shape
-    c = codes.reshape(rows, n // 8, 8).astype(mx.uint64)
-    word = (c << (bits * mx.arange(8, dtype=mx.uint64))).sum(axis=-1)  # the codes' bits do not overlap
-    stream = ((word[..., None] >> (8 * mx.arange(bits, dtype=mx.uint64))) & 0xFF).astype(mx.uint8)
-    return mx.view(stream.reshape(rows, n * bits // 8), mx.uint32)
+    if bits == 8:
+        return mx.view(codes.astype(mx.uint8), mx.uint32)
+    c = codes.astype(mx.uint8).reshape(rows, n // 8, 8)
+    out = []
+    for j in range(bits):
+        byte = None
+        for k in range(8):
+            shift = bits * k - 8 * j  # where code k's bit 0 lands in byte j
+            if -bits < shift < 8:
+                part = c[..., k] << shift if shift >= 0 else c[..., k] >> -shift
+                byte = part if byte is None else byte | part
+        out.append(byte)
+    return mx.view(mx.stack(out, axis=-1).reshape(rows, n * bits // 8), mx.uint32)
+
+
+def unpack_codes(packed: mx.array, bits: int) -> mx.array:
+    """The inverse of `pack_codes`: MLX's packed uint32 [..., n * bits / 32] -> codes [..., n] (uint8); code k of
+    each 8 is gathered from the one or two bytes its bits fall in."""
+    *lead, words = packed.shape
+    stream = mx.view(packed, mx.uint8)
+    if bits == 8:
+        return stream
+    b = stream.reshape(*lead, words * 4 // bits, bits)
+    mask = (1 << bits) - 1
+    codes = []
+    for k in range(8):
+        j, shift = divmod(bits * k, 8)
+        code = b[..., j] >> shift
+        if shift + bits > 8:
+            code = code | (b[..., j + 1] << (8 - shift))
+        codes.append(code & mask)
+    return mx.stack(codes, axis=-1).reshape(*lead, words * 32 // bits)
+
+
+def affine_dequantize(weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
+                      dtype: mx.Dtype = mx.float32) -> mx.array:
+    """`mx.dequantize` for the affine mode in plain MLX ops (scale * code + bias, as MLX computes it); MLX's own CPU
+    dequantization and quantized matmul are an order of magnitude slower than this plus a BLAS matmul."""
+    codes = unpack_codes(weight, bits)
+    *lead, n = codes.shape
+    q = codes.reshape(*lead, n // group_size, group_size).astype(mx.float32)
+    w = scales.astype(mx.float32)[..., None] * q + biases.astype(mx.float32)[..., None]
+    return w.reshape(*lead, n).astype(dtype)
 
 
 def to_affine(blocks: mx.array, kind: str, rows_per_step: int = 2048) -> tuple[mx.array, mx.array, mx.array]:

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxq.engine.cache import KVCache, RotatingKVCache
-from mlxq.models.layers import Attention, BaseArgs, GatedMLP, RoPE, rope_settings
+from mlxq.models.layers import Attention, BaseArgs, Embedding, GatedMLP, RoPE, rope_settings
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Block(nn.Module):
 class Body(nn.Module):
     def __init__(self, a: Args, config: dict[str, Any]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embed_tokens = Embedding(a.vocab_size, a.hidden_size)
         local = {**rope_settings(config, "sliding_attention")}
         if "sliding_attention" not in (config.get("rope_parameters") or {}):
             local = {"rope_type": "default", "rope_theta": a.rope_local_base_freq}

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxq.errors import ConfigError
-from mlxq.kernels import ternary
+from mlxq.kernels import kquants, ternary
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -155,6 +155,102 @@ class Linear(nn.Linear):
             self.weight_t = mx.contiguous(self["weight"].T)
             del self.weight
 
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
+                     quantize_input: bool = False) -> nn.Module:
+        if quantize_input:
+            return super().to_quantized(group_size, bits, mode, quantize_input)
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+# From this many rows on (a prompt), off Metal, quantized layers dequantize their weight and run one BLAS matmul:
+# MLX's CPU quantized matmul costs about a row's worth of that per row, so it wins only for a few rows (decode).
+DEQUANTIZE_FROM_ROWS = 8
+
+
+def _quantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
+    """x @ W^T for an affine-quantized layer (QuantizedLinear, QuantizedEmbedding.as_linear)."""
+    if _ON_METAL or layer.mode != "affine" or x.size // x.shape[-1] < DEQUANTIZE_FROM_ROWS:
+        return mx.quantized_matmul(x, layer["weight"], layer["scales"], layer.get("biases"), transpose=True,
+                                   group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+    w = kquants.affine_dequantize(layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits,
+                                  x.dtype)
+    return x @ w.T
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """nn.QuantizedLinear with a faster CPU path for prompts (`_quantized_matmul`)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = _quantized_matmul(self, x)
+        return y + self["bias"] if "bias" in self else y
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose quantized form has the faster CPU path for prompts when it doubles as the output head."""
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
+                     quantize_input: bool = False) -> nn.Module:
+        return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
+
+
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _quantized_matmul(self, x)
+
+
+class BlockLinear(nn.Module):
+    """A linear layer whose weight stays in GGML blocks as the GGUF file stores it (`mlxq.kernels.kquants`):
+    `weight` uint8 [out, row bytes] of type `kind`, multiplied by the kquants kernels (the reference
+    dequantizes one layer at a time, at call time). With `input_order`, the weight's columns hold the input's
+    features in that order (a column permutation its blocks could not absorb), so the input is gathered first."""
+
+    def __init__(self, dim_in: int, dim_out: int, kind: str, bias: bool = False, input_order: bool = False):
+        super().__init__()
+        self.kind = kind
+        self.weight = mx.zeros((dim_out, kquants.row_bytes(kind, dim_in)), mx.uint8)
+        if bias:
+            self.bias = mx.zeros((dim_out,))
+        if input_order:
+            self.input_order = mx.arange(dim_in, dtype=mx.int32)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "input_order" in self:
+            x = mx.take(x, self["input_order"], axis=-1)
+        y = kquants.matmul(x, self["weight"], self.kind)
+        return y + self["bias"] if "bias" in self else y
+
+
+class BlockEmbedding(nn.Module):
+    """An embedding table in GGML blocks: a lookup dequantizes only the rows it reads; `as_linear` (tied output
+    heads) multiplies on the blocks."""
+
+    def __init__(self, num_embeddings: int, dims: int, kind: str, dtype: mx.Dtype = mx.float32):
+        super().__init__()
+        self.kind, self.dtype = kind, dtype
+        self.weight = mx.zeros((num_embeddings, kquants.row_bytes(kind, dims)), mx.uint8)
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return kquants.take_rows(self["weight"], self.kind, ids, self.dtype)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return kquants.matmul(x, self["weight"], self.kind)
+
+
+def to_blocks(module: nn.Module, kind: str, dtype: mx.Dtype, input_order: bool = False) -> nn.Module:
+    """The block-quantized counterpart of a Linear / Embedding / SwitchLinear, same shapes (GGUF weights of a type
+    MLX's affine format cannot hold exactly)."""
+    from mlxq.models.moe import BlockSwitchLinear, SwitchLinear
+
+    if isinstance(module, SwitchLinear):
+        n_experts, dim_out, dim_in = module.weight.shape
+        return BlockSwitchLinear(dim_in, dim_out, n_experts, kind)
+    if isinstance(module, nn.Embedding):
+        return BlockEmbedding(*module.weight.shape, kind, dtype)
+    if isinstance(module, nn.Linear):
+        dim_out, dim_in = module.weight.shape
+        return BlockLinear(dim_in, dim_out, kind, bias="bias" in module, input_order=input_order)
+    raise ConfigError(f"a {type(module).__name__} cannot hold GGML {kind} blocks")
+
 
 def cpu_layout(model: nn.Module) -> None:
     """Off Metal, put every module with an inference-only weight layout (`transpose_weight`, `cpu_layout`) into
@@ -204,16 +300,22 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     """One layer whose output is the given layers' outputs concatenated (one matmul instead of several:
     fewer, larger reads of the same input), or None when they cannot share one (mixed quantization)."""
     first = linears[0]
-    if any(type(m) is not type(first) for m in linears) or not isinstance(first, (nn.Linear, nn.QuantizedLinear)):
+    if any(type(m) is not type(first) for m in linears) or not isinstance(
+            first, (nn.Linear, nn.QuantizedLinear, BlockLinear)):
         return None
-    quant = [(m.group_size, m.bits, m.mode) for m in linears if isinstance(m, nn.QuantizedLinear)]
-    if len(set(quant)) > 1 or len({"bias" in m for m in linears}) > 1:
+    if len({_layout(m) for m in linears}) > 1 or any("input_order" in m for m in linears):
         return None
     fused = copy.copy(first)  # same class and settings; the arrays are replaced below
     for key in ("weight", "scales", "biases", "bias"):
         if key in first:
             fused[key] = mx.concatenate([m[key] for m in linears], axis=0)
     return fused
+
+
+def _layout(m: nn.Module) -> tuple:
+    """What must agree for layers to share one weight: quantization settings and whether there is a bias."""
+    return (getattr(m, "group_size", None), getattr(m, "bits", None), getattr(m, "mode", None),
+            getattr(m, "kind", None), "bias" in m)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxq.engine.cache import KVCache
-from mlxq.models.layers import Attention, BaseArgs, GatedMLP, RoPE, rope_settings
+from mlxq.models.layers import Attention, BaseArgs, Embedding, GatedMLP, RoPE, rope_settings
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Block(nn.Module):
 class Body(nn.Module):
     def __init__(self, a: Args, rope: RoPE, block):
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embed_tokens = Embedding(a.vocab_size, a.hidden_size)
         self.layers = [block(a, rope) for _ in range(a.num_hidden_layers)]
         self.norm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxq.kernels import kquants
 from mlxq.kernels.activations import sigmoid, silu, silu_glu
 from mlxq.models.layers import GatedMLP, Linear
 
@@ -95,6 +96,22 @@ class QuantizedSwitchLinear(nn.Module):
         )
 
 
+class BlockSwitchLinear(nn.Module):
+    """`SwitchLinear` with each expert's weight in GGML blocks (`mlxq.kernels.kquants`): uint8
+    [experts, out, row bytes] of type `kind`; the reference path dequantizes only the experts a call uses."""
+
+    def __init__(self, dim_in: int, dim_out: int, n_experts: int, kind: str):
+        super().__init__()
+        self.kind, self.num_experts = kind, n_experts
+        self.weight = mx.zeros((n_experts, dim_out, kquants.row_bytes(kind, dim_in)), mx.uint8)
+
+    def __call__(self, x: mx.array, experts: mx.array, sorted_indices: bool = False) -> mx.array:
+        return kquants.gather_matmul(x, self["weight"], self.kind, experts, sorted_indices)
+
+    def expert(self, x: mx.array, e: int) -> mx.array:
+        return kquants.matmul(x, self["weight"][e], self.kind)
+
+
 class SwitchGLU(nn.Module):
     """The experts of a MoE layer: down(silu(gate(x)) * up(x)), each token through its top-k experts."""
 
@@ -108,7 +125,7 @@ class SwitchGLU(nn.Module):
         """gate and up as one gathered matmul (same input, same experts) when their layouts agree."""
         gate, up = self.gate_proj, self.up_proj
         if type(gate) is not type(up) or any(
-            getattr(gate, a, None) != getattr(up, a, None) for a in ("bits", "group_size", "mode")
+            getattr(gate, a, None) != getattr(up, a, None) for a in ("bits", "group_size", "mode", "kind")
         ):
             return
         fused = gate

@@ -21,7 +21,7 @@ from mlxq.engine.cache import KVCache, RecurrentCache
 from mlxq.errors import ConfigError, FormatError
 from mlxq.kernels.activations import exp, sigmoid, silu
 from mlxq.kernels.deltanet import gated_delta_rule
-from mlxq.models.layers import BaseArgs, GatedMLP, Linear, RoPE, attention, fuse_linears, rope_settings
+from mlxq.models.layers import BaseArgs, Embedding, GatedMLP, Linear, RoPE, attention, fuse_linears, rope_settings
 from mlxq.models.moe import SparseMoE
 
 LAYER_KINDS = ("linear_attention", "full_attention")
@@ -306,7 +306,7 @@ class Block(nn.Module):
 class Body(nn.Module):
     def __init__(self, a: Args, rope: RoPE):
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embed_tokens = Embedding(a.vocab_size, a.hidden_size)
         self.layers = [Block(a, i, rope) for i in range(a.num_hidden_layers)]
         self.norm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
 

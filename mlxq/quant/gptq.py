@@ -12,6 +12,7 @@ the original weights ("static groups", `static_groups=True`) measured worse on S
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from mlxq.quant.affine import CHUNK_ELEMENTS, PARAM_DTYPE, Quantized, pack, search_params
 
@@ -39,64 +40,110 @@ def gptq(
     group's scale and bias once, from the original weights, instead of at each group's first column."""
     rows, cols = w.shape
     u = inverse_hessian_factor(hessian, damp)
-    importance = mx.diagonal(hessian).astype(mx.float32)
-    importance = importance + 1e-2 * mx.mean(importance)  # a floor, so a silent channel still rounds sanely
+    importance = _importance(hessian)
     mx.eval(u, importance)
+    levels = 2**bits - 1
     step = max(1, CHUNK_ELEMENTS // cols)
-    parts = [
-        _gptq_rows(w[r : r + step].astype(mx.float32), u, importance, bits, group_size, static_groups)
-        for r in range(0, rows, step)
-    ]
+    parts = []
+    for r in range(0, rows, step):
+        chunk = w[r : r + step].astype(mx.float32)
+        fixed = None
+        if static_groups:
+            fixed = search_params(chunk, bits, group_size, mx.broadcast_to(importance, chunk.shape))
+
+        def fit(group: mx.array, col: int, fixed=fixed):
+            if fixed is not None:
+                s, b = fixed[0][:, col // group_size], fixed[1][:, col // group_size]
+            else:
+                h = mx.broadcast_to(importance[col : col + group_size], group.shape)
+                s, b = search_params(group, bits, group_size, h)
+                s, b = s[:, 0], b[:, 0]
+            shape = group.shape
+            return mx.broadcast_to(s[:, None], shape), mx.broadcast_to(b[:, None], shape), (s, b)
+
+        done = error_feedback(chunk, u, group_size, levels, fit)
+        q = mx.concatenate([codes for _, codes in done], axis=1).astype(mx.uint32)
+        scales = mx.stack([s for (s, _), _ in done], axis=1).astype(PARAM_DTYPE)
+        biases = mx.stack([b for (_, b), _ in done], axis=1).astype(PARAM_DTYPE)
+        parts.append((pack(q, bits), scales, biases))
     weight, scales, biases = (
         mx.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(3)
     )
     return Quantized(weight, scales, biases)
 
 
-def _gptq_rows(w: mx.array, u: mx.array, importance: mx.array, bits: int, group_size: int, static_groups: bool):
+def gptq_blocks(w: np.ndarray, hessian: mx.array, codec, importance: np.ndarray | None = None,
+                damp: float = DAMP) -> np.ndarray:
+    """GPTQ into a GGUF block type: `codec` (formats.gguf.codecs) fits each block's scales, importance-weighted,
+    on the weights as updated so far, when the block's first column is reached; the codes are then chosen
+    column by column with error feedback. w [rows, cols] float32 -> the type's bytes [rows, cols/block*size]."""
     rows, cols = w.shape
-    levels = 2**bits - 1
-    codes, scales, biases = [], [], []
-    fixed = None
-    if static_groups:
-        fixed = search_params(w, bits, group_size, mx.broadcast_to(importance, w.shape))
-    block = max(BLOCK // group_size, 1) * group_size
+    u = inverse_hessian_factor(hessian, damp)
+    mx.eval(u)
+    per = cols // codec.block
+    qw = None if importance is None else np.asarray(importance, np.float32)
+    out = np.empty((rows, per * codec.size), np.uint8)
+    step = max(1, CHUNK_ELEMENTS // cols)
+    for r in range(0, rows, step):
+        rows_np = np.asarray(w[r : r + step], np.float32)
+        n = rows_np.shape[0]
+        # ggml's legacy types weight by the row's mean square (of the original row here)
+        sigma2 = codec.row_stat * (rows_np * rows_np).mean(axis=1) if qw is not None and codec.row_stat else None
+
+        def fit(group: mx.array, col: int, n=n, sigma2=sigma2):
+            x = np.array(group, dtype=np.float32)
+            q = None if qw is None or not codec.weighted else np.broadcast_to(qw[col : col + codec.block], x.shape)
+            with np.errstate(all="ignore"):
+                found = codec.fit(x, q, None if q is None else sigma2)
+            spread = lambda a: mx.array(np.repeat(a.reshape(n, -1), codec.sub, axis=1))  # noqa: E731
+            return spread(found.scale), spread(found.bias), found
+
+        chunk = mx.array(rows_np)
+        done = error_feedback(chunk, u, codec.block, codec.nmax, fit)
+        out[r : r + step] = np.concatenate(
+            [codec.pack(found, np.array(codes).astype(np.int32)) for found, codes in done], axis=1)
+    return out
+
+
+def error_feedback(w: mx.array, u: mx.array, group: int, levels: int, fit) -> list:
+    """The GPTQ loop over w [rows, cols] (float32) in groups of `group` columns, u = inverse_hessian_factor(H).
+    `fit(w_group, first_col)` returns (scale, bias, state): the grid value of code q in 0..levels is
+    scale * q + bias, per weight ([rows, group]); it sees the group's weights as updated by the errors of the
+    columns before. Returns [(state, codes)] per group."""
+    rows, cols = w.shape
+    block = max(BLOCK // group, 1) * group
+    done = []
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         w1 = w[:, i1:i2]
         errs = []
-        s = b = None
-        for j in range(0, i2 - i1, group_size):
-            col = i1 + j
-            if fixed is not None:
-                s, b = fixed[0][:, col // group_size], fixed[1][:, col // group_size]
-            else:
-                h = mx.broadcast_to(importance[col : col + group_size], (rows, group_size))
-                s, b = search_params(w1[:, j : j + group_size], bits, group_size, h)
-                s, b = s[:, 0], b[:, 0]
-            scales.append(s)
-            biases.append(b)
-            w1, q, err = _group_step(w1, s, b, u[i1:i2, i1:i2], j, group_size, levels)
+        for j in range(0, i2 - i1, group):
+            s, b, state = fit(w1[:, j : j + group], i1 + j)
+            w1, q, err = _group_step(w1, s, b, u[i1:i2, i1:i2], j, group, levels)
             mx.eval(w1, q, err)
-            codes.append(q)
+            done.append((state, q))
             errs.append(err)
         if i2 < cols:
             w = mx.concatenate([w[:, :i2], w[:, i2:] - mx.concatenate(errs, axis=1) @ u[i1:i2, i2:]], axis=1)
             mx.eval(w)
-    q = mx.concatenate(codes, axis=1).astype(mx.uint32)
-    return (pack(q, bits), mx.stack(scales, axis=1).astype(PARAM_DTYPE), mx.stack(biases, axis=1).astype(PARAM_DTYPE))
+    return done
+
+
+def _importance(hessian: mx.array) -> mx.array:
+    importance = mx.diagonal(hessian).astype(mx.float32)
+    return importance + 1e-2 * mx.mean(importance)  # a floor, so a silent channel still rounds sanely
 
 
 @mx.compile
 def _group_step(w1: mx.array, s: mx.array, b: mx.array, u: mx.array, start: int, size: int, levels: int):
     """Quantize columns start..start+size of the block w1 one by one, pushing each column's error onto the
-    block's later columns (u is upper triangular: earlier columns get zero). Compiled: one call per group
-    instead of a handful of dispatches per column."""
+    block's later columns (u is upper triangular: earlier columns get zero). s, b [rows, size]: each column's
+    grid (a zero scale leaves only the bias). Compiled: one call per group instead of a handful per column."""
     codes, errs = [], []
     for j in range(start, start + size):
-        x = w1[:, j]
-        q = mx.clip(mx.round((x - b) / s), 0, levels)
-        err = (x - (q * s + b)) / u[j, j]
+        x, sj, bj = w1[:, j], s[:, j - start], b[:, j - start]
+        q = mx.where(sj == 0, 0.0, mx.clip(mx.round((x - bj) / mx.where(sj == 0, 1.0, sj)), 0, levels))
+        err = (x - (q * sj + bj)) / u[j, j]
         w1 = w1 - err[:, None] * u[j][None]
         codes.append(q)
         errs.append(err)

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,33 +97,53 @@ class Result:
     recipe: str
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What recipe rules look at besides a tensor's role, read from the config and the tensor names."""
+
+    model_type: str | None
+    n_layers: int
+    gqa: int  # query heads per KV head
+    experts: int  # routed experts per MoE layer (0: dense)
+    tied: bool  # no separate output head: the embedding is the head
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint) -> ModelShape:
+        cfg = text_config(ckpt.config)
+        heads = cfg.get("num_attention_heads") or 1
+        names = [i.name for i in ckpt.tensors.infos()]
+        return cls(cfg.get("model_type"), int(cfg.get("num_hidden_layers") or 1),
+                   max(1, heads // (cfg.get("num_key_value_heads") or heads)),
+                   int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0),
+                   not any(n.endswith("lm_head.weight") and not in_mtp(n) for n in names))
+
+    def spec(self, recipe: Recipe, name: str, role: str | None, shape: tuple[int, ...], dtype: str) -> Spec:
+        """The recipe's spec for one tensor: float unless it is a weight matrix (or stacked experts)."""
+        src_dtype = _SOURCE_DTYPES.get(dtype.lower(), mx.float32)  # GGUF block types load as float32
+        weightlike = (len(shape) >= 2 and mx.issubdtype(src_dtype, mx.floating)
+                      and (name.endswith(".weight") or _FUSED_EXPERTS.search(name)))
+        if role is None or not weightlike:
+            return FLOAT
+        where = Where(layer_of(name), self.n_layers, self.gqa, in_mtp(name), self.experts)
+        # a tied embedding is also the output head: it follows the head's rules (as llama.cpp does)
+        if role == "embedding" and self.tied and not where.mtp:
+            return recipe.spec("lm_head", where, alias="embedding")
+        return recipe.spec(role, where)
+
+
 def plan(ckpt: Checkpoint, recipe: Recipe, dtype: mx.Dtype | None = None) -> Plan:
     """What each tensor becomes: its role, its spec and the tensors written for it. Reads no weights."""
-    cfg = text_config(ckpt.config)
-    arch = cfg.get("model_type")
-    n_layers = int(cfg.get("num_hidden_layers") or 1)
-    heads = cfg.get("num_attention_heads") or 1
-    gqa = max(1, heads // (cfg.get("num_key_value_heads") or heads))
-    infos = ckpt.tensors.infos()
-    names = {i.name for i in infos}
-    tied = not any(n.endswith("lm_head.weight") and not in_mtp(n) for n in names)
+    shape_of = ModelShape.of(ckpt)
     items, unknown = [], []
-    for info in infos:
+    for info in ckpt.tensors.infos():
         name, shape = info.name, tuple(info.shape)
-        role = role_of(name, arch)
-        src_dtype = _SOURCE_DTYPES.get(info.dtype.lower(), mx.float32)  # GGUF block types load as float32
+        role = role_of(name, shape_of.model_type)
+        src_dtype = _SOURCE_DTYPES.get(info.dtype.lower(), mx.float32)
         is_float = mx.issubdtype(src_dtype, mx.floating)
-        weightlike = len(shape) >= 2 and is_float and (name.endswith(".weight") or _FUSED_EXPERTS.search(name))
-        spec = FLOAT
         if role is None:
             unknown.append(name)
-        elif weightlike:
-            where = Where(layer_of(name), n_layers, gqa, in_mtp(name))
-            # a tied embedding is also the output head: it follows the head's rules (as llama.cpp does)
-            if role == "embedding" and tied and not where.mtp:
-                spec = recipe.spec("lm_head", where, alias="embedding")
-            else:
-                spec = recipe.spec(role, where)
+        spec = shape_of.spec(recipe, name, role, shape, info.dtype)
+        if spec.quantized:
             spec = _fit_group(spec, shape[-1])
         if not spec.quantized:
             out_dtype = (
@@ -160,7 +181,7 @@ def plan(ckpt: Checkpoint, recipe: Recipe, dtype: mx.Dtype | None = None) -> Pla
                 OutTensor(f"{base}.biases", (*lead, groups), affine.PARAM_DTYPE),
             ]
         items.append(Item(name, role, spec, info.nbytes, outputs, parts, shape[-1]))
-    return Plan(items, _quant_config(items, arch), tied, unknown)
+    return Plan(items, _quant_config(items, shape_of.model_type), shape_of.tied, unknown)
 
 
 def _fit_group(spec: Spec, cols: int) -> Spec:
@@ -250,7 +271,7 @@ def quantize(
     _clear_stale(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     start = time.perf_counter()
-    restore = _terminate_cleanly()
+    restore = terminate_cleanly()
     try:
         tmp.mkdir()
         writer = ShardWriter(tmp, the_plan.outputs, shard_bytes)
@@ -279,24 +300,31 @@ def quantize(
     return _result(the_plan, out, method, recipe, time.perf_counter() - start)
 
 
+@contextmanager
+def progress_bar(console, label: str, items: list, enabled: bool = True):
+    """A tensors-done bar with the read rate; yields `advance(src_bytes)`, called once per item."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    total = sum(it.src_bytes for it in items)
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not enabled) as bar:
+        task = bar.add_task(label, total=len(items), rate="")
+        start, done = time.perf_counter(), 0
+
+        def advance(nbytes: int) -> None:
+            nonlocal done
+            done += nbytes
+            rate = done / max(time.perf_counter() - start, 1e-9) / 1e9
+            bar.update(task, advance=1, rate=f"{rate:.3f} GB/s ({done / 1e9:.2f}/{total / 1e9:.2f} GB read)")
+
+        yield advance
+
+
 def _stream(
     ckpt: Checkpoint, the_plan: Plan, writer: ShardWriter, method: str, stats: Stats | None, console, progress: bool
 ) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    total = sum(it.src_bytes for it in the_plan.items)
-    with Progress(
-        TextColumn("quantizing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tensors"),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not progress,
-    ) as bar:
-        task = bar.add_task("quantize", total=len(the_plan.items), rate="")
-        start, done = time.perf_counter(), 0
+    with progress_bar(console, "quantizing", the_plan.items, progress) as advance:
         for item in the_plan.items:
             w = ckpt.tensors[item.name]
             if not item.spec.quantized:
@@ -314,9 +342,7 @@ def _stream(
                         writer.write(f"{base}.{suffix}", array)
             del w
             mx.clear_cache()  # MLX keeps freed buffers for reuse; handing them back keeps the peak near one tensor
-            done += item.src_bytes
-            rate = done / max(time.perf_counter() - start, 1e-9) / 1e9
-            bar.update(task, advance=1, rate=f"{rate:.3f} GB/s ({done / 1e9:.2f}/{total / 1e9:.2f} GB read)")
+            advance(item.src_bytes)
 
 
 def _quantize(name: str, w: mx.array, spec: Spec, method: str, stats: Stats | None, tied: bool) -> affine.Quantized:
@@ -413,7 +439,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _terminate_cleanly():
+def terminate_cleanly():
     """SIGTERM raises SystemExit in the main thread, so the temporary directory is removed on the way out."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None

@@ -91,6 +91,14 @@ class Transform:
     def to_hf(self, w, config: dict[str, Any]):
         raise NotImplementedError
 
+    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape `to_hf` gives a tensor of this (GGUF-side) shape."""
+        return shape
+
+    def gguf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape `to_gguf` gives a tensor of this (HF-side) shape."""
+        return shape
+
 
 @dataclass(frozen=True)
 class Shift(Transform):
@@ -127,6 +135,26 @@ class Squeeze(Transform):
 
     def to_hf(self, w, config):
         return w.reshape(*w.shape[: self.axis], 1, *w.shape[self.axis :])
+
+    def hf_shape(self, shape):
+        return (*shape[: self.axis], 1, *shape[self.axis :])
+
+    def gguf_shape(self, shape):
+        return (*shape[: self.axis], *shape[self.axis + 1 :])
+
+
+@dataclass(frozen=True)
+class AsRow(Transform):
+    """A [1, n] weight (the shared expert's gate), which llama.cpp keeps as it is and Ollama stores as [n]."""
+
+    def to_gguf(self, w, config):
+        return w
+
+    def to_hf(self, w, config):
+        return w.reshape(1, -1)
+
+    def hf_shape(self, shape):
+        return (1, shape[-1])
 
 
 class Permutation(Transform):
@@ -202,12 +230,10 @@ PLUS_ONE = Shift(1.0)
 
 @dataclass(frozen=True)
 class Split:
-    """One GGUF tensor that holds several HF tensors stacked along rows (import only: llama.cpp's own names keep
-    them apart). `grouped` interleaves them per key head (Qwen3-Next's [b a] per key head) instead of whole
-    tensors one after the other."""
+    """One GGUF tensor that holds several HF tensors one after the other along rows, in equal parts (import only:
+    llama.cpp's own names keep them apart); `transforms` apply to each part."""
 
     parts: tuple[str, ...]
-    grouped: bool = False
     transforms: tuple[Transform, ...] = ()
 
 
@@ -276,6 +302,7 @@ _QWEN35_TRANSFORMS: dict[str, tuple[Transform, ...]] = {
     "linear_attn.in_proj_b.weight": (TiledVHeads(),),
     "linear_attn.in_proj_a.weight": (TiledVHeads(),),
     "linear_attn.out_proj.weight": (TiledVHeads(1, V_HEAD_DIM),),
+    "mlp.shared_expert_gate.weight": (AsRow(),),
 }
 _QWEN3NEXT_TRANSFORMS = {name: tuple(t for t in ts if not isinstance(t, TiledVHeads))
                          for name, ts in _QWEN35_TRANSFORMS.items()}
@@ -326,12 +353,13 @@ ARCHITECTURES: dict[str, Architecture] = {
         transforms={**_QWEN35_TRANSFORMS, "model.norm.weight": (PLUS_ONE,)},
         splits={_name(MODEL_TENSOR.SSM_BETA_ALPHA) + ".weight": Split(
             ("linear_attn.in_proj_b.weight", "linear_attn.in_proj_a.weight"), transforms=(TiledVHeads(),))}),
-    # Qwen3-Next: no value-head reordering; its fused b/a keeps HF's grouping per key head ([b a] per key head)
+    # Qwen3-Next: no value-head reordering; its fused tensors are HF's own (grouped per key head), which the model's
+    # sanitize splits: ssm_ba = in_proj_ba, and the legacy ssm_in = in_proj_qkvz
     "qwen3next": Architecture(
-        "qwen3_next", block={**_HYBRID_BLOCK, _name(MODEL_TENSOR.SSM_IN): "linear_attn.in_proj_qkvz"}, hybrid=True,
-        transforms={**_QWEN3NEXT_TRANSFORMS, "model.norm.weight": (PLUS_ONE,)},
-        splits={_name(MODEL_TENSOR.SSM_BETA_ALPHA) + ".weight": Split(
-            ("linear_attn.in_proj_b.weight", "linear_attn.in_proj_a.weight"), grouped=True)}),
+        "qwen3_next", hybrid=True,
+        block={**_HYBRID_BLOCK, _name(MODEL_TENSOR.SSM_IN): "linear_attn.in_proj_qkvz",
+               _name(MODEL_TENSOR.SSM_BETA_ALPHA): "linear_attn.in_proj_ba"},
+        transforms={**_QWEN3NEXT_TRANSFORMS, "model.norm.weight": (PLUS_ONE,)}),
 }
 
 # Multi-token-prediction blocks (qwen35, qwen35moe, qwen3next): llama.cpp appends them as blocks after the model's
@@ -423,3 +451,37 @@ def split(arch: str, gguf_name: str) -> tuple[int, Split] | None:
         return None
     hit = ARCHITECTURES[arch].splits.get(m.group(2))
     return None if hit is None else (int(m.group(1)), hit)
+
+
+# ---------------------------------------------------------------------------------------------- export
+# HF model_type -> GGUF architecture: every model_type the reader gives, and the multimodal wrappers' own names
+EXPORT_ARCHITECTURES: dict[str, str] = {
+    **{spec.model_type: arch for arch, spec in ARCHITECTURES.items()},
+    "gemma3": "gemma3", "qwen3_5": "qwen35", "qwen3_5_moe": "qwen35moe",
+}
+
+
+def gguf_arch(model_type: str | None) -> str | None:
+    return EXPORT_ARCHITECTURES.get(model_type or "")
+
+
+def to_gguf(arch: str, hf: str, w, config: dict[str, Any]):
+    """The tensor as llama.cpp's converter writes it."""
+    return to_gguf_all(transforms(arch, hf), w, config)
+
+
+def gguf_shape(arch: str, hf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    for t in transforms(arch, hf):
+        shape = t.gguf_shape(shape)
+    return shape
+
+
+def column_order(arch: str, hf: str, cols: int, config: dict[str, Any]) -> np.ndarray | None:
+    """Where the converter moves a matrix's columns (input channels), as gguf = hf[:, order]; None when it
+    leaves them in place. Calibration statistics are per input channel, so they move the same way."""
+    order = None
+    for t in transforms(arch, hf):
+        if isinstance(t, Permutation) and t.axis in (1, -1):
+            step = t.order(cols, config)
+            order = step if order is None else order[step]
+    return order

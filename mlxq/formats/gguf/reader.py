@@ -1,184 +1,477 @@
 """GGUF files (llama.cpp, Ollama): HF config and HF-named tensors, read lazily one tensor at a time.
 
-Containers go through gguf-py (llama.cpp's own reader). Every type `gguf.quants` can dequantize loads as float;
-with `keep_quantized`, Q4_0, Q4_1 and Q8_0 blocks become MLX affine quantized weights with no loss: their
-values are exactly `scale * q + bias` with one scale (and offset) per 32 weights, which is what MLX's affine
-mode stores, once the 4-bit nibbles are put in MLX's order.
+The header is parsed here (gguf-py's reader decodes every token string into numpy objects: seconds for a large
+vocabulary); tensor bytes are read with `pread`, one tensor at a time, never mapped, so a loaded model costs its own
+arrays and nothing more. Each tensor comes out in one of three forms:
+
+- float: F32/F16/BF16 as stored, quantized types dequantized in MLX (`kernels.kquants`, bit-exact with gguf-py);
+- affine (`keep_quantized`): types whose values are exactly `scale * code + bias` per 32 weights (Q4_0, Q4_1, Q5_0,
+  Q5_1, Q8_0, and Q4_K / Q5_K with float32 scales) as MLX quantized weights, `.weight/.scales/.biases`;
+- blocks (`keep_quantized`): every other type (Q6_K, Q3_K, Q2_K, IQ*, TQ*) as its raw uint8 rows, bound to the
+  block layers of `models.layers` / `models.moe`, which multiply on them.
+
+What llama.cpp's converter changed (names, permutations, norm shifts, the hybrid's value-head order) is undone here
+from the tables in `names`, so the model sees an HF checkpoint. Ollama's variants of the hybrid files read too:
+`ssm_dt` without ".bias", a fused `ssm_ba`, 3-element rope sections, per-layer `head_count_kv`, vision tensors in
+the same file (skipped).
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
+from mlxq.formats.gguf import names
 from mlxq.formats.gguf.checks import check_gguf
-from mlxq.formats.gguf.names import ARCHITECTURES, CONFIG_KEYS, hf_name, to_hf_all, transforms
+from mlxq.formats.gguf.codecs import FLOAT_TYPES
+from mlxq.formats.gguf.names import ARCHITECTURES, CONFIG_KEYS
+from mlxq.kernels import kquants
 
-GROUP = 32  # weights per Q4_0 / Q4_1 / Q8_0 block
-
-
-def _affine_q4_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
-    return _pack4(blocks[..., 2:18]), d, -8 * d.astype(np.float32)
+GROUP = kquants.AFFINE_GROUP
+AFFINE_TYPES = kquants.AFFINE_BITS  # GGML type -> bits of its exact MLX affine form
 
 
-def _affine_q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
-    return _pack4(blocks[..., 4:20]), d, m
+# ------------------------------------------------------------------------------------------------ header
+@dataclass(frozen=True)
+class Strings:
+    """A string array left in the file (the tokenizer's tokens and merges): its length and where it starts."""
+
+    count: int
+    offset: int
+
+    def read(self, path: Path) -> list[str]:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            out, pos = [], self.offset
+            for _ in range(self.count):
+                (n,) = struct.unpack_from("<Q", data, pos)
+                out.append(bytes(data[pos + 8 : pos + 8 + n]).decode("utf-8", errors="replace"))
+                pos += 8 + n
+            return out
 
 
-def _affine_q8_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
-    q = (blocks[..., 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)  # signed -> offset by 128
-    return q.reshape(*q.shape[:-2], -1).view(np.uint32), d, -128 * d.astype(np.float32)
+@dataclass(frozen=True)
+class TensorRecord:
+    name: str
+    shape: tuple[int, ...]  # numpy order (GGUF lists dimensions innermost first)
+    kind: str  # GGML type name
+    offset: int  # absolute, in the file
+    nbytes: int
 
 
-def _pack4(qs: np.ndarray) -> np.ndarray:
-    """GGUF keeps weight j in the low nibble and j+16 in the high nibble of byte j; MLX keeps weight i in
-    bits 4*(i%8) of uint32 word i//8, i.e. two consecutive weights per byte, low first."""
-    q = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # [..., blocks, 32] in weight order
-    pairs = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    return pairs.reshape(*pairs.shape[:-2], -1).view(np.uint32)
+@dataclass
+class Header:
+    path: Path
+    version: int
+    meta: dict[str, Any]  # scalars, strings, numeric arrays as numpy, string arrays as `Strings`
+    types: dict[str, tuple[int, int | None]]  # key -> (GGUFValueType, item type of an array)
+    tensors: dict[str, TensorRecord]
 
 
-# GGML type name -> (bits, block splitter) for the types that map to MLX affine without loss
-AFFINE_TYPES = {"Q4_0": (4, _affine_q4_0), "Q4_1": (4, _affine_q4_1), "Q8_0": (8, _affine_q8_0)}
+_SCALARS = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+            GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+            GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+            GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
+_NUMPY = {GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
+          GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
+          GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "<u8",
+          GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8"}
 
 
-def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
-    import gguf
-
+def read_header(path: Path, check: bool = True) -> Header:
+    """Metadata and tensor records of a GGUF file (the data is not touched). `check`: refuse what llama.cpp's loader
+    refuses structurally first (`checks.check_gguf`); `doctor` reads damaged files without it, to report on them."""
     path = Path(path)
-    check_gguf(path)  # gguf-py trusts the file: its structure is checked first
+    if check:
+        check_gguf(path)
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _parse(data, path)
+    except (struct.error, ValueError, UnicodeDecodeError, IndexError, KeyError, OverflowError) as e:
         raise FormatError(f"{path}: not a readable GGUF file, truncated or corrupt ({e})") from None
-    meta = _metadata(reader, path)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _parse(data, path: Path) -> Header:
+    if data[:4] != b"GGUF":
+        raise FormatError(f"{path}: not a GGUF file (no GGUF magic)")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
+    pos = 24
+
+    def string() -> str:
+        nonlocal pos
+        (n,) = struct.unpack_from("<Q", data, pos)
+        if pos + 8 + n > len(data):
+            raise ValueError("a string runs past the end of the file")
+        pos += 8 + n
+        return bytes(data[pos - n : pos]).decode("utf-8")
+
+    def value(kind: int):
+        nonlocal pos
+        if kind in _SCALARS:
+            (v,) = struct.unpack_from(_SCALARS[kind], data, pos)
+            pos += struct.calcsize(_SCALARS[kind])
+            return v
+        if kind == GGUFValueType.STRING:
+            return string()
+        if kind != GGUFValueType.ARRAY:
+            raise ValueError(f"unknown metadata value type {kind}")
+        item, n = struct.unpack_from("<IQ", data, pos)
+        pos += 12
+        if item in _NUMPY:
+            width = np.dtype(_NUMPY[item]).itemsize
+            if pos + n * width > len(data):
+                raise ValueError("an array runs past the end of the file")
+            arr = np.frombuffer(data, _NUMPY[item], n, pos).copy()
+            pos += n * width
+            return arr
+        if item == GGUFValueType.STRING:
+            start = pos
+            for _ in range(n):
+                (m,) = struct.unpack_from("<Q", data, pos)
+                pos += 8 + m
+            if pos > len(data):
+                raise ValueError("a string array runs past the end of the file")
+            return Strings(n, start)
+        raise ValueError(f"arrays of value type {item} are not allowed")
+
+    meta: dict[str, Any] = {}
+    types: dict[str, tuple[int, int | None]] = {}
+    for _ in range(n_kv):
+        key = string()
+        (kind,) = struct.unpack_from("<I", data, pos)
+        item = struct.unpack_from("<I", data, pos + 4)[0] if kind == GGUFValueType.ARRAY else None
+        pos += 4
+        meta[key] = value(kind)
+        types[key] = (kind, item)
+    records = []
+    for _ in range(n_tensors):
+        name = string()
+        (n_dims,) = struct.unpack_from("<I", data, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", data, pos + 4)
+        kind, offset = struct.unpack_from("<IQ", data, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        records.append((name, tuple(reversed(dims)), kind, offset))
+    alignment = int(meta.get("general.alignment", 32))
+    start = pos + (-pos) % alignment
+    tensors = {}
+    for name, shape, kind, offset in records:
+        try:
+            qtype = GGMLQuantizationType(kind)
+        except ValueError:  # kept for `doctor` to report; loading refuses it
+            tensors[name] = TensorRecord(name, shape, f"type {kind}", start + offset, 0)
+            continue
+        block, size = GGML_QUANT_SIZES[qtype]
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        tensors[name] = TensorRecord(name, shape, qtype.name, start + offset, count // block * size)
+    for t in tensors.values():
+        if t.offset + t.nbytes > len(data):
+            raise FormatError(f"{path}: truncated (tensor '{t.name}' ends past the end of the file)")
+    return Header(path, version, meta, types, tensors)
+
+
+def read_bytes(path: Path, record: TensorRecord) -> np.ndarray:
+    """A tensor's bytes, read (not mapped: mapped pages would stay resident on top of the loaded arrays)."""
+    buf = np.empty(record.nbytes, np.uint8)
+    _read_into(path, record, buf)
+    return buf
+
+
+def read_array(path: Path, record: TensorRecord) -> mx.array:
+    """A tensor's bytes read straight into an MLX array (one copy from the file, no staging buffer)."""
+    out = mx.zeros((record.nbytes,), mx.uint8)
+    mx.eval(out)
+    _read_into(path, record, np.asarray(out))  # the array's own memory, before anything reads it
+    return out
+
+
+def _read_into(path: Path, record: TensorRecord, buf: np.ndarray) -> None:
+    view, done = memoryview(buf), 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while done < record.nbytes:
+            n = os.preadv(fd, [view[done:]], record.offset + done)
+            if n <= 0:
+                raise FormatError(f"{path}: truncated (tensor '{record.name}')")
+            done += n
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------ open
+def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
+    path = Path(path)
+    header = read_header(path)
+    meta = header.meta
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise UnsupportedModel(f"{path}: GGUF architecture '{arch}' is not supported "
                                f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     spec = ARCHITECTURES[arch]
-    raw = {t.name: t for t in reader.tensors}
+    for t in header.tensors.values():
+        if t.kind.startswith("type "):
+            raise FormatError(f"{path}: tensor '{t.name}' has unknown {t.kind}")
     try:  # values of the wrong type or missing companions (a linear rope scaling without its factor)
-        config = _config(meta, arch, spec, raw, path)
-    except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
+        config = _config(meta, arch, spec, header.tensors, path)
+        plan = _plan(header, arch, config, keep_quantized)
+    except (KeyError, ValueError, TypeError, ZeroDivisionError, IndexError) as e:
         what = f"field {e} is missing" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:200]}"
         raise FormatError(f"{path}: the metadata does not make a model config ({what})") from None
-
-    infos: dict[str, TensorInfo] = {}
-    loaders: dict[str, Any] = {}
-    quant: dict[str, Any] = {}
-    for name, t in raw.items():
-        if name == "rope_freqs.weight":  # read into the config above
-            continue
-        hf = hf_name(arch, name)
-        if hf is None:
-            raise FormatError(f"{path}: tensor '{name}' has no known meaning for architecture '{arch}'")
-        kind = t.tensor_type.name
-        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
-        if keep_quantized and kind in AFFINE_TYPES and hf.endswith(".weight") and len(shape) == 2:
-            bits, split = AFFINE_TYPES[kind]
-            module = hf.removesuffix(".weight")
-            quant[module] = {"group_size": GROUP, "bits": bits}
-            rows, groups = shape[0], shape[1] // GROUP
-            shapes = {"weight": (rows, shape[1] * bits // 32), "scales": (rows, groups), "biases": (rows, groups)}
-            for part, part_shape in shapes.items():
-                infos[f"{module}.{part}"] = TensorInfo(f"{module}.{part}", part_shape, kind, int(t.n_bytes))
-                loaders[f"{module}.{part}"] = (name, part)
-        else:
-            infos[hf] = TensorInfo(hf, shape, kind, int(t.n_bytes))
-            loaders[hf] = (name, None)
+    quant = {}
+    for p in plan.values():
+        if p.form == "affine":
+            quant[p.module] = {"group_size": GROUP, "bits": AFFINE_TYPES[p.record.kind]}
+        elif p.form == "blocks":
+            quant[p.module] = {"ggml_type": p.record.kind, "input_order": p.input_order is not None}
     if quant:
         config["quantization"] = {"group_size": GROUP, "bits": 4, "mode": "affine", **quant}
 
+    infos = {hf: TensorInfo(hf, p.shape, p.record.kind if p.part in (None, "weight") else "float32",
+                            p.record.nbytes if p.part in (None, "weight") else 0) for hf, p in plan.items()}
+    cache: dict[str, tuple] = {}  # the last tensor converted, so its .weight/.scales/.biases read it once
+
     def load(hf: str) -> mx.array:
-        name, part = loaders[hf]
-        t = raw[name]
+        p = plan[hf]
         try:
-            if part is None:
-                arr = mx.array(_dequantize(t, gguf))
-            else:
-                parts = AFFINE_TYPES[t.tensor_type.name][1](_blocks(t))
-                packed = dict(zip(("weight", "scales", "biases"), parts, strict=True))
-                arr = mx.array(packed[part])
-            source = hf if part is None else hf.rsplit(".", 1)[0] + ".weight"  # packed parts move with their rows
-            return to_hf_all(transforms(arch, source), arr, config)
+            return p.load(path, config, cache)
         except (ValueError, TypeError, NotImplementedError) as e:  # the metadata's heads may not fit the rows
-            raise FormatError(f"{path}: tensor '{name}' ({t.tensor_type.name}) cannot be decoded ({e})") from None
+            raise FormatError(f"{path}: tensor '{p.record.name}' ({p.record.kind}) cannot be decoded ({e})") from None
 
     chat_template = meta.get("tokenizer.chat_template")
+    small = {k: v for k, v in meta.items() if not isinstance(v, Strings)}
     return Checkpoint(path, "gguf", config, TensorSource(infos, load), gguf_file=path,
-                      chat_template=chat_template, extra={"gguf_metadata": meta})
+                      chat_template=chat_template if isinstance(chat_template, str) else None,
+                      extra={"gguf_metadata": small, "gguf_header": header})
 
 
-def _metadata(reader, path: Path) -> dict[str, Any]:
-    """Scalar and string metadata (the big tokenizer arrays are left to the tokenizer loader)."""
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                                          "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
-            continue
-        try:
-            meta[key] = field.contents()
-        except (ValueError, IndexError, UnicodeDecodeError) as e:
-            raise FormatError(f"{path}: metadata field '{key}' is malformed ({e})") from None
-    return meta
+# ------------------------------------------------------------------------------------------------ config
+def _scalar(meta: dict, key: str):
+    v = meta.get(key)
+    if isinstance(v, np.ndarray):  # Ollama: per-layer arrays where llama.cpp has one number
+        return int(v.max()) if v.size else None
+    return v
 
 
-def _config(meta: dict, arch: str, spec: dict, raw: dict, path: Path) -> dict[str, Any]:
+def _config(meta: dict, arch: str, spec: names.Architecture, tensors: dict, path: Path) -> dict[str, Any]:
     config: dict[str, Any] = {"model_type": spec.model_type, **spec.defaults}
     for key, field in CONFIG_KEYS.items():
-        if f"{arch}.{key}" in meta:
-            config[field] = meta[f"{arch}.{key}"]
+        if (v := _scalar(meta, f"{arch}.{key}")) is not None:
+            config[field] = v.item() if isinstance(v, np.generic) else v
     if "vocab_size" not in config:
-        embd = raw.get("token_embd.weight")
+        embd = tensors.get("token_embd.weight")
         if embd is None:
             raise FormatError(f"{path}: no tensor 'token_embd.weight'")
-        config["vocab_size"] = int(embd.shape[1])
-    config["tie_word_embeddings"] = "output.weight" not in raw
-    kind = meta.get(f"{arch}.rope.scaling.type")
-    if kind == "linear":
+        config["vocab_size"] = int(embd.shape[0])
+    config["tie_word_embeddings"] = "output.weight" not in tensors
+    if meta.get(f"{arch}.rope.scaling.type") == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
-    if "rope_freqs.weight" in raw:  # Llama 3.1+: the frequency factors stored as a tensor
-        factors = np.asarray(raw["rope_freqs.weight"].data, dtype=np.float32).reshape(-1)
+    if "rope_freqs.weight" in tensors:  # Llama 3.1+: the frequency factors stored as a tensor
+        factors = read_bytes(path, tensors["rope_freqs.weight"]).view(np.float32)
         config["rope_scaling"] = {"rope_type": "freq_factors", "factors": factors.tolist()}
-    if arch == "gemma3":
-        heads, hidden = config.get("num_attention_heads", 1), config.get("hidden_size", 0)
-        head_dim = config.get("head_dim", hidden // max(heads, 1))
-        # llama.cpp: the 62-layer (27B) model scales queries by hidden/heads, the others by head_dim
-        config["query_pre_attn_scalar"] = hidden // heads if config.get("num_hidden_layers") == 62 else head_dim
     for needed in ("num_hidden_layers", "hidden_size", "num_attention_heads"):
         if needed not in config:
             raise FormatError(f"{path}: metadata field '{arch}.{_key_for(needed)}' is missing")
+    if arch == "gemma3":
+        heads, hidden = config["num_attention_heads"], config["hidden_size"]
+        head_dim = config.get("head_dim", hidden // max(heads, 1))
+        # llama.cpp: the 62-layer (27B) model scales queries by hidden/heads, the others by head_dim
+        config["query_pre_attn_scalar"] = hidden // heads if config.get("num_hidden_layers") == 62 else head_dim
+    if spec.hybrid:
+        _hybrid_config(meta, arch, config, path)
     return config
+
+
+def _hybrid_config(meta: dict, arch: str, config: dict, path: Path) -> None:
+    """Qwen3.5 / Qwen3-Next: fields llama.cpp stores as something else (see `names`)."""
+    nextn = int(meta.get(f"{arch}.{names.NEXTN_LAYERS}", 0))
+    blocks = config["num_hidden_layers"]
+    config["num_hidden_layers"] = n = blocks - nextn
+    config["mtp_num_hidden_layers"] = nextn
+    for field in ("linear_num_value_heads", "linear_num_key_heads", "linear_key_head_dim"):
+        if field not in config:
+            raise FormatError(f"{path}: metadata field '{arch}.{_key_for(field)}' is missing")
+    inner = meta.get(f"{arch}.{names.SSM_INNER_SIZE}")
+    if inner is None:
+        raise FormatError(f"{path}: metadata field '{arch}.{names.SSM_INNER_SIZE}' is missing")
+    config["linear_value_head_dim"] = int(inner) // config["linear_num_value_heads"]
+    head_dim = config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+    rotary = meta.get(f"{arch}.{names.ROPE_DIMENSION_COUNT}")
+    if rotary is not None:
+        config["partial_rotary_factor"] = int(rotary) / head_dim
+    recurrent = meta.get(f"{arch}.{names.RECURRENT_LAYERS}")
+    kv_heads = meta.get(f"{arch}.attention.head_count_kv")
+    if isinstance(recurrent, np.ndarray) and recurrent.size >= n:
+        linear = [bool(x) for x in recurrent[:n]]
+    elif isinstance(kv_heads, np.ndarray) and kv_heads.size >= n:  # Ollama: zero KV heads marks a DeltaNet layer
+        linear = [int(x) == 0 for x in kv_heads[:n]]
+    else:  # llama.cpp's rule when neither is stored
+        interval = int(config.get("full_attention_interval", 4))
+        linear = [(i + 1) % interval != 0 for i in range(n)]
+    config["layer_types"] = ["linear_attention" if x else "full_attention" for x in linear]
 
 
 def _key_for(field: str) -> str:
     return next(k for k, v in CONFIG_KEYS.items() if v == field)
 
 
-def _blocks(t) -> np.ndarray:
-    """Raw bytes [rows, blocks, bytes per block] of a block-quantized 2D tensor."""
-    data = np.asarray(t.data)
-    rows = int(t.shape[1])
-    return data.reshape(rows, int(t.shape[0]) // GROUP, -1)
+def v_heads_tiled(meta: dict, arch: str) -> bool:
+    """Whether the file's DeltaNet value heads are in llama.cpp's tiled order: Ollama says so in its own key;
+    otherwise llama.cpp's rule (qwen35 / qwen35moe reordered, qwen3next not)."""
+    flag = meta.get(f"{arch}.{names.OLLAMA_V_HEADS_TILED}")
+    return bool(flag) if flag is not None else arch != "qwen3next"
 
 
-def _dequantize(t, gguf) -> np.ndarray:
-    from gguf.quants import dequantize
+# ------------------------------------------------------------------------------------------------ tensor plan
+@dataclass
+class _Part:
+    """How to produce one HF tensor (or one part of a quantized one) from a GGUF tensor."""
 
-    shape = tuple(int(n) for n in reversed(t.shape))
-    if t.tensor_type.name in ("F32", "F16", "BF16"):
-        data = np.asarray(t.data)
-        if t.tensor_type.name == "BF16":
-            data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        return data.astype(np.float32).reshape(shape)
-    return dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+    record: TensorRecord
+    module: str  # the HF module (name without .weight / .bias), or the HF name of a non-module tensor
+    form: str  # "float" | "affine" | "blocks"
+    part: str | None  # affine: weight / scales / biases; blocks: weight / input_order; float: None
+    shape: tuple[int, ...]
+    transforms: tuple[names.Transform, ...]
+    rows: np.ndarray | None = None  # a split: the rows of the GGUF tensor this HF tensor is
+    column_units: np.ndarray | None = None  # packed forms: order of whole groups / blocks that undoes a permutation
+    input_order: np.ndarray | None = None  # blocks whose columns could not be permuted: the layer gathers its input
+
+    def load(self, path: Path, config: dict, cache: dict) -> mx.array:
+        if self.part == "input_order":
+            return mx.array(self.input_order.astype(np.int32))
+        key = (self.record.name, self.module)
+        if cache.get("key") != key:
+            cache.clear()
+            cache["value"] = self._convert(path, config)
+            cache["key"] = key
+        return cache["value"][self.part or "weight"]
+
+    def _convert(self, path: Path, config: dict) -> dict[str, mx.array]:
+        raw = read_array(path, self.record).reshape(*self.record.shape[:-1], -1)
+        if self.rows is not None:
+            raw = raw[mx.array(self.rows)]
+        if self.form == "float":
+            parts = {"weight": names.to_hf_all(self.transforms, _to_float(raw, self.record, self.rows), config)}
+        else:
+            parts = (dict(zip(("weight", "scales", "biases"), kquants.to_affine(raw, self.record.kind), strict=True))
+                     if self.form == "affine" else {"weight": raw})
+            if self.column_units is not None:
+                parts = {k: _take_units(v, self.column_units) for k, v in parts.items()}
+            rows_only = tuple(t for t in self.transforms if not _moves_columns(t))  # columns were handled above
+            parts = {k: names.to_hf_all(rows_only, v, config) for k, v in parts.items()}
+        mx.eval(parts)  # one tensor at a time: its file bytes are freed before the next is read
+        return parts
+
+
+def _to_float(raw: mx.array, record: TensorRecord, rows: np.ndarray | None) -> mx.array:
+    kind = record.kind
+    shape = (len(rows), *record.shape[1:]) if rows is not None else record.shape
+    if kind == "F32":
+        return mx.view(raw, mx.float32).reshape(shape)
+    if kind in ("F16", "BF16"):
+        return mx.view(raw, mx.float16 if kind == "F16" else mx.bfloat16).reshape(shape).astype(mx.float32)
+    if kquants.supports(kind):
+        return kquants.dequantize(raw, kind).reshape(shape)
+    from gguf.quants import dequantize  # types MLX has no path for (MXFP4, Q8_K, ...): gguf-py's numpy
+
+    return mx.array(dequantize(np.array(raw), GGMLQuantizationType[kind]).reshape(shape))
+
+
+def _moves_columns(t: names.Transform) -> bool:
+    return isinstance(t, names.Permutation) and t.axis == 1
+
+
+def _unit_order(order: np.ndarray, unit: int) -> np.ndarray | None:
+    """A column permutation (gguf = hf.take(order)) as the order of runs of `unit` columns that undoes it
+    (hf_units = gguf_units.take(result)), or None when it splits a run."""
+    if order.size % unit:
+        return None
+    runs = order.reshape(-1, unit)
+    if (runs[:, 0] % unit).any() or (runs - runs[:, :1] != np.arange(unit)).any():
+        return None
+    return np.argsort(runs[:, 0] // unit)
+
+
+def _take_units(w: mx.array, units: np.ndarray) -> mx.array:
+    """Reorders the last axis of packed data in `len(units)` equal units (a group's words, a scale, a block)."""
+    *lead, n = w.shape
+    return w.reshape(*lead, len(units), n // len(units))[..., mx.array(units), :].reshape(*lead, n)
+
+
+# HF tensors the model's sanitize splits by rows into other modules: never kept as raw blocks (the module names they
+# split into would lose the block type), affine or float is fine
+_SPLIT_BY_SANITIZE = (".in_proj_qkvz.", ".in_proj_ba.")
+
+
+def _plan(header: Header, arch: str, config: dict, keep_quantized: bool) -> dict[str, _Part]:
+    spec = ARCHITECTURES[arch]
+    tiled = v_heads_tiled(header.meta, arch)
+    n_layers = config["num_hidden_layers"] if spec.hybrid else None
+    plan: dict[str, _Part] = {}
+    for name, rec in header.tensors.items():
+        if name == "rope_freqs.weight" or name.startswith(names.FOREIGN_PREFIXES):  # read into the config; vision
+            continue
+        if (hit := names.split(arch, name)) is not None:
+            block, fused = hit
+            ts = _applicable(fused.transforms, tiled)
+            for hf_part, rows in zip(fused.parts, np.array_split(np.arange(rec.shape[0]), len(fused.parts)),
+                                     strict=True):
+                hf = f"model.layers.{block}.{hf_part}"
+                plan[hf] = _Part(rec, hf.removesuffix(".weight"), "float", None,
+                                 (len(rows), *rec.shape[1:]), ts, rows=rows)
+            continue
+        hf = names.hf_name(arch, name, n_layers)
+        if hf is None:
+            raise FormatError(f"{header.path}: tensor '{name}' has no known meaning for architecture '{arch}'")
+        ts = _applicable(names.transforms(arch, hf), tiled)
+        plan.update(_parts(rec, hf, ts, config, keep_quantized))
+    return plan
+
+
+def _applicable(transforms: tuple[names.Transform, ...], tiled: bool) -> tuple[names.Transform, ...]:
+    return transforms if tiled else tuple(t for t in transforms if not isinstance(t, names.TiledVHeads))
+
+
+def _parts(rec: TensorRecord, hf: str, ts: tuple, config: dict, keep: bool) -> dict[str, _Part]:
+    """The HF tensors one GGUF tensor becomes, in the form `keep` and its type allow."""
+    float_shape = rec.shape
+    for t in ts:
+        float_shape = t.hf_shape(float_shape)
+    packable = (keep and rec.kind not in FLOAT_TYPES and len(rec.shape) >= 2 and hf.endswith(".weight")
+                and all(isinstance(t, names.Permutation) for t in ts))
+    if not packable:
+        return {hf: _Part(rec, hf, "float", None, float_shape, ts)}
+    module, cols = hf.removesuffix(".weight"), rec.shape[-1]
+    order = next((t.order(cols, config) for t in ts if _moves_columns(t)), None)
+    if rec.kind in AFFINE_TYPES:
+        units = None if order is None else _unit_order(order, GROUP)
+        if order is None or units is not None:
+            bits = AFFINE_TYPES[rec.kind]
+            lead = rec.shape[:-1]
+            return {f"{module}.weight": _Part(rec, module, "affine", "weight", (*lead, cols * bits // 32), ts,
+                                              column_units=units),
+                    f"{module}.scales": _Part(rec, module, "affine", "scales", (*lead, cols // GROUP), ts,
+                                              column_units=units),
+                    f"{module}.biases": _Part(rec, module, "affine", "biases", (*lead, cols // GROUP), ts,
+                                              column_units=units)}
+    if not kquants.supports(rec.kind) or any(s in hf for s in _SPLIT_BY_SANITIZE):
+        return {hf: _Part(rec, hf, "float", None, float_shape, ts)}
+    units = None if order is None else _unit_order(order, kquants.BLOCK_SIZES[rec.kind][0])
+    input_order = order if order is not None and units is None else None
+    shape = (*rec.shape[:-1], kquants.row_bytes(rec.kind, cols))
+    out = {f"{module}.weight": _Part(rec, module, "blocks", "weight", shape, ts, column_units=units,
+                                     input_order=input_order)}
+    if input_order is not None:
+        out[f"{module}.input_order"] = _Part(rec, module, "blocks", "input_order", (cols,), ts,
+                                             input_order=input_order)
+    return out

@@ -1,0 +1,711 @@
+"""GGUF block encoders: float rows -> the bytes llama.cpp reads, for F32, F16, BF16, the legacy 32-weight types
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), the K-quants (Q2_K..Q6_K) and the ternary types (TQ1_0, TQ2_0).
+
+Bit-exact with ggml's own quantizer (ggml-quants.c), both without an importance matrix (its `*_ref` functions, what
+`llama-quantize` runs without `--imatrix`) and with one (its `*_impl` functions). That takes the C code's float32
+arithmetic taken literally: every sum accumulates sequentially (numpy reduces over a leading axis in order, so the
+per-block working arrays are element-major, [weights in a sub-block, sub-blocks]), products associate left to right,
+`nearest_int` is ggml's magic-number rounding, comparisons keep the first maximum, and a scale whose float16 is zero
+keeps the codes found before it. The tests compare every byte against ggml's shared library.
+
+Each type is split into `fit` (choose the block's scales and the reference codes) and `pack` (lay codes and scales
+out as bytes), with the grid `scale * q + bias` that the scales stand for: calibrated export keeps the fitted
+scales and chooses the codes itself (GPTQ error feedback), the format stays llama.cpp's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+QK = 32  # weights per legacy block
+QK_K = 256  # weights per K-quant / ternary super-block
+GROUP_MAX_EPS = np.float32(1e-15)
+F = np.float32
+_MAGIC = F(12582912.0)  # 1.5 * 2**23: adding it rounds a float32 to an integer in its low mantissa bits
+
+
+# ------------------------------------------------------------------------------------------ float32 helpers
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int: round half to even through the float32 mantissa (garbage, as in C, past 2**22)."""
+    return ((np.asarray(v, F) + _MAGIC).view(np.int32) & 0x7FFFFF) - 0x400000
+
+
+def _fp16(v: np.ndarray) -> np.ndarray:
+    """float32 -> the float16 ggml stores (round to nearest even), returned as float32."""
+    return np.asarray(v, F).astype(np.float16).astype(F)
+
+
+def _half_bytes(v: np.ndarray) -> np.ndarray:
+    return np.asarray(v, F).astype(np.float16).view(np.uint8).reshape(*np.shape(v), 2)
+
+
+def _u8(v: np.ndarray) -> np.ndarray:
+    """C's conversion of an int to uint8_t (modulo 256)."""
+    return (np.asarray(v) & 0xFF).astype(np.uint8)
+
+
+def _i8(v: np.ndarray) -> np.ndarray:
+    """C's conversion of an int to int8_t (two's complement wrap)."""
+    return ((np.asarray(v).astype(np.int32) + 128) & 0xFF) - 128
+
+
+def _seq(x: np.ndarray) -> np.ndarray:
+    """Sum over the leading axis in order: ((x0 + x1) + x2) + ..., as a C loop accumulates."""
+    return np.add.reduce(x, axis=0)
+
+
+def _min_max(x: np.ndarray, start: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """C's `min = x[0]; if (x[i] < min) min = x[i]` (and max) over the leading axis; with `start`, the loop
+    starts from min = start, max = -start instead."""
+    if start is None:
+        lo, hi, rest = x[0].copy(), x[0].copy(), x[1:]
+    else:
+        lo, hi, rest = np.full(x.shape[1:], F(start)), np.full(x.shape[1:], F(-start)), x
+    for row in rest:
+        lo = np.where(row < lo, row, lo)
+        hi = np.where(row > hi, row, hi)
+    return lo, hi
+
+
+def _largest(x: np.ndarray, start: float = 0.0) -> np.ndarray:
+    """C's `if (x[i] > m) m = x[i]` from m = start over the leading axis (NaN never wins, as in C)."""
+    m = np.full(x.shape[1:], F(start))
+    for row in x:
+        m = np.where(row > m, row, m)
+    return m
+
+
+def _running_abs_max(x: np.ndarray) -> np.ndarray:
+    """C's `amax = MAX(amax, fabsf(x[i]))` from 0 over the leading axis."""
+    amax = np.zeros(x.shape[1:], F)
+    for row in x:
+        a = np.abs(row)
+        amax = np.where(amax > a, amax, a)
+    return amax
+
+
+def _roundf(v: np.ndarray) -> np.ndarray:
+    """C's roundf / lroundf: half away from zero (floor(|v| + 0.5) would round 0.49999997 up)."""
+    a = np.abs(v)
+    whole = np.floor(a)
+    return (np.sign(v) * (whole + np.floor(F(2) * (a - whole)))).astype(np.int32)
+
+
+def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(largest |x|, the signed value holding it), the first one on ties, starting from 0 (C's strict `>`)."""
+    amax = np.zeros(x.shape[1:], F)
+    value = np.zeros(x.shape[1:], F)
+    for row in x:
+        a = np.abs(row)
+        more = a > amax
+        amax = np.where(more, a, amax)
+        value = np.where(more, row, value)
+    return amax, value
+
+
+def _elements(x: np.ndarray, n: int) -> np.ndarray:
+    """[..., k*n] -> element-major [n, ... * k] (sub-blocks of n weights side by side)."""
+    return np.ascontiguousarray(x.reshape(-1, n).T)
+
+
+def _blocks(x: np.ndarray, per_block: int) -> np.ndarray:
+    """Element-major [n, blocks * per_block] -> [blocks, per_block * n] in weight order."""
+    n = x.shape[0]
+    return np.ascontiguousarray(x.T).reshape(-1, per_block * n)
+
+
+# ------------------------------------------------------------------------------------- ggml's scale searches
+def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants(rmse_type=1): symmetric codes 0..2*nmax-1 around nmax and their least-squares scale, best
+    of 19 trial scales. x, w element-major [n, B]; w None means x*x. Returns (scale [B], codes [n, B])."""
+    amax, big = _abs_max(x)
+    w = x * x if w is None else w
+    with np.errstate(all="ignore"):
+
+        def trial(iscale):
+            l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
+            lf = l.astype(F)
+            return l, _seq(w * x * lf), _seq(w * lf * lf)
+
+        codes, sumlx, suml2 = trial(F(-nmax) / big)
+        scale = np.where(suml2 != 0, sumlx / suml2, F(0))
+        best = scale * sumlx
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            l, slx, sl2 = trial(-(F(nmax) + F(0.1) * F(step)) / big)
+            better = (sl2 > 0) & (slx * slx > best * sl2)
+            codes = np.where(better, l, codes)
+            scale = np.where(better, slx / sl2, scale)
+            best = np.where(better, scale * slx, best)
+    zero = amax < GROUP_MAX_EPS
+    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes + nmax)
+
+
+def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_q3_quants(do_rmse=true): symmetric codes refined one weight at a time (x*x weighted)."""
+    amax, big = _abs_max(x)
+    with np.errstate(all="ignore"):
+        codes = np.clip(_nearest_int((F(-nmax) / big) * x), -nmax, nmax - 1)
+        w = x * x
+        lf = codes.astype(F)
+        sumlx, suml2 = _seq(w * x * lf), _seq(w * lf * lf)
+        codes = list(codes)
+        for _ in range(5):  # a pass that changes nothing would change nothing again: no early exit needed
+            for i, xi in enumerate(x):
+                wi, li = w[i], codes[i].astype(F)
+                slx = sumlx - wi * xi * li
+                sl2 = suml2 - wi * li * li
+                new = np.clip(_nearest_int(xi * sl2 / slx), -nmax, nmax - 1)
+                nf = new.astype(F)
+                slx2, sl22 = slx + wi * xi * nf, sl2 + wi * nf * nf
+                take = (slx > 0) & (new != codes[i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+                codes[i] = np.where(take, new, codes[i])
+                sumlx, suml2 = np.where(take, slx2, sumlx), np.where(take, sl22, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, F(0))
+    zero = amax < GROUP_MAX_EPS
+    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, np.stack(codes) + nmax)
+
+
+def _make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool):
+    """make_qkx2_quants / make_qkx3_quants: asymmetric codes 0..nmax with a scale and a min (min <= 0), the best
+    weighted least-squares fit over nstep+1 trial ranges (each trial starts from the best min so far, as in C).
+    Returns (scale [B], -min [B], codes [n, B])."""
+    lo, hi = _min_max(x)
+    sum_w, sum_x = _seq(w), _seq(w * x)
+    lo = np.where(lo > 0, F(0), lo)
+    flat = hi == lo
+    first_lo = lo
+    with np.errstate(all="ignore"):
+
+        def error(scale, low, codes):
+            diff = scale * codes.astype(F) + low - x
+            return _seq(w * (np.abs(diff) if mad else diff * diff))
+
+        iscale = F(nmax) / (hi - lo)
+        scale = F(1) / iscale
+        codes = np.clip(_nearest_int(iscale * (x - lo)), 0, nmax)
+        best = error(scale, lo, codes)
+        for step in range(nstep + 1):
+            iscale = ((F(rmin) + F(rdelta) * F(step)) + F(nmax)) / (hi - lo)
+            trial = np.clip(_nearest_int(iscale * (x - lo)), 0, nmax)
+            lf = trial.astype(F)
+            wl = w * lf
+            sum_l, sum_l2, sum_xl = _seq(wl), _seq(wl * lf), _seq(wl * x)
+            det = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            positive = this_min > 0
+            this_min = np.where(positive, F(0), this_min)
+            this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
+            err = error(this_scale, this_min, trial)
+            better = (det > 0) & (err < best)
+            codes = np.where(better, trial, codes)
+            best = np.where(better, err, best)
+            scale = np.where(better, this_scale, scale)
+            lo = np.where(better, this_min, lo)
+    lo = np.where(flat, first_lo, lo)
+    return np.where(flat, F(0), scale).astype(F), (-lo).astype(F), np.where(flat, 0, codes)
+
+
+def _make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """make_qp_quants: non-negative codes 0..nmax for the sub-block scales of a super-block, importance weighted.
+    The codes live in uint8_t there, so they wrap where C's would (the sums use the unwrapped value first)."""
+    hi = np.zeros(x.shape[1:], F)
+    for row in x:
+        hi = np.where(hi > row, hi, row)  # MAX(max, x[i])
+    with np.errstate(all="ignore"):
+        iscale = F(nmax) / hi
+        scale = F(1) / iscale
+        diff = x - scale * _u8(_nearest_int(iscale * x)).astype(F)
+        best = _seq(w * diff * diff)
+        for step in range(-4, 5):
+            if step == 0:
+                continue
+            iscale_step = (F(0.1) * F(step) + F(nmax)) / hi
+            scale_step = F(1) / iscale_step
+            diff = x - scale_step * np.minimum(nmax, _nearest_int(iscale_step * x)).astype(F)
+            mse = _seq(w * diff * diff)
+            better = mse < best
+            best = np.where(better, mse, best)
+            iscale = np.where(better, iscale_step, iscale)
+        raw = np.minimum(nmax, _nearest_int(iscale * x))
+        lf = raw.astype(F)
+        sumlx, suml2 = _seq(w * x * lf), _seq(w * lf * lf)
+        codes = list(_u8(raw).astype(np.int32))
+        for _ in range(5):  # a pass that changes nothing would change nothing again: no early exit needed
+            for i, xi in enumerate(x):
+                wi, li = w[i], codes[i].astype(F)
+                slx = sumlx - wi * xi * li
+                sl2 = suml2 - wi * li * li
+                new = np.minimum(nmax, _nearest_int(xi * sl2 / slx))
+                nf = new.astype(F)
+                slx2, sl22 = slx + wi * xi * nf, sl2 + wi * nf * nf
+                take = (slx > 0) & (sl2 > 0) & (new != codes[i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+                codes[i] = np.where(take, _u8(new).astype(np.int32), codes[i])
+                sumlx, suml2 = np.where(take, slx2, sumlx), np.where(take, sl22, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, F(0))
+    zero = hi < GROUP_MAX_EPS
+    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, np.stack(codes))
+
+
+def _row_sigma2(x: np.ndarray, factor: float) -> np.ndarray:
+    """factor * sum(x*x) / n per row of x [rows, n], summed in order."""
+    return F(factor) * _seq(np.ascontiguousarray((x * x).T)) / F(x.shape[1])
+
+
+def _impl_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """ggml's importance weights qw * sqrt(sigma2 + x*x); x, qw [blocks, n], sigma2 [blocks]."""
+    return qw * np.sqrt(sigma2[:, None] + x * x)
+
+
+# ------------------------------------------------------------------------------------------------ the codecs
+@dataclass
+class Fit:
+    """A fitted block layout: what `pack` needs besides the codes, the grid value = scale * q + bias of every
+    code q in 0..nmax (per sub-block, [blocks, sub-blocks]) and the reference codes [blocks, block]."""
+
+    header: dict[str, np.ndarray]
+    scale: np.ndarray
+    bias: np.ndarray
+    codes: np.ndarray
+
+
+class Codec:
+    """One GGUF block type. `fit` takes rows cut into blocks [blocks, block] (float32), the importance of each
+    weight or None, and `row_sigma2` (what ggml's importance weighting derives from the whole row, per block)."""
+
+    name: str
+    block: int  # weights per block
+    size: int  # bytes per block
+    sub: int  # weights per scale
+    nmax: int  # largest code
+    row_stat: float = 0.0  # legacy *_impl: the row's mean square enters the weights (0: not used)
+    weighted: bool = True  # whether ggml has an importance-weighted fit for it
+
+    def fit(self, x: np.ndarray, qw: np.ndarray | None, row_sigma2: np.ndarray | None) -> Fit:
+        raise NotImplementedError
+
+    def pack(self, fit: Fit, codes: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_blocks(self, x: np.ndarray, qw: np.ndarray | None = None, row_sigma2=None) -> np.ndarray:
+        fit = self.fit(x, qw, row_sigma2)
+        return self.pack(fit, fit.codes)
+
+
+def _nibbles(codes: np.ndarray) -> np.ndarray:
+    """32 codes -> 16 bytes: weight j in the low nibble and weight j+16 in the high nibble of byte j."""
+    c = codes.reshape(-1, 2, 16).astype(np.uint8)
+    return (c[:, 0] & 0xF) | (c[:, 1] << 4)
+
+
+def _high_bits(codes: np.ndarray) -> np.ndarray:
+    """Bit 4 of each of 32 codes, as the little-endian uint32 qh of Q5_0/Q5_1."""
+    return np.packbits((codes.astype(np.uint8) >> 4) & 1, axis=-1, bitorder="little")
+
+
+class _Q4_0(Codec):
+    name, block, size, sub, nmax, row_stat = "Q4_0", QK, 18, QK, 15, 1.0
+    half = 8  # codes are centred on this
+
+    def fit(self, x, qw, row_sigma2):
+        xe = _elements(x, QK)
+        if qw is None:
+            _, big = _abs_max(xe)
+            d = big / F(-self.half)
+            with np.errstate(all="ignore"):
+                inv = np.where(d != 0, F(1) / d, F(0))
+            codes = np.minimum(self.nmax, _i8((xe * inv + F(self.half + 0.5)).astype(np.int32)))
+        else:
+            w = _elements(_impl_weights(x, qw, row_sigma2), QK)
+            d, codes = _make_qx(xe, self.half, w)
+        stored = _fp16(d)
+        return Fit({"d": d}, stored[:, None], (F(-self.half) * stored)[:, None], _blocks(codes, 1))
+
+    def pack(self, fit, codes):
+        return np.concatenate([_half_bytes(fit.header["d"]), _nibbles(codes)], axis=1)
+
+
+class _Q5_0(_Q4_0):
+    name, size, nmax, half = "Q5_0", 22, 31, 16
+
+    def pack(self, fit, codes):
+        return np.concatenate([_half_bytes(fit.header["d"]), _high_bits(codes), _nibbles(codes)], axis=1)
+
+
+class _Q4_1(Codec):
+    name, block, size, sub, nmax, row_stat = "Q4_1", QK, 20, QK, 15, 1.0
+
+    def fit(self, x, qw, row_sigma2):
+        xe = _elements(x, QK)
+        if qw is None:
+            lo, hi = _min_max(xe, start=np.finfo(F).max)
+            d = (hi - lo) / F(self.nmax)
+            with np.errstate(all="ignore"):
+                inv = np.where(d != 0, F(1) / d, F(0))
+            codes = _u8(((xe - lo) * inv + F(0.5)).astype(np.int32))
+            if self.nmax == 15:
+                codes = np.minimum(15, codes)
+        else:
+            w = _elements(_impl_weights(x, qw, row_sigma2), QK)
+            d, neg_min, codes = _make_qkx(xe, w, self.nmax, -0.9, 0.05, 36, False)
+            lo = -neg_min
+        return Fit({"d": d, "m": lo}, _fp16(d)[:, None], _fp16(lo)[:, None], _blocks(codes, 1))
+
+    def pack(self, fit, codes):
+        return np.concatenate([_half_bytes(fit.header["d"]), _half_bytes(fit.header["m"]), _nibbles(codes)], axis=1)
+
+
+class _Q5_1(_Q4_1):
+    name, size, nmax = "Q5_1", 24, 31
+
+    def pack(self, fit, codes):
+        h = fit.header
+        return np.concatenate([_half_bytes(h["d"]), _half_bytes(h["m"]), _high_bits(codes), _nibbles(codes)], axis=1)
+
+
+class _Q8_0(Codec):
+    name, block, size, sub, nmax, weighted = "Q8_0", QK, 34, QK, 255, False
+
+    def fit(self, x, qw, row_sigma2):  # ggml's Q8_0 has no importance-weighted variant
+        xe = _elements(x, QK)
+        d = _running_abs_max(xe) / F(127)
+        with np.errstate(all="ignore"):
+            inv = np.where(d != 0, F(1) / d, F(0))
+        codes = _roundf(xe * inv)
+        stored = _fp16(d)
+        return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], _blocks(codes + 128, 1))
+
+    def pack(self, fit, codes):
+        q = (codes.astype(np.int32) - 128).astype(np.int8).view(np.uint8)
+        return np.concatenate([_half_bytes(fit.header["d"]), q], axis=1)
+
+
+def _pack_2bit(codes: np.ndarray) -> np.ndarray:
+    """256 codes < 4 -> 64 bytes: byte 32*h + l holds weights 128h + l + 32k in bits 2k (k = 0..3)."""
+    c = codes.reshape(-1, 2, 4, 32).astype(np.uint8)
+    return (c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _k_weights(x: np.ndarray, qw: np.ndarray, factor: float) -> np.ndarray:
+    """ggml's importance weights for a K-quant super-block x [blocks, 256]: qw * sqrt(sigma2 + x^2) with
+    sigma2 = factor * mean(x^2) over the super-block."""
+    return _impl_weights(x, qw, _row_sigma2(x, factor))
+
+
+def _requantize(xe, d, dm, codes, nmax, offset=0):
+    """ggml's final pass: codes = nearest((x + dm) / d) with the stored (float16-derived) scales; a sub-block whose
+    scale is zero keeps the codes it had. xe [n, B]; d, dm [B]."""
+    with np.errstate(all="ignore"):
+        new = np.clip(_nearest_int((xe + dm) / d), -offset, nmax - offset) + offset
+    return np.where(d != 0, new, codes)
+
+
+class _Q2_K(Codec):
+    name, block, size, sub, nmax = "Q2_K", QK_K, 84, 16, 3
+
+    def fit(self, x, qw, row_sigma2):
+        n = x.shape[0]
+        xe = _elements(x, 16)
+        if qw is None:
+            w = np.abs(xe)
+            scales, mins, codes = _make_qkx(xe, w, 3, -0.5, 0.1, 15, True)
+            scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
+            max_scale, max_min = _largest(np.ascontiguousarray(scales.T)), _largest(np.ascontiguousarray(mins.T))
+            with np.errstate(all="ignore"):
+                ls = np.where(max_scale[:, None] > 0, _nearest_int((F(15) / max_scale)[:, None] * scales), 0)
+                lm = np.where(max_min[:, None] > 0, _nearest_int((F(15) / max_min)[:, None] * mins), 0)
+            d = np.where(max_scale > 0, max_scale / F(15), F(0))
+            dmin = np.where(max_min > 0, max_min / F(15), F(0))
+        else:
+            w = _elements(_k_weights(x, qw, 1.0), 16)
+            scales, mins, codes = _make_qkx(xe, w, 3, -0.9, 0.05, 36, False)
+            sw = _seq(w).reshape(n, 16).T
+            d, ls = _make_qp(np.ascontiguousarray(scales.reshape(n, 16).T), 15, sw)
+            dmin, lm = _make_qp(np.ascontiguousarray(mins.reshape(n, 16).T), 15, sw)
+            ls, lm = ls.T, lm.T
+        packed = _u8(_u8(ls) | (lm << 4)).astype(np.int32)
+        df, mf = _fp16(d), _fp16(dmin)
+        step = (df[:, None] * (packed & 0xF).astype(F)).reshape(-1)
+        low = (mf[:, None] * (packed >> 4).astype(F)).reshape(-1)
+        codes = _requantize(xe, step, low, codes, 3)
+        return Fit({"scales": packed.astype(np.uint8), "d": d, "dmin": dmin}, step.reshape(n, 16),
+                   -low.reshape(n, 16), _blocks(codes, 16))
+
+    def pack(self, fit, codes):
+        h = fit.header
+        return np.concatenate([h["scales"], _pack_2bit(codes), _half_bytes(h["d"]), _half_bytes(h["dmin"])], axis=1)
+
+
+def _q3_scale_bytes(l: np.ndarray) -> np.ndarray:
+    """16 six-bit scales (0..63) -> Q3_K's 12 bytes: low nibbles in 0..7, high 2-bit pairs in 8..11."""
+    l = l.astype(np.int32)
+    out = np.zeros((l.shape[0], 12), np.int32)
+    out[:, :8] = (l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4)
+    hi = l >> 4
+    for j in range(16):
+        out[:, 8 + j % 4] |= hi[:, j] << (2 * (j // 4))
+    return _u8(out)
+
+
+def _q3_scale_values(b: np.ndarray) -> np.ndarray:
+    """Q3_K's 12 scale bytes -> 16 signed scales (as the C code reads them back)."""
+    b = b.astype(np.int32)
+    low = np.concatenate([b[:, :8] & 0xF, b[:, :8] >> 4], axis=1)
+    hi = np.stack([(b[:, 8 + j % 4] >> (2 * (j // 4))) & 3 for j in range(16)], axis=1)
+    return _i8(low | (hi << 4)) - 32
+
+
+class _Q3_K(Codec):
+    name, block, size, sub, nmax = "Q3_K", QK_K, 110, 16, 7
+
+    def fit(self, x, qw, row_sigma2):
+        n = x.shape[0]
+        xe = _elements(x, 16)
+        if qw is None:
+            scales, codes = _make_q3(xe, 4)
+            scales = scales.reshape(n, 16)
+            amax, big = _abs_max(np.ascontiguousarray(scales.T))
+            with np.errstate(all="ignore"):
+                iscale = F(-32) / big
+                l = np.clip(_i8(_nearest_int(iscale[:, None] * scales)), -32, 31) + 32
+                d = np.where(big != 0, F(1) / iscale, F(0))
+            l = np.where((big != 0)[:, None], l, 0)
+        else:
+            w = _elements(_k_weights(x, qw, 2.0), 16)
+            scales, codes = _make_qx(xe, 4, w)
+            sw = _seq(w).reshape(n, 16).T
+            d, l = _make_qx(np.ascontiguousarray(scales.reshape(n, 16).T), 32, np.ascontiguousarray(sw))
+            l = l.T
+        sb = _q3_scale_bytes(l)
+        step = (_fp16(d)[:, None] * _q3_scale_values(sb).astype(F)).reshape(-1)
+        codes = _requantize(xe, step, F(0), codes, 7, offset=4)
+        return Fit({"scales": sb, "d": d}, step.reshape(n, 16), -4 * step.reshape(n, 16), _blocks(codes, 16))
+
+    def pack(self, fit, codes):
+        c = codes.astype(np.uint8)
+        high = (c > 3).reshape(-1, 8, 32)  # weight 32k + m -> bit k of hmask byte m
+        hmask = np.zeros((c.shape[0], 32), np.uint8)
+        for k in range(8):
+            hmask |= high[:, k].astype(np.uint8) << k
+        return np.concatenate([hmask, _pack_2bit(c & 3), fit.header["scales"], _half_bytes(fit.header["d"])], axis=1)
+
+
+def _k4_scale_bytes(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """8 six-bit scales and 8 six-bit mins -> the 12 bytes Q4_K / Q5_K keep them in (get_scale_min_k4's inverse)."""
+    ls, lm = ls.astype(np.int32), lm.astype(np.int32)
+    out = np.zeros((ls.shape[0], 12), np.int32)
+    out[:, 0:4] = ls[:, :4]
+    out[:, 4:8] = lm[:, :4]
+    out[:, 8:12] = _u8((ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4))
+    out[:, 0:4] = _u8(out[:, 0:4] | ((ls[:, 4:] >> 4) << 6))
+    out[:, 4:8] = _u8(out[:, 4:8] | ((lm[:, 4:] >> 4) << 6))
+    return _u8(out)
+
+
+def _k4_scale_values(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    b = b.astype(np.int32)
+    sc = np.concatenate([b[:, 0:4] & 63, (b[:, 8:12] & 0xF) | ((b[:, 0:4] >> 6) << 4)], axis=1)
+    m = np.concatenate([b[:, 4:8] & 63, (b[:, 8:12] >> 4) | ((b[:, 4:8] >> 6) << 4)], axis=1)
+    return sc, m
+
+
+class _Q4_K(Codec):
+    name, block, size, sub, nmax = "Q4_K", QK_K, 144, 32, 15
+    search = (-1.0, 0.1, 20)  # make_qkx2's (rmin, rdelta, nstep) without importance
+
+    def fit(self, x, qw, row_sigma2):
+        n = x.shape[0]
+        xe = _elements(x, 32)
+        if qw is None:
+            av_x = np.sqrt(_seq(xe * xe) / F(32))
+            scales, mins, codes = _make_qkx(xe, av_x + np.abs(xe), self.nmax, *self.search, False)
+            scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
+            max_scale, max_min = _largest(np.ascontiguousarray(scales.T)), _largest(np.ascontiguousarray(mins.T))
+            with np.errstate(all="ignore"):
+                inv_scale = np.where(max_scale > 0, F(63) / max_scale, F(0))
+                inv_min = np.where(max_min > 0, F(63) / max_min, F(0))
+            ls = np.minimum(63, _u8(_nearest_int(inv_scale[:, None] * scales)))
+            lm = np.minimum(63, _u8(_nearest_int(inv_min[:, None] * mins)))
+            d, dmin = max_scale / F(63), max_min / F(63)
+        else:
+            w = _elements(_k_weights(x, qw, 2.0), 32)
+            scales, mins, codes = _make_qkx(xe, w, self.nmax, -0.9, 0.05, 36, False)
+            sw = np.ascontiguousarray(_seq(w).reshape(n, 8).T)
+            d, ls = _make_qp(np.ascontiguousarray(scales.reshape(n, 8).T), 63, sw)
+            dmin, lm = _make_qp(np.ascontiguousarray(mins.reshape(n, 8).T), 63, sw)
+            ls, lm = _u8(ls.T), _u8(lm.T)
+            if self.nmax == 31:  # q5_K_impl clamps, q4_K_impl does not
+                ls, lm = np.minimum(63, ls), np.minimum(63, lm)
+        sb = _k4_scale_bytes(ls, lm)
+        sc, m = _k4_scale_values(sb)
+        step = (_fp16(d)[:, None] * sc.astype(F)).reshape(-1)
+        low = (_fp16(dmin)[:, None] * m.astype(F)).reshape(-1)
+        codes = _requantize(xe, step, low, codes, self.nmax)
+        return Fit({"scales": sb, "d": d, "dmin": dmin}, step.reshape(n, 8), -low.reshape(n, 8), _blocks(codes, 8))
+
+    def pack(self, fit, codes):
+        h = fit.header
+        c = codes.reshape(-1, 4, 2, 32).astype(np.uint8)
+        qs = ((c[:, :, 0] & 0xF) | ((c[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
+        parts = [_half_bytes(h["d"]), _half_bytes(h["dmin"]), h["scales"]]
+        if self.nmax == 31:  # bit 4 of weight 64i + j (+32) -> bit 2i (2i+1) of qh[j]
+            qh = np.zeros((c.shape[0], 32), np.uint8)
+            for i in range(4):
+                qh |= ((c[:, i, 0] >> 4) << (2 * i)) | ((c[:, i, 1] >> 4) << (2 * i + 1))
+            parts.append(qh)
+        return np.concatenate([*parts, qs], axis=1)
+
+
+class _Q5_K(_Q4_K):
+    name, size, nmax = "Q5_K", 176, 31
+    search = (-0.5, 0.1, 15)
+
+
+class _Q6_K(Codec):
+    name, block, size, sub, nmax = "Q6_K", QK_K, 210, 16, 63
+
+    def fit(self, x, qw, row_sigma2):
+        n = x.shape[0]
+        xe = _elements(x, 16)
+        scales, codes = _make_qx(xe, 32, None if qw is None else _elements(qw, 16))
+        scales = scales.reshape(n, 16)
+        amax, big = _abs_max(np.ascontiguousarray(scales.T))
+        zero = amax < GROUP_MAX_EPS
+        with np.errstate(all="ignore"):
+            iscale = F(-128) / big
+            d = np.where(zero, F(0), F(1) / iscale)
+            ls = np.where(zero[:, None], 0, _i8(np.minimum(127, _nearest_int(iscale[:, None] * scales))))
+        step = (_fp16(d)[:, None] * ls.astype(F)).reshape(-1)
+        codes = _requantize(xe, step, F(0), codes, 63, offset=32)
+        codes = np.where(np.repeat(zero, 16)[None], 32, codes)  # an all-zero block is stored as zeros
+        return Fit({"scales": ls, "d": d, "zero": zero}, step.reshape(n, 16), -32 * step.reshape(n, 16),
+                   _blocks(codes, 16))
+
+    def pack(self, fit, codes):
+        c = codes.reshape(-1, 2, 4, 32).astype(np.uint8)  # [blocks, half, quarter, 32]
+        ql = np.concatenate([(c[:, :, 0] & 0xF) | ((c[:, :, 2] & 0xF) << 4),
+                             (c[:, :, 1] & 0xF) | ((c[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
+        qh = ((c[:, :, 0] >> 4) | ((c[:, :, 1] >> 4) << 2) | ((c[:, :, 2] >> 4) << 4) | ((c[:, :, 3] >> 4) << 6))
+        out = np.concatenate([ql, qh.reshape(-1, 64), fit.header["scales"].astype(np.int8).view(np.uint8),
+                              _half_bytes(fit.header["d"])], axis=1)
+        out[fit.header["zero"]] = 0
+        return out
+
+
+def _ternary_fit(x: np.ndarray) -> Fit:
+    """TQ1_0 / TQ2_0: one scale (the block's largest |x|) and codes round(x / d) + 1 in {0, 1, 2}."""
+    amax = _running_abs_max(np.ascontiguousarray(x.T))
+    with np.errstate(all="ignore"):
+        inv = np.where(amax != 0, F(1) / amax, F(0))
+    codes = _roundf(x * inv[:, None]) + 1
+    stored = _fp16(amax)
+    return Fit({"d": amax}, stored[:, None], -stored[:, None], codes)
+
+
+class _TQ2_0(Codec):
+    name, block, size, sub, nmax, weighted = "TQ2_0", QK_K, 66, QK_K, 2, False
+
+    def fit(self, x, qw, row_sigma2):
+        return _ternary_fit(x)
+
+    def pack(self, fit, codes):
+        return np.concatenate([_pack_2bit(codes & 3), _half_bytes(fit.header["d"])], axis=1)
+
+
+_POW3 = np.array([81, 27, 9, 3, 1], np.int32)
+
+
+class _TQ1_0(Codec):
+    name, block, size, sub, nmax, weighted = "TQ1_0", QK_K, 54, QK_K, 2, False
+
+    def fit(self, x, qw, row_sigma2):
+        return _ternary_fit(x)
+
+    def pack(self, fit, codes):
+        c = codes.astype(np.int32)
+        n = c.shape[0]
+
+        def trits(part, width, digits):  # `digits` codes, `width` apart, packed base 3 then scaled to a byte
+            q = (part.reshape(n, digits, width) * _POW3[5 - digits:, None]).sum(axis=1)
+            if digits == 4:
+                q = q * 3
+            return ((q.astype(np.uint16) * 256 + 242) // 243).astype(np.uint8)
+
+        qs = np.concatenate([trits(c[:, :160], 32, 5), trits(c[:, 160:240], 16, 5)], axis=1)
+        return np.concatenate([qs, trits(c[:, 240:], 4, 4), _half_bytes(fit.header["d"])], axis=1)
+
+
+CODECS: dict[str, Codec] = {c.name: c for c in (
+    _Q4_0(), _Q4_1(), _Q5_0(), _Q5_1(), _Q8_0(), _Q2_K(), _Q3_K(), _Q4_K(), _Q5_K(), _Q6_K(), _TQ1_0(), _TQ2_0())}
+FLOAT_TYPES = ("F32", "F16", "BF16")
+# llama.cpp's fallback when a row is not a whole number of blocks (llama-quant.cpp, tensor_type_fallback); a
+# 32-weight type that does not fit either becomes F16
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
+            "Q6_K": "Q8_0"}
+TYPES = (*FLOAT_TYPES, "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K", "TQ2_0", "TQ1_0")
+
+
+def block_size(kind: str) -> int:
+    return 1 if kind in FLOAT_TYPES else CODECS[kind].block
+
+
+def bits_per_weight(kind: str) -> float:
+    if kind in FLOAT_TYPES:
+        return 32.0 if kind == "F32" else 16.0
+    c = CODECS[kind]
+    return 8 * c.size / c.block
+
+
+def row_bytes(kind: str, cols: int) -> int:
+    if kind in FLOAT_TYPES:
+        return cols * (4 if kind == "F32" else 2)
+    return cols // CODECS[kind].block * CODECS[kind].size
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, ggml's way: NaN kept quiet, else round to nearest even."""
+    n = x.view(np.uint32)
+    n = np.where((n & 0x7FFFFFFF) > 0x7F800000, (n & 0xFFFF0000) | (64 << 16), n + (0x7FFF + ((n >> 16) & 1)))
+    return (n >> 16).astype(np.uint16)
+
+
+ROWS_PER_CHUNK = 1 << 18  # weights per encoding step: bounds the working arrays (~40 of them) to a few MB each
+
+
+def encode(w: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """Rows w [..., cols] -> GGUF data: float arrays for F32/F16, uint16 bits for BF16, else bytes
+    [..., cols / block * size]. `importance` [cols] (or broadcastable to w) switches to ggml's importance-weighted
+    fits, as `llama-quantize --imatrix` does."""
+    w = np.asarray(w, F)
+    if kind == "F32":
+        return np.ascontiguousarray(w)
+    if kind == "F16":
+        return w.astype(np.float16)
+    if kind == "BF16":
+        return _bf16(np.ascontiguousarray(w))
+    codec = CODECS[kind]
+    *lead, cols = w.shape
+    if cols % codec.block:
+        raise ValueError(f"{kind} needs rows that are a multiple of {codec.block} (got {cols})")
+    rows = w.reshape(-1, cols)
+    qw = None
+    if importance is not None and codec.weighted:
+        qw = np.broadcast_to(np.asarray(importance, F), w.shape).reshape(-1, cols)
+    out = np.empty((rows.shape[0], cols // codec.block * codec.size), np.uint8)
+    step = max(1, ROWS_PER_CHUNK // cols)
+    with np.errstate(all="ignore"):  # C's arithmetic, NaN and inf included, is the reference
+        for r in range(0, rows.shape[0], step):
+            _encode_rows(codec, rows[r : r + step], None if qw is None else qw[r : r + step], out[r : r + step])
+    return out.reshape(*lead, -1)
+
+
+def _encode_rows(codec: Codec, x: np.ndarray, qw: np.ndarray | None, out: np.ndarray) -> None:
+    per = x.shape[1] // codec.block
+    sigma2 = np.repeat(_row_sigma2(x, codec.row_stat), per) if qw is not None and codec.row_stat else None
+    q = None if qw is None else np.ascontiguousarray(qw).reshape(-1, codec.block)
+    out[:] = codec.encode_blocks(x.reshape(-1, codec.block), q, sigma2).reshape(x.shape[0], -1)
+

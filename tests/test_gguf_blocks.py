@@ -1,0 +1,76 @@
+"""Real weights with their quantized blocks kept: SmolLM2 re-quantized by llama.cpp's own quantizer to Q4_K, Q6_K
+and Q2_K runs with every tensor in its own blocks (Q4_K as exact MLX affine, Q6_K / Q2_K as raw GGML blocks) and
+gives the logits of the same file dequantized to float; a model whose float form would not fit keeps its blocks
+on its own."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from llama_cpp_run import llama_cpp_quantize
+from mlx.utils import tree_flatten
+
+from mlxq import loading
+from mlxq.models.layers import BlockLinear
+
+TOKENS = [1, 504, 3458, 314, 253, 1345, 30, 198, 2, 28, 5125, 7, 17, 96, 4530, 11]
+# llama.cpp file type, and the GGML type SmolLM2's 1536-wide ffn_down rows take in it (576-wide rows fall back to
+# 32-weight types: 576 is not a multiple of 256)
+TYPES = {"Q4_K": "MOSTLY_Q4_K_S", "Q6_K": "MOSTLY_Q6_K", "Q2_K": "MOSTLY_Q2_K"}
+
+
+def rel(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@pytest.fixture(scope="module")
+def requantize(smollm2_gguf, tmp_path_factory):
+    """SmolLM2 in one of TYPES, made once per module by llama.cpp's quantizer (all tensors in that type where rows
+    allow: `pure`), from the pinned Q4_1 file (dequantized first: `requantize`)."""
+    made = {}
+
+    def get(kind: str):
+        if kind not in made:
+            out = tmp_path_factory.mktemp("requantized") / f"smollm2-{kind}.gguf"
+            llama_cpp_quantize(smollm2_gguf, out, TYPES[kind], pure=True, requantize=True)
+            made[kind] = out
+        return made[kind]
+
+    return get
+
+
+@pytest.fixture(params=sorted(TYPES))
+def requantized(request, requantize):
+    return request.param, requantize(request.param)
+
+
+def logits(net, tokens=TOKENS) -> mx.array:
+    return net(mx.array([tokens]), net.make_cache())[0]
+
+
+def test_blocks_kept_give_the_dequantized_logits(requantized):
+    kind, path = requantized
+    kept = loading.load_model(loading.open_for_run(str(path), keep_quantized=True))
+    down = kept.model.layers[0].mlp.down_proj
+    if kind == "Q4_K":
+        assert isinstance(down, nn.QuantizedLinear) and down.bits == 4 and down.group_size == 32
+    else:
+        assert isinstance(down, BlockLinear) and down.kind == kind
+    float_model = loading.load_model(loading.open_for_run(str(path), keep_quantized=False))
+    assert rel(logits(kept), logits(float_model)) < 1e-4
+    # and the model holds its weights at about the file's size (MLX affine spends float32 scales and biases)
+    held = sum(v.nbytes for _, v in tree_flatten(kept.parameters()))
+    assert held < 1.35 * path.stat().st_size
+
+
+def test_a_model_too_big_for_float_keeps_its_blocks(requantize, monkeypatch):
+    path = requantize("Q6_K")
+    monkeypatch.setattr(loading, "memory_available", lambda: 400 << 20)  # the float model (0.5 GB) does not fit
+    small = loading.open_for_run(str(path))
+    assert small.config["quantization"]["model.layers.0.mlp.down_proj"]["ggml_type"] == "Q6_K"
+    monkeypatch.setattr(loading, "memory_available", lambda: 64 << 30)
+    roomy = loading.open_for_run(str(path))
+    quantized = "quantization" in roomy.config
+    assert quantized == mx.metal.is_available()  # off Metal a model that fits runs in float32

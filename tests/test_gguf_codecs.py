@@ -1,0 +1,93 @@
+"""GGUF block encoders: every byte equal to ggml's own quantizer (without and with an importance matrix) and to
+gguf-py's where it quantizes, on random rows with the edge cases that break naive encoders; the fitted grids are
+what gguf-py's dequantizer reads back."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from ggml_ref import ggml_quantize
+
+from mlxq.formats.gguf.codecs import CODECS, QK_K, _elements, _seq, encode
+
+F32_MAX = np.finfo(np.float32).max
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # C's arithmetic on the edge rows: inf, NaN
+
+
+def rows(seed: int, cols: int = 2 * QK_K) -> np.ndarray:
+    """Random rows (per-row scales over four decades) with one edge case per row at the top."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((48, cols)).astype(np.float32) * np.exp(2 * rng.standard_normal((48, 1))).astype(np.float32)
+    w[0] = 0  # all-zero blocks
+    w[1, :QK_K] = 0  # one zero super-block next to a normal one
+    w[2, 5] = 1e4  # one huge outlier
+    w[3, 77] = -3e4
+    w[4] *= 1e-40  # denormals
+    w[5, :40], w[5, 40:80] = 65504, -65504  # float16's max
+    w[6, 7], w[6, 300] = F32_MAX, -F32_MAX  # float32's max
+    w[7] = np.abs(w[7])  # one-signed rows (the mins clamp at zero)
+    w[8] = -np.abs(w[8])
+    w[9, ::2] = 0
+    w[10] = 1.0  # constant blocks
+    w[11, :300] = 1e-8
+    w[12, 3] = np.float32(1e-45)  # the smallest denormal alone
+    return w
+
+
+@pytest.mark.parametrize("kind", sorted(CODECS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bit_exact_with_ggml(kind, seed):
+    w = rows(seed)
+    np.testing.assert_array_equal(encode(w, kind), ggml_quantize(w, kind))
+
+
+@pytest.mark.parametrize("kind", sorted(CODECS))
+def test_bit_exact_with_ggml_importance_weighted(kind):
+    w = rows(2)
+    imatrix = (np.random.default_rng(3).random(w.shape[1]) ** 3).astype(np.float32)
+    imatrix[17] = 0  # a channel that never saw input
+    np.testing.assert_array_equal(encode(w, kind, imatrix), ggml_quantize(w, kind, imatrix))
+
+
+@pytest.mark.parametrize("kind", [k for k in sorted(CODECS) if k in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                                                                      "TQ1_0", "TQ2_0")] + ["BF16", "F16"])
+def test_bit_exact_with_gguf_py(kind):
+    w = rows(4)
+    qtype = gguf.GGMLQuantizationType[kind]
+    want = gguf.quants.quantize(w, qtype)
+    np.testing.assert_array_equal(np.asarray(encode(w, kind)).view(np.uint8), want.view(np.uint8))
+
+
+@pytest.mark.parametrize("kind", sorted(CODECS))
+def test_grid_is_what_gguf_py_decodes(kind):
+    """scale * q + bias of the fitted grid, for the codes packed, equals gguf-py's dequantization."""
+    codec = CODECS[kind]
+    w = rows(5)[13:]
+    x = w.reshape(-1, codec.block)
+    fit = codec.fit(x, None, None)
+    got = gguf.quants.dequantize(codec.pack(fit, fit.codes), gguf.GGMLQuantizationType[kind]).reshape(x.shape)
+    per = codec.block // codec.sub
+    scale = np.repeat(fit.scale.reshape(-1, per), codec.sub, axis=1)
+    bias = np.repeat(fit.bias.reshape(-1, per), codec.sub, axis=1)
+    np.testing.assert_allclose(scale * fit.codes + bias, got, rtol=1e-6, atol=1e-30)
+    assert fit.codes.min() >= 0 and fit.codes.max() <= codec.nmax
+
+
+def test_sums_run_in_order():
+    """The encoders rely on numpy summing a leading axis in order, as a C loop does (pairwise summation would
+    differ in the last bits and break exactness)."""
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((32, 4096)) * np.exp(3 * rng.standard_normal((32, 4096)))).astype(np.float32)
+    acc = a[0].copy()
+    for r in a[1:]:
+        acc = acc + r
+    np.testing.assert_array_equal(_seq(a), acc)
+    assert _elements(np.arange(64.0).reshape(2, 32), 16).shape == (16, 4)
+
+
+def test_rows_not_a_multiple_of_the_block_are_refused():
+    with pytest.raises(ValueError, match="multiple of 256"):
+        encode(np.zeros((2, 576), np.float32), "Q4_K")
