@@ -56,4 +56,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench-quick: setup  ## every benchmark in its quick form; results in bench/results/
-	for b in decode prefill_hybrid serve quant_quality; do $(RUN) $(PY) bench/$$b.py --quick || exit 1; done
+	for b in decode prefill_hybrid serve quant_quality experts; do $(RUN) $(PY) bench/$$b.py --quick || exit 1; done

@@ -1,5 +1,5 @@
-"""What every benchmark shares: the common options, the BLAS check, machine facts, and the JSON result convention
-(bench/results/NAME.json, also printed as the last stdout line).
+"""The benchmark scripts' shared options and result convention (bench/results/NAME.json, also printed as the last
+stdout line). What they measure with and record lives in mlxq.bench, which `mlxq bench` runs too.
 
     args = parse_args(parser)        # adds --quick and --allow-reference-blas, refuses reference BLAS off the GPU
     src = float_copy("smollm2")      # the stored weights both sides load
@@ -13,14 +13,13 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
+from mlxq.bench.record import OPENBLAS, blas, float_copy, machine, median, write_json  # noqa: F401  (re-exported)
+
 RESULTS = Path(__file__).parent / "results"
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,90 +37,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     return args
 
 
-def blas() -> dict:
-    """The BLAS that MLX's CPU matmuls actually use in this process. "gpu" when MLX computes on a GPU,
-    "accelerate" on macOS; on Linux the library that serves `cblas_sgemm` in the global symbol scope (where a
-    preloaded OpenBLAS sits, ahead of the reference BLAS MLX's wheel bundles and loads privately), else MLX's own.
-    `libraries`: every BLAS mapped into the process (numpy's bundled one among them), for the record."""
-    import mlx.core as mx
-
-    mx.eval(mx.ones((2, 2)) @ mx.ones((2, 2)))  # loads MLX's CPU libraries if nothing has yet
-    libraries = []
-    if os.path.exists("/proc/self/maps"):
-        with open("/proc/self/maps") as maps:
-            libraries = sorted({line.split()[-1] for line in maps if "blas" in line.rsplit("/", 1)[-1].lower()})
-    if mx.default_device() == mx.gpu:
-        return {"kind": "gpu", "libraries": libraries}
-    if sys.platform == "darwin":
-        return {"kind": "accelerate", "libraries": libraries}
-    used = _global_provider("cblas_sgemm") or next((lib for lib in libraries if "mlx" in lib), "unknown")
-    return {"kind": "openblas" if "openblas" in used else "reference", "used": used, "libraries": libraries}
-
-
-def _global_provider(symbol: str) -> str | None:
-    """The file of the library that provides `symbol` in the process's global scope (dladdr), if any."""
-    import ctypes
-
-    class DlInfo(ctypes.Structure):
-        _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
-                    ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
-
-    try:
-        process = ctypes.CDLL(None)
-        address = ctypes.cast(getattr(process, symbol), ctypes.c_void_p)
-    except (OSError, AttributeError):
-        return None
-    info = DlInfo()
-    if not process.dladdr(address, ctypes.byref(info)) or not info.fname:
-        return None
-    return os.path.realpath(info.fname.decode())
-
-
-def machine() -> dict:
-    import mlx.core as mx
-
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],  # the machine is shared: how busy it was
-        "python": platform.python_version(),
-        "mlx": mx.__version__,
-        "device": str(mx.default_device()),
-        "metal": mx.metal.is_available(),
-        "blas": blas(),
-    }
-
-
-def float_copy(model: str) -> Path:
-    """`model`'s weights as a float32 HF directory with its tokenizer, made once in mlxq's cache (a GGUF's blocks
-    dequantized): the stored weights every side of a comparison starts from."""
-    import mlx.core as mx
-
-    from mlxq.formats.fetch import cache_dir
-    from mlxq.quant.pipeline import quantize
-    from mlxq.quant.recipes import Recipe
-
-    path = cache_dir() / "bench" / "weights" / f"{model.replace('/', '--')}-f32"
-    if not (path / "config.json").exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        quantize(model, path, Recipe("float", "float"), dtype=mx.float32, progress=False)  # appears whole
-    return path
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else 0.0
-
-
 def write_result(name: str, result: dict) -> dict:
     """Adds machine facts and a timestamp, writes bench/results/NAME.json (whole or not at all), prints it as the
     last stdout line."""
     result = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **result}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(RESULTS / f"{name}.json", result)
     sys.stdout.flush()
     print(json.dumps(result))
     return result
@@ -129,8 +49,8 @@ def write_result(name: str, result: dict) -> dict:
 
 @contextlib.contextmanager
 def stdout_to_stderr():
-    """Python's and C's stdout (llama.cpp, peers' progress) onto stderr while a peer runs, so the result line stays
-    the last line of stdout."""
+    """Python's and C's stdout (file descriptor 1) onto stderr while a peer runs (llama.cpp, mlx-lm print), so the
+    result line stays the last line of stdout."""
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)

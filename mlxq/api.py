@@ -59,6 +59,12 @@ class Model:
     def make_cache(self) -> list:
         return self.net.make_cache()
 
+    def expert_stats(self):
+        """Streaming counters so far (`mlxq.experts.ExpertStats`: hits, misses, bytes, read / stall / compute
+        time; subtract two snapshots for one run), or None when the experts are not streamed."""
+        pool = getattr(self.net, "expert_pool", None)
+        return None if pool is None else pool.snapshot()
+
     # ---------------------------------------------------------------------------------------- prompts
     def encode_prompt(self, prompt: Prompt, *, tools: list[dict] | None = None,
                       chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
@@ -102,6 +108,7 @@ class Model:
             raise InvalidRequest("empty prompt")
         detok = self.tokenizer.detokenizer()
         eos = self.tokenizer.eos_token_ids
+        experts_before = self.expert_stats()
         text, emitted, finish, cut = "", 0, "length", -1
         for step in gen.steps(ids, max_tokens, cached=cached_tokens):
             if step.token in eos:
@@ -120,6 +127,8 @@ class Model:
                 emitted = max(emitted, safe)
         if cut < 0:
             text += detok.flush()
+        if experts_before is not None:
+            gen.timings.experts = (self.expert_stats() - experts_before).as_dict()
         yield Chunk(text[emitted:], None, finish)
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> Result:
@@ -133,12 +142,15 @@ class Model:
 
 
 def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantized: bool | None = None,
-         experts_per_tok: int | None = None) -> Model:
+         experts_per_tok: int | None = None, expert_memory: str | int | None = None,
+         expert_options: dict | None = None) -> Model:
     """Load a model by name: a local HF/mlx-lm dir, a GGUF file, an alias (`smollm2`), `ollama:NAME`, or a
     hub id. With no name, the default small model. A GGUF file's quantized weights stay in their blocks on Metal;
     off Metal they are dequantized to float32 (MLX's quantized CPU kernels are slow on x86) while the float model
     fits comfortably in memory, else kept too (`loading.open_for_run`). `keep_quantized` forces either way.
-    `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact)."""
+    `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact).
+    `expert_memory` ("8GB", "25%"): a model with expert packs streams its experts from disk within that much
+    memory (`expert_options`: see `mlxq.experts.StreamOptions`); `Model.expert_stats()` reports the I/O."""
     from concurrent.futures import ThreadPoolExecutor
 
     ckpt = open_for_run(name, keep_quantized)
@@ -147,5 +159,6 @@ def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantiz
     # the tokenizer loads beside the weights: MLX computes with the GIL released
     with ThreadPoolExecutor(1) as pool:
         tok = pool.submit(load_tokenizer, ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template, eos)
-        net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok)
+        net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=expert_memory,
+                         expert_options=expert_options)
         return Model(net, tok.result(), ckpt, name or "smollm2")

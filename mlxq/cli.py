@@ -9,7 +9,7 @@ from collections import Counter
 
 import click
 
-from mlxq.errors import MlxqError
+from mlxq.errors import InvalidRequest, MlxqError
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
@@ -27,12 +27,13 @@ def _use_openblas() -> None:
 
 
 class LazyGroup(click.Group):
-    """Subcommands that live in other packages (server, quant, eval) are imported only when used."""
+    """Subcommands that live in other packages (server, quant, eval, bench) are imported only when used."""
 
     lazy = {
         "serve": ("server.command", "serve"),
         "quantize": ("mlxq.quant.command", "quantize"),
         "eval": ("mlxq.eval.command", "eval"),
+        "bench": ("mlxq.bench.command", "bench"),
         "export": ("mlxq.formats.gguf.command", "export"),
     }
 
@@ -69,6 +70,19 @@ def sampling_options(f):
     return f
 
 
+def expert_options(f):
+    """--expert-memory and --experts-per-tok: shared by generate, chat and serve."""
+    for opt in reversed([
+        click.option("--expert-memory", default=None, metavar="SIZE",
+                     help="Stream MoE experts from the model's expert packs within SIZE of memory (8GB, 512MiB, "
+                     "25%); default: all experts in memory."),
+        click.option("--experts-per-tok", default=None, type=click.IntRange(1),
+                     help="Route each token to this many experts instead of the model's number."),
+    ]):
+        f = opt(f)
+    return f
+
+
 keep_quantized_option = click.option(
     "--keep-quantized", is_flag=True,
     help="Keep a GGUF model's quantized blocks (the model stays at its file size). Default: on Metal, or when the "
@@ -89,12 +103,16 @@ def _sampling(kw: dict) -> dict:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--verbose", "-v", is_flag=True, help="Print timings to stderr.")
 @keep_quantized_option
+@expert_options
 @sampling_options
-def generate(prompt, model, chat, system, think, stop, verbose, keep_quantized, max_tokens, **kw):
+def generate(prompt, model, chat, system, think, stop, verbose, keep_quantized, expert_memory, experts_per_tok,
+             max_tokens, **kw):
     """Generate a completion for PROMPT and stream it to stdout."""
     import mlxq
 
-    m = mlxq.load(model, keep_quantized=keep_quantized or None)
+    m = mlxq.load(model, keep_quantized=keep_quantized or None, expert_memory=expert_memory,
+                  experts_per_tok=experts_per_tok)
+    before = m.expert_stats()
     if chat and m.tokenizer.has_chat_template:
         prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     kwargs = {"enable_thinking": think} if think is not None else {}
@@ -106,6 +124,15 @@ def generate(prompt, model, chat, system, think, stop, verbose, keep_quantized, 
     click.echo()
     if verbose and result is not None:
         click.echo(f"[finish: {result.finish_reason}]", err=True)
+    if verbose and before is not None:
+        run = m.expert_stats() - before
+        steps = list(m.net.expert_pool.steps)[-run.tokens:] if run.tokens else []
+        click.echo(f"[{run.summary()}]", err=True)
+        if steps:
+            worst = max(steps, key=lambda s: s["stall_s"])
+            click.echo(f"[per token: {run.bytes_read / max(run.tokens, 1) / 1e6:.2f} MB read, "
+                       f"{run.stall_s / max(run.tokens, 1) * 1e3:.1f} ms stall on average; worst "
+                       f"{worst['stall_s'] * 1e3:.1f} ms stall, {worst['misses']} misses]", err=True)
 
 
 @cli.command()
@@ -113,13 +140,15 @@ def generate(prompt, model, chat, system, think, stop, verbose, keep_quantized, 
 @click.option("--system", default=None, help="System message.")
 @click.option("--think/--no-think", default=None, help="enable_thinking for templates that have it.")
 @keep_quantized_option
+@expert_options
 @sampling_options
-def chat(model, system, think, keep_quantized, max_tokens, **kw):
+def chat(model, system, think, keep_quantized, expert_memory, experts_per_tok, max_tokens, **kw):
     """Interactive chat (empty line or Ctrl-D quits). The cache is kept between turns."""
     import mlxq
     from mlxq.session import Session
 
-    m = mlxq.load(model, keep_quantized=keep_quantized or None)
+    m = mlxq.load(model, keep_quantized=keep_quantized or None, expert_memory=expert_memory,
+                  experts_per_tok=experts_per_tok)
     session = Session(m, system=system, enable_thinking=bool(think), max_tokens=max_tokens, **_sampling(kw))
     click.echo(f"mlxq chat with {m.name}: empty line or Ctrl-D to quit", err=True)
     while True:
@@ -133,9 +162,29 @@ def chat(model, system, think, keep_quantized, max_tokens, **kw):
 
 
 @cli.command()
-@click.argument("model")
-def inspect(model):
-    """Architecture, tensors, dtypes, parameters, size and quantization of MODEL (weights are not read)."""
+@click.argument("model", required=False)
+@click.option("--diff", nargs=2, metavar="A B", default=None,
+              help="Compare two models layer by layer on the same tokens (see mlxq.eval.diff).")
+@click.option("--ref", default=None, metavar="R", help="With --diff: the reference both are measured against "
+              "(default: A).")
+@click.option("--prompt", default=None, help="With --diff: the text to run (raw, not chat-wrapped).")
+@click.option("--tokens", "tokens_file", default=None, metavar="FILE",
+              help="With --diff: token ids to run (a JSON list, or integers separated by spaces).")
+@click.option("--gen-tokens", default=16, show_default=True, type=click.IntRange(0),
+              help="With --diff: greedy tokens each model generates, to find where A and B part.")
+@click.option("--json", "as_json", is_flag=True, help="With --diff: print the report as one JSON object.")
+@click.option("--plot", "plot_file", default=None, metavar="FILE", help="With --diff: also write a PNG of the "
+              "curves (needs matplotlib: pip install 'mlxq[plot]').")
+def inspect(model, diff, ref, prompt, tokens_file, gen_tokens, as_json, plot_file):
+    """Architecture, tensors, dtypes, parameters, size and quantization of MODEL (weights are not read).
+
+    With --diff A B [--ref R] (--prompt TEXT | --tokens FILE): per-layer statistics of two or three models on
+    the same tokens, their errors against the reference, the layer where the error jumps and the first
+    generated token where A and B part."""
+    if diff:
+        return _inspect_diff(diff, ref, prompt, tokens_file, gen_tokens, as_json, plot_file)
+    if model is None:
+        raise InvalidRequest("mlxq inspect: give a MODEL, or --diff A B")
     import math
 
     from mlxq.errors import UnsupportedModel
@@ -153,6 +202,15 @@ def inspect(model):
         shapes = [i.shape for i in infos]
     params = sum(math.prod(shape) for shape in shapes)
     size = sum(i.nbytes for i in infos)
+    packs = None
+    if ckpt.format != "gguf":
+        from mlxq.experts.pack import has_packs, open_packs
+
+        if has_packs(ckpt.config):  # the routed experts live in expert packs, not among the tensors
+            packs = open_packs(ckpt.path, ckpt.config)
+            size += packs.nbytes
+            params += sum(lp.n_experts * lp.dims(p)[0] * lp.dims(p)[1]
+                          for lp in packs.layers.values() for p in lp.quantization)
     rows = [
         ("path", str(ckpt.path)),
         ("format", ckpt.format),
@@ -166,8 +224,37 @@ def inspect(model):
         ("quantization", ", ".join(f"{k}={v}" for k, v in quant.items() if not isinstance(v, dict))
          or ("GGUF blocks (see dtypes)" if ckpt.format == "gguf" else "none")),
     ]
+    if packs is not None:
+        from mlxq.experts.pack import describe
+
+        rows += describe(packs)
     for key, value in rows:
         click.echo(f"{key:>13}  {value}")
+
+
+def _inspect_diff(diff, ref, prompt, tokens_file, gen_tokens, as_json, plot_file) -> None:
+    import json
+
+    from rich.console import Console
+
+    from mlxq.eval import diff as layer_diff
+
+    if (prompt is None) == (tokens_file is None):
+        raise InvalidRequest("give either --prompt TEXT or --tokens FILE")
+    if plot_file:
+        from mlxq.eval.report import plot_target
+
+        plot_target(plot_file)  # a missing matplotlib or directory fails before any model is loaded
+    tokens = layer_diff.read_tokens(tokens_file) if tokens_file else None
+    report = layer_diff.run(diff[0], diff[1], ref, prompt, tokens, gen_tokens)
+    if plot_file:
+        layer_diff.plot(report, plot_file)
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False))
+    else:
+        layer_diff.show(report, Console(width=max(Console().width, 150)))  # ~15 columns: keep them readable
+        if plot_file:
+            click.echo(f"plot: {plot_file}")
 
 
 @cli.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from contextlib import contextmanager
 
 import mlx.core as mx
@@ -22,7 +23,7 @@ def default_dtype() -> mx.Dtype:
 
 
 def _cast(w: mx.array, dtype: mx.Dtype) -> mx.array:
-    return w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
+    return w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) and w.dtype != dtype else w
 
 
 def float_nbytes(ckpt: Checkpoint) -> int:
@@ -60,11 +61,14 @@ def open_for_run(name: str | None, keep_quantized: bool | None = None) -> Checkp
 
 
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = True,
-               experts_per_tok: int | None = None) -> nn.Module:
+               experts_per_tok: int | None = None, expert_memory: str | int | None = None,
+               expert_options: dict | None = None) -> nn.Module:
     """`fuse` merges projections that share an input (q/k/v, gate/up) after loading and puts weights in
     the backend's fastest layout (`inference_layout`); pass False to keep the checkpoint's module layout
     (calibration hooks, weight export). `experts_per_tok` routes each token of a MoE model to that many
-    experts instead of the configured `num_experts_per_tok`."""
+    experts instead of the configured `num_experts_per_tok`. A model written with expert packs
+    (`mlxq quantize --stream-experts`) streams its experts within `expert_memory` bytes ('8GB', '25%'; see
+    `mlxq.experts`, options in `StreamOptions`), or holds them all in memory when that is None."""
     config = text_config(ckpt.config)
     with _as_config_error(ckpt):
         model = build_model(config)
@@ -72,6 +76,8 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     # Cast before sanitize, so that its arithmetic (the 1 + w of zero-centred norms) runs at compute precision: in a
     # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits.
     weights = model.sanitize({name: _cast(ckpt.tensors[name], dtype) for name in ckpt.tensors})
+    packs, streamed = _expert_packs(ckpt, model, weights, expert_memory)
+    weights = {k: _cast(v, dtype) for k, v in weights.items()}  # experts read from packs come in their stored dtype
     quant = ckpt.quantization
     if quant and "quant_method" not in quant:  # mlx-lm's; a transformers quant_method is the family's to read
         with _as_config_error(ckpt):
@@ -79,20 +85,46 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
             _ternary_like(model, weights, quant)
             _quantize_like(model, weights, quant)
     check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
-    # anything sanitize or the quantized layouts made in another float type joins the compute dtype
-    cast = {k: _cast(v, dtype) for k, v in weights.items()}
-    model.load_weights(list(cast.items()), strict=True)
-    del weights, cast  # the model holds them now; fusing below replaces some, which must not stay alive here
+    model.load_weights(list(weights.items()), strict=True)
+    del weights  # from here only the model holds the checkpoint's arrays, so each can go once it is replaced
     if fuse:
         inference_layout(model)
     if experts_per_tok is not None:
         if not hasattr(model, "set_experts_per_tok"):
             raise ConfigError(f"{ckpt.path}: experts per token: the model has no routed experts")
         model.set_experts_per_tok(experts_per_tok)
-    mx.eval(model.parameters())
+    # One parameter at a time: its checkpoint arrays are read, cast / fused / laid out, and freed before the next
+    # are read. Evaluated all at once, every checkpoint array and every replacement were alive together: a peak
+    # of twice the model.
+    for _, p in tree_flatten(model.parameters()):
+        mx.eval(p)
+    mx.clear_cache()  # the freed checkpoint buffers go back now
     model.eval()
     wire_weights(model)
+    if streamed:
+        from mlxq.experts import start_pool
+
+        model.expert_pool = start_pool(streamed, packs, expert_memory, dtype, fuse, expert_options)
+        weakref.finalize(model, model.expert_pool.close)  # reader threads and file descriptors go with the model
     return model
+
+
+def _expert_packs(ckpt: Checkpoint, model: nn.Module, weights: dict, expert_memory) -> tuple:
+    """Expert packs, if the checkpoint has them: all experts read into `weights` (no `expert_memory`), or the MoE
+    blocks swapped for streaming ones (returned, to get their slot pool once the model is complete)."""
+    from mlxq.experts import has_packs, moe_blocks, open_packs, stream_blocks
+    from mlxq.experts.pack import check_model
+
+    if not has_packs(ckpt.config):
+        if expert_memory is not None:
+            raise ConfigError(f"{ckpt.path}: expert memory needs expert packs (mlxq quantize --stream-experts)")
+        return None, []
+    packs = open_packs(ckpt.path, ckpt.config)
+    if expert_memory is None:
+        check_model(packs, moe_blocks(model))
+        weights.update(packs.resident_weights())
+        return packs, []
+    return packs, stream_blocks(model, packs)
 
 
 @contextmanager

@@ -119,6 +119,7 @@ class OpenAIServer:
         self.api_key = api_key
         self.text = TokenText(planner.tokenizer)
         self.created = int(time.time())
+        self._experts_logged = engine.model.expert_stats()  # streamed experts: I/O logged after each request
 
     # -------------------------------------------------------------------------------------------- app
     def app(self) -> FastAPI:
@@ -235,7 +236,17 @@ class OpenAIServer:
                 return Response(status_code=499)
         finally:
             sub.cancel()
+            self._log_experts()
         return JSONResponse(self._whole(plan, runs, kind, ident, model))
+
+    def _log_experts(self) -> None:
+        """Streamed experts' I/O since the last log line (concurrent requests share one line)."""
+        if self._experts_logged is None:
+            return
+        now = self.engine.model.expert_stats()
+        run, self._experts_logged = now - self._experts_logged, now
+        if run.tokens:
+            log.info("%s", run.summary())
 
     async def _next(self, request: Request, sub: Submission) -> tuple[int, Output] | None:
         """The next output; None when the client has gone away (checked every POLL_S, busy or not)."""
@@ -373,6 +384,7 @@ class OpenAIServer:
             return
         if include_usage:
             yield _sse({**head, "choices": [], "usage": self._usage(plan, runs)})
+        self._log_experts()
         yield _sse("[DONE]")
 
 

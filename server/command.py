@@ -10,7 +10,7 @@ import time
 
 import click
 
-from mlxq.cli import keep_quantized_option
+from mlxq.cli import expert_options, keep_quantized_option
 from mlxq.errors import GenerationError, InvalidRequest
 
 
@@ -66,6 +66,7 @@ from mlxq.errors import GenerationError, InvalidRequest
     help="Reasoning tokens before '</think>' is forced, when a request does not say.",
 )
 @keep_quantized_option
+@expert_options
 @click.option(
     "--allow-request-templates",
     is_flag=True,
@@ -91,6 +92,8 @@ def serve(
     thinking,
     thinking_budget,
     keep_quantized,
+    expert_memory,
+    experts_per_tok,
     allow_request_templates,
     log_level,
 ):
@@ -115,7 +118,8 @@ def serve(
         console.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
     t0 = time.perf_counter()
     with console.status(f"loading {model or DEFAULT_MODEL} (fetched on first use)...") as status:
-        loaded = mlxq.load(model, keep_quantized=keep_quantized or None)
+        loaded = mlxq.load(model, keep_quantized=keep_quantized or None, expert_memory=expert_memory,
+                           experts_per_tok=experts_per_tok)
         console.log(f"loaded {model or DEFAULT_MODEL} in {time.perf_counter() - t0:.1f} s")
         status.update("building the engine and token tables...")
         limits = Limits(max_tokens=max_tokens, max_request_bytes=int(max_request_mb * (1 << 20)),

@@ -41,6 +41,13 @@ def test_dequantize_is_bit_exact_with_gguf_py(kind):
     np.testing.assert_array_equal(got, want)  # NaN where gguf-py has NaN (IQ1_M's scale is spread over bytes)
 
 
+def test_iq4_values_are_ggmls_table_at_every_code():
+    """IQ4_NL / IQ4_XS values come from a rounded quartic, not a lookup: all 16 codes equal ggml's kvalues_iq4nl."""
+    from gguf.quants import IQ4_NL
+
+    assert np.array(kquants._iq4(mx.arange(16, dtype=mx.uint8))).tolist() == list(IQ4_NL.kvalues)
+
+
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0"])
 def test_dequantize_of_quantized_data_with_an_outlier(kind):
     """Real codes from gguf-py's quantizer: normal weights, one huge outlier, an all-zero row."""

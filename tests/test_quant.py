@@ -34,20 +34,9 @@ def rel(a, b) -> float:
 def add_tokenizer(path: Path, vocab_size: int = 160) -> None:
     """A character-level tokenizer that fits the tiny models' 160-token vocabulary (mlx_lm.load and mlxq.load
     both want one)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from mlxq.bench.synthetic import char_tokenizer
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in [chr(c) for c in range(32, 127)] + ["\n"]:
-        vocab.setdefault(ch, len(vocab))
-    while len(vocab) < vocab_size:
-        vocab[f"<extra_{len(vocab)}>"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
-        str(path)
-    )
+    char_tokenizer(path, vocab_size)
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +165,7 @@ def test_ternary_is_absmean_per_output_channel():
 # ---------------------------------------------------------------------------------------------- roles
 HYBRIDS = ["qwen3_5_text", "qwen3_5_vl", "qwen3_5_moe_text", "qwen3_5_moe_vl", "qwen3_next"]
 DENSE = ["llama", "llama_tied_linear", "qwen2", "qwen3", "gemma3"]
+MOE = ["qwen3_moe", "mixtral"]
 # What Qwen3.5 / Qwen3-Next release checkpoints carry beyond transformers' tiny models: the MTP block.
 MTP_NAMES = [
     "mtp.fc.weight",
@@ -191,7 +181,7 @@ MTP_NAMES = [
 ]
 
 
-@pytest.mark.parametrize("name", DENSE + HYBRIDS)
+@pytest.mark.parametrize("name", DENSE + MOE + HYBRIDS)
 def test_every_hf_tensor_gets_a_role(name, tiny_dir):
     ckpt = open_checkpoint(str(tiny_dir(name)))
     arch = ckpt.config.get("model_type")
@@ -356,6 +346,7 @@ def quantized(src: Path, out: Path, recipe, **kw) -> pipeline.Result:
         ("llama", uniform(4, 32)),
         ("llama_tied_linear", RECIPES["q3_k_m"]),
         ("qwen3", make_recipe("q2_k", group_size=32)),
+        ("mixtral", RECIPES["experts-2bit"]),
     ],
 )
 def test_round_trip_mlx_lm_and_mlxq_agree(name, recipe, tiny_dir, tmp_path):

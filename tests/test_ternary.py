@@ -38,9 +38,9 @@ def test_ragged_rows_round_trip(packing, k):
 @pytest.mark.parametrize("m", [1, 3, 20])
 @pytest.mark.parametrize("integer", [False, True], ids=["float", "int8"])
 def test_mlx_path_matches_the_oracle(packing, m, integer):
-    """The CPU path (MLX's 2-bit affine matmul on the tq2 bytes for few tokens, storage-order decode + BLAS
-    otherwise) equals the oracle (unpack, matmul) within float32 rounding, per-channel and per-tensor scales,
-    ragged K."""
+    """The CPU path (the codes as 2-bit words, tq1 re-packed with padding slots, then MLX's 2-bit affine matmul
+    for few tokens, a decode + BLAS otherwise) equals the oracle (unpack, matmul) within float32 rounding,
+    per-channel and per-tensor scales, ragged K (tq1 rows padded to whole groups)."""
     rng = np.random.default_rng(m)
     n, k = 24, 300
     codes = mx.array(rng.integers(-1, 2, (n, k)).astype(np.int8))

@@ -18,6 +18,13 @@ FAMILIES = {
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
         head_dim=16, query_pre_attn_scalar=16, sliding_window=5, num_hidden_layers=4,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"])),
+    # MoE: a dense MLP among the expert layers, unnormalised top-k weights (Qwen3-MoE's default)
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        head_dim=32, rope_theta=1e6, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+        mlp_only_layers=[1])),
+    "qwen3_moe_norm": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        head_dim=32, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=True)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
     # every 6th layer global: the only schedule a GGUF can state (llama.cpp fixes the period at 6)
     "gemma3_p6": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
         head_dim=16, query_pre_attn_scalar=16, sliding_window=5, num_hidden_layers=6,
@@ -71,11 +78,13 @@ def make_tiny(family: str, path: Path, seed: int = 0, **overrides):
 
 
 def to_old_style_rope(path: Path) -> None:
-    """Rewrite config.json from transformers-5 `rope_parameters` to `rope_theta` + `rope_scaling`
-    (what mlx-lm 0.32 reads)."""
+    """Rewrite config.json from transformers-5 `rope_parameters` to `rope_theta` + `rope_scaling`, and a
+    Qwen3-MoE's `num_local_experts` to the `num_experts` its real checkpoints carry (what mlx-lm 0.32 reads)."""
     import json
 
     cfg = json.loads((path / "config.json").read_text())
+    if cfg.get("model_type") == "qwen3_moe" and "num_local_experts" in cfg:
+        cfg["num_experts"] = cfg.pop("num_local_experts")
     params = dict(cfg.pop("rope_parameters"))
     cfg["rope_theta"] = params.pop("rope_theta")
     if params.get("rope_type", "default") != "default":

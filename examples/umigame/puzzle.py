@@ -1,4 +1,7 @@
-"""The puzzle: the classic umigame "ウミガメのスープ". The question is public; the story is the secret."""
+"""The puzzle: the classic umigame "ウミガメのスープ". The question is public; the story is the secret.
+More puzzles, with scripted questions and expected answers, are in scenarios.jsonl (`mlxq eval gm`)."""
+
+from mlxq.eval.gm import SCHEMA, system_prompt  # noqa: F401  (SCHEMA: play.py reads it from here)
 
 TITLE = "ウミガメのスープ"
 
@@ -18,28 +21,8 @@ STORY = [
     "本物のウミガメのスープを飲んで味が違うと知り、男は真実に気づいた。",
 ]
 
-SYSTEM = f"""あなたは水平思考パズル（ウミガメのスープ）のゲームマスターです。
-
-問題: {QUESTION}
-
-真相（プレイヤーには絶対に教えないこと）: {"".join(STORY)}
-
-プレイヤーの質問に、真相に照らして答えてください。
-- answer: "yes"（はい）、"no"（いいえ）、"irrelevant"（関係ありません）のどれか
-- solved: プレイヤーが真相の核心（スープが仲間の肉だったと気づいた）を言い当てたら true
-- comment: 短い日本語のひとこと。真相の文章をそのまま書かないこと。
-"""
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "answer": {"enum": ["yes", "no", "irrelevant"]},
-        "solved": {"type": "boolean"},
-        "comment": {"type": "string", "maxLength": 60},
-    },
-    "required": ["answer", "solved", "comment"],
-    "additionalProperties": False,
-}
+# The game master's instructions and answer schema are the ones `mlxq eval gm` scores models with.
+SYSTEM = system_prompt(QUESTION, STORY, core="スープが仲間の肉だったと気づいた")
 
 SCRIPT = [
     "男はスープの味に驚きましたか？",

@@ -29,6 +29,7 @@ class Timings:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     first_token_s: float = 0.0
+    experts: dict | None = None  # streamed experts' counters for this run (mlxq.experts.ExpertStats.as_dict())
 
     @property
     def prefill_tps(self) -> float:

@@ -156,12 +156,23 @@ def _tq2_0(b):
 
 
 _IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml's kvalues_iq4nl
+# ggml's table is smooth: this quartic, rounded, is exactly it at the 16 codes (at most 0.48 off before rounding;
+# tests check all 16). Plain float ops run about 3x faster on MLX's CPU backend than a lookup, gathered or selected.
+_IQ4_QUARTIC = (0.001324720171469444, 0.04121682411156027, -1.5001835754544741, 24.743245746341753, -127.04360165118695)
+
+
+@mx.compile
+def _iq4(codes: mx.array) -> mx.array:
+    """4-bit codes -> ggml's non-linear values (_IQ4_VALUES), float32."""
+    x = codes.astype(mx.float32)
+    y = _IQ4_QUARTIC[0] * x
+    for p in _IQ4_QUARTIC[1:-1]:  # Horner
+        y = (y + p) * x
+    return mx.round(y + _IQ4_QUARTIC[-1])
 
 
 def _iq4_nl(b):
-    d = _f16(b, 0)
-    q = mx.array(_IQ4_VALUES, mx.int8)[_nibbles(b[:, 2:18], 16).astype(mx.uint32)]
-    return d * q.astype(mx.float32)
+    return _f16(b, 0) * _iq4(_nibbles(b[:, 2:18], 16))
 
 
 def _iq4_xs(b):
@@ -171,8 +182,7 @@ def _iq4_xs(b):
     low = _bits(b[:, 4:8], [0, 4], 0xF).swapaxes(1, 2).reshape(n, 8)
     sc = (_int8(low | (high << 4)) - 32).astype(mx.float32)
     dl = (d * sc).reshape(n, 8, 1)
-    q = mx.array(_IQ4_VALUES, mx.int8)[_nibbles(b[:, 8:136], 16).astype(mx.uint32)]
-    return (dl * q.reshape(n, 8, 32).astype(mx.float32)).reshape(n, QK_K)
+    return (dl * _iq4(_nibbles(b[:, 8:136], 16)).reshape(n, 8, 32)).reshape(n, QK_K)
 
 
 # ------------------------------------------------------------------------------------------------ IQ grids

@@ -170,68 +170,87 @@ def reference_matmul(x: mx.array, w: TernaryWeight, x_scale: mx.array | None = N
 
 
 # ------------------------------------------------------------------------------ the pure-MLX fast path
-# The weight is decoded in its storage order (byte by byte, digit by digit) and x is permuted to match, which
-# saves reordering N x K codes; the sum over K does not care about the order. Storage position -> K position:
+# Off Metal both packings become 2-bit slots in uint32 words, 16 a word (bits 2i..2i+1 slot i), which is MLX's
+# 2-bit affine layout: with scale s and bias -s, code c reads s * c - s, and a padding slot (code 1) reads 0.
+# tq2's bytes are such words as they are. tq1 is re-packed per call in one fused integer pass over its bytes
+# (1/16 of the float decode's output): three qs bytes (15 codes) and a padding slot a word, the block's four qh
+# bytes (16 codes) one word, 17 words a block, 6 % more slots than values. x is permuted into slot order (a zero
+# under each padding slot) instead of reordering N x K codes; the sum over K does not care about the order.
+AFFINE_GROUP = 128  # slots per scale: the fewest scale/bias bytes MLX accepts; rows pad to whole groups
+
+
 def storage_order(packing: str) -> list[int]:
+    """K position of each value of a 256-value block in storage order (byte by byte, digit by digit)."""
     if packing == "tq2":  # byte (half, m), bits j -> half * 128 + 32 j + m
         return [h * 128 + 32 * j + m for h in range(2) for m in range(32) for j in range(4)]
     return ([m + 32 * n for m in range(32) for n in range(5)] + [160 + m + 16 * n for m in range(16) for n in range(5)]
             + [240 + m + 4 * n for m in range(4) for n in range(4)])
 
 
+def slot_order(packing: str) -> list[int]:
+    """K position of each 2-bit slot of a block's words, -1 for a padding slot."""
+    order = storage_order(packing)
+    if packing == "tq2":
+        return order
+    qs = [order[15 * i + s] if s < 15 else -1 for i in range(16) for s in range(16)]  # bytes 3i..3i+2, byte-major
+    return qs + order[240:]
+
+
 @cache
 def _x_order(packing: str, nb: int) -> mx.array:
-    block = mx.array(storage_order(packing), mx.int32)
-    return (mx.arange(nb, dtype=mx.int32)[:, None] * BLOCK + block).reshape(-1)
+    """Indices into x padded to nb * 256 + 1 values (the last a zero) that put x in slot order, whole groups."""
+    block = mx.array(slot_order(packing), mx.int32)
+    idx = mx.where(block < 0, nb * BLOCK, mx.arange(nb, dtype=mx.int32)[:, None] * BLOCK + block).reshape(-1)
+    pad = -idx.size % AFFINE_GROUP
+    return mx.concatenate([idx, mx.full((pad,), nb * BLOCK, mx.int32)]) if pad else idx
 
 
 _TQ2_SHIFTS = 2 * mx.arange(16, dtype=mx.uint32)
-_POW3_DIGITS = mx.array([1, 3, 9, 27, 81], mx.uint32)
 
 
 @mx.compile
-def _decode_tq2(words: mx.array) -> mx.array:
-    """tq2 read as little-endian uint32 words: value i of a word is bits 2i..2i+1, which is byte-major storage
-    order (MLX's CPU backend runs this several times faster on words than on bytes)."""
+def _tq1_codes(packed: mx.array) -> mx.array:
+    """Each tq1 byte's 5 digits as 2-bit slots of a uint32, first digit lowest (one fused pass over contiguous
+    bytes; the words are assembled from it by strided slices, which is several times faster than fusing both)."""
+    b = packed.astype(mx.uint32)
+    return sum(((((b * 3**n) & 255) * 3) >> 8) << (2 * n) for n in range(5))  # digit n = (b 3^n mod 256) 3 >> 8
+
+
+def words(packed: mx.array, packing: str) -> mx.array:
+    """The codes as 2-bit slots in uint32 words [N, words], slot_order within each block, rows padded with code-1
+    slots to whole AFFINE_GROUPs."""
+    n = packed.shape[0]
+    if packing == "tq2":
+        return packed.view(mx.uint32)
+    c = _tq1_codes(packed).reshape(n, -1, PACKINGS["tq1"])
+    qs = c[..., 0:48:3] | (c[..., 1:48:3] << 10) | (c[..., 2:48:3] << 20) | (1 << 30)  # slot 15: code 1
+    qh = c[..., 48:] & 255  # a qh byte holds 4 digits
+    high = qh[..., 0] | (qh[..., 1] << 8) | (qh[..., 2] << 16) | (qh[..., 3] << 24)
+    w = mx.concatenate([qs, high[..., None]], axis=-1).reshape(n, -1)
+    pad = -w.shape[1] % (AFFINE_GROUP // 16)
+    return mx.concatenate([w, mx.full((n, pad), 0x55555555, mx.uint32)], axis=1) if pad else w
+
+
+@mx.compile
+def _decode_words(words: mx.array) -> mx.array:
+    """Slot i of a word is bits 2i..2i+1 (MLX's CPU backend runs this several times faster on words than bytes)."""
     return ((words[..., None] >> _TQ2_SHIFTS) & 3).astype(mx.float32) - 1.0
 
 
-@mx.compile
-def _decode_tq1(qs: mx.array, qh: mx.array) -> mx.array:
-    def digits(b, n):
-        return ((((b.astype(mx.uint32)[..., None] * _POW3_DIGITS[:n]) & 255) * 3) >> 8).astype(mx.float32) - 1.0
-
-    return mx.concatenate([digits(qs, 5).reshape(*qs.shape[:-1], -1), digits(qh, 4).reshape(*qh.shape[:-1], -1)], -1)
-
-
-def decode_storage_order(packed: mx.array, packing: str) -> mx.array:
-    """Codes as float in storage order, [N, blocks * 256]."""
-    n = packed.shape[0]
-    if packing == "tq2":
-        return _decode_tq2(packed.view(mx.uint32)).reshape(n, -1)
-    blocks = packed.reshape(n, -1, PACKINGS["tq1"])
-    return _decode_tq1(mx.contiguous(blocks[..., :48]), mx.contiguous(blocks[..., 48:])).reshape(n, -1)
-
-
 def mlx_matmul(x: mx.array, w: TernaryWeight, x_scale: mx.array | None = None) -> mx.array:
-    """The pure-MLX path off Metal. Few tokens with tq2: MLX's own 2-bit affine matmul reads the packed bytes as
-    they are (a tq2 byte stream is MLX's 2-bit layout in storage order; code c is scale * c - scale), no copy
-    of the weight. Otherwise: decode in storage order (one fused pass) and a BLAS matmul."""
+    """The pure-MLX path off Metal: the weight as 2-bit words (no copy for tq2), then for few tokens MLX's own
+    2-bit affine matmul on them, otherwise one fused decode to float and a BLAS matmul."""
     out_dtype = mx.float32 if x.dtype == mx.int8 else x.dtype
     nb = w.packed.shape[1] // PACKINGS[w.packing]
-    xf = x.astype(mx.float32)
-    if nb * BLOCK != w.k:
-        xf = mx.pad(xf, [(0, 0)] * (x.ndim - 1) + [(0, nb * BLOCK - w.k)])
+    xf = mx.pad(x.astype(mx.float32), [(0, 0)] * (x.ndim - 1) + [(0, nb * BLOCK - w.k + 1)])
     xs = mx.take(xf, _x_order(w.packing, nb), axis=-1)
-    tokens = x.size // x.shape[-1]
-    if w.packing == "tq2" and tokens <= AFFINE_MAX_TOKENS:
-        scales = mx.broadcast_to(w.scales.astype(mx.float32).reshape(-1, 1), (w.n, nb * BLOCK // 64))
-        y = mx.quantized_matmul(xs, w.packed.view(mx.uint32), scales, -scales, transpose=True, group_size=64, bits=2)
-    elif tokens == 1:  # one row: W @ x streams the decoded weight once (see layers.Linear)
-        y = (decode_storage_order(w.packed, w.packing) @ xs.reshape(-1, 1)).reshape(xs.shape[:-1] + (w.n,))
-        y = y * w.scales.astype(mx.float32)
+    q = words(w.packed, w.packing)
+    scales = w.scales.astype(mx.float32)
+    if x.size // x.shape[-1] <= AFFINE_MAX_TOKENS:
+        s = mx.broadcast_to(scales.reshape(-1, 1), (w.n, xs.shape[-1] // AFFINE_GROUP))
+        y = mx.quantized_matmul(xs, q, s, -s, transpose=True, group_size=AFFINE_GROUP, bits=2)
     else:
-        y = (xs @ decode_storage_order(w.packed, w.packing).T) * w.scales.astype(mx.float32)
+        y = (xs @ _decode_words(q).reshape(w.n, -1).T) * scales
     if x_scale is not None:
         y = y * x_scale.astype(mx.float32)
     return y.astype(out_dtype)

@@ -14,6 +14,8 @@ REGISTRY: dict[str, str] = {
     "llama": "llama",
     "qwen2": "llama",
     "qwen3": "llama",
+    "qwen3_moe": "llama",
+    "mixtral": "llama",
     "bitnet": "bitnet",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",

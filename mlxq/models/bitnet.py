@@ -37,7 +37,7 @@ def packed_linear(config: dict[str, Any]):
 
 
 class Block(nn.Module):
-    def __init__(self, a: llama.Args, rope: RoPE, linear=None):
+    def __init__(self, a: llama.Args, rope: RoPE, linear=None, layer: int = 0):  # (every BitNet layer is alike)
         super().__init__()
         eps = a.rms_norm_eps
         self.self_attn = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, rope,

@@ -86,7 +86,11 @@ class Model(nn.Module):
         x = self.embed(tokens)
         for layer, c in zip(self.model.layers, cache, strict=True):
             x = layer(x, c)
-        logits = self.model.embed_tokens.as_linear(self.model.norm(x))
+        return self.head(self.model.norm(x))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits from the final norm's output (tied embeddings, optionally soft-capped)."""
+        logits = self.model.embed_tokens.as_linear(h)
         if cap := self.args.final_logit_softcapping:
             logits = mx.tanh(logits / cap) * cap
         return logits

@@ -280,7 +280,7 @@ class TernaryLinear(nn.Module):
 
     def cpu_layout(self) -> None:
         """Off Metal, tq1 codes are re-packed as tq2 once: MLX's CPU 2-bit matmul reads tq2 bytes as they are,
-        while tq1's base-3 digits cost a decode pass per call (bench/kernels.py: often slower than dequantizing).
+        while tq1 is re-packed into 2-bit words per call (bench/kernels.py: one token about 1.5-2x tq2's time).
         25 % more memory for the codes, CPU only."""
         if self.packing == "tq1":
             self.weight = ternary.pack(ternary.unpack(self["weight"], self.dim_in, "tq1"), "tq2")

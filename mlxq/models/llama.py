@@ -1,15 +1,19 @@
-"""Llama 2/3 and SmolLM2; Qwen2 (q/k/v bias) and Qwen3 (q/k norm) are the same network with flags."""
+"""Llama 2/3 and SmolLM2; Qwen2 (q/k/v bias) and Qwen3 (q/k norm) are the same network with flags, and so are
+the plain MoE families: Mixtral (Llama attention) and Qwen3-MoE (Qwen3 attention), whose MLPs are routed experts
+(`models/moe.py`) wherever `num_experts` / `decoder_sparse_step` / `mlp_only_layers` put them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxq.engine.cache import KVCache
+from mlxq.engine.cache import KVCache, RotatingKVCache
 from mlxq.models.layers import Attention, BaseArgs, Embedding, GatedMLP, RoPE, rope_settings
+from mlxq.models.moe import SparseMoE, is_moe_layer, set_experts_per_tok, stack_experts
 
 
 @dataclass
@@ -26,21 +30,39 @@ class Args(BaseArgs):
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    # MoE families: Qwen3-MoE names the expert count num_experts, Mixtral num_local_experts
+    num_experts: int = 0
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # Mixtral's experts are intermediate_size wide
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] | None = field(default_factory=list)
+    sliding_window: int | None = None
+    use_sliding_window: bool = True  # Qwen configs carry a window they do not use unless this is set
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        self.num_experts = self.num_experts or self.num_local_experts
+        self.moe_intermediate_size = self.moe_intermediate_size or self.intermediate_size
+        if not self.use_sliding_window or not FAMILY_FLAGS.get(self.model_type, {}).get("sliding"):
+            self.sliding_window = None
 
 
-FAMILY_FLAGS = {  # what distinguishes the families sharing this file
-    "llama": dict(qkv_bias=None, qk_norm=False),
-    "qwen2": dict(qkv_bias=True, qk_norm=False),
-    "qwen3": dict(qkv_bias=None, qk_norm=True),
+# What distinguishes the families sharing this file. norm_topk: whether the kept experts' weights are renormalised
+# (None: the config's norm_topk_prob); sliding: whether a config's sliding_window applies.
+FAMILY_FLAGS = {
+    "llama": dict(qkv_bias=None, qk_norm=False, norm_topk=None, sliding=False),
+    "qwen2": dict(qkv_bias=True, qk_norm=False, norm_topk=None, sliding=False),
+    "qwen3": dict(qkv_bias=None, qk_norm=True, norm_topk=None, sliding=False),
+    "qwen3_moe": dict(qkv_bias=None, qk_norm=True, norm_topk=None, sliding=False),
+    "mixtral": dict(qkv_bias=None, qk_norm=False, norm_topk=True, sliding=True),
 }
 
 
 class Block(nn.Module):
-    def __init__(self, a: Args, rope: RoPE):
+    def __init__(self, a: Args, rope: RoPE, layer: int = 0):
         super().__init__()
         flags = FAMILY_FLAGS[a.model_type]
         bias = a.attention_bias if flags["qkv_bias"] is None else flags["qkv_bias"]
@@ -48,7 +70,12 @@ class Block(nn.Module):
             a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, rope,
             bias=bias, out_bias=a.attention_bias, qk_norm_eps=a.rms_norm_eps if flags["qk_norm"] else None,
         )
-        self.mlp = GatedMLP(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        if is_moe_layer(a, layer):
+            norm_topk = a.norm_topk_prob if flags["norm_topk"] is None else flags["norm_topk"]
+            self.mlp = SparseMoE(a.hidden_size, a.moe_intermediate_size, a.num_experts, a.num_experts_per_tok,
+                                 norm_topk=norm_topk)
+        else:
+            self.mlp = GatedMLP(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.input_layernorm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
 
@@ -61,7 +88,7 @@ class Body(nn.Module):
     def __init__(self, a: Args, rope: RoPE, block):
         super().__init__()
         self.embed_tokens = Embedding(a.vocab_size, a.hidden_size)
-        self.layers = [block(a, rope) for _ in range(a.num_hidden_layers)]
+        self.layers = [block(a, rope, layer=i) for i in range(a.num_hidden_layers)]
         self.norm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
 
 
@@ -84,17 +111,38 @@ class Model(nn.Module):
         x = self.embed(tokens)
         for layer, c in zip(self.model.layers, cache, strict=True):
             x = layer(x, c)
-        x = self.model.norm(x)
+        return self.head(self.model.norm(x))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits from the final norm's output."""
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(x)
-        return self.lm_head(x)
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
 
     def make_cache(self) -> list:
-        return [KVCache() for _ in self.model.layers]
+        window = self.args.sliding_window
+        return [RotatingKVCache(window) if window else KVCache() for _ in self.model.layers]
+
+    def set_experts_per_tok(self, k: int) -> None:
+        set_experts_per_tok(self.model.layers, self.args.num_experts, k)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         # Rotary tables are computed, never loaded; a tied model may still ship lm_head.
-        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        weights = {_canonical_name(k): v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
         if self.args.tie_word_embeddings:
             weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-        return weights
+        return stack_experts(weights) if self.args.num_experts else weights
+
+
+# Mixtral's older checkpoints (and mlx-lm's) name the MoE block and its experts differently
+_RENAMES = [(re.compile(p), r) for p, r in (
+    (r"\.block_sparse_moe\.", ".mlp."), (r"\.switch_mlp\.", ".experts."),
+    (r"(\.experts\.\d+)\.w1\.", r"\1.gate_proj."), (r"(\.experts\.\d+)\.w2\.", r"\1.down_proj."),
+    (r"(\.experts\.\d+)\.w3\.", r"\1.up_proj."),
+)]
+
+
+def _canonical_name(name: str) -> str:
+    for pattern, repl in _RENAMES:
+        name = pattern.sub(repl, name)
+    return name

@@ -8,9 +8,13 @@ through the experts it was routed to. Quantized checkpoints swap in `QuantizedSw
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxq.errors import ConfigError, FormatError
 from mlxq.kernels import kquants
 from mlxq.kernels.activations import sigmoid, silu, silu_glu
 from mlxq.models.layers import GatedMLP, Linear
@@ -67,6 +71,19 @@ class QuantizedSwitchLinear(nn.Module):
         )
         if biases:
             self.biases = biases[0]
+
+    @classmethod
+    def empty(cls, n_experts: int, dim_in: int, dim_out: int, group_size: int, bits: int,
+              dtype: mx.Dtype = mx.float16) -> QuantizedSwitchLinear:
+        """Zeroed affine storage of the packed shapes, scales and biases in `dtype` (no float weights are made
+        first: these can be large)."""
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.group_size, q.bits, q.mode, q.num_experts = group_size, bits, "affine", n_experts
+        q.weight = mx.zeros((n_experts, dim_out, dim_in * bits // 32), mx.uint32)
+        q.scales = mx.zeros((n_experts, dim_out, dim_in // group_size), dtype)
+        q.biases = mx.zeros((n_experts, dim_out, dim_in // group_size), dtype)
+        return q
 
     def __call__(self, x: mx.array, experts: mx.array, sorted_indices: bool = False) -> mx.array:
         return mx.gather_qmm(
@@ -197,13 +214,68 @@ class SparseMoE(nn.Module):
             self.shared_expert = GatedMLP(dim, shared_hidden, act=silu)
             self.shared_expert_gate = Linear(dim, 1, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """The top-k experts of every token [..., k] and their weights [..., k] (float32)."""
         probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
         experts = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
         weights = mx.take_along_axis(probs, experts, axis=-1)
         if self.norm_topk:
             weights = weights / weights.sum(axis=-1, keepdims=True)
-        y = (self.experts(x, experts) * weights[..., None].astype(x.dtype)).sum(axis=-2)
-        if "shared_expert" in self:
-            y = y + sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return y
+        return experts, weights
+
+    def shared(self, x: mx.array) -> mx.array | None:
+        """The shared expert's contribution (None when the block has none)."""
+        if "shared_expert" not in self:
+            return None
+        return sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        experts, weights = self.route(x)
+        return combine(self.experts(x, experts), weights, self.shared(x))
+
+
+def combine(y: mx.array, weights: mx.array, shared: mx.array | None) -> mx.array:
+    """The experts' outputs y [..., k, dim] weighted and summed, plus the shared expert's."""
+    y = (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+    return y if shared is None else y + shared
+
+
+def is_moe_layer(a: Any, i: int) -> bool:
+    """Whether layer i routes to experts (HF's rule: `num_experts`, `decoder_sparse_step`, `mlp_only_layers`)."""
+    return a.num_experts > 0 and i not in (a.mlp_only_layers or []) and (i + 1) % a.decoder_sparse_step == 0
+
+
+def set_experts_per_tok(layers: list[nn.Module], n_experts: int, k: int) -> None:
+    """Route every token to k experts instead of the configured number (flash-moe ran Qwen3.5-397B at k=4
+    instead of 10); the kept experts' weights are renormalised as the model's router does."""
+    if not n_experts or not 1 <= k <= n_experts:
+        raise ConfigError(f"experts per token: {k} is not in 1..{n_experts}")
+    for layer in layers:
+        if isinstance(layer.mlp, SparseMoE):
+            layer.mlp.top_k = k
+
+
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
+
+
+def stack_experts(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Per-expert tensors (`experts.{e}.gate_proj.weight`) and HF's fused 3-D `experts.gate_up_proj` /
+    `experts.down_proj` -> stacked `experts.{gate,up,down}_proj.weight` [experts, out, in]."""
+    out, groups = {}, {}
+    for name, w in weights.items():
+        if m := _PER_EXPERT.match(name):
+            prefix, e, proj, kind = m.groups()
+            groups.setdefault(f"{prefix}.{proj}.{kind}", {})[int(e)] = w
+        elif name.endswith(".mlp.experts.gate_up_proj"):
+            gate, up = mx.split(w, 2, axis=1)
+            out[name.replace("gate_up_proj", "gate_proj.weight")] = gate
+            out[name.replace("gate_up_proj", "up_proj.weight")] = up
+        elif name.endswith(".mlp.experts.down_proj"):
+            out[name + ".weight"] = w
+        else:
+            out[name] = w
+    for name, per_expert in groups.items():
+        if sorted(per_expert) != list(range(len(per_expert))):
+            raise FormatError(f"tensor '{name}': experts {sorted(per_expert)} are not 0..{len(per_expert) - 1}")
+        out[name] = mx.stack([per_expert[e] for e in range(len(per_expert))])
+    return out

@@ -22,7 +22,7 @@ from mlxq.errors import ConfigError, FormatError
 from mlxq.kernels.activations import exp, sigmoid, silu
 from mlxq.kernels.deltanet import gated_delta_rule
 from mlxq.models.layers import BaseArgs, Embedding, GatedMLP, Linear, RoPE, attention, fuse_linears, rope_settings
-from mlxq.models.moe import SparseMoE
+from mlxq.models.moe import SparseMoE, is_moe_layer, set_experts_per_tok, stack_experts
 
 LAYER_KINDS = ("linear_attention", "full_attention")
 
@@ -69,7 +69,7 @@ class Args(BaseArgs):
             raise ConfigError("config.json: 'linear_num_value_heads' must be a multiple of 'linear_num_key_heads'")
 
     def is_moe(self, i: int) -> bool:
-        return self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+        return is_moe_layer(self, i)
 
 
 # ------------------------------------------------------------------------------------ gated DeltaNet
@@ -330,22 +330,19 @@ class Model(nn.Module):
         x = self.embed(tokens)
         for layer, c in zip(self.model.layers, cache, strict=True):
             x = layer(x, c)
-        x = self.model.norm(x)
+        return self.head(self.model.norm(x))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits from the final norm's output."""
         if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(x)
-        return self.lm_head(x)
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
 
     def make_cache(self) -> list:
         return [RecurrentCache() if layer.is_linear else KVCache() for layer in self.model.layers]
 
     def set_experts_per_tok(self, k: int) -> None:
-        """Route every token to k experts instead of the configured number (flash-moe ran Qwen3.5-397B at
-        k=4 instead of 10); the kept experts' weights are renormalised as the model's router does."""
-        if not 1 <= k <= max(self.args.num_experts, 1) or not self.args.num_experts:
-            raise ConfigError(f"experts per token: {k} is not in 1..{self.args.num_experts}")
-        for layer in self.model.layers:
-            if isinstance(layer.mlp, SparseMoE):
-                layer.mlp.top_k = k
+        set_experts_per_tok(self.model.layers, self.args.num_experts, k)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         weights = {_canonical_name(k): v for k, v in weights.items()}
@@ -356,7 +353,7 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
         weights = _split_fused_in_proj(weights, self.args)
-        weights = _stack_experts(weights)
+        weights = stack_experts(weights)
         # HF checkpoints store the conv as [C, 1, K] and the zero-centred norms as w (applied as 1 + w);
         # mlx-lm checkpoints as [C, K, 1] and 1 + w. The conv layout tells which one this is.
         convs = [v for k, v in weights.items() if k.endswith("conv1d.weight")]
@@ -421,30 +418,4 @@ def _split_fused_in_proj(weights: dict[str, mx.array], a: Args) -> dict[str, mx.
             out[f"{prefix}.in_proj_z.{suffix}"] = parts[3]
         else:
             out[f"{prefix}.in_proj_b.{suffix}"], out[f"{prefix}.in_proj_a.{suffix}"] = parts
-    return out
-
-
-_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
-
-
-def _stack_experts(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Per-expert tensors (`experts.{e}.gate_proj.weight`) and HF's fused 3-D `experts.gate_up_proj` /
-    `experts.down_proj` -> stacked `experts.{gate,up,down}_proj.weight` [experts, out, in]."""
-    out, groups = {}, {}
-    for name, w in weights.items():
-        if m := _PER_EXPERT.match(name):
-            prefix, e, proj, kind = m.groups()
-            groups.setdefault(f"{prefix}.{proj}.{kind}", {})[int(e)] = w
-        elif name.endswith(".mlp.experts.gate_up_proj"):
-            gate, up = mx.split(w, 2, axis=1)
-            out[name.replace("gate_up_proj", "gate_proj.weight")] = gate
-            out[name.replace("gate_up_proj", "up_proj.weight")] = up
-        elif name.endswith(".mlp.experts.down_proj"):
-            out[name + ".weight"] = w
-        else:
-            out[name] = w
-    for name, per_expert in groups.items():
-        if sorted(per_expert) != list(range(len(per_expert))):
-            raise FormatError(f"tensor '{name}': experts {sorted(per_expert)} are not 0..{len(per_expert) - 1}")
-        out[name] = mx.stack([per_expert[e] for e in range(len(per_expert))])
     return out

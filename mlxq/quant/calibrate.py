@@ -64,6 +64,8 @@ class Stats:
     diag: dict[str, mx.array] = field(default_factory=dict)
     hessian_files: dict[str, Path] = field(default_factory=dict)  # site -> safetensors file holding it
     tokens: int = 0
+    # MoE block path -> [experts, experts] tokens routed to both (diagonal: to each), for `--order coactivation`
+    coactivation: dict[str, mx.array] = field(default_factory=dict)
 
     def hessian(self, site: str) -> mx.array | None:
         # read afresh each time: an evaluated Hessian is dropped with its caller's reference
@@ -164,6 +166,30 @@ class _Recorder(nn.Module):
         else:
             self._acc.add(x, args[0] if args else None)
         return y
+
+
+class _Coactivation:
+    """Counts, per pair of experts of one MoE block, the tokens routed to both (its input: the top-k ids)."""
+
+    def __init__(self, n_experts: int):
+        self.counts = mx.zeros((n_experts, n_experts))
+
+    def add(self, x: mx.array, experts: mx.array) -> None:
+        n = self.counts.shape[0]
+        chosen = (experts.reshape(-1, experts.shape[-1])[..., None] == mx.arange(n)).any(axis=1).astype(mx.float32)
+        self.counts = self.counts + chosen.T @ chosen
+        mx.eval(self.counts)
+
+
+def attach_routing(root: nn.Module, prefix: str = "") -> dict[str, _Coactivation]:
+    """Wrap every MoE block's experts under `root` with a co-activation counter; block path -> counter."""
+    from mlxq.models.moe import SparseMoE
+
+    counters = {}
+    for path, module in [(p, m) for p, m in root.named_modules() if isinstance(m, SparseMoE)]:
+        counters[prefix + path] = acc = _Coactivation(module.experts.gate_proj.num_experts)
+        module.experts = _Recorder(module.experts, acc)
+    return counters
 
 
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -280,6 +306,7 @@ def collect(ckpt: Checkpoint, batches: list[list[int]], hessian: bool, out: Path
         source.bind(i)
         mx.eval(layers[i].parameters())
         accs = attach(layers[i], hessian, prefix=f"model.layers.{i}.")
+        routing = attach_routing(layers[i], prefix=f"model.layers.{i}.")
         for b, seq in enumerate(batches):
             hidden[b] = layers[i](hidden[b], caches[b][i])
             caches[b][i] = None
@@ -287,6 +314,7 @@ def collect(ckpt: Checkpoint, batches: list[list[int]], hessian: bool, out: Path
             if progress is not None:
                 progress(len(seq), i)
         keep(accs, f"hessian-{i:05d}.safetensors")
+        stats.coactivation.update({block: acc.counts for block, acc in routing.items()})
         layers[i] = None  # this layer's weights and recorders go
         mx.clear_cache()
     head = _Accumulator(hidden[0].shape[-1], 0, hessian)
@@ -294,6 +322,7 @@ def collect(ckpt: Checkpoint, batches: list[list[int]], hessian: bool, out: Path
         head.add(model.model.norm(h))
     keep({HEAD_SITE: head}, "hessian-head.safetensors")
     mx.save_safetensors(str(out / "diag.safetensors"), stats.diag, metadata={"tokens": str(stats.tokens)})
+    mx.save_safetensors(str(out / "coactivation.safetensors"), stats.coactivation)
     return stats
 
 
@@ -327,6 +356,8 @@ def load(path: Path) -> Stats | None:
     try:
         diag, meta = mx.load(str(path / "diag.safetensors"), return_metadata=True)
         stats = Stats(diag=dict(diag), tokens=int(meta.get("tokens", 0)))
+        if (path / "coactivation.safetensors").exists():  # (statistics cached before it was recorded lack it)
+            stats.coactivation = dict(mx.load(str(path / "coactivation.safetensors")))
         for f in sorted(path.glob("hessian-*.safetensors")):
             stats.hessian_files.update(dict.fromkeys(mx.load(str(f)), f))
     except (OSError, RuntimeError, ValueError):
@@ -345,10 +376,12 @@ def text_key(text: str | None) -> tuple[str, dict[str, str]]:
 
 
 def calibration_stats(
-    ckpt_opener, text: str | None, hessian: bool, n_tokens: int = DEFAULT_TOKENS, seq_len: int = SEQ_LEN, console=None
+    ckpt_opener, text: str | None, hessian: bool, n_tokens: int = DEFAULT_TOKENS, seq_len: int = SEQ_LEN, console=None,
+    coactivation: bool = False,
 ) -> Stats:
     """Statistics for a source, from the cache when present. `ckpt_opener()` opens a fresh float view of the
-    source (the model is loaded from it only when the cache misses)."""
+    source (the model is loaded from it only when the cache misses). `coactivation`: the expert co-activation
+    counts are needed (a cached entry from before they were recorded is a miss)."""
     from mlxq.engine.tokenizer import load_tokenizer
 
     ckpt = ckpt_opener()
@@ -356,6 +389,8 @@ def calibration_stats(
     for want in [True] if hessian else [False, True]:  # statistics with Hessians also serve a diag-only run
         path = cache_path(ckpt, key, n_tokens, seq_len, want)
         cached = load(path) if path.exists() else None
+        if cached is not None and coactivation and not (cached.coactivation or _has_no_experts(cached)):
+            cached = None
         if cached is not None:
             _say(console, f"calibration: cached statistics ({cached.tokens} tokens of {key})")
             return cached
@@ -392,6 +427,10 @@ def calibration_stats(
             shutil.rmtree(tmp, ignore_errors=True)
     _say(console, f"calibration: {stats.tokens} tokens of {key}; statistics cached in {path}")
     return load(path)
+
+
+def _has_no_experts(stats: Stats) -> bool:
+    return all(d.ndim == 1 for d in stats.diag.values())
 
 
 def _say(console, msg: str) -> None:

@@ -69,6 +69,20 @@ def _recipes_help() -> str:
     help="Dtype of unquantized tensors (default float16; bfloat16 sources stay bfloat16).",
 )
 @click.option("--shard-size", default=5.0, show_default=True, type=click.FloatRange(0.01), help="Largest shard, GB.")
+@click.option(
+    "--stream-experts",
+    is_flag=True,
+    help="Write routed experts as expert packs (one file per MoE layer, one aligned block per expert) for "
+    "streaming from SSD (mlxq.load(..., expert_memory=...), --expert-memory).",
+)
+@click.option(
+    "--order",
+    type=click.Choice(["identity", "coactivation"]),
+    default="identity",
+    show_default=True,
+    help="Expert order in the packs: coactivation places experts routed together next to each other "
+    "(measured on the calibration text; the router is permuted to match, the output does not change).",
+)
 @click.option("--report", is_flag=True, help="Afterwards, print perplexity and KL against SRC on held-back text.")
 @click.option(
     "--report-tokens", default=4096, show_default=True, type=click.IntRange(2), help="Tokens scored by --report."
@@ -85,6 +99,8 @@ def quantize(
     method,
     dtype,
     shard_size,
+    stream_experts,
+    order,
     report,
     report_tokens,
 ) -> None:
@@ -109,13 +125,18 @@ def quantize(
         shard_bytes=int(shard_size * 1e9),
         calib_tokens=calib_tokens,
         console=console,
+        stream_experts=stream_experts,
+        order=order,
     )
     click.echo(
         f"{result.out}: {result.quantized}/{result.tensors} tensors quantized ({the_recipe.name}, "
         f"{result.method}), {result.bytes_out / 1e6:.1f} MB, {result.bpw_quantized:.3f} bits per quantized "
         f"weight, {result.bpw:.3f} overall, {result.seconds:.1f} s"
     )
-    if report:
+    if report and stream_experts:
+        console.print("mlxq: --report is skipped for expert packs (evaluate the directory written without "
+                      "--stream-experts: the weights are the same)", highlight=False)
+    elif report:
         from mlxq.eval.command import run as evaluate
         from mlxq.eval.command import show
 

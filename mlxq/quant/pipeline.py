@@ -68,6 +68,7 @@ class Item:
     outputs: list[OutTensor]
     parts: list[tuple[str, int, int]] = field(default_factory=list)  # quantized: (module base, row lo, row hi)
     cols: int = 0  # the weight's input dimension
+    pack: bool = False  # a routed expert written into an expert pack instead of a shard (--stream-experts)
 
 
 @dataclass
@@ -79,7 +80,8 @@ class Plan:
 
     @property
     def outputs(self) -> list[OutTensor]:
-        return [t for item in self.items for t in item.outputs]
+        """The tensors written into shards (everything but packed experts)."""
+        return [t for item in self.items if not item.pack for t in item.outputs]
 
 
 @dataclass
@@ -131,8 +133,9 @@ class ModelShape:
         return recipe.spec(role, where)
 
 
-def plan(ckpt: Checkpoint, recipe: Recipe, dtype: mx.Dtype | None = None) -> Plan:
-    """What each tensor becomes: its role, its spec and the tensors written for it. Reads no weights."""
+def plan(ckpt: Checkpoint, recipe: Recipe, dtype: mx.Dtype | None = None, stream_experts: bool = False) -> Plan:
+    """What each tensor becomes: its role, its spec and the tensors written for it. Reads no weights.
+    `stream_experts`: routed experts go into expert packs (`mlxq.experts`) instead of shards."""
     shape_of = ModelShape.of(ckpt)
     items, unknown = [], []
     for info in ckpt.tensors.infos():
@@ -158,7 +161,7 @@ def plan(ckpt: Checkpoint, recipe: Recipe, dtype: mx.Dtype | None = None) -> Pla
             items.append(Item(name, role, spec, info.nbytes, [OutTensor(name, shape, out_dtype)]))
             continue
         if m := _FUSED_EXPERTS.search(name):
-            prefix = name[: m.start()] + ".experts."
+            prefix = name[: m.start()] + ".switch_mlp."  # mlx-lm's name for stacked experts
             rows = shape[-2]
             parts = (
                 [(prefix + "gate_proj", 0, rows // 2), (prefix + "up_proj", rows // 2, rows)]
@@ -180,8 +183,17 @@ def plan(ckpt: Checkpoint, recipe: Recipe, dtype: mx.Dtype | None = None) -> Pla
                 OutTensor(f"{base}.scales", (*lead, groups), affine.PARAM_DTYPE),
                 OutTensor(f"{base}.biases", (*lead, groups), affine.PARAM_DTYPE),
             ]
-        items.append(Item(name, role, spec, info.nbytes, outputs, parts, shape[-1]))
-    return Plan(items, _quant_config(items, shape_of.model_type), shape_of.tied, unknown)
+        items.append(Item(name, role, spec, info.nbytes, outputs, parts, shape[-1],
+                          stream_experts and role.startswith("expert_")))
+    if stream_experts:
+        unpackable = [it for it in items if it.role and it.role.startswith("expert_")
+                      and it.spec.precision in ("float", "ternary")]
+        if unpackable:
+            raise InvalidRequest(f"--stream-experts: expert tensor '{unpackable[0].name}' would be "
+                                 f"{unpackable[0].spec.precision} (packs hold affine-quantized experts; pick a recipe "
+                                 "that quantizes them to 2..8 bits)")
+    return Plan(items, _quant_config([it for it in items if not it.pack], shape_of.model_type), shape_of.tied,
+                unknown)
 
 
 def _fit_group(spec: Spec, cols: int) -> Spec:
@@ -234,9 +246,13 @@ def quantize(
     calib_tokens: int = DEFAULT_TOKENS,
     console=None,
     progress: bool = True,
+    stream_experts: bool = False,
+    order: str = "identity",
 ) -> Result:
     """Quantize checkpoint `src` (any name mlxq opens) into a new mlx-lm directory `out`.
-    `calibrate`: None (no calibration), "" or "default" (the pinned corpus) or a text file."""
+    `calibrate`: None (no calibration), "" or "default" (the pinned corpus) or a text file.
+    `stream_experts`: routed experts go into expert packs (`mlxq.experts.pack`), in `order` ("identity", or
+    "coactivation": renumbered by co-activation on the calibration text, the default corpus when none is given)."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -245,6 +261,8 @@ def quantize(
     if method == "gptq" and calibrate is None:
         raise InvalidRequest("--method gptq needs calibration text (--calibrate)")
     method = (AUTO_CALIBRATED if calibrate is not None else AUTO_PLAIN) if method == "auto" else method
+    if order != "identity" and not stream_experts:
+        raise InvalidRequest(f"--order {order} orders expert packs: it needs --stream-experts")
     out = Path(out).expanduser()
 
     def opener() -> Checkpoint:
@@ -252,7 +270,7 @@ def quantize(
 
     ckpt = opener()
     _check_paths(ckpt, out)
-    the_plan = plan(ckpt, recipe, dtype)
+    the_plan = plan(ckpt, recipe, dtype, stream_experts)
     if the_plan.unknown:
         console.print(
             f"mlxq: {len(the_plan.unknown)} tensors have no known role and are kept as they are "
@@ -263,9 +281,12 @@ def quantize(
     if recipe.warning and not trained_ternary and any(it.spec.precision == "ternary" for it in the_plan.items):
         _warn_ternary(console, recipe.warning)
     stats = None
-    if calibrate is not None and method != "rtn":
-        stats = calibration_stats(opener, calibrate, hessian=method == "gptq", n_tokens=calib_tokens, console=console)
+    routing = order == "coactivation"  # the calibration pass also records which experts are routed together
+    if (calibrate is not None and method != "rtn") or routing:
+        stats = calibration_stats(opener, calibrate if calibrate is not None else "default", hessian=method == "gptq",
+                                  n_tokens=calib_tokens, console=console, coactivation=routing)
         ckpt = opener()  # the calibration model consumed the lazy tensors it loaded
+    calibrated = stats is not None and method != "rtn"
 
     _make_parent(out)
     _clear_stale(out)
@@ -275,8 +296,14 @@ def quantize(
     try:
         tmp.mkdir()
         writer = ShardWriter(tmp, the_plan.outputs, shard_bytes)
+        packs = None
+        if stream_experts:
+            from mlxq.experts.write import PackSink
+
+            top_k = int(text_config(ckpt.config).get("num_experts_per_tok") or 1)
+            packs = PackSink(tmp, the_plan, order, stats.coactivation if routing else None, top_k)
         try:
-            _stream(ckpt, the_plan, writer, method, stats, console, progress)
+            _stream(ckpt, the_plan, writer, method, stats if calibrated else None, console, progress, packs)
         finally:
             writer.abort()
         writer.close()
@@ -287,9 +314,11 @@ def quantize(
         config["mlxq_quantization"] = {
             "recipe": recipe.name,
             "method": method,
-            "calibration": (None if stats is None else {"text": calibrate or "default", "tokens": stats.tokens}),
+            "calibration": ({"text": calibrate or "default", "tokens": stats.tokens} if calibrated else None),
             "overrides": dict(recipe.overrides),
         }
+        if packs is not None:
+            config["mlxq_experts"] = packs.close(text_config(ckpt.config))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _publish(tmp, out)
     except BaseException:
@@ -322,11 +351,14 @@ def progress_bar(console, label: str, items: list, enabled: bool = True):
 
 
 def _stream(
-    ckpt: Checkpoint, the_plan: Plan, writer: ShardWriter, method: str, stats: Stats | None, console, progress: bool
+    ckpt: Checkpoint, the_plan: Plan, writer: ShardWriter, method: str, stats: Stats | None, console, progress: bool,
+    packs=None,
 ) -> None:
     with progress_bar(console, "quantizing", the_plan.items, progress) as advance:
         for item in the_plan.items:
             w = ckpt.tensors[item.name]
+            if packs is not None and item.role == "router":
+                w = packs.permute_router(item, w)
             if not item.spec.quantized:
                 writer.write(item.name, w.astype(item.outputs[0].dtype))
             else:
@@ -338,6 +370,9 @@ def _stream(
                         writer.write(f"{base}.scales", t.scales)
                         continue
                     q = _quantize(item.name, part, item.spec, method, stats, the_plan.tied)
+                    if item.pack:
+                        packs.add(item, base, q.weight, q.scales, q.biases, item.spec)
+                        continue
                     for suffix, array in (("weight", q.weight), ("scales", q.scales), ("biases", q.biases)):
                         writer.write(f"{base}.{suffix}", array)
             del w
@@ -362,7 +397,7 @@ def _result(the_plan: Plan, out: Path, method: str, recipe: Recipe, seconds: flo
     q_bytes = sum(t.nbytes for it in q_items for t in it.outputs)
     q_params = sum(_numel(it.outputs[0].shape[:-1]) * it.cols for it in q_items)
     params = sum(_numel(t.shape) for it in the_plan.items if not it.spec.quantized for t in it.outputs) + q_params
-    out_bytes = sum(t.nbytes for t in the_plan.outputs)
+    out_bytes = sum(t.nbytes for it in the_plan.items for t in it.outputs)  # packed experts included
     return Result(
         out,
         len(the_plan.items),

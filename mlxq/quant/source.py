@@ -23,6 +23,10 @@ from mlxq.kernels import ternary
 PATH_REWRITES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^model\.language_model\."), "model."),
     (re.compile(r"^language_model\.model\."), "model."),
+    (re.compile(r"\.block_sparse_moe\."), ".mlp."),  # Mixtral
+    (re.compile(r"(\.experts\.\d+)\.w1$"), r"\1.gate_proj"),
+    (re.compile(r"(\.experts\.\d+)\.w2$"), r"\1.down_proj"),
+    (re.compile(r"(\.experts\.\d+)\.w3$"), r"\1.up_proj"),
     (re.compile(r"\.switch_mlp\."), ".experts."),
     (re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)$"), r".experts.\1"),
 ]

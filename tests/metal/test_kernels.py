@@ -105,7 +105,9 @@ def test_deltanet_step_matches_reference(shape):
 
 
 # ---------------------------------------------------------------------------------------------- K-quants
-GGUF_D_BYTES = {"Q6_K": [208], "Q3_K": [108], "Q2_K": [80, 82]}  # where each block keeps its float16 scales
+# where each block keeps its float16 scales
+GGUF_D_BYTES = {"Q6_K": [208], "Q3_K": [108], "Q2_K": [80, 82], "IQ4_XS": [0], "IQ2_XXS": [0], "IQ2_XS": [0],
+                "IQ2_S": [0]}
 
 
 def kquant_blocks(kind: str, n: int, k: int, experts: int | None = None, seed: int = 0) -> mx.array:
@@ -165,6 +167,42 @@ def test_kquant_gathered_experts_match_reference(kind):
     assert rel(got.reshape(want.shape), want) <= 1e-5
 
 
+def moe_routing(tokens: int, top_k: int, experts: int, seed: int) -> mx.array:
+    """Ragged routing: expert 0 in every token (over one 32-row tile when tokens > 32), the last expert never."""
+    rng = np.random.default_rng(seed)
+    others = np.stack([rng.permutation(np.arange(1, experts - 1))[: top_k - 1] for _ in range(tokens)])
+    return mx.array(np.concatenate([np.zeros((tokens, 1), np.int64), others], axis=1))
+
+
+@pytest.mark.parametrize("kind", sorted(kquants_metal.TYPES))
+@pytest.mark.parametrize("sorted_indices", [False, True], ids=["unsorted", "sorted"])
+def test_kquant_gathered_gemm_through_the_registry(kind, sorted_indices, monkeypatch):
+    """Prefill MoE through `kquants.gather_matmul(..., backend="metal")` with Metal's launches run by the emulator:
+    35 tokens x top-3 of 6 experts (expert 0: 35 rows, two tiles; expert 5: none; the rest ragged), 20 output
+    rows (under one 32-column tile), K = 512; then mlx-lm's sorted form (pairs sorted by expert, one row each)."""
+    from mlxq.kernels import metal
+
+    blocks = kquant_blocks(kind, 20, 512, experts=6)
+    x = mx.array(np.random.default_rng(3).normal(size=(35, 1, 1, 512)).astype(np.float32))
+    indices = moe_routing(35, 3, 6, seed=3)
+    if sorted_indices:
+        order = mx.argsort(indices.reshape(-1))
+        x, indices = mx.broadcast_to(x, (35, 3, 1, 512)).reshape(-1, 1, 512)[order], indices.reshape(-1)[order]
+    want = kquants.gather_matmul(x, blocks, kind, indices, sorted_indices, backend="reference")
+    monkeypatch.setattr(kquants, "_BACKENDS", {})
+    kquants_metal.register()
+    launches = []
+    for schedule in SCHEDULES if kind == "Q3_K" else SCHEDULES[2:3]:
+        def emulated(launch, schedule=schedule):
+            launches.append(launch.kernel.name)
+            return [mx.array(a) for a in emulate(launch, schedule)]
+
+        monkeypatch.setattr(metal, "run", emulated)
+        got = kquants.gather_matmul(x, blocks, kind, indices, sorted_indices, backend="metal")
+        assert got.shape == want.shape and rel(got, want) <= 1e-5, schedule
+    assert set(launches) == {"kquant_gemm"}
+
+
 # ---------------------------------------------------------------------------------- source and clang
 def all_launches():
     cases = {}
@@ -185,6 +223,9 @@ def all_launches():
         cases[f"kquant-{kind}-gemv-half"] = kquants_metal.gemv_launch(mx.ones((9, 256), mx.float16), blocks, kind,
                                                                       mx.zeros((9,)))
         cases[f"kquant-{kind}-gemm"] = kquants_metal.gemm_launch(mx.ones((40, 256)), blocks, kind)
+        experts = kquant_blocks(kind, 8, 256, experts=9)
+        cases[f"kquant-{kind}-gemm-experts"] = kquants_metal.gemm_launch(
+            mx.ones((40, 256)), experts, kind, mx.array([0, 0, 5, 5, 33, 33, 33, 38, 40, 40]))
     return cases
 
 
@@ -219,3 +260,8 @@ def test_kernels_on_metal_match_reference():
         for rows in (x[:1], x):
             want = kquants.matmul(rows, blocks, kind, backend="reference")
             assert rel(kquants.matmul(rows, blocks, kind), want) <= 1e-5
+        blocks, x, indices = kquant_blocks(kind, 20, 512, experts=6), mx.random.normal((35, 1, 1, 512)), moe_routing(
+            35, 3, 6, seed=3)
+        for pairs in (slice(0, 2), slice(None)):  # the gathered GEMV (2 pairs), the gathered GEMM (105)
+            want = kquants.gather_matmul(x[pairs], blocks, kind, indices[pairs], backend="reference")
+            assert rel(kquants.gather_matmul(x[pairs], blocks, kind, indices[pairs]), want) <= 1e-5

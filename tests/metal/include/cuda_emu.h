@@ -6,6 +6,7 @@
 
 #define __global__
 #define __device__
+#define __constant__
 #define __forceinline__ inline
 #define __grid_constant__
 #define threadIdx (mlxq_emu::me().thread_position_in_threadgroup)

@@ -1,0 +1,461 @@
+"""MoE experts streamed from SSD: mlxq vs mlx-lm on the same quantized weights under the same memory cap.
+
+A synthetic Qwen3.5-MoE with Qwen3.5-397B-A17B's proportions, scaled down (widths / 4, 512 experts a layer; the
+quick run: widths / 8, fewer layers and experts), its routed experts 2-bit, so that the expert packs are at least
+4x the budget. One run measures:
+
+1. the device's read rate at the expert size with O_DIRECT (random one-expert reads, as many in flight as the
+   reader uses): the ceiling;
+2. mlxq's read rate while decoding (bytes over the time at least one read was in flight), as a share of (1);
+3. decode tok/s of mlxq streaming at 25 % of the experts' memory vs mlx-lm loading the directory `mlxq quantize`
+   writes without --stream-experts, both in one memory cgroup (v1 `memory.limit_in_bytes`, which counts the page
+   cache; v2 `memory.max`) capped at what mlxq needs (resident weights + budget + margin); where mlx-lm cannot run
+   at the cap that is recorded, and it is also measured without a cap;
+4. hit rate and tok/s at 25 / 50 / 100 % of the experts, identity vs co-activation order, prefetch off vs on, on
+   random tokens (routing follows the token, so it is close to uniform: the budget decides the hits), and on text
+   at 25 % (skewed routing);
+
+and projects the measured bytes per token and hit rates to Qwen3.5-397B-A17B on a 5.5 GB/s Mac SSD, beside
+flash-moe's 5.5-5.7 tok/s (2-bit experts, 4 per token, M3 Max).
+
+Every model runs in its own process (cold: pack reads bypass the page cache; the mlx-lm directory's pages are
+dropped before each run) through the same loop: model(tokens, cache), one token at a time, float32 compute on the
+CPU for both (mlx-lm's float16 is many times slower on x86 and would flatter us). Decode steps are teacher-forced:
+each step's input is the next token of a fixed text, not the model's own choice, because a random model's greedy
+output repeats one token and would route to the same experts every step (flattering every cache). The memory cap
+is what mlxq's own 25 % run was charged at most (a measuring cgroup's peak, page cache included), plus 10 %.
+
+    python bench/experts.py [--quick] [--top-k 4] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import RESULTS, write_result  # noqa: E402
+from mlxq.bench.synthetic import QWEN35_397B, scaled  # noqa: E402
+
+SHAPES = {
+    # 12 layers x 512 experts of 240 KiB (Qwen3.5-397B's 3.75 MiB / 16): 1.5 GB of packs
+    "full": scaled(QWEN35_397B, width=4, layers=12, experts=512),
+    # 8 layers x 256 experts of 60 KiB: 126 MB of packs
+    "quick": scaled(QWEN35_397B, width=8, layers=8, experts=256),
+}
+MAC_SSD = 5.5e9  # bytes/s: the projection's device
+FLASH_MOE = {"tok_s": [5.5, 5.7], "bits": 2, "top_k": 4, "machine": "MacBook Pro M3 Max, 48 GB",
+             "non_io_ms_per_layer": 1.22 + 0.55 + 0.04 + 0.01,  # its README's per-layer pipeline, minus the pread
+             "page_cache_hit_rate": 0.71}
+CAP_SLACK = 1.10  # the cap: what mlxq's 25 % run was charged (its cgroup's peak, page cache included), plus 10 %
+
+
+# ------------------------------------------------------------------------------------------------ one run
+# A child process: load, prefill, greedy decode; prints one JSON line. Same loop for mlxq and mlx-lm.
+CHILD = r"""
+import json, re, sys, time
+import mlx.core as mx
+a = json.loads(sys.argv[1])
+
+def rss(key):
+    return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+out = {}
+t0 = time.perf_counter()
+if a["peer"] == "mlx_lm":
+    import mlx_lm
+    from mlx_lm.models.cache import make_prompt_cache
+    model, _ = mlx_lm.load(a["path"])
+    model.set_dtype(mx.float32)  # the same float32 compute mlxq does on the CPU
+    if a["top_k"]:
+        for _, m in model.named_modules():
+            if hasattr(m, "switch_mlp") and hasattr(m, "top_k"):
+                m.top_k = a["top_k"]
+    cache = make_prompt_cache(model)
+    step = lambda toks: model(mx.array([toks]), cache=cache)
+    stats = lambda: None
+else:
+    import mlxq
+    m = mlxq.load(a["path"], expert_memory=a.get("budget"), experts_per_tok=a["top_k"] or None,
+                  expert_options=a.get("options"))
+    cache = m.make_cache()
+    step = lambda toks: m.net(mx.array([toks]), cache)
+    stats = m.expert_stats
+    pool = getattr(m.net, "expert_pool", None)
+    out["pool_bytes"] = pool.nbytes if pool is not None else 0
+out["load_s"] = time.perf_counter() - t0
+out["rss_loaded"] = rss("VmRSS")
+t0 = time.perf_counter()
+token = int(mx.argmax(step(a["prompt"])[0, -1]))
+out["prefill_s"] = time.perf_counter() - t0
+before, tokens = stats(), [token]
+t0 = time.perf_counter()
+for forced in a["forced"]:  # one token a step, the next one taken from a text (see the docstring)
+    token = int(mx.argmax(step([forced])[0, -1]))
+    tokens.append(token)
+out["decode_s"] = time.perf_counter() - t0
+out["decode_tps"] = len(a["forced"]) / out["decode_s"]
+if before is not None:
+    out["experts"] = (stats() - before).as_dict()
+out["peak_rss"] = rss("VmHWM")
+out["tokens"] = tokens
+print(json.dumps(out))
+"""
+
+
+class Cgroup:
+    """A memory cgroup for child processes (v1 here: memory.limit_in_bytes, page cache included; v2: memory.max).
+    With no limit it only measures: `peak()` is what its processes were charged at most (RSS overstates that:
+    shared libraries already in the page cache are charged to whoever loaded them first)."""
+
+    def __init__(self, limit: int | None, name: str = "capped"):
+        self.limit, self.path, self.v2 = limit, None, False
+        v1 = Path("/sys/fs/cgroup/memory")
+        v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+        try:
+            if v1.is_dir():
+                self.path = v1 / f"mlxq-bench-experts-{os.getpid()}-{name}"
+                self.path.mkdir()
+                if limit is not None:
+                    (self.path / "memory.limit_in_bytes").write_text(str(limit))
+            elif v2.exists() and "memory" in v2.read_text():
+                self.v2 = True
+                self.path = Path("/sys/fs/cgroup") / f"mlxq-bench-experts-{os.getpid()}-{name}"
+                self.path.mkdir()
+                if limit is not None:
+                    (self.path / "memory.max").write_text(str(limit))
+        except OSError as e:
+            print(f"bench: no memory cgroup ({e}); capped runs will not be capped", file=sys.stderr)
+            self.path = None
+
+    def peak(self) -> int | None:
+        if self.path is None:
+            return None
+        return int((self.path / ("memory.peak" if self.v2 else "memory.max_usage_in_bytes")).read_text())
+
+    def enter(self) -> None:  # in the child, before exec
+        if self.path is not None:
+            (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def oom_kills(self) -> int:
+        if self.path is None:
+            return 0
+        f = self.path / ("memory.events" if self.v2 else "memory.oom_control")
+        for line in f.read_text().splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        return 0
+
+    def close(self) -> None:
+        if self.path is not None:
+            for _ in range(50):
+                try:
+                    self.path.rmdir()
+                    return
+                except OSError:
+                    time.sleep(0.1)
+
+
+REPEAT = 1  # runs per configuration (set by --repeat); the fastest is kept: the machine is shared and busy
+
+
+def run(args: dict, cgroup: Cgroup | None = None, repeat: int | None = None) -> dict:
+    """The configuration run `repeat` (REPEAT) times; the fastest run, with every run's tok/s."""
+    runs = [run_once(args, cgroup) for _ in range(repeat or REPEAT)]
+    ok = [r for r in runs if r["ok"]]
+    if not ok:
+        return runs[-1]
+    best = max(ok, key=lambda r: r["decode_tps"])
+    return {**best, "decode_tps_runs": [round(r["decode_tps"], 3) for r in ok]}
+
+
+def run_once(args: dict, cgroup: Cgroup | None = None, timeout: float = 1800) -> dict:
+    from mlxq.experts.io import drop_cached
+
+    for f in Path(args["path"]).rglob("*"):  # cold start: nothing of this model in the page cache
+        if f.is_file():
+            drop_cached(f)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    kills = cgroup.oom_kills() if cgroup else 0
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, preexec_fn=cgroup.enter if cgroup else None)
+    if done.returncode != 0:
+        oom = cgroup is not None and cgroup.oom_kills() > kills
+        why = (f"killed by the memory cgroup (OOM) at {cgroup.limit / 1e9:.2f} GB" if oom
+               else f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
+        return {"ok": False, "error": why}
+    return {"ok": True, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+# ------------------------------------------------------------------------------------------------ models
+def prepare(work: Path, shape, coactivation: bool) -> dict[str, Path]:
+    """Source, the mlx-lm directory, the packs (and the co-activation-ordered packs), reused when present."""
+    from mlxq.bench.synthetic import write_moe
+    from mlxq.quant.pipeline import quantize
+    from mlxq.quant.recipes import RECIPES
+
+    stamp = work / "shape.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != shape.__dict__:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(shape.__dict__))
+    paths = {"src": work / "src", "mlx": work / "mlx-lm", "packs": work / "packs"}
+    if coactivation:
+        paths["packs_coact"] = work / "packs-coactivation"
+    recipe = RECIPES["experts-2bit"]
+    timings = {}
+    if not paths["src"].exists():
+        t0 = time.perf_counter()
+        write_moe(paths["src"], shape)
+        timings["synthesize_s"] = time.perf_counter() - t0
+    for key, kw in (("mlx", {}), ("packs", {"stream_experts": True}),
+                    ("packs_coact", {"stream_experts": True, "order": "coactivation", "calib_tokens": 4096})):
+        if key in paths and not paths[key].exists():
+            t0 = time.perf_counter()
+            quantize(str(paths["src"]), paths[key], recipe, progress=False, **kw)
+            timings[f"quantize_{key}_s"] = time.perf_counter() - t0
+    return paths, timings
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller model, fewer configurations (about 2 minutes)")
+    p.add_argument("--top-k", type=int, default=4, help="experts per token (flash-moe's 2-bit run used 4)")
+    p.add_argument("--tokens", type=int, default=None, help="decode tokens per run")
+    p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 4),
+                   help="reader threads, and reads in flight for the raw rate (default: min(4, cores))")
+    p.add_argument("--repeat", type=int, default=None, help="runs per configuration, fastest kept (quick 1, else 2)")
+    p.add_argument("--keep", action="store_true", help="keep the generated models (cache dir) for another run")
+    args = p.parse_args()
+    global REPEAT
+    REPEAT = args.repeat or (1 if args.quick else 2)
+
+    from mlxq.experts.io import measure_read_rate
+    from mlxq.experts.pack import open_pack_dir
+    from mlxq.formats.fetch import cache_dir
+
+    mode = "quick" if args.quick else "full"
+    shape = SHAPES[mode]
+    work = cache_dir() / "bench" / f"experts-{mode}"
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+    paths, prep = prepare(work, shape, coactivation=not args.quick)
+    packs = open_pack_dir(paths["packs"])
+    n_tokens = args.tokens or (24 if args.quick else 40)
+    rng = random.Random(0)
+    noise = [rng.randrange(3, shape.vocab) for _ in range(32 + n_tokens)]
+    text = text_ids(paths["packs"], 32 + n_tokens)
+    workloads = {"random": {"prompt": noise[:32], "forced": noise[32:]},
+                 "text": {"prompt": text[:32], "forced": text[32:]}}
+    base = {"top_k": args.top_k, **workloads["random"]}
+    opts = {"threads": args.threads}
+
+    # 1. the ceiling
+    raw = measure_read_rate(packs, threads=args.threads, seconds=2.0 if args.quick else 5.0)
+    raw_1 = measure_read_rate(packs, threads=1, seconds=1.0 if args.quick else 3.0)
+    print(f"raw device: {raw['gb_per_s']:.3f} GB/s at {raw['read_bytes'] / 1e3:.0f} KB reads, {args.threads} in "
+          f"flight ({raw_1['gb_per_s']:.3f} GB/s one at a time), O_DIRECT {raw['direct']}", file=sys.stderr)
+
+    # 4. budgets x order x prefetch on random tokens (near-uniform routing: the budget decides the hits), and text
+    # (skewed routing) at 25 %. The headline 25 % run goes in a measuring cgroup: what it needs sets the cap.
+    probe = Cgroup(None, "probe")
+    configs = [("random", "identity", 25, False), ("random", "identity", 25, True), ("text", "identity", 25, False)]
+    if not args.quick:
+        configs = [("random", order, budget, prefetch) for order in ("identity", "coactivation")
+                   for budget in (25, 50, 100) for prefetch in (False, True)]
+        configs += [("text", order, 25, False) for order in ("identity", "coactivation")]
+    matrix = []
+    for workload, order, budget, prefetch in configs:
+        path = paths["packs" if order == "identity" else "packs_coact"]
+        headline = (workload, order, budget, prefetch) == ("random", "identity", 25, False)
+        r = run({**base, **workloads[workload], "peer": "mlxq", "path": str(path), "budget": f"{budget}%",
+                 "options": {**opts, "prefetch": prefetch}}, probe if headline else None, repeat=1)
+        r.update(workload=workload, budget_pct=budget, order=order, prefetch=prefetch)
+        matrix.append(show(f"mlxq {workload} {order} {budget}% prefetch {'on' if prefetch else 'off'}", r))
+    headline = matrix[0]
+
+    # 3. the same memory cap for mlxq (25 %) and mlx-lm: what mlxq's 25 % run was charged, plus 10 %
+    need = probe.peak() or headline["peak_rss"]
+    probe.close()
+    cap = int(need * CAP_SLACK)
+    cgroup = Cgroup(cap)
+    try:
+        ours_capped = show("mlxq 25% capped", run({**base, "peer": "mlxq", "path": str(paths["packs"]),
+                                                   "budget": "25%", "options": opts}, cgroup))
+        theirs_capped = show("mlx-lm capped", run({**base, "peer": "mlx_lm", "path": str(paths["mlx"])}, cgroup))
+    finally:
+        cgroup.close()
+    theirs = show("mlx-lm uncapped", run({**base, "peer": "mlx_lm", "path": str(paths["mlx"])}))
+    resident = {"ok": False, "error": "not run (--quick)"} if args.quick else show(
+        "mlxq resident", run({**base, "peer": "mlxq", "path": str(paths["mlx"])}))
+
+    # the headline figures, from the capped 25 % run
+    e = ours_capped.get("experts", {}) if ours_capped["ok"] else {}
+    projection = project(matrix, raw, args.top_k)
+    result = {
+        "mode": mode,
+        "model": {**shape.__dict__, "expert_bytes": next(iter(packs.layers.values())).payload,
+                  "packs_bytes": sum(lp.stride * lp.n_experts for lp in packs.layers.values()),
+                  "scaled_from": f"Qwen3.5-397B-A17B (widths and head counts / {QWEN35_397B.hidden // shape.hidden})"},
+        "top_k": args.top_k,
+        "decode_tokens": n_tokens,
+        "decode": "teacher-forced: each step's input is the next token of the workload (random: uniformly drawn "
+                  "token ids; text: held-back Wikipedia), not the model's own choice",
+        "raw_read": raw,
+        "raw_read_one_in_flight": raw_1,
+        "memory_cap_bytes": cap,
+        "memory_cap_from": "mlxq 25 % run's cgroup peak (memory.max_usage_in_bytes) x 1.1",
+        "capped": {"mlxq_25pct": ours_capped, "mlx_lm": theirs_capped},
+        "uncapped": {"mlx_lm": theirs, "mlxq_resident": resident},
+        "matrix": matrix,
+        "prepare": prep,
+        "projection_397b": projection,
+        "seconds": time.perf_counter() - t_start,
+        "load_average": [load_start, os.getloadavg()],  # other work on the machine: busy runs are noisier
+        "ratios": {
+            "read_rate_vs_raw": _ratio(e.get("read_gb_per_s"), raw["gb_per_s"]),
+            "read_rate_vs_raw_one_in_flight": _ratio(e.get("read_gb_per_s"), raw_1["gb_per_s"]),
+            "decode_vs_mlx_lm_at_cap": (_ratio(ours_capped.get("decode_tps"), theirs_capped.get("decode_tps"))
+                                        if theirs_capped["ok"] else None),
+            "decode_vs_mlx_lm_uncapped": _ratio(ours_capped.get("decode_tps"), theirs.get("decode_tps")),
+            "decode_vs_mlxq_resident": _ratio(ours_capped.get("decode_tps"), resident.get("decode_tps")),
+            "bytes_per_token_vs_all_miss": _ratio(e.get("bytes_per_token"),
+                                                  len(packs.layers) * args.top_k * _stride(packs)),
+        },
+        "notes": [
+            "mlx-lm at the cap: " + ("ran" if theirs_capped["ok"] else theirs_capped["error"]),
+            "synthetic routing follows the token: on random tokens it is close to uniform (the pessimistic case); on "
+            "text it is skewed, but a character vocabulary gives a small working set (real models: flash-moe saw 71 % "
+            "page-cache hits on Qwen3.5-397B)",
+            "hit rates count from an empty pool over the prompt and the decode steps: a budget that holds every expert "
+            "those tokens touch evicts nothing, so such budgets show the same hits (first uses miss at any budget)",
+            "prefetch: an expert read ahead for the next layer and then routed to counts as a hit (prefetch_hits); it "
+            "moves reads off the critical path (stall_s) rather than saving bytes",
+            "read rate while decoding = bytes / time with at least one read in flight; raw = random one-expert "
+            "O_DIRECT reads, as many in flight as the reader has threads (and one at a time)",
+            f"the machine may be shared (load_average: at the start and at the end): the capped, uncapped and "
+            f"resident runs ran {REPEAT}x, the matrix once; the fastest is kept (decode_tps_runs lists them)",
+        ],
+    }
+    for case in projection["cases"]:
+        print(f"397B projection, {case['label']}: {case.get('arithmetic_full_rate')}", file=sys.stderr)
+    plot(result, RESULTS / "experts.png")
+    result["plot"] = str(RESULTS / "experts.png")
+    if not args.keep and not args.quick:
+        shutil.rmtree(work, ignore_errors=True)
+    write_result("experts", result)
+
+
+def show(name: str, r: dict) -> dict:
+    if not r["ok"]:
+        print(f"{name}: {r['error']}", file=sys.stderr)
+        return r
+    e = r.get("experts")
+    print(f"{name}: {r['decode_tps']:.2f} tok/s, peak RSS {r['peak_rss'] / 1e9:.2f} GB" + (
+        f"; hit {100 * e['hit_rate']:.1f}% ({e['prefetch_hits']} prefetched), {e['bytes_per_token'] / 1e6:.2f} "
+        f"MB/token, read {e['read_gb_per_s']:.3f} GB/s, {e['experts_per_read']:.2f} experts/read, stall "
+        f"{e['stall_s']:.2f} s" if e else ""), file=sys.stderr)
+    return r
+
+
+def text_ids(model_dir: Path, n: int) -> list[int]:
+    """n token ids of held-back Wikipedia text (pinned, cached), in the synthetic model's character vocabulary."""
+    from mlxq.engine.tokenizer import load_tokenizer
+    from mlxq.eval.texts import heldout_text
+
+    ids = load_tokenizer(model_dir, None, None).encode(heldout_text()[20000:30000])
+    return ids[:n]
+
+
+def _stride(packs) -> int:
+    return next(iter(packs.layers.values())).stride
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+
+def project(matrix: list[dict], raw: dict, top_k: int) -> dict:
+    """Qwen3.5-397B-A17B on a 5.5 GB/s Mac SSD: its experts (3.93 MB at 2 bits) missed at the measured rates, read
+    at the measured share of the device's rate (and at the full rate: a 3.9 MB read keeps an SSD busier than the
+    small reads measured here), after flash-moe's measured per-token compute (its M3 Max GPU time, I/O excluded),
+    serially as flash-moe found best on unified memory."""
+    from mlxq.bench.synthetic import QWEN35_397B as q
+
+    expert = 3 * q.hidden * q.moe_hidden * (2 + 32 / 64) / 8
+    compute = q.layers * FLASH_MOE["non_io_ms_per_layer"] / 1e3
+    out = {"expert_bytes": expert, "layers": q.layers, "top_k": top_k, "ssd_bytes_per_s": MAC_SSD,
+           "compute_s_per_token": compute, "flash_moe": FLASH_MOE, "cases": []}
+    cases = [(f"{r['workload']} tokens, {r['budget_pct']} %", r["experts"]["hit_rate"], r["experts"]["read_gb_per_s"])
+             for r in matrix if r["ok"] and r["order"] == "identity" and not r["prefetch"]]
+    cases.append(("flash-moe's page-cache hit rate on Qwen3.5-397B", FLASH_MOE["page_cache_hit_rate"], None))
+    for label, hit, rate in cases:
+        read = q.layers * top_k * (1 - hit) * expert
+        share = min(rate / raw["gb_per_s"], 1.0) if rate and raw["gb_per_s"] else None
+        case = {"label": label, "hit_rate": round(hit, 4), "bytes_per_token": read, "read_share_measured": share}
+        for key, eff in (("full_rate", 1.0), ("measured_share", share)):
+            if eff:
+                io_s = read / (MAC_SSD * eff)
+                case[f"tok_s_{key}"] = round(1 / (io_s + compute), 2)
+                case[f"arithmetic_{key}"] = (
+                    f"{q.layers} layers x {top_k} experts x (1 - {hit:.3f}) x {expert / 1e6:.2f} MB = "
+                    f"{read / 1e6:.0f} MB/token; / ({MAC_SSD / 1e9:.1f} GB/s x {eff:.2f}) = {io_s * 1e3:.0f} ms; "
+                    f"+ {compute * 1e3:.0f} ms compute = {(io_s + compute) * 1e3:.0f} ms -> {1 / (io_s + compute):.2f} "
+                    "tok/s")
+        out["cases"].append(case)
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib not installed (pip install mlxq[bench]); no plot", file=sys.stderr)
+        return
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for order in ("identity", "coactivation"):
+        for prefetch in (False, True):
+            rows = [r for r in result["matrix"] if r["ok"] and r["workload"] == "random" and r["order"] == order
+                    and r["prefetch"] == prefetch]
+            rows.sort(key=lambda r: r["budget_pct"])
+            if not rows:
+                continue
+            label = f"{order}{', prefetch' if prefetch else ''}"
+            x = [r["budget_pct"] for r in rows]
+            a.plot(x, [r["decode_tps"] for r in rows], "o-", label=label)
+            b.plot(x, [100 * r["experts"]["hit_rate"] for r in rows], "o-", label=label)
+    for name, r, style in (("mlx-lm, all in memory (no cap)", result["uncapped"]["mlx_lm"], "--"),
+                           ("mlxq, all in memory", result["uncapped"]["mlxq_resident"], ":")):
+        if r["ok"]:
+            a.axhline(r["decode_tps"], linestyle=style, color="gray", label=name)
+    a.set(xlabel="expert memory, % of all experts", ylabel="decode tok/s", title="decode speed (random tokens)")
+    b.set(xlabel="expert memory, % of all experts", ylabel="hit rate, %", title="expert hits (random tokens)")
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
+    capped = result["capped"]
+    names = ["raw device\n(O_DIRECT)", "mlxq while\ndecoding"]
+    e = capped["mlxq_25pct"].get("experts", {})
+    c.bar(names, [result["raw_read"]["gb_per_s"], e.get("read_gb_per_s", 0)], color=["gray", "tab:blue"])
+    c.set(ylabel="GB/s", title=f"read rate ({result['raw_read']['read_bytes'] // 1024} KiB experts)")
+    mlx_lm = capped["mlx_lm"]
+    fig.suptitle(f"{result['model']['scaled_from']}, top-{result['top_k']}; cap "
+                 f"{result['memory_cap_bytes'] / 1e9:.2f} GB: mlxq {capped['mlxq_25pct'].get('decode_tps', 0):.2f} "
+                 f"tok/s, mlx-lm " + (f"{mlx_lm['decode_tps']:.2f} tok/s" if mlx_lm["ok"] else "could not run"),
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""`mlxq bench`: measurements a user can run on their own machine (see bench/ for the recorded benchmarks)."""

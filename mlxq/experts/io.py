@@ -1,0 +1,244 @@
+"""Reading expert blocks: positioned reads from a small thread pool into aligned staging buffers.
+
+Honest I/O: on Linux the packs are opened with O_DIRECT (reads bypass the page cache, so a "cold" read really
+comes from the device, and the cache does not grow behind the budget); on macOS with F_NOCACHE. Where the file
+system refuses O_DIRECT (tmpfs), reads fall back to the page cache and `direct` says so. Staging buffers come
+from mmap (page aligned, as O_DIRECT wants); every read starts and ends on the packs' 16 KiB boundaries.
+Adjacent experts are read with one call. Each block's CRC-32 is checked before it is handed on.
+
+Reads are tasks on a queue served by reader threads; a thread that waits for a read nobody has started yet does
+it itself. A layer's single missing expert is then read by the forward pass's own thread, without waking a reader
+(on a busy machine that wake-up alone takes longer than reading an expert), and several are read in parallel.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import queue
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from mlxq.errors import FormatError
+from mlxq.experts.pack import LayerPack, Packs
+
+DEFAULT_THREADS = 4
+MAX_MERGE = 8 << 20  # largest single read when adjacent experts are merged
+
+
+def open_uncached(path: Path, direct: bool = True) -> tuple[int, bool]:
+    """A read-only descriptor that bypasses the page cache where the platform allows; (fd, bypassing)."""
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        except OSError:  # e.g. tmpfs: EINVAL
+            pass
+    fd = os.open(path, os.O_RDONLY)
+    if direct and sys.platform == "darwin":
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
+        return fd, True
+    return fd, False
+
+
+def drop_cached(path: Path) -> None:
+    """Ask the kernel to drop a file's cached pages (between benchmark runs; a no-op where unsupported)."""
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+class _Staging(threading.local):
+    buf: mmap.mmap | None = None
+
+    def get(self, size: int) -> mmap.mmap:
+        if self.buf is None or len(self.buf) < size:
+            self.buf = mmap.mmap(-1, size)  # (the old one goes when the last view of it does)
+        return self.buf
+
+
+class IOCounters:
+    """What the reader did: reads, bytes, summed read time, and the wall time with at least one read in flight
+    (bytes / busy time is the rate the device delivered while we were asking)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reads = self.bytes = 0
+        self.read_s = self.busy_s = 0.0
+        self._in_flight, self._since = 0, 0.0
+
+    def start(self) -> float:
+        now = time.perf_counter()
+        with self._lock:
+            if self._in_flight == 0:
+                self._since = now
+            self._in_flight += 1
+        return now
+
+    def done(self, started: float, nbytes: int) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            self.reads += 1
+            self.bytes += nbytes
+            self.read_s += now - started
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self.busy_s += now - self._since
+
+    def snapshot(self) -> tuple[int, int, float, float]:
+        with self._lock:
+            busy = self.busy_s + (time.perf_counter() - self._since if self._in_flight else 0.0)
+            return self.reads, self.bytes, self.read_s, busy
+
+
+class Read:
+    """One queued read: run by a reader thread or by whoever waits for it first."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self._fn = fn
+        self._claim = threading.Lock()
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        if not self._claim.acquire(blocking=False):
+            return  # someone else has it
+        try:
+            self._fn()
+        except BaseException as e:  # handed to the waiter
+            self.error = e
+        finally:
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self) -> None:
+        self.run()
+        self._done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class PackReader:
+    """Reads runs of adjacent expert blocks on `threads` threads; `sink(position, payload)` gets each checked
+    block (a memoryview into the staging buffer, valid only during the call)."""
+
+    def __init__(self, packs: Packs, threads: int = DEFAULT_THREADS, direct: bool = True, verify: bool = True):
+        self.packs, self.verify = packs, verify
+        self.fds: dict[int, int] = {}
+        bypass = []
+        for layer, lp in packs.layers.items():
+            self.fds[layer], ok = open_uncached(packs.path(lp), direct)
+            bypass.append(ok)
+        self.direct = all(bypass)
+        self.threads = threads
+        self.io = IOCounters()
+        self._staging = _Staging()
+        self._queue: queue.SimpleQueue[Read | None] = queue.SimpleQueue()
+        self._workers = [threading.Thread(target=self._serve, name=f"mlxq-experts-io-{i}", daemon=True)
+                         for i in range(threads)]
+        for w in self._workers:
+            w.start()
+
+    def runs(self, lp: LayerPack, positions: list[int]) -> list[tuple[int, int]]:
+        """Sorted positions -> (first, count) runs of adjacent experts, each at most MAX_MERGE bytes."""
+        limit = max(1, MAX_MERGE // lp.stride)
+        out: list[tuple[int, int]] = []
+        for p in positions:
+            if out and out[-1][0] + out[-1][1] == p and out[-1][1] < limit:
+                out[-1] = (out[-1][0], out[-1][1] + 1)
+            else:
+                out.append((p, 1))
+        return out
+
+    def submit(self, layer: int, first: int, count: int, sink: Callable[[int, memoryview], None]) -> Read:
+        read = Read(lambda: self._read(layer, first, count, sink))
+        self._queue.put(read)
+        return read
+
+    def _serve(self) -> None:
+        while (read := self._queue.get()) is not None:
+            read.run()
+
+    def _read(self, layer: int, first: int, count: int, sink: Callable[[int, memoryview], None]) -> None:
+        lp = self.packs.layers[layer]
+        size = lp.stride * count
+        buf = self._staging.get(size)
+        view = memoryview(buf)[:size]
+        started = self.io.start()
+        try:
+            got = os.preadv(self.fds[layer], [view], lp.experts[first].offset)
+        except OSError as e:
+            raise FormatError(f"{self.packs.path(lp)}: layer {layer} expert {first}: read failed ({e})") from None
+        finally:
+            self.io.done(started, size)
+        for i in range(count):
+            start = i * lp.stride
+            payload = view[start : start + min(lp.payload, max(0, got - start))]
+            if self.verify or len(payload) < lp.payload:  # a short read is always an error
+                lp.check_block(self.packs.path(lp), first + i, payload)
+            sink(first + i, payload)
+
+    def close(self) -> None:
+        for _ in self._workers:
+            self._queue.put(None)
+        for w in self._workers:
+            w.join()
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def measure_read_rate(packs: Packs, threads: int = DEFAULT_THREADS, seconds: float = 3.0, direct: bool = True,
+                      seed: int = 0) -> dict:
+    """The device's read rate at the expert size: random single-expert reads (one per call, the layer's stride)
+    from every pack, on `threads` threads, for about `seconds`. The ceiling the streaming reader is held to."""
+    layers = list(packs.layers.values())
+    rng = random.Random(seed)
+    fds = {lp.layer: open_uncached(packs.path(lp), direct) for lp in layers}
+    stop = time.perf_counter() + seconds
+    totals = IOCounters()
+
+    def worker(wseed: int) -> None:
+        r = random.Random(wseed)
+        buf = mmap.mmap(-1, max(lp.stride for lp in layers))
+        try:
+            while time.perf_counter() < stop:
+                lp = r.choice(layers)
+                p = r.randrange(lp.n_experts)
+                view = memoryview(buf)[: lp.stride]
+                started = totals.start()
+                os.preadv(fds[lp.layer][0], [view], lp.experts[p].offset)
+                totals.done(started, lp.stride)
+                view.release()
+        finally:
+            buf.close()
+
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as ex:
+            for f in [ex.submit(worker, rng.random()) for _ in range(threads)]:
+                f.result()
+    finally:
+        for fd, _ in fds.values():
+            os.close(fd)
+    reads, nbytes, read_s, busy = totals.snapshot()
+    return {
+        "threads": threads,
+        "direct": all(ok for _, ok in fds.values()),
+        "read_bytes": max(lp.stride for lp in layers),
+        "reads": reads,
+        "bytes": nbytes,
+        "seconds": busy,
+        "gb_per_s": nbytes / busy / 1e9 if busy else 0.0,
+        "ms_per_read": 1e3 * read_s / reads if reads else 0.0,
+    }

@@ -1,0 +1,367 @@
+"""Expert streaming: packs written by `mlxq quantize --stream-experts`, streamed within a memory budget, give
+logits bit-identical to the same quantized model with every expert resident (an mlx-lm directory, loaded by the
+ordinary stacked-expert path); bad packs and budgets get one-line errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_quant import TEXT, add_tokenizer
+from tiny import make_tiny
+
+import mlxq
+from mlxq.errors import ConfigError, FormatError
+from mlxq.experts import parse_size
+from mlxq.experts.pack import open_packs
+from mlxq.quant import pipeline
+from mlxq.quant.recipes import RECIPES
+
+PROMPT = [(7 * i + 3) % 150 + 3 for i in range(40)]  # 40 tokens: the CPU's grouped prompt path
+DECODE = [8, 19, 140, 2, 77, 45, 90, 13, 101, 66, 25, 38, 149, 4, 58, 71]  # 16 cached steps
+MODELS = ["qwen3_moe", "qwen3_5_moe_text"]  # plain MoE (a dense layer among them) and the hybrid layout
+
+
+def build(name: str, path: Path) -> Path:
+    if name.startswith("qwen3_5"):
+        from test_hybrid import make_tiny as make_hybrid
+
+        make_hybrid(name, path)
+    else:
+        make_tiny(name, path)
+    add_tokenizer(path)
+    return path
+
+
+def quantize(src: Path, out: Path, **kw) -> Path:
+    pipeline.quantize(str(src), out, RECIPES["experts-2bit"], progress=False, **kw)
+    return out
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """name -> (source, resident mlx-lm dir, pack dir), built once."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            src = build(name, root / "src")
+            cache[name] = (src, quantize(src, root / "resident"), quantize(src, root / "packs", stream_experts=True))
+        return cache[name]
+
+    return get
+
+
+def run(model: mlxq.Model) -> np.ndarray:
+    """Logits of the prompt, then of 16 cached decode steps: [40 + 16, vocab]."""
+    cache = model.make_cache()
+    outs = [model.net(mx.array([PROMPT]), cache)[0]]
+    for t in DECODE:
+        outs.append(model.net(mx.array([[t]]), cache)[0])
+    return np.array(mx.concatenate(outs))
+
+
+def minimum(path: Path, **kw) -> str:
+    """The smallest budget the loader accepts, read from its own error."""
+    with pytest.raises(ConfigError, match="below the minimum") as e:
+        mlxq.load(str(path), expert_memory=1, **kw)
+    return re.search(r"minimum ([\d.]+ [KMG]?B)", str(e.value)).group(1).replace(" ", "")
+
+
+# ------------------------------------------------------------------------------------------------ exactness
+@pytest.mark.parametrize("name", MODELS)
+def test_streamed_logits_are_bit_identical_to_resident(name, made):
+    _, resident, packs = made(name)
+    want = run(mlxq.load(str(resident)))
+    assert np.array_equal(run(mlxq.load(str(packs))), want)  # packs read whole: the ordinary resident path
+    budgets = ["100%", "50%", "25%", minimum(packs)]
+    for budget in budgets:
+        model = mlxq.load(str(packs), expert_memory=budget)
+        got = run(model)
+        assert np.array_equal(got, want), f"{budget}: max |diff| {np.abs(got - want).max()}"
+        stats = model.expert_stats()
+        assert stats.tokens == len(PROMPT) + len(DECODE) and stats.misses > 0
+    # at the minimum the prompt routes to more experts than fit: the rounds path was taken, and still exact
+    pool = model.net.expert_pool
+    assert pool.capacity(next(iter(pool.groups))) == model.config.get("num_experts_per_tok", 3)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_prefetch_and_fewer_experts_per_token_stay_exact(name, made):
+    _, resident, packs = made(name)
+    model = mlxq.load(str(packs), expert_memory="25%", expert_options={"prefetch": True, "threads": 2})
+    assert np.array_equal(run(model), run(mlxq.load(str(resident))))
+    assert model.expert_stats().prefetch_reads > 0
+    want = run(mlxq.load(str(resident), experts_per_tok=1))
+    smallest = minimum(packs, experts_per_tok=1)  # one expert a token: the minimum is one expert's slot
+    assert np.array_equal(run(mlxq.load(str(packs), expert_memory=smallest, experts_per_tok=1)), want)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_coactivation_order_renumbers_experts_without_changing_the_output(name, made, tmp_path, monkeypatch):
+    src, resident, packs = made(name)
+    monkeypatch.setenv("MLXQ_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    ordered = quantize(src, tmp_path / "coact", stream_experts=True, order="coactivation", calibrate=str(text),
+                       calib_tokens=512, method="rtn")
+    cfg = json.loads((ordered / "config.json").read_text())
+    layers = open_packs(ordered, cfg).layers
+    perms = {lp.layer: lp.permutation for lp in layers.values()}
+    assert all(sorted(p) == list(range(8)) for p in perms.values())
+    assert any(p != list(range(8)) for p in perms.values())
+    # the router's rows moved with the experts (same codes: RTN either way)
+    plain, coact = mx.load(str(resident / "model.safetensors")), mx.load(str(ordered / "model.safetensors"))
+    for layer, perm in perms.items():
+        key = next(k for k in plain if k.endswith(f"layers.{layer}.mlp.gate.weight"))
+        assert mx.array_equal(coact[key], plain[key][mx.array(perm)])
+    # streamed at every budget == the same (renumbered) model resident, bit for bit
+    want = run(mlxq.load(str(ordered)))
+    for budget in ["50%", "25%", minimum(ordered)]:
+        assert np.array_equal(run(mlxq.load(str(ordered), expert_memory=budget)), want), budget
+    # and the renumbered model is the original one: same experts chosen, logits equal up to float summation order
+    original = run(mlxq.load(str(resident)))
+    assert np.abs(want - original).max() <= 1e-5 * np.abs(original).max()
+    assert np.array_equal(want.argmax(-1), original.argmax(-1))
+
+
+def test_statistics_add_up(made):
+    _, _, packs = made("qwen3_moe")
+    model = mlxq.load(str(packs), expert_memory="50%")
+    run(model)
+    stats, pool = model.expert_stats(), model.net.expert_pool
+    stride = next(iter(pool.packs.layers.values())).stride
+    assert stats.bytes_read == stats.misses * stride  # no prefetch: every byte read was asked for
+    # one read per missing expert at most, each whole blocks: the prompt's rounds read neighbouring experts together
+    assert 0 < stats.reads < stats.misses
+    assert stats.hits + stats.misses >= 2 * (len(DECODE) + 1)  # at least top-k... per MoE layer and step
+    assert len(pool.steps) == len(DECODE)  # one entry per finished forward pass
+    assert sum(s["misses"] for s in pool.steps) <= stats.misses
+    d = stats.as_dict()
+    assert 0 < d["hit_rate"] < 1 and d["bytes_per_token"] == stats.bytes_read / stats.tokens
+
+
+def test_api_timings_carry_the_run_s_expert_counters(made):
+    _, resident, packs = made("qwen3_moe")
+    model = mlxq.load(str(packs), expert_memory="50%")
+    result = model.generate("the fox", max_tokens=5)
+    experts = result.timings.experts
+    assert experts["tokens"] >= len(model.encode_prompt("the fox")) + len(result.tokens) - 1  # prompt + decode steps
+    assert experts["hits"] + experts["misses"] > 0 and experts["bytes_read"] == model.expert_stats().bytes_read
+    assert mlxq.load(str(resident)).generate("the fox", max_tokens=2).timings.experts is None
+
+
+def test_parse_size():
+    assert parse_size("8GB") == 8_000_000_000 and parse_size("512MiB") == 512 << 20 and parse_size(1234) == 1234
+    assert parse_size("25%", 1000) == 250
+    with pytest.raises(ConfigError, match="expected a size"):
+        parse_size("lots")
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_budget_below_the_minimum_says_the_minimum(made):
+    _, _, packs = made("qwen3_moe")
+    with pytest.raises(ConfigError, match=r"expert memory 1\.0 KB is below the minimum [\d.]+ KB: one layer's step "
+                                          r"routes to 3 experts"):
+        mlxq.load(str(packs), expert_memory="1KB")
+
+
+def test_expert_memory_needs_packs(made):
+    _, resident, _ = made("qwen3_moe")
+    with pytest.raises(ConfigError, match="needs expert packs"):
+        mlxq.load(str(resident), expert_memory="1GB")
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_flipped_byte_names_layer_and_expert(made, tmp_path):
+    _, _, packs = made("qwen3_moe")
+    bad = copy_dir(packs, tmp_path / "bad")
+    lp = open_packs(bad, json.loads((bad / "config.json").read_text())).layers[2]
+    f = bad / "experts" / lp.file
+    data = bytearray(f.read_bytes())
+    data[lp.experts[5].offset + 100] ^= 0x40
+    f.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match=r"layer-002\.pack: layer 2 expert 5: checksum mismatch") as e:
+        run(mlxq.load(str(bad), expert_memory="100%"))  # every expert gets read
+    assert "\n" not in str(e.value)
+    with pytest.raises(FormatError, match=r"layer 2 expert 5: checksum mismatch"):
+        mlxq.load(str(bad))  # all resident: checked as they are read
+
+
+def test_truncated_pack_names_layer_and_expert(made, tmp_path):
+    _, _, packs = made("qwen3_moe")
+    bad = copy_dir(packs, tmp_path / "bad")
+    f = bad / "experts" / "layer-000.pack"
+    f.write_bytes(f.read_bytes()[: 16384 * 6 + 100])
+    with pytest.raises(FormatError, match=r"layer-000\.pack: layer 0 expert 6: pack is \d+ bytes.*truncated"):
+        mlxq.load(str(bad), expert_memory="50%")
+
+
+def test_short_read_after_opening_names_layer_and_expert(made, tmp_path):
+    _, _, packs = made("qwen3_moe")
+    bad = copy_dir(packs, tmp_path / "bad")
+    model = mlxq.load(str(bad), expert_memory="100%")
+    f = bad / "experts" / "layer-002.pack"
+    f.write_bytes(f.read_bytes()[:16384])  # cut while the model holds the file open
+    with pytest.raises(FormatError, match=r"layer 2 expert [1-7]: short read"):
+        run(model)
+
+
+def test_manifest_of_another_model(made, tmp_path):
+    _, _, packs = made("qwen3_moe")
+    other = quantize(made("qwen3_moe")[0], tmp_path / "other", stream_experts=True)  # same shapes, another id
+    bad = copy_dir(packs, tmp_path / "bad")
+    (bad / "experts" / "manifest.json").write_bytes((other / "experts" / "manifest.json").read_bytes())
+    with pytest.raises(FormatError, match="belong to another model"):
+        mlxq.load(str(bad), expert_memory="50%")
+    hybrid_packs = made("qwen3_5_moe_text")[2]
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["mlxq_experts"] = json.loads((hybrid_packs / "config.json").read_text())["mlxq_experts"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    (bad / "experts").rename(tmp_path / "gone")
+    copy_dir(hybrid_packs / "experts", bad / "experts")
+    with pytest.raises(FormatError, match=r"layers\.1\.mlp.*not a MoE block in this model \(packs of another"):
+        mlxq.load(str(bad), expert_memory="50%")
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def mlxq_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlxq.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_quantize_inspect_generate_bench(made, tmp_path):
+    src, _, _ = made("qwen3_moe")
+    out = tmp_path / "packs"
+    done = mlxq_cli("quantize", str(src), "-o", str(out), "--recipe", "experts-2bit", "--stream-experts")
+    assert done.returncode == 0, done.stderr
+    shown = mlxq_cli("inspect", str(out)).stdout
+    assert "expert packs  experts/: 2 layers (0..2) x 8 experts, order identity" in shown
+    assert "block layout  gate_proj.weight uint32[32, 4] @0;" in shown
+    gen = mlxq_cli("generate", "--raw", "-m", str(out), "--expert-memory", "40%", "-n", "6", "-v", "fox")
+    assert gen.returncode == 0, gen.stderr
+    assert re.search(r"\[experts: \d+ hits, \d+ misses \([\d.]+% hit\)", gen.stderr), gen.stderr
+    io = mlxq_cli("bench", "--io", str(out), "--seconds", "0.3", "--json")
+    assert io.returncode == 0, io.stderr
+    figures = json.loads(io.stdout.splitlines()[-1])
+    assert figures["reads"] > 0 and figures["gb_per_s"] > 0 and figures["read_bytes"] == 16384
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "--raw", "-m", "{bad}", "--expert-memory", "100%", "fox"], "layer 0 expert 1: checksum mismatch"),
+        (["generate", "--raw", "-m", "{good}", "--expert-memory", "2KB", "fox"], "below the minimum"),
+        (["generate", "--raw", "-m", "{resident}", "--expert-memory", "1GB", "fox"], "needs expert packs"),
+        (["quantize", "{src}", "-o", "{new}", "--order", "coactivation"], "needs --stream-experts"),
+        (["bench", "--io", "{resident}"], "no expert packs"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message, made, tmp_path):
+    src, resident, packs = made("qwen3_moe")
+    bad = copy_dir(packs, tmp_path / "bad")
+    f = bad / "experts" / "layer-000.pack"
+    data = bytearray(f.read_bytes())
+    data[16384 + 7] ^= 1
+    f.write_bytes(bytes(data))
+    paths = {"bad": bad, "good": packs, "resident": resident, "src": src, "new": tmp_path / "new"}
+    done = mlxq_cli(*[a.format(**paths) for a in args])
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("mlxq: error:")]
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------------------------------------ real weights
+def write_checkpoint(path: Path, config: dict, tensors: dict) -> Path:
+    """An HF directory of float16 tensors (name -> lazy array), written one tensor at a time."""
+    from mlxq.quant.writer import OutTensor, ShardWriter
+
+    path.mkdir()
+    writer = ShardWriter(path, [OutTensor(n, tuple(a.shape), mx.float16) for n, a in tensors.items()])
+    for name, a in tensors.items():
+        writer.write(name, a.astype(mx.float16))
+    writer.close()
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.slow
+def test_smollm2_upcycled_to_moe_and_streamed_gives_the_dense_logits(smollm2_gguf, tmp_path):
+    """SmolLM2-135M as a Mixtral whose 4 experts are copies of each layer's MLP, the router all zeros (uniform: the
+    top 2 get weight 0.5 each). Quantized 8-bit and streamed from packs at a quarter of the experts' memory, it
+    gives the 8-bit dense model's logits (up to float rounding: the dense MLP and the experts use different
+    kernels; off Metal the dense prompt dequantizes and runs one BLAS matmul, the experts run gather_qmm, about
+    1e-5 of the largest logit apart; a wrong byte, scale or expert in a slot is orders of magnitude more)."""
+    from mlxq.formats import open_checkpoint
+    from mlxq.loading import load_model
+    from mlxq.quant.recipes import uniform
+
+    ckpt = open_checkpoint(str(smollm2_gguf))
+    config = {k: v for k, v in ckpt.config.items() if isinstance(v, int | float | str | bool)}
+    dense = {n: ckpt.tensors[n] for n in ckpt.tensors}
+    moe = {}
+    for name, w in dense.items():
+        if ".mlp." not in name:
+            moe[name] = w
+            continue
+        prefix, proj = name.split(".mlp.")
+        mixtral_name = {"gate_proj.weight": "w1", "down_proj.weight": "w2", "up_proj.weight": "w3"}[proj]
+        for e in range(4):
+            moe[f"{prefix}.block_sparse_moe.experts.{e}.{mixtral_name}.weight"] = w
+        moe.setdefault(f"{prefix}.block_sparse_moe.gate.weight", mx.zeros((4, config["hidden_size"])))
+    dense_src = write_checkpoint(tmp_path / "dense", config, dense)
+    moe_src = write_checkpoint(tmp_path / "moe", {**config, "model_type": "mixtral", "num_local_experts": 4,
+                                                  "num_experts_per_tok": 2}, moe)
+    pipeline.quantize(str(dense_src), tmp_path / "dense-q8", uniform(8), progress=False)
+    pipeline.quantize(str(moe_src), tmp_path / "moe-q8", uniform(8), progress=False, stream_experts=True)
+
+    def logits(net) -> np.ndarray:
+        cache = net.make_cache()
+        outs = [net(mx.array([PROMPT]), cache)[0]] + [net(mx.array([[t]]), cache)[0] for t in DECODE]
+        return np.array(mx.concatenate(outs))
+
+    want = logits(load_model(open_checkpoint(str(tmp_path / "dense-q8"))))
+    streamed = load_model(open_checkpoint(str(tmp_path / "moe-q8")), expert_memory="25%")
+    got = logits(streamed)
+    diff = np.abs(got - want).max() / np.abs(want).max()
+    print(f"up-cycled MoE streamed vs dense 8-bit: max relative difference {diff:.2e}, "
+          f"bit-identical: {np.array_equal(got, want)}; {streamed.expert_pool.snapshot().summary()}")
+    assert diff < 1e-4
+    assert np.array_equal(got.argmax(-1), want.argmax(-1))
+    assert streamed.expert_pool.snapshot().misses > 0
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["layers"]["0"].update(stride=1000), "is not a 16384-aligned layout"),
+        (lambda m: m["layers"]["0"]["experts"][3].__setitem__(0, 7), "layer 0 expert 3: offset 7"),
+        (lambda m: m["layers"]["0"]["tensors"][0].update(shape=[-1, 4]), "tensor 'gate_proj.weight'"),
+        (lambda m: m["layers"]["0"]["quantization"]["up_proj"].update(bits=7), "up_proj quantization"),
+        (lambda m: m.update(layers=[1, 2]), "malformed layer entry"),
+        (lambda m: m.update(version=9), "not an mlxq expert pack manifest"),
+    ],
+)
+def test_malformed_manifest_is_one_line(edit, message, made, tmp_path):
+    _, _, packs = made("qwen3_moe")
+    bad = copy_dir(packs, tmp_path / "bad")
+    path = bad / "experts" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(FormatError, match=re.escape(message)) as e:
+        mlxq.load(str(bad), expert_memory="50%")
+    assert "\n" not in str(e.value)
