@@ -36,6 +36,7 @@ import copy
 import hashlib
 import json
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -333,12 +334,17 @@ def main() -> None:
     del ref_model
 
     results, variants = {}, plan(quick, baseline, batches, text, work)
+    # a run stopped by hand (Ctrl-C, kill -INT or -TERM) still records the variants it finished; a background job
+    # starts with SIGINT ignored, so the handlers are set here
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     try:
         measure(variants, results, wins, ref, base_sizes, work)
-    except KeyboardInterrupt:  # a run stopped by hand (Ctrl-C, SIGINT) still records the variants it finished
+    except KeyboardInterrupt:
         print(f"quant_quality: interrupted after {len(results)} of {len(variants)} variants", file=sys.stderr)
-    not_measured = [label for label, _, _ in variants if label not in results]
-    ratios, best = compare({k: r for k, r in results.items() if "failed" not in r}, calibrated_peers=not quick)
+    not_measured = {label: bits for label, bits, _ in variants if label not in results}
+    ratios, best = compare({k: r for k, r in results.items() if "failed" not in r}, calibrated_peers=not quick,
+                           not_measured=not_measured)
     skipped = ("quick: mlx-lm's GPTQ, AWQ, DWQ and dynamic quant and llama.cpp with an importance matrix run in the "
                "full run only") if quick else None
     if skipped:
@@ -354,7 +360,7 @@ def main() -> None:
         "versions": {"mlx_lm": _version("mlx-lm"), "llama_cpp": llama_cpp.VERSION},
         "results": results,
         "not_run": {} if quick else NOT_RUN,
-        **({"interrupted_before": not_measured} if not_measured else {}),
+        **({"interrupted_before": list(not_measured)} if not_measured else {}),
         "skipped": skipped,
         "best_peer": best,
         "goal": f"mlxq's KL <= {GOAL} x the best peer's at equal bpw",
@@ -362,9 +368,10 @@ def main() -> None:
     })
 
 
-def compare(results: dict, calibrated_peers: bool) -> tuple[dict, dict]:
+def compare(results: dict, calibrated_peers: bool, not_measured: dict | None = None) -> tuple[dict, dict]:
     """Ratios of mlxq's calibrated variants to each peer at equal bits per weight, and, when the calibrated peers
-    ran, to the best such peer."""
+    ran (all of that width's: none left in `not_measured`, label -> bits, by an interrupted run), to the best such
+    peer."""
     ratios, best = {}, {}
     pairs = [(f"mlxq-gptq-{b}bit", b, f"{b}bit") for b in (2, 3, 4)]
     pairs += [(f"mlxq-gptq-{mix}", 0, mix) for mix in ("q3_k_m", "q2_k")]
@@ -372,20 +379,25 @@ def compare(results: dict, calibrated_peers: bool) -> tuple[dict, dict]:
         ours = results.get(ours_label)
         if ours is None:
             continue
-        peers = {label: r for label, r in results.items() if not label.startswith("mlxq-")
-                 and (r["bits"] == bits if bits else label.endswith(tag))
-                 and abs(r["bpw"] - ours["bpw"]) <= BPW_TOLERANCE}
+        peers = {label: r for label, r in results.items()
+                 if _peer_of(label, r["bits"], bits, tag) and abs(r["bpw"] - ours["bpw"]) <= BPW_TOLERANCE}
+        waiting = [label for label, b in (not_measured or {}).items() if _peer_of(label, b, bits, tag)]
         for label, r in peers.items():
             tool, method = label.split("-")[:2]
             peer = f"{tool}_{method}" if tool == "mlx_lm" else f"{tool}_{method}_{label.split('-')[2].lower()}"
             ratios[f"kl_{tag}_vs_{peer}"] = round(ours["kl"] / r["kl"], 4)
-        if peers and calibrated_peers:
+        if peers and calibrated_peers and not waiting:
             name = min(peers, key=lambda k: peers[k]["kl"])
             ratio = ours["kl"] / peers[name]["kl"]
             ratios[f"kl_{tag}_vs_best_peer"] = round(ratio, 4)
             best[tag] = {"peer": name, "kl": peers[name]["kl"], "bpw": peers[name]["bpw"], "mlxq": ours_label,
                          "mlxq_kl": ours["kl"], "mlxq_bpw": ours["bpw"], "goal_met": ratio <= GOAL}
     return ratios, best
+
+
+def _peer_of(label: str, label_bits: int, bits: int, tag: str) -> bool:
+    """Whether a variant is a peer's at this width (`bits`, or for mixes, 0 bits and the mix's name as `tag`)."""
+    return not label.startswith("mlxq-") and (label_bits == bits if bits else label.endswith(tag))
 
 
 def _version(dist: str) -> str:
