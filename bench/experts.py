@@ -368,7 +368,7 @@ def show(name: str, r: dict) -> dict:
 def text_ids(model_dir: Path, n: int) -> list[int]:
     """n token ids of held-back Wikipedia text (pinned, cached), in the synthetic model's character vocabulary."""
     from mlxq.engine.tokenizer import load_tokenizer
-    from mlxq.eval.texts import heldout_text
+    from mlxq.formats.texts import heldout_text
 
     ids = load_tokenizer(model_dir, None, None).encode(heldout_text()[20000:30000])
     return ids[:n]

@@ -313,8 +313,8 @@ def main() -> None:
     args = parse_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
 
     from mlxq.eval.metrics import load_for_eval, reference, score, windows
-    from mlxq.eval.texts import calibration_texts, heldout_text
     from mlxq.formats.fetch import cache_dir
+    from mlxq.formats.texts import calibration_texts, heldout_text
     from mlxq.quant.calibrate import token_batches
 
     quick = args.quick

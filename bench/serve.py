@@ -1,7 +1,10 @@
-"""Serving throughput and multi-turn latency, each against its peer measured in the same run.
+"""Serving throughput and latency through the Python API and through the server, on the one engine, and multi-turn
+latency of a Session, each against its peer measured in the same run.
 
-1. `mlxq serve` (a subprocess) and the official `openai` client, streaming: aggregate completion tokens/s with
-   8 concurrent clients against 1 client (continuous batching lets the 8 share each model step).
+1. 1 vs 8 vs 32 concurrent clients, each streaming chat answers (`ignore_eos`, so every answer has the same
+   length): through the Python API (`Model.stream` from threads, in this process) and through `mlxq serve` (a
+   subprocess, the official `openai` client). Aggregate completion tokens/s and p50/p95 time to first token.
+   Goals: 8 clients >= 4x one client's aggregate tokens/s; the server within 10 % of the API.
 2. The Python game API: time to first token of a `Session` turn N with its cache kept between turns, against
    the same turn run on a fresh session holding the same conversation (the whole prompt prefilled).
 
@@ -14,10 +17,12 @@ import argparse
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -69,13 +74,17 @@ def wait_ready(proc: subprocess.Popen, client, timeout: float = 300) -> None:
             time.sleep(0.25)
 
 
-def stream_one(client, model: str, i: int, max_tokens: int) -> tuple[int, float]:
-    """(completion tokens, seconds to the first content) of one streamed chat request."""
+def messages(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Tell me story number {i} about a lighthouse."}]
+
+
+def served_one(client, model: str, i: int, max_tokens: int) -> tuple[int, float]:
+    """(completion tokens, seconds to the first token) of one chat answer streamed from the server."""
     t0 = time.perf_counter()
     first, tokens = None, 0
     stream = client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": f"Tell me story number {i} about a lighthouse."}],
+        messages=messages(i),
         max_tokens=max_tokens,
         temperature=0.7,
         seed=i,
@@ -91,15 +100,30 @@ def stream_one(client, model: str, i: int, max_tokens: int) -> tuple[int, float]
     return tokens, first if first is not None else time.perf_counter() - t0
 
 
-def run_clients(client, model: str, clients: int, requests: int, max_tokens: int, offset: int) -> dict:
-    """`clients` threads, each sending `requests` streamed requests one after another."""
+def api_one(model, i: int, max_tokens: int) -> tuple[int, float]:
+    """The same answer streamed through the Python API."""
+    t0 = time.perf_counter()
+    first, tokens = None, 0
+    for chunk in model.stream(messages(i), max_tokens=max_tokens, temperature=0.7, seed=i, ignore_eos=True):
+        if first is None and chunk.text:
+            first = time.perf_counter() - t0
+        tokens += len(chunk.tokens)
+    return tokens, first if first is not None else time.perf_counter() - t0
+
+
+def percentile(xs: list[float], q: int) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else (xs[0] if xs else 0.0)
+
+
+def run_clients(one: Callable[[int], tuple[int, float]], clients: int, requests: int, offset: int) -> dict:
+    """`clients` threads, each making `requests` requests one after another with `one(i)`."""
     results: list[list[tuple[int, float]]] = [[] for _ in range(clients)]
     errors: list[BaseException] = []
 
     def worker(c: int) -> None:
         try:
             for r in range(requests):
-                results[c].append(stream_one(client, model, offset + c * requests + r, max_tokens))
+                results[c].append(one(offset + c * requests + r))
         except BaseException as e:  # reported below, not swallowed
             errors.append(e)
 
@@ -113,47 +137,66 @@ def run_clients(client, model: str, clients: int, requests: int, max_tokens: int
     if errors:
         raise errors[0]
     tokens = sum(n for res in results for n, _ in res)
+    ttft = [f for res in results for _, f in res]
     return {
         "clients": clients,
         "requests": clients * requests,
         "completion_tokens": tokens,
         "wall_s": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 2),
-        "median_ttft_s": round(median([f for res in results for _, f in res]), 3),
+        "ttft_p50_s": round(percentile(ttft, 50), 3),
+        "ttft_p95_s": round(percentile(ttft, 95), 3),
     }
 
 
-def bench_server(model: str, quick: bool, clients: int, max_tokens: int, requests: int, rounds: int) -> dict:
+def bench_concurrency(model_name: str, levels: list[int], max_tokens: int, requests: int, rounds: int) -> dict:
+    """The same clients through the API (this process) and the server (a subprocess), level by level, rounds
+    interleaved so that load from elsewhere on the machine hits both alike. Both engines batch up to max(levels)."""
     import openai
 
+    import mlxq
+
+    model = mlxq.load(model_name)
+    model.configure(max_batch=max(levels))
     port = free_port()
-    proc = start_server(model, port, max_batch=clients)
+    proc = start_server(model_name, port, max_batch=max(levels))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=600)
+    runs: dict[str, dict[str, list[dict]]] = {"api": {}, "server": {}}
     try:
         t0 = time.perf_counter()
         wait_ready(proc, client)
         startup = time.perf_counter() - t0
         served = client.models.list().data[0].id
-        stream_one(client, served, -1, 4)  # warm-up
-        runs: dict[str, list[dict]] = {"1": [], str(clients): []}
-        for r in range(rounds):  # interleaved, so load from elsewhere on the machine hits both alike
-            runs["1"].append(run_clients(client, served, 1, requests, max_tokens, 1000 * r))
-            runs[str(clients)].append(run_clients(client, served, clients, requests, max_tokens, 1000 * r + 100))
+        served_one(client, served, -1, 4), api_one(model, -1, 4)  # warm-up
+        for r in range(rounds):
+            for n in levels:
+                offset = 1000 * r + 100 * n
+                runs["api"].setdefault(str(n), []).append(
+                    run_clients(lambda i: api_one(model, i, max_tokens), n, requests, offset))
+                runs["server"].setdefault(str(n), []).append(
+                    run_clients(lambda i: served_one(client, served, i, max_tokens), n, requests, offset))
     finally:
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    agg = {k: median([x["tokens_per_s"] for x in v]) for k, v in runs.items()}
+        model.close()
+
+    def summary(side: dict[str, list[dict]]) -> dict:
+        return {
+            n: {key: median([x[key] for x in xs]) for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s")}
+            for n, xs in side.items()
+        }
+
     return {
-        "startup_s": round(startup, 2),
+        "server_startup_s": round(startup, 2),
         "max_tokens": max_tokens,
         "requests_per_client": requests,
         "rounds": rounds,
         "runs": runs,
-        "median_tokens_per_s": agg,
-        "ratio": round(agg[str(clients)] / agg["1"], 3),
+        "api": summary(runs["api"]),
+        "server": summary(runs["server"]),
     }
 
 
@@ -200,29 +243,40 @@ def bench_session(model_name: str, turns: int, max_tokens: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--clients", default="1,8,32", help="concurrency levels, comma-separated")
     ap.add_argument("--max-tokens", type=int, default=None, help="completion tokens per request")
     ap.add_argument("--requests", type=int, default=None, help="requests per client")
     ap.add_argument("--turns", type=int, default=None, help="session turns")
     args = parse_args(ap)
-    max_tokens = args.max_tokens or (48 if args.quick else 128)
-    requests = args.requests or (1 if args.quick else 3)
+    levels = sorted({int(c) for c in args.clients.split(",")})
+    max_tokens = args.max_tokens or (16 if args.quick else 96)
+    requests = args.requests or (1 if args.quick else 2)
     rounds = 1 if args.quick else 2
-    turns = args.turns or (3 if args.quick else 8)
+    turns = args.turns or (2 if args.quick else 8)
+    load_before = os.getloadavg()
 
-    server = bench_server(args.model, args.quick, args.clients, max_tokens, requests, rounds)
+    concurrency = bench_concurrency(args.model, levels, max_tokens, requests, rounds)
     session = bench_session(args.model, turns, max_tokens=8)
+    api, server = concurrency["api"], concurrency["server"]
+    one = str(levels[0])
+    ratios = {}
+    for n in levels[1:]:
+        ratios[f"api_concurrency_{n}_vs_{one}"] = round(api[str(n)]["tokens_per_s"] / api[one]["tokens_per_s"], 3)
+        ratios[f"server_concurrency_{n}_vs_{one}"] = round(
+            server[str(n)]["tokens_per_s"] / server[one]["tokens_per_s"], 3)
+    for n in levels:
+        ratios[f"server_vs_api_{n}"] = round(server[str(n)]["tokens_per_s"] / api[str(n)]["tokens_per_s"], 3)
+    ratios["session_ttft_uncached_vs_cached"] = session["ratio"]
     write_result(
         "serve",
         {
             "model": args.model,
             "quick": args.quick,
-            "server": server,
+            "load_average": {"before": [round(x, 2) for x in load_before],
+                             "after": [round(x, 2) for x in os.getloadavg()]},
+            "concurrency": concurrency,
             "session": session,
-            "ratios": {
-                f"concurrency_{args.clients}_vs_1": server["ratio"],
-                "session_ttft_uncached_vs_cached": session["ratio"],
-            },
+            "ratios": ratios,
         },
     )
 

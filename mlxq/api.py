@@ -1,53 +1,81 @@
-"""The Python API: `mlxq.load(name) -> Model`, then generate, stream or score."""
+"""The Python API: `mlxq.load(name) -> Model`, then generate, stream or score.
+
+Every call is a request to the model's one engine (`mlxq.engine.scheduler`), started on first use: calls from
+many threads, and from asyncio (`astream`, `agenerate`, `Session.ask_async`), are batched together.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import threading
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from mlxq.engine.generate import Generation, Timings
+from mlxq.engine import stream as streams
+from mlxq.engine.controls import Prompt, prepare, split_options
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams
-from mlxq.engine.stops import StopMatcher
+from mlxq.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES, PREFILL_CHUNK, Engine, Request
+from mlxq.engine.stops import check_stops
+from mlxq.engine.stream import Chunk, Result, Timings  # noqa: F401  (the API's result types)
 from mlxq.engine.tokenizer import Tokenizer, load_tokenizer
 from mlxq.errors import InvalidRequest
+from mlxq.experts import ExpertStats, expert_stats
 from mlxq.formats import Checkpoint
 from mlxq.loading import load_model, open_for_run
-from mlxq.session import Session  # noqa: F401  (re-exported: games use mlxq.api.Session)
-
-Prompt = str | list[int] | list[dict[str, Any]]  # text, token ids, or chat messages
-
-
-@dataclass
-class Chunk:
-    """A piece of streamed output."""
-
-    text: str
-    token: int | None = None
-    finish_reason: str | None = None  # "stop" | "length" on the last chunk
-    logprobs: mx.array | None = None
-
-
-@dataclass
-class Result:
-    text: str
-    tokens: list[int]
-    finish_reason: str
-    timings: Timings = field(default_factory=Timings)
+from mlxq.models.base import CausalLM
 
 
 class Model:
-    """A loaded model with its tokenizer."""
+    """A loaded model with its tokenizer and its engine.
 
-    def __init__(self, net: nn.Module, tokenizer: Tokenizer, checkpoint: Checkpoint, name: str):
+    Generation options, the same on every path (here, `Session`, the server):
+    - `max_tokens`, `stop` (a string or a list), `logprobs` (k: each token's logprob and the k most likely),
+      `ignore_eos`, `speculative` (k: prompt-lookup draft tokens checked per decode step; same output);
+    - sampling: `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `presence_penalty`,
+      `frequency_penalty`, `logit_bias`, `seed` (or `params=SamplingParams(...)`);
+    - controls (`mlxq.engine.controls`): `enable_thinking`, `thinking_budget`, `schema`, `tools`, `tool_choice`,
+      `secrets`, `public`, `min_span`;
+    - `logits_processors`: your own, run before the controls; `chat_template_kwargs`: passed to the template.
+    """
+
+    def __init__(self, net: CausalLM, tokenizer: Tokenizer, checkpoint: Checkpoint, name: str):
         self.net = net
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
         self.name = name
         self.config = checkpoint.config
+        self._engine: Engine | None = None
+        self._engine_options = dict(max_batch=DEFAULT_MAX_BATCH, prompt_cache_bytes=DEFAULT_PROMPT_CACHE_BYTES,
+                                    prefill_chunk=PREFILL_CHUNK, prompt_cache_spill=None)
+        self._engine_lock = threading.Lock()
+
+    # ---------------------------------------------------------------------------------------- the engine
+    @property
+    def engine(self) -> Engine:
+        """The engine every request of this model runs on (started on first use)."""
+        with self._engine_lock:
+            if self._engine is None or not self._engine.alive:
+                self._engine = Engine(self.net, self.tokenizer, **self._engine_options).start()
+            return self._engine
+
+    def configure(self, *, max_batch: int | None = None, prompt_cache_bytes: int | None = None,
+                  prefill_chunk: int | None = None, prompt_cache_spill: tuple[str, int] | None = None) -> None:
+        """Engine settings: requests run together, bytes of the shared prompt cache, prompt tokens per prefill
+        step, (directory, bytes) on disk where prompt-cache entries go when they leave memory. A running engine is
+        closed (its unfinished requests end as cancelled) and the next request starts
+        one with these settings."""
+        given = dict(max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes, prefill_chunk=prefill_chunk,
+                     prompt_cache_spill=prompt_cache_spill)
+        self._engine_options.update({k: v for k, v in given.items() if v is not None})
+        self.close()
+
+    def close(self) -> None:
+        """Stops the engine (it starts again on the next request)."""
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
 
     # ---------------------------------------------------------------------------------------- scoring
     def logits(self, token_ids: list[int] | mx.array) -> mx.array:
@@ -59,86 +87,65 @@ class Model:
     def make_cache(self) -> list:
         return self.net.make_cache()
 
-    def expert_stats(self):
+    def expert_stats(self) -> ExpertStats | None:
         """Streaming counters so far (`mlxq.experts.ExpertStats`: hits, misses, bytes, read / stall / compute
         time; subtract two snapshots for one run), or None when the experts are not streamed."""
-        pool = getattr(self.net, "expert_pool", None)
-        return None if pool is None else pool.snapshot()
+        return expert_stats(self.net)
 
-    # ---------------------------------------------------------------------------------------- prompts
-    def encode_prompt(self, prompt: Prompt, *, tools: list[dict] | None = None,
-                      chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if prompt and isinstance(prompt[0], int):
-            return list(prompt)
-        if prompt and isinstance(prompt[0], dict):
-            return self.tokenizer.apply_chat_template(prompt, tools=tools, **(chat_template_kwargs or {}))
-        raise InvalidRequest("prompt must be text, token ids, or a non-empty list of chat messages")
+    def encode_prompt(self, prompt: Prompt, **chat_template_kwargs: Any) -> list[int]:
+        """Token ids of text, token ids, or chat messages (rendered by the chat template)."""
+        return prepare(self.tokenizer, prompt, chat_template_kwargs=chat_template_kwargs).prompt
 
     # ---------------------------------------------------------------------------------------- generation
-    def stream(
+    def request(
         self,
         prompt: Prompt,
         *,
         max_tokens: int = 256,
         stop: list[str] | str | None = None,
+        logprobs: int | None = None,
+        ignore_eos: bool = False,
         params: SamplingParams | None = None,
         logits_processors: list[LogitsProcessor] | None = None,
-        cache: list | None = None,
-        cached_tokens: int = 0,
-        logprobs: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
-        tools: list[dict] | None = None,
-        timings: Timings | None = None,
-        generation: Generation | None = None,
-        **sampling: Any,
-    ) -> Iterator[Chunk]:
-        """Yields text as it becomes final. Sampling options (temperature, top_p, top_k, min_p,
-        repetition_penalty, seed, ...) go by keyword or as `params`."""
-        ids = self.encode_prompt(prompt, tools=tools, chat_template_kwargs=chat_template_kwargs)
-        stops = StopMatcher(stop)
-        gen = generation or Generation(self.net, cache if cache is not None else self.make_cache())
-        gen.params = params or SamplingParams(**sampling)
-        gen.processors = list(logits_processors or [])
-        gen.want_logprobs = logprobs
-        if timings is not None:
-            gen.timings = timings
-        if not ids:
-            raise InvalidRequest("empty prompt")
-        detok = self.tokenizer.detokenizer()
-        eos = self.tokenizer.eos_token_ids
-        experts_before = self.expert_stats()
-        text, emitted, finish, cut = "", 0, "length", -1
-        for step in gen.steps(ids, max_tokens, cached=cached_tokens):
-            if step.token in eos:
-                gen.generated.pop()
-                finish = "stop"
-                break
-            before = len(text)
-            text += detok.add(step.token)
-            cut = stops.find(text, before)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-                break
-            safe = len(text) - stops.held_back(text)
-            if safe > emitted or logprobs:
-                yield Chunk(text[emitted:safe], step.token, None, step.logprobs)
-                emitted = max(emitted, safe)
-        if cut < 0:
-            text += detok.flush()
-        if experts_before is not None:
-            gen.timings.experts = (self.expert_stats() - experts_before).as_dict()
-        yield Chunk(text[emitted:], None, finish)
+        speculative: int = 0,
+        **options: Any,
+    ) -> Request:
+        """The engine request for a prompt and the options above (what `stream` and `generate` submit).
+        `speculative`: draft tokens checked per decode step, looked up in the prompt and the answer so far (prompt
+        lookup; the output is the same as without)."""
+        controls, sampling = split_options(options)
+        if params is not None and sampling:
+            raise InvalidRequest(f"give sampling options either as params or by keyword, not both ({min(sampling)})")
+        prepared = prepare(self.tokenizer, prompt, controls, chat_template_kwargs=chat_template_kwargs,
+                           rewindable=self.engine.rewindable)
+        stops = check_stops(stop)
+        k = int(logprobs) if logprobs is not None and logprobs is not False else None
+        return prepared.request(max_tokens, params or SamplingParams(**sampling), stop=stops, logprobs=k,
+                                ignore_eos=ignore_eos, extra=logits_processors, speculative=speculative)
 
-    def generate(self, prompt: Prompt, **kwargs: Any) -> Result:
-        cache = kwargs.pop("cache", None)
-        gen = Generation(self.net, cache if cache is not None else self.make_cache())
-        pieces, finish = [], "length"
-        for chunk in self.stream(prompt, generation=gen, **kwargs):
-            pieces.append(chunk.text)
-            finish = chunk.finish_reason or finish
-        return Result("".join(pieces), list(gen.generated), finish, gen.timings)
+    def stream(self, prompt: Prompt, **options: Any) -> Iterator[Chunk]:
+        """Yields the output as it becomes final. Leaving the loop early ends the request."""
+        return streams.stream(self.engine, self.request(prompt, **options))
+
+    def astream(self, prompt: Prompt, **options: Any) -> AsyncIterator[Chunk]:
+        """`stream` for asyncio: `async for chunk in model.astream(...)`."""
+        return streams.astream(self.engine, self.request(prompt, **options))
+
+    def generate(self, prompt: Prompt, **options: Any) -> Result:
+        """The whole output, with timings."""
+        before = self.expert_stats()
+        return self._count_experts(streams.run(self.engine, self.request(prompt, **options)), before)
+
+    async def agenerate(self, prompt: Prompt, **options: Any) -> Result:
+        """`generate` for asyncio."""
+        before = self.expert_stats()
+        return self._count_experts(await streams.arun(self.engine, self.request(prompt, **options)), before)
+
+    def _count_experts(self, result: Result, before: ExpertStats | None) -> Result:
+        if before is not None:
+            result.timings.experts = (self.expert_stats() - before).as_dict()
+        return result
 
 
 def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantized: bool | None = None,
@@ -162,3 +169,6 @@ def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantiz
         net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=expert_memory,
                          expert_options=expert_options)
         return Model(net, tok.result(), ckpt, name or "smollm2")
+
+
+from mlxq.session import Session  # noqa: E402, F401  (re-exported: games use mlxq.api.Session)

@@ -33,8 +33,9 @@ class LazyGroup(click.Group):
         "serve": ("server.command", "serve"),
         "quantize": ("mlxq.quant.command", "quantize"),
         "eval": ("mlxq.eval.command", "eval"),
-        "bench": ("mlxq.bench.command", "bench"),
         "export": ("mlxq.formats.gguf.command", "export"),
+        "convert": ("mlxq.formats.gguf.command", "convert"),
+        "bench": ("mlxq.bench.command", "bench"),
     }
 
     def list_commands(self, ctx):
@@ -119,6 +120,8 @@ def generate(prompt, model, chat, system, think, stop, verbose, keep_quantized, 
     result = None
     for chunk in m.stream(prompt, max_tokens=max_tokens, stop=list(stop), chat_template_kwargs=kwargs,
                           **_sampling(kw)):
+        if chunk.reasoning:
+            click.echo(chunk.reasoning, nl=False, err=True)  # the think block, apart from the answer
         click.echo(chunk.text, nl=False)
         result = chunk
     click.echo()

@@ -52,3 +52,10 @@ class GenerationError(MlxqError):
     """Generation that cannot give a usable answer: empty content after a retry, a grammar left incomplete."""
 
     status = 500
+
+
+class EngineDown(GenerationError):
+    """The engine can no longer run its model: a member of a distributed group died or stopped answering. Every
+    request fails with it; the server's /health reports the group degraded."""
+
+    status = 503

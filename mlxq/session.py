@@ -1,24 +1,34 @@
-"""A multi-turn chat that keeps its cache between turns, with thinking control, JSON answers and a secret guard.
+"""A multi-turn chat that keeps its cache between turns, with thinking control, JSON answers, tools and a secret
+guard, on the model's one engine: many Sessions, from many threads or from asyncio, are batched together.
 
-Each turn renders the whole conversation with the chat template, keeps the longest prefix of it that is
-already in the cache, and runs only the rest through the model, so a turn costs its new tokens. KV caches can
-rewind to any position; recurrent layers (hybrid models) cannot, so for them a checkpoint is stored at the end
-of each turn's conversation (before the assistant header), the point the next turn's rendering shares.
+Each turn renders the whole conversation with the chat template and submits it with the session's own cache
+slot (`mlxq.engine.prompt_cache.CacheSlot`): the engine resumes from the longest prefix the slot holds and runs
+only the rest, so a turn costs its new tokens, whatever other sessions do meanwhile. KV caches can rewind to any
+position; recurrent layers (hybrid models) cannot, so the request marks where the conversation so far ends
+(before the assistant header), the point the next turn's rendering shares, and the engine checkpoints there.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Generator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from mlxq.engine.cache import KVCache, checkpoint, restore
-from mlxq.engine.constraints import json_schema_processor, token_tables
-from mlxq.engine.generate import Generation, prefill
-from mlxq.engine.guards import prompt_opens_think, secret_guard_processor, split_reasoning, thinking_processor
+from mlxq.engine import persist
+from mlxq.engine import stream as streams
+from mlxq.engine.constraints import token_tables
+from mlxq.engine.guards import secret_guard_processor
+from mlxq.engine.prompt_cache import CacheSlot
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams
-from mlxq.errors import GenerationError, InvalidRequest
+from mlxq.engine.scheduler import Request
+from mlxq.engine.stream import Result
+from mlxq.engine.tools import template_call
+from mlxq.errors import FormatError, GenerationError, InvalidRequest
 
 RETRY_NOTE = "(Please answer now, in a few words; do not leave the answer empty.)"
 
@@ -34,64 +44,117 @@ class TurnStats:
     retried: bool = False
 
 
-@dataclass
-class _Output:
-    content: str
-    reasoning: str | None
-    complete: bool  # the JSON grammar (if any) was completed
-
-
 class Session:
     """A conversation with `model`. `secrets` (hidden from the player) are guarded against verbatim leaks of
     `min_span` normalised characters, except spans that occur in `public` text; `enable_thinking` is passed to
-    the chat template and enforced while decoding; other keywords are sampling options (temperature, ...)."""
+    the chat template and enforced while decoding, `thinking_budget` (default: half of max_tokens) bounds the
+    reasoning; `tools` are offered to the model as `tool_choice` says (its calls are in `last.tool_calls`; answer
+    them with `add_tool_result` and `ask(None)`); `logprobs` (k) records
+    each answer token's logprob in `last.logprobs`; `speculative` (k): prompt-lookup drafts of k tokens checked per
+    decode step (same answers, faster when they quote the conversation); other keywords are sampling options
+    (temperature, ...).
+
+    One question at a time per Session; any number of Sessions at once."""
 
     def __init__(self, model: Any, system: str | None = None, secrets: list[str] | None = None, *,
                  public: list[str] | None = None, min_span: int = 8, enable_thinking: bool = False,
-                 thinking_budget: int | None = None, max_tokens: int = 256, **sampling: Any):
+                 thinking_budget: int | None = None, max_tokens: int = 256, tools: list[dict] | None = None,
+                 tool_choice: str | dict | None = None, logprobs: int | None = None, speculative: int = 0,
+                 **sampling: Any):
         if not model.tokenizer.has_chat_template:
             raise InvalidRequest(f"{model.name}: a Session needs a model with a chat template")
         self.model = model
-        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self.secrets = list(secrets or [])
         self.public = list(public or [])
         self.min_span = min_span
         self.enable_thinking = enable_thinking
         self.thinking_budget = thinking_budget
         self.max_tokens = max_tokens
+        self.tools, self.tool_choice = tools, tool_choice
+        self.logprobs = logprobs
+        self.speculative = speculative
         self.params = SamplingParams(**sampling)
         self.stats: list[TurnStats] = []
+        self.last: Result | None = None  # the last answer in full: text, reasoning, tokens, tool calls, logprobs
         self.last_reasoning: str | None = None
-        self.cache = model.make_cache()
-        self.fed: list[int] = []  # the tokens in the cache, in order
-        self._marks: list[tuple[int, list]] = []  # (position, checkpoint), for caches that cannot rewind freely
-        self._rewindable = all(isinstance(c, KVCache) for c in self.cache)  # a KV position is a full checkpoint
+        self.slot = CacheSlot()  # this conversation's cache, kept by the engine between turns
+        self._busy = threading.Lock()
+        self._running: Request | None = None  # the request of the turn in progress
         token_tables(model.tokenizer)  # build the shared tables now, not inside the first turn's timing
         if self.secrets:
             secret_guard_processor(model.tokenizer, self.secrets, min_span, self.public)  # caches their tables
 
     # ---------------------------------------------------------------------------------------- public
-    def ask(self, text: str, schema: dict | None = None, max_tokens: int | None = None, *,
+    def ask(self, text: str | None, schema: dict | None = None, max_tokens: int | None = None, *,
             logits_processors: list[LogitsProcessor] | None = None) -> str | dict:
         """The model's answer to `text`: a non-empty string, or with `schema` the parsed JSON object (decoding is
         constrained to the schema). An empty or incomplete answer is retried once with a note, then raises
-        GenerationError."""
-        t0 = time.perf_counter()
-        user = {"role": "user", "content": text}
-        out, stats = self._turn([*self.messages, user], schema, max_tokens, logits_processors, t0)
-        if not _usable(out, schema):
-            retry = {"role": "user", "content": f"{text}\n\n{RETRY_NOTE}"}
-            out, stats = self._turn([*self.messages, retry], schema, max_tokens, logits_processors, t0)
-            stats.retried = True
-            if not _usable(out, schema):
-                self.stats.append(stats)
-                what = "an incomplete JSON answer" if out.content else "an empty answer"
-                limit = max_tokens or self.max_tokens
-                raise GenerationError(f"{self.model.name} gave {what} twice (max_tokens={limit})")
-        self.stats.append(stats)
-        self.last_reasoning = out.reasoning
-        self.messages += [user, {"role": "assistant", "content": out.content}]
-        return json.loads(out.content) if schema is not None else out.content
+        GenerationError. `text=None` answers without a new user message (after `add_tool_result`)."""
+        with self._turn():
+            steps = self._ask(text, schema, max_tokens, logits_processors)
+            request = next(steps)
+            while True:
+                result = streams.run(self.model.engine, request)
+                try:
+                    request = steps.send(result)
+                except StopIteration as done:
+                    return done.value
+
+    async def ask_async(self, text: str | None, schema: dict | None = None, max_tokens: int | None = None, *,
+                        logits_processors: list[LogitsProcessor] | None = None) -> str | dict:
+        """`ask` for asyncio: `await session.ask_async(...)`. Cancelling the task ends the turn (the conversation
+        is left as it was)."""
+        with self._turn():
+            steps = self._ask(text, schema, max_tokens, logits_processors)
+            request = next(steps)
+            while True:
+                result = await streams.arun(self.model.engine, request)
+                try:
+                    request = steps.send(result)
+                except StopIteration as done:
+                    return done.value
+
+    def save(self, path: str | Path) -> None:
+        """Writes the conversation, its settings and its cache (attention keys and values, recurrent states whole,
+        and the checkpoints a turn resumes from) to `path`, atomically, with the model's fingerprint; `load` takes
+        it up again, in this process or another, and its next turn is the one this session would have given. The
+        file holds the secrets too: keep it where the players cannot read it."""
+        with self._turn():
+            settings = dict(
+                secrets=self.secrets, public=self.public, min_span=self.min_span, enable_thinking=self.enable_thinking,
+                thinking_budget=self.thinking_budget, max_tokens=self.max_tokens, tools=self.tools,
+                tool_choice=self.tool_choice, logprobs=self.logprobs, speculative=self.speculative,
+                **{**asdict(self.params), "logit_bias": [[t, b] for t, b in self.params.logit_bias.items()]},
+            )
+            slot = self.slot
+            persist.save(path, persist.fingerprint(self.model.net), slot.tokens, slot.caches, slot.marks,
+                         {"messages": self.messages, "settings": settings})
+
+    @classmethod
+    def load(cls, model: Any, path: str | Path) -> Session:
+        """The session `save` wrote to `path`, on `model` (the same weights, checked by fingerprint)."""
+        tokens, caches, marks, extra = persist.load(path, persist.fingerprint(model.net), model.net.make_cache)
+        try:
+            settings = dict(extra["settings"])
+            settings["logit_bias"] = {int(t): float(b) for t, b in settings["logit_bias"]}
+            session = cls(model, **settings)
+            session.messages = list(extra["messages"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{path}: is not a saved session ({type(e).__name__}: {e})") from None
+        session.slot.tokens, session.slot.caches, session.slot.marks = tokens, caches, marks
+        return session
+
+    def cancel(self) -> None:
+        """Ends the turn in progress (from any thread): its `ask` raises GenerationError and the conversation is
+        left as it was before the question."""
+        request = self._running
+        if request is not None:
+            request.cancel()
+
+    def add_tool_result(self, tool_call_id: str, content: str) -> None:
+        """The result of one of the last answer's tool calls, for the model to read at the next `ask`."""
+        self.messages.append({"role": "tool", "tool_call_id": tool_call_id, "content": content})
 
     def reset(self, system: str | None = None) -> None:
         """Forget the conversation (keeping the system prompt unless a new one is given); the cache is reused
@@ -101,79 +164,81 @@ class Session:
         self.messages = [{"role": "system", "content": system}] if system else []
 
     # ---------------------------------------------------------------------------------------- one turn
-    def _render(self, messages: list[dict], generation_prompt: bool = True) -> list[int]:
-        return self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
-                                                        enable_thinking=self.enable_thinking)
+    @contextmanager
+    def _turn(self):
+        if not self._busy.acquire(blocking=False):
+            raise InvalidRequest("this Session is already answering a question; ask one at a time")
+        try:
+            yield
+        finally:
+            self._running = None
+            self._busy.release()
 
-    def _turn(self, messages: list[dict], schema: dict | None, max_tokens: int | None,
-              extra: list[LogitsProcessor] | None, t0: float) -> tuple[_Output, TurnStats]:
-        tok, net = self.model.tokenizer, self.model.net
-        max_tokens = max_tokens or self.max_tokens
-        ids = self._render(messages)
-        reused = self._rewind(ids)
-        kept = reused
-        if not self._rewindable:  # run up to the end of the conversation so far, and checkpoint there
-            history = self._render(messages, generation_prompt=False)
-            if reused < len(history) < len(ids) and history == ids[: len(history)]:
-                prefill(net, ids[reused : len(history)], self.cache)
-                self._marks.append((len(history), checkpoint(self.cache)))
-                kept = len(history)
+    def _ask(self, text: str | None, schema: dict | None, max_tokens: int | None,
+             extra: list[LogitsProcessor] | None) -> Generator[Request, Result, str | dict]:
+        """The turn's logic, for `ask` and `ask_async` alike: yields the requests to run, receives their results."""
+        t0 = time.perf_counter()
+        user = [] if text is None else [{"role": "user", "content": text}]
+        started = time.perf_counter()
+        result = yield self._request([*self.messages, *user], schema, max_tokens, extra)
+        stats = _stats(result, started - t0, t0)
+        _check_not_cancelled(result, self.model.name)
+        if not _usable(result, schema):
+            retry = {"role": "user", "content": f"{text}\n\n{RETRY_NOTE}" if text is not None else RETRY_NOTE}
+            started = time.perf_counter()
+            result = yield self._request([*self.messages, retry], schema, max_tokens, extra)
+            stats = _stats(result, started - t0, t0)
+            stats.retried = True
+            _check_not_cancelled(result, self.model.name)
+            if not _usable(result, schema):
+                self.stats.append(stats)
+                what = "an incomplete JSON answer" if result.text.strip() else "an empty answer"
+                limit = max_tokens or self.max_tokens
+                raise GenerationError(f"{self.model.name} gave {what} twice (max_tokens={limit})")
+        self.stats.append(stats)
+        self.last, self.last_reasoning = result, result.reasoning
+        content = result.text.strip()
+        answer: dict[str, Any] = {"role": "assistant", "content": content}
+        if result.tool_calls:
+            answer["tool_calls"] = [template_call(c) for c in result.tool_calls]
+        self.messages += [*user, answer]
+        return json.loads(content) if schema is not None else content
 
-        think_open = prompt_opens_think(tok, ids)
-        budget = self.thinking_budget
-        if self.enable_thinking and budget is None:
-            budget = max_tokens // 2  # leave room for the answer
-        thinking = thinking_processor(tok, self.enable_thinking, budget, prompt=ids)
-        procs = [*(extra or []), thinking]
-        grammar = None
-        if schema is not None:
-            close = thinking.tags.close
-            start_after = close[-1] if self.enable_thinking and len(close) == 1 else None
-            grammar = json_schema_processor(tok, schema, start_after=start_after)
-            procs.append(grammar)
-        if self.secrets:
-            procs.append(secret_guard_processor(tok, self.secrets, self.min_span, self.public))
-
-        gen = Generation(net, self.cache)
-        pieces, first = [], None
-        for chunk in self.model.stream(ids, max_tokens=max_tokens, params=self.params, logits_processors=procs,
-                                       cache=self.cache, cached_tokens=kept, generation=gen):
-            if first is None and chunk.token is not None:
-                first = time.perf_counter() - t0
-            pieces.append(chunk.text)
-        self.fed = gen.fed_tokens()
-        reasoning, content = split_reasoning("".join(pieces), think_open)
-        total = time.perf_counter() - t0
-        stats = TurnStats(len(ids), reused, len(ids) - reused, len(gen.generated), first or total, total)
-        return _Output(content, reasoning, grammar is None or grammar.finished), stats
-
-    def _rewind(self, ids: list[int]) -> int:
-        """Restores the cache to the longest prefix of `ids` it can; returns how many tokens it keeps. At least
-        one token of `ids` is always left to run, for the logits of the first answer token."""
-        limit = min(len(ids) - 1, len(self.fed))
-        n = 0
-        while n < limit and ids[n] == self.fed[n]:
-            n += 1
-        if self._rewindable:
-            restore(self.cache, [n] * len(self.cache))
-        else:
-            n, state = max(((p, s) for p, s in self._marks if p <= n), default=(0, None), key=lambda m: m[0])
-            if state is None:
-                self.cache = self.model.make_cache()
-            else:
-                restore(self.cache, state)
-            self._marks = [(p, s) for p, s in self._marks if p <= n]
-        self.fed = self.fed[:n]
-        return n
+    def _request(self, messages: list[dict], schema: dict | None, max_tokens: int | None,
+                 extra: list[LogitsProcessor] | None) -> Request:
+        request = self.model.request(
+            messages, max_tokens=max_tokens or self.max_tokens, params=self.params, logits_processors=extra,
+            logprobs=self.logprobs, enable_thinking=self.enable_thinking, thinking_budget=self.thinking_budget,
+            schema=schema, tools=self.tools, tool_choice=self.tool_choice, secrets=self.secrets, public=self.public,
+            min_span=self.min_span, speculative=self.speculative,
+        )
+        request.slot = self.slot  # the engine resumes this conversation's cache (not an option of Model's calls)
+        self._running = request
+        return request
 
 
-def _usable(out: _Output, schema: dict | None) -> bool:
-    if not out.content:
+def _stats(result: Result, started: float, t0: float) -> TurnStats:
+    usage, timings = result.usage, result.timings
+    total = time.perf_counter() - t0
+    first = started + timings.first_token_s if result.tokens else total
+    return TurnStats(usage.prompt_tokens, usage.cached_tokens, usage.prompt_tokens - usage.cached_tokens,
+                     usage.completion_tokens, first, total)
+
+
+def _check_not_cancelled(result: Result, name: str) -> None:
+    if result.finish_reason == "cancelled":
+        raise GenerationError(f"{name}: the turn was cancelled")
+
+
+def _usable(result: Result, schema: dict | None) -> bool:
+    if result.tool_calls:
+        return True
+    if not result.text.strip():
         return False
     if schema is None:
         return True
     try:
-        json.loads(out.content)
+        json.loads(result.text)
     except ValueError:
         return False
-    return out.complete
+    return result.finish_reason == "stop"  # the grammar ends the output only once the JSON is complete

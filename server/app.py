@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
 Three layers: routes here (HTTP, JSON, SSE, errors, auth, limits), `prepare.Planner` (bodies -> engine requests)
-and the engine thread (`mlxq.engine.scheduler.Engine`), reached through `bridge.Submission`. Every bad request
+and the engine thread (`mlxq.engine.scheduler.Engine`), reached through `bridge.ServerSubmission`. Every bad request
 gets OpenAI's error JSON with a 4xx status; a request that fails in the engine fails alone.
 """
 
@@ -23,10 +23,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from mlxq.engine.scheduler import Engine, Output
+from mlxq.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES, Engine, Output
 from mlxq.errors import InvalidRequest, MlxqError
-from server.bridge import EngineUnavailable, Submission
-from server.output import CompletionLogprobs, TextSplitter, TokenText, chat_logprobs, usage_json
+from mlxq.experts import expert_stats
+from server.bridge import EngineUnavailable, ServerSubmission
+from server.output import CompletionLogprobs, TokenText, chat_logprobs, usage_json
 from server.prepare import Limits, Plan, Planner
 from server.schemas import ChatRequest, CompletionRequest
 
@@ -65,7 +66,7 @@ class _EventStream(StreamingResponse):
     """Server-sent events that cancel their engine requests however the response ends (finished, client gone,
     server shutting down)."""
 
-    def __init__(self, events: AsyncIterator[str], submission: Submission):
+    def __init__(self, events: AsyncIterator[str], submission: ServerSubmission):
         super().__init__(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
@@ -83,11 +84,10 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 class _ChoiceRun:
-    """One choice's progress: its text split into fields, logprobs, finish reason and usage."""
+    """One choice's progress: its content, reasoning, tool calls, logprobs, finish reason and usage."""
 
     def __init__(self, plan: Plan, index: int):
         self.choice = plan.choices[index]
-        self.splitter = TextSplitter(self.choice)
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.calls: list[dict] = []
@@ -96,16 +96,13 @@ class _ChoiceRun:
         self.usage = None
 
     def take(self, out: Output) -> list[tuple[str, str]]:
-        """The pieces this output makes final (and at the end the tool calls, in `calls`)."""
-        pieces = self.splitter.feed(out.text, len(out.tokens))
+        """The pieces this output makes final, as (field, text): reasoning first, then content."""
+        pieces = [(name, text) for name, text in (("reasoning_content", out.reasoning), ("content", out.text)) if text]
+        self.reasoning.append(out.reasoning)
+        self.content.append(out.text)
         self.logprobs += out.logprobs
         if out.finish_reason is not None:
-            more, self.calls = self.splitter.finish()
-            pieces += more
-            self.finish = "tool_calls" if self.calls else out.finish_reason
-            self.usage = out.usage
-        for name, text in pieces:
-            (self.reasoning if name == "reasoning_content" else self.content).append(text)
+            self.calls, self.finish, self.usage = out.tool_calls, out.finish_reason, out.usage
         return pieces
 
 
@@ -119,7 +116,7 @@ class OpenAIServer:
         self.api_key = api_key
         self.text = TokenText(planner.tokenizer)
         self.created = int(time.time())
-        self._experts_logged = engine.model.expert_stats()  # streamed experts: I/O logged after each request
+        self._experts_logged = expert_stats(engine.net)  # streamed experts: I/O logged after each request
 
     # -------------------------------------------------------------------------------------------- app
     def app(self) -> FastAPI:
@@ -210,7 +207,7 @@ class OpenAIServer:
     async def _respond(
         self, request: Request, plan: Plan, kind: str, model: str, stream: bool, include_usage: bool
     ) -> Response:
-        sub = Submission(self.engine, plan.requests, self.planner.limits.max_pending)
+        sub = ServerSubmission(self.engine, plan.requests, self.planner.limits.max_pending)
         try:
             first = await self._next(request, sub)  # an error before any output still gets its own status
             if first is None:
@@ -243,12 +240,12 @@ class OpenAIServer:
         """Streamed experts' I/O since the last log line (concurrent requests share one line)."""
         if self._experts_logged is None:
             return
-        now = self.engine.model.expert_stats()
+        now = expert_stats(self.engine.net)
         run, self._experts_logged = now - self._experts_logged, now
         if run.tokens:
             log.info("%s", run.summary())
 
-    async def _next(self, request: Request, sub: Submission) -> tuple[int, Output] | None:
+    async def _next(self, request: Request, sub: ServerSubmission) -> tuple[int, Output] | None:
         """The next output; None when the client has gone away (checked every POLL_S, busy or not)."""
         while True:
             if time.monotonic() - sub.checked >= POLL_S:
@@ -256,7 +253,7 @@ class OpenAIServer:
                 if await request.is_disconnected():
                     sub.cancel()
                     return None
-            item = await sub.get(POLL_S)
+            item = await sub.aget(POLL_S)
             if item is not None:
                 return item
 
@@ -274,7 +271,7 @@ class OpenAIServer:
         for i, run in enumerate(runs):
             if kind == "chat":
                 message: dict[str, Any] = {"role": "assistant", "content": "".join(run.content)}
-                if run.reasoning:
+                if "".join(run.reasoning):
                     message["reasoning_content"] = "".join(run.reasoning)
                 if run.calls:
                     message["tool_calls"] = run.calls
@@ -301,13 +298,12 @@ class OpenAIServer:
     def _usage(plan: Plan, runs: list[_ChoiceRun]) -> dict[str, Any]:
         prompts = range(len(plan.prompt_tokens))
         first = [next(i for i, c in enumerate(plan.choices) if c.prompt_index == p) for p in prompts]
-        reasoning = sum(r.splitter.reasoning_tokens for r in runs)
-        return usage_json([r.usage for r in runs], plan.prompt_tokens, first, reasoning)
+        return usage_json([r.usage for r in runs], plan.prompt_tokens, first)
 
     async def _events(
         self,
         request: Request,
-        sub: Submission,
+        sub: ServerSubmission,
         plan: Plan,
         runs: list[_ChoiceRun],
         first: tuple[int, Output],
@@ -428,20 +424,23 @@ def build_app(
     *,
     api_key: str | None = None,
     limits: Limits | None = None,
-    max_batch: int = 8,
-    prompt_cache_bytes: int = 1 << 30,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
     default_thinking: bool | None = None,
     thinking_budget: int | None = None,
+    prompt_cache_spill: tuple[str, int] | None = None,
 ) -> tuple[FastAPI, Engine]:
-    """An app serving `model` (an `mlxq.Model`) and its started engine; close the engine when done."""
-    engine = Engine(model, max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes).start()
+    """An app serving `model` (an `mlxq.Model`) on the model's own engine (so the Python API in the same process
+    shares it), started with these settings; close the engine when done."""
+    model.configure(max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes, prompt_cache_spill=prompt_cache_spill)
+    engine = model.engine
     try:
         planner = Planner(
             model,
             limits,
             default_thinking=default_thinking,
             thinking_budget=thinking_budget,
-            rewindable_cache=engine.prompt_cache.rewindable,
+            rewindable_cache=engine.rewindable,
         )
         return create_app(engine, planner, names, api_key=api_key), engine
     except BaseException:

@@ -55,6 +55,19 @@ from mlxq.errors import GenerationError, InvalidRequest
     help="Memory kept for reusing prompt prefixes across requests (0: off).",
 )
 @click.option(
+    "--prompt-cache-spill",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Directory where prompt-cache entries go when they leave memory, to come back when a prompt needs them.",
+)
+@click.option(
+    "--prompt-cache-spill-mb",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Disk the spilled prompt cache may take.",
+)
+@click.option(
     "--thinking/--no-thinking",
     default=None,
     help="enable_thinking when a request does not say (default: what the chat template does).",
@@ -89,6 +102,8 @@ def serve(
     max_tokens,
     max_request_mb,
     prompt_cache_mb,
+    prompt_cache_spill,
+    prompt_cache_spill_mb,
     thinking,
     thinking_budget,
     keep_quantized,
@@ -133,6 +148,7 @@ def serve(
             prompt_cache_bytes=prompt_cache_mb << 20,
             default_thinking=thinking,
             thinking_budget=thinking_budget,
+            prompt_cache_spill=prompt_cache_spill and (prompt_cache_spill, prompt_cache_spill_mb << 20),
         )
         try:
             status.update("warming up...")

@@ -1,34 +1,33 @@
-"""OpenAI request bodies -> engine requests: prompt rendering, limits, sampling, and the logits processors
-(thinking control, JSON schema or tool-call grammar) each choice needs.
+"""OpenAI request bodies -> engine requests: limits, sampling, and the controls (`mlxq.engine.controls`) each
+choice gets: thinking control, JSON schema (`response_format`), tools, the secret guard (the `mlxq` extension
+field). Prompts are rendered and controls planned by the engine's own `prepare`, as for the Python API; this
+module maps OpenAI's fields onto it and adds what only a server needs (limits, request templates in a budget).
 
 Everything here runs on the request's own thread and touches no MLX array: processors are built by a factory
-the engine thread calls (MLX arrays belong to the thread that makes them). Grammars are compiled here once to
+the engine thread calls (MLX arrays belong to the thread that makes them). Grammars are checked here once to
 reject a bad schema with a 400 before anything is queued.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import sys
-import threading
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import llguidance
 
-from mlxq.engine.constraints import GrammarProcessor, response_format_grammar, token_tables
-from mlxq.engine.guards import THINK_CLOSE, THINK_OPEN, prompt_opens_think, thinking_processor
-from mlxq.engine.sampling import LogitsProcessor, SamplingParams
+from mlxq.engine.constraints import response_format_grammar, token_tables
+from mlxq.engine.controls import Controls, Prepared, prepare
+from mlxq.engine.sampling import SamplingParams
 from mlxq.engine.scheduler import Request
 from mlxq.engine.stops import check_stops
+from mlxq.engine.tools import template_call
 from mlxq.errors import InvalidRequest
 from mlxq.models import text_config
 from server.schemas import ChatRequest, CompletionRequest, Message
-from server.tools import plan_tools
 
 DEFAULT_CONTEXT = 4096  # when the model's config does not say
 TEMPLATE_FIELD = "chat_template_kwargs.chat_template"
@@ -55,12 +54,9 @@ class ContextLengthExceeded(InvalidRequest):
 
 @dataclass
 class Choice:
-    """How one choice's output is read back."""
+    """Where one choice comes from (its reasoning split and tool calls are read by the engine, see `Reading`)."""
 
     prompt_index: int
-    reasoning: bool = False  # split a think block into reasoning_content
-    think_open: bool = False  # the prompt itself opened the think block
-    tools: bool = False  # parse tool-call blocks out of the content
     echo: str = ""  # completions with echo: the prompt text, written before the choice's text
 
 
@@ -75,11 +71,11 @@ class Plan:
 
 class Planner:
     """Builds `Plan`s for one model. `default_thinking` (None: the template's default, which is on for Qwen3)
-    and `thinking_budget` apply where a request does not say.
+    and `thinking_budget` (None: the engine's default, half of max_tokens) apply where a request does not say.
 
-    Plans are built on many request threads at once. Cheap checks come first (choices, fields), templates are
-    rendered with no lock held, and only the shared tokenizer's own work (encoding, decoding) is serialised by
-    `lock`, so one request's slow template never stalls another's."""
+    Plans are built on many request threads at once. Cheap checks come first (choices, fields), and templates are
+    rendered with no lock held (the tokenizer serialises its own encoding), so one request's slow template never
+    stalls another's."""
 
     def __init__(
         self,
@@ -95,90 +91,60 @@ class Planner:
         self.context = int(text_config(model.config).get("max_position_embeddings") or DEFAULT_CONTEXT)
         self.tables = token_tables(self.tokenizer)  # built now (about a second for a large vocabulary)
         self.vocab = self.tables.vocab_size
-        # Thinking control needs `<think>` and `</think>` as single tokens (Qwen3, Qwen3.5 and their likes).
-        open_id, close_id = self.tables.id_of(THINK_OPEN), self.tables.id_of(THINK_CLOSE)
-        self.think_close = close_id if open_id is not None and close_id is not None else None
         self.default_thinking = default_thinking
         self.thinking_budget = thinking_budget
         self.rewindable_cache = rewindable_cache  # False: mark where the conversation so far ends (hybrid models)
-        self.lock = threading.Lock()  # one tokenizer, shared: encoding and decoding one request at a time
         # apply_chat_template's own parameters: a request's chat_template_kwargs may only set template variables
         self.template_parameters = set(inspect.signature(type(self.tokenizer.hf).apply_chat_template).parameters)
 
-    @property
-    def supports_thinking(self) -> bool:
-        return self.think_close is not None
-
     # -------------------------------------------------------------------------------------------- chat
     def chat(self, body: ChatRequest) -> Plan:
-        tok = self.tokenizer
-        if not tok.has_chat_template:
+        if not self.tokenizer.has_chat_template:
             raise InvalidRequest("messages: this model has no chat template: use /v1/completions with a plain prompt")
         n = self._choices(body.n, 1)
         messages = [_message(m, i) for i, m in enumerate(body.messages)]
         kwargs = self._template_kwargs(body.chat_template_kwargs)
-        thinking = self._thinking(kwargs, body.reasoning_effort)
-        if thinking is not None:
-            kwargs["enable_thinking"] = thinking
-        enable = bool(thinking) and self.supports_thinking
-
-        tools = plan_tools(tok, body.tools, body.tool_choice, after_think=enable)
-        fmt_grammar = response_format_grammar(body.response_format, leading_newlines=enable)
-        if tools.grammar is not None and fmt_grammar is not None:
-            raise InvalidRequest("response_format: cannot be combined with tool_choice 'required' or a named function")
-        grammar = tools.grammar or fmt_grammar
-        if grammar is not None:
-            self._check_grammar(grammar, "response_format" if fmt_grammar else "tools")
-
-        text = self._render(messages, tools.tools, kwargs, generation_prompt=True)
-        # where the next turn's prompt will part from this one (caches that cannot rewind mark it)
-        history_text = None if self.rewindable_cache else self._render(messages, tools.tools, kwargs, False)
-        with self.lock:
-            ids = tok.encode(text, add_special_tokens=False)
-            history = [] if history_text is None else tok.encode(history_text, add_special_tokens=False)
-            think_open = enable and prompt_opens_think(tok, ids)
-        marks = [len(history)] if 0 < len(history) < len(ids) and history == ids[: len(history)] else []
-        max_tokens = self._max_tokens(len(ids), body.max_completion_tokens or body.max_tokens, "messages")
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidRequest("top_logprobs: needs logprobs: true")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-
         budget = body.thinking_budget if body.thinking_budget is not None else self.thinking_budget
-        start_after = self.think_close if enable else None
-        forced_tool = tools.grammar is not None
-
-        def processors() -> list[LogitsProcessor]:
-            procs: list[LogitsProcessor] = []
-            if self.supports_thinking:
-                # A forced tool call starts with a special token, which "require content" would mask.
-                procs.append(
-                    thinking_processor(
-                        tok, enable, budget if enable else None, prompt=ids, require_content=not forced_tool
-                    )
-                )
-            if grammar is not None:
-                procs.append(GrammarProcessor(tok, grammar, start_after=start_after))
-            return procs
-
-        requests = [self._request(ids, max_tokens, body, j, processors, logprobs, marks) for j in range(n)]
-        choice = Choice(0, reasoning=self.supports_thinking, think_open=think_open, tools=tools.parse)
-        return Plan(requests, [choice] * n, [len(ids)])
+        controls = self._controls(body, enable_thinking=self._thinking(kwargs, body.reasoning_effort),
+                                  thinking_budget=budget, schema=self._schema(body.response_format),
+                                  tools=body.tools, tool_choice=body.tool_choice)
+        prepared = prepare(self.tokenizer, messages, controls, chat_template_kwargs=kwargs,
+                           rewindable=self.rewindable_cache, render=self._render)
+        max_tokens = self._max_tokens(len(prepared.prompt), body.max_completion_tokens or body.max_tokens, "messages")
+        requests = [self._request(prepared, max_tokens, body, j, logprobs) for j in range(n)]
+        return Plan(requests, [Choice(0)] * n, [len(prepared.prompt)])
 
     def _thinking(self, kwargs: dict, effort: str | None) -> bool | None:
-        """enable_thinking from chat_template_kwargs and reasoning_effort ("none" turns it off)."""
+        """enable_thinking from reasoning_effort ("none" turns it off), else the server's default where
+        chat_template_kwargs does not say either (the engine checks the two agree)."""
         asked = kwargs.get("enable_thinking")
-        if asked is not None and not isinstance(asked, bool):
-            raise InvalidRequest("chat_template_kwargs.enable_thinking: must be a boolean")
-        if effort is not None:
-            wanted = effort != "none"
-            if asked is not None and asked != wanted:
-                raise InvalidRequest(f"reasoning_effort: {effort!r} contradicts chat_template_kwargs.enable_thinking")
-            asked = wanted
-        if asked is None:
-            asked = self.default_thinking
-        if asked is None and self.supports_thinking:
-            asked = True  # what Qwen3-style templates do when enable_thinking is not given
-        return asked
+        if effort is None:
+            return self.default_thinking if asked is None else None
+        wanted = effort != "none"
+        if isinstance(asked, bool) and asked != wanted:
+            raise InvalidRequest(f"reasoning_effort: {effort!r} contradicts chat_template_kwargs.enable_thinking")
+        return wanted
+
+    def _schema(self, response_format: dict[str, Any] | None) -> dict | None:
+        """The JSON schema a `response_format` asks for (json_object: any object), checked; None for text."""
+        grammar = response_format_grammar(response_format)
+        if grammar is None:
+            return None
+        self._check_grammar(grammar, "response_format")
+        if response_format["type"] == "json_schema":
+            return response_format["json_schema"]["schema"]
+        return {"type": "object"}  # json_object
+
+    @staticmethod
+    def _controls(body: ChatRequest | CompletionRequest, **fields: Any) -> Controls:
+        """The request's controls, with the secret guard of the `mlxq` extension field."""
+        guard = body.mlxq
+        if guard is not None:
+            fields.update(secrets=guard.secrets, public=guard.public, min_span=guard.min_span)
+        return Controls(**fields)
 
     def _template_kwargs(self, given: dict[str, Any] | None) -> dict[str, Any]:
         """A request's chat_template_kwargs: template variables only; its own chat template only when allowed."""
@@ -225,26 +191,23 @@ class Planner:
             raise InvalidRequest("echo: cannot be combined with logprobs")
         prompts = _prompt_list(body.prompt)
         n = self._choices(body.n, len(prompts))  # before any prompt is tokenized
-        with self.lock:
-            token_ids = [self._prompt_ids(p, i, len(prompts)) for i, p in enumerate(prompts)]
-            echoes = [self.tokenizer.decode(ids) if body.echo else "" for ids in token_ids]
-        requests, choices, lengths = [], [], []
+        controls = self._controls(body)
+        prepared = [prepare(self.tokenizer, self._prompt_ids(p, i, len(prompts)), controls)
+                    for i, p in enumerate(prompts)]
+        requests, choices = [], []
         requested = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
-        for p, (ids, echo) in enumerate(zip(token_ids, echoes, strict=True)):
-            max_tokens = self._max_tokens(len(ids), requested, "prompt")
-            lengths.append(len(ids))
+        for p, prompt in enumerate(prepared):
+            max_tokens = self._max_tokens(len(prompt.prompt), requested, "prompt")
+            echo = self.tokenizer.decode(prompt.prompt) if body.echo else ""
             for j in range(n):
-                requests.append(self._request(ids, max_tokens, body, p * n + j, list, body.logprobs, []))
+                requests.append(self._request(prompt, max_tokens, body, p * n + j, body.logprobs))
                 choices.append(Choice(p, echo=echo))
-        return Plan(requests, choices, lengths)
+        return Plan(requests, choices, [len(p.prompt) for p in prepared])
 
     def _prompt_ids(self, prompt: str | list[int], i: int, count: int) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidRequest(f"prompt: prompt[{i}] is empty" if count > 1 else "prompt: must not be empty")
-        bad = next((t for t in ids if not 0 <= t < self.vocab), None)
-        if bad is not None:
-            raise InvalidRequest(f"prompt: token id {bad} is outside the vocabulary (0..{self.vocab - 1})")
         return ids
 
     # -------------------------------------------------------------------------------------------- shared
@@ -272,26 +235,10 @@ class Planner:
             )
         return requested
 
-    def _request(
-        self,
-        ids: list[int],
-        max_tokens: int,
-        body: ChatRequest | CompletionRequest,
-        index: int,
-        processors: Callable[[], list[LogitsProcessor]],
-        logprobs: int | None,
-        marks: list[int],
-    ) -> Request:
-        return Request(
-            ids,
-            max_tokens,
-            self._params(body, index),
-            processors,
-            check_stops(body.stop),
-            logprobs,
-            marks,
-            ignore_eos=body.ignore_eos,
-        )
+    def _request(self, prepared: Prepared, max_tokens: int, body: ChatRequest | CompletionRequest, index: int,
+                 logprobs: int | None) -> Request:
+        return prepared.request(max_tokens, self._params(body, index), stop=check_stops(body.stop), logprobs=logprobs,
+                                ignore_eos=body.ignore_eos, speculative=body.mlxq.speculative if body.mlxq else 0)
 
     def _params(self, body: ChatRequest | CompletionRequest, index: int) -> SamplingParams:
         bias = {}
@@ -380,15 +327,5 @@ def _message(m: Message, i: int) -> dict[str, Any]:
         if value is not None:
             out[key] = value
     if m.tool_calls:  # templates expect arguments as an object, while the API sends a JSON string
-        out["tool_calls"] = [_template_call(c.model_dump(exclude_none=True)) for c in m.tool_calls]
+        out["tool_calls"] = [template_call(c.model_dump(exclude_none=True)) for c in m.tool_calls]
     return out
-
-
-def _template_call(call: dict[str, Any]) -> dict[str, Any]:
-    fn = call["function"]
-    if isinstance(fn["arguments"], str):
-        try:
-            fn["arguments"] = json.loads(fn["arguments"])
-        except (ValueError, RecursionError):
-            pass
-    return call

@@ -20,6 +20,17 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class Extension(_Body):
+    """mlxq's own fields, under `"mlxq"`: the secret guard (`mlxq.engine.guards.SecretGuard`), as the Python API
+    and `Session` take it: no span of `min_span` normalised characters of a secret is written, except spans that
+    occur in `public` text; `speculative`: prompt-lookup draft tokens checked per decode step (the same output)."""
+
+    secrets: list[str] = Field(default_factory=list)
+    public: list[str] = Field(default_factory=list)
+    min_span: int = Field(8, ge=1)
+    speculative: int = Field(0, ge=0, le=64)
+
+
 class SamplingFields(_Body):
     """What chat and completions requests share."""
 
@@ -39,6 +50,7 @@ class SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension (as vLLM): generate max_tokens whatever the model says
+    mlxq: Extension | None = None  # extension: the secret guard, speculative decoding
 
 
 class FunctionCall(_Body):

@@ -22,7 +22,7 @@ from llama_cpp import Llama
 
 path, mode, tokens, n, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 llm = Llama(model_path=path, n_ctx=max(64, len(tokens) + n + 8), n_batch=512, n_threads=2, logits_all=True,
-            verbose=False, seed=0, type_k=0, type_v=0)  # float32 KV cache: the default F16 one costs 1e-3
+            verbose=True, seed=0, type_k=0, type_v=0)  # float32 KV cache: the default F16 one costs 1e-3
 if mode == "logits":
     llm.eval(tokens)
     np.save(out, np.array(llm.scores[: len(tokens)], dtype=np.float32))
@@ -38,13 +38,19 @@ else:
 """
 
 
+def _why(done: subprocess.CompletedProcess) -> str:
+    """The lines of llama.cpp's log that say what went wrong (its log is long)."""
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return "\n".join([ln for ln in lines if "error" in ln.lower() or "assert" in ln.lower()][-8:] or lines[-8:])
+
+
 def _run(path: Path, mode: str, tokens: list[int], n: int, suffix: str):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"out{suffix}"
         done = subprocess.run([sys.executable, "-c", _CHILD, str(path), mode, json.dumps(list(map(int, tokens))),
                                str(n), str(out)], capture_output=True, text=True, timeout=600)
         if done.returncode != 0 or not out.exists():
-            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+            tail = _why(done)
             raise AssertionError(f"llama.cpp could not run {path} (exit {done.returncode}):\n{tail}")
         return np.load(out) if suffix == ".npy" else json.loads(out.read_text())
 
@@ -59,29 +65,43 @@ def llama_cpp_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
 
 _QUANTIZE = r"""
 import ctypes, sys
+import numpy as np
 import llama_cpp
 
-src, dst, ftype = sys.argv[1], sys.argv[2], int(sys.argv[3])
+src, dst, ftype, imatrix = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[6]
 pure, requantize = sys.argv[4] == "pure", sys.argv[5] == "1"
 params = llama_cpp.llama_model_quantize_default_params()
 params.ftype = ftype
 params.pure = pure
 params.allow_requantize = requantize
 params.nthread = 2
+if imatrix != "-":
+    arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in np.load(imatrix).items()}
+    entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()  # ends with a null name
+    for e, (name, a) in zip(entries, arrays.items()):
+        e.name, e.data, e.size = name.encode(), a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), a.size
+    params.imatrix = entries
 sys.exit(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)))
 """
 
 
-def llama_cpp_quantize(src: Path, dst: Path, file_type: str, pure: bool = False, requantize: bool = False) -> None:
-    """llama.cpp's own quantizer (llama_model_quantize, no importance matrix) on a GGUF: `file_type` is a
-    llama_ftype name as gguf-py spells it (MOSTLY_Q4_K_M, ...); `pure` puts every tensor in its default type;
-    `requantize` lets it start from quantized tensors (it dequantizes them first)."""
+def llama_cpp_quantize(src: Path, dst: Path, file_type: str, pure: bool = False, requantize: bool = False,
+                       imatrix: dict[str, np.ndarray] | None = None) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize) on a GGUF: `file_type` is a llama_ftype name as gguf-py
+    spells it (MOSTLY_Q4_K_M, ...); `pure` puts every tensor in its default type; `requantize` lets it start from
+    quantized tensors (it dequantizes them first); `imatrix` maps GGUF tensor names to importance per input channel
+    (what llama-imatrix would give it)."""
     import gguf
 
     ftype = int(gguf.LlamaFileType[file_type])
-    done = subprocess.run([sys.executable, "-c", _QUANTIZE, str(src), str(dst), str(ftype), "pure" if pure else "-",
-                           str(int(requantize))],
-                          capture_output=True, text=True, timeout=600)
+    with tempfile.TemporaryDirectory() as tmp:
+        table = "-"
+        if imatrix:
+            table = str(Path(tmp) / "imatrix.npz")
+            np.savez(table, **imatrix)
+        done = subprocess.run([sys.executable, "-c", _QUANTIZE, str(src), str(dst), str(ftype),
+                               "pure" if pure else "-", str(int(requantize)), table],
+                              capture_output=True, text=True, timeout=600)
     if done.returncode != 0 or not dst.exists():
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        tail = _why(done)
         raise AssertionError(f"llama.cpp could not quantize {src} (exit {done.returncode}):\n{tail}")

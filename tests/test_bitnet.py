@@ -17,13 +17,14 @@ from mlxq.loading import load_model
 from mlxq.models.bitnet import unpack_hf
 
 CONFIG = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+              bos_token_id=1, eos_token_id=2)  # BitNetConfig's defaults (128000/1) lie past this vocab
 QUANT = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"}
 
 
-def make_bitnet(path, packed: bool, seed: int = 0):
+def make_bitnet(path, packed: bool, seed: int = 0, **overrides):
     """A tiny random BitNetForCausalLM (packed: BitLinear layers with random ternary codes and weight_scale), saved
-    the way the hub checkpoints are (uint8 packed weights, `quantization_config`)."""
+    the way the hub checkpoints are (uint8 packed weights, `quantization_config`); `overrides` change the config."""
     import torch._dynamo
     from safetensors.torch import save_file
     from transformers import BitNetConfig, BitNetForCausalLM
@@ -31,7 +32,7 @@ def make_bitnet(path, packed: bool, seed: int = 0):
 
     torch._dynamo.config.disable = True  # BitLinear's helpers are torch.compile'd: plain eager is enough here
     torch.manual_seed(seed)
-    config = BitNetConfig(**CONFIG)
+    config = BitNetConfig(**{**CONFIG, **overrides})
     model = BitNetForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -46,7 +47,8 @@ def make_bitnet(path, packed: bool, seed: int = 0):
                 layer.weight.copy_(pack_weights(codes.clone()))
                 layer.weight_scale.fill_(float(torch.empty(1).uniform_(2.0, 8.0, generator=gen)))
                 model.set_submodule(name, layer)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if "rotary_emb" not in k}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if "rotary_emb" not in k and not (config.tie_word_embeddings and k == "lm_head.weight")}
     save_file(state, str(path / "model.safetensors"))
     cfg = config.to_dict()
     if packed:

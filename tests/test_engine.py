@@ -1,4 +1,4 @@
-"""Engine pieces: samplers, penalties, stop strings, caches (checkpoint/restore, sliding window), prefill."""
+"""Engine pieces: samplers, penalties, stop strings, caches (checkpoint/restore, sliding window), batched steps."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import mlx.core as mx
 import pytest
 from tiny import make_tiny
 
+from mlxq.engine.batch import make_batch
 from mlxq.engine.cache import KVCache, RotatingKVCache, checkpoint, restore
-from mlxq.engine.generate import Generation, prefill
 from mlxq.engine.sampling import SamplingParams, make_sampler, penalty_processors
 from mlxq.errors import InvalidRequest
 from mlxq.formats import open_checkpoint
@@ -99,7 +99,12 @@ def test_chunked_prefill_equals_one_pass(tiny):
     ids = list(range(3, 40))
     full = tiny(mx.array([ids]), tiny.make_cache())[0, -1]
     for chunk in (4, 7, 64):
-        assert mx.allclose(prefill(tiny, ids, tiny.make_cache(), chunk=chunk)[0], full, atol=1e-4)
+        batch = make_batch(tiny)
+        batch.add(tiny.make_cache())
+        for start in range(0, len(ids), chunk):
+            piece = ids[start : start + chunk]
+            logits = batch.step([piece], [[len(piece) - 1]])
+        assert mx.allclose(logits[0], full, atol=1e-4)
 
 
 def test_whole_cache_checkpoint_restore_gives_same_logits(tiny):
@@ -112,13 +117,50 @@ def test_whole_cache_checkpoint_restore_gives_same_logits(tiny):
     assert mx.array_equal(first, again)
 
 
-def test_generation_records_tokens_in_cache(tiny):
-    gen = Generation(tiny, tiny.make_cache())
-    out = [s.token for s in gen.steps([3, 4, 5], 5)]
-    fed = gen.fed_tokens()
-    assert fed[:3] == [3, 4, 5] and fed[3:] == out[: len(fed) - 3]
-    assert tiny_cache_len(gen.cache) == len(fed)
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory, tiny):
+    """A dense attention model, a hybrid (Gated DeltaNet + attention) and one with sliding windows (`tiny`)."""
+    import torch
+    import transformers
+    from tiny import HYBRID_TEXT
+
+    dense = tmp_path_factory.mktemp("qwen3")
+    make_tiny("qwen3", dense)
+    hybrid = tmp_path_factory.mktemp("qwen35")
+    torch.manual_seed(0)
+    transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(**HYBRID_TEXT)).eval().save_pretrained(hybrid)
+    return {"dense": load_model(open_checkpoint(str(dense))), "hybrid": load_model(open_checkpoint(str(hybrid))),
+            "sliding": tiny}
 
 
-def tiny_cache_len(cache) -> int:
-    return cache[0].offset
+@pytest.mark.parametrize("kind", ["dense", "hybrid", "sliding"])
+def test_ragged_batch_steps_give_each_row_its_own_logits(nets, kind):
+    """Rows of different lengths (one resumed mid-way, the others fresh), fed different numbers of tokens per step
+    (prompt chunks and single tokens, padded to the longest) and leaving when done, give the logits each row gets
+    alone."""
+    net = nets[kind]
+    rows = [list(range(3, 3 + n)) for n in (40, 9, 70)]
+    chunks = [5, 1, 16]  # tokens per step: a chunk, decode-like steps, a bigger chunk
+    pos = [0, 0, 11]  # row 2 resumes: its cache already holds its first 11 tokens
+    batch = make_batch(net)
+    for row, start in zip(rows, pos, strict=True):
+        cache = net.make_cache()
+        if start:
+            net(mx.array([row[:start]]), cache)
+        batch.add(cache)
+    live = [0, 1, 2]  # the rows in the batch, in batch order
+    got: list[list[mx.array]] = [[], [], []]
+    while live:
+        feed = [rows[i][pos[i] : pos[i] + chunks[i]] for i in live]
+        logits = batch.step(feed, [list(range(len(t))) for t in feed])
+        at = 0
+        for i, t in zip(live, feed, strict=True):
+            got[i].append(logits[at : at + len(t)])
+            at, pos[i] = at + len(t), pos[i] + len(t)
+        for b in reversed(range(len(live))):  # a row that is done leaves, as a finished request does
+            if pos[live[b]] == len(rows[live[b]]):
+                batch.remove(b)
+                del live[b]
+    for i, row in enumerate(rows):
+        alone = net(mx.array([row]), net.make_cache())[0]
+        assert mx.allclose(mx.concatenate(got[i]), alone[11 if i == 2 else 0 :], atol=1e-4), (kind, i)

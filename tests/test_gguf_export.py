@@ -20,6 +20,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from llama_cpp_run import llama_cpp_greedy, llama_cpp_logits, llama_cpp_quantize
+from test_bitnet import make_bitnet
+from test_hybrid import make_tiny as make_hybrid
 from tiny import WIDE, make_tiny, save_tiny_tokenizer
 
 from mlxq.errors import ConfigError, InvalidRequest, TokenizerError, UnsupportedModel
@@ -33,6 +35,15 @@ PROMPT = [3, 17, 42, 99, 5, 120, 7, 64, 11, 150, 33, 8, 19, 140]
 TOLERANCE = {"F32": 1e-4, "F16": 1e-3, "BF16": 1e-2}
 QUANTIZED_TOLERANCE = 5e-2
 WIDE_GEMMA = {**WIDE, "query_pre_attn_scalar": 64}
+# llama.cpp sizes the DeltaNet's value heads from the key head dim; key heads (2) != value heads (4) stays
+HYBRID = {"linear_value_head_dim": 16}
+# llama.cpp's qwen3next: routed experts in every layer, top-k weights renormalised
+HYBRID_FIXES = {"qwen3_next": {"mlp_only_layers": [], "norm_topk_prob": True}}
+# The wide hybrids serve the block-type cases: every expert active there, since random tiny routers leave
+# near-ties that llama.cpp's 8-bit activations tip to another expert now and then (a jump of ~0.1 from that token
+# on, measured; with all 8 experts active the same files agree within 3e-2). Routing itself is checked exactly by
+# the float32 cases on the narrow ones (top 3 of 8).
+HYBRID_WIDE, MOE_WIDE = {"hidden_size": 256}, {"num_experts_per_tok": 8}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +54,16 @@ def tiny_src(tmp_path_factory):
     def get(family: str, wide: bool = False):
         if (family, wide) not in made:
             path = tmp_path_factory.mktemp(f"{family}{'-wide' * wide}")
-            make_tiny(family, path, **((WIDE_GEMMA if family.startswith("gemma") else WIDE) if wide else {}))
+            if family.startswith("bitnet"):  # llama.cpp's bitnet: SiLU, tied output head
+                make_bitnet(path, family == "bitnet_packed", hidden_act="silu", tie_word_embeddings=True,
+                            **({"hidden_size": 256, "intermediate_size": 512} if wide else {}))
+            elif family == "qwen3_moe_norm":
+                make_tiny(family, path, **({**WIDE, **MOE_WIDE, "num_experts_per_tok": 6} if wide else {}))
+            elif family.startswith("qwen3_5") or family == "qwen3_next":
+                make_hybrid(family, path, **HYBRID, **HYBRID_FIXES.get(family, {}), **(HYBRID_WIDE if wide else {}),
+                            **(MOE_WIDE if wide and family in ("qwen3_5_moe_text", "qwen3_next") else {}))
+            else:
+                make_tiny(family, path, **((WIDE_GEMMA if family.startswith("gemma") else WIDE) if wide else {}))
             save_tiny_tokenizer(path, 160)
             made[family, wide] = path
         return made[family, wide]
@@ -67,7 +87,7 @@ def ggml_gelu(x: mx.array) -> mx.array:
 def mlxq_net(path, src):
     """mlxq's model with the weights the GGUF holds (read back and dequantized by mlxq's GGUF reader) in the
     source's own architecture."""
-    config = open_checkpoint(str(src)).config
+    config = {k: v for k, v in open_checkpoint(str(src)).config.items() if k != "quantization_config"}  # float
     return load_model(Checkpoint(path, "gguf", config, open_checkpoint(str(path)).tensors), dtype=mx.float32)
 
 
@@ -92,6 +112,14 @@ LOGIT_CASES = [
     ("llama", True, "Q4_K_M"), ("llama", True, "Q6_K"), ("llama", True, "Q2_K"), ("llama", True, "TQ1_0"),
     ("qwen3", True, "Q3_K_M"), ("qwen3", True, "Q5_K_S"), ("qwen3", True, "TQ2_0"),
     ("gemma3", True, "Q4_K_S"),
+    ("qwen3_5_text", False, "F32"), ("qwen3_5_text", False, "Q8_0"), ("qwen3_5_text", True, "Q4_K_M"),
+    ("qwen3_5_text", True, "Q3_K_M"), ("qwen3_5_vl", False, "Q5_1"),
+    ("qwen3_5_moe_text", False, "F32"), ("qwen3_5_moe_text", True, "Q4_K_M"),
+    ("qwen3_next", False, "F32"), ("qwen3_next", True, "Q6_K"),
+    ("qwen3_moe_norm", False, "F32"), ("qwen3_moe_norm", True, "Q4_K_M"),
+    # (a packed tiny BitNet with random codes is chaotic: any 8-bit activation rounding grows 10x over 14 tokens, so
+    # its block-type agreement is shown on the float one, its exact ternary storage below)
+    ("bitnet_packed", False, "F32"), ("bitnet_float", True, "TQ2_0"), ("bitnet_float", True, "TQ1_0"),
 ]
 
 
@@ -157,10 +185,10 @@ def test_smollm2_q4_k_m_generates_llama_cpp_greedy_text(smollm2_gguf, tmp_path):
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs!\n") * 40
 
 
-@pytest.mark.parametrize("kind", ["Q3_K", "Q4_0"])
-def test_calibrated_export_lowers_kl(kind, tiny_src, tmp_path, monkeypatch):
-    """--calibrate (importance-weighted fits + GPTQ error feedback into the same block format) gives a lower KL
-    to the float model than the plain export, on the calibration text; llama.cpp loads and runs the result."""
+@pytest.mark.parametrize(("family", "kind"), [("llama", "Q3_K"), ("llama", "Q4_0"), ("qwen3_5_text", "Q4_0")])
+def test_calibrated_export_lowers_kl(family, kind, tiny_src, tmp_path, monkeypatch):
+    """--calibrate --method gptq (importance-weighted fits + GPTQ error feedback into the same block format) gives
+    a lower KL to the float model than the plain export, on the calibration text; llama.cpp runs the result."""
     from transformers import AutoTokenizer
 
     from mlxq.eval.metrics import reference, score, windows
@@ -168,10 +196,10 @@ def test_calibrated_export_lowers_kl(kind, tiny_src, tmp_path, monkeypatch):
     monkeypatch.setenv("MLXQ_CACHE", str(tmp_path / "cache"))
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
-    src = tiny_src("llama", True)
+    src = tiny_src(family, True)  # (qwen3_5: the DeltaNet's out_proj columns move; the statistics move with them)
     plain = exported(src, tmp_path, kind)
     cal = tmp_path / f"{kind}-cal.gguf"
-    export(str(src), cal, gguf_recipe(kind), calibrate=str(text), calib_tokens=1024, progress=False)
+    export(str(src), cal, gguf_recipe(kind), calibrate=str(text), method="gptq", calib_tokens=1024, progress=False)
     assert tensors(cal).keys() == tensors(plain).keys()
     float_net = load_model(open_checkpoint(str(src)), dtype=mx.float32)
     wins = windows(AutoTokenizer.from_pretrained(src).encode(TEXT), 128, 1024)
@@ -183,6 +211,36 @@ def test_calibrated_export_lowers_kl(kind, tiny_src, tmp_path, monkeypatch):
     kl = {p.name: score(logits(mlxq_net(p, src)), wins, ref).kl for p in (plain, cal)}
     assert kl[cal.name] < 0.8 * kl[plain.name], kl
     assert rel(llama_cpp_logits(cal, PROMPT), mlxq_logits(cal, src)) <= QUANTIZED_TOLERANCE
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_M", "Q2_K"])
+def test_importance_weighted_export_is_llama_quantize_with_the_same_imatrix(mix, tiny_src, tmp_path, monkeypatch):
+    """--calibrate's default (imatrix): given mlxq's importance matrix, llama.cpp's quantizer writes the same bytes."""
+    from mlxq.formats.gguf.export import calibration_for, plan
+    from mlxq.quant.calibrate import calibration_stats
+    from mlxq.quant.source import float_checkpoint
+
+    monkeypatch.setenv("MLXQ_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    src = tiny_src("llama", True)
+    ours = tmp_path / f"{mix}-imatrix.gguf"
+    export(str(src), ours, gguf_recipe(mix), calibrate=str(text), calib_tokens=1024, progress=False)
+
+    def opener():
+        return float_checkpoint(open_checkpoint(str(src)))
+
+    stats = calibration_stats(opener, str(text), hessian=False, n_tokens=1024)  # (cached by the export)
+    the_plan = plan(opener(), gguf_recipe(mix))
+    found = {it.out.name: calibration_for(the_plan, it, stats)[0] for it in the_plan.items}
+    imatrix = {name: imp for name, imp in found.items() if imp is not None}
+    assert len(imatrix) == 22  # 7 linears x 3 layers + the output head
+    ref = tmp_path / f"{mix}-llama.gguf"
+    llama_cpp_quantize(exported(src, tmp_path, "F32"), ref, f"MOSTLY_{mix}", imatrix=imatrix)
+    got, want = tensors(ours), tensors(ref)
+    assert {n: t for n, (t, _) in got.items()} == {n: t for n, (t, _) in want.items()}
+    assert [n for n in want if got[n][1] != want[n][1]] == []
+    assert got != tensors(exported(src, tmp_path, mix))  # the importance matrix did change the codes
 
 
 def test_tied_embedding_has_no_output_tensor(tiny_src, tmp_path):
@@ -212,6 +270,82 @@ def test_configs_llama_cpp_would_run_differently_are_refused(tmp_path):
     save_tiny_tokenizer(src, 160)
     with pytest.raises(ConfigError, match="query_pre_attn_scalar 24"):
         export(str(src), tmp_path / "g.gguf", gguf_recipe("Q8_0"), progress=False)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"linear_value_head_dim": 8}, "linear_value_head_dim 8 differs from linear_key_head_dim 16"),
+    ({**HYBRID, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25,
+                                    "mrope_section": [11, 11, 10]}}, r"mrope_section \[11, 11, 10\] does not fit"),
+])
+def test_hybrid_configs_llama_cpp_cannot_run_are_refused(overrides, message, tmp_path):
+    """Refused before a byte is written: llama.cpp would abort (rope sections wider than the rotary) or read the
+    DeltaNet's value heads at the key head size."""
+    src = tmp_path / "q"
+    make_hybrid("qwen3_5_text", src, **overrides)
+    save_tiny_tokenizer(src, 160)
+    with pytest.raises(ConfigError, match=message):
+        export(str(src), tmp_path / "q.gguf", gguf_recipe("Q8_0"), progress=False)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".q.gguf*"))
+
+
+@pytest.mark.parametrize(("family", "overrides", "message"), [
+    ("qwen3_moe", {}, "norm_topk_prob is false"),  # (its tiny config: unnormalised, a dense layer among experts)
+    ("qwen3_moe", {"norm_topk_prob": True}, r"mlp_only_layers \[1\]"),
+    ("bitnet", {}, "hidden_act 'relu2'"),  # microsoft/bitnet-b1.58-2B-4T's activation
+    ("bitnet", {"hidden_act": "silu"}, "tie_word_embeddings is false"),
+])
+def test_configs_other_llama_cpp_graphs_would_run_differently_are_refused(family, overrides, message, tmp_path):
+    src = tmp_path / family
+    src.mkdir()
+    if family == "bitnet":
+        make_bitnet(src, True, **overrides)
+    else:
+        make_tiny(family, src, **overrides)
+    save_tiny_tokenizer(src, 160)
+    with pytest.raises(ConfigError, match=message):
+        export(str(src), tmp_path / "x.gguf", gguf_recipe("TQ2_0" if family == "bitnet" else "Q8_0"),
+               progress=False)
+
+
+def test_ternary_source_to_ternary_types_is_not_called_lossy(tiny_src, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    for kind, lossy in [("TQ1_0", False), ("F16", False), ("Q4_0", True)]:
+        buf = io.StringIO()
+        export(str(tiny_src("bitnet_packed", True)), tmp_path / f"{kind}.gguf", gguf_recipe(kind), progress=False,
+               console=Console(file=buf, width=200))
+        assert ("lossy" in buf.getvalue()) == lossy, (kind, buf.getvalue())
+        assert ("TQ1_0 has no Metal kernels" in buf.getvalue()) == (kind == "TQ1_0"), buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["TQ1_0", "TQ2_0"])
+def test_ternary_weights_are_stored_exactly_in_ternary_types(kind, tiny_src, tmp_path):
+    """A BitNet checkpoint's ternary weights (codes x one scale per tensor) come back from TQ1_0 / TQ2_0 as they
+    were, up to the float16 rounding of the block scale."""
+    from mlxq.quant.source import float_checkpoint
+
+    src = tiny_src("bitnet_packed", True)
+    back = open_checkpoint(str(exported(src, tmp_path, kind))).tensors
+    orig = float_checkpoint(open_checkpoint(str(src))).tensors
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert tensors(tmp_path / f"{kind}.gguf")["blk.1.ffn_down.weight"][0] == kind
+    w, v = np.array(orig[name]), np.array(back[name])
+    assert set(np.unique(np.round(w / np.abs(w).max()))) == {-1.0, 0.0, 1.0}
+    np.testing.assert_allclose(v, w, rtol=2**-11, atol=0)
+
+
+def test_mrope_sections_cover_the_rotary_width(tiny_src, tmp_path):
+    meta = gguf.GGUFReader(exported(tiny_src("qwen3_5_text"), tmp_path, "F32")).fields
+    assert meta["qwen35.rope.dimension_count"].contents() == 4  # head_dim 16 x partial_rotary_factor 0.25
+    assert meta["qwen35.rope.dimension_sections"].contents() == [1, 1, 0, 0]
+    # Ollama's own keys: its engine reads llama.cpp's layout but defaults both to false
+    assert meta["qwen35.ssm.v_head_reordered"].contents() is True
+    assert meta["qwen35.rope.mrope_interleaved"].contents() is True
+    from mlxq.formats.gguf.export import _rope_sections
+
+    assert _rope_sections({}, 64, "x") == [11, 11, 10, 0]  # Qwen3.5's own: llama.cpp's converter's default
 
 
 def test_unsupported_architecture_names_it(tmp_path):
@@ -244,3 +378,41 @@ def test_cli_export_and_its_errors(tiny_src, tmp_path):
         done = mlxq("export", src, "-o", str(tmp_path / "q.gguf"), *args)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_convert_both_ways_warns_when_lossy_and_names_the_better_path(tiny_src, tmp_path):
+    """mlx-lm 4-bit -> GGUF (Q4_K_M by default) and GGUF Q6_K -> mlx-lm (6-bit by default): both re-quantize, so
+    both warn and name the command that quantizes the original once; a float source converts without a warning.
+    The results load: llama.cpp runs the GGUF, mlxq the mlx-lm directory (its logits within 6-bit rounding of the
+    GGUF's)."""
+    import subprocess
+    import sys
+
+    from mlxq.quant import pipeline
+    from mlxq.quant.recipes import uniform
+
+    def mlxq(*args):
+        done = subprocess.run([sys.executable, "-m", "mlxq.cli", *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return " ".join(done.stderr.split())
+
+    src = tiny_src("qwen3", True)
+    mlx4 = tmp_path / "mlx4"
+    pipeline.quantize(str(src), mlx4, uniform(4), progress=False)
+    said = mlxq("convert", str(mlx4), "-o", str(tmp_path / "from-mlx.gguf"))
+    assert "lossy" in said and "mlx-lm affine 4-bit" in said and "mlxq export ORIGINAL" in said and "Q4_K_M" in said
+    assert {t for t, _ in tensors(tmp_path / "from-mlx.gguf").values()} >= {"Q4_K", "Q6_K"}
+    assert llama_cpp_logits(tmp_path / "from-mlx.gguf", PROMPT).shape == (len(PROMPT), 160)
+
+    q6 = exported(src, tmp_path, "Q6_K")
+    said = mlxq("convert", str(q6), "-o", str(tmp_path / "mlx6"))
+    assert "lossy" in said and "GGUF Q6_K" in said and "mlxq quantize ORIGINAL" in said
+    import json
+
+    assert json.loads((tmp_path / "mlx6" / "config.json").read_text())["quantization"]["bits"] == 6
+    import mlxq as api
+
+    got = np.array(api.load(str(tmp_path / "mlx6")).logits(PROMPT))
+    assert rel(got, mlxq_logits(q6, src)) < 0.1
+
+    assert "lossy" not in mlxq("convert", str(src), "-o", str(tmp_path / "float.gguf"), "--type", "Q8_0")

@@ -10,9 +10,9 @@ from mlxq.engine.guards import (
     normalize,
     prompt_opens_think,
     secret_guard_processor,
-    split_reasoning,
     thinking_processor,
 )
+from mlxq.engine.output import split_reasoning
 
 PROMPT = [{"role": "user", "content": "Tell me a story."}]
 TOWARD_THINK = {THINK: 30.0, END_THINK: 30.0}  # the model would open (or close) a think block at every step
@@ -83,7 +83,7 @@ def test_thinking_budget_forces_the_close(qwen3_model):
 
 def test_split_reasoning():
     assert split_reasoning("<think>\nhmm\n</think>\n\nYes.") == ("hmm", "Yes.")
-    assert split_reasoning("hmm, so\n</think>\n\nYes.") == ("hmm, so", "Yes.")  # pre-opened by the prompt
+    assert split_reasoning("hmm, so\n</think>\n\nYes.", think_open=True) == ("hmm, so", "Yes.")  # opened by the prompt
     assert split_reasoning("<think>\n\n</think>\n\nYes.") == (None, "Yes.")
     assert split_reasoning("<think>still going") == ("still going", "")
     assert split_reasoning("still going", think_open=True) == ("still going", "")

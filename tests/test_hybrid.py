@@ -56,12 +56,13 @@ def rel(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-def make_tiny(arch: str, path, seed: int = 0):
+def make_tiny(arch: str, path, seed: int = 0, **overrides):
     """Builds, saves and returns the transformers model (fp32, eval mode), with every norm, gate bias and
-    decay parameter randomised so that a mishandled one shows in the logits."""
+    decay parameter randomised so that a mishandled one shows in the logits; `overrides` change the config."""
     import transformers
 
     cfg_cls, model_cls, kwargs, wrapped = ARCHS[arch]
+    kwargs = {**kwargs, **overrides}
     torch.manual_seed(seed)
     config_cls = getattr(transformers, cfg_cls)
     config = config_cls(text_config=kwargs, vision_config=VISION) if wrapped else config_cls(**kwargs)
@@ -319,9 +320,9 @@ def test_session_on_a_hybrid_resumes_from_checkpoints(hybrid_api_model):
 
     model, _ = hybrid_api_model
     s = Session(model, system="You are a game master.", max_tokens=6, temperature=0.0)
-    assert not s._rewindable and isinstance(s.cache[0], RecurrentCache)
     answers = [s.ask(q) for q in ("Is it about soup?", "Did he die?")]
     assert all(answers)
+    assert not model.engine.rewindable and isinstance(s.slot.caches[0], RecurrentCache) and s.slot.marks
     second = s.stats[1]
     assert 0 < second.cached_tokens and second.cached_tokens + second.processed_tokens == second.prompt_tokens
     fresh = Session(model, max_tokens=6, temperature=0.0)

@@ -4,6 +4,7 @@ attention and hybrid (Gated DeltaNet) models, a failing request fails alone, can
 from __future__ import annotations
 
 import threading
+import time
 
 import mlx.core as mx
 import pytest
@@ -39,9 +40,13 @@ def tokens(outs: list[Output]) -> list[int]:
     return [t for o in outs for t in o.tokens]
 
 
+def logprobs(outs: list[Output]) -> list[float]:
+    return [lp.logprob for o in outs for lp in o.logprobs]
+
+
 @pytest.fixture(scope="module")
 def engine(qwen3_model):
-    e = Engine(qwen3_model, max_batch=4).start()
+    e = Engine(qwen3_model.net, qwen3_model.tokenizer, max_batch=4).start()
     yield e
     e.close()
 
@@ -148,7 +153,7 @@ def test_prompt_cache_is_bounded_by_bytes(qwen3_model):
 def test_hybrid_model_batches_and_resumes_from_checkpoints(hybrid_model):
     model = hybrid_model
     assert not all(isinstance(c, KVCache) for c in model.make_cache())  # recurrent layers: no free rewind
-    engine = Engine(model, max_batch=4).start()
+    engine = Engine(model.net, model.tokenizer, max_batch=4).start()
     try:
         ps = prompts(model, 3)
         outs = run(engine, [Request(p, 10) for p in ps])
@@ -164,5 +169,112 @@ def test_hybrid_model_batches_and_resumes_from_checkpoints(hybrid_model):
         third = run(engine, [Request(branch, 5)])[0]
         assert third[-1].usage.cached_tokens == len(follow) - 2
         assert tokens(third) == model.generate(branch, max_tokens=5).tokens
+    finally:
+        engine.close()
+
+
+# ------------------------------------------------------------------------------------------------ batched prefill
+def hold_at(token: int, inside: threading.Event, gate: threading.Event):
+    """Processors that stop the engine thread (mid-step) at the request's `token`-th token until `gate` opens."""
+
+    def make() -> list:
+        def hold(generated: list[int], logits: mx.array) -> mx.array:
+            if len(generated) == token:
+                inside.set()
+                gate.wait(60)
+            return logits
+
+        return [hold]
+
+    return make
+
+
+@pytest.mark.parametrize("name", ["qwen3_model", "hybrid_model"])
+def test_prompts_that_arrive_together_are_prefilled_in_one_pass(name, request):
+    """Four prompts of different lengths, queued while the engine is busy, run their whole prompts in one forward
+    pass (ragged rows; recurrent state untouched by the padding) and each gets the tokens it gets alone."""
+    model = request.getfixturevalue(name)
+    engine = Engine(model.net, model.tokenizer, max_batch=8).start()
+    try:
+        inside, gate = threading.Event(), threading.Event()
+        blocker = Request(prompts(model, 1)[0], 6, make_processors=hold_at(2, inside, gate), ignore_eos=True)
+        outs: list[list[Output]] = []
+        thread = threading.Thread(target=lambda: outs.append(run(engine, [blocker])[0]))
+        thread.start()
+        assert inside.wait(60)
+        before = engine.prefill_steps
+        ps = prompts(model, 5)[1:]
+        together = [Request(p, 7, logprobs=0) for p in ps]
+        gate.set()
+        got = run(engine, together)  # submitted while the engine is held, so they arrive together
+        thread.join(60)
+        assert engine.prefill_steps - before == 1
+        for p, o in zip(ps, got, strict=True):
+            want = model.generate(p, max_tokens=7, logprobs=0)
+            assert tokens(o) == want.tokens
+            # the same probabilities, not just the same argmax: padding left no trace in any row's state
+            assert mx.allclose(mx.array(logprobs(o)), mx.array([lp.logprob for lp in want.logprobs]), rtol=0, atol=1e-5)
+        assert len(tokens(outs[0])) == 6
+    finally:
+        engine.close()
+
+
+def test_a_long_prompt_does_not_stall_a_running_stream(qwen3_model):
+    """While a long prompt is prefilled chunk by chunk, a running stream gets a token after every chunk."""
+    engine = Engine(qwen3_model.net, qwen3_model.tokenizer, max_batch=4, prefill_chunk=32).start()
+    try:
+        seen: list[int] = []  # prefill steps done when each of the stream's tokens came out
+        started = threading.Event()
+        stream = Request(prompts(qwen3_model, 1)[0], 10_000, ignore_eos=True, logprobs=0)  # an output per token
+
+        def on_stream(out: Output) -> None:
+            seen.append(engine.prefill_steps)
+            if len(seen) == 3:
+                started.set()
+
+        stream.on_output = on_stream
+        engine.submit(stream)
+        assert started.wait(60)
+        long = qwen3_model.tokenizer.encode("A very long story about a lighthouse keeper. " * 40)
+        before = engine.prefill_steps
+        first = run(engine, [Request(long, 1)])[0]
+        steps = engine.prefill_steps - before
+        stream.cancel()
+        assert steps >= len(long) // 32 and tokens(first)
+        during = [s for s in seen if before <= s <= before + steps]
+        assert all(b - a <= 1 for a, b in zip(during, during[1:], strict=False))  # never two chunks in a row
+        assert len(during) >= steps - 1
+    finally:
+        engine.close()
+
+
+def test_long_prompts_are_prefilled_a_few_at_a_time_oldest_first(qwen3_model):
+    """Six long prompts queued together: the four oldest share the prefill steps (each its 128-token share) and
+    answer first; the other two start when there is room, instead of every prompt answering at the very end."""
+    engine = Engine(qwen3_model.net, qwen3_model.tokenizer, max_batch=8, prefill_chunk=512).start()
+    try:
+        inside, gate = threading.Event(), threading.Event()
+        blocker = Request(prompts(qwen3_model, 1)[0], 4, make_processors=hold_at(1, inside, gate), ignore_eos=True)
+        thread = threading.Thread(target=run, args=(engine, [blocker]))
+        thread.start()
+        assert inside.wait(60)
+        story = "A keeper lit the lamp every night, and ships passed safely. "
+        long = [qwen3_model.tokenizer.encode(f"Story {i}. " + story * 25) for i in range(6)]
+        first_at = [0] * 6  # prefill steps done when each request's first token came out
+        requests = [Request(p, 2) for p in long]
+        for i, req in enumerate(requests):
+            req.on_output = lambda out, i=i: first_at.__setitem__(i, first_at[i] or engine.prefill_steps)
+        before = engine.prefill_steps
+        for req in requests:
+            engine.submit(req)
+        gate.set()
+        thread.join(60)
+        deadline = time.monotonic() + 120
+        while engine.pending:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        steps = [at - before for at in first_at]
+        assert len(set(steps[:4])) == 1 and min(steps[4:]) > steps[0]  # the first four together, then the rest
+        assert steps[0] == -(-len(long[0]) // 128)  # each of the four fed 128 tokens a step
     finally:
         engine.close()

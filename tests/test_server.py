@@ -297,22 +297,25 @@ def test_thinking_off_never_thinks(live):
     assert 0 < on.usage.completion_tokens_details.reasoning_tokens < on.usage.completion_tokens
 
 
-def test_tool_calls(live):
-    tools = [
-        {
-            "type": "function",
-            "function": {
-                "name": "get_weather",
-                "description": "Weather in a city",
-                "parameters": {
-                    "type": "object",
-                    "properties": {"city": {"enum": ["Paris", "Tokyo"]}},
-                    "required": ["city"],
-                    "additionalProperties": False,
-                },
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"enum": ["Paris", "Tokyo"]}},
+                "required": ["city"],
+                "additionalProperties": False,
             },
-        }
-    ]
+        },
+    }
+]
+
+
+def test_tool_calls(live):
+    tools = WEATHER_TOOLS
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         r = chat(live, tools=tools, tool_choice=choice, temperature=1.0, seed=2, max_tokens=48, reasoning_effort="none")
         assert r.choices[0].finish_reason == "tool_calls"

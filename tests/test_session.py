@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 from fixtures_qwen3 import *  # noqa: F403  (pytest fixtures: qwen3_model, ...)
 from fixtures_qwen3 import THINK
+from fixtures_qwen35 import *  # noqa: F403  (pytest fixture: hybrid_model)
 from test_guards import SECRET_JA, teacher
 
 from mlxq.api import Session
 from mlxq.engine.guards import normalize
-from mlxq.errors import GenerationError
+from mlxq.errors import GenerationError, InvalidRequest
 
 QUESTIONS = ["Is it about soup?", "Did he die?", "Was he alone on the island?"]
 SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no", "irrelevant"]},
@@ -17,17 +18,17 @@ SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no", "irr
           "required": ["answer", "solved"], "additionalProperties": False}
 
 
-def play(model, rewindable: bool = True):
+def play(model):
     s = Session(model, system="You are a game master.", max_tokens=8, temperature=1.0, seed=0)
-    s._rewindable = s._rewindable and rewindable  # recurrent-style: rewind only to stored checkpoints
     answers = [s.ask(q) for q in QUESTIONS]
     return s, answers
 
 
-@pytest.mark.parametrize("rewindable", [True, False])
-def test_turn_three_reuses_the_cache(qwen3_model, rewindable):
-    tok = qwen3_model.tokenizer
-    s, answers = play(qwen3_model, rewindable)
+@pytest.mark.parametrize("name", ["qwen3_model", "hybrid_model"])  # KV rewinds freely; recurrent to checkpoints
+def test_turn_three_reuses_the_cache(name, request):
+    model = request.getfixturevalue(name)
+    tok = model.tokenizer
+    s, answers = play(model)
     assert all(answers)
     first, third = s.stats[0], s.stats[2]
     assert first.cached_tokens == 0 and first.processed_tokens == first.prompt_tokens
@@ -35,9 +36,9 @@ def test_turn_three_reuses_the_cache(qwen3_model, rewindable):
     new = len(tok.encode(answers[1])) + len(tok.encode(QUESTIONS[2])) + 20
     assert third.processed_tokens <= new < third.prompt_tokens // 2
     assert third.cached_tokens + third.processed_tokens == third.prompt_tokens
-    assert s.cache[0].offset == len(s.fed)
+    assert s.slot.caches[0].offset == len(s.slot.tokens)
     # The reused cache gives the same answer as a fresh one on the same conversation.
-    fresh = Session(qwen3_model, max_tokens=8, temperature=1.0, seed=0)
+    fresh = Session(model, max_tokens=8, temperature=1.0, seed=0)
     fresh.messages = s.messages[:-2]
     assert fresh.ask(QUESTIONS[2]) == answers[2] and fresh.stats[0].cached_tokens == 0
 
@@ -77,3 +78,11 @@ def test_incomplete_answer_is_retried_then_raises(qwen3_model):
     with pytest.raises(GenerationError, match="incomplete JSON answer twice"):
         s.ask("Answer in JSON.", schema=SCHEMA, max_tokens=3)  # too short for the schema, twice
     assert s.stats[-1].retried and s.messages == []  # nothing half-done is kept in the conversation
+
+
+def test_a_cache_slot_is_not_an_option_of_model_calls(qwen3_model):
+    """Only a Session hands the engine its conversation's cache; Model's calls name the option as unknown."""
+    from mlxq.engine.prompt_cache import CacheSlot
+
+    with pytest.raises(InvalidRequest, match="unknown option 'slot'"):
+        qwen3_model.generate("Hello", max_tokens=2, slot=CacheSlot())

@@ -2,12 +2,12 @@
 in the same run: mlx-lm on the same mlx-lm directory, llama.cpp (through llama-cpp-python) on the same GGUF.
 
 Every side greedily generates exactly `gen` tokens after the same `prompt` token ids (end-of-sequence does not stop
-it) in its own loop: mlxq's `Generation.steps`, mlx-lm's `generate_step`, llama-cpp-python's `Llama.generate`; all
-are timed alike: time to first token (TTFT) from the call to the first token, prefill rate = prompt tokens / TTFT,
-decode rate = (gen - 1) / time from the first to the last token. A warm-up run per side comes first (first-call
-allocations, compiles), then the timed runs alternate between the sides, so load from elsewhere on a shared machine
-hits them alike; medians are reported. mlx-lm computes in mlxq's dtype (its copy is cast), so both do the same
-arithmetic.
+it) in its own loop: mlxq's one engine (`Model.stream`, its prompt cache off), mlx-lm's `generate_step`,
+llama-cpp-python's `Llama.generate`; all are timed alike: time to first token (TTFT) from the call to the first
+token, prefill rate = prompt tokens / TTFT, decode rate = (gen - 1) / time from the first to the last token. A warm-up
+run per side comes first (first-call allocations, compiles), then the timed runs alternate between the sides, so load
+from elsewhere on a shared machine hits them alike; medians are reported. mlx-lm computes in mlxq's dtype (its copy
+is cast), so both do the same arithmetic.
 
 Memory: the growth of the process's peak resident set while a side loads and runs its warm-up (Linux, where the
 high-water mark can be reset; each side loads with the earlier ones still resident, so nothing it reuses was
@@ -116,13 +116,12 @@ class PeakMemory:
 def mlxq_side(name: str, **load_options) -> tuple[Side, object]:
     """mlxq on `name` through `mlxq.load` (as a user runs it); also returns the loaded model."""
     import mlxq
-    from mlxq.engine.generate import Generation
 
     model = mlxq.load(name, **load_options)
+    model.configure(prompt_cache_bytes=0)  # every run prefills the whole prompt, as the peers do
 
     def generate(ids: list[int], n: int) -> Iterator[int]:
-        gen = Generation(model.net, model.make_cache())
-        return (step.token for step in gen.steps(ids, n))
+        return (t for chunk in model.stream(ids, max_tokens=n, ignore_eos=True) for t in chunk.tokens)
 
     dtype = _compute_dtype(model.net)
     quant = "quantized layers" if model.checkpoint.quantization else "float weights"
@@ -193,7 +192,6 @@ def run(model: str, vs: str | None = None, prompt_tokens: int = 512, gen_tokens:
         raise InvalidRequest("need at least 1 prompt token, 2 generated tokens and 1 run")
     say = progress or (lambda _: None)
     import mlxq.api  # noqa: F401  (imports happen before the memory spans: they are not the model's memory)
-    import mlxq.engine.generate  # noqa: F401
 
     if vs == "mlx-lm":
         import mlx_lm.generate  # noqa: F401

@@ -120,12 +120,15 @@ class RecurrentCache:
         self.recurrent: mx.array | None = None
         self.offset = 0
 
-    def update(self, conv: mx.array, recurrent: mx.array, n: int) -> None:
-        """Stores the states after `n` more tokens."""
-        self.conv, self.recurrent = conv, recurrent
+    def update(self, window: mx.array, recurrent: mx.array, n: int) -> None:
+        """Stores the states after `n` more tokens; `window` is the conv's input over them, [B, kernel - 1 + n,
+        channels] (the previous conv state, then the n new inputs), whose last kernel - 1 rows are the new
+        conv state."""
+        self.conv, self.recurrent = window[:, n:], recurrent
         self.offset += n
 
-    def make_mask(self, n: int) -> None:
+    def make_mask(self, n: int) -> mx.array | None:
+        """Which of the `n` new positions hold real tokens, [B, n], or None when all do (see batch.py)."""
         return None
 
     def checkpoint(self) -> Any:

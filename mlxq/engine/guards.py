@@ -1,4 +1,4 @@
-"""Guards applied while decoding: thinking control and the secret guard, plus splitting reasoning from content.
+"""Guards applied while decoding: thinking control and the secret guard.
 
 Both are logits processors (see `mlxq.engine.sampling.LogitsProcessor`), created fresh per request.
 """
@@ -146,28 +146,6 @@ def thinking_processor(tokenizer: Tokenizer, enable_thinking: bool, budget: int 
     think_open = prompt is not None and prompt_opens_think(tokenizer, prompt)
     return ThinkingProcessor(tokenizer, enable_thinking, budget, think_open=think_open,
                              require_content=require_content)
-
-
-def split_reasoning(text: str, think_open: bool = False) -> tuple[str | None, str]:
-    """(reasoning_content, content) of a finished output. Handles a think block the output opens itself and one
-    the prompt pre-opened (then the output holds `</think>` alone, or only reasoning if it was cut off).
-    Reasoning is None when there is none."""
-    start, end = text.find(THINK_OPEN), text.find(THINK_CLOSE)
-    if end >= 0 and (start < 0 or start > end):  # pre-opened by the prompt
-        reasoning, content = text[:end], text[end + len(THINK_CLOSE) :]
-    elif start >= 0:
-        rest = text[start + len(THINK_OPEN) :]
-        close = rest.find(THINK_CLOSE)
-        if close < 0:  # cut off while thinking
-            reasoning, content = rest, text[:start]
-        else:
-            reasoning, content = rest[:close], text[:start] + rest[close + len(THINK_CLOSE) :]
-    elif think_open:
-        reasoning, content = text, ""
-    else:
-        reasoning, content = None, text
-    reasoning = reasoning.strip() if reasoning is not None else None
-    return (reasoning or None), content.strip()
 
 
 # ------------------------------------------------------------------------------------------------ secrets

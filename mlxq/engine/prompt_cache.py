@@ -13,14 +13,20 @@ resume from one entry at once. The total size is bounded in bytes, least recentl
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
-from mlxq.engine.cache import KVCache
+from mlxq.engine import persist
+from mlxq.engine.cache import KVCache, checkpoint, restore
+from mlxq.errors import InvalidRequest
+
+log = logging.getLogger("mlxq.engine")
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -28,6 +34,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     while n < limit and a[n] == b[n]:
         n += 1
     return n
+
+
+def resume_point(held: list[int], marks: Iterable[int], tokens: list[int], rewindable: bool) -> int:
+    """The longest prefix of `tokens` that a cache holding `held` resumes at: anywhere in their common prefix when
+    every layer rewinds freely, else the furthest checkpoint (`marks`) within it. At least one token of `tokens`
+    is left to run, since its logits start the answer."""
+    n = min(common_prefix(held, tokens), len(tokens) - 1)
+    return n if rewindable else max((p for p in marks if p <= n), default=0)
 
 
 def _state_bytes(state: Any) -> int:
@@ -49,23 +63,21 @@ class _Entry:
         kv = sum(k.nbytes + v.nbytes for k, v in self.kv.values())
         return kv + sum(_state_bytes(s) for mark in self.marks.values() for s in mark.values())
 
-    def usable(self, n: int, rewindable: bool) -> int:
-        """The longest prefix of length <= n this entry can resume at."""
-        if rewindable:
-            return min(n, len(self.tokens))
-        return max((p for p in self.marks if p <= n), default=0)
 
 
 class PromptCache:
     """Longest-prefix reuse across requests, bounded by `max_bytes`. `make_cache` builds a model's empty caches
-    (one per layer); every layer is a `KVCache` or has `checkpoint()`/`restore()`."""
+    (one per layer); every layer is a `KVCache` or has `checkpoint()`/`restore()`. With a `spill`, entries leaving
+    memory go to disk, and come back when a prompt resumes further from one of them than from memory."""
 
-    def __init__(self, make_cache: Callable[[], list], max_bytes: int):
+    def __init__(self, make_cache: Callable[[], list], max_bytes: int, spill: DiskSpill | None = None):
         self.make_cache = make_cache
         self.max_bytes = max_bytes
+        self.spill = spill
         template = make_cache()
         self.kv_layers = [i for i, c in enumerate(template) if type(c) is KVCache]
         self.rewindable = len(self.kv_layers) == len(template)
+        self.n_layers = len(template)
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # oldest first
         self._next_id = 0
         self.nbytes = 0
@@ -78,27 +90,38 @@ class PromptCache:
     def fetch(self, tokens: list[int]) -> tuple[list, int]:
         """Fresh caches holding the longest cached prefix of `tokens`, and its length. At least one token is
         left to run (its logits start the answer), so the length is at most len(tokens) - 1."""
-        limit = len(tokens) - 1
-        best, best_n = None, 0
-        for key, entry in self._entries.items():
-            n = entry.usable(min(common_prefix(entry.tokens, tokens), limit), self.rewindable)
-            if n > best_n:
-                best, best_n = key, n
-        caches = self.make_cache()
+        best, best_n = self._best(tokens)
+        if self.spill is not None and self.spill.resume_point(tokens, self.rewindable) > best_n:
+            spilled = self.spill.take(tokens, self.rewindable)
+            if spilled is not None:  # back into memory (others may leave for disk meanwhile)
+                self.store(*spilled)
+                best, best_n = self._best(tokens)
         if best is None:
             self.misses += 1
-            return caches, 0
+            return self.make_cache(), 0
         self.hits += 1
-        entry = self._entries[best]
         self._entries.move_to_end(best)
-        mark = entry.marks.get(best_n, {})
+        return self._caches(self._entries[best], best_n), best_n
+
+    def _best(self, tokens: list[int]) -> tuple[int | None, int]:
+        best, best_n = None, 0
+        for key, entry in self._entries.items():
+            n = resume_point(entry.tokens, entry.marks, tokens, self.rewindable)
+            if n > best_n:
+                best, best_n = key, n
+        return best, best_n
+
+    def _caches(self, entry: _Entry, n: int) -> list:
+        """Fresh caches holding the first `n` tokens of `entry` (a mark's position, for layers that cannot rewind)."""
+        caches = self.make_cache()
+        mark = entry.marks.get(n, {})
         for i, cache in enumerate(caches):
             if i in entry.kv:
                 keys, values = entry.kv[i]
-                cache.update_and_fetch(keys[:, :, :best_n], values[:, :, :best_n])
+                cache.update_and_fetch(keys[:, :, :n], values[:, :, :n])
             else:
                 cache.restore(mark[i])
-        return caches, best_n
+        return caches
 
     # ----------------------------------------------------------------------------------------- store
     def store(self, tokens: list[int], caches: list, marks: dict[int, list] | None = None) -> None:
@@ -149,7 +172,116 @@ class PromptCache:
         while self.nbytes > self.max_bytes and self._entries:
             _, old = self._entries.popitem(last=False)
             self.nbytes -= old.nbytes
+            if self.spill is not None:
+                marks = {p: [mark.get(i) for i in range(self.n_layers)] for p, mark in old.marks.items()}
+                self.spill.put(old.tokens, self._caches(old, len(old.tokens)), marks)
 
     def clear(self) -> None:
         self._entries.clear()
         self.nbytes = 0
+
+
+class DiskSpill:
+    """Prompt-cache entries that left memory, one file each (`persist`) under `directory`, bounded by `max_bytes`
+    on disk, oldest first out. `model` is the model's fingerprint: files are only ever read back by the model
+    that wrote them. Files of an earlier run are removed at start (their index was in memory). A file that cannot
+    be written or read back costs the time to recompute it, nothing else."""
+
+    def __init__(self, directory: str | Path, max_bytes: int, model: str, make_cache: Callable[[], list]):
+        self.dir = Path(directory)
+        self.max_bytes, self.model, self.make_cache = max_bytes, model, make_cache
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InvalidRequest(f"{self.dir}: cannot hold the prompt cache spill: {e.strerror or e}") from None
+        for stale in self.dir.glob("entry-*.safetensors"):
+            stale.unlink(missing_ok=True)
+        self._files: OrderedDict[Path, tuple[list[int], list[int], int]] = OrderedDict()  # tokens, marks, size
+        self._next = 0
+        self.nbytes = 0
+        self.writes = self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def put(self, tokens: list[int], caches: list, marks: dict[int, list]) -> None:
+        if any(held == tokens for held, _, _ in self._files.values()):
+            return
+        path = self.dir / f"entry-{self._next}.safetensors"
+        self._next += 1
+        try:
+            size = persist.save(path, self.model, tokens, caches, marks, {})
+        except Exception:
+            log.exception("spilling a prompt-cache entry to %s failed", path)
+            return
+        self.writes += 1
+        self._files[path] = (list(tokens), sorted(marks), size)
+        self.nbytes += size
+        while self.nbytes > self.max_bytes and self._files:
+            self._drop(next(iter(self._files)))
+
+    def resume_point(self, tokens: list[int], rewindable: bool) -> int:
+        return max((resume_point(held, marks, tokens, rewindable) for held, marks, _ in self._files.values()),
+                   default=0)
+
+    def take(self, tokens: list[int], rewindable: bool) -> tuple[list[int], list, dict[int, list]] | None:
+        """The file `tokens` resume furthest from, read back as (tokens, caches, marks) for `PromptCache.store`; the
+        file stays (the entry may leave memory again)."""
+        path = max(self._files, key=lambda p: resume_point(self._files[p][0], self._files[p][1], tokens, rewindable))
+        try:
+            held, caches, marks, _ = persist.load(path, self.model, self.make_cache)
+        except Exception as e:
+            log.warning("dropping an unreadable prompt-cache file: %s", e)
+            self._drop(path)
+            return None
+        self.reads += 1
+        self._files.move_to_end(path)
+        return held, caches, marks
+
+    def _drop(self, path: Path) -> None:
+        self.nbytes -= self._files.pop(path)[2]
+        path.unlink(missing_ok=True)
+
+
+class CacheSlot:
+    """One conversation's own cache between its requests (a Session's turns). The engine resumes a request from it
+    and leaves the request's cache in it afterwards: handed over, not copied into the shared prompt cache, and
+    never evicted, so however many other conversations run, the next turn runs only its new tokens. Caches that
+    cannot rewind keep whole-cache checkpoints (`marks`) at the end of the conversation so far and at the end of
+    what ran, where the next turn can resume. One request uses a slot at a time."""
+
+    MAX_MARKS = 4  # checkpoints kept (the newest): a recurrent checkpoint is a copy of every recurrent state
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []  # what the caches hold
+        self.caches: list | None = None
+        self.marks: dict[int, list] = {}  # position -> checkpoint of every layer
+
+    def take(self, tokens: list[int], rewindable: bool) -> tuple[list | None, int]:
+        """The caches rewound to the longest prefix of `tokens` they can resume at, and its length; (None, 0)
+        when there is nothing to resume. The slot is empty until `put`."""
+        caches, self.caches = self.caches, None
+        if caches is None:
+            return None, 0
+        n = resume_point(self.tokens, self.marks, tokens, rewindable)
+        if n == 0:
+            self.clear()
+            return None, 0
+        restore(caches, [n] * len(caches) if rewindable else self.marks[n])
+        self.tokens = self.tokens[:n]
+        self.marks = {p: m for p, m in self.marks.items() if p <= n}
+        return caches, n
+
+    def put(self, tokens: list[int], caches: list, marks: dict[int, list], rewindable: bool) -> None:
+        """Keeps `caches` (holding exactly `tokens`) and, for caches that cannot rewind, the request's checkpoints
+        `marks` and one at the end."""
+        self.tokens, self.caches = list(tokens), caches
+        if rewindable:
+            self.marks = {}
+            return
+        kept = {**self.marks, **{p: m for p, m in marks.items() if 0 < p < len(tokens)}}
+        kept[len(tokens)] = checkpoint(caches)
+        self.marks = dict(sorted(kept.items())[-self.MAX_MARKS :])
+
+    def clear(self) -> None:
+        self.tokens, self.caches, self.marks = [], None, {}

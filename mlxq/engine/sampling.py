@@ -75,13 +75,34 @@ def penalty_processors(p: SamplingParams, context: int = 64) -> list[LogitsProce
     return procs
 
 
-def make_sampler(p: SamplingParams) -> Callable[[mx.array], mx.array]:
-    """logprobs [1, V] -> token [1]. Filters compose in the usual order: top-k, top-p, min-p."""
-    if p.greedy:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    key = [mx.random.key(p.seed % (1 << 64))] if p.seed is not None else None  # any int (OpenAI seeds may be < 0)
+class Sampler:
+    """logprobs [1, V] -> token [1]: greedy, or sampled at `temperature` after the filters, composed in the usual
+    order: top-k, top-p, min-p. `verify` is the same draw given a speculative draft token (rejection sampling)."""
 
-    def sample(logprobs: mx.array) -> mx.array:
+    def __init__(self, p: SamplingParams):
+        self.p = p
+        # any int seeds (OpenAI's may be < 0)
+        self._key = mx.random.key(p.seed % (1 << 64)) if p.seed is not None else None
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        if self.p.greedy:
+            return mx.argmax(logprobs, axis=-1)
+        return mx.random.categorical(self._scores(logprobs), key=self._next_key())
+
+    def verify(self, logprobs: mx.array, draft: int) -> mx.array:
+        """A token distributed exactly as `self(logprobs)` would be, that is `draft` as often as possible: the
+        draft is kept with probability p(draft), else the token comes from p with the draft taken out
+        (renormalised). Together: p(draft) + 0 for the draft, (1 - p(draft)) p(t) / (1 - p(draft)) for any other t.
+        Greedy: the argmax, which the caller compares with the draft."""
+        if self.p.greedy:
+            return mx.argmax(logprobs, axis=-1)
+        scores = self._scores(logprobs)
+        keep = mx.random.uniform(shape=(1,), key=self._next_key()) < mx.softmax(scores, axis=-1)[:, draft]
+        other = mx.random.categorical(scores.at[:, draft].add(-mx.inf), key=self._next_key())
+        return mx.where(keep, mx.array([draft], dtype=other.dtype), other)
+
+    def _scores(self, logprobs: mx.array) -> mx.array:
+        p = self.p
         scores = logprobs / p.temperature
         if p.top_k and p.top_k < scores.shape[-1]:
             kth = mx.sort(scores, axis=-1)[:, -p.top_k][:, None]
@@ -96,9 +117,14 @@ def make_sampler(p: SamplingParams) -> Callable[[mx.array], mx.array]:
         if p.min_p > 0:
             top = mx.max(scores, axis=-1, keepdims=True)
             scores = mx.where(scores < top + math.log(p.min_p), -mx.inf, scores)
-        if key is None:
-            return mx.random.categorical(scores)
-        key[0], sub = mx.random.split(key[0])
-        return mx.random.categorical(scores, key=sub)
+        return scores
 
-    return sample
+    def _next_key(self) -> mx.array | None:
+        if self._key is None:
+            return None
+        self._key, sub = mx.random.split(self._key)
+        return sub
+
+
+def make_sampler(p: SamplingParams) -> Sampler:
+    return Sampler(p)

@@ -1,15 +1,32 @@
-"""The engine thread: one thread owns MLX and runs every request; callers talk to it through `submit` and a
-callback, never touching MLX themselves.
+"""The engine: one thread that owns MLX and runs every request of every caller (the Python API, Sessions, the
+server). It is the only loop that runs a model; callers talk to it through `submit` and a callback, never
+touching MLX themselves (`mlxq.engine.stream` is the callers' side).
 
-Each loop iteration: take new requests, drop cancelled ones, run up to one chunk of prompt tokens, oldest waiting
-request first (so a long prompt delays the others' next token by one chunk, not by its whole length, and short
-prompts that arrive together join the batch together), then one decode step of every running request together
-(`batch.py`). A prompt first resumes from the longest prefix the prompt
-cache holds; a finished request leaves its cache there for the next one.
+Each loop iteration: take new requests, drop cancelled ones, admit waiting requests while the batch has room,
+run one prefill step, then one decode step.
 
-A request's text is detokenized here, and stop strings, end-of-sequence and `max_tokens` end it here, so the
-caller gets finished text pieces. Errors stay with their request: a processor or sampler that raises fails that
-request alone, and a failure of the shared model step fails the requests in that step, while the engine goes on.
+- Prefill: the requests being prefilled form one batch (`batch.py`) and run one forward pass together per
+  iteration, each row feeding its own share of `prefill_chunk` prompt tokens (rows of different lengths, each
+  at its own offset). Prompts that arrive together are prefilled together when they fit one pass; long ones a
+  few at a time, oldest first (`_prefill_room`). A running stream waits at most one such step for its next
+  token, however long the prompts are. A row whose prompt is done samples its first token from that same pass
+  and moves to the decode batch.
+- Decode: every running request advances by one token in one forward pass.
+
+A prompt first resumes from a cache: the request's own `CacheSlot` (a Session's conversation) or else the
+longest prefix the shared prompt cache holds; a finished request leaves its cache there for the next one.
+Caches that cannot rewind (recurrent layers) are checkpointed where the request asked (`marks`), so prefill
+chunks end there.
+
+The model, its batches and every cache belong to the `Runner` (`runner.py`), which the loop drives with plain
+data (token ids, row numbers); the runner of a group of processes replays those decisions on every member
+(`mlxq.distributed`). A runner failure that ends the model for good (`EngineDown`: a member of the group is
+gone) fails every request and stops the loop.
+
+A request's tokens go through its `OutputProcessor` here (detokenize, stops, end-of-sequence, logprobs,
+reasoning split, tool calls), so callers get finished pieces. Errors stay with their request: a processor or
+sampler that raises fails that request alone, and a failure of a shared model step fails the requests in that
+step, while the engine goes on.
 """
 
 from __future__ import annotations
@@ -22,51 +39,24 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from mlxq.engine.batch import make_batch
-from mlxq.engine.cache import checkpoint
-from mlxq.engine.prompt_cache import PromptCache
+from mlxq.engine.output import Output, OutputProcessor, Reading, TokenLogprob, Usage
+from mlxq.engine.prompt_cache import CacheSlot, resume_point
+from mlxq.engine.runner import DECODE, PREFILL, Runner
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams, make_sampler, penalty_processors
-from mlxq.engine.stops import StopMatcher
-from mlxq.errors import GenerationError, InvalidRequest, MlxqError
-
-if TYPE_CHECKING:
-    from mlxq.api import Model
-    from mlxq.engine.tokenizer import Tokenizer
+from mlxq.engine.speculative import PromptLookup
+from mlxq.engine.tokenizer import Tokenizer
+from mlxq.errors import EngineDown, GenerationError, InvalidRequest, MlxqError
+from mlxq.models.base import CausalLM
 
 log = logging.getLogger("mlxq.engine")
 
-PREFILL_CHUNK = 256
-
-
-@dataclass
-class TokenLogprob:
-    token: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # the most likely tokens, best first
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int  # prompt tokens resumed from the prompt cache
-
-
-@dataclass
-class Output:
-    """What a request produced since its last output. The last one has `finish_reason` and `usage`, or
-    `error` when the request failed."""
-
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
-    usage: Usage | None = None
-    error: MlxqError | None = None
+PREFILL_CHUNK = 512  # prompt tokens per prefill step, shared by the rows being prefilled
+MIN_SHARE = 128  # a long prompt's fewest tokens per prefill step (see Engine._prefill_room)
+DEFAULT_MAX_BATCH = 32
+DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -79,10 +69,14 @@ class Request:
     make_processors: Callable[[], list[LogitsProcessor]] = list
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the k most likely
-    marks: list[int] = field(default_factory=list)  # prompt positions worth a prompt-cache checkpoint
+    marks: list[int] = field(default_factory=list)  # prompt positions worth a checkpoint (caches that cannot rewind)
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
+    reading: Reading = field(default_factory=Reading)  # how the text reads back: reasoning split, tool calls
+    slot: CacheSlot | None = None  # a conversation's own cache: resumed from, and left there afterwards
+    speculative: int = 0  # draft tokens checked per decode step, looked up in the prompt and answer (0: off)
     on_output: Callable[[Output], None] = lambda out: None  # called on the engine thread; must not block
     cancelled: bool = False
+    finished: bool = False  # its last output went out
 
     def cancel(self) -> None:
         """Ends the request at the next step (from any thread)."""
@@ -90,29 +84,42 @@ class Request:
 
 
 class _Sequence:
-    """A request inside the engine: its sampler, detokenizer, cache while prefilling, and output so far."""
+    """A request inside the engine: its sampler, processors, output processor and position."""
 
     def __init__(self, req: Request, tokenizer: Tokenizer):
         self.req = req
         self.sampler = make_sampler(req.params)
-        self.stops = StopMatcher(req.stop)
         self.procs = penalty_processors(req.params) + list(req.make_processors())
-        self.eos = tokenizer.eos_token_ids
-        self.detok = tokenizer.detokenizer()
-        self.generated: list[int] = []
-        self.text, self.emitted = "", 0
-        self.cache: list | None = None  # while prefilling; then the row lives in the batch
-        self.cached = self.pos = 0  # prompt tokens resumed from the prompt cache / already in the cache
-        self.marks: dict[int, list] = {}  # position -> cache checkpoint, for the prompt cache
-        self.next_input = req.prompt[-1]
+        self.out = OutputProcessor(tokenizer, max_tokens=req.max_tokens, stop=req.stop, ignore_eos=req.ignore_eos,
+                                   reading=req.reading)
+        self.generated = self.out.generated
+        self.cached = self.pos = 0  # prompt tokens resumed from a cache / in the cache
+        self.next_input = -1  # the last sampled token, which the next decode step feeds
+        self.decoded = 0  # sampled tokens fed back (in the cache)
+        self.lookup = PromptLookup(req.prompt) if req.speculative > 0 else None
+        self.draft_len = req.speculative  # adapts to how much of the drafts the model takes (`checked`)
 
-    def pick(self, logits: mx.array) -> tuple:
-        """Lazy (token, logprobs, chosen logprob, top ids, top logprobs) from this row's logits [1, V]."""
+    def draft(self) -> list[int]:
+        """Tokens to check after the next one (prompt lookup), never more than the request may still take."""
+        if self.lookup is None:
+            return []
+        self.lookup.extend(self.generated[len(self.lookup.tokens) - len(self.req.prompt) :])
+        return self.lookup.draft(min(self.draft_len, self.req.max_tokens - len(self.generated) - 1))
+
+    def checked(self, drafted: int, accepted: int) -> None:
+        """The next draft is twice as long as what was accepted of this one (at least one token, at most the
+        request's `speculative`): each draft token costs its verification whether it is taken or not."""
+        grown = max(self.draft_len, 2 * drafted) if accepted == drafted else 2 * accepted
+        self.draft_len = max(1, min(self.req.speculative, grown))
+
+    def pick(self, logits: mx.array, draft: int | None = None) -> tuple:
+        """Lazy (token, chosen logprob, top ids, top logprobs) from this row's logits [1, V]; with a `draft` token,
+        the token is drawn so that it is the draft as often as exactness allows (`Sampler.verify`)."""
         logits = logits.astype(mx.float32)
         for proc in self.procs:
             logits = proc(self.generated, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = self.sampler(logprobs)
+        token = self.sampler(logprobs) if draft is None else self.sampler.verify(logprobs, draft)
         if self.req.logprobs is None:
             return (token,)
         chosen = logprobs[0, token]
@@ -125,71 +132,67 @@ class _Sequence:
     def accept(self, picked: tuple) -> Output:
         """Takes the sampled token; returns the output it makes final, finished if the request is done."""
         token = picked[0].item()
-        self.generated.append(token)
-        out = Output(tokens=[token])
+        logprob = None
         if self.req.logprobs is not None:
             top = []
             if len(picked) > 2:
                 top = sorted(zip(picked[2].tolist(), picked[3].tolist(), strict=True), key=lambda t: -t[1])
-            out.logprobs.append(TokenLogprob(token, picked[1].item(), top))
-        finish, cut = None, False
-        if token in self.eos and not self.req.ignore_eos:
-            finish = "stop"
-        else:
-            before = len(self.text)
-            self.text += self.detok.add(token)
-            at = self.stops.find(self.text, before)
-            if at >= 0:
-                self.text, finish, cut = self.text[:at], "stop", True
-            elif len(self.generated) >= self.req.max_tokens:
-                finish = "length"
-        if finish is None:
-            safe = max(self.emitted, len(self.text) - self.stops.held_back(self.text))
-        else:
-            if not cut:
-                self.text += self.detok.flush()
-            safe = len(self.text)
-        out.text, self.emitted = self.text[self.emitted : safe], safe
-        out.finish_reason = finish
+            logprob = TokenLogprob(token, picked[1].item(), top)
+        out = self.out.add(token, logprob)
+        self.next_input = token
+        if out.finish_reason is not None:
+            out.usage = self.usage()
+        return out
+
+    def end(self, reason: str) -> Output:
+        out = self.out.finish(reason)
+        out.usage = self.usage()
         return out
 
     def usage(self) -> Usage:
-        return Usage(len(self.req.prompt), len(self.generated), self.cached)
+        return Usage(len(self.req.prompt), len(self.generated), self.cached, self.out.reasoning_tokens)
 
     @property
     def fed(self) -> list[int]:
-        """The tokens in this sequence's cache: the last prompt token, or later the last sampled token, has not
-        been run yet."""
-        if not self.generated:
-            return self.req.prompt[:-1]
-        return self.req.prompt + self.generated[:-1]
+        """The tokens in this sequence's cache: the prompt so far, then the sampled tokens decode steps fed."""
+        if self.pos < len(self.req.prompt):
+            return self.req.prompt[: self.pos]
+        return self.req.prompt + self.generated[: self.decoded]
 
 
 class Engine:
-    """Runs `model` (an `mlxq.Model`) for many requests at once on its own thread.
+    """Runs `net` (a `CausalLM`, or a `Runner` that runs one) for many requests at once on its own thread.
 
-    `max_batch`: requests decoded together; more wait their turn. `prompt_cache_bytes`: bound of the prompt
-    cache (0 turns it off). `prefill_chunk`: prompt tokens run per loop iteration."""
+    `max_batch`: requests run together (prefilling and decoding); more wait their turn. `prompt_cache_bytes`:
+    bound of the shared prompt cache (0 turns it off; conversation slots are not counted; ignored when given a
+    runner, which has its own). `prefill_chunk`: prompt tokens per prefill step. `prompt_cache_spill`: (directory,
+    bytes): entries leaving the prompt cache go to disk there, up to that many bytes."""
 
-    def __init__(
-        self, model: Model, *, max_batch: int = 8, prompt_cache_bytes: int = 1 << 30, prefill_chunk: int = PREFILL_CHUNK
-    ):
+    IDLE_S = 2.0  # an idle loop calls `runner.idle()` this often
+
+    def __init__(self, net: CausalLM | Runner, tokenizer: Tokenizer, *, max_batch: int = DEFAULT_MAX_BATCH,
+                 prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES, prefill_chunk: int = PREFILL_CHUNK,
+                 prompt_cache_spill: tuple[str, int] | None = None):
         if max_batch < 1:
             raise InvalidRequest("max_batch must be >= 1")
-        self.model, self.net, self.tokenizer = model, model.net, model.tokenizer
-        _evaluate_all(self.net)
+        if prefill_chunk < 1:
+            raise InvalidRequest("prefill_chunk must be >= 1")
+        self.runner = net if isinstance(net, Runner) else Runner(net, prompt_cache_bytes, prompt_cache_spill)
+        self.net, self.tokenizer = self.runner.net, tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
-        self.prompt_cache = PromptCache(self.net.make_cache, prompt_cache_bytes)
+        self.prompt_cache = self.runner.prompt_cache
+        self.rewindable = self.runner.rewindable  # every layer can resume at any position (attention only)
         self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._waiting: deque[_Sequence] = deque()
-        self._prefilling: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
-        self._batch = make_batch(self.net)
+        self._prefilling: list[_Sequence] = []  # the runner's prefill rows, in row order
+        self._running: list[_Sequence] = []  # its decode rows, in row order
+        self._down: EngineDown | None = None  # set once the runner can no longer run the model
         self._thread: threading.Thread | None = None
         self._closed = False
         self._loop_done = False
         self._parked = threading.Event()
-        self.steps = self.failures = self.cancelled = 0
+        self.steps = self.prefill_steps = self.failures = self.cancelled = 0
+        self.drafted = self.accepted_drafts = 0  # speculative draft tokens checked / taken by decode steps
 
     # ------------------------------------------------------------------------------------------ public
     def start(self) -> Engine:
@@ -203,7 +206,7 @@ class Engine:
         """Stops the loop after its current step; requests not finished end as cancelled."""
         self._closed = True
         self._inbox.put(None)
-        if self._thread is not None:
+        if self._thread is not None and self._down is None:  # an aborted loop may be stuck for good
             self._parked.wait(timeout)
 
     def submit(self, request: Request) -> None:
@@ -211,10 +214,12 @@ class Engine:
             raise InvalidRequest("empty prompt")
         if request.max_tokens < 1:
             raise InvalidRequest("max_tokens must be >= 1")
+        if self._down is not None:
+            raise self._down
         if self._closed or not self.alive:
             raise GenerationError("the engine is not running")
         self._inbox.put(request)
-        if self._loop_done:  # closed meanwhile, after the loop's last look at the inbox
+        if self._loop_done or self._down is not None:  # closed meanwhile, after the loop's last look at the inbox
             self._drain_inbox()
 
     @property
@@ -227,43 +232,93 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and not self._loop_done
 
     def stats(self) -> dict:
-        pc = self.prompt_cache
         return {
             "running": len(self._running),
             "prefilling": len(self._prefilling),
             "waiting": len(self._waiting),
             "steps": self.steps,
+            "prefill_steps": self.prefill_steps,
+            "drafted": self.drafted,
+            "accepted_drafts": self.accepted_drafts,
             "failures": self.failures,
             "cancelled": self.cancelled,
-            "prompt_cache": {
-                "entries": len(pc),
-                "bytes": pc.nbytes,
-                "max_bytes": pc.max_bytes,
-                "hits": pc.hits,
-                "misses": pc.misses,
-            },
+            **self.runner.stats(),
         }
+
+    def abort(self, error: EngineDown) -> None:
+        """The model cannot run any more (a member of a group is gone): every request not finished ends with
+        `error`, new ones are refused with it, and the loop stops. Callable from any thread, also while the loop
+        is stuck in a step that will never finish (the runner's watchdog calls it then)."""
+        if self._down is not None:
+            return
+        self._down = error
+        self._closed = True
+        for seq in self._snapshot():
+            self._emit_error(seq.req, error)
+        self._drain_inbox()
+        self._inbox.put(None)
+
+    def _snapshot(self) -> list[_Sequence]:
+        """Every sequence the loop holds, read safely from another thread."""
+        while True:
+            try:
+                return [*self._waiting, *self._prefilling, *self._running]
+            except RuntimeError:  # the loop changed the deque meanwhile
+                continue
 
     # ------------------------------------------------------------------------------------------ the loop
     def _run(self) -> None:
         mx.set_default_stream(mx.new_stream(mx.default_device()))  # MLX streams are per thread
         while self._take_new():
-            try:
-                self._drop_cancelled()
-                if self._prefilling:
-                    self._prefill_some()
-                if self._running:
-                    self._decode()
-            except Exception as e:  # the shared step failed: its requests fail, the engine goes on
-                log.exception("engine step failed")
-                self._fail_all(e)
+            self._guarded(self._prefill_phase, PREFILL)
+            self._guarded(self._decode_phase, DECODE)
         self._loop_done = True
         self._cancel_left()
+        try:
+            self.runner.close()
+        except Exception:
+            log.exception("closing the runner failed")
+
+    def _prefill_phase(self) -> None:
+        self._drop_cancelled(PREFILL, self._prefilling)
+        self._admit()
+        if self._prefilling:
+            self._prefill_step()
+
+    def _decode_phase(self) -> None:
+        self._drop_cancelled(DECODE, self._running)
+        if self._running:
+            self._decode_step()
+
+    def _guarded(self, phase: Callable[[], None], name: str) -> None:
+        """Runs a phase; if its shared step fails, its batch is in an unknown state: the batch's requests fail and
+        the engine goes on with a fresh one. If the model cannot run any more (`EngineDown`), every request fails
+        and the loop stops."""
+        if self._down is not None:
+            return
+        try:
+            phase()
+        except EngineDown as e:
+            log.error("%s", e)
+            self.abort(e)
+        except Exception as e:
+            if isinstance(e, MlxqError):  # a clear error (a damaged expert pack, say): its requests report it
+                log.info("engine step failed: %s", e)
+            else:
+                log.exception("engine step failed")
+            seqs = self._running if name == DECODE else self._prefilling
+            for seq in seqs:
+                self._fail(seq, e, clear_slot=False)
+            seqs.clear()
+            try:
+                self.runner.reset(name)
+            except EngineDown as down:
+                self.abort(down)
 
     def _cancel_left(self) -> None:
         """On close, every request not finished yet ends as cancelled, so no caller waits forever."""
         for seq in [*self._waiting, *self._prefilling, *self._running]:
-            self._emit(seq, Output(finish_reason="cancelled", usage=seq.usage()))
+            self._emit(seq, seq.end("cancelled"))
         self._waiting.clear(), self._prefilling.clear(), self._running.clear()
         self._drain_inbox()
 
@@ -273,7 +328,11 @@ class Engine:
                 req = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if req is not None:
+            if req is None:
+                continue
+            if self._down is not None:
+                self._emit_error(req, self._down)
+            else:
                 _deliver(req, Output(finish_reason="cancelled", usage=Usage(len(req.prompt), 0, 0)))
 
     def _take_new(self) -> bool:
@@ -281,9 +340,12 @@ class Engine:
         block = not (self._waiting or self._prefilling or self._running)
         while True:
             try:
-                req = self._inbox.get(block=block)
+                req = self._inbox.get(block=block, timeout=self.IDLE_S if block else None)
             except queue.Empty:
-                break
+                if block:  # idle: the runner may check on its group meanwhile
+                    self._guarded(self.runner.idle, PREFILL)
+                    continue
+                return True
             if req is None or self._closed:
                 if req is not None:
                     _deliver(req, Output(finish_reason="cancelled", usage=Usage(len(req.prompt), 0, 0)))
@@ -293,127 +355,171 @@ class Engine:
             except Exception as e:  # a bad sampler setting, say: this request fails
                 self._emit_error(req, e)
             block = False
-        while self._waiting and len(self._prefilling) + len(self._running) < self.max_batch:
-            self._prefilling.append(self._waiting.popleft())
-        return True
 
-    def _drop_cancelled(self) -> None:
-        for queue_ in (self._waiting, self._prefilling):
-            for seq in [s for s in queue_ if s.req.cancelled]:
-                queue_.remove(seq)
-                self.cancelled += 1
-                self._emit(seq, Output(finish_reason="cancelled", usage=seq.usage()))
-        for i in reversed([i for i, s in enumerate(self._running) if s.req.cancelled]):
-            seq = self._running[i]
-            self._leave(i, store=True)  # what it computed may serve the next request
-            self.cancelled += 1
-            self._emit(seq, Output(finish_reason="cancelled", usage=seq.usage()))
-
-    def _prefill_some(self) -> None:
-        """Runs up to `prefill_chunk` prompt tokens, oldest request first: short prompts that arrive together all
-        join the next decode step (a full batch at once), while a long prompt delays the running requests' next
-        token by one chunk at most."""
-        budget = self.prefill_chunk
-        for seq in list(self._prefilling):
-            while budget > 0:
-                ran = self._prefill(seq, budget)
-                if ran is None:  # joined the batch, or failed
-                    break
-                budget -= ran
-            if budget <= 0:
-                return
-
-    def _prefill(self, seq: _Sequence, budget: int) -> int | None:
-        """Runs up to `budget` more prompt tokens of `seq`; returns how many, or None once the sequence is fully
-        prefilled and has joined the batch (its last prompt token is run by the next decode step, which samples
-        its first token) or has failed."""
-        ran = 0
-        try:
-            prompt = seq.req.prompt
-            if seq.cache is None:
-                seq.cache, seq.cached = self.prompt_cache.fetch(prompt)
-                seq.pos = seq.cached
-            end = len(prompt) - 1
-            # Caches that cannot rewind are checkpointed where a later prompt may resume: chunks end there.
-            marks = [] if self.prompt_cache.rewindable else [p for p in seq.req.marks if seq.pos < p < end]
-            target = min([end, seq.pos + budget, *marks])
-            if target > seq.pos:
-                self.net(mx.array(prompt[seq.pos : target], dtype=mx.uint32)[None], seq.cache)
-                mx.eval([c.state for c in seq.cache])
-                ran, seq.pos = target - seq.pos, target
-                if target in marks or (target == end and not self.prompt_cache.rewindable):
-                    seq.marks[target] = checkpoint(seq.cache)
-        except Exception as e:
-            self._prefilling.remove(seq)
-            self._fail(seq, e)
-            return None
-        if seq.pos < end:
-            return ran
-        self._prefilling.remove(seq)
-        self._batch.add(seq.cache)
-        seq.cache = None
-        self._running.append(seq)
-        return None
-
-    def _decode(self) -> None:
-        logits = self._batch.step([s.next_input for s in self._running])
-        picks: list[tuple | Exception] = []
-        for i, seq in enumerate(self._running):
+    def _admit(self) -> None:
+        """Waiting requests join the prefill batch, oldest first, while the batch has room and the prefill step can
+        take them (`_prefill_room`), resumed from a cache."""
+        while (self._waiting and len(self._prefilling) + len(self._running) < self.max_batch
+               and self._prefill_room(self._waiting[0])):
+            seq = self._waiting.popleft()
             try:
-                picks.append(seq.pick(logits[i : i + 1]))
+                seq.cached = self.runner.admit(seq.req.prompt, seq.req.slot)
+            except EngineDown:
+                self._waiting.appendleft(seq)
+                raise
+            except Exception as e:
+                self._fail(seq, e)
+                continue
+            seq.pos = seq.cached
+            self._prefilling.append(seq)
+
+    def _prefill_room(self, seq: _Sequence) -> bool:
+        """Whether `seq` may join the rows being prefilled: when all of them finish their prompts in one step
+        together (short prompts arriving together share one pass), or each still gets `MIN_SHARE` tokens a step.
+        Long prompts are otherwise prefilled a few at a time, so the first of them answer sooner, rather than all
+        at the end. A prompt's remainder is its full length here, unless its own slot already holds a prefix."""
+        rows = len(self._prefilling) + 1
+        if rows == 1 or rows * MIN_SHARE <= self.prefill_chunk:
+            return True
+        slot, prompt = seq.req.slot, seq.req.prompt
+        held = resume_point(slot.tokens, slot.marks, prompt, self.rewindable) if slot and slot.caches else 0
+        longest = max([len(prompt) - held, *(len(s.req.prompt) - s.pos for s in self._prefilling)])
+        return rows * longest <= self.prefill_chunk
+
+    def _drop_cancelled(self, phase: str, seqs: list[_Sequence]) -> None:
+        """Cancelled requests end: those waiting, and those in `phase` (whose work is kept for the next request)."""
+        if phase == PREFILL:
+            for seq in [s for s in self._waiting if s.req.cancelled]:
+                self._waiting.remove(seq)
+                self.cancelled += 1
+                self._emit(seq, seq.end("cancelled"))
+        for i in reversed([i for i, s in enumerate(seqs) if s.req.cancelled]):
+            self.cancelled += 1
+            self._leave(phase, seqs, i, seqs[i].end("cancelled"))  # what it computed serves the next request
+
+    def _prefill_step(self) -> None:
+        """One forward pass over every row being prefilled, each feeding its share of `prefill_chunk` prompt tokens
+        (up to its next checkpoint mark). Rows whose prompt is done sample their first token and join the decode
+        batch."""
+        share = max(1, self.prefill_chunk // len(self._prefilling))
+        tokens, at = [], []
+        for seq in self._prefilling:
+            prompt = seq.req.prompt
+            target = min(len(prompt), seq.pos + share)
+            if not self.rewindable:
+                target = min([target, *(m for m in seq.req.marks if seq.pos < m < len(prompt))])
+            tokens.append(prompt[seq.pos : target])
+            at.append([target - seq.pos - 1] if target == len(prompt) else [])
+        marks = [i for i, (seq, fed) in enumerate(zip(self._prefilling, tokens, strict=True))
+                 if not self.rewindable and seq.pos + len(fed) in seq.req.marks]
+        logits = self.runner.prefill(tokens, at, marks)
+        self.prefill_steps += 1
+        done: list[int] = []
+        for i, (seq, fed) in enumerate(zip(self._prefilling, tokens, strict=True)):
+            seq.pos += len(fed)
+            if at[i]:
+                done.append(i)
+        if not done:
+            return
+        picks = self._pick([self._prefilling[i] for i in done], logits)
+        for i, picked in reversed(list(zip(done, picks, strict=True))):
+            seq = self._prefilling[i]
+            out = self._accept(seq, picked)
+            if out is None or out.finish_reason is not None:
+                self._leave(PREFILL, self._prefilling, i, out)
+            else:
+                del self._prefilling[i]
+                self.runner.promote(i)
+                self._running.append(seq)
+
+    def _decode_step(self) -> None:
+        """One token for every running request, in one forward pass; more for a request whose draft is right.
+
+        A row with a draft (`Request.speculative`) feeds its next token and then the draft, and gets logits at
+        each of them: the token after position j is picked from them as plain decoding would (the processors see
+        the tokens accepted so far), and while it equals draft token j + 1, that token's logits are valid too and
+        the next is picked from them. The cache then keeps what was accepted (`Runner.rewind`)."""
+        drafts = [seq.draft() for seq in self._running]
+        if any(drafts):
+            self.drafted += sum(len(d) for d in drafts)
+            logits = self.runner.verify([[s.next_input, *d] for s, d in zip(self._running, drafts, strict=True)])
+            starts = [0]
+            for d in drafts[:-1]:
+                starts.append(starts[-1] + 1 + len(d))
+            firsts = logits[mx.array(starts)]
+        else:
+            firsts = self.runner.decode([s.next_input for s in self._running])
+        for seq in self._running:
+            seq.decoded += 1
+        picks = self._pick(self._running, firsts, [d[0] if d else None for d in drafts])
+        self.steps += 1
+        outs, keep = [], []
+        for i, (seq, draft, picked) in enumerate(zip(self._running, drafts, picks, strict=True)):
+            out, taken = self._accept(seq, picked), 1
+            while out is not None and out.finish_reason is None and taken <= len(draft) and \
+                    seq.next_input == draft[taken - 1]:
+                seq.decoded += 1  # the draft token is in the cache, and the logits after it are valid
+                self.accepted_drafts += 1
+                at = starts[i] + taken
+                following = draft[taken] if taken < len(draft) else None
+                out, taken = self._accept(seq, self._pick([seq], logits[at : at + 1], [following])[0]), taken + 1
+            outs.append(out)
+            keep.append(taken)
+            if draft:
+                seq.checked(len(draft), taken - 1)
+        if any(drafts):
+            self.runner.rewind(keep)
+        for i in reversed(range(len(outs))):
+            if outs[i] is None or outs[i].finish_reason is not None:
+                self._leave(DECODE, self._running, i, outs[i])
+
+    def _pick(self, seqs: list[_Sequence], logits: mx.array,
+              drafts: list[int | None] | None = None) -> list[tuple | Exception]:
+        """Each sequence's sampled token (row i of `logits`, given draft token i if any), evaluated; an exception for
+        a row that failed."""
+        picks: list[tuple | Exception] = []
+        for i, seq in enumerate(seqs):
+            try:
+                picks.append(seq.pick(logits[i : i + 1], drafts[i] if drafts else None))
             except Exception as e:
                 picks.append(e)
         try:
             mx.eval([p for p in picks if not isinstance(p, Exception)])
         except Exception:  # find the rows that fail on their own; if the model step failed, that is all
             picks = [_evaluated(p) for p in picks]
-        self.steps += 1
-        done: list[tuple[int, Exception | None]] = []
-        for i, (seq, picked) in enumerate(zip(self._running, picks, strict=True)):
-            if isinstance(picked, Exception):
-                done.append((i, picked))
-                continue
-            try:
-                out = seq.accept(picked)
-            except Exception as e:
-                done.append((i, e))
-                continue
-            seq.next_input = out.tokens[0]
-            if out.finish_reason:
-                out.usage = seq.usage()
-                done.append((i, None))
-            if out.text or out.logprobs or out.finish_reason:
-                self._emit(seq, out)
-        for i, error in reversed(done):
-            seq = self._running[i]
-            self._leave(i, store=error is None)
-            if error is not None:
-                self._fail(seq, error)
+        return picks
 
-    def _leave(self, i: int, store: bool) -> None:
-        """Takes running sequence i out of the batch, its cache into the prompt cache when `store`."""
-        seq = self._running.pop(i)
-        store = store and self.prompt_cache.max_bytes > 0
-        cache = self._batch.remove(i, keep_cache=store)
-        if cache is not None:
-            try:
-                self.prompt_cache.store(seq.fed, cache, seq.marks)
-            except Exception:  # a cache that is not kept costs time later, nothing else
-                log.exception("prompt cache store failed")
+    def _accept(self, seq: _Sequence, picked: tuple | Exception) -> Output | None:
+        """Hands the sampled token to the sequence and, unless it finished (see `_leave`), its output to the
+        caller; None if the sequence failed."""
+        try:
+            if isinstance(picked, Exception):
+                raise picked
+            out = seq.accept(picked)
+        except Exception as e:
+            self._fail(seq, e)
+            return None
+        if out.finish_reason is None:
+            self._emit(seq, out)  # every token, even one whose text is held back (its caller counts it)
+        return out
+
+    def _leave(self, phase: str, seqs: list[_Sequence], i: int, last: Output | None) -> None:
+        """Takes sequence i out of `phase`; its cache goes to its slot or to the prompt cache, unless it failed
+        (`last` None). Its last output goes out after that, so a caller that sees it finished finds its slot
+        ready for the next request."""
+        seq = seqs.pop(i)
+        self.runner.leave(phase, i, seq.fed if last is not None else None)
+        if last is not None:
+            self._emit(seq, last)
 
     # ------------------------------------------------------------------------------------------ failures
-    def _fail(self, seq: _Sequence, error: Exception) -> None:
+    def _fail(self, seq: _Sequence, error: Exception, clear_slot: bool = True) -> None:
         self.failures += 1
         if not isinstance(error, MlxqError):
             log.error("request failed: %r", error)
+        if seq.req.slot is not None and clear_slot:
+            self.runner.clear_slot(seq.req.slot)
         self._emit_error(seq.req, error)
-
-    def _fail_all(self, error: Exception) -> None:
-        """The batch is in an unknown state: its requests fail (prefilling ones have their own caches)."""
-        for seq in self._running:
-            self._fail(seq, error)
-        self._running.clear()
-        self._batch = make_batch(self.net)
 
     def _emit_error(self, req: Request, error: Exception) -> None:
         if not isinstance(error, MlxqError):
@@ -425,6 +531,9 @@ class Engine:
 
 
 def _deliver(req: Request, out: Output) -> None:
+    if req.finished:  # ended already (an engine aborted from another thread, say): nothing more goes out
+        return
+    req.finished = out.finish_reason is not None
     try:
         req.on_output(out)
     except Exception:  # the receiver is gone: nobody wants the rest
@@ -452,22 +561,3 @@ def _evaluated(picked: tuple | Exception) -> tuple | Exception:
         return picked
     except Exception as e:
         return e
-
-
-def _evaluate_all(net) -> None:
-    """Computes every array the model holds, private tables included (rope frequencies). An unevaluated array
-    belongs to the stream of the thread that made it, and the engine thread cannot evaluate it."""
-    found: list[mx.array] = []
-
-    def walk(value) -> None:
-        if isinstance(value, mx.array):
-            found.append(value)
-        elif isinstance(value, dict):  # modules are dicts
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-
-    walk(net)
-    mx.eval(found)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,12 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoft
 
 
 class Tokenizer:
-    """Encode/decode, chat templates (with `enable_thinking` passed through) and the EOS set."""
+    """Encode/decode, chat templates (with `enable_thinking` passed through) and the EOS set. Safe to share across
+    threads: encoding and templating take turns (a fast tokenizer's settings may change under an encode)."""
 
     def __init__(self, hf, chat_template: str | None = None, eos_token_ids: list[int] | None = None):
         self.hf = hf
+        self._lock = threading.Lock()
         if chat_template:
             hf.chat_template = chat_template
         vocab = hf.get_vocab()
@@ -31,15 +34,17 @@ class Tokenizer:
         return bool(self.hf.chat_template)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+        with self._lock:
+            return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        with self._lock:
+            return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], **options: Any) -> list[int]:
         """Token ids of the rendered conversation (`render_chat_template` takes the options)."""
         # The template already writes BOS where the model wants it.
-        return self.hf.encode(self.render_chat_template(messages, **options), add_special_tokens=False)
+        return self.encode(self.render_chat_template(messages, **options), add_special_tokens=False)
 
     def render_chat_template(
         self,

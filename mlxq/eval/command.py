@@ -69,7 +69,7 @@ def run(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from mlxq.eval.metrics import load_for_eval, reference, score, windows
-    from mlxq.eval.texts import heldout_text, read_text_file
+    from mlxq.formats.texts import heldout_text, read_text_file
 
     console = console or Console(stderr=True)
     text = read_text_file(text_file) if text_file else heldout_text()

@@ -20,8 +20,15 @@ from mlxq.experts.pool import ExpertStats, SlotPool, experts_nbytes
 from mlxq.experts.stream import StreamedMoE
 from mlxq.models.moe import SparseMoE
 
-__all__ = ["ExpertStats", "Packs", "SlotPool", "StreamOptions", "has_packs", "open_packs", "parse_size",
+__all__ = ["ExpertStats", "expert_stats", "Packs", "SlotPool", "StreamOptions", "has_packs", "open_packs", "parse_size",
            "moe_blocks", "stream_blocks", "start_pool"]
+
+
+def expert_stats(net: nn.Module) -> ExpertStats | None:
+    """Streaming counters so far of a loaded model (hits, misses, bytes, read / stall / compute time; subtract
+    two snapshots for one run), or None when its experts are not streamed."""
+    pool = getattr(net, "expert_pool", None)
+    return None if pool is None else pool.snapshot()
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""BitNet b1.58: Llama's network with ReLU², an RMSNorm on the attention heads' output (attn_sub_norm) and on
-the MLP's hidden state (ffn_sub_norm), and ternary linears that round each token's activations to int8.
+"""BitNet b1.58: Llama's network with ReLU² (or SiLU, 1bitLLM's checkpoints), an RMSNorm on the attention heads'
+output (attn_sub_norm) and on the MLP's hidden state (ffn_sub_norm), and ternary linears that round each token's
+activations to int8.
 
 Checkpoints come two ways. transformers' packed format (`quantization_config.quant_method` "bitnet",
 `linear_class` "bitlinear", as microsoft/bitnet-b1.58-2B-4T ships): each linear's `weight` is uint8
@@ -23,6 +24,9 @@ from mlxq.models import llama
 from mlxq.models.layers import Attention, GatedMLP, RoPE, TernaryLinear, relu2
 
 HF_ROWS_PER_BYTE = 4
+# hidden_act -> the MLP's activation: ReLU² (microsoft/bitnet-b1.58-2B-4T), SiLU (1bitLLM's bitnet_b1_58, what
+# llama.cpp's `bitnet` architecture runs)
+ACTIVATIONS = {"relu2": relu2, "silu": nn.silu}
 
 
 def packed_linear(config: dict[str, Any]):
@@ -37,12 +41,12 @@ def packed_linear(config: dict[str, Any]):
 
 
 class Block(nn.Module):
-    def __init__(self, a: llama.Args, rope: RoPE, linear=None, layer: int = 0):  # (every BitNet layer is alike)
+    def __init__(self, a: llama.Args, rope: RoPE, linear=None, layer: int = 0, act=relu2):  # (every layer alike)
         super().__init__()
         eps = a.rms_norm_eps
         self.self_attn = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, rope,
                                    bias=a.attention_bias, out_bias=a.attention_bias, sub_norm_eps=eps, linear=linear)
-        self.mlp = GatedMLP(a.hidden_size, a.intermediate_size, act=relu2, sub_norm_eps=eps, linear=linear)
+        self.mlp = GatedMLP(a.hidden_size, a.intermediate_size, act=act, sub_norm_eps=eps, linear=linear)
         self.input_layernorm = nn.RMSNorm(a.hidden_size, eps=eps)
         self.post_attention_layernorm = nn.RMSNorm(a.hidden_size, eps=eps)
 
@@ -51,10 +55,12 @@ class Block(nn.Module):
 
 class Model(llama.Model):
     def block_for(self, config: dict[str, Any]):
-        if config.get("hidden_act", "relu2") != "relu2":
-            raise ConfigError(f"config.json: bitnet hidden_act '{config['hidden_act']}' is not supported (relu2)")
+        act = ACTIVATIONS.get(config.get("hidden_act", "relu2"))
+        if act is None:
+            raise ConfigError(f"config.json: bitnet hidden_act '{config['hidden_act']}' is not supported "
+                              f"({', '.join(ACTIVATIONS)})")
         self._packed = packed_linear(config) is not None
-        return partial(Block, linear=packed_linear(config))
+        return partial(Block, linear=packed_linear(config), act=act)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         weights = super().sanitize(weights)

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxq.engine.cache import KVCache, RotatingKVCache
+from mlxq.models.base import CausalLM
 from mlxq.models.layers import Attention, BaseArgs, Embedding, GatedMLP, RoPE, rope_settings
 
 
@@ -72,7 +73,7 @@ class Body(nn.Module):
         self.norm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     def __init__(self, config: dict[str, Any]):
         super().__init__()
         self.args = a = Args.from_config(config)
@@ -82,15 +83,8 @@ class Model(nn.Module):
         x = self.model.embed_tokens(tokens)
         return x * mx.array(self.args.hidden_size**0.5, x.dtype)
 
-    def __call__(self, tokens: mx.array, cache: list) -> mx.array:
-        x = self.embed(tokens)
-        for layer, c in zip(self.model.layers, cache, strict=True):
-            x = layer(x, c)
-        return self.head(self.model.norm(x))
-
-    def head(self, h: mx.array) -> mx.array:
-        """Logits from the final norm's output (tied embeddings, optionally soft-capped)."""
-        logits = self.model.embed_tokens.as_linear(h)
+    def head(self, x: mx.array) -> mx.array:
+        logits = self.model.embed_tokens.as_linear(x)
         if cap := self.args.final_logit_softcapping:
             logits = mx.tanh(logits / cap) * cap
         return logits

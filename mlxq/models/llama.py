@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxq.engine.cache import KVCache, RotatingKVCache
+from mlxq.models.base import CausalLM
 from mlxq.models.layers import Attention, BaseArgs, Embedding, GatedMLP, RoPE, rope_settings
 from mlxq.models.moe import SparseMoE, is_moe_layer, set_experts_per_tok, stack_experts
 
@@ -92,7 +93,7 @@ class Body(nn.Module):
         self.norm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     def __init__(self, config: dict[str, Any]):
         super().__init__()
         self.args = a = Args.from_config(config)
@@ -103,21 +104,6 @@ class Model(nn.Module):
 
     def block_for(self, config: dict[str, Any]):
         return Block
-
-    def embed(self, tokens: mx.array) -> mx.array:
-        return self.model.embed_tokens(tokens)
-
-    def __call__(self, tokens: mx.array, cache: list) -> mx.array:
-        x = self.embed(tokens)
-        for layer, c in zip(self.model.layers, cache, strict=True):
-            x = layer(x, c)
-        return self.head(self.model.norm(x))
-
-    def head(self, h: mx.array) -> mx.array:
-        """Logits from the final norm's output."""
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
 
     def make_cache(self) -> list:
         window = self.args.sliding_window

@@ -21,6 +21,7 @@ from mlxq.engine.cache import KVCache, RecurrentCache
 from mlxq.errors import ConfigError, FormatError
 from mlxq.kernels.activations import exp, sigmoid, silu
 from mlxq.kernels.deltanet import gated_delta_rule
+from mlxq.models.base import CausalLM
 from mlxq.models.layers import BaseArgs, Embedding, GatedMLP, Linear, RoPE, attention, fuse_linears, rope_settings
 from mlxq.models.moe import SparseMoE, is_moe_layer, set_experts_per_tok, stack_experts
 
@@ -125,14 +126,14 @@ def _recurrence_inputs(
 ):
     """Everything between the input projection and the recurrence, as one compiled graph: a decode step
     would otherwise dispatch some thirty small ops per DeltaNet layer. Returns q, k, v, g, beta (the
-    recurrence's inputs) and the conv state after these tokens."""
+    recurrence's inputs) and the conv's input window (the cache keeps its last kernel - 1 rows)."""
     B, L, _ = qkv.shape
     window = mx.concatenate([conv_state, qkv], axis=1)
     mixed = _conv_silu(window, conv_w[:, :, 0].T)
     q, k, v = mx.split(mixed, [Hk * Dk, 2 * Hk * Dk], axis=-1)
     q, k = _l2_normalise(q.reshape(B, L, Hk, Dk), k.reshape(B, L, Hk, Dk))
     g, beta = _gates(A_log, a, dt_bias, b)
-    return q, k, v.reshape(B, L, Hv, -1), g, beta, window[:, L:]
+    return q, k, v.reshape(B, L, Hv, -1), g, beta, window
 
 
 class GatedRMSNorm(nn.Module):
@@ -186,11 +187,14 @@ class GatedDeltaNet(nn.Module):
         else:
             qkv, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
         conv_state = self.conv1d.initial_state(qkv) if cache.conv is None else cache.conv
-        q, k, v, g, beta, conv_state = _recurrence_inputs(
+        q, k, v, g, beta, window = _recurrence_inputs(
             qkv, conv_state, self.conv1d.weight, a, b, self.A_log, self.dt_bias, self.Hk, self.Dk, self.Hv
         )
+        real = cache.make_mask(L)  # [B, L] in a ragged batch (rows of different lengths), else None
+        if real is not None:  # padding leaves the state as it is: no decay (g = 0), no write (beta = 0)
+            g, beta = mx.where(real[..., None], g, 0.0), mx.where(real[..., None], beta, 0.0)
         y, state = gated_delta_rule(q, k, v, g, beta, cache.recurrent)
-        cache.update(conv_state, state, L)
+        cache.update(window, state, L)
         y = self.norm(y, z.reshape(B, L, self.Hv, self.Dv))
         return self.out_proj(y.reshape(B, L, -1))
 
@@ -230,7 +234,7 @@ class GatedAttention(nn.Module):
         mask = cache.make_mask(L)
         q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
         k, v = cache.update_and_fetch(k, v)
-        if L > PREFILL_BLOCK and not _ON_METAL:
+        if L > PREFILL_BLOCK and not _ON_METAL and isinstance(mask, str):  # one row, or rows of one length
             out = _blocked_causal_attention(q, k, v, self.D**-0.5)
         else:
             out = attention(q, k, v, self.D**-0.5, mask)
@@ -311,7 +315,7 @@ class Body(nn.Module):
         self.norm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     def __init__(self, config: dict[str, Any]):
         super().__init__()
         self.args = a = Args.from_config(config)
@@ -322,21 +326,6 @@ class Model(nn.Module):
         if not a.tie_word_embeddings:
             self.lm_head = Linear(a.hidden_size, a.vocab_size, bias=False)
         self.mtp_weights: MappingProxyType = MappingProxyType({})  # filled by sanitize
-
-    def embed(self, tokens: mx.array) -> mx.array:
-        return self.model.embed_tokens(tokens)
-
-    def __call__(self, tokens: mx.array, cache: list) -> mx.array:
-        x = self.embed(tokens)
-        for layer, c in zip(self.model.layers, cache, strict=True):
-            x = layer(x, c)
-        return self.head(self.model.norm(x))
-
-    def head(self, h: mx.array) -> mx.array:
-        """Logits from the final norm's output."""
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
 
     def make_cache(self) -> list:
         return [RecurrentCache() if layer.is_linear else KVCache() for layer in self.model.layers]

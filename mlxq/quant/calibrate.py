@@ -281,7 +281,7 @@ def collect(ckpt: Checkpoint, batches: list[list[int]], hessian: bool, out: Path
     model = build_model(text_config(ckpt.config))
     model.eval()
     source = _LayerSource(ckpt, model)
-    layers = model.model.layers
+    layers = model.layers
     caches = [model.make_cache() for _ in batches]  # made while every layer is still there to say its kind
     source.bind(None)
     hidden = [model.embed(mx.array(seq)[None]) for seq in batches]
@@ -319,7 +319,7 @@ def collect(ckpt: Checkpoint, batches: list[list[int]], hessian: bool, out: Path
         mx.clear_cache()
     head = _Accumulator(hidden[0].shape[-1], 0, hessian)
     for h in hidden:
-        head.add(model.model.norm(h))
+        head.add(model.norm(h))
     keep({HEAD_SITE: head}, "hessian-head.safetensors")
     mx.save_safetensors(str(out / "diag.safetensors"), stats.diag, metadata={"tokens": str(stats.tokens)})
     mx.save_safetensors(str(out / "coactivation.safetensors"), stats.coactivation)
@@ -367,7 +367,7 @@ def load(path: Path) -> Stats | None:
 
 def text_key(text: str | None) -> tuple[str, dict[str, str]]:
     """The calibration texts for `--calibrate [FILE]` and a short key naming them in the cache."""
-    from mlxq.eval.texts import DEFAULT_CALIBRATION, calibration_texts, read_text_file
+    from mlxq.formats.texts import DEFAULT_CALIBRATION, calibration_texts, read_text_file
 
     if not text or text == DEFAULT_CALIBRATION:
         return DEFAULT_CALIBRATION, calibration_texts()

@@ -33,7 +33,7 @@ from mlxq.quant.calibrate import DEFAULT_TOKENS, Stats, calibration_stats
 from mlxq.quant.gptq import gptq
 from mlxq.quant.recipes import FLOAT, Recipe, Spec, Where
 from mlxq.quant.roles import in_mtp, layer_of, role_of
-from mlxq.quant.source import float_checkpoint, module_path
+from mlxq.quant.source import float_checkpoint, lossy_warning, module_path, quantized_as
 from mlxq.quant.writer import DEFAULT_SHARD_BYTES, OutTensor, ShardWriter
 
 METHODS = ("auto", "rtn", "search", "gptq")
@@ -268,6 +268,9 @@ def quantize(
     def opener() -> Checkpoint:
         return float_checkpoint(open_checkpoint(src))
 
+    if (how := quantized_as(open_checkpoint(src))) and recipe.default != "float":
+        better = f"mlxq quantize ORIGINAL -o {out.name} (the unquantized checkpoint)"
+        console.print(f"mlxq: warning: {lossy_warning(src, how, better)}", style="yellow", highlight=False)
     ckpt = opener()
     _check_paths(ckpt, out)
     the_plan = plan(ckpt, recipe, dtype, stream_experts)

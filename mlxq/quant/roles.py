@@ -51,6 +51,7 @@ ROLES = tuple(ROLE_GROUPS)
 GROUPS = tuple(sorted({g for gs in ROLE_GROUPS.values() for g in gs}))
 
 _P = r"(?:^|\.)"  # a name component starts here
+_VISION = r"^(?:model\.)?(?:visual|vision_tower|vision_model|multi_modal_projector|mm)\.|^v\."
 
 # First match wins. Patterns search the whole name, so HF (`model.layers.3.`), multimodal
 # (`model.language_model.`), mlx-lm (`language_model.model.`, `switch_mlp`) and GGUF (`blk.3.`) prefixes all work.
@@ -59,7 +60,7 @@ ROLE_TABLE: list[tuple[str, str]] = [
     # (also MTP's pre_fc_norm_embedding / pre_fc_norm_hidden and nextn's shared_head_norm)
     (r"(?:norm|_layernorm|layer_norm|ln_\w+|enorm|hnorm)(?:_\w+)?(?:\.weight|\.bias)?$", "norm"),
     # vision towers / projectors (kept as they are: not part of the language model)
-    (r"^(?:model\.)?(?:visual|vision_tower|vision_model|multi_modal_projector|mm)\.|^v\.", "vision"),
+    (_VISION, "vision"),
     (r"(?:rotary_emb\.inv_freq|rope_freqs|attn_rot_embd)", "rope"),
     # embeddings and output head
     (_P + r"(?:embed_tokens|token_embd|wte|tok_embeddings)(?:\.weight|\.scales|\.biases)?$", "embedding"),
@@ -134,6 +135,11 @@ _MTP = re.compile(r"(?:^|\.)mtp\.|\.nextn\.")
 def in_mtp(name: str) -> bool:
     """Whether a tensor belongs to a multi-token-prediction block (HF `mtp.*`, GGUF `blk.N.nextn.*`)."""
     return bool(_MTP.search(name))
+
+
+def in_vision(name: str) -> bool:
+    """Whether a tensor belongs to a vision tower or projector (its norms included)."""
+    return bool(re.search(_VISION, name))
 
 
 def layer_of(name: str) -> int | None:

@@ -39,6 +39,31 @@ def module_path(path: str) -> str:
     return path
 
 
+# GGUF tensor types that hold plain numbers (every other GGUF type name, upper case, is a block type)
+GGUF_PLAIN_DTYPES = ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")
+
+
+def quantized_as(ckpt: Checkpoint) -> str | None:
+    """How `ckpt` is already quantized ("mlx-lm affine 4-bit", "GGUF Q4_K, Q6_K", "ternary (bitnet)"), or None for
+    float weights: quantizing such a source again stacks a second rounding on the first."""
+    quant = ckpt.quantization
+    if isinstance(quant, dict) and quant:
+        if quant.get("quant_method") == "bitnet" or quant.get("mode") == "ternary":
+            return "ternary (BitNet)"
+        return f"{quant.get('quant_method') or 'mlx-lm ' + quant.get('mode', 'affine')} {quant.get('bits', '?')}-bit"
+    if ckpt.format == "gguf":
+        dtypes = {i.dtype for i in ckpt.tensors.infos()}
+        kinds = sorted(d for d in dtypes if d.isupper() and d not in GGUF_PLAIN_DTYPES)
+        return f"GGUF {', '.join(kinds)}" if kinds else None
+    return None
+
+
+def lossy_warning(src: str, how: str, better: str) -> str:
+    """The warning for re-quantizing a quantized source, naming the better path."""
+    return (f"lossy: {src} is already quantized ({how}); this dequantizes it and quantizes it again, which loses "
+            f"more than quantizing the original weights once. Better: {better}")
+
+
 def float_checkpoint(ckpt: Checkpoint) -> Checkpoint:
     """`ckpt` with every mlx-lm quantized triple (affine, or mlxq's ternary weight + scales) presented as one float
     weight and no `quantization` config; transformers' packed BitNet weights likewise. Checkpoints without

@@ -15,6 +15,8 @@ scales and chooses the codes itself (GPTQ error feedback), the format stays llam
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,11 +80,13 @@ def _largest(x: np.ndarray, start: float = 0.0) -> np.ndarray:
 
 
 def _running_abs_max(x: np.ndarray) -> np.ndarray:
-    """C's `amax = MAX(amax, fabsf(x[i]))` from 0 over the leading axis."""
+    """C's `amax = MAX(amax, fabsf(x[i]))` from 0 over the leading axis (with a NaN the order matters)."""
+    a = np.abs(x)
+    if np.isfinite(x).all():
+        return np.maximum(a.max(axis=0), F(0))
     amax = np.zeros(x.shape[1:], F)
-    for row in x:
-        a = np.abs(row)
-        amax = np.where(amax > a, amax, a)
+    for row in a:
+        amax = np.where(amax > row, amax, row)
     return amax
 
 
@@ -90,7 +94,8 @@ def _roundf(v: np.ndarray) -> np.ndarray:
     """C's roundf / lroundf: half away from zero (floor(|v| + 0.5) would round 0.49999997 up)."""
     a = np.abs(v)
     whole = np.floor(a)
-    return (np.sign(v) * (whole + np.floor(F(2) * (a - whole)))).astype(np.int32)
+    whole += (a - whole) >= F(0.5)
+    return (np.copysign(whole, v)).astype(np.int32)
 
 
 def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -697,9 +702,17 @@ def encode(w: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np
         qw = np.broadcast_to(np.asarray(importance, F), w.shape).reshape(-1, cols)
     out = np.empty((rows.shape[0], cols // codec.block * codec.size), np.uint8)
     step = max(1, ROWS_PER_CHUNK // cols)
-    with np.errstate(all="ignore"):  # C's arithmetic, NaN and inf included, is the reference
-        for r in range(0, rows.shape[0], step):
+
+    def run(r: int) -> None:
+        with np.errstate(all="ignore"):  # C's arithmetic, NaN and inf included, is the reference
             _encode_rows(codec, rows[r : r + step], None if qw is None else qw[r : r + step], out[r : r + step])
+
+    starts = range(0, rows.shape[0], step)
+    if len(starts) == 1:
+        run(0)
+    else:  # numpy lets go of the GIL inside its array operations: chunks encode side by side
+        with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1)) as pool:
+            list(pool.map(run, starts))
     return out.reshape(*lead, -1)
 
 

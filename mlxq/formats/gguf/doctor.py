@@ -189,7 +189,7 @@ def _check_hybrid(header: Header, arch: str, findings: list[Finding], repairs: R
                                          "shape)", fixable=True))
         repairs.meta[kv_key] = Value(int(kv.max()), GGUFValueType.UINT32)
     ollama_keys = [k for k in meta if k.removeprefix(f"{arch}.") in
-                   (*names.OLLAMA_ROPE_SECTIONS, names.OLLAMA_V_HEADS_TILED, "rope.mrope_interleaved")]
+                   (*names.OLLAMA_ROPE_SECTIONS, names.OLLAMA_V_HEADS_TILED, names.OLLAMA_MROPE_INTERLEAVED)]
     if ollama_keys:
         findings.append(Finding("note", f"Ollama's own metadata ({', '.join(ollama_keys)}); llama.cpp ignores it"))
 

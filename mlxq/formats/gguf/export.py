@@ -11,6 +11,7 @@ it. The file appears only when complete.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -33,20 +34,24 @@ from mlxq.quant.calibrate import DEFAULT_TOKENS, Stats, calibration_stats
 from mlxq.quant.gptq import gptq_blocks
 from mlxq.quant.pipeline import ModelShape, progress_bar, terminate_cleanly
 from mlxq.quant.recipes import FLOORS, Recipe
-from mlxq.quant.roles import in_mtp, role_of
-from mlxq.quant.source import float_checkpoint
+from mlxq.quant.roles import in_mtp, in_vision, role_of
+from mlxq.quant.source import float_checkpoint, lossy_warning, module_path, quantized_as
 
 GGML_QUANT_VERSION = 2  # general.quantization_version, as llama-quantize writes it
 
 
 @dataclass
 class Item:
-    """One source tensor and what it becomes."""
+    """One GGUF tensor: its HF-side name, what is written, and where its numbers come from."""
 
     hf: str
     out: TensorOut
     role: str | None
-    src_bytes: int
+    source: Source
+
+    @property
+    def src_bytes(self) -> int:
+        return self.source.nbytes
 
 
 @dataclass
@@ -75,6 +80,59 @@ class Result:
         return 8 * self.bytes_out / max(self.params, 1)
 
 
+# ---------------------------------------------------------------------------------------------- sources
+@dataclass(frozen=True)
+class Source:
+    """Where one GGUF tensor's numbers are in the checkpoint: one tensor, a slice of rows of one (a fused
+    gate_up_proj's half), or several stacked (per-expert tensors -> one [experts, out, in] tensor)."""
+
+    names: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    rows: tuple[int, int] | None = None
+
+    def load(self, ckpt: Checkpoint) -> np.ndarray:
+        arrays = [ckpt.tensors[n] for n in self.names]
+        w = mx.stack(arrays) if len(arrays) > 1 else arrays[0]
+        if self.rows is not None:
+            w = w[..., self.rows[0] : self.rows[1], :]
+        return np.asarray(w.astype(mx.float32) if mx.issubdtype(w.dtype, mx.floating) else w)
+
+
+_PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def sources(ckpt: Checkpoint) -> dict[str, Source]:
+    """The checkpoint's tensors under the names the GGUF tables use (HF's text-model names, experts stacked as
+    `...mlp.experts.gate_proj.weight` [experts, out, in]), in checkpoint order."""
+    out: dict[str, Source] = {}
+    experts: dict[str, list] = {}
+    for info in ckpt.tensors.infos():
+        name = module_path(info.name)  # the text model's own names, mlx-lm's switch_mlp as experts
+        shape = tuple(info.shape)
+        if m := _PER_EXPERT.match(name):
+            experts.setdefault(f"{m.group(1)}.{m.group(3)}.weight", []).append((int(m.group(2)), info))
+            out.setdefault(f"{m.group(1)}.{m.group(3)}.weight", None)  # keeps checkpoint order
+        elif m := _FUSED_EXPERTS.match(name):
+            if m.group(2) == "down_proj":
+                out[f"{m.group(1)}.down_proj.weight"] = Source((info.name,), shape, info.dtype, info.nbytes)
+            else:
+                half, part = shape[-2] // 2, (*shape[:-2], shape[-2] // 2, shape[-1])
+                for i, kind in enumerate(("gate_proj", "up_proj")):
+                    out[f"{m.group(1)}.{kind}.weight"] = Source(
+                        (info.name,), part, info.dtype, info.nbytes // 2, (i * half, (i + 1) * half))
+        else:
+            out[name] = Source((info.name,), shape, info.dtype, info.nbytes)
+    for name, parts in experts.items():
+        parts.sort(key=lambda p: p[0])
+        first = parts[0][1]
+        out[name] = Source(tuple(i.name for _, i in parts), (len(parts), *first.shape), first.dtype,
+                           sum(i.nbytes for _, i in parts))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- metadata
 def _value(v: Any) -> Value:
     """A metadata value typed as llama.cpp's loader expects it: ints uint32, floats float32, lists by element."""
@@ -95,8 +153,10 @@ def _value(v: Any) -> Value:
 def model_metadata(cfg: dict[str, Any], arch: str, path) -> dict[str, str | int | float | list]:
     """The `{arch}.*` keys for an HF config, after checking it is something llama.cpp runs as the config says."""
     keys: dict[str, Any] = {}
+    cfg = {**cfg, "num_experts": cfg.get("num_experts") or cfg.get("num_local_experts")}  # (transformers 5's name)
+    moe = bool(cfg["num_experts"])  # dense configs may still carry expert fields (unused defaults)
     for key, field in names.CONFIG_KEYS.items():
-        if cfg.get(field) is not None:
+        if cfg.get(field) is not None and key in names.WRITTEN_KEYS and (moe or not key.startswith("expert_")):
             keys[key] = cfg[field]
     for key in ("rope.freq_base", "attention.layer_norm_rms_eps", "final_logit_softcapping"):
         if key in keys:
@@ -114,7 +174,73 @@ def model_metadata(cfg: dict[str, Any], arch: str, path) -> dict[str, str | int 
         keys["rope.dimension_count"] = head_dim
     if arch == "gemma3":
         keys.update(_gemma3_keys(cfg, head_dim, path))
+    if names.ARCHITECTURES[arch].hybrid:
+        keys.update(_hybrid_keys(cfg, arch, head_dim, rope, path))
+    if moe:
+        _check_moe(cfg, arch, path)
+    if arch == "bitnet":
+        if cfg.get("hidden_act", "relu2") != "silu":  # e.g. microsoft/bitnet-b1.58-2B-4T's ReLU²
+            raise ConfigError(f"{path}: hidden_act '{cfg.get('hidden_act', 'relu2')}', but llama.cpp's bitnet "
+                              "(1bitLLM's bitnet_b1_58) always runs SiLU (the output would differ)")
+        if not cfg.get("tie_word_embeddings", False):
+            raise ConfigError(f"{path}: tie_word_embeddings is false, but llama.cpp's bitnet always uses the "
+                              "embedding as the output head")
+        if heads * head_dim != cfg["hidden_size"]:
+            raise ConfigError(f"{path}: heads x head_dim != hidden_size, which llama.cpp's bitnet assumes")
     return {f"{arch}.{k}": v for k, v in keys.items()}
+
+
+def _check_moe(cfg: dict[str, Any], arch: str, path) -> None:
+    """llama.cpp's MoE graphs (qwen3moe, qwen35moe, qwen3next) renormalise the chosen experts' weights and route in
+    every layer."""
+    if not cfg.get("norm_topk_prob", True):
+        raise ConfigError(f"{path}: norm_topk_prob is false, but llama.cpp's {arch} always renormalises the "
+                          "chosen experts' weights (the output would differ)")
+    if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
+        raise ConfigError(f"{path}: mlp_only_layers {cfg.get('mlp_only_layers')} / decoder_sparse_step "
+                          f"{cfg.get('decoder_sparse_step', 1)}: llama.cpp's {arch} has routed experts in every layer")
+
+
+def _hybrid_keys(cfg: dict[str, Any], arch: str, head_dim: int, rope: dict, path) -> dict[str, Any]:
+    """Gated DeltaNet (ssm.*), partial rotary, M-RoPE sections and the layer schedule of the hybrid Qwens."""
+    n = cfg["num_hidden_layers"]
+    if cfg["linear_value_head_dim"] != cfg["linear_key_head_dim"]:
+        raise ConfigError(f"{path}: linear_value_head_dim {cfg['linear_value_head_dim']} differs from "
+                          f"linear_key_head_dim {cfg['linear_key_head_dim']}; llama.cpp's {arch} sizes both from one "
+                          "key (ssm.state_size)")
+    rotary = int(head_dim * rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25)))
+    keys: dict[str, Any] = {
+        names.SSM_INNER_SIZE: cfg["linear_value_head_dim"] * cfg["linear_num_value_heads"],
+        names.ROPE_DIMENSION_COUNT: rotary,
+        "full_attention_interval": int(cfg.get("full_attention_interval", 4)),
+    }
+    types = cfg.get("layer_types") or ["full_attention" if (i + 1) % keys["full_attention_interval"] == 0
+                                       else "linear_attention" for i in range(n)]
+    keys[names.RECURRENT_LAYERS] = [t == "linear_attention" for t in types]
+    if arch in ("qwen35", "qwen35moe"):
+        keys[names.ROPE_SECTIONS] = _rope_sections(rope, rotary, path)
+        # Ollama's engine reads llama.cpp's layout but takes these two from keys of its own, both off by default
+        keys[names.OLLAMA_V_HEADS_TILED] = keys[names.OLLAMA_MROPE_INTERLEAVED] = True
+    return keys
+
+
+def _rope_sections(rope: dict, rotary: int, path) -> list[int]:
+    """Qwen3.5's 4 interleaved M-RoPE sections. llama.cpp gives rotary pair s the position stream s % 3 (t, h, w)
+    while s < 3 * sections[s % 3], else a fourth stream, which is not the token's position for text; and it
+    aborts (GGML_ASSERT(sect_dims <= ne0)) when the sections add up to more than the rotary width. So the sections
+    must count, per stream, the pairs that fall to it: [11, 11, 10] for the 32 pairs of a 64-wide rotary (what
+    llama.cpp's converter writes by default), derived the same way when the config states none."""
+    pairs = rotary // 2
+    need = [len(range(k, pairs, 3)) for k in range(3)]
+    given = rope.get("mrope_section")
+    if given is None:
+        return [*need, 0]
+    sections = [int(x) for x in given] + [0] * (4 - len(given))
+    if len(sections) != 4 or sum(sections) > rotary or any(s < n for s, n in zip(sections, need, strict=False)):
+        raise ConfigError(f"{path}: rope_parameters.mrope_section {list(given)} does not fit a {rotary}-wide rotary "
+                          f"(head_dim x partial_rotary_factor; llama.cpp needs {need}, or aborts / misplaces "
+                          "positions)")
+    return sections
 
 
 def _gemma3_keys(cfg: dict[str, Any], head_dim: int, path) -> dict[str, Any]:
@@ -185,53 +311,64 @@ def plan(ckpt: Checkpoint, recipe: Recipe, warn=lambda text: None) -> Plan:
     shape_of = ModelShape.of(ckpt)
     metadata = {k: _value(v) for k, v in model_metadata(cfg, arch, ckpt.path).items()}
     items, skipped = [], []
-    for info in ckpt.tensors.infos():
-        hf = info.name
+    for hf, src in sources(ckpt).items():
         role = role_of(hf, cfg.get("model_type"))
-        if in_mtp(hf) or role in ("vision", "rope") or (hf.endswith("lm_head.weight") and shape_of.tied):
+        if in_mtp(hf) or in_vision(hf) or role == "rope" or (hf.endswith("lm_head.weight") and shape_of.tied):
             skipped.append(hf)
             continue
         target = names.gguf_name(arch, hf)
         if target is None:
             raise UnsupportedModel(f"{ckpt.path}: tensor '{hf}' has no GGUF name for architecture '{arch}'")
-        shape = names.gguf_shape(arch, hf, tuple(info.shape))
-        spec = shape_of.spec(recipe, hf, role, shape, info.dtype)
-        items.append(Item(hf, TensorOut(target, shape, tensor_kind(recipe, spec, role, shape)), role, info.nbytes))
+        shape = names.gguf_shape(arch, hf, src.shape)
+        spec = shape_of.spec(recipe, hf, role, shape, src.dtype)
+        items.append(Item(hf, TensorOut(target, shape, tensor_kind(recipe, spec, role, shape)), role, src))
     extra = []
     if (factors := _rope_factors(cfg)) is not None:
         extra.append((TensorOut("rope_freqs.weight", factors.shape, "F32"), factors))
+    if any(it.out.kind == "TQ1_0" for it in items):
+        warn("TQ1_0 has no Metal kernels in llama.cpp (those layers run on the CPU) and crashed Ollama 0.17.4; "
+             "TQ2_0 runs on Metal")
     if skipped and any(in_mtp(n) for n in skipped):
         warn(f"{sum(in_mtp(n) for n in skipped)} multi-token-prediction tensors are not exported")
     return Plan(arch, cfg, metadata, items, extra, skipped, shape_of.tied)
 
 
 # ---------------------------------------------------------------------------------------------- running
-def lossy_source(ckpt: Checkpoint) -> str | None:
-    """Why exporting `ckpt` loses more than quantizing its original weights once, or None."""
-    if ckpt.quantization:
-        return f"{ckpt.path} is an mlx-lm quantized directory"
-    kinds = Counter(i.dtype for i in ckpt.tensors.infos() if i.dtype in CODECS)
-    if kinds:
-        return f"{ckpt.path} holds quantized GGUF blocks ({', '.join(sorted(kinds))})"
-    return None
+def lossy_source(ckpt: Checkpoint, recipe: Recipe) -> str | None:
+    """How `ckpt` is quantized, when exporting it with `recipe` quantizes it again (None: a float export only
+    dequantizes, and ternary weights fit TQ1_0 / TQ2_0 exactly)."""
+    how = quantized_as(ckpt)
+    if how is None or recipe.default in FLOAT_TYPES or (how.startswith("ternary") and recipe.default.startswith("TQ")):
+        return None
+    return how
 
 
-def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None = None,
+# How `--calibrate` chooses codes. imatrix: ggml's importance-weighted fits with mlxq's importance matrix (what
+# llama-quantize --imatrix does, byte for byte given the same matrix). gptq: those fits per block, then GPTQ error
+# feedback column by column. Measured on SmolLM2-135M Q3_K_M (bench/gguf_export.py, 8192 calibration tokens, KL to
+# the float model on held-back text): imatrix 0.0964, gptq 0.1027, llama.cpp with its own imatrix 0.0974; on the
+# tiny random test models gptq wins clearly. Real weights decide the default.
+CALIBRATION_METHODS = ("imatrix", "gptq")
+
+
+def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None = None, method: str = "imatrix",
            calib_tokens: int = DEFAULT_TOKENS, console=None, progress: bool = True) -> Result:
-    """Export checkpoint `src` (any name mlxq opens) as the GGUF file `out` in `recipe`'s types."""
+    """Export checkpoint `src` (any name mlxq opens) as the GGUF file `out` in `recipe`'s types; `calibrate` (a text
+    file, or "default" for the pinned corpus) chooses codes by `method`."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
     out = Path(out).expanduser()
+    if method not in CALIBRATION_METHODS:
+        raise InvalidRequest(f"--method {method}: unknown (known: {', '.join(CALIBRATION_METHODS)})")
     raw = open_checkpoint(src)
     if out.exists():
         raise InvalidRequest(f"{out}: already exists (export writes a new file; remove it or pick another)")
     if Path(raw.path).resolve() == out.resolve():
         raise InvalidRequest(f"{out}: is the source")
-    if why := lossy_source(raw):
-        console.print(f"mlxq: warning: lossy: {why}; exporting dequantizes and quantizes it again, which loses "
-                      "more than quantizing the original weights once. Better: export from the original "
-                      "(unquantized) checkpoint.", style="yellow", highlight=False)
+    if how := lossy_source(raw, recipe):
+        better = f"mlxq export ORIGINAL -o {out.name} --type {recipe.name} (the unquantized checkpoint)"
+        console.print(f"mlxq: warning: {lossy_warning(src, how, better)}", style="yellow", highlight=False)
     ckpt = float_checkpoint(raw)
     stats = None
     if calibrate is not None:
@@ -239,7 +376,8 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
         def opener() -> Checkpoint:
             return float_checkpoint(open_checkpoint(src))
 
-        stats = calibration_stats(opener, calibrate, hessian=True, n_tokens=calib_tokens, console=console)
+        stats = calibration_stats(opener, calibrate, hessian=method == "gptq", n_tokens=calib_tokens,
+                                  console=console)
         ckpt = opener()  # the calibration model consumed the lazy tensors it loaded
 
     def warn(text: str) -> None:
@@ -259,7 +397,7 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
                 f.write(t.name, data)
             with progress_bar(console, "exporting", the_plan.items, progress) as advance:
                 for item in the_plan.items:
-                    f.write(item.out.name, _encoded(ckpt, the_plan, item, stats))
+                    f.write(item.out.name, _encoded(ckpt, the_plan, item, stats, method))
                     advance(item.src_bytes)
     finally:
         restore()
@@ -268,22 +406,31 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
                   time.perf_counter() - start, recipe.name)
 
 
-def _encoded(ckpt: Checkpoint, the_plan: Plan, item: Item, stats: Stats | None) -> np.ndarray:
-    """One tensor's GGUF data. Calibrated: codes chosen by GPTQ error feedback where the layer's Hessian is known,
-    else by ggml's importance-weighted fits (experts: importance only)."""
-    w = ckpt.tensors[item.hf]
-    w = np.asarray(w.astype(mx.float32) if mx.issubdtype(w.dtype, mx.floating) else w)
-    w = names.to_gguf(the_plan.arch, item.hf, w, the_plan.config).reshape(item.out.shape)
-    kind = item.out.kind
-    importance = hessian = None
-    if stats is not None and kind in CODECS:
-        importance, hessian = stats.lookup(item.hf, the_plan.tied)
-    if hessian is not None and w.ndim == 2:
-        data = gptq_blocks(w, hessian, CODECS[kind], np.asarray(importance))
+def _encoded(ckpt: Checkpoint, the_plan: Plan, item: Item, stats: Stats | None, method: str) -> np.ndarray:
+    """One tensor's GGUF data: plain, importance-weighted, or by GPTQ where the layer's Hessian is known."""
+    w = names.to_gguf(the_plan.arch, item.hf, item.source.load(ckpt), the_plan.config).reshape(item.out.shape)
+    importance, hessian = calibration_for(the_plan, item, stats)
+    if method == "gptq" and hessian is not None and w.ndim == 2:
+        data = gptq_blocks(w, hessian, CODECS[item.out.kind], importance)
     else:
-        data = encode(w, kind, None if importance is None else np.asarray(importance))
+        data = encode(w, item.out.kind, importance)
     mx.clear_cache()
     return data
+
+
+def calibration_for(the_plan: Plan, item: Item, stats: Stats | None) -> tuple[np.ndarray | None, mx.array | None]:
+    """(importance [in] or [experts, 1, in], Hessian [in, in]) of one GGUF tensor, its input channels in the GGUF's
+    order; (None, None) for tensors that are not block-quantized or whose input was never seen."""
+    if stats is None or item.out.kind not in CODECS:
+        return None, None
+    importance, hessian = stats.lookup(item.hf, the_plan.tied)
+    if importance is None:
+        return None, None
+    order = names.column_order(the_plan.arch, item.hf, item.out.shape[-1], the_plan.config)
+    if order is not None:  # the statistics follow the moved input channels
+        importance = importance[..., mx.array(order)]
+        hessian = None if hessian is None else hessian[mx.array(order)][:, mx.array(order)]
+    return np.asarray(importance), hessian
 
 
 def _general(ckpt: Checkpoint, recipe: Recipe) -> dict[str, Value]:

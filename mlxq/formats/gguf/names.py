@@ -62,6 +62,9 @@ CONFIG_KEYS: dict[str, str] = {
     "norm_top_k_prob": "norm_topk_prob",  # Ollama's name for the same flag
 }
 
+# The keys of CONFIG_KEYS llama.cpp reads (the others are other writers' spellings, read on import only)
+WRITTEN_KEYS = tuple(k for k in CONFIG_KEYS if k != "norm_top_k_prob")
+
 # Keys that are not one HF field each (the reader derives fields from them; writers compute them)
 SSM_INNER_SIZE = _key(Keys.SSM.INNER_SIZE)  # linear_value_head_dim * linear_num_value_heads
 ROPE_DIMENSION_COUNT = _key(Keys.Rope.DIMENSION_COUNT)  # rotary width = head_dim * partial_rotary_factor
@@ -70,6 +73,7 @@ NEXTN_LAYERS = _key(Keys.LLM.NEXTN_PREDICT_LAYERS)  # MTP blocks appended after 
 RECURRENT_LAYERS = "attention.recurrent_layers"  # per-block bools (newer gguf-py than the one on PyPI has the key)
 OLLAMA_V_HEADS_TILED = "ssm.v_head_reordered"  # Ollama's flag: DeltaNet V heads stored in llama.cpp's tiled order
 OLLAMA_ROPE_SECTIONS = ("mrope_sections", "rope.mrope_section")  # Ollama's copies of the 3 HF sections
+OLLAMA_MROPE_INTERLEAVED = "rope.mrope_interleaved"  # Ollama's flag: Qwen3.5's interleaved M-RoPE (its default: not)
 
 
 # ------------------------------------------------------------------------------------------------ transforms
@@ -263,8 +267,17 @@ BLOCK_TENSORS: dict[str, str] = {
 _GEMMA3_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                  "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm")
 
+# Routed experts (stacked [experts, out, in]) and their router
+_MOE_BLOCK: dict[str, str] = {
+    _name(MODEL_TENSOR.FFN_GATE_INP): "mlp.gate",
+    _name(MODEL_TENSOR.FFN_GATE_EXP): "mlp.experts.gate_proj",
+    _name(MODEL_TENSOR.FFN_UP_EXP): "mlp.experts.up_proj",
+    _name(MODEL_TENSOR.FFN_DOWN_EXP): "mlp.experts.down_proj",
+}
+
 # Hybrid Qwen (Gated DeltaNet + gated attention): names shared by qwen35, qwen35moe and qwen3next
 _HYBRID_BLOCK: dict[str, str] = {
+    **_MOE_BLOCK,
     _name(MODEL_TENSOR.ATTN_POST_NORM): "post_attention_layernorm",
     _name(MODEL_TENSOR.SSM_CONV1D): "linear_attn.conv1d",
     _name(MODEL_TENSOR.SSM_NORM): "linear_attn.norm",
@@ -276,10 +289,6 @@ _HYBRID_BLOCK: dict[str, str] = {
     _name(MODEL_TENSOR.ATTN_GATE): "linear_attn.in_proj_z",
     _name(MODEL_TENSOR.SSM_BETA): "linear_attn.in_proj_b",
     _name(MODEL_TENSOR.SSM_ALPHA): "linear_attn.in_proj_a",
-    _name(MODEL_TENSOR.FFN_GATE_INP): "mlp.gate",
-    _name(MODEL_TENSOR.FFN_GATE_EXP): "mlp.experts.gate_proj",  # stacked [experts, out, in]
-    _name(MODEL_TENSOR.FFN_UP_EXP): "mlp.experts.up_proj",
-    _name(MODEL_TENSOR.FFN_DOWN_EXP): "mlp.experts.down_proj",
     _name(MODEL_TENSOR.FFN_GATE_INP_SHEXP): "mlp.shared_expert_gate",
     _name(MODEL_TENSOR.FFN_GATE_SHEXP): "mlp.shared_expert.gate_proj",
     _name(MODEL_TENSOR.FFN_UP_SHEXP): "mlp.shared_expert.up_proj",
@@ -333,6 +342,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     }),
     "qwen2": Architecture("qwen2"),
     "qwen3": Architecture("qwen3"),
+    "qwen3moe": Architecture("qwen3_moe", block=_MOE_BLOCK),
+    # llama.cpp's bitnet is 1bitLLM's bitnet_b1_58: SiLU, sub-norms before o_proj and down_proj, rotate-half rope
+    "bitnet": Architecture("bitnet", block={_name(MODEL_TENSOR.ATTN_SUB_NORM): "self_attn.attn_sub_norm",
+                                            _name(MODEL_TENSOR.FFN_SUB_NORM): "mlp.ffn_sub_norm"},
+                           defaults={"hidden_act": "silu"}),
     "gemma3": Architecture(
         "gemma3_text",
         # Gemma 3 has four norms a block; llama.cpp names them by position around attention and the MLP

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from mlxq.errors import TokenizerError
 from mlxq.formats.base import Checkpoint
 from mlxq.formats.gguf.writer import Value
@@ -45,14 +47,31 @@ def tokenizer_metadata(ckpt: Checkpoint, vocab_size: int, warn) -> dict[str, Val
 
 
 def _from_gguf(path: Path) -> dict[str, Value]:
+    """The source file's `tokenizer.*` keys, typed as llama.cpp reads them (ids uint32, token types int32, scores
+    float32; read with mlxq's own header parser: gguf-py's decodes a large vocabulary slowly)."""
     import gguf
 
+    from mlxq.formats.gguf.reader import Strings, read_header
+
+    T = gguf.GGUFValueType
+    arrays = {np.dtype("int32"): T.INT32, np.dtype("uint32"): T.UINT32, np.dtype("float32"): T.FLOAT32,
+              np.dtype("bool"): T.BOOL, np.dtype("uint8"): T.UINT8, np.dtype("int64"): T.INT64}
     out = {}
-    for key, field in gguf.GGUFReader(path).fields.items():
-        if key.startswith("tokenizer."):
-            kind = field.types[0]
-            sub = field.types[1] if kind == gguf.GGUFValueType.ARRAY else None
-            out[key] = Value(field.contents(), kind, sub)
+    for key, v in read_header(path).meta.items():
+        if not key.startswith("tokenizer."):
+            continue
+        if isinstance(v, Strings):
+            out[key] = Value(v.read(path), T.ARRAY, T.STRING)
+        elif isinstance(v, np.ndarray):
+            out[key] = Value(v.tolist(), T.ARRAY, arrays[v.dtype])
+        elif isinstance(v, bool):
+            out[key] = Value(v, T.BOOL)
+        elif isinstance(v, int):
+            out[key] = Value(v, T.UINT32)
+        elif isinstance(v, float):
+            out[key] = Value(v, T.FLOAT32)
+        else:
+            out[key] = Value(str(v), T.STRING)
     return out
 
 

@@ -1,0 +1,161 @@
+"""GGUF export on real weights: SmolLM2-135M-Instruct, mlxq export against llama.cpp's own quantizer.
+
+The float model: the default model's GGUF weights dequantized once and exported as F32 GGUF; both tools start from
+exactly that file. Two parts, both run in this one process, mlxq and llama.cpp interleaved:
+
+- Speed: `mlxq export F32.gguf --type T` (the export function, in process: read, convert, encode, write) against
+  `llama-quantize F32.gguf OUT T 2` (llama_model_quantize, 2 threads) per type; wall and CPU seconds (this machine
+  is shared, so wall times carry other people's load; CPU seconds do not). Whether the two files hold the same
+  tensors byte for byte is recorded too (mlxq's encoders follow ggml's arithmetic: they should).
+- Quality: mlxq's calibrated export (`--calibrate`, its default method: ggml's importance-weighted fits with mlxq's
+  importance matrix; `--gptq` adds `--method gptq`, about half an hour per type here) against llama.cpp's quantizer
+  with its own importance matrix (llama-imatrix), both calibrated on the same text file (the default mix), at
+  Q4_K_M / Q3_K_M / Q2_K. All files are scored by llama.cpp itself: llama-perplexity's KL-divergence mode against
+  the float model's logits on held-back Wikipedia text.
+
+    python bench/gguf_export.py [--quick] [--gptq]
+
+Ratios: `export_time_T_vs_llama_cpp` (wall) and `export_cpu_T_vs_llama_cpp` = mlxq / llama.cpp (goal <= 1);
+`kl_T_vs_llama_cpp` = mlxq's mean KL / llama.cpp's (goal <= 0.8). Quick: Q4_K_M timed once, Q3_K_M's quality on
+512 calibration and 1024 scored tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import parse_args, write_result  # noqa: E402
+from llama_cpp_peer import imatrix, kl, kl_base, quantize  # noqa: E402
+
+CTX = 512
+
+
+def tensors(path: Path) -> dict[str, tuple[str, bytes]]:
+    import gguf
+    import numpy as np
+
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+def ours(src: Path, out: Path, kind: str, calibrate: Path | None = None, calib_tokens: int = 0,
+         method: str = "imatrix") -> dict:
+    from mlxq.formats.gguf.export import export
+    from mlxq.quant.recipes import gguf_recipe
+
+    out.unlink(missing_ok=True)
+    wall, cpu = time.perf_counter(), time.process_time()
+    export(str(src), out, gguf_recipe(kind), calibrate=None if calibrate is None else str(calibrate),
+           method=method, calib_tokens=calib_tokens, progress=False)
+    return {"wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3),
+            "size_mb": round(out.stat().st_size / 1e6, 2)}
+
+
+def theirs(src: Path, out: Path, kind: str, imatrix_file: Path | None = None) -> dict:
+    out.unlink(missing_ok=True)
+    t = quantize(src, out, kind, imatrix_file)
+    return {"wall_s": round(t.wall, 3), "cpu_s": round(t.cpu, 3), "size_mb": round(out.stat().st_size / 1e6, 2)}
+
+
+def texts(work: Path, calib_tokens: int, eval_tokens: int) -> tuple[Path, Path]:
+    """The calibration file (the default mix's sequences, as mlxq takes them, decoded) and the held-back text."""
+    from mlxq.engine.tokenizer import load_tokenizer
+    from mlxq.formats import open_checkpoint
+    from mlxq.formats.texts import calibration_texts, heldout_text
+    from mlxq.quant.calibrate import token_batches
+
+    ckpt = open_checkpoint("smollm2")
+    tok = load_tokenizer(None, ckpt.gguf_file, ckpt.chat_template)
+    calib, held = work / f"calib-{calib_tokens}.txt", work / f"eval-{eval_tokens}.txt"
+    if not calib.exists():
+        seqs = token_batches(tok, calibration_texts(), calib_tokens + CTX, CTX)
+        calib.write_text("".join(tok.decode(s) for s in seqs))
+    if not held.exists():
+        held.write_text(heldout_text()[: eval_tokens * 8])  # more than enough characters; the tools take chunks
+    return calib, held
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--gptq", action="store_true", help="also score --method gptq (slow)")
+    args = parse_args(p)  # --quick, and the reference-BLAS refusal
+    quick = args.quick
+    from mlxq.formats.fetch import cache_dir
+    from mlxq.formats.gguf.export import export
+    from mlxq.quant.recipes import gguf_recipe
+
+    speed_types = ["Q4_K_M"] if quick else ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+    quality_types = ["Q3_K_M"] if quick else ["Q4_K_M", "Q3_K_M", "Q2_K"]
+    calib_tokens, eval_tokens = (512, 1024) if quick else (8192, 8192)
+    reps = 1 if quick else 2
+
+    work = cache_dir() / "bench" / "gguf_export"
+    work.mkdir(parents=True, exist_ok=True)
+    f32 = work / "smollm2-f32.gguf"
+    if not f32.exists():
+        export("smollm2", f32, gguf_recipe("F32"), progress=False)
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+
+    speed, ratios = {}, {}
+    for kind in speed_types:
+        runs = {"mlxq": [], "llama_cpp": []}
+        for _ in range(reps):  # interleaved, so both see the same load
+            runs["llama_cpp"].append(theirs(f32, out / f"{kind}.llama.gguf", kind))
+            runs["mlxq"].append(ours(f32, out / f"{kind}.mlxq.gguf", kind))
+        best = {k: min(v, key=lambda r: r["wall_s"]) for k, v in runs.items()}
+        same = tensors(out / f"{kind}.mlxq.gguf") == tensors(out / f"{kind}.llama.gguf")
+        speed[kind] = {**{k: {**b, "runs": [r["wall_s"] for r in runs[k]]} for k, b in best.items()},
+                       "identical_tensors": same}
+        ratios[f"export_time_{kind}_vs_llama_cpp"] = round(best["mlxq"]["wall_s"] / best["llama_cpp"]["wall_s"], 3)
+        ratios[f"export_cpu_{kind}_vs_llama_cpp"] = round(best["mlxq"]["cpu_s"] / best["llama_cpp"]["cpu_s"], 3)
+        print(f"{kind}: {speed[kind]}", file=sys.stderr)
+
+    calib, held = texts(work, calib_tokens, eval_tokens)
+    imat = work / f"imatrix-{calib_tokens}.gguf"
+    if not imat.exists():
+        imatrix(f32, calib, imat, CTX, calib_tokens // CTX)
+    base = out / "base.kld"
+    kl_base(f32, held, base, CTX, eval_tokens // CTX)
+    quality = {}
+    for kind in quality_types:
+        cal_theirs = theirs(f32, out / f"{kind}.llama-imatrix.gguf", kind, imat)
+        cal_ours = ours(f32, out / f"{kind}.mlxq-calibrated.gguf", kind, calib, calib_tokens)
+        row = {"mlxq_calibrated": {**cal_ours, "kl": kl(out / f"{kind}.mlxq-calibrated.gguf", base, CTX)},
+               "llama_cpp_imatrix": {**cal_theirs, "kl": kl(out / f"{kind}.llama-imatrix.gguf", base, CTX)}}
+        if args.gptq:
+            gptq = ours(f32, out / f"{kind}.mlxq-gptq.gguf", kind, calib, calib_tokens, "gptq")
+            row["mlxq_gptq"] = {**gptq, "kl": kl(out / f"{kind}.mlxq-gptq.gguf", base, CTX)}
+            ratios[f"kl_{kind}_gptq_vs_llama_cpp"] = round(row["mlxq_gptq"]["kl"] / row["llama_cpp_imatrix"]["kl"], 3)
+        if not quick:  # the uncalibrated pair, for context
+            for name, path in (("mlxq", f"{kind}.mlxq.gguf"), ("llama_cpp", f"{kind}.llama.gguf")):
+                if (out / path).exists():
+                    row[name] = {"kl": kl(out / path, base, CTX)}
+        quality[kind] = row
+        ratios[f"kl_{kind}_vs_llama_cpp"] = round(row["mlxq_calibrated"]["kl"] / row["llama_cpp_imatrix"]["kl"], 3)
+        print(f"{kind}: {row}", file=sys.stderr)
+    shutil.rmtree(out, ignore_errors=True)
+
+    write_result("gguf_export", {
+        "quick": quick,
+        "gptq": args.gptq,
+        "model": "SmolLM2-135M-Instruct (the default model's Q4_1 GGUF dequantized to F32: both tools start from it)",
+        "peer": "llama.cpp 0.3.36 (llama-cpp-python's vendored copy): llama-quantize, llama-imatrix, "
+                "llama-perplexity --kl-divergence, 2 threads",
+        "speed": speed,
+        "quality": {"calibration_tokens": calib_tokens, "scored_tokens": eval_tokens, "ctx": CTX,
+                    "calibration_text": "mlxq's default mix (wiki first half, c4, code, technical, multilingual)",
+                    "scored_text": "held-back Wikipedia (second half of exllamav2's wiki.utf8)",
+                    "kl": "mean KL(float || quantized) by llama-perplexity", **quality},
+        "ratios": ratios,
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The model half of the engine: the network, the rows being prefilled and decoded, and every cache that holds
+model state (the shared prompt cache, conversations' slots, checkpoints taken during prefill).
+
+The scheduler (`scheduler.Engine`) decides what runs; the runner runs it. Its interface takes plain data (token
+ids, row numbers, a slot) and never a request, a sampler or an output: that is what lets other processes replay
+the scheduler's decisions on their share of a model (`mlxq.distributed`: rank 0 schedules, every rank runs).
+
+Rows are numbered per phase (`PREFILL`, `DECODE`) in the order they joined, as the scheduler lists its
+sequences; removing a row renumbers those after it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from mlxq.engine.batch import make_batch
+from mlxq.engine.persist import fingerprint
+from mlxq.engine.prompt_cache import CacheSlot, DiskSpill, PromptCache
+from mlxq.models.base import CausalLM
+
+log = logging.getLogger("mlxq.engine")
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+@dataclass
+class _Row:
+    slot: CacheSlot | None  # where the row's cache goes when it finishes (else the prompt cache)
+    marks: dict[int, list] = field(default_factory=dict)  # position -> checkpoint of every layer
+
+
+class Runner:
+    """Runs `net` (a `CausalLM`) for the scheduler. `prompt_cache_bytes`: bound of the shared prompt cache (0 turns
+    it off; conversation slots are not counted). `spill`: (directory, bytes) where entries leaving the prompt cache
+    go, within that many bytes on disk."""
+
+    def __init__(self, net: CausalLM, prompt_cache_bytes: int, spill: tuple[str, int] | None = None):
+        self.net = net
+        evaluate_all(net)
+        disk = None if spill is None else DiskSpill(spill[0], spill[1], fingerprint(net), net.make_cache)
+        self.prompt_cache = PromptCache(net.make_cache, prompt_cache_bytes, disk)
+        self.rewindable = self.prompt_cache.rewindable  # every layer can resume at any position (attention only)
+        self._batches = {PREFILL: make_batch(net), DECODE: make_batch(net)}
+        self._rows: dict[str, list[_Row]] = {PREFILL: [], DECODE: []}
+        self._before: tuple | None = None  # the decode batch before a `verify` pass, and what the pass fed
+
+    def admit(self, prompt: list[int], slot: CacheSlot | None) -> int:
+        """A new row in the prefill batch, resumed from the longest prefix of `prompt` that its slot or else the
+        prompt cache holds; returns that prefix's length."""
+        caches, n = None, 0
+        if slot is not None:
+            caches, n = slot.take(prompt, self.rewindable)
+        if caches is None:
+            caches, n = self.prompt_cache.fetch(prompt)
+        self._batches[PREFILL].add(caches)
+        self._rows[PREFILL].append(_Row(slot))
+        return n
+
+    def prefill(self, tokens: list[list[int]], at: list[list[int]], marks: list[int]) -> mx.array:
+        """One pass feeding prefill row b `tokens[b]`; returns the logits at positions `at[b]` (evaluated, stacked in
+        row order). The rows in `marks` keep a checkpoint of their state after it (caches that cannot rewind)."""
+        batch = self._batches[PREFILL]
+        logits = batch.step(tokens, at)
+        mx.eval(logits, batch.state)
+        for i in marks:
+            self._rows[PREFILL][i].marks[batch.lengths[i]] = batch.checkpoint(i)
+        return logits
+
+    def decode(self, tokens: list[int]) -> mx.array:
+        """One token for every decode row; the logits [rows, vocab], lazy (sampling joins the same graph)."""
+        return self._batches[DECODE].step([[t] for t in tokens], [[0]] * len(tokens))
+
+    def verify(self, tokens: list[list[int]]) -> mx.array:
+        """One pass feeding decode row b `tokens[b]`: its next token, then a speculative draft to check. Returns the
+        logits after every token fed (stacked in row order, lazy); `rewind` then says how many each row keeps."""
+        batch = self._batches[DECODE]
+        self._before = (batch.snapshot(), tokens)
+        return batch.step(tokens, [list(range(len(t))) for t in tokens])
+
+    def rewind(self, keep: list[int]) -> None:
+        """After `verify`: decode row b holds only the first `keep[b]` tokens it was fed (the draft's rejected tail
+        goes). Recurrent state cannot drop tokens, so such a batch goes back to its checkpoint from before the pass
+        and runs the kept tokens again."""
+        snapshot, fed = self._before
+        self._before = None
+        if all(k == len(t) for k, t in zip(keep, fed, strict=True)):
+            return
+        self._batches[DECODE].rewind(snapshot, [t[:k] for k, t in zip(keep, fed, strict=True)])
+
+    def promote(self, i: int) -> None:
+        """Prefill row i, its prompt done, becomes the last decode row."""
+        self._batches[DECODE].add(self._batches[PREFILL].remove(i))
+        self._rows[DECODE].append(self._rows[PREFILL].pop(i))
+
+    def leave(self, phase: str, i: int, fed: list[int] | None) -> None:
+        """Takes row i out of `phase`. `fed`: the tokens its cache holds, which then go to its slot, or to the prompt
+        cache; None drops the cache (the request failed) and empties its slot."""
+        row = self._rows[phase].pop(i)
+        keep = fed is not None and (row.slot is not None or self.prompt_cache.max_bytes > 0)
+        cache = self._batches[phase].remove(i, keep_cache=keep)
+        if cache is None or not fed:
+            if row.slot is not None:
+                row.slot.clear()
+            return
+        try:
+            if row.slot is not None:
+                row.slot.put(fed, cache, row.marks, self.rewindable)
+            else:
+                self.prompt_cache.store(fed, cache, row.marks)
+        except Exception:  # a cache that is not kept costs time later, nothing else
+            log.exception("storing a finished request's cache failed")
+
+    def reset(self, phase: str) -> None:
+        """After a failed step the batch is in an unknown state: every row of `phase` is dropped, their slots
+        emptied, and the phase starts again with a fresh batch."""
+        for row in self._rows[phase]:
+            if row.slot is not None:
+                row.slot.clear()
+        self._batches[phase], self._rows[phase] = make_batch(self.net), []
+
+    def clear_slot(self, slot: CacheSlot) -> None:
+        slot.clear()
+
+    def idle(self) -> None:
+        """Called while the scheduler has nothing to run (a group of processes checks its members here)."""
+
+    def close(self) -> None:
+        """The scheduler stopped."""
+
+    def stats(self) -> dict:
+        pc = self.prompt_cache
+        return {
+            "prompt_cache": {
+                "entries": len(pc),
+                "bytes": pc.nbytes,
+                "max_bytes": pc.max_bytes,
+                "hits": pc.hits,
+                "misses": pc.misses,
+                **({} if pc.spill is None else {"spilled_entries": len(pc.spill), "spilled_bytes": pc.spill.nbytes,
+                                                "spill_writes": pc.spill.writes, "spill_reads": pc.spill.reads}),
+            },
+        }
+
+
+def evaluate_all(net) -> None:
+    """Computes every array the model holds, private tables included (rope frequencies). An unevaluated array
+    belongs to the stream of the thread that made it, and the engine thread cannot evaluate it."""
+    found: list[mx.array] = []
+
+    def walk(value) -> None:
+        if isinstance(value, mx.array):
+            found.append(value)
+        elif isinstance(value, dict):  # modules are dicts
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    walk(net)
+    mx.eval(found)
