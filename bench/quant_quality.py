@@ -36,6 +36,7 @@ import copy
 import hashlib
 import json
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -228,12 +229,12 @@ def run_llama_cpp(work: Path, out: Path, ftype: str, text: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------- plan
 def plan(quick: bool, baseline: Path, batches: list, text: str, work: Path) -> list[tuple[str, int, Callable]]:
-    """(label, bits, runner): label is "<tool>-<method>-<width>"; bits 0 for mixes."""
+    """(label, bits, runner): label is "<tool>-<method>-<width>"; bits 0 for mixes. Each width's compared pair comes
+    first (mlxq's GPTQ, then its peers), widest first, so a run cut short still holds whole comparisons."""
     variants = []
-    widths = (3,) if quick else (2, 3, 4)
-    for b in widths:
-        for m in ("gptq",) if quick else ("rtn", "search", "gptq"):
-            variants.append((f"mlxq-{m}-{b}bit", b, lambda o, b=b, m=m: run_mlxq(baseline, o, None, b, m)))
+    llama_cpp_types = {4: ("IQ4_NL", "Q4_0"), 3: ("Q3_K",)}
+    for b in (3,) if quick else (4, 3, 2):
+        variants.append((f"mlxq-gptq-{b}bit", b, lambda o, b=b: run_mlxq(baseline, o, None, b, "gptq")))
         peers = {"rtn": run_mlx_lm_rtn} if quick else {"rtn": run_mlx_lm_rtn, "gptq": run_mlx_lm_gptq,
                                                         "awq": run_mlx_lm_awq, "dwq": run_mlx_lm_dwq}
         for m, fn in peers.items():
@@ -242,17 +243,20 @@ def plan(quick: bool, baseline: Path, batches: list, text: str, work: Path) -> l
             if m in ("awq", "dwq") and b != 3:
                 continue  # recorded in "not_run"
             variants.append((f"mlx_lm-{m}-{b}bit", b, lambda o, b=b, fn=fn: fn(baseline, o, b, batches)))
+        if quick:
+            continue
+        for ftype in llama_cpp_types.get(b, ()):
+            variants.append((f"llama_cpp-imatrix-{ftype}", b,
+                             lambda o, ftype=ftype: run_llama_cpp(work, o, ftype, text)))
+        for m in ("rtn", "search"):  # mlxq's other methods, for the record (no ratio)
+            variants.append((f"mlxq-{m}-{b}bit", b, lambda o, b=b, m=m: run_mlxq(baseline, o, None, b, m)))
     if quick:
         return variants
-    for mix in ("q3_k_m", "q2_k"):
-        variants.append((f"mlxq-gptq-{mix}", 0, lambda o, mix=mix: run_mlxq(baseline, o, mix, None, "gptq")))
     for mix, low in (("q3_k_m", 3), ("q2_k", 2)):
-        # aimed at the mlxq mix just written (it comes earlier in the plan)
+        variants.append((f"mlxq-gptq-{mix}", 0, lambda o, mix=mix: run_mlxq(baseline, o, mix, None, "gptq")))
+        # aimed at the mlxq mix just written
         variants.append((f"mlx_lm-dynamic-{mix}", 0, lambda o, mix=mix, low=low: run_mlx_lm_dynamic(
             baseline, o, low, low + 1, mlx_lm_bpw(work / "runs" / f"mlxq-gptq-{mix}" / "kept"), batches)))
-    for ftype in ("IQ4_NL", "Q4_0", "Q3_K"):
-        variants.append((f"llama_cpp-imatrix-{ftype}", 4 if ftype != "Q3_K" else 3,
-                         lambda o, ftype=ftype: run_llama_cpp(work, o, ftype, text)))
     return variants
 
 
@@ -268,32 +272,11 @@ NOT_RUN = {
 
 
 # ------------------------------------------------------------------------------------------------- run
-def main() -> None:
-    args = parse_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+def measure(variants: list, results: dict, wins, ref, base_sizes: dict, work: Path) -> None:
+    """Runs and scores each variant into `results` (a peer that fails is recorded as such; the others still run)."""
+    from mlxq.eval.metrics import load_for_eval, score
 
-    from mlxq.eval.metrics import load_for_eval, reference, score, windows
-    from mlxq.formats.fetch import cache_dir
-    from mlxq.formats.texts import calibration_texts, heldout_text
-    from mlxq.quant.calibrate import token_batches
-
-    quick = args.quick
-    eval_tokens = 512 if quick else 8192
-    work = cache_dir() / "bench" / "quant_quality"
-    work.mkdir(parents=True, exist_ok=True)
-    baseline = float_copy("smollm2")
-    base_sizes = sizes(baseline)
-
-    ref_model = load_for_eval(str(baseline))
-    tok = ref_model.tokenizer
-    batches = token_batches(tok, calibration_texts(), CALIB_TOKENS, SEQ_LEN)  # what mlxq calibrates on
-    text = "".join(tok.decode(seq) for seq in batches)  # the same, for llama-imatrix (it tokenizes itself)
-    wins = windows(tok.encode(heldout_text(), add_special_tokens=False), 512, eval_tokens)
-    ref = reference(ref_model.logits, wins)
-    base_scores = score(ref_model.logits, wins)
-    del ref_model
-
-    results = {}
-    for label, bits, runner in plan(quick, baseline, batches, text, work):
+    for label, bits, runner in variants:
         out = work / "runs" / label / "kept"
         shutil.rmtree(out.parent, ignore_errors=True)
         out.parent.mkdir(parents=True)
@@ -325,7 +308,43 @@ def main() -> None:
     for label in [k for k in results if k.startswith("mlxq-gptq-q")]:
         shutil.rmtree(work / "runs" / label, ignore_errors=True)
 
-    ratios, best = compare({k: r for k, r in results.items() if "failed" not in r}, calibrated_peers=not quick)
+
+def main() -> None:
+    args = parse_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+
+    from mlxq.eval.metrics import load_for_eval, reference, score, windows
+    from mlxq.formats.fetch import cache_dir
+    from mlxq.formats.texts import calibration_texts, heldout_text
+    from mlxq.quant.calibrate import token_batches
+
+    quick = args.quick
+    eval_tokens = 512 if quick else 8192
+    work = cache_dir() / "bench" / "quant_quality"
+    work.mkdir(parents=True, exist_ok=True)
+    baseline = float_copy("smollm2")
+    base_sizes = sizes(baseline)
+
+    ref_model = load_for_eval(str(baseline))
+    tok = ref_model.tokenizer
+    batches = token_batches(tok, calibration_texts(), CALIB_TOKENS, SEQ_LEN)  # what mlxq calibrates on
+    text = "".join(tok.decode(seq) for seq in batches)  # the same, for llama-imatrix (it tokenizes itself)
+    wins = windows(tok.encode(heldout_text(), add_special_tokens=False), 512, eval_tokens)
+    ref = reference(ref_model.logits, wins)
+    base_scores = score(ref_model.logits, wins)
+    del ref_model
+
+    results, variants = {}, plan(quick, baseline, batches, text, work)
+    # a run stopped by hand (Ctrl-C, kill -INT or -TERM) still records the variants it finished; a background job
+    # starts with SIGINT ignored, so the handlers are set here
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+    try:
+        measure(variants, results, wins, ref, base_sizes, work)
+    except KeyboardInterrupt:
+        print(f"quant_quality: interrupted after {len(results)} of {len(variants)} variants", file=sys.stderr)
+    not_measured = {label: bits for label, bits, _ in variants if label not in results}
+    ratios, best = compare({k: r for k, r in results.items() if "failed" not in r}, calibrated_peers=not quick,
+                           not_measured=not_measured)
     skipped = ("quick: mlx-lm's GPTQ, AWQ, DWQ and dynamic quant and llama.cpp with an importance matrix run in the "
                "full run only") if quick else None
     if skipped:
@@ -341,6 +360,7 @@ def main() -> None:
         "versions": {"mlx_lm": _version("mlx-lm"), "llama_cpp": llama_cpp.VERSION},
         "results": results,
         "not_run": {} if quick else NOT_RUN,
+        **({"interrupted_before": list(not_measured)} if not_measured else {}),
         "skipped": skipped,
         "best_peer": best,
         "goal": f"mlxq's KL <= {GOAL} x the best peer's at equal bpw",
@@ -348,9 +368,10 @@ def main() -> None:
     })
 
 
-def compare(results: dict, calibrated_peers: bool) -> tuple[dict, dict]:
+def compare(results: dict, calibrated_peers: bool, not_measured: dict | None = None) -> tuple[dict, dict]:
     """Ratios of mlxq's calibrated variants to each peer at equal bits per weight, and, when the calibrated peers
-    ran, to the best such peer."""
+    ran (all of that width's: none left in `not_measured`, label -> bits, by an interrupted run), to the best such
+    peer."""
     ratios, best = {}, {}
     pairs = [(f"mlxq-gptq-{b}bit", b, f"{b}bit") for b in (2, 3, 4)]
     pairs += [(f"mlxq-gptq-{mix}", 0, mix) for mix in ("q3_k_m", "q2_k")]
@@ -358,20 +379,25 @@ def compare(results: dict, calibrated_peers: bool) -> tuple[dict, dict]:
         ours = results.get(ours_label)
         if ours is None:
             continue
-        peers = {label: r for label, r in results.items() if not label.startswith("mlxq-")
-                 and (r["bits"] == bits if bits else label.endswith(tag))
-                 and abs(r["bpw"] - ours["bpw"]) <= BPW_TOLERANCE}
+        peers = {label: r for label, r in results.items()
+                 if _peer_of(label, r["bits"], bits, tag) and abs(r["bpw"] - ours["bpw"]) <= BPW_TOLERANCE}
+        waiting = [label for label, b in (not_measured or {}).items() if _peer_of(label, b, bits, tag)]
         for label, r in peers.items():
             tool, method = label.split("-")[:2]
             peer = f"{tool}_{method}" if tool == "mlx_lm" else f"{tool}_{method}_{label.split('-')[2].lower()}"
             ratios[f"kl_{tag}_vs_{peer}"] = round(ours["kl"] / r["kl"], 4)
-        if peers and calibrated_peers:
+        if peers and calibrated_peers and not waiting:
             name = min(peers, key=lambda k: peers[k]["kl"])
             ratio = ours["kl"] / peers[name]["kl"]
             ratios[f"kl_{tag}_vs_best_peer"] = round(ratio, 4)
             best[tag] = {"peer": name, "kl": peers[name]["kl"], "bpw": peers[name]["bpw"], "mlxq": ours_label,
                          "mlxq_kl": ours["kl"], "mlxq_bpw": ours["bpw"], "goal_met": ratio <= GOAL}
     return ratios, best
+
+
+def _peer_of(label: str, label_bits: int, bits: int, tag: str) -> bool:
+    """Whether a variant is a peer's at this width (`bits`, or for mixes, 0 bits and the mix's name as `tag`)."""
+    return not label.startswith("mlxq-") and (label_bits == bits if bits else label.endswith(tag))
 
 
 def _version(dist: str) -> str:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pinned import fetched
 from tiny import HYBRID_TEXT, randomise_hybrid
 
-from mlxq.errors import DownloadError
 from mlxq.formats.fetch import LLAMA_CPP_SDIST, fetch_source
 
 __all__ = ["_hybrid_models", "dense_gguf", "hybrid_gguf", "hybrid_gguf_q8", "moe_gguf"]  # pytest fixtures
@@ -50,12 +50,7 @@ class TinyHybrid:
 
 def convert_with_llama_cpp(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
     """llama.cpp's converter, as shipped in the pinned sdist, on an HF checkpoint directory."""
-    try:
-        src = fetch_source(LLAMA_CPP_SDIST, CONVERTER) / "vendor" / "llama.cpp"
-    except DownloadError as e:
-        if "does not match" in str(e):  # a checksum mismatch is a failure, never a skip
-            raise
-        pytest.skip(f"PyPI unreachable, cannot fetch llama.cpp's converter: {e}")
+    src = fetched("llama.cpp's converter", lambda: fetch_source(LLAMA_CPP_SDIST, CONVERTER)) / "vendor" / "llama.cpp"
     done = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", outtype,
                            "--no-mtp", "--outfile", str(out)], capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
