@@ -12,6 +12,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlxq.engine import persist
 from mlxq.engine import stream as streams
 from mlxq.engine.controls import Prompt, prepare, split_options
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams
@@ -56,8 +57,11 @@ class Model:
         """The engine every request of this model runs on (started on first use)."""
         with self._engine_lock:
             if self._engine is None or not self._engine.alive:
-                self._engine = Engine(self.net, self.tokenizer, **self._engine_options).start()
+                self._engine = self._new_engine().start()
             return self._engine
+
+    def _new_engine(self) -> Engine:
+        return Engine(self.net, self.tokenizer, **self._engine_options)
 
     def configure(self, *, max_batch: int | None = None, prompt_cache_bytes: int | None = None,
                   prefill_chunk: int | None = None, prompt_cache_spill: tuple[str, int] | None = None) -> None:
@@ -86,6 +90,10 @@ class Model:
 
     def make_cache(self) -> list:
         return self.net.make_cache()
+
+    def cache_fingerprint(self) -> str:
+        """What a cache written to disk (`Session.save`) must match to be read back into this model."""
+        return persist.fingerprint(self.net)
 
     def expert_stats(self) -> ExpertStats | None:
         """Streaming counters so far (`mlxq.experts.ExpertStats`: hits, misses, bytes, read / stall / compute
@@ -150,25 +158,40 @@ class Model:
 
 def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantized: bool | None = None,
          experts_per_tok: int | None = None, expert_memory: str | int | None = None,
-         expert_options: dict | None = None) -> Model:
+         expert_options: dict | None = None, group: Any = None, parallel: str | None = None) -> Model:
     """Load a model by name: a local HF/mlx-lm dir, a GGUF file, an alias (`smollm2`), `ollama:NAME`, or a
     hub id. With no name, the default small model. A GGUF file's quantized weights stay in their blocks on Metal;
     off Metal they are dequantized to float32 (MLX's quantized CPU kernels are slow on x86) while the float model
     fits comfortably in memory, else kept too (`loading.open_for_run`). `keep_quantized` forces either way.
     `experts_per_tok` overrides a MoE model's `num_experts_per_tok` (fewer experts: faster, less exact).
     `expert_memory` ("8GB", "25%"): a model with expert packs streams its experts from disk within that much
-    memory (`expert_options`: see `mlxq.experts.StreamOptions`); `Model.expert_stats()` reports the I/O."""
+    memory (`expert_options`: see `mlxq.experts.StreamOptions`); `Model.expert_stats()` reports the I/O.
+
+    `group` (`mx.distributed.init()`, more than one rank): every rank calls `load` alike and loads only its share,
+    split `parallel` ("pipeline", "tensor" or "experts"; default experts for a MoE model, else pipeline). Rank 0
+    gets a model that runs the whole group; the others call `model.follow()` (`mlxq.distributed`)."""
+    if group is not None and group.size() > 1:
+        from mlxq.distributed.group import load_group
+
+        if expert_memory is not None:
+            raise InvalidRequest("expert streaming (expert_memory) does not run on a split model yet")
+        return load_group(name, group, parallel=parallel, dtype=dtype, keep_quantized=keep_quantized,
+                          experts_per_tok=experts_per_tok)
     from concurrent.futures import ThreadPoolExecutor
 
     ckpt = open_for_run(name, keep_quantized)
-    eos = ckpt.config.get("eos_token_id")
-    eos = eos if isinstance(eos, list) else ([eos] if eos is not None else None)
     # the tokenizer loads beside the weights: MLX computes with the GIL released
     with ThreadPoolExecutor(1) as pool:
-        tok = pool.submit(load_tokenizer, ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template, eos)
+        tok = pool.submit(load_tokenizer_for, ckpt)
         net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=expert_memory,
                          expert_options=expert_options)
         return Model(net, tok.result(), ckpt, name or "smollm2")
+
+
+def load_tokenizer_for(ckpt: Checkpoint) -> Tokenizer:
+    eos = ckpt.config.get("eos_token_id")
+    return load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template,
+                          eos if isinstance(eos, list) else ([eos] if eos is not None else None))
 
 
 from mlxq.session import Session  # noqa: E402, F401  (re-exported: games use mlxq.api.Session)

@@ -90,6 +90,41 @@ keep_quantized_option = click.option(
          "float model would not fit comfortably in memory.")
 
 
+def group_options(f):
+    """Options that split the model over several machines (`mlxq.distributed`)."""
+    for opt in reversed([
+        click.option("--hosts", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="Split the model over the hosts of this mlx.launch host file (JSON); the first is this "
+                     "process."),
+        click.option("--parallel", type=click.Choice(["pipeline", "tensor", "experts"]), default=None,
+                     help="How --hosts splits the model (default: experts for a MoE model, else pipeline)."),
+        click.option("--ring-port", default=32323, show_default=True, type=click.IntRange(1, 65535),
+                     help="With --hosts: the ring's first port (rank r listens on it + r)."),
+        click.option("--rank-timeout", default=15.0, show_default=True, type=click.FloatRange(0, min_open=True),
+                     help="With --hosts: seconds without a heartbeat before a rank counts as lost."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def load_for_cli(model: str | None, keep_quantized: bool, hosts: str | None, parallel: str | None, ring_port: int,
+                 rank_timeout: float, *, expert_memory: str | None = None, experts_per_tok: int | None = None):
+    """The model, on this process alone or, with `hosts`, split over a group of which this process is rank 0."""
+    import mlxq
+
+    if hosts is None:
+        if parallel is not None:
+            raise InvalidRequest("--parallel splits the model over --hosts; give a host file")
+        return mlxq.load(model, keep_quantized=keep_quantized or None, expert_memory=expert_memory,
+                         experts_per_tok=experts_per_tok)
+    if expert_memory is not None:
+        raise InvalidRequest("--expert-memory does not run with --hosts yet: a split model holds its experts")
+    from mlxq.distributed.launch import load_on_hosts
+
+    return load_on_hosts(model, hosts, parallel, keep_quantized=keep_quantized, experts_per_tok=experts_per_tok,
+                         ring_port=ring_port, rank_timeout=rank_timeout)
+
+
 def _sampling(kw: dict) -> dict:
     keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
     return {k: kw[k] for k in keys}
@@ -106,13 +141,12 @@ def _sampling(kw: dict) -> dict:
 @keep_quantized_option
 @expert_options
 @sampling_options
+@group_options
 def generate(prompt, model, chat, system, think, stop, verbose, keep_quantized, expert_memory, experts_per_tok,
-             max_tokens, **kw):
+             max_tokens, hosts, parallel, ring_port, rank_timeout, **kw):
     """Generate a completion for PROMPT and stream it to stdout."""
-    import mlxq
-
-    m = mlxq.load(model, keep_quantized=keep_quantized or None, expert_memory=expert_memory,
-                  experts_per_tok=experts_per_tok)
+    m = load_for_cli(model, keep_quantized, hosts, parallel, ring_port, rank_timeout, expert_memory=expert_memory,
+                     experts_per_tok=experts_per_tok)
     before = m.expert_stats()
     if chat and m.tokenizer.has_chat_template:
         prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -145,13 +179,14 @@ def generate(prompt, model, chat, system, think, stop, verbose, keep_quantized, 
 @keep_quantized_option
 @expert_options
 @sampling_options
-def chat(model, system, think, keep_quantized, expert_memory, experts_per_tok, max_tokens, **kw):
+@group_options
+def chat(model, system, think, keep_quantized, expert_memory, experts_per_tok, max_tokens, hosts, parallel, ring_port,
+         rank_timeout, **kw):
     """Interactive chat (empty line or Ctrl-D quits). The cache is kept between turns."""
-    import mlxq
     from mlxq.session import Session
 
-    m = mlxq.load(model, keep_quantized=keep_quantized or None, expert_memory=expert_memory,
-                  experts_per_tok=experts_per_tok)
+    m = load_for_cli(model, keep_quantized, hosts, parallel, ring_port, rank_timeout, expert_memory=expert_memory,
+                     experts_per_tok=experts_per_tok)
     session = Session(m, system=system, enable_thinking=bool(think), max_tokens=max_tokens, **_sampling(kw))
     click.echo(f"mlxq chat with {m.name}: empty line or Ctrl-D to quit", err=True)
     while True:

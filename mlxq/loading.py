@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
+import sys
 import weakref
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,6 +19,9 @@ from mlxq.errors import ConfigError, FormatError
 from mlxq.formats.base import Checkpoint
 from mlxq.models import build_model, text_config
 from mlxq.models.layers import TernaryLinear, cpu_layout, to_blocks
+
+if TYPE_CHECKING:
+    from mlxq.distributed.split import Split
 
 
 def default_dtype() -> mx.Dtype:
@@ -62,22 +69,33 @@ def open_for_run(name: str | None, keep_quantized: bool | None = None) -> Checkp
 
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = True,
                experts_per_tok: int | None = None, expert_memory: str | int | None = None,
-               expert_options: dict | None = None) -> nn.Module:
+               expert_options: dict | None = None, split: Split | None = None) -> nn.Module:
     """`fuse` merges projections that share an input (q/k/v, gate/up) after loading and puts weights in
     the backend's fastest layout (`inference_layout`); pass False to keep the checkpoint's module layout
     (calibration hooks, weight export). `experts_per_tok` routes each token of a MoE model to that many
     experts instead of the configured `num_experts_per_tok`. A model written with expert packs
     (`mlxq quantize --stream-experts`) streams its experts within `expert_memory` bytes ('8GB', '25%'; see
-    `mlxq.experts`, options in `StreamOptions`), or holds them all in memory when that is None."""
+    `mlxq.experts`, options in `StreamOptions`), or holds them all in memory when that is None. `split`: load only
+    one rank's share of the model (`mlxq.distributed.split`): the tensors it wants, the parts of them it holds,
+    into its network."""
+    _return_freed_memory()
     config = text_config(ckpt.config)
     with _as_config_error(ckpt):
         model = build_model(config)
     dtype = dtype or default_dtype()
     # Cast before sanitize, so that its arithmetic (the 1 + w of zero-centred norms) runs at compute precision: in a
     # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits.
-    weights = model.sanitize({name: _cast(ckpt.tensors[name], dtype) for name in ckpt.tensors})
+    sources = {name: _cast(ckpt.tensors[name], dtype) for name in ckpt.tensors if split is None or split.wants(name)}
+    weights = model.sanitize(dict(sources))
+    if split is not None and (expert_memory is not None or _has_packs(ckpt)):
+        raise ConfigError(f"{ckpt.path}: a model with expert packs does not split over a group yet")
     packs, streamed = _expert_packs(ckpt, model, weights, expert_memory)
-    weights = {k: _cast(v, dtype) for k, v in weights.items()}  # experts read from packs come in their stored dtype
+    if split is not None:
+        with _as_config_error(ckpt):
+            model, weights = split.take(model, build_model, weights, sources, ckpt.tensors)
+    del sources
+    # experts read from packs, and parts of tensors read from the file, come in their stored dtype
+    weights = {k: _cast(v, dtype) for k, v in weights.items()}
     quant = ckpt.quantization
     if quant and "quant_method" not in quant:  # mlx-lm's; a transformers quant_method is the family's to read
         with _as_config_error(ckpt):
@@ -93,12 +111,14 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
         if not hasattr(model, "set_experts_per_tok"):
             raise ConfigError(f"{ckpt.path}: experts per token: the model has no routed experts")
         model.set_experts_per_tok(experts_per_tok)
-    # One parameter at a time: its checkpoint arrays are read, cast / fused / laid out, and freed before the next
-    # are read. Evaluated all at once, every checkpoint array and every replacement were alive together: a peak
-    # of twice the model.
-    for _, p in tree_flatten(model.parameters()):
-        mx.eval(p)
-    mx.clear_cache()  # the freed checkpoint buffers go back now
+    # One tensor at a time, so at most one module's transient copies (read, fused, transposed) exist at once, with
+    # MLX's buffer cache off so that what they free goes back to the system instead of adding up.
+    cache_limit = mx.set_cache_limit(0)
+    try:
+        for _, w in tree_flatten(model.parameters()):
+            mx.eval(w)
+    finally:
+        mx.set_cache_limit(cache_limit)
     model.eval()
     wire_weights(model)
     if streamed:
@@ -106,16 +126,37 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
 
         model.expert_pool = start_pool(streamed, packs, expert_memory, dtype, fuse, expert_options)
         weakref.finalize(model, model.expert_pool.close)  # reader threads and file descriptors go with the model
-    return model
+    return model if split is None else split.finish(model)
+
+
+@functools.cache
+def _return_freed_memory() -> None:
+    """On glibc, give every buffer of 128 KiB or more its own mapping, returned to the system when freed. By default
+    glibc raises that threshold as large buffers are freed, after which freed buffers stay in its heap: loading frees
+    many (each tensor as read, before fusing and transposing), and a process would keep their memory at its peak.
+    MLX keeps its own cache of buffers while it runs, so this costs nothing afterwards."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _has_packs(ckpt: Checkpoint) -> bool:
+    from mlxq.experts import has_packs
+
+    return has_packs(ckpt.config)
 
 
 def _expert_packs(ckpt: Checkpoint, model: nn.Module, weights: dict, expert_memory) -> tuple:
     """Expert packs, if the checkpoint has them: all experts read into `weights` (no `expert_memory`), or the MoE
     blocks swapped for streaming ones (returned, to get their slot pool once the model is complete)."""
-    from mlxq.experts import has_packs, moe_blocks, open_packs, stream_blocks
+    from mlxq.experts import moe_blocks, open_packs, stream_blocks
     from mlxq.experts.pack import check_model
 
-    if not has_packs(ckpt.config):
+    if not _has_packs(ckpt):
         if expert_memory is not None:
             raise ConfigError(f"{ckpt.path}: expert memory needs expert packs (mlxq quantize --stream-experts)")
         return None, []

@@ -128,13 +128,13 @@ class Session:
                 **{**asdict(self.params), "logit_bias": [[t, b] for t, b in self.params.logit_bias.items()]},
             )
             slot = self.slot
-            persist.save(path, persist.fingerprint(self.model.net), slot.tokens, slot.caches, slot.marks,
+            persist.save(path, self.model.cache_fingerprint(), slot.tokens, slot.caches, slot.marks,
                          {"messages": self.messages, "settings": settings})
 
     @classmethod
     def load(cls, model: Any, path: str | Path) -> Session:
         """The session `save` wrote to `path`, on `model` (the same weights, checked by fingerprint)."""
-        tokens, caches, marks, extra = persist.load(path, persist.fingerprint(model.net), model.net.make_cache)
+        tokens, caches, marks, extra = persist.load(path, model.cache_fingerprint(), model.net.make_cache)
         try:
             settings = dict(extra["settings"])
             settings["logit_bias"] = {int(t): float(b) for t, b in settings["logit_bias"]}

@@ -139,7 +139,10 @@ class OpenAIServer:
     # -------------------------------------------------------------------------------------------- routes
     async def health(self) -> JSONResponse:
         ok = self.engine.alive
-        body = {"status": "ok" if ok else "engine stopped", "model": self.names[0], **self.engine.stats()}
+        stats = self.engine.stats()
+        degraded = stats.get("group", {}).get("state") == "degraded"  # a rank of a split model was lost
+        status = "ok" if ok else "degraded" if degraded else "engine stopped"
+        body = {"status": status, "model": self.names[0], **stats}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     async def models(self, request: Request) -> JSONResponse:

@@ -23,7 +23,7 @@ class ServerSubmission(Submission):
         if not requests:  # nothing would ever arrive: the response would wait forever
             raise InvalidRequest("the request asks for no completions")
         if not engine.alive:
-            raise EngineUnavailable("the engine is not running")
+            raise engine.down or EngineUnavailable("the engine is not running")
         if engine.pending + len(requests) > max_pending:
             raise EngineUnavailable(f"the server is busy ({engine.pending} requests queued or running); retry later")
         self.checked = time.monotonic()  # when the client was last seen connected

@@ -10,7 +10,7 @@ import time
 
 import click
 
-from mlxq.cli import expert_options, keep_quantized_option
+from mlxq.cli import expert_options, group_options, keep_quantized_option, load_for_cli
 from mlxq.errors import GenerationError, InvalidRequest
 
 
@@ -86,6 +86,7 @@ from mlxq.errors import GenerationError, InvalidRequest
     help="Let requests send their own chat template (chat_template_kwargs.chat_template): arbitrary Jinja, "
     "rendered within a time and size budget. Off: such requests get a 400.",
 )
+@group_options
 @click.option(
     "--log-level",
     default="info",
@@ -110,6 +111,10 @@ def serve(
     expert_memory,
     experts_per_tok,
     allow_request_templates,
+    hosts,
+    parallel,
+    ring_port,
+    rank_timeout,
     log_level,
 ):
     """Serve MODEL (default: smollm2) over an OpenAI-compatible HTTP API: /v1/chat/completions,
@@ -117,7 +122,6 @@ def serve(
     import uvicorn
     from rich.console import Console
 
-    import mlxq
     from mlxq.formats.fetch import DEFAULT_MODEL
     from server.app import build_app
     from server.prepare import Limits
@@ -127,14 +131,16 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise InvalidRequest("--api-key / MLXQ_API_KEY is empty: give a key, or unset it to serve without auth")
     _check_bindable(host, port)  # before the model loads, not after
+    if hosts is not None and prompt_cache_spill is not None:
+        raise InvalidRequest("--prompt-cache-spill does not run with --hosts: the ranks would keep different entries")
     console = Console(stderr=True, log_path=False)
     name = served_model_name or model or DEFAULT_MODEL
     if not _loopback(host) and not api_key:
         console.print(f"[yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
     t0 = time.perf_counter()
     with console.status(f"loading {model or DEFAULT_MODEL} (fetched on first use)...") as status:
-        loaded = mlxq.load(model, keep_quantized=keep_quantized or None, expert_memory=expert_memory,
-                           experts_per_tok=experts_per_tok)
+        loaded = load_for_cli(model, keep_quantized, hosts, parallel, ring_port, rank_timeout,
+                              expert_memory=expert_memory, experts_per_tok=experts_per_tok)
         console.log(f"loaded {model or DEFAULT_MODEL} in {time.perf_counter() - t0:.1f} s")
         status.update("building the engine and token tables...")
         limits = Limits(max_tokens=max_tokens, max_request_bytes=int(max_request_mb * (1 << 20)),

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny import make_tiny, to_old_style_rope
+from tiny import make_tiny, save_tiny_tokenizer, to_old_style_rope
 
 from mlxq.errors import InvalidRequest
 from mlxq.formats import open_checkpoint
@@ -55,7 +55,7 @@ def tiny_dir(tmp_path_factory):
                 make_tiny(name, path)
                 if not name.startswith("gemma3"):
                     to_old_style_rope(path)
-            add_tokenizer(path)
+            save_tiny_tokenizer(path, 160)
             made[name] = path
         return made[name]
 

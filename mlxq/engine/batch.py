@@ -221,15 +221,20 @@ def pad_rows(tokens: list[list[int]]) -> mx.array:
     return mx.array([t + [0] * (n - len(t)) for t in tokens], dtype=mx.uint32)
 
 
-def _gather_logits(net: CausalLM, x: mx.array, at: list[list[int]]) -> mx.array:
-    """Logits [M, V] at the wanted positions of hidden states x [B, n, D]: the head runs on those alone."""
+def gather_rows(x: mx.array, at: list[list[int]]) -> mx.array | None:
+    """The hidden states [M, D] at the wanted positions `at[b]` of each row b of x [B, n, D] (None: no position)."""
     n = x.shape[1]
     flat = [b * n + i for b, positions in enumerate(at) for i in positions]
     if not flat:
-        return mx.zeros((0, 0))
+        return None
     h = x.reshape(-1, x.shape[-1])
-    h = h[flat[0] : flat[0] + 1] if len(flat) == 1 else h[mx.array(flat)]
-    return net.head(net.norm(h))
+    return h[flat[0] : flat[0] + 1] if len(flat) == 1 else h[mx.array(flat)]
+
+
+def _gather_logits(net: CausalLM, x: mx.array, at: list[list[int]]) -> mx.array:
+    """Logits [M, V] at the wanted positions of hidden states x [B, n, D]: the head runs on those alone."""
+    h = gather_rows(x, at)
+    return mx.zeros((0, 0)) if h is None else net.head(net.norm(h))
 
 
 def forward(net: CausalLM, tokens: mx.array, caches: list, at: list[list[int]]) -> mx.array:
@@ -306,15 +311,19 @@ class Batch:
         """Back to `snapshot`, then holding `kept[b]` more tokens in row b: the first tokens fed since. KV entries
         past a row's length are never read, so attention only moves its lengths back; recurrent layers restore
         their states and run the kept tokens again."""
-        lengths, states = snapshot
         if all(isinstance(c, BatchKVCache) for c in self.caches):
-            self.rows.lengths = [n + len(k) for n, k in zip(lengths, kept, strict=True)]
+            self.rows.lengths = [n + len(k) for n, k in zip(snapshot[0], kept, strict=True)]
             return
+        self.restore(snapshot)
+        self.step(kept, [[]] * len(kept))
+        mx.eval(self.state)
+
+    def restore(self, snapshot: tuple) -> None:
+        """Back to `snapshot`, every layer (the first half of `rewind` where its kept tokens run elsewhere)."""
+        lengths, states = snapshot
         self.rows.lengths = list(lengths)
         for c, state in zip(self.caches, states, strict=True):
             c.restore_all(state)
-        self.step(kept, [[]] * len(kept))
-        mx.eval(self.state)
 
 
 class SerialBatch:

@@ -68,15 +68,23 @@ class _Entry:
 class PromptCache:
     """Longest-prefix reuse across requests, bounded by `max_bytes`. `make_cache` builds a model's empty caches
     (one per layer); every layer is a `KVCache` or has `checkpoint()`/`restore()`. With a `spill`, entries leaving
-    memory go to disk, and come back when a prompt resumes further from one of them than from memory."""
+    memory go to disk, and come back when a prompt resumes further from one of them than from memory.
+    `rewindable`: whether the whole model resumes anywhere (default: whether these layers do; a pipeline rank's
+    few layers may, and the model not).
 
-    def __init__(self, make_cache: Callable[[], list], max_bytes: int, spill: DiskSpill | None = None):
+    The only decisions that depend on sizes (whether an entry fits, which entries leave) are returned by `store`
+    as its plan; another cache holding the same rows with other shares of the model (a rank of a group) replays
+    them with `store(..., plan=)`, so both keep the same entries whatever their own sizes. (A spill decides by
+    its own sizes on disk, so a group has none.)"""
+
+    def __init__(self, make_cache: Callable[[], list], max_bytes: int, spill: DiskSpill | None = None,
+                 rewindable: bool | None = None):
         self.make_cache = make_cache
         self.max_bytes = max_bytes
         self.spill = spill
         template = make_cache()
         self.kv_layers = [i for i, c in enumerate(template) if type(c) is KVCache]
-        self.rewindable = len(self.kv_layers) == len(template)
+        self.rewindable = len(self.kv_layers) == len(template) if rewindable is None else rewindable
         self.n_layers = len(template)
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # oldest first
         self._next_id = 0
@@ -124,11 +132,14 @@ class PromptCache:
         return caches
 
     # ----------------------------------------------------------------------------------------- store
-    def store(self, tokens: list[int], caches: list, marks: dict[int, list] | None = None) -> None:
+    def store(self, tokens: list[int], caches: list, marks: dict[int, list] | None = None,
+              plan: dict | None = None) -> dict:
         """Keeps `caches` (single-row, holding exactly `tokens`) and `marks`, checkpoints of the whole cache at
-        earlier positions (as `cache.checkpoint()` gives them), for the layers that cannot rewind."""
+        earlier positions (as `cache.checkpoint()` gives them), for the layers that cannot rewind. Returns the plan
+        it followed: {"stored": whether a new entry was kept, "evicted": the entries that left}."""
+        done: dict = {"stored": False, "evicted": []}
         if self.max_bytes <= 0 or not tokens:
-            return
+            return done
         if any(caches[i].offset != len(tokens) for i in self.kv_layers):
             raise ValueError(f"prompt cache: caches hold {caches[self.kv_layers[0]].offset} tokens, not {len(tokens)}")
         for key, old in self._entries.items():
@@ -139,8 +150,8 @@ class PromptCache:
                     old.marks = {**old.marks, **new_marks}
                     self.nbytes += old.nbytes
                 self._entries.move_to_end(key)
-                self._evict()
-                return
+                done["evicted"] = self._evict(plan)
+                return done
         entry = _Entry(list(tokens), {})
         for i in self.kv_layers:
             c = caches[i]
@@ -154,12 +165,13 @@ class PromptCache:
             self.nbytes -= old.nbytes
             entry.marks = {**old.marks, **entry.marks}
         size = entry.nbytes
-        if size > self.max_bytes:
-            return
+        if not (size <= self.max_bytes if plan is None else plan["stored"]):
+            return done
         self._entries[self._next_id] = entry
         self._next_id += 1
         self.nbytes += size
-        self._evict()
+        done["stored"], done["evicted"] = True, self._evict(plan)
+        return done
 
     def _marks(self, tokens: list[int], caches: list, marks: dict[int, list] | None) -> dict[int, dict[int, Any]]:
         """Checkpoints of the layers that cannot rewind: at the end of `tokens` and at the given positions."""
@@ -168,13 +180,23 @@ class PromptCache:
         out[len(tokens)] = {i: caches[i].checkpoint() for i in others}
         return out
 
-    def _evict(self) -> None:
+    def _evict(self, plan: dict | None = None) -> list[int]:
+        """Drops the least recently used entries until the cache fits its bound, or replaying `plan`, the entries
+        it names; returns their keys."""
+        if plan is not None:
+            for key in plan["evicted"]:
+                if (old := self._entries.pop(key, None)) is not None:
+                    self.nbytes -= old.nbytes
+            return list(plan["evicted"])
+        dropped = []
         while self.nbytes > self.max_bytes and self._entries:
-            _, old = self._entries.popitem(last=False)
+            key, old = self._entries.popitem(last=False)
             self.nbytes -= old.nbytes
+            dropped.append(key)
             if self.spill is not None:
                 marks = {p: [mark.get(i) for i in range(self.n_layers)] for p, mark in old.marks.items()}
                 self.spill.put(old.tokens, self._caches(old, len(old.tokens)), marks)
+        return dropped
 
     def clear(self) -> None:
         self._entries.clear()

@@ -12,13 +12,17 @@ sequences; removing a row renumbers those after it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import mlx.core as mx
 
 from mlxq.engine.batch import make_batch
 from mlxq.engine.persist import fingerprint
 from mlxq.engine.prompt_cache import CacheSlot, DiskSpill, PromptCache
+from mlxq.errors import EngineDown
 from mlxq.models.base import CausalLM
 
 log = logging.getLogger("mlxq.engine")
@@ -35,17 +39,24 @@ class _Row:
 class Runner:
     """Runs `net` (a `CausalLM`) for the scheduler. `prompt_cache_bytes`: bound of the shared prompt cache (0 turns
     it off; conversation slots are not counted). `spill`: (directory, bytes) where entries leaving the prompt cache
-    go, within that many bytes on disk."""
+    go, within that many bytes on disk. `new_batch`: makes the batches rows run in (`batch.make_batch`, or a
+    pipeline stage's micro-batches). `rewindable`: whether the whole model resumes anywhere (default: whether
+    `net`'s layers do)."""
 
-    def __init__(self, net: CausalLM, prompt_cache_bytes: int, spill: tuple[str, int] | None = None):
+    def __init__(self, net: CausalLM, prompt_cache_bytes: int, spill: tuple[str, int] | None = None,
+                 new_batch: Callable[[], Any] | None = None, rewindable: bool | None = None):
         self.net = net
         evaluate_all(net)
+        self.new_batch = new_batch or partial(make_batch, net)
         disk = None if spill is None else DiskSpill(spill[0], spill[1], fingerprint(net), net.make_cache)
-        self.prompt_cache = PromptCache(net.make_cache, prompt_cache_bytes, disk)
+        self.prompt_cache = PromptCache(net.make_cache, prompt_cache_bytes, disk, rewindable)
         self.rewindable = self.prompt_cache.rewindable  # every layer can resume at any position (attention only)
-        self._batches = {PREFILL: make_batch(net), DECODE: make_batch(net)}
+        self._batches = {PREFILL: self.new_batch(), DECODE: self.new_batch()}
         self._rows: dict[str, list[_Row]] = {PREFILL: [], DECODE: []}
         self._before: tuple | None = None  # the decode batch before a `verify` pass, and what the pass fed
+
+    def attach(self, abort: Callable[[EngineDown], None]) -> None:
+        """The scheduler's `abort`, for a runner that can find the model gone while a step runs (a group's)."""
 
     def admit(self, prompt: list[int], slot: CacheSlot | None) -> int:
         """A new row in the prefill batch, resumed from the longest prefix of `prompt` that its slot or else the
@@ -90,28 +101,39 @@ class Runner:
             return
         self._batches[DECODE].rewind(snapshot, [t[:k] for k, t in zip(keep, fed, strict=True)])
 
+    def lengths(self, phase: str) -> list[int]:
+        """Tokens in the cache of each row of `phase`."""
+        return list(self._batches[phase].lengths)
+
+    def state(self, phase: str) -> list[mx.array]:
+        """Every array the caches of `phase` hold (to evaluate a step whole)."""
+        return self._batches[phase].state
+
     def promote(self, i: int) -> None:
         """Prefill row i, its prompt done, becomes the last decode row."""
         self._batches[DECODE].add(self._batches[PREFILL].remove(i))
         self._rows[DECODE].append(self._rows[PREFILL].pop(i))
 
-    def leave(self, phase: str, i: int, fed: list[int] | None) -> None:
+    def leave(self, phase: str, i: int, fed: list[int] | None, replay: dict | bool | None = None) -> dict | None:
         """Takes row i out of `phase`. `fed`: the tokens its cache holds, which then go to its slot, or to the prompt
-        cache; None drops the cache (the request failed) and empties its slot."""
+        cache; None drops the cache (the request failed) and empties its slot. Returns the prompt cache's plan when
+        it took the cache (`PromptCache.store`), which the other ranks of a group replay (`replay`: that plan, or
+        False for none)."""
         row = self._rows[phase].pop(i)
         keep = fed is not None and (row.slot is not None or self.prompt_cache.max_bytes > 0)
         cache = self._batches[phase].remove(i, keep_cache=keep)
         if cache is None or not fed:
             if row.slot is not None:
                 row.slot.clear()
-            return
+            return None
         try:
             if row.slot is not None:
                 row.slot.put(fed, cache, row.marks, self.rewindable)
-            else:
-                self.prompt_cache.store(fed, cache, row.marks)
+            elif replay is not False:
+                return self.prompt_cache.store(fed, cache, row.marks, plan=replay or None)
         except Exception:  # a cache that is not kept costs time later, nothing else
             log.exception("storing a finished request's cache failed")
+        return None
 
     def reset(self, phase: str) -> None:
         """After a failed step the batch is in an unknown state: every row of `phase` is dropped, their slots
@@ -119,7 +141,15 @@ class Runner:
         for row in self._rows[phase]:
             if row.slot is not None:
                 row.slot.clear()
-        self._batches[phase], self._rows[phase] = make_batch(self.net), []
+        self._batches[phase], self._rows[phase] = self.new_batch(), []
+
+    def score(self, tokens: list[int]) -> mx.array:
+        """Logits [len(tokens), vocab] at every position of `tokens`, from fresh caches, outside the batches."""
+        batch = self.new_batch()
+        batch.add(self.net.make_cache())
+        logits = batch.step([tokens], [list(range(len(tokens)))])
+        mx.eval(logits)
+        return logits
 
     def clear_slot(self, slot: CacheSlot) -> None:
         slot.clear()

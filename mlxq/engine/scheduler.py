@@ -178,6 +178,7 @@ class Engine:
         if prefill_chunk < 1:
             raise InvalidRequest("prefill_chunk must be >= 1")
         self.runner = net if isinstance(net, Runner) else Runner(net, prompt_cache_bytes, prompt_cache_spill)
+        self.runner.attach(self.abort)
         self.net, self.tokenizer = self.runner.net, tokenizer
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.prompt_cache = self.runner.prompt_cache
@@ -228,8 +229,13 @@ class Engine:
         return self._inbox.qsize() + len(self._waiting) + len(self._prefilling) + len(self._running)
 
     @property
+    def down(self) -> EngineDown | None:
+        """Why the engine can no longer run its model (a member of its group is gone), or None."""
+        return self._down
+
+    @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._loop_done
+        return self._down is None and self._thread is not None and self._thread.is_alive() and not self._loop_done
 
     def stats(self) -> dict:
         return {

@@ -22,12 +22,29 @@ class TensorInfo:
     nbytes: int
 
 
-class TensorSource(Mapping[str, mx.array]):
-    """name -> array, loaded only when asked for (one tensor at a time)."""
+Ranges = list[tuple[int, int]]  # [start, stop) index ranges along one axis, read and concatenated in order
 
-    def __init__(self, infos: dict[str, TensorInfo], loader: Callable[[str], mx.array]):
+
+class TensorSource(Mapping[str, mx.array]):
+    """name -> array, loaded only when asked for (one tensor at a time). A source that can read part of a tensor
+    without the rest (`slicer`: safetensors files) offers `read_slice`; a rank of a distributed model reads its share
+    of each tensor that way."""
+
+    def __init__(self, infos: dict[str, TensorInfo], loader: Callable[[str], mx.array],
+                 slicer: Callable[[str, int, Ranges], mx.array] | None = None):
         self._infos = infos
         self._loader = loader
+        self._slicer = slicer
+
+    @property
+    def can_slice(self) -> bool:
+        return self._slicer is not None
+
+    def read_slice(self, name: str, axis: int, ranges: Ranges) -> mx.array:
+        """The parts `ranges` of tensor `name` along `axis`, concatenated, read without the rest of it (evaluated)."""
+        if self._slicer is None or name not in self._infos:
+            raise KeyError(name)
+        return self._slicer(name, axis, ranges)
 
     def __getitem__(self, name: str) -> mx.array:
         if name not in self._infos:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import mmap
 import struct
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from mlxq.errors import ConfigError, FormatError, ModelNotFound
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
@@ -25,6 +29,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Tensor names, shapes and dtypes from the JSON header, checked as the safetensors format defines it: every
     entry well formed, its byte range as long as its shape and dtype say, and the ranges tiling the data section
     exactly (no overlap, no hole, nothing past the end), so a damaged header is refused rather than read."""
+    return _read_header(path)[0]
+
+
+def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, int]]:
+    """`read_safetensors_header`, and where each tensor's bytes start in the file."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -53,7 +62,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise FormatError(f"{path}: truncated ({size} bytes, header says {8 + n + end})")
     if 8 + n + end < size:
         raise FormatError(f"{path}: {size - 8 - n - end} bytes after the last tensor (damaged header)")
-    return infos
+    return infos, {name: 8 + n + start for start, _, name in ranges}
 
 
 def _entry(path: Path, name: str, h) -> tuple[TensorInfo, int, int]:
@@ -104,12 +113,15 @@ def _shards(root: Path) -> list[Path]:
 def open_safetensors(files: list[Path]) -> TensorSource:
     infos: dict[str, TensorInfo] = {}
     where: dict[str, Path] = {}
+    starts: dict[str, int] = {}
     for f in files:
         if not f.exists():
             raise FormatError(f"{f}: shard listed in the index is missing")
-        for name, info in read_safetensors_header(f).items():
+        file_infos, file_starts = _read_header(f)
+        for name, info in file_infos.items():
             infos[name] = info
             where[name] = f
+        starts.update(file_starts)
     opened: dict[Path, dict[str, mx.array]] = {}
 
     def load(name: str) -> mx.array:
@@ -123,7 +135,70 @@ def open_safetensors(files: list[Path]) -> TensorSource:
         # alive: streaming a checkpoint tensor by tensor stays near one tensor's memory.
         return opened[f].pop(name)
 
-    return TensorSource(infos, load)
+    def read_slice(name: str, axis: int, ranges: list[tuple[int, int]]) -> mx.array:
+        try:
+            return _read_slice(where[name], starts[name], infos[name], axis, ranges)
+        except OSError as e:
+            raise FormatError(f"{where[name]}: cannot read tensor '{name}' ({e.strerror or e})") from None
+
+    return TensorSource(infos, load, read_slice)
+
+
+_NUMPY_CARRIERS = {"bfloat16": ("uint16", "bfloat16")}  # dtypes numpy lacks: read as same-width ints, viewed back
+CHUNK_BYTES = 16 << 20  # a strided slice is read this many bytes at a time
+
+
+def _read_slice(path: Path, start: int, info: TensorInfo, axis: int, ranges: list[tuple[int, int]]) -> mx.array:
+    """Parts of one tensor along `axis`, read from the file without the rest: along the first axis they are
+    contiguous byte ranges; along a later one the tensor is read CHUNK_BYTES of whole rows at a time, so memory
+    stays near the slice (plus one chunk) whatever the tensor's size."""
+    carrier, view = _NUMPY_CARRIERS.get(info.dtype, (info.dtype, None))
+    itemsize = np.dtype(carrier).itemsize
+    shape = info.shape
+    outer, span, inner = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+    width = sum(b - a for a, b in ranges)
+    with _scratch((outer, width, inner), carrier) as out, open(path, "rb", buffering=0) as f:
+        if outer == 1:
+            at = 0
+            for a, b in ranges:
+                _read_exact(f, start + a * inner * itemsize, out[0, at : at + b - a])
+                at += b - a
+        else:
+            rows = max(1, min(outer, CHUNK_BYTES // max(1, span * inner * itemsize)))
+            with _scratch((rows, span, inner), carrier) as buf:
+                for first in range(0, outer, rows):
+                    n = min(rows, outer - first)
+                    _read_exact(f, start + first * span * inner * itemsize, buf[:n])
+                    out[first : first + n] = np.concatenate([buf[:n, a:b] for a, b in ranges], axis=1)
+        arr = mx.array(out.reshape(*shape[:axis], width, *shape[axis + 1 :]))
+    return arr.view(getattr(mx, view)) if view else arr
+
+
+@contextlib.contextmanager
+def _scratch(shape: tuple[int, ...], dtype: str):
+    """A numpy buffer in its own anonymous mapping, unmapped on exit. From the C heap instead, a large temporary
+    raises glibc's mmap threshold when freed, and later buffers then stay in the heap after they are freed: the
+    process would keep the memory of every part it read."""
+    size = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
+    region = mmap.mmap(-1, size)
+    try:
+        yield np.frombuffer(region, dtype, count=math.prod(shape)).reshape(shape)
+    finally:
+        try:
+            region.close()
+        except BufferError:  # a view of it is still alive somewhere: the mapping goes when that does
+            pass
+
+
+def _read_exact(f, offset: int, into: np.ndarray) -> None:
+    """Fills the contiguous array `into` with the file's bytes from `offset`."""
+    view, done = memoryview(into).cast("B"), 0
+    f.seek(offset)
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise OSError(f"unexpected end of file at byte {offset + done}")
+        done += n
 
 
 def open_hf_dir(root: Path) -> Checkpoint:

@@ -1,0 +1,535 @@
+"""How a model is split over the ranks of a group (`--parallel`): which tensors, and which part of each, a rank
+loads; what its network looks like; where the collectives go.
+
+- pipeline: each rank holds a contiguous range of layers, the ranges balanced by bytes; rank 0 also holds the
+  embedding, the final norm and the head, so activations go round the ring 0 -> 1 -> ... -> n-1 -> 0 (send/recv,
+  `pipeline.py`).
+- tensor: every rank holds every layer with a share of its attention heads, DeltaNet heads and MLP hidden units
+  (every expert's too). Projections into a block are split by output (column-parallel), the block's output
+  projection by input (row-parallel), so each rank's block output is a partial sum and one `all_sum` per block
+  adds them (Megatron). The embedding is replicated; the head is on rank 0 only.
+- experts: every rank holds the dense parts (replicated) and a contiguous share of each MoE layer's routed
+  experts. Every rank routes every token (same hidden state, same router, so the same choice), computes the pairs
+  routed to its own experts, and one `all_sum` per MoE block adds the ranks' parts (`ExpertShard`).
+
+Which part of a tensor a rank holds is data: `TENSOR_RULES` keys (module class, parameter) to the axis and the
+share, read off the unloaded network the checkpoint describes. The loader (`mlxq.loading.load_model(split=)`)
+reads only that part of each tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlxq.engine.batch import stackable
+from mlxq.engine.cache import KVCache
+from mlxq.errors import ConfigError, UnsupportedModel
+from mlxq.formats.base import TensorInfo, TensorSource
+from mlxq.kernels.activations import sigmoid
+from mlxq.models.base import CausalLM
+from mlxq.models.moe import SparseMoE, SwitchGLU
+
+MODES = ("pipeline", "tensor", "experts")
+
+Ranges = tuple[tuple[int, int], ...]
+
+# A decoder layer's tensors, as checkpoints name them (HF, mlx-lm, multimodal wrappers): group 1 is the index.
+_LAYER = re.compile(r"^(?:model\.|model\.language_model\.|language_model\.model\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one tensor of the checkpoint goes on this rank: its name in the rank's network and, when the rank holds
+    only part of it, the `ranges` along `axis`, in units of the model's own size of that axis (`logical`; the packed
+    columns of a quantized weight are scaled to it). `zero`: a row-parallel block's output bias on ranks > 0, held
+    as zeros so the sum adds it once."""
+
+    name: str
+    axis: int | None = None
+    ranges: Ranges = ()
+    logical: int = 0
+    zero: bool = False
+    align: int = 1  # where the axis is packed (quantized), each boundary must fall on a multiple of this
+
+
+def even_ranges(total: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """`total` units in `parts` contiguous ranges as even as `align` (a multiple every boundary keeps) allows."""
+    if total % align:
+        align = 1
+    blocks = total // align
+    if blocks < parts:
+        raise ConfigError(f"cannot split {total} units over {parts} ranks")
+    bounds = [r * blocks // parts * align for r in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def head_ranges(heads: int, kv_heads: int, parts: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Query-head and key/value-head ranges per rank for grouped heads (GQA, DeltaNet's value heads over key heads).
+    A rank's query heads must use its key/value heads the way the kernel maps them (query i of r local heads over
+    k local groups uses group i // (r / k)), so a rank holds whole groups or part of one group."""
+    if parts > heads:
+        raise ConfigError(f"cannot split {heads} heads over {parts} ranks")
+    group = heads // kv_heads
+    out = []
+    for a, b in even_ranges(heads, parts):
+        ka, kb = a // group, (b - 1) // group + 1
+        local_group = (b - a) // (kb - ka) if (b - a) % (kb - ka) == 0 else 0
+        if not local_group or any((a + i) // group - ka != i // local_group for i in range(b - a)):
+            raise ConfigError(f"cannot split {heads} heads sharing {kv_heads} key/value heads over {parts} ranks")
+        out.append(((a, b), (ka, kb)))
+    return out
+
+
+class Split:
+    """The share of a model rank `rank` of `size` holds. Subclasses per mode; the loader calls `wants` (checkpoint
+    names worth reading), `network` (the rank's unloaded network), `place` (where each sanitized tensor goes), then,
+    once the weights are bound, `finish` (collectives in place)."""
+
+    mode = ""
+
+    def __init__(self, config: dict[str, Any], infos: list[TensorInfo], rank: int, size: int, group=None,
+                 dequantized: bool = False):
+        self.config, self.rank, self.size, self.group = config, rank, size, group
+        self.quant_align = quant_align(config)
+        self.dequantized = dequantized  # GGML blocks become floats at load: a tensor's bytes are then its elements'
+
+    def wants(self, name: str) -> bool:
+        return True
+
+    def network(self, full: CausalLM, build) -> CausalLM:
+        """The rank's network, unloaded. `full`: the whole model as the config describes it (nothing evaluated);
+        `build(config)`: a fresh one for another config."""
+        return full
+
+    def place(self, name: str, shape: tuple[int, ...]) -> Placement | None:
+        return Placement(name)
+
+    def finish(self, net: CausalLM) -> CausalLM:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"parallel": self.mode, "rank": self.rank, "size": self.size}
+
+    # ------------------------------------------------------------------------------------------ reading
+    def take(self, full: CausalLM, build, weights: dict[str, mx.array], sources: dict[str, mx.array],
+             tensors: TensorSource) -> tuple[CausalLM, dict[str, mx.array]]:
+        """The rank's network and its share of `weights` (sanitized, lazy). Parts of tensors are read one at a time
+        and evaluated at once, so the whole of a tensor the rank needs only part of never stays in memory: straight
+        from the file where the tensor is as the checkpoint stores it (`TensorSource.read_slice`), else sliced from
+        the lazy tensor and copied."""
+        # Class names and shapes only: a module kept here would keep its weights once they are read.
+        self._classes = {path: type(m).__name__ for path, m in full.named_modules()}
+        self._shapes = {k: v.shape for k, v in _flat_parameters(full).items()}
+        self.template = full.make_cache()  # the whole model's caches: what every rank's bookkeeping follows
+        self.rewindable = all(type(c) is KVCache for c in self.template)
+        net = self.network(full, build)
+        origin = {id(a): n for n, a in sources.items()}  # tensors sanitize passed through untouched
+        sources.clear()
+        out: dict[str, mx.array] = {}
+        for name in list(weights):
+            arr = weights.pop(name)
+            where = self.place(name, arr.shape)
+            if where is None:
+                continue
+            if where.zero:
+                out[where.name] = mx.zeros(arr.shape, arr.dtype)
+            elif where.axis is None:
+                out[where.name] = arr
+            else:
+                out[where.name] = _read_part(arr, where, origin.get(id(arr)), tensors)
+            del arr
+        return net, out
+
+    def _logical(self, name: str) -> tuple[int, ...]:
+        """The unquantized shape of the weight `name` belongs to (scales, biases and packed words included)."""
+        base = name.rsplit(".", 1)[0]
+        for key in (name, base + ".weight"):
+            if key in self._shapes:
+                return self._shapes[key]
+        return ()
+
+    def _block(self, name: str, rules) -> tuple[str, str] | None:
+        """The (block class, name in the block) key of `rules` a tensor falls under: the block holding the
+        projection the tensor belongs to (`self_attn` for `self_attn.q_proj.weight`), or the block holding the
+        tensor itself (`linear_attn` for `linear_attn.dt_bias`); None for a tensor no rule names."""
+        parts = name.split(".")
+        for cut in (2, 1):
+            key = (self._classes.get(".".join(parts[:-cut])), parts[-cut])
+            if key in rules:
+                return key
+        return None
+
+
+def quant_align(config: dict[str, Any]) -> int:
+    """The run of values a quantized tensor packs together along its input axis (mlx-lm's group size; GGML blocks hold
+    up to 256): a split must cut packed columns at multiples of it."""
+    quant = config.get("quantization") or {}
+    entries = [quant, *(v for v in quant.values() if isinstance(v, dict))]
+    if any("ggml_type" in e for e in entries):
+        return 256
+    return max(int(e.get("group_size", 1)) for e in entries)
+
+
+def _flat_parameters(net: nn.Module) -> dict[str, mx.array]:
+    from mlx.utils import tree_flatten
+
+    return dict(tree_flatten(net.parameters()))
+
+
+def _read_part(arr: mx.array, where: Placement, source_name: str | None, tensors: TensorSource) -> mx.array:
+    axis = where.axis % arr.ndim
+    scale = arr.shape[axis] / where.logical if where.logical else 1
+    ranges = [(int(a * scale), int(b * scale)) for a, b in where.ranges]
+    packed = scale != 1 and any(a % where.align or b % where.align for a, b in where.ranges)
+    if packed or any(a != s * scale or b != e * scale for (a, b), (s, e) in zip(ranges, where.ranges, strict=True)):
+        raise ConfigError(f"tensor '{where.name}': its quantized layout cannot be split at {list(where.ranges)} "
+                          f"(packed by {where.align}); try fewer ranks or --parallel pipeline")
+    if source_name is not None and tensors.can_slice:
+        return tensors.read_slice(source_name, axis, ranges)
+    part = mx.concatenate([mx.take(arr, mx.arange(a, b), axis=axis) for a, b in ranges], axis=axis)
+    mx.eval(part)
+    return part
+
+
+class AllSum(nn.Module):
+    """A row-parallel block: every rank computes a partial output; the block's output is their sum."""
+
+    def __init__(self, inner: nn.Module, group):
+        super().__init__()
+        self.inner = inner
+        self._group = group
+
+    def __call__(self, *args):
+        return mx.distributed.all_sum(self.inner(*args), group=self._group)
+
+
+class Shard(CausalLM):
+    """A rank's network behind the `CausalLM` contract. Only rank 0 samples, so only its shard has the final norm
+    and the head; on the others both pass hidden states through (the engine's step still ends there, and must
+    be evaluated for the collectives inside it to run)."""
+
+    def __init__(self, net: CausalLM, owns_head: bool):
+        super().__init__()
+        self.net = net
+        self.owns_head = owns_head
+        self._cache_template = net.make_cache()
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return self.net.layers
+
+    @property
+    def norm(self):
+        return self.net.norm if self.owns_head else _identity
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        return self.net.embed(tokens)
+
+    def head(self, x: mx.array) -> mx.array:
+        return self.net.head(x) if self.owns_head else x
+
+    def make_cache(self) -> list:
+        return copy.deepcopy(self._cache_template)
+
+
+def _identity(x: mx.array) -> mx.array:
+    return x
+
+
+def _drop_head(net: CausalLM) -> None:
+    """Ranks other than 0 never compute logits: no head, no final norm."""
+    for parent, key in ((net, "lm_head"), (net.model, "norm")):
+        if key in parent:
+            del parent[key]
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+class PipelineSplit(Split):
+    """Contiguous layers per rank, balanced by their bytes; rank 0 adds the embedding, final norm and head."""
+
+    mode = "pipeline"
+
+    def __init__(self, config, infos, rank, size, group=None, dequantized=False):
+        super().__init__(config, infos, rank, size, group, dequantized)
+        layer_bytes: dict[int, int] = {}
+        extra = 0
+        for info in infos:
+            nbytes = 4 * math.prod(info.shape) if dequantized else info.nbytes  # as loaded (a GGUF's types differ)
+            if m := _LAYER.match(info.name):
+                layer_bytes[int(m.group(1))] = layer_bytes.get(int(m.group(1)), 0) + nbytes
+            elif not info.name.startswith(("mtp.", "model.mtp.", "model.visual.", "vision_tower.", "visual.")):
+                extra += nbytes
+        n_layers = int(config.get("num_hidden_layers") or len(layer_bytes))
+        if n_layers < size:
+            raise ConfigError(f"pipeline: {n_layers} layers cannot be split over {size} ranks")
+        self.bounds = balance([layer_bytes.get(i, 0) for i in range(n_layers)], extra, size)
+        self.first, self.stop = self.bounds[rank], self.bounds[rank + 1]
+
+    def wants(self, name: str) -> bool:
+        if m := _LAYER.match(name):
+            return self.first <= int(m.group(1)) < self.stop
+        return self.rank == 0
+
+    def network(self, full, build):
+        if not stackable(self.template):
+            raise UnsupportedModel("pipeline: the model's caches (sliding windows) do not batch; use --parallel tensor")
+        full.model.layers = full.model.layers[self.first : self.stop]
+        if self.rank:
+            _drop_head(full)
+            del full.model["embed_tokens"]
+        return full
+
+    def place(self, name, shape):
+        if m := re.match(r"^model\.layers\.(\d+)\.(.*)$", name):
+            i = int(m.group(1))
+            return Placement(f"model.layers.{i - self.first}.{m.group(2)}") if self.first <= i < self.stop else None
+        return Placement(name) if self.rank == 0 else None
+
+    def finish(self, net):
+        from mlxq.distributed.pipeline import Stage
+
+        return Stage(net, self.template[self.first : self.stop], self.rank, self.size, self.group, self.rewindable)
+
+    def describe(self):
+        return {**super().describe(), "layers": [self.first, self.stop]}
+
+
+def balance(layer_bytes: list[int], extra: int, parts: int) -> list[int]:
+    """Layer boundaries [0, b1, ..., L] giving each of `parts` ranks contiguous layers of about equal bytes, rank 0
+    counting `extra` (embedding and head) too; every rank gets at least one layer."""
+    cum = [extra]
+    for b in layer_bytes:
+        cum.append(cum[-1] + b)
+    total, n = cum[-1], len(layer_bytes)
+    bounds = [0]
+    for r in range(1, parts):
+        lo, hi = bounds[-1] + 1, n - (parts - r)
+        bounds.append(min(range(lo, hi + 1), key=lambda i: abs(cum[i] - r * total / parts)))
+    return bounds + [n]
+
+
+# ---------------------------------------------------------------------------------------------- tensor
+# (block class, parameter) -> (axis, share). Axis 0: the projection's outputs (column-parallel) or a per-head
+# vector; -1: its inputs (row-parallel: the block's output is a partial sum). Shares are resolved per rank by
+# `TensorSplit._ranges`.
+TENSOR_RULES: dict[tuple[str, str], tuple[int, str]] = {
+    ("Attention", "q_proj"): (0, "q"),
+    ("Attention", "k_proj"): (0, "kv"),
+    ("Attention", "v_proj"): (0, "kv"),
+    ("Attention", "o_proj"): (-1, "o"),
+    ("GatedAttention", "q_proj"): (0, "q_gated"),  # per head: the query, then its output gate
+    ("GatedAttention", "k_proj"): (0, "kv"),
+    ("GatedAttention", "v_proj"): (0, "kv"),
+    ("GatedAttention", "o_proj"): (-1, "o"),
+    ("GatedMLP", "gate_proj"): (0, "hidden"),
+    ("GatedMLP", "up_proj"): (0, "hidden"),
+    ("GatedMLP", "down_proj"): (-1, "hidden"),
+    ("SwitchGLU", "gate_proj"): (1, "hidden"),
+    ("SwitchGLU", "up_proj"): (1, "hidden"),
+    ("SwitchGLU", "down_proj"): (-1, "hidden"),
+    ("GatedDeltaNet", "in_proj_qkv"): (0, "delta_qkv"),
+    ("GatedDeltaNet", "conv1d"): (0, "delta_qkv"),  # depthwise: one channel per q/k/v feature
+    ("GatedDeltaNet", "in_proj_z"): (0, "delta_v"),
+    ("GatedDeltaNet", "in_proj_b"): (0, "delta_heads"),
+    ("GatedDeltaNet", "in_proj_a"): (0, "delta_heads"),
+    ("GatedDeltaNet", "dt_bias"): (0, "delta_heads"),
+    ("GatedDeltaNet", "A_log"): (0, "delta_heads"),
+    ("GatedDeltaNet", "out_proj"): (-1, "delta_v"),
+}
+ROW_PARALLEL = ("Attention", "GatedAttention", "GatedDeltaNet", "GatedMLP", "SparseMoE")  # blocks ending in a sum
+
+
+class TensorSplit(Split):
+    """Heads and hidden units split over the ranks (see the module docstring)."""
+
+    mode = "tensor"
+
+    def __init__(self, config, infos, rank, size, group=None, dequantized=False):
+        super().__init__(config, infos, rank, size, group, dequantized)
+        c = config
+        self.heads = int(c["num_attention_heads"])
+        self.kv_heads = int(c.get("num_key_value_heads") or self.heads)
+        self.head_dim = int(c.get("head_dim") or c["hidden_size"] // self.heads)
+        (self.q, self.kv) = head_ranges(self.heads, self.kv_heads, size)[rank]
+        self.delta = None
+        if c.get("linear_num_value_heads"):
+            hv, hk = int(c["linear_num_value_heads"]), int(c["linear_num_key_heads"])
+            self.delta = dict(hk=hk, dk=int(c["linear_key_head_dim"]), dv=int(c["linear_value_head_dim"]),
+                              v=head_ranges(hv, hk, size)[rank][0], k=head_ranges(hv, hk, size)[rank][1])
+
+    def _hidden(self, total: int) -> tuple[int, int]:
+        return even_ranges(total, self.size, self.quant_align)[self.rank]
+
+    def local_config(self) -> dict[str, Any]:
+        """The config of one rank's network: the same layers with its share of heads and hidden units."""
+        c = dict(self.config)
+        c["num_attention_heads"], c["num_key_value_heads"] = self.q[1] - self.q[0], self.kv[1] - self.kv[0]
+        c["head_dim"] = self.head_dim
+        for key in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+            if c.get(key):
+                a, b = self._hidden(int(c[key]))
+                c[key] = b - a
+        if self.delta:
+            c["linear_num_value_heads"] = self.delta["v"][1] - self.delta["v"][0]
+            c["linear_num_key_heads"] = self.delta["k"][1] - self.delta["k"][0]
+        return c
+
+    def network(self, full, build):
+        for _, m in full.named_modules():
+            if "attn_sub_norm" in m or "ffn_sub_norm" in m:
+                raise UnsupportedModel("tensor split: BitNet's sub-norms span every head; use --parallel pipeline")
+        net = build(self.local_config())
+        if self.rank:
+            _drop_head(net)
+        return net
+
+    def _ranges(self, share: str, logical: int) -> Ranges:
+        D = self.head_dim
+        if share in ("q", "o"):
+            return ((self.q[0] * D, self.q[1] * D),)
+        if share == "q_gated":
+            return ((self.q[0] * 2 * D, self.q[1] * 2 * D),)
+        if share == "kv":
+            return ((self.kv[0] * D, self.kv[1] * D),)
+        if share == "hidden":
+            return (self._hidden(logical),)
+        d = self.delta
+        (va, vb), (ka, kb) = d["v"], d["k"]
+        if share == "delta_heads":
+            return ((va, vb),)
+        if share == "delta_v":
+            return ((va * d["dv"], vb * d["dv"]),)
+        key_dim = d["hk"] * d["dk"]  # delta_qkv: the q, k and v features of its heads
+        return ((ka * d["dk"], kb * d["dk"]), (key_dim + ka * d["dk"], key_dim + kb * d["dk"]),
+                (2 * key_dim + va * d["dv"], 2 * key_dim + vb * d["dv"]))
+
+    def place(self, name, shape):
+        if self.rank and (name.startswith("lm_head.") or name == "model.norm.weight"):
+            return None
+        key = self._block(name, TENSOR_RULES)
+        if key is None:
+            return Placement(name)  # replicated: norms, the embedding, routers
+        axis, share = TENSOR_RULES[key]
+        logical = self._logical(name)
+        size = logical[axis] if logical else shape[axis]
+        if axis != 0 and name.endswith(".bias"):  # the output bias of a row-parallel projection: added once
+            return Placement(name, zero=self.rank > 0)
+        if name.endswith(".bias"):
+            axis = 0
+        return Placement(name, axis, self._ranges(share, size), size, align=self.quant_align)
+
+    def finish(self, net):
+        for layer in net.layers:
+            for key, child in list(layer.children().items()):
+                if type(child).__name__ in ROW_PARALLEL:
+                    layer[key] = AllSum(child, self.group)
+        return Shard(net, owns_head=self.rank == 0)
+
+    def describe(self):
+        out = {**super().describe(), "heads": list(self.q), "kv_heads": list(self.kv)}
+        if self.delta:
+            out["delta_heads"] = list(self.delta["v"])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- experts
+EXPERT_RULES = {("SwitchGLU", "gate_proj"), ("SwitchGLU", "up_proj"), ("SwitchGLU", "down_proj")}  # axis 0: experts
+
+
+class ExpertsSplit(Split):
+    """Each rank a contiguous share of every MoE layer's routed experts; everything else replicated."""
+
+    mode = "experts"
+
+    def __init__(self, config, infos, rank, size, group=None, dequantized=False):
+        super().__init__(config, infos, rank, size, group, dequantized)
+        n = int(config.get("num_experts") or config.get("num_local_experts") or 0)
+        if not n:
+            raise ConfigError("experts split: the model has no routed experts (use --parallel pipeline or tensor)")
+        self.n_experts = n
+        self.first, self.stop = even_ranges(n, size)[rank]
+
+    def network(self, full, build):
+        for _, m in full.named_modules():
+            if isinstance(m, SparseMoE):
+                gate = m.experts.gate_proj.weight
+                m.experts = SwitchGLU(gate.shape[2], gate.shape[1], self.stop - self.first)
+                if self.rank and "shared_expert" in m:  # computed once, on rank 0
+                    del m["shared_expert"], m["shared_expert_gate"]
+        if self.rank:
+            _drop_head(full)
+        return full
+
+    def place(self, name, shape):
+        if self.rank and (name.startswith("lm_head.") or name == "model.norm.weight" or ".shared_expert" in name):
+            return None
+        if self._block(name, EXPERT_RULES) is not None:
+            return Placement(name, 0, ((self.first, self.stop),), shape[0])
+        return Placement(name)
+
+    def finish(self, net):
+        for layer in net.layers:
+            for key, child in list(layer.children().items()):
+                if isinstance(child, SparseMoE):
+                    layer[key] = ExpertShard(child, self.first, self.group, shared=self.rank == 0)
+        return Shard(net, owns_head=self.rank == 0)
+
+    def describe(self):
+        return {**super().describe(), "experts": [self.first, self.stop], "of": self.n_experts}
+
+
+class ExpertShard(nn.Module):
+    """A MoE block of an experts split: this rank's experts [first, first + count), the shared expert on rank 0 only,
+    and one all_sum. The router runs on every rank; each computes only the (token, expert) pairs routed to its own
+    experts, which takes one host sync per block to learn which pairs those are."""
+
+    def __init__(self, moe: SparseMoE, first: int, group, shared: bool):
+        super().__init__()
+        self.moe = moe
+        experts = moe.experts
+        self.first = first
+        self.count = (experts.gate_up_proj if "gate_up_proj" in experts else experts.gate_proj).num_experts
+        self._group, self.shared = group, shared
+
+    def __call__(self, x: mx.array) -> mx.array:
+        moe, dim = self.moe, x.shape[-1]
+        experts, weights = moe.route(x)
+        k = experts.shape[-1]
+        local = np.array(experts.reshape(-1)).astype(np.int64) - self.first
+        pairs = np.flatnonzero((local >= 0) & (local < self.count))
+        tokens = x.reshape(-1, dim)
+        y = mx.zeros(tokens.shape, x.dtype)
+        if pairs.size:
+            rows = mx.array(pairs // k)
+            out = moe.experts(tokens[rows], mx.array(local[pairs].astype(np.uint32))[:, None])[:, 0]
+            scale = weights.reshape(-1)[mx.array(pairs)][:, None].astype(x.dtype)
+            y = y.at[rows].add(out * scale)
+        y = y.reshape(x.shape)
+        if self.shared and "shared_expert" in moe:
+            y = y + sigmoid(moe.shared_expert_gate(x)) * moe.shared_expert(x)
+        return mx.distributed.all_sum(y, group=self._group)
+
+
+SPLITS = {"pipeline": PipelineSplit, "tensor": TensorSplit, "experts": ExpertsSplit}
+
+
+def make_split(mode: str, config: dict[str, Any], infos: list[TensorInfo], rank: int, size: int, group=None,
+               dequantized: bool = False) -> Split:
+    """Rank `rank`'s share; `dequantized`: the checkpoint's quantized blocks become floats as they load."""
+    if mode not in SPLITS:
+        raise ConfigError(f"parallel: '{mode}' is not one of {', '.join(MODES)}")
+    return SPLITS[mode](config, infos, rank, size, group, dequantized)
+
+
+def auto_mode(config: dict[str, Any]) -> str:
+    """What `--parallel` defaults to: experts for a MoE model (the experts are most of its bytes, and a token
+    needs few of them), else pipeline (one hop per rank per token, whatever the link's latency)."""
+    return "experts" if config.get("num_experts") or config.get("num_local_experts") else "pipeline"

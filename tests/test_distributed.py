@@ -1,0 +1,284 @@
+"""One model served by a group of processes (`mlxq.distributed`) on MLX's ring backend: 2 and 3 local ranks on the
+CPU, loopback only, every process ended by the test.
+
+- Every split (pipeline, tensor, experts) of a tiny dense model (Llama), a tiny hybrid (Qwen3.5: Gated DeltaNet
+  and gated attention) and a tiny MoE (Qwen3-Next: hybrid, routed and shared experts, a dense layer among them)
+  gives the single-process model's full-sequence logits (float32, <= 1e-5 relative) and the same greedy tokens,
+  for requests batched together, a prompt resumed from the prompt cache, a conversation from its slot, and a
+  request with speculative drafts (some taken, some rolled back) batched beside a plain one.
+- Each rank holds only its share: its peak RSS grows by about the bytes of its share, far below the model's.
+- A rank killed (or frozen) mid-generation: the server answers the request with an error and /health says the
+  group is degraded; nothing hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from group_worker import probe
+from test_hybrid import make_tiny as make_hybrid
+from tiny import make_tiny, save_tiny_tokenizer
+
+import mlxq
+from mlxq.distributed.launch import free_loopback_ports
+
+WORKER = Path(__file__).with_name("group_worker.py")
+PYTHON = sys.executable
+SPLITS = {"dense": ("pipeline", "tensor"), "hybrid": ("pipeline", "tensor"), "moe": ("pipeline", "tensor", "experts")}
+GROUP_TIMEOUT_S = 900  # the whole of one group's run, however loaded the machine; a hang fails, never waits forever
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ring_file(tmp: Path, n: int) -> Path:
+    path = tmp / f"ring-{n}.json"
+    path.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(n)]))
+    return path
+
+
+def run_ranks(n: int, args: list[str], tmp: Path, timeout: float = GROUP_TIMEOUT_S) -> list[str]:
+    """Runs `python ARGS` as ranks 0..n-1 of a ring; their outputs. Every process is ended, whatever happens."""
+    ring = ring_file(tmp, n)
+    procs = [subprocess.Popen([PYTHON, *args], env={**os.environ, "MLX_HOSTFILE": str(ring), "MLX_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(n)]
+    deadline = time.monotonic() + timeout
+    try:
+        outs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, (p, out) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{out[-3000:]}"
+    return outs
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """The tiny models (with a character tokenizer), and what the single process gives for each."""
+    made = {}
+    for name, (make, arch) in {"dense": (make_tiny, "llama"), "hybrid": (make_hybrid, "qwen3_5_text"),
+                               "moe": (make_hybrid, "qwen3_next")}.items():
+        path = tmp_path_factory.mktemp(name)
+        make(arch, path)
+        save_tiny_tokenizer(path, 160)
+        model = mlxq.load(str(path))
+        probe(model, path / "single")
+        model.close()
+        made[name] = path
+    return made
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_every_split_matches_the_single_process_model(models, tmp_path, ranks):
+    cases = [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{name}-{mode}")}
+             for name, path in models.items() for mode in SPLITS[name]]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"cases": cases}))
+    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
+    wrong = []
+    for case in cases:
+        single = Path(case["model"]) / "single"
+        got, want = Path(case["out"]), single
+        what = f"{Path(case['model']).name} {case['parallel']} x{ranks}"
+        error = rel(np.load(got / "logits.npy"), np.load(want / "logits.npy"))
+        if not error <= 1e-5:
+            wrong.append(f"{what}: logits differ by {error:.2e} (relative)")
+        result, expected = json.loads((got / "result.json").read_text()), json.loads((want / "result.json").read_text())
+        status = json.loads((got / "status.json").read_text())
+        assert status["state"] == "ok" and len(status["ranks"]) == ranks
+        assert {r["share"]["parallel"] for r in status["ranks"]} == {case["parallel"]}
+        for key, value in expected.items():
+            if result[key] != value:
+                wrong.append(f"{what}: {key} {result[key]} != single process {value}")
+    assert not wrong, "\n".join(wrong)
+    # what was compared exercised the caches: a prefix resumed from the prompt cache, a turn from its slot
+    dense = json.loads((models["dense"] / "single" / "result.json").read_text())
+    assert dense["resumed_cached"] > 0 and dense["slot"][1]["cached"] > 0, dense
+    # and speculative decoding, with the tokens plain greedy decoding gives: drafts taken on every model, and
+    # drafts rolled back on the dense one (attention moves back) and the hybrid (DeltaNet's checkpoint restored)
+    for name in models:
+        single = json.loads((models[name] / "single" / "result.json").read_text())
+        assert single["speculative"] == single["speculative_plain"] and single["accepted_drafts"] > 0, (name, single)
+        assert name == "moe" or single["accepted_drafts"] < single["drafted"], (name, single)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def make_wide_llama(path: Path, hidden: int = 512, layers: int = 8, intermediate: int = 2048) -> int:
+    """A random float32 Llama whose weights (~134 MB) dwarf what a process needs besides; returns their bytes."""
+    import mlx.core as mx
+
+    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=hidden, intermediate_size=
+                  intermediate, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                  vocab_size=160, rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    kv = hidden // 2
+    shapes = {"model.embed_tokens.weight": (160, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (160, hidden)}
+    per_layer = {"input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
+                 "self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
+                 "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
+                 "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+                 "mlp.down_proj": (hidden, intermediate)}
+    for i in range(layers):
+        shapes.update({f"model.layers.{i}.{k}.weight": v for k, v in per_layer.items()})
+    mx.random.seed(0)
+    weights = {k: 0.02 * mx.random.normal(s) if len(s) > 1 else mx.ones(s) for k, s in shapes.items()}
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    save_tiny_tokenizer(path, 160)
+    return sum(v.nbytes for v in weights.values())
+
+
+@pytest.mark.parametrize("parallel", ["pipeline", "tensor"])
+def test_each_rank_holds_only_its_share(tmp_path, parallel):
+    """Measured per rank: resident memory grows by about the bytes the rank holds, and that is about half the model
+    (two ranks), never the whole of it."""
+    total = make_wide_llama(tmp_path / "wide")
+    plan = tmp_path / "plan.json"
+    out = tmp_path / "out"
+    plan.write_text(json.dumps({"cases": [{"model": str(tmp_path / "wide"), "parallel": parallel, "out": str(out),
+                                           "probe": False}]}))
+    run_ranks(2, [str(WORKER), str(plan)], tmp_path)
+    ranks = json.loads((out / "status.json").read_text())["ranks"]
+    shares = [r["weights_bytes"] for r in ranks]
+    assert all(0.35 * total < s < 0.65 * total for s in shares), (shares, total)
+    for r in ranks:
+        grown = r["peak_rss_bytes"] - r["rss_before_bytes"]
+        assert grown < r["weights_bytes"] * 1.15 + (24 << 20), (r, total)  # its share, plus a margin
+        assert grown < 0.75 * total, (r, total)  # and never the whole model
+
+
+# ---------------------------------------------------------------------------------------------- failures
+def http(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
+    """(status, JSON body) of a GET, or of a POST of `body`."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture
+def serve_group(models, tmp_path):
+    """`mlxq serve MODEL --hosts HOSTS` over three local ranks; yields (base url, process) once healthy; ends every
+    process of the group afterwards."""
+    started = []
+
+    def start(parallel: str, *extra: str):
+        hosts = tmp_path / "hosts.json"
+        hosts.write_text(json.dumps([{"ssh": "localhost", "ips": ["127.0.0.1"]}] * 3))
+        port = free_port()
+        log = open(tmp_path / "serve.log", "w")
+        ring_port = free_loopback_ports(3)
+        proc = subprocess.Popen([PYTHON, "-m", "mlxq.cli", "serve", str(models["dense"]), "--hosts", str(hosts),
+                                 "--parallel", parallel, "--port", str(port), "--ring-port", str(ring_port),
+                                 "--log-level", "warning", *extra], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+        started.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline, body = time.monotonic() + 300, None
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                code, body = http(url + "/health")
+                if code == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError) as e:  # not listening yet
+                body = repr(e)
+            if time.monotonic() > deadline:  # where it is stuck: faulthandler prints every thread on SIGABRT
+                proc.send_signal(signal.SIGABRT)
+                proc.wait(30)
+                pytest.fail(f"the group did not come up: {body}\n{(tmp_path / 'serve.log').read_text()[-6000:]}")
+            time.sleep(0.5)
+        return url, proc, body
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def stream_until_error(url: str, model: str, hit) -> tuple[int, str | None]:
+    """Streams a long completion; calls `hit()` after a few tokens; returns (tokens seen, the error message)."""
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    tokens, error = 0, None
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.status == 200
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                error = event["error"]["message"]
+                break
+            tokens += 1
+            if tokens == 5:
+                hit()
+    return tokens, error
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_a_lost_rank_fails_the_request_and_health_says_degraded(serve_group, how):
+    url, proc, health = serve_group("pipeline", "--rank-timeout", "10")
+    pids = {r["rank"]: r["pid"] for r in health["group"]["ranks"]}
+    assert health["group"]["state"] == "ok" and len(pids) == 3
+    sig = signal.SIGKILL if how == "killed" else signal.SIGSTOP
+    t0 = time.monotonic()
+    tokens, error = stream_until_error(url, health["model"], lambda: os.kill(pids[1], sig))
+    assert error is not None and "degraded" in error, (tokens, error)
+    assert tokens < 480 and time.monotonic() - t0 < 90  # ended by the failure, not by running out
+    code, body = http(url + "/health")
+    assert code == 503 and body["status"] == "degraded", body
+    assert "rank 1" in body["group"]["error"] or "step failed" in body["group"]["error"], body
+    code, answer = http(url + "/v1/completions", {"model": health["model"], "prompt": "hi", "max_tokens": 3})
+    assert code == 503 and "degraded" in answer["error"]["message"], answer
+    deadline = time.monotonic() + 30  # the rank left standing was told to leave
+    while alive(pids[2]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(pids[2])
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    deadline = time.monotonic() + 30
+    while alive(pids[1]) and time.monotonic() < deadline:  # a frozen rank is ended by rank 0 on its way out
+        time.sleep(0.2)
+    assert not alive(pids[1])
