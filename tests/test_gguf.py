@@ -141,3 +141,21 @@ def test_unknown_architecture_names_it(tmp_path):
     with pytest.raises(UnsupportedModel, match="'mamba9' is not supported"):
         open_checkpoint(str(tmp_path / "x.gguf"))
     assert "llama" in ARCHITECTURES
+
+
+@pytest.mark.parametrize("arch", [[0], 7, None])
+def test_architecture_that_is_not_a_string_is_one_format_error(tmp_path, arch):
+    """Found by the long GGUF fuzz run: an array there raised TypeError (unhashable) instead of a one-line error."""
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "llama")
+    w.kv_data[0].pop("general.architecture")
+    if arch is not None:
+        w.add_key_value("general.architecture", arch,
+                        gguf.GGUFValueType.ARRAY if isinstance(arch, list) else gguf.GGUFValueType.UINT32,
+                        sub_type=gguf.GGUFValueType.UINT32 if isinstance(arch, list) else None)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(FormatError, match="x.gguf: metadata 'general.architecture' is (missing|a )"):
+        open_checkpoint(str(tmp_path / "x.gguf"))

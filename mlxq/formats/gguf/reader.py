@@ -214,6 +214,9 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
     header = read_header(path)
     meta = header.meta
     arch = meta.get("general.architecture")
+    if not isinstance(arch, str):  # a damaged header may hold a number or an array there
+        what = "missing" if arch is None else f"a {type(arch).__name__}, not a string"
+        raise FormatError(f"{path}: metadata 'general.architecture' is {what}")
     if arch not in ARCHITECTURES:
         raise UnsupportedModel(f"{path}: GGUF architecture '{arch}' is not supported "
                                f"(supported: {', '.join(sorted(ARCHITECTURES))})")
