@@ -2,10 +2,10 @@
 
     python tests/group_worker.py PLAN.json
 
-PLAN: {"cases": [{"model": dir, "parallel": mode, "out": dir, "probe": true}, ...]}. Every rank loads each case's
-model split that way; rank 0 runs `probe` (which the test also runs on the single-process model) unless the case
-says not to, writes what it saw and the group's status to the case's `out` dir, and ends the group; the other
-ranks follow.
+PLAN: {"cases": [{"model": dir, "parallel": mode, "out": dir, "probe": true, "expert_memory": null}, ...]}. Every
+rank loads each case's model split that way; rank 0 runs `probe` (which the test also runs on the single-process
+model) unless the case says not to, writes what it saw and the group's status to the case's `out` dir, and ends the
+group; the other ranks follow. A rank whose experts stream writes its pool's counters there too.
 """
 
 from __future__ import annotations
@@ -85,9 +85,10 @@ def main(plan_path: str) -> None:
     plan = json.loads(Path(plan_path).read_text())
     group = mx.distributed.init(backend="ring", strict=True)
     for case in plan["cases"]:
-        model = mlxq.load(case["model"], group=group, parallel=case["parallel"])
+        model = mlxq.load(case["model"], group=group, parallel=case["parallel"],
+                          expert_memory=case.get("expert_memory"))
+        out = Path(case["out"])
         if group.rank() == 0:
-            out = Path(case["out"])
             if case.get("probe", True):
                 probe(model, out)
             out.mkdir(parents=True, exist_ok=True)
@@ -95,6 +96,9 @@ def main(plan_path: str) -> None:
             model.shutdown()
         else:
             model.follow()
+        if (stats := model.expert_stats()) is not None:  # what this rank's own pool read
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"experts-{group.rank()}.json").write_text(json.dumps(stats.as_dict()))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from tiny import make_tiny, save_tiny_tokenizer
 
 import mlxq
 from mlxq.distributed.launch import free_loopback_ports
+from mlxq.models import text_config
 
 WORKER = Path(__file__).with_name("group_worker.py")
 PYTHON = sys.executable
@@ -64,8 +65,9 @@ def run_ranks(n: int, args: list[str], tmp: Path, timeout: float = GROUP_TIMEOUT
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for r, (p, out) in enumerate(zip(procs, outs, strict=True)):
-        assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{out[-3000:]}"
+    failed = [f"rank {r} exited {p.returncode}:\n{out[-3000:]}"
+              for r, (p, out) in enumerate(zip(procs, outs, strict=True)) if p.returncode]
+    assert not failed, "\n".join(failed)
     return outs
 
 
@@ -89,6 +91,24 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def differences(case: dict, ranks: int) -> list[str]:
+    """How what the group gave for a case differs from what one process gave (the probe in `<model>/single`)."""
+    got, want = Path(case["out"]), Path(case["model"]) / "single"
+    what = f"{Path(case['model']).name} {case['parallel']} x{ranks}"
+    wrong = []
+    error = rel(np.load(got / "logits.npy"), np.load(want / "logits.npy"))
+    if not error <= 1e-5:
+        wrong.append(f"{what}: logits differ by {error:.2e} (relative)")
+    result, expected = json.loads((got / "result.json").read_text()), json.loads((want / "result.json").read_text())
+    status = json.loads((got / "status.json").read_text())
+    assert status["state"] == "ok" and len(status["ranks"]) == ranks
+    assert {r["share"]["parallel"] for r in status["ranks"]} == {case["parallel"]}
+    for key, value in expected.items():
+        if result[key] != value:
+            wrong.append(f"{what}: {key} {result[key]} != single process {value}")
+    return wrong
+
+
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_every_split_matches_the_single_process_model(models, tmp_path, ranks):
     cases = [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{name}-{mode}")}
@@ -96,21 +116,7 @@ def test_every_split_matches_the_single_process_model(models, tmp_path, ranks):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"cases": cases}))
     run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
-    wrong = []
-    for case in cases:
-        single = Path(case["model"]) / "single"
-        got, want = Path(case["out"]), single
-        what = f"{Path(case['model']).name} {case['parallel']} x{ranks}"
-        error = rel(np.load(got / "logits.npy"), np.load(want / "logits.npy"))
-        if not error <= 1e-5:
-            wrong.append(f"{what}: logits differ by {error:.2e} (relative)")
-        result, expected = json.loads((got / "result.json").read_text()), json.loads((want / "result.json").read_text())
-        status = json.loads((got / "status.json").read_text())
-        assert status["state"] == "ok" and len(status["ranks"]) == ranks
-        assert {r["share"]["parallel"] for r in status["ranks"]} == {case["parallel"]}
-        for key, value in expected.items():
-            if result[key] != value:
-                wrong.append(f"{what}: {key} {result[key]} != single process {value}")
+    wrong = [line for case in cases for line in differences(case, ranks)]
     assert not wrong, "\n".join(wrong)
     # what was compared exercised the caches: a prefix resumed from the prompt cache, a turn from its slot
     dense = json.loads((models["dense"] / "single" / "result.json").read_text())
@@ -121,6 +127,52 @@ def test_every_split_matches_the_single_process_model(models, tmp_path, ranks):
         single = json.loads((models[name] / "single" / "result.json").read_text())
         assert single["speculative"] == single["speculative_plain"] and single["accepted_drafts"] > 0, (name, single)
         assert name == "moe" or single["accepted_drafts"] < single["drafted"], (name, single)
+
+
+# ---------------------------------------------------------------------------------------------- streamed experts
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> dict[str, Path]:
+    """The tiny MoE (a dense layer among the MoE ones) and the tiny hybrid MoE (Qwen3.5 layout), 2-bit experts
+    written to expert packs, and what one process gives with every expert resident (streamed is bit-identical to it
+    in one process: test_experts.py)."""
+    from test_experts import build, quantize
+
+    made = {}
+    for name in ("qwen3_moe", "qwen3_5_moe_text"):
+        root = tmp_path_factory.mktemp(name)
+        path = quantize(build(name, root / "src"), root / "packs", stream_experts=True)
+        model = mlxq.load(str(path))
+        probe(model, path / "single")
+        model.close()
+        made[name] = path
+    return made
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_each_rank_streams_its_own_experts_within_its_own_budget(packed, tmp_path, ranks):
+    """Experts and pipeline splits of models with expert packs: each rank streams only the experts it holds, from
+    the packs, within a budget of half of them; the group gives what one process gives."""
+    cases = [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{name}-{mode}"), "expert_memory": "50%"}
+             for name, path in packed.items() for mode in ("experts", "pipeline")]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"cases": cases}))
+    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
+    wrong = [line for case in cases for line in differences(case, ranks)]
+    assert not wrong, "\n".join(wrong)
+    for case in cases:
+        config = text_config(json.loads((Path(case["model"]) / "config.json").read_text()))
+        moe_layers = config["num_hidden_layers"] - len(config.get("mlp_only_layers") or [])
+        n_experts = config.get("num_experts") or config["num_local_experts"]
+        ranks_seen = json.loads((Path(case["out"]) / "status.json").read_text())["ranks"]
+        # between them the ranks hold every expert once: a share of each layer's, or whole layers
+        assert sum(r["experts_held"] for r in ranks_seen) == moe_layers * n_experts, ranks_seen
+        for r in ranks_seen:
+            if not r["experts_held"]:  # a pipeline stage of dense layers only
+                assert case["parallel"] == "pipeline", r
+                continue
+            assert r["expert_slots"] < r["experts_held"], r  # its budget is below its share
+            stats = json.loads((Path(case["out"]) / f"experts-{r['rank']}.json").read_text())
+            assert stats["misses"] > 0 and stats["bytes_read"] > 0, (r, stats)  # and it read them from its packs
 
 
 # ---------------------------------------------------------------------------------------------- memory

@@ -12,6 +12,10 @@ loads; what its network looks like; where the collectives go.
   experts. Every rank routes every token (same hidden state, same router, so the same choice), computes the pairs
   routed to its own experts, and one `all_sum` per MoE block adds the ranks' parts (`ExpertShard`).
 
+A model whose experts are in expert packs (`mlxq.experts`) streams them on every rank: each opens only the pack
+entries of the experts it holds (`Split.stream_share`: a share of every layer's, or all of its own layers') and
+streams them within its own budget, with the same pool and the same `StreamedMoE` code as one process.
+
 Which part of a tensor a rank holds is data: `TENSOR_RULES` keys (module class, parameter) to the axis and the
 share, read off the unloaded network the checkpoint describes. The loader (`mlxq.loading.load_model(split=)`)
 reads only that part of each tensor.
@@ -32,6 +36,8 @@ import numpy as np
 from mlxq.engine.batch import stackable
 from mlxq.engine.cache import KVCache
 from mlxq.errors import ConfigError, UnsupportedModel
+from mlxq.experts.pack import Packs
+from mlxq.experts.stream import StreamedMoE
 from mlxq.formats.base import TensorInfo, TensorSource
 from mlxq.kernels.activations import sigmoid
 from mlxq.models.base import CausalLM
@@ -114,6 +120,25 @@ class Split:
 
     def finish(self, net: CausalLM) -> CausalLM:
         raise NotImplementedError
+
+    def stream_share(self, streamed: list[StreamedMoE], packs: Packs) -> tuple[list[StreamedMoE], Packs]:
+        """Of a model whose experts stream from packs: the streamed blocks this rank runs, and the part of the packs
+        it reads (only the experts it owns, so its budget, "25%" say, is a share of its own experts)."""
+        owned = {}
+        for block in streamed:
+            share = self.expert_share(block.layer, packs.layers[block.layer].n_experts)
+            if share is not None:
+                owned[block.layer] = share
+        kept = [b for b in streamed if b.layer in owned]
+        for a, b in zip(kept, [*kept[1:], None], strict=False):  # prefetch looks ahead within the rank's own layers
+            a.next = b
+        return kept, packs.share(owned)
+
+    def expert_share(self, layer: int, n_experts: int) -> tuple[int, int] | None:
+        """The routed experts [first, stop) of MoE layer `layer` this rank streams from its expert packs, or None
+        when the layer is not on this rank."""
+        raise UnsupportedModel(f"{self.mode} split: expert packs stream under --parallel experts or pipeline (a rank "
+                               "reads whole experts)")
 
     def describe(self) -> dict:
         return {"parallel": self.mode, "rank": self.rank, "size": self.size}
@@ -298,6 +323,9 @@ class PipelineSplit(Split):
 
         return Stage(net, self.template[self.first : self.stop], self.rank, self.size, self.group, self.rewindable)
 
+    def expert_share(self, layer, n_experts):
+        return (0, n_experts) if self.first <= layer < self.stop else None
+
     def describe(self):
         return {**super().describe(), "layers": [self.first, self.stop]}
 
@@ -460,8 +488,9 @@ class ExpertsSplit(Split):
     def network(self, full, build):
         for _, m in full.named_modules():
             if isinstance(m, SparseMoE):
-                gate = m.experts.gate_proj.weight
-                m.experts = SwitchGLU(gate.shape[2], gate.shape[1], self.stop - self.first)
+                if "experts" in m:  # (streamed blocks have none: `expert_share` picks what they read)
+                    gate = m.experts.gate_proj.weight
+                    m.experts = SwitchGLU(gate.shape[2], gate.shape[1], self.stop - self.first)
                 if self.rank and "shared_expert" in m:  # computed once, on rank 0
                     del m["shared_expert"], m["shared_expert_gate"]
         if self.rank:
@@ -479,8 +508,12 @@ class ExpertsSplit(Split):
         for layer in net.layers:
             for key, child in list(layer.children().items()):
                 if isinstance(child, SparseMoE):
-                    layer[key] = ExpertShard(child, self.first, self.group, shared=self.rank == 0)
+                    layer[key] = ExpertShard(child, self.first, self.stop - self.first, self.group,
+                                             shared=self.rank == 0)
         return Shard(net, owns_head=self.rank == 0)
+
+    def expert_share(self, layer, n_experts):
+        return self.first, self.stop
 
     def describe(self):
         return {**super().describe(), "experts": [self.first, self.stop], "of": self.n_experts}
@@ -489,27 +522,32 @@ class ExpertsSplit(Split):
 class ExpertShard(nn.Module):
     """A MoE block of an experts split: this rank's experts [first, first + count), the shared expert on rank 0 only,
     and one all_sum. The router runs on every rank; each computes only the (token, expert) pairs routed to its own
-    experts, which takes one host sync per block to learn which pairs those are."""
+    experts, which takes one host sync per block to learn which pairs those are. Its experts are resident, or
+    streamed from its own packs within its own budget (a `StreamedMoE`, whose packs hold only this rank's
+    experts)."""
 
-    def __init__(self, moe: SparseMoE, first: int, group, shared: bool):
+    def __init__(self, moe: SparseMoE, first: int, count: int, group, shared: bool):
         super().__init__()
         self.moe = moe
-        experts = moe.experts
-        self.first = first
-        self.count = (experts.gate_up_proj if "gate_up_proj" in experts else experts.gate_proj).num_experts
+        self.first, self.count = first, count
         self._group, self.shared = group, shared
 
     def __call__(self, x: mx.array) -> mx.array:
         moe, dim = self.moe, x.shape[-1]
         experts, weights = moe.route(x)
         k = experts.shape[-1]
-        local = np.array(experts.reshape(-1)).astype(np.int64) - self.first
+        streamed = isinstance(moe, StreamedMoE)
+        ids = moe.pool.routed(moe.layer, experts) if streamed else np.array(experts)
+        local = ids.reshape(-1).astype(np.int64) - self.first
         pairs = np.flatnonzero((local >= 0) & (local < self.count))
         tokens = x.reshape(-1, dim)
         y = mx.zeros(tokens.shape, x.dtype)
         if pairs.size:
-            rows = mx.array(pairs // k)
-            out = moe.experts(tokens[rows], mx.array(local[pairs].astype(np.uint32))[:, None])[:, 0]
+            rows, own = mx.array(pairs // k), local[pairs][:, None]
+            if streamed:
+                out = moe.run_experts(tokens[rows], own)[:, 0]
+            else:
+                out = moe.experts(tokens[rows], mx.array(own.astype(np.uint32)))[:, 0]
             scale = weights.reshape(-1)[mx.array(pairs)][:, None].astype(x.dtype)
             y = y.at[rows].add(out * scale)
         y = y.reshape(x.shape)
