@@ -176,24 +176,39 @@ def test_each_rank_streams_its_own_experts_within_its_own_budget(packed, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def make_wide_llama(path: Path, hidden: int = 512, layers: int = 8, intermediate: int = 2048) -> int:
-    """A random float32 Llama whose weights (~134 MB) dwarf what a process needs besides; returns their bytes."""
+def make_wide(path: Path, experts: int = 0, hidden: int = 384, layers: int = 8, intermediate: int = 2048) -> int:
+    """A random float32 model whose weights (~90 MB) dwarf what a process needs besides; returns their bytes. A Llama,
+    or with `experts` a Qwen3-MoE of that many experts (each of `intermediate` / 8 hidden units, stored one tensor
+    per expert as Hugging Face checkpoints are), where the experts are nearly all the bytes. 12 heads over 6
+    key/value heads: a tensor split of 2 or of 3 ranks keeps each query head with its key/value head."""
     import mlx.core as mx
 
+    heads, head_dim = 12, 32
+    kv = 6 * head_dim
     config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=hidden, intermediate_size=
-                  intermediate, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
-                  vocab_size=160, rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=False,
-                  bos_token_id=1, eos_token_id=2)
+                  intermediate, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=6,
+                  head_dim=head_dim, vocab_size=160, rms_norm_eps=1e-5, max_position_embeddings=512,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    per_layer = {"input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
+                 "self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv, hidden),
+                 "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, heads * head_dim)}
+    if experts:
+        moe = intermediate // 8
+        config.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=experts,
+                      num_experts_per_tok=2, moe_intermediate_size=moe, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[], rope_theta=1e6)
+        per_layer.update({"self_attn.q_norm": (head_dim,), "self_attn.k_norm": (head_dim,),
+                          "mlp.gate": (experts, hidden)})
+        for e in range(experts):
+            per_layer.update({f"mlp.experts.{e}.gate_proj": (moe, hidden), f"mlp.experts.{e}.up_proj": (moe, hidden),
+                              f"mlp.experts.{e}.down_proj": (hidden, moe)})
+    else:
+        per_layer.update({"mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+                          "mlp.down_proj": (hidden, intermediate)})
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
-    kv = hidden // 2
     shapes = {"model.embed_tokens.weight": (160, hidden), "model.norm.weight": (hidden,),
               "lm_head.weight": (160, hidden)}
-    per_layer = {"input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
-                 "self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
-                 "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
-                 "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
-                 "mlp.down_proj": (hidden, intermediate)}
     for i in range(layers):
         shapes.update({f"model.layers.{i}.{k}.weight": v for k, v in per_layer.items()})
     mx.random.seed(0)
@@ -203,23 +218,26 @@ def make_wide_llama(path: Path, hidden: int = 512, layers: int = 8, intermediate
     return sum(v.nbytes for v in weights.values())
 
 
-@pytest.mark.parametrize("parallel", ["pipeline", "tensor"])
-def test_each_rank_holds_only_its_share(tmp_path, parallel):
-    """Measured per rank: resident memory grows by about the bytes the rank holds, and that is about half the model
-    (two ranks), never the whole of it."""
-    total = make_wide_llama(tmp_path / "wide")
+@pytest.mark.parametrize(("parallel", "ranks"), [
+    ("pipeline", 2), ("tensor", 2), ("experts", 2), ("experts", 3),
+    pytest.param("pipeline", 3, marks=pytest.mark.slow), pytest.param("tensor", 3, marks=pytest.mark.slow)])
+def test_each_rank_holds_only_its_share(tmp_path, parallel, ranks):
+    """Measured in each rank's process: resident memory grows by about the bytes the rank holds (+ 15 % + 24 MB:
+    the interpreter's own growth, MLX's buffers, one tensor being read), and what it holds is about 1/ranks of the
+    model, never the whole of it. The experts split runs on a MoE model whose experts are nearly all its bytes."""
+    total = make_wide(tmp_path / "wide", experts=16 if parallel == "experts" else 0)
     plan = tmp_path / "plan.json"
     out = tmp_path / "out"
     plan.write_text(json.dumps({"cases": [{"model": str(tmp_path / "wide"), "parallel": parallel, "out": str(out),
                                            "probe": False}]}))
-    run_ranks(2, [str(WORKER), str(plan)], tmp_path)
-    ranks = json.loads((out / "status.json").read_text())["ranks"]
-    shares = [r["weights_bytes"] for r in ranks]
-    assert all(0.35 * total < s < 0.65 * total for s in shares), (shares, total)
-    for r in ranks:
+    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
+    shares = json.loads((out / "status.json").read_text())["ranks"]
+    held = [r["weights_bytes"] for r in shares]
+    assert all(abs(h / total - 1 / ranks) < 0.15 for h in held), (held, total)
+    for r in shares:
         grown = r["peak_rss_bytes"] - r["rss_before_bytes"]
-        assert grown < r["weights_bytes"] * 1.15 + (24 << 20), (r, total)  # its share, plus a margin
-        assert grown < 0.75 * total, (r, total)  # and never the whole model
+        assert grown < r["weights_bytes"] * 1.15 + (24 << 20), (r, total)  # its share, plus the margin
+        assert grown < (1 / ranks + 0.25) * total, (r, total)  # and never the whole model
 
 
 # ---------------------------------------------------------------------------------------------- failures
