@@ -536,9 +536,9 @@ class ExpertShard(nn.Module):
       experts), padded to the most any rank computed, m; (p - 1) m rows out of each rank, in p - 1 hops. Every
       rank knows every rank's rows from the routing, so no index is sent. Pays when p m < 2 tokens: few experts
       per token against many ranks, or a prompt whose tokens keep to a few ranks' experts.
-    "auto" takes gather when it moves no more bytes (p m <= 2 tokens: fewer hops at equal bytes), else sum; every
-    rank decides alike from the same routing. The shared expert is held by every rank: added once into the sum
-    (rank 0), or by every rank after a gather."""
+    "auto" takes gather when it moves fewer bytes (p m < 2 tokens), else sum (a decode step of one token: m = 1,
+    so sum, at equal bytes on 2 ranks); every rank decides alike from the same routing. The shared expert is held
+    by every rank: added once into the sum (rank 0), or by every rank after a gather."""
 
     def __init__(self, moe: SparseMoE, bounds: list[int], rank: int, group, combine: str = "auto"):
         super().__init__()
@@ -582,7 +582,7 @@ class ExpertShard(nn.Module):
 
     def _gathers(self, n: int, computed: list[np.ndarray]) -> bool:
         if self.combine == "auto":
-            return len(computed) * max(len(c) for c in computed) <= 2 * n
+            return len(computed) * max(len(c) for c in computed) < 2 * n
         return self.combine == "gather"
 
     def _gather(self, y: mx.array, computed: list[np.ndarray]) -> mx.array:
