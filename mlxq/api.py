@@ -171,7 +171,8 @@ def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantiz
     split `parallel` ("pipeline", "tensor" or "experts"; default experts for a MoE model, else pipeline). Rank 0
     gets a model that runs the whole group; the others call `model.follow()` (`mlxq.distributed`). With expert packs,
     each rank streams the experts it holds from its own copy of the packs, within its own `expert_memory` (a
-    percentage is of its own experts; by default all of them, read once)."""
+    percentage is of its own experts; by default all of them, read once). Prefetch (`expert_options`) looks ahead
+    within a rank's own layers under the pipeline split; an experts split does not prefetch."""
     if group is not None and group.size() > 1:
         from mlxq.distributed.group import load_group
 
