@@ -9,12 +9,14 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from fixtures_gguf import *  # noqa: F403  (pytest fixtures: hybrid_gguf, hybrid_gguf_q8)
-from fixtures_gguf import PROMPT, hf_config, write_ollama_style
+from fixtures_gguf import PROMPT, hf_config, write_legacy_ssm_in, write_ollama_style
 from fixtures_qwen3 import *  # noqa: F403  (pytest fixtures: qwen3_tokenizer_dir)
+from llama_cpp_run import llama_cpp_logits
 from safetensors.numpy import load_file
 
 from mlxq.formats import open_checkpoint
 from mlxq.formats.gguf import names
+from mlxq.formats.gguf.doctor import examine, status
 from mlxq.formats.gguf.reader import read_bytes, read_header
 from mlxq.loading import load_model
 from mlxq.models.layers import BlockLinear
@@ -96,3 +98,21 @@ def test_ollama_style_file_gives_transformers_logits(_hybrid_models, tmp_path, f
     assert ckpt.config["layer_types"] == hf_config(hybrid_gguf)["layer_types"]  # from the head_count_kv array
     assert not any(name.startswith("v.") for name in ckpt.tensors)
     assert rel(logits(path), hybrid_gguf.logits) < 1e-4
+
+
+def test_legacy_qwen3next_ssm_in_file_gives_transformers_logits(_hybrid_models, tmp_path):
+    """A Qwen3-Next file with the fused ssm_in of llama.cpp's first converter: llama.cpp still runs it (its legacy
+    path) to transformers' logits, and mlxq splits it at the edge into the q/k/v and z projections the current
+    converter writes as attn_qkv / attn_gate, equal to those, to the same logits."""
+    tiny = _hybrid_models("qwen3next")
+    path = write_legacy_ssm_in(tiny, tmp_path / "legacy.gguf")
+    written = read_header(path).tensors
+    assert "blk.0.ssm_in.weight" in written and "blk.0.attn_qkv.weight" not in written
+    assert rel(llama_cpp_logits(path, PROMPT), tiny.logits) < 1e-4  # the file is what llama.cpp reads as legacy
+    assert status(examine(path)[0]) == 0  # and doctor finds nothing wrong with it
+    legacy, current = open_checkpoint(str(path)).tensors, open_checkpoint(str(tiny.gguf)).tensors
+    for part in ("in_proj_qkv", "in_proj_z"):
+        name = f"model.layers.0.linear_attn.{part}.weight"
+        np.testing.assert_array_equal(np.array(legacy[name]), np.array(current[name]))
+    assert not any("in_proj_qkvz" in name for name in legacy)
+    assert rel(logits(path), tiny.logits) < 1e-4

@@ -427,8 +427,7 @@ def _plan(header: Header, arch: str, config: dict, keep_quantized: bool) -> dict
         if (hit := names.split(arch, name)) is not None:
             block, fused = hit
             ts = _applicable(fused.transforms, tiled)
-            for hf_part, rows in zip(fused.parts, np.array_split(np.arange(rec.shape[0]), len(fused.parts)),
-                                     strict=True):
+            for hf_part, rows in zip(fused.parts, fused.rows(rec.shape[0], config), strict=True):
                 hf = f"model.layers.{block}.{hf_part}"
                 plan[hf] = _Part(rec, hf.removesuffix(".weight"), "float", None,
                                  (len(rows), *rec.shape[1:]), ts, rows=rows)
