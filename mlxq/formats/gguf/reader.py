@@ -21,7 +21,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -428,9 +428,9 @@ def _plan(header: Header, arch: str, config: dict, keep_quantized: bool) -> dict
             block, fused = hit
             ts = _applicable(fused.transforms, tiled)
             for hf_part, rows in zip(fused.parts, fused.rows(rec.shape[0], config), strict=True):
-                hf = f"model.layers.{block}.{hf_part}"
-                plan[hf] = _Part(rec, hf.removesuffix(".weight"), "float", None,
-                                 (len(rows), *rec.shape[1:]), ts, rows=rows)
+                # each part in the form the whole would take: whole rows of blocks or groups split as numbers do
+                for key, p in _parts(rec, f"model.layers.{block}.{hf_part}", ts, config, keep_quantized).items():
+                    plan[key] = p if p.part == "input_order" else replace(p, rows=rows, shape=(len(rows), *p.shape[1:]))
             continue
         hf = names.hf_name(arch, name, n_layers)
         if hf is None:
