@@ -146,3 +146,22 @@ def stacked(mtp: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for name, ws in experts.items():
         out[name] = np.stack([ws[e] for e in sorted(ws)])
     return out
+
+
+def test_no_mtp_leaves_the_blocks_out(with_mtp, tmp_path):
+    """`mlxq export --no-mtp` (llama.cpp's converter has the same flag): the model's own blocks only, as before."""
+    from click.testing import CliRunner
+
+    from mlxq.formats.gguf.command import export as export_command
+
+    hf_dir, _, theirs = with_mtp("qwen35")
+    out = tmp_path / "no-mtp.gguf"
+    done = CliRunner().invoke(export_command, [str(hf_dir), "-o", str(out), "--type", "F32", "--no-mtp"])
+    assert done.exit_code == 0, done.output
+    meta, tensors = read_header(out).meta, file_tensors(out)
+    n = GGUF_TEXT["num_hidden_layers"]
+    assert meta["qwen35.block_count"] == n and "qwen35.nextn_predict_layers" not in meta
+    assert len(meta["qwen35.attention.recurrent_layers"]) == n
+    assert set(tensors) == {name for name in file_tensors(theirs)
+                            if not name.startswith("blk.") or int(name.split(".")[1]) < n}
+    assert "multi-token-prediction tensors are not exported" in done.output

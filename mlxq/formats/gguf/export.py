@@ -312,7 +312,8 @@ def tensor_kind(recipe: Recipe, spec, role: str | None, shape: tuple[int, ...]) 
     return kind
 
 
-def plan(ckpt: Checkpoint, recipe: Recipe, warn=lambda text: None) -> Plan:
+def plan(ckpt: Checkpoint, recipe: Recipe, warn=lambda text: None, mtp: bool = True) -> Plan:
+    """What to write; `mtp`: the multi-token-prediction blocks too, where the architecture has them in llama.cpp."""
     cfg = text_config(ckpt.config)
     arch = names.gguf_arch(cfg.get("model_type"))
     if arch is None:
@@ -320,7 +321,7 @@ def plan(ckpt: Checkpoint, recipe: Recipe, warn=lambda text: None) -> Plan:
                                f"(supported: {', '.join(sorted(names.EXPORT_ARCHITECTURES))})")
     shape_of = ModelShape.of(ckpt)
     found = sources(ckpt)
-    mtp_layers = names.mtp_layers(found) if names.ARCHITECTURES[arch].hybrid else 0
+    mtp_layers = names.mtp_layers(found) if mtp and names.ARCHITECTURES[arch].hybrid else 0
     metadata = {k: _value(v) for k, v in model_metadata(cfg, arch, ckpt.path, mtp_layers).items()}
     items, skipped = [], []
     for hf, src, target in _named(arch, found, cfg, ckpt.path):
@@ -384,9 +385,10 @@ CALIBRATION_METHODS = ("imatrix", "gptq")
 
 
 def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None = None, method: str = "imatrix",
-           calib_tokens: int = DEFAULT_TOKENS, console=None, progress: bool = True) -> Result:
+           calib_tokens: int = DEFAULT_TOKENS, console=None, progress: bool = True, mtp: bool = True) -> Result:
     """Export checkpoint `src` (any name mlxq opens) as the GGUF file `out` in `recipe`'s types; `calibrate` (a text
-    file, or "default" for the pinned corpus) chooses codes by `method`."""
+    file, or "default" for the pinned corpus) chooses codes by `method`; `mtp`: with the multi-token-prediction
+    blocks (Qwen3.5 / Qwen3-Next)."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -415,7 +417,7 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
     def warn(text: str) -> None:
         console.print(f"mlxq: warning: {text}", style="yellow", highlight=False)
 
-    the_plan = plan(ckpt, recipe, warn)
+    the_plan = plan(ckpt, recipe, warn, mtp)
     metadata = dict(the_plan.metadata)
     metadata.update(_general(ckpt, recipe))
     metadata.update(tokenizer_metadata(ckpt, int(the_plan.config.get("vocab_size") or 0), warn))
