@@ -43,7 +43,7 @@ def float_gguf(tmp_path_factory):
             path = tmp_path_factory.mktemp(arch)
             MODELS[arch](path / "hf")
             save_tiny_tokenizer(path / "hf", 160)
-            made[arch] = path / "f32.gguf"
+            made[arch] = path / "f32.gguf"  # (the HF directory is its sibling "hf")
             export(str(path / "hf"), made[arch], gguf_recipe("F32"), progress=False)
         return made[arch]
 
@@ -74,3 +74,31 @@ def test_moe_experts_kept_as_blocks_give_the_float_and_llama_cpp_logits(arch, ki
     _, dequantized = logits(path, keep=False)
     assert rel(got, dequantized) < 1e-4
     assert rel(llama_cpp_logits(path, PROMPT), got) <= QUANTIZED_TOLERANCE
+
+
+def test_fused_expert_tensors_export_like_per_expert_ones(float_gguf, tmp_path):
+    """HF's fused 3-D `experts.gate_up_proj` [experts, 2 x inter, hidden] (Qwen3.5-MoE hub checkpoints): its gate
+    and up halves are written as ffn_gate_exps / ffn_up_exps, the same file as from transformers' per-expert
+    tensors."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from mlxq.formats.gguf.reader import read_bytes
+
+    per_expert = float_gguf("qwen35moe")
+    src = tmp_path / "fused"
+    shutil.copytree(per_expert.parent / "hf", src)
+    tensors = load_file(src / "model.safetensors")
+    fused = {k: v for k, v in tensors.items() if ".experts." not in k}
+    for p in sorted({k.split(".experts.")[0] + ".experts" for k in tensors if ".experts." in k}):
+        n = EXPERTS_256["num_experts"]
+        fused[f"{p}.gate_up_proj"] = np.stack([np.concatenate([tensors[f"{p}.{e}.gate_proj.weight"],
+                                                               tensors[f"{p}.{e}.up_proj.weight"]]) for e in range(n)])
+        fused[f"{p}.down_proj"] = np.stack([tensors[f"{p}.{e}.down_proj.weight"] for e in range(n)])
+    save_file(fused, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "fused.gguf"
+    export(str(src), out, gguf_recipe("F32"), progress=False)
+    mine, ref = read_header(out).tensors, read_header(per_expert).tensors
+    assert mine.keys() == ref.keys()
+    assert [n for n in ref if not np.array_equal(read_bytes(out, mine[n]), read_bytes(per_expert, ref[n]))] == []
