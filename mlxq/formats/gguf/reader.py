@@ -411,9 +411,10 @@ def _take_units(w: mx.array, units: np.ndarray) -> mx.array:
     return w.reshape(*lead, len(units), n // len(units))[..., mx.array(units), :].reshape(*lead, n)
 
 
-# HF tensors the model's sanitize splits by rows into other modules: never kept as raw blocks (the module names they
-# split into would lose the block type), affine or float is fine
-_SPLIT_BY_SANITIZE = (".in_proj_qkvz.", ".in_proj_ba.")
+# HF tensors the model's sanitize splits by rows into other modules (Qwen3-Next's ssm_ba; its legacy ssm_in is split
+# here, by `names`): never kept as raw blocks (the module names they split into would lose the block type), affine or
+# float is fine
+_SPLIT_BY_SANITIZE = (".in_proj_ba.",)
 
 
 def _plan(header: Header, arch: str, config: dict, keep_quantized: bool) -> dict[str, _Part]:
