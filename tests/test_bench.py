@@ -105,12 +105,17 @@ def test_prompt_is_exactly_n_tokens(smollm2):
 
 # ------------------------------------------------------------------------------------------------- resumable runs
 def quant_quality():
-    """bench/quant_quality.py as a module (its plan, selection, store use and ratios; nothing is run)."""
+    """bench/quant_quality.py as a module (its plan, selection, store use and ratios; nothing is run). The bench
+    folder leaves sys.path again: its `kernels.py` would otherwise pass for Hugging Face's `kernels` package."""
     import importlib
     from pathlib import Path
 
+    saved = list(sys.path)
     sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
-    return importlib.import_module("quant_quality")
+    try:
+        return importlib.import_module("quant_quality")
+    finally:
+        sys.path[:] = saved
 
 
 @pytest.fixture
