@@ -31,7 +31,16 @@ _MAGIC = F(12582912.0)  # 1.5 * 2**23: adding it rounds a float32 to an integer 
 # ------------------------------------------------------------------------------------------ float32 helpers
 def _nearest_int(v: np.ndarray) -> np.ndarray:
     """ggml's nearest_int: round half to even through the float32 mantissa (garbage, as in C, past 2**22)."""
-    return ((np.asarray(v, F) + _MAGIC).view(np.int32) & 0x7FFFFF) - 0x400000
+    out = (np.asarray(v, F) + _MAGIC).view(np.int32)  # one new array, the rest in place
+    out &= 0x7FFFFF
+    out -= 0x400000
+    return out
+
+
+def _clip(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """MAX(lo, MIN(hi, v)) in place."""
+    np.minimum(v, hi, out=v)
+    return np.maximum(v, lo, out=v)
 
 
 def _fp16(v: np.ndarray) -> np.ndarray:
@@ -71,6 +80,14 @@ def _min_max(x: np.ndarray, start: float | None = None) -> tuple[np.ndarray, np.
     return lo, hi
 
 
+def _min_max_rows(x: np.ndarray, start: float) -> tuple[np.ndarray, np.ndarray]:
+    """`_min_max(x.T, start)` for blocks x [B, n]: numpy's reductions where no NaN is there (only with one does the
+    C loop's order matter)."""
+    if np.isnan(x).any():
+        return _min_max(np.ascontiguousarray(x.T), start)
+    return np.minimum(x.min(axis=1), F(start)), np.maximum(x.max(axis=1), F(-start))
+
+
 def _largest(x: np.ndarray, start: float = 0.0) -> np.ndarray:
     """C's `if (x[i] > m) m = x[i]` from m = start over the leading axis (NaN never wins, as in C)."""
     m = np.full(x.shape[1:], F(start))
@@ -79,13 +96,13 @@ def _largest(x: np.ndarray, start: float = 0.0) -> np.ndarray:
     return m
 
 
-def _running_abs_max(x: np.ndarray) -> np.ndarray:
-    """C's `amax = MAX(amax, fabsf(x[i]))` from 0 over the leading axis (with a NaN the order matters)."""
+def _running_abs_max(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """C's `amax = MAX(amax, fabsf(x[i]))` from 0 over `axis` (with a NaN the order matters)."""
     a = np.abs(x)
-    if np.isfinite(x).all():
-        return np.maximum(a.max(axis=0), F(0))
-    amax = np.zeros(x.shape[1:], F)
-    for row in a:
+    if not np.isnan(a).any():
+        return np.maximum(a.max(axis=axis), F(0))
+    amax = np.zeros(a.shape[:axis] + a.shape[axis + 1:], F)
+    for row in np.moveaxis(a, axis, 0):
         amax = np.where(amax > row, amax, row)
     return amax
 
@@ -94,8 +111,9 @@ def _roundf(v: np.ndarray) -> np.ndarray:
     """C's roundf / lroundf: half away from zero (floor(|v| + 0.5) would round 0.49999997 up)."""
     a = np.abs(v)
     whole = np.floor(a)
-    whole += (a - whole) >= F(0.5)
-    return (np.copysign(whole, v)).astype(np.int32)
+    a -= whole
+    whole += a >= F(0.5)
+    return np.copysign(whole, v, out=whole).astype(np.int32)
 
 
 def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -108,6 +126,17 @@ def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         amax = np.where(more, a, amax)
         value = np.where(more, row, value)
     return amax, value
+
+
+def _abs_max_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_abs_max` over the last axis of blocks x [B, n] (weight order): the first largest |x| by argmax, the C loop
+    (NaN never wins) only when a NaN is there; an all-zero block's value is +0 as in C, not a -0 it holds."""
+    a = np.abs(x)
+    if np.isnan(a).any():
+        return _abs_max(np.ascontiguousarray(x.T))
+    at = a.argmax(axis=1)[:, None]
+    amax = np.take_along_axis(a, at, 1)[:, 0]
+    return amax, np.where(amax > 0, np.take_along_axis(x, at, 1)[:, 0], F(0))
 
 
 def _elements(x: np.ndarray, n: int) -> np.ndarray:
@@ -127,12 +156,17 @@ def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray
     of 19 trial scales. x, w element-major [n, B]; w None means x*x. Returns (scale [B], codes [n, B])."""
     amax, big = _abs_max(x)
     w = x * x if w is None else w
+    wx = w * x  # C's w*x[i]*l associates as (w*x[i])*l
     with np.errstate(all="ignore"):
 
         def trial(iscale):
-            l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
+            l = _clip(_nearest_int(iscale * x), -nmax, nmax - 1)
             lf = l.astype(F)
-            return l, _seq(w * x * lf), _seq(w * lf * lf)
+            wl = wx * lf
+            sumlx = _seq(wl)
+            np.multiply(w, lf, out=wl)
+            wl *= lf
+            return l, sumlx, _seq(wl)
 
         codes, sumlx, suml2 = trial(F(-nmax) / big)
         scale = np.where(suml2 != 0, sumlx / suml2, F(0))
@@ -317,18 +351,20 @@ class _Q4_0(Codec):
     half = 8  # codes are centred on this
 
     def fit(self, x, qw, row_sigma2):
-        xe = _elements(x, QK)
-        if qw is None:
-            _, big = _abs_max(xe)
+        if qw is None:  # no sums: the blocks stay in weight order
+            _, big = _abs_max_rows(x)
             d = big / F(-self.half)
             with np.errstate(all="ignore"):
                 inv = np.where(d != 0, F(1) / d, F(0))
-            codes = np.minimum(self.nmax, _i8((xe * inv + F(self.half + 0.5)).astype(np.int32)))
+            v = x * inv[:, None]
+            v += F(self.half + 0.5)
+            codes = np.minimum(self.nmax, _i8(v.astype(np.int32)))
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
-            d, codes = _make_qx(xe, self.half, w)
+            d, codes = _make_qx(_elements(x, QK), self.half, w)
+            codes = _blocks(codes, 1)
         stored = _fp16(d)
-        return Fit({"d": d}, stored[:, None], (F(-self.half) * stored)[:, None], _blocks(codes, 1))
+        return Fit({"d": d}, stored[:, None], (F(-self.half) * stored)[:, None], codes)
 
     def pack(self, fit, codes):
         return np.concatenate([_half_bytes(fit.header["d"]), _nibbles(codes)], axis=1)
@@ -345,20 +381,22 @@ class _Q4_1(Codec):
     name, block, size, sub, nmax, row_stat = "Q4_1", QK, 20, QK, 15, 1.0
 
     def fit(self, x, qw, row_sigma2):
-        xe = _elements(x, QK)
-        if qw is None:
-            lo, hi = _min_max(xe, start=np.finfo(F).max)
+        if qw is None:  # no sums: the blocks stay in weight order
+            lo, hi = _min_max_rows(x, np.finfo(F).max)
             d = (hi - lo) / F(self.nmax)
             with np.errstate(all="ignore"):
                 inv = np.where(d != 0, F(1) / d, F(0))
-            codes = _u8(((xe - lo) * inv + F(0.5)).astype(np.int32))
+            v = x - lo[:, None]
+            v *= inv[:, None]
+            v += F(0.5)
+            codes = _u8(v.astype(np.int32))
             if self.nmax == 15:
                 codes = np.minimum(15, codes)
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
-            d, neg_min, codes = _make_qkx(xe, w, self.nmax, -0.9, 0.05, 36, False)
-            lo = -neg_min
-        return Fit({"d": d, "m": lo}, _fp16(d)[:, None], _fp16(lo)[:, None], _blocks(codes, 1))
+            d, neg_min, codes = _make_qkx(_elements(x, QK), w, self.nmax, -0.9, 0.05, 36, False)
+            lo, codes = -neg_min, _blocks(codes, 1)
+        return Fit({"d": d, "m": lo}, _fp16(d)[:, None], _fp16(lo)[:, None], codes)
 
     def pack(self, fit, codes):
         return np.concatenate([_half_bytes(fit.header["d"]), _half_bytes(fit.header["m"]), _nibbles(codes)], axis=1)
@@ -376,13 +414,13 @@ class _Q8_0(Codec):
     name, block, size, sub, nmax, weighted = "Q8_0", QK, 34, QK, 255, False
 
     def fit(self, x, qw, row_sigma2):  # ggml's Q8_0 has no importance-weighted variant
-        xe = _elements(x, QK)
-        d = _running_abs_max(xe) / F(127)
+        d = _running_abs_max(x, axis=1) / F(127)
         with np.errstate(all="ignore"):
             inv = np.where(d != 0, F(1) / d, F(0))
-        codes = _roundf(xe * inv)
+        codes = _roundf(x * inv[:, None])
+        codes += 128
         stored = _fp16(d)
-        return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], _blocks(codes + 128, 1))
+        return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], codes)
 
     def pack(self, fit, codes):
         q = (codes.astype(np.int32) - 128).astype(np.int8).view(np.uint8)
