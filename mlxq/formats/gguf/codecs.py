@@ -37,10 +37,15 @@ def _nearest_int(v: np.ndarray) -> np.ndarray:
     return out
 
 
+# numpy's clip ufunc itself: np.clip's wrapper costs several times the clipping of a block-sized array
+_CLIP = getattr(getattr(np, "_core", None) and np._core.umath, "clip", None)
+
+
 def _clip(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """MAX(lo, MIN(hi, v)) in place."""
-    np.minimum(v, hi, out=v)
-    return np.maximum(v, lo, out=v)
+    """MAX(lo, MIN(hi, v)) in place (one pass)."""
+    if _CLIP is None:
+        return np.clip(v, lo, hi, out=v)
+    return _CLIP(v, v.dtype.type(lo), v.dtype.type(hi), out=v)
 
 
 def _fp16(v: np.ndarray) -> np.ndarray:
@@ -96,13 +101,13 @@ def _largest(x: np.ndarray, start: float = 0.0) -> np.ndarray:
     return m
 
 
-def _running_abs_max(x: np.ndarray, axis: int = 0) -> np.ndarray:
-    """C's `amax = MAX(amax, fabsf(x[i]))` from 0 over `axis` (with a NaN the order matters)."""
+def _running_abs_max(x: np.ndarray) -> np.ndarray:
+    """C's `amax = MAX(amax, fabsf(x[i]))` from 0 over the leading axis (with a NaN the order matters)."""
     a = np.abs(x)
     if not np.isnan(a).any():
-        return np.maximum(a.max(axis=axis), F(0))
-    amax = np.zeros(a.shape[:axis] + a.shape[axis + 1:], F)
-    for row in np.moveaxis(a, axis, 0):
+        return np.maximum(a.max(axis=0), F(0))
+    amax = np.zeros(x.shape[1:], F)
+    for row in a:
         amax = np.where(amax > row, amax, row)
     return amax
 
@@ -117,7 +122,14 @@ def _roundf(v: np.ndarray) -> np.ndarray:
 
 
 def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(largest |x|, the signed value holding it), the first one on ties, starting from 0 (C's strict `>`)."""
+    """(largest |x|, the signed value holding it) over the leading axis, the first one on ties, starting from 0 (C's
+    strict `>`): argmax finds it, the C loop runs only where a NaN is (it never wins there); an all-zero block's
+    value is +0 as in C, not a -0 it holds."""
+    a = np.abs(x)
+    if not np.isnan(a).any():
+        at = a.argmax(axis=0)[None]
+        amax = np.take_along_axis(a, at, 0)[0]
+        return amax, np.where(amax > 0, np.take_along_axis(x, at, 0)[0], F(0))
     amax = np.zeros(x.shape[1:], F)
     value = np.zeros(x.shape[1:], F)
     for row in x:
@@ -126,17 +138,6 @@ def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         amax = np.where(more, a, amax)
         value = np.where(more, row, value)
     return amax, value
-
-
-def _abs_max_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`_abs_max` over the last axis of blocks x [B, n] (weight order): the first largest |x| by argmax, the C loop
-    (NaN never wins) only when a NaN is there; an all-zero block's value is +0 as in C, not a -0 it holds."""
-    a = np.abs(x)
-    if np.isnan(a).any():
-        return _abs_max(np.ascontiguousarray(x.T))
-    at = a.argmax(axis=1)[:, None]
-    amax = np.take_along_axis(a, at, 1)[:, 0]
-    return amax, np.where(amax > 0, np.take_along_axis(x, at, 1)[:, 0], F(0))
 
 
 def _elements(x: np.ndarray, n: int) -> np.ndarray:
@@ -219,29 +220,43 @@ def _make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool
     first_lo = lo
     with np.errstate(all="ignore"):
 
-        def error(scale, low, codes):
-            diff = scale * codes.astype(F) + low - x
-            return _seq(w * (np.abs(diff) if mad else diff * diff))
+        def error(scale, low, lf):  # sum of w * (scale * l + min - x)^2 (or |.|), in place on one new array
+            diff = scale * lf
+            diff += low
+            diff -= x
+            if mad:
+                np.abs(diff, out=diff)
+            else:
+                diff *= diff
+            diff *= w
+            return _seq(diff)
+
+        def codes_at(iscale):
+            v = x - lo
+            v *= iscale
+            return _clip(_nearest_int(v), 0, nmax)
 
         iscale = F(nmax) / (hi - lo)
         scale = F(1) / iscale
-        codes = np.clip(_nearest_int(iscale * (x - lo)), 0, nmax)
-        best = error(scale, lo, codes)
+        codes = codes_at(iscale)
+        best = error(scale, lo, codes.astype(F))
         for step in range(nstep + 1):
             iscale = ((F(rmin) + F(rdelta) * F(step)) + F(nmax)) / (hi - lo)
-            trial = np.clip(_nearest_int(iscale * (x - lo)), 0, nmax)
+            trial = codes_at(iscale)
             lf = trial.astype(F)
             wl = w * lf
-            sum_l, sum_l2, sum_xl = _seq(wl), _seq(wl * lf), _seq(wl * x)
+            sum_l, sum_xl = _seq(wl), _seq(wl * x)
+            wl *= lf
+            sum_l2 = _seq(wl)
             det = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
             positive = this_min > 0
             this_min = np.where(positive, F(0), this_min)
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-            err = error(this_scale, this_min, trial)
+            err = error(this_scale, this_min, lf)
             better = (det > 0) & (err < best)
-            codes = np.where(better, trial, codes)
+            np.copyto(codes, trial, where=better)
             best = np.where(better, err, best)
             scale = np.where(better, this_scale, scale)
             lo = np.where(better, this_min, lo)
@@ -352,7 +367,7 @@ class _Q4_0(Codec):
 
     def fit(self, x, qw, row_sigma2):
         if qw is None:  # no sums: the blocks stay in weight order
-            _, big = _abs_max_rows(x)
+            _, big = _abs_max(x.T)
             d = big / F(-self.half)
             with np.errstate(all="ignore"):
                 inv = np.where(d != 0, F(1) / d, F(0))
@@ -414,13 +429,15 @@ class _Q8_0(Codec):
     name, block, size, sub, nmax, weighted = "Q8_0", QK, 34, QK, 255, False
 
     def fit(self, x, qw, row_sigma2):  # ggml's Q8_0 has no importance-weighted variant
-        d = _running_abs_max(x, axis=1) / F(127)
+        xe = _elements(x, QK)  # numpy reduces faster across blocks than along each block's 32 weights
+        d = _running_abs_max(xe) / F(127)
         with np.errstate(all="ignore"):
             inv = np.where(d != 0, F(1) / d, F(0))
-        codes = _roundf(x * inv[:, None])
+        xe *= inv
+        codes = _roundf(xe)
         codes += 128
         stored = _fp16(d)
-        return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], codes)
+        return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], _blocks(codes, 1))
 
     def pack(self, fit, codes):
         q = (codes.astype(np.int32) - 128).astype(np.int8).view(np.uint8)
