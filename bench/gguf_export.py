@@ -23,6 +23,7 @@ Ratios: `export_time_T_vs_llama_cpp` (wall) and `export_cpu_T_vs_llama_cpp` = ml
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import shutil
 import sys
@@ -101,9 +102,9 @@ def main() -> None:
     f32 = work / "smollm2-f32.gguf"
     if not f32.exists():
         export("smollm2", f32, gguf_recipe("F32"), progress=False)
-    out = work / "out"
-    shutil.rmtree(out, ignore_errors=True)
+    out = work / f"out-{os.getpid()}"  # this run's own: another run may be using the cache at the same time
     out.mkdir()
+    atexit.register(shutil.rmtree, out, True)
 
     speed, ratios = {}, {}
     for kind in speed_types:
@@ -145,7 +146,6 @@ def main() -> None:
         quality[kind] = row
         ratios[f"kl_{kind}_vs_llama_cpp"] = round(row["mlxq_calibrated"]["kl"] / row["llama_cpp_imatrix"]["kl"], 3)
         print(f"{kind}: {row}", file=sys.stderr)
-    shutil.rmtree(out, ignore_errors=True)
 
     write_result("gguf_export", {
         "quick": quick,
