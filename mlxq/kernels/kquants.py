@@ -354,12 +354,24 @@ def _repack_nibbles(qs: mx.array, run: int) -> mx.array:
 
 def _pack_bytes(codes: mx.array, bits: int) -> mx.array:
     """Codes [rows, n] (each < 2**bits, n a multiple of 8) -> MLX's packed little-endian bit stream as bytes
-    [rows, n * bits / 8]: every 8 codes are summed into one 64-bit word, whose low `bits` bytes are theirs."""
+    [rows, n * bits / 8] (code i in bits [i * bits, (i + 1) * bits)). Built a byte at a time: every 8 codes make
+    `bits` bytes, byte j gathering the codes whose bits overlap bits [8j, 8j + 8) (never wider than a byte: 64-bit
+    words cost more memory traffic than they save ops)."""
     rows, n = codes.shape
+    c = codes.astype(mx.uint8)
     if bits == 8:
-        return codes.astype(mx.uint8)
-    words = (codes.reshape(rows, n // 8, 8).astype(mx.uint64) << mx.arange(0, 8 * bits, bits, dtype=mx.uint64)).sum(-1)
-    return mx.view(words, mx.uint8).reshape(rows, n // 8, 8)[..., :bits].reshape(rows, n * bits // 8)
+        return c
+    c = c.reshape(rows, n // 8, 8)
+    out = []
+    for j in range(bits):
+        byte = None
+        for k in range(8):
+            shift = bits * k - 8 * j  # where code k's bit 0 lands in byte j
+            if -bits < shift < 8:
+                part = c[..., k] << shift if shift >= 0 else c[..., k] >> -shift
+                byte = part if byte is None else byte | part
+        out.append(byte)
+    return mx.stack(out, axis=-1).reshape(rows, n * bits // 8)
 
 
 def pack_codes(codes: mx.array, bits: int) -> mx.array:
@@ -401,16 +413,13 @@ def affine_dequantize(weight: mx.array, scales: mx.array, biases: mx.array, grou
 def to_affine(blocks: mx.array, kind: str, rows_per_step: int | None = None) -> tuple[mx.array, mx.array, mx.array]:
     """blocks [..., row_bytes] of an `AFFINE_BITS` type -> (weight, scales, biases) as `mx.quantize` would store
     them (group size 32, `AFFINE_BITS[kind]` bits), with `mx.dequantize` of the result bit-exact with
-    `dequantize`. Works `rows_per_step` rows at a time: by default all of them (no step joins a copy to the others)
-    except for 5-bit codes, whose packing widens them to 64 bits, where a step holds 2**18 of them."""
+    `dequantize`. Works `rows_per_step` rows at a time, by default all of them (steps are joined by a copy)."""
     if kind not in AFFINE_BITS:
         raise FormatError(f"GGML type {kind} is not exactly representable as MLX affine")
     elems, size = BLOCK_SIZES[kind]
     *lead, nbytes = blocks.shape
     flat = blocks.reshape(-1, nbytes)
-    if rows_per_step is None:
-        wide = AFFINE_BITS[kind] == 5
-        rows_per_step = max(1, (1 << 18) // (nbytes // size * elems) if wide else flat.shape[0])
+    rows_per_step = rows_per_step or max(1, flat.shape[0])
     parts = []
     for start in range(0, flat.shape[0], rows_per_step):
         chunk = flat[start : start + rows_per_step]
