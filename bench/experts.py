@@ -267,11 +267,17 @@ def main() -> None:
     opts = {"threads": args.threads}
 
     # 1. the ceiling: back to back, as many in flight as the runtime can have (its threads + the waiting thread)
+    # (measured again after the capped run, and the higher of the two kept: a busy moment does not lower the bar)
     depth = args.threads + 1
-    raw = measure_read_rate(packs, threads=depth, seconds=2.0 if args.quick else 5.0)
-    raw_1 = measure_read_rate(packs, threads=1, seconds=1.0 if args.quick else 3.0)
-    print(f"raw device: {raw['gb_per_s']:.3f} GB/s at {raw['read_bytes'] / 1e3:.0f} KB reads, {depth} in "
-          f"flight ({raw_1['gb_per_s']:.3f} GB/s one at a time), O_DIRECT {raw['direct']}", file=sys.stderr)
+
+    def ceiling() -> tuple[dict, dict]:
+        raw = measure_read_rate(packs, threads=depth, seconds=2.0 if args.quick else 5.0)
+        raw_1 = measure_read_rate(packs, threads=1, seconds=1.0 if args.quick else 3.0)
+        print(f"raw device: {raw['gb_per_s']:.3f} GB/s at {raw['read_bytes'] / 1e3:.0f} KB reads, {depth} in "
+              f"flight ({raw_1['gb_per_s']:.3f} GB/s one at a time), O_DIRECT {raw['direct']}", file=sys.stderr)
+        return raw, raw_1
+
+    raw_runs = [ceiling()]
 
     # 4. budgets x order x prefetch on random tokens (near-uniform routing: the budget decides the hits), and text
     # (skewed routing) at 25 %, each after a prompt that fills the pool.
@@ -317,6 +323,9 @@ def main() -> None:
                                        seconds=2.0 if args.quick else 5.0)
         print(f"raw device in the decode's pattern: {raw_burst['gb_per_s']:.3f} GB/s ({raw_burst['batch']:.2f} "
               f"experts a burst, {1e3 * raw_burst['gap_s']:.1f} ms idle between)", file=sys.stderr)
+    raw_runs.append(ceiling())
+    raw = max((r for r, _ in raw_runs), key=lambda r: r["gb_per_s"])
+    raw_1 = max((r for _, r in raw_runs), key=lambda r: r["gb_per_s"])
     projection = project(matrix, raw, args.top_k)
     result = {
         "mode": mode,
@@ -329,6 +338,7 @@ def main() -> None:
                   "token ids; text: held-back Wikipedia), not the model's own choice",
         "raw_read": raw,
         "raw_read_one_in_flight": raw_1,
+        "raw_read_gb_per_s_runs": [[round(r["gb_per_s"], 3), round(r1["gb_per_s"], 3)] for r, r1 in raw_runs],
         "raw_read_decode_pattern": raw_burst,
         "warm_prompt_tokens": warm,
         "memory_cap_bytes": cap,
@@ -363,8 +373,10 @@ def main() -> None:
             "moves reads off the critical path (stall_s) rather than saving bytes",
             "read rate while decoding = bytes / time with at least one read in flight; raw = random one-expert "
             f"O_DIRECT reads back to back, {depth} in flight (the reader's threads and the waiting forward pass; and "
-            "one at a time); raw_read_decode_pattern = the same reads through the runtime's reader in the capped run's "
-            "pattern (bursts of its misses per layer step, idle gaps of its time between reads), without the model",
+            "one at a time), measured before the runs and after the capped run, the higher kept "
+            "(raw_read_gb_per_s_runs: both); raw_read_decode_pattern = the same reads through the runtime's reader in "
+            "the capped run's pattern (bursts of its misses per layer step, idle gaps of its time between reads), "
+            "without the model",
             f"the machine may be shared (load_average: at the start and at the end): the capped, uncapped and "
             f"resident runs ran {REPEAT}x, the matrix once; the fastest is kept (decode_tps_runs lists them)",
         ],
