@@ -85,6 +85,18 @@ if a["peer"] == "mlx_lm":
     cache = make_prompt_cache(model)
     step = lambda toks: model(mx.array([toks]), cache=cache)
     stats = lambda: None
+elif a["peer"] == "llama_cpp":  # llama.cpp's own loop: the GGUF mmapped, its pages left to the kernel
+    import os
+    import numpy as np
+    from llama_cpp import Llama, llama_get_logits_ith
+    llm = Llama(model_path=a["path"], n_ctx=len(a["prompt"]) + len(a["forced"]) + 8, n_batch=512,
+                n_threads=os.cpu_count(), use_mmap=True, verbose=False,
+                kv_overrides={f"{a['arch']}.expert_used_count": a["top_k"]} if a["top_k"] else None)
+    def step(toks):  # (Llama.eval keeps no logits unless logits_all: the last row is read from the context)
+        llm.eval(toks)
+        last = np.ctypeslib.as_array(llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+        return mx.array(last)[None, None]
+    stats = lambda: None
 else:
     import mlxq
     m = mlxq.load(a["path"], expert_memory=a.get("budget"), experts_per_tok=a["top_k"] or None,
@@ -199,6 +211,50 @@ def run_once(args: dict, cgroup: Cgroup | None = None, timeout: float = 1800) ->
 
 
 # ------------------------------------------------------------------------------------------------ models
+def llama_cpp_gguf(work: Path, src: Path) -> tuple[Path, dict]:
+    """The same weights as a GGUF for llama.cpp's mmap: `mlxq export -t F16` of the source, then llama.cpp's own
+    llama-quantize to Q2_K (rows that are not whole 256-value blocks take llama.cpp's own fallback type). The
+    source's character tokenizer (WordLevel) is handed to the exporter as a byte-level BPE with the same ids: tokens
+    go in as ids, so llama.cpp never tokenizes text here."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from llama_cpp_tools import bits_per_weight, quantize
+
+    out = work / "llama.cpp-Q2_K.gguf"
+    timings = {}
+    if not out.exists():
+        view = work / "gguf-src"
+        shutil.rmtree(view, ignore_errors=True)
+        view.mkdir()
+        for f in src.iterdir():
+            if f.name != "tokenizer.json":
+                (view / f.name).symlink_to(f.resolve())
+        spec = json.loads((src / "tokenizer.json").read_text())
+        spec["model"] = {"type": "BPE", "vocab": spec["model"]["vocab"], "merges": ["a b"], "byte_fallback": False,
+                         "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                         "end_of_word_suffix": None, "fuse_unk": False}
+        spec["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                 "use_regex": False}
+        (view / "tokenizer.json").write_text(json.dumps(spec))
+        f16 = work / "llama.cpp-F16.gguf"
+        f16.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        done = subprocess.run([sys.executable, "-m", "mlxq.cli", "export", str(view), "-o", str(f16), "-t", "F16"],
+                              capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"mlxq export failed: {done.stderr.strip()[-500:]}")
+        timings["export_f16_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        quantize(f16, out, "Q2_K")
+        timings["llama_quantize_s"] = time.perf_counter() - t0
+        f16.unlink()
+        shutil.rmtree(view)
+    from mlxq.formats.gguf.names import gguf_arch
+
+    arch = gguf_arch(json.loads((src / "config.json").read_text())["model_type"])
+    return out, {**timings, **bits_per_weight(out), "bytes": out.stat().st_size, "arch": arch}
+
+
 def prepare(work: Path, shape, coactivation: bool) -> dict[str, Path]:
     """Source, the mlx-lm directory, the packs (and the co-activation-ordered packs), reused when present."""
     from mlxq.bench.synthetic import write_moe
@@ -239,6 +295,9 @@ def main() -> None:
     p.add_argument("--warm", type=int, default=None,
                    help="prompt tokens before the decode in the budget matrix (fills the pool; quick 64, else 160)")
     p.add_argument("--repeat", type=int, default=None, help="runs per configuration, fastest kept (quick 1, else 2)")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also run llama.cpp (mmap) on a Q2_K GGUF of the same weights under the cap (the export "
+                        "takes minutes: about 1.5 for --quick)")
     p.add_argument("--keep", action="store_true", help="keep the generated models (cache dir) for another run")
     args = p.parse_args()
     global REPEAT
@@ -307,6 +366,13 @@ def main() -> None:
         ours_capped = show("mlxq 25% capped", run({**base, "peer": "mlxq", "path": str(paths["packs"]),
                                                    "budget": "25%", "options": opts}, cgroup))
         theirs_capped = show("mlx-lm capped", run({**base, "peer": "mlx_lm", "path": str(paths["mlx"])}, cgroup))
+        llama = {"ok": False, "error": "not run (no --llama-cpp)"}
+        if args.llama_cpp:
+            gguf, gguf_info = llama_cpp_gguf(work, paths["src"])
+            peer = {**base, "peer": "llama_cpp", "path": str(gguf), "arch": gguf_info["arch"]}
+            llama = show("llama.cpp mmap capped", run(peer, cgroup))
+            llama_free = show("llama.cpp mmap uncapped", run(peer))
+            llama = {**llama, "gguf": gguf_info, "uncapped": llama_free}
     finally:
         cgroup.close()
     theirs = show("mlx-lm uncapped", run({**base, "peer": "mlx_lm", "path": str(paths["mlx"])}))
@@ -343,7 +409,7 @@ def main() -> None:
         "warm_prompt_tokens": warm,
         "memory_cap_bytes": cap,
         "memory_cap_from": "mlxq 25 % run's cgroup peak (memory.max_usage_in_bytes) x 1.1",
-        "capped": {"mlxq_25pct": ours_capped, "mlx_lm": theirs_capped},
+        "capped": {"mlxq_25pct": ours_capped, "mlx_lm": theirs_capped, "llama_cpp_mmap": llama},
         "uncapped": {"mlx_lm": theirs, "mlxq_resident": resident},
         "matrix": matrix,
         "prepare": prep,
@@ -357,6 +423,7 @@ def main() -> None:
             "decode_vs_mlx_lm_at_cap": (_ratio(ours_capped.get("decode_tps"), theirs_capped.get("decode_tps"))
                                         if theirs_capped["ok"] else None),
             "decode_vs_mlx_lm_uncapped": _ratio(ours_capped.get("decode_tps"), theirs.get("decode_tps")),
+            "decode_vs_llama_cpp_mmap_at_cap": _ratio(ours_capped.get("decode_tps"), llama.get("decode_tps")),
             "decode_vs_mlxq_resident": _ratio(ours_capped.get("decode_tps"), resident.get("decode_tps")),
             "bytes_per_token_vs_all_miss": _ratio(e.get("bytes_per_token"),
                                                   len(packs.layers) * args.top_k * _stride(packs)),
@@ -364,6 +431,11 @@ def main() -> None:
         "notes": [
             f"mlx-lm at the cap ({cap / 1e9:.2f} GB, memory cgroup): " + (
                 "ran" if theirs_capped["ok"] else theirs_capped["error"]),
+            "llama.cpp: its own loop (llama_cpp.Llama.eval, one token a step, use_mmap, as many threads as cores) on a "
+            "Q2_K GGUF of the same weights (mlxq export F16 -> llama-quantize Q2_K; capped.llama_cpp_mmap.gguf has its "
+            "bits per weight: Q2_K's experts are 2.625 bpw against MLX's 2-bit group-64 2.5) in the same cgroup; "
+            "its page cache counts against the cap, so a GGUF larger than the cap pages in and out rather than "
+            "being killed; its greedy tokens differ (another 2-bit code)",
             "synthetic routing follows the token: on random tokens it is close to uniform (the pessimistic case); on "
             "text it is skewed, but a character vocabulary gives a small working set (real models: flash-moe saw 71 % "
             "page-cache hits on Qwen3.5-397B)",
