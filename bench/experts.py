@@ -8,7 +8,8 @@ quick run: widths / 8, fewer layers and experts), its routed experts 2-bit, so t
    as the runtime can have (its reader threads plus the forward pass's own thread, which takes queued reads while
    it waits): the ceiling; and the same reads in the decode's pattern (bursts of the measured misses per layer step,
    through the runtime's reader, separated by idle gaps as long as the measured time between two layers' reads):
-   what the device gives reads made that way, without the model's compute;
+   what the device gives reads made that way with the CPU idle between bursts (not a strict ceiling: on a VM an
+   idle CPU can notice completions later than a busy one);
 2. mlxq's read rate while decoding (bytes over the time at least one read was in flight), as a share of both;
 3. decode tok/s of mlxq streaming at 25 % of the experts' memory vs mlx-lm loading the directory `mlxq quantize`
    writes without --stream-experts, both in one memory cgroup (v1 `memory.limit_in_bytes`, which counts the page
@@ -448,7 +449,7 @@ def main() -> None:
             "one at a time), measured before the runs and after the capped run, the higher kept "
             "(raw_read_gb_per_s_runs: both); raw_read_decode_pattern = the same reads through the runtime's reader in "
             "the capped run's pattern (bursts of its misses per layer step, idle gaps of its time between reads), "
-            "without the model",
+            "without the model (not a strict ceiling: its gaps are idle, the decode's are compute)",
             f"the machine may be shared (load_average: at the start and at the end): the capped, uncapped and "
             f"resident runs ran {REPEAT}x, the matrix once; the fastest is kept (decode_tps_runs lists them)",
         ],

@@ -243,7 +243,9 @@ def measure_burst_rate(packs: Packs, batch: float, gap_s: float, threads: int = 
     waiting thread claiming reads too: the same reads in flight), waited for, then `gap_s` idle, as the forward
     pass computes between two layers' reads. Counted as the runtime counts (bytes over the time at least one read
     was in flight). A device whose first read after idling is slow (a VM's virtual disk) gives short bursts less
-    than back-to-back reads: this is the ceiling for reads made in that pattern."""
+    than back-to-back reads. Not a strict ceiling: the gaps here are idle, and an idle CPU can take longer to
+    notice a completion than one busy computing (measured on a 2-core VM: this probe came out below the runtime's
+    own rate in the same pattern)."""
     layers = list(packs.layers.values())
     rng = random.Random(seed)
     reader = PackReader(packs, threads, direct)
