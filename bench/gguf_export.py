@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import parse_args, write_result  # noqa: E402
 from llama_cpp_peer import imatrix, kl, kl_base, quantize  # noqa: E402
+
+from mlxq.formats.gguf.export import CALIBRATION_METHODS  # noqa: E402
 
 CTX = 512
 
@@ -84,10 +87,11 @@ def texts(work: Path, calib_tokens: int, eval_tokens: int) -> tuple[Path, Path]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--part", choices=["all", "speed", "quality"], default="all")
+    p.add_argument("--methods", default=",".join(CALIBRATION_METHODS), help="mlxq's calibration methods to score")
     args = parse_args(p)  # --quick, and the reference-BLAS refusal
     quick = args.quick
     from mlxq.formats.fetch import cache_dir
-    from mlxq.formats.gguf.export import CALIBRATION_METHODS, DEFAULT_METHOD, export
+    from mlxq.formats.gguf.export import DEFAULT_METHOD, export
     from mlxq.quant.recipes import gguf_recipe
 
     speed_types = [] if args.part == "quality" else ["Q4_K_M"] if quick else [
@@ -101,9 +105,7 @@ def main() -> None:
     f32 = work / "smollm2-f32.gguf"
     if not f32.exists():
         export("smollm2", f32, gguf_recipe("F32"), progress=False)
-    out = work / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
+    out = Path(tempfile.mkdtemp(prefix="out-", dir=work))  # this run's own: runs side by side must not clash
 
     speed, ratios = {}, {}
     for kind in speed_types:
@@ -123,14 +125,15 @@ def main() -> None:
     imat = work / f"imatrix-{calib_tokens}.gguf"
     if quality_types and not imat.exists():
         imatrix(f32, calib, imat, CTX, calib_tokens // CTX)
-    base = out / "base.kld"
-    if quality_types:
-        kl_base(f32, held, base, CTX, eval_tokens // CTX)
+    base = work / f"base-{eval_tokens}.kld"  # the float model's logits on the scored text (kept, like the imatrix)
+    if quality_types and not base.exists():
+        kl_base(f32, held, out / base.name, CTX, eval_tokens // CTX)
+        (out / base.name).replace(base)
     quality = {}
     for kind in quality_types:
         cal_theirs = theirs(f32, out / f"{kind}.llama-imatrix.gguf", kind, imat)
         row = {"llama_cpp_imatrix": {**cal_theirs, "kl": kl(out / f"{kind}.llama-imatrix.gguf", base, CTX)}}
-        for method in CALIBRATION_METHODS:
+        for method in args.methods.split(","):
             path = out / f"{kind}.mlxq-{method}.gguf"
             row[f"mlxq_{method}"] = {**ours(f32, path, kind, calib, calib_tokens, method), "kl": kl(path, base, CTX)}
             path.unlink()
@@ -141,7 +144,8 @@ def main() -> None:
                 if (out / path).exists():
                     row[name] = {"kl": kl(out / path, base, CTX)}
         quality[kind] = row
-        ratios[f"kl_{kind}_vs_llama_cpp"] = ratios[f"kl_{kind}_{DEFAULT_METHOD}_vs_llama_cpp"]
+        if f"kl_{kind}_{DEFAULT_METHOD}_vs_llama_cpp" in ratios:
+            ratios[f"kl_{kind}_vs_llama_cpp"] = ratios[f"kl_{kind}_{DEFAULT_METHOD}_vs_llama_cpp"]
         print(f"{kind}: {row}", file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
 
