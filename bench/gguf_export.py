@@ -7,11 +7,12 @@ exactly that file. Two parts, both run in this one process, mlxq and llama.cpp i
   `llama-quantize F32.gguf OUT T 2` (llama_model_quantize, 2 threads) per type; wall and CPU seconds (this machine
   is shared, so wall times carry other people's load; CPU seconds do not). Whether the two files hold the same
   tensors byte for byte is recorded too (mlxq's encoders follow ggml's arithmetic: they should).
-- Quality: mlxq's calibrated export (`--calibrate`) with both methods, `--method gptq` (codes and block scales
-  chosen against each layer's Hessian, the default) and `--method imatrix` (ggml's importance-weighted fits with
-  mlxq's importance matrix), against llama.cpp's quantizer with its own importance matrix (llama-imatrix), all
-  calibrated on the same text file (the default mix), at Q4_K_M / Q3_K_M / Q2_K. All files are scored by llama.cpp
-  itself: llama-perplexity's KL-divergence mode against the float model's logits on held-back Wikipedia text.
+- Quality: mlxq's calibrated export (`--calibrate`) with both methods, `--method imatrix` (ggml's
+  importance-weighted fits with mlxq's importance matrix, the default) and `--method gptq` (codes and block scales
+  chosen against each layer's Hessian), against llama.cpp's quantizer with its own importance matrix
+  (llama-imatrix), all calibrated on the same text file (the default mix), at Q4_K_M / Q3_K_M / Q2_K. All files
+  are scored by llama.cpp itself: llama-perplexity's KL-divergence mode against the float model's logits on
+  held-back Wikipedia text.
 
     python bench/gguf_export.py [--quick] [--part all|speed|quality]
 
@@ -48,7 +49,7 @@ def tensors(path: Path) -> dict[str, tuple[str, bytes]]:
 
 
 def ours(src: Path, out: Path, kind: str, calibrate: Path | None = None, calib_tokens: int = 0,
-         method: str = "gptq") -> dict:
+         method: str = "imatrix") -> dict:
     from mlxq.formats.gguf.export import export
     from mlxq.quant.recipes import gguf_recipe
 
