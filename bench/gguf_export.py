@@ -7,17 +7,19 @@ exactly that file. Two parts, both run in this one process, mlxq and llama.cpp i
   `llama-quantize F32.gguf OUT T 2` (llama_model_quantize, 2 threads) per type; wall and CPU seconds (this machine
   is shared, so wall times carry other people's load; CPU seconds do not). Whether the two files hold the same
   tensors byte for byte is recorded too (mlxq's encoders follow ggml's arithmetic: they should).
-- Quality: mlxq's calibrated export (`--calibrate`, its default method: ggml's importance-weighted fits with mlxq's
-  importance matrix; `--gptq` adds `--method gptq`, about half an hour per type here) against llama.cpp's quantizer
-  with its own importance matrix (llama-imatrix), both calibrated on the same text file (the default mix), at
-  Q4_K_M / Q3_K_M / Q2_K. All files are scored by llama.cpp itself: llama-perplexity's KL-divergence mode against
-  the float model's logits on held-back Wikipedia text.
+- Quality: mlxq's calibrated export (`--calibrate`) with both methods, `--method imatrix` (ggml's
+  importance-weighted fits with mlxq's importance matrix, the default) and `--method gptq` (codes and block scales
+  chosen against each layer's Hessian), against llama.cpp's quantizer with its own importance matrix
+  (llama-imatrix), all calibrated on the same text file (the default mix), at Q4_K_M / Q3_K_M / Q2_K. All files
+  are scored by llama.cpp itself: llama-perplexity's KL-divergence mode against the float model's logits on
+  held-back Wikipedia text.
 
-    python bench/gguf_export.py [--quick] [--gptq] [--speed-only]
+    python bench/gguf_export.py [--quick] [--part all|speed|quality]
 
 Ratios: `export_time_T_vs_llama_cpp` (wall) and `export_cpu_T_vs_llama_cpp` = mlxq / llama.cpp (goal <= 1);
-`kl_T_vs_llama_cpp` = mlxq's mean KL / llama.cpp's (goal <= 0.8). Quick: Q4_K_M timed once, Q3_K_M's quality on
-512 calibration and 1024 scored tokens.
+`kl_T_vs_llama_cpp` = the mean KL of mlxq's default method / llama.cpp's (goal <= 0.8), `kl_T_M_vs_llama_cpp` per
+method M. Quick: Q4_K_M timed once, Q3_K_M's quality on 512 calibration and 1024 scored tokens. One part alone
+writes bench/results/gguf_export_PART.json.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import parse_args, write_result  # noqa: E402
 from llama_cpp_peer import imatrix, kl, kl_base, quantize  # noqa: E402
+
+from mlxq.formats.gguf.export import CALIBRATION_METHODS  # noqa: E402
 
 CTX = 512
 
@@ -84,16 +88,17 @@ def texts(work: Path, calib_tokens: int, eval_tokens: int) -> tuple[Path, Path]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--gptq", action="store_true", help="also score --method gptq (slow)")
-    p.add_argument("--speed-only", action="store_true", help="the speed part only (no calibration, no KL)")
+    p.add_argument("--part", choices=["all", "speed", "quality"], default="all")
+    p.add_argument("--methods", default=",".join(CALIBRATION_METHODS), help="mlxq's calibration methods to score")
     args = parse_args(p)  # --quick, and the reference-BLAS refusal
     quick = args.quick
     from mlxq.formats.fetch import cache_dir
-    from mlxq.formats.gguf.export import export
+    from mlxq.formats.gguf.export import DEFAULT_METHOD, export
     from mlxq.quant.recipes import gguf_recipe
 
-    speed_types = ["Q4_K_M"] if quick else ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
-    quality_types = [] if args.speed_only else ["Q3_K_M"] if quick else ["Q4_K_M", "Q3_K_M", "Q2_K"]
+    speed_types = [] if args.part == "quality" else ["Q4_K_M"] if quick else [
+        "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+    quality_types = [] if args.part == "speed" else ["Q3_K_M"] if quick else ["Q4_K_M", "Q3_K_M", "Q2_K"]
     calib_tokens, eval_tokens = (512, 1024) if quick else (8192, 8192)
     reps = 1 if quick else 2
 
@@ -122,35 +127,37 @@ def main() -> None:
         ratios[f"export_cpu_{kind}_vs_llama_cpp"] = round(cpu["mlxq"] / cpu["llama_cpp"], 3)
         print(f"{kind}: {speed[kind]}", file=sys.stderr)
 
-    if quality_types:
-        calib, held = texts(work, calib_tokens, eval_tokens)
-        imat = work / f"imatrix-{calib_tokens}.gguf"
-        if not imat.exists():
-            imatrix(f32, calib, imat, CTX, calib_tokens // CTX)
-        base = out / "base.kld"
-        kl_base(f32, held, base, CTX, eval_tokens // CTX)
+    calib, held = texts(work, calib_tokens, eval_tokens)
+    imat = work / f"imatrix-{calib_tokens}.gguf"
+    if quality_types and not imat.exists():
+        imatrix(f32, calib, imat, CTX, calib_tokens // CTX)
+    base = work / f"base-{eval_tokens}.kld"  # the float model's logits on the scored text (kept, like the imatrix)
+    if quality_types and not base.exists():
+        kl_base(f32, held, out / base.name, CTX, eval_tokens // CTX)
+        (out / base.name).replace(base)
     quality = {}
     for kind in quality_types:
         cal_theirs = theirs(f32, out / f"{kind}.llama-imatrix.gguf", kind, imat)
-        cal_ours = ours(f32, out / f"{kind}.mlxq-calibrated.gguf", kind, calib, calib_tokens)
-        row = {"mlxq_calibrated": {**cal_ours, "kl": kl(out / f"{kind}.mlxq-calibrated.gguf", base, CTX)},
-               "llama_cpp_imatrix": {**cal_theirs, "kl": kl(out / f"{kind}.llama-imatrix.gguf", base, CTX)}}
-        if args.gptq:
-            gptq = ours(f32, out / f"{kind}.mlxq-gptq.gguf", kind, calib, calib_tokens, "gptq")
-            row["mlxq_gptq"] = {**gptq, "kl": kl(out / f"{kind}.mlxq-gptq.gguf", base, CTX)}
-            ratios[f"kl_{kind}_gptq_vs_llama_cpp"] = round(row["mlxq_gptq"]["kl"] / row["llama_cpp_imatrix"]["kl"], 3)
-        if not quick:  # the uncalibrated pair, for context
+        row = {"llama_cpp_imatrix": {**cal_theirs, "kl": kl(out / f"{kind}.llama-imatrix.gguf", base, CTX)}}
+        for method in args.methods.split(","):
+            path = out / f"{kind}.mlxq-{method}.gguf"
+            row[f"mlxq_{method}"] = {**ours(f32, path, kind, calib, calib_tokens, method), "kl": kl(path, base, CTX)}
+            path.unlink()
+            ratios[f"kl_{kind}_{method}_vs_llama_cpp"] = round(
+                row[f"mlxq_{method}"]["kl"] / row["llama_cpp_imatrix"]["kl"], 3)
+        if not quick:  # the uncalibrated pair, for context (when the speed part wrote them)
             for name, path in (("mlxq", f"{kind}.mlxq.gguf"), ("llama_cpp", f"{kind}.llama.gguf")):
                 if (out / path).exists():
                     row[name] = {"kl": kl(out / path, base, CTX)}
         quality[kind] = row
-        ratios[f"kl_{kind}_vs_llama_cpp"] = round(row["mlxq_calibrated"]["kl"] / row["llama_cpp_imatrix"]["kl"], 3)
+        if f"kl_{kind}_{DEFAULT_METHOD}_vs_llama_cpp" in ratios:
+            ratios[f"kl_{kind}_vs_llama_cpp"] = ratios[f"kl_{kind}_{DEFAULT_METHOD}_vs_llama_cpp"]
         print(f"{kind}: {row}", file=sys.stderr)
 
-    write_result("gguf_export", {
+    write_result("gguf_export" if args.part == "all" else f"gguf_export_{args.part}", {
         "quick": quick,
-        "gptq": args.gptq,
-        "speed_only": args.speed_only,
+        "part": args.part,
+        "default_method": DEFAULT_METHOD,
         "load_average": os.getloadavg(),
         "model": "SmolLM2-135M-Instruct (the default model's Q4_1 GGUF dequantized to F32: both tools start from it)",
         "peer": "llama.cpp 0.3.36 (llama-cpp-python's vendored copy): llama-quantize, llama-imatrix, "

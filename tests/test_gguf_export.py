@@ -212,7 +212,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with 
 
 @pytest.mark.parametrize(("family", "kind"), [("llama", "Q3_K"), ("llama", "Q4_0"), ("qwen3_5_text", "Q4_0")])
 def test_calibrated_export_lowers_kl(family, kind, tiny_src, tmp_path, monkeypatch):
-    """--calibrate --method gptq (importance-weighted fits + GPTQ error feedback into the same block format) gives
+    """--calibrate --method gptq (codes and block scales chosen against each layer's Hessian, same format) gives
     a lower KL to the float model than the plain export, on the calibration text; llama.cpp runs the result."""
     from transformers import AutoTokenizer
 
@@ -240,7 +240,7 @@ def test_calibrated_export_lowers_kl(family, kind, tiny_src, tmp_path, monkeypat
 
 @pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_M", "Q2_K"])
 def test_importance_weighted_export_is_llama_quantize_with_the_same_imatrix(mix, tiny_src, tmp_path, monkeypatch):
-    """--calibrate's default (imatrix): given mlxq's importance matrix, llama.cpp's quantizer writes the same bytes."""
+    """--calibrate --method imatrix: given mlxq's importance matrix, llama.cpp's quantizer writes the same bytes."""
     from mlxq.formats.gguf.export import calibration_for, plan
     from mlxq.quant.calibrate import calibration_stats
     from mlxq.quant.source import float_checkpoint
@@ -250,7 +250,8 @@ def test_importance_weighted_export_is_llama_quantize_with_the_same_imatrix(mix,
     text.write_text(TEXT)
     src = tiny_src("llama", True)
     ours = tmp_path / f"{mix}-imatrix.gguf"
-    export(str(src), ours, gguf_recipe(mix), calibrate=str(text), calib_tokens=1024, progress=False)
+    export(str(src), ours, gguf_recipe(mix), calibrate=str(text), method="imatrix", calib_tokens=1024,
+           progress=False)
 
     def opener():
         return float_checkpoint(open_checkpoint(str(src)))

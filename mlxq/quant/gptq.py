@@ -12,7 +12,6 @@ the original weights ("static groups", `static_groups=True`) measured worse on S
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 
 from mlxq.quant.affine import CHUNK_ELEMENTS, PARAM_DTYPE, Quantized, pack, search_params
 
@@ -70,39 +69,6 @@ def gptq(
         mx.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(3)
     )
     return Quantized(weight, scales, biases)
-
-
-def gptq_blocks(w: np.ndarray, hessian: mx.array, codec, importance: np.ndarray | None = None,
-                damp: float = DAMP) -> np.ndarray:
-    """GPTQ into a GGUF block type: `codec` (formats.gguf.codecs) fits each block's scales, importance-weighted,
-    on the weights as updated so far, when the block's first column is reached; the codes are then chosen
-    column by column with error feedback. w [rows, cols] float32 -> the type's bytes [rows, cols/block*size]."""
-    rows, cols = w.shape
-    u = inverse_hessian_factor(hessian, damp)
-    mx.eval(u)
-    per = cols // codec.block
-    qw = None if importance is None else np.asarray(importance, np.float32)
-    out = np.empty((rows, per * codec.size), np.uint8)
-    step = max(1, CHUNK_ELEMENTS // cols)
-    for r in range(0, rows, step):
-        rows_np = np.asarray(w[r : r + step], np.float32)
-        n = rows_np.shape[0]
-        # ggml's legacy types weight by the row's mean square (of the original row here)
-        sigma2 = codec.row_stat * (rows_np * rows_np).mean(axis=1) if qw is not None and codec.row_stat else None
-
-        def fit(group: mx.array, col: int, n=n, sigma2=sigma2):
-            x = np.array(group, dtype=np.float32)
-            q = None if qw is None or not codec.weighted else np.broadcast_to(qw[col : col + codec.block], x.shape)
-            with np.errstate(all="ignore"):
-                found = codec.fit(x, q, None if q is None else sigma2)
-            spread = lambda a: mx.array(np.repeat(a.reshape(n, -1), codec.sub, axis=1))  # noqa: E731
-            return spread(found.scale), spread(found.bias), found
-
-        chunk = mx.array(rows_np)
-        done = error_feedback(chunk, u, codec.block, codec.nmax, fit)
-        out[r : r + step] = np.concatenate(
-            [codec.pack(found, np.array(codes).astype(np.int32)) for found, codes in done], axis=1)
-    return out
 
 
 def error_feedback(w: mx.array, u: mx.array, group: int, levels: int, fit) -> list:

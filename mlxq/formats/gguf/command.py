@@ -29,7 +29,7 @@ GGUF_FOR_BITS = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8:
               help="Choose codes with statistics of this text (no value: the pinned default corpus).")
 @click.option("--method", "-m", type=click.Choice(["imatrix", "gptq"]), default="imatrix", show_default=True,
               help="With --calibrate: imatrix: ggml's importance-weighted fits (as llama-quantize --imatrix); "
-                   "gptq: those fits plus GPTQ error feedback.")
+                   "gptq: codes and block scales chosen against each layer's Hessian (GPTQ, least-squares scales).")
 @click.option("--calib-tokens", default=DEFAULT_TOKENS, show_default=True, type=click.IntRange(64),
               help="Calibration tokens.")
 @click.option("--no-mtp", is_flag=True,
