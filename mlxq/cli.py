@@ -76,7 +76,7 @@ def expert_options(f):
     for opt in reversed([
         click.option("--expert-memory", default=None, metavar="SIZE",
                      help="Stream MoE experts from the model's expert packs within SIZE of memory (8GB, 512MiB, "
-                     "25%); default: all experts in memory."),
+                     "25%; with --hosts each rank's, or one per rank: 8GB,6GB); default: all experts in memory."),
         click.option("--experts-per-tok", default=None, type=click.IntRange(1),
                      help="Route each token to this many experts instead of the model's number."),
     ]):

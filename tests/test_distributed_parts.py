@@ -12,7 +12,7 @@ import pytest
 from fixtures_qwen3 import *  # noqa: F403  (pytest fixtures: qwen3_model, ...)
 
 from mlxq.distributed.control import Control
-from mlxq.distributed.group import check_members
+from mlxq.distributed.group import check_members, rank_budget
 from mlxq.distributed.runner import GroupRunner
 from mlxq.distributed.split import PipelineSplit, balance, even_ranges, head_ranges
 from mlxq.engine.prompt_cache import PromptCache
@@ -239,3 +239,10 @@ def test_serve_refuses_a_spill_with_hosts_before_starting_any_rank(tmp_path):
     assert done.stderr.strip() == ("mlxq: error: --prompt-cache-spill does not run with --hosts: the ranks would keep "
                                    "different entries")
     assert not (tmp_path / "spill").exists()
+
+
+def test_each_rank_takes_its_own_budget_from_a_list():
+    assert [rank_budget("8GB,6GB", r, 2) for r in range(2)] == ["8GB", "6GB"]
+    assert rank_budget("25%", 1, 3) == "25%" and rank_budget(None, 0, 2) is None and rank_budget(10**9, 1, 2) == 10**9
+    with pytest.raises(ConfigError, match="2 budgets for a group of 3 ranks"):
+        rank_budget("8GB,6GB", 0, 3)

@@ -104,12 +104,14 @@ def load_group(name: str | None, group, *, parallel: str | None = None, dtype: m
     """This rank's share of model `name`, split `parallel` (pipeline, tensor, experts; default: experts for a MoE
     model, else pipeline) over `group` (`mx.distributed.init()`); every rank calls it with the same arguments. A
     model with expert packs streams each rank's experts from its own packs within `expert_memory` (its own budget:
-    a size, or a percentage of the experts it holds; default all of them)."""
+    a size, or a percentage of the experts it holds; default all of them; "8GB,6GB": one per rank, for Macs of
+    different memory)."""
     import mlxq
     from mlxq.api import load_tokenizer_for
     from mlxq.loading import load_model, open_for_run
 
     rank, size = group.rank(), group.size()
+    budget = rank_budget(expert_memory, rank, size)  # a wrong list fails here, before any rank waits
     if keep_quantized is None:  # alike on every rank (not by each one's free memory, as a single process decides)
         keep_quantized = mx.metal.is_available()
     ckpt = open_for_run(name, keep_quantized)
@@ -132,7 +134,7 @@ def load_group(name: str | None, group, *, parallel: str | None = None, dtype: m
     split = make_split(parallel, config, ckpt.tensors.infos(), rank, size, group,
                        dequantized=ckpt.format == "gguf" and not keep_quantized)
     rss_before = rss_bytes()
-    net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=expert_memory,
+    net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=budget,
                      expert_options=expert_options, split=split)
     pool = getattr(net, "expert_pool", None)
     share = {"share": split.describe(), "weights_bytes": sum(v.nbytes for _, v in tree_flatten(net.parameters())),
@@ -149,6 +151,17 @@ def load_group(name: str | None, group, *, parallel: str | None = None, dtype: m
         tokenizer = load_tokenizer_for(ckpt)
         control.wait_ready()
     return GroupModel(net, tokenizer, ckpt, name or "smollm2", group=group, split=split, control=control, link=link)
+
+
+def rank_budget(expert_memory: str | int | None, rank: int, size: int) -> str | int | None:
+    """This rank's expert budget: the same for all, or from a list with one per rank ("8GB,6GB")."""
+    if not isinstance(expert_memory, str) or "," not in expert_memory:
+        return expert_memory
+    budgets = [b.strip() for b in expert_memory.split(",")]
+    if len(budgets) != size:
+        raise ConfigError(f"expert memory '{expert_memory}': {len(budgets)} budgets for a group of {size} ranks "
+                          "(give one, or one per rank)")
+    return budgets[rank]
 
 
 def fingerprint(ckpt: Checkpoint) -> str:
