@@ -89,6 +89,9 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     weights = model.sanitize(dict(sources))
     if split is not None and (expert_memory is not None or _has_packs(ckpt)):
         raise ConfigError(f"{ckpt.path}: a model with expert packs does not split over a group yet")
+    if "mtp" in model and _has_packs(ckpt):  # the packs hold the network's experts, not the MTP head's
+        del model["mtp"]
+        weights = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
     packs, streamed = _expert_packs(ckpt, model, weights, expert_memory)
     if split is not None:
         with _as_config_error(ckpt):

@@ -25,7 +25,7 @@ import mlx.core as mx
 from mlxq.distributed.control import Control, Link
 from mlxq.engine.prompt_cache import CacheSlot
 from mlxq.engine.runner import DECODE, PREFILL, Runner
-from mlxq.errors import EngineDown
+from mlxq.errors import EngineDown, InvalidRequest
 from mlxq.models.base import CausalLM
 
 
@@ -89,7 +89,9 @@ class GroupRunner(Runner):
         except Exception as e:
             raise self.control.down(f"rank 0: {op} failed ({type(e).__name__}: {e})") from None
 
-    def admit(self, prompt, slot):
+    def admit(self, prompt, slot, mtp=False):
+        if mtp:  # the other ranks would have to run the head's steps too
+            raise InvalidRequest("speculative='mtp' does not run on a group of processes yet")
         return self._run("admit", {"prompt": prompt, "slot": self.slots.number(slot)},
                          lambda: Runner.admit(self, prompt, slot))
 
