@@ -69,8 +69,9 @@ class TorchMTP(torch.nn.Module):
 def build(path, vocab: int, moe: bool, *, eos: int | None = None, seed: int = 0, copying: bool = False):
     """A tiny random Qwen3.5 (text) checkpoint with an MTP head, written to `path`; returns the torch model and its
     torch MTP head. `copying`: the network's mixers and MLPs are scaled down (the next token depends mostly on the
-    current one) and the head reads only the embedding of token t + 1 through an identity layer, so it predicts
-    what the model will say after that token most of the time (drafts accepted, and sometimes rejected)."""
+    current one) and the head reads only the embedding of token t + 1, through a layer scaled down alike, so it
+    predicts what the model will say after that token most of the time (drafts accepted, and sometimes rejected),
+    while its attention (its cache) still shows in its logits."""
     import transformers
     from safetensors.torch import load_file, save_file
 
@@ -90,7 +91,7 @@ def build(path, vocab: int, moe: bool, *, eos: int | None = None, seed: int = 0,
                     p.mul_(0.15)
             for n, p in head.named_parameters():
                 if n.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
-                    p.zero_()
+                    p.mul_(0.15)
             h = config.hidden_size
             head.fc.weight.copy_(torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1))
         else:
@@ -303,13 +304,20 @@ def test_verify_keeps_the_target_distribution_for_a_draft_drawn_from_q():
     rng = np.random.default_rng(0)
     for q in (np.array([0.05, 0.05, 0.5, 0.1, 0.2, 0.1]), p):
         sampler = make_sampler(params)
-        drafts = rng.choice(6, size=n, p=q / q.sum())
+        drafts = rng.choice(6, size=n, p=q)
         qa = mx.array(q[None].astype(np.float32))
         tokens = np.array(mx.concatenate([sampler.verify(logprobs, int(d), qa) for d in drafts]))
         counts = np.bincount(tokens, minlength=6)
         assert counts[5] == 0
         stat = sum((counts[k] - n * p[k]) ** 2 / (n * p[k]) for k in range(5))
         assert stat < 18.47, (q, counts, n * p)  # chi-square, 4 degrees of freedom, p = 0.001
+        # and the draft comes out as often as the rule makes it: kept with min(1, p/q), else drawn from the rest
+        # (always when q = p; the rule for drafts read from the text would keep it with p alone)
+        keep = np.minimum(1.0, p / np.maximum(q, 1e-30))
+        rest = np.maximum(p - q, 0.0)
+        rest = rest / rest.sum() if rest.sum() > 1e-9 else 0 * rest
+        kept, rate = (tokens == drafts).mean(), min(1.0, float((q * (keep + (1 - keep) * rest)).sum()))
+        assert abs(kept - rate) <= 4 * np.sqrt(rate * (1 - rate) / n) + 1e-6, (kept, rate)
 
 
 def test_sampled_answers_with_mtp_keep_their_distribution(mtp_models):
