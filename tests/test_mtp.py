@@ -8,8 +8,8 @@
   so that drafts are accepted and rejected; on the API, a Session and the server.
 - After a round of drafts the head's cache is exact: every round's first draft logits equal a fresh pass of the head
   over the whole sequence; the model's own cache (DeltaNet states, KV) equals a fresh pass.
-- Under sampling, `Sampler.verify` with a draft drawn from q keeps the target distribution, and sampled answers
-  keep the model's exact joint distribution.
+- Under sampling, sampled answers keep the model's exact joint distribution (`Sampler.verify` with a draft drawn
+  from q is checked in test_speculative).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures_qwen3 import *  # noqa: F403  (pytest fixture: qwen3_tokenizer_dir)
-from test_speculative import chi_square, engine_counts, run_in_slot
+from test_speculative import chi_square, engine_counts, run_in_slot, run_together
 from tiny import HYBRID_TEXT, randomise_hybrid
 
 import mlxq
@@ -30,7 +30,6 @@ from mlxq.api import Session
 from mlxq.engine.batch import forward
 from mlxq.engine.cache import KVCache
 from mlxq.engine.prompt_cache import CacheSlot
-from mlxq.engine.sampling import SamplingParams, make_sampler
 from mlxq.errors import InvalidRequest
 from mlxq.models.moe import SparseMoE
 from mlxq.models.mtp import MTPDraft
@@ -168,23 +167,10 @@ def test_greedy_output_is_identical_with_and_without_mtp(mtp_models, name):
 
 
 def test_rows_with_mtp_lookup_and_no_drafts_batch_together(mtp_models):
-    import threading
-
     model = mtp_models["copying"]
     prompts = [model.tokenizer.encode(f"batch {i}: {p}") for i, p in enumerate(PROMPTS * 2)]
-    plain = [model.generate(p, max_tokens=24).tokens for p in prompts]
-    options = ["mtp", 0, 4, "mtp", "mtp", 0]
-    out: list = [None] * len(prompts)
-
-    def answer(i: int) -> None:
-        out[i] = model.generate(prompts[i], max_tokens=24, speculative=options[i]).tokens
-
-    threads = [threading.Thread(target=answer, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert out == plain
+    plain = [model.generate(p, max_tokens=40).tokens for p in prompts]
+    assert run_together(model, prompts, ["mtp", 0, 4, "mtp", "mtp", 0]) == plain
 
 
 def test_every_draft_round_reads_an_exact_head_cache(mtp_models, monkeypatch):
@@ -290,36 +276,6 @@ def hybrid_model_without_mtp(qwen3_tokenizer_dir, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-def test_verify_keeps_the_target_distribution_for_a_draft_drawn_from_q():
-    """Sampler.verify with drafts drawn from a distribution q (an MTP head's): accept with min(1, p/q), else draw
-    from max(0, p - q); the tokens follow p, for a q that over- and under-weights tokens, and for q = p."""
-    logits = mx.array([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    params = SamplingParams(temperature=0.8, top_k=5, seed=5)
-    scores = np.array(logits[0]) / 0.8
-    scores[5] = -np.inf
-    p = np.exp(scores - scores.max())
-    p /= p.sum()
-    n = 6000
-    rng = np.random.default_rng(0)
-    for q in (np.array([0.05, 0.05, 0.5, 0.1, 0.2, 0.1]), p):
-        sampler = make_sampler(params)
-        drafts = rng.choice(6, size=n, p=q)
-        qa = mx.array(q[None].astype(np.float32))
-        tokens = np.array(mx.concatenate([sampler.verify(logprobs, int(d), qa) for d in drafts]))
-        counts = np.bincount(tokens, minlength=6)
-        assert counts[5] == 0
-        stat = sum((counts[k] - n * p[k]) ** 2 / (n * p[k]) for k in range(5))
-        assert stat < 18.47, (q, counts, n * p)  # chi-square, 4 degrees of freedom, p = 0.001
-        # and the draft comes out as often as the rule makes it: kept with min(1, p/q), else drawn from the rest
-        # (always when q = p; the rule for drafts read from the text would keep it with p alone)
-        keep = np.minimum(1.0, p / np.maximum(q, 1e-30))
-        rest = np.maximum(p - q, 0.0)
-        rest = rest / rest.sum() if rest.sum() > 1e-9 else 0 * rest
-        kept, rate = (tokens == drafts).mean(), min(1.0, float((q * (keep + (1 - keep) * rest)).sum()))
-        assert abs(kept - rate) <= 4 * np.sqrt(rate * (1 - rate) / n) + 1e-6, (kept, rate)
-
-
 def test_sampled_answers_with_mtp_keep_their_distribution(mtp_models):
     """End to end: three tokens sampled among the two likeliest (top_k=2), drafted by the copying head, follow the
     model's exact joint distribution (computed from its logits), with drafts accepted and rejected on the way."""
