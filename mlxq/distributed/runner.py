@@ -53,6 +53,9 @@ class SlotNumbers:
         return out
 
 
+NO_MTP = "speculative='mtp' does not run on a group of processes yet"
+
+
 class GroupRunner(Runner):
     """Rank 0's runner: every operation goes to the other ranks first, then runs here. One operation at a time
     (the engine thread and `Model.logits` may both call), each fully evaluated before the next, so a step stuck
@@ -91,7 +94,7 @@ class GroupRunner(Runner):
 
     def admit(self, prompt, slot, mtp=False):
         if mtp:  # the other ranks would have to run the head's steps too
-            raise InvalidRequest("speculative='mtp' does not run on a group of processes yet")
+            raise InvalidRequest(NO_MTP)
         return self._run("admit", {"prompt": prompt, "slot": self.slots.number(slot)},
                          lambda: Runner.admit(self, prompt, slot))
 
@@ -117,6 +120,12 @@ class GroupRunner(Runner):
     def rewind(self, keep):
         """Every rank keeps the same tokens: a recurrent model runs them again, with collectives in the pass."""
         return self._run("rewind", {"keep": keep, "lengths": self.lengths(DECODE)}, lambda: Runner.rewind(self, keep))
+
+    def mtp_draft(self, tokens, first):  # never called: no row drafts with the MTP head here (see `admit`)
+        raise InvalidRequest(NO_MTP)
+
+    def mtp_end(self):
+        raise InvalidRequest(NO_MTP)
 
     def promote(self, i):
         return self._run("promote", {"i": i}, lambda: Runner.promote(self, i))
