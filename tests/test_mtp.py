@@ -291,7 +291,7 @@ def test_sampled_answers_with_mtp_keep_their_distribution(mtp_models):
     exact = {(): 1.0}
     for _ in range(3):
         exact = {k + (t,): p * pt for k, p in exact.items() for t, pt in dist(k).items()}
-    n = 400
+    n = 240
 
     async def sample_all():
         return await asyncio.gather(*(model.agenerate(prompt, max_tokens=3, ignore_eos=True, speculative="mtp",
