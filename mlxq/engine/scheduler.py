@@ -458,7 +458,9 @@ class Engine:
         A row with a draft (`Request.speculative`) feeds its next token and then the draft, and gets logits at
         each of them: the token after position j is picked from them as plain decoding would (the processors see
         the tokens accepted so far), and while it equals draft token j + 1, that token's logits are valid too and
-        the next is picked from them. The cache then keeps what was accepted (`Runner.rewind`)."""
+        the next is picked from them. The cache then keeps what was accepted (`Runner.rewind`). Drafts are looked
+        up in the text (prompt lookup), or come from the model's MTP head, a pass of it per draft token for all the
+        rows using it (`speculative.mtp_drafts`), each token with the distribution it was drawn from."""
         drafts = [seq.draft() for seq in self._running]
         qs: list[list] = [[None] * len(d) for d in drafts]  # what each MTP draft token was drawn from
         if mtp := [i for i, seq in enumerate(self._running) if seq.mtp]:
