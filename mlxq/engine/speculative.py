@@ -6,6 +6,9 @@ then are a good guess for what follows now. The engine feeds such a draft after 
 the same forward pass (`Engine._decode_step`): every draft token the model would have picked anyway comes for
 free, and the first it would not have picked is replaced by the model's own choice, so the output is exactly
 what plain decoding gives (greedy) or distributed as it (sampling: `Sampler.verify`).
+
+The other drafter is the model's own multi-token-prediction head (`speculative="mtp"`, `mtp_drafts` below): its
+drafts carry the distribution they were drawn from, which the verification takes into account.
 """
 
 from __future__ import annotations
