@@ -84,6 +84,11 @@ def build(path, vocab: int, moe: bool, *, eos: int | None = None, seed: int = 0,
     model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
     head = TorchMTP(config, getattr(mod, f"{prefix}DecoderLayer"), getattr(mod, f"{prefix}RMSNorm")).eval()
     with torch.no_grad():
+        # Every matrix drawn here as transformers' init draws it (initializer_range): after some other tests in the
+        # same process, a MoE model's experts came out of its constructor all zeros
+        for p in [*model.parameters(), *head.parameters()]:
+            if p.ndim >= 2:
+                p.normal_(0.0, config.initializer_range)
         if copying:
             for n, p in model.named_parameters():
                 if n.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight", "down_proj")):
