@@ -4,16 +4,21 @@ A synthetic Qwen3.5-MoE with Qwen3.5-397B-A17B's proportions, scaled down (width
 quick run: widths / 8, fewer layers and experts), its routed experts 2-bit, so that the expert packs are at least
 4x the budget. One run measures:
 
-1. the device's read rate at the expert size with O_DIRECT (random one-expert reads, as many in flight as the
-   reader uses): the ceiling;
-2. mlxq's read rate while decoding (bytes over the time at least one read was in flight), as a share of (1);
+1. the device's read rate at the expert size with O_DIRECT: random one-expert reads back to back, as many in flight
+   as the runtime can have (its reader threads plus the forward pass's own thread, which takes queued reads while
+   it waits): the ceiling; and the same reads in the decode's pattern (bursts of the measured misses per layer step,
+   through the runtime's reader, separated by idle gaps as long as the measured time between two layers' reads):
+   what the device gives reads made that way with the CPU idle between bursts (not a strict ceiling: on a VM an
+   idle CPU can notice completions later than a busy one);
+2. mlxq's read rate while decoding (bytes over the time at least one read was in flight), as a share of both;
 3. decode tok/s of mlxq streaming at 25 % of the experts' memory vs mlx-lm loading the directory `mlxq quantize`
    writes without --stream-experts, both in one memory cgroup (v1 `memory.limit_in_bytes`, which counts the page
    cache; v2 `memory.max`) capped at what mlxq needs (resident weights + budget + margin); where mlx-lm cannot run
    at the cap that is recorded, and it is also measured without a cap;
 4. hit rate and tok/s at 25 / 50 / 100 % of the experts, identity vs co-activation order, prefetch off vs on, on
    random tokens (routing follows the token, so it is close to uniform: the budget decides the hits), and on text
-   at 25 % (skewed routing);
+   at 25 % (skewed routing), after a long prompt (--warm tokens) has filled the pool: the steady state, in which
+   a budget that holds every expert the tokens touch stops missing and a smaller one keeps evicting;
 
 and projects the measured bytes per token and hit rates to Qwen3.5-397B-A17B on a 5.5 GB/s Mac SSD, beside
 flash-moe's 5.5-5.7 tok/s (2-bit experts, 4 per token, M3 Max).
@@ -25,7 +30,7 @@ each step's input is the next token of a fixed text, not the model's own choice,
 output repeats one token and would route to the same experts every step (flattering every cache). The memory cap
 is what mlxq's own 25 % run was charged at most (a measuring cgroup's peak, page cache included), plus 10 %.
 
-    python bench/experts.py [--quick] [--top-k 4] [--keep]
+    python bench/experts.py [--quick] [--top-k 4] [--warm 160] [--keep]
 """
 
 from __future__ import annotations
@@ -80,6 +85,18 @@ if a["peer"] == "mlx_lm":
                 m.top_k = a["top_k"]
     cache = make_prompt_cache(model)
     step = lambda toks: model(mx.array([toks]), cache=cache)
+    stats = lambda: None
+elif a["peer"] == "llama_cpp":  # llama.cpp's own loop: the GGUF mmapped, its pages left to the kernel
+    import os
+    import numpy as np
+    from llama_cpp import Llama, llama_get_logits_ith
+    llm = Llama(model_path=a["path"], n_ctx=len(a["prompt"]) + len(a["forced"]) + 8, n_batch=512,
+                n_threads=os.cpu_count(), use_mmap=True, verbose=False,
+                kv_overrides={f"{a['arch']}.expert_used_count": a["top_k"]} if a["top_k"] else None)
+    def step(toks):  # (Llama.eval keeps no logits unless logits_all: the last row is read from the context)
+        llm.eval(toks)
+        last = np.ctypeslib.as_array(llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+        return mx.array(last)[None, None]
     stats = lambda: None
 else:
     import mlxq
@@ -195,6 +212,50 @@ def run_once(args: dict, cgroup: Cgroup | None = None, timeout: float = 1800) ->
 
 
 # ------------------------------------------------------------------------------------------------ models
+def llama_cpp_gguf(work: Path, src: Path) -> tuple[Path, dict]:
+    """The same weights as a GGUF for llama.cpp's mmap: `mlxq export -t F16` of the source, then llama.cpp's own
+    llama-quantize to Q2_K (rows that are not whole 256-value blocks take llama.cpp's own fallback type). The
+    source's character tokenizer (WordLevel) is handed to the exporter as a byte-level BPE with the same ids: tokens
+    go in as ids, so llama.cpp never tokenizes text here."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from llama_cpp_tools import bits_per_weight, quantize
+
+    out = work / "llama.cpp-Q2_K.gguf"
+    timings = {}
+    if not out.exists():
+        view = work / "gguf-src"
+        shutil.rmtree(view, ignore_errors=True)
+        view.mkdir()
+        for f in src.iterdir():
+            if f.name != "tokenizer.json":
+                (view / f.name).symlink_to(f.resolve())
+        spec = json.loads((src / "tokenizer.json").read_text())
+        spec["model"] = {"type": "BPE", "vocab": spec["model"]["vocab"], "merges": ["a b"], "byte_fallback": False,
+                         "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                         "end_of_word_suffix": None, "fuse_unk": False}
+        spec["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                 "use_regex": False}
+        (view / "tokenizer.json").write_text(json.dumps(spec))
+        f16 = work / "llama.cpp-F16.gguf"
+        f16.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        done = subprocess.run([sys.executable, "-m", "mlxq.cli", "export", str(view), "-o", str(f16), "-t", "F16"],
+                              capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"mlxq export failed: {done.stderr.strip()[-500:]}")
+        timings["export_f16_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        quantize(f16, out, "Q2_K")
+        timings["llama_quantize_s"] = time.perf_counter() - t0
+        f16.unlink()
+        shutil.rmtree(view)
+    from mlxq.formats.gguf.names import gguf_arch
+
+    arch = gguf_arch(json.loads((src / "config.json").read_text())["model_type"])
+    return out, {**timings, **bits_per_weight(out), "bytes": out.stat().st_size, "arch": arch}
+
+
 def prepare(work: Path, shape, coactivation: bool) -> dict[str, Path]:
     """Source, the mlx-lm directory, the packs (and the co-activation-ordered packs), reused when present."""
     from mlxq.bench.synthetic import write_moe
@@ -231,14 +292,19 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=4, help="experts per token (flash-moe's 2-bit run used 4)")
     p.add_argument("--tokens", type=int, default=None, help="decode tokens per run")
     p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 4),
-                   help="reader threads, and reads in flight for the raw rate (default: min(4, cores))")
+                   help="reader threads (the raw rate has one more in flight: the forward pass's) (min(4, cores))")
+    p.add_argument("--warm", type=int, default=None,
+                   help="prompt tokens before the decode in the budget matrix (fills the pool; quick 64, else 160)")
     p.add_argument("--repeat", type=int, default=None, help="runs per configuration, fastest kept (quick 1, else 2)")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also run llama.cpp (mmap) on a Q2_K GGUF of the same weights under the cap (the export "
+                        "takes minutes: about 1.5 for --quick)")
     p.add_argument("--keep", action="store_true", help="keep the generated models (cache dir) for another run")
     args = p.parse_args()
     global REPEAT
     REPEAT = args.repeat or (1 if args.quick else 2)
 
-    from mlxq.experts.io import measure_read_rate
+    from mlxq.experts.io import measure_burst_rate, measure_read_rate
     from mlxq.experts.pack import open_pack_dir
     from mlxq.formats.fetch import cache_dir
 
@@ -250,22 +316,31 @@ def main() -> None:
     packs = open_pack_dir(paths["packs"])
     n_tokens = args.tokens or (24 if args.quick else 40)
     rng = random.Random(0)
-    noise = [rng.randrange(3, shape.vocab) for _ in range(32 + n_tokens)]
-    text = text_ids(paths["packs"], 32 + n_tokens)
-    workloads = {"random": {"prompt": noise[:32], "forced": noise[32:]},
-                 "text": {"prompt": text[:32], "forced": text[32:]}}
-    base = {"top_k": args.top_k, **workloads["random"]}
+    warm = args.warm or (64 if args.quick else 160)
+    noise = [rng.randrange(3, shape.vocab) for _ in range(warm + n_tokens)]
+    text = text_ids(paths["packs"], warm + n_tokens)
+    # the matrix's prompts fill the pool (steady-state hits); the peer runs' prompts are the last 32 of them
+    workloads = {"random": {"prompt": noise[:warm], "forced": noise[warm:]},
+                 "text": {"prompt": text[:warm], "forced": text[warm:]}}
+    short = {"prompt": noise[warm - 32 : warm], "forced": noise[warm:]}
+    base = {"top_k": args.top_k, **short}
     opts = {"threads": args.threads}
 
-    # 1. the ceiling
-    raw = measure_read_rate(packs, threads=args.threads, seconds=2.0 if args.quick else 5.0)
-    raw_1 = measure_read_rate(packs, threads=1, seconds=1.0 if args.quick else 3.0)
-    print(f"raw device: {raw['gb_per_s']:.3f} GB/s at {raw['read_bytes'] / 1e3:.0f} KB reads, {args.threads} in "
-          f"flight ({raw_1['gb_per_s']:.3f} GB/s one at a time), O_DIRECT {raw['direct']}", file=sys.stderr)
+    # 1. the ceiling: back to back, as many in flight as the runtime can have (its threads + the waiting thread)
+    # (measured again after the capped run, and the higher of the two kept: a busy moment does not lower the bar)
+    depth = args.threads + 1
+
+    def ceiling() -> tuple[dict, dict]:
+        raw = measure_read_rate(packs, threads=depth, seconds=2.0 if args.quick else 5.0)
+        raw_1 = measure_read_rate(packs, threads=1, seconds=1.0 if args.quick else 3.0)
+        print(f"raw device: {raw['gb_per_s']:.3f} GB/s at {raw['read_bytes'] / 1e3:.0f} KB reads, {depth} in "
+              f"flight ({raw_1['gb_per_s']:.3f} GB/s one at a time), O_DIRECT {raw['direct']}", file=sys.stderr)
+        return raw, raw_1
+
+    raw_runs = [ceiling()]
 
     # 4. budgets x order x prefetch on random tokens (near-uniform routing: the budget decides the hits), and text
-    # (skewed routing) at 25 %. The headline 25 % run goes in a measuring cgroup: what it needs sets the cap.
-    probe = Cgroup(None, "probe")
+    # (skewed routing) at 25 %, each after a prompt that fills the pool.
     configs = [("random", "identity", 25, False), ("random", "identity", 25, True), ("text", "identity", 25, False)]
     if not args.quick:
         configs = [("random", order, budget, prefetch) for order in ("identity", "coactivation")
@@ -274,14 +349,16 @@ def main() -> None:
     matrix = []
     for workload, order, budget, prefetch in configs:
         path = paths["packs" if order == "identity" else "packs_coact"]
-        headline = (workload, order, budget, prefetch) == ("random", "identity", 25, False)
         r = run({**base, **workloads[workload], "peer": "mlxq", "path": str(path), "budget": f"{budget}%",
-                 "options": {**opts, "prefetch": prefetch}}, probe if headline else None, repeat=1)
+                 "options": {**opts, "prefetch": prefetch}}, repeat=1)
         r.update(workload=workload, budget_pct=budget, order=order, prefetch=prefetch)
         matrix.append(show(f"mlxq {workload} {order} {budget}% prefetch {'on' if prefetch else 'off'}", r))
-    headline = matrix[0]
 
-    # 3. the same memory cap for mlxq (25 %) and mlx-lm: what mlxq's 25 % run was charged, plus 10 %
+    # 3. the same memory cap for mlxq (25 %) and mlx-lm: what mlxq's 25 % run is charged (in a measuring cgroup),
+    # plus 10 %
+    probe = Cgroup(None, "probe")
+    headline = show("mlxq 25% (measuring the cap)", run({**base, "peer": "mlxq", "path": str(paths["packs"]),
+                                                          "budget": "25%", "options": opts}, probe, repeat=1))
     need = probe.peak() or headline["peak_rss"]
     probe.close()
     cap = int(need * CAP_SLACK)
@@ -290,14 +367,32 @@ def main() -> None:
         ours_capped = show("mlxq 25% capped", run({**base, "peer": "mlxq", "path": str(paths["packs"]),
                                                    "budget": "25%", "options": opts}, cgroup))
         theirs_capped = show("mlx-lm capped", run({**base, "peer": "mlx_lm", "path": str(paths["mlx"])}, cgroup))
+        llama = {"ok": False, "error": "not run (no --llama-cpp)"}
+        if args.llama_cpp:
+            gguf, gguf_info = llama_cpp_gguf(work, paths["src"])
+            peer = {**base, "peer": "llama_cpp", "path": str(gguf), "arch": gguf_info["arch"]}
+            llama = show("llama.cpp mmap capped", run(peer, cgroup))
+            llama_free = show("llama.cpp mmap uncapped", run(peer))
+            llama = {**llama, "gguf": gguf_info, "uncapped": llama_free}
     finally:
         cgroup.close()
     theirs = show("mlx-lm uncapped", run({**base, "peer": "mlx_lm", "path": str(paths["mlx"])}))
     resident = {"ok": False, "error": "not run (--quick)"} if args.quick else show(
         "mlxq resident", run({**base, "peer": "mlxq", "path": str(paths["mlx"])}))
 
-    # the headline figures, from the capped 25 % run
+    # the headline figures, from the capped 25 % run; 2. its reads' pattern replayed without the model
     e = ours_capped.get("experts", {}) if ours_capped["ok"] else {}
+    raw_burst = None
+    if e:
+        steps = e["tokens"] * len(packs.layers)  # layer steps while decoding
+        raw_burst = measure_burst_rate(packs, batch=e["misses"] / steps, threads=args.threads,
+                                       gap_s=max(0.0, ours_capped["decode_s"] - e["read_s"]) / steps,
+                                       seconds=2.0 if args.quick else 5.0)
+        print(f"raw device in the decode's pattern: {raw_burst['gb_per_s']:.3f} GB/s ({raw_burst['batch']:.2f} "
+              f"experts a burst, {1e3 * raw_burst['gap_s']:.1f} ms idle between)", file=sys.stderr)
+    raw_runs.append(ceiling())
+    raw = max((r for r, _ in raw_runs), key=lambda r: r["gb_per_s"])
+    raw_1 = max((r for _, r in raw_runs), key=lambda r: r["gb_per_s"])
     projection = project(matrix, raw, args.top_k)
     result = {
         "mode": mode,
@@ -310,9 +405,12 @@ def main() -> None:
                   "token ids; text: held-back Wikipedia), not the model's own choice",
         "raw_read": raw,
         "raw_read_one_in_flight": raw_1,
+        "raw_read_gb_per_s_runs": [[round(r["gb_per_s"], 3), round(r1["gb_per_s"], 3)] for r, r1 in raw_runs],
+        "raw_read_decode_pattern": raw_burst,
+        "warm_prompt_tokens": warm,
         "memory_cap_bytes": cap,
         "memory_cap_from": "mlxq 25 % run's cgroup peak (memory.max_usage_in_bytes) x 1.1",
-        "capped": {"mlxq_25pct": ours_capped, "mlx_lm": theirs_capped},
+        "capped": {"mlxq_25pct": ours_capped, "mlx_lm": theirs_capped, "llama_cpp_mmap": llama},
         "uncapped": {"mlx_lm": theirs, "mlxq_resident": resident},
         "matrix": matrix,
         "prepare": prep,
@@ -322,24 +420,36 @@ def main() -> None:
         "ratios": {
             "read_rate_vs_raw": _ratio(e.get("read_gb_per_s"), raw["gb_per_s"]),
             "read_rate_vs_raw_one_in_flight": _ratio(e.get("read_gb_per_s"), raw_1["gb_per_s"]),
+            "read_rate_vs_raw_decode_pattern": _ratio(e.get("read_gb_per_s"), (raw_burst or {}).get("gb_per_s")),
             "decode_vs_mlx_lm_at_cap": (_ratio(ours_capped.get("decode_tps"), theirs_capped.get("decode_tps"))
                                         if theirs_capped["ok"] else None),
             "decode_vs_mlx_lm_uncapped": _ratio(ours_capped.get("decode_tps"), theirs.get("decode_tps")),
+            "decode_vs_llama_cpp_mmap_at_cap": _ratio(ours_capped.get("decode_tps"), llama.get("decode_tps")),
             "decode_vs_mlxq_resident": _ratio(ours_capped.get("decode_tps"), resident.get("decode_tps")),
             "bytes_per_token_vs_all_miss": _ratio(e.get("bytes_per_token"),
                                                   len(packs.layers) * args.top_k * _stride(packs)),
         },
         "notes": [
-            "mlx-lm at the cap: " + ("ran" if theirs_capped["ok"] else theirs_capped["error"]),
+            f"mlx-lm at the cap ({cap / 1e9:.2f} GB, memory cgroup): " + (
+                "ran" if theirs_capped["ok"] else theirs_capped["error"]),
+            "llama.cpp: its own loop (llama_cpp.Llama.eval, one token a step, use_mmap, as many threads as cores) on a "
+            "Q2_K GGUF of the same weights (mlxq export F16 -> llama-quantize Q2_K; capped.llama_cpp_mmap.gguf has its "
+            "bits per weight: Q2_K's experts are 2.625 bpw against MLX's 2-bit group-64 2.5) in the same cgroup; "
+            "its page cache counts against the cap, so a GGUF larger than the cap pages in and out rather than "
+            "being killed; its greedy tokens differ (another 2-bit code)",
             "synthetic routing follows the token: on random tokens it is close to uniform (the pessimistic case); on "
             "text it is skewed, but a character vocabulary gives a small working set (real models: flash-moe saw 71 % "
             "page-cache hits on Qwen3.5-397B)",
-            "hit rates count from an empty pool over the prompt and the decode steps: a budget that holds every expert "
-            "those tokens touch evicts nothing, so such budgets show the same hits (first uses miss at any budget)",
+            f"hit rates count over the decode steps only, after a {warm}-token prompt of the same workload filled the "
+            "pool (the capped and peer runs: after the last 32 of those tokens)",
             "prefetch: an expert read ahead for the next layer and then routed to counts as a hit (prefetch_hits); it "
             "moves reads off the critical path (stall_s) rather than saving bytes",
             "read rate while decoding = bytes / time with at least one read in flight; raw = random one-expert "
-            "O_DIRECT reads, as many in flight as the reader has threads (and one at a time)",
+            f"O_DIRECT reads back to back, {depth} in flight (the reader's threads and the waiting forward pass; and "
+            "one at a time), measured before the runs and after the capped run, the higher kept "
+            "(raw_read_gb_per_s_runs: both); raw_read_decode_pattern = the same reads through the runtime's reader in "
+            "the capped run's pattern (bursts of its misses per layer step, idle gaps of its time between reads), "
+            "without the model (not a strict ceiling: its gaps are idle, the decode's are compute)",
             f"the machine may be shared (load_average: at the start and at the end): the capped, uncapped and "
             f"resident runs ran {REPEAT}x, the matrix once; the fastest is kept (decode_tps_runs lists them)",
         ],
@@ -443,9 +553,10 @@ def plot(result: dict, path: Path) -> None:
     a.legend(fontsize=7)
     b.legend(fontsize=7)
     capped = result["capped"]
-    names = ["raw device\n(O_DIRECT)", "mlxq while\ndecoding"]
+    names = ["raw, back to back\n(O_DIRECT)", "raw, decode's\npattern", "mlxq while\ndecoding"]
     e = capped["mlxq_25pct"].get("experts", {})
-    c.bar(names, [result["raw_read"]["gb_per_s"], e.get("read_gb_per_s", 0)], color=["gray", "tab:blue"])
+    c.bar(names, [result["raw_read"]["gb_per_s"], (result["raw_read_decode_pattern"] or {}).get("gb_per_s", 0),
+                  e.get("read_gb_per_s", 0)], color=["gray", "silver", "tab:blue"])
     c.set(ylabel="GB/s", title=f"read rate ({result['raw_read']['read_bytes'] // 1024} KiB experts)")
     mlx_lm = capped["mlx_lm"]
     fig.suptitle(f"{result['model']['scaled_from']}, top-{result['top_k']}; cap "

@@ -13,7 +13,7 @@ exactly that file. Two parts, both run in this one process, mlxq and llama.cpp i
   Q4_K_M / Q3_K_M / Q2_K. All files are scored by llama.cpp itself: llama-perplexity's KL-divergence mode against
   the float model's logits on held-back Wikipedia text.
 
-    python bench/gguf_export.py [--quick] [--gptq]
+    python bench/gguf_export.py [--quick] [--gptq] [--speed-only]
 
 Ratios: `export_time_T_vs_llama_cpp` (wall) and `export_cpu_T_vs_llama_cpp` = mlxq / llama.cpp (goal <= 1);
 `kl_T_vs_llama_cpp` = mlxq's mean KL / llama.cpp's (goal <= 0.8). Quick: Q4_K_M timed once, Q3_K_M's quality on
@@ -23,6 +23,8 @@ Ratios: `export_time_T_vs_llama_cpp` (wall) and `export_cpu_T_vs_llama_cpp` = ml
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import shutil
 import sys
 import time
@@ -83,6 +85,7 @@ def texts(work: Path, calib_tokens: int, eval_tokens: int) -> tuple[Path, Path]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gptq", action="store_true", help="also score --method gptq (slow)")
+    p.add_argument("--speed-only", action="store_true", help="the speed part only (no calibration, no KL)")
     args = parse_args(p)  # --quick, and the reference-BLAS refusal
     quick = args.quick
     from mlxq.formats.fetch import cache_dir
@@ -90,7 +93,7 @@ def main() -> None:
     from mlxq.quant.recipes import gguf_recipe
 
     speed_types = ["Q4_K_M"] if quick else ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
-    quality_types = ["Q3_K_M"] if quick else ["Q4_K_M", "Q3_K_M", "Q2_K"]
+    quality_types = [] if args.speed_only else ["Q3_K_M"] if quick else ["Q4_K_M", "Q3_K_M", "Q2_K"]
     calib_tokens, eval_tokens = (512, 1024) if quick else (8192, 8192)
     reps = 1 if quick else 2
 
@@ -99,9 +102,9 @@ def main() -> None:
     f32 = work / "smollm2-f32.gguf"
     if not f32.exists():
         export("smollm2", f32, gguf_recipe("F32"), progress=False)
-    out = work / "out"
-    shutil.rmtree(out, ignore_errors=True)
+    out = work / f"out-{os.getpid()}"  # this run's own: another run may be using the cache at the same time
     out.mkdir()
+    atexit.register(shutil.rmtree, out, True)
 
     speed, ratios = {}, {}
     for kind in speed_types:
@@ -111,18 +114,21 @@ def main() -> None:
             runs["mlxq"].append(ours(f32, out / f"{kind}.mlxq.gguf", kind))
         best = {k: min(v, key=lambda r: r["wall_s"]) for k, v in runs.items()}
         same = tensors(out / f"{kind}.mlxq.gguf") == tensors(out / f"{kind}.llama.gguf")
-        speed[kind] = {**{k: {**b, "runs": [r["wall_s"] for r in runs[k]]} for k, b in best.items()},
+        speed[kind] = {**{k: {**b, "runs": [r["wall_s"] for r in runs[k]], "cpu_runs": [r["cpu_s"] for r in runs[k]]}
+                          for k, b in best.items()},
                        "identical_tensors": same}
         ratios[f"export_time_{kind}_vs_llama_cpp"] = round(best["mlxq"]["wall_s"] / best["llama_cpp"]["wall_s"], 3)
-        ratios[f"export_cpu_{kind}_vs_llama_cpp"] = round(best["mlxq"]["cpu_s"] / best["llama_cpp"]["cpu_s"], 3)
+        cpu = {k: min(r["cpu_s"] for r in v) for k, v in runs.items()}  # each side's least, as for wall time
+        ratios[f"export_cpu_{kind}_vs_llama_cpp"] = round(cpu["mlxq"] / cpu["llama_cpp"], 3)
         print(f"{kind}: {speed[kind]}", file=sys.stderr)
 
-    calib, held = texts(work, calib_tokens, eval_tokens)
-    imat = work / f"imatrix-{calib_tokens}.gguf"
-    if not imat.exists():
-        imatrix(f32, calib, imat, CTX, calib_tokens // CTX)
-    base = out / "base.kld"
-    kl_base(f32, held, base, CTX, eval_tokens // CTX)
+    if quality_types:
+        calib, held = texts(work, calib_tokens, eval_tokens)
+        imat = work / f"imatrix-{calib_tokens}.gguf"
+        if not imat.exists():
+            imatrix(f32, calib, imat, CTX, calib_tokens // CTX)
+        base = out / "base.kld"
+        kl_base(f32, held, base, CTX, eval_tokens // CTX)
     quality = {}
     for kind in quality_types:
         cal_theirs = theirs(f32, out / f"{kind}.llama-imatrix.gguf", kind, imat)
@@ -140,11 +146,12 @@ def main() -> None:
         quality[kind] = row
         ratios[f"kl_{kind}_vs_llama_cpp"] = round(row["mlxq_calibrated"]["kl"] / row["llama_cpp_imatrix"]["kl"], 3)
         print(f"{kind}: {row}", file=sys.stderr)
-    shutil.rmtree(out, ignore_errors=True)
 
     write_result("gguf_export", {
         "quick": quick,
         "gptq": args.gptq,
+        "speed_only": args.speed_only,
+        "load_average": os.getloadavg(),
         "model": "SmolLM2-135M-Instruct (the default model's Q4_1 GGUF dequantized to F32: both tools start from it)",
         "peer": "llama.cpp 0.3.36 (llama-cpp-python's vendored copy): llama-quantize, llama-imatrix, "
                 "llama-perplexity --kl-divergence, 2 threads",

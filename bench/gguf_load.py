@@ -4,14 +4,21 @@ SmolLM2-135M-Instruct (the pinned Q4_1 file) re-quantized by llama.cpp's own qua
 Each (engine, file) runs in a fresh child process, interleaved across repetitions, and reports:
 - load_s: opening the model until it can run (mlxq: `mlxq.load` with its tokenizer, cached after the first load;
   llama.cpp: `Llama(...)` with its vocabulary and a 512-token context), after the imports;
+- load_cpu_s: the CPU seconds of that (all threads; less affected than load_s by other work on a shared machine);
 - ttft_s: load_s plus the first token of a short chat prompt (prefill included; the same token ids for both);
 - decode_tok_s: greedy tokens per second after the first;
-- rss_peak_mb (the child's VmHWM) and rss_model_mb = peak minus the process's RSS right after its imports;
-  for mlxq also mlx_peak_mb, MLX's own peak of allocated arrays (the weights, the cache, the activations).
+- rss_import_mb: the process's RSS right after its imports, before the model (the baseline: for mlxq an empty
+  Python + MLX + transformers interpreter, about 270 MB; for llama.cpp about 45 MB), reported as it is;
+- rss_peak_mb (the child's VmHWM at the end, decoding included) and rss_model_mb = that peak minus the baseline;
+  rss_load_mb = the VmHWM right after loading minus the baseline (the load alone: weights, tokenizer, transients);
+  for mlxq also mlx_peak_mb, MLX's own peak of allocated arrays (the weights, the cache, the activations),
+  mlx_load_peak_mb, that peak right after loading, mlx_weights_mb, the model's arrays, and mlx_cache_mb, the
+  freed buffers MLX keeps for reuse at the end (in the RSS, not in its peak).
 
 mlxq runs each file twice: with its quantized blocks kept (`keep_quantized=True`: the mode for models bigger than
 memory) and dequantized to float32 (the CPU default for small models). Goals with blocks kept: load_s <= 2x
-llama.cpp's, rss_model_mb <= 1.3x (file + KV cache).
+llama.cpp's, rss_model_mb <= 1.3x (file + KV cache). "load" is, on both sides, the call that returns a model
+ready to run with its tokenizer (mlxq.load(path); llama_cpp.Llama(path)), timed in a child whose imports are done.
 
     python bench/gguf_load.py [--quick] [--runs N]
 """
@@ -80,6 +87,7 @@ def child_mlxq(path: str, keep: bool, gen: int) -> dict:
     # what loading imports, imported before the baseline: the code is not the model
     import mlx.core as mx
     import mlx.nn  # noqa: F401
+    from mlx.utils import tree_flatten
     from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
 
     import mlxq
@@ -87,9 +95,11 @@ def child_mlxq(path: str, keep: bool, gen: int) -> dict:
     from mlxq.models import llama  # noqa: F401
 
     base = rss_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model = mlxq.load(path, keep_quantized=keep)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
+    load_rss, load_mlx = rss_mb("VmHWM"), mx.get_peak_memory() / 2**20
+    weights_mb = sum(v.nbytes for _, v in tree_flatten(model.net.parameters())) / 2**20
     ids = model.tokenizer.encode(PROMPT, add_special_tokens=False)
     first = None
     for _chunk in model.stream(ids, max_tokens=1, temperature=0.0):
@@ -98,8 +108,10 @@ def child_mlxq(path: str, keep: bool, gen: int) -> dict:
     layers = model.config["num_hidden_layers"]
     kv_dim = model.config["num_key_value_heads"] * model.config.get("head_dim", model.config["hidden_size"] //
                                                                        model.config["num_attention_heads"])
-    return {"load_s": t1 - t0, "ttft_s": first - t0, "decode_tok_s": result.timings.decode_tps,
-            "prompt_tokens": len(ids), "rss_import_mb": base, "mlx_peak_mb": mx.get_peak_memory() / 2**20,
+    return {"load_s": t1 - t0, "load_cpu_s": c1 - c0, "ttft_s": first - t0, "decode_tok_s": result.timings.decode_tps,
+            "prompt_tokens": len(ids), "rss_import_mb": base, "rss_load_mb": load_rss - base,
+            "mlx_load_peak_mb": load_mlx, "mlx_peak_mb": mx.get_peak_memory() / 2**20,
+            "mlx_cache_mb": mx.get_cache_memory() / 2**20, "mlx_weights_mb": weights_mb,
             "kv_mb": layers * 2 * kv_dim * (len(ids) + gen) * 4 / 2**20}  # float32 K and V per token
 
 
@@ -107,9 +119,10 @@ def child_llama_cpp(path: str, gen: int, threads: int) -> dict:
     from llama_cpp import Llama
 
     base = rss_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     llm = Llama(path, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
+    load_rss = rss_mb("VmHWM")
     ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
     llm.eval(ids)
     first = time.perf_counter()
@@ -122,8 +135,10 @@ def child_llama_cpp(path: str, gen: int, threads: int) -> dict:
     n_layer = int(llm.metadata.get("llama.block_count", 0))
     kv = int(llm.metadata.get("llama.attention.head_count_kv", 0)) * int(llm.metadata.get(
         "llama.embedding_length", 0)) // max(int(llm.metadata.get("llama.attention.head_count", 1)), 1)
-    return {"load_s": t1 - t0, "ttft_s": first - t0, "decode_tok_s": made / (t3 - t2), "prompt_tokens": len(ids),
-            "rss_import_mb": base, "kv_mb": n_layer * 2 * kv * 512 * 2 / 2**20}  # F16 K and V, 512 slots
+    return {"load_s": t1 - t0, "load_cpu_s": c1 - c0, "ttft_s": first - t0, "decode_tok_s": made / (t3 - t2),
+            "prompt_tokens": len(ids),
+            "rss_import_mb": base, "rss_load_mb": load_rss - base,
+            "kv_mb": n_layer * 2 * kv * 512 * 2 / 2**20}  # F16 K and V, 512 slots
 
 
 def child(engine: str, path: str, gen: int, threads: int) -> None:
@@ -180,6 +195,7 @@ def main() -> None:
         results[kind] = entry
         ours, theirs, flt = entry["mlxq_blocks"], entry["llama_cpp"], entry["mlxq_float"]
         ratios[f"load_s_blocks_vs_llama_cpp_{kind}"] = round(ours["load_s"] / theirs["load_s"], 3)
+        ratios[f"load_cpu_s_blocks_vs_llama_cpp_{kind}"] = round(ours["load_cpu_s"] / theirs["load_cpu_s"], 3)
         ratios[f"ttft_s_blocks_vs_llama_cpp_{kind}"] = round(ours["ttft_s"] / theirs["ttft_s"], 3)
         ratios[f"ttft_s_float_vs_llama_cpp_{kind}"] = round(flt["ttft_s"] / theirs["ttft_s"], 3)
         ratios[f"decode_tok_s_blocks_vs_llama_cpp_{kind}"] = round(ours["decode_tok_s"] / theirs["decode_tok_s"], 3)
@@ -187,6 +203,10 @@ def main() -> None:
         ratios[f"rss_model_blocks_vs_file_plus_kv_{kind}"] = round(ours["rss_model_mb"] / (file_mb + ours["kv_mb"]), 3)
         ratios[f"rss_model_float_vs_file_plus_kv_{kind}"] = round(flt["rss_model_mb"] / (file_mb + flt["kv_mb"]), 3)
         ratios[f"mlx_peak_blocks_vs_file_plus_kv_{kind}"] = round(ours["mlx_peak_mb"] / (file_mb + ours["kv_mb"]), 3)
+        ratios[f"rss_load_blocks_vs_file_plus_kv_{kind}"] = round(ours["rss_load_mb"] / (file_mb + ours["kv_mb"]), 3)
+        ratios[f"mlx_load_peak_blocks_vs_file_{kind}"] = round(ours["mlx_load_peak_mb"] / file_mb, 3)
+        theirs_ratio = theirs["rss_model_mb"] / (file_mb + theirs["kv_mb"])
+        ratios[f"rss_model_llama_cpp_vs_file_plus_kv_{kind}"] = round(theirs_ratio, 3)
         ratios[f"rss_peak_blocks_vs_llama_cpp_{kind}"] = round(ours["rss_peak_mb"] / theirs["rss_peak_mb"], 3)
     write_result("gguf_load", {
         "model": "SmolLM2-135M-Instruct re-quantized by llama.cpp (llama_model_quantize)",

@@ -22,7 +22,16 @@ Bits per weight count the codes plus float16 scales and biases (`bpw`: weight ma
 Ratios compare only variants whose `bpw` agree within 0.05; `X_vs_PEER` = mlxq's KL / the peer's.
 `kl_{b}bit_vs_best_peer` divides by the lowest KL among the peers at that width; the goal is <= 0.8.
 
-    python bench/quant_quality.py [--quick]
+    python bench/quant_quality.py [--quick] [--resume] [--only PATTERN ...]
+
+Resumable: every finished variant is stored in the bench work directory (~/.cache/mlxq/bench/quant_quality/results)
+under a fingerprint of what determines it (label; baseline weights; calibration and evaluation tokens; settings;
+mlx, mlx-lm and llama.cpp versions; the sha256 of each mlxq and bench source file loaded: mlxq.bench.store).
+`--resume` reuses the stored results whose fingerprint matches exactly and lists them under "reused" (with when and
+at which commit they were measured). `--only` runs the variants whose labels match the patterns (fnmatch), in the
+order the patterns are given (a variant another needs comes first); the others are listed as not measured, and no
+best-peer ratio is given for a width whose peers were not all measured. Run it from a checkout that does not change
+while it runs (the code fingerprint is read from disk when each result is stored).
 
 Quick (about 90 CPU-seconds once the baseline and calibration statistics are cached: 2 minutes on a lightly loaded
 machine here): 3 bits, 512 scored tokens, mlxq's GPTQ against `mlx_lm.convert` only; the calibrated peers run in the
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import hashlib
 import json
 import shutil
@@ -42,12 +52,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import llama_cpp_tools as llama_cpp  # noqa: E402
 import mlx.core as mx  # noqa: E402
 from common import float_copy, parse_args, stdout_to_stderr, write_result  # noqa: E402
+
+from mlxq.bench.store import VariantStore, commit, digest, tree_digest  # noqa: E402
 
 GROUP = 64
 CALIB_TOKENS, SEQ_LEN = 8192, 512
@@ -99,13 +112,15 @@ def bits_per_weight(out: Path, baseline: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- mlxq
-def run_mlxq(baseline: Path, out: Path, recipe_name: str | None, bits: int | None, method: str) -> None:
+def run_mlxq(baseline: Path, out: Path, recipe_name: str | None, bits: int | None, method: str) -> dict | None:
+    """mlxq's quantizer; for a mix, also mlx-lm's bits-per-weight count of the result (what dynamic quant aims at)."""
     from mlxq.quant.pipeline import quantize
     from mlxq.quant.recipes import make_recipe
 
     calibrate = None if method == "rtn" else "default"
     quantize(str(baseline), out, make_recipe(recipe_name, bits, GROUP), method=method, calibrate=calibrate,
              calib_tokens=CALIB_TOKENS, progress=False)
+    return {"bpw_mlx_lm": round(mlx_lm_bpw(out), 4)} if recipe_name else None
 
 
 # ------------------------------------------------------------------------------------------------- mlx-lm
@@ -228,13 +243,20 @@ def run_llama_cpp(work: Path, out: Path, ftype: str, text: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- plan
-def plan(quick: bool, baseline: Path, batches: list, text: str, work: Path) -> list[tuple[str, int, Callable]]:
-    """(label, bits, runner): label is "<tool>-<method>-<width>"; bits 0 for mixes. Each width's compared pair comes
-    first (mlxq's GPTQ, then its peers), widest first, so a run cut short still holds whole comparisons."""
+class Variant(NamedTuple):
+    label: str  # "<tool>-<method>-<width>"
+    bits: int  # 0 for mixes
+    run: Callable  # (output directory, results so far) -> a note for the record, or None
+    needs: tuple[str, ...] = ()  # labels whose results this one reads (part of its fingerprint)
+
+
+def plan(quick: bool, baseline: Path, batches: list, text: str, work: Path) -> list[Variant]:
+    """Each width's compared pair comes first (mlxq's GPTQ, then its peers), widest first, so a run cut short still
+    holds whole comparisons."""
     variants = []
     llama_cpp_types = {4: ("IQ4_NL", "Q4_0"), 3: ("Q3_K",)}
     for b in (3,) if quick else (4, 3, 2):
-        variants.append((f"mlxq-gptq-{b}bit", b, lambda o, b=b: run_mlxq(baseline, o, None, b, "gptq")))
+        variants.append(Variant(f"mlxq-gptq-{b}bit", b, lambda o, _, b=b: run_mlxq(baseline, o, None, b, "gptq")))
         peers = {"rtn": run_mlx_lm_rtn} if quick else {"rtn": run_mlx_lm_rtn, "gptq": run_mlx_lm_gptq,
                                                         "awq": run_mlx_lm_awq, "dwq": run_mlx_lm_dwq}
         for m, fn in peers.items():
@@ -242,22 +264,44 @@ def plan(quick: bool, baseline: Path, batches: list, text: str, work: Path) -> l
                 continue  # recorded in "not_run"
             if m in ("awq", "dwq") and b != 3:
                 continue  # recorded in "not_run"
-            variants.append((f"mlx_lm-{m}-{b}bit", b, lambda o, b=b, fn=fn: fn(baseline, o, b, batches)))
+            variants.append(Variant(f"mlx_lm-{m}-{b}bit", b, lambda o, _, b=b, fn=fn: fn(baseline, o, b, batches)))
         if quick:
             continue
         for ftype in llama_cpp_types.get(b, ()):
-            variants.append((f"llama_cpp-imatrix-{ftype}", b,
-                             lambda o, ftype=ftype: run_llama_cpp(work, o, ftype, text)))
+            variants.append(Variant(f"llama_cpp-imatrix-{ftype}", b,
+                                    lambda o, _, ftype=ftype: run_llama_cpp(work, o, ftype, text)))
         for m in ("rtn", "search"):  # mlxq's other methods, for the record (no ratio)
-            variants.append((f"mlxq-{m}-{b}bit", b, lambda o, b=b, m=m: run_mlxq(baseline, o, None, b, m)))
+            variants.append(Variant(f"mlxq-{m}-{b}bit", b, lambda o, _, b=b, m=m: run_mlxq(baseline, o, None, b, m)))
     if quick:
         return variants
     for mix, low in (("q3_k_m", 3), ("q2_k", 2)):
-        variants.append((f"mlxq-gptq-{mix}", 0, lambda o, mix=mix: run_mlxq(baseline, o, mix, None, "gptq")))
-        # aimed at the mlxq mix just written
-        variants.append((f"mlx_lm-dynamic-{mix}", 0, lambda o, mix=mix, low=low: run_mlx_lm_dynamic(
-            baseline, o, low, low + 1, mlx_lm_bpw(work / "runs" / f"mlxq-gptq-{mix}" / "kept"), batches)))
+        ours = f"mlxq-gptq-{mix}"
+        variants.append(Variant(ours, 0, lambda o, _, mix=mix: run_mlxq(baseline, o, mix, None, "gptq")))
+        # aimed at mlx-lm's own bits-per-weight count of the mlxq mix
+        variants.append(Variant(f"mlx_lm-dynamic-{mix}", 0, lambda o, done, ours=ours, low=low: run_mlx_lm_dynamic(
+            baseline, o, low, low + 1, done[ours]["run"]["bpw_mlx_lm"], batches), needs=(ours,)))
     return variants
+
+
+def select(variants: list[Variant], patterns: list[str] | None) -> list[Variant]:
+    """The variants whose labels match `patterns` (fnmatch), in the patterns' order, each after those it needs."""
+    if not patterns:
+        return variants
+    by_label = {v.label: v for v in variants}
+    chosen: dict[str, Variant] = {}
+
+    def add(v: Variant) -> None:
+        for need in v.needs:
+            add(by_label[need])
+        chosen.setdefault(v.label, v)
+
+    for pattern in patterns:
+        matched = [v for v in variants if fnmatch.fnmatchcase(v.label, pattern)]
+        if not matched:
+            sys.exit(f"quant_quality: error: --only {pattern!r} matches no variant ({', '.join(by_label)})")
+        for v in matched:
+            add(v)
+    return list(chosen.values())
 
 
 NOT_RUN = {
@@ -272,21 +316,35 @@ NOT_RUN = {
 
 
 # ------------------------------------------------------------------------------------------------- run
-def measure(variants: list, results: dict, wins, ref, base_sizes: dict, work: Path) -> None:
-    """Runs and scores each variant into `results` (a peer that fails is recorded as such; the others still run)."""
+def measure(variants: list[Variant], results: dict, reused: dict, store: VariantStore, resume: bool, wins, ref,
+            base_sizes: dict, work: Path) -> None:
+    """Runs and scores each variant into `results` and the store (a peer that fails is recorded as such; the others
+    still run); with `resume`, a stored result whose fingerprint matches is taken instead (noted in `reused`)."""
     from mlxq.eval.metrics import load_for_eval, score
 
-    for label, bits, runner in variants:
+    for label, bits, runner, needs in variants:
+        missing = [need for need in needs if "kl" not in results.get(need, {})]
+        if missing:
+            results[label] = {"bits": bits, "failed": f"needs {', '.join(missing)}, which has no result"}
+            continue
+        extra = {need: results[need] for need in needs}
+        hit = store.get(label, extra) if resume else None
+        if hit is not None:
+            results[label] = hit["result"]
+            reused[label] = {"stored": hit["stored"], "commit": hit["commit"]}
+            print(f"{label:28s} reused (stored {hit['stored']}, commit {hit['commit']})", file=sys.stderr, flush=True)
+            continue
         out = work / "runs" / label / "kept"
         shutil.rmtree(out.parent, ignore_errors=True)
         out.parent.mkdir(parents=True)
         start = time.perf_counter()
         try:
             with stdout_to_stderr():
-                note = runner(out)
+                note = runner(out, results)
         except Exception as e:  # a peer that fails here is recorded as such; the others still get their figures
             results[label] = {"bits": bits, "failed": f"{type(e).__name__}: {e}"}
             print(f"{label:28s} failed: {results[label]['failed']}", file=sys.stderr, flush=True)
+            shutil.rmtree(out.parent, ignore_errors=True)
             continue
         seconds = time.perf_counter() - start
         gguf_file = out / "model.gguf"
@@ -301,16 +359,17 @@ def measure(variants: list, results: dict, wins, ref, base_sizes: dict, work: Pa
             "seconds": round(seconds, 1),
             **({"run": note} if note else {}),
         }
+        store.put(label, results[label], extra)
         print(f"{label:28s} " + " ".join(f"{k} {v}" for k, v in results[label].items()), file=sys.stderr, flush=True)
-        if not label.startswith("mlxq-gptq-q"):  # the mixes stay until dynamic quant has read their size
-            shutil.rmtree(out.parent, ignore_errors=True)
+        shutil.rmtree(out.parent, ignore_errors=True)
         mx.clear_cache()
-    for label in [k for k in results if k.startswith("mlxq-gptq-q")]:
-        shutil.rmtree(work / "runs" / label, ignore_errors=True)
 
 
 def main() -> None:
-    args = parse_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resume", action="store_true", help="reuse stored results whose fingerprint matches")
+    parser.add_argument("--only", nargs="+", metavar="PATTERN", help="run only these variants (fnmatch), in order")
+    args = parse_args(parser)
 
     from mlxq.eval.metrics import load_for_eval, reference, score, windows
     from mlxq.formats.fetch import cache_dir
@@ -333,16 +392,24 @@ def main() -> None:
     base_scores = score(ref_model.logits, wins)
     del ref_model
 
-    results, variants = {}, plan(quick, baseline, batches, text, work)
+    versions = {"mlx": mx.__version__, "mlx_lm": _version("mlx-lm"), "llama_cpp": llama_cpp.VERSION}
+    inputs = {"baseline": tree_digest(baseline), "calibration": digest(batches), "calibration_text": digest(text),
+              "eval": digest(wins), "group_size": GROUP, "calib_tokens": CALIB_TOKENS, "seq_len": SEQ_LEN,
+              "versions": versions}
+    root = Path(__file__).resolve().parent.parent
+    store = VariantStore(work / "results", inputs, root)
+    everything = plan(quick, baseline, batches, text, work)
+    variants = select(everything, args.only)
+    results, reused = {}, {}
     # a run stopped by hand (Ctrl-C, kill -INT or -TERM) still records the variants it finished; a background job
     # starts with SIGINT ignored, so the handlers are set here
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
     try:
-        measure(variants, results, wins, ref, base_sizes, work)
+        measure(variants, results, reused, store, args.resume, wins, ref, base_sizes, work)
     except KeyboardInterrupt:
         print(f"quant_quality: interrupted after {len(results)} of {len(variants)} variants", file=sys.stderr)
-    not_measured = {label: bits for label, bits, _ in variants if label not in results}
+    not_measured = {v.label: v.bits for v in everything if v.label not in results}
     ratios, best = compare({k: r for k, r in results.items() if "failed" not in r}, calibrated_peers=not quick,
                            not_measured=not_measured)
     skipped = ("quick: mlx-lm's GPTQ, AWQ, DWQ and dynamic quant and llama.cpp with an importance matrix run in the "
@@ -351,16 +418,20 @@ def main() -> None:
         print(f"quant_quality: {skipped}", file=sys.stderr)
     write_result("quant_quality", {
         "quick": quick,
+        "commit": commit(root),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)",
         "group_size": GROUP,
         "eval": {"text": "held-back wiki (second half of exllamav2 wiki.utf8)", "tokens": base_scores.tokens,
                  "ctx": 512, "baseline_ppl": round(base_scores.ppl, 3)},
         "calibration": {"text": "mlxq's default mix (wiki first half, c4, code, technical, multilingual)",
                         "tokens": CALIB_TOKENS, "seq_len": SEQ_LEN, "same_for": "every calibrated method"},
-        "versions": {"mlx_lm": _version("mlx-lm"), "llama_cpp": llama_cpp.VERSION},
+        "versions": versions,
+        "fingerprint_inputs": inputs,
+        **({"only": args.only} if args.only else {}),
+        "reused": reused,
         "results": results,
         "not_run": {} if quick else NOT_RUN,
-        **({"interrupted_before": list(not_measured)} if not_measured else {}),
+        **({"not_measured": list(not_measured)} if not_measured else {}),
         "skipped": skipped,
         "best_peer": best,
         "goal": f"mlxq's KL <= {GOAL} x the best peer's at equal bpw",
@@ -370,8 +441,8 @@ def main() -> None:
 
 def compare(results: dict, calibrated_peers: bool, not_measured: dict | None = None) -> tuple[dict, dict]:
     """Ratios of mlxq's calibrated variants to each peer at equal bits per weight, and, when the calibrated peers
-    ran (all of that width's: none left in `not_measured`, label -> bits, by an interrupted run), to the best such
-    peer."""
+    ran (all of that width's: none left in `not_measured`, label -> bits, by an interrupted run or `--only`), to the
+    best such peer."""
     ratios, best = {}, {}
     pairs = [(f"mlxq-gptq-{b}bit", b, f"{b}bit") for b in (2, 3, 4)]
     pairs += [(f"mlxq-gptq-{mix}", 0, mix) for mix in ("q3_k_m", "q2_k")]

@@ -101,3 +101,114 @@ def test_timed_definitions():
 def test_prompt_is_exactly_n_tokens(smollm2):
     for n in (1, 37, 600):
         assert len(runtime.prompt_ids(smollm2.tokenizer, n)) == n
+
+
+# ------------------------------------------------------------------------------------------------- resumable runs
+def quant_quality():
+    """bench/quant_quality.py as a module (its plan, selection, store use and ratios; nothing is run). The bench
+    folder leaves sys.path again: its `kernels.py` would otherwise pass for Hugging Face's `kernels` package."""
+    import importlib
+    from pathlib import Path
+
+    saved = list(sys.path)
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    try:
+        return importlib.import_module("quant_quality")
+    finally:
+        sys.path[:] = saved
+
+
+@pytest.fixture
+def code_root(tmp_path, monkeypatch):
+    """A source tree with one loaded module, `variant_code.py`, standing for the code a result depends on."""
+    import importlib
+
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "variant_code.py").write_text("STEP = 1\n")
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.delitem(sys.modules, "variant_code", raising=False)
+    importlib.import_module("variant_code")
+    yield root
+    sys.modules.pop("variant_code", None)
+
+
+INPUTS = {"baseline": "b" * 64, "calibration": "c" * 64, "eval": "e" * 64, "group_size": 64,
+          "versions": {"mlx_lm": "0.1", "llama_cpp": "0.3.36"}}
+
+
+def test_store_reuses_only_what_matches(code_root, tmp_path):
+    from mlxq.bench.store import VariantStore
+
+    store = VariantStore(tmp_path / "results", INPUTS, code_root)
+    result = {"bits": 3, "kl": 0.5}
+    store.put("mlxq-gptq-3bit", result, {"dep": {"kl": 1.0}})
+    record = store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}})
+    assert record["result"] == result and record["code"] == {"variant_code.py": record["code"]["variant_code.py"]}
+    assert record["stored"].endswith("Z")
+    assert store.get("mlxq-gptq-2bit", {"dep": {"kl": 1.0}}) is None  # another variant
+    assert store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.1}}) is None  # what it was aimed at changed
+    for key, value in [("calibration", "d" * 64), ("baseline", "a" * 64), ("group_size", 32),
+                       ("versions", {"mlx_lm": "0.2", "llama_cpp": "0.3.36"})]:
+        changed = VariantStore(tmp_path / "results", {**INPUTS, key: value}, code_root)
+        assert changed.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}}) is None, key
+    (code_root / "variant_code.py").write_text("STEP = 2\n")  # the code that produced it changed
+    assert store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}}) is None
+    (code_root / "variant_code.py").write_text("STEP = 1\n")
+    assert store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}})["result"] == result
+    (code_root / "variant_code.py").unlink()
+    assert store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}}) is None
+
+
+def test_resume_reruns_a_variant_whose_inputs_changed(code_root, tmp_path):
+    """quant_quality's loop: with --resume a matching stored result is taken (the variant is not run); a stored
+    result under other inputs is not, and neither is anything without --resume."""
+    from mlxq.bench.store import VariantStore
+
+    qq = quant_quality()
+    calls = []
+
+    def runner(out, results):
+        calls.append(out)
+        raise RuntimeError("ran")  # stops before scoring: only whether it ran matters here
+
+    variants = [qq.Variant("mlxq-gptq-3bit", 3, runner)]
+    stored = {"bits": 3, "kl": 0.7, "bpw": 3.5}
+    VariantStore(tmp_path / "results", INPUTS, code_root).put("mlxq-gptq-3bit", stored)
+
+    def run(inputs, resume):
+        results, reused = {}, {}
+        qq.measure(variants, results, reused, VariantStore(tmp_path / "results", inputs, code_root), resume,
+                   None, None, {}, tmp_path / "work")
+        return results, reused
+
+    results, reused = run(INPUTS, resume=True)
+    assert results == {"mlxq-gptq-3bit": stored} and list(reused) == ["mlxq-gptq-3bit"] and not calls
+    results, reused = run({**INPUTS, "eval": "f" * 64}, resume=True)
+    assert results["mlxq-gptq-3bit"]["failed"] == "RuntimeError: ran" and not reused and len(calls) == 1
+    results, reused = run(INPUTS, resume=False)
+    assert "failed" in results["mlxq-gptq-3bit"] and not reused and len(calls) == 2
+
+
+def test_only_keeps_the_given_order_and_what_a_variant_needs(tmp_path):
+    qq = quant_quality()
+    everything = qq.plan(False, tmp_path, [], "", tmp_path)
+    chosen = [v.label for v in qq.select(everything, ["mlx_lm-*-3bit", "mlx_lm-dynamic-q2_k", "*-2bit"])]
+    assert chosen[:4] == ["mlx_lm-rtn-3bit", "mlx_lm-awq-3bit", "mlx_lm-dwq-3bit", "mlxq-gptq-q2_k"]
+    assert chosen[4] == "mlx_lm-dynamic-q2_k" and set(chosen[5:]) == {v.label for v in everything
+                                                                        if v.label.endswith("-2bit")}
+    assert [v.label for v in qq.select(everything, None)] == [v.label for v in everything]
+    with pytest.raises(SystemExit, match="matches no variant"):
+        qq.select(everything, ["mlx_lm-gptq-3bit"])
+
+
+def test_no_best_peer_while_a_peer_of_that_width_is_missing():
+    qq = quant_quality()
+    results = {"mlxq-gptq-3bit": {"bits": 3, "kl": 0.6, "bpw": 3.5},
+               "mlx_lm-rtn-3bit": {"bits": 3, "kl": 2.0, "bpw": 3.5},
+               "mlx_lm-awq-3bit": {"bits": 3, "kl": 1.0, "bpw": 3.5}}
+    ratios, best = qq.compare(results, calibrated_peers=True, not_measured={"mlx_lm-dwq-3bit": 3})
+    assert ratios == {"kl_3bit_vs_mlx_lm_rtn": 0.3, "kl_3bit_vs_mlx_lm_awq": 0.6} and best == {}
+    ratios, best = qq.compare(results, calibrated_peers=True, not_measured={})
+    assert ratios["kl_3bit_vs_best_peer"] == 0.6 and best["3bit"]["peer"] == "mlx_lm-awq-3bit"
+    assert best["3bit"]["goal_met"]

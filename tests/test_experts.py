@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,7 +20,7 @@ from tiny import make_tiny
 import mlxq
 from mlxq.errors import ConfigError, FormatError
 from mlxq.experts import parse_size
-from mlxq.experts.pack import open_packs
+from mlxq.experts.pack import open_pack_dir, open_packs
 from mlxq.quant import pipeline
 from mlxq.quant.recipes import RECIPES
 
@@ -261,6 +262,39 @@ def test_manifest_of_another_model(made, tmp_path):
     copy_dir(hybrid_packs / "experts", bad / "experts")
     with pytest.raises(FormatError, match=r"layers\.1\.mlp.*not a MoE block in this model \(packs of another"):
         mlxq.load(str(bad), expert_memory="50%")
+
+
+# ------------------------------------------------------------------------------------------------ reads
+def test_macos_path_sets_f_nocache_on_every_pack_and_streams_exactly(made, monkeypatch):
+    """The macOS path (no O_DIRECT; F_NOCACHE through fcntl) taken on Linux with fcntl mocked: it has never run on
+    a Mac. Every pack's descriptor gets F_NOCACHE = 1 (Darwin's value 48 where the fcntl module lacks the name),
+    the reader counts as bypassing the cache, and the streamed logits stay bit-identical."""
+    from mlxq.experts import io
+
+    _, resident, packs = made("qwen3_moe")
+    calls = []
+    fake = types.ModuleType("fcntl")
+    fake.fcntl = lambda fd, cmd, arg: calls.append((fd, cmd, arg))
+    monkeypatch.setitem(sys.modules, "fcntl", fake)
+    monkeypatch.setattr(io, "MACOS", True)
+    monkeypatch.delattr(io.os, "O_DIRECT", raising=False)
+    model = mlxq.load(str(packs), expert_memory="25%")
+    reader = model.net.expert_pool.reader
+    assert sorted(calls) == sorted((fd, 48, 1) for fd in reader.fds.values()) and len(calls) == 2
+    assert reader.direct
+    assert np.array_equal(run(model), run(mlxq.load(str(resident))))
+
+
+def test_burst_rate_reads_through_the_runtime_reader(made):
+    """The decode-pattern probe: bursts of whole expert blocks (checked as the runtime checks them), counted."""
+    from mlxq.experts.io import measure_burst_rate
+
+    packs = open_pack_dir(made("qwen3_moe")[2])
+    stride = next(iter(packs.layers.values())).stride
+    got = measure_burst_rate(packs, batch=2.5, gap_s=0.001, threads=1, seconds=0.2)
+    assert got["reads"] > 0 and got["bytes"] % stride == 0 and got["bytes"] >= got["reads"] * stride
+    assert got["gb_per_s"] > 0 and (got["batch"], got["gap_s"]) == (2.5, 0.001)
+    assert measure_burst_rate(packs, batch=0, gap_s=0.0, threads=1, seconds=0.05)["reads"] == 0
 
 
 # ------------------------------------------------------------------------------------------------ command line

@@ -134,6 +134,31 @@ def test_llama_cpp_loads_it_and_agrees_with_mlxq(family, wide, kind, tiny_src, t
     assert rel(got, want) <= TOLERANCE.get(kind, QUANTIZED_TOLERANCE)
 
 
+def test_mlx_lm_layout_hybrid_exports_the_same_file(tiny_src, tmp_path):
+    """An mlx-lm directory of a hybrid Qwen (conv stored [channels, kernel, 1], zero-centred norms as 1 + w) gives
+    the very tensors its HF original does: the exporter brings them back to HF's layout first."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from mlxq.formats.gguf import names
+
+    src = tiny_src("qwen3_5_moe_text")
+    mlx_dir = tmp_path / "mlx-lm"
+    shutil.copytree(src, mlx_dir)
+    changed = 0
+    for f in mlx_dir.glob("*.safetensors"):
+        weights = load_file(f)
+        for name, w in weights.items():
+            if name.endswith("linear_attn.conv1d.weight"):
+                weights[name], changed = w.swapaxes(1, 2).copy(), changed + 1
+            elif names.PLUS_ONE in names.transforms("qwen35moe", name):
+                weights[name], changed = w + np.float32(1) if w.dtype == np.float32 else w + 1, changed + 1
+        save_file(weights, f)
+    assert changed > 4
+    assert tensors(exported(mlx_dir, tmp_path / "a", "F32")) == tensors(exported(src, tmp_path / "b", "F32"))
+
+
 MIXES = [k for k in GGUF_RECIPES if k != "F32"]
 
 

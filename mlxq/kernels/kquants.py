@@ -320,36 +320,48 @@ AFFINE_GROUP = 32
 
 
 def _affine_blocks(b: mx.array, kind: str) -> tuple[mx.array, mx.array, mx.array]:
-    """Per block: codes [n, elems] (uint8), scales and biases [n, elems / 32] (float32)."""
+    """Per block: its codes packed as MLX packs them [n, elems * bits / 8] (uint8), scales and biases
+    [n, elems / 32] (float32)."""
     n = b.shape[0]
     if kind in ("Q4_0", "Q5_0"):
         d = _f16(b, 0)
-        codes = _nibbles(b[:, 2:18], 16) if kind == "Q4_0" else _q5(b, 2)
-        return codes, d, -(8 if kind == "Q4_0" else 16) * d
+        packed = _repack_nibbles(b[:, 2:18], 16) if kind == "Q4_0" else _pack_bytes(_q5(b, 2), 5)
+        return packed, d, -(8 if kind == "Q4_0" else 16) * d
     if kind in ("Q4_1", "Q5_1"):
-        codes = _nibbles(b[:, 4:20], 16) if kind == "Q4_1" else _q5(b, 4)
-        return codes, _f16(b, 0), _f16(b, 2)
+        packed = _repack_nibbles(b[:, 4:20], 16) if kind == "Q4_1" else _pack_bytes(_q5(b, 4), 5)
+        return packed, _f16(b, 0), _f16(b, 2)
     if kind == "Q8_0":
         d = _f16(b, 0)
         return b[:, 2:34] ^ 0x80, d, -128 * d  # int8 + 128 as a byte: the sign bit flipped
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
     if kind == "Q4_K":
-        codes = _nibbles(b[:, 16:144], 32)
+        packed = _repack_nibbles(b[:, 16:144], 32)
     else:
         qh = _bits(b[:, 16:48], list(range(8)), 1).reshape(n, QK_K)
-        codes = _nibbles(b[:, 48:176], 32) | (qh << 4)
-    return codes, d * sc.astype(mx.float32), -(dmin * mn.astype(mx.float32))
+        packed = _pack_bytes(_nibbles(b[:, 48:176], 32) | (qh << 4), 5)
+    return packed, d * sc.astype(mx.float32), -(dmin * mn.astype(mx.float32))
 
 
-def pack_codes(codes: mx.array, bits: int) -> mx.array:
-    """Codes [rows, n] (each < 2**bits) -> MLX's packed uint32 [rows, n * bits / 32]: one little-endian bit
-    stream per row (code i in bits [i * bits, (i + 1) * bits)). Built a byte at a time: every 8 codes make `bits`
-    bytes, byte j gathering the codes whose bits overlap bits [8j, 8j + 8)."""
+def _repack_nibbles(qs: mx.array, run: int) -> mx.array:
+    """llama.cpp's 4-bit layout (each `run` bytes: weights 0..run-1 in the low nibbles, run..2run-1 in the high ones)
+    -> MLX's (weight 2k in the low nibble of byte k, 2k + 1 in the high one), without unpacking the codes."""
+    n = qs.shape[0]
+    pairs = qs.reshape(n * (qs.shape[1] // run), run // 2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    return mx.concatenate([(even & 0xF) | (odd << 4), (even >> 4) | (odd & 0xF0)], axis=1).reshape(n, -1)
+
+
+def _pack_bytes(codes: mx.array, bits: int) -> mx.array:
+    """Codes [rows, n] (each < 2**bits, n a multiple of 8) -> MLX's packed little-endian bit stream as bytes
+    [rows, n * bits / 8] (code i in bits [i * bits, (i + 1) * bits)). Built a byte at a time: every 8 codes make
+    `bits` bytes, byte j gathering the codes whose bits overlap bits [8j, 8j + 8) (never wider than a byte: 64-bit
+    words cost more memory traffic than they save ops)."""
     rows, n = codes.shape
+    c = codes.astype(mx.uint8)
     if bits == 8:
-        return mx.view(codes.astype(mx.uint8), mx.uint32)
-    c = codes.astype(mx.uint8).reshape(rows, n // 8, 8)
+        return c
+    c = c.reshape(rows, n // 8, 8)
     out = []
     for j in range(bits):
         byte = None
@@ -359,7 +371,13 @@ def pack_codes(codes: mx.array, bits: int) -> mx.array:
                 part = c[..., k] << shift if shift >= 0 else c[..., k] >> -shift
                 byte = part if byte is None else byte | part
         out.append(byte)
-    return mx.view(mx.stack(out, axis=-1).reshape(rows, n * bits // 8), mx.uint32)
+    return mx.stack(out, axis=-1).reshape(rows, n * bits // 8)
+
+
+def pack_codes(codes: mx.array, bits: int) -> mx.array:
+    """Codes [rows, n] (each < 2**bits) -> MLX's packed uint32 [rows, n * bits / 32]: one little-endian bit
+    stream per row (code i in bits [i * bits, (i + 1) * bits))."""
+    return mx.view(_pack_bytes(codes, bits), mx.uint32)
 
 
 def unpack_codes(packed: mx.array, bits: int) -> mx.array:
@@ -392,23 +410,22 @@ def affine_dequantize(weight: mx.array, scales: mx.array, biases: mx.array, grou
     return w.reshape(*lead, n).astype(dtype)
 
 
-def to_affine(blocks: mx.array, kind: str, rows_per_step: int = 2048) -> tuple[mx.array, mx.array, mx.array]:
+def to_affine(blocks: mx.array, kind: str, rows_per_step: int | None = None) -> tuple[mx.array, mx.array, mx.array]:
     """blocks [..., row_bytes] of an `AFFINE_BITS` type -> (weight, scales, biases) as `mx.quantize` would store
     them (group size 32, `AFFINE_BITS[kind]` bits), with `mx.dequantize` of the result bit-exact with
-    `dequantize`. Works `rows_per_step` rows at a time (the packing widens codes to 64 bits)."""
+    `dequantize`. Works `rows_per_step` rows at a time, by default all of them (steps are joined by a copy)."""
     if kind not in AFFINE_BITS:
         raise FormatError(f"GGML type {kind} is not exactly representable as MLX affine")
     elems, size = BLOCK_SIZES[kind]
-    bits = AFFINE_BITS[kind]
     *lead, nbytes = blocks.shape
     flat = blocks.reshape(-1, nbytes)
+    rows_per_step = rows_per_step or max(1, flat.shape[0])
     parts = []
     for start in range(0, flat.shape[0], rows_per_step):
         chunk = flat[start : start + rows_per_step]
         rows = chunk.shape[0]
-        codes, scales, biases = _affine_blocks(chunk.reshape(-1, size), kind)
-        packed = pack_codes(codes.reshape(rows, -1), bits)
-        part = (packed, scales.reshape(rows, -1), biases.reshape(rows, -1))
+        packed, scales, biases = _affine_blocks(chunk.reshape(-1, size), kind)
+        part = (mx.view(packed.reshape(rows, -1), mx.uint32), scales.reshape(rows, -1), biases.reshape(rows, -1))
         mx.eval(part)
         parts.append(part)
     weight, scales, biases = (mx.concatenate(p) if len(parts) > 1 else p[0] for p in zip(*parts, strict=True))

@@ -31,7 +31,21 @@ _MAGIC = F(12582912.0)  # 1.5 * 2**23: adding it rounds a float32 to an integer 
 # ------------------------------------------------------------------------------------------ float32 helpers
 def _nearest_int(v: np.ndarray) -> np.ndarray:
     """ggml's nearest_int: round half to even through the float32 mantissa (garbage, as in C, past 2**22)."""
-    return ((np.asarray(v, F) + _MAGIC).view(np.int32) & 0x7FFFFF) - 0x400000
+    out = (np.asarray(v, F) + _MAGIC).view(np.int32)  # one new array, the rest in place
+    out &= 0x7FFFFF
+    out -= 0x400000
+    return out
+
+
+# numpy's clip ufunc itself: np.clip's wrapper costs several times the clipping of a block-sized array
+_CLIP = getattr(getattr(np, "_core", None) and np._core.umath, "clip", None)
+
+
+def _clip(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """MAX(lo, MIN(hi, v)) in place (one pass)."""
+    if _CLIP is None:
+        return np.clip(v, lo, hi, out=v)
+    return _CLIP(v, v.dtype.type(lo), v.dtype.type(hi), out=v)
 
 
 def _fp16(v: np.ndarray) -> np.ndarray:
@@ -71,6 +85,14 @@ def _min_max(x: np.ndarray, start: float | None = None) -> tuple[np.ndarray, np.
     return lo, hi
 
 
+def _min_max_rows(x: np.ndarray, start: float) -> tuple[np.ndarray, np.ndarray]:
+    """`_min_max(x.T, start)` for blocks x [B, n]: numpy's reductions where no NaN is there (only with one does the
+    C loop's order matter)."""
+    if np.isnan(x).any():
+        return _min_max(np.ascontiguousarray(x.T), start)
+    return np.minimum(x.min(axis=1), F(start)), np.maximum(x.max(axis=1), F(-start))
+
+
 def _largest(x: np.ndarray, start: float = 0.0) -> np.ndarray:
     """C's `if (x[i] > m) m = x[i]` from m = start over the leading axis (NaN never wins, as in C)."""
     m = np.full(x.shape[1:], F(start))
@@ -82,7 +104,7 @@ def _largest(x: np.ndarray, start: float = 0.0) -> np.ndarray:
 def _running_abs_max(x: np.ndarray) -> np.ndarray:
     """C's `amax = MAX(amax, fabsf(x[i]))` from 0 over the leading axis (with a NaN the order matters)."""
     a = np.abs(x)
-    if np.isfinite(x).all():
+    if not np.isnan(a).any():
         return np.maximum(a.max(axis=0), F(0))
     amax = np.zeros(x.shape[1:], F)
     for row in a:
@@ -94,12 +116,20 @@ def _roundf(v: np.ndarray) -> np.ndarray:
     """C's roundf / lroundf: half away from zero (floor(|v| + 0.5) would round 0.49999997 up)."""
     a = np.abs(v)
     whole = np.floor(a)
-    whole += (a - whole) >= F(0.5)
-    return (np.copysign(whole, v)).astype(np.int32)
+    a -= whole
+    whole += a >= F(0.5)
+    return np.copysign(whole, v, out=whole).astype(np.int32)
 
 
 def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(largest |x|, the signed value holding it), the first one on ties, starting from 0 (C's strict `>`)."""
+    """(largest |x|, the signed value holding it) over the leading axis, the first one on ties, starting from 0 (C's
+    strict `>`): argmax finds it, the C loop runs only where a NaN is (it never wins there); an all-zero block's
+    value is +0 as in C, not a -0 it holds."""
+    a = np.abs(x)
+    if not np.isnan(a).any():
+        at = a.argmax(axis=0)[None]
+        amax = np.take_along_axis(a, at, 0)[0]
+        return amax, np.where(amax > 0, np.take_along_axis(x, at, 0)[0], F(0))
     amax = np.zeros(x.shape[1:], F)
     value = np.zeros(x.shape[1:], F)
     for row in x:
@@ -127,12 +157,17 @@ def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray
     of 19 trial scales. x, w element-major [n, B]; w None means x*x. Returns (scale [B], codes [n, B])."""
     amax, big = _abs_max(x)
     w = x * x if w is None else w
+    wx = w * x  # C's w*x[i]*l associates as (w*x[i])*l
     with np.errstate(all="ignore"):
 
         def trial(iscale):
-            l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
+            l = _clip(_nearest_int(iscale * x), -nmax, nmax - 1)
             lf = l.astype(F)
-            return l, _seq(w * x * lf), _seq(w * lf * lf)
+            wl = wx * lf
+            sumlx = _seq(wl)
+            np.multiply(w, lf, out=wl)
+            wl *= lf
+            return l, sumlx, _seq(wl)
 
         codes, sumlx, suml2 = trial(F(-nmax) / big)
         scale = np.where(suml2 != 0, sumlx / suml2, F(0))
@@ -185,29 +220,43 @@ def _make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool
     first_lo = lo
     with np.errstate(all="ignore"):
 
-        def error(scale, low, codes):
-            diff = scale * codes.astype(F) + low - x
-            return _seq(w * (np.abs(diff) if mad else diff * diff))
+        def error(scale, low, lf):  # sum of w * (scale * l + min - x)^2 (or |.|), in place on one new array
+            diff = scale * lf
+            diff += low
+            diff -= x
+            if mad:
+                np.abs(diff, out=diff)
+            else:
+                diff *= diff
+            diff *= w
+            return _seq(diff)
+
+        def codes_at(iscale):
+            v = x - lo
+            v *= iscale
+            return _clip(_nearest_int(v), 0, nmax)
 
         iscale = F(nmax) / (hi - lo)
         scale = F(1) / iscale
-        codes = np.clip(_nearest_int(iscale * (x - lo)), 0, nmax)
-        best = error(scale, lo, codes)
+        codes = codes_at(iscale)
+        best = error(scale, lo, codes.astype(F))
         for step in range(nstep + 1):
             iscale = ((F(rmin) + F(rdelta) * F(step)) + F(nmax)) / (hi - lo)
-            trial = np.clip(_nearest_int(iscale * (x - lo)), 0, nmax)
+            trial = codes_at(iscale)
             lf = trial.astype(F)
             wl = w * lf
-            sum_l, sum_l2, sum_xl = _seq(wl), _seq(wl * lf), _seq(wl * x)
+            sum_l, sum_xl = _seq(wl), _seq(wl * x)
+            wl *= lf
+            sum_l2 = _seq(wl)
             det = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
             positive = this_min > 0
             this_min = np.where(positive, F(0), this_min)
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-            err = error(this_scale, this_min, trial)
+            err = error(this_scale, this_min, lf)
             better = (det > 0) & (err < best)
-            codes = np.where(better, trial, codes)
+            np.copyto(codes, trial, where=better)
             best = np.where(better, err, best)
             scale = np.where(better, this_scale, scale)
             lo = np.where(better, this_min, lo)
@@ -317,18 +366,20 @@ class _Q4_0(Codec):
     half = 8  # codes are centred on this
 
     def fit(self, x, qw, row_sigma2):
-        xe = _elements(x, QK)
-        if qw is None:
-            _, big = _abs_max(xe)
+        if qw is None:  # no sums: the blocks stay in weight order
+            _, big = _abs_max(x.T)
             d = big / F(-self.half)
             with np.errstate(all="ignore"):
                 inv = np.where(d != 0, F(1) / d, F(0))
-            codes = np.minimum(self.nmax, _i8((xe * inv + F(self.half + 0.5)).astype(np.int32)))
+            v = x * inv[:, None]
+            v += F(self.half + 0.5)
+            codes = np.minimum(self.nmax, _i8(v.astype(np.int32)))
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
-            d, codes = _make_qx(xe, self.half, w)
+            d, codes = _make_qx(_elements(x, QK), self.half, w)
+            codes = _blocks(codes, 1)
         stored = _fp16(d)
-        return Fit({"d": d}, stored[:, None], (F(-self.half) * stored)[:, None], _blocks(codes, 1))
+        return Fit({"d": d}, stored[:, None], (F(-self.half) * stored)[:, None], codes)
 
     def pack(self, fit, codes):
         return np.concatenate([_half_bytes(fit.header["d"]), _nibbles(codes)], axis=1)
@@ -345,20 +396,22 @@ class _Q4_1(Codec):
     name, block, size, sub, nmax, row_stat = "Q4_1", QK, 20, QK, 15, 1.0
 
     def fit(self, x, qw, row_sigma2):
-        xe = _elements(x, QK)
-        if qw is None:
-            lo, hi = _min_max(xe, start=np.finfo(F).max)
+        if qw is None:  # no sums: the blocks stay in weight order
+            lo, hi = _min_max_rows(x, np.finfo(F).max)
             d = (hi - lo) / F(self.nmax)
             with np.errstate(all="ignore"):
                 inv = np.where(d != 0, F(1) / d, F(0))
-            codes = _u8(((xe - lo) * inv + F(0.5)).astype(np.int32))
+            v = x - lo[:, None]
+            v *= inv[:, None]
+            v += F(0.5)
+            codes = _u8(v.astype(np.int32))
             if self.nmax == 15:
                 codes = np.minimum(15, codes)
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
-            d, neg_min, codes = _make_qkx(xe, w, self.nmax, -0.9, 0.05, 36, False)
-            lo = -neg_min
-        return Fit({"d": d, "m": lo}, _fp16(d)[:, None], _fp16(lo)[:, None], _blocks(codes, 1))
+            d, neg_min, codes = _make_qkx(_elements(x, QK), w, self.nmax, -0.9, 0.05, 36, False)
+            lo, codes = -neg_min, _blocks(codes, 1)
+        return Fit({"d": d, "m": lo}, _fp16(d)[:, None], _fp16(lo)[:, None], codes)
 
     def pack(self, fit, codes):
         return np.concatenate([_half_bytes(fit.header["d"]), _half_bytes(fit.header["m"]), _nibbles(codes)], axis=1)
@@ -376,13 +429,15 @@ class _Q8_0(Codec):
     name, block, size, sub, nmax, weighted = "Q8_0", QK, 34, QK, 255, False
 
     def fit(self, x, qw, row_sigma2):  # ggml's Q8_0 has no importance-weighted variant
-        xe = _elements(x, QK)
+        xe = _elements(x, QK)  # numpy reduces faster across blocks than along each block's 32 weights
         d = _running_abs_max(xe) / F(127)
         with np.errstate(all="ignore"):
             inv = np.where(d != 0, F(1) / d, F(0))
-        codes = _roundf(xe * inv)
+        xe *= inv
+        codes = _roundf(xe)
+        codes += 128
         stored = _fp16(d)
-        return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], _blocks(codes + 128, 1))
+        return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], _blocks(codes, 1))
 
     def pack(self, fit, codes):
         q = (codes.astype(np.int32) - 128).astype(np.int8).view(np.uint8)

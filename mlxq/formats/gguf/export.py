@@ -91,13 +91,17 @@ class Source:
     dtype: str
     nbytes: int
     rows: tuple[int, ...] | None = None  # along the second-to-last axis
+    undo: tuple[names.Transform, ...] = ()  # an mlx-lm checkpoint's own layout -> HF's (`to_hf` of each)
 
     def load(self, ckpt: Checkpoint) -> np.ndarray:
         arrays = [ckpt.tensors[n] for n in self.names]
         w = mx.stack(arrays) if len(arrays) > 1 else arrays[0]
         if self.rows is not None:
             w = mx.take(w, mx.array(self.rows), axis=-2)
-        return np.asarray(w.astype(mx.float32) if mx.issubdtype(w.dtype, mx.floating) else w)
+        w = np.asarray(w.astype(mx.float32) if mx.issubdtype(w.dtype, mx.floating) else w)
+        for t in self.undo:
+            w = t.to_hf(w, {})
+        return w
 
     def take(self, rows) -> Source:
         """These of its rows (indices into this source's own rows)."""
@@ -324,7 +328,16 @@ def plan(ckpt: Checkpoint, recipe: Recipe, warn=lambda text: None, mtp: bool = T
     mtp_layers = names.mtp_layers(found) if mtp and names.ARCHITECTURES[arch].hybrid else 0
     metadata = {k: _value(v) for k, v in model_metadata(cfg, arch, ckpt.path, mtp_layers).items()}
     items, skipped = [], []
+    # mlx-lm's hybrid Qwen checkpoints keep the conv as [channels, kernel, 1] and the norms as 1 + w (as the model's
+    # sanitize tells them apart): brought back to HF's layout before the converter's transforms
+    mlx_lm = any(hf.endswith("conv1d.weight") and len(s.shape) == 3 and s.shape[1] != 1 == s.shape[2]
+                 for hf, s in found.items())
     for hf, src, target in _named(arch, found, cfg, ckpt.path):
+        if mlx_lm and (undo := names.mlx_lm_layout(arch, hf)):
+            shape = src.shape
+            for t in undo:
+                shape = t.hf_shape(shape)
+            src = replace(src, shape=shape, undo=undo)
         role = role_of(hf, cfg.get("model_type"))
         if ((in_mtp(hf) and not mtp_layers) or in_vision(hf) or role == "rope"
                 or (hf.endswith("lm_head.weight") and shape_of.tied)):

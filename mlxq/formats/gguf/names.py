@@ -150,6 +150,20 @@ class Squeeze(Transform):
 
 
 @dataclass(frozen=True)
+class KernelLast(Transform):
+    """mlx-lm's depthwise conv layout [channels, kernel, 1]; HF's is [channels, 1, kernel]."""
+
+    def to_gguf(self, w, config):
+        return w.swapaxes(1, 2)
+
+    def to_hf(self, w, config):
+        return w.swapaxes(1, 2)
+
+    def hf_shape(self, shape):
+        return (shape[0], shape[2], shape[1])
+
+
+@dataclass(frozen=True)
 class AsRow(Transform):
     """A [1, n] weight (the shared expert's gate), which llama.cpp keeps as it is and Ollama stores as [n]."""
 
@@ -541,6 +555,15 @@ def gguf_arch(model_type: str | None) -> str | None:
 def to_gguf(arch: str, hf: str, w, config: dict[str, Any]):
     """The tensor as llama.cpp's converter writes it."""
     return to_gguf_all(transforms(arch, hf), w, config)
+
+
+def mlx_lm_layout(arch: str, hf: str) -> tuple[Transform, ...]:
+    """What mlx-lm's checkpoints of a hybrid Qwen store differently from HF's (zero-centred norms as 1 + w, the conv
+    as [channels, kernel, 1]): the transforms whose `to_hf` brings such a tensor back to HF's layout."""
+    if not ARCHITECTURES[arch].hybrid:
+        return ()
+    return tuple(KernelLast() if isinstance(t, Squeeze) else t for t in transforms(arch, hf)
+                 if t == PLUS_ONE or isinstance(t, Squeeze))
 
 
 def gguf_shape(arch: str, hf: str, shape: tuple[int, ...]) -> tuple[int, ...]:

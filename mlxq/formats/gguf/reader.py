@@ -32,7 +32,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
 from mlxq.formats.gguf import names
-from mlxq.formats.gguf.checks import check_gguf
+from mlxq.formats.gguf.checks import check_gguf, skip_strings
 from mlxq.formats.gguf.codecs import FLOAT_TYPES
 from mlxq.formats.gguf.names import ARCHITECTURES, CONFIG_KEYS
 from mlxq.kernels import kquants
@@ -51,12 +51,14 @@ class Strings:
 
     def read(self, path: Path) -> list[str]:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            out, pos = [], self.offset
-            for _ in range(self.count):
-                (n,) = struct.unpack_from("<Q", data, pos)
-                out.append(bytes(data[pos + 8 : pos + 8 + n]).decode("utf-8", errors="replace"))
-                pos += 8 + n
-            return out
+            end = skip_strings(data, self.offset, self.count)
+            raw = data[self.offset : end]  # one copy, then slices of it
+        out, pos, length = [], 0, struct.Struct("<Q").unpack_from
+        for _ in range(self.count):
+            (n,) = length(raw, pos)
+            out.append(raw[pos + 8 : pos + 8 + n].decode("utf-8", errors="replace"))
+            pos += 8 + n
+        return out
 
 
 @dataclass(frozen=True)
@@ -136,10 +138,7 @@ def _parse(data, path: Path) -> Header:
             pos += n * width
             return arr
         if item == GGUFValueType.STRING:
-            start = pos
-            for _ in range(n):
-                (m,) = struct.unpack_from("<Q", data, pos)
-                pos += 8 + m
+            start, pos = pos, skip_strings(data, pos, n)
             if pos > len(data):
                 raise ValueError("a string array runs past the end of the file")
             return Strings(n, start)

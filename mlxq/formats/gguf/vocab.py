@@ -57,7 +57,7 @@ def _from_gguf(path: Path) -> dict[str, Value]:
     arrays = {np.dtype("int32"): T.INT32, np.dtype("uint32"): T.UINT32, np.dtype("float32"): T.FLOAT32,
               np.dtype("bool"): T.BOOL, np.dtype("uint8"): T.UINT8, np.dtype("int64"): T.INT64}
     out = {}
-    for key, v in read_header(path).meta.items():
+    for key, v in read_header(path, check=False).meta.items():  # checked when its checkpoint was opened
         if not key.startswith("tokenizer."):
             continue
         if isinstance(v, Strings):

@@ -1,4 +1,4 @@
-"""Streaming GGUF output through gguf-py's GGUFWriter: every tensor's name, shape and type is declared first, the
+"""Streaming GGUF output: every tensor's name, shape and type is declared first, the
 header, metadata and tensor index are written, then tensor data follows one tensor at a time, in declared order.
 Memory stays at one tensor. The file is built under a hidden temporary name next to the target and renamed into
 place only when complete; anything that fails on the way removes it.
@@ -7,11 +7,13 @@ place only when complete; anything that fails on the way removes it.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf.constants import GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType, Keys
 
 from mlxq.errors import FormatError
 from mlxq.formats.gguf.codecs import row_bytes
@@ -41,28 +43,21 @@ class Value:
 
 
 class GGUFOut:
-    """Writes `tensors` (in this order) with `metadata` {key: Value} into `path`, atomically."""
+    """Writes `tensors` (in this order) with `metadata` {key: Value} into `path`, atomically. The header is packed
+    here in one pass (gguf-py's writer packs a vocabulary's strings one call tree at a time: most of an export's
+    fixed cost); the bytes are the same as gguf-py's GGUFWriter writes."""
 
     def __init__(self, path: Path, arch: str, metadata: dict[str, Value], tensors: list[TensorOut]):
-        import gguf
-
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
         self._order = list(tensors)
         self._next = 0
-        self._writer = gguf.GGUFWriter(None, arch)
-        for key, v in metadata.items():
-            if key == gguf.Keys.General.ARCHITECTURE:
-                continue
-            self._writer.add_key_value(key, v.value, v.type, sub_type=v.sub)
-        for t in self._order:
-            qtype = gguf.GGMLQuantizationType[t.kind]
-            self._writer.add_tensor_info(t.name, t.shape, np.float32, t.nbytes, raw_dtype=qtype)
+        self._file = None
+        self._header = _header(arch, metadata, self._order)
 
     def __enter__(self) -> GGUFOut:
-        self._writer.write_header_to_file(self.tmp)
-        self._writer.write_kv_data_to_file()
-        self._writer.write_ti_data_to_file()
+        self._file = open(self.tmp, "wb")  # noqa: SIM115 (closed in __exit__)
+        self._file.write(self._header)
         return self
 
     def write(self, name: str, data: np.ndarray) -> None:
@@ -71,7 +66,8 @@ class GGUFOut:
         t = self._order[self._next]
         if name != t.name or data.nbytes != t.nbytes:
             raise FormatError(f"tensor '{name}' ({data.nbytes} bytes): expected '{t.name}' ({t.nbytes} bytes)")
-        self._writer.write_tensor_data(np.ascontiguousarray(data))
+        np.ascontiguousarray(data).tofile(self._file)
+        self._file.write(bytes(_pad(data.nbytes)))
         self._next += 1
 
     def __exit__(self, kind, exc, tb) -> None:
@@ -79,11 +75,60 @@ class GGUFOut:
             if kind is None and self._next != len(self._order):
                 raise FormatError(f"tensor '{self._order[self._next].name}': planned but never written")
             if kind is None:
-                for f in self._writer.fout or []:
-                    f.flush()
-                    os.fsync(f.fileno())
-            self._writer.close()
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            self._file.close()
             if kind is None:
                 os.replace(self.tmp, self.path)  # the file appears complete or not at all
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+ALIGNMENT = 32  # gguf-py's and llama.cpp's default; exports never set general.alignment
+
+
+def _pad(n: int) -> int:
+    return -n % ALIGNMENT
+
+
+def _header(arch: str, metadata: dict[str, Value], tensors: list[TensorOut]) -> bytes:
+    """Magic, version, counts, metadata (general.architecture first), tensor records, padding to the data."""
+    kv = {Keys.General.ARCHITECTURE: Value(arch, T.STRING)}
+    kv.update((k, v) for k, v in metadata.items() if k != Keys.General.ARCHITECTURE)
+    out = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), len(kv))]
+    for key, v in kv.items():
+        out.append(_string(key))
+        out.append(struct.pack("<I", v.type))
+        out.append(_value(v.value, v.type, v.sub))
+    offset = 0
+    for t in tensors:
+        qtype = GGMLQuantizationType[t.kind]
+        out += [_string(t.name), struct.pack(f"<I{len(t.shape)}QIQ", len(t.shape), *reversed(t.shape), qtype, offset)]
+        offset += t.nbytes + _pad(t.nbytes)
+    head = b"".join(out)
+    return head + bytes(_pad(len(head)))
+
+
+T = GGUFValueType
+_NUMBERS = {T.UINT8: "<u1", T.INT8: "<i1", T.UINT16: "<u2", T.INT16: "<i2", T.UINT32: "<u4", T.INT32: "<i4",
+            T.FLOAT32: "<f4", T.BOOL: "?", T.UINT64: "<u8", T.INT64: "<i8", T.FLOAT64: "<f8"}
+
+
+def _string(s: str | bytes) -> bytes:
+    b = s.encode("utf-8") if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+def _value(value: Any, kind: int, sub: int | None) -> bytes:
+    if kind in _NUMBERS:
+        return np.asarray(value, _NUMBERS[kind]).tobytes()
+    if kind == T.STRING:
+        return _string(value)
+    if kind != T.ARRAY or sub is None or not len(value):
+        raise FormatError(f"metadata value of type {kind} ({str(value)[:40]}): not writable")
+    head = struct.pack("<IQ", sub, len(value))
+    if sub == T.STRING:
+        return head + b"".join(map(_string, value))
+    if sub in _NUMBERS:
+        return head + np.asarray(value, _NUMBERS[sub]).tobytes()
+    raise FormatError(f"metadata array of value type {sub}: not writable")
