@@ -9,7 +9,16 @@ SmolLM2-135M-Instruct, greedy (so both give the same tokens, which is checked), 
 Figures per task: decode tokens/s with drafts and without (`speculative_vs_plain` = ours / plain; goal >= 1.5x on
 the JSON task) and tokens per decode step (1 + accepted draft tokens per step).
 
-    python bench/speculative.py [--model smollm2] [--draft 8] [--quick]
+MTP (`speculative="mtp"`, drafts from Qwen3.5's own multi-token-prediction head): no real Qwen3.5 checkpoint is at
+hand here, so no acceptance rate; instead (`mtp_rows`):
+1. exactness: greedy answers with and without MTP drafts through the engine on tiny random Qwen3.5s (dense, MoE)
+   with random heads;
+2. cost: one draft + verify step against one plain decode step, run on the engine's runner, on a random Qwen3.5 of
+   a small real model's shape (`COST_SHAPE`), for drafts of 1 and 3 tokens, all accepted or all rejected (a
+   rejection on a hybrid restores the DeltaNet states and runs the kept token again), and the acceptance a draft
+   of one token needs to break even.
+
+    python bench/speculative.py [--model smollm2] [--draft 8] [--quick] [--only lookup|mtp]
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -124,25 +135,173 @@ def run_task(model, name: str, draft: int, max_tokens: int, repeats: int) -> dic
     return out
 
 
+# ------------------------------------------------------------------------------------------------------ MTP
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, linear_key_head_dim=16, linear_value_head_dim=8, linear_num_key_heads=2,
+            linear_num_value_heads=4, vocab_size=256)
+TINY_MOE = dict(TINY, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                shared_expert_intermediate_size=48)
+# Qwen3.5-0.8B's proportions as we read its config (hidden 1024, 24 layers, 248320 tokens, tied head): random
+# weights, built in memory; the head is shared by the model and the MTP head, so each draft token costs one pass of it
+COST_SHAPE = dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=256, linear_key_head_dim=128, linear_value_head_dim=128,
+                  linear_num_key_heads=16, linear_num_value_heads=16, vocab_size=248320, tie_word_embeddings=True)
+
+
+def qwen35_config(shape: dict) -> dict:
+    moe = "num_experts" in shape
+    return {"model_type": "qwen3_5_moe_text" if moe else "qwen3_5_text", "linear_conv_kernel_dim": 4,
+            "full_attention_interval": 4, "rms_norm_eps": 1e-6, "max_position_embeddings": 4096,
+            "tie_word_embeddings": False, "mtp_num_hidden_layers": 1, "eos_token_id": 2, **shape}
+
+
+OUTPUTS = ("o_proj.weight", "out_proj.weight", "down_proj.weight")
+
+
+def random_qwen35(shape: dict, seed: int = 0):
+    """A Qwen3.5 network with an MTP head and random weights, in memory (layer outputs scaled down, as in
+    `mlxq.bench.synthetic`, so deep random networks keep some dependence on their input)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlxq.models import build_model
+    from mlxq.models.qwen3_5 import Model
+
+    net = build_model(qwen35_config(shape))
+    weights = dict(tree_flatten(net.parameters()))
+    for i, (name, w) in enumerate(weights.items()):
+        key = mx.random.key(seed * 100003 + i)
+        if name.endswith("norm.weight") or name.endswith("dt_bias"):
+            continue
+        scale = 1.0 if "embed" in name else w.shape[-1] ** -0.5 * (0.1 if name.endswith(OUTPUTS) else 1.0)
+        weights[name] = (mx.random.normal(w.shape, key=key) * scale).astype(w.dtype)
+    net.load_weights(list(weights.items()))
+    assert isinstance(net, Model) and "mtp" in net
+    return net
+
+
+def mtp_exactness(shape: dict, max_tokens: int) -> dict:
+    """Greedy answers with and without MTP drafts through the engine (a tiny checkpoint with a character tokenizer)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    import mlxq
+    from mlxq.bench.synthetic import char_tokenizer
+
+    net = random_qwen35(shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        mx.save_safetensors(f"{tmp}/model.safetensors", dict(tree_flatten(net.parameters())))
+        Path(tmp, "config.json").write_text(json.dumps(qwen35_config(shape)))
+        char_tokenizer(Path(tmp), shape["vocab_size"])
+        model = mlxq.load(tmp)
+    prompts = ["Once upon a time a dragon", "The soup was cold and the waiter", "A man walks into a bar and"]
+    plain = [model.generate(p, max_tokens=max_tokens, ignore_eos=True).tokens for p in prompts]
+    before = model.engine.stats()
+    fast = [model.generate(p, max_tokens=max_tokens, ignore_eos=True, speculative="mtp").tokens for p in prompts]
+    after = model.engine.stats()
+    return {"answers": len(prompts), "tokens": sum(map(len, plain)), "identical_output": fast == plain,
+            "drafted": after["drafted"] - before["drafted"],
+            "accepted": after["accepted_drafts"] - before["accepted_drafts"]}
+
+
+def mtp_step_cost(shape: dict, steps: int) -> dict:
+    """Seconds per plain decode step and per draft + verify step (drafts of 1 and 3 tokens, all accepted or all
+    rejected), one row on the engine's runner after a 128-token prompt; medians over `steps`."""
+    import mlx.core as mx
+
+    from mlxq.engine.runner import Runner
+
+    net = random_qwen35(shape)
+    prompt = [(7 * i + 3) % 5000 + 100 for i in range(128)]
+
+    def start(mtp: bool) -> tuple[Runner, int]:
+        runner = Runner(net, 0)
+        runner.admit(prompt, None, mtp=mtp)
+        logits = runner.prefill([prompt], [[len(prompt) - 1]], [])
+        runner.promote(0)
+        return runner, mx.argmax(logits[0]).item()
+
+    runner, token = start(False)
+    plain = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        token = mx.argmax(runner.decode([token])[0]).item()
+        plain.append(time.perf_counter() - t0)
+    out = {"plain_step_s": median(plain[1:])}
+    for k in (1, 3):
+        for accept in (True, False):
+            runner, token = start(True)
+            times, heads = [], []
+            for _ in range(steps + 1):
+                t0 = time.perf_counter()
+                fed = [token]
+                for j in range(k):
+                    fed.append(mx.argmax(runner.mtp_draft([fed[-1]], j == 0)[0]).item())
+                runner.mtp_end()
+                t1 = time.perf_counter()
+                logits = runner.verify([fed])
+                keep = k + 1 if accept else 1
+                token = mx.argmax(logits[keep - 1]).item()
+                mx.eval(runner.state("decode"))
+                runner.rewind([keep])
+                times.append(time.perf_counter() - t0)
+                heads.append(t1 - t0)
+            name = f"draft{k}_{'accepted' if accept else 'rejected'}"
+            out[f"{name}_step_s"] = median(times[1:])
+            out[f"{name}_vs_plain"] = round(median(times[1:]) / out["plain_step_s"], 3)
+            out[f"draft{k}_head_s"] = median(heads[1:])
+    # a draft of one token, accepted with probability a: (1 + a) tokens for a * A + (1 - a) * R seconds
+    p, a1, r1 = out["plain_step_s"], out["draft1_accepted_step_s"], out["draft1_rejected_step_s"]
+    out["draft1_break_even_acceptance"] = round((r1 - p) / (p + r1 - a1), 3) if p + r1 - a1 > 0 else None
+    return out
+
+
+def mtp_rows(quick: bool) -> dict:
+    """--quick: shorter answers, fewer steps, and the cost measured on a third of the layers and a quarter of the
+    vocabulary (building and running the full shape takes minutes here)."""
+    max_tokens, steps = (24, 3) if quick else (48, 8)
+    shape = dict(COST_SHAPE, num_hidden_layers=8, vocab_size=65536) if quick else COST_SHAPE
+    exact = {"dense": mtp_exactness(TINY, max_tokens), "moe": mtp_exactness(TINY_MOE, max_tokens)}
+    for name, row in exact.items():
+        print(f"mtp exactness ({name}, tiny random Qwen3.5): identical={row['identical_output']}, "
+              f"{row['accepted']} of {row['drafted']} random drafts accepted", flush=True)
+    cost = mtp_step_cost(shape, steps)
+    print(f"mtp step cost (random Qwen3.5, {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, "
+          f"vocabulary {shape['vocab_size']}): plain {cost['plain_step_s']:.3f} s; draft of 1 + verify "
+          f"{cost['draft1_accepted_vs_plain']}x accepted, {cost['draft1_rejected_vs_plain']}x rejected; break-even "
+          f"acceptance {cost['draft1_break_even_acceptance']}", flush=True)
+    return {"exactness": exact, "step_cost": {"shape": shape, "steps": steps, **cost},
+            "acceptance": "not measured: no real Qwen3.5 checkpoint is cached here (random heads are always wrong)"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--draft", type=int, default=8, help="draft tokens per step")
     ap.add_argument("--quick", action="store_true", help="one run per setting, shorter answers")
+    ap.add_argument("--only", choices=["lookup", "mtp"], help="only prompt lookup, or only the MTP rows")
     args = ap.parse_args()
+
+    import os
 
     import mlxq
 
-    model = mlxq.load(args.model)
-    max_tokens, repeats = (64, 1) if args.quick else (128, 3)
-    tasks = {name: run_task(model, name, args.draft, max_tokens, repeats) for name in TASKS}
-    write_result("speculative", {
-        "model": args.model, "draft": args.draft, "quick": args.quick, "max_tokens": max_tokens,
-        "repeats": repeats, "prompt_lookup": tasks,
-        "speculative_vs_plain": tasks["json_game_master"]["speculative_vs_plain"],
-        "goal_json_1_5x": bool(tasks["json_game_master"]["speculative_vs_plain"] or 0) and
-        tasks["json_game_master"]["speculative_vs_plain"] >= 1.5,
-    })
+    result = {"model": args.model, "draft": args.draft, "quick": args.quick,
+              "load_average": [round(x, 2) for x in os.getloadavg()]}
+    if args.only != "mtp":
+        model = mlxq.load(args.model)
+        max_tokens, repeats = (64, 1) if args.quick else (128, 3)
+        tasks = {name: run_task(model, name, args.draft, max_tokens, repeats) for name in TASKS}
+        result |= {
+            "max_tokens": max_tokens, "repeats": repeats, "prompt_lookup": tasks,
+            "speculative_vs_plain": tasks["json_game_master"]["speculative_vs_plain"],
+            "goal_json_1_5x": bool(tasks["json_game_master"]["speculative_vs_plain"] or 0) and
+            tasks["json_game_master"]["speculative_vs_plain"] >= 1.5,
+        }
+    if args.only != "lookup":
+        result["mtp"] = mtp_rows(args.quick)
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    write_result("speculative" if args.only is None else f"speculative_{args.only}", result)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ class Model:
 
     Generation options, the same on every path (here, `Session`, the server):
     - `max_tokens`, `stop` (a string or a list), `logprobs` (k: each token's logprob and the k most likely),
-      `ignore_eos`, `speculative` (k: prompt-lookup draft tokens checked per decode step; same output);
+      `ignore_eos`, `speculative` (k: prompt-lookup draft tokens checked per decode step, or "mtp": drafts from the
+      model's MTP head; same output);
     - sampling: `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `presence_penalty`,
       `frequency_penalty`, `logit_bias`, `seed` (or `params=SamplingParams(...)`);
     - controls (`mlxq.engine.controls`): `enable_thinking`, `thinking_budget`, `schema`, `tools`, `tool_choice`,
@@ -116,12 +117,13 @@ class Model:
         params: SamplingParams | None = None,
         logits_processors: list[LogitsProcessor] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
-        speculative: int = 0,
+        speculative: int | str = 0,
         **options: Any,
     ) -> Request:
         """The engine request for a prompt and the options above (what `stream` and `generate` submit).
-        `speculative`: draft tokens checked per decode step, looked up in the prompt and the answer so far (prompt
-        lookup; the output is the same as without)."""
+        `speculative`: k draft tokens checked per decode step, looked up in the prompt and the answer so far (prompt
+        lookup), or 'mtp': drafts from the model's own multi-token-prediction head (Qwen3.5 checkpoints that keep
+        their `mtp.*` weights); the output is the same as without."""
         controls, sampling = split_options(options)
         if params is not None and sampling:
             raise InvalidRequest(f"give sampling options either as params or by keyword, not both ({min(sampling)})")

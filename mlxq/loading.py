@@ -89,6 +89,9 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     weights = model.sanitize(dict(sources))
     if split is not None and expert_memory is None and _has_packs(ckpt):
         expert_memory = "100%"  # a rank streams its share of the experts from its own packs: by default all of it stays
+    if "mtp" in model and _has_packs(ckpt):  # the packs hold the network's experts, not the MTP head's
+        del model["mtp"]
+        weights = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
     packs, streamed = _expert_packs(ckpt, model, weights, expert_memory)
     if streamed and split is not None:
         streamed, packs = split.stream_share(streamed, packs)

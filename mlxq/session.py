@@ -51,7 +51,8 @@ class Session:
     reasoning; `tools` are offered to the model as `tool_choice` says (its calls are in `last.tool_calls`; answer
     them with `add_tool_result` and `ask(None)`); `logprobs` (k) records
     each answer token's logprob in `last.logprobs`; `speculative` (k): prompt-lookup drafts of k tokens checked per
-    decode step (same answers, faster when they quote the conversation); other keywords are sampling options
+    decode step (same answers, faster when they quote the conversation), or 'mtp': drafts from the model's
+    multi-token-prediction head; other keywords are sampling options
     (temperature, ...).
 
     One question at a time per Session; any number of Sessions at once."""
@@ -59,7 +60,7 @@ class Session:
     def __init__(self, model: Any, system: str | None = None, secrets: list[str] | None = None, *,
                  public: list[str] | None = None, min_span: int = 8, enable_thinking: bool = False,
                  thinking_budget: int | None = None, max_tokens: int = 256, tools: list[dict] | None = None,
-                 tool_choice: str | dict | None = None, logprobs: int | None = None, speculative: int = 0,
+                 tool_choice: str | dict | None = None, logprobs: int | None = None, speculative: int | str = 0,
                  **sampling: Any):
         if not model.tokenizer.has_chat_template:
             raise InvalidRequest(f"{model.name}: a Session needs a model with a chat template")

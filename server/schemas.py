@@ -5,7 +5,7 @@ Types are strict: a string where a number belongs is a 400, not silently convert
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,12 +23,13 @@ class StreamOptions(_Body):
 class Extension(_Body):
     """mlxq's own fields, under `"mlxq"`: the secret guard (`mlxq.engine.guards.SecretGuard`), as the Python API
     and `Session` take it: no span of `min_span` normalised characters of a secret is written, except spans that
-    occur in `public` text; `speculative`: prompt-lookup draft tokens checked per decode step (the same output)."""
+    occur in `public` text; `speculative`: prompt-lookup draft tokens checked per decode step, or "mtp" for drafts
+    from the model's multi-token-prediction head (the same output)."""
 
     secrets: list[str] = Field(default_factory=list)
     public: list[str] = Field(default_factory=list)
     min_span: int = Field(8, ge=1)
-    speculative: int = Field(0, ge=0, le=64)
+    speculative: Annotated[int, Field(ge=0, le=64)] | Literal["mtp"] = 0
 
 
 class SamplingFields(_Body):

@@ -14,6 +14,7 @@ import pytest
 from fixtures_gguf import GGUF_TEXT, KINDS, convert_with_llama_cpp
 from fixtures_qwen3 import *  # noqa: F403  (pytest fixtures: qwen3_tokenizer_dir)
 from llama_cpp_run import llama_cpp_layers, llama_cpp_logits
+from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 from tiny import randomise_hybrid
 
@@ -118,7 +119,7 @@ def test_llama_cpp_loads_the_mtp_block_and_agrees_with_mlxq(kind, type_, with_mt
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_import_gives_the_mtp_weights_back(kind, with_mtp, tmp_path):
     """Our export and llama.cpp's conversion both read back as the checkpoint's `mtp.*` tensors (experts stacked
-    [experts, out, in]), and the loaded model keeps them for speculative decoding."""
+    [experts, out, in]), and the loaded model's MTP head holds them, for speculative decoding."""
     hf_dir, mtp, theirs = with_mtp(kind)
     ours = tmp_path / "ours.gguf"
     export(str(hf_dir), ours, gguf_recipe("F32"), progress=False)
@@ -131,8 +132,10 @@ def test_import_gives_the_mtp_weights_back(kind, with_mtp, tmp_path):
         assert set(got) == set(want)
         for name, w in want.items():
             np.testing.assert_allclose(got[name], w, rtol=1e-6, atol=1e-6, err_msg=name)
-    net = load_model(open_checkpoint(str(ours)), dtype=mx.float32)
-    assert set(net.mtp_weights) == set(want)
+    net = load_model(open_checkpoint(str(ours)), dtype=mx.float32, fuse=False)  # the head, with the checkpoint's
+    loaded = {f"mtp.{k}": v for k, v in tree_flatten(net.mtp.parameters())}  # names (test_mtp runs it)
+    assert set(loaded) == set(want)
+    np.testing.assert_allclose(np.array(loaded["mtp.fc.weight"]), want["mtp.fc.weight"], rtol=1e-6, atol=1e-6)
 
 def stacked(mtp: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per-expert tensors stacked as the GGUF holds them (`...mlp.experts.gate_proj.weight` [experts, out, in])."""

@@ -181,8 +181,12 @@ def test_fused_expert_tensors_load_like_per_expert_ones(tmp_path):
     assert rel(net(mx.array([PROMPT[:12]]), net.make_cache())[0], want) < 1e-4
 
 
-def test_mtp_weights_are_kept_readable(tmp_path):
+def test_mtp_weights_load_only_into_a_head_the_config_names(tmp_path):
+    """`mtp.*` weights are ignored unless the config names MTP layers; then they must all be there (the head itself
+    is checked in test_mtp)."""
     from safetensors.numpy import load_file, save_file
+
+    from mlxq.errors import FormatError
 
     make_tiny("qwen3_5_text", tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
@@ -190,8 +194,11 @@ def test_mtp_weights_are_kept_readable(tmp_path):
     tensors["mtp.layers.0.input_layernorm.weight"] = np.zeros((64,), np.float32)
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     net = load_model(open_checkpoint(str(tmp_path)))
-    assert sorted(net.mtp_weights) == ["mtp.fc.weight", "mtp.layers.0.input_layernorm.weight"]
-    assert net.mtp_weights["mtp.fc.weight"].shape == (64, 128)
+    assert "mtp" not in net
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "mtp_num_hidden_layers": 1}))
+    with pytest.raises(FormatError, match="missing tensor 'mtp"):
+        load_model(open_checkpoint(str(tmp_path)))
 
 
 def test_experts_per_token_override_changes_routing(tmp_path):

@@ -124,7 +124,10 @@ def chi_square(counts: dict, probs: dict, n: int) -> float:
 
 
 def test_verify_draws_from_the_target_distribution():
-    """Sampler.verify with a draft token: the token is distributed as the plain sampler's, whatever the draft."""
+    """Sampler.verify with a draft token: the token is distributed as the plain sampler's, whatever the draft. A draft
+    read from the text (prompt lookup) is kept with probability p; one drawn from a distribution q (an MTP head's) is
+    kept with min(1, p/q), else the token is drawn from max(0, p - q): the draft comes out as often as that makes
+    it (always when q = p), and the tokens follow p, for a q that over- and under-weights tokens."""
     logits = mx.array([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     params = SamplingParams(temperature=0.8, top_k=5, seed=3)
@@ -133,13 +136,30 @@ def test_verify_draws_from_the_target_distribution():
     p = np.exp(scores - scores.max())
     p /= p.sum()
     n = 6000
-    for draft in (0, 3, 5):  # the likeliest, an unlikely one, one the filter removes
+    rng = np.random.default_rng(0)
+    for q in (None, np.array([0.05, 0.05, 0.5, 0.1, 0.2, 0.1]), p):
         sampler = make_sampler(params)
-        tokens = np.array(mx.concatenate([sampler.verify(logprobs, draft) for _ in range(n)]))
-        counts = np.bincount(tokens, minlength=6)
-        assert counts[5] == 0
-        stat = sum((counts[k] - n * p[k]) ** 2 / (n * p[k]) for k in range(5))
-        assert stat < 18.47, (draft, counts, n * p)  # chi-square, 4 degrees of freedom, p = 0.001
+        if q is None:
+            drafts = np.repeat([0, 3, 5], n // 3)  # the likeliest, an unlikely one, one the filter removes
+            tokens = np.array(mx.concatenate([sampler.verify(logprobs, int(d)) for d in drafts]))
+        else:
+            drafts = rng.choice(6, size=n, p=q)
+            qa = mx.array(q[None].astype(np.float32))
+            tokens = np.array(mx.concatenate([sampler.verify(logprobs, int(d), qa) for d in drafts]))
+        for part in np.split(np.arange(n), 3) if q is None else [np.arange(n)]:
+            m, counts = len(part), np.bincount(tokens[part], minlength=6)
+            assert counts[5] == 0
+            stat = sum((counts[k] - m * p[k]) ** 2 / (m * p[k]) for k in range(5))
+            assert stat < 18.47, (q, drafts[part[0]], counts, m * p)  # chi-square, 4 dof, p = 0.001
+        if q is None:
+            rate = float(p[drafts].mean())  # kept with p(draft), never drawn again
+        else:
+            keep = np.minimum(1.0, p / np.maximum(q, 1e-30))
+            rest = np.maximum(p - q, 0.0)
+            rest = rest / rest.sum() if rest.sum() > 1e-9 else 0 * rest
+            rate = min(1.0, float((q * (keep + (1 - keep) * rest)).sum()))
+        kept = (tokens == drafts).mean()
+        assert abs(kept - rate) <= 4 * np.sqrt(rate * (1 - rate) / n) + 1e-6, (q, kept, rate)
 
 
 def test_sampled_answers_keep_their_distribution(qwen3_model):

@@ -25,7 +25,7 @@ import mlx.core as mx
 from mlxq.distributed.control import Control, Link
 from mlxq.engine.prompt_cache import CacheSlot
 from mlxq.engine.runner import DECODE, PREFILL, Runner
-from mlxq.errors import EngineDown
+from mlxq.errors import EngineDown, InvalidRequest
 from mlxq.models.base import CausalLM
 
 
@@ -51,6 +51,9 @@ class SlotNumbers:
     def take_dropped(self) -> list[int]:
         out, self._dropped[:] = list(self._dropped), []
         return out
+
+
+NO_MTP = "speculative='mtp' does not run on a group of processes yet"
 
 
 class GroupRunner(Runner):
@@ -89,7 +92,9 @@ class GroupRunner(Runner):
         except Exception as e:
             raise self.control.down(f"rank 0: {op} failed ({type(e).__name__}: {e})") from None
 
-    def admit(self, prompt, slot):
+    def admit(self, prompt, slot, mtp=False):
+        if mtp:  # the other ranks would have to run the head's steps too
+            raise InvalidRequest(NO_MTP)
         return self._run("admit", {"prompt": prompt, "slot": self.slots.number(slot)},
                          lambda: Runner.admit(self, prompt, slot))
 
@@ -115,6 +120,12 @@ class GroupRunner(Runner):
     def rewind(self, keep):
         """Every rank keeps the same tokens: a recurrent model runs them again, with collectives in the pass."""
         return self._run("rewind", {"keep": keep, "lengths": self.lengths(DECODE)}, lambda: Runner.rewind(self, keep))
+
+    def mtp_draft(self, tokens, first):  # never called: no row drafts with the MTP head here (see `admit`)
+        raise InvalidRequest(NO_MTP)
+
+    def mtp_end(self):
+        raise InvalidRequest(NO_MTP)
 
     def promote(self, i):
         return self._run("promote", {"i": i}, lambda: Runner.promote(self, i))

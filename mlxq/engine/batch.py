@@ -237,12 +237,21 @@ def _gather_logits(net: CausalLM, x: mx.array, at: list[list[int]]) -> mx.array:
     return mx.zeros((0, 0)) if h is None else net.head(net.norm(h))
 
 
-def forward(net: CausalLM, tokens: mx.array, caches: list, at: list[list[int]]) -> mx.array:
-    """The model over `tokens` [B, n] with `caches`; logits only at positions `at[b]` of each row b."""
-    x = net.embed(tokens)
+def forward(net: CausalLM, tokens: mx.array, caches: list, at: list[list[int]],
+            hidden: mx.array | None = None) -> tuple[mx.array, mx.array]:
+    """The model over `tokens` [B, n] with `caches`: the logits only at positions `at[b]` of each row b, and the last
+    layer's output [B, n, D] (before the final norm). `hidden` [B, n, D]: what a draft model (`models.mtp`) reads
+    alongside the tokens."""
+    x = net.embed(tokens) if hidden is None else net.embed(tokens, hidden)
     for layer, cache in zip(net.layers, caches, strict=True):
         x = layer(x, cache)
-    return _gather_logits(net, x, at)
+    return _gather_logits(net, x, at), x
+
+
+def pad_hidden(hidden: list[mx.array]) -> mx.array:
+    """Rows of hidden states [n_b, D] as one [B, n, D] array, padded on the right (as `pad_rows` pads tokens)."""
+    n = max(h.shape[0] for h in hidden)
+    return mx.stack([h if h.shape[0] == n else mx.pad(h, [(0, n - h.shape[0]), (0, 0)]) for h in hidden])
 
 
 class Batch:
@@ -253,6 +262,7 @@ class Batch:
         self.net = net
         self.rows = Rows()
         self.caches: list | None = None
+        self.hidden: mx.array | None = None  # the last step's last-layer output [B, n, D] (see `forward`)
 
     def __len__(self) -> int:
         return len(self.rows.lengths)
@@ -294,11 +304,13 @@ class Batch:
         mx.eval([a for s in states if isinstance(s, tuple) for a in s[1:] if a is not None])
         return states
 
-    def step(self, tokens: list[list[int]], at: list[list[int]]) -> mx.array:
-        """Feeds row b the tokens `tokens[b]` (at least one); returns the logits at positions `at[b]` of each
-        row (indices into tokens[b]), stacked in row order: [sum of len(at[b]), V], lazy."""
+    def step(self, tokens: list[list[int]], at: list[list[int]], hidden: list[mx.array] | None = None) -> mx.array:
+        """Feeds row b the tokens `tokens[b]` (at least one), and the hidden states `hidden[b]` [len(tokens[b]), D]
+        to a draft model; returns the logits at positions `at[b]` of each row (indices into tokens[b]), stacked in
+        row order: [sum of len(at[b]), V], lazy. The last layer's output stays in `self.hidden`."""
         self.rows.begin([len(t) for t in tokens])
-        logits = forward(self.net, pad_rows(tokens), self.caches, at)
+        logits, self.hidden = forward(self.net, pad_rows(tokens), self.caches, at,
+                                      None if hidden is None else pad_hidden(hidden))
         self.rows.end()
         return logits
 
@@ -365,7 +377,7 @@ class SerialBatch:
         mx.eval(self.state)
 
     def step(self, tokens: list[list[int]], at: list[list[int]]) -> mx.array:
-        rows = [forward(self.net, pad_rows([t]), c, [a]) for t, c, a in zip(tokens, self.caches, at, strict=True)]
+        rows = [forward(self.net, pad_rows([t]), c, [a])[0] for t, c, a in zip(tokens, self.caches, at, strict=True)]
         rows = [r for r, a in zip(rows, at, strict=True) if a]
         return mx.concatenate(rows, axis=0) if rows else mx.zeros((0, 0))
 

@@ -29,6 +29,7 @@ from mlxq.engine.guards import THINK_CLOSE, THINK_OPEN, ThinkingProcessor, promp
 from mlxq.engine.output import Reading
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams
 from mlxq.engine.scheduler import Request
+from mlxq.engine.speculative import draft_plan
 from mlxq.engine.tokenizer import Tokenizer
 from mlxq.engine.tools import ToolPlan, plan_tools
 from mlxq.errors import InvalidRequest, MlxqError, TokenizerError
@@ -101,11 +102,10 @@ class Prepared:
 
     def request(self, max_tokens: int, params: SamplingParams | None = None, *, stop: list[str] | None = None,
                 logprobs: int | None = None, ignore_eos: bool = False,
-                extra: list[LogitsProcessor] | None = None, speculative: int = 0) -> Request:
+                extra: list[LogitsProcessor] | None = None, speculative: int | str = 0) -> Request:
         """An engine request for one choice. `extra`: the caller's own processor instances (used by this request
         alone)."""
-        if speculative < 0:
-            raise InvalidRequest("speculative: must be >= 0")
+        draft_plan(speculative)  # a bad value fails here, in the caller's thread
         build, extra = self._processors, list(extra or [])
         return Request(
             self.prompt, max_tokens, params or SamplingParams(), lambda: [*extra, *build(max_tokens)],

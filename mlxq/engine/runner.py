@@ -19,11 +19,12 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxq.engine.batch import make_batch
+from mlxq.engine.batch import Batch, gather_rows, make_batch
 from mlxq.engine.persist import fingerprint
 from mlxq.engine.prompt_cache import CacheSlot, DiskSpill, PromptCache
-from mlxq.errors import EngineDown
+from mlxq.errors import EngineDown, InvalidRequest
 from mlxq.models.base import CausalLM
+from mlxq.models.mtp import MTPDraft
 
 log = logging.getLogger("mlxq.engine")
 
@@ -34,6 +35,9 @@ PREFILL, DECODE = "prefill", "decode"
 class _Row:
     slot: CacheSlot | None  # where the row's cache goes when it finishes (else the prompt cache)
     marks: dict[int, list] = field(default_factory=dict)  # position -> checkpoint of every layer
+    mtp: bool = False  # drafts with the model's MTP head
+    # hidden states [n, D] (after the final norm) the MTP head has not read yet, with the tokens fed there
+    unseen: list[tuple[mx.array, list[int]]] = field(default_factory=list)
 
 
 class Runner:
@@ -54,20 +58,27 @@ class Runner:
         self._batches = {PREFILL: self.new_batch(), DECODE: self.new_batch()}
         self._rows: dict[str, list[_Row]] = {PREFILL: [], DECODE: []}
         self._before: tuple | None = None  # the decode batch before a `verify` pass, and what the pass fed
+        # The MTP head as a draft model (Qwen3.5 checkpoints that keep it), with a batch of the decode rows using it
+        self.mtp = MTPDraft(net) if getattr(net, "mtp", None) is not None else None
+        self._mtp_batch = Batch(self.mtp) if self.mtp else None
+        self._mtp_out: mx.array | None = None  # the head's last output per row, normed: what its next step reads
+        self._mtp_start: tuple | None = None  # the MTP batch after the first step of a round of drafts
 
     def attach(self, abort: Callable[[EngineDown], None]) -> None:
         """The scheduler's `abort`, for a runner that can find the model gone while a step runs (a group's)."""
 
-    def admit(self, prompt: list[int], slot: CacheSlot | None) -> int:
+    def admit(self, prompt: list[int], slot: CacheSlot | None, mtp: bool = False) -> int:
         """A new row in the prefill batch, resumed from the longest prefix of `prompt` that its slot or else the
-        prompt cache holds; returns that prefix's length."""
+        prompt cache holds; returns that prefix's length. `mtp`: the row drafts with the model's MTP head."""
+        if mtp and self.mtp is None:
+            raise InvalidRequest("speculative='mtp': this model has no multi-token-prediction head (mtp.* weights)")
         caches, n = None, 0
         if slot is not None:
             caches, n = slot.take(prompt, self.rewindable)
         if caches is None:
             caches, n = self.prompt_cache.fetch(prompt)
         self._batches[PREFILL].add(caches)
-        self._rows[PREFILL].append(_Row(slot))
+        self._rows[PREFILL].append(_Row(slot, mtp=mtp))
         return n
 
     def prefill(self, tokens: list[list[int]], at: list[list[int]], marks: list[int]) -> mx.array:
@@ -75,14 +86,16 @@ class Runner:
         row order). The rows in `marks` keep a checkpoint of their state after it (caches that cannot rewind)."""
         batch = self._batches[PREFILL]
         logits = batch.step(tokens, at)
-        mx.eval(logits, batch.state)
+        mx.eval(logits, batch.state, self._note_hidden(PREFILL, tokens))
         for i in marks:
             self._rows[PREFILL][i].marks[batch.lengths[i]] = batch.checkpoint(i)
         return logits
 
     def decode(self, tokens: list[int]) -> mx.array:
         """One token for every decode row; the logits [rows, vocab], lazy (sampling joins the same graph)."""
-        return self._batches[DECODE].step([[t] for t in tokens], [[0]] * len(tokens))
+        logits = self._batches[DECODE].step([[t] for t in tokens], [[0]] * len(tokens))
+        self._note_hidden(DECODE, [[t] for t in tokens])
+        return logits
 
     def verify(self, tokens: list[list[int]]) -> mx.array:
         """One pass feeding decode row b `tokens[b]`: its next token, then a speculative draft to check. Returns the
@@ -97,9 +110,48 @@ class Runner:
         and runs the kept tokens again."""
         snapshot, fed = self._before
         self._before = None
+        self._note_hidden(DECODE, [t[:k] for k, t in zip(keep, fed, strict=True)])
         if all(k == len(t) for k, t in zip(keep, fed, strict=True)):
             return
         self._batches[DECODE].rewind(snapshot, [t[:k] for k, t in zip(keep, fed, strict=True)])
+
+    def _note_hidden(self, phase: str, fed: list[list[int]]) -> list[mx.array]:
+        """Rows drafting with the MTP head keep the hidden states at the tokens `fed[b]` they kept of the step just
+        run, which their next draft reads; returns them (lazy)."""
+        batch, out = self._batches[phase], []
+        for b, (row, tokens) in enumerate(zip(self._rows[phase], fed, strict=True)):
+            if row.mtp and tokens:
+                out.append(self.net.norm(batch.hidden[b, : len(tokens)]))
+                row.unseen.append((out[-1], list(tokens)))
+        return out
+
+    def mtp_draft(self, tokens: list[int], first: bool) -> mx.array:
+        """One step of the MTP head for every decode row drafting with it (in row order); its logits [rows, V], lazy.
+        A round's `first` step reads, per row, every hidden state the head has not read yet, each with the token
+        that followed it (the last one: `tokens[r]`, the row's next token), which is exactly what the head caches
+        for good. Each further step reads the previous step's draft token `tokens[r]` with the head's own output;
+        `mtp_end` drops what those cached."""
+        batch = self._mtp_batch
+        if first:
+            rows = [row for row in self._rows[DECODE] if row.mtp]
+            hidden = [mx.concatenate([h for h, _ in row.unseen]) for row in rows]
+            fed = [[t for _, seen in row.unseen for t in seen][1:] + [t] for row, t in zip(rows, tokens, strict=True)]
+            for row in rows:
+                row.unseen = []
+            at = [[len(f) - 1] for f in fed]
+        else:
+            hidden, fed, at = [h[None] for h in self._mtp_out], [[t] for t in tokens], [[0]] * len(tokens)
+        logits = batch.step(fed, at, hidden)
+        self._mtp_out = self.mtp.norm(gather_rows(batch.hidden, at))
+        if first:
+            self._mtp_start = batch.snapshot()
+        return logits
+
+    def mtp_end(self) -> None:
+        """After a round of `mtp_draft` steps: the head's cache holds only what the first step fed (what later steps
+        cached was read from its own guesses, and is read again from the model's hidden states once verified)."""
+        self._mtp_batch.restore(self._mtp_start)
+        self._mtp_out = self._mtp_start = None
 
     def lengths(self, phase: str) -> list[int]:
         """Tokens in the cache of each row of `phase`."""
@@ -113,12 +165,16 @@ class Runner:
         """Prefill row i, its prompt done, becomes the last decode row."""
         self._batches[DECODE].add(self._batches[PREFILL].remove(i))
         self._rows[DECODE].append(self._rows[PREFILL].pop(i))
+        if self._rows[DECODE][-1].mtp:
+            self._mtp_batch.add(self.mtp.make_cache())
 
     def leave(self, phase: str, i: int, fed: list[int] | None, replay: dict | bool | None = None) -> dict | None:
         """Takes row i out of `phase`. `fed`: the tokens its cache holds, which then go to its slot, or to the prompt
         cache; None drops the cache (the request failed) and empties its slot. Returns the prompt cache's plan when
         it took the cache (`PromptCache.store`), which the other ranks of a group replay (`replay`: that plan, or
         False for none)."""
+        if phase == DECODE and self._rows[DECODE][i].mtp:
+            self._mtp_batch.remove(sum(row.mtp for row in self._rows[DECODE][:i]), keep_cache=False)
         row = self._rows[phase].pop(i)
         keep = fed is not None and (row.slot is not None or self.prompt_cache.max_bytes > 0)
         cache = self._batches[phase].remove(i, keep_cache=keep)
@@ -142,6 +198,8 @@ class Runner:
             if row.slot is not None:
                 row.slot.clear()
         self._batches[phase], self._rows[phase] = self.new_batch(), []
+        if phase == DECODE and self.mtp is not None:
+            self._mtp_batch = Batch(self.mtp)
 
     def score(self, tokens: list[int]) -> mx.array:
         """Logits [len(tokens), vocab] at every position of `tokens`, from fresh caches, outside the batches."""

@@ -89,17 +89,29 @@ class Sampler:
             return mx.argmax(logprobs, axis=-1)
         return mx.random.categorical(self._scores(logprobs), key=self._next_key())
 
-    def verify(self, logprobs: mx.array, draft: int) -> mx.array:
-        """A token distributed exactly as `self(logprobs)` would be, that is `draft` as often as possible: the
-        draft is kept with probability p(draft), else the token comes from p with the draft taken out
-        (renormalised). Together: p(draft) + 0 for the draft, (1 - p(draft)) p(t) / (1 - p(draft)) for any other t.
-        Greedy: the argmax, which the caller compares with the draft."""
+    def verify(self, logprobs: mx.array, draft: int, q: mx.array | None = None) -> mx.array:
+        """A token distributed exactly as `self(logprobs)` would be, that is `draft` as often as possible, given that
+        the draft was drawn from q [1, V] (None: a draft read from the text, as certain as if q were all on it).
+        Rejection sampling: keep the draft with probability min(1, p(draft) / q(draft)), else draw from
+        max(0, p - q) renormalised. Together each token t comes with probability min(p(t), q(t)) + max(0, p(t) -
+        q(t)) = p(t). Greedy: the argmax, which the caller compares with the draft."""
         if self.p.greedy:
             return mx.argmax(logprobs, axis=-1)
-        scores = self._scores(logprobs)
-        keep = mx.random.uniform(shape=(1,), key=self._next_key()) < mx.softmax(scores, axis=-1)[:, draft]
-        other = mx.random.categorical(scores.at[:, draft].add(-mx.inf), key=self._next_key())
+        p = mx.softmax(self._scores(logprobs), axis=-1)
+        if q is None:
+            q = (mx.arange(p.shape[-1]) == draft)[None].astype(p.dtype)
+        u = mx.random.uniform(shape=(1,), key=self._next_key())
+        keep = u * q[:, draft] < p[:, draft]
+        other = mx.random.categorical(mx.log(mx.maximum(p - q, 0.0)), key=self._next_key())
         return mx.where(keep, mx.array([draft], dtype=other.dtype), other)
+
+    def propose(self, logprobs: mx.array) -> tuple[mx.array, mx.array | None]:
+        """A draft token from a draft model's logprobs [1, V], and the distribution q it was drawn from: the same
+        temperature and filters as the model's tokens get (greedy: the argmax, and no q)."""
+        if self.p.greedy:
+            return mx.argmax(logprobs, axis=-1), None
+        scores = self._scores(logprobs)
+        return mx.random.categorical(scores, key=self._next_key()), mx.softmax(scores, axis=-1)
 
     def _scores(self, logprobs: mx.array) -> mx.array:
         p = self.p

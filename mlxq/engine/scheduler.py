@@ -46,7 +46,7 @@ from mlxq.engine.output import Output, OutputProcessor, Reading, TokenLogprob, U
 from mlxq.engine.prompt_cache import CacheSlot, resume_point
 from mlxq.engine.runner import DECODE, PREFILL, Runner
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams, make_sampler, penalty_processors
-from mlxq.engine.speculative import PromptLookup
+from mlxq.engine.speculative import MTP, PromptLookup, draft_plan, mtp_drafts
 from mlxq.engine.tokenizer import Tokenizer
 from mlxq.errors import EngineDown, GenerationError, InvalidRequest, MlxqError
 from mlxq.models.base import CausalLM
@@ -73,7 +73,9 @@ class Request:
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
     reading: Reading = field(default_factory=Reading)  # how the text reads back: reasoning split, tool calls
     slot: CacheSlot | None = None  # a conversation's own cache: resumed from, and left there afterwards
-    speculative: int = 0  # draft tokens checked per decode step, looked up in the prompt and answer (0: off)
+    # k: draft tokens checked per decode step, looked up in the prompt and answer; 'mtp': drafted by the model's MTP
+    # head (`speculative.draft_plan`); 0: off
+    speculative: int | str = 0
     on_output: Callable[[Output], None] = lambda out: None  # called on the engine thread; must not block
     cancelled: bool = False
     finished: bool = False  # its last output went out
@@ -96,30 +98,42 @@ class _Sequence:
         self.cached = self.pos = 0  # prompt tokens resumed from a cache / in the cache
         self.next_input = -1  # the last sampled token, which the next decode step feeds
         self.decoded = 0  # sampled tokens fed back (in the cache)
-        self.lookup = PromptLookup(req.prompt) if req.speculative > 0 else None
-        self.draft_len = req.speculative  # adapts to how much of the drafts the model takes (`checked`)
+        drafter, self.max_draft = draft_plan(req.speculative)
+        self.mtp = drafter == MTP  # drafts come from the MTP head (`speculative.mtp_drafts`), else from:
+        self.lookup = PromptLookup(req.prompt) if drafter == "lookup" else None
+        self.draft_len = self.max_draft  # adapts to how much of the drafts the model takes (`checked`)
+
+    def room(self) -> int:
+        """Draft tokens to check after the next one: never more than the request may still take."""
+        return min(self.draft_len, self.req.max_tokens - len(self.generated) - 1)
 
     def draft(self) -> list[int]:
-        """Tokens to check after the next one (prompt lookup), never more than the request may still take."""
+        """Tokens to check after the next one, looked up in the prompt and answer (prompt lookup)."""
         if self.lookup is None:
             return []
         self.lookup.extend(self.generated[len(self.lookup.tokens) - len(self.req.prompt) :])
-        return self.lookup.draft(min(self.draft_len, self.req.max_tokens - len(self.generated) - 1))
+        return self.lookup.draft(self.room())
 
     def checked(self, drafted: int, accepted: int) -> None:
         """The next draft is twice as long as what was accepted of this one (at least one token, at most the
-        request's `speculative`): each draft token costs its verification whether it is taken or not."""
+        request's longest): each draft token costs its verification whether it is taken or not."""
         grown = max(self.draft_len, 2 * drafted) if accepted == drafted else 2 * accepted
-        self.draft_len = max(1, min(self.req.speculative, grown))
+        self.draft_len = max(1, min(self.max_draft, grown))
 
-    def pick(self, logits: mx.array, draft: int | None = None) -> tuple:
-        """Lazy (token, chosen logprob, top ids, top logprobs) from this row's logits [1, V]; with a `draft` token,
-        the token is drawn so that it is the draft as often as exactness allows (`Sampler.verify`)."""
+    def propose(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
+        """A draft token from the MTP head's logits [1, V], and the distribution it was drawn from."""
+        logits = logits.astype(mx.float32)
+        return self.sampler.propose(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    def pick(self, logits: mx.array, draft: int | None = None, q: mx.array | None = None) -> tuple:
+        """Lazy (token, chosen logprob, top ids, top logprobs) from this row's logits [1, V]; with a `draft` token
+        (drawn from q, if not read from the text), the token is drawn so that it is the draft as often as exactness
+        allows (`Sampler.verify`)."""
         logits = logits.astype(mx.float32)
         for proc in self.procs:
             logits = proc(self.generated, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = self.sampler(logprobs) if draft is None else self.sampler.verify(logprobs, draft)
+        token = self.sampler(logprobs) if draft is None else self.sampler.verify(logprobs, draft, q)
         if self.req.logprobs is None:
             return (token,)
         chosen = logprobs[0, token]
@@ -369,7 +383,7 @@ class Engine:
                and self._prefill_room(self._waiting[0])):
             seq = self._waiting.popleft()
             try:
-                seq.cached = self.runner.admit(seq.req.prompt, seq.req.slot)
+                seq.cached = self.runner.admit(seq.req.prompt, seq.req.slot, seq.mtp)
             except EngineDown:
                 self._waiting.appendleft(seq)
                 raise
@@ -444,8 +458,14 @@ class Engine:
         A row with a draft (`Request.speculative`) feeds its next token and then the draft, and gets logits at
         each of them: the token after position j is picked from them as plain decoding would (the processors see
         the tokens accepted so far), and while it equals draft token j + 1, that token's logits are valid too and
-        the next is picked from them. The cache then keeps what was accepted (`Runner.rewind`)."""
+        the next is picked from them. The cache then keeps what was accepted (`Runner.rewind`). Drafts are looked
+        up in the text (prompt lookup), or come from the model's MTP head, a pass of it per draft token for all the
+        rows using it (`speculative.mtp_drafts`), each token with the distribution it was drawn from."""
         drafts = [seq.draft() for seq in self._running]
+        qs: list[list] = [[None] * len(d) for d in drafts]  # what each MTP draft token was drawn from
+        if mtp := [i for i, seq in enumerate(self._running) if seq.mtp]:
+            for i, proposed in zip(mtp, mtp_drafts(self.runner, [self._running[i] for i in mtp]), strict=True):
+                drafts[i], qs[i] = [t for t, _ in proposed], [q for _, q in proposed]
         if any(drafts):
             self.drafted += sum(len(d) for d in drafts)
             logits = self.runner.verify([[s.next_input, *d] for s, d in zip(self._running, drafts, strict=True)])
@@ -457,7 +477,8 @@ class Engine:
             firsts = self.runner.decode([s.next_input for s in self._running])
         for seq in self._running:
             seq.decoded += 1
-        picks = self._pick(self._running, firsts, [d[0] if d else None for d in drafts])
+        picks = self._pick(self._running, firsts, [d[0] if d else None for d in drafts],
+                           [q[0] if q else None for q in qs])
         self.steps += 1
         outs, keep = [], []
         for i, (seq, draft, picked) in enumerate(zip(self._running, drafts, picks, strict=True)):
@@ -467,8 +488,8 @@ class Engine:
                 seq.decoded += 1  # the draft token is in the cache, and the logits after it are valid
                 self.accepted_drafts += 1
                 at = starts[i] + taken
-                following = draft[taken] if taken < len(draft) else None
-                out, taken = self._accept(seq, self._pick([seq], logits[at : at + 1], [following])[0]), taken + 1
+                following, q = (draft[taken], qs[i][taken]) if taken < len(draft) else (None, None)
+                out, taken = self._accept(seq, self._pick([seq], logits[at : at + 1], [following], [q])[0]), taken + 1
             outs.append(out)
             keep.append(taken)
             if draft:
@@ -479,14 +500,14 @@ class Engine:
             if outs[i] is None or outs[i].finish_reason is not None:
                 self._leave(DECODE, self._running, i, outs[i])
 
-    def _pick(self, seqs: list[_Sequence], logits: mx.array,
-              drafts: list[int | None] | None = None) -> list[tuple | Exception]:
-        """Each sequence's sampled token (row i of `logits`, given draft token i if any), evaluated; an exception for
-        a row that failed."""
+    def _pick(self, seqs: list[_Sequence], logits: mx.array, drafts: list[int | None] | None = None,
+              qs: list[mx.array | None] | None = None) -> list[tuple | Exception]:
+        """Each sequence's sampled token (row i of `logits`, given draft token i if any, drawn from qs[i]), evaluated;
+        an exception for a row that failed."""
         picks: list[tuple | Exception] = []
         for i, seq in enumerate(seqs):
             try:
-                picks.append(seq.pick(logits[i : i + 1], drafts[i] if drafts else None))
+                picks.append(seq.pick(logits[i : i + 1], drafts[i] if drafts else None, qs[i] if qs else None))
             except Exception as e:
                 picks.append(e)
         try:

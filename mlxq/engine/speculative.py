@@ -6,9 +6,18 @@ then are a good guess for what follows now. The engine feeds such a draft after 
 the same forward pass (`Engine._decode_step`): every draft token the model would have picked anyway comes for
 free, and the first it would not have picked is replaced by the model's own choice, so the output is exactly
 what plain decoding gives (greedy) or distributed as it (sampling: `Sampler.verify`).
+
+The other drafter is the model's own multi-token-prediction head (`speculative="mtp"`, `mtp_drafts` below): its
+drafts carry the distribution they were drawn from, which the verification takes into account.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
+
+import mlx.core as mx
+
+from mlxq.errors import InvalidRequest
 
 MAX_NGRAM = 3  # the longest tail looked up first
 MIN_NGRAM = 2  # shorter tails match too often by chance: a draft that fails costs its verification
@@ -39,3 +48,60 @@ class PromptLookup:
             if at is not None:
                 return self.tokens[at : at + k]
         return []
+
+
+# ------------------------------------------------------------------------------------------ the MTP head
+MTP = "mtp"  # `speculative=MTP`: drafts from the model's own multi-token-prediction head (`mlxq.models.mtp`)
+MTP_DRAFT = 3  # its longest draft: each further token of a draft is right less often
+
+
+def draft_plan(speculative: int | str) -> tuple[str | None, int]:
+    """A request's `speculative` option as (drafter, longest draft): k > 0 -> prompt lookup of up to k tokens,
+    'mtp' -> the MTP head, 0 -> none."""
+    if speculative == MTP:
+        return MTP, MTP_DRAFT
+    if isinstance(speculative, bool) or not isinstance(speculative, int) or speculative < 0:
+        raise InvalidRequest(f"speculative: must be a number of draft tokens >= 0 or '{MTP}', got {speculative!r}")
+    return ("lookup" if speculative else None), speculative
+
+
+class Drafting(Protocol):
+    """What the MTP drafter needs of a running request."""
+
+    next_input: int  # its next token, sampled and not yet fed
+
+    def room(self) -> int:
+        """Draft tokens it may take now."""
+
+    def propose(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
+        """A draft token from the head's logits [1, V], and the distribution q it was drawn from (None: greedy)."""
+
+
+class MTPSteps(Protocol):
+    """The runner's side (`Runner.mtp_draft`, `Runner.mtp_end`)."""
+
+    def mtp_draft(self, tokens: list[int], first: bool) -> mx.array: ...
+
+    def mtp_end(self) -> None: ...
+
+
+def mtp_drafts(runner: MTPSteps, seqs: list[Drafting]) -> list[list[tuple]]:
+    """Drafts of every request drafting with the MTP head, in one pass of the head per draft token for all of them
+    (the first reads what the model computed since the last round): per request, up to its `room()` pairs
+    (token, q). Each token is drawn from the head's output after the previous one and fed back; q is what
+    `Sampler.verify` needs to keep the model's distribution under sampling."""
+    rooms = [seq.room() for seq in seqs]
+    drafts: list[list[tuple]] = [[] for _ in seqs]
+    tokens = [seq.next_input for seq in seqs]
+    if max(rooms, default=0) < 1:
+        return drafts
+    for j in range(max(rooms)):
+        logits = runner.mtp_draft(tokens, j == 0)
+        proposed = [seq.propose(logits[r : r + 1]) for r, seq in enumerate(seqs)]
+        mx.eval(proposed)
+        tokens = [token.item() for token, _ in proposed]
+        for r, (token, (_, q)) in enumerate(zip(tokens, proposed, strict=True)):
+            if j < rooms[r]:
+                drafts[r].append((token, q))
+    runner.mtp_end()
+    return drafts

@@ -9,9 +9,8 @@ put them. Which layers are DeltaNet comes from `layer_types`, else from `full_at
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
-from types import MappingProxyType
 from typing import Any
 
 import mlx.core as mx
@@ -24,6 +23,7 @@ from mlxq.kernels.deltanet import gated_delta_rule
 from mlxq.models.base import CausalLM
 from mlxq.models.layers import BaseArgs, Embedding, GatedMLP, Linear, RoPE, attention, fuse_linears, rope_settings
 from mlxq.models.moe import SparseMoE, is_moe_layer, set_experts_per_tok, stack_experts
+from mlxq.models.mtp import MTP
 
 LAYER_KINDS = ("linear_attention", "full_attention")
 
@@ -55,6 +55,8 @@ class Args(BaseArgs):
     norm_topk_prob: bool = True
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] | None = field(default_factory=list)
+    mtp_num_hidden_layers: int = 0  # Qwen3.5's multi-token-prediction layers (`mtp.*`)
+    num_nextn_predict_layers: int = 0  # Qwen3-Next's name for them
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
@@ -322,10 +324,13 @@ class Model(CausalLM):
         settings = rope_settings(config)
         # transformers defaults the factor to 0.25 for all three when neither place states it
         factor = settings.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.25))
-        self.model = Body(a, RoPE(int(a.head_dim * factor), settings))
+        rope = RoPE(int(a.head_dim * factor), settings)
+        self.model = Body(a, rope)
         if not a.tie_word_embeddings:
             self.lm_head = Linear(a.hidden_size, a.vocab_size, bias=False)
-        self.mtp_weights: MappingProxyType = MappingProxyType({})  # filled by sanitize
+        if n := a.mtp_num_hidden_layers or a.num_nextn_predict_layers:  # full attention, experts as layer i's
+            m = replace(a, num_hidden_layers=n, layer_types=["full_attention"] * n)
+            self.mtp = MTP(a.hidden_size, a.rms_norm_eps, [Block(m, i, rope) for i in range(n)])
 
     def make_cache(self) -> list:
         return [RecurrentCache() if layer.is_linear else KVCache() for layer in self.model.layers]
@@ -336,9 +341,12 @@ class Model(CausalLM):
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         weights = {_canonical_name(k): v for k, v in weights.items()}
         weights = {k: v for k, v in weights.items() if k and "rotary_emb.inv_freq" not in k}
-        # Multi-token-prediction weights are not part of this network; kept (lazy) for speculative decoding.
-        self.mtp_weights = MappingProxyType({k: v for k, v in weights.items() if k.startswith("mtp.")})
-        weights = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
+        # The multi-token-prediction head, for speculative drafts: only when the config has one and the checkpoint
+        # kept its weights (conversions often drop them).
+        if "mtp" in self and not any(k.startswith("mtp.") for k in weights):
+            del self["mtp"]
+        if "mtp" not in self:
+            weights = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
         if self.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
         weights = _split_fused_in_proj(weights, self.args)
@@ -355,7 +363,9 @@ class Model(CausalLM):
         return weights
 
 
-_ZERO_CENTRED = re.compile(r"(input_layernorm|post_attention_layernorm|q_norm|k_norm|^model\.norm)\.weight$")
+_ZERO_CENTRED = re.compile(
+    r"(input_layernorm|post_attention_layernorm|q_norm|k_norm|^(model|mtp)\.norm|^mtp\.pre_fc_norm_\w+)\.weight$"
+)
 
 
 def _canonical_name(name: str) -> str | None:
