@@ -19,6 +19,7 @@ from mlxq.engine.cache import KVCache
 from mlxq.engine.prompt_cache import CacheSlot
 from mlxq.engine.sampling import SamplingParams, make_sampler
 from mlxq.engine.speculative import PromptLookup
+from mlxq.errors import GenerationError
 
 
 def test_prompt_lookup_drafts_what_followed_the_latest_longest_tail():
@@ -70,6 +71,12 @@ def test_a_grammar_drafts_what_it_forces_and_cuts_what_it_forbids(qwen3_model):
     probe = enc('{"answer": "yes", "comment": "y"}')
     assert grammar.matcher.validate_tokens(probe) == 0  # it has consumed `done` and stopped, as `fresh` would
     assert fresh.matcher.validate_tokens(probe) == len(probe)
+    # Output the grammar cannot take (another processor's doing, say) fails the draft and then the pick, loudly.
+    lost = json_schema_processor(tok, SCHEMA)
+    with pytest.raises(GenerationError, match="lost track"):
+        lost.draft(enc("hello"), lambda after: [], 4)
+    with pytest.raises(GenerationError, match="lost track"):
+        lost(enc("hello"), mx.zeros((1, 8)))
 
 
 def test_greedy_output_is_identical_under_a_json_schema(qwen3_model):

@@ -118,7 +118,7 @@ class GrammarProcessor:
             self._start = self._consumed = generated.index(self.start_after) + 1
         new = generated[self._consumed :]
         self._consumed = len(generated)
-        if new and not self.matcher.consume_tokens(new):
+        if (new and not self.matcher.consume_tokens(new)) or self.matcher.is_error():  # lost, and stays lost
             raise GenerationError(f"constrained decoding lost track of the grammar: {self.matcher.get_error()}")
         return True
 

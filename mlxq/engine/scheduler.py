@@ -117,7 +117,7 @@ class _Sequence:
             return guess([])
         try:
             return self.grammar.draft(self.generated, guess, room)
-        except Exception:  # a grammar that lost track: this row's next pick reports it, not the shared step
+        except GenerationError:  # the grammar lost track: this row's pick reports it, not the shared step
             return []
 
     def checked(self, drafted: int, accepted: int) -> None:
