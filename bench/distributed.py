@@ -5,14 +5,20 @@ decode time per token of each split beside the same model in one process (SmolLM
 overhead); and, from the measured collectives, a projection of decode tok/s for Qwen3.5-397B-A17B on two and four
 64 GB Macs over Thunderbolt 5, beside flash-moe's single-Mac figure.
 
+The experts split's MoE blocks combine by all_sum or by all_gather of only the rows each rank computed
+(`ExpertShard`): both are measured, forced, beside the automatic choice, for decode steps and for the prompt's
+prefill pass, per token; and the bytes both ways for Qwen3.5-397B's routing (`combine_bytes`).
+
     python bench/distributed.py [--quick] [--ranks 2]
 
 How it measures, on every rank (`--rank-worker`, started by `mlx.launch --backend ring`):
 - bytes: every `mx.distributed` send / recv / all_sum issued inside a decode step (`Runner.decode`) is recorded
   with its size; per token = their sum over the decode steps / the steps (one row, so one token a step). "wire"
   bytes count an all_sum as the ring algorithm moves it (2 (n-1) / n of its payload out of each rank);
-- communication time: the collectives of one decode step, replayed alone on the same ring in the same order
-  (every rank at once), timed over many tokens' worth: what the step would cost with no compute at all;
+- the same for the prompt's prefill pass, per prompt token;
+- communication time: the collectives of one decode step (and of the prefill pass, per token), replayed alone on
+  the same ring in the same order (every rank at once), timed over many tokens' worth: what the step would cost
+  with no compute at all;
 - decode time: `timings.decode_tps` of a greedy generation (prompt cache off), median of interleaved runs, the same
   figure as the one-process model's in the parent, measured just before.
 """
@@ -51,9 +57,10 @@ MODELS = {
                                                             num_experts_per_tok=4, moe_intermediate_size=256,
                                                             shared_expert_intermediate_size=256)),
 }
-SPLITS = {"dense": ("pipeline", "tensor"), "hybrid": ("pipeline", "tensor"), "moe": ("pipeline", "tensor", "experts"),
-          "smollm2": ("pipeline",)}
-QUICK = {"dense": ("pipeline",), "moe": ("tensor", "experts")}  # each split once, and what the projection scales
+# "experts" combines each MoE block as `ExpertShard` decides (auto); "experts/sum" and "experts/gather" force one way
+SPLITS = {"dense": ("pipeline", "tensor"), "hybrid": ("pipeline", "tensor"),
+          "moe": ("pipeline", "tensor", "experts", "experts/sum", "experts/gather"), "smollm2": ("pipeline",)}
+QUICK = {"dense": ("pipeline",), "moe": ("tensor", "experts/sum", "experts/gather")}  # each split, each combine
 
 # ---------------------------------------------------------------------------------------------- projection
 # Qwen3.5-397B-A17B's shape (mlxq.bench.synthetic, as published): 60 layers, 3 Gated DeltaNet to 1 gated attention, a
@@ -125,8 +132,8 @@ def project(measured: dict[str, dict], ranks_list=(1, 2, 4), experts_per_tok: in
             elif mode == "pipeline":
                 hops, wire = n, n * c.hidden * a["activation_bytes"]
             else:
-                sums = m["all_sums_per_layer"] * c.layers
-                hops = sums * 2 * (n - 1)
+                calls = m["collectives_per_layer"] * c.layers
+                hops = calls * 2 * (n - 1)  # (a decode step's experts split combines by all_sum too: ExpertShard)
                 units = m["payload_units_per_layer"] * c.layers  # hidden-sized vectors summed per token
                 wire = units * c.hidden * a["activation_bytes"] * 2 * (n - 1) / n
             comm_s = hops * a["link_latency_s"] + wire / a["link_bytes_per_s"]
@@ -135,6 +142,26 @@ def project(measured: dict[str, dict], ranks_list=(1, 2, 4), experts_per_tok: in
                                    "compute_ms": 1e3 * compute_s, "ssd_ms": 1e3 * ssd_s, "comm_ms": 1e3 * comm_s,
                                    "comm_messages": hops, "comm_bytes": wire, "tok_s": 1 / step,
                                    "vs_flash_moe": (1 / step) / min(FLASH_MOE["tok_s"])}
+    return out
+
+
+def combine_bytes(ranks_list=(2, 3, 4), experts_per_tok=(4, 10)) -> dict:
+    """The experts split's combine for Qwen3.5-397B-A17B (512 experts, hidden 4096, float16), in bytes sent out of
+    each rank per token of a long prompt, both ways: all_sum 2 (n - 1) / n rows; all_gather (n - 1) m / tokens rows,
+    m the most tokens any rank computed, which for routing spread evenly is tokens x P(a token uses one of a rank's
+    E / n experts) = 1 - C(E - E / n, k) / C(E, k). A decode step (one token, m = 1) is the same formula at
+    P = 1."""
+    from mlxq.bench.synthetic import QWEN35_397B as c
+
+    row = c.hidden * ASSUME["activation_bytes"]
+    out = {}
+    for n in ranks_list:
+        for k in experts_per_tok:
+            touch = 1 - math.comb(c.experts - c.experts // n, k) / math.comb(c.experts, k)
+            sums, gathers = 2 * (n - 1) / n * row, (n - 1) * touch * row
+            out[f"x{n}_k{k}"] = {"p_rank_used": round(touch, 4), "all_sum_bytes": sums, "all_gather_bytes": gathers,
+                                 "prefill_takes": "gather" if n * touch < 2 else "sum", "decode_takes": "sum",
+                                 "decode_all_sum_bytes": sums, "decode_all_gather_bytes": (n - 1) * row}
     return out
 
 
@@ -171,58 +198,66 @@ def decode_ms(model, tokens: int) -> float:
 
 # ---------------------------------------------------------------------------------------------- one rank
 class Recorder:
-    """Every collective issued while a decode step builds its graph: (op, shape, dtype, peer), per step."""
+    """Every collective issued while a decode step or a prefill pass builds its graph: (op, shape, dtype, peer), per
+    step, with the tokens the step fed."""
+
+    OPS = ("send", "recv", "all_sum", "all_gather")
 
     def __init__(self):
         import mlx.core as mx
 
         from mlxq.engine.runner import Runner
 
-        self.steps: list[list[tuple]] = []
-        self._in_step = False
+        self.steps: dict[str, list[tuple[int, list[tuple]]]] = {"decode": [], "prefill": []}
+        self._phase = None
         dist = mx.distributed
-        for op in ("send", "recv", "all_sum"):
+        for op in self.OPS:
             setattr(dist, op, self._wrap(op, getattr(dist, op)))
-        decode = Runner.decode
+        for phase, count in (("decode", len), ("prefill", lambda tokens: sum(len(t) for t in tokens))):
+            setattr(Runner, phase, self._recorded(phase, getattr(Runner, phase), count))
 
-        def recorded_decode(runner, tokens):
-            self.steps.append([])
-            self._in_step = True
+    def _recorded(self, phase, fn, count):
+        def call(runner, tokens, *args):
+            self.steps[phase].append((count(tokens), []))
+            self._phase = phase
             try:
-                return decode(runner, tokens)
+                return fn(runner, tokens, *args)
             finally:
-                self._in_step = False
+                self._phase = None
 
-        Runner.decode = recorded_decode
+        return call
 
     def _wrap(self, op, fn):
         def call(*args, **kw):
-            if self._in_step:
+            if self._phase:
                 if op == "recv":
                     shape, dtype, peer = args[0], args[1], args[2]
                 else:
                     shape, dtype, peer = tuple(args[0].shape), args[0].dtype, (args[1] if op == "send" else None)
-                self.steps[-1].append((op, tuple(shape), dtype, peer))
+                self.steps[self._phase][-1][1].append((op, tuple(shape), dtype, peer))
             return fn(*args, **kw)
 
         return call
 
-    def figures(self, size: int) -> dict:
-        """Per decode step (one token): messages and bytes by op; payload and ring wire bytes sent by this rank."""
-        steps = [s for s in self.steps if s] or [[]]
+    def clear(self) -> None:
+        for steps in self.steps.values():
+            steps.clear()
+
+    def figures(self, size: int, phase: str = "decode") -> dict:
+        """Per token fed (a decode step is one token; a prefill pass its prompt tokens): messages by op; payload and
+        ring wire bytes sent by this rank. A ring all_sum sends 2 (n-1) / n of its payload out of each rank, a ring
+        all_gather (n-1) times its (per-rank) payload."""
+        steps = [s for s in self.steps[phase] if s[1]] or [(1, [])]
         count, payload, wire = {}, 0, 0.0
-        for step in steps:
+        for _, step in steps:
             for op, shape, dtype, _ in step:
                 nbytes = math.prod(shape) * dtype.size
                 count[op] = count.get(op, 0) + 1
-                if op == "send":
-                    payload += nbytes
-                    wire += nbytes
-                elif op == "all_sum":
-                    payload += nbytes
-                    wire += nbytes * 2 * (size - 1) / size
-        n = len(steps)
-        return {"decode_steps": n, "per_token": {op: c / n for op, c in count.items()},
+                payload += nbytes if op != "recv" else 0
+                wire += {"send": nbytes, "recv": 0, "all_sum": nbytes * 2 * (size - 1) / size,
+                         "all_gather": nbytes * (size - 1)}[op]
+        n = sum(tokens for tokens, _ in steps)
+        return {"steps": len(steps), "tokens": n, "per_token": {op: c / n for op, c in count.items()},
                 "payload_bytes_per_token": payload / n, "wire_bytes_per_token": wire / n}
 
 
@@ -239,6 +274,8 @@ def replay(group, step: list[tuple], tokens: int) -> float:
                 mx.eval(mx.distributed.send(arrays[shape, dtype], peer, group=group))
             elif op == "recv":
                 mx.eval(mx.distributed.recv(shape, dtype, peer, group=group))
+            elif op == "all_gather":
+                mx.eval(mx.distributed.all_gather(arrays[shape, dtype], group=group))
             else:
                 mx.eval(mx.distributed.all_sum(arrays[shape, dtype], group=group))
 
@@ -255,14 +292,16 @@ def rank_worker(plan_path: str) -> None:
     import mlx.core as mx
 
     import mlxq
+    from mlxq.distributed.split import set_expert_combine
 
     plan = json.loads(Path(plan_path).read_text())
     group = mx.distributed.init(backend="ring", strict=True)
     rank, size = group.rank(), group.size()
     recorder = Recorder()
     for case in plan["cases"]:
-        recorder.steps.clear()
+        recorder.clear()
         model = mlxq.load(case["model"], group=group, parallel=case["parallel"])
+        set_expert_combine(model.net, case.get("combine", "auto"))
         out = Path(case["out"])
         if rank == 0:
             model.configure(prompt_cache_bytes=0)
@@ -275,10 +314,15 @@ def rank_worker(plan_path: str) -> None:
         else:
             model.follow()
         figures = recorder.figures(size)
+        figures["prefill"] = recorder.figures(size, "prefill")
         del model
         mx.eval(mx.distributed.all_sum(mx.zeros(1), group=group))  # every rank done with the model
-        step = recorder.steps[-1] if recorder.steps else []
+        step = recorder.steps["decode"][-1][1] if recorder.steps["decode"] else []
         figures["comm_ms_per_token"] = 1e3 * replay(group, step, plan["replay_tokens"])
+        prompt = [s for s in recorder.steps["prefill"] if s[1]]
+        if prompt:  # the longest prefill pass's collectives, per token it fed
+            tokens, step_p = max(prompt, key=lambda s: s[0])
+            figures["prefill"]["comm_ms_per_token"] = 1e3 * replay(group, step_p, plan["replay_tokens"]) / tokens
         figures["step"] = [[op, list(shape), str(dtype), peer] for op, shape, dtype, peer in step]
         out.mkdir(parents=True, exist_ok=True)
         (out / f"rank{rank}.json").write_text(json.dumps(figures))
@@ -298,7 +342,7 @@ def run_group(cases: list[dict], ranks: int, **settings) -> list[tuple[dict, lis
 
     with tempfile.TemporaryDirectory(prefix="mlxq-bench-distributed-") as work:
         plan = Path(work) / "plan.json"
-        cases = [{**case, "out": str(Path(work) / f"{case['name']}-{case['parallel']}")} for case in cases]
+        cases = [{**case, "out": str(Path(work) / case["key"])} for case in cases]
         plan.write_text(json.dumps({"cases": cases, **settings}))
         cmd = [str(Path(sys.executable).with_name("mlx.launch")), "-n", str(ranks), "--backend", "ring",
                "--starting-port", str(free_loopback_ports(ranks)), "--python", sys.executable, __file__,
@@ -342,7 +386,8 @@ def main() -> None:
         single[name] = [decode_ms(model, tokens) for _ in range(runs)]
         model.close()
         del model
-    cases = [{"name": name, "model": path, "parallel": mode} for name, path in paths.items() for mode in splits[name]]
+    cases = [{"name": name, "model": path, "parallel": mode.split("/")[0], "combine": mode.partition("/")[2] or "auto",
+              "key": f"{name}_{mode.replace('/', '_')}"} for name, path in paths.items() for mode in splits[name]]
     t0 = time.perf_counter()
     outputs = run_group(cases, args.ranks, tokens=tokens, runs=runs, replay_tokens=20 if args.quick else 100)
     group_s = time.perf_counter() - t0
@@ -352,7 +397,12 @@ def main() -> None:
         name, mode = case["name"], case["parallel"]
         split_ms, one_ms = median(decode["decode_ms"]), median(single[name])
         layers = MODELS[name][2]["num_hidden_layers"] if name in MODELS else None
-        results[f"{name}_{mode}"] = {
+        prefill = {key: (sum(r["prefill"].get(key, 0) for r in ranks) if key.endswith("bytes_per_token") else
+                         max(r["prefill"].get(key, 0) for r in ranks))
+                   for key in ("payload_bytes_per_token", "wire_bytes_per_token", "comm_ms_per_token")}
+        results[case["key"]] = {
+            "combine": case["combine"] if mode == "experts" else None,
+            "prefill": {**prefill, "messages_per_token": ranks[0]["prefill"]["per_token"]},
             "decode_ms_per_token": split_ms, "single_process_ms_per_token": one_ms,
             "overhead_ms_per_token": split_ms - one_ms, "split_vs_single": split_ms / one_ms,
             "payload_bytes_per_token": sum(r["payload_bytes_per_token"] for r in ranks),
@@ -363,17 +413,19 @@ def main() -> None:
             "ranks": [{k: v for k, v in r.items() if k != "step"} | {"share": s["share"], "weights_bytes":
                        s["weights_bytes"]} for r, s in zip(ranks, decode["status"]["ranks"], strict=True)],
         }
-        if name == "moe":  # the layout the projection scales: mixer + MoE block in every layer
-            hidden = MODELS[name][2]["hidden_size"]
-            all_sums = ranks[0]["per_token"].get("all_sum", 0)
-            per_layer[mode] = {"all_sums_per_layer": all_sums / layers,
+        if name == "moe" and case["combine"] in ("auto", "sum"):  # the layout the projection scales: mixer + MoE
+            hidden = MODELS[name][2]["hidden_size"]  # block in every layer; the sum's payload (rows combined)
+            calls = sum(ranks[0]["per_token"].get(op, 0) for op in ("all_sum", "all_gather"))
+            per_layer[mode] = {"collectives_per_layer": calls / layers,
                                "payload_units_per_layer": ranks[0]["payload_bytes_per_token"] / 4 / hidden / layers}
     per_layer["pipeline"] = {}  # one hand-over per stage, whatever the model
     from experts import FLASH_MOE
 
     projection = {"assumptions": ASSUME, "flash_moe": FLASH_MOE,
-                  "k4": project(per_layer), "k10": project(per_layer, experts_per_tok=10)}
-    pipe = results.get("smollm2_pipeline") or next(v for k, v in results.items() if k.endswith("_pipeline"))
+                  "k4": project(per_layer), "k10": project(per_layer, experts_per_tok=10),
+                  "experts_combine_bytes_per_token": combine_bytes()}
+    pipe = results.get("smollm2_pipeline") or next((v for k, v in results.items() if k.endswith("_pipeline")),
+                                                   {"overhead_ms_per_token": None, "split_vs_single": None})
     write_result("distributed", {
         "quick": args.quick, "ranks": args.ranks, "rank_blas_threads": rank_blas_threads(args.ranks),
         "tokens": tokens, "runs": runs, "group_wall_s": group_s,

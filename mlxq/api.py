@@ -171,14 +171,15 @@ def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantiz
 
     `group` (`mx.distributed.init()`, more than one rank): every rank calls `load` alike and loads only its share,
     split `parallel` ("pipeline", "tensor" or "experts"; default experts for a MoE model, else pipeline). Rank 0
-    gets a model that runs the whole group; the others call `model.follow()` (`mlxq.distributed`)."""
+    gets a model that runs the whole group; the others call `model.follow()` (`mlxq.distributed`). With expert packs,
+    each rank streams the experts it holds from its own copy of the packs, within its own `expert_memory` (a
+    percentage is of its own experts; by default all of them, read once). Prefetch (`expert_options`) looks ahead
+    within a rank's own layers under the pipeline split; an experts split does not prefetch."""
     if group is not None and group.size() > 1:
         from mlxq.distributed.group import load_group
 
-        if expert_memory is not None:
-            raise InvalidRequest("expert streaming (expert_memory) does not run on a split model yet")
         return load_group(name, group, parallel=parallel, dtype=dtype, keep_quantized=keep_quantized,
-                          experts_per_tok=experts_per_tok)
+                          experts_per_tok=experts_per_tok, expert_memory=expert_memory, expert_options=expert_options)
     from concurrent.futures import ThreadPoolExecutor
 
     ckpt = open_for_run(name, keep_quantized)

@@ -117,12 +117,10 @@ def load_for_cli(model: str | None, keep_quantized: bool, hosts: str | None, par
             raise InvalidRequest("--parallel splits the model over --hosts; give a host file")
         return mlxq.load(model, keep_quantized=keep_quantized or None, expert_memory=expert_memory,
                          experts_per_tok=experts_per_tok)
-    if expert_memory is not None:
-        raise InvalidRequest("--expert-memory does not run with --hosts yet: a split model holds its experts")
     from mlxq.distributed.launch import load_on_hosts
 
     return load_on_hosts(model, hosts, parallel, keep_quantized=keep_quantized, experts_per_tok=experts_per_tok,
-                         ring_port=ring_port, rank_timeout=rank_timeout)
+                         expert_memory=expert_memory, ring_port=ring_port, rank_timeout=rank_timeout)
 
 
 def _sampling(kw: dict) -> dict:

@@ -87,9 +87,11 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits.
     sources = {name: _cast(ckpt.tensors[name], dtype) for name in ckpt.tensors if split is None or split.wants(name)}
     weights = model.sanitize(dict(sources))
-    if split is not None and (expert_memory is not None or _has_packs(ckpt)):
-        raise ConfigError(f"{ckpt.path}: a model with expert packs does not split over a group yet")
+    if split is not None and expert_memory is None and _has_packs(ckpt):
+        expert_memory = "100%"  # a rank streams its share of the experts from its own packs: by default all of it stays
     packs, streamed = _expert_packs(ckpt, model, weights, expert_memory)
+    if streamed and split is not None:
+        streamed, packs = split.stream_share(streamed, packs)
     if split is not None:
         with _as_config_error(ckpt):
             model, weights = split.take(model, build_model, weights, sources, ckpt.tensors)
@@ -126,7 +128,12 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
 
         model.expert_pool = start_pool(streamed, packs, expert_memory, dtype, fuse, expert_options)
         weakref.finalize(model, model.expert_pool.close)  # reader threads and file descriptors go with the model
-    return model if split is None else split.finish(model)
+    if split is None:
+        return model
+    shard = split.finish(model)
+    if streamed:
+        shard.expert_pool = model.expert_pool
+    return shard
 
 
 @functools.cache

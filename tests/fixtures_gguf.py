@@ -48,11 +48,13 @@ class TinyHybrid:
     logits: np.ndarray  # transformers' logits for PROMPT
 
 
-def convert_with_llama_cpp(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
-    """llama.cpp's converter, as shipped in the pinned sdist, on an HF checkpoint directory."""
+def convert_with_llama_cpp(hf_dir: Path, out: Path, outtype: str = "f32", mtp: bool = False) -> Path:
+    """llama.cpp's converter, as shipped in the pinned sdist, on an HF checkpoint directory (`mtp`: with the
+    multi-token-prediction blocks)."""
     src = fetched("llama.cpp's converter", lambda: fetch_source(LLAMA_CPP_SDIST, CONVERTER)) / "vendor" / "llama.cpp"
     done = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", outtype,
-                           "--no-mtp", "--outfile", str(out)], capture_output=True, text=True, timeout=600)
+                           *([] if mtp else ["--no-mtp"]), "--outfile", str(out)],
+                          capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{done.stderr[-3000:]}")
     return out
@@ -118,9 +120,7 @@ def write_ollama_style(src: Path, out: Path, fuse_ba: bool = True) -> Path:
     """A llama.cpp-converted Qwen3.5 GGUF rewritten as Ollama writes one (see the module doc). The numbers are
     llama.cpp's (Ollama's converter makes the same value-head reordering and flags it), only names, metadata and
     packing change. Written with gguf-py's writer."""
-    import gguf
-
-    from mlxq.formats.gguf.reader import Strings, read_bytes, read_header
+    from mlxq.formats.gguf.reader import read_bytes, read_header
 
     header = read_header(src)
     meta = header.meta
@@ -129,19 +129,8 @@ def write_ollama_style(src: Path, out: Path, fuse_ba: bool = True) -> Path:
     recurrent = meta[f"{arch}.attention.recurrent_layers"]
     kv_heads = int(meta[f"{arch}.attention.head_count_kv"])
     sections = [int(x) for x in meta[f"{arch}.rope.dimension_sections"][:3]]
-    w = gguf.GGUFWriter(str(out), arch)
-    skip = {f"{arch}.attention.recurrent_layers", f"{arch}.attention.head_count_kv",
-            f"{arch}.rope.dimension_sections", "tokenizer.ggml.pre", "general.architecture"}
-    for key, value in meta.items():
-        if key in skip:
-            continue
-        if isinstance(value, Strings):
-            value = value.read(src)
-        elif isinstance(value, np.ndarray):
-            value = value.tolist()
-        kind, item = header.types[key]
-        sub = None if item is None else gguf.GGUFValueType(item)
-        w.add_key_value(key, value, gguf.GGUFValueType(kind), sub_type=sub)
+    w = _same_metadata(src, out, skip={f"{arch}.attention.recurrent_layers", f"{arch}.attention.head_count_kv",
+                                       f"{arch}.rope.dimension_sections", "tokenizer.ggml.pre"})
     w.add_array(f"{arch}.attention.head_count_kv", [0 if r else kv_heads for r in recurrent[:n]])
     w.add_array(f"{arch}.rope.dimension_sections", sections)
     w.add_array(f"{arch}.mrope_sections", sections)
@@ -169,6 +158,54 @@ def write_ollama_style(src: Path, out: Path, fuse_ba: bool = True) -> Path:
     for name, shape in {"v.patch_embd.weight": (32, 3 * 16 * 16), "v.blk.0.attn_qkv.weight": (96, 32),
                         "v.blk.0.attn_out.weight": (32, 32), "mm.0.weight": (64, 128)}.items():
         w.add_tensor(name, rng.normal(size=shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def _same_metadata(src: Path, out: Path, skip: set[str] = frozenset()):
+    """A gguf-py writer for `out` holding `src`'s metadata (but the keys in `skip`)."""
+    import gguf
+
+    from mlxq.formats.gguf.reader import Strings, read_header
+
+    header = read_header(src)
+    w = gguf.GGUFWriter(str(out), header.meta["general.architecture"])
+    for key, value in header.meta.items():
+        if key in skip or key == "general.architecture":
+            continue
+        if isinstance(value, Strings):
+            value = value.read(src)
+        elif isinstance(value, np.ndarray):
+            value = value.tolist()
+        kind, item = header.types[key]
+        sub = None if item is None else gguf.GGUFValueType(item)
+        w.add_key_value(key, value, gguf.GGUFValueType(kind), sub_type=sub)
+    return w
+
+
+def write_legacy_ssm_in(tiny: TinyHybrid, out: Path) -> Path:
+    """The tiny Qwen3-Next as llama.cpp's first Qwen3-Next converter wrote it: HF's in_proj_qkvz as it is (rows
+    grouped per key head as [q | k | v | z]) named `ssm_in` (gguf-py's tensor map still maps it so; llama.cpp's
+    graph splits it by views, its "legacy" path), where the current converter writes attn_qkv and attn_gate."""
+    from safetensors.numpy import load_file
+
+    from mlxq.formats.gguf.reader import read_bytes, read_header
+
+    assert tiny.kind == "qwen3next"
+    header = read_header(tiny.gguf)
+    hf = load_file(tiny.hf_dir / "model.safetensors")
+    w = _same_metadata(tiny.gguf, out)
+    for name, t in header.tensors.items():
+        block, _, part = name.removeprefix("blk.").partition(".")
+        if part == "attn_gate.weight":  # (full attention layers have none: their gate is in attn_q)
+            continue
+        if part == "attn_qkv.weight":
+            w.add_tensor(f"blk.{block}.ssm_in.weight", hf[f"model.layers.{block}.linear_attn.in_proj_qkvz.weight"])
+        else:
+            w.add_tensor(name, read_bytes(tiny.gguf, t).view(np.float32).reshape(t.shape))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

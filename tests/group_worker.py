@@ -2,10 +2,11 @@
 
     python tests/group_worker.py PLAN.json
 
-PLAN: {"cases": [{"model": dir, "parallel": mode, "out": dir, "probe": true}, ...]}. Every rank loads each case's
-model split that way; rank 0 runs `probe` (which the test also runs on the single-process model) unless the case
-says not to, writes what it saw and the group's status to the case's `out` dir, and ends the group; the other
-ranks follow.
+PLAN: {"cases": [{"model": dir, "parallel": mode, "out": dir, "probe": true, "expert_memory": null,
+"combine": null}, ...]}. Every rank loads each case's model split that way (an experts split combining as
+`combine` says); rank 0 runs `probe` (which the test also runs on the single-process model) unless the case says
+not to, writes what it saw and the group's status to the case's `out` dir, and ends the group; the other ranks
+follow. Each rank writes there what its expert pool read and how its MoE blocks combined.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 import mlxq
+from mlxq.distributed.split import expert_combines, set_expert_combine
 from mlxq.engine import stream as streams
 from mlxq.engine.prompt_cache import CacheSlot
 
@@ -85,9 +87,12 @@ def main(plan_path: str) -> None:
     plan = json.loads(Path(plan_path).read_text())
     group = mx.distributed.init(backend="ring", strict=True)
     for case in plan["cases"]:
-        model = mlxq.load(case["model"], group=group, parallel=case["parallel"])
+        model = mlxq.load(case["model"], group=group, parallel=case["parallel"],
+                          expert_memory=case.get("expert_memory"))
+        if case.get("combine"):  # how an experts split combines its blocks (every rank alike)
+            set_expert_combine(model.net, case["combine"])
+        out = Path(case["out"])
         if group.rank() == 0:
-            out = Path(case["out"])
             if case.get("probe", True):
                 probe(model, out)
             out.mkdir(parents=True, exist_ok=True)
@@ -95,6 +100,11 @@ def main(plan_path: str) -> None:
             model.shutdown()
         else:
             model.follow()
+        out.mkdir(parents=True, exist_ok=True)
+        if (stats := model.expert_stats()) is not None:  # what this rank's own pool read
+            (out / f"experts-{group.rank()}.json").write_text(json.dumps(stats.as_dict()))
+        if case["parallel"] == "experts":  # how its MoE blocks combined
+            (out / f"combines-{group.rank()}.json").write_text(json.dumps(expert_combines(model.net)))
 
 
 if __name__ == "__main__":

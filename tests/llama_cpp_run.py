@@ -2,6 +2,7 @@
 abort must fail one test, not the test run.
 
     logits = llama_cpp_logits(path, tokens)        # [len(tokens), vocab] float32, one forward pass
+    layers = llama_cpp_layers(path)                # {"n_layer": own blocks, "n_layer_nextn": MTP blocks} loaded
     tokens = llama_cpp_greedy(path, prompt, n)     # n greedy tokens after the prompt
 """
 
@@ -18,14 +19,29 @@ import numpy as np
 _CHILD = r"""
 import json, sys
 import numpy as np
+import llama_cpp
 from llama_cpp import Llama
 
+_defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+
+def _with_mtp():  # multi-token-prediction blocks loaded (and shape-checked), not skipped as unused
+    params = _defaults()
+    params.load_mtp = True
+    return params
+
+
+llama_cpp.llama_cpp.llama_model_default_params = _with_mtp
 path, mode, tokens, n, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 llm = Llama(model_path=path, n_ctx=max(64, len(tokens) + n + 8), n_batch=512, n_threads=2, logits_all=True,
             verbose=True, seed=0, type_k=0, type_v=0)  # float32 KV cache: the default F16 one costs 1e-3
 if mode == "logits":
     llm.eval(tokens)
     np.save(out, np.array(llm.scores[: len(tokens)], dtype=np.float32))
+elif mode == "layers":
+    model = llm._model.model
+    json.dump({"n_layer": llama_cpp.llama_model_n_layer(model),
+               "n_layer_nextn": llama_cpp.llama_model_n_layer_nextn(model)}, open(out, "w"))
 else:
     ids = list(tokens)
     llm.eval(ids)
@@ -61,6 +77,11 @@ def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
 
 def llama_cpp_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
     return _run(path, "greedy", prompt, n, ".json")
+
+
+def llama_cpp_layers(path: Path) -> dict[str, int]:
+    """The blocks llama.cpp loaded: {"n_layer": the model's own, "n_layer_nextn": its multi-token-prediction ones}."""
+    return _run(path, "layers", [0], 0, ".json")
 
 
 _QUANTIZE = r"""

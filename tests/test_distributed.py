@@ -6,7 +6,11 @@ CPU, loopback only, every process ended by the test.
   gives the single-process model's full-sequence logits (float32, <= 1e-5 relative) and the same greedy tokens,
   for requests batched together, a prompt resumed from the prompt cache, a conversation from its slot, and a
   request with speculative drafts (some taken, some rolled back) batched beside a plain one.
-- Each rank holds only its share: its peak RSS grows by about the bytes of its share, far below the model's.
+- The experts split combines by all_sum or by all_gather of only the rows each rank computed: both give those logits.
+- A model with expert packs streams on every rank (experts and pipeline splits): each rank reads only its own experts
+  within its own budget (half of them), and the group gives the single-process logits and tokens.
+- Each rank holds only its share: its peak RSS grows by about the bytes of its share, far below the model's
+  (pipeline, tensor and experts splits; 2 ranks, and 3 in the slow suite).
 - A rank killed (or frozen) mid-generation: the server answers the request with an error and /health says the
   group is degraded; nothing hangs.
 """
@@ -32,6 +36,7 @@ from tiny import make_tiny, save_tiny_tokenizer
 
 import mlxq
 from mlxq.distributed.launch import free_loopback_ports
+from mlxq.models import text_config
 
 WORKER = Path(__file__).with_name("group_worker.py")
 PYTHON = sys.executable
@@ -64,8 +69,9 @@ def run_ranks(n: int, args: list[str], tmp: Path, timeout: float = GROUP_TIMEOUT
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for r, (p, out) in enumerate(zip(procs, outs, strict=True)):
-        assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{out[-3000:]}"
+    failed = [f"rank {r} exited {p.returncode}:\n{out[-3000:]}"
+              for r, (p, out) in enumerate(zip(procs, outs, strict=True)) if p.returncode]
+    assert not failed, "\n".join(failed)
     return outs
 
 
@@ -89,29 +95,42 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def differences(case: dict, ranks: int) -> list[str]:
+    """How what the group gave for a case differs from what one process gave (the probe in `<model>/single`)."""
+    got, want = Path(case["out"]), Path(case["model"]) / "single"
+    what = f"{Path(case['model']).name} {case['parallel']} x{ranks}"
+    wrong = []
+    error = rel(np.load(got / "logits.npy"), np.load(want / "logits.npy"))
+    if not error <= 1e-5:
+        wrong.append(f"{what}: logits differ by {error:.2e} (relative)")
+    result, expected = json.loads((got / "result.json").read_text()), json.loads((want / "result.json").read_text())
+    status = json.loads((got / "status.json").read_text())
+    assert status["state"] == "ok" and len(status["ranks"]) == ranks
+    assert {r["share"]["parallel"] for r in status["ranks"]} == {case["parallel"]}
+    for key, value in expected.items():
+        if result[key] != value:
+            wrong.append(f"{what}: {key} {result[key]} != single process {value}")
+    return wrong
+
+
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_every_split_matches_the_single_process_model(models, tmp_path, ranks):
     cases = [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{name}-{mode}")}
              for name, path in models.items() for mode in SPLITS[name]]
+    # the experts split combines by all_gather where that moves fewer bytes (some prompts on 2 ranks here), else by
+    # all_sum (every decode step): the gather, forced everywhere
+    forced = "gather"
+    cases.append({"model": str(models["moe"]), "parallel": "experts", "out": str(tmp_path / f"moe-{forced}"),
+                  "combine": forced})
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"cases": cases}))
     run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
-    wrong = []
-    for case in cases:
-        single = Path(case["model"]) / "single"
-        got, want = Path(case["out"]), single
-        what = f"{Path(case['model']).name} {case['parallel']} x{ranks}"
-        error = rel(np.load(got / "logits.npy"), np.load(want / "logits.npy"))
-        if not error <= 1e-5:
-            wrong.append(f"{what}: logits differ by {error:.2e} (relative)")
-        result, expected = json.loads((got / "result.json").read_text()), json.loads((want / "result.json").read_text())
-        status = json.loads((got / "status.json").read_text())
-        assert status["state"] == "ok" and len(status["ranks"]) == ranks
-        assert {r["share"]["parallel"] for r in status["ranks"]} == {case["parallel"]}
-        for key, value in expected.items():
-            if result[key] != value:
-                wrong.append(f"{what}: {key} {result[key]} != single process {value}")
+    wrong = [line for case in cases for line in differences(case, ranks)]
     assert not wrong, "\n".join(wrong)
+    combines = {case.get("combine", "auto"): json.loads((Path(case["out"]) / "combines-0.json").read_text())
+                for case in cases if case["parallel"] == "experts"}
+    assert combines[forced][forced] > 0 and sum(combines[forced].values()) == combines[forced][forced], combines
+    assert combines["auto"]["sum"] > 0 and (ranks == 3 or combines["auto"]["gather"] > 0), combines
     # what was compared exercised the caches: a prefix resumed from the prompt cache, a turn from its slot
     dense = json.loads((models["dense"] / "single" / "result.json").read_text())
     assert dense["resumed_cached"] > 0 and dense["slot"][1]["cached"] > 0, dense
@@ -123,25 +142,86 @@ def test_every_split_matches_the_single_process_model(models, tmp_path, ranks):
         assert name == "moe" or single["accepted_drafts"] < single["drafted"], (name, single)
 
 
+# ---------------------------------------------------------------------------------------------- streamed experts
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> dict[str, Path]:
+    """The tiny MoE (a dense layer among the MoE ones) and the tiny hybrid MoE (Qwen3.5 layout), 2-bit experts
+    written to expert packs, and what one process gives with every expert resident (streamed is bit-identical to it
+    in one process: test_experts.py)."""
+    from test_experts import build, quantize
+
+    made = {}
+    for name in ("qwen3_moe", "qwen3_5_moe_text"):
+        root = tmp_path_factory.mktemp(name)
+        path = quantize(build(name, root / "src"), root / "packs", stream_experts=True)
+        model = mlxq.load(str(path))
+        probe(model, path / "single")
+        model.close()
+        made[name] = path
+    return made
+
+
+@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_each_rank_streams_its_own_experts_within_its_own_budget(packed, tmp_path, ranks):
+    """Experts and pipeline splits of models with expert packs: each rank streams only the experts it holds, from
+    the packs, within a budget of half of them; the group gives what one process gives."""
+    cases = [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{name}-{mode}"), "expert_memory": "50%"}
+             for name, path in packed.items() for mode in ("experts", "pipeline")]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"cases": cases}))
+    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
+    wrong = [line for case in cases for line in differences(case, ranks)]
+    assert not wrong, "\n".join(wrong)
+    for case in cases:
+        config = text_config(json.loads((Path(case["model"]) / "config.json").read_text()))
+        moe_layers = config["num_hidden_layers"] - len(config.get("mlp_only_layers") or [])
+        n_experts = config.get("num_experts") or config["num_local_experts"]
+        ranks_seen = json.loads((Path(case["out"]) / "status.json").read_text())["ranks"]
+        # between them the ranks hold every expert once: a share of each layer's, or whole layers
+        assert sum(r["experts_held"] for r in ranks_seen) == moe_layers * n_experts, ranks_seen
+        for r in ranks_seen:
+            if not r["experts_held"]:  # a pipeline stage of dense layers only
+                assert case["parallel"] == "pipeline", r
+                continue
+            assert r["expert_slots"] < r["experts_held"], r  # its budget is below its share
+            stats = json.loads((Path(case["out"]) / f"experts-{r['rank']}.json").read_text())
+            assert stats["misses"] > 0 and stats["bytes_read"] > 0, (r, stats)  # and it read them from its packs
+
+
 # ---------------------------------------------------------------------------------------------- memory
-def make_wide_llama(path: Path, hidden: int = 512, layers: int = 8, intermediate: int = 2048) -> int:
-    """A random float32 Llama whose weights (~134 MB) dwarf what a process needs besides; returns their bytes."""
+def make_wide(path: Path, experts: int = 0, hidden: int = 384, layers: int = 8, intermediate: int = 2048) -> int:
+    """A random float32 model whose weights (~90 MB) dwarf what a process needs besides; returns their bytes. A Llama,
+    or with `experts` a Qwen3-MoE of that many experts (each of `intermediate` / 8 hidden units, stored one tensor
+    per expert as Hugging Face checkpoints are), where the experts are nearly all the bytes. 12 heads over 6
+    key/value heads: a tensor split of 2 or of 3 ranks keeps each query head with its key/value head."""
     import mlx.core as mx
 
+    heads, head_dim = 12, 32
+    kv = 6 * head_dim
     config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=hidden, intermediate_size=
-                  intermediate, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
-                  vocab_size=160, rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=False,
-                  bos_token_id=1, eos_token_id=2)
+                  intermediate, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=6,
+                  head_dim=head_dim, vocab_size=160, rms_norm_eps=1e-5, max_position_embeddings=512,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    per_layer = {"input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
+                 "self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv, hidden),
+                 "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, heads * head_dim)}
+    if experts:
+        moe = intermediate // 8
+        config.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=experts,
+                      num_experts_per_tok=2, moe_intermediate_size=moe, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[], rope_theta=1e6)
+        per_layer.update({"self_attn.q_norm": (head_dim,), "self_attn.k_norm": (head_dim,),
+                          "mlp.gate": (experts, hidden)})
+        for e in range(experts):
+            per_layer.update({f"mlp.experts.{e}.gate_proj": (moe, hidden), f"mlp.experts.{e}.up_proj": (moe, hidden),
+                              f"mlp.experts.{e}.down_proj": (hidden, moe)})
+    else:
+        per_layer.update({"mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+                          "mlp.down_proj": (hidden, intermediate)})
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
-    kv = hidden // 2
     shapes = {"model.embed_tokens.weight": (160, hidden), "model.norm.weight": (hidden,),
               "lm_head.weight": (160, hidden)}
-    per_layer = {"input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
-                 "self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
-                 "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
-                 "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
-                 "mlp.down_proj": (hidden, intermediate)}
     for i in range(layers):
         shapes.update({f"model.layers.{i}.{k}.weight": v for k, v in per_layer.items()})
     mx.random.seed(0)
@@ -151,23 +231,26 @@ def make_wide_llama(path: Path, hidden: int = 512, layers: int = 8, intermediate
     return sum(v.nbytes for v in weights.values())
 
 
-@pytest.mark.parametrize("parallel", ["pipeline", "tensor"])
-def test_each_rank_holds_only_its_share(tmp_path, parallel):
-    """Measured per rank: resident memory grows by about the bytes the rank holds, and that is about half the model
-    (two ranks), never the whole of it."""
-    total = make_wide_llama(tmp_path / "wide")
+@pytest.mark.parametrize(("parallel", "ranks"), [
+    ("pipeline", 2), ("tensor", 2), ("experts", 2), *(pytest.param(mode, 3, marks=pytest.mark.slow) for mode in (
+        "pipeline", "tensor", "experts"))])
+def test_each_rank_holds_only_its_share(tmp_path, parallel, ranks):
+    """Measured in each rank's process: resident memory grows by about the bytes the rank holds (+ 15 % + 24 MB:
+    the interpreter's own growth, MLX's buffers, one tensor being read), and what it holds is about 1/ranks of the
+    model, never the whole of it. The experts split runs on a MoE model whose experts are nearly all its bytes."""
+    total = make_wide(tmp_path / "wide", experts=16 if parallel == "experts" else 0)
     plan = tmp_path / "plan.json"
     out = tmp_path / "out"
     plan.write_text(json.dumps({"cases": [{"model": str(tmp_path / "wide"), "parallel": parallel, "out": str(out),
                                            "probe": False}]}))
-    run_ranks(2, [str(WORKER), str(plan)], tmp_path)
-    ranks = json.loads((out / "status.json").read_text())["ranks"]
-    shares = [r["weights_bytes"] for r in ranks]
-    assert all(0.35 * total < s < 0.65 * total for s in shares), (shares, total)
-    for r in ranks:
+    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
+    shares = json.loads((out / "status.json").read_text())["ranks"]
+    held = [r["weights_bytes"] for r in shares]
+    assert all(abs(h / total - 1 / ranks) < 0.15 for h in held), (held, total)
+    for r in shares:
         grown = r["peak_rss_bytes"] - r["rss_before_bytes"]
-        assert grown < r["weights_bytes"] * 1.15 + (24 << 20), (r, total)  # its share, plus a margin
-        assert grown < 0.75 * total, (r, total)  # and never the whole model
+        assert grown < r["weights_bytes"] * 1.15 + (24 << 20), (r, total)  # its share, plus the margin
+        assert grown < (1 / ranks + 0.25) * total, (r, total)  # and never the whole model
 
 
 # ---------------------------------------------------------------------------------------------- failures

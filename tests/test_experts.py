@@ -158,6 +158,32 @@ def test_api_timings_carry_the_run_s_expert_counters(made):
     assert mlxq.load(str(resident)).generate("the fox", max_tokens=2).timings.experts is None
 
 
+def test_a_rank_s_share_of_the_packs_reads_only_its_own_experts(made):
+    """What a rank of an experts split opens (`Packs.share`): its experts, numbered from 0, read from their own
+    blocks; errors still name the model's expert. A tensor split, which would need parts of every expert, says so."""
+    from types import SimpleNamespace
+
+    from mlxq.distributed.split import make_split
+    from mlxq.errors import UnsupportedModel
+    from mlxq.experts.pack import open_pack_dir
+    from mlxq.formats import open_checkpoint
+    from mlxq.models import text_config
+
+    _, _, path = made("qwen3_moe")
+    packs = open_pack_dir(path)
+    layer = min(packs.layers)
+    part = packs.share({layer: (3, 6)})
+    assert list(part.layers) == [layer] and part.layers[layer].n_experts == 3
+    whole, mine = packs.read_layer(layer), part.read_layer(layer)
+    assert all(mx.array_equal(mine[name], arr[3:6]) for name, arr in whole.items())
+    with pytest.raises(FormatError, match=f"layer {layer} expert 4: short read"):
+        part.layers[layer].check_block(part.path(part.layers[layer]), 1, b"")
+    ckpt = open_checkpoint(str(path))
+    tensor = make_split("tensor", text_config(ckpt.config), ckpt.tensors.infos(), 0, 2)
+    with pytest.raises(UnsupportedModel, match="expert packs stream under --parallel experts or pipeline"):
+        tensor.stream_share([SimpleNamespace(layer=layer)], packs)
+
+
 def test_parse_size():
     assert parse_size("8GB") == 8_000_000_000 and parse_size("512MiB") == 512 << 20 and parse_size(1234) == 1234
     assert parse_size("25%", 1000) == 250

@@ -9,12 +9,14 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from fixtures_gguf import *  # noqa: F403  (pytest fixtures: hybrid_gguf, hybrid_gguf_q8)
-from fixtures_gguf import PROMPT, hf_config, write_ollama_style
+from fixtures_gguf import PROMPT, hf_config, write_legacy_ssm_in, write_ollama_style
 from fixtures_qwen3 import *  # noqa: F403  (pytest fixtures: qwen3_tokenizer_dir)
+from llama_cpp_run import llama_cpp_logits, llama_cpp_quantize
 from safetensors.numpy import load_file
 
 from mlxq.formats import open_checkpoint
 from mlxq.formats.gguf import names
+from mlxq.formats.gguf.doctor import examine, status
 from mlxq.formats.gguf.reader import read_bytes, read_header
 from mlxq.loading import load_model
 from mlxq.models.layers import BlockLinear
@@ -96,3 +98,38 @@ def test_ollama_style_file_gives_transformers_logits(_hybrid_models, tmp_path, f
     assert ckpt.config["layer_types"] == hf_config(hybrid_gguf)["layer_types"]  # from the head_count_kv array
     assert not any(name.startswith("v.") for name in ckpt.tensors)
     assert rel(logits(path), hybrid_gguf.logits) < 1e-4
+
+
+def test_legacy_qwen3next_ssm_in_file_gives_transformers_logits(_hybrid_models, tmp_path):
+    """A Qwen3-Next file with the fused ssm_in of llama.cpp's first converter: llama.cpp still runs it (its legacy
+    path) to transformers' logits, and mlxq splits it at the edge into the q/k/v and z projections the current
+    converter writes as attn_qkv / attn_gate, equal to those, to the same logits."""
+    tiny = _hybrid_models("qwen3next")
+    path = write_legacy_ssm_in(tiny, tmp_path / "legacy.gguf")
+    written = read_header(path).tensors
+    assert "blk.0.ssm_in.weight" in written and "blk.0.attn_qkv.weight" not in written
+    assert rel(llama_cpp_logits(path, PROMPT), tiny.logits) < 1e-4  # the file is what llama.cpp reads as legacy
+    assert status(examine(path)[0]) == 0  # and doctor finds nothing wrong with it
+    legacy, current = open_checkpoint(str(path)).tensors, open_checkpoint(str(tiny.gguf)).tensors
+    for part in ("in_proj_qkv", "in_proj_z"):
+        name = f"model.layers.0.linear_attn.{part}.weight"
+        np.testing.assert_array_equal(np.array(legacy[name]), np.array(current[name]))
+    assert not any("in_proj_qkvz" in name for name in legacy)
+    assert rel(logits(path), tiny.logits) < 1e-4
+
+
+def test_legacy_ssm_in_quantized_keeps_its_parts_quantized(_hybrid_models, tmp_path):
+    """The legacy file quantized by llama.cpp (Q8_0): with the blocks kept, ssm_in's q/k/v and z rows stay MLX affine
+    (whole rows taken from the fused tensor), and the model gives the dequantized load's logits."""
+    tiny = _hybrid_models("qwen3next")
+    path = tmp_path / "legacy-q8_0.gguf"
+    llama_cpp_quantize(write_legacy_ssm_in(tiny, tmp_path / "legacy.gguf"), path, "MOSTLY_Q8_0")
+    assert read_header(path).tensors["blk.0.ssm_in.weight"].kind == "Q8_0"
+    ckpt = open_checkpoint(str(path), keep_quantized=True)
+    assert {"model.layers.0.linear_attn.in_proj_qkv.scales", "model.layers.0.linear_attn.in_proj_z.scales"} <= set(
+        ckpt.tensors)
+    net = load_model(ckpt)
+    assert isinstance(net.model.layers[0].linear_attn.in_proj, nn.QuantizedLinear)
+    kept = np.array(net(mx.array([PROMPT]), net.make_cache())[0])
+    assert rel(kept, logits(path)) < 1e-4
+    assert rel(kept, tiny.logits) < 0.05  # and Q8_0 is close to the float model

@@ -98,10 +98,13 @@ class GroupModel(Model):
 
 def load_group(name: str | None, group, *, parallel: str | None = None, dtype: mx.Dtype | None = None,
                keep_quantized: bool | None = None, experts_per_tok: int | None = None,
+               expert_memory: str | int | None = None, expert_options: dict | None = None,
                control_host: str | None = None, rank_timeout: float = RANK_TIMEOUT_S,
                step_timeout: float = STEP_TIMEOUT_S) -> GroupModel:
     """This rank's share of model `name`, split `parallel` (pipeline, tensor, experts; default: experts for a MoE
-    model, else pipeline) over `group` (`mx.distributed.init()`); every rank calls it with the same arguments."""
+    model, else pipeline) over `group` (`mx.distributed.init()`); every rank calls it with the same arguments. A
+    model with expert packs streams each rank's experts from its own packs within `expert_memory` (its own budget:
+    a size, or a percentage of the experts it holds; default all of them)."""
     import mlxq
     from mlxq.api import load_tokenizer_for
     from mlxq.loading import load_model, open_for_run
@@ -113,7 +116,7 @@ def load_group(name: str | None, group, *, parallel: str | None = None, dtype: m
     config = text_config(ckpt.config)
     parallel = parallel or auto_mode(config)
     settings = {"parallel": parallel, "size": size, "dtype": str(dtype), "keep_quantized": keep_quantized,
-                "experts_per_tok": experts_per_tok}
+                "experts_per_tok": experts_per_tok, "expert_memory": expert_memory, "expert_options": expert_options}
     control = Control(size, control_host or _ring_host(), rank_timeout=rank_timeout,
                       step_timeout=step_timeout) if rank == 0 else None
     me = {"rank": rank, "version": mlxq.__version__, "model": fingerprint(ckpt), "settings": settings}
@@ -129,8 +132,13 @@ def load_group(name: str | None, group, *, parallel: str | None = None, dtype: m
     split = make_split(parallel, config, ckpt.tensors.infos(), rank, size, group,
                        dequantized=ckpt.format == "gguf" and not keep_quantized)
     rss_before = rss_bytes()
-    net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, split=split)
+    net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=expert_memory,
+                     expert_options=expert_options, split=split)
+    pool = getattr(net, "expert_pool", None)
     share = {"share": split.describe(), "weights_bytes": sum(v.nbytes for _, v in tree_flatten(net.parameters())),
+             "expert_pool_bytes": 0 if pool is None else pool.nbytes,
+             "expert_slots": 0 if pool is None else sum(s.n for s in set(pool.groups.values())),
+             "experts_held": 0 if pool is None else sum(lp.n_experts for lp in pool.packs.layers.values()),
              "rss_before_bytes": rss_before, "peak_rss_bytes": peak_rss_bytes(), "pid": os.getpid(),
              "host": socket.gethostname()}
     tokenizer = None

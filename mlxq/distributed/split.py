@@ -10,7 +10,12 @@ loads; what its network looks like; where the collectives go.
   adds them (Megatron). The embedding is replicated; the head is on rank 0 only.
 - experts: every rank holds the dense parts (replicated) and a contiguous share of each MoE layer's routed
   experts. Every rank routes every token (same hidden state, same router, so the same choice), computes the pairs
-  routed to its own experts, and one `all_sum` per MoE block adds the ranks' parts (`ExpertShard`).
+  routed to its own experts, and one collective per MoE block combines the ranks' parts: an `all_sum`, or an
+  `all_gather` of only the rows each rank computed when that moves fewer bytes (`ExpertShard`).
+
+A model whose experts are in expert packs (`mlxq.experts`) streams them on every rank: each opens only the pack
+entries of the experts it holds (`Split.stream_share`: a share of every layer's, or all of its own layers') and
+streams them within its own budget, with the same pool and the same `StreamedMoE` code as one process.
 
 Which part of a tensor a rank holds is data: `TENSOR_RULES` keys (module class, parameter) to the axis and the
 share, read off the unloaded network the checkpoint describes. The loader (`mlxq.loading.load_model(split=)`)
@@ -32,8 +37,9 @@ import numpy as np
 from mlxq.engine.batch import stackable
 from mlxq.engine.cache import KVCache
 from mlxq.errors import ConfigError, UnsupportedModel
+from mlxq.experts.pack import Packs
+from mlxq.experts.stream import StreamedMoE
 from mlxq.formats.base import TensorInfo, TensorSource
-from mlxq.kernels.activations import sigmoid
 from mlxq.models.base import CausalLM
 from mlxq.models.moe import SparseMoE, SwitchGLU
 
@@ -114,6 +120,25 @@ class Split:
 
     def finish(self, net: CausalLM) -> CausalLM:
         raise NotImplementedError
+
+    def stream_share(self, streamed: list[StreamedMoE], packs: Packs) -> tuple[list[StreamedMoE], Packs]:
+        """Of a model whose experts stream from packs: the streamed blocks this rank runs, and the part of the packs
+        it reads (only the experts it owns, so its budget, "25%" say, is a share of its own experts)."""
+        owned = {}
+        for block in streamed:
+            share = self.expert_share(block.layer, packs.layers[block.layer].n_experts)
+            if share is not None:
+                owned[block.layer] = share
+        kept = [b for b in streamed if b.layer in owned]
+        for a, b in zip(kept, [*kept[1:], None], strict=False):  # prefetch looks ahead within the rank's own layers
+            a.next = b
+        return kept, packs.share(owned)
+
+    def expert_share(self, layer: int, n_experts: int) -> tuple[int, int] | None:
+        """The routed experts [first, stop) of MoE layer `layer` this rank streams from its expert packs, or None
+        when the layer is not on this rank."""
+        raise UnsupportedModel(f"{self.mode} split: expert packs stream under --parallel experts or pipeline (a rank "
+                               "reads whole experts)")
 
     def describe(self) -> dict:
         return {"parallel": self.mode, "rank": self.rank, "size": self.size}
@@ -298,6 +323,9 @@ class PipelineSplit(Split):
 
         return Stage(net, self.template[self.first : self.stop], self.rank, self.size, self.group, self.rewindable)
 
+    def expert_share(self, layer, n_experts):
+        return (0, n_experts) if self.first <= layer < self.stop else None
+
     def describe(self):
         return {**super().describe(), "layers": [self.first, self.stop]}
 
@@ -455,21 +483,22 @@ class ExpertsSplit(Split):
         if not n:
             raise ConfigError("experts split: the model has no routed experts (use --parallel pipeline or tensor)")
         self.n_experts = n
-        self.first, self.stop = even_ranges(n, size)[rank]
+        ranges = even_ranges(n, size)
+        self.first, self.stop = ranges[rank]
+        self.bounds = [a for a, _ in ranges] + [n]  # rank r owns experts bounds[r]..bounds[r + 1]
 
     def network(self, full, build):
         for _, m in full.named_modules():
             if isinstance(m, SparseMoE):
-                gate = m.experts.gate_proj.weight
-                m.experts = SwitchGLU(gate.shape[2], gate.shape[1], self.stop - self.first)
-                if self.rank and "shared_expert" in m:  # computed once, on rank 0
-                    del m["shared_expert"], m["shared_expert_gate"]
+                if "experts" in m:  # (streamed blocks have none: `expert_share` picks what they read)
+                    gate = m.experts.gate_proj.weight
+                    m.experts = SwitchGLU(gate.shape[2], gate.shape[1], self.stop - self.first)
         if self.rank:
             _drop_head(full)
         return full
 
     def place(self, name, shape):
-        if self.rank and (name.startswith("lm_head.") or name == "model.norm.weight" or ".shared_expert" in name):
+        if self.rank and (name.startswith("lm_head.") or name == "model.norm.weight"):
             return None
         if self._block(name, EXPERT_RULES) is not None:
             return Placement(name, 0, ((self.first, self.stop),), shape[0])
@@ -479,43 +508,112 @@ class ExpertsSplit(Split):
         for layer in net.layers:
             for key, child in list(layer.children().items()):
                 if isinstance(child, SparseMoE):
-                    layer[key] = ExpertShard(child, self.first, self.group, shared=self.rank == 0)
+                    layer[key] = ExpertShard(child, self.bounds, self.rank, self.group)
         return Shard(net, owns_head=self.rank == 0)
+
+    def expert_share(self, layer, n_experts):
+        return self.first, self.stop
 
     def describe(self):
         return {**super().describe(), "experts": [self.first, self.stop], "of": self.n_experts}
 
 
-class ExpertShard(nn.Module):
-    """A MoE block of an experts split: this rank's experts [first, first + count), the shared expert on rank 0 only,
-    and one all_sum. The router runs on every rank; each computes only the (token, expert) pairs routed to its own
-    experts, which takes one host sync per block to learn which pairs those are."""
+COMBINES = ("auto", "sum", "gather")
 
-    def __init__(self, moe: SparseMoE, first: int, group, shared: bool):
+
+class ExpertShard(nn.Module):
+    """A MoE block of an experts split: this rank's experts [first, stop), resident or streamed from its own packs
+    within its own budget (a `StreamedMoE`, whose packs hold only this rank's experts).
+
+    Dispatch: the dense parts are replicated, so every rank already holds every token's hidden state and routes it
+    (same state, same router, same choice); each computes only the (token, expert) pairs routed to its own experts,
+    which takes one host sync per block to learn which pairs those are. Nothing is sent to dispatch.
+    Combine: every rank needs every token's output (the next dense part runs everywhere). MLX has no all-to-all on
+    the ring backend; it is built from its collectives, whichever moves fewer bytes out of each rank (`combine`):
+    - "sum": one `all_sum` of the block's output [tokens, dim], each rank's part zero where it computed nothing; a
+      ring moves 2 (p - 1) / p of it out of each rank, in 2 (p - 1) hops.
+    - "gather": one `all_gather` of only the rows each rank computed (the tokens routed to at least one of its
+      experts), padded to the most any rank computed, m; (p - 1) m rows out of each rank, in p - 1 hops. Every
+      rank knows every rank's rows from the routing, so no index is sent. Pays when p m < 2 tokens: few experts
+      per token against many ranks, or a prompt whose tokens keep to a few ranks' experts.
+    "auto" takes gather when it moves fewer bytes (p m < 2 tokens), else sum (a decode step of one token: m = 1,
+    so sum, at equal bytes on 2 ranks); every rank decides alike from the same routing. The shared expert is held
+    by every rank: added once into the sum (rank 0), or by every rank after a gather."""
+
+    def __init__(self, moe: SparseMoE, bounds: list[int], rank: int, group, combine: str = "auto"):
         super().__init__()
         self.moe = moe
-        experts = moe.experts
-        self.first = first
-        self.count = (experts.gate_up_proj if "gate_up_proj" in experts else experts.gate_proj).num_experts
-        self._group, self.shared = group, shared
+        self.bounds, self.rank = np.array(bounds), rank  # (an array, not a list: kept out of the module tree)
+        self.first, self.count = bounds[rank], bounds[rank + 1] - bounds[rank]
+        self._group, self.combine = group, combine
+        self.sums = self.gathers = 0  # calls combined each way
 
     def __call__(self, x: mx.array) -> mx.array:
         moe, dim = self.moe, x.shape[-1]
         experts, weights = moe.route(x)
         k = experts.shape[-1]
-        local = np.array(experts.reshape(-1)).astype(np.int64) - self.first
+        streamed = isinstance(moe, StreamedMoE)
+        ids = moe.pool.routed(moe.layer, experts) if streamed else np.array(experts)
+        flat = ids.reshape(-1).astype(np.int64)
+        local = flat - self.first
         pairs = np.flatnonzero((local >= 0) & (local < self.count))
         tokens = x.reshape(-1, dim)
         y = mx.zeros(tokens.shape, x.dtype)
         if pairs.size:
-            rows = mx.array(pairs // k)
-            out = moe.experts(tokens[rows], mx.array(local[pairs].astype(np.uint32))[:, None])[:, 0]
+            rows, own = mx.array(pairs // k), local[pairs][:, None]
+            if streamed:
+                out = moe.run_experts(tokens[rows], own)[:, 0]
+            else:
+                out = moe.experts(tokens[rows], mx.array(own.astype(np.uint32)))[:, 0]
             scale = weights.reshape(-1)[mx.array(pairs)][:, None].astype(x.dtype)
             y = y.at[rows].add(out * scale)
+        shared = moe.shared(x)
+        owner = (np.searchsorted(self.bounds, flat, side="right") - 1).reshape(-1, k)
+        computed = [np.flatnonzero((owner == r).any(axis=-1)) for r in range(len(self.bounds) - 1)]
+        if self._gathers(len(tokens), computed):
+            self.gathers += 1
+            y = self._gather(y, computed).reshape(x.shape)
+            return y if shared is None else y + shared
+        self.sums += 1
         y = y.reshape(x.shape)
-        if self.shared and "shared_expert" in moe:
-            y = y + sigmoid(moe.shared_expert_gate(x)) * moe.shared_expert(x)
+        if shared is not None and self.rank == 0:
+            y = y + shared
         return mx.distributed.all_sum(y, group=self._group)
+
+    def _gathers(self, n: int, computed: list[np.ndarray]) -> bool:
+        if self.combine == "auto":
+            return len(computed) * max(len(c) for c in computed) < 2 * n
+        return self.combine == "gather"
+
+    def _gather(self, y: mx.array, computed: list[np.ndarray]) -> mx.array:
+        """Each rank's computed rows to every rank, added up in rank order (the same sums on every rank)."""
+        m = max(1, max(len(c) for c in computed))
+        mine = computed[self.rank]
+        block = y[mx.array(mine)] if len(mine) else mx.zeros((0, y.shape[-1]), y.dtype)
+        if len(mine) < m:
+            block = mx.concatenate([block, mx.zeros((m - len(mine), y.shape[-1]), y.dtype)])
+        everyone = mx.distributed.all_gather(block, group=self._group)
+        out = mx.zeros(y.shape, y.dtype)
+        for r, rows in enumerate(computed):
+            if len(rows):
+                out = out.at[mx.array(rows)].add(everyone[r * m : r * m + len(rows)])
+        return out
+
+
+def expert_combines(net: nn.Module) -> dict[str, int]:
+    """How many MoE block calls of an experts split combined by all_sum and by all_gather so far."""
+    shards = [m for _, m in net.named_modules() if isinstance(m, ExpertShard)]
+    return {"sum": sum(m.sums for m in shards), "gather": sum(m.gathers for m in shards)}
+
+
+def set_expert_combine(net: nn.Module, combine: str) -> None:
+    """How the experts split combines its blocks' outputs (`ExpertShard`): "auto" (the default), "sum" or "gather".
+    Every rank must set the same, before its next step."""
+    if combine not in COMBINES:
+        raise ConfigError(f"expert combine '{combine}': expected one of {', '.join(COMBINES)}")
+    for _, m in net.named_modules():
+        if isinstance(m, ExpertShard):
+            m.combine = combine
 
 
 SPLITS = {"pipeline": PipelineSplit, "tensor": TensorSplit, "experts": ExpertsSplit}

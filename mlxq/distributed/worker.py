@@ -16,7 +16,9 @@ from mlxq.errors import MlxqError
 @click.option("--parallel", default=None)
 @click.option("--keep-quantized", is_flag=True)
 @click.option("--experts-per-tok", type=int, default=None)
-def main(model: str, parallel: str | None, keep_quantized: bool, experts_per_tok: int | None) -> None:
+@click.option("--expert-memory", default=None)
+def main(model: str, parallel: str | None, keep_quantized: bool, experts_per_tok: int | None,
+         expert_memory: str | None) -> None:
     import mlx.core as mx
 
     import mlxq
@@ -25,7 +27,7 @@ def main(model: str, parallel: str | None, keep_quantized: bool, experts_per_tok
     group = mx.distributed.init(backend="ring", strict=True)
     try:
         mlxq.load(model, group=group, parallel=parallel, keep_quantized=keep_quantized or None,
-                  experts_per_tok=experts_per_tok).follow()
+                  experts_per_tok=experts_per_tok, expert_memory=expert_memory).follow()
     except MlxqError as e:
         click.echo(f"mlxq: rank {group.rank()}: {e}", err=True)
         sys.exit(1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ class LayerPack:
     stride: int  # bytes from one expert's block to the next (payload padded to ALIGN)
     experts: list[Expert]
     permutation: list[int] | None = None
+    first: int = 0  # the model's number of expert 0 here (a rank's share of the layer starts further in)
 
     @property
     def n_experts(self) -> int:
@@ -98,7 +99,7 @@ class LayerPack:
 
     def check_block(self, path: Path, p: int, payload: memoryview | bytes) -> None:
         """A block read from disk is the one the manifest describes (else a FormatError naming layer and expert)."""
-        want, where = self.experts[p], f"{path}: layer {self.layer} expert {p}"
+        want, where = self.experts[p], f"{path}: layer {self.layer} expert {self.first + p}"
         if len(payload) != want.size:
             raise FormatError(f"{where}: short read ({len(payload)} of {want.size} bytes)")
         got = zlib.crc32(payload)
@@ -122,14 +123,24 @@ class Packs:
     def path(self, lp: LayerPack) -> Path:
         return self.root / lp.file
 
+    def share(self, owned: dict[int, tuple[int, int]]) -> Packs:
+        """One rank's part of the packs (`mlxq.distributed`): layer -> the experts [first, stop) it owns, numbered
+        from 0 there; each keeps its offset, so reads still land on its block. Layers not in `owned` are left out."""
+        out = Packs(self.root, self.id, self.order)
+        for layer, (first, stop) in owned.items():
+            lp = self.layers[layer]
+            out.layers[layer] = replace(lp, experts=lp.experts[first:stop], first=lp.first + first)
+        return out
+
     def read_layer(self, layer: int) -> dict[str, mx.array]:
         """Every expert of one layer, checked, as stacked arrays `{proj}.{part}` [experts, ...] (fully resident)."""
         lp = self.layers[layer]
         path = self.path(lp)
         with open(path, "rb") as f:
+            f.seek(lp.experts[0].offset)
             data = f.read(lp.stride * lp.n_experts)
         if len(data) < lp.stride * (lp.n_experts - 1) + lp.payload:
-            short = len(data) // lp.stride
+            short = lp.first + len(data) // lp.stride
             raise FormatError(f"{path}: layer {layer} expert {short}: short read (the file is truncated)")
         for p in range(lp.n_experts):
             lp.check_block(path, p, memoryview(data)[p * lp.stride : p * lp.stride + lp.payload])

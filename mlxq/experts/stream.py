@@ -36,25 +36,31 @@ class StreamedMoE(SparseMoE):
             super().__setattr__(key, value)
 
     def __call__(self, x: mx.array) -> mx.array:
-        pool, layer = self.pool, self.layer
         experts, weights = self.route(x)
-        ids = pool.routed(layer, experts)
-        wanted = np.unique(ids)
+        ids = self.pool.routed(self.layer, experts)
         shared = self.shared(x)
         if shared is not None:
             mx.async_eval(shared)  # computed while the reads run
+        return combine(self.run_experts(x, ids, ahead=True), weights, shared)
+
+    def run_experts(self, x: mx.array, ids: np.ndarray, ahead: bool = False) -> mx.array:
+        """x [..., dim] through the experts `ids` [..., k] (pack positions, on the host) -> [..., k, dim], the missing
+        ones read first. `ahead`: x is this layer's whole input, from which the next layer's experts may be
+        prefetched. (A rank of an experts split runs only its own pairs through here, `mlxq.distributed.split`.)"""
+        pool, layer = self.pool, self.layer
+        wanted = np.unique(ids)
         y, cap = None, pool.capacity(layer)
         decoding = ids.size // ids.shape[-1] <= PREFETCH_MAX_TOKENS
         for start in range(0, len(wanted), cap):
             chunk = wanted[start : start + cap]
             reads = pool.request(layer, chunk)
-            if start == 0 and pool.prefetch and decoding and self.next is not None:
+            if start == 0 and ahead and pool.prefetch and decoding and self.next is not None:
                 self._prefetch_next(x)
             pool.wait(layer, reads)
             out = pool.experts(layer)(x, pool.slot_indices(layer, ids, chunk))
             pool.pending.append(out)
             y = out if y is None else mx.where(mx.array(np.isin(ids, chunk))[..., None], out, y)
-        return combine(y, weights, shared)
+        return y
 
     def _prefetch_next(self, x: mx.array) -> None:
         nxt = self.next

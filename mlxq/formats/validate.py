@@ -131,6 +131,14 @@ def _check_quantization(source: _Source, quant: dict | None) -> None:
             raise source.bad(f"quantization.{name}", value, what)
 
 
+def _ggml_blocks(dtype: str) -> bool:
+    """Whether a tensor's dtype is a GGML block type (a GGUF tensor kept as its raw blocks, rows of bytes)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    kind = GGMLQuantizationType.__members__.get(dtype)
+    return kind is not None and GGML_QUANT_SIZES[kind][0] > 1
+
+
 class Present:
     """What the tensors say about sizes: layer count, embedding shape, largest dimension."""
 
@@ -143,7 +151,8 @@ class Present:
         self.embedding: tuple[int, int, bool] | None = None
         for i in infos:
             if i.name.endswith("embed_tokens.weight") and not i.name.startswith("mtp.") and len(i.shape) == 2:
-                packed = i.name.removesuffix(".weight") + ".scales" in names
+                # mlx-lm's packed words (with scales), or a GGUF's blocks kept: columns are not weights
+                packed = i.name.removesuffix(".weight") + ".scales" in names or _ggml_blocks(i.dtype)
                 self.embedding = (i.shape[0], i.shape[1], packed)
                 break
 

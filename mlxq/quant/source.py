@@ -23,6 +23,7 @@ from mlxq.kernels import ternary
 PATH_REWRITES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"^model\.language_model\."), "model."),
     (re.compile(r"^language_model\.model\."), "model."),
+    (re.compile(r"^model\.mtp\."), "mtp."),  # multi-token prediction, as mlxq's qwen3_5 names it
     (re.compile(r"\.block_sparse_moe\."), ".mlp."),  # Mixtral
     (re.compile(r"(\.experts\.\d+)\.w1$"), r"\1.gate_proj"),
     (re.compile(r"(\.experts\.\d+)\.w2$"), r"\1.down_proj"),

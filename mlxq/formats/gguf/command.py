@@ -32,7 +32,10 @@ GGUF_FOR_BITS = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8:
                    "gptq: those fits plus GPTQ error feedback.")
 @click.option("--calib-tokens", default=DEFAULT_TOKENS, show_default=True, type=click.IntRange(64),
               help="Calibration tokens.")
-def export(src, out, kind, overrides, calibrate, method, calib_tokens) -> None:
+@click.option("--no-mtp", is_flag=True,
+              help="Leave out the multi-token-prediction blocks (Qwen3.5 / Qwen3-Next; written by default, as "
+                   "llama.cpp's converter does).")
+def export(src, out, kind, overrides, calibrate, method, calib_tokens, no_mtp) -> None:
     """Export SRC (HF dir, hub id, mlx-lm dir or GGUF) as a GGUF file for llama.cpp / Ollama."""
     from rich.console import Console
 
@@ -42,7 +45,7 @@ def export(src, out, kind, overrides, calibrate, method, calib_tokens) -> None:
 
     recipe = gguf_recipe(kind, parse_overrides(overrides))
     result = run(src, out, recipe, calibrate=calibrate, method=method, calib_tokens=calib_tokens,
-                 console=Console(stderr=True))
+                 console=Console(stderr=True), mtp=not no_mtp)
     click.echo(summary(result))
 
 

@@ -14,7 +14,7 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,21 +83,27 @@ class Result:
 # ---------------------------------------------------------------------------------------------- sources
 @dataclass(frozen=True)
 class Source:
-    """Where one GGUF tensor's numbers are in the checkpoint: one tensor, a slice of rows of one (a fused
-    gate_up_proj's half), or several stacked (per-expert tensors -> one [experts, out, in] tensor)."""
+    """Where one GGUF tensor's numbers are in the checkpoint: one tensor, some of its rows (a fused gate_up_proj's
+    half, a part of a fused projection), or several stacked (per-expert tensors -> one [experts, out, in] tensor)."""
 
     names: tuple[str, ...]
     shape: tuple[int, ...]
     dtype: str
     nbytes: int
-    rows: tuple[int, int] | None = None
+    rows: tuple[int, ...] | None = None  # along the second-to-last axis
 
     def load(self, ckpt: Checkpoint) -> np.ndarray:
         arrays = [ckpt.tensors[n] for n in self.names]
         w = mx.stack(arrays) if len(arrays) > 1 else arrays[0]
         if self.rows is not None:
-            w = w[..., self.rows[0] : self.rows[1], :]
+            w = mx.take(w, mx.array(self.rows), axis=-2)
         return np.asarray(w.astype(mx.float32) if mx.issubdtype(w.dtype, mx.floating) else w)
+
+    def take(self, rows) -> Source:
+        """These of its rows (indices into this source's own rows)."""
+        mine = tuple(int(r) for r in rows) if self.rows is None else tuple(self.rows[int(r)] for r in rows)
+        shape = (*self.shape[:-2], len(mine), self.shape[-1])
+        return replace(self, shape=shape, nbytes=self.nbytes * len(mine) // self.shape[-2], rows=mine)
 
 
 _PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -119,10 +125,9 @@ def sources(ckpt: Checkpoint) -> dict[str, Source]:
             if m.group(2) == "down_proj":
                 out[f"{m.group(1)}.down_proj.weight"] = Source((info.name,), shape, info.dtype, info.nbytes)
             else:
-                half, part = shape[-2] // 2, (*shape[:-2], shape[-2] // 2, shape[-1])
+                fused, half = Source((info.name,), shape, info.dtype, info.nbytes), shape[-2] // 2
                 for i, kind in enumerate(("gate_proj", "up_proj")):
-                    out[f"{m.group(1)}.{kind}.weight"] = Source(
-                        (info.name,), part, info.dtype, info.nbytes // 2, (i * half, (i + 1) * half))
+                    out[f"{m.group(1)}.{kind}.weight"] = fused.take(range(i * half, (i + 1) * half))
         else:
             out[name] = Source((info.name,), shape, info.dtype, info.nbytes)
     for name, parts in experts.items():
@@ -150,8 +155,9 @@ def _value(v: Any) -> Value:
     return Value(list(v), T.ARRAY, T.get_type(v[0]))
 
 
-def model_metadata(cfg: dict[str, Any], arch: str, path) -> dict[str, str | int | float | list]:
-    """The `{arch}.*` keys for an HF config, after checking it is something llama.cpp runs as the config says."""
+def model_metadata(cfg: dict[str, Any], arch: str, path, mtp_layers: int = 0) -> dict[str, str | int | float | list]:
+    """The `{arch}.*` keys for an HF config, after checking it is something llama.cpp runs as the config says;
+    `mtp_layers` multi-token-prediction blocks follow the model's own (hybrid Qwens)."""
     keys: dict[str, Any] = {}
     cfg = {**cfg, "num_experts": cfg.get("num_experts") or cfg.get("num_local_experts")}  # (transformers 5's name)
     moe = bool(cfg["num_experts"])  # dense configs may still carry expert fields (unused defaults)
@@ -176,6 +182,10 @@ def model_metadata(cfg: dict[str, Any], arch: str, path) -> dict[str, str | int 
         keys.update(_gemma3_keys(cfg, head_dim, path))
     if names.ARCHITECTURES[arch].hybrid:
         keys.update(_hybrid_keys(cfg, arch, head_dim, rope, path))
+        if mtp_layers:  # llama.cpp counts them in block_count, and they are attention blocks
+            keys[names.BLOCK_COUNT] += mtp_layers
+            keys[names.NEXTN_LAYERS] = mtp_layers
+            keys[names.RECURRENT_LAYERS] += [False] * mtp_layers
     if moe:
         _check_moe(cfg, arch, path)
     if arch == "bitnet":
@@ -302,21 +312,24 @@ def tensor_kind(recipe: Recipe, spec, role: str | None, shape: tuple[int, ...]) 
     return kind
 
 
-def plan(ckpt: Checkpoint, recipe: Recipe, warn=lambda text: None) -> Plan:
+def plan(ckpt: Checkpoint, recipe: Recipe, warn=lambda text: None, mtp: bool = True) -> Plan:
+    """What to write; `mtp`: the multi-token-prediction blocks too, where the architecture has them in llama.cpp."""
     cfg = text_config(ckpt.config)
     arch = names.gguf_arch(cfg.get("model_type"))
     if arch is None:
         raise UnsupportedModel(f"{ckpt.path}: model_type '{cfg.get('model_type')}' cannot be exported to GGUF "
                                f"(supported: {', '.join(sorted(names.EXPORT_ARCHITECTURES))})")
     shape_of = ModelShape.of(ckpt)
-    metadata = {k: _value(v) for k, v in model_metadata(cfg, arch, ckpt.path).items()}
+    found = sources(ckpt)
+    mtp_layers = names.mtp_layers(found) if mtp and names.ARCHITECTURES[arch].hybrid else 0
+    metadata = {k: _value(v) for k, v in model_metadata(cfg, arch, ckpt.path, mtp_layers).items()}
     items, skipped = [], []
-    for hf, src in sources(ckpt).items():
+    for hf, src, target in _named(arch, found, cfg, ckpt.path):
         role = role_of(hf, cfg.get("model_type"))
-        if in_mtp(hf) or in_vision(hf) or role == "rope" or (hf.endswith("lm_head.weight") and shape_of.tied):
+        if ((in_mtp(hf) and not mtp_layers) or in_vision(hf) or role == "rope"
+                or (hf.endswith("lm_head.weight") and shape_of.tied)):
             skipped.append(hf)
             continue
-        target = names.gguf_name(arch, hf)
         if target is None:
             raise UnsupportedModel(f"{ckpt.path}: tensor '{hf}' has no GGUF name for architecture '{arch}'")
         shape = names.gguf_shape(arch, hf, src.shape)
@@ -331,6 +344,26 @@ def plan(ckpt: Checkpoint, recipe: Recipe, warn=lambda text: None) -> Plan:
     if skipped and any(in_mtp(n) for n in skipped):
         warn(f"{sum(in_mtp(n) for n in skipped)} multi-token-prediction tensors are not exported")
     return Plan(arch, cfg, metadata, items, extra, skipped, shape_of.tied)
+
+
+def _named(arch: str, found: dict[str, Source], cfg: dict[str, Any], path):
+    """(HF name, source, GGUF name or None) of each tensor to write: a fused source whose GGUF tensor llama.cpp's
+    converter writes as parts (Qwen3-Next's in_proj_qkvz) comes out as those parts."""
+    n_layers = cfg["num_hidden_layers"]
+    for hf, src in found.items():
+        target = names.gguf_name(arch, hf, n_layers)
+        hit = None if target is None else names.split(arch, target)
+        if hit is None:
+            yield hf, src, target
+            continue
+        prefix = re.match(r"^(.*\.layers\.\d+)\.", hf).group(1)  # the parts' block: model.layers.N
+        try:
+            rows = hit[1].rows(src.shape[-2], cfg)
+        except ValueError as e:
+            raise ConfigError(f"{path}: tensor '{hf}' {src.shape} does not fit the config's head sizes ({e})") from None
+        for part, index in zip(hit[1].parts, rows, strict=True):
+            name = f"{prefix}.{part}"
+            yield name, src.take(index), names.gguf_name(arch, name, n_layers)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -352,9 +385,10 @@ CALIBRATION_METHODS = ("imatrix", "gptq")
 
 
 def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None = None, method: str = "imatrix",
-           calib_tokens: int = DEFAULT_TOKENS, console=None, progress: bool = True) -> Result:
+           calib_tokens: int = DEFAULT_TOKENS, console=None, progress: bool = True, mtp: bool = True) -> Result:
     """Export checkpoint `src` (any name mlxq opens) as the GGUF file `out` in `recipe`'s types; `calibrate` (a text
-    file, or "default" for the pinned corpus) chooses codes by `method`."""
+    file, or "default" for the pinned corpus) chooses codes by `method`; `mtp`: with the multi-token-prediction
+    blocks (Qwen3.5 / Qwen3-Next)."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -383,7 +417,7 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
     def warn(text: str) -> None:
         console.print(f"mlxq: warning: {text}", style="yellow", highlight=False)
 
-    the_plan = plan(ckpt, recipe, warn)
+    the_plan = plan(ckpt, recipe, warn, mtp)
     metadata = dict(the_plan.metadata)
     metadata.update(_general(ckpt, recipe))
     metadata.update(tokenizer_metadata(ckpt, int(the_plan.config.get("vocab_size") or 0), warn))

@@ -65,6 +65,8 @@ CONFIG_KEYS: dict[str, str] = {
 # The keys of CONFIG_KEYS llama.cpp reads (the others are other writers' spellings, read on import only)
 WRITTEN_KEYS = tuple(k for k in CONFIG_KEYS if k != "norm_top_k_prob")
 
+BLOCK_COUNT = _key(Keys.LLM.BLOCK_COUNT)  # the model's own blocks plus its MTP blocks
+
 # Keys that are not one HF field each (the reader derives fields from them; writers compute them)
 SSM_INNER_SIZE = _key(Keys.SSM.INNER_SIZE)  # linear_value_head_dim * linear_num_value_heads
 ROPE_DIMENSION_COUNT = _key(Keys.Rope.DIMENSION_COUNT)  # rotary width = head_dim * partial_rotary_factor
@@ -232,13 +234,42 @@ V_HEAD_DIM = "linear_value_head_dim"
 PLUS_ONE = Shift(1.0)
 
 
+# Sizes the tables name that are not one config field
+_DERIVED_SIZES = {
+    "value_dims_per_key_head": lambda c: c["linear_num_value_heads"] // c["linear_num_key_heads"]
+    * c["linear_value_head_dim"],
+}
+
+
+def _size(size: str | int, config: dict[str, Any]) -> int:
+    if isinstance(size, int):
+        return size
+    return _DERIVED_SIZES[size](config) if size in _DERIVED_SIZES else int(config[size])
+
+
 @dataclass(frozen=True)
 class Split:
-    """One GGUF tensor that holds several HF tensors one after the other along rows, in equal parts (import only:
-    llama.cpp's own names keep them apart); `transforms` apply to each part."""
+    """One GGUF tensor that holds several HF tensors' rows. Import: the file's tensor is cut into `parts`; export: a
+    fused source tensor of the same layout is written as its parts (llama.cpp's current names keep them apart).
+    Without `segments` the parts follow one another in equal shares. With them, the rows come in groups (one per
+    key head) of `segments` (sizes: config fields or ints), and part i is segments `take[i]` of every group, segment
+    by segment. `transforms` apply to each part."""
 
     parts: tuple[str, ...]
     transforms: tuple[Transform, ...] = ()
+    segments: tuple[str | int, ...] = ()
+    take: tuple[tuple[int, ...], ...] = ()
+
+    def rows(self, n: int, config: dict[str, Any]) -> list[np.ndarray]:
+        """The fused tensor's rows that make each part (of `n` rows), in the part's order."""
+        if not self.segments:
+            return np.array_split(np.arange(n), len(self.parts))
+        starts = np.cumsum([0, *(_size(s, config) for s in self.segments)])
+        group = int(starts[-1])
+        if n % group:
+            raise ValueError(f"{n} rows are not groups of {group}")
+        return [np.concatenate([g * group + np.arange(starts[s], starts[s + 1]) for s in segs
+                                for g in range(n // group)]) for segs in self.take]
 
 
 # ------------------------------------------------------------------------------------------------ tensor names
@@ -367,13 +398,20 @@ ARCHITECTURES: dict[str, Architecture] = {
         transforms={**_QWEN35_TRANSFORMS, "model.norm.weight": (PLUS_ONE,)},
         splits={_name(MODEL_TENSOR.SSM_BETA_ALPHA) + ".weight": Split(
             ("linear_attn.in_proj_b.weight", "linear_attn.in_proj_a.weight"), transforms=(TiledVHeads(),))}),
-    # Qwen3-Next: no value-head reordering; its fused tensors are HF's own (grouped per key head), which the model's
-    # sanitize splits: ssm_ba = in_proj_ba, and the legacy ssm_in = in_proj_qkvz
+    # Qwen3-Next: no value-head reordering. ssm_ba is HF's in_proj_ba (grouped per key head as [b | a]; the model's
+    # sanitize splits it, as llama.cpp's graph does). HF's in_proj_qkvz (grouped per key head as [q | k | v | z]) is
+    # what llama.cpp's first converter wrote as ssm_in, which its graph splits by views (the "legacy" path); its
+    # converter now writes q, k, v of all heads as attn_qkv and z as attn_gate, and so do we.
     "qwen3next": Architecture(
         "qwen3_next", hybrid=True,
         block={**_HYBRID_BLOCK, _name(MODEL_TENSOR.SSM_IN): "linear_attn.in_proj_qkvz",
                _name(MODEL_TENSOR.SSM_BETA_ALPHA): "linear_attn.in_proj_ba"},
-        transforms={**_QWEN3NEXT_TRANSFORMS, "model.norm.weight": (PLUS_ONE,)}),
+        transforms={**_QWEN3NEXT_TRANSFORMS, "model.norm.weight": (PLUS_ONE,)},
+        splits={_name(MODEL_TENSOR.SSM_IN) + ".weight": Split(
+            ("linear_attn.in_proj_qkv.weight", "linear_attn.in_proj_z.weight"),
+            segments=("linear_key_head_dim", "linear_key_head_dim", "value_dims_per_key_head",
+                      "value_dims_per_key_head"),
+            take=((0, 1, 2), (3,)))}),
 }
 
 # Multi-token-prediction blocks (qwen35, qwen35moe, qwen3next): llama.cpp appends them as blocks after the model's
@@ -387,6 +425,13 @@ MTP_TENSORS: dict[str, str] = {
     _name(MODEL_TENSOR.NEXTN_SHARED_HEAD_HEAD) + ".weight": "shared_head.head.weight",
 }
 _MTP_NORMS = ("pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight", "norm.weight")
+_MTP_LAYER = re.compile(r"^mtp\.layers\.(\d+)\.")
+
+
+def mtp_layers(hf_names) -> int:
+    """How many MTP blocks these HF tensors hold (the count llama.cpp's converter takes when the config has none)."""
+    found = [name for name in hf_names if name.startswith("mtp.")]
+    return max((int(m.group(1)) + 1 for n in found if (m := _MTP_LAYER.match(n))), default=1 if found else 0)
 
 # Tensors of other models that share a file with the text model (Ollama puts the vision tower in the same GGUF)
 FOREIGN_PREFIXES = ("v.", "mm.", "a.")
@@ -423,25 +468,39 @@ def hf_name(arch: str, gguf_name: str, n_layers: int | None = None) -> str | Non
     return None if inner is None else f"model.layers.{layer}.{inner}"
 
 
-def gguf_name(arch: str, hf: str) -> str | None:
-    """The inverse of `hf_name` for the model's own tensors, in llama.cpp's naming (writers and tests use it)."""
+def gguf_name(arch: str, hf: str, n_layers: int | None = None) -> str | None:
+    """The inverse of `hf_name`, in llama.cpp's naming (writers and tests use it). MTP tensors (`mtp.*`) take the
+    blocks after the model's `n_layers`, as llama.cpp's converter puts them: the MTP decoder layers' tensors keep
+    the block names, the rest (fc, its norms) go to the first MTP block as `nextn.*`."""
     spec = ARCHITECTURES[arch]
     for g in GLOBAL_TENSORS:
         if _lookup(GLOBAL_TENSORS, g) == hf:
             return g
+    if hf.startswith("mtp.") and spec.hybrid and n_layers is not None:
+        rest = hf.removeprefix("mtp.")
+        if (g := next((g for g, h in MTP_TENSORS.items() if h == rest), None)) is not None:
+            return f"blk.{n_layers}.{g}"
+        m = re.match(r"layers\.(\d+)\.(.+)$", rest)
+        part = None if m is None else _block_part(spec, m.group(2))
+        return None if part is None else f"blk.{n_layers + int(m.group(1))}.{part}"
     m = _HF_BLOCK.match(hf)
     if not m:
         return None
-    layer, part = m.groups()
+    part = _block_part(spec, m.group(2))
+    return None if part is None else f"blk.{m.group(1)}.{part}"
+
+
+def _block_part(spec: Architecture, part: str) -> str | None:
+    """The GGUF name (without "blk.N.") of a decoder layer's tensor (HF name without "model.layers.N.")."""
     table = spec.block_tensors()
     aliases = {_name(MODEL_TENSOR.SSM_DT)}  # Ollama's spelling: read, never written
     for g in table:
         if g in aliases:
             continue
         if _lookup(table, g) == part:
-            return f"blk.{layer}.{g}"
+            return g
         if (s := _SUFFIX.match(part)) and "." not in g and _lookup(table, f"{g}.{s.group(2)}") == part:
-            return f"blk.{layer}.{g}.{s.group(2)}"
+            return f"{g}.{s.group(2)}"
     return None
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -411,9 +411,10 @@ def _take_units(w: mx.array, units: np.ndarray) -> mx.array:
     return w.reshape(*lead, len(units), n // len(units))[..., mx.array(units), :].reshape(*lead, n)
 
 
-# HF tensors the model's sanitize splits by rows into other modules: never kept as raw blocks (the module names they
-# split into would lose the block type), affine or float is fine
-_SPLIT_BY_SANITIZE = (".in_proj_qkvz.", ".in_proj_ba.")
+# HF tensors the model's sanitize splits by rows into other modules (Qwen3-Next's ssm_ba; its legacy ssm_in is split
+# here, by `names`): never kept as raw blocks (the module names they split into would lose the block type), affine or
+# float is fine
+_SPLIT_BY_SANITIZE = (".in_proj_ba.",)
 
 
 def _plan(header: Header, arch: str, config: dict, keep_quantized: bool) -> dict[str, _Part]:
@@ -427,11 +428,10 @@ def _plan(header: Header, arch: str, config: dict, keep_quantized: bool) -> dict
         if (hit := names.split(arch, name)) is not None:
             block, fused = hit
             ts = _applicable(fused.transforms, tiled)
-            for hf_part, rows in zip(fused.parts, np.array_split(np.arange(rec.shape[0]), len(fused.parts)),
-                                     strict=True):
-                hf = f"model.layers.{block}.{hf_part}"
-                plan[hf] = _Part(rec, hf.removesuffix(".weight"), "float", None,
-                                 (len(rows), *rec.shape[1:]), ts, rows=rows)
+            for hf_part, rows in zip(fused.parts, fused.rows(rec.shape[0], config), strict=True):
+                # each part in the form the whole would take: whole rows of blocks or groups split as numbers do
+                for key, p in _parts(rec, f"model.layers.{block}.{hf_part}", ts, config, keep_quantized).items():
+                    plan[key] = p if p.part == "input_order" else replace(p, rows=rows, shape=(len(rows), *p.shape[1:]))
             continue
         hf = names.hf_name(arch, name, n_layers)
         if hf is None:
