@@ -4,11 +4,13 @@ latency of a Session, each against its peer measured in the same run.
 1. 1 vs 8 vs 32 concurrent clients, each streaming chat answers (`ignore_eos`, so every answer has the same
    length): through the Python API (`Model.stream` from threads, in this process) and through `mlxq serve` (a
    subprocess, the official `openai` client). Aggregate completion tokens/s and p50/p95 time to first token.
-   Goals: 8 clients >= 4x one client's aggregate tokens/s; the server within 10 % of the API.
+   Goals: 8 clients >= 4x one client's aggregate tokens/s; the server within 10 % of the API. The machine may be
+   shared: settings are repeated in interleaved rounds, each ratio is taken within a round (runs back to back),
+   the figure is the median over rounds, and every run records the load average.
 2. The Python game API: time to first token of a `Session` turn N with its cache kept between turns, against
    the same turn run on a fresh session holding the same conversation (the whole prompt prefilled).
 
-    python bench/serve.py [--model smollm2] [--quick]
+    python bench/serve.py [--model smollm2] [--rounds N] [--quick]
 """
 
 from __future__ import annotations
@@ -150,8 +152,10 @@ def run_clients(one: Callable[[int], tuple[int, float]], clients: int, requests:
 
 
 def bench_concurrency(model_name: str, levels: list[int], max_tokens: int, requests: int, rounds: int) -> dict:
-    """The same clients through the API (this process) and the server (a subprocess), level by level, rounds
-    interleaved so that load from elsewhere on the machine hits both alike. Both engines batch up to max(levels)."""
+    """The same clients through the API (this process) and the server (a subprocess), level by level. Rounds are
+    interleaved and each alternates which side goes first, so load from elsewhere on the machine (and its drift)
+    hits both alike; every ratio is taken within a round, from runs made back to back, and the figure is the
+    median of the rounds' ratios. Both engines batch up to max(levels)."""
     import openai
 
     import mlxq
@@ -161,7 +165,9 @@ def bench_concurrency(model_name: str, levels: list[int], max_tokens: int, reque
     port = free_port()
     proc = start_server(model_name, port, max_batch=max(levels))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=600)
-    runs: dict[str, dict[str, list[dict]]] = {"api": {}, "server": {}}
+    sides = {"api": lambda i: api_one(model, i, max_tokens),
+             "server": lambda i: served_one(client, served, i, max_tokens)}
+    runs: list[dict] = []
     try:
         t0 = time.perf_counter()
         wait_ready(proc, client)
@@ -170,11 +176,12 @@ def bench_concurrency(model_name: str, levels: list[int], max_tokens: int, reque
         served_one(client, served, -1, 4), api_one(model, -1, 4)  # warm-up
         for r in range(rounds):
             for n in levels:
-                offset = 1000 * r + 100 * n
-                runs["api"].setdefault(str(n), []).append(
-                    run_clients(lambda i: api_one(model, i, max_tokens), n, requests, offset))
-                runs["server"].setdefault(str(n), []).append(
-                    run_clients(lambda i: served_one(client, served, i, max_tokens), n, requests, offset))
+                order = ["api", "server"] if r % 2 == 0 else ["server", "api"]
+                for side in order:
+                    run = run_clients(sides[side], n, requests, 1000 * r + 100 * n)
+                    runs.append({"round": r, "side": side, **run, "loadavg_1m": round(os.getloadavg()[0], 2)})
+                    print(f"round {r} {side} {n} clients: {run['tokens_per_s']} tok/s "
+                          f"(load {runs[-1]['loadavg_1m']})", file=sys.stderr, flush=True)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -183,20 +190,34 @@ def bench_concurrency(model_name: str, levels: list[int], max_tokens: int, reque
             proc.kill()
         model.close()
 
-    def summary(side: dict[str, list[dict]]) -> dict:
-        return {
-            n: {key: median([x[key] for x in xs]) for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s")}
-            for n, xs in side.items()
-        }
+    def rate(r: int, side: str, n: int) -> float:
+        return next(x["tokens_per_s"] for x in runs if (x["round"], x["side"], x["clients"]) == (r, side, n))
 
+    def summary(side: str) -> dict:
+        return {str(n): {key: median([x[key] for x in runs if (x["side"], x["clients"]) == (side, n)])
+                         for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s")} for n in levels}
+
+    def per_round(top: tuple[str, int], bottom: tuple[str, int]) -> dict:
+        """rate(top) / rate(bottom), round by round, and their median."""
+        values = [round(rate(r, *top) / rate(r, *bottom), 3) for r in range(rounds)]
+        return {"median": median(values), "rounds": values}
+
+    one = levels[0]
+    ratios = {}
+    for n in levels[1:]:
+        for side in ("api", "server"):
+            ratios[f"{side}_concurrency_{n}_vs_{one}"] = per_round((side, n), (side, one))
+    for n in levels:
+        ratios[f"server_vs_api_{n}"] = per_round(("server", n), ("api", n))
     return {
         "server_startup_s": round(startup, 2),
         "max_tokens": max_tokens,
         "requests_per_client": requests,
         "rounds": rounds,
         "runs": runs,
-        "api": summary(runs["api"]),
-        "server": summary(runs["server"]),
+        "api": summary("api"),
+        "server": summary("server"),
+        "ratios": ratios,
     }
 
 
@@ -247,25 +268,18 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None, help="completion tokens per request")
     ap.add_argument("--requests", type=int, default=None, help="requests per client")
     ap.add_argument("--turns", type=int, default=None, help="session turns")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved repetitions of every setting")
     args = parse_args(ap)
     levels = sorted({int(c) for c in args.clients.split(",")})
-    max_tokens = args.max_tokens or (16 if args.quick else 96)
-    requests = args.requests or (1 if args.quick else 2)
-    rounds = 1 if args.quick else 2
+    max_tokens = args.max_tokens or (16 if args.quick else 64)
+    requests = args.requests or 1
+    rounds = args.rounds or (1 if args.quick else 3)
     turns = args.turns or (2 if args.quick else 8)
     load_before = os.getloadavg()
 
     concurrency = bench_concurrency(args.model, levels, max_tokens, requests, rounds)
     session = bench_session(args.model, turns, max_tokens=8)
-    api, server = concurrency["api"], concurrency["server"]
-    one = str(levels[0])
-    ratios = {}
-    for n in levels[1:]:
-        ratios[f"api_concurrency_{n}_vs_{one}"] = round(api[str(n)]["tokens_per_s"] / api[one]["tokens_per_s"], 3)
-        ratios[f"server_concurrency_{n}_vs_{one}"] = round(
-            server[str(n)]["tokens_per_s"] / server[one]["tokens_per_s"], 3)
-    for n in levels:
-        ratios[f"server_vs_api_{n}"] = round(server[str(n)]["tokens_per_s"] / api[str(n)]["tokens_per_s"], 3)
+    ratios = {name: r["median"] for name, r in concurrency["ratios"].items()}
     ratios["session_ttft_uncached_vs_cached"] = session["ratio"]
     write_result(
         "serve",

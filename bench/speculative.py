@@ -7,7 +7,9 @@ SmolLM2-135M-Instruct, greedy (so both give the same tokens, which is checked), 
 2. `summary`: a summary of a passage given in the prompt.
 
 Figures per task: decode tokens/s with drafts and without (`speculative_vs_plain` = ours / plain; goal >= 1.5x on
-the JSON task) and tokens per decode step (1 + accepted draft tokens per step).
+the JSON task), tokens per decode step (1 + accepted draft tokens per step) and the share of drafted tokens taken.
+And what a draft costs on this machine: the time of one step feeding 1 + k tokens (a verification of k drafted
+tokens) over that of a plain one-token step (`verify_cost`), at the JSON prompt's length.
 
 MTP (`speculative="mtp"`, drafts from Qwen3.5's own multi-token-prediction head): no real Qwen3.5 checkpoint is at
 hand here, so no acceptance rate; instead (`mtp_rows`):
@@ -33,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples" / "umigame"))
 
-from common import median, write_result  # noqa: E402
+from common import median, parse_args, write_result  # noqa: E402
 from puzzle import SCHEMA  # noqa: E402  (the umigame service's answer schema)
 
 PUZZLE = (
@@ -274,13 +276,36 @@ def mtp_rows(quick: bool) -> dict:
             "acceptance": "not measured: no real Qwen3.5 checkpoint is cached here (random heads are always wrong)"}
 
 
+def verify_cost(model, context: list[int], ks: tuple[int, ...], repeats: int) -> dict:
+    """Time of a step feeding 1 + k tokens over that of a plain one-token step (medians, and fastest runs), after
+    `context` (in a batch of its own, on this thread), the settings interleaved so machine load hits them alike."""
+    import mlx.core as mx
+
+    from mlxq.engine.batch import make_batch
+
+    net = model.engine.net
+    batch = make_batch(net)
+    batch.add(net.make_cache())
+    mx.eval(batch.step([context], [[len(context) - 1]]), batch.state)
+    length, times = batch.lengths[0], {k: [] for k in (0, *ks)}
+    for _ in range(repeats):
+        for k in times:
+            start = time.perf_counter()
+            mx.eval(batch.step([context[-1 - k :]], [list(range(k + 1))]), batch.state)
+            times[k].append(time.perf_counter() - start)
+            batch.rows.lengths = [length]  # back to the context: the step's keys are never read
+    # On a shared machine the fastest of the repeats is closest to what the step itself costs; both are kept.
+    return {"plain_step_ms": {"median": round(median(times[0]) * 1000, 1), "min": round(min(times[0]) * 1000, 1)},
+            **{f"draft_{k}": {"median": round(median(times[k]) / median(times[0]), 3),
+                              "min": round(min(times[k]) / min(times[0]), 3)} for k in ks}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--draft", type=int, default=8, help="draft tokens per step")
-    ap.add_argument("--quick", action="store_true", help="one run per setting, shorter answers")
     ap.add_argument("--only", choices=["lookup", "mtp"], help="only prompt lookup, or only the MTP rows")
-    args = ap.parse_args()
+    args = parse_args(ap)
 
     import os
 
@@ -292,8 +317,11 @@ def main() -> None:
         model = mlxq.load(args.model)
         max_tokens, repeats = (64, 1) if args.quick else (128, 3)
         tasks = {name: run_task(model, name, args.draft, max_tokens, repeats) for name in TASKS}
+        context = model.tokenizer.apply_chat_template(game_master_prompts()[0], add_generation_prompt=True)
+        cost = verify_cost(model, context, (1, 2, 4, args.draft), 5 if args.quick else 20)
+        print(f"verify cost (step feeding 1 + k tokens / a plain step): {cost}", flush=True)
         result |= {
-            "max_tokens": max_tokens, "repeats": repeats, "prompt_lookup": tasks,
+            "max_tokens": max_tokens, "repeats": repeats, "verify_cost": cost, "prompt_lookup": tasks,
             "speculative_vs_plain": tasks["json_game_master"]["speculative_vs_plain"],
             "goal_json_1_5x": bool(tasks["json_game_master"]["speculative_vs_plain"] or 0) and
             tasks["json_game_master"]["speculative_vs_plain"] >= 1.5,

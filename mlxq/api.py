@@ -15,6 +15,7 @@ import mlx.core as mx
 from mlxq.engine import persist
 from mlxq.engine import stream as streams
 from mlxq.engine.controls import Prompt, prepare, split_options
+from mlxq.engine.runner import evaluate_all
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams
 from mlxq.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES, PREFILL_CHUNK, Engine, Request
 from mlxq.engine.stops import check_stops
@@ -42,6 +43,7 @@ class Model:
     """
 
     def __init__(self, net: CausalLM, tokenizer: Tokenizer, checkpoint: Checkpoint, name: str):
+        evaluate_all(net)  # here, on the loading thread: lazy arrays belong to it, and the engine may start elsewhere
         self.net = net
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint

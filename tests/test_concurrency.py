@@ -160,6 +160,20 @@ def test_sessions_from_asyncio_with_cancellations(hybrid_model):
     assert model.generate("Still there?", max_tokens=2).tokens
 
 
+def test_a_model_first_used_from_a_worker_thread(qwen3_model_dir, qwen3_model):
+    """A game service may load a model and make its first request from a worker thread: the engine starts there
+    (MLX arrays made lazily on the loading thread cannot be evaluated on another thread, so loading finishes them)."""
+    import mlxq
+
+    model = mlxq.load(str(qwen3_model_dir))
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(model.generate("Once upon a time", max_tokens=6)))
+    worker.start()
+    worker.join(120)
+    model.close()
+    assert out and out[0].tokens == qwen3_model.generate("Once upon a time", max_tokens=6).tokens
+
+
 def test_one_session_answers_one_question_at_a_time(qwen3_model):
     s = Session(qwen3_model, max_tokens=4)
 

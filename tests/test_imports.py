@@ -18,12 +18,11 @@ ROOT = Path(__file__).parent.parent / "mlxq"
 
 
 def imported(package: str) -> dict[str, set[str]]:
-    """file -> every module it imports (at the top or inside functions). A package's `command.py` is its CLI verb,
-    the top layer, which may compose packages (`mlxq quantize --report` evaluates what it wrote)."""
+    """file -> every module it imports (at the top or inside functions), its CLI verb (`command.py`) included: a
+    verb that composes another package's verb reaches it through the command line (`mlxq quantize --report` runs
+    `mlxq eval kl`), never by importing a package above its own."""
     out = {}
     for path in sorted((ROOT / package).glob("*.py")):
-        if path.name == "command.py":
-            continue
         names = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):

@@ -19,6 +19,7 @@ from mlxq.engine.cache import KVCache
 from mlxq.engine.prompt_cache import CacheSlot
 from mlxq.engine.sampling import SamplingParams, make_sampler
 from mlxq.engine.speculative import PromptLookup
+from mlxq.errors import GenerationError
 
 
 def test_prompt_lookup_drafts_what_followed_the_latest_longest_tail():
@@ -28,6 +29,68 @@ def test_prompt_lookup_drafts_what_followed_the_latest_longest_tail():
     assert lookup.draft(5) == [8, 4, 2, 3, 7]  # the trigram "2 3 7" wins, and the draft runs to the end
     assert PromptLookup([1, 2, 3, 4]).draft(3) == []  # nothing repeats
     assert lookup.draft(0) == []
+    # A draft under way continues the text: after "2 3" + [7], the trigram "2 3 7" drafts what followed it.
+    assert PromptLookup([1, 2, 3, 7, 8, 4, 9, 2, 3]).draft(3, after=[7]) == [8, 4, 9]
+    assert PromptLookup([5, 6, 1, 2]).draft(2, after=[5, 6]) == [1, 2]  # the tail is all draft
+
+
+SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "comment": {"type": "string"}},
+          "required": ["answer", "comment"], "additionalProperties": False}
+
+
+def test_a_grammar_drafts_what_it_forces_and_cuts_what_it_forbids(qwen3_model):
+    """Under a JSON schema the draft starts with the tokens the grammar forces (the keys and punctuation), takes a
+    looked-up guess only up to the first token the grammar forbids, never drafts an end of sequence, and leaves the
+    grammar's state as it was (the decoded output goes on as if no draft had been made)."""
+    from mlxq.engine.constraints import json_schema_processor
+
+    tok = qwen3_model.tokenizer
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    grammar = json_schema_processor(tok, SCHEMA)
+    forced = enc('{"answer": "')
+    assert grammar.draft([], lambda after: [], 20) == forced  # nothing looked up: the forced tokens alone
+    guesses = []
+
+    def guess(after: list[int]) -> list[int]:
+        guesses.append(list(after))
+        return enc('no", "comment": "a b c') if after == forced else []  # what the text has after the prefix
+
+    # After the forced prefix, the guess: "no" is allowed; its own '", "comment": "' is forced text again.
+    assert tok.decode(grammar.draft([], guess, 40)) == '{"answer": "no", "comment": "a b c'
+    assert guesses == [forced, enc('{"answer": "no", "comment": "a b c')]  # guessed again where the text ran out
+    assert grammar.draft([], guess, 3) == forced[:3]  # k bounds the whole draft
+    bad = enc('maybe", "comment": "x"}')  # "maybe" is not an allowed answer: nothing of it is drafted
+    assert grammar.draft([], lambda after: bad, 40) == forced
+    done = enc('{"answer": "no", "comment": "x"}')
+    end = [next(iter(tok.eos_token_ids))]
+    assert grammar.draft(done[:-1], lambda after: done[-1:] + end + enc("junk"), 8) == done[-1:]  # never the end
+    assert grammar.draft(done, lambda after: end, 8) == []  # the grammar is done: nothing follows but the end
+    # The grammar is where it was: the tokens of the output so far pass, and another answer would not.
+    fresh = json_schema_processor(tok, SCHEMA)
+    assert grammar.matcher.validate_tokens([]) == 0 and not grammar.matcher.is_error()
+    probe = enc('{"answer": "yes", "comment": "y"}')
+    assert grammar.matcher.validate_tokens(probe) == 0  # it has consumed `done` and stopped, as `fresh` would
+    assert fresh.matcher.validate_tokens(probe) == len(probe)
+    # Output the grammar cannot take (another processor's doing, say) fails the draft and then the pick, loudly.
+    lost = json_schema_processor(tok, SCHEMA)
+    with pytest.raises(GenerationError, match="lost track"):
+        lost.draft(enc("hello"), lambda after: [], 4)
+    with pytest.raises(GenerationError, match="lost track"):
+        lost(enc("hello"), mx.zeros((1, 8)))
+
+
+def test_greedy_output_is_identical_under_a_json_schema(qwen3_model):
+    """A JSON answer with drafts from the grammar and the transcript is the plain greedy one, token for token; the
+    forced keys are drafted even where nothing repeats."""
+    model = qwen3_model
+    prompt = model.tokenizer.encode("The game master answers every question in JSON.")
+    plain = model.generate(prompt, max_tokens=40, schema=SCHEMA)
+    drafted0, accepted0 = engine_counts(model)
+    fast = model.generate(prompt, max_tokens=40, schema=SCHEMA, speculative=6)
+    drafted, accepted = engine_counts(model)
+    assert fast.tokens == plain.tokens and fast.text == plain.text
+    assert accepted - accepted0 > 0  # the keys came drafted: the prompt has no JSON to look up
+    assert run_together(model, [prompt, prompt], [0, 6], schema=SCHEMA) == [plain.tokens, plain.tokens]
 
 
 def repeating_prompt(model, text: str) -> list[int]:
@@ -57,12 +120,12 @@ def test_greedy_output_is_identical_with_and_without_drafts(name, request):
     assert run_together(model, prompts, [0, 6]) == plain
 
 
-def run_together(model, prompts: list[list[int]], speculative: list[int]) -> list[list[int]]:
+def run_together(model, prompts: list[list[int]], speculative: list[int], **options) -> list[list[int]]:
     """Greedy answers to `prompts` submitted at once from threads (one batch), each with its own draft length."""
     out: list = [None] * len(prompts)
 
     def answer(i: int) -> None:
-        out[i] = model.generate(prompts[i], max_tokens=40, speculative=speculative[i]).tokens
+        out[i] = model.generate(prompts[i], max_tokens=40, speculative=speculative[i], **options).tokens
 
     threads = [threading.Thread(target=answer, args=(i,)) for i in range(len(prompts))]
     for t in threads:

@@ -118,9 +118,32 @@ class GrammarProcessor:
             self._start = self._consumed = generated.index(self.start_after) + 1
         new = generated[self._consumed :]
         self._consumed = len(generated)
-        if new and not self.matcher.consume_tokens(new):
+        if (new and not self.matcher.consume_tokens(new)) or self.matcher.is_error():  # lost, and stays lost
             raise GenerationError(f"constrained decoding lost track of the grammar: {self.matcher.get_error()}")
         return True
+
+    def draft(self, generated: list[int], guess: Callable[[list[int]], list[int]], k: int) -> list[int]:
+        """Up to `k` speculative draft tokens after `generated`, as the grammar shapes them: the tokens it forces come
+        first (JSON keys and punctuation: certain, up to the model's own tokenization), then what `guess(draft so
+        far)` proposes, cut before the first token the grammar forbids (the model could never pick it), and so on in
+        turn. An end of sequence is never drafted: nothing is read after it. The matcher is left as it was."""
+        self._generated = generated
+        if not self._sync():
+            return guess([])[:k]
+        ends, draft = self.tables.ll.eos_tokens, []
+        while len(draft) < k and not self.matcher.is_stopped():
+            more = self.matcher.compute_ff_tokens()
+            if not more:
+                proposed = guess(draft)
+                proposed = proposed[: next((i for i, t in enumerate(proposed) if t in ends), len(proposed))]
+                more = proposed[: self.matcher.validate_tokens(proposed)]
+            more = more[: k - len(draft)]
+            if not more or not self.matcher.consume_tokens(more):
+                break
+            draft += more
+        if draft:
+            self.matcher.rollback(len(draft))
+        return draft
 
     @property
     def finished(self) -> bool:

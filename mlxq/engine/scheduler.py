@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from mlxq.engine.constraints import GrammarProcessor
 from mlxq.engine.output import Output, OutputProcessor, Reading, TokenLogprob, Usage
 from mlxq.engine.prompt_cache import CacheSlot, resume_point
 from mlxq.engine.runner import DECODE, PREFILL, Runner
@@ -102,17 +103,30 @@ class _Sequence:
         self.mtp = drafter == MTP  # drafts come from the MTP head (`speculative.mtp_drafts`), else from:
         self.lookup = PromptLookup(req.prompt) if drafter == "lookup" else None
         self.draft_len = self.max_draft  # adapts to how much of the drafts the model takes (`checked`)
+        self.grammar = next((p for p in self.procs if isinstance(p, GrammarProcessor)), None)  # shapes the drafts
 
     def room(self) -> int:
         """Draft tokens to check after the next one: never more than the request may still take."""
         return min(self.draft_len, self.req.max_tokens - len(self.generated) - 1)
 
     def draft(self) -> list[int]:
-        """Tokens to check after the next one, looked up in the prompt and answer (prompt lookup)."""
+        """Tokens to check after the next one (prompt lookup), never more than the request may still take. Under a
+        grammar (JSON schema), the tokens it forces are drafted too, and looked-up tokens it forbids are not."""
         if self.lookup is None:
             return []
         self.lookup.extend(self.generated[len(self.lookup.tokens) - len(self.req.prompt) :])
-        return self.lookup.draft(self.room())
+        room = min(self.max_draft, self.req.max_tokens - len(self.generated) - 1)
+        lookup = self.lookup
+
+        def guess(after: list[int]) -> list[int]:
+            return lookup.draft(min(self.draft_len, room - len(after)), after)
+
+        if self.grammar is None:
+            return guess([])
+        try:
+            return self.grammar.draft(self.generated, guess, room)
+        except GenerationError:  # the grammar lost track: this row's pick reports it, not the shared step
+            return []
 
     def checked(self, drafted: int, accepted: int) -> None:
         """The next draft is twice as long as what was accepted of this one (at least one token, at most the

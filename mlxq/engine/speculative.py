@@ -39,12 +39,14 @@ class PromptLookup:
                 self._after[tuple(self.tokens[end - n : end])] = end
             self.tokens.append(t)
 
-    def draft(self, k: int) -> list[int]:
-        """Up to `k` tokens that followed the latest earlier occurrence of the longest tail found."""
+    def draft(self, k: int, after: list[int] | tuple[int, ...] = ()) -> list[int]:
+        """Up to `k` tokens that followed the latest earlier occurrence of the longest tail found; with `after`, the
+        tail is that of the text continued by those tokens (a draft already under way)."""
         if k < 1:
             return []
-        for n in range(min(MAX_NGRAM, len(self.tokens)), MIN_NGRAM - 1, -1):
-            at = self._after.get(tuple(self.tokens[-n:]))
+        text = self.tokens[-MAX_NGRAM:] + list(after[-MAX_NGRAM:])
+        for n in range(min(MAX_NGRAM, len(text)), MIN_NGRAM - 1, -1):
+            at = self._after.get(tuple(text[-n:]))
             if at is not None:
                 return self.tokens[at : at + k]
         return []

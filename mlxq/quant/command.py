@@ -137,12 +137,12 @@ def quantize(
         console.print("mlxq: --report is skipped for expert packs (evaluate the directory written without "
                       "--stream-experts: the weights are the same)", highlight=False)
     elif report:
-        from mlxq.eval.command import run as evaluate
-        from mlxq.eval.command import show
-
-        show(
-            str(result.out),
-            src,
-            evaluate(str(result.out), src, None, max_tokens=report_tokens, console=console),
-            as_json=False,
-        )
+        # The report is the `mlxq eval kl` verb run on what was written: reached through the command line both verbs
+        # belong to, so quantization never imports evaluation (the arrow points from eval to quant).
+        ctx = click.get_current_context()
+        root = ctx.find_root().command
+        group = root.get_command(ctx, "eval") if isinstance(root, click.Group) else None
+        kl = group.get_command(ctx, "kl") if isinstance(group, click.Group) else None
+        if kl is None:
+            raise click.UsageError("--report runs `mlxq eval kl`, which this command line does not have")
+        ctx.invoke(kl, model=str(result.out), ref=src, max_tokens=report_tokens)
