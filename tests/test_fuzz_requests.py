@@ -92,6 +92,8 @@ def strategy_for(annotation: Any, name: str = "") -> st.SearchStrategy:
         return json_values
     if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
         return model_bodies(annotation)
+    if origin is typing.Annotated:  # a constrained field (Field(ge=..)): values of its type, in range or not
+        return strategy_for(args[0], name)
     if origin in (typing.Union, types.UnionType):
         return st.one_of(*(strategy_for(a, name) for a in args))
     if origin is Literal:
