@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from group_worker import probe
+from group_worker import probe, probe_mtp, probe_session
 from test_hybrid import make_tiny as make_hybrid
 from tiny import make_tiny, save_tiny_tokenizer
 
@@ -100,9 +100,11 @@ def differences(case: dict, ranks: int) -> list[str]:
     got, want = Path(case["out"]), Path(case["model"]) / "single"
     what = f"{Path(case['model']).name} {case['parallel']} x{ranks}"
     wrong = []
-    error = rel(np.load(got / "logits.npy"), np.load(want / "logits.npy"))
-    if not error <= 1e-5:
-        wrong.append(f"{what}: logits differ by {error:.2e} (relative)")
+    for logits in ("logits", "draft_logits"):
+        if (want / f"{logits}.npy").exists():
+            error = rel(np.load(got / f"{logits}.npy"), np.load(want / f"{logits}.npy"))
+            if not error <= 1e-5:
+                wrong.append(f"{what}: {logits} differ by {error:.2e} (relative)")
     result, expected = json.loads((got / "result.json").read_text()), json.loads((want / "result.json").read_text())
     status = json.loads((got / "status.json").read_text())
     assert status["state"] == "ok" and len(status["ranks"]) == ranks
@@ -140,6 +142,103 @@ def test_every_split_matches_the_single_process_model(models, tmp_path, ranks):
         single = json.loads((models[name] / "single" / "result.json").read_text())
         assert single["speculative"] == single["speculative_plain"] and single["accepted_drafts"] > 0, (name, single)
         assert name == "moe" or single["accepted_drafts"] < single["drafted"], (name, single)
+
+
+# ---------------------------------------------------------------------------------------------- MTP head
+MTP_SPLITS = {"mtp-dense": ("pipeline", "tensor"), "mtp-moe": ("pipeline", "tensor", "experts")}
+
+
+@pytest.fixture(scope="module")
+def mtp_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Qwen3.5s (hybrid: Gated DeltaNet and gated attention; dense, and MoE) with an MTP head (`mtp.*`) that
+    predicts the model's next token most of the time (drafts taken and rolled back), and what one process gives."""
+    from test_mtp import build
+
+    made = {}
+    for name in MTP_SPLITS:
+        path = tmp_path_factory.mktemp(name)
+        build(path, 160, name == "mtp-moe", copying=True)
+        save_tiny_tokenizer(path, 160)
+        model = mlxq.load(str(path))
+        probe_mtp(model, path / "single")
+        model.close()
+        made[name] = path
+    return made
+
+
+@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_mtp_drafts_on_every_split(mtp_models, tmp_path, ranks):
+    """Speculative decoding with the model's MTP head on a group: the head on rank 0 beside the embedding (pipeline),
+    or split like the layers (tensor: heads and hidden units; experts: its routed experts), gives the single-process
+    logits, answers and draft counts; and the drafted answers are the plain ones."""
+    cases = [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{name}-{mode}"), "probe": "mtp"}
+             for name, path in mtp_models.items() for mode in MTP_SPLITS[name]]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"cases": cases}))
+    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
+    wrong = [line for case in cases for line in differences(case, ranks)]
+    assert not wrong, "\n".join(wrong)
+    for name, path in mtp_models.items():
+        single = json.loads((path / "single" / "result.json").read_text())
+        assert [a[: len(b)] for a, b in zip(single["plain"], single["drafted_answers"], strict=True)] == \
+            single["drafted_answers"], (name, single)
+        # drafts taken on both; on the dense one some rolled back too (DeltaNet's checkpoint restored)
+        assert 0 < single["accepted_drafts"] and (name == "mtp-moe" or single["accepted_drafts"] < single["drafted"])
+
+
+# ---------------------------------------------------------------------------------------------- saved sessions
+CHAT = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}")
+SESSION_SPLITS = {"chat-hybrid": ("pipeline", "tensor"), "chat-moe": ("experts",)}
+
+
+@pytest.fixture(scope="module")
+def chat_models(tmp_path_factory) -> dict[str, Path]:
+    """The tiny hybrid (Qwen3.5: DeltaNet states resume only at checkpoints) and the tiny MoE, with a chat template,
+    and what one process gives for a saved and resumed conversation."""
+    made = {}
+    for name, arch in (("chat-hybrid", "qwen3_5_text"), ("chat-moe", "qwen3_next")):
+        path = tmp_path_factory.mktemp(name)
+        make_hybrid(arch, path)
+        save_tiny_tokenizer(path, 160)
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT}))
+        model = mlxq.load(str(path))
+        probe_session(model, path / "single")
+        model.close()
+        made[name] = path
+    return made
+
+
+@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_a_saved_session_resumes_on_a_group(chat_models, tmp_path, ranks):
+    """Session.save / load on a split model: each rank writes and reads its own share. The resumed conversation's
+    next turn is the uninterrupted one's (and one process's), token for token, running only what is new; a file
+    from another model, a share corrupt, missing or from another save, or one that cannot be written, fails with
+    one line on every rank (rank 0 raises it, the others log it), keeps no partial file, and the group goes on."""
+    cases = [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{name}-{mode}"), "probe": "session"}
+             for name, path in chat_models.items() for mode in SESSION_SPLITS[name]]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"cases": cases}))
+    outputs = run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
+    wrong = [line for case in cases for line in differences(case, ranks)]
+    assert not wrong, "\n".join(wrong)
+    last = ranks - 1
+    for case in cases:
+        single = json.loads((Path(case["model"]) / "single" / "result.json").read_text())
+        assert single["resumed"] == single["answers"][2] and single["resumed_cached"] > 0, single
+        errors = json.loads((Path(case["out"]) / "errors.json").read_text())
+        share = f"{case['out']}/%s.session.rank{last}"
+        assert errors["foreign"].startswith("InvalidRequest: ") and "was saved from another model" in errors["foreign"]
+        assert errors["corrupt"] == f"FormatError: rank {last}: {share % 'corrupt'}: is corrupt (its arrays do not " \
+                                    "match their checksum)", errors
+        assert errors["missing"] == f"InvalidRequest: rank {last}: {share % 'missing'}: no such file", errors
+        assert errors["mixed"] == f"FormatError: rank {last}: its share of the saved cache is from another save " \
+                                  "than rank 0's file", errors
+        assert errors["blocked"].startswith(f"InvalidRequest: rank {last}: {share % 'blocked'}: cannot be written")
+        assert errors["blocked_kept"] is False and errors["after"] is True, errors
+        for kind in ("corrupt", "missing"):  # the rank whose share failed says so too
+            assert f"{share % kind}" in outputs[last], outputs[last][-2000:]
 
 
 # ---------------------------------------------------------------------------------------------- streamed experts

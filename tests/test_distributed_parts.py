@@ -164,7 +164,7 @@ def test_a_step_that_never_ends_is_caught_by_the_watchdog():
 
 
 # Runner methods that read this process's state or hold its own wiring: nothing the other ranks must repeat
-LOCAL_ONLY = {"attach", "lengths", "state", "idle", "stats", "close"}
+LOCAL_ONLY = {"attach", "lengths", "state", "mtp_state", "idle", "stats", "close"}
 
 
 def test_the_group_runner_forwards_every_runner_operation():
@@ -173,6 +173,21 @@ def test_the_group_runner_forwards_every_runner_operation():
     ops = {name for name, f in vars(Runner).items() if callable(f) and not name.startswith("_")} - LOCAL_ONLY
     missing = sorted(name for name in ops if name not in vars(GroupRunner))
     assert not missing, f"GroupRunner runs {missing} on rank 0 only; post them to the group as its other steps"
+
+
+def test_a_pipeline_gives_back_every_hidden_state_in_row_order():
+    """Rank 0's MTP head reads row b's hidden states as `batch.hidden[b]`: the micro-batches' (rows 0 and 2 in one,
+    1 and 3 in the other, each padded to its own longest row) come back as one array in row order."""
+    import mlx.core as mx
+
+    from mlxq.distributed.pipeline import PipelineBatch
+
+    first = mx.array([[[0.0], [0.5]], [[2.0], [2.5]]])  # [rows, 2 positions, D = 1]: row r's values r, r + 0.5, ...
+    second = mx.array([[[1.0], [1.5], [1.75]], [[3.0], [3.5], [3.75]]])
+    out = PipelineBatch._in_row_order([[0, 2], [1, 3]], [first, second])
+    assert out.shape == (4, 3, 1)
+    assert out[:, :2, 0].tolist() == [[0, 0.5], [1, 1.5], [2, 2.5], [3, 3.5]]
+    assert out[:, 2, 0].tolist() == [0, 1.75, 0, 3.75]  # the shorter micro-batch padded on the right
 
 
 def test_the_prompt_cache_of_another_rank_replays_rank_zeros_decisions():
@@ -201,10 +216,9 @@ def test_the_prompt_cache_of_another_rank_replays_rank_zeros_decisions():
 
 def test_a_split_model_refuses_what_would_part_its_ranks_caches(qwen3_model, tmp_path):
     """Each rank holds its share of every cache: a prompt-cache spill would let each rank's disk decide alone which
-    entries stay, and a saved session would hold rank 0's share only. Both are refused in one line."""
+    entries stay. It is refused in one line."""
     from mlxq.distributed.group import GroupModel
     from mlxq.errors import InvalidRequest
-    from mlxq.session import Session
 
     class Rank0:  # all GroupModel asks of its group before a step runs
         def rank(self) -> int:
@@ -216,11 +230,6 @@ def test_a_split_model_refuses_what_would_part_its_ranks_caches(qwen3_model, tmp
         split.configure(prompt_cache_spill=(str(tmp_path / "spill"), 1 << 20))
     split.configure(max_batch=2)  # the other settings still apply
     assert split._engine_options["max_batch"] == 2
-    with pytest.raises(InvalidRequest, match="Session.save / load do not run on it"):
-        Session(split).save(tmp_path / "a.session")
-    assert not (tmp_path / "a.session").exists()
-    with pytest.raises(InvalidRequest, match="Session.save / load do not run on it"):
-        Session.load(split, tmp_path / "a.session")
 
 
 def test_serve_refuses_a_spill_with_hosts_before_starting_any_rank(tmp_path):

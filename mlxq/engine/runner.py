@@ -147,6 +147,10 @@ class Runner:
             self._mtp_start = batch.snapshot()
         return logits
 
+    def mtp_state(self) -> list[mx.array]:
+        """Every array a step of the MTP head leaves (its caches, its output), to evaluate the step whole."""
+        return [*self._mtp_batch.state, self._mtp_out]
+
     def mtp_end(self) -> None:
         """After a round of `mtp_draft` steps: the head's cache holds only what the first step fed (what later steps
         cached was read from its own guesses, and is read again from the model's hidden states once verified)."""
