@@ -23,6 +23,7 @@ import mlxq
 from mlxq.distributed.split import expert_combines, set_expert_combine
 from mlxq.engine import stream as streams
 from mlxq.engine.prompt_cache import CacheSlot
+from mlxq.experts import expert_stats
 
 TOKENS = [40, 74, 83, 84, 3, 91, 12, 150, 33, 7, 64, 99, 120, 5]
 PROMPTS = ["Once upon a time", "The quick brown fox", "12 + 30 ="]
@@ -192,7 +193,34 @@ def probe_session(model, out: Path) -> None:
     (out / "errors.json").write_text(json.dumps(errors))
 
 
-PROBES = {True: probe, "mtp": probe_mtp, "session": probe_session}
+def probe_spill(model, out: Path) -> None:
+    """The prompt cache spilling to disk: room in memory for one entry and on disk for two, prompts of one length
+    (entries of one size) that push each other out to disk and off it, then come back from disk. On a group, rank 0
+    decides by its sizes and the other ranks replay it (each rank's files in `out/spill/rank<r>`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "logits.npy", np.array(model.logits(TOKENS)))
+    # long enough that the attention layers' keys and values, which grow with them, are most of a file: a pipeline's
+    # ranks then hold shares of very different sizes (rank 0's replayed decisions differ from a rank's own)
+    prompts = [[(7 * i + 3 * k) % 150 + 5 for i in range(200)] for k in range(5)]
+    model.generate(prompts[0], max_tokens=4, ignore_eos=True)
+    entry = model.engine.stats()["prompt_cache"]["bytes"]  # one entry's (this rank's share of it), and its file's
+    model.configure(prompt_cache_bytes=int(1.5 * entry), prompt_cache_spill=(str(out / "spill"), 1 << 30))
+    for prompt in prompts[:2]:
+        model.generate(prompt, max_tokens=4, ignore_eos=True)
+    file = model.engine.stats()["prompt_cache"]["spilled_bytes"]
+    model.configure(prompt_cache_spill=(str(out / "spill"), int(2.5 * file)))
+    runs, answers = [], {}
+    for k in [0, 1, 2, 3, 4, 3, 0, 2]:  # then next turns: 3's from disk, 0's and 2's dropped from it by then
+        prompt = prompts[k] + answers[k] + [9, 9] if k in answers else prompts[k]
+        r = model.generate(prompt, max_tokens=4, ignore_eos=True)
+        answers[k] = r.tokens
+        runs.append({"tokens": r.tokens, "cached": r.usage.cached_tokens})
+    cache = model.engine.stats()["prompt_cache"]
+    result = {"runs": runs, **{k: cache[k] for k in ("entries", "spilled_entries", "spill_writes", "spill_reads")}}
+    (out / "result.json").write_text(json.dumps(result))
+
+
+PROBES = {True: probe, "mtp": probe_mtp, "session": probe_session, "spill": probe_spill}
 
 
 def main(plan_path: str) -> None:
@@ -209,12 +237,17 @@ def main(plan_path: str) -> None:
                 PROBES[case.get("probe", True)](model, out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "status.json").write_text(json.dumps(model.status()))
+            if (stats := model.expert_stats()) is not None:  # what the whole group's pools read (gathered)
+                (out / "experts-group.json").write_text(json.dumps(stats.as_dict()))
             model.shutdown()
         else:
             model.follow()
         out.mkdir(parents=True, exist_ok=True)
-        if (stats := model.expert_stats()) is not None:  # what this rank's own pool read
+        if (stats := expert_stats(model.net)) is not None:  # what this rank's own pool read
             (out / f"experts-{group.rank()}.json").write_text(json.dumps(stats.as_dict()))
+        if (out / "spill").is_dir():  # the files this rank keeps on disk for its share of the prompt cache
+            files = sorted(p.name for p in (out / "spill" / f"rank{group.rank()}").glob("entry-*"))
+            (out / f"spill-{group.rank()}.json").write_text(json.dumps(files))
         if case["parallel"] == "experts":  # how its MoE blocks combined
             (out / f"combines-{group.rank()}.json").write_text(json.dumps(expert_combines(model.net)))
 

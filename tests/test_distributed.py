@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from group_worker import probe, probe_mtp, probe_session
+from group_worker import probe, probe_mtp, probe_session, probe_spill
 from test_hybrid import make_tiny as make_hybrid
 from tiny import make_tiny, save_tiny_tokenizer
 
@@ -241,6 +241,32 @@ def test_a_saved_session_resumes_on_a_group(chat_models, tmp_path, ranks):
             assert f"{share % kind}" in outputs[last], outputs[last][-2000:]
 
 
+@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_the_prompt_cache_spills_alike_on_every_rank(chat_models, tmp_path, ranks):
+    """A prompt cache spilling to disk on a split model: rank 0 decides (by its own share's sizes) which entries go
+    to disk, which files are dropped and which come back; every other rank replays it on its own disk. The group
+    resumes what one process resumes (cached tokens, answers; how many files it wrote may differ, by rank 0's
+    sizes), and every rank keeps the same files."""
+    model = chat_models["chat-hybrid"]
+    single = tmp_path / "single"
+    alone = mlxq.load(str(model))
+    probe_spill(alone, single)
+    alone.close()
+    expected = json.loads((single / "result.json").read_text())
+    assert expected["spill_reads"] > 0 and expected["spill_writes"] > expected["spilled_entries"] > 0, expected
+    assert [r["cached"] > 0 for r in expected["runs"][5:]] == [True, False, False], expected  # (0, 2 dropped)
+    cases = [{"model": str(model), "parallel": mode, "out": str(tmp_path / mode), "probe": "spill"}
+             for mode in ("pipeline", "tensor")]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"cases": cases}))
+    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
+    for case in cases:
+        got = json.loads((Path(case["out"]) / "result.json").read_text())
+        assert got["runs"] == expected["runs"] and got["spill_reads"] == expected["spill_reads"], (case, got, expected)
+        files = [json.loads((Path(case["out"]) / f"spill-{r}.json").read_text()) for r in range(ranks)]
+        assert len(files[0]) == got["spilled_entries"] and all(f == files[0] for f in files), files
+
+
 # ---------------------------------------------------------------------------------------------- streamed experts
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory) -> dict[str, Path]:
@@ -288,6 +314,12 @@ def test_each_rank_streams_its_own_experts_within_its_own_budget(packed, tmp_pat
             assert r["expert_slots"] < r["experts_held"], r  # its budget is below its share
             stats = json.loads((Path(case["out"]) / f"experts-{r['rank']}.json").read_text())
             assert stats["misses"] > 0 and stats["bytes_read"] > 0, (r, stats)  # and it read them from its packs
+        # the group's counters, as `generate -v` and the API's timings show them: every rank's, gathered
+        group = json.loads((Path(case["out"]) / "experts-group.json").read_text())
+        ranks_stats = [json.loads(p.read_text()) for p in sorted(Path(case["out"]).glob("experts-[0-9]*.json"))]
+        for key in ("hits", "misses", "reads", "bytes_read"):
+            assert group[key] == sum(r[key] for r in ranks_stats), (key, group, ranks_stats)
+        assert group["tokens"] == max(r["tokens"] for r in ranks_stats) > 0, group
         if case["parallel"] == "experts":  # each rank's own budget: a smaller pool for each expert held at 50 %
             per_expert = [r["expert_pool_bytes"] / r["experts_held"] for r in ranks_seen]
             assert all(p < per_expert[0] for p in per_expert[1:]), ranks_seen

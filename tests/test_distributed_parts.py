@@ -190,64 +190,37 @@ def test_a_pipeline_gives_back_every_hidden_state_in_row_order():
     assert out[:, 2, 0].tolist() == [0, 1.75, 0, 3.75]  # the shorter micro-batch padded on the right
 
 
-def test_the_prompt_cache_of_another_rank_replays_rank_zeros_decisions():
-    """Sizes differ between ranks (each holds a share of the model): the other ranks take rank 0's plan, so both
-    keep the same entries even where their own sizes would decide otherwise."""
+def test_the_prompt_cache_of_another_rank_replays_rank_zeros_decisions(tmp_path):
+    """Sizes differ between ranks (each holds a share of the model): the other ranks take rank 0's plans, so both
+    keep the same entries in memory and the same files in their spills, and read the same ones back, even where
+    their own sizes would decide otherwise."""
     import mlx.core as mx
 
     from mlxq.engine.cache import KVCache
+    from mlxq.engine.prompt_cache import DiskSpill
 
     def caches(tokens: int, width: int) -> list:
         c = KVCache()
         c.update_and_fetch(mx.zeros((1, 1, tokens, width)), mx.zeros((1, 1, tokens, width)))
         return [c]
 
-    lead = PromptCache(lambda: [KVCache()], max_bytes=3000)  # 8 bytes a token per unit of width
-    other = PromptCache(lambda: [KVCache()], max_bytes=3000)
-    for start in range(0, 40, 10):
+    def cache(name: str) -> PromptCache:  # 8 bytes a token per unit of width in memory; 6000 bytes on disk
+        return PromptCache(lambda: [KVCache()], max_bytes=3000, spill=DiskSpill(tmp_path / name, 6000, "m",
+                                                                                lambda: [KVCache()]))
+
+    lead, other = cache("lead"), cache("other")
+    for start in range(0, 80, 10):
         tokens = list(range(start, start + 10))
-        plan = lead.store(tokens, caches(10, 16))  # 1280 bytes an entry: the third evicts the first
-        other.store(tokens, caches(10, 1), plan=plan)  # 80 bytes an entry: would keep them all
-    for cache in (lead, other):
-        assert len(cache) == 2
-        assert cache.fetch(list(range(0, 10)) + [99])[1] == 0  # evicted
-        assert cache.fetch(list(range(30, 40)) + [99])[1] == 10  # kept
-
-
-def test_a_split_model_refuses_what_would_part_its_ranks_caches(qwen3_model, tmp_path):
-    """Each rank holds its share of every cache: a prompt-cache spill would let each rank's disk decide alone which
-    entries stay. It is refused in one line."""
-    from mlxq.distributed.group import GroupModel
-    from mlxq.errors import InvalidRequest
-
-    class Rank0:  # all GroupModel asks of its group before a step runs
-        def rank(self) -> int:
-            return 0
-
-    alone = qwen3_model
-    split = GroupModel(alone.net, alone.tokenizer, alone.checkpoint, alone.name, group=Rank0(), split=None)
-    with pytest.raises(InvalidRequest, match="prompt-cache spill does not run on a split model"):
-        split.configure(prompt_cache_spill=(str(tmp_path / "spill"), 1 << 20))
-    split.configure(max_batch=2)  # the other settings still apply
-    assert split._engine_options["max_batch"] == 2
-
-
-def test_serve_refuses_a_spill_with_hosts_before_starting_any_rank(tmp_path):
-    import subprocess
-    import sys
-
-    hosts = tmp_path / "hosts.json"
-    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    done = subprocess.run([sys.executable, "-m", "mlxq.cli", "serve", "smollm2", "--hosts", str(hosts), "--port",
-                           str(port), "--prompt-cache-spill", str(tmp_path / "spill")],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == ("mlxq: error: --prompt-cache-spill does not run with --hosts: the ranks would keep "
-                                   "different entries")
-    assert not (tmp_path / "spill").exists()
+        plan = lead.store(tokens, caches(10, 16))  # 1280 bytes an entry: the third evicts the first, to disk
+        other.store(tokens, caches(10, 1), plan=plan)  # 80 bytes an entry: would keep them all, and every file
+    for prompt, resumed in ((list(range(0, 10)) + [99], 0), (list(range(50, 60)) + [99], 10)):  # dropped; on disk
+        _, n, plan = lead.fetch(prompt)
+        assert other.fetch(prompt, plan=plan)[1] == n == resumed
+    for c in (lead, other):
+        assert len(c) == 2
+        assert c.fetch(list(range(70, 80)) + [99])[1] == 10  # in memory
+    files = [sorted(p.name for p in (tmp_path / name).iterdir()) for name in ("lead", "other")]
+    assert files[0] == files[1] and 0 < len(files[0]) < lead.spill.writes, files  # (some dropped)
 
 
 def test_each_rank_takes_its_own_budget_from_a_list():

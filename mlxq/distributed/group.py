@@ -13,6 +13,7 @@ Rank 0 then has an ordinary `Model` whose one engine runs the whole group; every
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from mlxq.distributed.runner import GroupRunner, SlotNumbers, follow
 from mlxq.distributed.split import Split, auto_mode, make_split
 from mlxq.engine.scheduler import Engine
 from mlxq.errors import ConfigError, InvalidRequest
+from mlxq.experts import ExpertStats
 from mlxq.formats import Checkpoint
 from mlxq.models import text_config
 
@@ -49,20 +51,12 @@ class GroupModel(Model):
         self.model_fingerprint = model_fingerprint  # the checkpoint's (`fingerprint`), alike on every rank
         self._share_fingerprint: str | None = None
 
-    def configure(self, *, prompt_cache_spill: tuple[str, int] | None = None, **settings: Any) -> None:
-        """`Model.configure`, but no prompt-cache spill: each rank's disk would decide by its own sizes which entries
-        stay, and the ranks' caches would part."""
-        if prompt_cache_spill is not None:
-            raise InvalidRequest("prompt-cache spill does not run on a split model (its ranks would keep different "
-                                 "entries)")
-        super().configure(**settings)
-
     def _new_engine(self) -> Engine:
         if self.rank:
             raise InvalidRequest(f"rank {self.rank} follows rank 0: requests go to rank 0 (call follow() here)")
         opts = self._engine_options
         runner = GroupRunner(self.net, opts["prompt_cache_bytes"], self.control, self.slots, self._new_batch(),
-                             self.split.rewindable, self.group)
+                             self.split.rewindable, self.group, opts["prompt_cache_spill"], self.cache_fingerprint())
         return Engine(runner, self.tokenizer, max_batch=opts["max_batch"], prefill_chunk=opts["prefill_chunk"])
 
     def _new_batch(self):
@@ -88,6 +82,19 @@ class GroupModel(Model):
             h.update(np.array(params[0][1].reshape(-1)[:256].astype(mx.float32)).tobytes())
             self._share_fingerprint = h.hexdigest()[:32]
         return self._share_fingerprint
+
+    def expert_stats(self) -> ExpertStats | None:
+        """The streaming counters of the whole group (`Model.expert_stats`): every rank's pool counts its own experts,
+        so hits, misses, reads and bytes add up; every rank sees every token, and ranks read and wait at once, so the
+        token count and the times are the largest any rank has. None when no rank streams."""
+        if not self.rank and not any(r.get("expert_slots") for r in self.control.status()["ranks"]):
+            return None
+        if self.rank:
+            return super().expert_stats()
+        ranks = [ExpertStats(**s) for s in self.engine.runner.expert_stats() if s is not None]
+        most = {"tokens", "read_s", "stall_s", "compute_s"}
+        return ExpertStats(**{f.name: (max if f.name in most else sum)(getattr(r, f.name) for r in ranks)
+                              for f in dataclasses.fields(ExpertStats)})
 
     def save_slot(self, slot, path, extra) -> None:
         """Every rank writes its share of the conversation's cache (`runner.share_path`); see `GroupRunner`."""

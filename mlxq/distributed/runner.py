@@ -14,6 +14,9 @@ Drafts from the model's MTP head too: which rows draft with it goes with `admit`
 (`mtp_draft`, the draft tokens rank 0 sampled) is replayed by every rank holding part of the head (tensor and
 experts splits: collectives inside); a pipeline keeps the whole head on rank 0, and its other ranks skip them.
 
+A prompt cache that spills to disk replays rank 0's plans too (which entries are written, dropped and read back),
+each rank in a directory of its own (`rank_spill`); a rank that cannot read back a file rank 0 read ends the group.
+
 A conversation's cache saved to disk (`Session.save` / `load`) is split as the model is: each rank writes and reads
 its own share (`share_path`: rank 0's file holds the conversation too, each other rank's lies beside it on that
 rank's own disk), atomically and with its share's fingerprint, all stamped with one save's id. The ranks then tell
@@ -24,6 +27,7 @@ rank, and the group goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -42,6 +46,7 @@ from mlxq.engine import persist
 from mlxq.engine.prompt_cache import CacheSlot
 from mlxq.engine.runner import DECODE, PREFILL, Runner
 from mlxq.errors import EngineDown, FormatError, InvalidRequest, MlxqError
+from mlxq.experts import expert_stats
 from mlxq.models.base import CausalLM
 
 log = logging.getLogger("mlxq.distributed")
@@ -69,6 +74,12 @@ class SlotNumbers:
     def take_dropped(self) -> list[int]:
         out, self._dropped[:] = list(self._dropped), []
         return out
+
+
+def rank_spill(spill: tuple[str, int] | None, rank: int) -> tuple[str, int] | None:
+    """Where rank `rank` spills its share of the prompt cache (a directory of its own, on its own disk), within the
+    bound rank 0 decides by (`PromptCache`: the other ranks replay its plans)."""
+    return None if spill is None else (str(Path(spill[0]) / f"rank{rank}"), spill[1])
 
 
 def share_path(path: str | Path, rank: int) -> Path:
@@ -139,17 +150,24 @@ def _load_share(path: Path, fingerprint: str, make_cache: Callable[[], list], ra
     return loaded, None, stamp.get("id")
 
 
+def gather_expert_stats(group, net: CausalLM) -> list[dict | None]:
+    """What each rank's expert pool counted so far, by rank (one all_gather)."""
+    own = expert_stats(net)
+    return [m["stats"] for m in exchange(group, {"stats": None if own is None else dataclasses.asdict(own)})]
+
+
 class GroupRunner(Runner):
     """Rank 0's runner: every operation goes to the other ranks first, then runs here. One operation at a time
     (the engine thread and `Model.logits` may both call), each fully evaluated before the next, so a step stuck
     on a lost rank is one the watchdog can see."""
 
     def __init__(self, net: CausalLM, prompt_cache_bytes: int, control: Control, slots: SlotNumbers,
-                 new_batch: Callable[[], Any] | None = None, rewindable: bool | None = None, group=None):
+                 new_batch: Callable[[], Any] | None = None, rewindable: bool | None = None, group=None,
+                 spill: tuple[str, int] | None = None, cache_fingerprint: str | None = None):
         self.control, self.slots, self.group = control, slots, group
         self._lock = threading.Lock()
-        control.post("start", prompt_cache_bytes=prompt_cache_bytes)
-        super().__init__(net, prompt_cache_bytes, new_batch=new_batch, rewindable=rewindable)
+        control.post("start", prompt_cache_bytes=prompt_cache_bytes, spill=spill)
+        super().__init__(net, prompt_cache_bytes, rank_spill(spill, 0), new_batch, rewindable, cache_fingerprint)
 
     def attach(self, abort: Callable[[EngineDown], None]) -> None:
         self.control.on_down = abort
@@ -175,11 +193,16 @@ class GroupRunner(Runner):
         except Exception as e:
             raise self.control.down(f"rank 0: {op} failed ({type(e).__name__}: {e})") from None
 
-    def admit(self, prompt, slot, mtp=False):
+    def admit(self, prompt, slot, mtp=False, replay=None):
+        """Runs here first (no collectives in it): the other ranks replay how rank 0's prompt cache (and its spill)
+        resumed the row."""
         if mtp and self.mtp is None:  # refused here, before the other ranks run anything
             return Runner.admit(self, prompt, slot, mtp)
-        return self._run("admit", {"prompt": prompt, "slot": self.slots.number(slot), "mtp": mtp},
-                         lambda: Runner.admit(self, prompt, slot, mtp))
+        with self._lock:
+            n = self._local("admit", lambda: Runner.admit(self, prompt, slot, mtp))
+            self._post("admit", {"prompt": prompt, "slot": self.slots.number(slot), "mtp": mtp,
+                                 "fetched": self.fetched})
+            return n
 
     def prefill(self, tokens, at, marks):
         return self._run("prefill", {"tokens": tokens, "at": at, "marks": marks, "lengths": self.lengths(PREFILL)},
@@ -259,6 +282,10 @@ class GroupRunner(Runner):
         slot.tokens, slot.caches, slot.marks, extra = found[0]
         return {k: v for k, v in extra.items() if k != "group"}
 
+    def expert_stats(self) -> list[dict | None]:
+        """Every rank's streaming counters (`ExpertStats` fields; None where a rank streams nothing), by rank."""
+        return self._run("expert_stats", {}, lambda: gather_expert_stats(self.group, self.net))
+
     def close(self) -> None:
         if self.control.state != "degraded":
             self._run("stop", {}, lambda: None)
@@ -291,11 +318,13 @@ def follow(net: CausalLM, link: Link, new_batch: Callable[[], Any] | None = None
                 raise RuntimeError(f"out of step with rank 0: its rows hold {args['lengths']} tokens, these hold "
                                    f"{runner.lengths(PREFILL if op == 'prefill' else DECODE)}")
             if op == "start":
-                runner = Runner(net, args["prompt_cache_bytes"], new_batch=new_batch, rewindable=rewindable)
+                runner = Runner(net, args["prompt_cache_bytes"], rank_spill(args["spill"], link.rank), new_batch,
+                                rewindable, fingerprint)
             elif op == "stop":
                 runner = None
             elif op == "admit":  # a rank without the MTP head (a pipeline's others) runs none of its steps
-                runner.admit(args["prompt"], slot(args["slot"]), args["mtp"] and runner.mtp is not None)
+                runner.admit(args["prompt"], slot(args["slot"]), args["mtp"] and runner.mtp is not None,
+                             args["fetched"])
             elif op == "prefill":
                 runner.prefill(args["tokens"], args["at"], args["marks"])
             elif op in ("decode", "verify"):
@@ -329,6 +358,8 @@ def follow(net: CausalLM, link: Link, new_batch: Callable[[], Any] | None = None
                 else:
                     into = slot(args["slot"])
                     into.tokens, into.caches, into.marks, _ = loaded
+            elif op == "expert_stats":
+                gather_expert_stats(group, net)
             elif op == "clear_slot":
                 slot(args["slot"]).clear()
             else:
