@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 import mlxq
+from mlxq.distributed.group import peak_rss_bytes
 from mlxq.distributed.split import expert_combines, set_expert_combine
 from mlxq.engine import stream as streams
 from mlxq.engine.prompt_cache import CacheSlot
@@ -243,6 +244,9 @@ def main(plan_path: str) -> None:
         else:
             model.follow()
         out.mkdir(parents=True, exist_ok=True)
+        (out / f"rss-{group.rank()}.json").write_text(json.dumps({  # measured here, in the rank's own process
+            "peak_rss_bytes": peak_rss_bytes(), "mlx_cache_bytes": mx.get_cache_memory(),
+            "mlx_peak_bytes": mx.get_peak_memory()}))
         if (stats := expert_stats(model.net)) is not None:  # what this rank's own pool read
             (out / f"experts-{group.rank()}.json").write_text(json.dumps(stats.as_dict()))
         if (out / "spill").is_dir():  # the files this rank keeps on disk for its share of the prompt cache

@@ -390,6 +390,36 @@ def test_each_rank_holds_only_its_share(tmp_path, parallel, ranks):
         assert grown < (1 / ranks + 0.25) * total, (r, total)  # and never the whole model
 
 
+@pytest.mark.slow  # a 600 MB model quantized, then served by 2 or 3 ranks
+@pytest.mark.parametrize(("parallel", "ranks"), [("experts", 2), ("pipeline", 2), ("experts", 3)])
+def test_a_streaming_rank_holds_its_share_and_its_budget(tmp_path, parallel, ranks):
+    """Each rank streams its experts from packs within a budget of a tenth of the experts it holds: measured in the
+    rank's process after generating (the probe's requests), its peak resident memory has grown since it began
+    loading by at most what it holds resident, plus its expert pool, plus what MLX's buffer cache keeps (freed
+    buffers, the expert reads' among them: about 28 MB here), plus 10 % + 32 MB (compute buffers, the engine's
+    threads, reads in flight), which is below what holding all of its experts would take. The experts are 8-bit,
+    about 160 MB of them."""
+    from mlxq.quant import pipeline
+    from mlxq.quant.recipes import Recipe
+
+    make_wide(tmp_path / "wide", experts=64)
+    model = tmp_path / "packs"
+    pipeline.quantize(str(tmp_path / "wide"), model, Recipe("experts-8bit", 8), progress=False, stream_experts=True)
+    plan = tmp_path / "plan.json"
+    out = tmp_path / "out"
+    plan.write_text(json.dumps({"cases": [{"model": str(model), "parallel": parallel, "out": str(out),
+                                           "expert_memory": "10%"}]}))
+    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
+    shares = json.loads((out / "status.json").read_text())["ranks"]
+    for r in shares:
+        measured = json.loads((out / f"rss-{r['rank']}.json").read_text())
+        grown, pool = measured["peak_rss_bytes"] - r["rss_before_bytes"], r["expert_pool_bytes"]
+        held = pool * r["experts_held"] / r["expert_slots"]  # all of its experts, had it kept them
+        assert r["expert_slots"] < r["experts_held"] / 6 and held > 75 << 20, r  # a tenth (rounded up per layer)
+        bound = (r["weights_bytes"] + pool) * 1.10 + measured["mlx_cache_bytes"] + (32 << 20)
+        assert grown < bound < r["weights_bytes"] + held, (grown, bound, held, measured, r)
+
+
 # ---------------------------------------------------------------------------------------------- failures
 def http(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
     """(status, JSON body) of a GET, or of a POST of `body`."""

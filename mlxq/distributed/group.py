@@ -158,6 +158,8 @@ def load_group(name: str | None, group, *, parallel: str | None = None, dtype: m
         control.accept()
     split = make_split(parallel, config, ckpt.tensors.infos(), rank, size, group,
                        dequantized=ckpt.format == "gguf" and not keep_quantized)
+    # rank 0's tokenizer first: what loading it takes (its libraries) is no part of the rank's share of the weights
+    tokenizer = None if rank else load_tokenizer_for(ckpt)
     rss_before = rss_bytes()
     net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=budget,
                      expert_options=expert_options, split=split)
@@ -168,12 +170,10 @@ def load_group(name: str | None, group, *, parallel: str | None = None, dtype: m
              "experts_held": 0 if pool is None else sum(lp.n_experts for lp in pool.packs.layers.values()),
              "rss_before_bytes": rss_before, "peak_rss_bytes": peak_rss_bytes(), "pid": os.getpid(),
              "host": socket.gethostname()}
-    tokenizer = None
     if rank:
         link.send({"ready": share})
     else:
         control.own = share
-        tokenizer = load_tokenizer_for(ckpt)
         control.wait_ready()
     return GroupModel(net, tokenizer, ckpt, name or "smollm2", group=group, split=split, control=control, link=link,
                       model_fingerprint=model_fingerprint)
