@@ -75,6 +75,24 @@ def run_ranks(n: int, args: list[str], tmp: Path, timeout: float = GROUP_TIMEOUT
     return outs
 
 
+def run_group(cases: list[dict], ranks: int, tmp: Path, compare: bool = True) -> list[str]:
+    """Runs `cases` (`group_worker.py`'s plan) on a ring of `ranks`; the ranks' outputs. With `compare`, fails on
+    any difference from what one process gave (`differences`)."""
+    plan = tmp / "plan.json"
+    plan.write_text(json.dumps({"cases": cases}))
+    outputs = run_ranks(ranks, [str(WORKER), str(plan)], tmp)
+    wrong = [line for case in cases for line in differences(case, ranks)] if compare else []
+    assert not wrong, "\n".join(wrong)
+    return outputs
+
+
+def probe_alone(path: Path, probe_with=probe) -> None:
+    """What one process gives for the model at `path` (`path/single`)."""
+    model = mlxq.load(str(path))
+    probe_with(model, path / "single")
+    model.close()
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """The tiny models (with a character tokenizer), and what the single process gives for each."""
@@ -84,9 +102,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         path = tmp_path_factory.mktemp(name)
         make(arch, path)
         save_tiny_tokenizer(path, 160)
-        model = mlxq.load(str(path))
-        probe(model, path / "single")
-        model.close()
+        probe_alone(path)
         made[name] = path
     return made
 
@@ -124,11 +140,7 @@ def test_every_split_matches_the_single_process_model(models, tmp_path, ranks):
     forced = "gather"
     cases.append({"model": str(models["moe"]), "parallel": "experts", "out": str(tmp_path / f"moe-{forced}"),
                   "combine": forced})
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"cases": cases}))
-    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
-    wrong = [line for case in cases for line in differences(case, ranks)]
-    assert not wrong, "\n".join(wrong)
+    run_group(cases, ranks, tmp_path)
     combines = {case.get("combine", "auto"): json.loads((Path(case["out"]) / "combines-0.json").read_text())
                 for case in cases if case["parallel"] == "experts"}
     assert combines[forced][forced] > 0 and sum(combines[forced].values()) == combines[forced][forced], combines
@@ -159,9 +171,7 @@ def mtp_models(tmp_path_factory) -> dict[str, Path]:
         path = tmp_path_factory.mktemp(name)
         build(path, 160, name == "mtp-moe", copying=True)
         save_tiny_tokenizer(path, 160)
-        model = mlxq.load(str(path))
-        probe_mtp(model, path / "single")
-        model.close()
+        probe_alone(path, probe_mtp)
         made[name] = path
     return made
 
@@ -173,11 +183,7 @@ def test_mtp_drafts_on_every_split(mtp_models, tmp_path, ranks):
     logits, answers and draft counts; and the drafted answers are the plain ones."""
     cases = [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{name}-{mode}"), "probe": "mtp"}
              for name, path in mtp_models.items() for mode in MTP_SPLITS[name]]
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"cases": cases}))
-    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
-    wrong = [line for case in cases for line in differences(case, ranks)]
-    assert not wrong, "\n".join(wrong)
+    run_group(cases, ranks, tmp_path)
     for name, path in mtp_models.items():
         single = json.loads((path / "single" / "result.json").read_text())
         assert [a[: len(b)] for a, b in zip(single["plain"], single["drafted_answers"], strict=True)] == \
@@ -203,9 +209,7 @@ def chat_models(tmp_path_factory) -> dict[str, Path]:
         save_tiny_tokenizer(path, 160)
         config = json.loads((path / "tokenizer_config.json").read_text())
         (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT}))
-        model = mlxq.load(str(path))
-        probe_session(model, path / "single")
-        model.close()
+        probe_alone(path, probe_session)
         made[name] = path
     return made
 
@@ -218,11 +222,7 @@ def test_a_saved_session_resumes_on_a_group(chat_models, tmp_path, ranks):
     one line on every rank (rank 0 raises it, the others log it), keeps no partial file, and the group goes on."""
     cases = [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{name}-{mode}"), "probe": "session"}
              for name, path in chat_models.items() for mode in SESSION_SPLITS[name]]
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"cases": cases}))
-    outputs = run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
-    wrong = [line for case in cases for line in differences(case, ranks)]
-    assert not wrong, "\n".join(wrong)
+    outputs = run_group(cases, ranks, tmp_path)
     last = ranks - 1
     for case in cases:
         single = json.loads((Path(case["model"]) / "single" / "result.json").read_text())
@@ -257,9 +257,7 @@ def test_the_prompt_cache_spills_alike_on_every_rank(chat_models, tmp_path, rank
     assert [r["cached"] > 0 for r in expected["runs"][5:]] == [True, False, False], expected  # (0, 2 dropped)
     cases = [{"model": str(model), "parallel": mode, "out": str(tmp_path / mode), "probe": "spill"}
              for mode in ("pipeline", "tensor")]
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"cases": cases}))
-    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
+    run_group(cases, ranks, tmp_path, compare=False)
     for case in cases:
         got = json.loads((Path(case["out"]) / "result.json").read_text())
         assert got["runs"] == expected["runs"] and got["spill_reads"] == expected["spill_reads"], (case, got, expected)
@@ -279,9 +277,7 @@ def packed(tmp_path_factory) -> dict[str, Path]:
     for name in ("qwen3_moe", "qwen3_5_moe_text"):
         root = tmp_path_factory.mktemp(name)
         path = quantize(build(name, root / "src"), root / "packs", stream_experts=True)
-        model = mlxq.load(str(path))
-        probe(model, path / "single")
-        model.close()
+        probe_alone(path)
         made[name] = path
     return made
 
@@ -295,11 +291,7 @@ def test_each_rank_streams_its_own_experts_within_its_own_budget(packed, tmp_pat
     cases = [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{name}-{mode}"),
               "expert_memory": per_rank if mode == "experts" else "50%"}
              for name, path in packed.items() for mode in ("experts", "pipeline")]
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"cases": cases}))
-    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
-    wrong = [line for case in cases for line in differences(case, ranks)]
-    assert not wrong, "\n".join(wrong)
+    run_group(cases, ranks, tmp_path)
     for case in cases:
         config = text_config(json.loads((Path(case["model"]) / "config.json").read_text()))
         moe_layers = config["num_hidden_layers"] - len(config.get("mlp_only_layers") or [])
@@ -376,11 +368,9 @@ def test_each_rank_holds_only_its_share(tmp_path, parallel, ranks):
     the interpreter's own growth, MLX's buffers, one tensor being read), and what it holds is about 1/ranks of the
     model, never the whole of it. The experts split runs on a MoE model whose experts are nearly all its bytes."""
     total = make_wide(tmp_path / "wide", experts=16 if parallel == "experts" else 0)
-    plan = tmp_path / "plan.json"
     out = tmp_path / "out"
-    plan.write_text(json.dumps({"cases": [{"model": str(tmp_path / "wide"), "parallel": parallel, "out": str(out),
-                                           "probe": False}]}))
-    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
+    run_group([{"model": str(tmp_path / "wide"), "parallel": parallel, "out": str(out), "probe": False}], ranks,
+              tmp_path, compare=False)
     shares = json.loads((out / "status.json").read_text())["ranks"]
     held = [r["weights_bytes"] for r in shares]
     assert all(abs(h / total - 1 / ranks) < 0.15 for h in held), (held, total)
@@ -390,8 +380,9 @@ def test_each_rank_holds_only_its_share(tmp_path, parallel, ranks):
         assert grown < (1 / ranks + 0.25) * total, (r, total)  # and never the whole model
 
 
-@pytest.mark.slow  # a 600 MB model quantized, then served by 2 or 3 ranks
-@pytest.mark.parametrize(("parallel", "ranks"), [("experts", 2), ("pipeline", 2), ("experts", 3)])
+@pytest.mark.slow  # a 600 MB model quantized, then served by 2 ranks (with 3, a rank's share of its experts would
+# be too small to tell from the margin)
+@pytest.mark.parametrize(("parallel", "ranks"), [("experts", 2), ("pipeline", 2)])
 def test_a_streaming_rank_holds_its_share_and_its_budget(tmp_path, parallel, ranks):
     """Each rank streams its experts from packs within a budget of a tenth of the experts it holds: measured in the
     rank's process after generating (the probe's requests), its peak resident memory has grown since it began
@@ -405,17 +396,15 @@ def test_a_streaming_rank_holds_its_share_and_its_budget(tmp_path, parallel, ran
     make_wide(tmp_path / "wide", experts=64)
     model = tmp_path / "packs"
     pipeline.quantize(str(tmp_path / "wide"), model, Recipe("experts-8bit", 8), progress=False, stream_experts=True)
-    plan = tmp_path / "plan.json"
     out = tmp_path / "out"
-    plan.write_text(json.dumps({"cases": [{"model": str(model), "parallel": parallel, "out": str(out),
-                                           "expert_memory": "10%"}]}))
-    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
+    run_group([{"model": str(model), "parallel": parallel, "out": str(out), "expert_memory": "10%"}], ranks,
+              tmp_path, compare=False)
     shares = json.loads((out / "status.json").read_text())["ranks"]
     for r in shares:
         measured = json.loads((out / f"rss-{r['rank']}.json").read_text())
         grown, pool = measured["peak_rss_bytes"] - r["rss_before_bytes"], r["expert_pool_bytes"]
         held = pool * r["experts_held"] / r["expert_slots"]  # all of its experts, had it kept them
-        assert r["expert_slots"] < r["experts_held"] / 6 and held > 75 << 20, r  # a tenth (rounded up per layer)
+        assert r["expert_slots"] < r["experts_held"] / 6, r  # a tenth (rounded up per layer)
         bound = (r["weights_bytes"] + pool) * 1.10 + measured["mlx_cache_bytes"] + (32 << 20)
         assert grown < bound < r["weights_bytes"] + held, (grown, bound, held, measured, r)
 
