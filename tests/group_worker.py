@@ -2,11 +2,12 @@
 
     python tests/group_worker.py PLAN.json
 
-PLAN: {"cases": [{"model": dir, "parallel": mode, "out": dir, "probe": true | "mtp" | false,
-"expert_memory": null, "combine": null}, ...]}. Every rank loads each case's model split that way (an experts split
-combining as `combine` says); rank 0 runs `probe` (or `probe_mtp`; the test also runs it on the single-process
-model) unless the case says not to, writes what it saw and the group's status to the case's `out` dir, and ends the
-group; the other ranks follow. Each rank writes there what its expert pool read and how its MoE blocks combined.
+PLAN: {"cases": [{"model": dir, "parallel": mode, "out": dir, "probe": true | "mtp" | "session" | "spill" | false,
+"expert_memory": null, "expert_options": null, "combine": null}, ...]}. Every rank loads each case's model split
+that way (an experts split combining as `combine` says); rank 0 runs the probe (`PROBES`; the test also runs it on
+the single-process model) unless the case says not to, writes what it saw and the group's status to the case's
+`out` dir, and ends the group; the other ranks follow. Each rank writes there what its expert pool read, how its
+MoE blocks combined, and its peak memory.
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ def main(plan_path: str) -> None:
     group = mx.distributed.init(backend="ring", strict=True)
     for case in plan["cases"]:
         model = mlxq.load(case["model"], group=group, parallel=case["parallel"],
-                          expert_memory=case.get("expert_memory"))
+                          expert_memory=case.get("expert_memory"), expert_options=case.get("expert_options"))
         if case.get("combine"):  # how an experts split combines its blocks (every rank alike)
             set_expert_combine(model.net, case["combine"])
         out = Path(case["out"])

@@ -289,7 +289,8 @@ def test_each_rank_streams_its_own_experts_within_its_own_budget(packed, tmp_pat
     memory get: rank 0's three quarters, the others' half); the group gives what one process gives."""
     per_rank = ",".join(["75%"] + ["50%"] * (ranks - 1))
     cases = [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{name}-{mode}"),
-              "expert_memory": per_rank if mode == "experts" else "50%"}
+              "expert_memory": per_rank if mode == "experts" else "50%",
+              "expert_options": {"prefetch": 1} if mode == "experts" else None}  # decoding reads a layer ahead
              for name, path in packed.items() for mode in ("experts", "pipeline")]
     run_group(cases, ranks, tmp_path)
     for case in cases:
@@ -306,6 +307,8 @@ def test_each_rank_streams_its_own_experts_within_its_own_budget(packed, tmp_pat
             assert r["expert_slots"] < r["experts_held"], r  # its budget is below its share
             stats = json.loads((Path(case["out"]) / f"experts-{r['rank']}.json").read_text())
             assert stats["misses"] > 0 and stats["bytes_read"] > 0, (r, stats)  # and it read them from its packs
+            if case["parallel"] == "experts":  # and read its own experts ahead while decoding, some of them used
+                assert stats["prefetch_reads"] > 0 and stats["prefetch_hits"] > 0, (r, stats)
         # the group's counters, as `generate -v` and the API's timings show them: every rank's, gathered
         group = json.loads((Path(case["out"]) / "experts-group.json").read_text())
         ranks_stats = [json.loads(p.read_text()) for p in sorted(Path(case["out"]).glob("experts-[0-9]*.json"))]

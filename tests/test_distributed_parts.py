@@ -228,3 +228,28 @@ def test_each_rank_takes_its_own_budget_from_a_list():
     assert rank_budget("25%", 1, 3) == "25%" and rank_budget(None, 0, 2) is None and rank_budget(10**9, 1, 2) == 10**9
     with pytest.raises(ConfigError, match="2 budgets for a group of 3 ranks"):
         rank_budget("8GB,6GB", 0, 3)
+
+
+def test_a_rank_reads_ahead_only_its_own_experts_at_their_places_in_its_packs():
+    """Under the experts split a rank's packs hold its share (experts 4..7 here at positions 0..3): what the next
+    layer's router predicts is read ahead at the share's positions, and other ranks' experts are not read."""
+    from types import SimpleNamespace
+
+    import mlx.core as mx
+
+    from mlxq.experts.stream import StreamedMoE
+
+    class Pool:
+        packs = SimpleNamespace(layers={1: SimpleNamespace(n_experts=4)})
+        asked: list = []
+
+        def capacity(self, layer: int) -> int:
+            return 4
+
+        def request(self, layer: int, ids, prefetch: bool = False) -> None:
+            self.asked.append((layer, [int(i) for i in ids], prefetch))
+
+    nxt = SimpleNamespace(layer=1, first=4, next=None, route=lambda x: (mx.array([[5, 6], [1, 7]]), None))
+    pool = Pool()
+    StreamedMoE._read_ahead(SimpleNamespace(next=nxt, pool=pool), mx.zeros((2, 8)), 1)
+    assert pool.asked == [(1, [1, 2, 3], True)]  # experts 5, 6, 7; expert 1 is rank 0's

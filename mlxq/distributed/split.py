@@ -131,7 +131,7 @@ class Split:
                 owned[block.layer] = share
         kept = [b for b in streamed if b.layer in owned]
         for a, b in zip(kept, [*kept[1:], None], strict=False):  # prefetch looks ahead within the rank's own layers
-            a.next = b
+            a.next, a.first = b, owned[a.layer][0]
         return kept, packs.share(owned)
 
     def expert_share(self, layer: int, n_experts: int) -> tuple[int, int] | None:
@@ -581,8 +581,8 @@ class ExpertShard(nn.Module):
         y = mx.zeros(tokens.shape, x.dtype)
         if pairs.size:
             rows, own = mx.array(pairs // k), local[pairs][:, None]
-            if streamed:
-                out = moe.run_experts(tokens[rows], own)[:, 0]
+            if streamed:  # its own tokens predict what the next layers will want of its experts: read ahead
+                out = moe.run_experts(tokens[rows], own, ahead=True)[:, 0]
             else:
                 out = moe.experts(tokens[rows], mx.array(own.astype(np.uint32)))[:, 0]
             scale = weights.reshape(-1)[mx.array(pairs)][:, None].astype(x.dtype)
