@@ -35,6 +35,7 @@ class StreamedMoE(SparseMoE):
         self.layer = layer
         self.pool: SlotPool | None = None  # set once the pool exists (a plain attribute, not a parameter)
         self.next: StreamedMoE | None = None  # the next streamed block, for prefetch
+        self.first = 0  # the routed expert its pack position 0 holds (a rank of an experts split holds a share)
 
     def __setattr__(self, key, value):
         if key in ("pool", "next"):  # keep them out of the module tree (no parameters, no recursion)
@@ -81,4 +82,6 @@ class StreamedMoE(SparseMoE):
         predicted = [b.route(x)[0] for b in blocks]
         mx.eval(predicted)
         for b, p in zip(blocks, predicted, strict=True):
-            self.pool.request(b.layer, np.unique(np.array(p))[: self.pool.capacity(b.layer)], prefetch=True)
+            held = np.unique(np.array(p)) - b.first  # pack positions (a share's: only those it holds)
+            held = held[(held >= 0) & (held < self.pool.packs.layers[b.layer].n_experts)]
+            self.pool.request(b.layer, held[: self.pool.capacity(b.layer)], prefetch=True)
