@@ -95,7 +95,13 @@ def test_keep_quantized_equals_dequantized(kind, tmp_path):
     assert ckpt.quantization["model.layers.0.self_attn.q_proj"]["bits"] == AFFINE_TYPES[kind]
     packed = load_model(ckpt)
     plain = load_model(open_checkpoint(str(tmp_path / "q.gguf")))
-    assert isinstance(packed.model.layers[0].mlp.down_proj, nn.QuantizedLinear)
+    down = packed.model.layers[0].mlp.down_proj
+    assert isinstance(down, nn.QuantizedLinear)
+    # float16 scales and biases are kept as the file's (exact; the matmul promotes them), except an embedding's,
+    # whose lookup dequantizes in its scales' dtype
+    assert down.scales.dtype == down.biases.dtype == mx.float16
+    embed = packed.model.embed_tokens
+    assert not isinstance(embed, nn.QuantizedEmbedding) or embed.scales.dtype == mx.float32
     # The reference: every matrix through gguf-py's own block round trip. Blocks run along rows, so quantizing
     # the permuted q/k rows (as the file holds them) and quantizing the HF rows give the same numbers.
     qtype = gguf.GGMLQuantizationType[kind]

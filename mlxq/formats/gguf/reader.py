@@ -6,7 +6,8 @@ arrays and nothing more. Each tensor comes out in one of three forms:
 
 - float: F32/F16/BF16 as stored, quantized types dequantized in MLX (`kernels.kquants`, bit-exact with gguf-py);
 - affine (`keep_quantized`): types whose values are exactly `scale * code + bias` per 32 weights (Q4_0, Q4_1, Q5_0,
-  Q5_1, Q8_0, and Q4_K / Q5_K with float32 scales) as MLX quantized weights, `.weight/.scales/.biases`;
+  Q5_1, Q8_0, and Q4_K / Q5_K) as MLX quantized weights, `.weight/.scales/.biases` (scales and biases float16
+  where exact, as for the legacy types; else float32);
 - blocks (`keep_quantized`): every other type (Q6_K, Q3_K, Q2_K, IQ*, TQ*) as its raw uint8 rows, bound to the
   block layers of `models.layers` / `models.moe`, which multiply on them.
 
