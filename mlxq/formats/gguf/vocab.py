@@ -61,7 +61,7 @@ def _from_gguf(path: Path) -> dict[str, Value]:
         if not key.startswith("tokenizer."):
             continue
         if isinstance(v, Strings):
-            out[key] = Value(v.read(path), T.ARRAY, T.STRING)
+            out[key] = Value(v.packed(path), T.ARRAY, T.STRING)
         elif isinstance(v, np.ndarray):
             out[key] = Value(v.tolist(), T.ARRAY, arrays[v.dtype])
         elif isinstance(v, bool):
