@@ -90,8 +90,11 @@ class Model:
     def logits(self, token_ids: list[int] | mx.array) -> mx.array:
         """Full-sequence logits, float32 [len, vocab], with a fresh cache."""
         tokens = mx.array(token_ids).reshape(1, -1)
-        out = self.net(tokens, self.net.make_cache())
-        return out[0].astype(mx.float32)
+        out = self.net(tokens, self.net.make_cache())[0].astype(mx.float32)
+        # evaluated here, on the caller's thread: a streamed model's pool keeps the graph built over its slots,
+        # and MLX cannot evaluate it later from the engine's thread (streams are per thread)
+        mx.eval(out)
+        return out
 
     def make_cache(self) -> list:
         return self.net.make_cache()

@@ -187,6 +187,17 @@ def test_api_timings_carry_the_run_s_expert_counters(made):
     assert mlxq.load(str(resident)).generate("the fox", max_tokens=2).timings.experts is None
 
 
+def test_logits_on_the_caller_s_thread_then_generate_on_the_engine_s(made):
+    """The pool's graph over its slots is built on the caller's thread; the engine runs on its own (MLX streams are
+    per thread), so nothing lazy may be left for it to evaluate."""
+    _, resident, packs = made("qwen3_moe")
+    streamed, dense = mlxq.load(str(packs), expert_memory="30%"), mlxq.load(str(resident))
+    prompt = [3, 4, 5, 6, 7]
+    logits = streamed.logits(prompt)  # not read yet: generating comes first
+    assert streamed.generate(prompt, max_tokens=4).tokens == dense.generate(prompt, max_tokens=4).tokens
+    np.testing.assert_array_equal(np.array(logits), np.array(dense.logits(prompt)))
+
+
 def test_a_rank_s_share_of_the_packs_reads_only_its_own_experts(made):
     """What a rank of an experts split opens (`Packs.share`): its experts, numbered from 0, read from their own
     blocks; errors still name the model's expert. A tensor split, which would need parts of every expert, says so."""
