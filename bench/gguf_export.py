@@ -49,6 +49,14 @@ def tensors(path: Path) -> dict[str, tuple[str, bytes]]:
     return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors}
 
 
+def bpw(path: Path) -> float:
+    """Bits per weight over every tensor of the file (norms included), as llama.cpp's loader counts them."""
+    import gguf
+
+    ts = gguf.GGUFReader(path).tensors
+    return round(8 * sum(int(t.n_bytes) for t in ts) / sum(int(t.n_elements) for t in ts), 4)
+
+
 def ours(src: Path, out: Path, kind: str, calibrate: Path | None = None, calib_tokens: int = 0,
          method: str = "imatrix") -> dict:
     from mlxq.formats.gguf.export import export
@@ -59,13 +67,14 @@ def ours(src: Path, out: Path, kind: str, calibrate: Path | None = None, calib_t
     export(str(src), out, gguf_recipe(kind), calibrate=None if calibrate is None else str(calibrate),
            method=method, calib_tokens=calib_tokens, progress=False)
     return {"wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3),
-            "size_mb": round(out.stat().st_size / 1e6, 2)}
+            "size_mb": round(out.stat().st_size / 1e6, 2), "bpw": bpw(out)}
 
 
 def theirs(src: Path, out: Path, kind: str, imatrix_file: Path | None = None) -> dict:
     out.unlink(missing_ok=True)
     t = quantize(src, out, kind, imatrix_file)
-    return {"wall_s": round(t.wall, 3), "cpu_s": round(t.cpu, 3), "size_mb": round(out.stat().st_size / 1e6, 2)}
+    return {"wall_s": round(t.wall, 3), "cpu_s": round(t.cpu, 3), "size_mb": round(out.stat().st_size / 1e6, 2),
+            "bpw": bpw(out)}
 
 
 def texts(work: Path, calib_tokens: int, eval_tokens: int) -> tuple[Path, Path]:
