@@ -128,3 +128,14 @@ def test_allocated_export_is_no_larger_and_closer_to_the_float_model(kind, tmp_p
     kl = {m: score(logits(mlxq_net(p, src)), wins, ref).kl for m, p in files.items()}
     assert kl["allocate"] < kl["imatrix"], kl
     assert rel(llama_cpp_logits(files["allocate"], PROMPT), mlxq_logits(files["allocate"], src)) <= QUANTIZED_TOLERANCE
+
+
+def test_error_estimated_on_sampled_rows_is_the_whole_tensors():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2048, 256)).astype(np.float32)
+    fisher = rng.exponential(1.0, w.shape).astype(np.float32)
+    full = allocate.weighted_errors(w, fisher, ("Q3_K", "Q5_K"), None, rows=2048)
+    sampled = allocate.weighted_errors(w, fisher, ("Q3_K", "Q5_K"), None, rows=256)
+    for k in full:
+        assert sampled[k] == pytest.approx(full[k], rel=0.1)
+    assert full["Q5_K"] < full["Q3_K"] / 3  # two more bits, about a sixteenth of the squared error
