@@ -7,9 +7,13 @@ KL), in Q4_K 0.003; attn_v in Q4_0 0.053, in Q5_0 0.014; ffn_up in Q4_0 0.036; t
 0.025 (it sits in Q8_0 at 8.5 bits). Better codes within a type (GPTQ) cut the layer error, yet the KL stays,
 because the error that matters is in a few tensors whose type is too coarse. So the bits are moved.
 
-Status (measured, not the default): the Fisher estimate below does not see the ffn_down cliff (Q3_K -> Q4_K is
-50x in KL, a quadratic estimate gives about 4x) and is noisy tensor by tensor: on SmolLM2 Q2_K it put 14 of 30
-ffn_down in Q2_K, the embedding in Q5_0, and scored KL 0.292 at 4.92 bpw against llama.cpp's 0.29 at 5.14 bpw.
+Status (measured by llama-perplexity on 8 x 512 held-back tokens; not the default yet): at Q3_K_M it moves the
+embedding to Q5_0 and attn_q/k, ffn_gate/up to Q5_0, attn_v to Q8_0 (5.4535 bpw against llama.cpp's 5.4551) and
+scores KL 0.0393 against llama.cpp+imatrix's 0.0927 (0.42). At Q2_K it fails: the Fisher estimate does not see the
+ffn_down cliff (Q3_K -> Q4_K is 50x in KL, a quadratic estimate gives about 4x) and is noisy tensor by tensor; it
+put 14 of 30 ffn_down in Q2_K and scored 0.292 (4.81 bpw) against llama.cpp's 0.2916 (5.14 bpw).
+The headroom is real: llama.cpp's own quantizer and imatrix with the types the per-class KL points to (embedding
+Q5_0, ffn_down Q4_K, attn_v/ffn_up/ffn_gate Q5_0; 5.137 bpw) scores 0.083 against its Q2_K's 0.292 (5.139 bpw).
 The allocation itself (`allocate`, the ladders) is what a measured-KL cost needs; the cost is what must change.
 
 How: the diagonal of the empirical Fisher information F (squared gradients of the next-token loss on the
