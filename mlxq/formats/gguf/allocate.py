@@ -9,7 +9,8 @@ because the error that matters is in a few tensors whose type is too coarse. So 
 
 Status (measured by llama-perplexity on 8 x 512 held-back tokens; not the default yet): at Q3_K_M it moves the
 embedding to Q5_0 and attn_q/k, ffn_gate/up to Q5_0, attn_v to Q8_0 (5.4535 bpw against llama.cpp's 5.4551) and
-scores KL 0.0393 against llama.cpp+imatrix's 0.0927 (0.42). At Q2_K it fails: the Fisher estimate does not see the
+scores KL 0.0393 against llama.cpp+imatrix's 0.0927 (0.42); at Q4_K_M 0.0294 against 0.0346 (0.85, 6.1638 against
+6.1655 bpw). At Q2_K it fails: the Fisher estimate does not see the
 ffn_down cliff (Q3_K -> Q4_K is 50x in KL, a quadratic estimate gives about 4x) and is noisy tensor by tensor; it
 put 14 of 30 ffn_down in Q2_K and scored 0.292 (4.81 bpw) against llama.cpp's 0.2916 (5.14 bpw).
 The headroom is real: llama.cpp's own quantizer and imatrix with the types the per-class KL points to (embedding

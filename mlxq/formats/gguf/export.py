@@ -397,8 +397,9 @@ def lossy_source(ckpt: Checkpoint, recipe: Recipe) -> str | None:
 # --part quality, 8192 calibration tokens, KL scored by llama-perplexity) gptq / llama.cpp+imatrix is 1.144 at
 # Q4_K_M, 0.954 at Q3_K_M and 1.017 at Q2_K, against 0.997, 0.998, 1.005 for imatrix: imatrix stays the default.
 # allocate: imatrix's codes, and each tensor's type moved one step within the mix by the Fisher-weighted error of
-# each candidate, at no more than the mix's bits (formats/gguf/allocate.py): on SmolLM2 0.42 of llama.cpp's KL at
-# Q3_K_M, but no better at Q2_K (allocate.py says why): not the default.
+# each candidate, at no more than the mix's bits (formats/gguf/allocate.py): on SmolLM2 KL / llama.cpp+imatrix's is
+# 0.42 at Q3_K_M, 0.85 at Q4_K_M, 1.00 at Q2_K (allocate.py says why). Not the default: the Fisher pass holds the
+# float model and its gradients in memory, which a model bigger than memory cannot.
 CALIBRATION_METHODS = ("imatrix", "gptq", "allocate")
 DEFAULT_METHOD = "imatrix"
 
