@@ -14,7 +14,7 @@ exactly that file. Two parts, both run in this one process, mlxq and llama.cpp i
   are scored by llama.cpp itself: llama-perplexity's KL-divergence mode against the float model's logits on
   held-back Wikipedia text.
 
-    python bench/gguf_export.py [--quick] [--part all|speed|quality]
+    python bench/gguf_export.py [--quick] [--part all|speed|quality] [--methods imatrix,gptq,allocate] [--types T,..]
 
 Ratios: `export_time_T_vs_llama_cpp` (wall) and `export_cpu_T_vs_llama_cpp` = mlxq / llama.cpp (goal <= 1);
 `kl_T_vs_llama_cpp` = the mean KL of mlxq's default method / llama.cpp's (goal <= 0.8), `kl_T_M_vs_llama_cpp` per
@@ -49,6 +49,14 @@ def tensors(path: Path) -> dict[str, tuple[str, bytes]]:
     return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors}
 
 
+def bpw(path: Path) -> float:
+    """Bits per weight over every tensor of the file (norms included), as llama.cpp's loader counts them."""
+    import gguf
+
+    ts = gguf.GGUFReader(path).tensors
+    return round(8 * sum(int(t.n_bytes) for t in ts) / sum(int(t.n_elements) for t in ts), 4)
+
+
 def ours(src: Path, out: Path, kind: str, calibrate: Path | None = None, calib_tokens: int = 0,
          method: str = "imatrix") -> dict:
     from mlxq.formats.gguf.export import export
@@ -59,13 +67,14 @@ def ours(src: Path, out: Path, kind: str, calibrate: Path | None = None, calib_t
     export(str(src), out, gguf_recipe(kind), calibrate=None if calibrate is None else str(calibrate),
            method=method, calib_tokens=calib_tokens, progress=False)
     return {"wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3),
-            "size_mb": round(out.stat().st_size / 1e6, 2)}
+            "size_mb": round(out.stat().st_size / 1e6, 2), "bpw": bpw(out)}
 
 
 def theirs(src: Path, out: Path, kind: str, imatrix_file: Path | None = None) -> dict:
     out.unlink(missing_ok=True)
     t = quantize(src, out, kind, imatrix_file)
-    return {"wall_s": round(t.wall, 3), "cpu_s": round(t.cpu, 3), "size_mb": round(out.stat().st_size / 1e6, 2)}
+    return {"wall_s": round(t.wall, 3), "cpu_s": round(t.cpu, 3), "size_mb": round(out.stat().st_size / 1e6, 2),
+            "bpw": bpw(out)}
 
 
 def texts(work: Path, calib_tokens: int, eval_tokens: int) -> tuple[Path, Path]:
@@ -90,6 +99,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--part", choices=["all", "speed", "quality"], default="all")
     p.add_argument("--methods", default=",".join(CALIBRATION_METHODS), help="mlxq's calibration methods to score")
+    p.add_argument("--types", default=None, help="the quality part's mixes (default Q4_K_M,Q3_K_M,Q2_K)")
     args = parse_args(p)  # --quick, and the reference-BLAS refusal
     quick = args.quick
     from mlxq.formats.fetch import cache_dir
@@ -98,7 +108,8 @@ def main() -> None:
 
     speed_types = [] if args.part == "quality" else ["Q4_K_M"] if quick else [
         "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
-    quality_types = [] if args.part == "speed" else ["Q3_K_M"] if quick else ["Q4_K_M", "Q3_K_M", "Q2_K"]
+    quality_types = [] if args.part == "speed" else args.types.split(",") if args.types else ["Q3_K_M"] if quick else [
+        "Q4_K_M", "Q3_K_M", "Q2_K"]
     calib_tokens, eval_tokens = (512, 1024) if quick else (8192, 8192)
     reps = 1 if quick else 2
 
@@ -166,7 +177,9 @@ def main() -> None:
         "quality": {"calibration_tokens": calib_tokens, "scored_tokens": eval_tokens, "ctx": CTX,
                     "calibration_text": "mlxq's default mix (wiki first half, c4, code, technical, multilingual)",
                     "scored_text": "held-back Wikipedia (second half of exllamav2's wiki.utf8)",
-                    "kl": "mean KL(float || quantized) by llama-perplexity", **quality},
+                    "kl": "mean KL(float || quantized) by llama-perplexity",
+                    "bpw": "bits per weight over every tensor; mlxq's allocate moves types within the mix at no more "
+                           "than the mix's quantized bits", **quality},
         "ratios": ratios,
     })
 

@@ -14,6 +14,7 @@ import math
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ import numpy as np
 from mlxq.errors import ConfigError, InvalidRequest, UnsupportedModel
 from mlxq.formats import open_checkpoint
 from mlxq.formats.base import Checkpoint
-from mlxq.formats.gguf import names
+from mlxq.formats.gguf import allocate, names
 from mlxq.formats.gguf.calibrated import choose_codes
-from mlxq.formats.gguf.codecs import CODECS, FALLBACK, FLOAT_TYPES, block_size, encode
+from mlxq.formats.gguf.codecs import CODECS, FALLBACK, FLOAT_TYPES, bits_per_weight, block_size, encode
 from mlxq.formats.gguf.vocab import tokenizer_metadata
 from mlxq.formats.gguf.writer import GGUFOut, TensorOut, Value
 from mlxq.models import text_config
@@ -395,7 +396,11 @@ def lossy_source(ckpt: Checkpoint, recipe: Recipe) -> str | None:
 # and 30-50 % lower in Hessian-weighted error on held-back text, layer by layer. Yet on SmolLM2 (bench/gguf_export.py
 # --part quality, 8192 calibration tokens, KL scored by llama-perplexity) gptq / llama.cpp+imatrix is 1.144 at
 # Q4_K_M, 0.954 at Q3_K_M and 1.017 at Q2_K, against 0.997, 0.998, 1.005 for imatrix: imatrix stays the default.
-CALIBRATION_METHODS = ("imatrix", "gptq")
+# allocate: imatrix's codes, and each tensor's type moved one step within the mix by the Fisher-weighted error of
+# each candidate, at no more than the mix's bits (formats/gguf/allocate.py): on SmolLM2 KL / llama.cpp+imatrix's is
+# 0.42 at Q3_K_M, 0.85 at Q4_K_M, 1.00 at Q2_K (allocate.py says why). Not the default: the Fisher pass holds the
+# float model and its gradients in memory, which a model bigger than memory cannot.
+CALIBRATION_METHODS = ("imatrix", "gptq", "allocate")
 DEFAULT_METHOD = "imatrix"
 
 
@@ -433,6 +438,9 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
         console.print(f"mlxq: warning: {text}", style="yellow", highlight=False)
 
     the_plan = plan(ckpt, recipe, warn, mtp)
+    if method == "allocate" and stats is not None:
+        the_plan = allocated(opener, the_plan, stats, calibrate, console)
+        ckpt = opener()
     metadata = dict(the_plan.metadata)
     metadata.update(_general(ckpt, recipe))
     metadata.update(tokenizer_metadata(ckpt, int(the_plan.config.get("vocab_size") or 0), warn))
@@ -466,6 +474,35 @@ def _encoded(ckpt: Checkpoint, the_plan: Plan, item: Item, stats: Stats | None, 
         data = encode(w, item.out.kind, importance)
     mx.clear_cache()
     return data
+
+
+def allocated(opener: Callable[[], Checkpoint], the_plan: Plan, stats: Stats, text: str, console) -> Plan:
+    """`the_plan` with each movable tensor's type chosen by `allocate` (its bits at most the mix's)."""
+    from mlxq.engine.tokenizer import load_tokenizer
+    from mlxq.loading import load_model
+    from mlxq.quant.calibrate import text_key, token_batches
+
+    ckpt = opener()
+    tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template)
+    batches = token_batches(tok, text_key(text)[1], allocate.FISHER_TOKENS, allocate.FISHER_SEQ)
+    console.print(f"allocating: Fisher information on {len(batches)} x {allocate.FISHER_SEQ} tokens", highlight=False)
+    fisher = allocate.fisher_diagonal(load_model(ckpt, dtype=mx.float32, fuse=False), batches)
+    ckpt = opener()  # the model consumed the lazy tensors it loaded
+    choices = []
+    for item in the_plan.items:
+        kinds = allocate.steps(item.out.kind, item.out.shape[-1])
+        if len(kinds) == 1 or item.hf not in fisher:
+            continue
+        w, f = (names.to_gguf(the_plan.arch, item.hf, x, the_plan.config).reshape(item.out.shape)
+                for x in (item.source.load(ckpt), np.asarray(fisher.pop(item.hf))))
+        errors = allocate.weighted_errors(w, f, kinds, calibration_for(the_plan, item, stats)[0])
+        n = math.prod(item.out.shape)
+        choices.append(allocate.Choice(item.out.name, {k: (n * bits_per_weight(k), e) for k, e in errors.items()},
+                                       item.out.kind))
+        mx.clear_cache()
+    pick = allocate.allocate(choices)
+    items = [replace(it, out=replace(it.out, kind=pick.get(it.out.name, it.out.kind))) for it in the_plan.items]
+    return replace(the_plan, items=items)
 
 
 def calibration_for(the_plan: Plan, item: Item, stats: Stats | None) -> tuple[np.ndarray | None, mx.array | None]:
