@@ -108,7 +108,8 @@ class _Sequence:
         drafter, self.max_draft = draft_plan(req.speculative)
         self.mtp = drafter == MTP  # drafts come from the MTP head (`speculative.mtp_drafts`), else from:
         self.lookup = PromptLookup(req.prompt) if drafter == "lookup" else None
-        self.draft_len = self.max_draft  # adapts to how much of the drafts the model takes (`checked`)
+        self.draft_len = self.max_draft  # guessed tokens per draft, adapted to how many the model takes (`checked`)
+        self.guessed: list[int] | None = None  # positions of the last draft that were guesses (None: all of them)
         self.grammar = next((p for p in self.procs if isinstance(p, GrammarProcessor)), None)  # shapes the drafts
 
     def room(self) -> int:
@@ -123,9 +124,15 @@ class _Sequence:
         self.lookup.extend(self.generated[len(self.lookup.tokens) - len(self.req.prompt) :])
         room = min(self.max_draft, self.req.max_tokens - len(self.generated) - 1)
         lookup = self.lookup
+        self.guessed = None if self.grammar is None else []
 
         def guess(after: list[int]) -> list[int]:
-            return lookup.draft(min(self.draft_len, room - len(after)), after)
+            """Looked-up tokens after the draft so far: `draft_len` of them in all, however many forced tokens come
+            between them."""
+            tokens = lookup.draft(min(self.draft_len - len(self.guessed or ()), room - len(after)), after)
+            if self.guessed is not None:
+                self.guessed += range(len(after), len(after) + len(tokens))
+            return tokens
 
         if self.grammar is None:
             return guess([])
@@ -135,9 +142,14 @@ class _Sequence:
             return []
 
     def checked(self, drafted: int, accepted: int) -> None:
-        """The next draft is twice as long as what was accepted of this one (at least one token, at most the
-        request's longest): each draft token costs its verification whether it is taken or not."""
-        grown = max(self.draft_len, 2 * drafted) if accepted == drafted else 2 * accepted
+        """The next draft guesses twice as many tokens as were accepted of this one's guesses (at least one, at most
+        the request's longest draft): each draft token costs its verification whether it is taken or not. Tokens a
+        grammar forces are not guesses (the model nearly always takes them), and do not count."""
+        guessed = range(drafted) if self.guessed is None else sorted({j for j in self.guessed if j < drafted})
+        if not guessed:
+            return
+        taken = sum(j < accepted for j in guessed)
+        grown = max(self.draft_len, 2 * len(guessed)) if taken == len(guessed) else 2 * taken
         self.draft_len = max(1, min(self.max_draft, grown))
 
     def process(self, logits: mx.array) -> mx.array:
