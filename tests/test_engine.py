@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from tiny import make_tiny
 
 from mlxq.engine.batch import make_batch
 from mlxq.engine.cache import KVCache, RotatingKVCache, checkpoint, restore
-from mlxq.engine.sampling import SamplingParams, make_sampler, penalty_processors
+from mlxq.engine.sampling import SamplingParams, draw, make_sampler, penalty_processors
 from mlxq.errors import InvalidRequest
 from mlxq.formats import open_checkpoint
 from mlxq.loading import load_model
@@ -164,3 +165,74 @@ def test_ragged_batch_steps_give_each_row_its_own_logits(nets, kind):
     for i, row in enumerate(rows):
         alone = net(mx.array([row]), net.make_cache())[0]
         assert mx.allclose(mx.concatenate(got[i]), alone[11 if i == 2 else 0 :], atol=1e-4), (kind, i)
+
+
+# ------------------------------------------------------------------------------------------------ batched draws
+MIXED = [SamplingParams(temperature=0.7, seed=1), SamplingParams(), SamplingParams(temperature=1.3, top_k=3, seed=2),
+         SamplingParams(temperature=1.0, top_p=0.8, seed=3), SamplingParams(temperature=1.0, min_p=0.2, seed=4)]
+
+
+def exact_distribution(params: SamplingParams, logits: np.ndarray) -> np.ndarray:
+    """What `params` draws from, computed in float64 by the textbook rules."""
+    s = logits / params.temperature
+    order = np.argsort(-s)
+    keep = np.ones_like(s, dtype=bool)
+    if params.top_k:
+        keep[order[params.top_k :]] = False
+    p = np.exp(s - s.max()) * keep
+    p /= p.sum()
+    if params.top_p < 1:
+        before = np.cumsum(p[order]) - p[order]
+        keep[order[before >= params.top_p]] = False
+    if params.min_p:
+        keep &= s >= s.max() + np.log(params.min_p)
+    p = np.exp(s - s.max()) * keep
+    return p / p.sum()
+
+
+def test_batched_draws_follow_each_rows_distribution():
+    """One `draw` over rows with different temperatures and filters, greedy among them: over many steps each row's
+    tokens follow its own exact distribution (chi-square, p = 0.001), and the greedy row is always the argmax."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(len(MIXED), 8)) * 1.5
+    lp = mx.array(logits - np.log(np.exp(logits).sum(-1, keepdims=True)), dtype=mx.float32)
+    samplers = [make_sampler(p) for p in MIXED]
+    n = 3000
+    drawn = np.array(mx.stack([draw(samplers, lp) for _ in range(n)]))
+    for b, params in enumerate(MIXED):
+        if params.greedy:
+            assert (drawn[:, b] == logits[b].argmax()).all()
+            continue
+        p = exact_distribution(params, logits[b])
+        counts = np.bincount(drawn[:, b], minlength=8)
+        assert counts[p == 0].sum() == 0, (b, counts, p)
+        live = p > 0
+        stat = ((counts[live] - n * p[live]) ** 2 / (n * p[live])).sum()
+        assert stat < CHI2_999[live.sum() - 1], (b, counts, n * p)
+
+
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}  # chi-square, p = 0.001, by dof
+
+
+def test_a_seeded_row_draws_the_same_tokens_in_any_batch():
+    """A seeded row's n-th token depends on its seed, n and its own logits only: alone, or in batches of other rows
+    (their number, order and settings changing from step to step), with or without drafts for the others."""
+    rng = np.random.default_rng(1)
+    steps = [mx.array(rng.normal(size=(1, 50)), dtype=mx.float32) for _ in range(30)]
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=42)
+    first = make_sampler(params)
+    alone = [first(lp).item() for lp in steps]
+    row, others = make_sampler(params), [make_sampler(p) for p in MIXED]
+    together = []
+    for i, lp in enumerate(steps):
+        company = others[: i % len(others)]
+        at = i % (len(company) + 1)
+        samplers = [*company[:at], row, *company[at:]]
+        batch = mx.concatenate([mx.array(rng.normal(size=(1, 50)), dtype=mx.float32) if s is not row else lp
+                                for s in samplers])
+        drafts = [int(rng.integers(50)) if s is not row and i % 2 else None for s in samplers]
+        together.append(draw(samplers, batch, drafts)[at].item())
+    assert together == alone
+    assert len(set(alone)) > 5
+    other_seed = make_sampler(SamplingParams(temperature=1.0, top_p=0.95, seed=43))
+    assert [other_seed(lp).item() for lp in steps] != alone

@@ -278,3 +278,59 @@ def test_long_prompts_are_prefilled_a_few_at_a_time_oldest_first(qwen3_model):
         assert steps[0] == -(-len(long[0]) // 128)  # each of the four fed 128 tokens a step
     finally:
         engine.close()
+
+
+def test_requests_arriving_during_the_first_prefill_start_before_its_first_decode(qwen3_model):
+    """A burst reaches the engine a moment apart: the first request wakes it alone and the rest arrive during its
+    prefill step. Those are prefilled next, before the first decode step (their first tokens do not wait for it),
+    and every request still gets the tokens it gets alone."""
+    model = qwen3_model
+    engine = Engine(model.net, model.tokenizer, max_batch=8).start()
+    ps = prompts(model, 4)
+    first, rest = Request(ps[0], 5), [Request(p, 5) for p in ps[1:]]
+    outs: list[list[Output]] = [[] for _ in ps]
+    done = [threading.Event() for _ in ps]
+    for i, req in enumerate([first, *rest]):
+        req.on_output = lambda out, i=i: (outs[i].append(out), out.finish_reason and done[i].set())
+    steps: list[tuple[str, int]] = []
+    runner = engine.runner
+    prefill, decode = runner.prefill, runner.decode
+
+    def prefill_while_the_rest_arrive(tokens, at, marks):
+        if not steps:
+            for req in rest:
+                engine.submit(req)
+        steps.append(("prefill", len(tokens)))
+        return prefill(tokens, at, marks)
+
+    def decode_counted(tokens):
+        steps.append(("decode", len(tokens)))
+        return decode(tokens)
+
+    runner.prefill, runner.decode = prefill_while_the_rest_arrive, decode_counted
+    try:
+        engine.submit(first)
+        assert all(event.wait(60) for event in done)
+    finally:
+        engine.close()
+    assert steps[:3] == [("prefill", 1), ("prefill", 3), ("decode", 4)], steps
+    for p, o in zip(ps, outs, strict=True):
+        assert tokens(o) == model.generate(p, max_tokens=5).tokens
+
+
+def test_rows_asking_for_different_logprobs_share_a_step(qwen3_model, engine):
+    """Rows with no logprobs, the chosen token's only, and the top 2 or 5, sampled together in one pass, each get
+    what they get alone: the same tokens, logprobs and top tokens (best first)."""
+    ps = prompts(qwen3_model, 4)
+    asked = [None, 0, 2, 5]
+    alone = [run(engine, [Request(p, 6, logprobs=k)])[0] for p, k in zip(ps, asked, strict=True)]
+    together = run(engine, [Request(p, 6, logprobs=k) for p, k in zip(ps, asked, strict=True)])
+    for k, a, t in zip(asked, alone, together, strict=True):
+        assert tokens(t) == tokens(a)
+        got, want = [x for o in t for x in o.logprobs], [x for o in a for x in o.logprobs]
+        assert len(got) == (0 if k is None else 6)
+        for g, w in zip(got, want, strict=True):
+            assert g.token == w.token and abs(g.logprob - w.logprob) < 1e-4
+            assert [i for i, _ in g.top] == [i for i, _ in w.top] and len(g.top) == k
+            assert all(a >= b for (_, a), (_, b) in zip(g.top, g.top[1:], strict=False))
+            assert not k or g.top[0][0] == g.token  # greedy: the chosen token is the likeliest

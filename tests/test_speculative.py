@@ -79,6 +79,45 @@ def test_a_grammar_drafts_what_it_forces_and_cuts_what_it_forbids(qwen3_model):
         lost(enc("hello"), mx.zeros((1, 8)))
 
 
+def test_a_draft_guesses_as_many_tokens_as_the_last_ones_earned(qwen3_model):
+    """Under a grammar only looked-up guesses count against the draft length, however many forced tokens come
+    between them; the length then follows the guesses alone: twice the guesses taken (at least one), grown when
+    all were taken, and left alone by a draft of forced tokens only."""
+    from mlxq.engine.constraints import json_schema_processor
+    from mlxq.engine.scheduler import Request, _Sequence
+
+    tok = qwen3_model.tokenizer
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    forced, text = enc('{"answer": "'), enc('no", "comment": "a b c d e f g h')
+    seq = _Sequence(Request(enc("Q?"), 64, make_processors=lambda: [json_schema_processor(tok, SCHEMA)],
+                            speculative=20), tok)  # room for guesses beyond the first
+
+    class Text:  # the transcript's continuation after the forced prefix, as prompt lookup would find it
+        tokens = seq.lookup.tokens
+
+        def extend(self, tokens: list[int]) -> None:
+            pass
+
+        def draft(self, k: int, after: list[int]) -> list[int]:
+            answer = forced + text
+            return answer[len(after) : len(after) + max(k, 0)] if answer[: len(after)] == after else []
+
+    seq.lookup = Text()
+    seq.draft_len = 2
+    draft = seq.draft()
+    assert draft[: len(forced) + 2] == forced + text[:2] and seq.guessed == [len(forced), len(forced) + 1]
+    seq.checked(len(draft), len(forced))  # the forced tokens taken, both guesses not
+    assert seq.draft_len == 1
+    seq.checked(len(draft), len(draft))  # everything taken: twice the guesses
+    assert seq.draft_len == 4
+    seq.guessed = []
+    seq.checked(len(forced), 0)  # forced tokens only: nothing learnt about guesses
+    assert seq.draft_len == 4
+    seq.guessed = None  # a draft of guesses only (no grammar)
+    seq.checked(6, 1)
+    assert seq.draft_len == 2
+
+
 def test_greedy_output_is_identical_under_a_json_schema(qwen3_model):
     """A JSON answer with drafts from the grammar and the transcript is the plain greedy one, token for token; the
     forced keys are drafted even where nothing repeats."""

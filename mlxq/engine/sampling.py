@@ -1,9 +1,10 @@
-"""Sampling parameters, logits processors and the token sampler, all in MLX (no per-token host sync)."""
+"""Sampling parameters, logits processors and the token sampler: every row of a step drawn in one pass, in MLX."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -76,66 +77,129 @@ def penalty_processors(p: SamplingParams, context: int = 64) -> list[LogitsProce
 
 
 class Sampler:
-    """logprobs [1, V] -> token [1]: greedy, or sampled at `temperature` after the filters, composed in the usual
-    order: top-k, top-p, min-p. `verify` is the same draw given a speculative draft token (rejection sampling)."""
+    """One request's sampling settings and its random stream. Tokens are drawn for many rows at once (`draw`,
+    `propose`); calling a sampler draws for its row alone, by the same code.
+
+    The stream is counter-based: the n-th draw of a request reads uniforms made from (seed, n) alone, so a seeded
+    request gets the same tokens whichever other requests share its batch. Without a seed, the seed is random."""
 
     def __init__(self, p: SamplingParams):
         self.p = p
         # any int seeds (OpenAI's may be < 0)
-        self._key = mx.random.key(p.seed % (1 << 64)) if p.seed is not None else None
+        self.seed = p.seed % (1 << 64) if p.seed is not None else random.getrandbits(64)
+        self.draws = 0
 
     def __call__(self, logprobs: mx.array) -> mx.array:
-        if self.p.greedy:
-            return mx.argmax(logprobs, axis=-1)
-        return mx.random.categorical(self._scores(logprobs), key=self._next_key())
+        return draw([self], logprobs)
 
     def verify(self, logprobs: mx.array, draft: int, q: mx.array | None = None) -> mx.array:
-        """A token distributed exactly as `self(logprobs)` would be, that is `draft` as often as possible, given that
-        the draft was drawn from q [1, V] (None: a draft read from the text, as certain as if q were all on it).
-        Rejection sampling: keep the draft with probability min(1, p(draft) / q(draft)), else draw from
-        max(0, p - q) renormalised. Together each token t comes with probability min(p(t), q(t)) + max(0, p(t) -
-        q(t)) = p(t). Greedy: the argmax, which the caller compares with the draft."""
-        if self.p.greedy:
-            return mx.argmax(logprobs, axis=-1)
-        p = mx.softmax(self._scores(logprobs), axis=-1)
-        if q is None:
-            q = (mx.arange(p.shape[-1]) == draft)[None].astype(p.dtype)
-        u = mx.random.uniform(shape=(1,), key=self._next_key())
-        keep = u * q[:, draft] < p[:, draft]
-        other = mx.random.categorical(mx.log(mx.maximum(p - q, 0.0)), key=self._next_key())
-        return mx.where(keep, mx.array([draft], dtype=other.dtype), other)
+        return draw([self], logprobs, [draft], [q])
 
     def propose(self, logprobs: mx.array) -> tuple[mx.array, mx.array | None]:
-        """A draft token from a draft model's logprobs [1, V], and the distribution q it was drawn from: the same
-        temperature and filters as the model's tokens get (greedy: the argmax, and no q)."""
-        if self.p.greedy:
-            return mx.argmax(logprobs, axis=-1), None
-        scores = self._scores(logprobs)
-        return mx.random.categorical(scores, key=self._next_key()), mx.softmax(scores, axis=-1)
+        tokens, qs = propose([self], logprobs)
+        return tokens, qs[0]
 
-    def _scores(self, logprobs: mx.array) -> mx.array:
-        p = self.p
-        scores = logprobs / p.temperature
-        if p.top_k and p.top_k < scores.shape[-1]:
-            kth = mx.sort(scores, axis=-1)[:, -p.top_k][:, None]
-            scores = mx.where(scores < kth, -mx.inf, scores)
-        if p.top_p < 1.0:
-            order = mx.argsort(-scores, axis=-1)
-            sorted_scores = mx.take_along_axis(scores, order, axis=-1)
-            probs = mx.softmax(sorted_scores, axis=-1)
-            before = mx.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-            sorted_scores = mx.where(before >= p.top_p, -mx.inf, sorted_scores)
-            scores = mx.put_along_axis(scores, order, sorted_scores, axis=-1)
-        if p.min_p > 0:
-            top = mx.max(scores, axis=-1, keepdims=True)
-            scores = mx.where(scores < top + math.log(p.min_p), -mx.inf, scores)
-        return scores
+    def uniforms(self) -> tuple[float, float]:
+        """The next draw's two uniforms in [0, 1), each exact in float32."""
+        n, self.draws = self.draws, self.draws + 1
+        a = _splitmix64(self.seed ^ _splitmix64(2 * n))
+        b = _splitmix64(self.seed ^ _splitmix64(2 * n + 1))
+        return (a >> 40) * 2.0**-24, (b >> 40) * 2.0**-24
 
-    def _next_key(self) -> mx.array | None:
-        if self._key is None:
-            return None
-        self._key, sub = mx.random.split(self._key)
-        return sub
+
+def draw(samplers: Sequence[Sampler], logits: mx.array, drafts: Sequence[int | None] | None = None,
+         qs: Sequence[mx.array | None] | None = None) -> mx.array:
+    """Tokens [B] (lazy) for the rows of `logits` [B, V] (logprobs, or anything that differs from them by a constant
+    per row: nothing here needs them normalised), row b with `samplers[b]`: greedy rows the argmax, the
+    others drawn at their temperature after their filters, composed in the usual order: top-k, top-p, min-p.
+
+    Row b with a speculative draft token `drafts[b]` gets a token distributed exactly as without one, that is the
+    draft as often as possible, given that the draft was drawn from qs[b] [1, V] (None: read from the text, as
+    certain as if q were all on it). Rejection sampling: keep the draft with probability min(1, p(draft) /
+    q(draft)), else draw from max(0, p - q) renormalised; together each token t comes with probability min(p(t),
+    q(t)) + max(0, p(t) - q(t)) = p(t). A greedy row gets the argmax, which the caller compares with the draft."""
+    return _draw(samplers, logits, drafts, qs)[0]
+
+
+def propose(samplers: Sequence[Sampler], logits: mx.array) -> tuple[mx.array, list[mx.array | None]]:
+    """Draft tokens [B] from a draft model's logits [B, V], each with the distribution q [1, V] it was drawn from:
+    the same temperature and filters as the model's own tokens get (greedy: the argmax, and no q)."""
+    tokens, probs, sampled = _draw(samplers, logits)
+    row = {b: i for i, b in enumerate(sampled)}
+    return tokens, [probs[row[b] : row[b] + 1] if b in row else None for b in range(len(samplers))]
+
+
+def _draw(samplers: Sequence[Sampler], logits: mx.array, drafts: Sequence[int | None] | None = None,
+          qs: Sequence[mx.array | None] | None = None) -> tuple[mx.array, mx.array | None, list[int]]:
+    """`draw`, also returning the sampled rows' filtered distributions p [S, V] and which rows those are. A row's
+    token is read off the cumulative distribution at its uniform (inverse transform): one uniform a row, not one a
+    vocabulary entry."""
+    greedy = mx.argmax(logits, axis=-1).astype(mx.int32)
+    sampled = [b for b, s in enumerate(samplers) if not s.p.greedy]
+    if not sampled:
+        return greedy, None, sampled
+    rows = sampled if len(sampled) < len(samplers) else None
+    p = mx.softmax(_scores([samplers[b].p for b in sampled], logits if rows is None else logits[mx.array(rows)]),
+                   axis=-1)
+    u = mx.array([samplers[b].uniforms() for b in sampled], dtype=mx.float32)  # [S, 2]: keep the draft? / draw
+    d = [drafts[b] if drafts is not None and drafts[b] is not None else -1 for b in sampled]
+    weights, keep = p, None
+    if max(d) >= 0:
+        vocab = p.shape[-1]
+        col = mx.array(d, dtype=mx.int32)[:, None]
+        q = (mx.arange(vocab)[None] == col).astype(p.dtype)  # a draft read from the text; none: q = 0, w = p
+        given = [i for i, b in enumerate(sampled) if qs is not None and qs[b] is not None]
+        if given:
+            q[mx.array(given)] = mx.concatenate([qs[sampled[i]] for i in given]).astype(p.dtype)
+        at = mx.maximum(col, 0)
+        keep = (col >= 0) & (u[:, :1] * mx.take_along_axis(q, at, axis=-1) < mx.take_along_axis(p, at, axis=-1))
+        weights = mx.maximum(p - q, 0.0)
+    cdf = mx.cumsum(weights, axis=-1)
+    below = mx.minimum(mx.sum(cdf <= u[:, 1:] * cdf[:, -1:], axis=-1), weights.shape[-1] - 1).astype(mx.int32)
+    # rounding may put the target past the last token with weight (about once in 2^24 draws): never pick one that
+    # the filters removed
+    live = mx.take_along_axis(weights, below[:, None], axis=-1)[:, 0] > 0
+    tokens = mx.where(live, below, mx.argmax(weights, axis=-1).astype(mx.int32))
+    if keep is not None:
+        tokens = mx.where(keep[:, 0], col[:, 0], tokens)
+    if rows is None:
+        return tokens, p, sampled
+    greedy[mx.array(rows)] = tokens
+    return greedy, p, sampled
+
+
+def _scores(params: list[SamplingParams], logits: mx.array) -> mx.array:
+    """Logits [S, V] at each row's temperature, with what its filters remove at -inf; a filter a row does not use
+    leaves it as it is."""
+    vocab = logits.shape[-1]
+    scores = logits / mx.array([[p.temperature] for p in params], dtype=logits.dtype)
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(top_k):  # index 0 of the sorted row: the smallest score, which removes nothing
+        kth = mx.take_along_axis(mx.sort(scores, axis=-1), mx.array([[vocab - k if k else 0] for k in top_k]), axis=-1)
+        scores = mx.where(scores < kth, -mx.inf, scores)
+    if any(p.top_p < 1.0 for p in params):
+        order = mx.argsort(-scores, axis=-1)
+        sorted_scores = mx.take_along_axis(scores, order, axis=-1)
+        probs = mx.softmax(sorted_scores, axis=-1)
+        before = mx.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        top_p = mx.array([[p.top_p if p.top_p < 1.0 else mx.inf] for p in params], dtype=probs.dtype)
+        sorted_scores = mx.where(before >= top_p, -mx.inf, sorted_scores)
+        scores = mx.put_along_axis(scores, order, sorted_scores, axis=-1)
+    if any(p.min_p > 0 for p in params):
+        floor = mx.array([[math.log(p.min_p) if p.min_p > 0 else -mx.inf] for p in params], dtype=scores.dtype)
+        scores = mx.where(scores < mx.max(scores, axis=-1, keepdims=True) + floor, -mx.inf, scores)
+    return scores
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """A 64-bit mix with every input bit reaching every output bit (SplitMix64's finaliser)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def make_sampler(p: SamplingParams) -> Sampler:

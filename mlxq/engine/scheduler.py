@@ -3,7 +3,8 @@ server). It is the only loop that runs a model; callers talk to it through `subm
 touching MLX themselves (`mlxq.engine.stream` is the callers' side).
 
 Each loop iteration: take new requests, drop cancelled ones, admit waiting requests while the batch has room,
-run one prefill step, then one decode step.
+run one prefill step, then one decode step (two prefill steps when requests arrive during the first of a burst's:
+see `_run`). Every row of a step samples its token in one pass (`sampling.draw`) after its own processors.
 
 - Prefill: the requests being prefilled form one batch (`batch.py`) and run one forward pass together per
   iteration, each row feeding its own share of `prefill_chunk` prompt tokens (rows of different lengths, each
@@ -39,6 +40,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import mlx.core as mx
 
@@ -46,7 +48,7 @@ from mlxq.engine.constraints import GrammarProcessor
 from mlxq.engine.output import Output, OutputProcessor, Reading, TokenLogprob, Usage
 from mlxq.engine.prompt_cache import CacheSlot, resume_point
 from mlxq.engine.runner import DECODE, PREFILL, Runner
-from mlxq.engine.sampling import LogitsProcessor, SamplingParams, make_sampler, penalty_processors
+from mlxq.engine.sampling import LogitsProcessor, SamplingParams, draw, make_sampler, penalty_processors
 from mlxq.engine.speculative import MTP, PromptLookup, draft_plan, mtp_drafts
 from mlxq.engine.tokenizer import Tokenizer
 from mlxq.errors import EngineDown, GenerationError, InvalidRequest, MlxqError
@@ -86,6 +88,10 @@ class Request:
         self.cancelled = True
 
 
+# A sampled token, its logprob and the most likely tokens with theirs, best first (when the request asked for them)
+Picked = tuple[int, float | None, list[tuple[int, float]]]
+
+
 class _Sequence:
     """A request inside the engine: its sampler, processors, output processor and position."""
 
@@ -102,7 +108,8 @@ class _Sequence:
         drafter, self.max_draft = draft_plan(req.speculative)
         self.mtp = drafter == MTP  # drafts come from the MTP head (`speculative.mtp_drafts`), else from:
         self.lookup = PromptLookup(req.prompt) if drafter == "lookup" else None
-        self.draft_len = self.max_draft  # adapts to how much of the drafts the model takes (`checked`)
+        self.draft_len = self.max_draft  # guessed tokens per draft, adapted to how many the model takes (`checked`)
+        self.guessed: list[int] | None = None  # positions of the last draft that were guesses (None: all of them)
         self.grammar = next((p for p in self.procs if isinstance(p, GrammarProcessor)), None)  # shapes the drafts
 
     def room(self) -> int:
@@ -117,9 +124,15 @@ class _Sequence:
         self.lookup.extend(self.generated[len(self.lookup.tokens) - len(self.req.prompt) :])
         room = min(self.max_draft, self.req.max_tokens - len(self.generated) - 1)
         lookup = self.lookup
+        self.guessed = None if self.grammar is None else []
 
         def guess(after: list[int]) -> list[int]:
-            return lookup.draft(min(self.draft_len, room - len(after)), after)
+            """Looked-up tokens after the draft so far: `draft_len` of them in all, however many forced tokens come
+            between them."""
+            tokens = lookup.draft(min(self.draft_len - len(self.guessed or ()), room - len(after)), after)
+            if self.guessed is not None:
+                self.guessed += range(len(after), len(after) + len(tokens))
+            return tokens
 
         if self.grammar is None:
             return guess([])
@@ -129,43 +142,26 @@ class _Sequence:
             return []
 
     def checked(self, drafted: int, accepted: int) -> None:
-        """The next draft is twice as long as what was accepted of this one (at least one token, at most the
-        request's longest): each draft token costs its verification whether it is taken or not."""
-        grown = max(self.draft_len, 2 * drafted) if accepted == drafted else 2 * accepted
+        """The next draft guesses twice as many tokens as were accepted of this one's guesses (at least one, at most
+        the request's longest draft): each draft token costs its verification whether it is taken or not. Tokens a
+        grammar forces are not guesses (the model nearly always takes them), and do not count."""
+        guessed = range(drafted) if self.guessed is None else sorted({j for j in self.guessed if j < drafted})
+        if not guessed:
+            return
+        taken = sum(j < accepted for j in guessed)
+        grown = max(self.draft_len, 2 * len(guessed)) if taken == len(guessed) else 2 * taken
         self.draft_len = max(1, min(self.max_draft, grown))
 
-    def propose(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
-        """A draft token from the MTP head's logits [1, V], and the distribution it was drawn from."""
-        logits = logits.astype(mx.float32)
-        return self.sampler.propose(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-
-    def pick(self, logits: mx.array, draft: int | None = None, q: mx.array | None = None) -> tuple:
-        """Lazy (token, chosen logprob, top ids, top logprobs) from this row's logits [1, V]; with a `draft` token
-        (drawn from q, if not read from the text), the token is drawn so that it is the draft as often as exactness
-        allows (`Sampler.verify`)."""
-        logits = logits.astype(mx.float32)
+    def process(self, logits: mx.array) -> mx.array:
+        """This row's logits [1, V] (float32) after its processors (penalties, grammar, thinking control, guard)."""
         for proc in self.procs:
             logits = proc(self.generated, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = self.sampler(logprobs) if draft is None else self.sampler.verify(logprobs, draft, q)
-        if self.req.logprobs is None:
-            return (token,)
-        chosen = logprobs[0, token]
-        k = min(self.req.logprobs, logprobs.shape[-1])
-        if not k:
-            return token, chosen
-        top = mx.argpartition(-logprobs[0], k - 1)[:k]
-        return token, chosen, top, logprobs[0, top]
+        return logits
 
-    def accept(self, picked: tuple) -> Output:
+    def accept(self, picked: Picked) -> Output:
         """Takes the sampled token; returns the output it makes final, finished if the request is done."""
-        token = picked[0].item()
-        logprob = None
-        if self.req.logprobs is not None:
-            top = []
-            if len(picked) > 2:
-                top = sorted(zip(picked[2].tolist(), picked[3].tolist(), strict=True), key=lambda t: -t[1])
-            logprob = TokenLogprob(token, picked[1].item(), top)
+        token, chosen, top = picked
+        logprob = None if self.req.logprobs is None else TokenLogprob(token, chosen, top)
         out = self.out.add(token, logprob)
         self.next_input = token
         if out.finish_reason is not None:
@@ -305,6 +301,14 @@ class Engine:
         mx.set_default_stream(mx.new_stream(mx.default_device()))  # MLX streams are per thread
         while self._take_new():
             self._guarded(self._prefill_phase, PREFILL)
+            # A burst of requests reaches the engine spread over a few milliseconds (clients connecting one by one):
+            # while the first are prefilled, the others arrive. Those start their prefill before the first decode
+            # step of rows fresh from theirs: their first tokens come a decode step sooner, and the fresh rows wait
+            # one prefill step more for their second token (once: never a row that is already streaming).
+            if self._running and all(seq.decoded == 0 for seq in self._running) and self._inbox.qsize():
+                if not self._take_new():
+                    break
+                self._guarded(partial(self._prefill_phase, only_new=True), PREFILL)
             self._guarded(self._decode_phase, DECODE)
         self._loop_done = True
         self._cancel_left()
@@ -313,10 +317,11 @@ class Engine:
         except Exception:
             log.exception("closing the runner failed")
 
-    def _prefill_phase(self) -> None:
+    def _prefill_phase(self, only_new: bool = False) -> None:
+        """Admits waiting requests and runs a prefill step (`only_new`: only if a request was admitted)."""
         self._drop_cancelled(PREFILL, self._prefilling)
-        self._admit()
-        if self._prefilling:
+        admitted = self._admit()
+        if self._prefilling and (admitted or not only_new):
             self._prefill_step()
 
     def _decode_phase(self) -> None:
@@ -390,9 +395,10 @@ class Engine:
                 self._emit_error(req, e)
             block = False
 
-    def _admit(self) -> None:
+    def _admit(self) -> int:
         """Waiting requests join the prefill batch, oldest first, while the batch has room and the prefill step can
-        take them (`_prefill_room`), resumed from a cache."""
+        take them (`_prefill_room`), resumed from a cache; returns how many joined."""
+        joined = 0
         while (self._waiting and len(self._prefilling) + len(self._running) < self.max_batch
                and self._prefill_room(self._waiting[0])):
             seq = self._waiting.popleft()
@@ -406,6 +412,8 @@ class Engine:
                 continue
             seq.pos = seq.cached
             self._prefilling.append(seq)
+            joined += 1
+        return joined
 
     def _prefill_room(self, seq: _Sequence) -> bool:
         """Whether `seq` may join the rows being prefilled: when all of them finish their prompts in one step
@@ -494,43 +502,68 @@ class Engine:
         picks = self._pick(self._running, firsts, [d[0] if d else None for d in drafts],
                            [q[0] if q else None for q in qs])
         self.steps += 1
-        outs, keep = [], []
-        for i, (seq, draft, picked) in enumerate(zip(self._running, drafts, picks, strict=True)):
-            out, taken = self._accept(seq, picked), 1
-            while out is not None and out.finish_reason is None and taken <= len(draft) and \
-                    seq.next_input == draft[taken - 1]:
-                seq.decoded += 1  # the draft token is in the cache, and the logits after it are valid
-                self.accepted_drafts += 1
-                at = starts[i] + taken
-                following, q = (draft[taken], qs[i][taken]) if taken < len(draft) else (None, None)
-                out, taken = self._accept(seq, self._pick([seq], logits[at : at + 1], [following], [q])[0]), taken + 1
-            outs.append(out)
-            keep.append(taken)
+        outs = [self._accept(seq, picked) for seq, picked in zip(self._running, picks, strict=True)]
+        taken = [1] * len(outs)  # tokens of what each row was fed that it keeps (its next token, then the draft's)
+        while going := [i for i, (seq, out, draft, n) in enumerate(zip(self._running, outs, drafts, taken, strict=True))
+                        if out is not None and out.finish_reason is None and n <= len(draft)
+                        and seq.next_input == draft[n - 1]]:
+            # the draft token just picked is in the cache, and the logits after it are valid: pick the next from them
+            for i in going:
+                self._running[i].decoded += 1
+            self.accepted_drafts += len(going)
+            following = [drafts[i][taken[i]] if taken[i] < len(drafts[i]) else None for i in going]
+            q = [qs[i][taken[i]] if taken[i] < len(drafts[i]) else None for i in going]
+            at = mx.array([starts[i] + taken[i] for i in going])
+            picks = self._pick([self._running[i] for i in going], logits[at], following, q)
+            for i, picked in zip(going, picks, strict=True):
+                outs[i], taken[i] = self._accept(self._running[i], picked), taken[i] + 1
+        for seq, draft, n in zip(self._running, drafts, taken, strict=True):
             if draft:
-                seq.checked(len(draft), taken - 1)
+                seq.checked(len(draft), n - 1)
         if any(drafts):
-            self.runner.rewind(keep)
+            self.runner.rewind(taken)
         for i in reversed(range(len(outs))):
             if outs[i] is None or outs[i].finish_reason is not None:
                 self._leave(DECODE, self._running, i, outs[i])
 
     def _pick(self, seqs: list[_Sequence], logits: mx.array, drafts: list[int | None] | None = None,
-              qs: list[mx.array | None] | None = None) -> list[tuple | Exception]:
-        """Each sequence's sampled token (row i of `logits`, given draft token i if any, drawn from qs[i]), evaluated;
-        an exception for a row that failed."""
-        picks: list[tuple | Exception] = []
+              qs: list[mx.array | None] | None = None) -> list[Picked | Exception]:
+        """Each sequence's sampled token from row i of `logits` (given draft token i if any, drawn from qs[i]), all
+        rows in one pass (`sampling.draw`) after each row's own processors; an exception for a row that failed."""
+        failed: dict[int, Exception] = {}
+        scores = logits.astype(mx.float32)
+        processed = {}
         for i, seq in enumerate(seqs):
-            try:
-                picks.append(seq.pick(logits[i : i + 1], drafts[i] if drafts else None, qs[i] if qs else None))
-            except Exception as e:
-                picks.append(e)
+            if seq.procs:
+                try:
+                    processed[i] = seq.process(scores[i : i + 1])
+                except Exception as e:
+                    failed[i] = e
         try:
-            mx.eval([p for p in picks if not isinstance(p, Exception)])
-        except Exception:  # find the rows that fail on their own; if the model step failed, that is all
-            picks = [_evaluated(p) for p in picks]
+            if processed:
+                scores[mx.array(list(processed))] = mx.concatenate(list(processed.values()))
+            tokens = draw([seq.sampler for seq in seqs], scores, drafts, qs)
+            chosen, top = _logprobs(scores, tokens, [seq.req.logprobs for seq in seqs])
+            mx.eval(tokens, chosen, top)
+        except Exception as e:  # find the rows that fail on their own; if the model step failed, that is all
+            if len(seqs) == 1:
+                return [failed.get(0, e)]
+            return [failed.get(i) or self._pick([seq], logits[i : i + 1], drafts and [drafts[i]], qs and [qs[i]])[0]
+                    for i, seq in enumerate(seqs)]
+        tokens, chosen = tokens.tolist(), chosen.tolist() if chosen is not None else None
+        picks: list[Picked | Exception] = []
+        for i, seq in enumerate(seqs):
+            k = seq.req.logprobs
+            if i in failed:
+                picks.append(failed[i])
+            elif k is None:
+                picks.append((tokens[i], None, []))
+            else:
+                best = sorted(zip(*(t[i].tolist() for t in top), strict=True), key=lambda t: -t[1]) if k else []
+                picks.append((tokens[i], chosen[i], best[:k]))
         return picks
 
-    def _accept(self, seq: _Sequence, picked: tuple | Exception) -> Output | None:
+    def _accept(self, seq: _Sequence, picked: Picked | Exception) -> Output | None:
         """Hands the sampled token to the sequence and, unless it finished (see `_leave`), its output to the
         caller; None if the sequence failed."""
         try:
@@ -594,11 +627,16 @@ def _thread_main(box: list[Engine]) -> None:
     threading.Event().wait()
 
 
-def _evaluated(picked: tuple | Exception) -> tuple | Exception:
-    if isinstance(picked, Exception):
-        return picked
-    try:
-        mx.eval(picked)
-        return picked
-    except Exception as e:
-        return e
+def _logprobs(logits: mx.array, tokens: mx.array, asked: list[int | None]) -> tuple[mx.array | None, tuple]:
+    """For rows that asked for logprobs (`asked[b]` not None): each row's chosen token's logprob [B], and the ids and
+    logprobs [B, k] of the k most likely tokens, k the most any row asked for (unordered). Only then are the logits
+    normalised: sampling needs no logprobs, and an exp over the vocabulary is most of a step's sampling time."""
+    if all(k is None for k in asked):
+        return None, ()
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    k = min(max(k or 0 for k in asked), logprobs.shape[-1])
+    if not k:
+        return chosen, ()
+    top = mx.argpartition(-logprobs, k - 1, axis=-1)[:, :k]
+    return chosen, (top, mx.take_along_axis(logprobs, top, axis=-1))

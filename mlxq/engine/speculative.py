@@ -5,7 +5,7 @@ when the last few tokens occurred before, in the prompt or in the answer so far,
 then are a good guess for what follows now. The engine feeds such a draft after the next token and checks it in
 the same forward pass (`Engine._decode_step`): every draft token the model would have picked anyway comes for
 free, and the first it would not have picked is replaced by the model's own choice, so the output is exactly
-what plain decoding gives (greedy) or distributed as it (sampling: `Sampler.verify`).
+what plain decoding gives (greedy) or distributed as it (sampling: `sampling.draw`).
 
 The other drafter is the model's own multi-token-prediction head (`speculative="mtp"`, `mtp_drafts` below): its
 drafts carry the distribution they were drawn from, which the verification takes into account.
@@ -17,6 +17,7 @@ from typing import Protocol
 
 import mlx.core as mx
 
+from mlxq.engine.sampling import Sampler, propose
 from mlxq.errors import InvalidRequest
 
 MAX_NGRAM = 3  # the longest tail looked up first
@@ -72,11 +73,10 @@ class Drafting(Protocol):
 
     next_input: int  # its next token, sampled and not yet fed
 
+    sampler: Sampler  # draws its draft tokens as it draws its own
+
     def room(self) -> int:
         """Draft tokens it may take now."""
-
-    def propose(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
-        """A draft token from the head's logits [1, V], and the distribution q it was drawn from (None: greedy)."""
 
 
 class MTPSteps(Protocol):
@@ -91,18 +91,17 @@ def mtp_drafts(runner: MTPSteps, seqs: list[Drafting]) -> list[list[tuple]]:
     """Drafts of every request drafting with the MTP head, in one pass of the head per draft token for all of them
     (the first reads what the model computed since the last round): per request, up to its `room()` pairs
     (token, q). Each token is drawn from the head's output after the previous one and fed back; q is what
-    `Sampler.verify` needs to keep the model's distribution under sampling."""
+    `sampling.draw` needs to keep the model's distribution under sampling."""
     rooms = [seq.room() for seq in seqs]
     drafts: list[list[tuple]] = [[] for _ in seqs]
     tokens = [seq.next_input for seq in seqs]
     if max(rooms, default=0) < 1:
         return drafts
     for j in range(max(rooms)):
-        logits = runner.mtp_draft(tokens, j == 0)
-        proposed = [seq.propose(logits[r : r + 1]) for r, seq in enumerate(seqs)]
-        mx.eval(proposed)
-        tokens = [token.item() for token, _ in proposed]
-        for r, (token, (_, q)) in enumerate(zip(tokens, proposed, strict=True)):
+        drawn, qs = propose([seq.sampler for seq in seqs], runner.mtp_draft(tokens, j == 0).astype(mx.float32))
+        mx.eval(drawn, [q for q in qs if q is not None])
+        tokens = drawn.tolist()
+        for r, (token, q) in enumerate(zip(tokens, qs, strict=True)):
             if j < rooms[r]:
                 drafts[r].append((token, q))
     runner.mtp_end()
