@@ -212,3 +212,58 @@ def test_no_best_peer_while_a_peer_of_that_width_is_missing():
     ratios, best = qq.compare(results, calibrated_peers=True, not_measured={})
     assert ratios["kl_3bit_vs_best_peer"] == 0.6 and best["3bit"]["peer"] == "mlx_lm-awq-3bit"
     assert best["3bit"]["goal_met"]
+
+
+def test_dequantized_matmul_is_the_quantized_function_and_its_gradients():
+    """DWQ's quantized matmuls computed in float (quant_quality.dequantized_matmul): the same outputs and the same
+    gradients with respect to the trained scales and biases as MLX's quantized matmul, for a QuantizedLinear and a
+    tied QuantizedEmbedding used as the output layer; MLX's own op is back afterwards."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    qq = quant_quality()
+    mx.random.seed(0)
+    linear = nn.QuantizedLinear.from_linear(nn.Linear(128, 96, bias=True), group_size=64, bits=3)
+    embedding = nn.QuantizedEmbedding.from_embedding(nn.Embedding(80, 128), group_size=64, bits=3)
+    for layer in (linear, embedding):
+        layer.unfreeze(keys=["scales", "biases"], recurse=False)
+    x = mx.random.normal((2, 5, 128))
+
+    def outputs_and_grads(layer, call):
+        loss = nn.value_and_grad(layer, lambda x: (call(x) ** 2).sum())
+        value, grads = loss(x)
+        return call(x), value, dict(tree_flatten(grads))
+
+    original = mx.quantized_matmul
+    for layer, call in ((linear, linear), (embedding, embedding.as_linear)):
+        quantized = outputs_and_grads(layer, call)
+        with qq.dequantized_matmul():
+            assert mx.quantized_matmul is not original
+            dense = outputs_and_grads(layer, call)
+        assert mx.quantized_matmul is original
+        assert set(quantized[2]) == set(dense[2]) >= {"scales", "biases"}
+        assert mx.allclose(quantized[0], dense[0], rtol=1e-4, atol=1e-4)
+        assert mx.allclose(quantized[1], dense[1], rtol=1e-4)
+        for name in quantized[2]:
+            assert mx.allclose(quantized[2][name], dense[2][name], rtol=1e-3, atol=1e-3), name
+            assert mx.abs(quantized[2][name]).max().item() > 0, name  # a gradient that is really there
+
+
+def test_dequantized_matmul_check_on_a_model(monkeypatch):
+    """The in-run check passes on a quantized mlx-lm model and fails when the float path computes something else."""
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+
+    qq = quant_quality()
+    mx.random.seed(1)
+    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=96,
+                           tie_word_embeddings=True)
+    model = llama.Model(args)
+    nn.quantize(model, group_size=64, bits=3)
+    check = qq.check_dequantized_matmul(model, list(range(1, 17)))
+    assert check["tokens"] == 16 and check["max_abs_logit_diff"] <= 1e-3 * check["max_abs_logit"]
+    dequantize = mx.dequantize
+    monkeypatch.setattr(mx, "dequantize", lambda *a, **k: dequantize(*a, **k) * 1.01)  # a float path 1 % off
+    with pytest.raises(ValueError, match="differs from MLX's quantized matmul"):
+        qq.check_dequantized_matmul(model, list(range(1, 17)))
