@@ -104,18 +104,23 @@ def test_prompt_is_exactly_n_tokens(smollm2):
 
 
 # ------------------------------------------------------------------------------------------------- resumable runs
-def quant_quality():
-    """bench/quant_quality.py as a module (its plan, selection, store use and ratios; nothing is run). The bench
-    folder leaves sys.path again: its `kernels.py` would otherwise pass for Hugging Face's `kernels` package."""
+def bench_script(name: str):
+    """bench/NAME.py as a module (nothing runs on import). The bench folder leaves sys.path again: its `kernels.py`
+    would otherwise pass for Hugging Face's `kernels` package."""
     import importlib
     from pathlib import Path
 
     saved = list(sys.path)
     sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
     try:
-        return importlib.import_module("quant_quality")
+        return importlib.import_module(name)
     finally:
         sys.path[:] = saved
+
+
+def quant_quality():
+    """bench/quant_quality.py: its plan, selection, store use and ratios."""
+    return bench_script("quant_quality")
 
 
 @pytest.fixture
@@ -267,3 +272,33 @@ def test_dequantized_matmul_check_on_a_model(monkeypatch):
     monkeypatch.setattr(mx, "dequantize", lambda *a, **k: dequantize(*a, **k) * 1.01)  # a float path 1 % off
     with pytest.raises(ValueError, match="differs from MLX's quantized matmul"):
         qq.check_dequantized_matmul(model, list(range(1, 17)))
+
+
+# ------------------------------------------------------------------------------------------------- prefill_hybrid
+TINY_HYBRID = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+                   linear_value_head_dim=32, vocab_size=256, intermediate_size=256, moe_intermediate_size=64,
+                   shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=3)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_prefill_hybrid_runs_llama_cpp_on_the_same_weights(kind, tmp_path):
+    """The bench's three sides on a scaled-down hybrid: llama.cpp's logits on the exported F32 GGUF agree with
+    mlx-lm's as mlxq's do (the run fails otherwise), and every side is timed."""
+    bench = bench_script("prefill_hybrid")
+    config = {**bench.CONFIGS[kind], **{k: v for k, v in TINY_HYBRID.items() if k in bench.CONFIGS[kind]}}
+    result = bench.run(kind, config, 24, 2, 1, tmp_path)
+    assert 0 < result["llama_cpp_max_rel_logit_diff_vs_mlx_lm"] <= bench.TOLERANCE
+    assert result["llama_cpp_threads"] >= 1
+    for figures in (result["prefill_tps"], result["decode_tps"]):
+        assert set(figures) == {"mlxq", "mlx_lm", "llama_cpp"} and all(v > 0 for v in figures.values())
+
+
+def test_prefill_hybrid_fails_when_llama_cpp_disagrees(tmp_path, monkeypatch):
+    """A llama.cpp side off by one position (logits of the next token) stops the run before anything is timed."""
+    bench = bench_script("prefill_hybrid")
+    config = {**bench.CONFIGS["dense"], **{k: v for k, v in TINY_HYBRID.items() if k in bench.CONFIGS["dense"]}}
+    logits = bench.llama_cpp_logits
+    monkeypatch.setattr(bench, "llama_cpp_logits", lambda path, tokens: logits(path, tokens[1:] + tokens[:1]))
+    with pytest.raises(SystemExit, match="llama_cpp's logits differ from mlx-lm's"):
+        bench.run("dense", config, 24, 2, 1, tmp_path)
