@@ -211,8 +211,8 @@ def run_mlx_lm_dwq(baseline: Path, out: Path, bits: int, batches: list) -> dict:
     """mlx-lm's DWQ (`dwq_quantize`, unchanged) with its own optimizer settings (Adam, learning rate 1e-6, batch 4,
     temperature 2), starting from round to nearest, distilling from the float model on the calibration sequences
     (used for validation too: there is no other text of the same kind), with its quantized matmuls computed as
-    `dequantized_matmul` (checked first on the real student). Returns how far that got, the check, and what the
-    default recipe would cost."""
+    `dequantized_matmul` (checked first on the real student) and its own gradient checkpointing on (memory).
+    Returns how far that got, the check, and what the default recipe would cost."""
     import mlx.optimizers as optimizers
     from mlx_lm.quant.dwq import dwq_quantize
     from mlx_lm.utils import quantize_model
@@ -227,7 +227,7 @@ def run_mlx_lm_dwq(baseline: Path, out: Path, bits: int, batches: list) -> dict:
     with dequantized_matmul():
         dwq_quantize(student, lambda batch, idx, split: teacher(batch), optimizers.Adam(learning_rate=1e-6,
                      bias_correction=True), data, data, batch_size=batch_size, max_seq_length=SEQ_LEN, seed=123,
-                     dtype=mx.float32)
+                     dtype=mx.float32, gradient_checkpoint=True)
     seconds = time.perf_counter() - start
     save_mlx_lm(baseline, out, student, tokenizer, config)
     steps = len(batches) // batch_size
@@ -237,6 +237,10 @@ def run_mlx_lm_dwq(baseline: Path, out: Path, bits: int, batches: list) -> dict:
                        "dwq_quantize runs (mlx-lm's code unchanged): the same function of the trained scales and "
                        "biases, about 12x faster on this CPU than MLX's quantized matmul",
             "dequantized_matmul_check": check,
+            # mlx-lm's own option (--grad-checkpoint): the same gradients, layer activations recomputed in the
+            # backward pass; without it a step of 4 x 511 tokens needs about 13 GB here (3.9 GB at batch 1, 1.8 GB
+            # with it) and was killed for memory on this shared 24 GB machine
+            "gradient_checkpoint": True,
             "default_recipe": "2048 samples x up to 1025 tokens, batch 4, learning rate 1e-6 (about 512 steps)",
             # this run's time (its two validation passes included) scaled by the tokens the default recipe trains on
             "default_recipe_hours_here_about": round(seconds * 2048 * 1025 / (len(batches) * SEQ_LEN) / 3600, 1)}

@@ -302,3 +302,25 @@ def test_prefill_hybrid_fails_when_llama_cpp_disagrees(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "llama_cpp_logits", lambda path, tokens: logits(path, tokens[1:] + tokens[:1]))
     with pytest.raises(SystemExit, match="llama_cpp's logits differ from mlx-lm's"):
         bench.run("dense", config, 24, 2, 1, tmp_path)
+
+
+def test_dwq_runner_on_a_tiny_model(tmp_path):
+    """quant_quality's mlx-lm DWQ runner end to end on a tiny llama (one optimizer step of 4 sequences): the check on
+    the student passes, gradient checkpointing is on and recorded, and mlx-lm loads the 3-bit result."""
+    from mlx_lm.utils import load
+    from tiny import make_tiny, save_tiny_tokenizer
+
+    qq = quant_quality()
+    src = tmp_path / "llama"
+    make_tiny("llama", src)
+    save_tiny_tokenizer(src, 160)
+    mx.random.seed(0)
+    batches = mx.random.randint(0, 160, (4, qq.SEQ_LEN)).tolist()
+    record = qq.run_mlx_lm_dwq(src, tmp_path / "dwq", 3, batches)
+    assert record["steps"] == 1 and record["gradient_checkpoint"] is True
+    check = record["dequantized_matmul_check"]
+    assert check["tokens"] == 128 and check["max_abs_logit_diff"] <= check["tolerance"] * check["max_abs_logit"]
+    assert json.loads((tmp_path / "dwq" / "config.json").read_text())["quantization"]["bits"] == 3
+    model, _ = load(str(tmp_path / "dwq"))
+    logits = model(mx.array([batches[0][:16]]))
+    assert logits.shape == (1, 16, 160) and bool(mx.isfinite(logits).all())
