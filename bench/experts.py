@@ -15,10 +15,14 @@ quick run: widths / 8, fewer layers and experts), its routed experts 2-bit, so t
    writes without --stream-experts, both in one memory cgroup (v1 `memory.limit_in_bytes`, which counts the page
    cache; v2 `memory.max`) capped at what mlxq needs (resident weights + budget + margin); where mlx-lm cannot run
    at the cap that is recorded, and it is also measured without a cap;
-4. hit rate and tok/s at 25 / 50 / 100 % of the experts, identity vs co-activation order, prefetch off vs on, on
+4. hit rate and tok/s at 25 / 50 / 100 % of the experts, identity vs co-activation order, prefetch off vs on (the
+   next layer read ahead while decoding; at 25 % also 3 layers ahead), on
    random tokens (routing follows the token, so it is close to uniform: the budget decides the hits), and on text
    at 25 % (skewed routing), after a long prompt (--warm tokens) has filled the pool: the steady state, in which
    a budget that holds every expert the tokens touch stops missing and a smaller one keeps evicting;
+
+5. mlx-lm, mlxq resident and mlxq streaming at 25 % in ONE process, a token of each in turn (uncapped): the
+   decode ratios without the drift of a shared machine's load between separate runs;
 
 and projects the measured bytes per token and hit rates to Qwen3.5-397B-A17B on a 5.5 GB/s Mac SSD, beside
 flash-moe's 5.5-5.7 tok/s (2-bit experts, 4 per token, M3 Max).
@@ -59,11 +63,22 @@ MAC_SSD = 5.5e9  # bytes/s: the projection's device
 FLASH_MOE = {"tok_s": [5.5, 5.7], "bits": 2, "top_k": 4, "machine": "MacBook Pro M3 Max, 48 GB",
              "non_io_ms_per_layer": 1.22 + 0.55 + 0.04 + 0.01,  # its README's per-layer pipeline, minus the pread
              "page_cache_hit_rate": 0.71}
+READ_RATE = (
+    "read rate = bytes read / wall time with at least one read in flight (from the call into preadv until the reading "
+    "thread has it back), for mlxq while decoding (experts.read_gb_per_s) and for the ceiling alike; the ceiling "
+    "(raw_read) = random one-expert O_DIRECT reads back to back at the runtime's depth (its reader threads plus the "
+    "waiting forward pass; raw_read_one_in_flight: one at a time), measured before the runs and after the capped run, "
+    "the higher kept (raw_read_gb_per_s_runs: both); raw_read_decode_pattern = the same reads through the runtime's "
+    "reader in the capped run's pattern (bursts of its misses per layer step, idle gaps of its time between reads), "
+    "without the model (not a strict ceiling: its gaps are idle, the decode's are compute). A decode step's few "
+    "misses are a short burst: its reads are in flight only briefly, and a burst's first read and its wake-up on a "
+    "busy CPU are counted in full")
 CAP_SLACK = 1.10  # the cap: what mlxq's 25 % run was charged (its cgroup's peak, page cache included), plus 10 %
 
 
 # ------------------------------------------------------------------------------------------------ one run
-# A child process: load, prefill, greedy decode; prints one JSON line. Same loop for mlxq and mlx-lm.
+# A child process: load, prefill, greedy decode; prints one JSON line. Same loop for mlxq and mlx-lm. With "side"
+# (a list of runs), it loads them all, prefills each, then decodes a token of each in turn (interleaved timing).
 CHILD = r"""
 import json, re, sys, time
 import mlx.core as mx
@@ -72,58 +87,69 @@ a = json.loads(sys.argv[1])
 def rss(key):
     return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
-out = {}
-t0 = time.perf_counter()
-if a["peer"] == "mlx_lm":
-    import mlx_lm
-    from mlx_lm.models.cache import make_prompt_cache
-    model, _ = mlx_lm.load(a["path"])
-    model.set_dtype(mx.float32)  # the same float32 compute mlxq does on the CPU
-    if a["top_k"]:
-        for _, m in model.named_modules():
-            if hasattr(m, "switch_mlp") and hasattr(m, "top_k"):
-                m.top_k = a["top_k"]
-    cache = make_prompt_cache(model)
-    step = lambda toks: model(mx.array([toks]), cache=cache)
-    stats = lambda: None
-elif a["peer"] == "llama_cpp":  # llama.cpp's own loop: the GGUF mmapped, its pages left to the kernel
-    import os
-    import numpy as np
-    from llama_cpp import Llama, llama_get_logits_ith
-    llm = Llama(model_path=a["path"], n_ctx=len(a["prompt"]) + len(a["forced"]) + 8, n_batch=512,
-                n_threads=os.cpu_count(), use_mmap=True, verbose=False,
-                kv_overrides={f"{a['arch']}.expert_used_count": a["top_k"]} if a["top_k"] else None)
-    def step(toks):  # (Llama.eval keeps no logits unless logits_all: the last row is read from the context)
-        llm.eval(toks)
-        last = np.ctypeslib.as_array(llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
-        return mx.array(last)[None, None]
-    stats = lambda: None
-else:
+def load(a):
+    # -> step(tokens) -> logits, stats() -> expert counters or None, extra fields
+    if a["peer"] == "mlx_lm":
+        import mlx_lm
+        from mlx_lm.models.cache import make_prompt_cache
+        model, _ = mlx_lm.load(a["path"])
+        model.set_dtype(mx.float32)  # the same float32 compute mlxq does on the CPU
+        if a["top_k"]:
+            for _, m in model.named_modules():
+                if hasattr(m, "switch_mlp") and hasattr(m, "top_k"):
+                    m.top_k = a["top_k"]
+        cache = make_prompt_cache(model)
+        return lambda toks: model(mx.array([toks]), cache=cache), lambda: None, {}
+    if a["peer"] == "llama_cpp":  # llama.cpp's own loop: the GGUF mmapped, its pages left to the kernel
+        import os
+        import numpy as np
+        from llama_cpp import Llama, llama_get_logits_ith
+        llm = Llama(model_path=a["path"], n_ctx=len(a["prompt"]) + len(a["forced"]) + 8, n_batch=512,
+                    n_threads=os.cpu_count(), use_mmap=True, verbose=False,
+                    kv_overrides={f"{a['arch']}.expert_used_count": a["top_k"]} if a["top_k"] else None)
+        def step(toks):  # (Llama.eval keeps no logits unless logits_all: the last row is read from the context)
+            llm.eval(toks)
+            last = np.ctypeslib.as_array(llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+            return mx.array(last)[None, None]
+        return step, lambda: None, {}
     import mlxq
     m = mlxq.load(a["path"], expert_memory=a.get("budget"), experts_per_tok=a["top_k"] or None,
                   expert_options=a.get("options"))
     cache = m.make_cache()
-    step = lambda toks: m.net(mx.array([toks]), cache)
-    stats = m.expert_stats
     pool = getattr(m.net, "expert_pool", None)
-    out["pool_bytes"] = pool.nbytes if pool is not None else 0
-out["load_s"] = time.perf_counter() - t0
-out["rss_loaded"] = rss("VmRSS")
-t0 = time.perf_counter()
-token = int(mx.argmax(step(a["prompt"])[0, -1]))
-out["prefill_s"] = time.perf_counter() - t0
-before, tokens = stats(), [token]
-t0 = time.perf_counter()
+    return lambda toks: m.net(mx.array([toks]), cache), m.expert_stats, {"pool_bytes": pool.nbytes if pool else 0}
+
+def prefill(step, stats, a, out):
+    t0, before = time.perf_counter(), stats()
+    token = int(mx.argmax(step(a["prompt"])[0, -1]))
+    out["prefill_s"] = time.perf_counter() - t0
+    if before is not None:
+        out["prefill_experts"] = (stats() - before).as_dict()
+    return token
+
+runs = a.get("side") or [a]
+models, outs = [], []
+for r in runs:
+    t0 = time.perf_counter()
+    step, stats, out = load(r)
+    out["load_s"] = time.perf_counter() - t0
+    out["rss_loaded"] = rss("VmRSS")
+    out["tokens"] = [prefill(step, stats, r, out)]
+    out["step_s"] = []
+    models.append((step, stats, stats(), out))
+    outs.append(out)
 for forced in a["forced"]:  # one token a step, the next one taken from a text (see the docstring)
-    token = int(mx.argmax(step([forced])[0, -1]))
-    tokens.append(token)
-out["decode_s"] = time.perf_counter() - t0
-out["decode_tps"] = len(a["forced"]) / out["decode_s"]
-if before is not None:
-    out["experts"] = (stats() - before).as_dict()
-out["peak_rss"] = rss("VmHWM")
-out["tokens"] = tokens
-print(json.dumps(out))
+    for step, _, _, out in models:
+        t0 = time.perf_counter()
+        out["tokens"].append(int(mx.argmax(step([forced])[0, -1])))
+        out["step_s"].append(time.perf_counter() - t0)
+for _, stats, before, out in models:
+    out["decode_s"] = sum(out["step_s"])
+    out["decode_tps"] = len(a["forced"]) / out["decode_s"]
+    if before is not None:
+        out["experts"] = (stats() - before).as_dict()
+    out["peak_rss"] = rss("VmHWM")  # (side by side: the process's, all models together)
+print(json.dumps(outs if a.get("side") else outs[0]))
 """
 
 
@@ -196,9 +222,10 @@ def run(args: dict, cgroup: Cgroup | None = None, repeat: int | None = None) -> 
 def run_once(args: dict, cgroup: Cgroup | None = None, timeout: float = 1800) -> dict:
     from mlxq.experts.io import drop_cached
 
-    for f in Path(args["path"]).rglob("*"):  # cold start: nothing of this model in the page cache
-        if f.is_file():
-            drop_cached(f)
+    for one in args.get("side") or [args]:  # cold start: nothing of these models in the page cache
+        for f in Path(one["path"]).rglob("*"):
+            if f.is_file():
+                drop_cached(f)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     kills = cgroup.oom_kills() if cgroup else 0
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True,
@@ -208,7 +235,29 @@ def run_once(args: dict, cgroup: Cgroup | None = None, timeout: float = 1800) ->
         why = (f"killed by the memory cgroup (OOM) at {cgroup.limit / 1e9:.2f} GB" if oom
                else f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
         return {"ok": False, "error": why}
-    return {"ok": True, **json.loads(done.stdout.strip().splitlines()[-1])}
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"ok": True, **out} if isinstance(out, dict) else {"ok": True, "side": out}
+
+
+def interleaved(paths: dict[str, Path], base: dict, opts: dict) -> dict:
+    """mlx-lm, mlxq resident and mlxq streaming at 25 % in one process (uncapped), a decode token of each in turn:
+    their ratios see the same load, which separate runs minutes apart on a shared machine do not."""
+    runs = {"mlx_lm": {"peer": "mlx_lm", "path": str(paths["mlx"])},
+            "mlxq_resident": {"peer": "mlxq", "path": str(paths["mlx"])},
+            "mlxq_25pct": {"peer": "mlxq", "path": str(paths["packs"]), "budget": "25%", "options": opts}}
+    r = run_once({**base, "side": [{**base, **v} for v in runs.values()]})
+    if not r["ok"]:
+        print(f"interleaved: {r['error']}", file=sys.stderr)
+        return r
+    out = {"ok": True, **{name: {k: v for k, v in one.items() if k != "step_s"} | {
+        "median_step_ms": round(1e3 * sorted(one["step_s"])[len(one["step_s"]) // 2], 1)}
+        for name, one in zip(runs, r["side"], strict=True)}}
+    tps = {name: out[name]["decode_tps"] for name in runs}
+    out["ratios"] = {"mlxq_25pct_vs_mlx_lm": _ratio(tps["mlxq_25pct"], tps["mlx_lm"]),
+                     "mlxq_25pct_vs_mlxq_resident": _ratio(tps["mlxq_25pct"], tps["mlxq_resident"]),
+                     "mlxq_resident_vs_mlx_lm": _ratio(tps["mlxq_resident"], tps["mlx_lm"])}
+    print("interleaved: " + ", ".join(f"{name} {t:.2f} tok/s" for name, t in tps.items()), file=sys.stderr)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -341,18 +390,20 @@ def main() -> None:
 
     # 4. budgets x order x prefetch on random tokens (near-uniform routing: the budget decides the hits), and text
     # (skewed routing) at 25 %, each after a prompt that fills the pool.
-    configs = [("random", "identity", 25, False), ("random", "identity", 25, True), ("text", "identity", 25, False)]
+    # (prefetch: layers read ahead while decoding)
+    configs = [("random", "identity", 25, depth) for depth in (0, 1, 3)] + [("text", "identity", 25, 0)]
     if not args.quick:
         configs = [("random", order, budget, prefetch) for order in ("identity", "coactivation")
-                   for budget in (25, 50, 100) for prefetch in (False, True)]
-        configs += [("text", order, 25, False) for order in ("identity", "coactivation")]
+                   for budget in (25, 50, 100) for prefetch in (0, 1)]
+        configs.insert(2, ("random", "identity", 25, 3))
+        configs += [("text", order, 25, 0) for order in ("identity", "coactivation")]
     matrix = []
     for workload, order, budget, prefetch in configs:
         path = paths["packs" if order == "identity" else "packs_coact"]
         r = run({**base, **workloads[workload], "peer": "mlxq", "path": str(path), "budget": f"{budget}%",
                  "options": {**opts, "prefetch": prefetch}}, repeat=1)
         r.update(workload=workload, budget_pct=budget, order=order, prefetch=prefetch)
-        matrix.append(show(f"mlxq {workload} {order} {budget}% prefetch {'on' if prefetch else 'off'}", r))
+        matrix.append(show(f"mlxq {workload} {order} {budget}% prefetch {prefetch}", r))
 
     # 3. the same memory cap for mlxq (25 %) and mlx-lm: what mlxq's 25 % run is charged (in a measuring cgroup),
     # plus 10 %
@@ -379,6 +430,7 @@ def main() -> None:
     theirs = show("mlx-lm uncapped", run({**base, "peer": "mlx_lm", "path": str(paths["mlx"])}))
     resident = {"ok": False, "error": "not run (--quick)"} if args.quick else show(
         "mlxq resident", run({**base, "peer": "mlxq", "path": str(paths["mlx"])}))
+    side_by_side = interleaved(paths, base, opts)
 
     # the headline figures, from the capped 25 % run; 2. its reads' pattern replayed without the model
     e = ours_capped.get("experts", {}) if ours_capped["ok"] else {}
@@ -403,6 +455,7 @@ def main() -> None:
         "decode_tokens": n_tokens,
         "decode": "teacher-forced: each step's input is the next token of the workload (random: uniformly drawn "
                   "token ids; text: held-back Wikipedia), not the model's own choice",
+        "read_rate_definition": READ_RATE,
         "raw_read": raw,
         "raw_read_one_in_flight": raw_1,
         "raw_read_gb_per_s_runs": [[round(r["gb_per_s"], 3), round(r1["gb_per_s"], 3)] for r, r1 in raw_runs],
@@ -411,7 +464,8 @@ def main() -> None:
         "memory_cap_bytes": cap,
         "memory_cap_from": "mlxq 25 % run's cgroup peak (memory.max_usage_in_bytes) x 1.1",
         "capped": {"mlxq_25pct": ours_capped, "mlx_lm": theirs_capped, "llama_cpp_mmap": llama},
-        "uncapped": {"mlx_lm": theirs, "mlxq_resident": resident},
+        "uncapped": {"mlx_lm": theirs, "mlxq_resident": resident, "mlxq_25pct": headline},
+        "interleaved": side_by_side,
         "matrix": matrix,
         "prepare": prep,
         "projection_397b": projection,
@@ -423,7 +477,10 @@ def main() -> None:
             "read_rate_vs_raw_decode_pattern": _ratio(e.get("read_gb_per_s"), (raw_burst or {}).get("gb_per_s")),
             "decode_vs_mlx_lm_at_cap": (_ratio(ours_capped.get("decode_tps"), theirs_capped.get("decode_tps"))
                                         if theirs_capped["ok"] else None),
-            "decode_vs_mlx_lm_uncapped": _ratio(ours_capped.get("decode_tps"), theirs.get("decode_tps")),
+            "decode_vs_mlx_lm_uncapped": _ratio(headline.get("decode_tps"), theirs.get("decode_tps")),
+            "decode_capped_vs_mlx_lm_uncapped": _ratio(ours_capped.get("decode_tps"), theirs.get("decode_tps")),
+            "decode_vs_mlx_lm_interleaved": side_by_side.get("ratios", {}).get("mlxq_25pct_vs_mlx_lm"),
+            "decode_vs_mlxq_resident_interleaved": side_by_side.get("ratios", {}).get("mlxq_25pct_vs_mlxq_resident"),
             "decode_vs_llama_cpp_mmap_at_cap": _ratio(ours_capped.get("decode_tps"), llama.get("decode_tps")),
             "decode_vs_mlxq_resident": _ratio(ours_capped.get("decode_tps"), resident.get("decode_tps")),
             "bytes_per_token_vs_all_miss": _ratio(e.get("bytes_per_token"),
@@ -442,14 +499,13 @@ def main() -> None:
             "page-cache hits on Qwen3.5-397B)",
             f"hit rates count over the decode steps only, after a {warm}-token prompt of the same workload filled the "
             "pool (the capped and peer runs: after the last 32 of those tokens)",
-            "prefetch: an expert read ahead for the next layer and then routed to counts as a hit (prefetch_hits); it "
-            "moves reads off the critical path (stall_s) rather than saving bytes",
-            "read rate while decoding = bytes / time with at least one read in flight; raw = random one-expert "
-            f"O_DIRECT reads back to back, {depth} in flight (the reader's threads and the waiting forward pass; and "
-            "one at a time), measured before the runs and after the capped run, the higher kept "
-            "(raw_read_gb_per_s_runs: both); raw_read_decode_pattern = the same reads through the runtime's reader in "
-            "the capped run's pattern (bursts of its misses per layer step, idle gaps of its time between reads), "
-            "without the model (not a strict ceiling: its gaps are idle, the decode's are compute)",
+            "prefetch N: while decoding, the next N layers' experts predicted by their routers on the current layer's "
+            "input are read while it computes; an expert read ahead and then routed to counts as a hit "
+            "(prefetch_hits); it moves reads off the critical path (stall_s) rather than saving bytes. Every run's "
+            "prompt reads the next layer ahead (prefill_experts: prefetch_reads, stall_s)",
+            READ_RATE,
+            "interleaved: the three models in one process, a decode step of each in turn, after the same prompt: "
+            "the fairest decode ratios on a shared machine; peak_rss there is the process's (all three)",
             f"the machine may be shared (load_average: at the start and at the end): the capped, uncapped and "
             f"resident runs ran {REPEAT}x, the matrix once; the fastest is kept (decode_tps_runs lists them)",
         ],
@@ -534,13 +590,13 @@ def plot(result: dict, path: Path) -> None:
         return
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
     for order in ("identity", "coactivation"):
-        for prefetch in (False, True):
+        for prefetch in (0, 1, 3):
             rows = [r for r in result["matrix"] if r["ok"] and r["workload"] == "random" and r["order"] == order
                     and r["prefetch"] == prefetch]
             rows.sort(key=lambda r: r["budget_pct"])
             if not rows:
                 continue
-            label = f"{order}{', prefetch' if prefetch else ''}"
+            label = f"{order}{f', {prefetch} ahead' if prefetch else ''}"
             x = [r["budget_pct"] for r in rows]
             a.plot(x, [r["decode_tps"] for r in rows], "o-", label=label)
             b.plot(x, [100 * r["experts"]["hit_rate"] for r in rows], "o-", label=label)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -15,6 +16,7 @@ import mlx.core as mx
 from mlxq.engine import persist
 from mlxq.engine import stream as streams
 from mlxq.engine.controls import Prompt, prepare, split_options
+from mlxq.engine.prompt_cache import CacheSlot
 from mlxq.engine.runner import evaluate_all
 from mlxq.engine.sampling import LogitsProcessor, SamplingParams
 from mlxq.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES, PREFILL_CHUNK, Engine, Request
@@ -88,8 +90,11 @@ class Model:
     def logits(self, token_ids: list[int] | mx.array) -> mx.array:
         """Full-sequence logits, float32 [len, vocab], with a fresh cache."""
         tokens = mx.array(token_ids).reshape(1, -1)
-        out = self.net(tokens, self.net.make_cache())
-        return out[0].astype(mx.float32)
+        out = self.net(tokens, self.net.make_cache())[0].astype(mx.float32)
+        # evaluated here, on the caller's thread: a streamed model's pool keeps the graph built over its slots,
+        # and MLX cannot evaluate it later from the engine's thread (streams are per thread)
+        mx.eval(out)
+        return out
 
     def make_cache(self) -> list:
         return self.net.make_cache()
@@ -97,6 +102,15 @@ class Model:
     def cache_fingerprint(self) -> str:
         """What a cache written to disk (`Session.save`) must match to be read back into this model."""
         return persist.fingerprint(self.net)
+
+    def save_slot(self, slot: CacheSlot, path: str | Path, extra: dict) -> None:
+        """Writes a conversation's cache (`slot`) with the caller's JSON-able `extra` to `path`, atomically."""
+        persist.save(path, self.cache_fingerprint(), slot.tokens, slot.caches, slot.marks, extra)
+
+    def load_slot(self, slot: CacheSlot, path: str | Path) -> dict:
+        """Fills `slot` from a file `save_slot` wrote for this model; returns its `extra`."""
+        slot.tokens, slot.caches, slot.marks, extra = persist.load(path, self.cache_fingerprint(), self.net.make_cache)
+        return extra
 
     def expert_stats(self) -> ExpertStats | None:
         """Streaming counters so far (`mlxq.experts.ExpertStats`: hits, misses, bytes, read / stall / compute

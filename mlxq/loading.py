@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -29,8 +30,20 @@ def default_dtype() -> mx.Dtype:
     return mx.float16 if mx.metal.is_available() else mx.float32
 
 
-def _cast(w: mx.array, dtype: mx.Dtype) -> mx.array:
-    return w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) and w.dtype != dtype else w
+def _cast(w: mx.array, dtype: mx.Dtype, keep_narrow: bool = False) -> mx.array:
+    """`w` in `dtype` if it is a float; with `keep_narrow`, a narrower float stays as it is when `dtype` is
+    float32 (quantized layers' scales and biases: their matmuls promote them exactly, so the cast would only
+    double their memory)."""
+    if not mx.issubdtype(w.dtype, mx.floating) or w.dtype == dtype:
+        return w
+    return w if keep_narrow and dtype == mx.float32 else w.astype(dtype)
+
+
+def _quantization_params(model: nn.Module) -> Callable[[str], bool]:
+    """Whether a tensor name is the scales or biases of a quantized layer other than an embedding (a quantized
+    embedding's lookup dequantizes in its scales' dtype, which must be the compute dtype)."""
+    embeddings = {path for path, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    return lambda name: name.endswith((".scales", ".biases")) and name.rpartition(".")[0] not in embeddings
 
 
 def float_nbytes(ckpt: Checkpoint) -> int:
@@ -85,7 +98,9 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     dtype = dtype or default_dtype()
     # Cast before sanitize, so that its arithmetic (the 1 + w of zero-centred norms) runs at compute precision: in a
     # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits.
-    sources = {name: _cast(ckpt.tensors[name], dtype) for name in ckpt.tensors if split is None or split.wants(name)}
+    narrow = _quantization_params(model)
+    sources = {name: _cast(ckpt.tensors[name], dtype, narrow(name)) for name in ckpt.tensors
+               if split is None or split.wants(name)}
     weights = model.sanitize(dict(sources))
     if split is not None and expert_memory is None and _has_packs(ckpt):
         expert_memory = "100%"  # a rank streams its share of the experts from its own packs: by default all of it stays
@@ -100,7 +115,7 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
             model, weights = split.take(model, build_model, weights, sources, ckpt.tensors)
     del sources
     # experts read from packs, and parts of tensors read from the file, come in their stored dtype
-    weights = {k: _cast(v, dtype) for k, v in weights.items()}
+    weights = {k: _cast(v, dtype, narrow(k)) for k, v in weights.items()}
     quant = ckpt.quantization
     if quant and "quant_method" not in quant:  # mlx-lm's; a transformers quant_method is the family's to read
         with _as_config_error(ckpt):

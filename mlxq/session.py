@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mlxq.engine import persist
 from mlxq.engine import stream as streams
 from mlxq.engine.constraints import token_tables
 from mlxq.engine.guards import secret_guard_processor
@@ -128,14 +127,13 @@ class Session:
                 tool_choice=self.tool_choice, logprobs=self.logprobs, speculative=self.speculative,
                 **{**asdict(self.params), "logit_bias": [[t, b] for t, b in self.params.logit_bias.items()]},
             )
-            slot = self.slot
-            persist.save(path, self.model.cache_fingerprint(), slot.tokens, slot.caches, slot.marks,
-                         {"messages": self.messages, "settings": settings})
+            self.model.save_slot(self.slot, path, {"messages": self.messages, "settings": settings})
 
     @classmethod
     def load(cls, model: Any, path: str | Path) -> Session:
         """The session `save` wrote to `path`, on `model` (the same weights, checked by fingerprint)."""
-        tokens, caches, marks, extra = persist.load(path, model.cache_fingerprint(), model.net.make_cache)
+        slot = CacheSlot()
+        extra = model.load_slot(slot, path)
         try:
             settings = dict(extra["settings"])
             settings["logit_bias"] = {int(t): float(b) for t, b in settings["logit_bias"]}
@@ -143,7 +141,7 @@ class Session:
             session.messages = list(extra["messages"])
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{path}: is not a saved session ({type(e).__name__}: {e})") from None
-        session.slot.tokens, session.slot.caches, session.slot.marks = tokens, caches, marks
+        session.slot = slot
         return session
 
     def cancel(self) -> None:

@@ -131,8 +131,6 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise InvalidRequest("--api-key / MLXQ_API_KEY is empty: give a key, or unset it to serve without auth")
     _check_bindable(host, port)  # before the model loads, not after
-    if hosts is not None and prompt_cache_spill is not None:
-        raise InvalidRequest("--prompt-cache-spill does not run with --hosts: the ranks would keep different entries")
     console = Console(stderr=True, log_path=False)
     name = served_model_name or model or DEFAULT_MODEL
     if not _loopback(host) and not api_key:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from group_worker import probe
+from group_worker import probe, probe_mtp, probe_session, probe_spill
 from test_hybrid import make_tiny as make_hybrid
 from tiny import make_tiny, save_tiny_tokenizer
 
@@ -75,6 +75,24 @@ def run_ranks(n: int, args: list[str], tmp: Path, timeout: float = GROUP_TIMEOUT
     return outs
 
 
+def run_group(cases: list[dict], ranks: int, tmp: Path, compare: bool = True) -> list[str]:
+    """Runs `cases` (`group_worker.py`'s plan) on a ring of `ranks`; the ranks' outputs. With `compare`, fails on
+    any difference from what one process gave (`differences`)."""
+    plan = tmp / "plan.json"
+    plan.write_text(json.dumps({"cases": cases}))
+    outputs = run_ranks(ranks, [str(WORKER), str(plan)], tmp)
+    wrong = [line for case in cases for line in differences(case, ranks)] if compare else []
+    assert not wrong, "\n".join(wrong)
+    return outputs
+
+
+def probe_alone(path: Path, probe_with=probe) -> None:
+    """What one process gives for the model at `path` (`path/single`)."""
+    model = mlxq.load(str(path))
+    probe_with(model, path / "single")
+    model.close()
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """The tiny models (with a character tokenizer), and what the single process gives for each."""
@@ -84,9 +102,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         path = tmp_path_factory.mktemp(name)
         make(arch, path)
         save_tiny_tokenizer(path, 160)
-        model = mlxq.load(str(path))
-        probe(model, path / "single")
-        model.close()
+        probe_alone(path)
         made[name] = path
     return made
 
@@ -100,9 +116,11 @@ def differences(case: dict, ranks: int) -> list[str]:
     got, want = Path(case["out"]), Path(case["model"]) / "single"
     what = f"{Path(case['model']).name} {case['parallel']} x{ranks}"
     wrong = []
-    error = rel(np.load(got / "logits.npy"), np.load(want / "logits.npy"))
-    if not error <= 1e-5:
-        wrong.append(f"{what}: logits differ by {error:.2e} (relative)")
+    for logits in ("logits", "draft_logits"):
+        if (want / f"{logits}.npy").exists():
+            error = rel(np.load(got / f"{logits}.npy"), np.load(want / f"{logits}.npy"))
+            if not error <= 1e-5:
+                wrong.append(f"{what}: {logits} differ by {error:.2e} (relative)")
     result, expected = json.loads((got / "result.json").read_text()), json.loads((want / "result.json").read_text())
     status = json.loads((got / "status.json").read_text())
     assert status["state"] == "ok" and len(status["ranks"]) == ranks
@@ -122,11 +140,7 @@ def test_every_split_matches_the_single_process_model(models, tmp_path, ranks):
     forced = "gather"
     cases.append({"model": str(models["moe"]), "parallel": "experts", "out": str(tmp_path / f"moe-{forced}"),
                   "combine": forced})
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"cases": cases}))
-    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
-    wrong = [line for case in cases for line in differences(case, ranks)]
-    assert not wrong, "\n".join(wrong)
+    run_group(cases, ranks, tmp_path)
     combines = {case.get("combine", "auto"): json.loads((Path(case["out"]) / "combines-0.json").read_text())
                 for case in cases if case["parallel"] == "experts"}
     assert combines[forced][forced] > 0 and sum(combines[forced].values()) == combines[forced][forced], combines
@@ -142,6 +156,115 @@ def test_every_split_matches_the_single_process_model(models, tmp_path, ranks):
         assert name == "moe" or single["accepted_drafts"] < single["drafted"], (name, single)
 
 
+# ---------------------------------------------------------------------------------------------- MTP head
+MTP_SPLITS = {"mtp-dense": ("pipeline", "tensor"), "mtp-moe": ("pipeline", "tensor", "experts")}
+
+
+@pytest.fixture(scope="module")
+def mtp_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Qwen3.5s (hybrid: Gated DeltaNet and gated attention; dense, and MoE) with an MTP head (`mtp.*`) that
+    predicts the model's next token most of the time (drafts taken and rolled back), and what one process gives."""
+    from test_mtp import build
+
+    made = {}
+    for name in MTP_SPLITS:
+        path = tmp_path_factory.mktemp(name)
+        build(path, 160, name == "mtp-moe", copying=True)
+        save_tiny_tokenizer(path, 160)
+        probe_alone(path, probe_mtp)
+        made[name] = path
+    return made
+
+
+@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_mtp_drafts_on_every_split(mtp_models, tmp_path, ranks):
+    """Speculative decoding with the model's MTP head on a group: the head on rank 0 beside the embedding (pipeline),
+    or split like the layers (tensor: heads and hidden units; experts: its routed experts), gives the single-process
+    logits, answers and draft counts; and the drafted answers are the plain ones."""
+    cases = [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{name}-{mode}"), "probe": "mtp"}
+             for name, path in mtp_models.items() for mode in MTP_SPLITS[name]]
+    run_group(cases, ranks, tmp_path)
+    for name, path in mtp_models.items():
+        single = json.loads((path / "single" / "result.json").read_text())
+        assert [a[: len(b)] for a, b in zip(single["plain"], single["drafted_answers"], strict=True)] == \
+            single["drafted_answers"], (name, single)
+        # drafts taken on both; on the dense one some rolled back too (DeltaNet's checkpoint restored)
+        assert 0 < single["accepted_drafts"] and (name == "mtp-moe" or single["accepted_drafts"] < single["drafted"])
+
+
+# ---------------------------------------------------------------------------------------------- saved sessions
+CHAT = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}")
+SESSION_SPLITS = {"chat-hybrid": ("pipeline", "tensor"), "chat-moe": ("experts",)}
+
+
+@pytest.fixture(scope="module")
+def chat_models(tmp_path_factory) -> dict[str, Path]:
+    """The tiny hybrid (Qwen3.5: DeltaNet states resume only at checkpoints) and the tiny MoE, with a chat template,
+    and what one process gives for a saved and resumed conversation."""
+    made = {}
+    for name, arch in (("chat-hybrid", "qwen3_5_text"), ("chat-moe", "qwen3_next")):
+        path = tmp_path_factory.mktemp(name)
+        make_hybrid(arch, path)
+        save_tiny_tokenizer(path, 160)
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT}))
+        probe_alone(path, probe_session)
+        made[name] = path
+    return made
+
+
+@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_a_saved_session_resumes_on_a_group(chat_models, tmp_path, ranks):
+    """Session.save / load on a split model: each rank writes and reads its own share. The resumed conversation's
+    next turn is the uninterrupted one's (and one process's), token for token, running only what is new; a file
+    from another model, a share corrupt, missing or from another save, or one that cannot be written, fails with
+    one line on every rank (rank 0 raises it, the others log it), keeps no partial file, and the group goes on."""
+    cases = [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{name}-{mode}"), "probe": "session"}
+             for name, path in chat_models.items() for mode in SESSION_SPLITS[name]]
+    outputs = run_group(cases, ranks, tmp_path)
+    last = ranks - 1
+    for case in cases:
+        single = json.loads((Path(case["model"]) / "single" / "result.json").read_text())
+        assert single["resumed"] == single["answers"][2] and single["resumed_cached"] > 0, single
+        errors = json.loads((Path(case["out"]) / "errors.json").read_text())
+        share = f"{case['out']}/%s.session.rank{last}"
+        assert errors["foreign"].startswith("InvalidRequest: ") and "was saved from another model" in errors["foreign"]
+        assert errors["corrupt"] == f"FormatError: rank {last}: {share % 'corrupt'}: is corrupt (its arrays do not " \
+                                    "match their checksum)", errors
+        assert errors["missing"] == f"InvalidRequest: rank {last}: {share % 'missing'}: no such file", errors
+        assert errors["mixed"] == f"FormatError: rank {last}: its share of the saved cache is from another save " \
+                                  "than rank 0's file", errors
+        assert errors["blocked"].startswith(f"InvalidRequest: rank {last}: {share % 'blocked'}: cannot be written")
+        assert errors["blocked_kept"] is False and errors["after"] is True, errors
+        for kind in ("corrupt", "missing"):  # the rank whose share failed says so too
+            assert f"{share % kind}" in outputs[last], outputs[last][-2000:]
+
+
+@pytest.mark.parametrize("ranks", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_the_prompt_cache_spills_alike_on_every_rank(chat_models, tmp_path, ranks):
+    """A prompt cache spilling to disk on a split model: rank 0 decides (by its own share's sizes) which entries go
+    to disk, which files are dropped and which come back; every other rank replays it on its own disk. The group
+    resumes what one process resumes (cached tokens, answers; how many files it wrote may differ, by rank 0's
+    sizes), and every rank keeps the same files."""
+    model = chat_models["chat-hybrid"]
+    single = tmp_path / "single"
+    alone = mlxq.load(str(model))
+    probe_spill(alone, single)
+    alone.close()
+    expected = json.loads((single / "result.json").read_text())
+    assert expected["spill_reads"] > 0 and expected["spill_writes"] > expected["spilled_entries"] > 0, expected
+    assert [r["cached"] > 0 for r in expected["runs"][5:]] == [True, False, False], expected  # (0, 2 dropped)
+    cases = [{"model": str(model), "parallel": mode, "out": str(tmp_path / mode), "probe": "spill"}
+             for mode in ("pipeline", "tensor")]
+    run_group(cases, ranks, tmp_path, compare=False)
+    for case in cases:
+        got = json.loads((Path(case["out"]) / "result.json").read_text())
+        assert got["runs"] == expected["runs"] and got["spill_reads"] == expected["spill_reads"], (case, got, expected)
+        files = [json.loads((Path(case["out"]) / f"spill-{r}.json").read_text()) for r in range(ranks)]
+        assert len(files[0]) == got["spilled_entries"] and all(f == files[0] for f in files), files
+
+
 # ---------------------------------------------------------------------------------------------- streamed experts
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory) -> dict[str, Path]:
@@ -154,9 +277,7 @@ def packed(tmp_path_factory) -> dict[str, Path]:
     for name in ("qwen3_moe", "qwen3_5_moe_text"):
         root = tmp_path_factory.mktemp(name)
         path = quantize(build(name, root / "src"), root / "packs", stream_experts=True)
-        model = mlxq.load(str(path))
-        probe(model, path / "single")
-        model.close()
+        probe_alone(path)
         made[name] = path
     return made
 
@@ -168,13 +289,10 @@ def test_each_rank_streams_its_own_experts_within_its_own_budget(packed, tmp_pat
     memory get: rank 0's three quarters, the others' half); the group gives what one process gives."""
     per_rank = ",".join(["75%"] + ["50%"] * (ranks - 1))
     cases = [{"model": str(path), "parallel": mode, "out": str(tmp_path / f"{name}-{mode}"),
-              "expert_memory": per_rank if mode == "experts" else "50%"}
+              "expert_memory": per_rank if mode == "experts" else "50%",
+              "expert_options": {"prefetch": 1} if mode == "experts" else None}  # decoding reads a layer ahead
              for name, path in packed.items() for mode in ("experts", "pipeline")]
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"cases": cases}))
-    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
-    wrong = [line for case in cases for line in differences(case, ranks)]
-    assert not wrong, "\n".join(wrong)
+    run_group(cases, ranks, tmp_path)
     for case in cases:
         config = text_config(json.loads((Path(case["model"]) / "config.json").read_text()))
         moe_layers = config["num_hidden_layers"] - len(config.get("mlp_only_layers") or [])
@@ -189,6 +307,14 @@ def test_each_rank_streams_its_own_experts_within_its_own_budget(packed, tmp_pat
             assert r["expert_slots"] < r["experts_held"], r  # its budget is below its share
             stats = json.loads((Path(case["out"]) / f"experts-{r['rank']}.json").read_text())
             assert stats["misses"] > 0 and stats["bytes_read"] > 0, (r, stats)  # and it read them from its packs
+            if case["parallel"] == "experts":  # and read its own experts ahead while decoding, some of them used
+                assert stats["prefetch_reads"] > 0 and stats["prefetch_hits"] > 0, (r, stats)
+        # the group's counters, as `generate -v` and the API's timings show them: every rank's, gathered
+        group = json.loads((Path(case["out"]) / "experts-group.json").read_text())
+        ranks_stats = [json.loads(p.read_text()) for p in sorted(Path(case["out"]).glob("experts-[0-9]*.json"))]
+        for key in ("hits", "misses", "reads", "bytes_read"):
+            assert group[key] == sum(r[key] for r in ranks_stats), (key, group, ranks_stats)
+        assert group["tokens"] == max(r["tokens"] for r in ranks_stats) > 0, group
         if case["parallel"] == "experts":  # each rank's own budget: a smaller pool for each expert held at 50 %
             per_expert = [r["expert_pool_bytes"] / r["experts_held"] for r in ranks_seen]
             assert all(p < per_expert[0] for p in per_expert[1:]), ranks_seen
@@ -245,11 +371,9 @@ def test_each_rank_holds_only_its_share(tmp_path, parallel, ranks):
     the interpreter's own growth, MLX's buffers, one tensor being read), and what it holds is about 1/ranks of the
     model, never the whole of it. The experts split runs on a MoE model whose experts are nearly all its bytes."""
     total = make_wide(tmp_path / "wide", experts=16 if parallel == "experts" else 0)
-    plan = tmp_path / "plan.json"
     out = tmp_path / "out"
-    plan.write_text(json.dumps({"cases": [{"model": str(tmp_path / "wide"), "parallel": parallel, "out": str(out),
-                                           "probe": False}]}))
-    run_ranks(ranks, [str(WORKER), str(plan)], tmp_path)
+    run_group([{"model": str(tmp_path / "wide"), "parallel": parallel, "out": str(out), "probe": False}], ranks,
+              tmp_path, compare=False)
     shares = json.loads((out / "status.json").read_text())["ranks"]
     held = [r["weights_bytes"] for r in shares]
     assert all(abs(h / total - 1 / ranks) < 0.15 for h in held), (held, total)
@@ -257,6 +381,35 @@ def test_each_rank_holds_only_its_share(tmp_path, parallel, ranks):
         grown = r["peak_rss_bytes"] - r["rss_before_bytes"]
         assert grown < r["weights_bytes"] * 1.15 + (24 << 20), (r, total)  # its share, plus the margin
         assert grown < (1 / ranks + 0.25) * total, (r, total)  # and never the whole model
+
+
+@pytest.mark.slow  # a 600 MB model quantized, then served by 2 ranks (with 3, a rank's share of its experts would
+# be too small to tell from the margin)
+@pytest.mark.parametrize(("parallel", "ranks"), [("experts", 2), ("pipeline", 2)])
+def test_a_streaming_rank_holds_its_share_and_its_budget(tmp_path, parallel, ranks):
+    """Each rank streams its experts from packs within a budget of a tenth of the experts it holds: measured in the
+    rank's process after generating (the probe's requests), its peak resident memory has grown since it began
+    loading by at most what it holds resident, plus its expert pool, plus what MLX's buffer cache keeps (freed
+    buffers, the expert reads' among them: about 28 MB here), plus 10 % + 32 MB (compute buffers, the engine's
+    threads, reads in flight), which is below what holding all of its experts would take. The experts are 8-bit,
+    about 160 MB of them."""
+    from mlxq.quant import pipeline
+    from mlxq.quant.recipes import Recipe
+
+    make_wide(tmp_path / "wide", experts=64)
+    model = tmp_path / "packs"
+    pipeline.quantize(str(tmp_path / "wide"), model, Recipe("experts-8bit", 8), progress=False, stream_experts=True)
+    out = tmp_path / "out"
+    run_group([{"model": str(model), "parallel": parallel, "out": str(out), "expert_memory": "10%"}], ranks,
+              tmp_path, compare=False)
+    shares = json.loads((out / "status.json").read_text())["ranks"]
+    for r in shares:
+        measured = json.loads((out / f"rss-{r['rank']}.json").read_text())
+        grown, pool = measured["peak_rss_bytes"] - r["rss_before_bytes"], r["expert_pool_bytes"]
+        held = pool * r["experts_held"] / r["expert_slots"]  # all of its experts, had it kept them
+        assert r["expert_slots"] < r["experts_held"] / 6, r  # a tenth (rounded up per layer)
+        bound = (r["weights_bytes"] + pool) * 1.10 + measured["mlx_cache_bytes"] + (32 << 20)
+        assert grown < bound < r["weights_bytes"] + held, (grown, bound, held, measured, r)
 
 
 # ---------------------------------------------------------------------------------------------- failures

@@ -164,7 +164,7 @@ def test_a_step_that_never_ends_is_caught_by_the_watchdog():
 
 
 # Runner methods that read this process's state or hold its own wiring: nothing the other ranks must repeat
-LOCAL_ONLY = {"attach", "lengths", "state", "idle", "stats", "close"}
+LOCAL_ONLY = {"attach", "lengths", "state", "mtp_state", "idle", "stats", "close"}
 
 
 def test_the_group_runner_forwards_every_runner_operation():
@@ -175,70 +175,52 @@ def test_the_group_runner_forwards_every_runner_operation():
     assert not missing, f"GroupRunner runs {missing} on rank 0 only; post them to the group as its other steps"
 
 
-def test_the_prompt_cache_of_another_rank_replays_rank_zeros_decisions():
-    """Sizes differ between ranks (each holds a share of the model): the other ranks take rank 0's plan, so both
-    keep the same entries even where their own sizes would decide otherwise."""
+def test_a_pipeline_gives_back_every_hidden_state_in_row_order():
+    """Rank 0's MTP head reads row b's hidden states as `batch.hidden[b]`: the micro-batches' (rows 0 and 2 in one,
+    1 and 3 in the other, each padded to its own longest row) come back as one array in row order."""
+    import mlx.core as mx
+
+    from mlxq.distributed.pipeline import PipelineBatch
+
+    first = mx.array([[[0.0], [0.5]], [[2.0], [2.5]]])  # [rows, 2 positions, D = 1]: row r's values r, r + 0.5, ...
+    second = mx.array([[[1.0], [1.5], [1.75]], [[3.0], [3.5], [3.75]]])
+    out = PipelineBatch._in_row_order([[0, 2], [1, 3]], [first, second])
+    assert out.shape == (4, 3, 1)
+    assert out[:, :2, 0].tolist() == [[0, 0.5], [1, 1.5], [2, 2.5], [3, 3.5]]
+    assert out[:, 2, 0].tolist() == [0, 1.75, 0, 3.75]  # the shorter micro-batch padded on the right
+
+
+def test_the_prompt_cache_of_another_rank_replays_rank_zeros_decisions(tmp_path):
+    """Sizes differ between ranks (each holds a share of the model): the other ranks take rank 0's plans, so both
+    keep the same entries in memory and the same files in their spills, and read the same ones back, even where
+    their own sizes would decide otherwise."""
     import mlx.core as mx
 
     from mlxq.engine.cache import KVCache
+    from mlxq.engine.prompt_cache import DiskSpill
 
     def caches(tokens: int, width: int) -> list:
         c = KVCache()
         c.update_and_fetch(mx.zeros((1, 1, tokens, width)), mx.zeros((1, 1, tokens, width)))
         return [c]
 
-    lead = PromptCache(lambda: [KVCache()], max_bytes=3000)  # 8 bytes a token per unit of width
-    other = PromptCache(lambda: [KVCache()], max_bytes=3000)
-    for start in range(0, 40, 10):
+    def cache(name: str) -> PromptCache:  # 8 bytes a token per unit of width in memory; 6000 bytes on disk
+        return PromptCache(lambda: [KVCache()], max_bytes=3000, spill=DiskSpill(tmp_path / name, 6000, "m",
+                                                                                lambda: [KVCache()]))
+
+    lead, other = cache("lead"), cache("other")
+    for start in range(0, 80, 10):
         tokens = list(range(start, start + 10))
-        plan = lead.store(tokens, caches(10, 16))  # 1280 bytes an entry: the third evicts the first
-        other.store(tokens, caches(10, 1), plan=plan)  # 80 bytes an entry: would keep them all
-    for cache in (lead, other):
-        assert len(cache) == 2
-        assert cache.fetch(list(range(0, 10)) + [99])[1] == 0  # evicted
-        assert cache.fetch(list(range(30, 40)) + [99])[1] == 10  # kept
-
-
-def test_a_split_model_refuses_what_would_part_its_ranks_caches(qwen3_model, tmp_path):
-    """Each rank holds its share of every cache: a prompt-cache spill would let each rank's disk decide alone which
-    entries stay, and a saved session would hold rank 0's share only. Both are refused in one line."""
-    from mlxq.distributed.group import GroupModel
-    from mlxq.errors import InvalidRequest
-    from mlxq.session import Session
-
-    class Rank0:  # all GroupModel asks of its group before a step runs
-        def rank(self) -> int:
-            return 0
-
-    alone = qwen3_model
-    split = GroupModel(alone.net, alone.tokenizer, alone.checkpoint, alone.name, group=Rank0(), split=None)
-    with pytest.raises(InvalidRequest, match="prompt-cache spill does not run on a split model"):
-        split.configure(prompt_cache_spill=(str(tmp_path / "spill"), 1 << 20))
-    split.configure(max_batch=2)  # the other settings still apply
-    assert split._engine_options["max_batch"] == 2
-    with pytest.raises(InvalidRequest, match="Session.save / load do not run on it"):
-        Session(split).save(tmp_path / "a.session")
-    assert not (tmp_path / "a.session").exists()
-    with pytest.raises(InvalidRequest, match="Session.save / load do not run on it"):
-        Session.load(split, tmp_path / "a.session")
-
-
-def test_serve_refuses_a_spill_with_hosts_before_starting_any_rank(tmp_path):
-    import subprocess
-    import sys
-
-    hosts = tmp_path / "hosts.json"
-    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    done = subprocess.run([sys.executable, "-m", "mlxq.cli", "serve", "smollm2", "--hosts", str(hosts), "--port",
-                           str(port), "--prompt-cache-spill", str(tmp_path / "spill")],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.strip() == ("mlxq: error: --prompt-cache-spill does not run with --hosts: the ranks would keep "
-                                   "different entries")
-    assert not (tmp_path / "spill").exists()
+        plan = lead.store(tokens, caches(10, 16))  # 1280 bytes an entry: the third evicts the first, to disk
+        other.store(tokens, caches(10, 1), plan=plan)  # 80 bytes an entry: would keep them all, and every file
+    for prompt, resumed in ((list(range(0, 10)) + [99], 0), (list(range(50, 60)) + [99], 10)):  # dropped; on disk
+        _, n, plan = lead.fetch(prompt)
+        assert other.fetch(prompt, plan=plan)[1] == n == resumed
+    for c in (lead, other):
+        assert len(c) == 2
+        assert c.fetch(list(range(70, 80)) + [99])[1] == 10  # in memory
+    files = [sorted(p.name for p in (tmp_path / name).iterdir()) for name in ("lead", "other")]
+    assert files[0] == files[1] and 0 < len(files[0]) < lead.spill.writes, files  # (some dropped)
 
 
 def test_each_rank_takes_its_own_budget_from_a_list():
@@ -246,3 +228,28 @@ def test_each_rank_takes_its_own_budget_from_a_list():
     assert rank_budget("25%", 1, 3) == "25%" and rank_budget(None, 0, 2) is None and rank_budget(10**9, 1, 2) == 10**9
     with pytest.raises(ConfigError, match="2 budgets for a group of 3 ranks"):
         rank_budget("8GB,6GB", 0, 3)
+
+
+def test_a_rank_reads_ahead_only_its_own_experts_at_their_places_in_its_packs():
+    """Under the experts split a rank's packs hold its share (experts 4..7 here at positions 0..3): what the next
+    layer's router predicts is read ahead at the share's positions, and other ranks' experts are not read."""
+    from types import SimpleNamespace
+
+    import mlx.core as mx
+
+    from mlxq.experts.stream import StreamedMoE
+
+    class Pool:
+        packs = SimpleNamespace(layers={1: SimpleNamespace(n_experts=4)})
+        asked: list = []
+
+        def capacity(self, layer: int) -> int:
+            return 4
+
+        def request(self, layer: int, ids, prefetch: bool = False) -> None:
+            self.asked.append((layer, [int(i) for i in ids], prefetch))
+
+    nxt = SimpleNamespace(layer=1, first=4, next=None, route=lambda x: (mx.array([[5, 6], [1, 7]]), None))
+    pool = Pool()
+    StreamedMoE._read_ahead(SimpleNamespace(next=nxt, pool=pool), mx.zeros((2, 8)), 1)
+    assert pool.asked == [(1, [1, 2, 3], True)]  # experts 5, 6, 7; expert 1 is rank 0's

@@ -89,20 +89,48 @@ def test_streamed_logits_are_bit_identical_to_resident(name, made):
         assert np.array_equal(got, want), f"{budget}: max |diff| {np.abs(got - want).max()}"
         stats = model.expert_stats()
         assert stats.tokens == len(PROMPT) + len(DECODE) and stats.misses > 0
+        if budget == "100%":  # the prompt fits in one round per layer: it read the next layer ahead
+            assert stats.prefetch_reads > 0 and stats.prefetch_hits > 0
     # at the minimum the prompt routes to more experts than fit: the rounds path was taken, and still exact
     pool = model.net.expert_pool
     assert pool.capacity(next(iter(pool.groups))) == model.config.get("num_experts_per_tok", 3)
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_prefetch_and_fewer_experts_per_token_stay_exact(name, made):
+def test_reads_ahead_and_fewer_experts_per_token_stay_exact(name, made):
+    """Decoding with the next 1 or 3 layers read ahead, at several budgets down to the minimum, gives the resident
+    logits."""
     _, resident, packs = made(name)
-    model = mlxq.load(str(packs), expert_memory="25%", expert_options={"prefetch": True, "threads": 2})
-    assert np.array_equal(run(model), run(mlxq.load(str(resident))))
-    assert model.expert_stats().prefetch_reads > 0
+    want = run(mlxq.load(str(resident)))
+    least = minimum(packs)
+    for budget in ["100%", "25%", 2 * parse_size(least), least]:
+        for depth in (1, 3):
+            model = mlxq.load(str(packs), expert_memory=budget, expert_options={"prefetch": depth, "threads": 2})
+            got = run(model)
+            assert np.array_equal(got, want), f"{budget}, {depth} ahead: max |diff| {np.abs(got - want).max()}"
+            if budget == "25%":
+                assert model.expert_stats().prefetch_hits > 0
     want = run(mlxq.load(str(resident), experts_per_tok=1))
     smallest = minimum(packs, experts_per_tok=1)  # one expert a token: the minimum is one expert's slot
     assert np.array_equal(run(mlxq.load(str(packs), expert_memory=smallest, experts_per_tok=1)), want)
+
+
+def test_a_layer_waits_for_reads_ahead_that_hold_the_slots_it_needs(made):
+    """Reads ahead not yet done hold their slots; a layer that needs those slots lets them land first (never two
+    reads into one slot), then its own experts are there, byte for byte."""
+    _, _, packs = made("qwen3_moe")
+    model = mlxq.load(str(packs), expert_memory=minimum(packs), expert_options={"threads": 0})  # no readers
+    pool = model.net.expert_pool
+    first, second = sorted(pool.tables)[:2]
+    cap = pool.capacity(first)
+    ahead = pool.request(first, np.arange(cap), prefetch=True)  # every slot, queued, none run
+    assert len(pool.groups[first].loading) == cap and not any(f.done() for f in ahead)
+    pool.wait(second, pool.request(second, np.arange(1, cap + 1)))  # needs every slot
+    assert all(f.done() for f in ahead) and (pool.tables[first] < 0).all()
+    have = pool.experts(second).down_proj.weight
+    whole = open_pack_dir(packs).read_layer(second)["down_proj.weight"]
+    for e in range(1, cap + 1):
+        assert np.array_equal(np.array(have[int(pool.tables[second][e])]), np.array(whole[e]))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -139,7 +167,7 @@ def test_statistics_add_up(made):
     run(model)
     stats, pool = model.expert_stats(), model.net.expert_pool
     stride = next(iter(pool.packs.layers.values())).stride
-    assert stats.bytes_read == stats.misses * stride  # no prefetch: every byte read was asked for
+    assert stats.bytes_read == (stats.misses + stats.prefetch_reads) * stride  # each expert read once, whole
     # one read per missing expert at most, each whole blocks: the prompt's rounds read neighbouring experts together
     assert 0 < stats.reads < stats.misses
     assert stats.hits + stats.misses >= 2 * (len(DECODE) + 1)  # at least top-k... per MoE layer and step
@@ -157,6 +185,17 @@ def test_api_timings_carry_the_run_s_expert_counters(made):
     assert experts["tokens"] >= len(model.encode_prompt("the fox")) + len(result.tokens) - 1  # prompt + decode steps
     assert experts["hits"] + experts["misses"] > 0 and experts["bytes_read"] == model.expert_stats().bytes_read
     assert mlxq.load(str(resident)).generate("the fox", max_tokens=2).timings.experts is None
+
+
+def test_logits_on_the_caller_s_thread_then_generate_on_the_engine_s(made):
+    """The pool's graph over its slots is built on the caller's thread; the engine runs on its own (MLX streams are
+    per thread), so nothing lazy may be left for it to evaluate."""
+    _, resident, packs = made("qwen3_moe")
+    streamed, dense = mlxq.load(str(packs), expert_memory="30%"), mlxq.load(str(resident))
+    prompt = [3, 4, 5, 6, 7]
+    logits = streamed.logits(prompt)  # not read yet: generating comes first
+    assert streamed.generate(prompt, max_tokens=4).tokens == dense.generate(prompt, max_tokens=4).tokens
+    np.testing.assert_array_equal(np.array(logits), np.array(dense.logits(prompt)))
 
 
 def test_a_rank_s_share_of_the_packs_reads_only_its_own_experts(made):

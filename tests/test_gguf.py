@@ -95,7 +95,13 @@ def test_keep_quantized_equals_dequantized(kind, tmp_path):
     assert ckpt.quantization["model.layers.0.self_attn.q_proj"]["bits"] == AFFINE_TYPES[kind]
     packed = load_model(ckpt)
     plain = load_model(open_checkpoint(str(tmp_path / "q.gguf")))
-    assert isinstance(packed.model.layers[0].mlp.down_proj, nn.QuantizedLinear)
+    down = packed.model.layers[0].mlp.down_proj
+    assert isinstance(down, nn.QuantizedLinear)
+    # float16 scales and biases are kept as the file's (exact; the matmul promotes them), except an embedding's,
+    # whose lookup dequantizes in its scales' dtype
+    assert down.scales.dtype == down.biases.dtype == mx.float16
+    embed = packed.model.embed_tokens
+    assert not isinstance(embed, nn.QuantizedEmbedding) or embed.scales.dtype == mx.float32
     # The reference: every matrix through gguf-py's own block round trip. Blocks run along rows, so quantizing
     # the permuted q/k rows (as the file holds them) and quantizing the HF rows give the same numbers.
     qtype = gguf.GGMLQuantizationType[kind]
@@ -159,3 +165,36 @@ def test_architecture_that_is_not_a_string_is_one_format_error(tmp_path, arch):
     w.close()
     with pytest.raises(FormatError, match="x.gguf: metadata 'general.architecture' is (missing|a )"):
         open_checkpoint(str(tmp_path / "x.gguf"))
+
+
+def test_gguf_tokenizer_cache_holds_its_added_tokens(smollm2_gguf, tmp_path, monkeypatch):
+    """The tokenizer built from GGUF vocab is cached with its added tokens in tokenizer_config.json, so transformers
+    need not parse tokenizer.json in Python; an entry cached without them (as before) is upgraded on its next load,
+    and tokenizes, marks special tokens and decodes as transformers' own reading of the old entry does."""
+    import json
+    import shutil
+
+    from transformers import PreTrainedTokenizerFast
+
+    from mlxq.engine.tokenizer import Tokenizer, gguf_tokenizer_cache, load_tokenizer
+
+    load_tokenizer(None, smollm2_gguf, None)  # the shared cache entry, built if missing
+    entry = gguf_tokenizer_cache(smollm2_gguf)
+    old = tmp_path / "tokenizers" / entry.name
+    shutil.copytree(entry, old)
+    config = json.loads((old / "tokenizer_config.json").read_text())
+    config.pop("added_tokens_decoder", None)
+    (old / "tokenizer_config.json").write_text(json.dumps(config))
+    reference = Tokenizer(PreTrainedTokenizerFast.from_pretrained(str(old)))  # reads tokenizer.json's added tokens
+
+    monkeypatch.setenv("MLXQ_CACHE", str(tmp_path))
+    ours = load_tokenizer(None, smollm2_gguf, None)
+    added = json.loads((old / "tokenizer.json").read_text())["added_tokens"]
+    written = json.loads((old / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert {int(i): t for i, t in written.items()} == {t.pop("id"): t for t in added}
+    text = "<|im_start|>user\nHello wörld, 12345 tokens!<|im_end|>\n<|endoftext|> <jupyter_code>"
+    ids = reference.encode(text)
+    assert ours.encode(text) == ids and ours.eos_token_ids == reference.eos_token_ids
+    assert ours.hf.all_special_ids == reference.hf.all_special_ids
+    assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
+

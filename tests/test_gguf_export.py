@@ -442,3 +442,21 @@ def test_convert_both_ways_warns_when_lossy_and_names_the_better_path(tiny_src, 
     assert rel(got, mlxq_logits(q6, src)) < 0.1
 
     assert "lossy" not in mlxq("convert", str(src), "-o", str(tmp_path / "float.gguf"), "--type", "Q8_0")
+
+
+def test_gguf_source_hands_its_vocabulary_over_byte_for_byte(tiny_src, tmp_path):
+    """A GGUF source's tokenizer arrays (tokens, merges, types) are copied as the file encodes them, not decoded and
+    re-encoded: every tokenizer.* field of the export reads back as the source's, and the strings are the same bytes."""
+    first = exported(tiny_src("qwen3"), tmp_path / "a", "F32")
+    second = exported(first, tmp_path / "b", "Q8_0")
+
+    def fields(path):
+        out = {}
+        for name, f in gguf.GGUFReader(path).fields.items():
+            if name.startswith("tokenizer."):
+                out[name] = (f.types, [bytes(f.parts[i]) for i in f.data])
+        return out
+
+    want = fields(first)
+    assert len(want["tokenizer.ggml.tokens"][1]) > 100 and len(want["tokenizer.ggml.merges"][1]) >= 10
+    assert fields(second) == want

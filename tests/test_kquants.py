@@ -60,15 +60,27 @@ def test_dequantize_of_quantized_data_with_an_outlier(kind):
     np.testing.assert_array_equal(np.array(kquants.dequantize(mx.array(raw), kind)), gguf.quants.dequantize(raw, qtype))
 
 
+LEGACY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
 @pytest.mark.parametrize("kind", sorted(kquants.AFFINE_BITS))
 def test_affine_form_is_exact(kind):
-    """Q4_K and Q5_K as 4/5-bit groups of 32 with float32 scales and biases, the legacy types likewise: MLX's own
-    dequantization of the converted weight equals gguf-py's of the blocks, bit for bit."""
-    raw = random_blocks(kind, rows=12)
+    """Q4_K and Q5_K as 4/5-bit groups of 32, the legacy types likewise: MLX's own dequantization of the converted
+    weight (scales and biases promoted to float32, as its quantized matmul does with a float32 input) equals
+    gguf-py's of the blocks, bit for bit. The legacy types' scales and biases come as float16 (their scales are
+    stored so), the K-quants' as float32 (a float16 times a 6-bit integer)."""
+    raw = random_blocks(kind, rows=12)  # rows 0 and 1 hold the edge-case scales (+-65504 among them)
     want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
-    weight, scales, biases = kquants.to_affine(mx.array(raw), kind, rows_per_step=5)  # several steps
-    got = mx.dequantize(weight, scales, biases, group_size=kquants.AFFINE_GROUP, bits=kquants.AFFINE_BITS[kind])
-    np.testing.assert_array_equal(np.array(got), want)
+    bits = kquants.AFFINE_BITS[kind]
+    for rows, half_biases in ((slice(2, None), kind in LEGACY),
+                              # -8, -16 or -128 times 65504 overflows float16: those biases stay float32
+                              (slice(None), kind in ("Q4_1", "Q5_1"))):
+        weight, scales, biases = kquants.to_affine(mx.array(raw[rows]), kind, rows_per_step=5)  # several steps
+        assert scales.dtype == (mx.float16 if kind in LEGACY else mx.float32)
+        assert biases.dtype == (mx.float16 if half_biases else mx.float32)
+        got = mx.dequantize(weight, scales.astype(mx.float32), biases.astype(mx.float32),
+                            group_size=kquants.AFFINE_GROUP, bits=bits)
+        np.testing.assert_array_equal(np.array(got), want[rows])
 
 
 @pytest.mark.parametrize("kind", ["Q2_K", "Q3_K", "Q6_K", "IQ4_XS", "Q8_0"])

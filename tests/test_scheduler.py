@@ -145,7 +145,7 @@ def test_prompt_cache_is_bounded_by_bytes(qwen3_model):
         cache.store(ids, caches)
         assert cache.nbytes <= cache.max_bytes
     assert len(cache) == 2
-    resumed, n = cache.fetch(list(range(136, 140)) + [5])  # the newest is kept
+    resumed, n, _ = cache.fetch(list(range(136, 140)) + [5])  # the newest is kept
     assert n == 4 and resumed[0].offset == 4
 
 

@@ -32,7 +32,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from mlxq.errors import EngineDown, GenerationError
+import mlx.core as mx
+import numpy as np
+
+from mlxq.errors import ConfigError, EngineDown, GenerationError
 
 log = logging.getLogger("mlxq.distributed")
 
@@ -40,6 +43,7 @@ HEARTBEAT_S = 1.0
 RANK_TIMEOUT_S = 15.0  # a rank silent this long (no heartbeat answered) is lost
 STEP_TIMEOUT_S = 600.0  # a step running this long is stuck (a collective waits on a rank that will never send)
 CONNECT_TIMEOUT_S = 120.0
+EXCHANGE_BYTES = 4096
 
 
 def _line(message: dict) -> bytes:
@@ -237,6 +241,20 @@ class Control:
             busy = self._busy_since
             if busy is not None and now - busy > self.step_timeout:
                 self.down(f"a step has run for {now - busy:.0f} s (a rank is not taking part)")
+
+
+def exchange(group, me: dict, size: int = EXCHANGE_BYTES) -> list[dict]:
+    """Every rank's `me`, by rank: an all_gather of fixed-size JSON blocks over the group's collectives (the start-up
+    handshake; what each rank found saving or loading its share of a cache)."""
+    blob = json.dumps(me).encode()
+    if len(blob) > size:
+        raise ConfigError("distributed: a message to every rank is too large")
+    block = np.zeros(size, np.uint8)
+    block[: len(blob)] = np.frombuffer(blob, np.uint8)
+    gathered = mx.distributed.all_gather(mx.array(block), group=group)
+    mx.eval(gathered)
+    raw = np.array(gathered).reshape(group.size(), size)
+    return [json.loads(bytes(row).rstrip(b"\0")) for row in raw]
 
 
 def _first_line(conn: socket.socket, limit: int = 4096) -> bytes:

@@ -13,6 +13,7 @@ Rank 0 then has an ordinary `Model` whose one engine runs the whole group; every
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,15 +28,14 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxq.api import Model
-from mlxq.distributed.control import RANK_TIMEOUT_S, STEP_TIMEOUT_S, Control, Link
+from mlxq.distributed.control import RANK_TIMEOUT_S, STEP_TIMEOUT_S, Control, Link, exchange
 from mlxq.distributed.runner import GroupRunner, SlotNumbers, follow
 from mlxq.distributed.split import Split, auto_mode, make_split
 from mlxq.engine.scheduler import Engine
 from mlxq.errors import ConfigError, InvalidRequest
+from mlxq.experts import ExpertStats
 from mlxq.formats import Checkpoint
 from mlxq.models import text_config
-
-HANDSHAKE_BYTES = 4096
 
 
 class GroupModel(Model):
@@ -43,26 +43,20 @@ class GroupModel(Model):
     sessions, `logits`); on the others, `follow()` runs rank 0's steps until rank 0 calls `shutdown()`."""
 
     def __init__(self, net, tokenizer, checkpoint: Checkpoint, name: str, *, group, split: Split,
-                 control: Control | None = None, link: Link | None = None):
+                 control: Control | None = None, link: Link | None = None, model_fingerprint: str = ""):
         super().__init__(net, tokenizer, checkpoint, name)
         self.group, self.split, self.control, self.link = group, split, control, link
         self.rank = group.rank()
         self.slots = SlotNumbers()
-
-    def configure(self, *, prompt_cache_spill: tuple[str, int] | None = None, **settings: Any) -> None:
-        """`Model.configure`, but no prompt-cache spill: each rank's disk would decide by its own sizes which entries
-        stay, and the ranks' caches would part."""
-        if prompt_cache_spill is not None:
-            raise InvalidRequest("prompt-cache spill does not run on a split model (its ranks would keep different "
-                                 "entries)")
-        super().configure(**settings)
+        self.model_fingerprint = model_fingerprint  # the checkpoint's (`fingerprint`), alike on every rank
+        self._share_fingerprint: str | None = None
 
     def _new_engine(self) -> Engine:
         if self.rank:
             raise InvalidRequest(f"rank {self.rank} follows rank 0: requests go to rank 0 (call follow() here)")
         opts = self._engine_options
         runner = GroupRunner(self.net, opts["prompt_cache_bytes"], self.control, self.slots, self._new_batch(),
-                             self.split.rewindable)
+                             self.split.rewindable, self.group, opts["prompt_cache_spill"], self.cache_fingerprint())
         return Engine(runner, self.tokenizer, max_batch=opts["max_batch"], prefill_chunk=opts["prefill_chunk"])
 
     def _new_batch(self):
@@ -77,13 +71,43 @@ class GroupModel(Model):
         raise InvalidRequest("a split model's caches live across its ranks; use generate, stream or logits")
 
     def cache_fingerprint(self) -> str:
-        raise InvalidRequest("a split model's caches live across its ranks: Session.save / load do not run on it")
+        """What this rank's share of a saved cache must match: the checkpoint, the split, this rank's place in it,
+        and what its share of the weights holds (every parameter's name, shape, type, and its first one's first
+        values)."""
+        if self._share_fingerprint is None:
+            h = hashlib.sha256(json.dumps([self.model_fingerprint, self.split.describe()]).encode())
+            params = tree_flatten(self.net.parameters())
+            for name, a in params:
+                h.update(f"{name}:{a.shape}:{a.dtype}\n".encode())
+            h.update(np.array(params[0][1].reshape(-1)[:256].astype(mx.float32)).tobytes())
+            self._share_fingerprint = h.hexdigest()[:32]
+        return self._share_fingerprint
+
+    def expert_stats(self) -> ExpertStats | None:
+        """The streaming counters of the whole group (`Model.expert_stats`): every rank's pool counts its own experts,
+        so hits, misses, reads and bytes add up; every rank sees every token, and ranks read and wait at once, so the
+        token count and the times are the largest any rank has. None when no rank streams."""
+        if not self.rank and not any(r.get("expert_slots") for r in self.control.status()["ranks"]):
+            return None
+        if self.rank:
+            return super().expert_stats()
+        ranks = [ExpertStats(**s) for s in self.engine.runner.expert_stats() if s is not None]
+        most = {"tokens", "read_s", "stall_s", "compute_s"}
+        return ExpertStats(**{f.name: (max if f.name in most else sum)(getattr(r, f.name) for r in ranks)
+                              for f in dataclasses.fields(ExpertStats)})
+
+    def save_slot(self, slot, path, extra) -> None:
+        """Every rank writes its share of the conversation's cache (`runner.share_path`); see `GroupRunner`."""
+        self.engine.runner.save_slot(slot, path, self.cache_fingerprint(), extra)
+
+    def load_slot(self, slot, path) -> dict:
+        return self.engine.runner.load_slot(slot, path, self.cache_fingerprint())
 
     def follow(self) -> None:
         """Runs rank 0's steps until it ends the group (returns), or until it is lost (raises EngineDown)."""
         if not self.rank:
             raise InvalidRequest("rank 0 leads the group: it submits requests, the other ranks follow")
-        follow(self.net, self.link, self._new_batch(), self.split.rewindable)
+        follow(self.net, self.link, self._new_batch(), self.split.rewindable, self.group, self.cache_fingerprint())
 
     def shutdown(self) -> None:
         """On rank 0: stops the engine and ends the group (the other ranks return from `follow()`)."""
@@ -121,7 +145,8 @@ def load_group(name: str | None, group, *, parallel: str | None = None, dtype: m
                 "experts_per_tok": experts_per_tok, "expert_memory": expert_memory, "expert_options": expert_options}
     control = Control(size, control_host or _ring_host(), rank_timeout=rank_timeout,
                       step_timeout=step_timeout) if rank == 0 else None
-    me = {"rank": rank, "version": mlxq.__version__, "model": fingerprint(ckpt), "settings": settings}
+    model_fingerprint = fingerprint(ckpt)
+    me = {"rank": rank, "version": mlxq.__version__, "model": model_fingerprint, "settings": settings}
     if control is not None:
         me["control"], me["token"] = control.address, control.token
     members = exchange(group, me)
@@ -133,6 +158,8 @@ def load_group(name: str | None, group, *, parallel: str | None = None, dtype: m
         control.accept()
     split = make_split(parallel, config, ckpt.tensors.infos(), rank, size, group,
                        dequantized=ckpt.format == "gguf" and not keep_quantized)
+    # rank 0's tokenizer first: what loading it takes (its libraries) is no part of the rank's share of the weights
+    tokenizer = None if rank else load_tokenizer_for(ckpt)
     rss_before = rss_bytes()
     net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=budget,
                      expert_options=expert_options, split=split)
@@ -143,14 +170,13 @@ def load_group(name: str | None, group, *, parallel: str | None = None, dtype: m
              "experts_held": 0 if pool is None else sum(lp.n_experts for lp in pool.packs.layers.values()),
              "rss_before_bytes": rss_before, "peak_rss_bytes": peak_rss_bytes(), "pid": os.getpid(),
              "host": socket.gethostname()}
-    tokenizer = None
     if rank:
         link.send({"ready": share})
     else:
         control.own = share
-        tokenizer = load_tokenizer_for(ckpt)
         control.wait_ready()
-    return GroupModel(net, tokenizer, ckpt, name or "smollm2", group=group, split=split, control=control, link=link)
+    return GroupModel(net, tokenizer, ckpt, name or "smollm2", group=group, split=split, control=control, link=link,
+                      model_fingerprint=model_fingerprint)
 
 
 def rank_budget(expert_memory: str | int | None, rank: int, size: int) -> str | int | None:
@@ -170,19 +196,6 @@ def fingerprint(ckpt: Checkpoint) -> str:
     for info in sorted(ckpt.tensors.infos(), key=lambda i: i.name):
         h.update(f"{info.name}|{info.shape}|{info.dtype}\n".encode())
     return h.hexdigest()[:16]
-
-
-def exchange(group, me: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every rank's `me`, by rank (an all_gather of fixed-size JSON blocks)."""
-    blob = json.dumps(me).encode()
-    if len(blob) > HANDSHAKE_BYTES:
-        raise ConfigError("distributed: the start-up handshake is too large")
-    block = np.zeros(HANDSHAKE_BYTES, np.uint8)
-    block[: len(blob)] = np.frombuffer(blob, np.uint8)
-    gathered = mx.distributed.all_gather(mx.array(block), group=group)
-    mx.eval(gathered)
-    raw = np.array(gathered).reshape(group.size(), HANDSHAKE_BYTES)
-    return [json.loads(bytes(row).rstrip(b"\0")) for row in raw]
 
 
 def check_members(members: list[dict[str, Any]]) -> None:

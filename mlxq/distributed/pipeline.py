@@ -2,6 +2,10 @@
 each rank sends its output to the next (`mx.distributed.send` / `recv`), and the last sends back the hidden states
 of the positions the step samples from, which rank 0 turns into logits (it holds the final norm and the head).
 
+A model with an MTP head (`models.mtp`) keeps it on rank 0, beside the embedding and head it shares; it reads the
+hidden state at every position fed (a prompt's whole, which it caches), so the last rank then sends back every
+position's, as much as every other hop carries, and rank 0 keeps them as the batch's `hidden`.
+
 Rows run in micro-batches that go down the pipeline one after another: while rank 1 runs the first, rank 0 runs
 the second. With m micro-batches over n ranks a step keeps each rank busy m / (m + n - 1) of the time instead of
 1 / n. Each micro-batch is a `Batch` of its own (its rows' caches stacked); `PipelineBatch` gives the runner the
@@ -18,6 +22,7 @@ import copy
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxq.distributed.split import mtp_head
 from mlxq.engine.batch import Batch, gather_rows, pad_rows
 from mlxq.models.base import CausalLM
 
@@ -26,12 +31,14 @@ class Stage(CausalLM):
     """One rank's layers of a pipeline, behind the `CausalLM` contract: rank 0's `embed` is the embedding, the
     others' receives the previous rank's output; rank 0 alone has the final norm and the head."""
 
-    def __init__(self, net: CausalLM, cache_template: list, rank: int, size: int, group, rewindable: bool):
+    def __init__(self, net: CausalLM, cache_template: list, rank: int, size: int, group, rewindable: bool,
+                 returns_hidden: bool = False):
         super().__init__()
         self.net = net
         self.rank, self.size, self._group = rank, size, group
         self._template = cache_template
         self.rewindable = rewindable  # whether every layer of the whole model resumes anywhere (not only these)
+        self.returns_hidden = returns_hidden  # the last rank sends back every position (rank 0 has an MTP head)
         self.hidden = net.args.hidden_size
         self.dtype = net.layers[0].input_layernorm.weight.dtype  # of the activations: the weights' load dtype
 
@@ -42,6 +49,10 @@ class Stage(CausalLM):
     @property
     def norm(self):
         return self.net.norm
+
+    @property
+    def mtp(self) -> nn.Module | None:
+        return mtp_head(self.net)
 
     def embed(self, tokens: mx.array) -> mx.array:
         """The input of this rank's first layer: the embedding on rank 0, else what the previous rank sent."""
@@ -57,12 +68,15 @@ class Stage(CausalLM):
         the positions `at` back to rank 0. The returned array is evaluated to run it."""
         if self.rank < self.size - 1:
             return mx.distributed.send(x, self.rank + 1, group=self._group)
-        h = gather_rows(x, at)
+        h = x if self.returns_hidden else gather_rows(x, at)
         return x if h is None else mx.distributed.send(h, 0, group=self._group)
 
-    def logits_back(self, n: int) -> mx.array:
-        """On rank 0: the logits of the `n` positions the last rank sends back."""
-        h = mx.distributed.recv((n, self.hidden), self.dtype, self.size - 1, group=self._group)
+    def back(self, shape: tuple[int, ...]) -> mx.array:
+        """On rank 0: the hidden states the last rank sends back ([n, D] at the positions asked for, or [rows, n, D]
+        for every position)."""
+        return mx.distributed.recv((*shape, self.hidden), self.dtype, self.size - 1, group=self._group)
+
+    def logits(self, h: mx.array) -> mx.array:
         return self.net.head(self.net.norm(h))
 
     def make_cache(self) -> list:
@@ -80,6 +94,7 @@ class PipelineBatch:
         self.stage = stage
         self.parts = [Batch(stage) for _ in range(micro)]
         self.where: list[tuple[int, int]] = []  # row -> (micro-batch, row in it)
+        self.hidden: mx.array | None = None  # on rank 0 of a model with an MTP head: the last step's, as `Batch`'s
 
     def __len__(self) -> int:
         return len(self.where)
@@ -132,7 +147,7 @@ class PipelineBatch:
     def step(self, tokens: list[list[int]], at: list[list[int]]) -> mx.array:
         """`Batch.step` over every micro-batch, down the pipeline one after another; on rank 0 the logits at the
         positions `at`, stacked in row order (lazy); elsewhere an empty array, the step already run."""
-        stage, sent, back, counts = self.stage, [], [], []
+        stage, sent, back, ran = self.stage, [], [], []
         for p, part in enumerate(self.parts):
             rows = self._rows(p)
             if not rows:
@@ -146,16 +161,38 @@ class PipelineBatch:
             mx.async_eval(out)
             sent.append(out)
             back += [(i, k) for i in rows for k in range(len(at[i]))]
-            counts.append(sum(len(at[i]) for i in rows))
-        if stage.rank or not back:
+            ran.append(rows)
+        if stage.rank or not (back or stage.returns_hidden):
             mx.eval(sent)
             return mx.zeros((0, 0))
-        # One message per micro-batch with positions, read in the order they were sent: queued one by one, since
-        # within one graph MLX may run two receives in either order.
-        parts = []
-        for n in (n for n in counts if n):
-            parts.append(stage.logits_back(n))
-            mx.async_eval(parts[-1])
-        logits = mx.concatenate(parts)
+        # One message per micro-batch with positions (or every micro-batch, whole), read in the order they were sent:
+        # queued one by one, since within one graph MLX may run two receives in either order.
+        found, whole = [], []
+        for rows in ran:
+            if stage.returns_hidden:
+                x = stage.back((len(rows), max(len(tokens[i]) for i in rows)))
+                mx.async_eval(x)
+                whole.append(x)
+                h = gather_rows(x, [at[i] for i in rows])
+            elif n := sum(len(at[i]) for i in rows):
+                h = stage.back((n,))
+                mx.async_eval(h)
+            else:
+                h = None
+            if h is not None:
+                found.append(h)
+        if whole:
+            self.hidden = self._in_row_order(ran, whole)
+        if not back:
+            return mx.zeros((0, 0))
+        logits = stage.logits(mx.concatenate(found))
         order = sorted(range(len(back)), key=back.__getitem__)
         return logits if order == list(range(len(back))) else logits[mx.array(order)]
+
+    @staticmethod
+    def _in_row_order(ran: list[list[int]], whole: list[mx.array]) -> mx.array:
+        """Every micro-batch's hidden states [rows, n, D] as one [B, n, D] in row order (padded to the longest)."""
+        n = max(x.shape[1] for x in whole)
+        x = mx.concatenate([mx.pad(x, [(0, 0), (0, n - x.shape[1]), (0, 0)]) for x in whole])
+        order = [i for rows in ran for i in rows]
+        return x if order == sorted(order) else x[mx.array(sorted(range(len(order)), key=order.__getitem__))]

@@ -37,7 +37,7 @@ import numpy as np
 from mlxq.engine.batch import stackable
 from mlxq.engine.cache import KVCache
 from mlxq.errors import ConfigError, UnsupportedModel
-from mlxq.experts.pack import Packs
+from mlxq.experts.pack import Packs, has_packs
 from mlxq.experts.stream import StreamedMoE
 from mlxq.formats.base import TensorInfo, TensorSource
 from mlxq.models.base import CausalLM
@@ -131,7 +131,7 @@ class Split:
                 owned[block.layer] = share
         kept = [b for b in streamed if b.layer in owned]
         for a, b in zip(kept, [*kept[1:], None], strict=False):  # prefetch looks ahead within the rank's own layers
-            a.next = b
+            a.next, a.first = b, owned[a.layer][0]
         return kept, packs.share(owned)
 
     def expert_share(self, layer: int, n_experts: int) -> tuple[int, int] | None:
@@ -237,9 +237,10 @@ class AllSum(nn.Module):
 
 
 class Shard(CausalLM):
-    """A rank's network behind the `CausalLM` contract. Only rank 0 samples, so only its shard has the final norm
-    and the head; on the others both pass hidden states through (the engine's step still ends there, and must
-    be evaluated for the collectives inside it to run)."""
+    """A rank's network behind the `CausalLM` contract. Only rank 0 samples, so only its shard has the head; on the
+    others it passes hidden states through (the engine's step still ends there, and must be evaluated for the
+    collectives inside it to run). Every rank keeps the final norm: an MTP head (`mtp`, split like the layers)
+    reads the normed hidden states on every rank."""
 
     def __init__(self, net: CausalLM, owns_head: bool):
         super().__init__()
@@ -253,7 +254,11 @@ class Shard(CausalLM):
 
     @property
     def norm(self):
-        return self.net.norm if self.owns_head else _identity
+        return self.net.norm
+
+    @property
+    def mtp(self) -> nn.Module | None:
+        return mtp_head(self.net)
 
     def embed(self, tokens: mx.array) -> mx.array:
         return self.net.embed(tokens)
@@ -265,15 +270,21 @@ class Shard(CausalLM):
         return copy.deepcopy(self._cache_template)
 
 
-def _identity(x: mx.array) -> mx.array:
-    return x
+def mtp_head(net: nn.Module) -> nn.Module | None:
+    """The network's multi-token-prediction head (`models.mtp`), if it has one."""
+    return net["mtp"] if "mtp" in net else None
+
+
+def decoder_layers(net: CausalLM) -> list[nn.Module]:
+    """The layers a split puts its collectives in: the network's, and its MTP head's (split like them)."""
+    mtp = mtp_head(net)
+    return [*net.layers, *(mtp.layers if mtp is not None else [])]
 
 
 def _drop_head(net: CausalLM) -> None:
-    """Ranks other than 0 never compute logits: no head, no final norm."""
-    for parent, key in ((net, "lm_head"), (net.model, "norm")):
-        if key in parent:
-            del parent[key]
+    """Ranks other than 0 never compute logits: no head."""
+    if "lm_head" in net:
+        del net["lm_head"]
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -290,13 +301,19 @@ class PipelineSplit(Split):
             nbytes = 4 * math.prod(info.shape) if dequantized else info.nbytes  # as loaded (a GGUF's types differ)
             if m := _LAYER.match(info.name):
                 layer_bytes[int(m.group(1))] = layer_bytes.get(int(m.group(1)), 0) + nbytes
-            elif not info.name.startswith(("mtp.", "model.mtp.", "model.visual.", "vision_tower.", "visual.")):
-                extra += nbytes
+            elif not info.name.startswith(("model.visual.", "vision_tower.", "visual.")):
+                extra += nbytes  # rank 0's: the embedding, final norm, head and MTP head
         n_layers = int(config.get("num_hidden_layers") or len(layer_bytes))
         if n_layers < size:
             raise ConfigError(f"pipeline: {n_layers} layers cannot be split over {size} ranks")
         self.bounds = balance([layer_bytes.get(i, 0) for i in range(n_layers)], extra, size)
         self.first, self.stop = self.bounds[rank], self.bounds[rank + 1]
+        # Rank 0 holds the MTP head (Qwen3.5's `mtp.*`, kept unless the experts stream from packs), beside the
+        # embedding and head it shares: it reads the hidden state at every position fed, which the last rank then
+        # sends back whole (`Stage.forward_out`).
+        mtp_layers = config.get("mtp_num_hidden_layers") or config.get("num_nextn_predict_layers")
+        self.mtp = bool(mtp_layers) and not has_packs(config) and any(
+            info.name.startswith(("mtp.", "model.mtp.")) for info in infos)
 
     def wants(self, name: str) -> bool:
         if m := _LAYER.match(name):
@@ -309,7 +326,7 @@ class PipelineSplit(Split):
         full.model.layers = full.model.layers[self.first : self.stop]
         if self.rank:
             _drop_head(full)
-            del full.model["embed_tokens"]
+            del full.model["embed_tokens"], full.model["norm"]
         return full
 
     def place(self, name, shape):
@@ -321,7 +338,10 @@ class PipelineSplit(Split):
     def finish(self, net):
         from mlxq.distributed.pipeline import Stage
 
-        return Stage(net, self.template[self.first : self.stop], self.rank, self.size, self.group, self.rewindable)
+        if self.rank == 0 and (mtp_head(net) is not None) != self.mtp:
+            raise ConfigError(f"pipeline: the MTP head was {'not ' * self.mtp}expected on rank 0")
+        return Stage(net, self.template[self.first : self.stop], self.rank, self.size, self.group, self.rewindable,
+                     returns_hidden=self.mtp)
 
     def expert_share(self, layer, n_experts):
         return (0, n_experts) if self.first <= layer < self.stop else None
@@ -440,7 +460,7 @@ class TensorSplit(Split):
                 (2 * key_dim + va * d["dv"], 2 * key_dim + vb * d["dv"]))
 
     def place(self, name, shape):
-        if self.rank and (name.startswith("lm_head.") or name == "model.norm.weight"):
+        if self.rank and name.startswith("lm_head."):
             return None
         key = self._block(name, TENSOR_RULES)
         if key is None:
@@ -455,7 +475,7 @@ class TensorSplit(Split):
         return Placement(name, axis, self._ranges(share, size), size, align=self.quant_align)
 
     def finish(self, net):
-        for layer in net.layers:
+        for layer in decoder_layers(net):
             for key, child in list(layer.children().items()):
                 if type(child).__name__ in ROW_PARALLEL:
                     layer[key] = AllSum(child, self.group)
@@ -498,14 +518,14 @@ class ExpertsSplit(Split):
         return full
 
     def place(self, name, shape):
-        if self.rank and (name.startswith("lm_head.") or name == "model.norm.weight"):
+        if self.rank and name.startswith("lm_head."):
             return None
         if self._block(name, EXPERT_RULES) is not None:
             return Placement(name, 0, ((self.first, self.stop),), shape[0])
         return Placement(name)
 
     def finish(self, net):
-        for layer in net.layers:
+        for layer in decoder_layers(net):
             for key, child in list(layer.children().items()):
                 if isinstance(child, SparseMoE):
                     layer[key] = ExpertShard(child, self.bounds, self.rank, self.group)
@@ -561,8 +581,8 @@ class ExpertShard(nn.Module):
         y = mx.zeros(tokens.shape, x.dtype)
         if pairs.size:
             rows, own = mx.array(pairs // k), local[pairs][:, None]
-            if streamed:
-                out = moe.run_experts(tokens[rows], own)[:, 0]
+            if streamed:  # its own tokens predict what the next layers will want of its experts: read ahead
+                out = moe.run_experts(tokens[rows], own, ahead=True)[:, 0]
             else:
                 out = moe.experts(tokens[rows], mx.array(own.astype(np.uint32)))[:, 0]
             scale = weights.reshape(-1)[mx.array(pairs)][:, None].astype(x.dtype)

@@ -72,10 +72,10 @@ class PromptCache:
     `rewindable`: whether the whole model resumes anywhere (default: whether these layers do; a pipeline rank's
     few layers may, and the model not).
 
-    The only decisions that depend on sizes (whether an entry fits, which entries leave) are returned by `store`
-    as its plan; another cache holding the same rows with other shares of the model (a rank of a group) replays
-    them with `store(..., plan=)`, so both keep the same entries whatever their own sizes. (A spill decides by
-    its own sizes on disk, so a group has none.)"""
+    The only decisions that depend on sizes or on the disk (whether an entry fits, which entries leave, which spill
+    files are written, dropped and read back) are returned by `store` and `fetch` as their plans; another cache
+    holding the same rows with other shares of the model (a rank of a group) replays them with `plan=`, so both
+    keep the same entries, in memory and on disk, whatever their own sizes."""
 
     def __init__(self, make_cache: Callable[[], list], max_bytes: int, spill: DiskSpill | None = None,
                  rewindable: bool | None = None):
@@ -95,21 +95,29 @@ class PromptCache:
         return len(self._entries)
 
     # ----------------------------------------------------------------------------------------- fetch
-    def fetch(self, tokens: list[int]) -> tuple[list, int]:
-        """Fresh caches holding the longest cached prefix of `tokens`, and its length. At least one token is
-        left to run (its logits start the answer), so the length is at most len(tokens) - 1."""
+    def fetch(self, tokens: list[int], plan: dict | None = None) -> tuple[list, int, dict]:
+        """Fresh caches holding the longest cached prefix of `tokens`, its length, and the plan followed: {"file":
+        the spill file read back (or None), "read": whether it could be, "stored": `store`'s plan for it}. At least
+        one token is left to run (its logits start the answer), so the length is at most len(tokens) - 1."""
         best, best_n = self._best(tokens)
-        if self.spill is not None and self.spill.resume_point(tokens, self.rewindable) > best_n:
-            spilled = self.spill.take(tokens, self.rewindable)
+        done: dict = {"file": None, "read": False, "stored": None}
+        if plan is not None:
+            done = plan
+        elif self.spill is not None and self.spill.resume_point(tokens, self.rewindable) > best_n:
+            done["file"] = self.spill.pick(tokens, self.rewindable)
+        if done["file"] is not None and plan is not None and not plan["read"]:
+            self.spill.drop(done["file"])  # the file another process could not read
+        elif done["file"] is not None:
+            spilled = self.spill.take(done["file"], must=plan is not None)
             if spilled is not None:  # back into memory (others may leave for disk meanwhile)
-                self.store(*spilled)
+                done["read"], done["stored"] = True, self.store(*spilled, plan=done["stored"])
                 best, best_n = self._best(tokens)
         if best is None:
             self.misses += 1
-            return self.make_cache(), 0
+            return self.make_cache(), 0, done
         self.hits += 1
         self._entries.move_to_end(best)
-        return self._caches(self._entries[best], best_n), best_n
+        return self._caches(self._entries[best], best_n), best_n, done
 
     def _best(self, tokens: list[int]) -> tuple[int | None, int]:
         best, best_n = None, 0
@@ -136,8 +144,9 @@ class PromptCache:
               plan: dict | None = None) -> dict:
         """Keeps `caches` (single-row, holding exactly `tokens`) and `marks`, checkpoints of the whole cache at
         earlier positions (as `cache.checkpoint()` gives them), for the layers that cannot rewind. Returns the plan
-        it followed: {"stored": whether a new entry was kept, "evicted": the entries that left}."""
-        done: dict = {"stored": False, "evicted": []}
+        it followed: {"stored": whether a new entry was kept, "evicted": the entries that left, "spilled": what the
+        spill did with each (`DiskSpill.put`)}."""
+        done: dict = {"stored": False, "evicted": [], "spilled": []}
         if self.max_bytes <= 0 or not tokens:
             return done
         if any(caches[i].offset != len(tokens) for i in self.kv_layers):
@@ -150,7 +159,7 @@ class PromptCache:
                     old.marks = {**old.marks, **new_marks}
                     self.nbytes += old.nbytes
                 self._entries.move_to_end(key)
-                done["evicted"] = self._evict(plan)
+                self._evict(done, plan)
                 return done
         entry = _Entry(list(tokens), {})
         for i in self.kv_layers:
@@ -170,7 +179,8 @@ class PromptCache:
         self._entries[self._next_id] = entry
         self._next_id += 1
         self.nbytes += size
-        done["stored"], done["evicted"] = True, self._evict(plan)
+        done["stored"] = True
+        self._evict(done, plan)
         return done
 
     def _marks(self, tokens: list[int], caches: list, marks: dict[int, list] | None) -> dict[int, dict[int, Any]]:
@@ -180,23 +190,28 @@ class PromptCache:
         out[len(tokens)] = {i: caches[i].checkpoint() for i in others}
         return out
 
-    def _evict(self, plan: dict | None = None) -> list[int]:
+    def _evict(self, done: dict, plan: dict | None = None) -> None:
         """Drops the least recently used entries until the cache fits its bound, or replaying `plan`, the entries
-        it names; returns their keys."""
+        it names; they go to the spill, if any. Notes both in `done`."""
         if plan is not None:
-            for key in plan["evicted"]:
+            for key, spilled in zip(plan["evicted"], plan["spilled"] or [None] * len(plan["evicted"]), strict=True):
                 if (old := self._entries.pop(key, None)) is not None:
                     self.nbytes -= old.nbytes
-            return list(plan["evicted"])
-        dropped = []
+                    self._spill(old, spilled)
+            done["evicted"], done["spilled"] = list(plan["evicted"]), list(plan["spilled"])
+            return
         while self.nbytes > self.max_bytes and self._entries:
             key, old = self._entries.popitem(last=False)
             self.nbytes -= old.nbytes
-            dropped.append(key)
+            done["evicted"].append(key)
             if self.spill is not None:
-                marks = {p: [mark.get(i) for i in range(self.n_layers)] for p, mark in old.marks.items()}
-                self.spill.put(old.tokens, self._caches(old, len(old.tokens)), marks)
-        return dropped
+                done["spilled"].append(self._spill(old))
+
+    def _spill(self, old: _Entry, plan: dict | None = None) -> dict | None:
+        if self.spill is None:
+            return None
+        marks = {p: [mark.get(i) for i in range(self.n_layers)] for p, mark in old.marks.items()}
+        return self.spill.put(old.tokens, self._caches(old, len(old.tokens)), marks, plan)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -226,42 +241,66 @@ class DiskSpill:
     def __len__(self) -> int:
         return len(self._files)
 
-    def put(self, tokens: list[int], caches: list, marks: dict[int, list]) -> None:
-        if any(held == tokens for held, _, _ in self._files.values()):
-            return
-        path = self.dir / f"entry-{self._next}.safetensors"
+    def put(self, tokens: list[int], caches: list, marks: dict[int, list], plan: dict | None = None) -> dict:
+        """Writes an entry leaving memory, unless a file holds its tokens already; then drops the oldest files
+        until the spill fits its bound. Returns the plan followed, which `plan` replays: {"file": the file written
+        (None: none), "dropped": the files dropped}."""
+        done: dict = {"file": None, "dropped": []}
+        if plan is None and any(held == tokens for held, _, _ in self._files.values()):
+            return done
+        name = f"entry-{self._next}.safetensors" if plan is None else plan["file"]
         self._next += 1
-        try:
-            size = persist.save(path, self.model, tokens, caches, marks, {})
-        except Exception:
-            log.exception("spilling a prompt-cache entry to %s failed", path)
-            return
-        self.writes += 1
-        self._files[path] = (list(tokens), sorted(marks), size)
-        self.nbytes += size
+        if name is not None:
+            path = self.dir / name
+            try:
+                size = persist.save(path, self.model, tokens, caches, marks, {})
+                self.writes += 1
+                self._files[path] = (list(tokens), sorted(marks), size)
+                self.nbytes += size
+                done["file"] = name
+            except Exception:  # here, a later `take` of it fails (`must`)
+                log.exception("spilling a prompt-cache entry to %s failed", path)
+        if plan is not None:
+            for dropped in plan["dropped"]:
+                self.drop(dropped)
+            return plan
         while self.nbytes > self.max_bytes and self._files:
-            self._drop(next(iter(self._files)))
+            done["dropped"].append(next(iter(self._files)).name)
+            self.drop(done["dropped"][-1])
+        return done
 
     def resume_point(self, tokens: list[int], rewindable: bool) -> int:
         return max((resume_point(held, marks, tokens, rewindable) for held, marks, _ in self._files.values()),
                    default=0)
 
-    def take(self, tokens: list[int], rewindable: bool) -> tuple[list[int], list, dict[int, list]] | None:
-        """The file `tokens` resume furthest from, read back as (tokens, caches, marks) for `PromptCache.store`; the
-        file stays (the entry may leave memory again)."""
-        path = max(self._files, key=lambda p: resume_point(self._files[p][0], self._files[p][1], tokens, rewindable))
+    def pick(self, tokens: list[int], rewindable: bool) -> str:
+        """The file `tokens` resume furthest from."""
+        return max(self._files, key=lambda p: resume_point(self._files[p][0], self._files[p][1], tokens,
+                                                           rewindable)).name
+
+    def take(self, name: str, must: bool = False) -> tuple[list[int], list, dict[int, list]] | None:
+        """File `name` read back as (tokens, caches, marks) for `PromptCache.store`; the file stays (the entry may
+        leave memory again). An unreadable file is dropped (None), unless it `must` be read (another process read
+        its own and went on from it): then the error is raised."""
+        path = self.dir / name
         try:
+            if path not in self._files:
+                raise InvalidRequest(f"{path}: no such prompt-cache file")
             held, caches, marks, _ = persist.load(path, self.model, self.make_cache)
         except Exception as e:
+            if must:
+                raise
             log.warning("dropping an unreadable prompt-cache file: %s", e)
-            self._drop(path)
+            self.drop(name)
             return None
         self.reads += 1
         self._files.move_to_end(path)
         return held, caches, marks
 
-    def _drop(self, path: Path) -> None:
-        self.nbytes -= self._files.pop(path)[2]
+    def drop(self, name: str) -> None:
+        path = self.dir / name
+        if path in self._files:
+            self.nbytes -= self._files.pop(path)[2]
         path.unlink(missing_ok=True)
 
 

@@ -48,11 +48,13 @@ class Runner:
     `net`'s layers do)."""
 
     def __init__(self, net: CausalLM, prompt_cache_bytes: int, spill: tuple[str, int] | None = None,
-                 new_batch: Callable[[], Any] | None = None, rewindable: bool | None = None):
+                 new_batch: Callable[[], Any] | None = None, rewindable: bool | None = None,
+                 cache_fingerprint: str | None = None):
         self.net = net
         evaluate_all(net)
         self.new_batch = new_batch or partial(make_batch, net)
-        disk = None if spill is None else DiskSpill(spill[0], spill[1], fingerprint(net), net.make_cache)
+        model = cache_fingerprint or (spill and fingerprint(net))  # what the spill's files are stamped with
+        disk = None if spill is None else DiskSpill(spill[0], spill[1], model, net.make_cache)
         self.prompt_cache = PromptCache(net.make_cache, prompt_cache_bytes, disk, rewindable)
         self.rewindable = self.prompt_cache.rewindable  # every layer can resume at any position (attention only)
         self._batches = {PREFILL: self.new_batch(), DECODE: self.new_batch()}
@@ -63,20 +65,22 @@ class Runner:
         self._mtp_batch = Batch(self.mtp) if self.mtp else None
         self._mtp_out: mx.array | None = None  # the head's last output per row, normed: what its next step reads
         self._mtp_start: tuple | None = None  # the MTP batch after the first step of a round of drafts
+        self.fetched: dict | None = None  # the prompt cache's plan at the last `admit` (None: a slot resumed it)
 
     def attach(self, abort: Callable[[EngineDown], None]) -> None:
         """The scheduler's `abort`, for a runner that can find the model gone while a step runs (a group's)."""
 
-    def admit(self, prompt: list[int], slot: CacheSlot | None, mtp: bool = False) -> int:
+    def admit(self, prompt: list[int], slot: CacheSlot | None, mtp: bool = False, replay: dict | None = None) -> int:
         """A new row in the prefill batch, resumed from the longest prefix of `prompt` that its slot or else the
-        prompt cache holds; returns that prefix's length. `mtp`: the row drafts with the model's MTP head."""
+        prompt cache holds; returns that prefix's length. `mtp`: the row drafts with the model's MTP head. The
+        prompt cache's plan is kept in `fetched`, which the other ranks of a group replay (`replay`)."""
         if mtp and self.mtp is None:
             raise InvalidRequest("speculative='mtp': this model has no multi-token-prediction head (mtp.* weights)")
-        caches, n = None, 0
+        caches, n, self.fetched = None, 0, None
         if slot is not None:
             caches, n = slot.take(prompt, self.rewindable)
         if caches is None:
-            caches, n = self.prompt_cache.fetch(prompt)
+            caches, n, self.fetched = self.prompt_cache.fetch(prompt, replay)
         self._batches[PREFILL].add(caches)
         self._rows[PREFILL].append(_Row(slot, mtp=mtp))
         return n
@@ -146,6 +150,10 @@ class Runner:
         if first:
             self._mtp_start = batch.snapshot()
         return logits
+
+    def mtp_state(self) -> list[mx.array]:
+        """Every array a step of the MTP head leaves (its caches, its output), to evaluate the step whole."""
+        return [*self._mtp_batch.state, self._mtp_out]
 
     def mtp_end(self) -> None:
         """After a round of `mtp_draft` steps: the head's cache holds only what the first step fed (what later steps

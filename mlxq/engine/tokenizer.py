@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -126,22 +128,17 @@ _GENERIC = ("TokenizersBackend", "PreTrainedTokenizerFast")  # transformers' nam
 def _gguf_tokenizer(gguf_file: Path):
     """transformers builds a tokenizer from GGUF vocab in seconds; the result is cached, keyed by the file's
     identity, so later loads take a fraction of that."""
-    import hashlib
-    import json
     import shutil
     import tempfile
 
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from mlxq.formats.fetch import cache_dir
 
-    st = gguf_file.stat()
-    key = hashlib.sha256(f"{gguf_file.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "tokenizers" / key
+    cached = gguf_tokenizer_cache(gguf_file)
     if (cached / "tokenizer_config.json").exists():
         try:  # the generic fast class opened directly takes half of AutoTokenizer's time; a family's own class
             # (Qwen2Tokenizer, ...) goes through AutoTokenizer, which picks it
-            generic = json.loads((cached / "tokenizer_config.json").read_text()).get("tokenizer_class") in _GENERIC
+            generic = _with_added_tokens(cached).get("tokenizer_class") in _GENERIC
             return (PreTrainedTokenizerFast if generic else AutoTokenizer).from_pretrained(str(cached))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             shutil.rmtree(cached, ignore_errors=True)  # a damaged cache entry is rebuilt, never trusted
@@ -153,7 +150,34 @@ def _gguf_tokenizer(gguf_file: Path):
         return hf
     try:
         hf.save_pretrained(str(tmp))
+        _with_added_tokens(tmp)
         tmp.rename(cached)  # appears whole or not at all
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return hf
+
+
+def gguf_tokenizer_cache(gguf_file: Path) -> Path:
+    """Where the tokenizer built from `gguf_file` is cached, keyed by the file's identity."""
+    import hashlib
+
+    from mlxq.formats.fetch import cache_dir
+
+    st = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "tokenizers" / key
+
+
+def _with_added_tokens(saved: Path) -> dict:
+    """A saved tokenizer's config, with its added tokens written into it (`added_tokens_decoder`) if they are not
+    yet: without them transformers parses all of tokenizer.json in Python (a few MB, holding the GIL) to find
+    them; with them it leaves that file to the tokenizers library."""
+    path = saved / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if "added_tokens_decoder" not in config:
+        added = json.loads((saved / "tokenizer.json").read_text()).get("added_tokens", [])
+        config["added_tokens_decoder"] = {str(t.pop("id")): t for t in added}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        tmp.replace(path)  # whole or not at all, also with other processes upgrading the same entry
+    return config

@@ -34,10 +34,11 @@ def expert_stats(net: nn.Module) -> ExpertStats | None:
 @dataclass
 class StreamOptions:
     threads: int = 4  # reader threads (reads in flight)
-    # read the next layer's likely experts (its router on this layer's input) while this one computes: it helps on
-    # bench/experts.py's synthetic model, whose routing is predictable from layer to layer; flash-moe measured a
-    # loss on the real Qwen3.5-397B (cache pollution, ~30 % accurate predictions), so it is off by default
-    prefetch: bool = False
+    # while decoding, read the next `prefetch` layers' likely experts (their routers on this layer's input) while
+    # this one computes (True: 1): it helps on bench/experts.py's synthetic model, whose routing is predictable
+    # from layer to layer; flash-moe measured a loss on the real Qwen3.5-397B (cache pollution, ~30 % accurate
+    # predictions), so it is off by default. (A prompt always reads the next layer ahead: `stream`.)
+    prefetch: int = 0
     policy: str = "lru"
     direct: bool = True  # O_DIRECT / F_NOCACHE: reads bypass the page cache
     verify: bool = True  # check each block's CRC-32 as it is read

@@ -124,9 +124,12 @@ class Read:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def wait(self) -> None:
+        self._done.wait()
+
     def result(self) -> None:
         self.run()
-        self._done.wait()
+        self.wait()
         if self.error is not None:
             raise self.error
 

@@ -28,7 +28,7 @@ from mlxq.experts.io import PackReader, Read
 from mlxq.experts.pack import LayerPack, Packs
 from mlxq.models.moe import QuantizedSwitchLinear, SwitchGLU
 
-PREFETCH_MAX_TOKENS = 8  # prefetch only while decoding: a prompt chunk routes to most experts anyway
+PREFETCH_MAX_TOKENS = 8  # a call of at most this many tokens is decoding: it reads `prefetch` layers ahead
 
 
 @dataclass
@@ -139,11 +139,11 @@ class SlotPool:
     """Expert slots for all layers of one model, a reader, and the statistics."""
 
     def __init__(self, packs: Packs, budget: int, top_k: int, *, dtype: mx.Dtype = mx.float32, threads: int = 4,
-                 prefetch: bool = False, policy: str = "lru", direct: bool = True, verify: bool = True,
+                 prefetch: int = 0, policy: str = "lru", direct: bool = True, verify: bool = True,
                  fuse: bool = True):
         if policy not in POLICIES:
             raise ConfigError(f"expert cache policy '{policy}': unknown (known: {', '.join(POLICIES)})")
-        self.packs, self.budget, self.prefetch = packs, budget, prefetch
+        self.packs, self.budget, self.prefetch = packs, budget, int(prefetch)  # layers read ahead (True: 1)
         layouts: dict[tuple, list[LayerPack]] = {}
         for lp in packs.layers.values():
             layouts.setdefault(lp.layout_key(), []).append(lp)
@@ -208,7 +208,8 @@ class SlotPool:
 
     def request(self, layer: int, wanted: np.ndarray, prefetch: bool = False) -> list[Read]:
         """Make sure experts `wanted` (sorted, at most `capacity`) of `layer` are in slots: missing ones are read.
-        Returns the reads to wait for. A prefetch only reads what fits without touching the current request."""
+        Returns the reads to wait for. A prefetch only reads what fits without touching the current request, into
+        slots it marks recently used (so that the layers before the one it is for do not evict it)."""
         slots, table, lp = self.groups[layer], self.tables[layer], self.packs.layers[layer]
         if not prefetch:
             self.settle()
@@ -235,6 +236,9 @@ class SlotPool:
         else:
             self.pinned = held
             victims = slots.policy.victims(len(misses), held | set(slots.loading))
+            if len(victims) < len(misses) and slots.loading:  # slots still filling with reads ahead: let them land
+                self._land(slots)
+                victims = slots.policy.victims(len(misses), held)
             if len(victims) < len(misses):  # only when more experts are asked for than fit (callers chunk)
                 raise ConfigError(f"layer {layer}: {len(wanted)} experts asked for, {slots.n} slots")
         for e, s in zip(misses, victims, strict=False):
@@ -245,6 +249,7 @@ class SlotPool:
             slots.prefetched.discard(s)
             if prefetch:
                 slots.prefetched.add(s)
+                slots.policy.touch(s)
             else:
                 self.pinned.add(s)
         for first, count in self.reader.runs(lp, misses):
@@ -268,17 +273,30 @@ class SlotPool:
             for f in futures:
                 f.result()
         except BaseException:
-            slots = self.groups[layer]
-            for s, f in list(slots.loading.items()):
-                if f.done() and f.error is not None:
-                    owner = slots.owner[s]
-                    if owner is not None:
-                        self.tables[owner[0]][owner[1]] = -1
-                    slots.owner[s] = None
-                    del slots.loading[s]
+            self._forget_failed(self.groups[layer])
             raise
         finally:
             self.stats.stall_s += time.perf_counter() - t0
+
+    def _land(self, slots: _Slots) -> None:
+        """Wait for every read into `slots` (a failed read ahead only empties its slots: a layer that wants the
+        expert reads it again and reports the error then)."""
+        t0 = time.perf_counter()
+        for f in slots.loading.values():
+            f.run()
+            f.wait()
+        self._forget_failed(slots)
+        slots.loading.clear()
+        self.stats.stall_s += time.perf_counter() - t0
+
+    def _forget_failed(self, slots: _Slots) -> None:
+        for s, f in list(slots.loading.items()):
+            if f.done() and f.error is not None:
+                owner = slots.owner[s]
+                if owner is not None:
+                    self.tables[owner[0]][owner[1]] = -1
+                slots.owner[s] = None
+                del slots.loading[s]
 
     def slot_indices(self, layer: int, ids: np.ndarray, chunk: np.ndarray) -> mx.array:
         """Expert ids [..., k] -> slot ids; experts outside `chunk` point at any of the chunk's slots (their

@@ -313,8 +313,10 @@ BLOCK_SIZES: dict[str, tuple[int, int]] = {kind: GGML_QUANT_SIZES[GGMLQuantizati
 
 # ------------------------------------------------------------------------------------------------ as MLX affine
 # Types whose every value is exactly `scale * code + bias` with one scale and bias per 32 weights: MLX's affine
-# quantization holds them without loss (float32 scales and biases; K-quant scales are products of a float16 and a
-# 6-bit integer, exact in float32, not in float16). GGML type -> bits per code.
+# quantization holds them without loss. Scales and biases are float16 where that is exact (the legacy types store
+# float16 scales, and their biases are those times a power of two or stored float16), else float32 (K-quant scales
+# are products of a float16 and a 6-bit integer: exact in float32, seldom in float16); MLX's quantized matmul
+# promotes them to the input's float32 exactly. GGML type -> bits per code.
 AFFINE_BITS: dict[str, int] = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
 AFFINE_GROUP = 32
 
@@ -412,8 +414,9 @@ def affine_dequantize(weight: mx.array, scales: mx.array, biases: mx.array, grou
 
 def to_affine(blocks: mx.array, kind: str, rows_per_step: int | None = None) -> tuple[mx.array, mx.array, mx.array]:
     """blocks [..., row_bytes] of an `AFFINE_BITS` type -> (weight, scales, biases) as `mx.quantize` would store
-    them (group size 32, `AFFINE_BITS[kind]` bits), with `mx.dequantize` of the result bit-exact with
-    `dequantize`. Works `rows_per_step` rows at a time, by default all of them (steps are joined by a copy)."""
+    them (group size 32, `AFFINE_BITS[kind]` bits; scales and biases float16 where exact, else float32), with
+    `mx.dequantize` of the result (scales and biases as float32) bit-exact with `dequantize`.
+    Works `rows_per_step` rows at a time, by default all of them (steps are joined by a copy)."""
     if kind not in AFFINE_BITS:
         raise FormatError(f"GGML type {kind} is not exactly representable as MLX affine")
     elems, size = BLOCK_SIZES[kind]
@@ -429,7 +432,14 @@ def to_affine(blocks: mx.array, kind: str, rows_per_step: int | None = None) -> 
         mx.eval(part)
         parts.append(part)
     weight, scales, biases = (mx.concatenate(p) if len(parts) > 1 else p[0] for p in zip(*parts, strict=True))
-    return weight.reshape(*lead, -1), scales.reshape(*lead, -1), biases.reshape(*lead, -1)
+    return weight.reshape(*lead, -1), _narrowed(scales).reshape(*lead, -1), _narrowed(biases).reshape(*lead, -1)
+
+
+def _narrowed(x: mx.array) -> mx.array:
+    """float32 `x` as float16 when every value survives the round trip (a float16 overflow or rounding keeps it
+    float32)."""
+    half = x.astype(mx.float16)
+    return half if mx.array_equal(half.astype(mx.float32), x).item() else x
 
 
 # ------------------------------------------------------------------------------------------------ interface

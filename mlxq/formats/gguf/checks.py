@@ -43,6 +43,7 @@ class _Walker:
 
     def __init__(self, data: bytes | mmap.mmap, path: Path):
         self.data, self.path, self.pos = data, path, 0
+        self.string_ends: dict[int, int] = {}  # where each string array walked starts -> where it ends
 
     def fail(self, why: str) -> FormatError:
         return FormatError(f"{self.path}: not a valid GGUF file: {why}")
@@ -93,7 +94,8 @@ class _Walker:
             elif item == GGUFValueType.STRING:
                 if n > self.left // STRING_MIN:
                     raise self.fail(f"metadata '{key}': an array of {n} strings runs past the end of the file")
-                self.pos = skip_strings(self.data, self.pos, n)
+                start, self.pos = self.pos, skip_strings(self.data, self.pos, n)
+                self.string_ends[start] = self.pos
                 if self.pos > len(self.data):
                     raise self.fail(f"metadata '{key}': a string runs past the end of the file")
             else:  # arrays of arrays: gguf.cpp refuses them
@@ -123,20 +125,21 @@ class _Array:
         self.n = n
 
 
-def check_gguf(path: Path) -> None:
-    """Raises FormatError unless `path` is a GGUF file llama.cpp would accept structurally (see the module doc)."""
+def check_gguf(path: Path) -> dict[int, int]:
+    """Raises FormatError unless `path` is a GGUF file llama.cpp would accept structurally (see the module doc).
+    Returns where each metadata string array starts -> where it ends, so a reader need not walk them again."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             if f.seek(0, 2) == 0:
                 raise FormatError(f"{path}: empty file")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                _check(data, path)
+                return _check(data, path)
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def _check(data, path: Path) -> None:
+def _check(data, path: Path) -> dict[int, int]:
     w = _Walker(data, path)
     if bytes(data[:4]) != MAGIC:
         raise w.fail("no GGUF magic")
@@ -206,6 +209,7 @@ def _check(data, path: Path) -> None:
         if size > start + expected:
             raise FormatError(f"{path}: {size - start - last_end} unexpected bytes after the last tensor "
                               f"(a damaged tensor record: its type or shape says less data than the file holds)")
+    return w.string_ends
 
 
 def _alignment(w: _Walker, meta: dict) -> int:

@@ -6,7 +6,8 @@ arrays and nothing more. Each tensor comes out in one of three forms:
 
 - float: F32/F16/BF16 as stored, quantized types dequantized in MLX (`kernels.kquants`, bit-exact with gguf-py);
 - affine (`keep_quantized`): types whose values are exactly `scale * code + bias` per 32 weights (Q4_0, Q4_1, Q5_0,
-  Q5_1, Q8_0, and Q4_K / Q5_K with float32 scales) as MLX quantized weights, `.weight/.scales/.biases`;
+  Q5_1, Q8_0, and Q4_K / Q5_K) as MLX quantized weights, `.weight/.scales/.biases` (scales and biases float16
+  where exact, as for the legacy types; else float32);
 - blocks (`keep_quantized`): every other type (Q6_K, Q3_K, Q2_K, IQ*, TQ*) as its raw uint8 rows, bound to the
   block layers of `models.layers` / `models.moe`, which multiply on them.
 
@@ -35,6 +36,7 @@ from mlxq.formats.gguf import names
 from mlxq.formats.gguf.checks import check_gguf, skip_strings
 from mlxq.formats.gguf.codecs import FLOAT_TYPES
 from mlxq.formats.gguf.names import ARCHITECTURES, CONFIG_KEYS
+from mlxq.formats.gguf.writer import PackedStrings
 from mlxq.kernels import kquants
 
 GROUP = kquants.AFFINE_GROUP
@@ -44,21 +46,27 @@ AFFINE_TYPES = kquants.AFFINE_BITS  # GGML type -> bits of its exact MLX affine 
 # ------------------------------------------------------------------------------------------------ header
 @dataclass(frozen=True)
 class Strings:
-    """A string array left in the file (the tokenizer's tokens and merges): its length and where it starts."""
+    """A string array left in the file (the tokenizer's tokens and merges): its length and where it starts and
+    ends."""
 
     count: int
     offset: int
+    end: int
 
     def read(self, path: Path) -> list[str]:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            end = skip_strings(data, self.offset, self.count)
-            raw = data[self.offset : end]  # one copy, then slices of it
+        raw = self.packed(path).data  # one copy, then slices of it
         out, pos, length = [], 0, struct.Struct("<Q").unpack_from
         for _ in range(self.count):
             (n,) = length(raw, pos)
             out.append(raw[pos + 8 : pos + 8 + n].decode("utf-8", errors="replace"))
             pos += 8 + n
         return out
+
+    def packed(self, path: Path) -> PackedStrings:
+        """The strings as the file encodes them, for a writer to copy (a vocabulary is never decoded and re-encoded:
+        most of an export's fixed cost, and a string that is not valid UTF-8 stays byte for byte)."""
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return PackedStrings(self.count, data[self.offset : self.end])
 
 
 @dataclass(frozen=True)
@@ -93,18 +101,17 @@ def read_header(path: Path, check: bool = True) -> Header:
     """Metadata and tensor records of a GGUF file (the data is not touched). `check`: refuse what llama.cpp's loader
     refuses structurally first (`checks.check_gguf`); `doctor` reads damaged files without it, to report on them."""
     path = Path(path)
-    if check:
-        check_gguf(path)
+    string_ends = check_gguf(path) if check else {}
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _parse(data, path)
+            return _parse(data, path, string_ends)
     except (struct.error, ValueError, UnicodeDecodeError, IndexError, KeyError, OverflowError) as e:
         raise FormatError(f"{path}: not a readable GGUF file, truncated or corrupt ({e})") from None
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def _parse(data, path: Path) -> Header:
+def _parse(data, path: Path, string_ends: dict[int, int]) -> Header:
     if data[:4] != b"GGUF":
         raise FormatError(f"{path}: not a GGUF file (no GGUF magic)")
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
@@ -138,10 +145,11 @@ def _parse(data, path: Path) -> Header:
             pos += n * width
             return arr
         if item == GGUFValueType.STRING:
-            start, pos = pos, skip_strings(data, pos, n)
+            start = pos
+            pos = string_ends[start] if start in string_ends else skip_strings(data, start, n)  # walked by the check
             if pos > len(data):
                 raise ValueError("a string array runs past the end of the file")
-            return Strings(n, start)
+            return Strings(n, start, pos)
         raise ValueError(f"arrays of value type {item} are not allowed")
 
     meta: dict[str, Any] = {}

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mlxq.errors import TokenizerError
 from mlxq.formats.base import Checkpoint
 from mlxq.formats.gguf.writer import Value
+
+if TYPE_CHECKING:
+    from mlxq.formats.gguf.reader import Header
 
 # tokenizer.json's pre-tokenizer, as `_signature` spells it -> llama.cpp's pre-tokenizer name (the regexes are the
 # "original regex from tokenizer.json" llama.cpp's llama-vocab.cpp lists for each)
@@ -38,7 +42,7 @@ CONTROL, USER_DEFINED, NORMAL = 3, 4, 1  # gguf.TokenType values
 def tokenizer_metadata(ckpt: Checkpoint, vocab_size: int, warn) -> dict[str, Value]:
     """The `tokenizer.*` metadata for a model of `vocab_size` tokens; `warn(text)` reports what may differ."""
     if ckpt.gguf_file is not None:
-        return _from_gguf(ckpt.gguf_file)
+        return _from_gguf(ckpt.gguf_file, ckpt.extra.get("gguf_header"))
     root = Path(ckpt.tokenizer_dir) if ckpt.tokenizer_dir else None
     if root is None or not (root / "tokenizer.json").exists():
         raise TokenizerError(f"{ckpt.path}: no tokenizer.json, so the GGUF would have no vocabulary "
@@ -46,9 +50,10 @@ def tokenizer_metadata(ckpt: Checkpoint, vocab_size: int, warn) -> dict[str, Val
     return _from_tokenizer_json(root, vocab_size, warn, ckpt.chat_template)
 
 
-def _from_gguf(path: Path) -> dict[str, Value]:
+def _from_gguf(path: Path, header: Header | None = None) -> dict[str, Value]:
     """The source file's `tokenizer.*` keys, typed as llama.cpp reads them (ids uint32, token types int32, scores
-    float32; read with mlxq's own header parser: gguf-py's decodes a large vocabulary slowly)."""
+    float32; read with mlxq's own header parser: gguf-py's decodes a large vocabulary slowly), from its `header`
+    when the checkpoint already parsed it."""
     import gguf
 
     from mlxq.formats.gguf.reader import Strings, read_header
@@ -57,11 +62,12 @@ def _from_gguf(path: Path) -> dict[str, Value]:
     arrays = {np.dtype("int32"): T.INT32, np.dtype("uint32"): T.UINT32, np.dtype("float32"): T.FLOAT32,
               np.dtype("bool"): T.BOOL, np.dtype("uint8"): T.UINT8, np.dtype("int64"): T.INT64}
     out = {}
-    for key, v in read_header(path, check=False).meta.items():  # checked when its checkpoint was opened
+    header = header or read_header(path, check=False)  # checked when its checkpoint was opened
+    for key, v in header.meta.items():
         if not key.startswith("tokenizer."):
             continue
         if isinstance(v, Strings):
-            out[key] = Value(v.read(path), T.ARRAY, T.STRING)
+            out[key] = Value(v.packed(path), T.ARRAY, T.STRING)
         elif isinstance(v, np.ndarray):
             out[key] = Value(v.tolist(), T.ARRAY, arrays[v.dtype])
         elif isinstance(v, bool):

@@ -42,6 +42,18 @@ class Value:
     sub: Any = None
 
 
+@dataclass(frozen=True)
+class PackedStrings:
+    """A string array's elements already in GGUF's encoding (each a uint64 length, then its UTF-8 bytes), as a source
+    file holds them (`reader.Strings.packed`): written as they are."""
+
+    count: int
+    data: bytes
+
+    def __len__(self) -> int:
+        return self.count
+
+
 class GGUFOut:
     """Writes `tensors` (in this order) with `metadata` {key: Value} into `path`, atomically. The header is packed
     here in one pass (gguf-py's writer packs a vocabulary's strings one call tree at a time: most of an export's
@@ -128,7 +140,7 @@ def _value(value: Any, kind: int, sub: int | None) -> bytes:
         raise FormatError(f"metadata value of type {kind} ({str(value)[:40]}): not writable")
     head = struct.pack("<IQ", sub, len(value))
     if sub == T.STRING:
-        return head + b"".join(map(_string, value))
+        return head + (value.data if isinstance(value, PackedStrings) else b"".join(map(_string, value)))
     if sub in _NUMBERS:
         return head + np.asarray(value, _NUMBERS[sub]).tobytes()
     raise FormatError(f"metadata array of value type {sub}: not writable")
