@@ -171,8 +171,7 @@ def make_models() -> dict[str, str]:
     import torch
     import transformers
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from tiny import save_tiny_tokenizer
+    from mlxq.bench.synthetic import bpe_tokenizer
 
     paths = {}
     for name, (cfg_cls, model_cls, kwargs) in MODELS.items():
@@ -182,7 +181,7 @@ def make_models() -> dict[str, str]:
             model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**kwargs)).eval()
             tmp = Path(tempfile.mkdtemp(dir=CACHE.parent, prefix=f".{name}-"))
             model.save_pretrained(tmp)
-            save_tiny_tokenizer(tmp, kwargs["vocab_size"])
+            bpe_tokenizer(tmp, kwargs["vocab_size"])
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, path)
         paths[name] = str(path)

@@ -11,7 +11,8 @@ Calibration: the same 16 sequences of 512 tokens (8192 tokens of mlxq's default 
 Peers (each at the group size and bits of the mlxq variant it is compared with):
 - mlx-lm: `mlx_lm.convert` (round to nearest); from `mlx_lm.quant` GPTQ (packs 2, 4 or 8 bits only), AWQ and DWQ
   (distillation of the quantized scales and biases: on this text, one pass of 4 optimizer steps; the time its
-  default recipe would take here is estimated) at 3 bits only (their CPU cost here: see "not_run"), and dynamic
+  default recipe would take here is estimated; its quantized matmuls run dequantized in float, the same function,
+  checked on the real model in the run: `dequantized_matmul`) at 3 bits only (their CPU cost: see "not_run"), dynamic
   quant (mixed 3/4 or 2/3 bits by gradient sensitivity, aimed at the bits per weight of mlxq's q3_k_m / q2_k).
 - llama.cpp with an importance matrix from the same text (llama-imatrix, llama-quantize; bench/llama_cpp_tools.py):
   pure IQ4_NL and Q4_0, 4.5 bits per weight like 4-bit at group 64. No llama.cpp type goes below 4.5 bpw on
@@ -41,6 +42,7 @@ full run (it says so).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import fnmatch
 import hashlib
@@ -164,10 +166,53 @@ def run_mlx_lm_awq(baseline: Path, out: Path, bits: int, batches: list) -> None:
     save_mlx_lm(baseline, out, model, tokenizer, update_config(model, config))
 
 
+@contextlib.contextmanager
+def dequantized_matmul():
+    """While inside, `mx.quantized_matmul` (what mlx's QuantizedLinear and a tied QuantizedEmbedding's `as_linear`
+    call) computes `x @ dequantize(w, scales, biases).T` in float: the same function of the same scales and biases,
+    so their gradients are the same in exact arithmetic. Why: MLX's CPU quantized matmul is about 12x slower than
+    dequantizing and multiplying in float here (a 3-bit SmolLM2 forward of 4 x 511 tokens: 696 s against 57 s at
+    load 14), which made mlx-lm's DWQ take hours on this machine."""
+    original = mx.quantized_matmul
+
+    def matmul(x, w, /, scales, biases=None, transpose=True, group_size=None, bits=None, mode="affine", *,
+               stream=None):
+        dense = mx.dequantize(w, scales, biases, group_size, bits, mode=mode, dtype=x.dtype, stream=stream)
+        return mx.matmul(x, dense.T if transpose else dense, stream=stream)
+
+    mx.quantized_matmul = matmul
+    try:
+        yield
+    finally:
+        mx.quantized_matmul = original
+
+
+def check_dequantized_matmul(model, tokens: list[int], tolerance: float = 1e-3) -> dict:
+    """`model`'s logits on `tokens` through MLX's quantized matmul and through `dequantized_matmul`: their largest
+    difference relative to the largest logit must stay within float rounding (`tolerance`), else ValueError."""
+    x = mx.array([tokens])
+    start = time.perf_counter()
+    quantized = model(x)
+    mx.eval(quantized)
+    middle = time.perf_counter()
+    with dequantized_matmul():
+        dense = model(x)
+        mx.eval(dense)
+    end = time.perf_counter()
+    diff, scale = mx.abs(quantized - dense).max().item(), mx.abs(quantized).max().item()
+    check = {"tokens": len(tokens), "max_abs_logit_diff": diff, "max_abs_logit": scale, "tolerance": tolerance,
+             "seconds_quantized": round(middle - start, 1), "seconds_dequantized": round(end - middle, 1)}
+    if not diff <= tolerance * scale:
+        raise ValueError(f"the dequantized matmul differs from MLX's quantized matmul: {check}")
+    return check
+
+
 def run_mlx_lm_dwq(baseline: Path, out: Path, bits: int, batches: list) -> dict:
-    """mlx-lm's DWQ with its own optimizer settings (Adam, learning rate 1e-6, batch 4, temperature 2), starting
-    from round to nearest, distilling from the float model on the calibration sequences (used for validation too:
-    there is no other text of the same kind). Returns how far that got and what the default recipe would cost."""
+    """mlx-lm's DWQ (`dwq_quantize`, unchanged) with its own optimizer settings (Adam, learning rate 1e-6, batch 4,
+    temperature 2), starting from round to nearest, distilling from the float model on the calibration sequences
+    (used for validation too: there is no other text of the same kind), with its quantized matmuls computed as
+    `dequantized_matmul` (checked first on the real student) and its own gradient checkpointing on (memory).
+    Returns how far that got, the check, and what the default recipe would cost."""
     import mlx.optimizers as optimizers
     from mlx_lm.quant.dwq import dwq_quantize
     from mlx_lm.utils import quantize_model
@@ -175,16 +220,27 @@ def run_mlx_lm_dwq(baseline: Path, out: Path, bits: int, batches: list) -> dict:
     teacher, tokenizer, config = load_mlx_lm(baseline)
     student = copy.deepcopy(teacher)
     _, config = quantize_model(student, config, group_size=GROUP, bits=bits)
+    check = check_dequantized_matmul(student, batches[0][:128])
     data = [(seq, 0) for seq in batches]
     batch_size = 4
     start = time.perf_counter()
-    dwq_quantize(student, lambda batch, idx, split: teacher(batch), optimizers.Adam(learning_rate=1e-6,
-                 bias_correction=True), data, data, batch_size=batch_size, max_seq_length=SEQ_LEN, seed=123,
-                 dtype=mx.float32)
+    with dequantized_matmul():
+        dwq_quantize(student, lambda batch, idx, split: teacher(batch), optimizers.Adam(learning_rate=1e-6,
+                     bias_correction=True), data, data, batch_size=batch_size, max_seq_length=SEQ_LEN, seed=123,
+                     dtype=mx.float32, gradient_checkpoint=True)
     seconds = time.perf_counter() - start
     save_mlx_lm(baseline, out, student, tokenizer, config)
     steps = len(batches) // batch_size
-    return {"steps": steps, "batch_size": batch_size, "learning_rate": 1e-6, "train_tokens": len(batches) * SEQ_LEN,
+    return {"steps": steps, "batch_size": batch_size, "learning_rate": 1e-6, "temperature": 2.0,
+            "train_tokens": len(batches) * SEQ_LEN, "validation_passes": 2,
+            "changed": "mx.quantized_matmul computed as x @ dequantize(w, scales, biases).T in float32 while "
+                       "dwq_quantize runs (mlx-lm's code unchanged): the same function of the trained scales and "
+                       "biases, about 12x faster on this CPU than MLX's quantized matmul",
+            "dequantized_matmul_check": check,
+            # mlx-lm's own option (--grad-checkpoint): the same gradients, layer activations recomputed in the
+            # backward pass; without it a step of 4 x 511 tokens needs about 13 GB here (3.9 GB at batch 1, 1.8 GB
+            # with it) and was killed for memory on this shared 24 GB machine
+            "gradient_checkpoint": True,
             "default_recipe": "2048 samples x up to 1025 tokens, batch 4, learning rate 1e-6 (about 512 steps)",
             # this run's time (its two validation passes included) scaled by the tokens the default recipe trains on
             "default_recipe_hours_here_about": round(seconds * 2048 * 1025 / (len(batches) * SEQ_LEN) / 3600, 1)}

@@ -104,18 +104,23 @@ def test_prompt_is_exactly_n_tokens(smollm2):
 
 
 # ------------------------------------------------------------------------------------------------- resumable runs
-def quant_quality():
-    """bench/quant_quality.py as a module (its plan, selection, store use and ratios; nothing is run). The bench
-    folder leaves sys.path again: its `kernels.py` would otherwise pass for Hugging Face's `kernels` package."""
+def bench_script(name: str):
+    """bench/NAME.py as a module (nothing runs on import). The bench folder leaves sys.path again: its `kernels.py`
+    would otherwise pass for Hugging Face's `kernels` package."""
     import importlib
     from pathlib import Path
 
     saved = list(sys.path)
     sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
     try:
-        return importlib.import_module("quant_quality")
+        return importlib.import_module(name)
     finally:
         sys.path[:] = saved
+
+
+def quant_quality():
+    """bench/quant_quality.py: its plan, selection, store use and ratios."""
+    return bench_script("quant_quality")
 
 
 @pytest.fixture
@@ -212,3 +217,110 @@ def test_no_best_peer_while_a_peer_of_that_width_is_missing():
     ratios, best = qq.compare(results, calibrated_peers=True, not_measured={})
     assert ratios["kl_3bit_vs_best_peer"] == 0.6 and best["3bit"]["peer"] == "mlx_lm-awq-3bit"
     assert best["3bit"]["goal_met"]
+
+
+def test_dequantized_matmul_is_the_quantized_function_and_its_gradients():
+    """DWQ's quantized matmuls computed in float (quant_quality.dequantized_matmul): the same outputs and the same
+    gradients with respect to the trained scales and biases as MLX's quantized matmul, for a QuantizedLinear and a
+    tied QuantizedEmbedding used as the output layer; MLX's own op is back afterwards."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    qq = quant_quality()
+    mx.random.seed(0)
+    linear = nn.QuantizedLinear.from_linear(nn.Linear(128, 96, bias=True), group_size=64, bits=3)
+    embedding = nn.QuantizedEmbedding.from_embedding(nn.Embedding(80, 128), group_size=64, bits=3)
+    for layer in (linear, embedding):
+        layer.unfreeze(keys=["scales", "biases"], recurse=False)
+    x = mx.random.normal((2, 5, 128))
+
+    def outputs_and_grads(layer, call):
+        loss = nn.value_and_grad(layer, lambda x: (call(x) ** 2).sum())
+        value, grads = loss(x)
+        return call(x), value, dict(tree_flatten(grads))
+
+    original = mx.quantized_matmul
+    for layer, call in ((linear, linear), (embedding, embedding.as_linear)):
+        quantized = outputs_and_grads(layer, call)
+        with qq.dequantized_matmul():
+            assert mx.quantized_matmul is not original
+            dense = outputs_and_grads(layer, call)
+        assert mx.quantized_matmul is original
+        assert set(quantized[2]) == set(dense[2]) >= {"scales", "biases"}
+        assert mx.allclose(quantized[0], dense[0], rtol=1e-4, atol=1e-4)
+        assert mx.allclose(quantized[1], dense[1], rtol=1e-4)
+        for name in quantized[2]:
+            assert mx.allclose(quantized[2][name], dense[2][name], rtol=1e-3, atol=1e-3), name
+            assert mx.abs(quantized[2][name]).max().item() > 0, name  # a gradient that is really there
+
+
+def test_dequantized_matmul_check_on_a_model(monkeypatch):
+    """The in-run check passes on a quantized mlx-lm model and fails when the float path computes something else."""
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+
+    qq = quant_quality()
+    mx.random.seed(1)
+    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=96,
+                           tie_word_embeddings=True)
+    model = llama.Model(args)
+    nn.quantize(model, group_size=64, bits=3)
+    check = qq.check_dequantized_matmul(model, list(range(1, 17)))
+    assert check["tokens"] == 16 and check["max_abs_logit_diff"] <= 1e-3 * check["max_abs_logit"]
+    dequantize = mx.dequantize
+    monkeypatch.setattr(mx, "dequantize", lambda *a, **k: dequantize(*a, **k) * 1.01)  # a float path 1 % off
+    with pytest.raises(ValueError, match="differs from MLX's quantized matmul"):
+        qq.check_dequantized_matmul(model, list(range(1, 17)))
+
+
+# ------------------------------------------------------------------------------------------------- prefill_hybrid
+TINY_HYBRID = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+                   linear_value_head_dim=32, vocab_size=256, intermediate_size=256, moe_intermediate_size=64,
+                   shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=3)
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_prefill_hybrid_runs_llama_cpp_on_the_same_weights(kind, tmp_path):
+    """The bench's three sides on a scaled-down hybrid: llama.cpp's logits on the exported F32 GGUF agree with
+    mlx-lm's as mlxq's do (the run fails otherwise), and every side is timed."""
+    bench = bench_script("prefill_hybrid")
+    config = {**bench.CONFIGS[kind], **{k: v for k, v in TINY_HYBRID.items() if k in bench.CONFIGS[kind]}}
+    result = bench.run(kind, config, 24, 2, 1, tmp_path)
+    assert 0 < result["llama_cpp_max_rel_logit_diff_vs_mlx_lm"] <= bench.TOLERANCE
+    assert result["llama_cpp_threads"] >= 1
+    for figures in (result["prefill_tps"], result["decode_tps"]):
+        assert set(figures) == {"mlxq", "mlx_lm", "llama_cpp"} and all(v > 0 for v in figures.values())
+
+
+def test_prefill_hybrid_fails_when_llama_cpp_disagrees(tmp_path, monkeypatch):
+    """A llama.cpp side off by one position (logits of the next token) stops the run before anything is timed."""
+    bench = bench_script("prefill_hybrid")
+    config = {**bench.CONFIGS["dense"], **{k: v for k, v in TINY_HYBRID.items() if k in bench.CONFIGS["dense"]}}
+    logits = bench.llama_cpp_logits
+    monkeypatch.setattr(bench, "llama_cpp_logits", lambda path, tokens: logits(path, tokens[1:] + tokens[:1]))
+    with pytest.raises(SystemExit, match="llama_cpp's logits differ from mlx-lm's"):
+        bench.run("dense", config, 24, 2, 1, tmp_path)
+
+
+def test_dwq_runner_on_a_tiny_model(tmp_path):
+    """quant_quality's mlx-lm DWQ runner end to end on a tiny llama (one optimizer step of 4 sequences): the check on
+    the student passes, gradient checkpointing is on and recorded, and mlx-lm loads the 3-bit result."""
+    from mlx_lm.utils import load
+    from tiny import make_tiny, save_tiny_tokenizer
+
+    qq = quant_quality()
+    src = tmp_path / "llama"
+    make_tiny("llama", src)
+    save_tiny_tokenizer(src, 160)
+    mx.random.seed(0)
+    batches = mx.random.randint(0, 160, (4, qq.SEQ_LEN)).tolist()
+    record = qq.run_mlx_lm_dwq(src, tmp_path / "dwq", 3, batches)
+    assert record["steps"] == 1 and record["gradient_checkpoint"] is True
+    check = record["dequantized_matmul_check"]
+    assert check["tokens"] == 128 and check["max_abs_logit_diff"] <= check["tolerance"] * check["max_abs_logit"]
+    assert json.loads((tmp_path / "dwq" / "config.json").read_text())["quantization"]["bits"] == 3
+    model, _ = load(str(tmp_path / "dwq"))
+    logits = model(mx.array([batches[0][:16]]))
+    assert logits.shape == (1, 16, 160) and bool(mx.isfinite(logits).all())

@@ -158,3 +158,25 @@ def char_tokenizer(path: Path, vocab_size: int = 160) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
         str(path)
     )
+
+
+def bpe_tokenizer(path: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer of exactly `vocab_size` tokens (the last one "<|endoftext|>", special), so
+    that a tiny model written to GGUF has the vocabulary llama.cpp needs to load it. Printable ASCII, space
+    and newline come first, so that English calibration text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_char = bytes_to_unicode()
+    first = [byte_char[b] for b in [10, *range(32, 127)]]
+    base = (first + sorted(set(byte_char.values()) - set(first)))[: vocab_size - 11]
+    merges = [(base[2 * i + 40], base[2 * i + 41]) for i in range(10)]  # llama.cpp refuses BPE without merges
+    tokens = base + [a + b for a, b in merges]
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    if len(fast) != vocab_size:
+        raise ValueError(f"a byte-level tokenizer has {len(fast)} tokens here, not {vocab_size} (at most 267)")
+    fast.save_pretrained(path)
