@@ -58,6 +58,15 @@ def test_penalties_and_bias():
     assert freq([2, 2], mx.zeros((1, 3))).tolist() == [[0.0, 0.0, -2.5]]
 
 
+def test_a_vanishing_temperature_draws_the_argmax_of_what_is_allowed():
+    """A temperature above 0 that float32 cannot tell from 0 (the fuzzer sent 3.4e-201 under a JSON schema): the
+    draw is the argmax among the tokens the grammar allows, never a masked one from a NaN distribution."""
+    logits = mx.array([[2.0, -mx.inf, 5.0, 1.0, -mx.inf, 0.0]])
+    for t in (3.4e-201, 1e-40, 1e-30):
+        for seed in range(8):
+            assert draw([make_sampler(SamplingParams(temperature=t, seed=seed))], logits).item() == 2
+
+
 def test_bad_sampling_params():
     with pytest.raises(InvalidRequest, match="top_p"):
         SamplingParams(top_p=0)

@@ -172,7 +172,10 @@ def _scores(params: list[SamplingParams], logits: mx.array) -> mx.array:
     """Logits [S, V] at each row's temperature, with what its filters remove at -inf; a filter a row does not use
     leaves it as it is."""
     vocab = logits.shape[-1]
-    scores = logits / mx.array([[p.temperature] for p in params], dtype=logits.dtype)
+    # shifted so each row's best score is 0, at a temperature no smaller than float32's least normal number: a
+    # temperature that is tiny (or 0 once in float32) then gives the argmax's distribution, not NaN (inf/inf, 0/0)
+    temperature = mx.array([[max(p.temperature, _LEAST_NORMAL)] for p in params], dtype=logits.dtype)
+    scores = (logits - mx.max(logits, axis=-1, keepdims=True)) / temperature
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(top_k):  # index 0 of the sorted row: the smallest score, which removes nothing
         kth = mx.take_along_axis(mx.sort(scores, axis=-1), mx.array([[vocab - k if k else 0] for k in top_k]), axis=-1)
@@ -191,6 +194,7 @@ def _scores(params: list[SamplingParams], logits: mx.array) -> mx.array:
     return scores
 
 
+_LEAST_NORMAL = 2.0**-126  # float32
 _MASK64 = (1 << 64) - 1
 
 
