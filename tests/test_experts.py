@@ -358,9 +358,53 @@ def test_cli_quantize_inspect_generate_bench(made, tmp_path):
     assert figures["reads"] > 0 and figures["gb_per_s"] > 0 and figures["read_bytes"] == 16384
 
 
+class _Loaded(Exception):
+    """Raised by a stand-in loader: the command got as far as loading, with these arguments."""
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "bench"])
+def test_expert_prefetch_flag_reaches_the_loader(command, monkeypatch):
+    from click.testing import CliRunner
+
+    import mlxq.bench.runtime
+    import mlxq.cli
+    import server.command
+    from mlxq.cli import cli
+
+    seen = {}
+
+    def load_for_cli(*args, **kw):
+        seen.update(kw)
+        raise _Loaded
+
+    def bench_run(model, vs, prompt_tokens, gen_tokens, runs, load, **kw):
+        seen.update(load)
+        raise _Loaded
+
+    monkeypatch.setattr(mlxq.cli, "load_for_cli", load_for_cli)
+    monkeypatch.setattr(server.command, "load_for_cli", load_for_cli)
+    monkeypatch.setattr(mlxq.bench.runtime, "run", bench_run)
+    args = {"generate": ["generate", "fox", "-m", "M"], "chat": ["chat", "-m", "M"], "serve": ["serve", "M", "--port",
+            "0"], "bench": ["bench", "M"]}[command]
+    done = CliRunner().invoke(cli, [*args, "--expert-memory", "25%", "--expert-prefetch", "3"])
+    assert isinstance(done.exception, _Loaded), done.output
+    got = seen.get("expert_options") if command == "bench" else mlxq.cli.stream_options(seen.get("expert_prefetch"))
+    assert got == {"prefetch": 3} and seen["expert_memory"] == "25%"
+
+
+def test_load_for_cli_streams_with_the_prefetch_asked_for(made):
+    from mlxq.cli import load_for_cli
+
+    _, _, packs = made("qwen3_moe")
+    model = load_for_cli(str(packs), False, None, None, 32323, 15.0, expert_memory="40%", expert_prefetch=2)
+    assert model.net.expert_pool.prefetch == 2
+    assert load_for_cli(str(packs), False, None, None, 32323, 15.0, expert_memory="40%").net.expert_pool.prefetch == 0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["generate", "--raw", "-m", "{good}", "--expert-prefetch", "1", "fox"], "give --expert-memory too"),
         (["generate", "--raw", "-m", "{bad}", "--expert-memory", "100%", "fox"], "layer 0 expert 1: checksum mismatch"),
         (["generate", "--raw", "-m", "{good}", "--expert-memory", "2KB", "fox"], "below the minimum"),
         (["generate", "--raw", "-m", "{resident}", "--expert-memory", "1GB", "fox"], "needs expert packs"),
