@@ -47,6 +47,7 @@ import copy
 import fnmatch
 import hashlib
 import json
+import math
 import shutil
 import signal
 import struct
@@ -330,13 +331,24 @@ def plan(quick: bool, baseline: Path, batches: list, text: str, work: Path) -> l
             variants.append(Variant(f"mlxq-{m}-{b}bit", b, lambda o, _, b=b, m=m: run_mlxq(baseline, o, None, b, m)))
     if quick:
         return variants
-    for mix, low in (("q3_k_m", 3), ("q2_k", 2)):
+    for mix in ("q3_k_m", "q2_k"):
         ours = f"mlxq-gptq-{mix}"
         variants.append(Variant(ours, 0, lambda o, _, mix=mix: run_mlxq(baseline, o, mix, None, "gptq")))
-        # aimed at mlx-lm's own bits-per-weight count of the mlxq mix
-        variants.append(Variant(f"mlx_lm-dynamic-{mix}", 0, lambda o, done, ours=ours, low=low: run_mlx_lm_dynamic(
-            baseline, o, low, low + 1, done[ours]["run"]["bpw_mlx_lm"], batches), needs=(ours,)))
+        # aimed at mlx-lm's own bits-per-weight count of the mlxq mix, between the two widths that bracket it
+        variants.append(Variant(f"mlx_lm-dynamic-{mix}", 0, lambda o, done, ours=ours: run_mlx_lm_dynamic(
+            baseline, o, *dynamic_bits(done[ours]["run"]["bpw_mlx_lm"]), done[ours]["run"]["bpw_mlx_lm"], batches),
+                                needs=(ours,)))
     return variants
+
+
+def dynamic_bits(target_bpw_mlx_lm: float) -> tuple[int, int]:
+    """The (low, high) widths for dynamic quant that bracket `target_bpw_mlx_lm`: low is the widest whose uniform
+    model stays within it (mlx-lm's count: the bits plus a float32 scale and bias per group), so the mix can reach the
+    target (2/3 bits tops out below a mix of 3.6 bpw, 3/4 bits reaches it)."""
+    low = math.floor(target_bpw_mlx_lm - 2 * 32 / GROUP)
+    if not 2 <= low < 8:
+        raise ValueError(f"no dynamic-quant widths bracket {target_bpw_mlx_lm} bits per weight")
+    return low, low + 1
 
 
 def select(variants: list[Variant], patterns: list[str] | None) -> list[Variant]:
