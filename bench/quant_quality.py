@@ -27,7 +27,8 @@ Ratios compare only variants whose `bpw` agree within 0.05; `X_vs_PEER` = mlxq's
 
 Resumable: every finished variant is stored in the bench work directory (~/.cache/mlxq/bench/quant_quality/results)
 under a fingerprint of what determines it (label; baseline weights; calibration and evaluation tokens; settings;
-mlx, mlx-lm and llama.cpp versions; the sha256 of each mlxq and bench source file loaded: mlxq.bench.store).
+mlx, mlx-lm and llama.cpp versions; the sha256 of the runner's source and of the scoring modules: `Variant.code`,
+mlxq.bench.store), so a result survives changes to code it does not run through.
 `--resume` reuses the stored results whose fingerprint matches exactly and lists them under "reused" (with when and
 at which commit they were measured). `--only` runs the variants whose labels match the patterns (fnmatch), in the
 order the patterns are given (a variant another needs comes first); the others are listed as not measured, and no
@@ -305,6 +306,23 @@ class Variant(NamedTuple):
     bits: int  # 0 for mixes
     run: Callable  # (output directory, results so far) -> a note for the record, or None
     needs: tuple[str, ...] = ()  # labels whose results this one reads (part of its fingerprint)
+    code: tuple[str, ...] = ()  # the source its result depends on (mlxq.bench.store.source_digests units)
+
+
+# The code a result depends on, part of its fingerprint: the scoring (this file's scoring and bits-per-weight
+# functions and the modules that load a variant and compute SmolLM2's logits) plus the runner's own source. Other code
+# (serving, other model families, other runners in this file) may change without invalidating a stored result.
+HERE = "bench/quant_quality.py:"
+SCORING = (HERE + "measure", HERE + "read_header", HERE + "sizes", HERE + "_numel", HERE + "bits_per_weight",
+           "mlxq/eval/metrics.py", "mlxq/api.py:Model.logits", "mlxq/loading.py", "mlxq/formats/__init__.py",
+           "mlxq/formats/base.py", "mlxq/formats/hf.py", "mlxq/formats/validate.py", "mlxq/quant/source.py",
+           "mlxq/models/__init__.py", "mlxq/models/base.py", "mlxq/models/layers.py", "mlxq/models/llama.py",
+           "mlxq/models/moe.py:is_moe_layer", "mlxq/engine/cache.py:KVCache")
+MLXQ_CODE = (*SCORING, HERE + "run_mlxq", HERE + "mlx_lm_bpw", "mlxq/quant/", "mlxq/formats/texts.py")
+MLX_LM_CODE = (*SCORING, HERE + "load_mlx_lm", HERE + "save_mlx_lm")
+DWQ_CODE = (HERE + "dequantized_matmul", HERE + "check_dequantized_matmul")
+LLAMA_CPP_CODE = (*SCORING, HERE + "run_llama_cpp", "bench/llama_cpp_tools.py", "mlxq/formats/gguf/",
+                  "mlxq/kernels/kquants.py")
 
 
 def plan(quick: bool, baseline: Path, batches: list, text: str, work: Path) -> list[Variant]:
@@ -313,7 +331,8 @@ def plan(quick: bool, baseline: Path, batches: list, text: str, work: Path) -> l
     variants = []
     llama_cpp_types = {4: ("IQ4_NL", "Q4_0"), 3: ("Q3_K",)}
     for b in (3,) if quick else (4, 3, 2):
-        variants.append(Variant(f"mlxq-gptq-{b}bit", b, lambda o, _, b=b: run_mlxq(baseline, o, None, b, "gptq")))
+        variants.append(Variant(f"mlxq-gptq-{b}bit", b, lambda o, _, b=b: run_mlxq(baseline, o, None, b, "gptq"),
+                                code=MLXQ_CODE))
         peers = {"rtn": run_mlx_lm_rtn} if quick else {"rtn": run_mlx_lm_rtn, "gptq": run_mlx_lm_gptq,
                                                         "awq": run_mlx_lm_awq, "dwq": run_mlx_lm_dwq}
         for m, fn in peers.items():
@@ -321,23 +340,27 @@ def plan(quick: bool, baseline: Path, batches: list, text: str, work: Path) -> l
                 continue  # recorded in "not_run"
             if m in ("awq", "dwq") and b != 3:
                 continue  # recorded in "not_run"
-            variants.append(Variant(f"mlx_lm-{m}-{b}bit", b, lambda o, _, b=b, fn=fn: fn(baseline, o, b, batches)))
+            code = (*MLX_LM_CODE, HERE + fn.__name__, *(DWQ_CODE if m == "dwq" else ()))
+            variants.append(Variant(f"mlx_lm-{m}-{b}bit", b, lambda o, _, b=b, fn=fn: fn(baseline, o, b, batches),
+                                    code=code))
         if quick:
             continue
         for ftype in llama_cpp_types.get(b, ()):
             variants.append(Variant(f"llama_cpp-imatrix-{ftype}", b,
-                                    lambda o, _, ftype=ftype: run_llama_cpp(work, o, ftype, text)))
+                                    lambda o, _, ftype=ftype: run_llama_cpp(work, o, ftype, text), code=LLAMA_CPP_CODE))
         for m in ("rtn", "search"):  # mlxq's other methods, for the record (no ratio)
-            variants.append(Variant(f"mlxq-{m}-{b}bit", b, lambda o, _, b=b, m=m: run_mlxq(baseline, o, None, b, m)))
+            variants.append(Variant(f"mlxq-{m}-{b}bit", b, lambda o, _, b=b, m=m: run_mlxq(baseline, o, None, b, m),
+                                    code=MLXQ_CODE))
     if quick:
         return variants
     for mix in ("q3_k_m", "q2_k"):
         ours = f"mlxq-gptq-{mix}"
-        variants.append(Variant(ours, 0, lambda o, _, mix=mix: run_mlxq(baseline, o, mix, None, "gptq")))
+        variants.append(Variant(ours, 0, lambda o, _, mix=mix: run_mlxq(baseline, o, mix, None, "gptq"),
+                                code=MLXQ_CODE))
         # aimed at mlx-lm's own bits-per-weight count of the mlxq mix, between the two widths that bracket it
         variants.append(Variant(f"mlx_lm-dynamic-{mix}", 0, lambda o, done, ours=ours: run_mlx_lm_dynamic(
             baseline, o, *dynamic_bits(done[ours]["run"]["bpw_mlx_lm"]), done[ours]["run"]["bpw_mlx_lm"], batches),
-                                needs=(ours,)))
+                                needs=(ours,), code=(*MLX_LM_CODE, HERE + "run_mlx_lm_dynamic", HERE + "dynamic_bits")))
     return variants
 
 
@@ -390,13 +413,13 @@ def measure(variants: list[Variant], results: dict, reused: dict, store: Variant
     still run); with `resume`, a stored result whose fingerprint matches is taken instead (noted in `reused`)."""
     from mlxq.eval.metrics import load_for_eval, score
 
-    for label, bits, runner, needs in variants:
+    for label, bits, runner, needs, code in variants:
         missing = [need for need in needs if "kl" not in results.get(need, {})]
         if missing:
             results[label] = {"bits": bits, "failed": f"needs {', '.join(missing)}, which has no result"}
             continue
         extra = {need: results[need] for need in needs}
-        hit = store.get(label, extra) if resume else None
+        hit = store.get(label, extra, code) if resume else None
         if hit is not None:
             results[label] = hit["result"]
             reused[label] = {"stored": hit["stored"], "commit": hit["commit"]}
@@ -427,7 +450,7 @@ def measure(variants: list[Variant], results: dict, reused: dict, store: Variant
             "seconds": round(seconds, 1),
             **({"run": note} if note else {}),
         }
-        store.put(label, results[label], extra)
+        store.put(label, results[label], extra, code)
         print(f"{label:28s} " + " ".join(f"{k} {v}" for k, v in results[label].items()), file=sys.stderr, flush=True)
         shutil.rmtree(out.parent, ignore_errors=True)
         mx.clear_cache()
