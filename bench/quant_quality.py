@@ -13,7 +13,8 @@ Peers (each at the group size and bits of the mlxq variant it is compared with):
   (distillation of the quantized scales and biases: on this text, one pass of 4 optimizer steps; the time its
   default recipe would take here is estimated; its quantized matmuls run dequantized in float, the same function,
   checked on the real model in the run: `dequantized_matmul`) at 3 bits only (their CPU cost: see "not_run"), dynamic
-  quant (mixed 3/4 or 2/3 bits by gradient sensitivity, aimed at the bits per weight of mlxq's q3_k_m / q2_k).
+  quant (two widths mixed by gradient sensitivity, aimed at the bits per weight of mlxq's q3_k_m / q2_k: the pair
+  whose uniform models bracket that figure, `dynamic_bits`).
 - llama.cpp with an importance matrix from the same text (llama-imatrix, llama-quantize; bench/llama_cpp_tools.py):
   pure IQ4_NL and Q4_0, 4.5 bits per weight like 4-bit at group 64. No llama.cpp type goes below 4.5 bpw on
   SmolLM2's 576-wide rows (its K and IQ types need rows in multiples of 256; llama-quantize falls back to a
