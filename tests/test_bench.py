@@ -344,6 +344,41 @@ def test_dequantized_matmul_check_on_a_model(monkeypatch):
         qq.check_dequantized_matmul(model, list(range(1, 17)))
 
 
+def test_dynamic_threshold_fills_the_target_exactly():
+    """The peer's threshold puts the most sensitive layers at the high width, as many as fit within the target bits
+    per weight (mlx-lm's count): at most the target, one layer more would pass it, and never fewer bits than mlx-lm's
+    own bisection reaches within the target."""
+    import copy
+
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+    from mlx_lm.quant.dynamic_quant import estimate_threshold
+    from mlx_lm.utils import compute_bits_per_weight
+
+    qq = quant_quality()
+    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=4, intermediate_size=256,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=96,
+                           tie_word_embeddings=True)
+    model = llama.Model(args)
+    paths = [p for p, m in model.named_modules() if hasattr(m, "to_quantized")]
+    sens = {p: float(i) ** 3 for i, p in enumerate(paths)}  # heavy-tailed, like real sensitivities
+
+    def bpw_at(threshold: float) -> float:
+        q = copy.deepcopy(model)
+        nn.quantize(q, group_size=64, bits=3, class_predicate=lambda p, m: hasattr(m, "to_quantized") and (
+            {"bits": 4, "group_size": 64} if sens[p] > threshold else True))
+        return float(compute_bits_per_weight(q))
+
+    low, high = bpw_at(float("inf")), bpw_at(-1.0)
+    for target in (low + 0.3 * (high - low), low + 0.77 * (high - low)):
+        threshold, bpw = qq.dynamic_threshold(model, sens, target, 3, 4)
+        assert bpw == bpw_at(threshold) <= target
+        above = sorted(v for v in sens.values() if v <= threshold)[-1]  # the next layer to move up
+        assert bpw_at(above - 1e-9) > target
+        theirs = bpw_at(estimate_threshold(model, sens, target, 3, 64, 4, 64))  # its midpoint may also overshoot
+        assert bpw >= theirs or theirs > target
+
+
 # ------------------------------------------------------------------------------------------------- prefill_hybrid
 TINY_HYBRID = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
