@@ -37,6 +37,17 @@ def _nearest_int(v: np.ndarray) -> np.ndarray:
     return out
 
 
+_EXACT = F(1 << 22)  # below this magnitude, nearest_int is numpy's rint (round half to even)
+
+
+def _nearest(v: np.ndarray) -> np.ndarray:
+    """nearest_int(v) as float32 whole numbers, in place: numpy's rint (one pass) where every |v| < 2**22 (it
+    rounds as the magic number does there), else ggml's trick itself (garbage past 2**22 and for NaN, as in C)."""
+    if v.size and -_EXACT < v.min() and v.max() < _EXACT:  # NaN fails both tests
+        return np.rint(v, out=v)
+    return _nearest_int(v).astype(F)
+
+
 # numpy's clip ufunc itself: np.clip's wrapper costs several times the clipping of a block-sized array
 _CLIP = getattr(getattr(np, "_core", None) and np._core.umath, "clip", None)
 
@@ -163,15 +174,11 @@ def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray
     amax, big = _abs_max(x)
     w = x * x if w is None else w
     wx = w * x  # C's w*x[i]*l associates as (w*x[i])*l
-    # |iscale * x| <= nmax + 1 in every block that is not all but zero (those are zeroed below): where x is finite,
-    # nearest_int is numpy's rint there, and the codes stay float32 (whole numbers) until the end
-    finite = bool(np.isfinite(x).all())
+    # the codes stay float32 (whole numbers) until the end
     with np.errstate(all="ignore"):
 
         def trial(iscale):
-            lf = iscale * x
-            lf = np.rint(lf, out=lf) if finite else _nearest_int(lf).astype(F)
-            _clip(lf, -nmax, nmax - 1)
+            lf = _clip(_nearest(iscale * x), -nmax, nmax - 1)
             wl = wx * lf
             sumlx = _seq(wl)
             np.multiply(w, lf, out=wl)
@@ -265,19 +272,18 @@ def _make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool
             diff *= w
             return _seq(diff)
 
-        def codes_at(iscale):
+        def codes_at(iscale):  # as float32 whole numbers
             v = x - lo
             v *= iscale
-            return _clip(_nearest_int(v), 0, nmax)
+            return _clip(_nearest(v), 0, nmax)
 
         iscale = F(nmax) / (hi - lo)
         scale = F(1) / iscale
         codes = codes_at(iscale)
-        best = error(scale, lo, codes.astype(F))
+        best = error(scale, lo, codes)
         for step in range(nstep + 1):
             iscale = ((F(rmin) + F(rdelta) * F(step)) + F(nmax)) / (hi - lo)
-            trial = codes_at(iscale)
-            lf = trial.astype(F)
+            lf = trial = codes_at(iscale)
             wl = w * lf
             sum_l, sum_xl = _seq(wl), _seq(wl * x)
             wl *= lf
@@ -295,7 +301,7 @@ def _make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool
             scale = np.where(better, this_scale, scale)
             lo = np.where(better, this_min, lo)
     lo = np.where(flat, first_lo, lo)
-    return np.where(flat, F(0), scale).astype(F), (-lo).astype(F), np.where(flat, 0, codes)
+    return np.where(flat, F(0), scale).astype(F), (-lo).astype(F), np.where(flat, 0, codes).astype(np.int32)
 
 
 def _make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
