@@ -105,3 +105,28 @@ def test_threads_share_one_heap(tmp_path):
     out = tmp_path / "heaps.xml"
     subprocess.run([sys.executable, "-c", _HEAPS, str(out)], check=True, timeout=120)
     assert out.read_text().count("<heap nr=") == 1
+
+
+_TRIM = """
+import ctypes
+from mlxq.loading import _return_freed_memory, trim_heap
+_return_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+blocks = [libc.malloc(64 << 10) for _ in range(480)]  # 30 MB from the heap (below the mmap threshold)
+for p in blocks:
+    ctypes.memset(p, 1, 64 << 10)
+for p in blocks[:-1]:  # the last one holds the heap's top: glibc trims a free top by itself, not the middle
+    libc.free(p)
+before = rss()
+trim_heap()
+print(before - rss())
+"""
+
+
+def test_trim_heap_hands_freed_memory_back():
+    out = subprocess.run([sys.executable, "-c", _TRIM], check=True, timeout=120, capture_output=True, text=True)
+    assert float(out.stdout) > 20  # MB of the 30 freed
