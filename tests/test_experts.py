@@ -508,3 +508,42 @@ def test_malformed_manifest_is_one_line(edit, message, made, tmp_path):
     with pytest.raises(FormatError, match=re.escape(message)) as e:
         mlxq.load(str(bad), expert_memory="50%")
     assert "\n" not in str(e.value)
+
+
+def test_expert_prefetch_reaches_every_rank_of_a_group(monkeypatch):
+    """--hosts: rank 0 loads with the options and hands them to the other ranks' workers, which load with the same."""
+    import mlx.core
+    from click.testing import CliRunner
+
+    import mlxq.distributed.group
+    import mlxq.distributed.launch as launch
+    from mlxq.distributed import worker
+
+    seen = {}
+
+    class FakeLaunch:
+        def __init__(self, hosts_path, worker_args, ring_port):
+            seen["worker_args"] = worker_args
+
+        def group(self):
+            return None
+
+    def load_group(name, group, **kw):
+        seen["rank0"] = kw["expert_options"]
+        raise _Loaded
+
+    monkeypatch.setattr(launch, "Launch", FakeLaunch)
+    monkeypatch.setattr(mlxq.distributed.group, "load_group", load_group)
+    with pytest.raises(_Loaded):
+        launch.load_on_hosts("M", "hosts.json", None, expert_memory="25%", expert_options={"prefetch": 2})
+    assert seen["rank0"] == {"prefetch": 2}
+
+    def load(name, **kw):
+        seen["rank"] = kw["expert_options"]
+        raise _Loaded
+
+    monkeypatch.setattr(mlx.core.distributed, "init", lambda **kw: None)
+    monkeypatch.setattr(mlxq, "load", load)
+    done = CliRunner().invoke(worker.main, seen["worker_args"])
+    assert isinstance(done.exception, _Loaded), done.output
+    assert seen["rank"] == {"prefetch": 2}
