@@ -1,9 +1,11 @@
-"""`--method allocate`: types moved within a mix by the Fisher-weighted error, at the mix's own size.
+"""`--method allocate`: types moved within a mix by the KL each move measurably adds, at the mix's own size.
 
-The Fisher diagonal is checked against finite differences of the loss; the allocation against an exhaustive search
-on small random problems (never over budget, never worse than the mix's own types); the export end to end on a
-tiny model against the plain importance-weighted export (no more bits, lower KL to the float model on the
-calibration text) and against llama.cpp, which loads the file and gives mlxq's logits.
+The layer-by-layer KL of many variants at once is checked against whole forward passes with the variants' weights
+(the exported file's own types included); the choice on a measure with known costs (the best pick, within the
+budget; the mix kept when the moves do not add up); the allocation against an exhaustive search on small random
+problems (never over budget, never worse than the mix's own types); the export end to end on a tiny model against
+the plain importance-weighted export (no more bits, lower KL to the float model on the calibration text) and against
+llama.cpp, which loads the file and gives mlxq's logits.
 """
 
 from __future__ import annotations
@@ -20,43 +22,94 @@ from tiny import WIDE, make_tiny, save_tiny_tokenizer
 
 from mlxq.formats import open_checkpoint
 from mlxq.formats.gguf import allocate
-from mlxq.formats.gguf.export import export
+from mlxq.formats.gguf.codecs import CODECS, bits_per_weight
+from mlxq.formats.gguf.export import export, plan, requantized
 from mlxq.loading import load_model
 from mlxq.quant.recipes import gguf_recipe
 
 
-def test_fisher_is_the_sum_of_squared_gradients(tmp_path):
-    make_tiny("llama", tmp_path)
-    net = load_model(open_checkpoint(str(tmp_path)), dtype=mx.float32, fuse=False)
-    seqs = [[3, 17, 42, 99, 5, 120, 7], [64, 11, 150, 33, 8, 19, 140]]
-    fisher = allocate.fisher_diagonal(net, seqs)
-    name, (i, j) = "model.layers.0.mlp.down_proj.weight", (2, 5)
-    assert name in fisher
-    w = net.model.layers[0].mlp.down_proj.weight
+def test_a_tensor_moves_along_its_row_widths_ladder():
+    t = lambda kind, cols: allocate.Tensor("w", "g", kind, cols, cols)  # noqa: E731
+    assert [t("Q3_K", 512).at(o) for o in (-1, 0, 1, 2)] == ["Q2_K", "Q3_K", "Q4_K", "Q5_K"]
+    assert [t("Q2_K", 512).at(o) for o in (-1, 0, 1)] == ["Q2_K", "Q2_K", "Q3_K"]
+    assert [t("Q8_0", 512).at(o) for o in (-1, 0, 1)] == ["Q6_K", "Q8_0", "Q8_0"]
+    assert [t("Q4_0", 576).at(o) for o in (-1, 1, 2)] == ["Q4_0", "Q5_0", "Q8_0"]
+    assert [t("Q5_1", 576).at(o) for o in (-1, 0, 1)] == ["Q4_0", "Q5_1", "Q8_0"]  # from where Q5_0 stands
+    assert t("F16", 512).at(1) == "F16" and t("TQ2_0", 512).at(1) == "TQ2_0"
 
-    def loss(seq, delta):
-        w2 = mx.array(np.asarray(w))
-        w2[i, j] = w2[i, j] + delta
-        net.model.layers[0].mlp.down_proj.weight = w2
-        t = mx.array(seq)
-        logits = net(t[None, :-1], net.make_cache())[0]
-        out = mx.mean(mx.logsumexp(logits, -1) - mx.take_along_axis(logits, t[1:, None], -1)[:, 0]).item()
-        net.model.layers[0].mlp.down_proj.weight = w
+
+def measured_reference(src, variant, weight, batches):
+    """KL(float || variant) by the whole model's forward pass: the float net against the net with the variant's
+    tensors replaced (the file's own weights when `variant` is None)."""
+    float_net = load_model(open_checkpoint(str(src)), dtype=mx.float32, fuse=False)
+    net = load_model(open_checkpoint(str(src)), dtype=mx.float32, fuse=False)
+    net.load_weights([(n, weight(n, k)) for n, k in variant.items()], strict=False)
+    total = 0.0
+    for seq in batches:
+        t = mx.array([seq])
+        ref = float_net(t, float_net.make_cache())[0]
+        ref = ref - mx.logsumexp(ref, -1, keepdims=True)
+        lp = net(t, net.make_cache())[0]
+        total += (mx.exp(ref) * (ref - lp + mx.logsumexp(lp, -1, keepdims=True))).sum().item()
+    return total / sum(len(s) for s in batches)
+
+
+def test_measured_kl_layer_by_layer_is_the_whole_models(tmp_path):
+    """Every variant at once, layer by layer, against one whole forward pass per variant: the file's types on
+    every tensor (tied embedding included), and one tensor alone measured after it (so a variant that inherits the
+    one before's weights shows)."""
+    src = tmp_path / "src"
+    make_tiny("llama_tied_linear", src, **WIDE)
+    ckpt = open_checkpoint(str(src))
+    the_plan = plan(ckpt, gguf_recipe("Q3_K_M"))
+    items = {it.hf: it for it in the_plan.items if it.out.kind in CODECS}
+    full = {n: it.out.kind for n, it in items.items()}
+    assert "model.embed_tokens.weight" in full and len(set(full.values())) > 1
+    one = {"model.layers.1.mlp.down_proj.weight": "Q2_K"}
+
+    def weight(name, kind):
+        return mx.array(requantized(open_checkpoint(str(src)), the_plan, items[name], kind))
+
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 160, 48).tolist() for _ in range(3)]
+    got = allocate.measured_kl(open_checkpoint(str(src)), batches, [full, one], weight)
+    want = [measured_reference(src, v, weight, batches) for v in (full, one)]
+    assert got == pytest.approx(want, rel=1e-3)
+    assert want[0] > 2 * want[1] > 0
+
+
+def table_measure(costs, interaction=0.0):
+    """A measure whose KL is the sum of each tensor's cost at its type, plus `interaction` once two or more tensors
+    sit off their first type (the mix's), as a measure that does not add up would; records what it was asked."""
+    asked = []
+
+    def measure(variants):
+        asked.append(variants)
+        out = []
+        for v in variants:
+            off = sum(k != next(iter(costs[n])) for n, k in v.items())
+            out.append(sum(costs[n][k] for n, k in v.items()) + (interaction if off >= 2 else 0.0))
         return out
 
-    eps = 1e-2
-    want = sum(((loss(s, eps) - loss(s, -eps)) / (2 * eps)) ** 2 for s in seqs)
-    assert fisher[name][i, j].item() == pytest.approx(want, rel=2e-2, abs=1e-9)
+    return measure, asked
 
 
-def test_steps_are_the_neighbours_on_the_row_width_ladder():
-    assert allocate.steps("Q3_K", 512) == ("Q2_K", "Q3_K", "Q4_K")
-    assert allocate.steps("Q2_K", 512) == ("Q2_K", "Q3_K")
-    assert allocate.steps("Q8_0", 512) == ("Q6_K", "Q8_0")
-    assert allocate.steps("Q4_0", 576) == ("Q4_0", "Q5_0")
-    assert allocate.steps("Q5_1", 576) == ("Q4_0", "Q5_0", "Q5_1", "Q8_0")  # from where Q5_0 stands
-    assert allocate.steps("F16", 512) == ("F16",)
-    assert allocate.steps("TQ2_0", 512) == ("TQ2_0",)
+def test_choice_moves_bits_where_they_lower_the_kl_and_keeps_the_budget():
+    tensors = [allocate.Tensor("down", "ffn_down", "Q3_K", 512, 512 * 64),
+               allocate.Tensor("up", "ffn_up", "Q4_K", 512, 512 * 64),
+               allocate.Tensor("v", "attn_v", "Q6_K", 512, 512 * 32)]
+    costs = {"down": {"Q3_K": 0.30, "Q2_K": 0.9, "Q4_K": 0.01, "Q5_K": 0.005},
+             "up": {"Q4_K": 0.02, "Q3_K": 0.05, "Q5_K": 0.015, "Q6_K": 0.012},
+             "v": {"Q6_K": 0.001, "Q5_K": 0.002, "Q8_0": 0.0009}}
+    measure, asked = table_measure(costs)
+    pick = allocate.choose(measure, tensors)
+    assert pick == {"down": "Q4_K", "up": "Q3_K", "v": "Q6_K"}
+    bits = lambda p: sum(t.size * bits_per_weight(p[t.name]) for t in tensors)  # noqa: E731
+    assert bits(pick) <= bits({t.name: t.kind for t in tensors})
+    assert len(asked) == 2 and len(asked[1]) == 1  # one pass over every move, one to check the pick
+    # when the moves do not add up and the pick is worse than the mix as a whole, the mix stays
+    measure, _ = table_measure(costs, interaction=1.0)
+    assert allocate.choose(measure, tensors) == {t.name: t.kind for t in tensors}
 
 
 def _cost(choices, pick):
@@ -128,14 +181,3 @@ def test_allocated_export_is_no_larger_and_closer_to_the_float_model(kind, tmp_p
     kl = {m: score(logits(mlxq_net(p, src)), wins, ref).kl for m, p in files.items()}
     assert kl["allocate"] < kl["imatrix"], kl
     assert rel(llama_cpp_logits(files["allocate"], PROMPT), mlxq_logits(files["allocate"], src)) <= QUANTIZED_TOLERANCE
-
-
-def test_error_estimated_on_sampled_rows_is_the_whole_tensors():
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((2048, 256)).astype(np.float32)
-    fisher = rng.exponential(1.0, w.shape).astype(np.float32)
-    full = allocate.weighted_errors(w, fisher, ("Q3_K", "Q5_K"), None, rows=2048)
-    sampled = allocate.weighted_errors(w, fisher, ("Q3_K", "Q5_K"), None, rows=256)
-    for k in full:
-        assert sampled[k] == pytest.approx(full[k], rel=0.1)
-    assert full["Q5_K"] < full["Q3_K"] / 3  # two more bits, about a sixteenth of the squared error

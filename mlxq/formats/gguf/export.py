@@ -27,7 +27,7 @@ from mlxq.formats import open_checkpoint
 from mlxq.formats.base import Checkpoint
 from mlxq.formats.gguf import allocate, names
 from mlxq.formats.gguf.calibrated import choose_codes
-from mlxq.formats.gguf.codecs import CODECS, FALLBACK, FLOAT_TYPES, bits_per_weight, block_size, encode
+from mlxq.formats.gguf.codecs import CODECS, FALLBACK, FLOAT_TYPES, block_size, encode
 from mlxq.formats.gguf.vocab import tokenizer_metadata
 from mlxq.formats.gguf.writer import GGUFOut, TensorOut, Value
 from mlxq.models import text_config
@@ -477,32 +477,50 @@ def _encoded(ckpt: Checkpoint, the_plan: Plan, item: Item, stats: Stats | None, 
 
 
 def allocated(opener: Callable[[], Checkpoint], the_plan: Plan, stats: Stats, text: str, console) -> Plan:
-    """`the_plan` with each movable tensor's type chosen by `allocate` (its bits at most the mix's)."""
+    """`the_plan` with each group's types moved by `allocate.choose` (measured KL, bits at most the mix's)."""
+    from rich.progress import Progress
+
     from mlxq.engine.tokenizer import load_tokenizer
-    from mlxq.loading import load_model
+    from mlxq.models import build_model
     from mlxq.quant.calibrate import text_key, token_batches
 
     ckpt = opener()
     tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template)
-    batches = token_batches(tok, text_key(text)[1], allocate.FISHER_TOKENS, allocate.FISHER_SEQ)
-    console.print(f"allocating: Fisher information on {len(batches)} x {allocate.FISHER_SEQ} tokens", highlight=False)
-    fisher = allocate.fisher_diagonal(load_model(ckpt, dtype=mx.float32, fuse=False), batches)
-    ckpt = opener()  # the model consumed the lazy tensors it loaded
-    choices = []
-    for item in the_plan.items:
-        kinds = allocate.steps(item.out.kind, item.out.shape[-1])
-        if len(kinds) == 1 or item.hf not in fisher:
-            continue
-        w, f = (names.to_gguf(the_plan.arch, item.hf, x, the_plan.config).reshape(item.out.shape)
-                for x in (item.source.load(ckpt), np.asarray(fisher.pop(item.hf))))
-        errors = allocate.weighted_errors(w, f, kinds, calibration_for(the_plan, item, stats)[0])
-        n = math.prod(item.out.shape)
-        choices.append(allocate.Choice(item.out.name, {k: (n * bits_per_weight(k), e) for k, e in errors.items()},
-                                       item.out.kind))
-        mx.clear_cache()
-    pick = allocate.allocate(choices)
-    items = [replace(it, out=replace(it.out, kind=pick.get(it.out.name, it.out.kind))) for it in the_plan.items]
-    return replace(the_plan, items=items)
+    batches = token_batches(tok, text_key(text)[1], allocate.MEASURE_TOKENS, allocate.MEASURE_SEQ)
+    shape = build_model(text_config(ckpt.config))  # lazy: its parameters are never evaluated
+    params, n_layers = allocate.parameter_names(shape), len(shape.layers)
+    # a tensor the model holds as it is (not a part of a fused or stacked one) can be swapped in the forward pass
+    items = {it.hf: it for it in the_plan.items if it.out.kind in CODECS and it.hf in params
+             and it.source.names == (it.hf,) and it.source.rows is None and not it.source.undo}
+    tensors = [allocate.Tensor(it.hf, re.sub(r"^blk\.\d+\.", "", it.out.name), it.out.kind, it.out.shape[-1],
+                               math.prod(it.out.shape)) for it in items.values()]
+
+    def measure(variants: list[allocate.Variant]) -> list[float]:
+        source = opener()  # a forward pass consumes the lazy tensors it loads
+
+        def weight(name: str, kind: str) -> mx.array:
+            return mx.array(requantized(source, the_plan, items[name], kind, stats))
+
+        with Progress(console=console, transient=True) as bar:
+            layers = bar.add_task(f"allocating: {len(variants)} variants, layer by layer", total=n_layers)
+            return allocate.measured_kl(source, batches, variants, weight, lambda: bar.advance(layers))
+
+    console.print(f"allocating: KL measured on {len(batches)} x {allocate.MEASURE_SEQ} tokens", highlight=False)
+    pick = allocate.choose(measure, tensors, lambda line: console.print(f"allocating: {line}", highlight=False))
+    moved = [replace(it, out=replace(it.out, kind=pick[it.hf])) if it.hf in pick else it for it in the_plan.items]
+    return replace(the_plan, items=moved)
+
+
+def requantized(ckpt: Checkpoint, the_plan: Plan, item: Item, kind: str, stats: Stats | None = None) -> np.ndarray:
+    """`item`'s tensor as the export would write it at `kind` (importance-weighted with `stats`), read back in the
+    checkpoint's own layout and shape, float32."""
+    from mlxq.kernels import kquants
+
+    w = names.to_gguf(the_plan.arch, item.hf, item.source.load(ckpt), the_plan.config).reshape(item.out.shape)
+    data = encode(w, kind, calibration_for(the_plan, item, stats)[0])
+    q = np.asarray(kquants.dequantize(mx.array(data), kind)).reshape(item.out.shape)
+    return np.asarray(names.to_hf_all(names.transforms(the_plan.arch, item.hf), q, the_plan.config),
+                      np.float32).reshape(item.source.shape)
 
 
 def calibration_for(the_plan: Plan, item: Item, stats: Stats | None) -> tuple[np.ndarray | None, mx.array | None]:
