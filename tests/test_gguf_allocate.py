@@ -68,7 +68,7 @@ def test_measured_kl_layer_by_layer_is_the_whole_models(tmp_path):
     one = {"model.layers.1.mlp.down_proj.weight": "Q2_K"}
 
     def weight(name, kind):
-        return mx.array(requantized(open_checkpoint(str(src)), the_plan, items[name], kind))
+        return mx.array(requantized(open_checkpoint(str(src)), the_plan, items[name], kind)[0])
 
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 160, 48).tolist() for _ in range(3)]
@@ -95,21 +95,34 @@ def table_measure(costs, interaction=0.0):
 
 
 def test_choice_moves_bits_where_they_lower_the_kl_and_keeps_the_budget():
-    tensors = [allocate.Tensor("down", "ffn_down", "Q3_K", 512, 512 * 64),
-               allocate.Tensor("up", "ffn_up", "Q4_K", 512, 512 * 64),
-               allocate.Tensor("v", "attn_v", "Q6_K", 512, 512 * 32)]
-    costs = {"down": {"Q3_K": 0.30, "Q2_K": 0.9, "Q4_K": 0.01, "Q5_K": 0.005},
+    """The class-level cliff (ffn_down) is measured; which ffn_down takes the extra bits is told by the errors: the
+    budget pays for one of them only (moving the whole class costs more than the others can give back)."""
+    n = 512 * 64
+    tensors = [allocate.Tensor("down0", "ffn_down", "Q3_K", 512, n),
+               allocate.Tensor("down1", "ffn_down", "Q3_K", 512, n),
+               allocate.Tensor("up", "ffn_up", "Q4_K", 512, n), allocate.Tensor("v", "attn_v", "Q6_K", 512, n // 2)]
+    costs = {"down0": {"Q3_K": 0.30, "Q2_K": 0.9, "Q4_K": 0.01, "Q5_K": 0.005},
+             "down1": {"Q3_K": 0.002, "Q2_K": 0.004, "Q4_K": 0.001, "Q5_K": 0.0005},
              "up": {"Q4_K": 0.02, "Q3_K": 0.05, "Q5_K": 0.015, "Q6_K": 0.012},
              "v": {"Q6_K": 0.001, "Q5_K": 0.002, "Q8_0": 0.0009}}
+    error = lambda name, kind: 7.0 * costs[name][kind]  # noqa: E731  (shares need only be proportional)
     measure, asked = table_measure(costs)
-    pick = allocate.choose(measure, tensors)
-    assert pick == {"down": "Q4_K", "up": "Q3_K", "v": "Q6_K"}
+    pick = allocate.choose(measure, tensors, error)
+    assert pick == {"down0": "Q4_K", "down1": "Q2_K", "up": "Q4_K", "v": "Q5_K"}  # the exhaustive best
     bits = lambda p: sum(t.size * bits_per_weight(p[t.name]) for t in tensors)  # noqa: E731
     assert bits(pick) <= bits({t.name: t.kind for t in tensors})
-    assert len(asked) == 2 and len(asked[1]) == 1  # one pass over every move, one to check the pick
-    # when the moves do not add up and the pick is worse than the mix as a whole, the mix stays
+    assert len(asked) == 2 and pick in asked[1]  # one pass over every move, one to check the picks
+    # when the moves do not add up and the picks are worse than the mix as a whole, the mix stays
     measure, _ = table_measure(costs, interaction=1.0)
-    assert allocate.choose(measure, tensors) == {t.name: t.kind for t in tensors}
+    assert allocate.choose(measure, tensors, error) == {t.name: t.kind for t in tensors}
+
+
+def test_a_groups_measured_kl_is_shared_as_its_tensors_errors_change():
+    group = [allocate.Tensor(f"t{i}", "g", "Q4_0", 576, 576) for i in range(3)]
+    err = {("t0", "Q4_0"): 4.0, ("t0", "Q5_0"): 1.0, ("t1", "Q4_0"): 2.0, ("t1", "Q5_0"): 1.0,
+           ("t2", "Q4_0"): 1.0, ("t2", "Q5_0"): 1.5}  # t2 got worse: it takes no part
+    got = allocate.shares(group, 1, lambda n, k: err[n, k])
+    assert [got[t] for t in group] == pytest.approx([0.75, 0.25, 0.0])
 
 
 def _cost(choices, pick):

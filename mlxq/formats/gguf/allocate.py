@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxq.formats.base import Checkpoint
@@ -72,11 +73,16 @@ Variant = dict[str, str]  # parameter name -> the type it is quantized at; the o
 Measure = Callable[[list[Variant]], list[float]]
 
 
-def choose(measure: Measure, tensors: list[Tensor], say: Callable[[str], None] = lambda line: None) -> Variant:
-    """A type per tensor, by measured KL: each group's moves measured one at a time against the mix (`measure`
-    gives each variant's mean KL to the float model on the calibration text), picked by `allocate` at no more
-    bits than the mix, and the pick measured once more: the mix is kept unless the pick is better."""
+def choose(measure: Measure, tensors: list[Tensor], error: Callable[[str, str], float],
+           say: Callable[[str], None] = lambda line: None) -> Variant:
+    """A type per tensor, by measured KL. Each group's moves are measured one at a time against the mix
+    (`measure` gives each variant's mean KL to the float model on the calibration text). Two picks by `allocate`,
+    each at no more bits than the mix: one moving whole groups; one moving single tensors, a group's measured KL
+    shared among its tensors as their importance-weighted errors (`error(name, type)`, computed while measuring)
+    change. Both picks are measured once more, and the lowest KL of the mix and the picks wins."""
     mix = {t.name: t.kind for t in tensors}
+    if all(t.at(o) == t.kind for t in tensors for o in OFFSETS):
+        return mix  # nothing can move (no tensor on a ladder): no pass to run
     groups: dict[str, list[Tensor]] = {}
     for t in tensors:
         groups.setdefault(t.group, []).append(t)
@@ -90,20 +96,36 @@ def choose(measure: Measure, tensors: list[Tensor], say: Callable[[str], None] =
                 moves.append((g, o))
     variants = [mix] + [{**mix, **{t.name: t.at(o) for t in groups[g]}} for g, o in moves]
     base, *kls = measure(variants)
-    options: dict[str, dict[str, tuple[float, float]]] = {
-        g: {"+0": (_bits(ts, 0), 0.0)} for g, ts in groups.items()}
+    whole = {g: {"+0": (_bits(ts, 0), 0.0)} for g, ts in groups.items()}
+    single = {t.name: {t.kind: (_bits([t], 0), 0.0)} for t in tensors}
     for (g, o), kl in zip(moves, kls, strict=True):
-        options[g][f"{o:+d}"] = (_bits(groups[g], o), kl - base)
+        whole[g][f"{o:+d}"] = (_bits(groups[g], o), kl - base)
         say(f"{g} {o:+d} steps ({', '.join(sorted({t.at(o) for t in groups[g]}))}): KL {kl - base:+.5f}")
-    pick = allocate([Choice(g, opts, "+0") for g, opts in options.items()])
-    types = {t.name: t.at(int(pick[t.group])) for t in tensors}
-    if types == mix:
+        for t, share in shares(groups[g], o, error).items():
+            cost = (kl - base) * share
+            if share > 0 and cost < single[t.name].get(t.at(o), (0.0, np.inf))[1]:
+                single[t.name][t.at(o)] = (_bits([t], o), cost)
+    by_group = allocate([Choice(g, opts, "+0") for g, opts in whole.items()])
+    picks = [{t.name: t.at(int(by_group[t.group])) for t in tensors},
+             allocate([Choice(t.name, single[t.name], t.kind) for t in tensors])]
+    picks = [p for i, p in enumerate(picks) if p != mix and p not in picks[:i]]
+    if not picks:
         say(f"kept the mix (KL {base:.5f} on the calibration text)")
         return mix
-    (kl,) = measure([types])
-    say(f"KL on the calibration text: mix {base:.5f}, moved {kl:.5f} (sum of the moves' own: "
-        f"{base + sum(options[g][o][1] for g, o in pick.items()):.5f})")
-    return types if kl < base else mix
+    kls = measure(picks)
+    say(f"KL on the calibration text: mix {base:.5f}, moved {', '.join(f'{kl:.5f}' for kl in kls)}")
+    best = int(np.argmin(kls))
+    return picks[best] if kls[best] < base else mix
+
+
+def shares(group: list[Tensor], offset: int, error: Callable[[str, str], float]) -> dict[Tensor, float]:
+    """Each tensor's part of its group's move: its change of error over the group's (only changes the same way as
+    the group's count)."""
+    change = {t: error(t.name, t.at(offset)) - error(t.name, t.kind) for t in group}
+    sign = np.sign(sum(change.values())) or 1.0
+    part = {t: max(sign * c, 0.0) for t, c in change.items()}
+    total = sum(part.values())
+    return {t: p / total if total > 0 else 1 / len(group) for t, p in part.items()}
 
 
 def _bits(tensors: list[Tensor], offset: int) -> float:

@@ -495,32 +495,38 @@ def allocated(opener: Callable[[], Checkpoint], the_plan: Plan, stats: Stats, te
     tensors = [allocate.Tensor(it.hf, re.sub(r"^blk\.\d+\.", "", it.out.name), it.out.kind, it.out.shape[-1],
                                math.prod(it.out.shape)) for it in items.values()]
 
+    errors: dict[tuple[str, str], float] = {}  # filled as the pass makes each tensor's candidates
+
     def measure(variants: list[allocate.Variant]) -> list[float]:
         source = opener()  # a forward pass consumes the lazy tensors it loads
 
         def weight(name: str, kind: str) -> mx.array:
-            return mx.array(requantized(source, the_plan, items[name], kind, stats))
+            w, errors[name, kind] = requantized(source, the_plan, items[name], kind, stats)
+            return mx.array(w)
 
         with Progress(console=console, transient=True) as bar:
             layers = bar.add_task(f"allocating: {len(variants)} variants, layer by layer", total=n_layers)
             return allocate.measured_kl(source, batches, variants, weight, lambda: bar.advance(layers))
 
     console.print(f"allocating: KL measured on {len(batches)} x {allocate.MEASURE_SEQ} tokens", highlight=False)
-    pick = allocate.choose(measure, tensors, lambda line: console.print(f"allocating: {line}", highlight=False))
+    pick = allocate.choose(measure, tensors, lambda name, kind: errors[name, kind],
+                           lambda line: console.print(f"allocating: {line}", highlight=False))
     moved = [replace(it, out=replace(it.out, kind=pick[it.hf])) if it.hf in pick else it for it in the_plan.items]
     return replace(the_plan, items=moved)
 
 
-def requantized(ckpt: Checkpoint, the_plan: Plan, item: Item, kind: str, stats: Stats | None = None) -> np.ndarray:
+def requantized(ckpt: Checkpoint, the_plan: Plan, item: Item, kind: str,
+                stats: Stats | None = None) -> tuple[np.ndarray, float]:
     """`item`'s tensor as the export would write it at `kind` (importance-weighted with `stats`), read back in the
-    checkpoint's own layout and shape, float32."""
+    checkpoint's own layout and shape (float32), and its importance-weighted squared error."""
     from mlxq.kernels import kquants
 
     w = names.to_gguf(the_plan.arch, item.hf, item.source.load(ckpt), the_plan.config).reshape(item.out.shape)
-    data = encode(w, kind, calibration_for(the_plan, item, stats)[0])
-    q = np.asarray(kquants.dequantize(mx.array(data), kind)).reshape(item.out.shape)
-    return np.asarray(names.to_hf_all(names.transforms(the_plan.arch, item.hf), q, the_plan.config),
-                      np.float32).reshape(item.source.shape)
+    importance = calibration_for(the_plan, item, stats)[0]
+    q = np.asarray(kquants.dequantize(mx.array(encode(w, kind, importance)), kind)).reshape(item.out.shape)
+    error = float(((w - q) ** 2 * (1.0 if importance is None else importance)).sum())
+    back = names.to_hf_all(names.transforms(the_plan.arch, item.hf), q, the_plan.config)
+    return np.asarray(back, np.float32).reshape(item.source.shape), error
 
 
 def calibration_for(the_plan: Plan, item: Item, stats: Stats | None) -> tuple[np.ndarray | None, mx.array | None]:
