@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from llama_cpp_run import llama_cpp_logits
-from test_gguf_export import PROMPT, QUANTIZED_TOLERANCE, TEXT, mlxq_logits, mlxq_net, rel
+from test_gguf_export import PROMPT, QUANTIZED_TOLERANCE, TEXT, mlxq_logits, mlxq_net, rel, tiny_src  # noqa: F401
 from tiny import WIDE, make_tiny, save_tiny_tokenizer
 
 from mlxq.formats import open_checkpoint
@@ -193,4 +193,20 @@ def test_allocated_export_is_no_larger_and_closer_to_the_float_model(kind, tmp_p
     ref = reference(logits(float_net), wins)
     kl = {m: score(logits(mlxq_net(p, src)), wins, ref).kl for m, p in files.items()}
     assert kl["allocate"] < kl["imatrix"], kl
+    assert rel(llama_cpp_logits(files["allocate"], PROMPT), mlxq_logits(files["allocate"], src)) <= QUANTIZED_TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "gemma3", "qwen3_moe_norm"])
+def test_allocated_export_on_other_families(family, tiny_src, tmp_path, monkeypatch):  # noqa: F811
+    """The layer-by-layer pass on a hybrid (DeltaNet), Gemma 3 (sliding window, embedding scale) and an MoE (whose
+    stacked experts keep the mix's types): no more bits than the mix, and llama.cpp gives mlxq's logits."""
+    monkeypatch.setenv("MLXQ_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    src = tiny_src(family, True)
+    files = {m: tmp_path / f"{m}.gguf" for m in ("imatrix", "allocate")}
+    for method, path in files.items():
+        export(str(src), path, gguf_recipe("Q3_K_M"), calibrate=str(text), method=method, calib_tokens=1024,
+               progress=False)
+    assert quantized_bits(files["allocate"]) <= quantized_bits(files["imatrix"])
     assert rel(llama_cpp_logits(files["allocate"], PROMPT), mlxq_logits(files["allocate"], src)) <= QUANTIZED_TOLERANCE

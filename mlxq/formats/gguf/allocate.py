@@ -15,13 +15,17 @@ per-layer shape is kept). On calibration text the model runs with every tensor q
 fits, the codes the export writes) at the mix's types, and again with one group moved at a time, everything else at
 the mix's types; the KL to the float model that each move adds is its cost. All these variants run together, layer
 by layer (`measured_kl`): one decoder layer's weights are in memory at a time, as in calibration, so the pass
-needs no more memory than the variants' hidden states, however big the model. A budgeted choice (`allocate`)
-then picks a step per group with the file's quantized bits at most the mix's; a last pass measures the pick against
-the mix and keeps the mix if the pick is not better (contributions added within 1 % on SmolLM2, so it rarely is).
+needs no more memory than the variants' hidden states (and the embedding at each candidate type), however big the
+model. A budgeted choice (`allocate`) then picks, with the file's quantized bits at most the mix's, once a step per
+group, and once a type per tensor, a group's measured KL shared among its tensors as their importance-weighted
+errors change (whole groups are coarse: at Q4_K_M a class's step from Q5_0 to Q8_0 is 3.5 bits a weight, and
+class moves alone left 1 % of the budget unused). A last pass measures both picks; the lowest KL of them and the
+mix is written.
 
 Ladders hold the K-quants, or for rows that are not whole 256-blocks the symmetric legacy types llama.cpp falls back
 to (Q4_0, Q5_0, Q8_0): Q4_1/Q5_1 are left out because they hold an affine-quantized source exactly and would win on
-a re-quantized checkpoint (the bench's SmolLM2 is one) for the wrong reason.
+a re-quantized checkpoint (the bench's SmolLM2 is one) for the wrong reason. Only tensors the model holds whole
+move (the export's `allocated`); parts of a fused or stacked one (routed experts, split projections) keep the mix's.
 """
 
 from __future__ import annotations
