@@ -395,13 +395,14 @@ def lossy_source(ckpt: Checkpoint, recipe: Recipe) -> str | None:
 # each layer's Hessian (formats/gguf/calibrated.py), never worse than imatrix on the calibration text, row by row,
 # and 30-50 % lower in Hessian-weighted error on held-back text, layer by layer. Yet on SmolLM2 (bench/gguf_export.py
 # --part quality, 8192 calibration tokens, KL scored by llama-perplexity) gptq / llama.cpp+imatrix is 1.144 at
-# Q4_K_M, 0.954 at Q3_K_M and 1.017 at Q2_K, against 0.997, 0.998, 1.005 for imatrix: imatrix stays the default.
-# allocate: imatrix's codes, and each tensor's type moved one step within the mix by the Fisher-weighted error of
-# each candidate, at no more than the mix's bits (formats/gguf/allocate.py): on SmolLM2 KL / llama.cpp+imatrix's is
-# 0.42 at Q3_K_M, 0.85 at Q4_K_M, 1.00 at Q2_K (allocate.py says why). Not the default: the Fisher pass holds the
-# float model and its gradients in memory, which a model bigger than memory cannot.
+# Q4_K_M, 0.954 at Q3_K_M and 1.017 at Q2_K, against 0.997, 0.998, 1.005 for imatrix. allocate (the default):
+# imatrix's codes, and tensor types moved within the mix by the KL each move measurably adds on the calibration text,
+# at no more than the mix's bits (formats/gguf/allocate.py); on SmolLM2 (same bench, --methods allocate) KL /
+# llama.cpp+imatrix's is 0.91 at Q4_K_M, 0.43 at Q3_K_M and 0.2 at Q2_K. Its pass runs layer by layer like
+# calibration (no gradients), so it fits where calibration does; it costs about one more calibration pass
+# (~30 variants x 1024 tokens) and ~4 encodes of each tensor.
 CALIBRATION_METHODS = ("imatrix", "gptq", "allocate")
-DEFAULT_METHOD = "imatrix"
+DEFAULT_METHOD = "allocate"
 
 
 def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None = None, method: str = DEFAULT_METHOD,
