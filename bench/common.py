@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mlxq.bench.record import OPENBLAS, blas, float_copy, machine, median, write_json  # noqa: F401  (re-exported)
@@ -45,6 +46,18 @@ def write_result(name: str, result: dict) -> dict:
     sys.stdout.flush()
     print(json.dumps(result))
     return result
+
+
+def rounds_verdict(values: list[float], goal: Callable[[float], bool]) -> dict:
+    """A ratio measured once per round (its settings interleaved within the round, so both sides saw the same load):
+    the median over rounds, every round, and the goal's verdict at the median. `robust`: at least 3 rounds, and
+    leaving out any one round gives the same verdict, so no single round on a shared machine decides it."""
+    mid = median(values)
+    met = goal(mid)
+    left_out = [median(values[:i] + values[i + 1 :]) for i in range(len(values))]
+    return {"median": round(mid, 3), "rounds": values, "min": min(values), "max": max(values), "goal_met": met,
+            "rounds_meeting_goal": sum(map(goal, values)),
+            "robust": len(values) >= 3 and all(goal(m) == met for m in left_out)}
 
 
 @contextlib.contextmanager

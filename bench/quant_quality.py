@@ -13,7 +13,8 @@ Peers (each at the group size and bits of the mlxq variant it is compared with):
   (distillation of the quantized scales and biases: on this text, one pass of 4 optimizer steps; the time its
   default recipe would take here is estimated; its quantized matmuls run dequantized in float, the same function,
   checked on the real model in the run: `dequantized_matmul`) at 3 bits only (their CPU cost: see "not_run"), dynamic
-  quant (mixed 3/4 or 2/3 bits by gradient sensitivity, aimed at the bits per weight of mlxq's q3_k_m / q2_k).
+  quant (two widths mixed by gradient sensitivity, aimed at the bits per weight of mlxq's q3_k_m / q2_k: the pair
+  whose uniform models bracket that figure, `dynamic_bits`).
 - llama.cpp with an importance matrix from the same text (llama-imatrix, llama-quantize; bench/llama_cpp_tools.py):
   pure IQ4_NL and Q4_0, 4.5 bits per weight like 4-bit at group 64. No llama.cpp type goes below 4.5 bpw on
   SmolLM2's 576-wide rows (its K and IQ types need rows in multiples of 256; llama-quantize falls back to a
@@ -27,7 +28,8 @@ Ratios compare only variants whose `bpw` agree within 0.05; `X_vs_PEER` = mlxq's
 
 Resumable: every finished variant is stored in the bench work directory (~/.cache/mlxq/bench/quant_quality/results)
 under a fingerprint of what determines it (label; baseline weights; calibration and evaluation tokens; settings;
-mlx, mlx-lm and llama.cpp versions; the sha256 of each mlxq and bench source file loaded: mlxq.bench.store).
+mlx, mlx-lm and llama.cpp versions; the sha256 of the runner's source and of the scoring modules: `Variant.code`,
+mlxq.bench.store), so a result survives changes to code it does not run through.
 `--resume` reuses the stored results whose fingerprint matches exactly and lists them under "reused" (with when and
 at which commit they were measured). `--only` runs the variants whose labels match the patterns (fnmatch), in the
 order the patterns are given (a variant another needs comes first); the others are listed as not measured, and no
@@ -47,6 +49,7 @@ import copy
 import fnmatch
 import hashlib
 import json
+import math
 import shutil
 import signal
 import struct
@@ -247,14 +250,16 @@ def run_mlx_lm_dwq(baseline: Path, out: Path, bits: int, batches: list) -> dict:
 
 
 def run_mlx_lm_dynamic(baseline: Path, out: Path, low: int, high: int, target_bpw: float, batches: list) -> dict:
-    """mlx-lm's dynamic quant: per-layer sensitivities from gradients on the calibration sequences, then the
-    threshold that puts the most sensitive layers at `high` bits within `target_bpw` (mlx-lm's own bpw count)."""
-    from mlx_lm.quant.dynamic_quant import estimate_sensitivities, estimate_threshold
+    """mlx-lm's dynamic quant: per-layer sensitivities from gradients on the calibration sequences, then the most
+    sensitive layers at `high` bits, as many as fit within `target_bpw` (mlx-lm's own bpw count): `dynamic_threshold`
+    in place of its `estimate_threshold`, which bisects the threshold only to 1e-3 of the sensitivities' range and
+    stopped at 4.086 bpw for a target of 4.145 here (below the bench's tolerance for equal bits)."""
+    from mlx_lm.quant.dynamic_quant import estimate_sensitivities
     from mlx_lm.utils import quantize_model
 
     model, tokenizer, config = load_mlx_lm(baseline)
     sens = dict(estimate_sensitivities(model, mx.array(batches), low, GROUP, high, GROUP))
-    threshold = estimate_threshold(model, sens, target_bpw, low, GROUP, high, GROUP)
+    threshold, bpw = dynamic_threshold(model, sens, target_bpw, low, high)
 
     def predicate(path, module):
         if not hasattr(module, "to_quantized"):
@@ -263,8 +268,35 @@ def run_mlx_lm_dynamic(baseline: Path, out: Path, low: int, high: int, target_bp
 
     model, config = quantize_model(model, config, group_size=GROUP, bits=low, quant_predicate=predicate)
     save_mlx_lm(baseline, out, model, tokenizer, config)
-    return {"low_bits": low, "high_bits": high, "target_bpw_mlx_lm": round(target_bpw, 4),
+    return {"low_bits": low, "high_bits": high, "target_bpw_mlx_lm": round(target_bpw, 4), "bpw_mlx_lm": round(bpw, 4),
             "high_layers": sum(v > threshold for v in sens.values()), "layers": len(sens)}
+
+
+def dynamic_threshold(model, sens: dict[str, float], target_bpw: float, low: int, high: int) -> tuple[float, float]:
+    """The sensitivity threshold that puts the most layers at `high` bits, most sensitive first, with mlx-lm's bits
+    per weight of the result (`compute_bits_per_weight`, as `estimate_threshold` counts it) at most `target_bpw`;
+    returns it and that bits per weight. The count grows with each layer added, so the number is bisected exactly."""
+    import mlx.nn as nn
+    from mlx_lm.utils import compute_bits_per_weight
+
+    ranked = sorted(sens.values(), reverse=True)
+
+    def threshold(n: int) -> float:  # n layers above it
+        return ranked[0] + 1 if n == 0 else ranked[n - 1] - 1 if n == len(ranked) else (ranked[n - 1] + ranked[n]) / 2
+
+    def bpw(n: int) -> float:
+        q = copy.deepcopy(model)
+        nn.quantize(q, group_size=GROUP, bits=low, class_predicate=lambda p, m: hasattr(m, "to_quantized") and (
+            {"bits": high, "group_size": GROUP} if sens[p] > threshold(n) else True))
+        return float(compute_bits_per_weight(q))
+
+    lo, hi = 0, len(ranked)  # bpw(lo) <= target (else no layer at high bits), find the largest such n
+    if bpw(hi) <= target_bpw:
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if bpw(mid) <= target_bpw else (lo, mid)
+    return threshold(lo), bpw(lo)
 
 
 def mlx_lm_bpw(path: Path) -> float:
@@ -304,6 +336,23 @@ class Variant(NamedTuple):
     bits: int  # 0 for mixes
     run: Callable  # (output directory, results so far) -> a note for the record, or None
     needs: tuple[str, ...] = ()  # labels whose results this one reads (part of its fingerprint)
+    code: tuple[str, ...] = ()  # the source its result depends on (mlxq.bench.store.source_digests units)
+
+
+# The code a result depends on, part of its fingerprint: the scoring (this file's scoring and bits-per-weight
+# functions and the modules that load a variant and compute SmolLM2's logits) plus the runner's own source. Other code
+# (serving, other model families, other runners in this file) may change without invalidating a stored result.
+HERE = "bench/quant_quality.py:"
+SCORING = (HERE + "measure", HERE + "read_header", HERE + "sizes", HERE + "_numel", HERE + "bits_per_weight",
+           "mlxq/eval/metrics.py", "mlxq/api.py:Model.logits", "mlxq/loading.py", "mlxq/formats/__init__.py",
+           "mlxq/formats/base.py", "mlxq/formats/hf.py", "mlxq/formats/validate.py", "mlxq/quant/source.py",
+           "mlxq/models/__init__.py", "mlxq/models/base.py", "mlxq/models/layers.py", "mlxq/models/llama.py",
+           "mlxq/models/moe.py:is_moe_layer", "mlxq/engine/cache.py:KVCache")
+MLXQ_CODE = (*SCORING, HERE + "run_mlxq", HERE + "mlx_lm_bpw", "mlxq/quant/", "mlxq/formats/texts.py")
+MLX_LM_CODE = (*SCORING, HERE + "load_mlx_lm", HERE + "save_mlx_lm")
+DWQ_CODE = (HERE + "dequantized_matmul", HERE + "check_dequantized_matmul")
+LLAMA_CPP_CODE = (*SCORING, HERE + "run_llama_cpp", "bench/llama_cpp_tools.py", "mlxq/formats/gguf/",
+                  "mlxq/kernels/kquants.py")
 
 
 def plan(quick: bool, baseline: Path, batches: list, text: str, work: Path) -> list[Variant]:
@@ -312,7 +361,8 @@ def plan(quick: bool, baseline: Path, batches: list, text: str, work: Path) -> l
     variants = []
     llama_cpp_types = {4: ("IQ4_NL", "Q4_0"), 3: ("Q3_K",)}
     for b in (3,) if quick else (4, 3, 2):
-        variants.append(Variant(f"mlxq-gptq-{b}bit", b, lambda o, _, b=b: run_mlxq(baseline, o, None, b, "gptq")))
+        variants.append(Variant(f"mlxq-gptq-{b}bit", b, lambda o, _, b=b: run_mlxq(baseline, o, None, b, "gptq"),
+                                code=MLXQ_CODE))
         peers = {"rtn": run_mlx_lm_rtn} if quick else {"rtn": run_mlx_lm_rtn, "gptq": run_mlx_lm_gptq,
                                                         "awq": run_mlx_lm_awq, "dwq": run_mlx_lm_dwq}
         for m, fn in peers.items():
@@ -320,23 +370,39 @@ def plan(quick: bool, baseline: Path, batches: list, text: str, work: Path) -> l
                 continue  # recorded in "not_run"
             if m in ("awq", "dwq") and b != 3:
                 continue  # recorded in "not_run"
-            variants.append(Variant(f"mlx_lm-{m}-{b}bit", b, lambda o, _, b=b, fn=fn: fn(baseline, o, b, batches)))
+            code = (*MLX_LM_CODE, HERE + fn.__name__, *(DWQ_CODE if m == "dwq" else ()))
+            variants.append(Variant(f"mlx_lm-{m}-{b}bit", b, lambda o, _, b=b, fn=fn: fn(baseline, o, b, batches),
+                                    code=code))
         if quick:
             continue
         for ftype in llama_cpp_types.get(b, ()):
             variants.append(Variant(f"llama_cpp-imatrix-{ftype}", b,
-                                    lambda o, _, ftype=ftype: run_llama_cpp(work, o, ftype, text)))
+                                    lambda o, _, ftype=ftype: run_llama_cpp(work, o, ftype, text), code=LLAMA_CPP_CODE))
         for m in ("rtn", "search"):  # mlxq's other methods, for the record (no ratio)
-            variants.append(Variant(f"mlxq-{m}-{b}bit", b, lambda o, _, b=b, m=m: run_mlxq(baseline, o, None, b, m)))
+            variants.append(Variant(f"mlxq-{m}-{b}bit", b, lambda o, _, b=b, m=m: run_mlxq(baseline, o, None, b, m),
+                                    code=MLXQ_CODE))
     if quick:
         return variants
-    for mix, low in (("q3_k_m", 3), ("q2_k", 2)):
+    for mix in ("q3_k_m", "q2_k"):
         ours = f"mlxq-gptq-{mix}"
-        variants.append(Variant(ours, 0, lambda o, _, mix=mix: run_mlxq(baseline, o, mix, None, "gptq")))
-        # aimed at mlx-lm's own bits-per-weight count of the mlxq mix
-        variants.append(Variant(f"mlx_lm-dynamic-{mix}", 0, lambda o, done, ours=ours, low=low: run_mlx_lm_dynamic(
-            baseline, o, low, low + 1, done[ours]["run"]["bpw_mlx_lm"], batches), needs=(ours,)))
+        variants.append(Variant(ours, 0, lambda o, _, mix=mix: run_mlxq(baseline, o, mix, None, "gptq"),
+                                code=MLXQ_CODE))
+        # aimed at mlx-lm's own bits-per-weight count of the mlxq mix, between the two widths that bracket it
+        variants.append(Variant(f"mlx_lm-dynamic-{mix}", 0, lambda o, done, ours=ours: run_mlx_lm_dynamic(
+            baseline, o, *dynamic_bits(done[ours]["run"]["bpw_mlx_lm"]), done[ours]["run"]["bpw_mlx_lm"], batches),
+                                needs=(ours,), code=(*MLX_LM_CODE, HERE + "run_mlx_lm_dynamic", HERE + "dynamic_bits",
+                                                    HERE + "dynamic_threshold")))
     return variants
+
+
+def dynamic_bits(target_bpw_mlx_lm: float) -> tuple[int, int]:
+    """The (low, high) widths for dynamic quant that bracket `target_bpw_mlx_lm`: low is the widest whose uniform
+    model stays within it (mlx-lm's count: the bits plus a float32 scale and bias per group), so the mix can reach the
+    target (2/3 bits tops out below a mix of 3.6 bpw, 3/4 bits reaches it)."""
+    low = math.floor(target_bpw_mlx_lm - 2 * 32 / GROUP)
+    if not 2 <= low < 8:
+        raise ValueError(f"no dynamic-quant widths bracket {target_bpw_mlx_lm} bits per weight")
+    return low, low + 1
 
 
 def select(variants: list[Variant], patterns: list[str] | None) -> list[Variant]:
@@ -378,13 +444,13 @@ def measure(variants: list[Variant], results: dict, reused: dict, store: Variant
     still run); with `resume`, a stored result whose fingerprint matches is taken instead (noted in `reused`)."""
     from mlxq.eval.metrics import load_for_eval, score
 
-    for label, bits, runner, needs in variants:
+    for label, bits, runner, needs, code in variants:
         missing = [need for need in needs if "kl" not in results.get(need, {})]
         if missing:
             results[label] = {"bits": bits, "failed": f"needs {', '.join(missing)}, which has no result"}
             continue
         extra = {need: results[need] for need in needs}
-        hit = store.get(label, extra) if resume else None
+        hit = store.get(label, extra, code) if resume else None
         if hit is not None:
             results[label] = hit["result"]
             reused[label] = {"stored": hit["stored"], "commit": hit["commit"]}
@@ -415,7 +481,7 @@ def measure(variants: list[Variant], results: dict, reused: dict, store: Variant
             "seconds": round(seconds, 1),
             **({"run": note} if note else {}),
         }
-        store.put(label, results[label], extra)
+        store.put(label, results[label], extra, code)
         print(f"{label:28s} " + " ".join(f"{k} {v}" for k, v in results[label].items()), file=sys.stderr, flush=True)
         shutil.rmtree(out.parent, ignore_errors=True)
         mx.clear_cache()

@@ -5,8 +5,12 @@ latency of a Session, each against its peer measured in the same run.
    length): through the Python API (`Model.stream` from threads, in this process) and through `mlxq serve` (a
    subprocess, the official `openai` client). Aggregate completion tokens/s and p50/p95 time to first token.
    Goals: 8 clients >= 4x one client's aggregate tokens/s; the server within 10 % of the API. The machine may be
-   shared: settings are repeated in interleaved rounds, each ratio is taken within a round (runs back to back),
-   the figure is the median over rounds, and every run records the load average.
+   shared: settings are repeated in interleaved rounds (API and server back to back at each level, which goes
+   first alternating), each ratio is taken within a round, the figure is the median over rounds, and a goal's
+   verdict is `robust` when leaving out any one round does not change it. Every run records the load average,
+   the CPU seconds of this process (the API's engine, or the server's clients) and of the server process (its
+   event loop on the main thread apart), and at one client whether both sides saw the same prompt and gave the
+   same tokens (same seed).
 2. The Python game API: time to first token of a `Session` turn N with its cache kept between turns, against
    the same turn run on a fresh session holding the same conversation (the whole prompt prefilled).
 
@@ -30,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples" / "umigame"))
 
-from common import median, parse_args, write_result  # noqa: E402
+from common import median, parse_args, rounds_verdict, write_result  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 
@@ -80,10 +84,25 @@ def messages(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Tell me story number {i} about a lighthouse."}]
 
 
-def served_one(client, model: str, i: int, max_tokens: int) -> tuple[int, float]:
-    """(completion tokens, seconds to the first token) of one chat answer streamed from the server."""
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU seconds of a process (its threads, ended ones included) or of one of its threads."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
+    fields = Path(path).read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_use(server: int) -> dict[str, float]:
+    return {"bench_process": cpu_seconds(os.getpid()), "server_process": cpu_seconds(server),
+            "server_event_loop": cpu_seconds(server, server)}
+
+
+Answer = tuple[int, float, int, str]  # completion tokens, seconds to the first token, prompt tokens, text
+
+
+def served_one(client, model: str, i: int, max_tokens: int) -> Answer:
+    """One chat answer streamed from the server."""
     t0 = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, prompt, text = None, 0, 0, []
     stream = client.chat.completions.create(
         model=model,
         messages=messages(i),
@@ -95,31 +114,36 @@ def served_one(client, model: str, i: int, max_tokens: int) -> tuple[int, float]
         extra_body={"ignore_eos": True},
     )
     for chunk in stream:
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter() - t0
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first if first is not None else time.perf_counter() - t0
+            text.append(chunk.choices[0].delta.content)
         if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    return tokens, first if first is not None else time.perf_counter() - t0
+            tokens, prompt = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+    return tokens, first if first is not None else time.perf_counter() - t0, prompt, "".join(text)
 
 
-def api_one(model, i: int, max_tokens: int) -> tuple[int, float]:
+def api_one(model, i: int, max_tokens: int) -> Answer:
     """The same answer streamed through the Python API."""
     t0 = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, prompt, text = None, 0, 0, []
     for chunk in model.stream(messages(i), max_tokens=max_tokens, temperature=0.7, seed=i, ignore_eos=True):
-        if first is None and chunk.text:
-            first = time.perf_counter() - t0
+        if chunk.text:
+            first = first if first is not None else time.perf_counter() - t0
+            text.append(chunk.text)
         tokens += len(chunk.tokens)
-    return tokens, first if first is not None else time.perf_counter() - t0
+        if chunk.usage is not None:
+            prompt = chunk.usage.prompt_tokens
+    return tokens, first if first is not None else time.perf_counter() - t0, prompt, "".join(text)
 
 
 def percentile(xs: list[float], q: int) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else (xs[0] if xs else 0.0)
 
 
-def run_clients(one: Callable[[int], tuple[int, float]], clients: int, requests: int, offset: int) -> dict:
-    """`clients` threads, each making `requests` requests one after another with `one(i)`."""
-    results: list[list[tuple[int, float]]] = [[] for _ in range(clients)]
+def run_clients(one: Callable[[int], Answer], clients: int, requests: int, offset: int) -> tuple[dict, list[Answer]]:
+    """`clients` threads, each making `requests` requests one after another with `one(i)`: the figures, and the
+    answers in the order of i."""
+    results: list[list[Answer]] = [[] for _ in range(clients)]
     errors: list[BaseException] = []
 
     def worker(c: int) -> None:
@@ -138,8 +162,8 @@ def run_clients(one: Callable[[int], tuple[int, float]], clients: int, requests:
     wall = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    tokens = sum(n for res in results for n, _ in res)
-    ttft = [f for res in results for _, f in res]
+    tokens = sum(a[0] for res in results for a in res)
+    ttft = [a[1] for res in results for a in res]
     return {
         "clients": clients,
         "requests": clients * requests,
@@ -148,14 +172,16 @@ def run_clients(one: Callable[[int], tuple[int, float]], clients: int, requests:
         "tokens_per_s": round(tokens / wall, 2),
         "ttft_p50_s": round(percentile(ttft, 50), 3),
         "ttft_p95_s": round(percentile(ttft, 95), 3),
-    }
+    }, [a for res in results for a in res]
 
 
 def bench_concurrency(model_name: str, levels: list[int], max_tokens: int, requests: int, rounds: int) -> dict:
     """The same clients through the API (this process) and the server (a subprocess), level by level. Rounds are
     interleaved and each alternates which side goes first, so load from elsewhere on the machine (and its drift)
     hits both alike; every ratio is taken within a round, from runs made back to back, and the figure is the
-    median of the rounds' ratios. Both engines batch up to max(levels)."""
+    median of the rounds' ratios (`rounds_verdict`). Both engines batch up to max(levels). Each run records the
+    CPU it took: this process's (the API: engine and callers; the server: its clients) and the server's, whose
+    main thread is its event loop (HTTP, SSE); an idle engine takes none."""
     import openai
 
     import mlxq
@@ -177,11 +203,19 @@ def bench_concurrency(model_name: str, levels: list[int], max_tokens: int, reque
         for r in range(rounds):
             for n in levels:
                 order = ["api", "server"] if r % 2 == 0 else ["server", "api"]
+                answers = {}
                 for side in order:
-                    run = run_clients(sides[side], n, requests, 1000 * r + 100 * n)
-                    runs.append({"round": r, "side": side, **run, "loadavg_1m": round(os.getloadavg()[0], 2)})
-                    print(f"round {r} {side} {n} clients: {run['tokens_per_s']} tok/s "
-                          f"(load {runs[-1]['loadavg_1m']})", file=sys.stderr, flush=True)
+                    before = cpu_use(proc.pid)
+                    run, answers[side] = run_clients(sides[side], n, requests, 1000 * r + 100 * n)
+                    used = {k: round(v - before[k], 2) for k, v in cpu_use(proc.pid).items()}
+                    runs.append({"round": r, "side": side, **run, "loadavg_1m": round(os.getloadavg()[0], 2),
+                                 "cpu_s": used})
+                    print(f"round {r} {side} {n} clients: {run['tokens_per_s']} tok/s (load {runs[-1]['loadavg_1m']}, "
+                          f"cpu {used})", file=sys.stderr, flush=True)
+                if n == 1:  # one row on both sides: the same prompt and seed must give the same tokens
+                    same = [a[2:] for a in answers["api"]] == [a[2:] for a in answers["server"]]
+                    for run in runs[-2:]:
+                        run["same_prompt_and_output_on_both_sides"] = same
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -197,23 +231,26 @@ def bench_concurrency(model_name: str, levels: list[int], max_tokens: int, reque
         return {str(n): {key: median([x[key] for x in runs if (x["side"], x["clients"]) == (side, n)])
                          for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s")} for n in levels}
 
-    def per_round(top: tuple[str, int], bottom: tuple[str, int]) -> dict:
-        """rate(top) / rate(bottom), round by round, and their median."""
-        values = [round(rate(r, *top) / rate(r, *bottom), 3) for r in range(rounds)]
-        return {"median": median(values), "rounds": values}
+    def per_round(top: tuple[str, int], bottom: tuple[str, int], goal: Callable[[float], bool]) -> dict:
+        """rate(top) / rate(bottom), round by round, with the goal's verdict."""
+        return rounds_verdict([round(rate(r, *top) / rate(r, *bottom), 3) for r in range(rounds)], goal)
 
     one = levels[0]
     ratios = {}
     for n in levels[1:]:
         for side in ("api", "server"):
-            ratios[f"{side}_concurrency_{n}_vs_{one}"] = per_round((side, n), (side, one))
+            ratios[f"{side}_concurrency_{n}_vs_{one}"] = per_round((side, n), (side, one), lambda x: x >= 4)
     for n in levels:
-        ratios[f"server_vs_api_{n}"] = per_round(("server", n), ("api", n))
+        ratios[f"server_vs_api_{n}"] = per_round(("server", n), ("api", n), lambda x: abs(x - 1) <= 0.1)
     return {
         "server_startup_s": round(startup, 2),
         "max_tokens": max_tokens,
         "requests_per_client": requests,
         "rounds": rounds,
+        "method": "per round and level: API and server back to back (first side alternating by round), same "
+                  "clients, prompts and seeds; ratios within a round; figure = median over rounds; goals: "
+                  "concurrency_N_vs_1 >= 4 (the issue names N = 8), server_vs_api within [0.9, 1.1]; robust = "
+                  ">= 3 rounds and the verdict unchanged with any one round left out",
         "runs": runs,
         "api": summary("api"),
         "server": summary("server"),
@@ -273,7 +310,7 @@ def main() -> None:
     levels = sorted({int(c) for c in args.clients.split(",")})
     max_tokens = args.max_tokens or (16 if args.quick else 64)
     requests = args.requests or 1
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
     turns = args.turns or (2 if args.quick else 8)
     load_before = os.getloadavg()
 

@@ -26,7 +26,7 @@ from mlxq.engine.tokenizer import Tokenizer, load_tokenizer
 from mlxq.errors import InvalidRequest
 from mlxq.experts import ExpertStats, expert_stats
 from mlxq.formats import Checkpoint
-from mlxq.loading import load_model, open_for_run
+from mlxq.loading import load_model, open_for_run, trim_heap
 from mlxq.models.base import CausalLM
 
 
@@ -204,7 +204,9 @@ def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantiz
         tok = pool.submit(load_tokenizer_for, ckpt)
         net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=expert_memory,
                          expert_options=expert_options)
-        return Model(net, tok.result(), ckpt, name or "smollm2")
+        tokenizer = tok.result()
+    trim_heap()
+    return Model(net, tokenizer, ckpt, name or "smollm2")
 
 
 def load_tokenizer_for(ckpt: Checkpoint) -> Tokenizer:

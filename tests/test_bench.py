@@ -124,22 +124,17 @@ def quant_quality():
 
 
 @pytest.fixture
-def code_root(tmp_path, monkeypatch):
-    """A source tree with one loaded module, `variant_code.py`, standing for the code a result depends on."""
-    import importlib
-
+def code_root(tmp_path):
+    """A source tree with one file, `variant_code.py`, standing for the code a result depends on."""
     root = tmp_path / "src"
     root.mkdir()
     (root / "variant_code.py").write_text("STEP = 1\n")
-    monkeypatch.syspath_prepend(str(root))
-    monkeypatch.delitem(sys.modules, "variant_code", raising=False)
-    importlib.import_module("variant_code")
-    yield root
-    sys.modules.pop("variant_code", None)
+    return root
 
 
 INPUTS = {"baseline": "b" * 64, "calibration": "c" * 64, "eval": "e" * 64, "group_size": 64,
           "versions": {"mlx_lm": "0.1", "llama_cpp": "0.3.36"}}
+CODE = ("variant_code.py",)
 
 
 def test_store_reuses_only_what_matches(code_root, tmp_path):
@@ -147,22 +142,97 @@ def test_store_reuses_only_what_matches(code_root, tmp_path):
 
     store = VariantStore(tmp_path / "results", INPUTS, code_root)
     result = {"bits": 3, "kl": 0.5}
-    store.put("mlxq-gptq-3bit", result, {"dep": {"kl": 1.0}})
-    record = store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}})
-    assert record["result"] == result and record["code"] == {"variant_code.py": record["code"]["variant_code.py"]}
+    store.put("mlxq-gptq-3bit", result, {"dep": {"kl": 1.0}}, CODE)
+    record = store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}}, CODE)
+    assert record["result"] == result and list(record["code"]) == ["variant_code.py"]
     assert record["stored"].endswith("Z")
-    assert store.get("mlxq-gptq-2bit", {"dep": {"kl": 1.0}}) is None  # another variant
-    assert store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.1}}) is None  # what it was aimed at changed
+    assert store.get("mlxq-gptq-2bit", {"dep": {"kl": 1.0}}, CODE) is None  # another variant
+    assert store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.1}}, CODE) is None  # what it was aimed at changed
+    assert store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}}) is None  # no code named: nothing to vouch for it
     for key, value in [("calibration", "d" * 64), ("baseline", "a" * 64), ("group_size", 32),
                        ("versions", {"mlx_lm": "0.2", "llama_cpp": "0.3.36"})]:
         changed = VariantStore(tmp_path / "results", {**INPUTS, key: value}, code_root)
-        assert changed.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}}) is None, key
+        assert changed.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}}, CODE) is None, key
     (code_root / "variant_code.py").write_text("STEP = 2\n")  # the code that produced it changed
-    assert store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}}) is None
+    assert store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}}, CODE) is None
     (code_root / "variant_code.py").write_text("STEP = 1\n")
-    assert store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}})["result"] == result
+    assert store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}}, CODE)["result"] == result
     (code_root / "variant_code.py").unlink()
-    assert store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}}) is None
+    assert store.get("mlxq-gptq-3bit", {"dep": {"kl": 1.0}}, CODE) is None
+
+
+def test_store_fingerprint_is_the_runner_and_the_scoring(tmp_path):
+    """A result names its runner's function and the scoring modules: a change elsewhere (another module, another
+    runner in the same file) keeps it; a change to the scoring or to its runner invalidates it."""
+    from mlxq.bench.store import VariantStore, source_digests
+
+    root = tmp_path / "src"
+    (root / "scoring").mkdir(parents=True)
+    bench = ("import contextlib\n\n\ndef run_a():\n    return 1\n\n\n"
+             "@contextlib.contextmanager\ndef run_b():\n    yield 2\n")
+    (root / "bench.py").write_text(bench)
+    (root / "scoring" / "metrics.py").write_text("def kl(p, q):\n    return p - q\n")
+    (root / "serve.py").write_text("PORT = 8080\n")
+    units = ("bench.py:run_a", "scoring/")
+    store = VariantStore(tmp_path / "results", INPUTS, root)
+    store.put("mlx_lm-awq-3bit", {"kl": 1.37}, None, units)
+
+    def kept() -> bool:
+        return store.get("mlx_lm-awq-3bit", None, units) is not None
+
+    assert kept()
+    (root / "serve.py").write_text("PORT = 8081\n")  # an unrelated module
+    (root / "bench.py").write_text(bench.replace("yield 2", "yield 3"))  # another runner in the same file
+    (root / "scoring" / "notes.txt").write_text("not Python")
+    assert kept()
+    (root / "scoring" / "metrics.py").write_text("def kl(p, q):\n    return q - p\n")  # the scoring changed
+    assert not kept()
+    (root / "scoring" / "metrics.py").write_text("def kl(p, q):\n    return p - q\n")
+    assert kept()
+    (root / "scoring" / "extra.py").write_text("SCALE = 2\n")  # a new scoring module
+    assert not kept()
+    (root / "scoring" / "extra.py").unlink()
+    (root / "bench.py").write_text(bench.replace("return 1", "return 0"))  # its own runner changed
+    assert not kept()
+    (root / "bench.py").write_text(bench)
+    assert kept()
+    assert store.get("mlx_lm-awq-3bit", None, ("bench.py:run_a",)) is None  # recorded under other units
+    digests = source_digests(root, ("bench.py:run_b",))
+    (root / "bench.py").write_text(bench.replace("@contextlib.contextmanager\n", ""))  # decorators are its source
+    assert source_digests(root, ("bench.py:run_b",)) != digests
+    for missing in ("bench.py:run_c", "nowhere.py", "nowhere/"):
+        with pytest.raises(ValueError, match="no such"):
+            source_digests(root, (missing,))
+
+
+def test_quant_quality_names_each_variants_code():
+    """Every variant of the full plan names code that exists, the scoring included, and its own runner rather than
+    the whole bench file (so a result survives changes to the other runners)."""
+    from pathlib import Path
+
+    from mlxq.bench.store import source_digests
+
+    qq = quant_quality()
+    root = Path(qq.__file__).resolve().parent.parent
+    variants = {v.label: v for v in qq.plan(False, root, [], "", root)}
+    for label, v in variants.items():
+        assert set(qq.SCORING) <= set(v.code) and "bench/quant_quality.py" not in v.code, label
+        assert len(source_digests(root, v.code)) == len(set(v.code)), label
+    assert "bench/quant_quality.py:run_mlx_lm_awq" in variants["mlx_lm-awq-3bit"].code
+    assert "bench/quant_quality.py:run_mlx_lm_dwq" not in variants["mlx_lm-awq-3bit"].code
+    assert "bench/quant_quality.py:dequantized_matmul" in variants["mlx_lm-dwq-3bit"].code
+    assert "mlxq/quant/" in variants["mlxq-gptq-q2_k"].code
+
+
+def test_dynamic_quant_widths_bracket_the_mix():
+    """Dynamic quant's widths are the pair whose uniform models bracket the mlxq mix's bits (mlx-lm's count): 2/3
+    bits cannot reach q2_k's 4.145 (3.638 in the bench's count), 3/4 can."""
+    qq = quant_quality()
+    assert qq.dynamic_bits(4.1454) == (3, 4)  # mlxq's q2_k on SmolLM2
+    assert qq.dynamic_bits(4.9429) == (3, 4)  # q3_k_m
+    assert qq.dynamic_bits(3.7) == (2, 3)
+    with pytest.raises(ValueError, match="bracket"):
+        qq.dynamic_bits(2.5)
 
 
 def test_resume_reruns_a_variant_whose_inputs_changed(code_root, tmp_path):
@@ -177,9 +247,9 @@ def test_resume_reruns_a_variant_whose_inputs_changed(code_root, tmp_path):
         calls.append(out)
         raise RuntimeError("ran")  # stops before scoring: only whether it ran matters here
 
-    variants = [qq.Variant("mlxq-gptq-3bit", 3, runner)]
+    variants = [qq.Variant("mlxq-gptq-3bit", 3, runner, code=CODE)]
     stored = {"bits": 3, "kl": 0.7, "bpw": 3.5}
-    VariantStore(tmp_path / "results", INPUTS, code_root).put("mlxq-gptq-3bit", stored)
+    VariantStore(tmp_path / "results", INPUTS, code_root).put("mlxq-gptq-3bit", stored, None, CODE)
 
     def run(inputs, resume):
         results, reused = {}, {}
@@ -272,6 +342,41 @@ def test_dequantized_matmul_check_on_a_model(monkeypatch):
     monkeypatch.setattr(mx, "dequantize", lambda *a, **k: dequantize(*a, **k) * 1.01)  # a float path 1 % off
     with pytest.raises(ValueError, match="differs from MLX's quantized matmul"):
         qq.check_dequantized_matmul(model, list(range(1, 17)))
+
+
+def test_dynamic_threshold_fills_the_target_exactly():
+    """The peer's threshold puts the most sensitive layers at the high width, as many as fit within the target bits
+    per weight (mlx-lm's count): at most the target, one layer more would pass it, and never fewer bits than mlx-lm's
+    own bisection reaches within the target."""
+    import copy
+
+    import mlx.nn as nn
+    from mlx_lm.models import llama
+    from mlx_lm.quant.dynamic_quant import estimate_threshold
+    from mlx_lm.utils import compute_bits_per_weight
+
+    qq = quant_quality()
+    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=4, intermediate_size=256,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=96,
+                           tie_word_embeddings=True)
+    model = llama.Model(args)
+    paths = [p for p, m in model.named_modules() if hasattr(m, "to_quantized")]
+    sens = {p: float(i) ** 3 for i, p in enumerate(paths)}  # heavy-tailed, like real sensitivities
+
+    def bpw_at(threshold: float) -> float:
+        q = copy.deepcopy(model)
+        nn.quantize(q, group_size=64, bits=3, class_predicate=lambda p, m: hasattr(m, "to_quantized") and (
+            {"bits": 4, "group_size": 64} if sens[p] > threshold else True))
+        return float(compute_bits_per_weight(q))
+
+    low, high = bpw_at(float("inf")), bpw_at(-1.0)
+    for target in (low + 0.3 * (high - low), low + 0.77 * (high - low)):
+        threshold, bpw = qq.dynamic_threshold(model, sens, target, 3, 4)
+        assert bpw == bpw_at(threshold) <= target
+        above = sorted(v for v in sens.values() if v <= threshold)[-1]  # the next layer to move up
+        assert bpw_at(above - 1e-9) > target
+        theirs = bpw_at(estimate_threshold(model, sens, target, 3, 64, 4, 64))  # its midpoint may also overshoot
+        assert bpw >= theirs or theirs > target
 
 
 # ------------------------------------------------------------------------------------------------- prefill_hybrid

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from ggml_ref import ggml_quantize
 
-from mlxq.formats.gguf.codecs import CODECS, QK_K, _elements, _seq, encode
+from mlxq.formats.gguf.codecs import CODECS, QK_K, _elements, _row_sigma2, _seq, encode
 
 F32_MAX = np.finfo(np.float32).max
 
@@ -93,3 +93,44 @@ def test_sums_run_in_order():
 def test_rows_not_a_multiple_of_the_block_are_refused():
     with pytest.raises(ValueError, match="multiple of 256"):
         encode(np.zeros((2, 576), np.float32), "Q4_K")
+
+
+def awkward_rows(seed: int) -> np.ndarray:
+    """`rows` with what the fast paths hand to slower ones: NaN and infinities (C's comparisons never take a NaN;
+    ggml's nearest_int of one is 0), +a and -a in one block (the first wins the abs-max), exact halves (roundf rounds
+    them away from zero where numpy's rint goes to even)."""
+    w = rows(seed)
+    w[14, 9], w[15, 200], w[16, 30] = np.nan, np.inf, -np.inf
+    w[17, :32] = np.nan  # an all-NaN block
+    w[18, 3], w[18, 20] = 0.75, -0.75  # ties of |x| in both orders, also as a K-quant sub-block's extremes
+    w[19, 40], w[19, 50] = -0.75, 0.75
+    w[20, :32] = np.arange(32) - np.float32(15.5)  # Q8_0: d = 1 exactly, every code a half
+    w[20, 0] = 127
+    w[21, 256:288] = np.arange(-16, 16) / np.float32(2)
+    return w
+
+
+@pytest.mark.parametrize("kind", sorted(CODECS))
+def test_bit_exact_with_ggml_on_awkward_rows(kind):
+    w = awkward_rows(6)
+    np.testing.assert_array_equal(encode(w, kind), ggml_quantize(w, kind))
+    imatrix = (np.random.default_rng(7).random(w.shape[1]) ** 3).astype(np.float32)
+    np.testing.assert_array_equal(encode(w, kind, imatrix), ggml_quantize(w, kind, imatrix))
+    codec = CODECS[kind]
+    if codec.weighted:  # the codes a calibrated export starts from are C's too (for Q8_0 and TQ a NaN's is undefined)
+        qw = np.broadcast_to(imatrix, w.shape).reshape(-1, codec.block)
+        sigma2 = np.repeat(_row_sigma2(w, codec.row_stat), w.shape[1] // codec.block) if codec.row_stat else None
+        codes = codec.fit(w.reshape(-1, codec.block), qw, sigma2).codes
+        assert codes.min() >= 0 and codes.max() <= codec.nmax
+
+
+@pytest.mark.parametrize("kind", ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q4_0", "Q8_0"])
+def test_bit_exact_with_ggml_on_many_rows(kind):
+    """Enough blocks (and chunks encoded side by side) that the refinement passes drop the blocks that stopped
+    moving at different passes, and ties turn up in the data itself."""
+    rng = np.random.default_rng(8)
+    w = (rng.standard_normal((640, 1024)) * np.float32(0.02)).astype(np.float32)
+    w[::7] = np.round(w[::7] * 256) / np.float32(256)  # a coarse grid: many equal magnitudes and exact halves
+    np.testing.assert_array_equal(encode(w, kind), ggml_quantize(w, kind))
+    imatrix = (rng.random(w.shape[1]) ** 3).astype(np.float32)
+    np.testing.assert_array_equal(encode(w, kind, imatrix), ggml_quantize(w, kind, imatrix))

@@ -332,7 +332,31 @@ def test_q3_k_m_follows_llama_cpp():
     assert [r.spec("mlp_down", Where(i, n)).bits for i in (0, 1, 2, 31)] == [5, 5, 4, 4]
     assert r.spec("attn_q", Where(5, n)).bits == 3 and r.spec("attn_o", Where(5, n)).bits == 4
     q2 = RECIPES["q2_k"]
-    assert q2.spec("attn_v", Where(5, n, gqa=4)).bits == 4 and q2.spec("attn_v", Where(5, n, gqa=2)).bits == 3
+    assert q2.spec("attn_qkv", Where(5, n, gqa=4)).bits == 4 and q2.spec("attn_qkv", Where(5, n, gqa=2)).bits == 3
+    assert q2.spec("attn_v", Where(5, n, gqa=2)).bits == 4 and q2.spec("expert_up", Where(5, n)).bits == 2
+
+
+@pytest.mark.slow
+def test_q2_k_spends_its_bits_where_smollm2_is_sensitive(smollm2_gguf, tmp_path):
+    """mlxq's q2_k against llama.cpp's Q2_K placement it replaced (attn_k and ffn_up at 2, attn_output 3, the head 6),
+    both rounded to nearest on real SmolLM2: fewer bits per weight and a lower KL to the float model (the pinned
+    weights dequantized) on calibration text."""
+    from mlxq.eval.metrics import load_for_eval, reference, score
+    from mlxq.formats.texts import calibration_texts
+    from mlxq.quant.calibrate import token_batches
+    from mlxq.quant.recipes import Recipe
+
+    llama_cpp_q2_k = Recipe("q2_k-llama.cpp", 2, (("attn_v_like", 3, "all"), ("attn_v_like", 4, "gqa>=4"),
+                                                  ("attn_o", 3, "all"), ("ffn_down", 3, "all"), ("lm_head", 6, "all")))
+    base = load_for_eval(str(smollm2_gguf))
+    wins = token_batches(base.tokenizer, calibration_texts(), 512, 256)
+    ref = reference(base.logits, wins)
+    got = {}
+    for recipe in (RECIPES["q2_k"], llama_cpp_q2_k):
+        result = quantized(smollm2_gguf, tmp_path / recipe.name, recipe, method="rtn")
+        got[recipe.name] = (result.bpw_quantized, score(load_for_eval(str(result.out)).logits, wins, ref).kl)
+    (bpw, kl), (old_bpw, old_kl) = got["q2_k"], got["q2_k-llama.cpp"]
+    assert bpw < old_bpw - 0.2 and kl < 0.8 * old_kl, got
 
 
 # ---------------------------------------------------------------------------------------------- round trip

@@ -334,3 +334,22 @@ def test_rows_asking_for_different_logprobs_share_a_step(qwen3_model, engine):
             assert [i for i, _ in g.top] == [i for i, _ in w.top] and len(g.top) == k
             assert all(a >= b for (_, a), (_, b) in zip(g.top, g.top[1:], strict=False))
             assert not k or g.top[0][0] == g.token  # greedy: the chosen token is the likeliest
+
+
+def test_mx_random_seed_makes_unseeded_sampling_repeat(qwen3_model, engine):
+    """An unseeded request takes its seed from MLX's generator when submitted, so `mx.random.seed` repeats it (as
+    with mlx-lm), and a greedy request leaves the generator alone."""
+    p = prompts(qwen3_model, 1)[0]
+
+    def sampled() -> list[int]:
+        return tokens(run(engine, [Request(p, 12, SamplingParams(temperature=1.5))])[0])
+
+    mx.random.seed(11)
+    first, second = sampled(), sampled()
+    mx.random.seed(11)
+    run(engine, [Request(p, 4)])  # greedy: draws nothing
+    assert sampled() == first and sampled() == second
+    assert first != second
+    mx.random.seed(11)
+    text = qwen3_model.generate(p, max_tokens=12, temperature=1.5).tokens
+    assert text == first

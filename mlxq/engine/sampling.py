@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -81,12 +80,13 @@ class Sampler:
     `propose`); calling a sampler draws for its row alone, by the same code.
 
     The stream is counter-based: the n-th draw of a request reads uniforms made from (seed, n) alone, so a seeded
-    request gets the same tokens whichever other requests share its batch. Without a seed, the seed is random."""
+    request gets the same tokens whichever other requests share its batch. Without a seed, the seed comes from MLX's
+    global generator (`fresh_seed`)."""
 
     def __init__(self, p: SamplingParams):
         self.p = p
-        # any int seeds (OpenAI's may be < 0)
-        self.seed = p.seed % (1 << 64) if p.seed is not None else random.getrandbits(64)
+        # any int seeds (OpenAI's may be < 0); a greedy row never reads its stream, so it leaves MLX's generator alone
+        self.seed = p.seed % (1 << 64) if p.seed is not None else fresh_seed() if p.temperature > 0 else 0
         self.draws = 0
 
     def __call__(self, logprobs: mx.array) -> mx.array:
@@ -204,6 +204,13 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
+
+
+def fresh_seed() -> int:
+    """A 62-bit seed from MLX's global generator, so `mx.random.seed(s)` makes unseeded sampling repeat, as users of
+    mlx-lm expect."""
+    hi, lo = mx.random.randint(0, (1 << 31) - 1, (2,)).tolist()
+    return hi << 31 | lo
 
 
 def make_sampler(p: SamplingParams) -> Sampler:

@@ -13,6 +13,7 @@ order; every product of a scale and a code is exact, so fused multiply-adds cann
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -327,10 +328,10 @@ def _affine_blocks(b: mx.array, kind: str) -> tuple[mx.array, mx.array, mx.array
     n = b.shape[0]
     if kind in ("Q4_0", "Q5_0"):
         d = _f16(b, 0)
-        packed = _repack_nibbles(b[:, 2:18], 16) if kind == "Q4_0" else _pack_bytes(_q5(b, 2), 5)
+        packed = _repack_nibbles(b[:, 2:18], 16) if kind == "Q4_0" else _repack_q5(b, 2)
         return packed, d, -(8 if kind == "Q4_0" else 16) * d
     if kind in ("Q4_1", "Q5_1"):
-        packed = _repack_nibbles(b[:, 4:20], 16) if kind == "Q4_1" else _pack_bytes(_q5(b, 4), 5)
+        packed = _repack_nibbles(b[:, 4:20], 16) if kind == "Q4_1" else _repack_q5(b, 4)
         return packed, _f16(b, 0), _f16(b, 2)
     if kind == "Q8_0":
         d = _f16(b, 0)
@@ -352,6 +353,32 @@ def _repack_nibbles(qs: mx.array, run: int) -> mx.array:
     pairs = qs.reshape(n * (qs.shape[1] // run), run // 2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
     return mx.concatenate([(even & 0xF) | (odd << 4), (even >> 4) | (odd & 0xF0)], axis=1).reshape(n, -1)
+
+
+def _u64(v: int) -> mx.array:
+    return mx.array(v, mx.uint64)
+
+
+@functools.cache
+def _high_bit_spread() -> mx.array:
+    """byte -> uint64 with its bit k at bit 5k + 4: eight weights' fifth bits where MLX's 5-bit stream keeps them."""
+    return mx.array([sum(((v >> k) & 1) << (5 * k + 4) for k in range(8)) for v in range(256)], mx.uint64)
+
+
+def _repack_q5(b: mx.array, at: int) -> mx.array:
+    """Q5_0 / Q5_1 blocks (4 bytes of fifth bits at `at`, then 16 bytes of nibbles) -> MLX's 5-bit stream [n, 20]
+    bytes, without unpacking the codes: each 8 weights are 8 nibbles of one 64-bit word (the low or the high
+    nibbles of 8 bytes), squeezed from 8 bits apart to 5 in three halving steps, with their fifth bits (one byte)
+    spread by a table; 5 bytes of each word are the stream."""
+    n = b.shape[0]
+    q = mx.view(b[:, at + 4 : at + 20], mx.uint64)  # [n, 2]: bytes 0..7 and 8..15
+    # weights 0..7, 8..15 in the low nibbles, 16..23, 24..31 in the high ones: one nibble per byte
+    x = mx.concatenate([q, q >> 4], axis=1) & _u64(0x0F0F0F0F0F0F0F0F)
+    x = (x & _u64(0x000F000F000F000F)) | ((x & _u64(0x0F000F000F000F00)) >> 3)  # pairs: 10 bits in each 16
+    x = (x & _u64(0x000003FF000003FF)) | ((x & _u64(0x03FF000003FF0000)) >> 6)  # fours: 20 bits in each 32
+    x = (x & _u64(0xFFFFF)) | ((x >> 12) & _u64(0xFFFFF << 20))  # eights: 40 bits
+    x = x | _high_bit_spread()[b[:, at : at + 4].astype(mx.uint32)]
+    return mx.view(x, mx.uint8).reshape(n, 4, 8)[:, :, :5].reshape(n, 20)
 
 
 def _pack_bytes(codes: mx.array, bits: int) -> mx.array:

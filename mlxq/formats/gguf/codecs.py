@@ -37,6 +37,17 @@ def _nearest_int(v: np.ndarray) -> np.ndarray:
     return out
 
 
+_EXACT = F(1 << 22)  # below this magnitude, nearest_int is numpy's rint (round half to even)
+
+
+def _nearest(v: np.ndarray) -> np.ndarray:
+    """nearest_int(v) as float32 whole numbers, in place: numpy's rint (one pass) where every |v| < 2**22 (it
+    rounds as the magic number does there), else ggml's trick itself (garbage past 2**22 and for NaN, as in C)."""
+    if v.size and -_EXACT < v.min() and v.max() < _EXACT:  # NaN fails both tests
+        return np.rint(v, out=v)
+    return _nearest_int(v).astype(F)
+
+
 # numpy's clip ufunc itself: np.clip's wrapper costs several times the clipping of a block-sized array
 _CLIP = getattr(getattr(np, "_core", None) and np._core.umath, "clip", None)
 
@@ -102,41 +113,46 @@ def _largest(x: np.ndarray, start: float = 0.0) -> np.ndarray:
 
 
 def _running_abs_max(x: np.ndarray) -> np.ndarray:
-    """C's `amax = MAX(amax, fabsf(x[i]))` from 0 over the leading axis (with a NaN the order matters)."""
+    """C's `amax = MAX(amax, fabsf(x[i]))` from 0 over the leading axis: numpy's max, and the C loop's order only in
+    the blocks that hold a NaN (MAX takes a NaN, and drops it again at the next weight)."""
     a = np.abs(x)
-    if not np.isnan(a).any():
-        return np.maximum(a.max(axis=0), F(0))
-    amax = np.zeros(x.shape[1:], F)
-    for row in a:
-        amax = np.where(amax > row, amax, row)
+    amax = np.maximum(a.max(axis=0), F(0))
+    nan = np.flatnonzero(np.isnan(amax))
+    if nan.size:
+        m = np.zeros(nan.size, F)
+        for row in a[:, nan]:
+            m = np.where(m > row, m, row)
+        amax[nan] = m
     return amax
 
 
 def _roundf(v: np.ndarray) -> np.ndarray:
-    """C's roundf / lroundf: half away from zero (floor(|v| + 0.5) would round 0.49999997 up)."""
-    a = np.abs(v)
-    whole = np.floor(a)
-    a -= whole
-    whole += a >= F(0.5)
-    return np.copysign(whole, v, out=whole).astype(np.int32)
+    """C's roundf / lroundf: half away from zero. numpy's rint rounds halves to even: the exact halves (v - rint(v) is
+    exact in float32) move away from zero (floor(|v| + 0.5) would round 0.49999997 up)."""
+    r = np.rint(v)
+    half = np.subtract(v, r)
+    np.abs(half, out=half)
+    tie = np.flatnonzero(half == F(0.5))
+    if tie.size:
+        flat = v.reshape(-1)
+        r.reshape(-1)[tie] = np.trunc(flat[tie]) + np.sign(flat[tie])
+    return r.astype(np.int32)
 
 
 def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(largest |x|, the signed value holding it) over the leading axis, the first one on ties, starting from 0 (C's
-    strict `>`): argmax finds it, the C loop runs only where a NaN is (it never wins there); an all-zero block's
-    value is +0 as in C, not a -0 it holds."""
-    a = np.abs(x)
-    if not np.isnan(a).any():
-        at = a.argmax(axis=0)[None]
-        amax = np.take_along_axis(a, at, 0)[0]
-        return amax, np.where(amax > 0, np.take_along_axis(x, at, 0)[0], F(0))
-    amax = np.zeros(x.shape[1:], F)
-    value = np.zeros(x.shape[1:], F)
-    for row in x:
-        a = np.abs(row)
-        more = a > amax
-        amax = np.where(more, a, amax)
-        value = np.where(more, row, value)
+    strict `>`, so NaN never wins and an all-zero block's value is +0 as in C, not a -0 it holds). From the largest
+    and least values (fmax/fmin skip NaN as C's comparisons do): only where +a and -a are both there does the order
+    matter, and only those blocks are searched."""
+    hi, neg = np.fmax.reduce(x, axis=0), -np.fmin.reduce(x, axis=0)
+    amax = np.fmax(hi, neg)
+    some = amax > 0  # False where the block is all zeros or all NaN: C keeps its 0
+    amax = np.where(some, amax, F(0))
+    value = np.where(some, np.where(hi > neg, hi, -neg), F(0))
+    tie = np.flatnonzero(some & (hi == neg))
+    if tie.size:
+        part = x[:, tie]
+        value[tie] = np.take_along_axis(part, (np.abs(part) == amax[tie]).argmax(axis=0)[None], 0)[0]
     return amax, value
 
 
@@ -158,16 +174,16 @@ def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray
     amax, big = _abs_max(x)
     w = x * x if w is None else w
     wx = w * x  # C's w*x[i]*l associates as (w*x[i])*l
+    # the codes stay float32 (whole numbers) until the end
     with np.errstate(all="ignore"):
 
         def trial(iscale):
-            l = _clip(_nearest_int(iscale * x), -nmax, nmax - 1)
-            lf = l.astype(F)
+            lf = _clip(_nearest(iscale * x), -nmax, nmax - 1)
             wl = wx * lf
             sumlx = _seq(wl)
             np.multiply(w, lf, out=wl)
             wl *= lf
-            return l, sumlx, _seq(wl)
+            return lf, sumlx, _seq(wl)
 
         codes, sumlx, suml2 = trial(F(-nmax) / big)
         scale = np.where(suml2 != 0, sumlx / suml2, F(0))
@@ -177,11 +193,47 @@ def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray
                 continue
             l, slx, sl2 = trial(-(F(nmax) + F(0.1) * F(step)) / big)
             better = (sl2 > 0) & (slx * slx > best * sl2)
-            codes = np.where(better, l, codes)
+            np.copyto(codes, l, where=better)
             scale = np.where(better, slx / sl2, scale)
             best = np.where(better, scale * slx, best)
     zero = amax < GROUP_MAX_EPS
-    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes + nmax)
+    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes.astype(np.int32) + nmax)
+
+
+def _refine(x, w, codes, sumlx, suml2, bound, qp: bool) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's refinement of make_q3_quants / make_qp_quants: up to 5 passes over the weights, each code moved to
+    nearest(x * sl2 / slx) (`bound` clamps it) where that raises slx^2 / sl2. x, w, codes (changed in place)
+    element-major [n, B]; returns the final (sumlx, suml2) [B]. Like C, a block leaves after a pass that changed
+    nothing (the next would redo the same arithmetic); the blocks still moving are gathered, so later passes cost
+    what they change. qp: make_qp's order of checks (sl2 > 0 before the trial) and its uint8_t codes."""
+    at = np.arange(x.shape[1])
+    xs, ws, cs = x, w, codes
+    for _ in range(5):
+        moved = np.zeros(at.size, bool)
+        for i, xi in enumerate(xs):
+            wi, li = ws[i], cs[i].astype(F)
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            new = bound(_nearest_int(xi * sl2 / slx))
+            nf = new.astype(F)
+            slx2, sl22 = slx + wi * xi * nf, sl2 + wi * nf * nf
+            take = (slx > 0) & (sl2 > 0 if qp else sl22 > 0) & (new != cs[i])
+            take &= slx2 * slx2 * suml2 > sumlx * sumlx * sl22
+            cs[i] = np.where(take, new & 0xFF if qp else new, cs[i])
+            sumlx, suml2 = np.where(take, slx2, sumlx), np.where(take, sl22, suml2)
+            moved |= take
+        if at.size == x.shape[1]:  # the first pass works on the arrays themselves
+            sumlx_all, suml2_all = sumlx, suml2
+        else:
+            codes[:, at] = cs
+            sumlx_all[at], suml2_all[at] = sumlx, suml2
+        if moved.all():
+            continue
+        at, sumlx, suml2 = at[moved], sumlx[moved], suml2[moved]
+        if not at.size:
+            break
+        xs, ws, cs = x[:, at], w[:, at], codes[:, at]
+    return sumlx_all, suml2_all
 
 
 def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,21 +244,10 @@ def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         w = x * x
         lf = codes.astype(F)
         sumlx, suml2 = _seq(w * x * lf), _seq(w * lf * lf)
-        codes = list(codes)
-        for _ in range(5):  # a pass that changes nothing would change nothing again: no early exit needed
-            for i, xi in enumerate(x):
-                wi, li = w[i], codes[i].astype(F)
-                slx = sumlx - wi * xi * li
-                sl2 = suml2 - wi * li * li
-                new = np.clip(_nearest_int(xi * sl2 / slx), -nmax, nmax - 1)
-                nf = new.astype(F)
-                slx2, sl22 = slx + wi * xi * nf, sl2 + wi * nf * nf
-                take = (slx > 0) & (new != codes[i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                codes[i] = np.where(take, new, codes[i])
-                sumlx, suml2 = np.where(take, slx2, sumlx), np.where(take, sl22, suml2)
+        sumlx, suml2 = _refine(x, w, codes, sumlx, suml2, lambda v: _clip(v, -nmax, nmax - 1), qp=False)
         scale = np.where(suml2 > 0, sumlx / suml2, F(0))
     zero = amax < GROUP_MAX_EPS
-    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, np.stack(codes) + nmax)
+    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes + nmax)
 
 
 def _make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool):
@@ -231,19 +272,18 @@ def _make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool
             diff *= w
             return _seq(diff)
 
-        def codes_at(iscale):
+        def codes_at(iscale):  # as float32 whole numbers
             v = x - lo
             v *= iscale
-            return _clip(_nearest_int(v), 0, nmax)
+            return _clip(_nearest(v), 0, nmax)
 
         iscale = F(nmax) / (hi - lo)
         scale = F(1) / iscale
         codes = codes_at(iscale)
-        best = error(scale, lo, codes.astype(F))
+        best = error(scale, lo, codes)
         for step in range(nstep + 1):
             iscale = ((F(rmin) + F(rdelta) * F(step)) + F(nmax)) / (hi - lo)
-            trial = codes_at(iscale)
-            lf = trial.astype(F)
+            lf = trial = codes_at(iscale)
             wl = w * lf
             sum_l, sum_xl = _seq(wl), _seq(wl * x)
             wl *= lf
@@ -261,7 +301,7 @@ def _make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool
             scale = np.where(better, this_scale, scale)
             lo = np.where(better, this_min, lo)
     lo = np.where(flat, first_lo, lo)
-    return np.where(flat, F(0), scale).astype(F), (-lo).astype(F), np.where(flat, 0, codes)
+    return np.where(flat, F(0), scale).astype(F), (-lo).astype(F), np.where(flat, 0, codes).astype(np.int32)
 
 
 def _make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -288,21 +328,11 @@ def _make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.nd
         raw = np.minimum(nmax, _nearest_int(iscale * x))
         lf = raw.astype(F)
         sumlx, suml2 = _seq(w * x * lf), _seq(w * lf * lf)
-        codes = list(_u8(raw).astype(np.int32))
-        for _ in range(5):  # a pass that changes nothing would change nothing again: no early exit needed
-            for i, xi in enumerate(x):
-                wi, li = w[i], codes[i].astype(F)
-                slx = sumlx - wi * xi * li
-                sl2 = suml2 - wi * li * li
-                new = np.minimum(nmax, _nearest_int(xi * sl2 / slx))
-                nf = new.astype(F)
-                slx2, sl22 = slx + wi * xi * nf, sl2 + wi * nf * nf
-                take = (slx > 0) & (sl2 > 0) & (new != codes[i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                codes[i] = np.where(take, _u8(new).astype(np.int32), codes[i])
-                sumlx, suml2 = np.where(take, slx2, sumlx), np.where(take, sl22, suml2)
+        codes = _u8(raw).astype(np.int32)
+        sumlx, suml2 = _refine(x, w, codes, sumlx, suml2, lambda v: np.minimum(nmax, v), qp=True)
         scale = np.where(suml2 > 0, sumlx / suml2, F(0))
     zero = hi < GROUP_MAX_EPS
-    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, np.stack(codes))
+    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes)
 
 
 def _row_sigma2(x: np.ndarray, factor: float) -> np.ndarray:
@@ -367,13 +397,17 @@ class _Q4_0(Codec):
 
     def fit(self, x, qw, row_sigma2):
         if qw is None:  # no sums: the blocks stay in weight order
-            _, big = _abs_max(x.T)
+            _, big = _abs_max(np.ascontiguousarray(x.T))  # numpy reduces across blocks fastest
             d = big / F(-self.half)
             with np.errstate(all="ignore"):
                 inv = np.where(d != 0, F(1) / d, F(0))
             v = x * inv[:, None]
             v += F(self.half + 0.5)
-            codes = np.minimum(self.nmax, _i8(v.astype(np.int32)))
+            codes = v.astype(np.int32)  # then C's (int8_t) and MIN(nmax, .), in place
+            codes += 128
+            codes &= 0xFF
+            codes -= 128
+            np.minimum(codes, self.nmax, out=codes)
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
             d, codes = _make_qx(_elements(x, QK), self.half, w)
@@ -429,18 +463,16 @@ class _Q8_0(Codec):
     name, block, size, sub, nmax, weighted = "Q8_0", QK, 34, QK, 255, False
 
     def fit(self, x, qw, row_sigma2):  # ggml's Q8_0 has no importance-weighted variant
-        xe = _elements(x, QK)  # numpy reduces faster across blocks than along each block's 32 weights
-        d = _running_abs_max(xe) / F(127)
+        d = _running_abs_max(_elements(x, QK)) / F(127)  # numpy reduces faster across blocks than along 32 weights
         with np.errstate(all="ignore"):
             inv = np.where(d != 0, F(1) / d, F(0))
-        xe *= inv
-        codes = _roundf(xe)
+        codes = _roundf(x * inv[:, None])
         codes += 128
         stored = _fp16(d)
-        return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], _blocks(codes, 1))
+        return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], codes)
 
     def pack(self, fit, codes):
-        q = (codes.astype(np.int32) - 128).astype(np.int8).view(np.uint8)
+        q = (np.asarray(codes, np.int32) - 128).astype(np.int8).view(np.uint8)
         return np.concatenate([_half_bytes(fit.header["d"]), q], axis=1)
 
 
