@@ -9,10 +9,10 @@ exactly that file. Two parts, both run in this one process, mlxq and llama.cpp i
   tensors byte for byte is recorded too (mlxq's encoders follow ggml's arithmetic: they should).
 - Quality: mlxq's calibrated export (`--calibrate`) with each method, `--method allocate` (the default: imatrix's
   fits, tensor types moved within the mix by measured KL), `--method imatrix` (ggml's importance-weighted fits with
-  mlxq's importance matrix) and `--method gptq` (codes and block scales chosen against each layer's Hessian), against llama.cpp's quantizer with its own importance matrix
-  (llama-imatrix), all calibrated on the same text file (the default mix), at Q4_K_M / Q3_K_M / Q2_K. All files
-  are scored by llama.cpp itself: llama-perplexity's KL-divergence mode against the float model's logits on
-  held-back Wikipedia text.
+  mlxq's importance matrix) and `--method gptq` (codes and block scales chosen against each layer's Hessian),
+  against llama.cpp's quantizer with its own importance matrix (llama-imatrix), all calibrated on the same text
+  file (the default mix), at Q4_K_M / Q3_K_M / Q2_K. All files are scored by llama.cpp itself: llama-perplexity's
+  KL-divergence mode against the float model's logits on held-back Wikipedia text.
 
     python bench/gguf_export.py [--quick] [--part all|speed|quality] [--methods allocate,imatrix,gptq] [--types T,..]
 
