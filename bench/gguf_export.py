@@ -7,14 +7,14 @@ exactly that file. Two parts, both run in this one process, mlxq and llama.cpp i
   `llama-quantize F32.gguf OUT T 2` (llama_model_quantize, 2 threads) per type; wall and CPU seconds (this machine
   is shared, so wall times carry other people's load; CPU seconds do not). Whether the two files hold the same
   tensors byte for byte is recorded too (mlxq's encoders follow ggml's arithmetic: they should).
-- Quality: mlxq's calibrated export (`--calibrate`) with both methods, `--method imatrix` (ggml's
-  importance-weighted fits with mlxq's importance matrix, the default) and `--method gptq` (codes and block scales
-  chosen against each layer's Hessian), against llama.cpp's quantizer with its own importance matrix
-  (llama-imatrix), all calibrated on the same text file (the default mix), at Q4_K_M / Q3_K_M / Q2_K. All files
-  are scored by llama.cpp itself: llama-perplexity's KL-divergence mode against the float model's logits on
-  held-back Wikipedia text.
+- Quality: mlxq's calibrated export (`--calibrate`) with each method, `--method allocate` (the default: imatrix's
+  fits, tensor types moved within the mix by measured KL), `--method imatrix` (ggml's importance-weighted fits with
+  mlxq's importance matrix) and `--method gptq` (codes and block scales chosen against each layer's Hessian),
+  against llama.cpp's quantizer with its own importance matrix (llama-imatrix), all calibrated on the same text
+  file (the default mix), at Q4_K_M / Q3_K_M / Q2_K. All files are scored by llama.cpp itself: llama-perplexity's
+  KL-divergence mode against the float model's logits on held-back Wikipedia text.
 
-    python bench/gguf_export.py [--quick] [--part all|speed|quality] [--methods imatrix,gptq,allocate] [--types T,..]
+    python bench/gguf_export.py [--quick] [--part all|speed|quality] [--methods allocate,imatrix,gptq] [--types T,..]
 
 Ratios: `export_time_T_vs_llama_cpp` (wall) and `export_cpu_T_vs_llama_cpp` = mlxq / llama.cpp (goal <= 1);
 `kl_T_vs_llama_cpp` = the mean KL of mlxq's default method / llama.cpp's (goal <= 0.8), `kl_T_M_vs_llama_cpp` per

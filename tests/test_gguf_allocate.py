@@ -1,9 +1,11 @@
-"""`--method allocate`: types moved within a mix by the Fisher-weighted error, at the mix's own size.
+"""`--method allocate`: types moved within a mix by the KL each move measurably adds, at the mix's own size.
 
-The Fisher diagonal is checked against finite differences of the loss; the allocation against an exhaustive search
-on small random problems (never over budget, never worse than the mix's own types); the export end to end on a
-tiny model against the plain importance-weighted export (no more bits, lower KL to the float model on the
-calibration text) and against llama.cpp, which loads the file and gives mlxq's logits.
+The layer-by-layer KL of many variants at once is checked against whole forward passes with the variants' weights
+(the exported file's own types included); the choice on a measure with known costs (the best pick, within the
+budget; the mix kept when the moves do not add up); the allocation against an exhaustive search on small random
+problems (never over budget, never worse than the mix's own types); the export end to end on a tiny model against
+the plain importance-weighted export (no more bits, lower KL to the float model on the calibration text) and against
+llama.cpp, which loads the file and gives mlxq's logits.
 """
 
 from __future__ import annotations
@@ -15,48 +17,112 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from llama_cpp_run import llama_cpp_logits
-from test_gguf_export import PROMPT, QUANTIZED_TOLERANCE, TEXT, mlxq_logits, mlxq_net, rel
+from test_gguf_export import PROMPT, QUANTIZED_TOLERANCE, TEXT, mlxq_logits, mlxq_net, rel, tiny_src  # noqa: F401
 from tiny import WIDE, make_tiny, save_tiny_tokenizer
 
 from mlxq.formats import open_checkpoint
 from mlxq.formats.gguf import allocate
-from mlxq.formats.gguf.export import export
+from mlxq.formats.gguf.codecs import CODECS, bits_per_weight
+from mlxq.formats.gguf.export import export, plan, requantized
 from mlxq.loading import load_model
 from mlxq.quant.recipes import gguf_recipe
 
 
-def test_fisher_is_the_sum_of_squared_gradients(tmp_path):
-    make_tiny("llama", tmp_path)
-    net = load_model(open_checkpoint(str(tmp_path)), dtype=mx.float32, fuse=False)
-    seqs = [[3, 17, 42, 99, 5, 120, 7], [64, 11, 150, 33, 8, 19, 140]]
-    fisher = allocate.fisher_diagonal(net, seqs)
-    name, (i, j) = "model.layers.0.mlp.down_proj.weight", (2, 5)
-    assert name in fisher
-    w = net.model.layers[0].mlp.down_proj.weight
+def test_a_tensor_moves_along_its_row_widths_ladder():
+    t = lambda kind, cols: allocate.Tensor("w", "g", kind, cols, cols)  # noqa: E731
+    assert [t("Q3_K", 512).at(o) for o in (-1, 0, 1, 2)] == ["Q2_K", "Q3_K", "Q4_K", "Q5_K"]
+    assert [t("Q2_K", 512).at(o) for o in (-1, 0, 1)] == ["Q2_K", "Q2_K", "Q3_K"]
+    assert [t("Q8_0", 512).at(o) for o in (-1, 0, 1)] == ["Q6_K", "Q8_0", "Q8_0"]
+    assert [t("Q4_0", 576).at(o) for o in (-1, 1, 2)] == ["Q4_0", "Q5_0", "Q8_0"]
+    assert [t("Q5_1", 576).at(o) for o in (-1, 0, 1)] == ["Q4_0", "Q5_1", "Q8_0"]  # from where Q5_0 stands
+    assert t("F16", 512).at(1) == "F16" and t("TQ2_0", 512).at(1) == "TQ2_0"
 
-    def loss(seq, delta):
-        w2 = mx.array(np.asarray(w))
-        w2[i, j] = w2[i, j] + delta
-        net.model.layers[0].mlp.down_proj.weight = w2
-        t = mx.array(seq)
-        logits = net(t[None, :-1], net.make_cache())[0]
-        out = mx.mean(mx.logsumexp(logits, -1) - mx.take_along_axis(logits, t[1:, None], -1)[:, 0]).item()
-        net.model.layers[0].mlp.down_proj.weight = w
+
+def measured_reference(src, variant, weight, batches):
+    """KL(float || variant) by the whole model's forward pass: the float net against the net with the variant's
+    tensors replaced (the file's own weights when `variant` is None)."""
+    float_net = load_model(open_checkpoint(str(src)), dtype=mx.float32, fuse=False)
+    net = load_model(open_checkpoint(str(src)), dtype=mx.float32, fuse=False)
+    net.load_weights([(n, weight(n, k)) for n, k in variant.items()], strict=False)
+    total = 0.0
+    for seq in batches:
+        t = mx.array([seq])
+        ref = float_net(t, float_net.make_cache())[0]
+        ref = ref - mx.logsumexp(ref, -1, keepdims=True)
+        lp = net(t, net.make_cache())[0]
+        total += (mx.exp(ref) * (ref - lp + mx.logsumexp(lp, -1, keepdims=True))).sum().item()
+    return total / sum(len(s) for s in batches)
+
+
+def test_measured_kl_layer_by_layer_is_the_whole_models(tmp_path):
+    """Every variant at once, layer by layer, against one whole forward pass per variant: the file's types on
+    every tensor (tied embedding included), and one tensor alone measured after it (so a variant that inherits the
+    one before's weights shows)."""
+    src = tmp_path / "src"
+    make_tiny("llama_tied_linear", src, **WIDE)
+    ckpt = open_checkpoint(str(src))
+    the_plan = plan(ckpt, gguf_recipe("Q3_K_M"))
+    items = {it.hf: it for it in the_plan.items if it.out.kind in CODECS}
+    full = {n: it.out.kind for n, it in items.items()}
+    assert "model.embed_tokens.weight" in full and len(set(full.values())) > 1
+    one = {"model.layers.1.mlp.down_proj.weight": "Q2_K"}
+
+    def weight(name, kind):
+        return mx.array(requantized(open_checkpoint(str(src)), the_plan, items[name], kind)[0])
+
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 160, 48).tolist() for _ in range(3)]
+    got = allocate.measured_kl(open_checkpoint(str(src)), batches, [full, one], weight)
+    want = [measured_reference(src, v, weight, batches) for v in (full, one)]
+    assert got == pytest.approx(want, rel=1e-3)
+    assert want[0] > 2 * want[1] > 0
+
+
+def table_measure(costs, interaction=0.0):
+    """A measure whose KL is the sum of each tensor's cost at its type, plus `interaction` once two or more tensors
+    sit off their first type (the mix's), as a measure that does not add up would; records what it was asked."""
+    asked = []
+
+    def measure(variants):
+        asked.append(variants)
+        out = []
+        for v in variants:
+            off = sum(k != next(iter(costs[n])) for n, k in v.items())
+            out.append(sum(costs[n][k] for n, k in v.items()) + (interaction if off >= 2 else 0.0))
         return out
 
-    eps = 1e-2
-    want = sum(((loss(s, eps) - loss(s, -eps)) / (2 * eps)) ** 2 for s in seqs)
-    assert fisher[name][i, j].item() == pytest.approx(want, rel=2e-2, abs=1e-9)
+    return measure, asked
 
 
-def test_steps_are_the_neighbours_on_the_row_width_ladder():
-    assert allocate.steps("Q3_K", 512) == ("Q2_K", "Q3_K", "Q4_K")
-    assert allocate.steps("Q2_K", 512) == ("Q2_K", "Q3_K")
-    assert allocate.steps("Q8_0", 512) == ("Q6_K", "Q8_0")
-    assert allocate.steps("Q4_0", 576) == ("Q4_0", "Q5_0")
-    assert allocate.steps("Q5_1", 576) == ("Q4_0", "Q5_0", "Q5_1", "Q8_0")  # from where Q5_0 stands
-    assert allocate.steps("F16", 512) == ("F16",)
-    assert allocate.steps("TQ2_0", 512) == ("TQ2_0",)
+def test_choice_moves_bits_where_they_lower_the_kl_and_keeps_the_budget():
+    """The class-level cliff (ffn_down) is measured; which ffn_down takes the extra bits is told by the errors: the
+    budget pays for one of them only (moving the whole class costs more than the others can give back)."""
+    n = 512 * 64
+    tensors = [allocate.Tensor("down0", "ffn_down", "Q3_K", 512, n),
+               allocate.Tensor("down1", "ffn_down", "Q3_K", 512, n),
+               allocate.Tensor("up", "ffn_up", "Q4_K", 512, n), allocate.Tensor("v", "attn_v", "Q6_K", 512, n // 2)]
+    costs = {"down0": {"Q3_K": 0.30, "Q2_K": 0.9, "Q4_K": 0.01, "Q5_K": 0.005},
+             "down1": {"Q3_K": 0.002, "Q2_K": 0.004, "Q4_K": 0.001, "Q5_K": 0.0005},
+             "up": {"Q4_K": 0.02, "Q3_K": 0.05, "Q5_K": 0.015, "Q6_K": 0.012},
+             "v": {"Q6_K": 0.001, "Q5_K": 0.002, "Q8_0": 0.0009}}
+    error = lambda name, kind: 7.0 * costs[name][kind]  # noqa: E731  (shares need only be proportional)
+    measure, asked = table_measure(costs)
+    pick = allocate.choose(measure, tensors, error)
+    assert pick == {"down0": "Q4_K", "down1": "Q2_K", "up": "Q4_K", "v": "Q5_K"}  # the exhaustive best
+    bits = lambda p: sum(t.size * bits_per_weight(p[t.name]) for t in tensors)  # noqa: E731
+    assert bits(pick) <= bits({t.name: t.kind for t in tensors})
+    assert len(asked) == 2 and pick in asked[1]  # one pass over every move, one to check the picks
+    # when the moves do not add up and the picks are worse than the mix as a whole, the mix stays
+    measure, _ = table_measure(costs, interaction=1.0)
+    assert allocate.choose(measure, tensors, error) == {t.name: t.kind for t in tensors}
+
+
+def test_a_groups_measured_kl_is_shared_as_its_tensors_errors_change():
+    group = [allocate.Tensor(f"t{i}", "g", "Q4_0", 576, 576) for i in range(3)]
+    err = {("t0", "Q4_0"): 4.0, ("t0", "Q5_0"): 1.0, ("t1", "Q4_0"): 2.0, ("t1", "Q5_0"): 1.0,
+           ("t2", "Q4_0"): 1.0, ("t2", "Q5_0"): 1.5}  # t2 got worse: it takes no part
+    got = allocate.shares(group, 1, lambda n, k: err[n, k])
+    assert [got[t] for t in group] == pytest.approx([0.75, 0.25, 0.0])
 
 
 def _cost(choices, pick):
@@ -130,12 +196,17 @@ def test_allocated_export_is_no_larger_and_closer_to_the_float_model(kind, tmp_p
     assert rel(llama_cpp_logits(files["allocate"], PROMPT), mlxq_logits(files["allocate"], src)) <= QUANTIZED_TOLERANCE
 
 
-def test_error_estimated_on_sampled_rows_is_the_whole_tensors():
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((2048, 256)).astype(np.float32)
-    fisher = rng.exponential(1.0, w.shape).astype(np.float32)
-    full = allocate.weighted_errors(w, fisher, ("Q3_K", "Q5_K"), None, rows=2048)
-    sampled = allocate.weighted_errors(w, fisher, ("Q3_K", "Q5_K"), None, rows=256)
-    for k in full:
-        assert sampled[k] == pytest.approx(full[k], rel=0.1)
-    assert full["Q5_K"] < full["Q3_K"] / 3  # two more bits, about a sixteenth of the squared error
+@pytest.mark.parametrize("family", ["qwen3_5_text", "gemma3", "qwen3_moe_norm"])
+def test_allocated_export_on_other_families(family, tiny_src, tmp_path, monkeypatch):  # noqa: F811
+    """The layer-by-layer pass on a hybrid (DeltaNet), Gemma 3 (sliding window, embedding scale) and an MoE (whose
+    stacked experts keep the mix's types): no more bits than the mix, and llama.cpp gives mlxq's logits."""
+    monkeypatch.setenv("MLXQ_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    src = tiny_src(family, True)
+    files = {m: tmp_path / f"{m}.gguf" for m in ("imatrix", "allocate")}
+    for method, path in files.items():
+        export(str(src), path, gguf_recipe("Q3_K_M"), calibrate=str(text), method=method, calib_tokens=1024,
+               progress=False)
+    assert quantized_bits(files["allocate"]) <= quantized_bits(files["imatrix"])
+    assert rel(llama_cpp_logits(files["allocate"], PROMPT), mlxq_logits(files["allocate"], src)) <= QUANTIZED_TOLERANCE

@@ -1,29 +1,39 @@
-"""Sensitivity-driven types within a mix, at the mix's own size (`mlxq export --calibrate --method allocate`).
+"""Types moved within a mix by the KL each move measurably adds, at the mix's own size
+(`mlxq export --calibrate --method allocate`).
 
 Why: on SmolLM2, quantizing one tensor class at a time with llama.cpp's own quantizer (the others Q8_0) and scoring
-by llama-perplexity shows the KL is not spread like the weights' Hessian-weighted error, and adds up per class
-(Q2_K's classes sum to 0.287 against 0.29 for the whole file). ffn_down in Q3_K adds 0.157 nats (54 % of Q2_K's
-KL), in Q4_K 0.003; attn_v in Q4_0 0.053, in Q5_0 0.014; ffn_up in Q4_0 0.036; the tied embedding/head in Q5_0
-0.025 (it sits in Q8_0 at 8.5 bits). Better codes within a type (GPTQ) cut the layer error, yet the KL stays,
-because the error that matters is in a few tensors whose type is too coarse. So the bits are moved.
+by llama-perplexity shows the KL sits in a few classes whose type is too coarse, and adds up per class (Q2_K's
+classes sum to 0.287 against 0.29 for the whole file). ffn_down in Q3_K adds 0.157 nats (54 % of Q2_K's KL), in
+Q4_K 0.003; attn_v in Q4_0 0.053, in Q5_0 0.014; ffn_up in Q4_0 0.036. Better codes within a type (GPTQ) cut the
+layer error, yet the KL stays. So the bits are moved, and what a move costs is measured, not estimated: a
+second-order (Fisher-weighted error) estimate, tried first, missed ffn_down's cliff (Q3_K -> Q4_K is 50x in KL; it
+predicted about 4x) and scored no better than llama.cpp at Q2_K.
 
-Status (measured by llama-perplexity on 8 x 512 held-back tokens; not the default yet): at Q3_K_M it moves the
-embedding to Q5_0 and attn_q/k, ffn_gate/up to Q5_0, attn_v to Q8_0 (5.4535 bpw against llama.cpp's 5.4551) and
-scores KL 0.0393 against llama.cpp+imatrix's 0.0927 (0.42); at Q4_K_M 0.0294 against 0.0346 (0.85, 6.1638 against
-6.1655 bpw). At Q2_K it fails: the Fisher estimate does not see the
-ffn_down cliff (Q3_K -> Q4_K is 50x in KL, a quadratic estimate gives about 4x) and is noisy tensor by tensor; it
-put 14 of 30 ffn_down in Q2_K and scored 0.292 (4.81 bpw) against llama.cpp's 0.2916 (5.14 bpw).
-The headroom is real: llama.cpp's own quantizer and imatrix with the types the per-class KL points to (embedding
-Q5_0, ffn_down Q4_K, attn_v/ffn_up/ffn_gate Q5_0; 5.137 bpw) scores 0.083 against its Q2_K's 0.292 (5.139 bpw).
-The allocation itself (`allocate`, the ladders) is what a measured-KL cost needs; the cost is what must change.
+How: tensors are grouped by class (the GGUF name without its block number: every layer's ffn_down is one group).
+Each group may move `OFFSETS` steps along its row width's ladder, every tensor from its own mix type (so the mix's
+per-layer shape is kept). On calibration text the model runs with every tensor quantized (ggml's importance-weighted
+fits, the codes the export writes) at the mix's types, and again with one group moved at a time, everything else at
+the mix's types; the KL to the float model that each move adds is its cost. All these variants run together, layer
+by layer (`measured_kl`): one decoder layer's weights are in memory at a time, as in calibration, so the pass
+needs no more memory than the variants' hidden states (and the embedding at each candidate type), however big the
+model. A budgeted choice (`allocate`) then picks, with the file's quantized bits at most the mix's, once a step per
+group, and once a type per tensor, a group's measured KL shared among its tensors as their importance-weighted
+errors change (whole groups are coarse: at Q4_K_M a class's step from Q5_0 to Q8_0 is 3.5 bits a weight, and
+class moves alone left 1 % of the budget unused). A last pass measures both picks; the lowest KL of them and the
+mix is written.
 
-How: the diagonal of the empirical Fisher information F (squared gradients of the next-token loss on the
-calibration text) weighs each candidate type's squared error, sum F (w - q(w))^2, which approximates twice the
-KL the quantization adds (the Fisher is the KL's Hessian). Each tensor may move one step up or down its row
-width's ladder from the mix's own type; the choice minimises the summed estimate with the file's quantized bits at
-most the mix's (a Lagrangian greedy over the steps). Ladders hold the K-quants, or for rows that are not whole
-256-blocks the symmetric legacy types llama.cpp falls back to (Q4_0, Q5_0, Q8_0): Q4_1/Q5_1 are left out because
-they hold an affine-quantized source exactly and would win on a re-quantized checkpoint for the wrong reason.
+Status (bench/gguf_export.py --part quality --methods allocate, scored by llama-perplexity on 8 x 512 held-back
+tokens; the "float" model is the pinned Q4_1 GGUF dequantized): KL against llama.cpp+imatrix's at the same mix is
+0.031578 / 0.034621 (0.91) at Q4_K_M (6.1642 / 6.1655 bpw), 0.040288 / 0.092745 (0.43) at Q3_K_M (5.3902 / 5.4551),
+0.057648 / 0.291572 (0.20) at Q2_K (5.1123 / 5.1394). At Q3_K_M and Q2_K the whole-group pick won (the per-tensor
+one was worse measured: 0.078 and 0.159 against 0.041 and 0.065 on the calibration text); at Q4_K_M the
+per-tensor one (0.0328 against 0.0336; the mix 0.0393). About 180-240 s CPU on SmolLM2 (4 x 256 tokens, 29-30
+variants), the Fisher pass it replaces 169 s.
+
+Ladders hold the K-quants, or for rows that are not whole 256-blocks the symmetric legacy types llama.cpp falls back
+to (Q4_0, Q5_0, Q8_0): Q4_1/Q5_1 are left out because they hold an affine-quantized source exactly and would win on
+a re-quantized checkpoint (the bench's SmolLM2 is one) for the wrong reason. Only tensors the model holds whole
+move (the export's `allocated`); parts of a fused or stacked one (routed experts, split projections) keep the mix's.
 """
 
 from __future__ import annotations
@@ -32,17 +42,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
-from mlxq.formats.gguf.codecs import bits_per_weight, encode
-from mlxq.kernels import kquants
+from mlxq.formats.base import Checkpoint
+from mlxq.formats.gguf.codecs import bits_per_weight
 
 K_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 LEGACY_LADDER = ("Q4_0", "Q5_0", "Q8_0")
-FISHER_TOKENS = 2048  # of the calibration text, in sequences of FISHER_SEQ
-FISHER_SEQ = 256
-SAMPLED_ROWS = 512  # per tensor, to estimate each candidate's error
+OFFSETS = (-1, 1, 2)  # steps a group may move from the mix's types
+MEASURE_TOKENS = 1024  # of the calibration text, in sequences of MEASURE_SEQ
+MEASURE_SEQ = 256
 
 
 def ladder(kind: str, cols: int) -> tuple[str, ...] | None:
@@ -51,61 +61,155 @@ def ladder(kind: str, cols: int) -> tuple[str, ...] | None:
     return rungs if kind in rungs or kind in ("Q4_1", "Q5_1") else None
 
 
-def steps(kind: str, cols: int) -> tuple[str, ...]:
-    """`kind` and its neighbours on the ladder: the candidates, lowest first."""
-    rungs = ladder(kind, cols)
-    if rungs is None:
-        return (kind,)
-    at = rungs.index({"Q4_1": "Q4_0", "Q5_1": "Q5_0"}.get(kind, kind))
-    near = rungs[max(at - 1, 0) : at + 2]
-    return tuple(sorted({*near, kind}, key=bits_per_weight))
+@dataclass(frozen=True)
+class Tensor:
+    """One quantized tensor of the mix: the model parameter it is, its group, the mix's type, its shape's say."""
+
+    name: str
+    group: str
+    kind: str
+    cols: int
+    size: int  # weights
+
+    def at(self, offset: int) -> str:
+        """The type `offset` steps from the mix's along its ladder (clamped at the ends; an affine legacy type moves
+        from where its symmetric twin stands)."""
+        rungs = ladder(self.kind, self.cols)
+        if rungs is None or offset == 0:
+            return self.kind
+        at = rungs.index({"Q4_1": "Q4_0", "Q5_1": "Q5_0"}.get(self.kind, self.kind))
+        return rungs[min(max(at + offset, 0), len(rungs) - 1)]
 
 
-def fisher_diagonal(net: nn.Module, batches: list[list[int]], progress: Callable[[], None] = lambda: None
-                    ) -> dict[str, mx.array]:
-    """Sum over sequences of the squared gradient of each sequence's mean next-token loss, per parameter (names as
-    the unfused model's, which are the checkpoint's)."""
+Variant = dict[str, str]  # parameter name -> the type it is quantized at; the others stay float
+Measure = Callable[[list[Variant]], list[float]]
 
-    def loss(tokens: mx.array) -> mx.array:
-        logits = net(tokens[None, :-1], net.make_cache())[0]
-        return nn.losses.cross_entropy(logits, tokens[1:], reduction="mean")
 
-    grad = nn.value_and_grad(net, loss)
-    total: dict[str, mx.array] = {}
-    for seq in batches:
-        _, g = grad(mx.array(seq))
-        for name, v in _flat(g):
-            total[name] = total[name] + v * v if name in total else v * v
-        mx.eval(total)
+def choose(measure: Measure, tensors: list[Tensor], error: Callable[[str, str], float],
+           say: Callable[[str], None] = lambda line: None) -> Variant:
+    """A type per tensor, by measured KL. Each group's moves are measured one at a time against the mix
+    (`measure` gives each variant's mean KL to the float model on the calibration text). Two picks by `allocate`,
+    each at no more bits than the mix: one moving whole groups; one moving single tensors, a group's measured KL
+    shared among its tensors as their importance-weighted errors (`error(name, type)`, computed while measuring)
+    change. Both picks are measured once more, and the lowest KL of the mix and the picks wins."""
+    mix = {t.name: t.kind for t in tensors}
+    if all(t.at(o) == t.kind for t in tensors for o in OFFSETS):
+        return mix  # nothing can move (no tensor on a ladder): no pass to run
+    groups: dict[str, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.group, []).append(t)
+    moves = []  # (group, offset), each a distinct set of types
+    for g, ts in groups.items():
+        seen = {tuple(t.kind for t in ts)}
+        for o in OFFSETS:
+            types = tuple(t.at(o) for t in ts)
+            if types not in seen:
+                seen.add(types)
+                moves.append((g, o))
+    variants = [mix] + [{**mix, **{t.name: t.at(o) for t in groups[g]}} for g, o in moves]
+    base, *kls = measure(variants)
+    whole = {g: {"+0": (_bits(ts, 0), 0.0)} for g, ts in groups.items()}
+    single = {t.name: {t.kind: (_bits([t], 0), 0.0)} for t in tensors}
+    for (g, o), kl in zip(moves, kls, strict=True):
+        whole[g][f"{o:+d}"] = (_bits(groups[g], o), kl - base)
+        say(f"{g} {o:+d} steps ({', '.join(sorted({t.at(o) for t in groups[g]}))}): KL {kl - base:+.5f}")
+        for t, share in shares(groups[g], o, error).items():
+            cost = (kl - base) * share
+            if share > 0 and cost < single[t.name].get(t.at(o), (0.0, np.inf))[1]:
+                single[t.name][t.at(o)] = (_bits([t], o), cost)
+    by_group = allocate([Choice(g, opts, "+0") for g, opts in whole.items()])
+    picks = [{t.name: t.at(int(by_group[t.group])) for t in tensors},
+             allocate([Choice(t.name, single[t.name], t.kind) for t in tensors])]
+    picks = [p for i, p in enumerate(picks) if p != mix and p not in picks[:i]]
+    if not picks:
+        say(f"kept the mix (KL {base:.5f} on the calibration text)")
+        return mix
+    kls = measure(picks)
+    say(f"KL on the calibration text: mix {base:.5f}, moved {', '.join(f'{kl:.5f}' for kl in kls)}")
+    best = int(np.argmin(kls))
+    return picks[best] if kls[best] < base else mix
+
+
+def shares(group: list[Tensor], offset: int, error: Callable[[str, str], float]) -> dict[Tensor, float]:
+    """Each tensor's part of its group's move: its change of error over the group's (only changes the same way as
+    the group's count)."""
+    change = {t: error(t.name, t.at(offset)) - error(t.name, t.kind) for t in group}
+    sign = np.sign(sum(change.values())) or 1.0
+    part = {t: max(sign * c, 0.0) for t, c in change.items()}
+    total = sum(part.values())
+    return {t: p / total if total > 0 else 1 / len(group) for t, p in part.items()}
+
+
+def _bits(tensors: list[Tensor], offset: int) -> float:
+    return sum(t.size * bits_per_weight(t.at(offset)) for t in tensors)
+
+
+def parameter_names(model) -> set[str]:
+    return {name for name, _ in tree_flatten(model.parameters())}
+
+
+def measured_kl(ckpt: Checkpoint, batches: list[list[int]], variants: list[Variant],
+                weight: Callable[[str, str], mx.array], progress: Callable[[], None] = lambda: None) -> list[float]:
+    """Mean KL(float || variant) per token on `batches` (sequences of one length) for each variant, a parameter
+    quantized at type k taken as `weight(name, k)` (dequantized, in the model's layout). Runs layer by layer: every
+    variant's hidden states go through decoder layer i before layer i+1 is read from the checkpoint, and a
+    layer's quantized weights are made once for all variants and dropped with the layer."""
+    from mlxq.models import build_model, text_config
+    from mlxq.quant.calibrate import _layer_of, _LayerSource
+
+    model = build_model(text_config(ckpt.config))
+    model.eval()
+    unknown = {n for v in variants for n in v} - parameter_names(model)
+    if unknown:
+        raise ValueError(f"not parameters of the model: {sorted(unknown)[:3]}")
+    source = _LayerSource(ckpt, model)
+    everyone = [{}, *variants]  # the float model first
+    made: dict[tuple[str, str], mx.array] = {}
+
+    def load(own: dict[str, mx.array], variant: Variant) -> None:
+        """The float weights `own` (a layer's, or those outside the layers), the variant's replaced."""
+        for name in own.keys() & variant.keys():
+            if (name, variant[name]) not in made:
+                made[name, variant[name]] = weight(name, variant[name])
+        model.load_weights([(n, made[n, variant[n]] if n in variant else w) for n, w in own.items()], strict=False)
+
+    source.bind(None)
+    outside = {n: w for n, w in tree_flatten(model.parameters()) if _layer_of(n) is None}
+    tokens = mx.array(batches)
+    caches = [model.make_cache() for _ in everyone]  # made while every layer is still there to say its kind
+    hidden = []
+    for v in everyone:
+        load(outside, v)
+        hidden.append(model.embed(tokens))
+        mx.eval(hidden[-1])
+    layers = model.layers
+    for i in range(len(layers)):
+        source.bind(i)
+        prefix = f"model.layers.{i}"
+        own = {f"{prefix}.{n}": w for n, w in tree_flatten(layers[i].parameters())}
+        for j, v in enumerate(everyone):
+            load(own, v)
+            hidden[j] = layers[i](hidden[j], caches[j][i])
+            caches[j][i] = None
+            mx.eval(hidden[j])
+        layers[i] = None
+        made = {k: w for k, w in made.items() if not k[0].startswith(prefix + ".")}
+        mx.clear_cache()
         progress()
-    return total
+    totals = [0.0] * len(variants)
+    for b in range(len(batches)):  # one sequence's logits at a time: [seq, vocab] each
+        load(outside, {})
+        ref = _logprobs(model.head(model.norm(hidden[0][b])))
+        p = mx.exp(ref)
+        for j, v in enumerate(variants):
+            load(outside, v)
+            kl = (p * (ref - _logprobs(model.head(model.norm(hidden[j + 1][b]))))).sum()
+            totals[j] += kl.item()
+    return [t / tokens.size for t in totals]
 
 
-def _flat(tree, prefix: str = ""):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree, prefix)
-
-
-def dequantized(data: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
-    """GGUF data of `kind` back to float32 weights of `shape`."""
-    return np.asarray(kquants.dequantize(mx.array(np.ascontiguousarray(data)), kind)).reshape(shape)
-
-
-def weighted_errors(w: np.ndarray, fisher: np.ndarray, kinds: tuple[str, ...], importance: np.ndarray | None,
-                    rows: int = SAMPLED_ROWS) -> dict[str, float]:
-    """sum F (w - q(w))^2 for each candidate type, the codes chosen by ggml's (importance-weighted) fits; estimated
-    on at most `rows` evenly spaced rows (per expert), scaled to the whole tensor (an export encodes once, this
-    once per candidate)."""
-    n = w.shape[-2]
-    if n > rows:
-        pick = np.linspace(0, n - 1, rows).astype(np.int64)
-        w, fisher = w[..., pick, :], fisher[..., pick, :]
-        if importance is not None and importance.ndim == w.ndim and importance.shape[-2] == n:
-            importance = importance[..., pick, :]
-    scale = n / w.shape[-2]
-    return {k: scale * float((fisher * (w - dequantized(encode(w, k, importance), k, w.shape)) ** 2).sum())
-            for k in kinds}
+def _logprobs(logits: mx.array) -> mx.array:
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 @dataclass

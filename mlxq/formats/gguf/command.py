@@ -27,9 +27,11 @@ GGUF_FOR_BITS = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8:
                    "SSM state and norms keep their floors.")
 @click.option("--calibrate", "-c", is_flag=False, flag_value="default", default=None, metavar="[TEXT]",
               help="Choose codes with statistics of this text (no value: the pinned default corpus).")
-@click.option("--method", "-m", type=click.Choice(["imatrix", "gptq"]), default="imatrix", show_default=True,
-              help="With --calibrate: imatrix: ggml's importance-weighted fits (as llama-quantize --imatrix); "
-                   "gptq: codes and block scales chosen against each layer's Hessian (GPTQ, least-squares scales).")
+@click.option("--method", "-m", type=click.Choice(["allocate", "imatrix", "gptq"]), default="allocate",
+              show_default=True,
+              help="With --calibrate: allocate: imatrix's fits, tensor types moved within the mix by the KL each move "
+                   "measurably adds on the text, at no more bits; imatrix: ggml's importance-weighted fits (as "
+                   "llama-quantize --imatrix); gptq: codes and block scales chosen against each layer's Hessian.")
 @click.option("--calib-tokens", default=DEFAULT_TOKENS, show_default=True, type=click.IntRange(64),
               help="Calibration tokens.")
 @click.option("--no-mtp", is_flag=True,

@@ -27,7 +27,7 @@ from mlxq.formats import open_checkpoint
 from mlxq.formats.base import Checkpoint
 from mlxq.formats.gguf import allocate, names
 from mlxq.formats.gguf.calibrated import choose_codes
-from mlxq.formats.gguf.codecs import CODECS, FALLBACK, FLOAT_TYPES, bits_per_weight, block_size, encode
+from mlxq.formats.gguf.codecs import CODECS, FALLBACK, FLOAT_TYPES, block_size, encode
 from mlxq.formats.gguf.vocab import tokenizer_metadata
 from mlxq.formats.gguf.writer import GGUFOut, TensorOut, Value
 from mlxq.models import text_config
@@ -395,13 +395,14 @@ def lossy_source(ckpt: Checkpoint, recipe: Recipe) -> str | None:
 # each layer's Hessian (formats/gguf/calibrated.py), never worse than imatrix on the calibration text, row by row,
 # and 30-50 % lower in Hessian-weighted error on held-back text, layer by layer. Yet on SmolLM2 (bench/gguf_export.py
 # --part quality, 8192 calibration tokens, KL scored by llama-perplexity) gptq / llama.cpp+imatrix is 1.144 at
-# Q4_K_M, 0.954 at Q3_K_M and 1.017 at Q2_K, against 0.997, 0.998, 1.005 for imatrix: imatrix stays the default.
-# allocate: imatrix's codes, and each tensor's type moved one step within the mix by the Fisher-weighted error of
-# each candidate, at no more than the mix's bits (formats/gguf/allocate.py): on SmolLM2 KL / llama.cpp+imatrix's is
-# 0.42 at Q3_K_M, 0.85 at Q4_K_M, 1.00 at Q2_K (allocate.py says why). Not the default: the Fisher pass holds the
-# float model and its gradients in memory, which a model bigger than memory cannot.
+# Q4_K_M, 0.954 at Q3_K_M and 1.017 at Q2_K, against 0.997, 0.998, 1.005 for imatrix. allocate (the default):
+# imatrix's codes, and tensor types moved within the mix by the KL each move measurably adds on the calibration text,
+# at no more than the mix's bits (formats/gguf/allocate.py); on SmolLM2 (same bench, --methods allocate) KL /
+# llama.cpp+imatrix's is 0.91 at Q4_K_M, 0.43 at Q3_K_M and 0.2 at Q2_K. Its pass runs layer by layer like
+# calibration (no gradients), so it fits where calibration does; it costs about one more calibration pass
+# (~30 variants x 1024 tokens) and ~4 encodes of each tensor.
 CALIBRATION_METHODS = ("imatrix", "gptq", "allocate")
-DEFAULT_METHOD = "imatrix"
+DEFAULT_METHOD = "allocate"
 
 
 def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None = None, method: str = DEFAULT_METHOD,
@@ -477,32 +478,56 @@ def _encoded(ckpt: Checkpoint, the_plan: Plan, item: Item, stats: Stats | None, 
 
 
 def allocated(opener: Callable[[], Checkpoint], the_plan: Plan, stats: Stats, text: str, console) -> Plan:
-    """`the_plan` with each movable tensor's type chosen by `allocate` (its bits at most the mix's)."""
+    """`the_plan` with each group's types moved by `allocate.choose` (measured KL, bits at most the mix's)."""
+    from rich.progress import Progress
+
     from mlxq.engine.tokenizer import load_tokenizer
-    from mlxq.loading import load_model
+    from mlxq.models import build_model
     from mlxq.quant.calibrate import text_key, token_batches
 
     ckpt = opener()
     tok = load_tokenizer(ckpt.tokenizer_dir, ckpt.gguf_file, ckpt.chat_template)
-    batches = token_batches(tok, text_key(text)[1], allocate.FISHER_TOKENS, allocate.FISHER_SEQ)
-    console.print(f"allocating: Fisher information on {len(batches)} x {allocate.FISHER_SEQ} tokens", highlight=False)
-    fisher = allocate.fisher_diagonal(load_model(ckpt, dtype=mx.float32, fuse=False), batches)
-    ckpt = opener()  # the model consumed the lazy tensors it loaded
-    choices = []
-    for item in the_plan.items:
-        kinds = allocate.steps(item.out.kind, item.out.shape[-1])
-        if len(kinds) == 1 or item.hf not in fisher:
-            continue
-        w, f = (names.to_gguf(the_plan.arch, item.hf, x, the_plan.config).reshape(item.out.shape)
-                for x in (item.source.load(ckpt), np.asarray(fisher.pop(item.hf))))
-        errors = allocate.weighted_errors(w, f, kinds, calibration_for(the_plan, item, stats)[0])
-        n = math.prod(item.out.shape)
-        choices.append(allocate.Choice(item.out.name, {k: (n * bits_per_weight(k), e) for k, e in errors.items()},
-                                       item.out.kind))
-        mx.clear_cache()
-    pick = allocate.allocate(choices)
-    items = [replace(it, out=replace(it.out, kind=pick.get(it.out.name, it.out.kind))) for it in the_plan.items]
-    return replace(the_plan, items=items)
+    batches = token_batches(tok, text_key(text)[1], allocate.MEASURE_TOKENS, allocate.MEASURE_SEQ)
+    shape = build_model(text_config(ckpt.config))  # lazy: its parameters are never evaluated
+    params, n_layers = allocate.parameter_names(shape), len(shape.layers)
+    # a tensor the model holds as it is (not a part of a fused or stacked one) can be swapped in the forward pass
+    items = {it.hf: it for it in the_plan.items if it.out.kind in CODECS and it.hf in params
+             and it.source.names == (it.hf,) and it.source.rows is None and not it.source.undo}
+    tensors = [allocate.Tensor(it.hf, re.sub(r"^blk\.\d+\.", "", it.out.name), it.out.kind, it.out.shape[-1],
+                               math.prod(it.out.shape)) for it in items.values()]
+
+    errors: dict[tuple[str, str], float] = {}  # filled as the pass makes each tensor's candidates
+
+    def measure(variants: list[allocate.Variant]) -> list[float]:
+        source = opener()  # a forward pass consumes the lazy tensors it loads
+
+        def weight(name: str, kind: str) -> mx.array:
+            w, errors[name, kind] = requantized(source, the_plan, items[name], kind, stats)
+            return mx.array(w)
+
+        with Progress(console=console, transient=True) as bar:
+            layers = bar.add_task(f"allocating: {len(variants)} variants, layer by layer", total=n_layers)
+            return allocate.measured_kl(source, batches, variants, weight, lambda: bar.advance(layers))
+
+    console.print(f"allocating: KL measured on {len(batches)} x {allocate.MEASURE_SEQ} tokens", highlight=False)
+    pick = allocate.choose(measure, tensors, lambda name, kind: errors[name, kind],
+                           lambda line: console.print(f"allocating: {line}", highlight=False))
+    moved = [replace(it, out=replace(it.out, kind=pick[it.hf])) if it.hf in pick else it for it in the_plan.items]
+    return replace(the_plan, items=moved)
+
+
+def requantized(ckpt: Checkpoint, the_plan: Plan, item: Item, kind: str,
+                stats: Stats | None = None) -> tuple[np.ndarray, float]:
+    """`item`'s tensor as the export would write it at `kind` (importance-weighted with `stats`), read back in the
+    checkpoint's own layout and shape (float32), and its importance-weighted squared error."""
+    from mlxq.kernels import kquants
+
+    w = names.to_gguf(the_plan.arch, item.hf, item.source.load(ckpt), the_plan.config).reshape(item.out.shape)
+    importance = calibration_for(the_plan, item, stats)[0]
+    q = np.asarray(kquants.dequantize(mx.array(encode(w, kind, importance)), kind)).reshape(item.out.shape)
+    error = float(((w - q) ** 2 * (1.0 if importance is None else importance)).sum())
+    back = names.to_hf_all(names.transforms(the_plan.arch, item.hf), q, the_plan.config)
+    return np.asarray(back, np.float32).reshape(item.source.shape), error
 
 
 def calibration_for(the_plan: Plan, item: Item, stats: Stats | None) -> tuple[np.ndarray | None, mx.array | None]:
