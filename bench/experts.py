@@ -24,8 +24,15 @@ quick run: widths / 8, fewer layers and experts), its routed experts 2-bit, so t
 5. mlx-lm, mlxq resident and mlxq streaming at 25 % in ONE process, a token of each in turn (uncapped): the
    decode ratios without the drift of a shared machine's load between separate runs;
 
+6. what holding MLX's buffer cache to 1/16 of the budget (the runtime's memory bound) costs in decode tok/s against
+   MLX's own limit;
+
 and projects the measured bytes per token and hit rates to Qwen3.5-397B-A17B on a 5.5 GB/s Mac SSD, beside
 flash-moe's 5.5-5.7 tok/s (2-bit experts, 4 per token, M3 Max).
+
+--quick (about 2 minutes on a busy 2-core machine): the smaller model; in 4. only random tokens at 25 %, prefetch
+off and one layer ahead, the first of them also setting the cap; 3. without the separate uncapped runs (mlx-lm and
+mlxq resident run uncapped in 5.); no 6.
 
 Every model runs in its own process (cold: pack reads bypass the page cache; the mlx-lm directory's pages are
 dropped before each run) through the same loop: model(tokens, cache), one token at a time, float32 compute on the
@@ -113,8 +120,12 @@ def load(a):
             return mx.array(last)[None, None]
         return step, lambda: None, {}
     import mlxq
+    mlx_limit = mx.set_cache_limit(0)
+    mx.set_cache_limit(mlx_limit)  # MLX's own buffer cache limit, before a slot pool holds it
     m = mlxq.load(a["path"], expert_memory=a.get("budget"), experts_per_tok=a["top_k"] or None,
                   expert_options=a.get("options"))
+    if a.get("mlx_cache") == "default":  # what holding the cache costs: the run with MLX's own limit
+        mx.set_cache_limit(mlx_limit)
     cache = m.make_cache()
     pool = getattr(m.net, "expert_pool", None)
     return lambda toks: m.net(mx.array([toks]), cache), m.expert_stats, {"pool_bytes": pool.nbytes if pool else 0}
@@ -260,6 +271,32 @@ def interleaved(paths: dict[str, Path], base: dict, opts: dict) -> dict:
     return out
 
 
+def cache_cost(args: dict) -> dict:
+    """mlxq at 25 % with its buffer cache held (the runtime's default: 1/16 of the budget while a pool lives) and with
+    MLX's own limit (every freed buffer kept), alternated REPEAT times: what the memory bound costs in tok/s, and what
+    the held cache saves in peak RSS."""
+    runs = {"held": [], "mlx_default": []}
+    for _ in range(REPEAT):
+        runs["held"].append(run_once(args))
+        runs["mlx_default"].append(run_once({**args, "mlx_cache": "default"}))
+    out = {}
+    for name, rs in runs.items():
+        ok = [r for r in rs if r["ok"]]
+        if not ok:
+            out[name] = rs[-1]
+            continue
+        out[name] = {"ok": True, "decode_tps": max(r["decode_tps"] for r in ok),
+                     "decode_tps_runs": [round(r["decode_tps"], 3) for r in ok],
+                     "peak_rss": min(r["peak_rss"] for r in ok), "peak_rss_runs": [r["peak_rss"] for r in ok]}
+    held, free = out["held"], out["mlx_default"]
+    if held["ok"] and free["ok"]:
+        out["decode_held_vs_mlx_default"] = _ratio(held["decode_tps"], free["decode_tps"])
+        out["peak_rss_saved_bytes"] = free["peak_rss"] - held["peak_rss"]
+        print(f"buffer cache held: {held['decode_tps']:.2f} tok/s, peak RSS {held['peak_rss'] / 1e9:.3f} GB; MLX's "
+              f"default: {free['decode_tps']:.2f} tok/s, {free['peak_rss'] / 1e9:.3f} GB", file=sys.stderr)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ models
 def llama_cpp_gguf(work: Path, src: Path) -> tuple[Path, dict]:
     """The same weights as a GGUF for llama.cpp's mmap: `mlxq export -t F16` of the source, then llama.cpp's own
@@ -391,25 +428,29 @@ def main() -> None:
     # 4. budgets x order x prefetch on random tokens (near-uniform routing: the budget decides the hits), and text
     # (skewed routing) at 25 %, each after a prompt that fills the pool.
     # (prefetch: layers read ahead while decoding)
-    configs = [("random", "identity", 25, depth) for depth in (0, 1, 3)] + [("text", "identity", 25, 0)]
+    # (quick: prefetch off and one layer ahead, random tokens; its first run also measures the memory cap)
+    configs = [("random", "identity", 25, depth) for depth in (0, 1)]
     if not args.quick:
         configs = [("random", order, budget, prefetch) for order in ("identity", "coactivation")
                    for budget in (25, 50, 100) for prefetch in (0, 1)]
         configs.insert(2, ("random", "identity", 25, 3))
         configs += [("text", order, 25, 0) for order in ("identity", "coactivation")]
     matrix = []
+    probe = Cgroup(None, "probe")
     for workload, order, budget, prefetch in configs:
         path = paths["packs" if order == "identity" else "packs_coact"]
+        measuring = args.quick and not matrix
         r = run({**base, **workloads[workload], "peer": "mlxq", "path": str(path), "budget": f"{budget}%",
-                 "options": {**opts, "prefetch": prefetch}}, repeat=1)
+                 "options": {**opts, "prefetch": prefetch}}, probe if measuring else None, repeat=1)
         r.update(workload=workload, budget_pct=budget, order=order, prefetch=prefetch)
-        matrix.append(show(f"mlxq {workload} {order} {budget}% prefetch {prefetch}", r))
+        matrix.append(show(f"mlxq {workload} {order} {budget}% prefetch {prefetch}" + (
+            " (measuring the cap)" if measuring else ""), r))
 
     # 3. the same memory cap for mlxq (25 %) and mlx-lm: what mlxq's 25 % run is charged (in a measuring cgroup),
-    # plus 10 %
-    probe = Cgroup(None, "probe")
-    headline = show("mlxq 25% (measuring the cap)", run({**base, "peer": "mlxq", "path": str(paths["packs"]),
-                                                          "budget": "25%", "options": opts}, probe, repeat=1))
+    # plus 10 % (quick: the matrix's first run, whose prompt is longer, sets it)
+    quick_only = {"ok": False, "error": "not run (--quick)"}
+    headline = matrix[0] if args.quick else show("mlxq 25% (measuring the cap)", run(
+        {**base, "peer": "mlxq", "path": str(paths["packs"]), "budget": "25%", "options": opts}, probe, repeat=1))
     need = probe.peak() or headline["peak_rss"]
     probe.close()
     cap = int(need * CAP_SLACK)
@@ -427,10 +468,14 @@ def main() -> None:
             llama = {**llama, "gguf": gguf_info, "uncapped": llama_free}
     finally:
         cgroup.close()
-    theirs = show("mlx-lm uncapped", run({**base, "peer": "mlx_lm", "path": str(paths["mlx"])}))
-    resident = {"ok": False, "error": "not run (--quick)"} if args.quick else show(
+    # (quick: mlx-lm and mlxq resident uncapped only in the interleaved run)
+    theirs = quick_only if args.quick else show("mlx-lm uncapped", run({**base, "peer": "mlx_lm",
+                                                                         "path": str(paths["mlx"])}))
+    resident = quick_only if args.quick else show(
         "mlxq resident", run({**base, "peer": "mlxq", "path": str(paths["mlx"])}))
     side_by_side = interleaved(paths, base, opts)
+    cache = quick_only if args.quick else cache_cost({**base, "peer": "mlxq", "path": str(paths["packs"]),
+                                                      "budget": "25%", "options": opts})
 
     # the headline figures, from the capped 25 % run; 2. its reads' pattern replayed without the model
     e = ours_capped.get("experts", {}) if ours_capped["ok"] else {}
@@ -462,10 +507,13 @@ def main() -> None:
         "raw_read_decode_pattern": raw_burst,
         "warm_prompt_tokens": warm,
         "memory_cap_bytes": cap,
-        "memory_cap_from": "mlxq 25 % run's cgroup peak (memory.max_usage_in_bytes) x 1.1",
+        "memory_cap_from": "mlxq 25 % run's cgroup peak (memory.max_usage_in_bytes) x 1.1" + (
+            " (quick: the matrix's first run, after its 64-token prompt)" if args.quick else ""),
         "capped": {"mlxq_25pct": ours_capped, "mlx_lm": theirs_capped, "llama_cpp_mmap": llama},
-        "uncapped": {"mlx_lm": theirs, "mlxq_resident": resident, "mlxq_25pct": headline},
+        "uncapped": {"mlx_lm": theirs, "mlxq_resident": resident,
+                     "mlxq_25pct": quick_only if args.quick else headline},
         "interleaved": side_by_side,
+        "mlx_buffer_cache": cache,
         "matrix": matrix,
         "prepare": prep,
         "projection_397b": projection,
@@ -481,6 +529,7 @@ def main() -> None:
             "decode_capped_vs_mlx_lm_uncapped": _ratio(ours_capped.get("decode_tps"), theirs.get("decode_tps")),
             "decode_vs_mlx_lm_interleaved": side_by_side.get("ratios", {}).get("mlxq_25pct_vs_mlx_lm"),
             "decode_vs_mlxq_resident_interleaved": side_by_side.get("ratios", {}).get("mlxq_25pct_vs_mlxq_resident"),
+            "decode_buffer_cache_held_vs_mlx_default": cache.get("decode_held_vs_mlx_default"),
             "decode_vs_llama_cpp_mmap_at_cap": _ratio(ours_capped.get("decode_tps"), llama.get("decode_tps")),
             "decode_vs_mlxq_resident": _ratio(ours_capped.get("decode_tps"), resident.get("decode_tps")),
             "bytes_per_token_vs_all_miss": _ratio(e.get("bytes_per_token"),
@@ -506,6 +555,9 @@ def main() -> None:
             READ_RATE,
             "interleaved: the three models in one process, a decode step of each in turn, after the same prompt: "
             "the fairest decode ratios on a shared machine; peak_rss there is the process's (all three)",
+            "mlx_buffer_cache: mlxq at 25 % with MLX's buffer cache held to 1/16 of the budget (the runtime's default "
+            "while a slot pool lives, so that memory stays within resident + budget + a stated margin) against MLX's "
+            "own limit, alternated; each its fastest run and lowest peak RSS",
             f"the machine may be shared (load_average: at the start and at the end): the capped, uncapped and "
             f"resident runs ran {REPEAT}x, the matrix once; the fastest is kept (decode_tps_runs lists them)",
         ],

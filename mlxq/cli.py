@@ -72,11 +72,15 @@ def sampling_options(f):
 
 
 def expert_options(f):
-    """--expert-memory and --experts-per-tok: shared by generate, chat and serve."""
+    """--expert-memory, --expert-prefetch and --experts-per-tok: shared by generate, chat, serve and bench."""
     for opt in reversed([
         click.option("--expert-memory", default=None, metavar="SIZE",
                      help="Stream MoE experts from the model's expert packs within SIZE of memory (8GB, 512MiB, "
                      "25%; with --hosts each rank's, or one per rank: 8GB,6GB); default: all experts in memory."),
+        click.option("--expert-prefetch", default=None, type=click.IntRange(0), metavar="N",
+                     help="With --expert-memory: while decoding, read the experts the next N layers' routers predict "
+                     "while a layer computes (default 0: off; it pays where routing is predictable from layer to "
+                     "layer, and costs reads where it is not)."),
         click.option("--experts-per-tok", default=None, type=click.IntRange(1),
                      help="Route each token to this many experts instead of the model's number."),
     ]):
@@ -108,19 +112,29 @@ def group_options(f):
 
 
 def load_for_cli(model: str | None, keep_quantized: bool, hosts: str | None, parallel: str | None, ring_port: int,
-                 rank_timeout: float, *, expert_memory: str | None = None, experts_per_tok: int | None = None):
+                 rank_timeout: float, *, expert_memory: str | None = None, experts_per_tok: int | None = None,
+                 expert_prefetch: int | None = None):
     """The model, on this process alone or, with `hosts`, split over a group of which this process is rank 0."""
     import mlxq
 
+    streaming = stream_options(expert_prefetch)
     if hosts is None:
         if parallel is not None:
             raise InvalidRequest("--parallel splits the model over --hosts; give a host file")
+        if expert_prefetch is not None and expert_memory is None:
+            raise InvalidRequest("--expert-prefetch reads streamed experts ahead: give --expert-memory too")
         return mlxq.load(model, keep_quantized=keep_quantized or None, expert_memory=expert_memory,
-                         experts_per_tok=experts_per_tok)
+                         experts_per_tok=experts_per_tok, expert_options=streaming)
     from mlxq.distributed.launch import load_on_hosts
 
     return load_on_hosts(model, hosts, parallel, keep_quantized=keep_quantized, experts_per_tok=experts_per_tok,
-                         expert_memory=expert_memory, ring_port=ring_port, rank_timeout=rank_timeout)
+                         expert_memory=expert_memory, expert_options=streaming, ring_port=ring_port,
+                         rank_timeout=rank_timeout)
+
+
+def stream_options(expert_prefetch: int | None) -> dict | None:
+    """The streaming options (`mlxq.experts.StreamOptions`) the command line sets: None leaves the defaults."""
+    return None if expert_prefetch is None else {"prefetch": expert_prefetch}
 
 
 def _sampling(kw: dict) -> dict:
@@ -140,11 +154,11 @@ def _sampling(kw: dict) -> dict:
 @expert_options
 @sampling_options
 @group_options
-def generate(prompt, model, chat, system, think, stop, verbose, keep_quantized, expert_memory, experts_per_tok,
-             max_tokens, hosts, parallel, ring_port, rank_timeout, **kw):
+def generate(prompt, model, chat, system, think, stop, verbose, keep_quantized, expert_memory, expert_prefetch,
+             experts_per_tok, max_tokens, hosts, parallel, ring_port, rank_timeout, **kw):
     """Generate a completion for PROMPT and stream it to stdout."""
     m = load_for_cli(model, keep_quantized, hosts, parallel, ring_port, rank_timeout, expert_memory=expert_memory,
-                     experts_per_tok=experts_per_tok)
+                     experts_per_tok=experts_per_tok, expert_prefetch=expert_prefetch)
     before = m.expert_stats()
     if chat and m.tokenizer.has_chat_template:
         prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -178,13 +192,13 @@ def generate(prompt, model, chat, system, think, stop, verbose, keep_quantized, 
 @expert_options
 @sampling_options
 @group_options
-def chat(model, system, think, keep_quantized, expert_memory, experts_per_tok, max_tokens, hosts, parallel, ring_port,
-         rank_timeout, **kw):
+def chat(model, system, think, keep_quantized, expert_memory, expert_prefetch, experts_per_tok, max_tokens, hosts,
+         parallel, ring_port, rank_timeout, **kw):
     """Interactive chat (empty line or Ctrl-D quits). The cache is kept between turns."""
     from mlxq.session import Session
 
     m = load_for_cli(model, keep_quantized, hosts, parallel, ring_port, rank_timeout, expert_memory=expert_memory,
-                     experts_per_tok=experts_per_tok)
+                     experts_per_tok=experts_per_tok, expert_prefetch=expert_prefetch)
     session = Session(m, system=system, enable_thinking=bool(think), max_tokens=max_tokens, **_sampling(kw))
     click.echo(f"mlxq chat with {m.name}: empty line or Ctrl-D to quit", err=True)
     while True:

@@ -109,6 +109,7 @@ def serve(
     thinking_budget,
     keep_quantized,
     expert_memory,
+    expert_prefetch,
     experts_per_tok,
     allow_request_templates,
     hosts,
@@ -138,7 +139,8 @@ def serve(
     t0 = time.perf_counter()
     with console.status(f"loading {model or DEFAULT_MODEL} (fetched on first use)...") as status:
         loaded = load_for_cli(model, keep_quantized, hosts, parallel, ring_port, rank_timeout,
-                              expert_memory=expert_memory, experts_per_tok=experts_per_tok)
+                              expert_memory=expert_memory, experts_per_tok=experts_per_tok,
+                              expert_prefetch=expert_prefetch)
         console.log(f"loaded {model or DEFAULT_MODEL} in {time.perf_counter() - t0:.1f} s")
         status.update("building the engine and token tables...")
         limits = Limits(max_tokens=max_tokens, max_request_bytes=int(max_request_mb * (1 << 20)),

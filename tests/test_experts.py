@@ -358,9 +358,53 @@ def test_cli_quantize_inspect_generate_bench(made, tmp_path):
     assert figures["reads"] > 0 and figures["gb_per_s"] > 0 and figures["read_bytes"] == 16384
 
 
+class _Loaded(Exception):
+    """Raised by a stand-in loader: the command got as far as loading, with these arguments."""
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "bench"])
+def test_expert_prefetch_flag_reaches_the_loader(command, monkeypatch):
+    from click.testing import CliRunner
+
+    import mlxq.bench.runtime
+    import mlxq.cli
+    import server.command
+    from mlxq.cli import cli
+
+    seen = {}
+
+    def load_for_cli(*args, **kw):
+        seen.update(kw)
+        raise _Loaded
+
+    def bench_run(model, vs, prompt_tokens, gen_tokens, runs, load, **kw):
+        seen.update(load)
+        raise _Loaded
+
+    monkeypatch.setattr(mlxq.cli, "load_for_cli", load_for_cli)
+    monkeypatch.setattr(server.command, "load_for_cli", load_for_cli)
+    monkeypatch.setattr(mlxq.bench.runtime, "run", bench_run)
+    args = {"generate": ["generate", "fox", "-m", "M"], "chat": ["chat", "-m", "M"], "serve": ["serve", "M", "--port",
+            "0"], "bench": ["bench", "M"]}[command]
+    done = CliRunner().invoke(cli, [*args, "--expert-memory", "25%", "--expert-prefetch", "3"])
+    assert isinstance(done.exception, _Loaded), done.output
+    got = seen.get("expert_options") if command == "bench" else mlxq.cli.stream_options(seen.get("expert_prefetch"))
+    assert got == {"prefetch": 3} and seen["expert_memory"] == "25%"
+
+
+def test_load_for_cli_streams_with_the_prefetch_asked_for(made):
+    from mlxq.cli import load_for_cli
+
+    _, _, packs = made("qwen3_moe")
+    model = load_for_cli(str(packs), False, None, None, 32323, 15.0, expert_memory="40%", expert_prefetch=2)
+    assert model.net.expert_pool.prefetch == 2
+    assert load_for_cli(str(packs), False, None, None, 32323, 15.0, expert_memory="40%").net.expert_pool.prefetch == 0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["generate", "--raw", "-m", "{good}", "--expert-prefetch", "1", "fox"], "give --expert-memory too"),
         (["generate", "--raw", "-m", "{bad}", "--expert-memory", "100%", "fox"], "layer 0 expert 1: checksum mismatch"),
         (["generate", "--raw", "-m", "{good}", "--expert-memory", "2KB", "fox"], "below the minimum"),
         (["generate", "--raw", "-m", "{resident}", "--expert-memory", "1GB", "fox"], "needs expert packs"),
@@ -464,3 +508,42 @@ def test_malformed_manifest_is_one_line(edit, message, made, tmp_path):
     with pytest.raises(FormatError, match=re.escape(message)) as e:
         mlxq.load(str(bad), expert_memory="50%")
     assert "\n" not in str(e.value)
+
+
+def test_expert_prefetch_reaches_every_rank_of_a_group(monkeypatch):
+    """--hosts: rank 0 loads with the options and hands them to the other ranks' workers, which load with the same."""
+    import mlx.core
+    from click.testing import CliRunner
+
+    import mlxq.distributed.group
+    import mlxq.distributed.launch as launch
+    from mlxq.distributed import worker
+
+    seen = {}
+
+    class FakeLaunch:
+        def __init__(self, hosts_path, worker_args, ring_port):
+            seen["worker_args"] = worker_args
+
+        def group(self):
+            return None
+
+    def load_group(name, group, **kw):
+        seen["rank0"] = kw["expert_options"]
+        raise _Loaded
+
+    monkeypatch.setattr(launch, "Launch", FakeLaunch)
+    monkeypatch.setattr(mlxq.distributed.group, "load_group", load_group)
+    with pytest.raises(_Loaded):
+        launch.load_on_hosts("M", "hosts.json", None, expert_memory="25%", expert_options={"prefetch": 2})
+    assert seen["rank0"] == {"prefetch": 2}
+
+    def load(name, **kw):
+        seen["rank"] = kw["expert_options"]
+        raise _Loaded
+
+    monkeypatch.setattr(mlx.core.distributed, "init", lambda **kw: None)
+    monkeypatch.setattr(mlxq, "load", load)
+    done = CliRunner().invoke(worker.main, seen["worker_args"])
+    assert isinstance(done.exception, _Loaded), done.output
+    assert seen["rank"] == {"prefetch": 2}

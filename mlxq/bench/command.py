@@ -9,7 +9,7 @@ import json
 
 import click
 
-from mlxq.cli import expert_options, keep_quantized_option
+from mlxq.cli import expert_options, keep_quantized_option, stream_options
 from mlxq.errors import InvalidRequest
 
 
@@ -33,8 +33,8 @@ from mlxq.errors import InvalidRequest
 @click.option("--seconds", default=3.0, show_default=True, type=click.FloatRange(0.1), help="--io: how long to read.")
 @click.option("--cached", is_flag=True, help="--io: read through the page cache (default: bypass it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
-def bench(model, vs, prompt_tokens, gen_tokens, runs, peer_threads, keep_quantized, expert_memory, experts_per_tok,
-          io_dir, threads, seconds, cached, as_json) -> None:
+def bench(model, vs, prompt_tokens, gen_tokens, runs, peer_threads, keep_quantized, expert_memory, expert_prefetch,
+          experts_per_tok, io_dir, threads, seconds, cached, as_json) -> None:
     """Measure what this machine does: MODEL's speed and memory (against a peer with --vs), or with --io PACKDIR
     how fast expert packs read."""
     if (model is None) == (io_dir is None):
@@ -48,7 +48,7 @@ def bench(model, vs, prompt_tokens, gen_tokens, runs, peer_threads, keep_quantiz
 
     console = Console(stderr=True)
     load = {"keep_quantized": keep_quantized or None, "expert_memory": expert_memory,
-            "experts_per_tok": experts_per_tok}
+            "experts_per_tok": experts_per_tok, "expert_options": stream_options(expert_prefetch)}
     with console.status("mlxq bench") as status:
         def progress(what: str) -> None:
             status.update(f"mlxq bench: {what}")

@@ -146,7 +146,8 @@ class Launch:
 
 def load_on_hosts(model: str | None, hosts_path: str, parallel: str | None, *, keep_quantized: bool = False,
                   experts_per_tok: int | None = None, expert_memory: str | None = None,
-                  ring_port: int = DEFAULT_RING_PORT, rank_timeout: float | None = None):
+                  expert_options: dict | None = None, ring_port: int = DEFAULT_RING_PORT,
+                  rank_timeout: float | None = None):
     """`mlxq.load(model, group=...)` on rank 0 of a group started from `hosts_path`. The group is shut down and its
     processes ended when this process exits."""
     from mlxq.distributed.control import RANK_TIMEOUT_S
@@ -157,9 +158,10 @@ def load_on_hosts(model: str | None, hosts_path: str, parallel: str | None, *, k
     args = [model] + (["--parallel", parallel] if parallel else []) + (["--keep-quantized"] if keep_quantized else [])
     args += ["--experts-per-tok", str(experts_per_tok)] if experts_per_tok else []
     args += ["--expert-memory", str(expert_memory)] if expert_memory is not None else []
+    args += ["--expert-options", json.dumps(expert_options)] if expert_options else []
     launch = Launch(hosts_path, args, ring_port)
     loaded = load_group(model, launch.group(), parallel=parallel, keep_quantized=keep_quantized or None,
-                        experts_per_tok=experts_per_tok, expert_memory=expert_memory,
+                        experts_per_tok=experts_per_tok, expert_memory=expert_memory, expert_options=expert_options,
                         rank_timeout=rank_timeout or RANK_TIMEOUT_S)
     atexit.register(lambda: (loaded.shutdown(), launch.stop()))
     return loaded

@@ -3,6 +3,7 @@ the model, follows rank 0 until it ends the group. Exit status 0 when rank 0 end
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -17,8 +18,9 @@ from mlxq.errors import MlxqError
 @click.option("--keep-quantized", is_flag=True)
 @click.option("--experts-per-tok", type=int, default=None)
 @click.option("--expert-memory", default=None)
+@click.option("--expert-options", default=None, help="StreamOptions as JSON (rank 0's, passed on)")
 def main(model: str, parallel: str | None, keep_quantized: bool, experts_per_tok: int | None,
-         expert_memory: str | None) -> None:
+         expert_memory: str | None, expert_options: str | None) -> None:
     import mlx.core as mx
 
     import mlxq
@@ -27,7 +29,8 @@ def main(model: str, parallel: str | None, keep_quantized: bool, experts_per_tok
     group = mx.distributed.init(backend="ring", strict=True)
     try:
         mlxq.load(model, group=group, parallel=parallel, keep_quantized=keep_quantized or None,
-                  experts_per_tok=experts_per_tok, expert_memory=expert_memory).follow()
+                  experts_per_tok=experts_per_tok, expert_memory=expert_memory,
+                  expert_options=json.loads(expert_options) if expert_options else None).follow()
     except MlxqError as e:
         click.echo(f"mlxq: rank {group.rank()}: {e}", err=True)
         sys.exit(1)

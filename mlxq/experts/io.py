@@ -62,7 +62,9 @@ def drop_cached(path: Path) -> None:
 class _Staging(threading.local):
     buf: mmap.mmap | None = None
 
-    def get(self, size: int) -> mmap.mmap:
+    def get(self, size: int, keep: int) -> mmap.mmap:
+        if size > keep:
+            return mmap.mmap(-1, size)  # this read's alone: unmapped when its last view goes
         if self.buf is None or len(self.buf) < size:
             self.buf = mmap.mmap(-1, size)  # (the old one goes when the last view of it does)
         return self.buf
@@ -136,10 +138,13 @@ class Read:
 
 class PackReader:
     """Reads runs of adjacent expert blocks on `threads` threads; `sink(position, payload)` gets each checked
-    block (a memoryview into the staging buffer, valid only during the call)."""
+    block (a memoryview into the staging buffer, valid only during the call). A thread keeps a staging buffer of
+    at most `keep` bytes between reads (default: one expert)."""
 
-    def __init__(self, packs: Packs, threads: int = DEFAULT_THREADS, direct: bool = True, verify: bool = True):
+    def __init__(self, packs: Packs, threads: int = DEFAULT_THREADS, direct: bool = True, verify: bool = True,
+                 keep: int | None = None):
         self.packs, self.verify = packs, verify
+        self.keep = min(MAX_MERGE, keep or max(lp.stride for lp in packs.layers.values()))
         self.fds: dict[int, int] = {}
         bypass = []
         for layer, lp in packs.layers.items():
@@ -154,6 +159,12 @@ class PackReader:
                          for i in range(threads)]
         for w in self._workers:
             w.start()
+
+    @property
+    def held_bound(self) -> int:
+        """Staging memory held between reads: a buffer of at most `keep` bytes per reader thread and per thread that
+        claims reads (the forward pass's)."""
+        return (self.threads + 1) * self.keep
 
     def runs(self, lp: LayerPack, positions: list[int]) -> list[tuple[int, int]]:
         """Sorted positions -> (first, count) runs of adjacent experts, each at most MAX_MERGE bytes."""
@@ -178,7 +189,7 @@ class PackReader:
     def _read(self, layer: int, first: int, count: int, sink: Callable[[int, memoryview], None]) -> None:
         lp = self.packs.layers[layer]
         size = lp.stride * count
-        buf = self._staging.get(size)
+        buf = self._staging.get(size, self.keep)
         view = memoryview(buf)[:size]
         started = self.io.start()
         try:

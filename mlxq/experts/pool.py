@@ -11,6 +11,11 @@ Safety: a slot is only overwritten when no queued computation reads it. Every ga
 kept in `pending` and evaluated before the next demand read is issued (in a plain forward pass it already is:
 the next layer's routing depends on it); the current request's slots and slots still loading are never chosen
 as victims, so a prefetch cannot overwrite them either.
+
+Memory: a streamed model holds its resident weights, the slots (at most the budget) and a stated overhead
+(`SlotPool.overhead`): MLX's buffer cache, held to CACHE_SHARE of the budget while a pool lives (by default MLX keeps
+every freed buffer up to the device's memory: 26-30 MB on the memory test's model, more than its 8 MB pool), and
+the reader's staging buffers. Beyond that only the forward pass's working memory (activations, KV cache).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from mlxq.experts.pack import LayerPack, Packs
 from mlxq.models.moe import QuantizedSwitchLinear, SwitchGLU
 
 PREFETCH_MAX_TOKENS = 8  # a call of at most this many tokens is decoding: it reads `prefetch` layers ahead
+CACHE_SHARE = 1 / 16  # MLX's buffer cache while a pool lives, as a share of its budget
 
 
 @dataclass
@@ -166,7 +172,11 @@ class SlotPool:
             for lp in lps:
                 self.groups[lp.layer] = slots
         self.tables = {layer: np.full(lp.n_experts, -1, np.int32) for layer, lp in packs.layers.items()}
-        self.reader = PackReader(packs, threads, direct, verify)
+        # a thread's staging buffer is kept up to what one decode step's merged read can be (top-k adjacent experts)
+        stride = max(lp.stride for lp in packs.layers.values())
+        self.reader = PackReader(packs, threads, direct, verify, keep=top_k * stride)
+        self.cache_limit = int(budget * CACHE_SHARE)
+        _cache_limits.hold(self)
         self.pending: list[mx.array] = []
         self.pinned: set[int] = set()
         self.stats = ExpertStats()
@@ -178,6 +188,11 @@ class SlotPool:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self._slots)
+
+    @property
+    def overhead(self) -> int:
+        """What the pool lets the process hold beyond the slots: MLX's buffer cache and the staging buffers."""
+        return self.cache_limit + self.reader.held_bound
 
     def capacity(self, layer: int) -> int:
         return self.groups[layer].n
@@ -319,6 +334,30 @@ class SlotPool:
 
     def close(self) -> None:
         self.reader.close()
+        _cache_limits.release(self)
+
+
+class _CacheLimits:
+    """MLX's buffer cache limit (process-wide) held to the smallest of the live pools' `cache_limit`; the limit found
+    before the first pool comes back when the last one closes."""
+
+    def __init__(self):
+        self.pools: dict[int, int] = {}
+        self.before: int | None = None
+
+    def hold(self, pool: SlotPool) -> None:
+        if not self.pools:
+            self.before = mx.set_cache_limit(pool.cache_limit)
+        self.pools[id(pool)] = pool.cache_limit
+        mx.set_cache_limit(min(self.pools.values()))
+
+    def release(self, pool: SlotPool) -> None:
+        if self.pools.pop(id(pool), None) is None:
+            return
+        mx.set_cache_limit(min(self.pools.values()) if self.pools else self.before)
+
+
+_cache_limits = _CacheLimits()
 
 
 def experts_nbytes(packs: Packs, dtype: mx.Dtype) -> int:
