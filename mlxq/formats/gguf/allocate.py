@@ -30,6 +30,13 @@ one was worse measured: 0.078 and 0.159 against 0.041 and 0.065 on the calibrati
 per-tensor one (0.0328 against 0.0336; the mix 0.0393). About 180-240 s CPU on SmolLM2 (4 x 256 tokens, 29-30
 variants), the Fisher pass it replaces 169 s.
 
+Tried at Q4_K_M and not kept (same bench; 0.91 above): each class measured in three bands of ten layers (46 moves
+instead of 16) reached 0.03131 on the calibration text (the whole-band pick; the per-tensor one 0.03234, the mix
+0.03925) but scored 0.032891 (0.95) at 6.1408 bpw, 406 s CPU; the classes measured on 2048 tokens instead of 1024
+(mix 0.05922, picks 0.04886 / 0.04745) scored 0.032315 (0.93) at 6.1642 bpw, 352 s CPU. Neither finer groups nor
+more measured tokens carried over to the held-back text: on this evidence the gap to 0.8 is not the measure's
+resolution.
+
 Ladders hold the K-quants, or for rows that are not whole 256-blocks the symmetric legacy types llama.cpp falls back
 to (Q4_0, Q5_0, Q8_0): Q4_1/Q5_1 are left out because they hold an affine-quantized source exactly and would win on
 a re-quantized checkpoint (the bench's SmolLM2 is one) for the wrong reason. Only tensors the model holds whole
