@@ -166,25 +166,32 @@ def _return_freed_memory() -> None:
     MLX keeps its own cache of buffers while it runs, so this costs nothing afterwards. And one heap for all threads:
     glibc gives each thread that allocates its own, and keeps what is freed in each (MLX's worker thread and the
     tokenizer's loader held ~37 MB more on SmolLM2 by the end of a short generation)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
+    libc = _glibc()
+    if libc is not None:
         libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
         libc.mallopt(-8, 1)  # M_ARENA_MAX: threads share one heap, not one each
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def trim_heap() -> None:
     """Hands the heap's freed memory back to the system (glibc's malloc_trim): what a load freed below the mmap
     threshold, the tokenizer's parse of its JSON among it (half of its 28 MB on SmolLM2), stays in the heap
     otherwise."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, or None on another system or C library (its allocator settings are glibc's own)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018  (a libc.so.6 without them is not glibc)
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def _has_packs(ckpt: Checkpoint) -> bool:

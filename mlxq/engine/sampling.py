@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 
@@ -81,12 +81,12 @@ class Sampler:
 
     The stream is counter-based: the n-th draw of a request reads uniforms made from (seed, n) alone, so a seeded
     request gets the same tokens whichever other requests share its batch. Without a seed, the seed comes from MLX's
-    global generator (`fresh_seed`)."""
+    global generator (`seeded`)."""
 
     def __init__(self, p: SamplingParams):
         self.p = p
-        # any int seeds (OpenAI's may be < 0); a greedy row never reads its stream, so it leaves MLX's generator alone
-        self.seed = p.seed % (1 << 64) if p.seed is not None else fresh_seed() if p.temperature > 0 else 0
+        p = seeded(p)
+        self.seed = p.seed % (1 << 64) if p.seed is not None else 0  # any int seeds (OpenAI's may be < 0)
         self.draws = 0
 
     def __call__(self, logprobs: mx.array) -> mx.array:
@@ -206,11 +206,14 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def fresh_seed() -> int:
-    """A 62-bit seed from MLX's global generator, so `mx.random.seed(s)` makes unseeded sampling repeat, as users of
-    mlx-lm expect."""
+def seeded(p: SamplingParams) -> SamplingParams:
+    """`p` with a seed: its own, or a 62-bit one from MLX's global generator, so `mx.random.seed(s)` makes unseeded
+    sampling repeat, as users of mlx-lm expect. Greedy settings never read their stream: they are left as they are,
+    and leave MLX's generator alone."""
+    if p.seed is not None or p.greedy:
+        return p
     hi, lo = mx.random.randint(0, (1 << 31) - 1, (2,)).tolist()
-    return hi << 31 | lo
+    return replace(p, seed=hi << 31 | lo)
 
 
 def make_sampler(p: SamplingParams) -> Sampler:

@@ -39,7 +39,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 
 import mlx.core as mx
@@ -48,7 +48,7 @@ from mlxq.engine.constraints import GrammarProcessor
 from mlxq.engine.output import Output, OutputProcessor, Reading, TokenLogprob, Usage
 from mlxq.engine.prompt_cache import CacheSlot, resume_point
 from mlxq.engine.runner import DECODE, PREFILL, Runner
-from mlxq.engine.sampling import LogitsProcessor, SamplingParams, draw, fresh_seed, make_sampler, penalty_processors
+from mlxq.engine.sampling import LogitsProcessor, SamplingParams, draw, make_sampler, penalty_processors, seeded
 from mlxq.engine.speculative import MTP, PromptLookup, draft_plan, mtp_drafts
 from mlxq.engine.tokenizer import Tokenizer
 from mlxq.errors import EngineDown, GenerationError, InvalidRequest, MlxqError
@@ -243,9 +243,8 @@ class Engine:
             raise self._down
         if self._closed or not self.alive:
             raise GenerationError("the engine is not running")
-        if request.params.seed is None and request.params.temperature > 0:
-            # drawn here, on the caller's thread and in submission order, so `mx.random.seed` makes it repeat
-            request.params = replace(request.params, seed=fresh_seed())
+        # an unseeded request's seed is drawn here, on the caller's thread and in submission order
+        request.params = seeded(request.params)
         self._inbox.put(request)
         if self._loop_done or self._down is not None:  # closed meanwhile, after the loop's last look at the inbox
             self._drain_inbox()
