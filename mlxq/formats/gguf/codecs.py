@@ -97,11 +97,15 @@ def _min_max(x: np.ndarray, start: float | None = None) -> tuple[np.ndarray, np.
 
 
 def _min_max_rows(x: np.ndarray, start: float) -> tuple[np.ndarray, np.ndarray]:
-    """`_min_max(x.T, start)` for blocks x [B, n]: numpy's reductions where no NaN is there (only with one does the
-    C loop's order matter)."""
-    if np.isnan(x).any():
-        return _min_max(np.ascontiguousarray(x.T), start)
-    return np.minimum(x.min(axis=1), F(start)), np.maximum(x.max(axis=1), F(-start))
+    """`_min_max(x.T, start)` for blocks x [B, n], reduced across blocks (numpy's fastest direction): fmin/fmax skip
+    NaN as C's comparisons do, so the order matters only for which zero a block keeps (C keeps the first of +0 and
+    -0): the blocks whose least or largest value is a zero take the C loop."""
+    xt = np.ascontiguousarray(x.T)
+    lo, hi = np.fmin(np.fmin.reduce(xt, axis=0), F(start)), np.fmax(np.fmax.reduce(xt, axis=0), F(-start))
+    zero = np.flatnonzero((lo == 0) | (hi == 0))
+    if zero.size:
+        lo[zero], hi[zero] = _min_max(xt[:, zero], start)
+    return lo, hi
 
 
 def _largest(x: np.ndarray, start: float = 0.0) -> np.ndarray:
@@ -382,13 +386,13 @@ class Codec:
 
 def _nibbles(codes: np.ndarray) -> np.ndarray:
     """32 codes -> 16 bytes: weight j in the low nibble and weight j+16 in the high nibble of byte j."""
-    c = codes.reshape(-1, 2, 16).astype(np.uint8)
+    c = codes.reshape(-1, 2, 16).astype(np.uint8, copy=False)
     return (c[:, 0] & 0xF) | (c[:, 1] << 4)
 
 
 def _high_bits(codes: np.ndarray) -> np.ndarray:
     """Bit 4 of each of 32 codes, as the little-endian uint32 qh of Q5_0/Q5_1."""
-    return np.packbits((codes.astype(np.uint8) >> 4) & 1, axis=-1, bitorder="little")
+    return np.packbits((codes.astype(np.uint8, copy=False) >> 4) & 1, axis=-1, bitorder="little")
 
 
 class _Q4_0(Codec):
@@ -438,9 +442,9 @@ class _Q4_1(Codec):
             v = x - lo[:, None]
             v *= inv[:, None]
             v += F(0.5)
-            codes = _u8(v.astype(np.int32))
+            codes = v.astype(np.int32).astype(np.uint8)  # C's (uint8_t)(int), NaN's INT_MIN included
             if self.nmax == 15:
-                codes = np.minimum(15, codes)
+                np.minimum(codes, 15, out=codes)
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
             d, neg_min, codes = _make_qkx(_elements(x, QK), w, self.nmax, -0.9, 0.05, 36, False)
