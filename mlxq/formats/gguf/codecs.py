@@ -257,55 +257,68 @@ def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 def _make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool):
     """make_qkx2_quants / make_qkx3_quants: asymmetric codes 0..nmax with a scale and a min (min <= 0), the best
     weighted least-squares fit over nstep+1 trial ranges (each trial starts from the best min so far, as in C).
-    Returns (scale [B], -min [B], codes [n, B])."""
+    Returns (scale [B], -min [B], codes [n, B]). Each trial works in three buffers the size of x; the winning codes
+    are computed once more at the end from the winner's (iscale, min) instead of kept trial by trial."""
     lo, hi = _min_max(x)
     sum_w, sum_x = _seq(w), _seq(w * x)
     lo = np.where(lo > 0, F(0), lo)
-    flat = hi == lo
+    flat = hi == lo  # C returns zeros for these at once: whatever the trials do with them is replaced at the end
     first_lo = lo
+    finite = bool(np.isfinite(x).all())
+    lf, tmp, tmp2 = np.empty_like(x), np.empty_like(x), np.empty_like(x)
     with np.errstate(all="ignore"):
 
-        def error(scale, low, lf):  # sum of w * (scale * l + min - x)^2 (or |.|), in place on one new array
-            diff = scale * lf
-            diff += low
-            diff -= x
-            if mad:
-                np.abs(diff, out=diff)
+        def codes_at(iscale, low):  # clip(nearest((x - low) * iscale)) into lf, as float32 whole numbers
+            np.subtract(x, low, out=lf)
+            np.multiply(lf, iscale, out=lf)
+            # |x - low| <= max(hi - low, low - first_lo): below 2**22 the codes are numpy's rint (one pass, no check)
+            span = np.maximum(hi - low, low - first_lo)
+            if finite and np.max(np.where(flat, F(0), np.abs(iscale) * span)) < _EXACT:
+                np.rint(lf, out=lf)
             else:
-                diff *= diff
-            diff *= w
-            return _seq(diff)
+                np.copyto(lf, _nearest(lf))
+            return _clip(lf, 0, nmax)
 
-        def codes_at(iscale):  # as float32 whole numbers
-            v = x - lo
-            v *= iscale
-            return _clip(_nearest(v), 0, nmax)
+        def error(scale, low):  # sum of w * (scale * l + min - x)^2 (or |.|) for the codes in lf
+            np.multiply(lf, scale, out=tmp)
+            np.add(tmp, low, out=tmp)
+            np.subtract(tmp, x, out=tmp)
+            if mad:
+                np.abs(tmp, out=tmp)
+            else:
+                np.multiply(tmp, tmp, out=tmp)
+            np.multiply(tmp, w, out=tmp)
+            return _seq(tmp)
 
         iscale = F(nmax) / (hi - lo)
         scale = F(1) / iscale
-        codes = codes_at(iscale)
-        best = error(scale, lo, codes)
+        codes_at(iscale, lo)
+        best = error(scale, lo)
+        code_iscale, code_lo = iscale, lo  # the winner's codes: codes_at(code_iscale, code_lo)
         for step in range(nstep + 1):
             iscale = ((F(rmin) + F(rdelta) * F(step)) + F(nmax)) / (hi - lo)
-            lf = trial = codes_at(iscale)
-            wl = w * lf
-            sum_l, sum_xl = _seq(wl), _seq(wl * x)
-            wl *= lf
-            sum_l2 = _seq(wl)
+            codes_at(iscale, lo)
+            np.multiply(w, lf, out=tmp)
+            sum_l = _seq(tmp)
+            np.multiply(tmp, x, out=tmp2)
+            sum_xl = _seq(tmp2)
+            tmp *= lf
+            sum_l2 = _seq(tmp)
             det = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
             positive = this_min > 0
             this_min = np.where(positive, F(0), this_min)
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-            err = error(this_scale, this_min, lf)
+            err = error(this_scale, this_min)
             better = (det > 0) & (err < best)
-            np.copyto(codes, trial, where=better)
+            code_iscale, code_lo = np.where(better, iscale, code_iscale), np.where(better, lo, code_lo)
             best = np.where(better, err, best)
             scale = np.where(better, this_scale, scale)
             lo = np.where(better, this_min, lo)
+        codes = codes_at(code_iscale, code_lo).astype(np.int32)
     lo = np.where(flat, first_lo, lo)
-    return np.where(flat, F(0), scale).astype(F), (-lo).astype(F), np.where(flat, 0, codes).astype(np.int32)
+    return np.where(flat, F(0), scale).astype(F), (-lo).astype(F), np.where(flat, 0, codes)
 
 
 def _make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
