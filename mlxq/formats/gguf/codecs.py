@@ -174,34 +174,49 @@ def _blocks(x: np.ndarray, per_block: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------- ggml's scale searches
 def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants(rmse_type=1): symmetric codes 0..2*nmax-1 around nmax and their least-squares scale, best
-    of 19 trial scales. x, w element-major [n, B]; w None means x*x. Returns (scale [B], codes [n, B])."""
+    of 19 trial scales. x, w element-major [n, B]; w None means x*x. Returns (scale [B], codes [n, B]). The trials
+    work in two reused buffers; the winner's codes are computed once more at the end from its iscale."""
     amax, big = _abs_max(x)
     w = x * x if w is None else w
     wx = w * x  # C's w*x[i]*l associates as (w*x[i])*l
-    # the codes stay float32 (whole numbers) until the end
+    zero = amax < GROUP_MAX_EPS  # C returns zeros for these: whatever the trials do with them is replaced
+    # elsewhere |iscale * x| <= |iscale| * amax ~ nmax + 1: nearest_int is numpy's rint (one pass), unless a NaN or
+    # an infinity is there (C's nearest_int of a NaN is garbage, clamped into a code)
+    finite = bool(np.isfinite(x).all())
+    lf, wl = np.empty_like(x), np.empty_like(x)
     with np.errstate(all="ignore"):
 
+        def codes_at(iscale):  # clip(nearest(iscale * x)) into lf, as float32 whole numbers
+            np.multiply(x, iscale, out=lf)
+            if finite:
+                np.rint(lf, out=lf)
+            else:
+                np.copyto(lf, _nearest(lf))
+            return _clip(lf, -nmax, nmax - 1)
+
         def trial(iscale):
-            lf = _clip(_nearest(iscale * x), -nmax, nmax - 1)
-            wl = wx * lf
+            codes_at(iscale)
+            np.multiply(wx, lf, out=wl)
             sumlx = _seq(wl)
             np.multiply(w, lf, out=wl)
-            wl *= lf
-            return lf, sumlx, _seq(wl)
+            np.multiply(wl, lf, out=wl)
+            return sumlx, _seq(wl)
 
-        codes, sumlx, suml2 = trial(F(-nmax) / big)
+        code_iscale = F(-nmax) / big
+        sumlx, suml2 = trial(code_iscale)
         scale = np.where(suml2 != 0, sumlx / suml2, F(0))
         best = scale * sumlx
         for step in range(-9, 10):
             if step == 0:
                 continue
-            l, slx, sl2 = trial(-(F(nmax) + F(0.1) * F(step)) / big)
+            iscale = -(F(nmax) + F(0.1) * F(step)) / big
+            slx, sl2 = trial(iscale)
             better = (sl2 > 0) & (slx * slx > best * sl2)
-            np.copyto(codes, l, where=better)
+            code_iscale = np.where(better, iscale, code_iscale)
             scale = np.where(better, slx / sl2, scale)
             best = np.where(better, scale * slx, best)
-    zero = amax < GROUP_MAX_EPS
-    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes.astype(np.int32) + nmax)
+        codes = codes_at(code_iscale).astype(np.int32)
+    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes + nmax)
 
 
 def _refine(x, w, codes, sumlx, suml2, bound, qp: bool) -> tuple[np.ndarray, np.ndarray]:
