@@ -117,10 +117,12 @@ def _largest(x: np.ndarray, start: float = 0.0) -> np.ndarray:
 
 
 def _running_abs_max(x: np.ndarray) -> np.ndarray:
-    """C's `amax = MAX(amax, fabsf(x[i]))` from 0 over the leading axis: numpy's max, and the C loop's order only in
-    the blocks that hold a NaN (MAX takes a NaN, and drops it again at the next weight)."""
-    a = np.abs(x)
-    amax = np.maximum(a.max(axis=0), F(0))
+    """C's `amax = MAX(amax, fabsf(x[i]))` from 0 along each block of x [B, n]: numpy's max across blocks (its fastest
+    direction), and the C loop's order only in the blocks that hold a NaN (MAX takes a NaN, and drops it again at the
+    next weight)."""
+    a = np.empty(x.shape[::-1], F)
+    np.abs(x.T, out=a)
+    amax = np.maximum.reduce(a, axis=0)
     nan = np.flatnonzero(np.isnan(amax))
     if nan.size:
         m = np.zeros(nan.size, F)
@@ -131,8 +133,8 @@ def _running_abs_max(x: np.ndarray) -> np.ndarray:
 
 
 def _roundf(v: np.ndarray) -> np.ndarray:
-    """C's roundf / lroundf: half away from zero. numpy's rint rounds halves to even: the exact halves (v - rint(v) is
-    exact in float32) move away from zero (floor(|v| + 0.5) would round 0.49999997 up)."""
+    """C's roundf as float32 whole numbers: half away from zero. numpy's rint rounds halves to even: the exact halves
+    (v - rint(v) is exact in float32) move away from zero (floor(|v| + 0.5) would round 0.49999997 up)."""
     r = np.rint(v)
     half = np.subtract(v, r)
     np.abs(half, out=half)
@@ -140,7 +142,7 @@ def _roundf(v: np.ndarray) -> np.ndarray:
     if tie.size:
         flat = v.reshape(-1)
         r.reshape(-1)[tie] = np.trunc(flat[tie]) + np.sign(flat[tie])
-    return r.astype(np.int32)
+    return r
 
 
 def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -495,16 +497,19 @@ class _Q8_0(Codec):
     name, block, size, sub, nmax, weighted = "Q8_0", QK, 34, QK, 255, False
 
     def fit(self, x, qw, row_sigma2):  # ggml's Q8_0 has no importance-weighted variant
-        d = _running_abs_max(_elements(x, QK)) / F(127)  # numpy reduces faster across blocks than along 32 weights
+        d = _running_abs_max(x) / F(127)
         with np.errstate(all="ignore"):
             inv = np.where(d != 0, F(1) / d, F(0))
-        codes = _roundf(x * inv[:, None])
-        codes += 128
+        v = x * inv[:, None]
+        if np.isfinite(d).all() and not np.isnan(v).any():  # |v| <= 127: int8 holds every code
+            codes = _roundf(v).astype(np.int8).view(np.uint8) ^ np.uint8(0x80)  # + 128, as uint8
+        else:  # lroundf of a NaN: C's (int8_t) of LONG_MIN
+            codes = (_roundf(v).astype(np.int32) + 128) & 0xFF
         stored = _fp16(d)
         return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], codes)
 
     def pack(self, fit, codes):
-        q = (np.asarray(codes, np.int32) - 128).astype(np.int8).view(np.uint8)
+        q = codes.astype(np.uint8, copy=False) ^ np.uint8(0x80)  # codes - 128 as int8, when 0 <= codes <= 255
         return np.concatenate([_half_bytes(fit.header["d"]), q], axis=1)
 
 
@@ -722,10 +727,10 @@ class _Q6_K(Codec):
 
 def _ternary_fit(x: np.ndarray) -> Fit:
     """TQ1_0 / TQ2_0: one scale (the block's largest |x|) and codes round(x / d) + 1 in {0, 1, 2}."""
-    amax = _running_abs_max(np.ascontiguousarray(x.T))
+    amax = _running_abs_max(x)
     with np.errstate(all="ignore"):
         inv = np.where(amax != 0, F(1) / amax, F(0))
-    codes = _roundf(x * inv[:, None]) + 1
+    codes = _roundf(x * inv[:, None]).astype(np.int32) + 1
     stored = _fp16(amax)
     return Fit({"d": amax}, stored[:, None], -stored[:, None], codes)
 
