@@ -437,11 +437,9 @@ class _Q4_0(Codec):
                 inv = np.where(d != 0, F(1) / d, F(0))
             v = x * inv[:, None]
             v += F(self.half + 0.5)
-            codes = v.astype(np.int32)  # then C's (int8_t) and MIN(nmax, .), in place
-            codes += 128
-            codes &= 0xFF
-            codes -= 128
+            codes = v.astype(np.int32).astype(np.int8)  # C's (int8_t)(int), NaN's INT_MIN included
             np.minimum(codes, self.nmax, out=codes)
+            codes = codes.view(np.uint8)  # C's uint8_t of MIN(nmax, .)
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
             d, codes = _make_qx(_elements(x, QK), self.half, w)
