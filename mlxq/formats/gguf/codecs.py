@@ -243,26 +243,37 @@ def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray
     return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes + nmax)
 
 
-def _refine(x, w, codes, sumlx, suml2, bound, qp: bool) -> tuple[np.ndarray, np.ndarray]:
+def _refine(x, w, codes, sumlx, suml2, lo, hi, qp: bool) -> tuple[np.ndarray, np.ndarray]:
     """ggml's refinement of make_q3_quants / make_qp_quants: up to 5 passes over the weights, each code moved to
-    nearest(x * sl2 / slx) (`bound` clamps it) where that raises slx^2 / sl2. x, w, codes (changed in place)
-    element-major [n, B]; returns the final (sumlx, suml2) [B]. Like C, a block leaves after a pass that changed
-    nothing (the next would redo the same arithmetic); the blocks still moving are gathered, so later passes cost
-    what they change. qp: make_qp's order of checks (sl2 > 0 before the trial) and its uint8_t codes."""
+    nearest(x * sl2 / slx), clamped to lo..hi (lo None: only MIN(hi, .)), where that raises slx^2 / sl2. x, w,
+    codes (float32 whole numbers, changed in place) element-major [n, B]; returns the final (sumlx, suml2) [B]. Like
+    C, a block leaves after a pass that changed nothing (the next would redo the same arithmetic); the blocks still
+    moving are gathered, so later passes cost what they change. qp: make_qp's order of checks (sl2 > 0 before the
+    trial) and its uint8_t codes."""
+    wx = w * x  # C's w*x[i]*L[i] associates as (w*x[i])*L[i]
     at = np.arange(x.shape[1])
-    xs, ws, cs = x, w, codes
+    xs, ws, wxs, cs = x, w, wx, codes
     for _ in range(5):
         moved = np.zeros(at.size, bool)
         for i, xi in enumerate(xs):
-            wi, li = ws[i], cs[i].astype(F)
-            slx = sumlx - wi * xi * li
+            wi, li = ws[i], cs[i]
+            slx = sumlx - wxs[i] * li
             sl2 = suml2 - wi * li * li
-            new = bound(_nearest_int(xi * sl2 / slx))
-            nf = new.astype(F)
-            slx2, sl22 = slx + wi * xi * nf, sl2 + wi * nf * nf
-            take = (slx > 0) & (sl2 > 0 if qp else sl22 > 0) & (new != cs[i])
+            new = xi * sl2
+            new /= slx
+            new = _nearest(new)
+            if lo is None:
+                np.minimum(new, F(hi), out=new)
+            else:
+                _clip(new, lo, hi)
+            slx2 = wxs[i] * new
+            slx2 += slx
+            sl22 = wi * new
+            sl22 *= new
+            sl22 += sl2
+            take = (slx > 0) & ((sl2 if qp else sl22) > 0) & (new != li)
             take &= slx2 * slx2 * suml2 > sumlx * sumlx * sl22
-            cs[i] = np.where(take, new & 0xFF if qp else new, cs[i])
+            cs[i] = np.where(take, np.mod(new, F(256)) if qp else new, li)
             sumlx, suml2 = np.where(take, slx2, sumlx), np.where(take, sl22, suml2)
             moved |= take
         if at.size == x.shape[1]:  # the first pass works on the arrays themselves
@@ -275,21 +286,23 @@ def _refine(x, w, codes, sumlx, suml2, bound, qp: bool) -> tuple[np.ndarray, np.
         at, sumlx, suml2 = at[moved], sumlx[moved], suml2[moved]
         if not at.size:
             break
-        xs, ws, cs = x[:, at], w[:, at], codes[:, at]
+        xs, ws, wxs, cs = x[:, at], w[:, at], wx[:, at], codes[:, at]
     return sumlx_all, suml2_all
 
 
 def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """make_q3_quants(do_rmse=true): symmetric codes refined one weight at a time (x*x weighted)."""
     amax, big = _abs_max(x)
+    zero = amax < GROUP_MAX_EPS  # C returns zeros for these: whatever happens to them here is replaced
     with np.errstate(all="ignore"):
-        codes = np.clip(_nearest_int((F(-nmax) / big) * x), -nmax, nmax - 1)
+        lf = (F(-nmax) / big) * x  # elsewhere |lf| <= nmax: rint is nearest_int, unless a NaN or inf is there
+        lf = np.rint(lf, out=lf) if np.isfinite(x).all() else _nearest(lf)
+        _clip(lf, -nmax, nmax - 1)
         w = x * x
-        lf = codes.astype(F)
         sumlx, suml2 = _seq(w * x * lf), _seq(w * lf * lf)
-        sumlx, suml2 = _refine(x, w, codes, sumlx, suml2, lambda v: _clip(v, -nmax, nmax - 1), qp=False)
+        sumlx, suml2 = _refine(x, w, lf, sumlx, suml2, -nmax, nmax - 1, qp=False)
         scale = np.where(suml2 > 0, sumlx / suml2, F(0))
-    zero = amax < GROUP_MAX_EPS
+        codes = lf.astype(np.int32)
     return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes + nmax)
 
 
@@ -384,11 +397,11 @@ def _make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.nd
         raw = np.minimum(nmax, _nearest_int(iscale * x))
         lf = raw.astype(F)
         sumlx, suml2 = _seq(w * x * lf), _seq(w * lf * lf)
-        codes = _u8(raw).astype(np.int32)
-        sumlx, suml2 = _refine(x, w, codes, sumlx, suml2, lambda v: np.minimum(nmax, v), qp=True)
+        codes = _u8(raw).astype(F)
+        sumlx, suml2 = _refine(x, w, codes, sumlx, suml2, None, nmax, qp=True)
         scale = np.where(suml2 > 0, sumlx / suml2, F(0))
     zero = hi < GROUP_MAX_EPS
-    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes)
+    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes.astype(np.int32))
 
 
 def _row_sigma2(x: np.ndarray, factor: float) -> np.ndarray:
