@@ -85,7 +85,19 @@ def _seq(x: np.ndarray) -> np.ndarray:
 
 def _min_max(x: np.ndarray, start: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """C's `min = x[0]; if (x[i] < min) min = x[i]` (and max) over the leading axis; with `start`, the loop
-    starts from min = start, max = -start instead."""
+    starts from min = start, max = -start instead. numpy's reductions where they agree with the loop; the loop itself
+    in the blocks holding a NaN (C's comparisons skip it, or keep it when it comes first) or whose least or largest
+    value is a zero (C keeps the first of +0 and -0)."""
+    lo, hi = np.minimum.reduce(x, axis=0), np.maximum.reduce(x, axis=0)  # NaN wherever a block holds one
+    if start is not None:
+        lo, hi = np.minimum(lo, F(start)), np.maximum(hi, F(-start))
+    slow = np.flatnonzero(np.isnan(lo) | (lo == 0) | (hi == 0))
+    if slow.size:
+        lo[slow], hi[slow] = _min_max_loop(x[:, slow], start)
+    return lo, hi
+
+
+def _min_max_loop(x: np.ndarray, start: float | None) -> tuple[np.ndarray, np.ndarray]:
     if start is None:
         lo, hi, rest = x[0].copy(), x[0].copy(), x[1:]
     else:
@@ -117,7 +129,7 @@ def _min_max_rows(x: np.ndarray, start: float) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = np.fmin(_block_reduce(np.fmin, t), F(start)), np.fmax(_block_reduce(np.fmax, t), F(-start))
     zero = np.flatnonzero((lo == 0) | (hi == 0))
     if zero.size:
-        lo[zero], hi[zero] = _min_max(np.ascontiguousarray(x[zero].T), start)
+        lo[zero], hi[zero] = _min_max_loop(np.ascontiguousarray(x[zero].T), start)
     return lo, hi
 
 
