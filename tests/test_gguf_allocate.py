@@ -33,8 +33,10 @@ def test_a_tensor_moves_along_its_row_widths_ladder():
     assert [t("Q3_K", 512).at(o) for o in (-1, 0, 1, 2)] == ["Q2_K", "Q3_K", "Q4_K", "Q5_K"]
     assert [t("Q2_K", 512).at(o) for o in (-1, 0, 1)] == ["Q2_K", "Q2_K", "Q3_K"]
     assert [t("Q8_0", 512).at(o) for o in (-1, 0, 1)] == ["Q6_K", "Q8_0", "Q8_0"]
-    assert [t("Q4_0", 576).at(o) for o in (-1, 1, 2)] == ["Q4_0", "Q5_0", "Q8_0"]
-    assert [t("Q5_1", 576).at(o) for o in (-1, 0, 1)] == ["Q4_0", "Q5_1", "Q8_0"]  # from where Q5_0 stands
+    assert [t("Q5_0", 576).at(o) for o in (-1, 1, 2)] == ["IQ4_NL", "Q8_0", "Q8_0"]
+    assert [t("Q4_0", 576).at(o) for o in (-1, 0, 1, 2)] == ["IQ4_NL", "Q4_0", "Q5_0", "Q8_0"]  # IQ4_NL's rung
+    assert [t("Q5_1", 576).at(o) for o in (-1, 0, 1)] == ["IQ4_NL", "Q5_1", "Q8_0"]  # from where Q5_0 stands
+    assert t("Q4_1", 512).at(1) == "Q4_1"  # no twin on the K-quants' ladder: stays
     assert t("F16", 512).at(1) == "F16" and t("TQ2_0", 512).at(1) == "TQ2_0"
 
 

@@ -37,9 +37,11 @@ instead of 16) reached 0.03131 on the calibration text (the whole-band pick; the
 more measured tokens carried over to the held-back text: on this evidence the gap to 0.8 is not the measure's
 resolution.
 
-Ladders hold the K-quants, or for rows that are not whole 256-blocks the symmetric legacy types llama.cpp falls back
-to (Q4_0, Q5_0, Q8_0): Q4_1/Q5_1 are left out because they hold an affine-quantized source exactly and would win on
-a re-quantized checkpoint (the bench's SmolLM2 is one) for the wrong reason. Only tensors the model holds whole
+Ladders hold the K-quants, or for rows that are not whole 256-blocks IQ4_NL (4.5 bits, non-linear) and the
+symmetric legacy types llama.cpp falls back to (Q5_0, Q8_0). Q4_0, llama.cpp's fallback at 4.5 bits, stands on
+IQ4_NL's rung, so its step down is to IQ4_NL at the same size. Q4_1/Q5_1 are left out because they hold an
+affine-quantized source exactly and would win on a re-quantized checkpoint (the bench's SmolLM2 is one) for the
+wrong reason. Only tensors the model holds whole
 move (the export's `allocated`); parts of a fused or stacked one (routed experts, split projections) keep the mix's.
 """
 
@@ -56,7 +58,10 @@ from mlxq.formats.base import Checkpoint
 from mlxq.formats.gguf.codecs import bits_per_weight
 
 K_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
-LEGACY_LADDER = ("Q4_0", "Q5_0", "Q8_0")
+LEGACY_LADDER = ("IQ4_NL", "Q5_0", "Q8_0")
+# a mix's type off the ladder moves from where the ladder's type of its size stands (Q4_0 one step down reaches
+# IQ4_NL, at the same 4.5 bits)
+TWINS = {"Q4_0": "IQ4_NL", "Q4_1": "IQ4_NL", "Q5_1": "Q5_0"}
 OFFSETS = (-1, 1, 2)  # steps a group may move from the mix's types
 MEASURE_TOKENS = 1024  # of the calibration text, in sequences of MEASURE_SEQ
 MEASURE_SEQ = 256
@@ -65,7 +70,7 @@ MEASURE_SEQ = 256
 def ladder(kind: str, cols: int) -> tuple[str, ...] | None:
     """The types a tensor of `kind` with rows of `cols` may move along, or None when it stays (floats, ternary)."""
     rungs = K_LADDER if cols % 256 == 0 else LEGACY_LADDER if cols % 32 == 0 else ()
-    return rungs if kind in rungs or kind in ("Q4_1", "Q5_1") else None
+    return rungs if TWINS.get(kind, kind) in rungs else None
 
 
 @dataclass(frozen=True)
@@ -79,12 +84,12 @@ class Tensor:
     size: int  # weights
 
     def at(self, offset: int) -> str:
-        """The type `offset` steps from the mix's along its ladder (clamped at the ends; an affine legacy type moves
-        from where its symmetric twin stands)."""
+        """The type `offset` steps from the mix's along its ladder (clamped at the ends; a type off the ladder moves
+        from where its twin stands)."""
         rungs = ladder(self.kind, self.cols)
         if rungs is None or offset == 0:
             return self.kind
-        at = rungs.index({"Q4_1": "Q4_0", "Q5_1": "Q5_0"}.get(self.kind, self.kind))
+        at = rungs.index(TWINS.get(self.kind, self.kind))
         return rungs[min(max(at + offset, 0), len(rungs) - 1)]
 
 
