@@ -132,7 +132,7 @@ def _cost(choices, pick):
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_allocation_keeps_the_budget_and_is_near_the_exhaustive_best(seed):
+def test_allocation_keeps_the_budget_and_is_the_exhaustive_best(seed):
     rng = np.random.default_rng(seed)
     choices = []
     for n in range(6):
@@ -151,7 +151,20 @@ def test_allocation_keeps_the_budget_and_is_near_the_exhaustive_best(seed):
         for combo in itertools.product(*[list(c.options) for c in choices])
         if _cost(choices, dict(zip([c.name for c in choices], combo, strict=True)))[1] <= budget + 1e-9
     )
-    assert cost <= best + 0.5 * (start_cost - best) + 1e-12  # at least half of the possible gain
+    assert cost == pytest.approx(best, rel=1e-12, abs=1e-12)
+
+
+def test_one_big_cheap_step_does_not_crowd_out_the_best_pair():
+    """SmolLM2's Q4_K_M classes as measured (Mbit, KL change): a greedy by KL saved per bit bought attn_k/o/q at
+    Q8_0 with token_embd's step down (-0.0074); the best is attn_q in IQ4_NL paying for attn_v in Q8_0 (-0.0123)."""
+    measured = {"token_embd": {"-1": (155.71, 0.01632)},
+                "attn_k": {"-1": (14.93, 0.00116), "+0": (18.25, 0.0), "+1": (28.2, -0.00357)},
+                "attn_output": {"-1": (44.79, 0.00869), "+0": (54.74, 0.0), "+1": (84.6, -0.00327)},
+                "attn_q": {"-1": (44.79, 0.00201), "+0": (54.74, 0.0), "+1": (84.6, -0.00258)},
+                "attn_v": {"-1": (16.48, 0.00749), "+0": (22.89, 0.0), "+1": (28.2, -0.01432)}}
+    measured["token_embd"]["+0"] = (240.65, 0.0)
+    pick = allocate.allocate([allocate.Choice(g, opts, "+0") for g, opts in measured.items()])
+    assert pick == {"token_embd": "+0", "attn_k": "+0", "attn_output": "+0", "attn_q": "-1", "attn_v": "+1"}
 
 
 def test_bits_move_to_where_they_lower_the_cost_most():
