@@ -25,18 +25,17 @@ last pass measures both picks; the lowest KL of them and the mix is written.
 
 Status (bench/gguf_export.py --part quality --methods allocate, scored by llama-perplexity on 8 x 512 held-back
 tokens; the "float" model is the pinned Q4_1 GGUF dequantized): KL against llama.cpp+imatrix's at the same mix is
-0.031578 / 0.034621 (0.91) at Q4_K_M (6.1642 / 6.1655 bpw), 0.040288 / 0.092745 (0.43) at Q3_K_M (5.3902 / 5.4551),
-0.057648 / 0.291572 (0.20) at Q2_K (5.1123 / 5.1394). At Q3_K_M and Q2_K the whole-group pick won (the per-tensor
-one was worse measured: 0.078 and 0.159 against 0.041 and 0.065 on the calibration text); at Q4_K_M the
-per-tensor one (0.0328 against 0.0336; the mix 0.0393). About 180-240 s CPU on SmolLM2 (4 x 256 tokens, 29-30
-variants), the Fisher pass it replaces 169 s.
+0.027651 / 0.034621 (0.799) at Q4_K_M (6.1309 / 6.1655 bpw), 0.041068 / 0.092745 (0.44) at Q3_K_M (5.3902 / 5.4551),
+0.052019 / 0.291572 (0.18) at Q2_K (5.1123 / 5.1394). The whole-group pick won at every mix (on the calibration
+text, Q4_K_M: 0.0276 against the per-tensor pick's 0.0371 and the mix's 0.0393: attn_q in IQ4_NL, attn_v in Q8_0).
+Before the IQ4_NL rung and the exact choice: 0.91 / 0.43 / 0.20; the IQ4_NL rung with the greedy choice: 1.036 at
+Q4_K_M (6.0915 bpw). About 190-260 s CPU on SmolLM2 (4 x 256 tokens, 29-31 variants).
 
-Tried at Q4_K_M and not kept (same bench; 0.91 above): each class measured in three bands of ten layers (46 moves
-instead of 16) reached 0.03131 on the calibration text (the whole-band pick; the per-tensor one 0.03234, the mix
-0.03925) but scored 0.032891 (0.95) at 6.1408 bpw, 406 s CPU; the classes measured on 2048 tokens instead of 1024
-(mix 0.05922, picks 0.04886 / 0.04745) scored 0.032315 (0.93) at 6.1642 bpw, 352 s CPU. Neither finer groups nor
-more measured tokens carried over to the held-back text: on this evidence the gap to 0.8 is not the measure's
-resolution.
+Tried at Q4_K_M before the IQ4_NL rung and not kept (same bench, against 0.91 then): each class measured in three
+bands of ten layers (46 moves instead of 16) reached 0.03131 on the calibration text but scored 0.032891 (0.95) at
+6.1408 bpw, 406 s CPU; the classes measured on 2048 tokens instead of 1024 scored 0.032315 (0.93), 352 s CPU.
+Neither finer groups nor more measured tokens carried over to the held-back text; the cheaper rung and the exact
+choice did.
 
 Ladders hold the K-quants, or for rows that are not whole 256-blocks IQ4_NL (4.5 bits, non-linear) and the
 symmetric legacy types llama.cpp falls back to (Q5_0, Q8_0). Q4_0, llama.cpp's fallback at 4.5 bits, stands on
