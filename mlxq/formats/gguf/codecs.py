@@ -1,5 +1,6 @@
 """GGUF block encoders: float rows -> the bytes llama.cpp reads, for F32, F16, BF16, the legacy 32-weight types
-(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), the K-quants (Q2_K..Q6_K) and the ternary types (TQ1_0, TQ2_0).
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), the K-quants (Q2_K..Q6_K), the ternary types (TQ1_0, TQ2_0) and the non-linear
+IQ4_NL.
 
 Bit-exact with ggml's own quantizer (ggml-quants.c), both without an importance matrix (its `*_ref` functions, what
 `llama-quantize` runs without `--imatrix`) and with one (its `*_impl` functions). That takes the C code's float32
@@ -10,7 +11,8 @@ keeps the codes found before it. The tests compare every byte against ggml's sha
 
 Each type is split into `fit` (choose the block's scales and the reference codes) and `pack` (lay codes and scales
 out as bytes), with the grid `scale * q + bias` that the scales stand for: calibrated export keeps the fitted
-scales and chooses the codes itself (GPTQ error feedback), the format stays llama.cpp's.
+scales and chooses the codes itself (GPTQ error feedback), the format stays llama.cpp's. IQ4_NL's grid is
+`scale * LEVELS[q]` (a codec's `levels`), not affine in q.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from gguf.quants import IQ4_NL
 
 QK = 32  # weights per legacy block
 QK_K = 256  # weights per K-quant / ternary super-block
@@ -430,7 +433,8 @@ def _impl_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarr
 @dataclass
 class Fit:
     """A fitted block layout: what `pack` needs besides the codes, the grid value = scale * q + bias of every
-    code q in 0..nmax (per sub-block, [blocks, sub-blocks]) and the reference codes [blocks, block]."""
+    code q in 0..nmax (per sub-block, [blocks, sub-blocks]; scale * levels[q] + bias for a non-linear codec) and the
+    reference codes [blocks, block]."""
 
     header: dict[str, np.ndarray]
     scale: np.ndarray
@@ -449,6 +453,7 @@ class Codec:
     nmax: int  # largest code
     row_stat: float = 0.0  # legacy *_impl: the row's mean square enters the weights (0: not used)
     weighted: bool = True  # whether ggml has an importance-weighted fit for it
+    levels: np.ndarray | None = None  # a non-linear type's value of each code (the grid is scale * levels[q])
 
     def fit(self, x: np.ndarray, qw: np.ndarray | None, row_sigma2: np.ndarray | None) -> Fit:
         raise NotImplementedError
@@ -777,6 +782,72 @@ class _Q6_K(Codec):
         return out
 
 
+_IQ4_LEVELS = np.array(IQ4_NL.kvalues, F)  # ggml's kvalues_iq4nl, ascending integers
+
+
+def _iq4_table(levels: np.ndarray, lo: int = -130, hi: int = 116) -> tuple[np.ndarray, int, int]:
+    """ggml's best_index_int8 (the nearest level; the upper one unless `x - lower < upper - x`; beyond the ends the
+    end) as a table over half units. Between integer levels a and b, float32's `x - a < b - x` flips exactly at the
+    midpoint, a multiple of 1/2 (the tests check every float near each one against the C rule), so the index is
+    constant on each [k/2, (k+1)/2), and 2x is exact. Returns (index per half-unit bin from 2*lo, 2*lo, 2*hi)."""
+    starts = np.arange(2 * lo, 2 * hi + 1) / 2
+    return np.searchsorted((levels[:-1] + levels[1:]) / 2, starts, side="right").astype(np.int32), 2 * lo, 2 * hi
+
+
+_IQ4_INDEX, _IQ4_LO2, _IQ4_HI2 = _iq4_table(_IQ4_LEVELS)
+
+
+def _iq4_index(twice: np.ndarray) -> np.ndarray:
+    """best_index_int8(x) for twice = 2x (float32, changed in place): clamped (NaN to the top, the last code as in C:
+    fmin skips it), floored, looked up."""
+    np.fmin(twice, F(_IQ4_HI2), out=twice)
+    np.fmax(twice, F(_IQ4_LO2), out=twice)
+    np.floor(twice, out=twice)
+    twice -= F(_IQ4_LO2)
+    return _IQ4_INDEX[twice.astype(np.int32)]  # int32: numpy converts float32 to it far faster than to int64
+
+
+class _IQ4_NL(Codec):
+    """IQ4_NL: 32 weights, one float16 scale d, value d * LEVELS[q]. ggml (quantize_row_iq4_nl_impl with ntry = 7,
+    with and without importance alike) takes d = max / 127 from the signed largest weight, then the best least-squares
+    scale of 15 trial inverse scales (-127 + t) / max, t = -7..7, and finally each code nearest to x / d."""
+
+    name, block, size, sub, nmax, levels = "IQ4_NL", QK, 18, QK, 15, _IQ4_LEVELS
+
+    def fit(self, x, qw, row_sigma2):
+        xe = _elements(x, QK)
+        if qw is None:
+            w = xe * xe
+        else:  # sigma2 of the block itself (ggml's "super-block" is the block here)
+            w = _elements(_impl_weights(x, qw, _seq(xe * xe) * F(2 / QK)), QK)
+        amax, big = _abs_max(xe)
+        lv = self.levels
+        with np.errstate(all="ignore"):
+
+            def trial(iscale):  # (sum w q x, sum w q^2) of the codes nearest iscale * x
+                q = lv[_iq4_index((F(2) * iscale) * xe)]  # 2 (iscale x) exactly, bar overflow to the top end
+                wq = w * q
+                sumqx = _seq(wq * xe)
+                wq *= q
+                return sumqx, _seq(wq)
+
+            sumqx, sumq2 = trial(F(1) / (-big / lv[0]))
+            d = np.where(sumq2 > 0, sumqx / sumq2, F(0))
+            best = d * sumqx
+            for t in range(-7, 8):
+                sumqx, sumq2 = trial(F(t + int(lv[0])) / big)
+                better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+                d = np.where(better, sumqx / sumq2, d)
+                best = np.where(better, d * sumqx, best)
+            d = np.where(amax < GROUP_MAX_EPS, F(0), d).astype(F)
+            inv = np.where(d != 0, F(1) / d, F(0))  # NaN is true in C: its inverse is NaN, every code the last
+            codes = _iq4_index((F(2) * inv)[:, None] * x)
+        return Fit({"d": d}, _fp16(d)[:, None], np.zeros((len(d), 1), F), codes)
+
+    def pack(self, fit, codes):
+        return np.concatenate([_half_bytes(fit.header["d"]), _nibbles(codes)], axis=1)
+
+
 def _ternary_fit(x: np.ndarray) -> Fit:
     """TQ1_0 / TQ2_0: one scale (the block's largest |x|) and codes round(x / d) + 1 in {0, 1, 2}."""
     amax = _running_abs_max(x)
@@ -821,13 +892,15 @@ class _TQ1_0(Codec):
 
 
 CODECS: dict[str, Codec] = {c.name: c for c in (
-    _Q4_0(), _Q4_1(), _Q5_0(), _Q5_1(), _Q8_0(), _Q2_K(), _Q3_K(), _Q4_K(), _Q5_K(), _Q6_K(), _TQ1_0(), _TQ2_0())}
+    _Q4_0(), _Q4_1(), _Q5_0(), _Q5_1(), _Q8_0(), _Q2_K(), _Q3_K(), _Q4_K(), _Q5_K(), _Q6_K(), _TQ1_0(), _TQ2_0(),
+    _IQ4_NL())}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # llama.cpp's fallback when a row is not a whole number of blocks (llama-quant.cpp, tensor_type_fallback); a
 # 32-weight type that does not fit either becomes F16
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1",
             "Q6_K": "Q8_0"}
-TYPES = (*FLOAT_TYPES, "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K", "TQ2_0", "TQ1_0")
+TYPES = (*FLOAT_TYPES, "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K", "TQ2_0", "TQ1_0",
+         "IQ4_NL")
 
 
 def block_size(kind: str) -> int:
