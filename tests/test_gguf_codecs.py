@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from ggml_ref import ggml_quantize
 
-from mlxq.formats.gguf.codecs import CODECS, QK_K, _elements, _row_sigma2, _seq, encode
+from mlxq.formats.gguf.codecs import CODECS, QK_K, _elements, _iq4_index, _row_sigma2, _seq, encode
 
 F32_MAX = np.finfo(np.float32).max
 
@@ -74,8 +74,37 @@ def test_grid_is_what_gguf_py_decodes(kind):
     per = codec.block // codec.sub
     scale = np.repeat(fit.scale.reshape(-1, per), codec.sub, axis=1)
     bias = np.repeat(fit.bias.reshape(-1, per), codec.sub, axis=1)
-    np.testing.assert_allclose(scale * fit.codes + bias, got, rtol=1e-6, atol=1e-30)
+    values = fit.codes if codec.levels is None else codec.levels[fit.codes]
+    np.testing.assert_allclose(scale * values + bias, got, rtol=1e-6, atol=1e-30)
     assert fit.codes.min() >= 0 and fit.codes.max() <= codec.nmax
+
+
+def best_index_int8(levels: np.ndarray, x: np.float32) -> int:
+    """ggml's best_index_int8, line by line (float32 arithmetic)."""
+    if x <= levels[0]:
+        return 0
+    if x >= levels[-1]:
+        return len(levels) - 1
+    ml, mu = 0, len(levels) - 1
+    while mu - ml > 1:
+        mav = (ml + mu) // 2
+        if x < levels[mav]:
+            mu = mav
+        else:
+            ml = mav
+    return mu - 1 if np.float32(x - levels[mu - 1]) < np.float32(levels[mu] - x) else mu
+
+
+def test_iq4_nearest_level_is_ggmls():
+    """The half-unit table behind IQ4_NL's code choice picks what best_index_int8 picks, at and around every
+    midpoint and level (ties go up), far out, and for NaN (the last code)."""
+    levels = CODECS["IQ4_NL"].levels
+    steps = np.arange(-40, 41)
+    probes = [np.float32(p) + steps * np.spacing(np.float32(p)) for p in
+              [*(levels[:-1] + levels[1:]) / 2, *levels, 0.0, 1e-40, -1e-40]]
+    x = np.concatenate([*probes, [np.nan, np.inf, -np.inf, 3e38, -3e38, 130.0, -131.0]]).astype(np.float32)
+    want = [best_index_int8(levels, v) for v in x]
+    assert _iq4_index(2 * x).tolist() == want
 
 
 def test_sums_run_in_order():
@@ -98,7 +127,7 @@ def test_rows_not_a_multiple_of_the_block_are_refused():
 def awkward_rows(seed: int) -> np.ndarray:
     """`rows` with what the fast paths hand to slower ones: NaN and infinities (C's comparisons never take a NaN;
     ggml's nearest_int of one is 0), +a and -a in one block (the first wins the abs-max), exact halves (roundf rounds
-    them away from zero where numpy's rint goes to even)."""
+    them away from zero where numpy's rint goes to even), weights halfway between two IQ4_NL levels (the upper wins)."""
     w = rows(seed)
     w[14, 9], w[15, 200], w[16, 30] = np.nan, np.inf, -np.inf
     w[17, :32] = np.nan  # an all-NaN block
@@ -107,6 +136,16 @@ def awkward_rows(seed: int) -> np.ndarray:
     w[20, :32] = np.arange(32) - np.float32(15.5)  # Q8_0: d = 1 exactly, every code a half
     w[20, 0] = 127
     w[21, 256:288] = np.arange(-16, 16) / np.float32(2)
+    w[22] = np.abs(w[22])  # +0 and -0 as a block's least value, in both orders (C keeps the first it meets)
+    w[22, 3], w[22, 9], w[22, 33], w[22, 40] = -0.0, 0.0, 0.0, -0.0
+    w[22, 64:96] = -w[22, 64:96]  # and as its largest
+    w[22, 70], w[22, 71] = -0.0, 0.0
+    w[22, 96:128], w[22, 96] = 0.0, -0.0  # all zeros, the first one negative
+    w[22, 128:160], w[22, 129] = 0.0, -0.0
+    # IQ4_NL: 127 first makes a trial inverse scale exactly 1, so the others sit on midpoints between its levels
+    levels = np.asarray(CODECS["IQ4_NL"].levels)
+    w[23, :32] = np.resize(np.concatenate([[127], (levels[:-1] + levels[1:]) / 2]), 32)
+    w[23, 32:64] = np.resize(levels, 32)  # exactly on the levels: the fitted scale is 1
     return w
 
 
@@ -124,7 +163,7 @@ def test_bit_exact_with_ggml_on_awkward_rows(kind):
         assert codes.min() >= 0 and codes.max() <= codec.nmax
 
 
-@pytest.mark.parametrize("kind", ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q4_0", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q4_0", "Q8_0", "IQ4_NL"])
 def test_bit_exact_with_ggml_on_many_rows(kind):
     """Enough blocks (and chunks encoded side by side) that the refinement passes drop the blocks that stopped
     moving at different passes, and ties turn up in the data itself."""

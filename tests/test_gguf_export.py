@@ -162,6 +162,18 @@ def test_mlx_lm_layout_hybrid_exports_the_same_file(tiny_src, tmp_path):
 MIXES = [k for k in GGUF_RECIPES if k != "F32"]
 
 
+@pytest.mark.parametrize(("family", "wide"), [("llama", False), ("qwen3", True)])
+def test_iq4_nl_tensors_load_in_llama_cpp_and_agree(family, wide, tiny_src, tmp_path):
+    """IQ4_NL (allocate's 4.5-bit rung for rows that are not whole 256-blocks) set on the attention and MLP roles:
+    llama.cpp runs the file and gives mlxq's logits on the same blocks."""
+    src = tiny_src(family, wide)
+    out = tmp_path / "iq4_nl.gguf"
+    export(str(src), out, gguf_recipe("Q4_K_M", {"attention": "IQ4_NL", "mlp": "IQ4_NL"}), progress=False)
+    kinds = [t.tensor_type.name for t in gguf.GGUFReader(out).tensors]
+    assert kinds.count("IQ4_NL") == 7 * 3  # every linear of the 3 layers
+    assert rel(llama_cpp_logits(out, PROMPT), mlxq_logits(out, src)) <= QUANTIZED_TOLERANCE
+
+
 def tensors(path) -> dict[str, tuple[str, bytes]]:
     return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors}
 

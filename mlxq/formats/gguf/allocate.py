@@ -16,35 +16,38 @@ fits, the codes the export writes) at the mix's types, and again with one group 
 the mix's types; the KL to the float model that each move adds is its cost. All these variants run together, layer
 by layer (`measured_kl`): one decoder layer's weights are in memory at a time, as in calibration, so the pass
 needs no more memory than the variants' hidden states (and the embedding at each candidate type), however big the
-model. A budgeted choice (`allocate`) then picks, with the file's quantized bits at most the mix's, once a step per
-group, and once a type per tensor, a group's measured KL shared among its tensors as their importance-weighted
-errors change (whole groups are coarse: at Q4_K_M a class's step from Q5_0 to Q8_0 is 3.5 bits a weight, and
-class moves alone left 1 % of the budget unused). A last pass measures both picks; the lowest KL of them and the
-mix is written.
+model. A budgeted choice (`allocate`, an exact multiple-choice knapsack) then picks, with the file's quantized bits at
+most the mix's, once a step per group, and once a type per tensor, a group's measured KL shared among its tensors as
+their importance-weighted errors change (whole groups are coarse: at Q4_K_M a class's step from Q5_0 to Q8_0 is 3
+bits a weight). The greedy by KL saved per bit used before spent SmolLM2's Q4_K_M budget on token_embd's one big
+step and missed the best pair of moves (attn_q to IQ4_NL paying for attn_v in Q8_0: -0.0123 against -0.0074). A
+last pass measures both picks; the lowest KL of them and the mix is written.
 
 Status (bench/gguf_export.py --part quality --methods allocate, scored by llama-perplexity on 8 x 512 held-back
 tokens; the "float" model is the pinned Q4_1 GGUF dequantized): KL against llama.cpp+imatrix's at the same mix is
-0.031578 / 0.034621 (0.91) at Q4_K_M (6.1642 / 6.1655 bpw), 0.040288 / 0.092745 (0.43) at Q3_K_M (5.3902 / 5.4551),
-0.057648 / 0.291572 (0.20) at Q2_K (5.1123 / 5.1394). At Q3_K_M and Q2_K the whole-group pick won (the per-tensor
-one was worse measured: 0.078 and 0.159 against 0.041 and 0.065 on the calibration text); at Q4_K_M the
-per-tensor one (0.0328 against 0.0336; the mix 0.0393). About 180-240 s CPU on SmolLM2 (4 x 256 tokens, 29-30
-variants), the Fisher pass it replaces 169 s.
+0.027651 / 0.034621 (0.799) at Q4_K_M (6.1309 / 6.1655 bpw), 0.041068 / 0.092745 (0.44) at Q3_K_M (5.3902 / 5.4551),
+0.052019 / 0.291572 (0.18) at Q2_K (5.1123 / 5.1394). The whole-group pick won at every mix (on the calibration
+text, Q4_K_M: 0.0276 against the per-tensor pick's 0.0371 and the mix's 0.0393: attn_q in IQ4_NL, attn_v in Q8_0).
+Before the IQ4_NL rung and the exact choice: 0.91 / 0.43 / 0.20; the IQ4_NL rung with the greedy choice: 1.036 at
+Q4_K_M (6.0915 bpw). About 190-260 s CPU on SmolLM2 (4 x 256 tokens, 29-31 variants).
 
-Tried at Q4_K_M and not kept (same bench; 0.91 above): each class measured in three bands of ten layers (46 moves
-instead of 16) reached 0.03131 on the calibration text (the whole-band pick; the per-tensor one 0.03234, the mix
-0.03925) but scored 0.032891 (0.95) at 6.1408 bpw, 406 s CPU; the classes measured on 2048 tokens instead of 1024
-(mix 0.05922, picks 0.04886 / 0.04745) scored 0.032315 (0.93) at 6.1642 bpw, 352 s CPU. Neither finer groups nor
-more measured tokens carried over to the held-back text: on this evidence the gap to 0.8 is not the measure's
-resolution.
+Tried at Q4_K_M before the IQ4_NL rung and not kept (same bench, against 0.91 then): each class measured in three
+bands of ten layers (46 moves instead of 16) reached 0.03131 on the calibration text but scored 0.032891 (0.95) at
+6.1408 bpw, 406 s CPU; the classes measured on 2048 tokens instead of 1024 scored 0.032315 (0.93), 352 s CPU.
+Neither finer groups nor more measured tokens carried over to the held-back text; the cheaper rung and the exact
+choice did.
 
-Ladders hold the K-quants, or for rows that are not whole 256-blocks the symmetric legacy types llama.cpp falls back
-to (Q4_0, Q5_0, Q8_0): Q4_1/Q5_1 are left out because they hold an affine-quantized source exactly and would win on
-a re-quantized checkpoint (the bench's SmolLM2 is one) for the wrong reason. Only tensors the model holds whole
+Ladders hold the K-quants, or for rows that are not whole 256-blocks IQ4_NL (4.5 bits, non-linear) and the
+symmetric legacy types llama.cpp falls back to (Q5_0, Q8_0). Q4_0, llama.cpp's fallback at 4.5 bits, stands on
+IQ4_NL's rung, so its step down is to IQ4_NL at the same size. Q4_1/Q5_1 are left out because they hold an
+affine-quantized source exactly and would win on a re-quantized checkpoint (the bench's SmolLM2 is one) for the
+wrong reason. Only tensors the model holds whole
 move (the export's `allocated`); parts of a fused or stacked one (routed experts, split projections) keep the mix's.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,16 +59,20 @@ from mlxq.formats.base import Checkpoint
 from mlxq.formats.gguf.codecs import bits_per_weight
 
 K_LADDER = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
-LEGACY_LADDER = ("Q4_0", "Q5_0", "Q8_0")
+LEGACY_LADDER = ("IQ4_NL", "Q5_0", "Q8_0")
+# a mix's type off the ladder moves from where the ladder's type of its size stands (Q4_0 one step down reaches
+# IQ4_NL, at the same 4.5 bits)
+TWINS = {"Q4_0": "IQ4_NL", "Q4_1": "IQ4_NL", "Q5_1": "Q5_0"}
 OFFSETS = (-1, 1, 2)  # steps a group may move from the mix's types
 MEASURE_TOKENS = 1024  # of the calibration text, in sequences of MEASURE_SEQ
 MEASURE_SEQ = 256
+RESOLUTION = 1 << 14  # steps of the bit budget in the exact allocation
 
 
 def ladder(kind: str, cols: int) -> tuple[str, ...] | None:
     """The types a tensor of `kind` with rows of `cols` may move along, or None when it stays (floats, ternary)."""
     rungs = K_LADDER if cols % 256 == 0 else LEGACY_LADDER if cols % 32 == 0 else ()
-    return rungs if kind in rungs or kind in ("Q4_1", "Q5_1") else None
+    return rungs if TWINS.get(kind, kind) in rungs else None
 
 
 @dataclass(frozen=True)
@@ -79,12 +86,12 @@ class Tensor:
     size: int  # weights
 
     def at(self, offset: int) -> str:
-        """The type `offset` steps from the mix's along its ladder (clamped at the ends; an affine legacy type moves
-        from where its symmetric twin stands)."""
+        """The type `offset` steps from the mix's along its ladder (clamped at the ends; a type off the ladder moves
+        from where its twin stands)."""
         rungs = ladder(self.kind, self.cols)
         if rungs is None or offset == 0:
             return self.kind
-        at = rungs.index({"Q4_1": "Q4_0", "Q5_1": "Q5_0"}.get(self.kind, self.kind))
+        at = rungs.index(TWINS.get(self.kind, self.kind))
         return rungs[min(max(at + offset, 0), len(rungs) - 1)]
 
 
@@ -228,35 +235,45 @@ class Choice:
     start: str  # the mix's own type
 
 
-def allocate(choices: list[Choice]) -> dict[str, str]:
-    """A type per tensor minimising the summed cost with total bits at most the mix's. Greedy on the lower convex
-    hull of each tensor's (bits, cost) points: start every tensor at its cheapest type, then take upgrades in order
-    of cost saved per bit while the budget allows."""
-    budget = sum(c.options[c.start][0] for c in choices)
-    pick, moves = {}, []
-    for c in choices:
-        pts = sorted(c.options.items(), key=lambda kv: kv[1][0])
-        hull = [pts[0]]
-        for p in pts[1:]:  # keep only upgrades that lower the cost, with falling savings per bit
-            if p[1][1] >= hull[-1][1][1]:
+def allocate(choices: list[Choice], resolution: int = RESOLUTION) -> dict[str, str]:
+    """A type per tensor minimising the summed cost with total bits at most the mix's: a multiple-choice knapsack,
+    solved exactly by dynamic programming over the bits each tensor takes above its smallest option, counted in
+    `resolution` steps of the room the budget leaves there (rounded up, so never over budget). The mix's own types
+    win ties and whatever the rounding misses."""
+    start = {c.name: c.start for c in choices}
+    budget = _bits_of(choices, start)
+    low = [min(b for b, _ in c.options.values()) for c in choices]
+    room = budget - sum(low)
+    if room <= 0:
+        return start
+    step = room / resolution
+    least = np.full(resolution + 1, np.inf)  # least cost with exactly r steps used
+    least[0] = 0.0
+    steps, taken = [], np.zeros((len(choices), resolution + 1), np.int16)
+    for i, c in enumerate(choices):
+        own = [math.ceil((bits - low[i]) / step) for bits, _ in c.options.values()]
+        steps.append(own)
+        now = np.full_like(least, np.inf)
+        for k, ((_, cost), w) in enumerate(zip(c.options.values(), own, strict=True)):
+            if w > resolution:
                 continue
-            while len(hull) >= 2 and _slope(hull[-2], hull[-1]) <= _slope(hull[-1], p):
-                hull.pop()
-            hull.append(p)
-        pick[c.name] = hull[0][0]
-        moves += [(_slope(a, b), c.name, a[0], b[0], b[1][0] - a[1][0]) for a, b in zip(hull, hull[1:], strict=False)]
-    used = sum(c.options[pick[c.name]][0] for c in choices)
-    for _, name, frm, to, extra in sorted(moves, key=lambda m: -m[0]):
-        if pick[name] == frm and used + extra <= budget:
-            pick[name], used = to, used + extra
-    start = {c.name: c.start for c in choices}  # feasible too: the greedy may only miss it on awkward sizes
-    return pick if _total(choices, pick) <= _total(choices, start) else start
+            with_k = np.full_like(least, np.inf)
+            with_k[w:] = least[: resolution + 1 - w] + cost
+            better = with_k < now
+            now[better], taken[i, better] = with_k[better], k
+        least = now
+    r, pick = int(np.argmin(least)), {}
+    for i in reversed(range(len(choices))):
+        k = int(taken[i, r])
+        pick[choices[i].name] = list(choices[i].options)[k]
+        r -= steps[i][k]
+    fits = _bits_of(choices, pick) <= budget
+    return pick if fits and _total(choices, pick) < _total(choices, start) else start
 
 
 def _total(choices: list[Choice], pick: dict[str, str]) -> float:
     return sum(c.options[pick[c.name]][1] for c in choices)
 
 
-def _slope(a, b) -> float:
-    """Cost saved per extra bit going from point a to point b."""
-    return (a[1][1] - b[1][1]) / max(b[1][0] - a[1][0], 1e-9)
+def _bits_of(choices: list[Choice], pick: dict[str, str]) -> float:
+    return sum(c.options[pick[c.name]][0] for c in choices)

@@ -19,7 +19,7 @@ K-quant super-block's scales follow the drift of its later sub-blocks), then GPT
 down_proj (Q3_K) it scored worse than the refit path (0.685 vs 0.661 of the imatrix fit's error).
 
 Grids are read back through the codec's own `pack` and the block dequantizer, so this works for every block type
-without knowing its layout.
+without knowing its layout, save a non-linear one (IQ4_NL), which keeps ggml's importance-weighted fit.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def choose_codes(w: np.ndarray, hessian: mx.array, kind: str, importance: np.nda
     """w [rows, cols] float32 -> the GGUF bytes of `kind` [rows, cols / block * size] with codes and block scales
     chosen against the Hessian (see the module doc)."""
     codec = CODECS[kind]
+    if codec.levels is not None:  # GPTQ's error feedback rounds onto an evenly spaced grid: ggml's fit instead
+        return encode(w, kind, importance)
     w = np.asarray(w, np.float32)
     rows, cols = w.shape
     u = inverse_hessian_factor(hessian, damp)
