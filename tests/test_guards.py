@@ -137,3 +137,21 @@ def test_secret_guard_allows_public_spans_and_bans_short_secrets(qwen3_model):
     proc = secret_guard_processor(tok, ["人肉"], min_span=8)  # shorter than min_span: banned whole
     out = model.generate(ids, max_tokens=len(word), logits_processors=[teacher(word), proc])
     assert "人肉" not in out.text and proc.blocked
+
+
+def test_thinking_support_is_known_without_building_the_tables(qwen3_model, smollm2):
+    """A vocabulary without `<think>` answers at once (the llguidance tables took 1.1 s of SmolLM2's first token); one
+    with it answers as the tables do."""
+    from mlxq.engine import constraints
+    from mlxq.engine.controls import supports_thinking
+    from mlxq.engine.guards import THINK_OPEN
+    from mlxq.engine.tokenizer import Tokenizer
+
+    smol = Tokenizer(smollm2.tokenizer.hf)  # a fresh key: no other test has built its tables
+    assert supports_thinking(smol) is False
+    assert smol not in constraints._tables
+    tables = constraints.token_tables(smol)
+    assert tables.id_of(THINK_OPEN) is None
+    qwen = Tokenizer(qwen3_model.tokenizer.hf)
+    assert supports_thinking(qwen) is True
+    assert constraints.token_tables(qwen).id_of(THINK_OPEN) == THINK

@@ -430,11 +430,16 @@ def unpack_codes(packed: mx.array, bits: int) -> mx.array:
     return mx.stack(codes, axis=-1).reshape(*lead, words * 32 // bits)
 
 
+# The shifts and masks fused (integer ops: exact): a prompt dequantizes every layer's weight, and unfused each code's
+# intermediates went through MLX's buffer cache (SmolLM2 Q4_K_M: the first token's peak RSS 6 MB lower)
+_unpack_codes_fused = mx.compile(unpack_codes)
+
+
 def affine_dequantize(weight: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
                       dtype: mx.Dtype = mx.float32) -> mx.array:
     """`mx.dequantize` for the affine mode in plain MLX ops (scale * code + bias, as MLX computes it); MLX's own CPU
     dequantization and quantized matmul are an order of magnitude slower than this plus a BLAS matmul."""
-    codes = unpack_codes(weight, bits)
+    codes = _unpack_codes_fused(weight, bits)
     *lead, n = codes.shape
     q = codes.reshape(*lead, n // group_size, group_size).astype(mx.float32)
     w = scales.astype(mx.float32)[..., None] * q + biases.astype(mx.float32)[..., None]
