@@ -198,3 +198,17 @@ def test_gguf_tokenizer_cache_holds_its_added_tokens(smollm2_gguf, tmp_path, mon
     assert ours.hf.all_special_ids == reference.hf.all_special_ids
     assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids, skip_special_tokens=True)
 
+
+
+def test_end_of_turn_ids_looked_up_as_the_vocabulary_has_them(smollm2_gguf):
+    """The end-of-turn tokens are looked up one by one (not through the 49k-entry `get_vocab` dict): the same ids as
+    the dict gives, the unknown token itself found (SmolLM2's <|endoftext|> is its unk token, id 0), and a token the
+    vocabulary lacks not mistaken for the unknown token it maps to."""
+    from mlxq.engine.tokenizer import END_OF_TURN, _token_id, load_tokenizer
+
+    tokenizer = load_tokenizer(None, smollm2_gguf, None)
+    hf = tokenizer.hf
+    vocab = hf.get_vocab()
+    assert hf.unk_token == "<|endoftext|>" and "<|eot_id|>" not in vocab  # what the cases below rely on
+    assert {t: _token_id(hf, t) for t in END_OF_TURN} == {t: vocab.get(t) for t in END_OF_TURN}
+    assert tokenizer.eos_token_ids == {vocab[t] for t in END_OF_TURN if t in vocab} | {hf.eos_token_id}

@@ -1,5 +1,6 @@
-"""Streaming: quantizing a synthetic multi-GB checkpoint keeps peak memory near one tensor, and a run that is
-killed or terminated midway leaves no OUT (and no temporary files once a later run has cleaned up)."""
+"""Streaming: calibrating a synthetic 1 B-parameter model holds one layer at a time; quantizing a multi-GB
+checkpoint keeps peak memory near one tensor, and a run that is killed or terminated midway leaves no OUT (and no
+temporary files once a later run has cleaned up). Disk: at most ~7 GB at once."""
 
 from __future__ import annotations
 
@@ -39,6 +40,55 @@ def write_random(src: Path, shapes: dict[str, tuple[int, ...]], config: dict) ->
     return sum(t.nbytes for t in tensors)
 
 
+# ---------------------------------------------------------------------------------------------- calibration
+CAL_LAYERS, HIDDEN, INTER = 16, 2048, 8192  # 1.07 B parameters: 2.1 GB on disk, 4.3 GB as float32
+CAL_PEAK_LIMIT = 1.5e9  # Hessians alone come to 5.1 GB for the whole model
+CALIBRATE = """
+import re, sys
+from pathlib import Path
+from mlxq.formats import open_checkpoint
+from mlxq.quant.calibrate import collect, load
+out = Path(sys.argv[2])
+stats = collect(open_checkpoint(sys.argv[1]), [[(7 * i) % 250 + 3 for i in range(256)]] * 2, True, out)
+status = open("/proc/self/status").read()
+print("PEAK", int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024)
+print("HESSIANS", len(stats.hessian_files), len(load(out).hessian_files))
+"""
+
+
+def write_whole_model(src: Path) -> int:
+    per_layer = {
+        "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
+        "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
+        "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER),
+        "input_layernorm": (HIDDEN,), "post_attention_layernorm": (HIDDEN,),
+    }
+    shapes = {f"model.layers.{i}.{k}.weight": v for i in range(CAL_LAYERS) for k, v in per_layer.items()}
+    shapes.update({"model.embed_tokens.weight": (256, HIDDEN), "model.norm.weight": (HIDDEN,)})
+    config = {"hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": CAL_LAYERS,
+              "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 256, "tie_word_embeddings": True}
+    return write_random(src, shapes, config)
+
+
+# First in the module, and in its own tmp_path (gone when it passes): its 2.1 GB model and 5.1 GB of Hessians never
+# share the disk with the 3.2 GB checkpoint below.
+def test_calibration_holds_one_layer_at_a_time(tmp_path):
+    src = tmp_path / "src"
+    size = write_whole_model(src)
+    assert size > 2e9
+    proc = subprocess.run(
+        [sys.executable, "-c", CALIBRATE, str(src), str(tmp_path / "stats")], capture_output=True, text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stdout.split("PEAK")[-1].split()[0])
+    print(f"peak RSS {peak / 1e9:.2f} GB calibrating a model of {2 * size / 1e9:.1f} GB in float32")
+    assert peak < CAL_PEAK_LIMIT, f"peak RSS {peak / 1e9:.2f} GB for a {2 * size / 1e9:.1f} GB float32 model"
+    # q, o, gate, down of every layer, and the head's input
+    assert proc.stdout.split("HESSIANS")[-1].split() == [str(4 * CAL_LAYERS + 1)] * 2
+
+
+# ---------------------------------------------------------------------------------------------- streaming
 @pytest.fixture(scope="module")
 def big_checkpoint(tmp_path_factory):
     """A llama-shaped set of large float16 tensors (not a whole model: quantizing needs none of the rest)."""
@@ -120,51 +170,3 @@ def test_killed_midway_leaves_no_out(sig, big_checkpoint, tmp_path):
 
         _clear_stale(out)
         assert not partial.exists()
-
-
-# ---------------------------------------------------------------------------------------------- calibration
-CAL_LAYERS, HIDDEN, INTER = 16, 2048, 8192  # 1.07 B parameters: 2.1 GB on disk, 4.3 GB as float32
-CAL_PEAK_LIMIT = 1.5e9  # Hessians alone come to 5.1 GB for the whole model
-CALIBRATE = """
-import re, sys
-from pathlib import Path
-from mlxq.formats import open_checkpoint
-from mlxq.quant.calibrate import collect, load
-out = Path(sys.argv[2])
-stats = collect(open_checkpoint(sys.argv[1]), [[(7 * i) % 250 + 3 for i in range(256)]] * 2, True, out)
-status = open("/proc/self/status").read()
-print("PEAK", int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024)
-print("HESSIANS", len(stats.hessian_files), len(load(out).hessian_files))
-"""
-
-
-@pytest.fixture(scope="module")
-def whole_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("whole")
-    per_layer = {
-        "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
-        "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
-        "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER),
-        "input_layernorm": (HIDDEN,), "post_attention_layernorm": (HIDDEN,),
-    }
-    shapes = {f"model.layers.{i}.{k}.weight": v for i in range(CAL_LAYERS) for k, v in per_layer.items()}
-    shapes.update({"model.embed_tokens.weight": (256, HIDDEN), "model.norm.weight": (HIDDEN,)})
-    config = {"hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": CAL_LAYERS,
-              "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 256, "tie_word_embeddings": True}
-    yield root / "src", write_random(root / "src", shapes, config)
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def test_calibration_holds_one_layer_at_a_time(whole_model, tmp_path):
-    src, size = whole_model
-    assert size > 2e9
-    proc = subprocess.run(
-        [sys.executable, "-c", CALIBRATE, str(src), str(tmp_path / "stats")], capture_output=True, text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    peak = int(proc.stdout.split("PEAK")[-1].split()[0])
-    print(f"peak RSS {peak / 1e9:.2f} GB calibrating a model of {2 * size / 1e9:.1f} GB in float32")
-    assert peak < CAL_PEAK_LIMIT, f"peak RSS {peak / 1e9:.2f} GB for a {2 * size / 1e9:.1f} GB float32 model"
-    # q, o, gate, down of every layer, and the head's input
-    assert proc.stdout.split("HESSIANS")[-1].split() == [str(4 * CAL_LAYERS + 1)] * 2

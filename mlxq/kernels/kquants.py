@@ -13,7 +13,6 @@ order; every product of a scale and a code is exact, so fused multiply-adds cann
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -30,6 +29,11 @@ QK_K = 256
 def _f16(b: mx.array, at: int) -> mx.array:
     """The float16 at byte `at` of every block, as float32 [n, 1]."""
     return mx.view(b[:, at : at + 2], mx.float16).astype(mx.float32)
+
+
+def _f16_as_stored(b: mx.array, at: int) -> mx.array:
+    """The float16 at byte `at` of every block [n, 1], in an array of its own (not a view into the blocks)."""
+    return mx.contiguous(mx.view(b[:, at : at + 2], mx.float16))
 
 
 def _bits(b: mx.array, shifts: list[int], mask: int) -> mx.array:
@@ -324,18 +328,18 @@ AFFINE_GROUP = 32
 
 def _affine_blocks(b: mx.array, kind: str) -> tuple[mx.array, mx.array, mx.array]:
     """Per block: its codes packed as MLX packs them [n, elems * bits / 8] (uint8), scales and biases
-    [n, elems / 32] (float32)."""
+    [n, elems / 32]: float32, but the legacy types' scales float16 as stored (and Q4_1 / Q5_1's biases)."""
     n = b.shape[0]
     if kind in ("Q4_0", "Q5_0"):
-        d = _f16(b, 0)
+        d = _f16_as_stored(b, 0)
         packed = _repack_nibbles(b[:, 2:18], 16) if kind == "Q4_0" else _repack_q5(b, 2)
-        return packed, d, -(8 if kind == "Q4_0" else 16) * d
+        return packed, d, -(8 if kind == "Q4_0" else 16) * d.astype(mx.float32)
     if kind in ("Q4_1", "Q5_1"):
         packed = _repack_nibbles(b[:, 4:20], 16) if kind == "Q4_1" else _repack_q5(b, 4)
-        return packed, _f16(b, 0), _f16(b, 2)
+        return packed, _f16_as_stored(b, 0), _f16_as_stored(b, 2)
     if kind == "Q8_0":
-        d = _f16(b, 0)
-        return b[:, 2:34] ^ 0x80, d, -128 * d  # int8 + 128 as a byte: the sign bit flipped
+        d = _f16_as_stored(b, 0)
+        return b[:, 2:34] ^ 0x80, d, -128 * d.astype(mx.float32)  # int8 + 128 as a byte: the sign bit flipped
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
     if kind == "Q4_K":
@@ -359,25 +363,23 @@ def _u64(v: int) -> mx.array:
     return mx.array(v, mx.uint64)
 
 
-@functools.cache
-def _high_bit_spread() -> mx.array:
-    """byte -> uint64 with its bit k at bit 5k + 4: eight weights' fifth bits where MLX's 5-bit stream keeps them."""
-    return mx.array([sum(((v >> k) & 1) << (5 * k + 4) for k in range(8)) for v in range(256)], mx.uint64)
-
-
 def _repack_q5(b: mx.array, at: int) -> mx.array:
     """Q5_0 / Q5_1 blocks (4 bytes of fifth bits at `at`, then 16 bytes of nibbles) -> MLX's 5-bit stream [n, 20]
     bytes, without unpacking the codes: each 8 weights are 8 nibbles of one 64-bit word (the low or the high
-    nibbles of 8 bytes), squeezed from 8 bits apart to 5 in three halving steps, with their fifth bits (one byte)
-    spread by a table; 5 bytes of each word are the stream."""
+    nibbles of 8 bytes), each byte given its weight's fifth bit (one byte of them spread a bit to a byte by one
+    multiplication), squeezed from 8 bits apart to 5 in three halving steps; 5 bytes of each word are the stream."""
     n = b.shape[0]
     q = mx.view(b[:, at + 4 : at + 20], mx.uint64)  # [n, 2]: bytes 0..7 and 8..15
     # weights 0..7, 8..15 in the low nibbles, 16..23, 24..31 in the high ones: one nibble per byte
     x = mx.concatenate([q, q >> 4], axis=1) & _u64(0x0F0F0F0F0F0F0F0F)
-    x = (x & _u64(0x000F000F000F000F)) | ((x & _u64(0x0F000F000F000F00)) >> 3)  # pairs: 10 bits in each 16
+    # fifth bits, byte j for weights 8j..8j+7: bit k to bit 8k (7 copies 7 bits apart never overlap; bit 7 by a
+    # shift), then to bit 4 of its weight's byte
+    h = b[:, at : at + 4].astype(mx.uint64)
+    spread = ((h & _u64(0x7F)) * _u64(0x2040810204081)) | ((h & _u64(0x80)) << _u64(49))
+    x = x | ((spread & _u64(0x0101010101010101)) << _u64(4))
+    x = (x & _u64(0x001F001F001F001F)) | ((x & _u64(0x1F001F001F001F00)) >> 3)  # pairs: 10 bits in each 16
     x = (x & _u64(0x000003FF000003FF)) | ((x & _u64(0x03FF000003FF0000)) >> 6)  # fours: 20 bits in each 32
     x = (x & _u64(0xFFFFF)) | ((x >> 12) & _u64(0xFFFFF << 20))  # eights: 40 bits
-    x = x | _high_bit_spread()[b[:, at : at + 4].astype(mx.uint32)]
     return mx.view(x, mx.uint8).reshape(n, 4, 8)[:, :, :5].reshape(n, 20)
 
 
@@ -465,6 +467,8 @@ def to_affine(blocks: mx.array, kind: str, rows_per_step: int | None = None) -> 
 def _narrowed(x: mx.array) -> mx.array:
     """float32 `x` as float16 when every value survives the round trip (a float16 overflow or rounding keeps it
     float32)."""
+    if x.dtype == mx.float16:
+        return x
     half = x.astype(mx.float16)
     return half if mx.array_equal(half.astype(mx.float32), x).item() else x
 
