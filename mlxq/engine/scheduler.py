@@ -25,9 +25,10 @@ data (token ids, row numbers); the runner of a group of processes replays those 
 gone) fails every request and stops the loop.
 
 A request's tokens go through its `OutputProcessor` here (detokenize, stops, end-of-sequence, logprobs,
-reasoning split, tool calls), so callers get finished pieces. Errors stay with their request: a processor or
-sampler that raises fails that request alone, and a failure of a shared model step fails the requests in that
-step, while the engine goes on.
+reasoning split, tool calls), so callers get finished pieces. They go out together once the next step is built,
+as the loop starts waiting for MLX (`_flush`), so the callers' threads run while it holds no GIL. Errors stay
+with their request: a processor or sampler that raises fails that request alone, and a failure of a shared model
+step fails the requests in that step, while the engine goes on.
 """
 
 from __future__ import annotations
