@@ -67,6 +67,8 @@ SHAPES = {
     "quick": scaled(QWEN35_397B, width=8, layers=8, experts=256),
 }
 MAC_SSD = 5.5e9  # bytes/s: the projection's device
+# one Qwen3.5-397B expert at 2 bits, group 64 (float16 scale and bias a group): gate, up and down
+QWEN397B_EXPERT_BYTES = 3 * QWEN35_397B.hidden * QWEN35_397B.moe_hidden * (2 + 32 / 64) / 8
 FLASH_MOE = {"tok_s": [5.5, 5.7], "bits": 2, "top_k": 4, "machine": "MacBook Pro M3 Max, 48 GB",
              "non_io_ms_per_layer": 1.22 + 0.55 + 0.04 + 0.01,  # its README's per-layer pipeline, minus the pread
              "page_cache_hit_rate": 0.71}
@@ -79,7 +81,10 @@ READ_RATE = (
     "reader in the capped run's pattern (bursts of its misses per layer step, idle gaps of its time between reads), "
     "without the model (not a strict ceiling: its gaps are idle, the decode's are compute). A decode step's few "
     "misses are a short burst: its reads are in flight only briefly, and a burst's first read and its wake-up on a "
-    "busy CPU are counted in full")
+    "busy CPU are counted in full. Each rate is also split as read size x reads_in_flight (summed read time / busy "
+    "time) / ms_per_read. raw_read_397b_expert_size: the back-to-back and decode-pattern probes again with each read "
+    "a run of adjacent experts as large as one Qwen3.5-397B expert (3.9 MB): the share the decode's pattern keeps at "
+    "the size the projection is for")
 CAP_SLACK = 1.10  # the cap: what mlxq's 25 % run was charged (its cgroup's peak, page cache included), plus 10 %
 
 
@@ -420,7 +425,8 @@ def main() -> None:
         raw = measure_read_rate(packs, threads=depth, seconds=2.0 if args.quick else 5.0)
         raw_1 = measure_read_rate(packs, threads=1, seconds=1.0 if args.quick else 3.0)
         print(f"raw device: {raw['gb_per_s']:.3f} GB/s at {raw['read_bytes'] / 1e3:.0f} KB reads, {depth} in "
-              f"flight ({raw_1['gb_per_s']:.3f} GB/s one at a time), O_DIRECT {raw['direct']}", file=sys.stderr)
+              f"flight ({_shape(raw)}; {raw_1['gb_per_s']:.3f} GB/s one at a time), O_DIRECT {raw['direct']}",
+              file=sys.stderr)
         return raw, raw_1
 
     raw_runs = [ceiling()]
@@ -479,14 +485,30 @@ def main() -> None:
 
     # the headline figures, from the capped 25 % run; 2. its reads' pattern replayed without the model
     e = ours_capped.get("experts", {}) if ours_capped["ok"] else {}
-    raw_burst = None
+    raw_burst = raw_big = None
     if e:
         steps = e["tokens"] * len(packs.layers)  # layer steps while decoding
         raw_burst = measure_burst_rate(packs, batch=e["misses"] / steps, threads=args.threads,
                                        gap_s=max(0.0, ours_capped["decode_s"] - e["read_s"]) / steps,
                                        seconds=2.0 if args.quick else 5.0)
         print(f"raw device in the decode's pattern: {raw_burst['gb_per_s']:.3f} GB/s ({raw_burst['batch']:.2f} "
-              f"experts a burst, {1e3 * raw_burst['gap_s']:.1f} ms idle between)", file=sys.stderr)
+              f"experts a burst, {1e3 * raw_burst['gap_s']:.1f} ms idle between; {_shape(raw_burst)})",
+              file=sys.stderr)
+        # the same two patterns with reads of Qwen3.5-397B's expert size (runs of adjacent experts): how much of the
+        # gap between them is a fixed cost per burst, which a 16x larger read pays once for 16x the bytes
+        span = max(1, round(QWEN397B_EXPERT_BYTES / _stride(packs)))
+        big = {"span_experts": span,
+               "back_to_back": measure_read_rate(packs, threads=depth, seconds=1.0 if args.quick else 3.0, span=span),
+               "decode_pattern": measure_burst_rate(packs, batch=raw_burst["batch"], gap_s=raw_burst["gap_s"],
+                                                    threads=args.threads, seconds=2.0 if args.quick else 5.0,
+                                                    span=span)}
+        big["decode_pattern_vs_back_to_back"] = _ratio(big["decode_pattern"]["gb_per_s"],
+                                                       big["back_to_back"]["gb_per_s"])
+        raw_big = big
+        print(f"raw device at 397B's expert size ({span} adjacent experts, {span * _stride(packs) / 1e6:.2f} MB a "
+              f"read): back to back {big['back_to_back']['gb_per_s']:.3f} GB/s, decode's pattern "
+              f"{big['decode_pattern']['gb_per_s']:.3f} GB/s ({big['decode_pattern_vs_back_to_back']})",
+              file=sys.stderr)
     raw_runs.append(ceiling())
     raw = max((r for r, _ in raw_runs), key=lambda r: r["gb_per_s"])
     raw_1 = max((r for _, r in raw_runs), key=lambda r: r["gb_per_s"])
@@ -505,6 +527,7 @@ def main() -> None:
         "raw_read_one_in_flight": raw_1,
         "raw_read_gb_per_s_runs": [[round(r["gb_per_s"], 3), round(r1["gb_per_s"], 3)] for r, r1 in raw_runs],
         "raw_read_decode_pattern": raw_burst,
+        "raw_read_397b_expert_size": raw_big,
         "warm_prompt_tokens": warm,
         "memory_cap_bytes": cap,
         "memory_cap_from": "mlxq 25 % run's cgroup peak (memory.max_usage_in_bytes) x 1.1" + (
@@ -523,6 +546,9 @@ def main() -> None:
             "read_rate_vs_raw": _ratio(e.get("read_gb_per_s"), raw["gb_per_s"]),
             "read_rate_vs_raw_one_in_flight": _ratio(e.get("read_gb_per_s"), raw_1["gb_per_s"]),
             "read_rate_vs_raw_decode_pattern": _ratio(e.get("read_gb_per_s"), (raw_burst or {}).get("gb_per_s")),
+            "raw_decode_pattern_vs_back_to_back": _ratio((raw_burst or {}).get("gb_per_s"), raw["gb_per_s"]),
+            "raw_decode_pattern_vs_back_to_back_397b_expert_size": (
+                (raw_big or {}).get("decode_pattern_vs_back_to_back")),
             "decode_vs_mlx_lm_at_cap": (_ratio(ours_capped.get("decode_tps"), theirs_capped.get("decode_tps"))
                                         if theirs_capped["ok"] else None),
             "decode_vs_mlx_lm_uncapped": _ratio(headline.get("decode_tps"), theirs.get("decode_tps")),
@@ -578,7 +604,7 @@ def show(name: str, r: dict) -> dict:
     e = r.get("experts")
     print(f"{name}: {r['decode_tps']:.2f} tok/s, peak RSS {r['peak_rss'] / 1e9:.2f} GB" + (
         f"; hit {100 * e['hit_rate']:.1f}% ({e['prefetch_hits']} prefetched), {e['bytes_per_token'] / 1e6:.2f} "
-        f"MB/token, read {e['read_gb_per_s']:.3f} GB/s, {e['experts_per_read']:.2f} experts/read, stall "
+        f"MB/token, read {e['read_gb_per_s']:.3f} GB/s ({_shape(e)}), {e['experts_per_read']:.2f} experts/read, stall "
         f"{e['stall_s']:.2f} s" if e else ""), file=sys.stderr)
     return r
 
@@ -590,6 +616,10 @@ def text_ids(model_dir: Path, n: int) -> list[int]:
 
     ids = load_tokenizer(model_dir, None, None).encode(heldout_text()[20000:30000])
     return ids[:n]
+
+
+def _shape(r: dict) -> str:
+    return f"{r['reads_in_flight']:.2f} reads in flight, {r['ms_per_read']:.2f} ms each"
 
 
 def _stride(packs) -> int:
@@ -607,7 +637,7 @@ def project(matrix: list[dict], raw: dict, top_k: int) -> dict:
     serially as flash-moe found best on unified memory."""
     from mlxq.bench.synthetic import QWEN35_397B as q
 
-    expert = 3 * q.hidden * q.moe_hidden * (2 + 32 / 64) / 8
+    expert = QWEN397B_EXPERT_BYTES
     compute = q.layers * FLASH_MOE["non_io_ms_per_layer"] / 1e3
     out = {"expert_bytes": expert, "layers": q.layers, "top_k": top_k, "ssd_bytes_per_s": MAC_SSD,
            "compute_s_per_token": compute, "flash_moe": FLASH_MOE, "cases": []}

@@ -20,7 +20,7 @@ from tiny import make_tiny
 
 import mlxq
 from mlxq.errors import ConfigError, FormatError
-from mlxq.experts import parse_size
+from mlxq.experts import ExpertStats, parse_size
 from mlxq.experts.pack import open_pack_dir, open_packs
 from mlxq.quant import pipeline
 from mlxq.quant.recipes import RECIPES
@@ -350,6 +350,36 @@ def test_burst_rate_reads_through_the_runtime_reader(made):
     assert got["reads"] > 0 and got["bytes"] % stride == 0 and got["bytes"] >= got["reads"] * stride
     assert got["gb_per_s"] > 0 and (got["batch"], got["gap_s"]) == (2.5, 0.001)
     assert measure_burst_rate(packs, batch=0, gap_s=0.0, threads=1, seconds=0.05)["reads"] == 0
+
+
+def test_read_rate_splits_into_size_reads_in_flight_and_time_a_read(monkeypatch):
+    """rate = bytes a read x reads in flight / time a read: two overlapping reads on a fake clock."""
+    from mlxq.experts import io
+
+    clock = iter([0.0, 1.0, 2.0, 4.0])
+    monkeypatch.setattr(io.time, "perf_counter", lambda: next(clock))
+    c = io.IOCounters()
+    a = c.start()  # t=0
+    b = c.start()  # t=1
+    c.done(a, 100)  # t=2: a took 2
+    c.done(b, 100)  # t=4: b took 3; busy 0..4
+    got = io._rate(c, threads=2, direct=True, read_bytes=100)
+    assert (got["seconds"], got["ms_per_read"], got["reads_in_flight"]) == (4.0, 2500.0, 1.25)
+    assert got["gb_per_s"] * 1e9 == pytest.approx(100 * got["reads_in_flight"] / (got["ms_per_read"] / 1e3))
+    stats = ExpertStats(reads=2, bytes_read=200, read_s=4.0, read_sum_s=5.0).as_dict()
+    assert (stats["ms_per_read"], stats["reads_in_flight"]) == (2500.0, 1.25)
+
+
+def test_rate_probes_read_runs_of_adjacent_experts_as_one_larger_read(made):
+    """span: each read is that many adjacent experts (the bench's probe at a larger model's expert size)."""
+    from mlxq.experts.io import measure_burst_rate, measure_read_rate
+
+    packs = open_pack_dir(made("qwen3_moe")[2])
+    stride = next(iter(packs.layers.values())).stride
+    for got in (measure_read_rate(packs, threads=1, seconds=0.1, span=3),
+                measure_burst_rate(packs, batch=1.5, gap_s=0.0, threads=1, seconds=0.1, span=3)):
+        assert got["read_bytes"] == 3 * stride and got["reads"] > 0 and got["bytes"] == got["reads"] * 3 * stride
+        assert 0 < got["reads_in_flight"] <= got["threads"] + 1 + 1e-9  # (the burst: its waiting thread reads too)
 
 
 # ------------------------------------------------------------------------------------------------ command line

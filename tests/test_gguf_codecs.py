@@ -107,6 +107,12 @@ def awkward_rows(seed: int) -> np.ndarray:
     w[20, :32] = np.arange(32) - np.float32(15.5)  # Q8_0: d = 1 exactly, every code a half
     w[20, 0] = 127
     w[21, 256:288] = np.arange(-16, 16) / np.float32(2)
+    w[22] = np.abs(w[22])  # +0 and -0 as a block's least value, in both orders (C keeps the first it meets)
+    w[22, 3], w[22, 9], w[22, 33], w[22, 40] = -0.0, 0.0, 0.0, -0.0
+    w[22, 64:96] = -w[22, 64:96]  # and as its largest
+    w[22, 70], w[22, 71] = -0.0, 0.0
+    w[22, 96:128], w[22, 96] = 0.0, -0.0  # all zeros, the first one negative
+    w[22, 128:160], w[22, 129] = 0.0, -0.0
     return w
 
 

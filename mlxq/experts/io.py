@@ -216,9 +216,10 @@ class PackReader:
 
 
 def measure_read_rate(packs: Packs, threads: int = DEFAULT_THREADS, seconds: float = 3.0, direct: bool = True,
-                      seed: int = 0) -> dict:
-    """The device's read rate at the expert size: random single-expert reads (one per call, the layer's stride)
-    from every pack, on `threads` threads, for about `seconds`. The ceiling the streaming reader is held to."""
+                      seed: int = 0, span: int = 1) -> dict:
+    """The device's read rate at the expert size: random single-expert reads (one per call, the layer's stride; `span`
+    adjacent experts a call for a larger read) from every pack, on `threads` threads, for about `seconds`. The
+    ceiling the streaming reader is held to."""
     layers = list(packs.layers.values())
     rng = random.Random(seed)
     fds = {lp.layer: open_uncached(packs.path(lp), direct) for lp in layers}
@@ -227,15 +228,15 @@ def measure_read_rate(packs: Packs, threads: int = DEFAULT_THREADS, seconds: flo
 
     def worker(wseed: int) -> None:
         r = random.Random(wseed)
-        buf = mmap.mmap(-1, max(lp.stride for lp in layers))
+        buf = mmap.mmap(-1, span * max(lp.stride for lp in layers))
         try:
             while time.perf_counter() < stop:
                 lp = r.choice(layers)
-                p = r.randrange(lp.n_experts)
-                view = memoryview(buf)[: lp.stride]
+                p = r.randrange(lp.n_experts - span + 1)
+                view = memoryview(buf)[: span * lp.stride]
                 started = totals.start()
                 os.preadv(fds[lp.layer][0], [view], lp.experts[p].offset)
-                totals.done(started, lp.stride)
+                totals.done(started, span * lp.stride)
                 view.release()
         finally:
             buf.close()
@@ -247,11 +248,11 @@ def measure_read_rate(packs: Packs, threads: int = DEFAULT_THREADS, seconds: flo
     finally:
         for fd, _ in fds.values():
             os.close(fd)
-    return _rate(totals, threads, all(ok for _, ok in fds.values()), max(lp.stride for lp in layers))
+    return _rate(totals, threads, all(ok for _, ok in fds.values()), span * max(lp.stride for lp in layers))
 
 
 def measure_burst_rate(packs: Packs, batch: float, gap_s: float, threads: int = DEFAULT_THREADS,
-                       seconds: float = 3.0, direct: bool = True, seed: int = 0) -> dict:
+                       seconds: float = 3.0, direct: bool = True, seed: int = 0, span: int = 1) -> dict:
     """The device's read rate in a decode step's pattern, without a model: bursts of `batch` (on average) random
     experts of one layer handed at once to a `PackReader` like the runtime's (the same threads and merging, the
     waiting thread claiming reads too: the same reads in flight), waited for, then `gap_s` idle, as the forward
@@ -259,24 +260,33 @@ def measure_burst_rate(packs: Packs, batch: float, gap_s: float, threads: int = 
     was in flight). A device whose first read after idling is slow (a VM's virtual disk) gives short bursts less
     than back-to-back reads. Not a strict ceiling: the gaps here are idle, and an idle CPU can take longer to
     notice a completion than one busy computing (measured on a 2-core VM: this probe came out below the runtime's
-    own rate in the same pattern)."""
+    own rate in the same pattern). `span` > 1: each burst's reads are runs of that many adjacent experts (one
+    larger expert's read)."""
     layers = list(packs.layers.values())
     rng = random.Random(seed)
-    reader = PackReader(packs, threads, direct)
+    stride = max(lp.stride for lp in layers)
+    reader = PackReader(packs, threads, direct, keep=span * stride)
     stop = time.perf_counter() + seconds
     try:
         while time.perf_counter() < stop:
             lp = rng.choice(layers)
-            k = min(int(batch) + (rng.random() < batch - int(batch)), lp.n_experts)
-            positions = sorted(rng.sample(range(lp.n_experts), k))
-            for read in [reader.submit(lp.layer, first, count, lambda p, payload: None)
-                         for first, count in reader.runs(lp, positions)]:
+            k = min(int(batch) + (rng.random() < batch - int(batch)), lp.n_experts // span)
+            firsts = sorted(span * i for i in rng.sample(range(lp.n_experts // span), k))
+            runs = reader.runs(lp, firsts) if span == 1 else [(first, span) for first in firsts]
+            for read in [reader.submit(lp.layer, first, count, lambda p, payload: None) for first, count in runs]:
                 read.result()
             time.sleep(gap_s)
     finally:
         reader.close()
-    return {**_rate(reader.io, threads, reader.direct, max(lp.stride for lp in layers)), "batch": batch,
-            "gap_s": gap_s}
+    return {**_rate(reader.io, threads, reader.direct, span * stride), "batch": batch, "gap_s": gap_s}
+
+
+def read_shape(reads: int, summed_s: float, busy_s: float) -> dict:
+    """What a read rate is made of: rate = bytes a read x reads in flight / time a read takes. The summed read time
+    over the busy time is the average number in flight (the integral of in-flight reads over time is their summed
+    durations)."""
+    return {"ms_per_read": 1e3 * summed_s / reads if reads else 0.0,
+            "reads_in_flight": summed_s / busy_s if busy_s else 0.0}
 
 
 def _rate(totals: IOCounters, threads: int, direct: bool, read_bytes: int) -> dict:
@@ -289,5 +299,5 @@ def _rate(totals: IOCounters, threads: int, direct: bool, read_bytes: int) -> di
         "bytes": nbytes,
         "seconds": busy,
         "gb_per_s": nbytes / busy / 1e9 if busy else 0.0,
-        "ms_per_read": 1e3 * read_s / reads if reads else 0.0,
+        **read_shape(reads, read_s, busy),
     }

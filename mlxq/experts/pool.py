@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxq.errors import ConfigError
-from mlxq.experts.io import PackReader, Read
+from mlxq.experts.io import PackReader, Read, read_shape
 from mlxq.experts.pack import LayerPack, Packs
 from mlxq.models.moe import QuantizedSwitchLinear, SwitchGLU
 
@@ -49,6 +49,7 @@ class ExpertStats:
     reads: int = 0  # read calls (adjacent experts merged into one)
     bytes_read: int = 0
     read_s: float = 0.0  # wall time with at least one read in flight
+    read_sum_s: float = 0.0  # the reads' own times, summed (/ read_s: reads in flight on average while reading)
     stall_s: float = 0.0  # time the forward pass waited for reads
     compute_s: float = 0.0  # time the forward pass waited for MLX at the routing points
 
@@ -63,6 +64,7 @@ class ExpertStats:
             "bytes_per_token": self.bytes_read / self.tokens if self.tokens else 0.0,
             "read_gb_per_s": self.bytes_read / self.read_s / 1e9 if self.read_s else 0.0,
             "experts_per_read": (self.misses + self.prefetch_reads) / self.reads if self.reads else 0.0,
+            **read_shape(self.reads, self.read_sum_s, self.read_s),
         }
 
     def summary(self) -> str:
@@ -324,8 +326,9 @@ class SlotPool:
 
     # ------------------------------------------------------------------------------------------ statistics
     def snapshot(self) -> ExpertStats:
-        reads, nbytes, _, busy = self.reader.io.snapshot()
-        return ExpertStats(**{**asdict(self.stats), "reads": reads, "bytes_read": nbytes, "read_s": busy})
+        reads, nbytes, summed, busy = self.reader.io.snapshot()
+        return ExpertStats(**{**asdict(self.stats), "reads": reads, "bytes_read": nbytes, "read_s": busy,
+                              "read_sum_s": summed})
 
     def _end_step(self) -> None:
         now = self.snapshot()

@@ -85,7 +85,19 @@ def _seq(x: np.ndarray) -> np.ndarray:
 
 def _min_max(x: np.ndarray, start: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """C's `min = x[0]; if (x[i] < min) min = x[i]` (and max) over the leading axis; with `start`, the loop
-    starts from min = start, max = -start instead."""
+    starts from min = start, max = -start instead. numpy's reductions where they agree with the loop; the loop itself
+    in the blocks holding a NaN (C's comparisons skip it, or keep it when it comes first) or whose least or largest
+    value is a zero (C keeps the first of +0 and -0)."""
+    lo, hi = np.minimum.reduce(x, axis=0), np.maximum.reduce(x, axis=0)  # NaN wherever a block holds one
+    if start is not None:
+        lo, hi = np.minimum(lo, F(start)), np.maximum(hi, F(-start))
+    slow = np.flatnonzero(np.isnan(lo) | (lo == 0) | (hi == 0))
+    if slow.size:
+        lo[slow], hi[slow] = _min_max_loop(x[:, slow], start)
+    return lo, hi
+
+
+def _min_max_loop(x: np.ndarray, start: float | None) -> tuple[np.ndarray, np.ndarray]:
     if start is None:
         lo, hi, rest = x[0].copy(), x[0].copy(), x[1:]
     else:
@@ -96,12 +108,29 @@ def _min_max(x: np.ndarray, start: float | None = None) -> tuple[np.ndarray, np.
     return lo, hi
 
 
+def _lanes(x: np.ndarray) -> np.ndarray:
+    """Blocks x [B, n] (n a multiple of 4) -> [n/4, 4B]: row r holds weights 4r..4r+3 of every block side by side,
+    so a reduction over the leading axis (numpy's fastest direction) and then over each block's 4 lanes
+    (`_block_reduce`) covers the block. Moved in 16-byte units, a third of the cost of a full transpose."""
+    return np.ascontiguousarray(np.ascontiguousarray(x, F).view(np.complex128).T).view(F)
+
+
+def _block_reduce(op: np.ufunc, lanes: np.ndarray) -> np.ndarray:
+    """op over each block of `_lanes`'s layout -> [B] (for order-free ops: max, min, fmax, fmin)."""
+    m = op.reduce(lanes, axis=0).reshape(-1, 4)
+    return op(op(m[:, 0], m[:, 1]), op(m[:, 2], m[:, 3]))
+
+
 def _min_max_rows(x: np.ndarray, start: float) -> tuple[np.ndarray, np.ndarray]:
-    """`_min_max(x.T, start)` for blocks x [B, n]: numpy's reductions where no NaN is there (only with one does the
-    C loop's order matter)."""
-    if np.isnan(x).any():
-        return _min_max(np.ascontiguousarray(x.T), start)
-    return np.minimum(x.min(axis=1), F(start)), np.maximum(x.max(axis=1), F(-start))
+    """`_min_max(x.T, start)` for blocks x [B, n]: fmin/fmax skip NaN as C's comparisons do, so the order matters only
+    for which zero a block keeps (C keeps the first of +0 and -0): the blocks whose least or largest value is a zero
+    take the C loop."""
+    t = _lanes(x)
+    lo, hi = np.fmin(_block_reduce(np.fmin, t), F(start)), np.fmax(_block_reduce(np.fmax, t), F(-start))
+    zero = np.flatnonzero((lo == 0) | (hi == 0))
+    if zero.size:
+        lo[zero], hi[zero] = _min_max_loop(np.ascontiguousarray(x[zero].T), start)
+    return lo, hi
 
 
 def _largest(x: np.ndarray, start: float = 0.0) -> np.ndarray:
@@ -113,22 +142,22 @@ def _largest(x: np.ndarray, start: float = 0.0) -> np.ndarray:
 
 
 def _running_abs_max(x: np.ndarray) -> np.ndarray:
-    """C's `amax = MAX(amax, fabsf(x[i]))` from 0 over the leading axis: numpy's max, and the C loop's order only in
-    the blocks that hold a NaN (MAX takes a NaN, and drops it again at the next weight)."""
-    a = np.abs(x)
-    amax = np.maximum(a.max(axis=0), F(0))
+    """C's `amax = MAX(amax, fabsf(x[i]))` from 0 along each block of x [B, n]: numpy's max (through `_lanes`), and
+    the C loop's order only in the blocks that hold a NaN (MAX takes a NaN, and drops it again at the next weight)."""
+    t = _lanes(x)
+    amax = _block_reduce(np.maximum, np.abs(t, out=t))
     nan = np.flatnonzero(np.isnan(amax))
     if nan.size:
         m = np.zeros(nan.size, F)
-        for row in a[:, nan]:
+        for row in np.abs(x[nan]).T:
             m = np.where(m > row, m, row)
         amax[nan] = m
     return amax
 
 
 def _roundf(v: np.ndarray) -> np.ndarray:
-    """C's roundf / lroundf: half away from zero. numpy's rint rounds halves to even: the exact halves (v - rint(v) is
-    exact in float32) move away from zero (floor(|v| + 0.5) would round 0.49999997 up)."""
+    """C's roundf as float32 whole numbers: half away from zero. numpy's rint rounds halves to even: the exact halves
+    (v - rint(v) is exact in float32) move away from zero (floor(|v| + 0.5) would round 0.49999997 up)."""
     r = np.rint(v)
     half = np.subtract(v, r)
     np.abs(half, out=half)
@@ -136,7 +165,7 @@ def _roundf(v: np.ndarray) -> np.ndarray:
     if tie.size:
         flat = v.reshape(-1)
         r.reshape(-1)[tie] = np.trunc(flat[tie]) + np.sign(flat[tie])
-    return r.astype(np.int32)
+    return r
 
 
 def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,14 +173,25 @@ def _abs_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     strict `>`, so NaN never wins and an all-zero block's value is +0 as in C, not a -0 it holds). From the largest
     and least values (fmax/fmin skip NaN as C's comparisons do): only where +a and -a are both there does the order
     matter, and only those blocks are searched."""
-    hi, neg = np.fmax.reduce(x, axis=0), -np.fmin.reduce(x, axis=0)
+    return _signed_max(np.fmax.reduce(x, axis=0), np.fmin.reduce(x, axis=0), lambda tie: x[:, tie])
+
+
+def _abs_max_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_abs_max(x.T)` for blocks x [B, n]."""
+    t = _lanes(x)
+    return _signed_max(_block_reduce(np.fmax, t), _block_reduce(np.fmin, t), lambda tie: x[tie].T)
+
+
+def _signed_max(hi: np.ndarray, lo: np.ndarray, blocks) -> tuple[np.ndarray, np.ndarray]:
+    """`_abs_max` from each block's largest and least value; `blocks(indices)` gives those blocks element-major."""
+    neg = -lo
     amax = np.fmax(hi, neg)
     some = amax > 0  # False where the block is all zeros or all NaN: C keeps its 0
     amax = np.where(some, amax, F(0))
     value = np.where(some, np.where(hi > neg, hi, -neg), F(0))
     tie = np.flatnonzero(some & (hi == neg))
     if tie.size:
-        part = x[:, tie]
+        part = blocks(tie)
         value[tie] = np.take_along_axis(part, (np.abs(part) == amax[tie]).argmax(axis=0)[None], 0)[0]
     return amax, value
 
@@ -170,56 +210,82 @@ def _blocks(x: np.ndarray, per_block: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------- ggml's scale searches
 def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants(rmse_type=1): symmetric codes 0..2*nmax-1 around nmax and their least-squares scale, best
-    of 19 trial scales. x, w element-major [n, B]; w None means x*x. Returns (scale [B], codes [n, B])."""
+    of 19 trial scales. x, w element-major [n, B]; w None means x*x. Returns (scale [B], codes [n, B]). The trials
+    work in two reused buffers; the winner's codes are computed once more at the end from its iscale."""
     amax, big = _abs_max(x)
     w = x * x if w is None else w
     wx = w * x  # C's w*x[i]*l associates as (w*x[i])*l
-    # the codes stay float32 (whole numbers) until the end
+    zero = amax < GROUP_MAX_EPS  # C returns zeros for these: whatever the trials do with them is replaced
+    # elsewhere |iscale * x| <= |iscale| * amax ~ nmax + 1: nearest_int is numpy's rint (one pass), unless a NaN or
+    # an infinity is there (C's nearest_int of a NaN is garbage, clamped into a code)
+    finite = bool(np.isfinite(x).all())
+    lf, wl = np.empty_like(x), np.empty_like(x)
     with np.errstate(all="ignore"):
 
+        def codes_at(iscale):  # clip(nearest(iscale * x)) into lf, as float32 whole numbers
+            np.multiply(x, iscale, out=lf)
+            if finite:
+                np.rint(lf, out=lf)
+            else:
+                np.copyto(lf, _nearest(lf))
+            return _clip(lf, -nmax, nmax - 1)
+
         def trial(iscale):
-            lf = _clip(_nearest(iscale * x), -nmax, nmax - 1)
-            wl = wx * lf
+            codes_at(iscale)
+            np.multiply(wx, lf, out=wl)
             sumlx = _seq(wl)
             np.multiply(w, lf, out=wl)
-            wl *= lf
-            return lf, sumlx, _seq(wl)
+            np.multiply(wl, lf, out=wl)
+            return sumlx, _seq(wl)
 
-        codes, sumlx, suml2 = trial(F(-nmax) / big)
+        code_iscale = F(-nmax) / big
+        sumlx, suml2 = trial(code_iscale)
         scale = np.where(suml2 != 0, sumlx / suml2, F(0))
         best = scale * sumlx
         for step in range(-9, 10):
             if step == 0:
                 continue
-            l, slx, sl2 = trial(-(F(nmax) + F(0.1) * F(step)) / big)
+            iscale = -(F(nmax) + F(0.1) * F(step)) / big
+            slx, sl2 = trial(iscale)
             better = (sl2 > 0) & (slx * slx > best * sl2)
-            np.copyto(codes, l, where=better)
+            code_iscale = np.where(better, iscale, code_iscale)
             scale = np.where(better, slx / sl2, scale)
             best = np.where(better, scale * slx, best)
-    zero = amax < GROUP_MAX_EPS
-    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes.astype(np.int32) + nmax)
+        codes = codes_at(code_iscale).astype(np.int32)
+    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes + nmax)
 
 
-def _refine(x, w, codes, sumlx, suml2, bound, qp: bool) -> tuple[np.ndarray, np.ndarray]:
+def _refine(x, w, codes, sumlx, suml2, lo, hi, qp: bool) -> tuple[np.ndarray, np.ndarray]:
     """ggml's refinement of make_q3_quants / make_qp_quants: up to 5 passes over the weights, each code moved to
-    nearest(x * sl2 / slx) (`bound` clamps it) where that raises slx^2 / sl2. x, w, codes (changed in place)
-    element-major [n, B]; returns the final (sumlx, suml2) [B]. Like C, a block leaves after a pass that changed
-    nothing (the next would redo the same arithmetic); the blocks still moving are gathered, so later passes cost
-    what they change. qp: make_qp's order of checks (sl2 > 0 before the trial) and its uint8_t codes."""
+    nearest(x * sl2 / slx), clamped to lo..hi (lo None: only MIN(hi, .)), where that raises slx^2 / sl2. x, w,
+    codes (float32 whole numbers, changed in place) element-major [n, B]; returns the final (sumlx, suml2) [B]. Like
+    C, a block leaves after a pass that changed nothing (the next would redo the same arithmetic); the blocks still
+    moving are gathered, so later passes cost what they change. qp: make_qp's order of checks (sl2 > 0 before the
+    trial) and its uint8_t codes."""
+    wx = w * x  # C's w*x[i]*L[i] associates as (w*x[i])*L[i]
     at = np.arange(x.shape[1])
-    xs, ws, cs = x, w, codes
+    xs, ws, wxs, cs = x, w, wx, codes
     for _ in range(5):
         moved = np.zeros(at.size, bool)
         for i, xi in enumerate(xs):
-            wi, li = ws[i], cs[i].astype(F)
-            slx = sumlx - wi * xi * li
+            wi, li = ws[i], cs[i]
+            slx = sumlx - wxs[i] * li
             sl2 = suml2 - wi * li * li
-            new = bound(_nearest_int(xi * sl2 / slx))
-            nf = new.astype(F)
-            slx2, sl22 = slx + wi * xi * nf, sl2 + wi * nf * nf
-            take = (slx > 0) & (sl2 > 0 if qp else sl22 > 0) & (new != cs[i])
+            new = xi * sl2
+            new /= slx
+            new = _nearest(new)
+            if lo is None:
+                np.minimum(new, F(hi), out=new)
+            else:
+                _clip(new, lo, hi)
+            slx2 = wxs[i] * new
+            slx2 += slx
+            sl22 = wi * new
+            sl22 *= new
+            sl22 += sl2
+            take = (slx > 0) & ((sl2 if qp else sl22) > 0) & (new != li)
             take &= slx2 * slx2 * suml2 > sumlx * sumlx * sl22
-            cs[i] = np.where(take, new & 0xFF if qp else new, cs[i])
+            cs[i] = np.where(take, np.mod(new, F(256)) if qp else new, li)
             sumlx, suml2 = np.where(take, slx2, sumlx), np.where(take, sl22, suml2)
             moved |= take
         if at.size == x.shape[1]:  # the first pass works on the arrays themselves
@@ -232,76 +298,91 @@ def _refine(x, w, codes, sumlx, suml2, bound, qp: bool) -> tuple[np.ndarray, np.
         at, sumlx, suml2 = at[moved], sumlx[moved], suml2[moved]
         if not at.size:
             break
-        xs, ws, cs = x[:, at], w[:, at], codes[:, at]
+        xs, ws, wxs, cs = x[:, at], w[:, at], wx[:, at], codes[:, at]
     return sumlx_all, suml2_all
 
 
 def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """make_q3_quants(do_rmse=true): symmetric codes refined one weight at a time (x*x weighted)."""
     amax, big = _abs_max(x)
+    zero = amax < GROUP_MAX_EPS  # C returns zeros for these: whatever happens to them here is replaced
     with np.errstate(all="ignore"):
-        codes = np.clip(_nearest_int((F(-nmax) / big) * x), -nmax, nmax - 1)
+        lf = (F(-nmax) / big) * x  # elsewhere |lf| <= nmax: rint is nearest_int, unless a NaN or inf is there
+        lf = np.rint(lf, out=lf) if np.isfinite(x).all() else _nearest(lf)
+        _clip(lf, -nmax, nmax - 1)
         w = x * x
-        lf = codes.astype(F)
         sumlx, suml2 = _seq(w * x * lf), _seq(w * lf * lf)
-        sumlx, suml2 = _refine(x, w, codes, sumlx, suml2, lambda v: _clip(v, -nmax, nmax - 1), qp=False)
+        sumlx, suml2 = _refine(x, w, lf, sumlx, suml2, -nmax, nmax - 1, qp=False)
         scale = np.where(suml2 > 0, sumlx / suml2, F(0))
-    zero = amax < GROUP_MAX_EPS
+        codes = lf.astype(np.int32)
     return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes + nmax)
 
 
 def _make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool):
     """make_qkx2_quants / make_qkx3_quants: asymmetric codes 0..nmax with a scale and a min (min <= 0), the best
     weighted least-squares fit over nstep+1 trial ranges (each trial starts from the best min so far, as in C).
-    Returns (scale [B], -min [B], codes [n, B])."""
+    Returns (scale [B], -min [B], codes [n, B]). Each trial works in three buffers the size of x; the winning codes
+    are computed once more at the end from the winner's (iscale, min) instead of kept trial by trial."""
     lo, hi = _min_max(x)
     sum_w, sum_x = _seq(w), _seq(w * x)
     lo = np.where(lo > 0, F(0), lo)
-    flat = hi == lo
+    flat = hi == lo  # C returns zeros for these at once: whatever the trials do with them is replaced at the end
     first_lo = lo
+    finite = bool(np.isfinite(x).all())
+    lf, tmp, tmp2 = np.empty_like(x), np.empty_like(x), np.empty_like(x)
     with np.errstate(all="ignore"):
 
-        def error(scale, low, lf):  # sum of w * (scale * l + min - x)^2 (or |.|), in place on one new array
-            diff = scale * lf
-            diff += low
-            diff -= x
-            if mad:
-                np.abs(diff, out=diff)
+        def codes_at(iscale, low):  # clip(nearest((x - low) * iscale)) into lf, as float32 whole numbers
+            np.subtract(x, low, out=lf)
+            np.multiply(lf, iscale, out=lf)
+            # |x - low| <= max(hi - low, low - first_lo): below 2**22 the codes are numpy's rint (one pass, no check)
+            span = np.maximum(hi - low, low - first_lo)
+            if finite and np.max(np.where(flat, F(0), np.abs(iscale) * span)) < _EXACT:
+                np.rint(lf, out=lf)
             else:
-                diff *= diff
-            diff *= w
-            return _seq(diff)
+                np.copyto(lf, _nearest(lf))
+            return _clip(lf, 0, nmax)
 
-        def codes_at(iscale):  # as float32 whole numbers
-            v = x - lo
-            v *= iscale
-            return _clip(_nearest(v), 0, nmax)
+        def error(scale, low):  # sum of w * (scale * l + min - x)^2 (or |.|) for the codes in lf
+            np.multiply(lf, scale, out=tmp)
+            np.add(tmp, low, out=tmp)
+            np.subtract(tmp, x, out=tmp)
+            if mad:
+                np.abs(tmp, out=tmp)
+            else:
+                np.multiply(tmp, tmp, out=tmp)
+            np.multiply(tmp, w, out=tmp)
+            return _seq(tmp)
 
         iscale = F(nmax) / (hi - lo)
         scale = F(1) / iscale
-        codes = codes_at(iscale)
-        best = error(scale, lo, codes)
+        codes_at(iscale, lo)
+        best = error(scale, lo)
+        code_iscale, code_lo = iscale, lo  # the winner's codes: codes_at(code_iscale, code_lo)
         for step in range(nstep + 1):
             iscale = ((F(rmin) + F(rdelta) * F(step)) + F(nmax)) / (hi - lo)
-            lf = trial = codes_at(iscale)
-            wl = w * lf
-            sum_l, sum_xl = _seq(wl), _seq(wl * x)
-            wl *= lf
-            sum_l2 = _seq(wl)
+            codes_at(iscale, lo)
+            np.multiply(w, lf, out=tmp)
+            sum_l = _seq(tmp)
+            np.multiply(tmp, x, out=tmp2)
+            sum_xl = _seq(tmp2)
+            tmp *= lf
+            sum_l2 = _seq(tmp)
             det = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
             positive = this_min > 0
             this_min = np.where(positive, F(0), this_min)
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
-            err = error(this_scale, this_min, lf)
+            err = error(this_scale, this_min)
             better = (det > 0) & (err < best)
-            np.copyto(codes, trial, where=better)
+            code_iscale, code_lo = np.where(better, iscale, code_iscale), np.where(better, lo, code_lo)
             best = np.where(better, err, best)
             scale = np.where(better, this_scale, scale)
             lo = np.where(better, this_min, lo)
+        codes = codes_at(code_iscale, code_lo).astype(np.int32)
     lo = np.where(flat, first_lo, lo)
-    return np.where(flat, F(0), scale).astype(F), (-lo).astype(F), np.where(flat, 0, codes).astype(np.int32)
+    return np.where(flat, F(0), scale).astype(F), (-lo).astype(F), np.where(flat, 0, codes)
 
 
 def _make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -328,11 +409,11 @@ def _make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.nd
         raw = np.minimum(nmax, _nearest_int(iscale * x))
         lf = raw.astype(F)
         sumlx, suml2 = _seq(w * x * lf), _seq(w * lf * lf)
-        codes = _u8(raw).astype(np.int32)
-        sumlx, suml2 = _refine(x, w, codes, sumlx, suml2, lambda v: np.minimum(nmax, v), qp=True)
+        codes = _u8(raw).astype(F)
+        sumlx, suml2 = _refine(x, w, codes, sumlx, suml2, None, nmax, qp=True)
         scale = np.where(suml2 > 0, sumlx / suml2, F(0))
     zero = hi < GROUP_MAX_EPS
-    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes)
+    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes.astype(np.int32))
 
 
 def _row_sigma2(x: np.ndarray, factor: float) -> np.ndarray:
@@ -380,15 +461,22 @@ class Codec:
         return self.pack(fit, fit.codes)
 
 
+_LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+
+
 def _nibbles(codes: np.ndarray) -> np.ndarray:
-    """32 codes -> 16 bytes: weight j in the low nibble and weight j+16 in the high nibble of byte j."""
-    c = codes.reshape(-1, 2, 16).astype(np.uint8)
-    return (c[:, 0] & 0xF) | (c[:, 1] << 4)
+    """32 codes -> 16 bytes: weight j in the low nibble and weight j+16 in the high nibble of byte j (8 bytes at a
+    time: each byte masked to its low nibble, so the 64-bit shift moves no bit across a byte)."""
+    c = np.ascontiguousarray(codes, np.uint8).reshape(-1, 32).view(np.uint64)  # [blocks, 4]
+    q = c[:, 2:] & _LOW_NIBBLES
+    q <<= np.uint64(4)
+    q |= c[:, :2] & _LOW_NIBBLES
+    return q.view(np.uint8)
 
 
 def _high_bits(codes: np.ndarray) -> np.ndarray:
     """Bit 4 of each of 32 codes, as the little-endian uint32 qh of Q5_0/Q5_1."""
-    return np.packbits((codes.astype(np.uint8) >> 4) & 1, axis=-1, bitorder="little")
+    return np.packbits((codes.astype(np.uint8, copy=False) >> 4) & 1, axis=-1, bitorder="little")
 
 
 class _Q4_0(Codec):
@@ -397,17 +485,15 @@ class _Q4_0(Codec):
 
     def fit(self, x, qw, row_sigma2):
         if qw is None:  # no sums: the blocks stay in weight order
-            _, big = _abs_max(np.ascontiguousarray(x.T))  # numpy reduces across blocks fastest
+            _, big = _abs_max_rows(x)
             d = big / F(-self.half)
             with np.errstate(all="ignore"):
                 inv = np.where(d != 0, F(1) / d, F(0))
             v = x * inv[:, None]
             v += F(self.half + 0.5)
-            codes = v.astype(np.int32)  # then C's (int8_t) and MIN(nmax, .), in place
-            codes += 128
-            codes &= 0xFF
-            codes -= 128
+            codes = v.astype(np.int32).astype(np.int8)  # C's (int8_t)(int), NaN's INT_MIN included
             np.minimum(codes, self.nmax, out=codes)
+            codes = codes.view(np.uint8)  # C's uint8_t of MIN(nmax, .)
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
             d, codes = _make_qx(_elements(x, QK), self.half, w)
@@ -438,9 +524,9 @@ class _Q4_1(Codec):
             v = x - lo[:, None]
             v *= inv[:, None]
             v += F(0.5)
-            codes = _u8(v.astype(np.int32))
+            codes = v.astype(np.int32).astype(np.uint8)  # C's (uint8_t)(int), NaN's INT_MIN included
             if self.nmax == 15:
-                codes = np.minimum(15, codes)
+                np.minimum(codes, 15, out=codes)
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
             d, neg_min, codes = _make_qkx(_elements(x, QK), w, self.nmax, -0.9, 0.05, 36, False)
@@ -463,16 +549,19 @@ class _Q8_0(Codec):
     name, block, size, sub, nmax, weighted = "Q8_0", QK, 34, QK, 255, False
 
     def fit(self, x, qw, row_sigma2):  # ggml's Q8_0 has no importance-weighted variant
-        d = _running_abs_max(_elements(x, QK)) / F(127)  # numpy reduces faster across blocks than along 32 weights
+        d = _running_abs_max(x) / F(127)
         with np.errstate(all="ignore"):
             inv = np.where(d != 0, F(1) / d, F(0))
-        codes = _roundf(x * inv[:, None])
-        codes += 128
+        v = x * inv[:, None]
+        if np.isfinite(d).all() and not np.isnan(v).any():  # |v| <= 127: int8 holds every code
+            codes = _roundf(v).astype(np.int8).view(np.uint8) ^ np.uint8(0x80)  # + 128, as uint8
+        else:  # lroundf of a NaN: C's (int8_t) of LONG_MIN
+            codes = (_roundf(v).astype(np.int32) + 128) & 0xFF
         stored = _fp16(d)
         return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], codes)
 
     def pack(self, fit, codes):
-        q = (np.asarray(codes, np.int32) - 128).astype(np.int8).view(np.uint8)
+        q = codes.astype(np.uint8, copy=False) ^ np.uint8(0x80)  # codes - 128 as int8, when 0 <= codes <= 255
         return np.concatenate([_half_bytes(fit.header["d"]), q], axis=1)
 
 
@@ -690,10 +779,10 @@ class _Q6_K(Codec):
 
 def _ternary_fit(x: np.ndarray) -> Fit:
     """TQ1_0 / TQ2_0: one scale (the block's largest |x|) and codes round(x / d) + 1 in {0, 1, 2}."""
-    amax = _running_abs_max(np.ascontiguousarray(x.T))
+    amax = _running_abs_max(x)
     with np.errstate(all="ignore"):
         inv = np.where(amax != 0, F(1) / amax, F(0))
-    codes = _roundf(x * inv[:, None]) + 1
+    codes = _roundf(x * inv[:, None]).astype(np.int32) + 1
     stored = _fp16(amax)
     return Fit({"d": amax}, stored[:, None], -stored[:, None], codes)
 
