@@ -3,8 +3,12 @@ attention and hybrid (Gated DeltaNet) models, a failing request fails alone, can
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import sys
 import threading
 import time
+from functools import partial
 
 import mlx.core as mx
 import pytest
@@ -353,3 +357,77 @@ def test_mx_random_seed_makes_unseeded_sampling_repeat(qwen3_model, engine):
     mx.random.seed(11)
     text = qwen3_model.generate(p, max_tokens=12, temperature=1.5).tokens
     assert text == first
+
+
+def openblas_threads() -> int | None:
+    """OpenBLAS's thread count now, or None when the process has not loaded OpenBLAS (a Mac: Accelerate)."""
+    get = getattr(ctypes.CDLL(None), "openblas_get_num_threads", None)
+    return None if get is None else get()
+
+
+def test_decode_steps_of_several_rows_run_on_one_blas_thread(qwen3_model):
+    """A step's matmuls run on OpenBLAS's threads: a decode step of one row and a prefill step on as many as the
+    process started with, a decode step of several rows on one (`engine/blas.py`), read from inside each step."""
+    started = openblas_threads()
+    if sys.platform.startswith("linux"):  # the tests run with OpenBLAS preloaded (Makefile), as mlxq's CLI does
+        assert started is not None, "OpenBLAS is not loaded: preload it (LD_PRELOAD, see the Makefile)"
+    else:
+        assert started is None or started >= 1
+    engine = Engine(qwen3_model.net, qwen3_model.tokenizer, max_batch=4).start()
+    seen: list[tuple[int, int | None]] = []  # (decode rows, 0 in a prefill step; threads) at every step's processors
+
+    def watch(req, tokens, logits):
+        prefilling = any(seq.req is req for seq in engine._prefilling)
+        seen.append((0 if prefilling else len(engine._running), openblas_threads()))
+        return logits
+
+    def watched(p: list[int], n: int) -> Request:
+        req = Request(p, n)
+        req.make_processors = lambda: [partial(watch, req)]
+        return req
+
+    try:
+        ps = prompts(qwen3_model, 3)
+        run(engine, [watched(ps[0], 3)])
+        run(engine, [watched(p, 4) for p in ps])
+    finally:
+        engine.close()
+    assert {rows for rows, _ in seen} >= {0, 1, 3}  # prefill, one row, three rows
+    for rows, threads in seen:
+        want = started if rows <= 1 else (1 if started is not None else None)
+        assert threads == want, (rows, threads)
+
+
+def test_outputs_of_a_step_wake_an_event_loop_once(qwen3_model):
+    """Eight streams on one event loop: each engine step's outputs reach the loop with one wake-up for all of them,
+    not one per stream (`stream._Mailbox`), and every stream still gets its tokens."""
+    from mlxq.engine.stream import astream
+
+    engine = Engine(qwen3_model.net, qwen3_model.tokenizer, max_batch=8).start()
+
+    async def main() -> tuple[list[list[int]], int]:
+        loop = asyncio.get_running_loop()
+        wakeups = 0
+        plain = loop.call_soon_threadsafe
+
+        def counted(*args, **kwargs):
+            nonlocal wakeups
+            wakeups += 1
+            return plain(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted
+
+        async def one(p: list[int]) -> list[int]:
+            return [t async for chunk in astream(engine, Request(p, 8, ignore_eos=True)) for t in chunk.tokens]
+
+        got = await asyncio.gather(*(one(p) for p in prompts(qwen3_model, 8)))
+        return got, wakeups
+
+    try:
+        got, wakeups = asyncio.run(main())
+        steps = engine.steps + engine.prefill_steps
+    finally:
+        engine.close()
+    assert [len(t) for t in got] == [8] * 8
+    # the engine hands outputs over at most twice a step (before a prefill pass, and before a step's sampling)
+    assert wakeups <= 2 * steps + 2 < 8 * 8, (wakeups, steps)

@@ -25,9 +25,10 @@ data (token ids, row numbers); the runner of a group of processes replays those 
 gone) fails every request and stops the loop.
 
 A request's tokens go through its `OutputProcessor` here (detokenize, stops, end-of-sequence, logprobs,
-reasoning split, tool calls), so callers get finished pieces. Errors stay with their request: a processor or
-sampler that raises fails that request alone, and a failure of a shared model step fails the requests in that
-step, while the engine goes on.
+reasoning split, tool calls), so callers get finished pieces. They go out together once the next step is built,
+as the loop starts waiting for MLX (`_flush`), so the callers' threads run while it holds no GIL. Errors stay
+with their request: a processor or sampler that raises fails that request alone, and a failure of a shared model
+step fails the requests in that step, while the engine goes on.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from functools import partial
 
 import mlx.core as mx
 
+from mlxq.engine.blas import BlasThreads
 from mlxq.engine.constraints import GrammarProcessor
 from mlxq.engine.output import Output, OutputProcessor, Reading, TokenLogprob, Usage
 from mlxq.engine.prompt_cache import CacheSlot, resume_point
@@ -80,6 +82,9 @@ class Request:
     # head (`speculative.draft_plan`); 0: off
     speculative: int | str = 0
     on_output: Callable[[Output], None] = lambda out: None  # called on the engine thread; must not block
+    # called on the engine thread after outputs went out, once for all requests that share it (they gave it
+    # `on_output` one after another): a reader woken once for a step's outputs (`stream._Mailbox`); must not block
+    on_flush: Callable[[], None] | None = None
     cancelled: bool = False
     finished: bool = False  # its last output went out
 
@@ -216,6 +221,9 @@ class Engine:
         self._closed = False
         self._loop_done = False
         self._parked = threading.Event()
+        # outputs made on the engine thread wait here until it next waits for MLX (`_flush`)
+        self._outbox: list[tuple[Request, Output]] = []
+        self._blas = BlasThreads()  # one BLAS thread for decode steps of several rows (`blas.py`)
         self.steps = self.prefill_steps = self.failures = self.cancelled = 0
         self.drafted = self.accepted_drafts = 0  # speculative draft tokens checked / taken by decode steps
 
@@ -361,6 +369,7 @@ class Engine:
         for seq in [*self._waiting, *self._prefilling, *self._running]:
             self._emit(seq, seq.end("cancelled"))
         self._waiting.clear(), self._prefilling.clear(), self._running.clear()
+        self._flush()
         self._drain_inbox()
 
     def _drain_inbox(self) -> None:
@@ -374,11 +383,13 @@ class Engine:
             if self._down is not None:
                 self._emit_error(req, self._down)
             else:
-                _deliver(req, Output(finish_reason="cancelled", usage=Usage(len(req.prompt), 0, 0)))
+                _deliver((req, Output(finish_reason="cancelled", usage=Usage(len(req.prompt), 0, 0))))
 
     def _take_new(self) -> bool:
         """Moves submitted requests in (waiting for one when idle); False once closed."""
         block = not (self._waiting or self._prefilling or self._running)
+        if block:
+            self._flush()
         while True:
             try:
                 req = self._inbox.get(block=block, timeout=self.IDLE_S if block else None)
@@ -389,7 +400,7 @@ class Engine:
                 return True
             if req is None or self._closed:
                 if req is not None:
-                    _deliver(req, Output(finish_reason="cancelled", usage=Usage(len(req.prompt), 0, 0)))
+                    _deliver((req, Output(finish_reason="cancelled", usage=Usage(len(req.prompt), 0, 0))))
                 return False
             try:
                 self._waiting.append(_Sequence(req, self.tokenizer))
@@ -456,6 +467,8 @@ class Engine:
             at.append([target - seq.pos - 1] if target == len(prompt) else [])
         marks = [i for i, (seq, fed) in enumerate(zip(self._prefilling, tokens, strict=True))
                  if not self.rewindable and seq.pos + len(fed) in seq.req.marks]
+        self._flush()
+        self._blas.for_prefill()
         logits = self.runner.prefill(tokens, at, marks)
         self.prefill_steps += 1
         done: list[int] = []
@@ -488,8 +501,10 @@ class Engine:
         drafts = [seq.draft() for seq in self._running]
         qs: list[list] = [[None] * len(d) for d in drafts]  # what each MTP draft token was drawn from
         if mtp := [i for i, seq in enumerate(self._running) if seq.mtp]:
+            self._blas.for_decode(len(mtp))
             for i, proposed in zip(mtp, mtp_drafts(self.runner, [self._running[i] for i in mtp]), strict=True):
                 drafts[i], qs[i] = [t for t, _ in proposed], [q for _, q in proposed]
+        self._blas.for_decode(len(self._running) + sum(len(d) for d in drafts))
         if any(drafts):
             self.drafted += sum(len(d) for d in drafts)
             logits = self.runner.verify([[s.next_input, *d] for s, d in zip(self._running, drafts, strict=True)])
@@ -546,6 +561,7 @@ class Engine:
                 scores[mx.array(list(processed))] = mx.concatenate(list(processed.values()))
             tokens = draw([seq.sampler for seq in seqs], scores, drafts, qs)
             chosen, top = _logprobs(scores, tokens, [seq.req.logprobs for seq in seqs])
+            self._flush()  # the last step's outputs go out as this thread starts waiting for MLX (GIL released)
             mx.eval(tokens, chosen, top)
         except Exception as e:  # find the rows that fail on their own; if the model step failed, that is all
             if len(seqs) == 1:
@@ -600,21 +616,46 @@ class Engine:
     def _emit_error(self, req: Request, error: Exception) -> None:
         if not isinstance(error, MlxqError):
             error = GenerationError(f"generation failed: {type(error).__name__}: {error}")
-        _deliver(req, Output(finish_reason="error", error=error))
+        out = Output(finish_reason="error", error=error)
+        if threading.current_thread() is self._thread:
+            self._outbox.append((req, out))  # after the request's earlier outputs
+        else:  # `abort` from another thread: at once (the loop may be stuck)
+            _deliver((req, out))
 
     def _emit(self, seq: _Sequence, out: Output) -> None:
-        _deliver(seq.req, out)
+        self._outbox.append((seq.req, out))
+
+    def _flush(self) -> None:
+        """Hands the outputs made so far to their callers. The loop calls this once the next step is built, just
+        before it waits for MLX to compute it (or for requests): the callers' threads (the server's event loop, API
+        readers) then run while this thread waits with the GIL released, not while it builds the step in Python,
+        which they would slow down by taking the GIL from it."""
+        outbox, self._outbox = self._outbox, []
+        _deliver(*outbox)
 
 
-def _deliver(req: Request, out: Output) -> None:
-    if req.finished:  # ended already (an engine aborted from another thread, say): nothing more goes out
-        return
-    req.finished = out.finish_reason is not None
-    try:
-        req.on_output(out)
-    except Exception:  # the receiver is gone: nobody wants the rest
-        log.exception("output callback failed; cancelling the request")
-        req.cancel()
+def _deliver(*outputs: tuple[Request, Output]) -> None:
+    """Gives each (request, output) to its request's `on_output`, then calls each distinct `on_flush` once."""
+    flushes: dict[Callable[[], None], list[Request]] = {}
+    for req, out in outputs:
+        if req.finished:  # ended already (an engine aborted from another thread, say): nothing more goes out
+            continue
+        req.finished = out.finish_reason is not None
+        try:
+            req.on_output(out)
+        except Exception:  # the receiver is gone: nobody wants the rest
+            log.exception("output callback failed; cancelling the request")
+            req.cancel()
+            continue
+        if req.on_flush is not None:
+            flushes.setdefault(req.on_flush, []).append(req)
+    for flush, reqs in flushes.items():
+        try:
+            flush()
+        except Exception:
+            log.exception("output callback failed; cancelling the request")
+            for req in reqs:
+                req.cancel()
 
 
 def _thread_main(box: list[Engine]) -> None:

@@ -2,8 +2,8 @@
 pieces the Python API hands out (`Chunk`, `Result`, `Timings`).
 
 The engine thread calls each request's `on_output`, which only puts the output on a queue: a thread-safe queue
-for blocking readers, or for asyncio a `call_soon_threadsafe` onto the event loop's own queue (it must never
-block the engine). This is the one place a thread crosses into asyncio; the server uses it too.
+for blocking readers, or for asyncio the event loop's `_Mailbox` (it must never block the engine). This is the one
+place a thread crosses into asyncio; the server uses it too.
 """
 
 from __future__ import annotations
@@ -11,12 +11,57 @@ from __future__ import annotations
 import asyncio
 import queue
 import time
-from collections.abc import AsyncIterator, Iterator
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
 from mlxq.engine.output import Output, TokenLogprob, Usage
 from mlxq.engine.scheduler import Engine, Request
+
+
+class _Mailbox:
+    """Outputs for the streams of one event loop. The engine hands a step's outputs to them one after another
+    (`post`), then wakes the loop once for all of them (`wake`, the requests' `on_flush`): each
+    `call_soon_threadsafe` writes to the loop's wake-up pipe, and each wake-up takes the GIL from the engine
+    thread."""
+
+    _of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = weakref.ref(loop)
+        self.items: deque[Callable[[], None]] = deque()
+        self.woken = False  # a `_drain` is scheduled and has not started taking items
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Mailbox | None:
+        """The loop's mailbox (made on the loop's own thread, where Submissions are made, so never made twice);
+        None for a loop that takes no weak reference."""
+        try:
+            box = cls._of.get(loop)
+            if box is None:
+                box = cls._of[loop] = cls(loop)
+            return box
+        except TypeError:
+            return None
+
+    def post(self, deliver: Callable[[], None]) -> None:  # on the engine thread
+        loop = self.loop()
+        if loop is None or loop.is_closed():  # the engine then cancels the request
+            raise RuntimeError("the event loop is closed")
+        self.items.append(deliver)
+
+    def wake(self) -> None:  # on the engine thread, after posting
+        loop = self.loop()
+        if self.items and not self.woken and loop is not None:
+            self.woken = True
+            loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:  # on the loop
+        self.woken = False  # before taking: items posted from now on are followed by a wake that schedules a drain
+        while self.items:
+            self.items.popleft()()
 
 
 class Submission:
@@ -25,11 +70,13 @@ class Submission:
 
     def __init__(self, engine: Engine, requests: list[Request], *, loop: asyncio.AbstractEventLoop | None = None):
         self._loop = loop
+        self._mailbox = None if loop is None else _Mailbox.of(loop)
         self._queue: queue.SimpleQueue | asyncio.Queue = queue.SimpleQueue() if loop is None else asyncio.Queue()
         self.requests = requests
         self.open = len(requests)  # requests not finished yet
         for i, req in enumerate(requests):
             req.on_output = partial(self._push, i)
+            req.on_flush = self._mailbox.wake if self._mailbox is not None else None
         try:
             for req in requests:
                 engine.submit(req)
@@ -40,8 +87,10 @@ class Submission:
     def _push(self, index: int, out: Output) -> None:  # on the engine thread
         if self._loop is None:
             self._queue.put((index, out))
-        else:  # raises once the loop is closed; the engine then cancels the request
+        elif self._mailbox is None:  # raises once the loop is closed; the engine then cancels the request
             self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, out))
+        else:  # likewise
+            self._mailbox.post(partial(self._queue.put_nowait, (index, out)))
 
     def get(self, timeout: float | None = None) -> tuple[int, Output] | None:
         """The next output, or None after `timeout` seconds without one."""
