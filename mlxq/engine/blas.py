@@ -13,6 +13,16 @@ thread, and everything else on the thread count the process started with.
 from __future__ import annotations
 
 import ctypes
+import functools
+
+
+@functools.cache
+def _openblas() -> tuple[ctypes._CFuncPtr | None, int]:
+    """(openblas_set_num_threads or None, the thread count the process started with), read once: an engine made
+    after another one set 1 thread must still know the process's own count."""
+    lib = ctypes.CDLL(None)  # the libraries loaded so far, the preloaded BLAS among them
+    set_, get = getattr(lib, "openblas_set_num_threads", None), getattr(lib, "openblas_get_num_threads", None)
+    return set_, get() if set_ is not None and get is not None else 1
 
 
 class BlasThreads:
@@ -20,10 +30,8 @@ class BlasThreads:
     global to the process: the engine thread sets it before each step it runs."""
 
     def __init__(self) -> None:
-        lib = ctypes.CDLL(None)  # the libraries loaded so far, the preloaded BLAS among them
-        self._set = getattr(lib, "openblas_set_num_threads", None)
-        get = getattr(lib, "openblas_get_num_threads", None)
-        self.default = self.now = get() if self._set is not None and get is not None else 1
+        self._set, self.default = _openblas()
+        self.now: int | None = None  # unknown until this engine sets it (another may have changed it)
 
     def for_decode(self, rows: int) -> None:
         """Before a decode step that feeds `rows` tokens in all."""
