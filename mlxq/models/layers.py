@@ -162,23 +162,48 @@ class Linear(nn.Linear):
         return QuantizedLinear.from_linear(self, group_size, bits, mode)
 
 
-# From this many rows on (a prompt), off Metal, quantized layers dequantize their weight and run one BLAS matmul:
-# MLX's CPU quantized matmul costs about a row's worth of that per row, so it wins only for a few rows (decode).
-DEQUANTIZE_FROM_ROWS = 8
+DEQUANTIZE_FROM_ROWS = kquants.DEQUANTIZE_FROM_ROWS
 
 
 def _quantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
-    """x @ W^T for an affine-quantized layer (QuantizedLinear, QuantizedEmbedding.as_linear)."""
+    """x @ W^T for an affine-quantized layer (QuantizedLinear, QuantizedEmbedding.as_linear): MLX's quantized matmul
+    for a few rows, else the weight dequantized a slice of rows at a time (`kquants.sliced_matmul`)."""
+    weight, scales, biases = layer["weight"], layer["scales"], _biases(layer)
     if _ON_METAL or layer.mode != "affine" or x.size // x.shape[-1] < DEQUANTIZE_FROM_ROWS:
-        return mx.quantized_matmul(x, layer["weight"], layer["scales"], layer.get("biases"), transpose=True,
-                                   group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
-    w = kquants.affine_dequantize(layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits,
-                                  x.dtype)
-    return x @ w.T
+        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=layer.group_size,
+                                   bits=layer.bits, mode=layer.mode)
+    return kquants.sliced_matmul(x, weight.shape[0], lambda start, stop: kquants.affine_dequantize(
+        weight[start:stop], scales[start:stop], biases[start:stop], layer.group_size, layer.bits, x.dtype))
+
+
+def _biases(layer: nn.Module) -> mx.array | None:
+    """A quantized layer's biases: its own, or made from its scales where `drop_derived_biases` dropped them."""
+    if "biases" in layer or getattr(layer, "bias_per_scale", None) is None:
+        return layer.get("biases")
+    return layer["scales"] * layer.bias_per_scale
+
+
+def drop_derived_biases(model: nn.Module) -> None:
+    """Drops the biases of affine layers (ours) where each is its scale times -2^(bits - 1) (codes offset by half
+    their range: GGUF's Q4_0, Q5_0 and Q8_0 in MLX's form), exactly so in their dtype; each product makes them
+    again from the scales (one small multiplication), bit for bit. 2 bytes of every 20-36 per 32 weights. Off Metal
+    (an inference-only layout, as `cpu_layout`'s), on evaluated weights."""
+    if _ON_METAL:
+        return
+    for _, m in model.named_modules():
+        if not isinstance(m, (QuantizedLinear, QuantizedEmbedding)) or m.mode != "affine" or "biases" not in m:
+            continue
+        factor = -(1 << (m.bits - 1))
+        scales, biases = m["scales"], m["biases"]
+        # one layer at a time: evaluated together, every layer's product of the scales existed at once
+        if biases.dtype == scales.dtype and mx.array_equal(scales * factor, biases).item():
+            m.bias_per_scale = factor
+            del m.biases
 
 
 class QuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear with a faster CPU path for prompts (`_quantized_matmul`)."""
+    """nn.QuantizedLinear with a faster CPU path for prompts (`_quantized_matmul`) and biases that may be made from
+    its scales (`drop_derived_biases`)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         y = _quantized_matmul(self, x)
@@ -194,6 +219,11 @@ class Embedding(nn.Embedding):
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
+    def __call__(self, ids: mx.array) -> mx.array:
+        biases = _biases(self)
+        return mx.dequantize(self["weight"][ids], self["scales"][ids], None if biases is None else biases[ids],
+                             group_size=self.group_size, bits=self.bits, mode=self.mode)
+
     def as_linear(self, x: mx.array) -> mx.array:
         return _quantized_matmul(self, x)
 
