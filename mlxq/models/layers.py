@@ -176,11 +176,17 @@ def _quantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
         weight[start:stop], scales[start:stop], biases[start:stop], layer.group_size, layer.bits, x.dtype))
 
 
-def _biases(layer: nn.Module) -> mx.array | None:
-    """A quantized layer's biases: its own, or made from its scales where `drop_derived_biases` dropped them."""
+def _biases(layer: nn.Module, rows: mx.array | None = None) -> mx.array | None:
+    """A quantized layer's biases (those of `rows` only, if given): its own, or made from its scales where
+    `drop_derived_biases` dropped them. Made in float32 for a product (float16 arithmetic is several times slower on
+    x86; MLX's matmuls promote biases to float32 anyway), in the scales' dtype for a lookup's few rows (whose output
+    takes the scales' dtype, as with biases held)."""
     if "biases" in layer or getattr(layer, "bias_per_scale", None) is None:
-        return layer.get("biases")
-    return layer["scales"] * layer.bias_per_scale
+        biases = layer.get("biases")
+        return biases if biases is None or rows is None else biases[rows]
+    if rows is not None:
+        return layer["scales"][rows] * layer.bias_per_scale
+    return layer["scales"].astype(mx.float32) * layer.bias_per_scale
 
 
 def drop_derived_biases(model: nn.Module) -> None:
@@ -190,14 +196,15 @@ def drop_derived_biases(model: nn.Module) -> None:
     (an inference-only layout, as `cpu_layout`'s), on evaluated weights."""
     if _ON_METAL:
         return
-    for _, m in model.named_modules():
-        if not isinstance(m, (QuantizedLinear, QuantizedEmbedding)) or m.mode != "affine" or "biases" not in m:
-            continue
-        factor = -(1 << (m.bits - 1))
-        scales, biases = m["scales"], m["biases"]
-        # one layer at a time: evaluated together, every layer's product of the scales existed at once
-        if biases.dtype == scales.dtype and mx.array_equal(scales * factor, biases).item():
-            m.bias_per_scale = factor
+    layers = [m for _, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
+              and m.mode == "affine" and "biases" in m and m["biases"].dtype == m["scales"].dtype]
+    # in float32 (exact: a power of two times a float16 that a float16 bias equals), all layers in one evaluation
+    derived = [mx.array_equal(m["scales"].astype(mx.float32) * -(1 << (m.bits - 1)), m["biases"].astype(mx.float32))
+               for m in layers]
+    mx.eval(derived)
+    for m, same in zip(layers, derived, strict=True):
+        if same.item():
+            m.bias_per_scale = -(1 << (m.bits - 1))
             del m.biases
 
 
@@ -220,9 +227,8 @@ class Embedding(nn.Embedding):
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
     def __call__(self, ids: mx.array) -> mx.array:
-        biases = _biases(self)
-        return mx.dequantize(self["weight"][ids], self["scales"][ids], None if biases is None else biases[ids],
-                             group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return mx.dequantize(self["weight"][ids], self["scales"][ids], _biases(self, ids), group_size=self.group_size,
+                             bits=self.bits, mode=self.mode)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _quantized_matmul(self, x)
