@@ -498,19 +498,21 @@ def to_affine(blocks: mx.array, kind: str, rows_per_step: int | None = None) -> 
         rows = chunk.shape[0]
         packed, scales, biases = _affine_blocks(chunk.reshape(-1, size), kind)
         part = (mx.view(packed.reshape(rows, -1), mx.uint32), scales.reshape(rows, -1), biases.reshape(rows, -1))
-        mx.eval(part)
+        if rows < flat.shape[0]:
+            mx.eval(part)  # each step done before the next is built: what working in steps is for
         parts.append(part)
     weight, scales, biases = (mx.concatenate(p) if len(parts) > 1 else p[0] for p in zip(*parts, strict=True))
-    return weight.reshape(*lead, -1), _narrowed(scales).reshape(*lead, -1), _narrowed(biases).reshape(*lead, -1)
+    scales, biases = _narrowed([scales, biases], weight)
+    return weight.reshape(*lead, -1), scales.reshape(*lead, -1), biases.reshape(*lead, -1)
 
 
-def _narrowed(x: mx.array) -> mx.array:
-    """float32 `x` as float16 when every value survives the round trip (a float16 overflow or rounding keeps it
-    float32)."""
-    if x.dtype == mx.float16:
-        return x
-    half = x.astype(mx.float16)
-    return half if mx.array_equal(half.astype(mx.float32), x).item() else x
+def _narrowed(xs: list[mx.array], *along: mx.array) -> list[mx.array]:
+    """Each float32 `x` as float16 when every value survives the round trip (a float16 overflow or rounding keeps it
+    float32). Evaluates them, their checks and `along` together: one wait for MLX instead of one per check."""
+    halves = [x.astype(mx.float16) for x in xs]
+    fits = [x.dtype == mx.float16 or mx.array_equal(h.astype(mx.float32), x) for h, x in zip(halves, xs, strict=True)]
+    mx.eval(*along, *xs, *halves, *(f for f in fits if isinstance(f, mx.array)))
+    return [h if bool(f) else x for h, f, x in zip(halves, fits, xs, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------------ interface
