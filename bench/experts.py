@@ -41,7 +41,12 @@ each step's input is the next token of a fixed text, not the model's own choice,
 output repeats one token and would route to the same experts every step (flattering every cache). The memory cap
 is what mlxq's own 25 % run was charged at most (a measuring cgroup's peak, page cache included), plus 10 %.
 
-    python bench/experts.py [--quick] [--top-k 4] [--warm 160] [--keep]
+--real-experts (about 3 minutes once built; building takes ~6 more and 2 GB on the way, 1.5 GB kept with --keep):
+only 1. and 2., on a model with Qwen3.5-397B's own widths and so its own expert size (3.93 MB; 4 layers x 64
+experts), mlxq at 25 % reading 0, 1 and 3 layers ahead: the read rate at the size the projection is for, where a
+read's fixed costs no longer dominate (bench/results/experts-real-experts.json).
+
+    python bench/experts.py [--quick | --real-experts] [--top-k 4] [--warm 160] [--keep]
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ SHAPES = {
     "full": scaled(QWEN35_397B, width=4, layers=12, experts=512),
     # 8 layers x 256 experts of 60 KiB: 126 MB of packs
     "quick": scaled(QWEN35_397B, width=8, layers=8, experts=256),
+    # --real-experts: Qwen3.5-397B's own widths, so its own expert size (3.75 MiB), 4 layers x 64 experts: 1 GB
+    "real-experts": scaled(QWEN35_397B, width=1, layers=4, experts=64),
 }
 MAC_SSD = 5.5e9  # bytes/s: the projection's device
 # one Qwen3.5-397B expert at 2 bits, group 64 (float16 scale and bias a group): gate, up and down
@@ -347,7 +354,7 @@ def llama_cpp_gguf(work: Path, src: Path) -> tuple[Path, dict]:
     return out, {**timings, **bits_per_weight(out), "bytes": out.stat().st_size, "arch": arch}
 
 
-def prepare(work: Path, shape, coactivation: bool) -> dict[str, Path]:
+def prepare(work: Path, shape, coactivation: bool, mlx_lm: bool = True) -> dict[str, Path]:
     """Source, the mlx-lm directory, the packs (and the co-activation-ordered packs), reused when present."""
     from mlxq.bench.synthetic import write_moe
     from mlxq.quant.pipeline import quantize
@@ -358,12 +365,12 @@ def prepare(work: Path, shape, coactivation: bool) -> dict[str, Path]:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(shape.__dict__))
-    paths = {"src": work / "src", "mlx": work / "mlx-lm", "packs": work / "packs"}
+    paths = {"src": work / "src", "packs": work / "packs"} | ({"mlx": work / "mlx-lm"} if mlx_lm else {})
     if coactivation:
         paths["packs_coact"] = work / "packs-coactivation"
     recipe = RECIPES["experts-2bit"]
     timings = {}
-    if not paths["src"].exists():
+    if not paths["src"].exists() and not all(path.exists() for key, path in paths.items() if key != "src"):
         t0 = time.perf_counter()
         write_moe(paths["src"], shape)
         timings["synthesize_s"] = time.perf_counter() - t0
@@ -391,9 +398,14 @@ def main() -> None:
                    help="also run llama.cpp (mmap) on a Q2_K GGUF of the same weights under the cap (the export "
                         "takes minutes: about 1.5 for --quick)")
     p.add_argument("--keep", action="store_true", help="keep the generated models (cache dir) for another run")
+    p.add_argument("--real-experts", action="store_true",
+                   help="only the read rates (1. and 2.), on a model with Qwen3.5-397B's own widths and so its expert "
+                        "size (4 layers x 64 experts of 3.9 MB), at 25 %% with prefetch 0, 1 and 3")
     args = p.parse_args()
     global REPEAT
     REPEAT = args.repeat or (1 if args.quick else 2)
+    if args.real_experts:
+        return real_experts(args)
 
     from mlxq.experts.io import measure_burst_rate, measure_read_rate
     from mlxq.experts.pack import open_pack_dir
@@ -607,6 +619,74 @@ def main() -> None:
     if not args.keep and not args.quick:
         shutil.rmtree(work, ignore_errors=True)
     write_result("experts", result)
+
+
+def real_experts(args) -> None:
+    """The read rates at Qwen3.5-397B's own expert size: its real widths (so the rest of a layer costs what it costs
+    there too, on this CPU), few layers and experts; mlxq at 25 % on random tokens, reading 0, 1 and 3 layers ahead,
+    against the ceiling (back to back, measured before and after) and the device in the decode's own pattern."""
+    from mlxq.experts.io import measure_burst_rate, measure_read_rate
+    from mlxq.experts.pack import open_pack_dir
+    from mlxq.formats.fetch import cache_dir
+
+    shape = SHAPES["real-experts"]
+    work = cache_dir() / "bench" / "experts-real-experts"
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+    paths, prep = prepare(work, shape, coactivation=False, mlx_lm=False)
+    shutil.rmtree(paths["src"], ignore_errors=True)  # (2 GB, not needed once packed)
+    packs = open_pack_dir(paths["packs"])
+    rng = random.Random(0)
+    warm, n_tokens = args.warm or 16, args.tokens or 12
+    noise = [rng.randrange(3, shape.vocab) for _ in range(warm + n_tokens)]
+    depth = args.threads + 1
+
+    def ceiling() -> dict:
+        raw = measure_read_rate(packs, threads=depth, seconds=5.0)
+        print(f"raw device: {raw['gb_per_s']:.3f} GB/s at {raw['read_bytes'] / 1e6:.2f} MB reads, {depth} in flight "
+              f"({_shape(raw)})", file=sys.stderr)
+        return raw
+
+    raws = [ceiling()]
+    runs = {}
+    for prefetch in (0, 1, 3):
+        runs[prefetch] = show(f"mlxq 25% prefetch {prefetch}", run(
+            {"top_k": args.top_k, "prompt": noise[:warm], "forced": noise[warm:], "peer": "mlxq",
+             "path": str(paths["packs"]), "budget": "25%", "options": {"threads": args.threads, "prefetch": prefetch}},
+            repeat=1))
+    e, burst = runs[0].get("experts"), None
+    if e:
+        steps = e["tokens"] * len(packs.layers)
+        burst = measure_burst_rate(packs, batch=e["misses"] / steps, threads=args.threads, seconds=5.0,
+                                   gap_s=max(0.0, runs[0]["decode_s"] - e["read_s"]) / steps)
+        print(f"raw device in the decode's pattern: {burst['gb_per_s']:.3f} GB/s ({burst['batch']:.2f} experts a "
+              f"burst, {1e3 * burst['gap_s']:.1f} ms idle between; {_shape(burst)})", file=sys.stderr)
+    raws.append(ceiling())
+    raw = max(raws, key=lambda r: r["gb_per_s"])
+    rates = {}
+    for prefetch, r in runs.items():
+        if r["ok"]:
+            x = r["experts"]
+            rates[prefetch] = {"read_vs_raw": _ratio(x["read_gb_per_s"], raw["gb_per_s"]),
+                               "used_read_vs_raw": _ratio(x["used_read_gb_per_s"], raw["gb_per_s"]),
+                               "read_vs_raw_decode_pattern": _ratio(x["read_gb_per_s"], (burst or {}).get("gb_per_s")),
+                               "reads_in_flight": round(x["reads_in_flight"], 2),
+                               "ms_per_read": round(x["ms_per_read"], 2), "decode_tps": round(r["decode_tps"], 3)}
+    write_result("experts-real-experts", {
+        "mode": "real-experts",
+        "model": {**shape.__dict__, "expert_bytes": next(iter(packs.layers.values())).payload,
+                  "packs_bytes": sum(lp.stride * lp.n_experts for lp in packs.layers.values()),
+                  "scaled_from": "Qwen3.5-397B-A17B (its own widths; 4 layers, 64 experts)"},
+        "top_k": args.top_k, "warm_prompt_tokens": warm, "decode_tokens": n_tokens,
+        "read_rate_definition": READ_RATE,
+        "raw_read": raw, "raw_read_gb_per_s_runs": [round(r["gb_per_s"], 3) for r in raws],
+        "raw_read_decode_pattern": burst,
+        "mlxq_25pct": {f"prefetch_{k}": v for k, v in runs.items()},
+        "ratios": {"read_rate_vs_raw_by_prefetch": rates,
+                   "raw_decode_pattern_vs_back_to_back": _ratio((burst or {}).get("gb_per_s"), raw["gb_per_s"])},
+        "prepare": prep, "seconds": time.perf_counter() - t_start, "load_average": [load_start, os.getloadavg()],
+    })
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def show(name: str, r: dict) -> dict:
