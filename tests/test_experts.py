@@ -196,6 +196,8 @@ def test_statistics_add_up(made):
     assert stats.prefetch_reads > stats.prefetch_hits > 0 and stats.as_dict()["bytes_wasted"] == wasted
     assert stats.as_dict()["used_read_gb_per_s"] * stats.bytes_read == pytest.approx(
         stats.as_dict()["read_gb_per_s"] * (stats.bytes_read - wasted))
+    # a window whose reads ahead were made before it (the prompt's) and used in it: never more used than read
+    assert ExpertStats(misses=2, prefetch_reads=1, prefetch_hits=3, bytes_read=300).as_dict()["bytes_wasted"] == 0
     assert sum(s["misses"] for s in pool.steps) <= stats.misses
     d = stats.as_dict()
     assert 0 < d["hit_rate"] < 1 and d["bytes_per_token"] == stats.bytes_read / stats.tokens

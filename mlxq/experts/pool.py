@@ -60,9 +60,10 @@ class ExpertStats:
     def bytes_used(self) -> float:
         """Bytes read for experts a layer then computed with: every demand read, and the reads ahead that were wanted
         while still in memory (the rest of the reads ahead were wasted). Blocks of one layout are the same size, so
-        the share of experts is the share of bytes; a read ahead still unused when the run ends counts as wasted."""
+        the share of experts is the share of bytes; a read ahead still unused when the run ends counts as wasted, and
+        one made before a window began (the prompt's) but used in it counts as used only up to what the window read."""
         read = self.misses + self.prefetch_reads
-        return self.bytes_read * (self.misses + self.prefetch_hits) / read if read else 0.0
+        return self.bytes_read * min(self.misses + self.prefetch_hits, read) / read if read else 0.0
 
     def as_dict(self) -> dict:
         wanted = self.hits + self.misses
