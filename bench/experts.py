@@ -499,13 +499,7 @@ def main() -> None:
     e = ours_capped.get("experts", {}) if ours_capped["ok"] else {}
     raw_burst = raw_big = None
     if e:
-        steps = e["tokens"] * len(packs.layers)  # layer steps while decoding
-        raw_burst = measure_burst_rate(packs, batch=e["misses"] / steps, threads=args.threads,
-                                       gap_s=max(0.0, ours_capped["decode_s"] - e["read_s"]) / steps,
-                                       seconds=2.0 if args.quick else 5.0)
-        print(f"raw device in the decode's pattern: {raw_burst['gb_per_s']:.3f} GB/s ({raw_burst['batch']:.2f} "
-              f"experts a burst, {1e3 * raw_burst['gap_s']:.1f} ms idle between; {_shape(raw_burst)})",
-              file=sys.stderr)
+        raw_burst = decode_pattern(packs, ours_capped, args.threads, seconds=2.0 if args.quick else 5.0)
         # the same two patterns with reads of Qwen3.5-397B's expert size (runs of adjacent experts): how much of the
         # gap between them is a fixed cost per burst, which a 16x larger read pays once for 16x the bytes
         span = max(1, round(QWEN397B_EXPERT_BYTES / _stride(packs)))
@@ -621,11 +615,24 @@ def main() -> None:
     write_result("experts", result)
 
 
+def decode_pattern(packs, r: dict, threads: int, seconds: float) -> dict:
+    """The raw device in run r's read pattern: bursts of its misses per layer step, idle gaps of its time between."""
+    from mlxq.experts.io import measure_burst_rate
+
+    e = r["experts"]
+    steps = e["tokens"] * len(packs.layers)  # layer steps while decoding
+    burst = measure_burst_rate(packs, batch=e["misses"] / steps, threads=threads, seconds=seconds,
+                               gap_s=max(0.0, r["decode_s"] - e["read_s"]) / steps)
+    print(f"raw device in the decode's pattern: {burst['gb_per_s']:.3f} GB/s ({burst['batch']:.2f} experts a burst, "
+          f"{1e3 * burst['gap_s']:.1f} ms idle between; {_shape(burst)})", file=sys.stderr)
+    return burst
+
+
 def real_experts(args) -> None:
     """The read rates at Qwen3.5-397B's own expert size: its real widths (so the rest of a layer costs what it costs
     there too, on this CPU), few layers and experts; mlxq at 25 % on random tokens, reading 0, 1 and 3 layers ahead,
     against the ceiling (back to back, measured before and after) and the device in the decode's own pattern."""
-    from mlxq.experts.io import measure_burst_rate, measure_read_rate
+    from mlxq.experts.io import measure_read_rate
     from mlxq.experts.pack import open_pack_dir
     from mlxq.formats.fetch import cache_dir
 
@@ -653,13 +660,7 @@ def real_experts(args) -> None:
             {"top_k": args.top_k, "prompt": noise[:warm], "forced": noise[warm:], "peer": "mlxq",
              "path": str(paths["packs"]), "budget": "25%", "options": {"threads": args.threads, "prefetch": prefetch}},
             repeat=1))
-    e, burst = runs[0].get("experts"), None
-    if e:
-        steps = e["tokens"] * len(packs.layers)
-        burst = measure_burst_rate(packs, batch=e["misses"] / steps, threads=args.threads, seconds=5.0,
-                                   gap_s=max(0.0, runs[0]["decode_s"] - e["read_s"]) / steps)
-        print(f"raw device in the decode's pattern: {burst['gb_per_s']:.3f} GB/s ({burst['batch']:.2f} experts a "
-              f"burst, {1e3 * burst['gap_s']:.1f} ms idle between; {_shape(burst)})", file=sys.stderr)
+    burst = decode_pattern(packs, runs[0], args.threads, seconds=5.0) if runs[0]["ok"] else None
     raws.append(ceiling())
     raw = max(raws, key=lambda r: r["gb_per_s"])
     rates = {}
