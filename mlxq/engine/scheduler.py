@@ -223,7 +223,7 @@ class Engine:
         self._parked = threading.Event()
         # outputs made on the engine thread wait here until it next waits for MLX (`_flush`)
         self._outbox: list[tuple[Request, Output]] = []
-        self._blas = BlasThreads()  # one BLAS thread for decode steps of several rows (`blas.py`)
+        self._blas = BlasThreads()  # one BLAS thread for decode steps of several rows, measured for one (`blas.py`)
         self.steps = self.prefill_steps = self.failures = self.cancelled = 0
         self.drafted = self.accepted_drafts = 0  # speculative draft tokens checked / taken by decode steps
 
@@ -518,6 +518,7 @@ class Engine:
             seq.decoded += 1
         picks = self._pick(self._running, firsts, [d[0] if d else None for d in drafts],
                            [q[0] if q else None for q in qs])
+        self._blas.decoded()
         self.steps += 1
         outs = [self._accept(seq, picked) for seq, picked in zip(self._running, picks, strict=True)]
         taken = [1] * len(outs)  # tokens of what each row was fed that it keeps (its next token, then the draft's)
