@@ -12,8 +12,7 @@ latency of a Session, each against its peer measured in the same run.
    side twice, which tells whether the bench can resolve 10 % at all), order rotating, ratios per block. Every
    run records the load average, the CPU seconds of this process (the API's engine, or the server's clients)
    and of the server process (its event loop on the main thread apart), and at one client whether both sides
-   saw the same prompt and gave the
-   same tokens (same seed).
+   saw the same prompt and gave the same tokens (same seed).
 2. The Python game API: time to first token of a `Session` turn N with its cache kept between turns, against
    the same turn run on a fresh session holding the same conversation (the whole prompt prefilled).
 
