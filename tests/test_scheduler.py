@@ -341,6 +341,27 @@ def test_rows_asking_for_different_logprobs_share_a_step(qwen3_model, engine):
             assert not k or g.top[0][0] == g.token  # greedy: the chosen token is the likeliest
 
 
+def test_rows_with_their_own_penalties_batched_get_the_tokens_they_get_alone(qwen3_model, engine):
+    """Penalties and logit bias are applied to all rows of a step at once (`sampling.penalize`): each request in a
+    batch of different settings (greedy and sampled, one drafting by prompt lookup, whose draft positions are
+    picked with the tokens accepted so far) gets the tokens it gets alone, and the penalties change them."""
+    ps = prompts(qwen3_model, 4)
+    params = [SamplingParams(repetition_penalty=1.8),
+              SamplingParams(frequency_penalty=1.5, presence_penalty=0.5, logit_bias={5: 4.0}),
+              SamplingParams(temperature=0.9, seed=3, repetition_penalty=1.3, frequency_penalty=0.6),
+              SamplingParams(presence_penalty=2.0)]
+
+    def requests() -> list[Request]:
+        return [Request(p, 16, params=q, speculative=4 if i == 3 else 0)
+                for i, (p, q) in enumerate(zip(ps, params, strict=True))]
+
+    alone = [tokens(run(engine, [req])[0]) for req in requests()]
+    together = [tokens(o) for o in run(engine, requests())]
+    assert together == alone
+    plain = [tokens(run(engine, [Request(p, 16, speculative=4 if i == 3 else 0)])[0]) for i, p in enumerate(ps)]
+    assert all(a != b for a, b in zip(alone, plain, strict=True))
+
+
 def test_mx_random_seed_makes_unseeded_sampling_repeat(qwen3_model, engine):
     """An unseeded request takes its seed from MLX's generator when submitted, so `mx.random.seed` repeats it (as
     with mlx-lm), and a greedy request leaves the generator alone."""
