@@ -124,6 +124,33 @@ def _block_reduce(op: np.ufunc, lanes: np.ndarray) -> np.ndarray:
     return op(op(m[:, 0], m[:, 1]), op(m[:, 2], m[:, 3]))
 
 
+def _by_lanes(x: np.ndarray, fast, general) -> tuple:
+    """A fit without importance worked in `_lanes`'s layout (each block's scale broadcast along contiguous rows, one
+    cast per code): `fast(x, lanes, hi, lo, bad)` -> (arrays per block..., bad) for all blocks, given each block's
+    largest and least weight and `bad`, the blocks holding a NaN or an infinity (numpy's max and min carry them into
+    the result). The blocks still flagged bad come out of `general(x[bad])`, C's arithmetic taken literally."""
+    t = _lanes(x)
+    hi, lo = _block_reduce(np.maximum, t), _block_reduce(np.minimum, t)
+    with np.errstate(all="ignore"):  # the bad blocks' arithmetic is thrown away, the general path's is C's
+        *out, bad = fast(x, t, hi, lo, ~(np.isfinite(hi) & np.isfinite(lo)))
+        if bad.any():
+            redo = np.flatnonzero(bad)
+            for o, r in zip(out, general(x[redo]), strict=True):
+                o[redo] = r
+    return tuple(out)
+
+
+def _spread(v: np.ndarray) -> np.ndarray:
+    """One value per block [B] -> `_lanes`'s row layout [4B] (each block's value under its 4 lanes)."""
+    return np.repeat(v, 4)
+
+
+def _unlanes(codes: np.ndarray) -> np.ndarray:
+    """Byte codes in `_lanes`'s layout [n/4, 4B] -> blocks [B, n] (moved 4 bytes at a time)."""
+    n4 = codes.shape[0]
+    return np.ascontiguousarray(codes.view(np.uint32).T).view(np.uint8).reshape(-1, 4 * n4)
+
+
 def _min_max_rows(x: np.ndarray, start: float) -> tuple[np.ndarray, np.ndarray]:
     """`_min_max(x.T, start)` for blocks x [B, n]: fmin/fmax skip NaN as C's comparisons do, so the order matters only
     for which zero a block keeps (C keeps the first of +0 and -0): the blocks whose least or largest value is a zero
@@ -490,21 +517,36 @@ class _Q4_0(Codec):
 
     def fit(self, x, qw, row_sigma2):
         if qw is None:  # no sums: the blocks stay in weight order
-            _, big = _abs_max_rows(x)
-            d = big / F(-self.half)
-            with np.errstate(all="ignore"):
-                inv = np.where(d != 0, F(1) / d, F(0))
-            v = x * inv[:, None]
-            v += F(self.half + 0.5)
-            codes = v.astype(np.int32).astype(np.int8)  # C's (int8_t)(int), NaN's INT_MIN included
-            np.minimum(codes, self.nmax, out=codes)
-            codes = codes.view(np.uint8)  # C's uint8_t of MIN(nmax, .)
+            d, codes = _by_lanes(x, self._fit_lanes, self._fit_plain)
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
             d, codes = _make_qx(_elements(x, QK), self.half, w)
             codes = _blocks(codes, 1)
         stored = _fp16(d)
         return Fit({"d": d}, stored[:, None], (F(-self.half) * stored)[:, None], codes)
+
+    def _fit_lanes(self, x, t, hi, lo, bad):
+        """Where the weights and the inverse scale are finite, the codes x * id + half + 0.5 lie in
+        [0, 2 * half + 1): one cast to uint8 is C's (int8_t) cast."""
+        _, big = _signed_max(hi, lo, lambda tie: x[tie].T)
+        d = big / F(-self.half)
+        inv = np.where(d != 0, F(1) / d, F(0))
+        bad |= ~np.isfinite(inv)  # a denormal scale's inverse overflows
+        inv[bad] = 0
+        t *= _spread(inv)
+        t += F(self.half + 0.5)
+        np.minimum(t, F(self.nmax), out=t)  # MIN(nmax, .) before the cast: the same on codes that are not negative
+        return d, _unlanes(t.astype(np.uint8)), bad
+
+    def _fit_plain(self, x):
+        _, big = _abs_max_rows(x)
+        d = big / F(-self.half)
+        inv = np.where(d != 0, F(1) / d, F(0))
+        v = x * inv[:, None]
+        v += F(self.half + 0.5)
+        codes = v.astype(np.int32).astype(np.int8)  # C's (int8_t)(int), NaN's INT_MIN included
+        np.minimum(codes, self.nmax, out=codes)
+        return d, codes.view(np.uint8)  # C's uint8_t of MIN(nmax, .)
 
     def pack(self, fit, codes):
         return np.concatenate([_half_bytes(fit.header["d"]), _nibbles(codes)], axis=1)
@@ -522,21 +564,39 @@ class _Q4_1(Codec):
 
     def fit(self, x, qw, row_sigma2):
         if qw is None:  # no sums: the blocks stay in weight order
-            lo, hi = _min_max_rows(x, np.finfo(F).max)
-            d = (hi - lo) / F(self.nmax)
-            with np.errstate(all="ignore"):
-                inv = np.where(d != 0, F(1) / d, F(0))
-            v = x - lo[:, None]
-            v *= inv[:, None]
-            v += F(0.5)
-            codes = v.astype(np.int32).astype(np.uint8)  # C's (uint8_t)(int), NaN's INT_MIN included
-            if self.nmax == 15:
-                np.minimum(codes, 15, out=codes)
+            d, lo, codes = _by_lanes(x, self._fit_lanes, self._fit_plain)
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
             d, neg_min, codes = _make_qkx(_elements(x, QK), w, self.nmax, -0.9, 0.05, 36, False)
             lo, codes = -neg_min, _blocks(codes, 1)
         return Fit({"d": d, "m": lo}, _fp16(d)[:, None], _fp16(lo)[:, None], codes)
+
+    def _fit_lanes(self, x, t, hi, lo, bad):
+        """Where the weights, the range and the inverse scale are finite, (x - min) * id + 0.5 lies in
+        [0, nmax + 1]: one cast to uint8 is C's. A block whose least or largest value is a zero is left to C's loop
+        (which keeps the first of +0 and -0)."""
+        d = (hi - lo) / F(self.nmax)
+        inv = np.where(d != 0, F(1) / d, F(0))
+        bad |= ~(np.isfinite(d) & np.isfinite(inv)) | (lo == 0) | (hi == 0)
+        inv[bad], lo[bad] = 0, 0
+        t -= _spread(lo)
+        t *= _spread(inv)
+        t += F(0.5)
+        if self.nmax == 15:
+            np.minimum(t, F(15), out=t)
+        return d, lo, _unlanes(t.astype(np.uint8)), bad
+
+    def _fit_plain(self, x):
+        lo, hi = _min_max_rows(x, np.finfo(F).max)
+        d = (hi - lo) / F(self.nmax)
+        inv = np.where(d != 0, F(1) / d, F(0))
+        v = x - lo[:, None]
+        v *= inv[:, None]
+        v += F(0.5)
+        codes = v.astype(np.int32).astype(np.uint8)  # C's (uint8_t)(int), NaN's INT_MIN included
+        if self.nmax == 15:
+            np.minimum(codes, 15, out=codes)
+        return d, lo, codes
 
     def pack(self, fit, codes):
         return np.concatenate([_half_bytes(fit.header["d"]), _half_bytes(fit.header["m"]), _nibbles(codes)], axis=1)
@@ -554,16 +614,38 @@ class _Q8_0(Codec):
     name, block, size, sub, nmax, weighted = "Q8_0", QK, 34, QK, 255, False
 
     def fit(self, x, qw, row_sigma2):  # ggml's Q8_0 has no importance-weighted variant
+        d, codes = _by_lanes(x, self._fit_lanes, self._fit_plain)
+        stored = _fp16(d)
+        return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], codes)
+
+    def _fit_lanes(self, x, t, hi, lo, bad):
+        """Where the weights and the inverse scale are finite: amax from the block's extremes (+0 for an all-zero
+        block, as C's loop from 0), and |x * id| <= 127 rounded by C's roundf (numpy's rint, with exact halves moved
+        away from zero: v + copysign(0.5, v) is exact there)."""
+        d = np.abs(np.maximum(hi, -lo)) / F(127)
+        inv = np.where(d != 0, F(1) / d, F(0))
+        bad |= ~np.isfinite(inv)
+        inv[bad] = 0
+        t *= _spread(inv)
+        r = np.rint(t)
+        half = np.subtract(t, r)
+        np.abs(half, out=half)
+        tie = half == F(0.5)
+        if tie.any():
+            r[tie] = t[tie] + np.copysign(F(0.5), t[tie])
+        codes = r.astype(np.int8).view(np.uint8)
+        codes ^= np.uint8(0x80)  # + 128, as uint8
+        return d, _unlanes(codes), bad
+
+    def _fit_plain(self, x):
         d = _running_abs_max(x) / F(127)
-        with np.errstate(all="ignore"):
-            inv = np.where(d != 0, F(1) / d, F(0))
+        inv = np.where(d != 0, F(1) / d, F(0))
         v = x * inv[:, None]
         if np.isfinite(d).all() and not np.isnan(v).any():  # |v| <= 127: int8 holds every code
             codes = _roundf(v).astype(np.int8).view(np.uint8) ^ np.uint8(0x80)  # + 128, as uint8
         else:  # lroundf of a NaN: C's (int8_t) of LONG_MIN
             codes = (_roundf(v).astype(np.int32) + 128) & 0xFF
-        stored = _fp16(d)
-        return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], codes)
+        return d, codes
 
     def pack(self, fit, codes):
         q = codes.astype(np.uint8, copy=False) ^ np.uint8(0x80)  # codes - 128 as int8, when 0 <= codes <= 255
