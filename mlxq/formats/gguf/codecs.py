@@ -17,6 +17,7 @@ scales and chooses the codes itself (GPTQ error feedback), the format stays llam
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -295,28 +296,35 @@ def _refine(x, w, codes, sumlx, suml2, lo, hi, qp: bool) -> tuple[np.ndarray, np
     wx = w * x  # C's w*x[i]*L[i] associates as (w*x[i])*L[i]
     at = np.arange(x.shape[1])
     xs, ws, wxs, cs = x, w, wx, codes
+    sumlx, suml2 = sumlx.copy(), suml2.copy()  # updated in place below
     for _ in range(5):
-        moved = np.zeros(at.size, bool)
+        n = at.size
+        slx, sl2, new, slx2, sl22, a, b = np.empty((7, n), F)  # each step's work, in reused buffers
+        take, ok, moved = np.empty(n, bool), np.empty(n, bool), np.zeros(n, bool)
         for i, xi in enumerate(xs):
             wi, li = ws[i], cs[i]
-            slx = sumlx - wxs[i] * li
-            sl2 = suml2 - wi * li * li
-            new = xi * sl2
-            new /= slx
-            new = _nearest(new)
+            np.subtract(sumlx, np.multiply(wxs[i], li, out=slx), out=slx)
+            np.multiply(wi, li, out=sl2)
+            np.subtract(suml2, np.multiply(sl2, li, out=sl2), out=sl2)
+            np.multiply(xi, sl2, out=new)
+            np.divide(new, slx, out=new)
+            rounded = _nearest(new)  # in place, unless a NaN or |v| >= 2**22 is there
             if lo is None:
-                np.minimum(new, F(hi), out=new)
+                np.minimum(rounded, F(hi), out=rounded)
             else:
-                _clip(new, lo, hi)
-            slx2 = wxs[i] * new
-            slx2 += slx
-            sl22 = wi * new
-            sl22 *= new
-            sl22 += sl2
-            take = (slx > 0) & ((sl2 if qp else sl22) > 0) & (new != li)
-            take &= slx2 * slx2 * suml2 > sumlx * sumlx * sl22
-            cs[i] = np.where(take, np.mod(new, F(256)) if qp else new, li)
-            sumlx, suml2 = np.where(take, slx2, sumlx), np.where(take, sl22, suml2)
+                _clip(rounded, lo, hi)
+            np.add(np.multiply(wxs[i], rounded, out=slx2), slx, out=slx2)
+            np.multiply(wi, rounded, out=sl22)
+            np.add(np.multiply(sl22, rounded, out=sl22), sl2, out=sl22)
+            np.greater(slx, 0, out=take)
+            take &= np.greater(sl2 if qp else sl22, 0, out=ok)
+            take &= np.not_equal(rounded, li, out=ok)
+            np.multiply(np.multiply(slx2, slx2, out=a), suml2, out=a)
+            np.multiply(np.multiply(sumlx, sumlx, out=b), sl22, out=b)
+            take &= np.greater(a, b, out=ok)
+            np.copyto(li, np.mod(rounded, F(256)) if qp else rounded, where=take)
+            np.copyto(sumlx, slx2, where=take)
+            np.copyto(suml2, sl22, where=take)
             moved |= take
         if at.size == x.shape[1]:  # the first pass works on the arrays themselves
             sumlx_all, suml2_all = sumlx, suml2
@@ -1042,9 +1050,15 @@ def encode(w: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np
     if len(starts) == 1:
         run(0)
     else:  # numpy lets go of the GIL inside its array operations: chunks encode side by side
-        with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1)) as pool:
-            list(pool.map(run, starts))
+        list(_pool().map(run, starts))
     return out.reshape(*lead, -1)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """One pool of encoding threads for the process (an export encodes hundreds of tensors: starting threads for
+    each costs more than encoding the small ones)."""
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="mlxq-encode")
 
 
 def _encode_rows(codec: Codec, x: np.ndarray, qw: np.ndarray | None, out: np.ndarray) -> None:
