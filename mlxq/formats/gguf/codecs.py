@@ -514,6 +514,20 @@ def _nibbles(codes: np.ndarray) -> np.ndarray:
     return q.view(np.uint8)
 
 
+def _concat_bytes(parts: list[np.ndarray]) -> np.ndarray:
+    """`np.concatenate(parts, axis=1)` for byte blocks [B, k]: each part moves as one k-byte item per block (numpy
+    would copy a block's few bytes as a row of its own, several times slower)."""
+    n, width = len(parts[0]), sum(p.shape[1] for p in parts)
+    out = np.empty((n, width), np.uint8)
+    at = 0
+    for p in parts:
+        k = p.shape[1]
+        item = np.dtype(f"V{k}")
+        np.ndarray((n,), item, out, at, (width,))[...] = np.ascontiguousarray(p, np.uint8).view(item).reshape(n)
+        at += k
+    return out
+
+
 def _high_bits(codes: np.ndarray) -> np.ndarray:
     """Bit 4 of each of 32 codes, as the little-endian uint32 qh of Q5_0/Q5_1."""
     return np.packbits((codes.astype(np.uint8, copy=False) >> 4) & 1, axis=-1, bitorder="little")
@@ -557,14 +571,14 @@ class _Q4_0(Codec):
         return d, codes.view(np.uint8)  # C's uint8_t of MIN(nmax, .)
 
     def pack(self, fit, codes):
-        return np.concatenate([_half_bytes(fit.header["d"]), _nibbles(codes)], axis=1)
+        return _concat_bytes([_half_bytes(fit.header["d"]), _nibbles(codes)])
 
 
 class _Q5_0(_Q4_0):
     name, size, nmax, half = "Q5_0", 22, 31, 16
 
     def pack(self, fit, codes):
-        return np.concatenate([_half_bytes(fit.header["d"]), _high_bits(codes), _nibbles(codes)], axis=1)
+        return _concat_bytes([_half_bytes(fit.header["d"]), _high_bits(codes), _nibbles(codes)])
 
 
 class _Q4_1(Codec):
@@ -607,7 +621,7 @@ class _Q4_1(Codec):
         return d, lo, codes
 
     def pack(self, fit, codes):
-        return np.concatenate([_half_bytes(fit.header["d"]), _half_bytes(fit.header["m"]), _nibbles(codes)], axis=1)
+        return _concat_bytes([_half_bytes(fit.header["d"]), _half_bytes(fit.header["m"]), _nibbles(codes)])
 
 
 class _Q5_1(_Q4_1):
@@ -615,7 +629,7 @@ class _Q5_1(_Q4_1):
 
     def pack(self, fit, codes):
         h = fit.header
-        return np.concatenate([_half_bytes(h["d"]), _half_bytes(h["m"]), _high_bits(codes), _nibbles(codes)], axis=1)
+        return _concat_bytes([_half_bytes(h["d"]), _half_bytes(h["m"]), _high_bits(codes), _nibbles(codes)])
 
 
 class _Q8_0(Codec):
@@ -657,7 +671,7 @@ class _Q8_0(Codec):
 
     def pack(self, fit, codes):
         q = codes.astype(np.uint8, copy=False) ^ np.uint8(0x80)  # codes - 128 as int8, when 0 <= codes <= 255
-        return np.concatenate([_half_bytes(fit.header["d"]), q], axis=1)
+        return _concat_bytes([_half_bytes(fit.header["d"]), q])
 
 
 def _pack_2bit(codes: np.ndarray) -> np.ndarray:
@@ -713,7 +727,7 @@ class _Q2_K(Codec):
 
     def pack(self, fit, codes):
         h = fit.header
-        return np.concatenate([h["scales"], _pack_2bit(codes), _half_bytes(h["d"]), _half_bytes(h["dmin"])], axis=1)
+        return _concat_bytes([h["scales"], _pack_2bit(codes), _half_bytes(h["d"]), _half_bytes(h["dmin"])])
 
 
 def _q3_scale_bytes(l: np.ndarray) -> np.ndarray:
@@ -767,7 +781,7 @@ class _Q3_K(Codec):
         hmask = np.zeros((c.shape[0], 32), np.uint8)
         for k in range(8):
             hmask |= high[:, k].astype(np.uint8) << k
-        return np.concatenate([hmask, _pack_2bit(c & 3), fit.header["scales"], _half_bytes(fit.header["d"])], axis=1)
+        return _concat_bytes([hmask, _pack_2bit(c & 3), fit.header["scales"], _half_bytes(fit.header["d"])])
 
 
 def _k4_scale_bytes(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -833,7 +847,7 @@ class _Q4_K(Codec):
             for i in range(4):
                 qh |= ((c[:, i, 0] >> 4) << (2 * i)) | ((c[:, i, 1] >> 4) << (2 * i + 1))
             parts.append(qh)
-        return np.concatenate([*parts, qs], axis=1)
+        return _concat_bytes([*parts, qs])
 
 
 class _Q5_K(_Q4_K):
@@ -866,8 +880,8 @@ class _Q6_K(Codec):
         ql = np.concatenate([(c[:, :, 0] & 0xF) | ((c[:, :, 2] & 0xF) << 4),
                              (c[:, :, 1] & 0xF) | ((c[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
         qh = ((c[:, :, 0] >> 4) | ((c[:, :, 1] >> 4) << 2) | ((c[:, :, 2] >> 4) << 4) | ((c[:, :, 3] >> 4) << 6))
-        out = np.concatenate([ql, qh.reshape(-1, 64), fit.header["scales"].astype(np.int8).view(np.uint8),
-                              _half_bytes(fit.header["d"])], axis=1)
+        out = _concat_bytes([ql, qh.reshape(-1, 64), fit.header["scales"].astype(np.int8).view(np.uint8),
+                             _half_bytes(fit.header["d"])])
         out[fit.header["zero"]] = 0
         return out
 
@@ -935,7 +949,7 @@ class _IQ4_NL(Codec):
         return Fit({"d": d}, _fp16(d)[:, None], np.zeros((len(d), 1), F), codes)
 
     def pack(self, fit, codes):
-        return np.concatenate([_half_bytes(fit.header["d"]), _nibbles(codes)], axis=1)
+        return _concat_bytes([_half_bytes(fit.header["d"]), _nibbles(codes)])
 
 
 def _ternary_fit(x: np.ndarray) -> Fit:
@@ -955,7 +969,7 @@ class _TQ2_0(Codec):
         return _ternary_fit(x)
 
     def pack(self, fit, codes):
-        return np.concatenate([_pack_2bit(codes & 3), _half_bytes(fit.header["d"])], axis=1)
+        return _concat_bytes([_pack_2bit(codes & 3), _half_bytes(fit.header["d"])])
 
 
 _POW3 = np.array([81, 27, 9, 3, 1], np.int32)
@@ -978,7 +992,7 @@ class _TQ1_0(Codec):
             return ((q.astype(np.uint16) * 256 + 242) // 243).astype(np.uint8)
 
         qs = np.concatenate([trits(c[:, :160], 32, 5), trits(c[:, 160:240], 16, 5)], axis=1)
-        return np.concatenate([qs, trits(c[:, 240:], 4, 4), _half_bytes(fit.header["d"])], axis=1)
+        return _concat_bytes([qs, trits(c[:, 240:], 4, 4), _half_bytes(fit.header["d"])])
 
 
 CODECS: dict[str, Codec] = {c.name: c for c in (
