@@ -33,6 +33,11 @@ from mlxq.models.base import CausalLM
 class Model:
     """A loaded model with its tokenizer and its engine.
 
+    A prompt is text, token ids, or chat messages. Text is the user's turn: it goes through the chat template as
+    one user message when the model has a template (as `mlxq generate`, Ollama's generate and mlx-lm's command line
+    read it: an instruct model given bare text often ends at once), and as raw text when it has none or with
+    `raw=True` (a completion of the text itself). Token ids are taken as they are.
+
     Generation options, the same on every path (here, `Session`, the server):
     - `max_tokens`, `stop` (a string or a list), `logprobs` (k: each token's logprob and the k most likely),
       `ignore_eos`, `speculative` (k: prompt-lookup draft tokens checked per decode step, or "mtp": drafts from the
@@ -117,15 +122,25 @@ class Model:
         time; subtract two snapshots for one run), or None when the experts are not streamed."""
         return expert_stats(self.net)
 
-    def encode_prompt(self, prompt: Prompt, **chat_template_kwargs: Any) -> list[int]:
-        """Token ids of text, token ids, or chat messages (rendered by the chat template)."""
-        return prepare(self.tokenizer, prompt, chat_template_kwargs=chat_template_kwargs).prompt
+    def encode_prompt(self, prompt: Prompt, *, raw: bool = False, **chat_template_kwargs: Any) -> list[int]:
+        """Token ids of a prompt as `generate` reads it (text as a user turn unless `raw`; see the class)."""
+        return prepare(self.tokenizer, self.read_prompt(prompt, raw), chat_template_kwargs=chat_template_kwargs).prompt
+
+    def read_prompt(self, prompt: Prompt, raw: bool = False) -> Prompt:
+        """Text as one user message when the model has a chat template and `raw` is not set; anything else as
+        given. (The server's completions endpoint keeps text raw, as the OpenAI contract has it.)"""
+        if raw and isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            raise InvalidRequest("raw: applies to a text prompt; chat messages always go through the chat template")
+        if isinstance(prompt, str) and prompt and not raw and self.tokenizer.has_chat_template:
+            return [{"role": "user", "content": prompt}]
+        return prompt  # empty text stays empty, and fails as such
 
     # ---------------------------------------------------------------------------------------- generation
     def request(
         self,
         prompt: Prompt,
         *,
+        raw: bool = False,
         max_tokens: int = 256,
         stop: list[str] | str | None = None,
         logprobs: int | None = None,
@@ -136,15 +151,16 @@ class Model:
         speculative: int | str = 0,
         **options: Any,
     ) -> Request:
-        """The engine request for a prompt and the options above (what `stream` and `generate` submit).
+        """The engine request for a prompt and the options above (what `stream` and `generate` submit). `raw`: text
+        is sent as it is, not as a user message through the chat template.
         `speculative`: k draft tokens checked per decode step, looked up in the prompt and the answer so far (prompt
         lookup), or 'mtp': drafts from the model's own multi-token-prediction head (Qwen3.5 checkpoints that keep
         their `mtp.*` weights); the output is the same as without."""
         controls, sampling = split_options(options)
         if params is not None and sampling:
             raise InvalidRequest(f"give sampling options either as params or by keyword, not both ({min(sampling)})")
-        prepared = prepare(self.tokenizer, prompt, controls, chat_template_kwargs=chat_template_kwargs,
-                           rewindable=self.engine.rewindable)
+        prepared = prepare(self.tokenizer, self.read_prompt(prompt, raw), controls,
+                           chat_template_kwargs=chat_template_kwargs, rewindable=self.engine.rewindable)
         stops = check_stops(stop)
         k = int(logprobs) if logprobs is not None and logprobs is not False else None
         return prepared.request(max_tokens, params or SamplingParams(**sampling), stop=stops, logprobs=k,

@@ -156,21 +156,29 @@ def _sampling(kw: dict) -> dict:
 @group_options
 def generate(prompt, model, chat, system, think, stop, verbose, keep_quantized, expert_memory, expert_prefetch,
              experts_per_tok, max_tokens, hosts, parallel, ring_port, rank_timeout, **kw):
-    """Generate a completion for PROMPT and stream it to stdout."""
+    """Generate an answer to PROMPT and stream it to stdout: PROMPT is a user message through the model's chat
+    template (when it has one), or with --raw text the model continues."""
+    if system and not chat:
+        raise InvalidRequest("--system: a system message needs the chat template; leave out --raw")
     m = load_for_cli(model, keep_quantized, hosts, parallel, ring_port, rank_timeout, expert_memory=expert_memory,
                      experts_per_tok=experts_per_tok, expert_prefetch=expert_prefetch)
     before = m.expert_stats()
-    if chat and m.tokenizer.has_chat_template:
-        prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    if system and m.tokenizer.has_chat_template:  # else the text alone goes as the user message (`Model.read_prompt`)
+        prompt = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
     kwargs = {"enable_thinking": think} if think is not None else {}
     result = None
-    for chunk in m.stream(prompt, max_tokens=max_tokens, stop=list(stop), chat_template_kwargs=kwargs,
+    answered = False
+    for chunk in m.stream(prompt, raw=not chat, max_tokens=max_tokens, stop=list(stop), chat_template_kwargs=kwargs,
                           **_sampling(kw)):
         if chunk.reasoning:
             click.echo(chunk.reasoning, nl=False, err=True)  # the think block, apart from the answer
         click.echo(chunk.text, nl=False)
+        answered = answered or bool(chunk.text)
         result = chunk
     click.echo()
+    if not answered and not chat and m.tokenizer.has_chat_template:
+        click.echo("[no answer to the raw text; without --raw the prompt goes to the model as a user message]",
+                   err=True)
     if verbose and result is not None:
         click.echo(f"[finish: {result.finish_reason}]", err=True)
     if verbose and before is not None:

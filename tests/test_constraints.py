@@ -81,10 +81,10 @@ def test_regex_and_lark(qwen3_model):
     model = qwen3_model
     for seed in range(3):
         proc = regex_processor(model.tokenizer, r"[0-9]{3}-[a-z]{2}")
-        out = model.generate("Code:", max_tokens=20, temperature=1.0, seed=seed, logits_processors=[proc])
+        out = model.generate("Code:", raw=True, max_tokens=20, temperature=1.0, seed=seed, logits_processors=[proc])
         assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", out.text), out.text
         proc = lark_processor(model.tokenizer, 'start: "answer: " ("yes" | "no")')
-        out = model.generate("Q:", max_tokens=20, temperature=1.0, seed=seed, logits_processors=[proc])
+        out = model.generate("Q:", raw=True, max_tokens=20, temperature=1.0, seed=seed, logits_processors=[proc])
         assert out.text in ("answer: yes", "answer: no") and proc.finished
 
 

@@ -309,8 +309,8 @@ def test_api_generate_on_a_hybrid_follows_transformers(hybrid_api_model):
     greedy token at every step (up to ties), and Model.logits agrees with it."""
     model, ref = hybrid_api_model
     prompt = "A man walks into a bar and asks for a glass of water. " * 12  # several 64-token DeltaNet chunks
-    ids = model.encode_prompt(prompt)
-    out = model.generate(prompt, max_tokens=12, temperature=0.0)
+    ids = model.encode_prompt(prompt, raw=True)  # the forward pass alone: no chat turn, no thinking control
+    out = model.generate(prompt, max_tokens=12, temperature=0.0, raw=True)
     assert out.finish_reason in ("length", "stop") and out.tokens
     with torch.no_grad():
         want = ref(torch.tensor([ids + out.tokens])).logits[0].numpy()

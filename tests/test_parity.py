@@ -149,9 +149,9 @@ def test_secret_guard_on_completions(qwen3_model, live):
     secret = "The man ate his friend."
     forced = qwen3_model.tokenizer.encode(" " + secret)
     prompt = "The story:"
-    leaked = qwen3_model.generate(prompt, max_tokens=len(forced), logits_processors=[teacher(forced)])
+    leaked = qwen3_model.generate(prompt, raw=True, max_tokens=len(forced), logits_processors=[teacher(forced)])
     assert normalize(secret) in normalize(leaked.text)
-    guarded = qwen3_model.generate(prompt, max_tokens=len(forced), logits_processors=[teacher(forced)],
+    guarded = qwen3_model.generate(prompt, raw=True, max_tokens=len(forced), logits_processors=[teacher(forced)],
                                    secrets=[secret], min_span=6)
     said = normalize(guarded.text)
     assert not any(normalize(secret)[i : i + 6] in said for i in range(len(normalize(secret)) - 5))
