@@ -119,6 +119,7 @@ def _float_view(ckpt: Checkpoint, infos: dict[str, TensorInfo], views: dict, dro
         return views[name][1]() if name in views else src[name]
 
     config = {k: v for k, v in ckpt.config.items() if k not in ("quantization", "quantization_config")}
+
     def host(name: str) -> np.ndarray | None:
         return None if name in views else src.host_float(name)
 
