@@ -200,6 +200,52 @@ def test_gguf_tokenizer_cache_holds_its_added_tokens(smollm2_gguf, tmp_path, mon
 
 
 
+def test_gguf_tokenizer_cache_holds_merges_as_strings(smollm2_gguf, tmp_path, monkeypatch):
+    """The cached tokenizer.json holds its BPE merges as "a b" strings (faster to parse than pairs); an entry cached
+    with pairs (as transformers saves them) is rewritten on its next load and tokenizes and decodes as transformers'
+    own reading of the pairs does. A merge whose token holds a space keeps the pair form."""
+    import json
+    import shutil
+
+    from transformers import PreTrainedTokenizerFast
+
+    from mlxq.engine.tokenizer import (
+        _STRING_MERGES,
+        Tokenizer,
+        _merges_as_strings,
+        gguf_tokenizer_cache,
+        load_tokenizer,
+    )
+
+    load_tokenizer(None, smollm2_gguf, None)  # the shared cache entry, built if missing
+    entry = gguf_tokenizer_cache(smollm2_gguf)
+    assert all(isinstance(m, str) for m in json.loads((entry / "tokenizer.json").read_text())["model"]["merges"])
+    old = tmp_path / "tokenizers" / entry.name
+    shutil.copytree(entry, old)
+    spec = json.loads((old / "tokenizer.json").read_text())
+    spec["model"]["merges"] = [m.split(" ") for m in spec["model"]["merges"]]
+    (old / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    (old / _STRING_MERGES).unlink()
+    reference = Tokenizer(PreTrainedTokenizerFast.from_pretrained(str(old)))
+
+    monkeypatch.setenv("MLXQ_CACHE", str(tmp_path))
+    ours = load_tokenizer(None, smollm2_gguf, None)
+    merges = json.loads((old / "tokenizer.json").read_text())["model"]["merges"]
+    assert merges == [" ".join(m) for m in spec["model"]["merges"]]
+    text = ("<|im_start|>user\nHello wörld, 12345 tokens!  Ünïcödé — 日本語のテキスト 🙂\n\tdef f(x):\n    return x**2"
+            "<|im_end|>\n<|endoftext|> <jupyter_code>")
+    ids = reference.encode(text)
+    assert ours.encode(text) == ids and len(ids) > 40
+    assert ours.decode(ids) == reference.decode(ids)
+
+    spaced = tmp_path / "spaced"
+    spaced.mkdir()
+    pairs = {"model": {"type": "BPE", "merges": [["a", "b"], ["a b", "c"]]}}
+    (spaced / "tokenizer.json").write_text(json.dumps(pairs))
+    _merges_as_strings(spaced)
+    assert json.loads((spaced / "tokenizer.json").read_text()) == pairs
+
+
 def test_end_of_turn_ids_looked_up_as_the_vocabulary_has_them(smollm2_gguf):
     """The end-of-turn tokens are looked up one by one (not through the 49k-entry `get_vocab` dict): the same ids as
     the dict gives, the unknown token itself found (SmolLM2's <|endoftext|> is its unk token, id 0), and a token the

@@ -32,8 +32,22 @@ def _f16(b: mx.array, at: int) -> mx.array:
 
 
 def _f16_as_stored(b: mx.array, at: int) -> mx.array:
-    """The float16 at byte `at` of every block [n, 1], in an array of its own (not a view into the blocks)."""
-    return mx.contiguous(mx.view(b[:, at : at + 2], mx.float16))
+    """The float16 at (even) byte `at` of every block [n, 1], in an array of its own (not a view into the blocks)."""
+    return mx.contiguous(mx.view(_halfwords(b)[:, at // 2 : at // 2 + 1], mx.float16))
+
+
+def _halfwords(b: mx.array) -> mx.array:
+    """Blocks of an even number of bytes [n, size] as 16-bit words [n, size / 2], a view: MLX copies or combines
+    slices of an array an element at a time, so slices of these cost half what slices of the bytes do."""
+    return mx.view(b, mx.uint16)
+
+
+def _words(b: mx.array, start: int, stop: int) -> mx.array:
+    """Bytes [start, stop) (even offsets, 8k bytes) of every block as 64-bit words [n, k]: the slice taken in 16-bit
+    words, or as it is when the blocks are whole 64-bit words."""
+    if b.shape[1] % 8 == 0 and start % 8 == 0:
+        return mx.view(b, mx.uint64)[:, start // 8 : stop // 8]
+    return mx.view(_halfwords(b)[:, start // 2 : stop // 2], mx.uint64)
 
 
 def _bits(b: mx.array, shifts: list[int], mask: int) -> mx.array:
@@ -332,31 +346,42 @@ def _affine_blocks(b: mx.array, kind: str) -> tuple[mx.array, mx.array, mx.array
     n = b.shape[0]
     if kind in ("Q4_0", "Q5_0"):
         d = _f16_as_stored(b, 0)
-        packed = _repack_nibbles(b[:, 2:18], 16) if kind == "Q4_0" else _repack_q5(b, 2)
+        packed = _repack_nibbles(_words(b, 2, 18), 16) if kind == "Q4_0" else _repack_q5(b, 2)
         return packed, d, -(8 if kind == "Q4_0" else 16) * d.astype(mx.float32)
     if kind in ("Q4_1", "Q5_1"):
-        packed = _repack_nibbles(b[:, 4:20], 16) if kind == "Q4_1" else _repack_q5(b, 4)
+        packed = _repack_nibbles(_words(b, 4, 20), 16) if kind == "Q4_1" else _repack_q5(b, 4)
         return packed, _f16_as_stored(b, 0), _f16_as_stored(b, 2)
     if kind == "Q8_0":
         d = _f16_as_stored(b, 0)
-        return b[:, 2:34] ^ 0x80, d, -128 * d.astype(mx.float32)  # int8 + 128 as a byte: the sign bit flipped
+        # int8 + 128 as a byte: the sign bit flipped, two bytes at a time
+        return mx.view(_halfwords(b)[:, 1:17] ^ mx.array(0x8080, mx.uint16), mx.uint8), d, -128 * d.astype(mx.float32)
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
     if kind == "Q4_K":
-        packed = _repack_nibbles(b[:, 16:144], 32)
+        packed = _repack_nibbles(_words(b, 16, 144), 32)
     else:
         qh = _bits(b[:, 16:48], list(range(8)), 1).reshape(n, QK_K)
         packed = _pack_bytes(_nibbles(b[:, 48:176], 32) | (qh << 4), 5)
     return packed, d * sc.astype(mx.float32), -(dmin * mn.astype(mx.float32))
 
 
-def _repack_nibbles(qs: mx.array, run: int) -> mx.array:
-    """llama.cpp's 4-bit layout (each `run` bytes: weights 0..run-1 in the low nibbles, run..2run-1 in the high ones)
-    -> MLX's (weight 2k in the low nibble of byte k, 2k + 1 in the high one), without unpacking the codes."""
-    n = qs.shape[0]
-    pairs = qs.reshape(n * (qs.shape[1] // run), run // 2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    return mx.concatenate([(even & 0xF) | (odd << 4), (even >> 4) | (odd & 0xF0)], axis=1).reshape(n, -1)
+def _repack_nibbles(words: mx.array, run: int) -> mx.array:
+    """llama.cpp's 4-bit layout as 64-bit words [n, k] (each `run` bytes: weights 0..run-1 in the low nibbles,
+    run..2run-1 in the high ones) -> MLX's bytes [n, 8k] (weight 2i in the low nibble of byte i, 2i + 1 in the high
+    one), without unpacking the codes: each 16-bit lane of a word is a pair of bytes, whose low nibbles make a byte of
+    the run's first half and whose high nibbles make one of its second half."""
+    n, k = words.shape
+    return mx.view(_nibble_pairs(words.reshape(n * k * 8 // run, 1, run // 8)), mx.uint8).reshape(n, 8 * k)
+
+
+@mx.compile
+def _nibble_pairs(w: mx.array) -> mx.array:
+    """[m, 1, j] words -> [m, 2, j] 32-bit words: the four lanes' low-nibble bytes, then their high-nibble bytes.
+    Compiled: one pass over the bytes instead of one per operation (integer operations: exact)."""
+    half = mx.array([[[0], [4]]], mx.uint64)  # the low nibbles' bytes, then the high ones'
+    v = ((w >> half) & _u64(0x000F000F000F000F)) | ((w >> (half + _u64(4))) & _u64(0x00F000F000F000F0))
+    v = (v | (v >> _u64(8))) & _u64(0x0000FFFF0000FFFF)  # each lane's byte, squeezed together
+    return (v | (v >> _u64(16))).astype(mx.uint32)
 
 
 def _u64(v: int) -> mx.array:
@@ -365,22 +390,32 @@ def _u64(v: int) -> mx.array:
 
 def _repack_q5(b: mx.array, at: int) -> mx.array:
     """Q5_0 / Q5_1 blocks (4 bytes of fifth bits at `at`, then 16 bytes of nibbles) -> MLX's 5-bit stream [n, 20]
-    bytes, without unpacking the codes: each 8 weights are 8 nibbles of one 64-bit word (the low or the high
-    nibbles of 8 bytes), each byte given its weight's fifth bit (one byte of them spread a bit to a byte by one
-    multiplication), squeezed from 8 bits apart to 5 in three halving steps; 5 bytes of each word are the stream."""
+    bytes, without unpacking the codes (`_five_bits`)."""
     n = b.shape[0]
-    q = mx.view(b[:, at + 4 : at + 20], mx.uint64)  # [n, 2]: bytes 0..7 and 8..15
-    # weights 0..7, 8..15 in the low nibbles, 16..23, 24..31 in the high ones: one nibble per byte
-    x = mx.concatenate([q, q >> 4], axis=1) & _u64(0x0F0F0F0F0F0F0F0F)
+    high = mx.view(mx.contiguous(_halfwords(b)[:, at // 2 : at // 2 + 2]), mx.uint32).astype(mx.uint64)
+    low, top = _five_bits(_words(b, at + 4, at + 20)[:, None, :], high[:, :, None])
+    return mx.view(mx.concatenate([mx.view(low, mx.uint16).reshape(n, 2, 4), top.astype(mx.uint16)[..., None]],
+                                  axis=2), mx.uint8).reshape(n, 20)
+
+
+@mx.compile
+def _five_bits(q: mx.array, high: mx.array) -> tuple[mx.array, mx.array]:
+    """q [n, 1, 2]: a block's nibble bytes as 64-bit words; high [n, 1, 1]: its 32 fifth bits. Each 8 weights are 8
+    nibbles of one word (the low or the high nibbles of 8 bytes), each byte given its weight's fifth bit (one byte of
+    them spread a bit to a byte by one multiplication), squeezed from 8 bits apart to 5 in three halving steps: 40 bits
+    per 8 weights. Returns each pair of those (weights 0..15, 16..31) as its low 64 bits [n, 2] and high 16 [n, 2].
+    Compiled: one pass instead of one per operation (integer operations: exact)."""
+    # [n, 2, 2]: weights 0..7, 8..15 in the low nibbles, 16..23, 24..31 in the high ones, one nibble per byte
+    x = (q >> mx.array([[[0], [4]]], mx.uint64)) & _u64(0x0F0F0F0F0F0F0F0F)
     # fifth bits, byte j for weights 8j..8j+7: bit k to bit 8k (7 copies 7 bits apart never overlap; bit 7 by a
     # shift), then to bit 4 of its weight's byte
-    h = b[:, at : at + 4].astype(mx.uint64)
+    h = (high >> mx.array([[[0, 8], [16, 24]]], mx.uint64)) & _u64(0xFF)
     spread = ((h & _u64(0x7F)) * _u64(0x2040810204081)) | ((h & _u64(0x80)) << _u64(49))
     x = x | ((spread & _u64(0x0101010101010101)) << _u64(4))
-    x = (x & _u64(0x001F001F001F001F)) | ((x & _u64(0x1F001F001F001F00)) >> 3)  # pairs: 10 bits in each 16
-    x = (x & _u64(0x000003FF000003FF)) | ((x & _u64(0x03FF000003FF0000)) >> 6)  # fours: 20 bits in each 32
-    x = (x & _u64(0xFFFFF)) | ((x >> 12) & _u64(0xFFFFF << 20))  # eights: 40 bits
-    return mx.view(x, mx.uint8).reshape(n, 4, 8)[:, :, :5].reshape(n, 20)
+    x = (x & _u64(0x001F001F001F001F)) | ((x & _u64(0x1F001F001F001F00)) >> _u64(3))  # pairs: 10 bits in each 16
+    x = (x & _u64(0x000003FF000003FF)) | ((x & _u64(0x03FF000003FF0000)) >> _u64(6))  # fours: 20 bits in each 32
+    x = (x & _u64(0xFFFFF)) | ((x >> _u64(12)) & _u64(0xFFFFF << 20))  # eights: 40 bits
+    return x[:, :, 0] | (x[:, :, 1] << _u64(40)), x[:, :, 1] >> _u64(24)
 
 
 def _pack_bytes(codes: mx.array, bits: int) -> mx.array:
@@ -463,19 +498,21 @@ def to_affine(blocks: mx.array, kind: str, rows_per_step: int | None = None) -> 
         rows = chunk.shape[0]
         packed, scales, biases = _affine_blocks(chunk.reshape(-1, size), kind)
         part = (mx.view(packed.reshape(rows, -1), mx.uint32), scales.reshape(rows, -1), biases.reshape(rows, -1))
-        mx.eval(part)
+        if rows < flat.shape[0]:
+            mx.eval(part)  # each step done before the next is built: what working in steps is for
         parts.append(part)
     weight, scales, biases = (mx.concatenate(p) if len(parts) > 1 else p[0] for p in zip(*parts, strict=True))
-    return weight.reshape(*lead, -1), _narrowed(scales).reshape(*lead, -1), _narrowed(biases).reshape(*lead, -1)
+    scales, biases = _narrowed([scales, biases], weight)
+    return weight.reshape(*lead, -1), scales.reshape(*lead, -1), biases.reshape(*lead, -1)
 
 
-def _narrowed(x: mx.array) -> mx.array:
-    """float32 `x` as float16 when every value survives the round trip (a float16 overflow or rounding keeps it
-    float32)."""
-    if x.dtype == mx.float16:
-        return x
-    half = x.astype(mx.float16)
-    return half if mx.array_equal(half.astype(mx.float32), x).item() else x
+def _narrowed(xs: list[mx.array], *along: mx.array) -> list[mx.array]:
+    """Each float32 `x` as float16 when every value survives the round trip (a float16 overflow or rounding keeps it
+    float32). Evaluates them, their checks and `along` together: one wait for MLX instead of one per check."""
+    halves = [x.astype(mx.float16) for x in xs]
+    fits = [x.dtype == mx.float16 or mx.array_equal(h.astype(mx.float32), x) for h, x in zip(halves, xs, strict=True)]
+    mx.eval(*along, *xs, *halves, *(f for f in fits if isinstance(f, mx.array)))
+    return [h if bool(f) else x for h, f, x in zip(halves, fits, xs, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------------ interface
