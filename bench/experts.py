@@ -41,7 +41,12 @@ each step's input is the next token of a fixed text, not the model's own choice,
 output repeats one token and would route to the same experts every step (flattering every cache). The memory cap
 is what mlxq's own 25 % run was charged at most (a measuring cgroup's peak, page cache included), plus 10 %.
 
-    python bench/experts.py [--quick] [--top-k 4] [--warm 160] [--keep]
+--real-experts (about 3 minutes once built; building takes ~6 more and 2 GB on the way, 1.5 GB kept with --keep):
+only 1. and 2., on a model with Qwen3.5-397B's own widths and so its own expert size (3.93 MB; 4 layers x 64
+experts), mlxq at 25 % reading 0, 1 and 3 layers ahead: the read rate at the size the projection is for, where a
+read's fixed costs no longer dominate (bench/results/experts-real-experts.json).
+
+    python bench/experts.py [--quick | --real-experts] [--top-k 4] [--warm 160] [--keep]
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ SHAPES = {
     "full": scaled(QWEN35_397B, width=4, layers=12, experts=512),
     # 8 layers x 256 experts of 60 KiB: 126 MB of packs
     "quick": scaled(QWEN35_397B, width=8, layers=8, experts=256),
+    # --real-experts: Qwen3.5-397B's own widths, so its own expert size (3.75 MiB), 4 layers x 64 experts: 1 GB
+    "real-experts": scaled(QWEN35_397B, width=1, layers=4, experts=64),
 }
 MAC_SSD = 5.5e9  # bytes/s: the projection's device
 # one Qwen3.5-397B expert at 2 bits, group 64 (float16 scale and bias a group): gate, up and down
@@ -347,7 +354,7 @@ def llama_cpp_gguf(work: Path, src: Path) -> tuple[Path, dict]:
     return out, {**timings, **bits_per_weight(out), "bytes": out.stat().st_size, "arch": arch}
 
 
-def prepare(work: Path, shape, coactivation: bool) -> dict[str, Path]:
+def prepare(work: Path, shape, coactivation: bool, mlx_lm: bool = True) -> dict[str, Path]:
     """Source, the mlx-lm directory, the packs (and the co-activation-ordered packs), reused when present."""
     from mlxq.bench.synthetic import write_moe
     from mlxq.quant.pipeline import quantize
@@ -358,12 +365,12 @@ def prepare(work: Path, shape, coactivation: bool) -> dict[str, Path]:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(shape.__dict__))
-    paths = {"src": work / "src", "mlx": work / "mlx-lm", "packs": work / "packs"}
+    paths = {"src": work / "src", "packs": work / "packs"} | ({"mlx": work / "mlx-lm"} if mlx_lm else {})
     if coactivation:
         paths["packs_coact"] = work / "packs-coactivation"
     recipe = RECIPES["experts-2bit"]
     timings = {}
-    if not paths["src"].exists():
+    if not paths["src"].exists() and not all(path.exists() for key, path in paths.items() if key != "src"):
         t0 = time.perf_counter()
         write_moe(paths["src"], shape)
         timings["synthesize_s"] = time.perf_counter() - t0
@@ -391,9 +398,14 @@ def main() -> None:
                    help="also run llama.cpp (mmap) on a Q2_K GGUF of the same weights under the cap (the export "
                         "takes minutes: about 1.5 for --quick)")
     p.add_argument("--keep", action="store_true", help="keep the generated models (cache dir) for another run")
+    p.add_argument("--real-experts", action="store_true",
+                   help="only the read rates (1. and 2.), on a model with Qwen3.5-397B's own widths and so its expert "
+                        "size (4 layers x 64 experts of 3.9 MB), at 25 %% with prefetch 0, 1 and 3")
     args = p.parse_args()
     global REPEAT
     REPEAT = args.repeat or (1 if args.quick else 2)
+    if args.real_experts:
+        return real_experts(args)
 
     from mlxq.experts.io import measure_burst_rate, measure_read_rate
     from mlxq.experts.pack import open_pack_dir
@@ -487,13 +499,7 @@ def main() -> None:
     e = ours_capped.get("experts", {}) if ours_capped["ok"] else {}
     raw_burst = raw_big = None
     if e:
-        steps = e["tokens"] * len(packs.layers)  # layer steps while decoding
-        raw_burst = measure_burst_rate(packs, batch=e["misses"] / steps, threads=args.threads,
-                                       gap_s=max(0.0, ours_capped["decode_s"] - e["read_s"]) / steps,
-                                       seconds=2.0 if args.quick else 5.0)
-        print(f"raw device in the decode's pattern: {raw_burst['gb_per_s']:.3f} GB/s ({raw_burst['batch']:.2f} "
-              f"experts a burst, {1e3 * raw_burst['gap_s']:.1f} ms idle between; {_shape(raw_burst)})",
-              file=sys.stderr)
+        raw_burst = decode_pattern(packs, ours_capped, args.threads, seconds=2.0 if args.quick else 5.0)
         # the same two patterns with reads of Qwen3.5-397B's expert size (runs of adjacent experts): how much of the
         # gap between them is a fixed cost per burst, which a 16x larger read pays once for 16x the bytes
         span = max(1, round(QWEN397B_EXPERT_BYTES / _stride(packs)))
@@ -546,6 +552,15 @@ def main() -> None:
             "read_rate_vs_raw": _ratio(e.get("read_gb_per_s"), raw["gb_per_s"]),
             "read_rate_vs_raw_one_in_flight": _ratio(e.get("read_gb_per_s"), raw_1["gb_per_s"]),
             "read_rate_vs_raw_decode_pattern": _ratio(e.get("read_gb_per_s"), (raw_burst or {}).get("gb_per_s")),
+            # with reads ahead (the random 25 % rows): all bytes read, and only those computed with, against the ceiling
+            "read_rate_vs_raw_by_prefetch": {
+                r["prefetch"]: {"read": _ratio(r["experts"]["read_gb_per_s"], raw["gb_per_s"]),
+                                "used": _ratio(r["experts"]["used_read_gb_per_s"], raw["gb_per_s"]),
+                                "reads_in_flight": round(r["experts"]["reads_in_flight"], 2),
+                                "ms_per_read": round(r["experts"]["ms_per_read"], 2),
+                                "decode_tps": round(r["decode_tps"], 3)}
+                for r in matrix if r["ok"] and r["workload"] == "random" and r["order"] == "identity"
+                and r["budget_pct"] == 25},
             "raw_decode_pattern_vs_back_to_back": _ratio((raw_burst or {}).get("gb_per_s"), raw["gb_per_s"]),
             "raw_decode_pattern_vs_back_to_back_397b_expert_size": (
                 (raw_big or {}).get("decode_pattern_vs_back_to_back")),
@@ -577,7 +592,10 @@ def main() -> None:
             "prefetch N: while decoding, the next N layers' experts predicted by their routers on the current layer's "
             "input are read while it computes; an expert read ahead and then routed to counts as a hit "
             "(prefetch_hits); it moves reads off the critical path (stall_s) rather than saving bytes. Every run's "
-            "prompt reads the next layer ahead (prefill_experts: prefetch_reads, stall_s)",
+            "prompt reads the next layer ahead (prefill_experts: prefetch_reads, stall_s). Its read rate counts every "
+            "byte read; bytes_used / used_read_gb_per_s count only experts computed with (demand reads and reads ahead "
+            "that were then routed to), bytes_wasted the rest (ratios.read_rate_vs_raw_by_prefetch: both against "
+            "the ceiling)",
             READ_RATE,
             "interleaved: the three models in one process, a decode step of each in turn, after the same prompt: "
             "the fairest decode ratios on a shared machine; peak_rss there is the process's (all three)",
@@ -597,6 +615,81 @@ def main() -> None:
     write_result("experts", result)
 
 
+def decode_pattern(packs, r: dict, threads: int, seconds: float) -> dict:
+    """The raw device in run r's read pattern: bursts of its misses per layer step, idle gaps of its time between."""
+    from mlxq.experts.io import measure_burst_rate
+
+    e = r["experts"]
+    steps = e["tokens"] * len(packs.layers)  # layer steps while decoding
+    burst = measure_burst_rate(packs, batch=e["misses"] / steps, threads=threads, seconds=seconds,
+                               gap_s=max(0.0, r["decode_s"] - e["read_s"]) / steps)
+    print(f"raw device in the decode's pattern: {burst['gb_per_s']:.3f} GB/s ({burst['batch']:.2f} experts a burst, "
+          f"{1e3 * burst['gap_s']:.1f} ms idle between; {_shape(burst)})", file=sys.stderr)
+    return burst
+
+
+def real_experts(args) -> None:
+    """The read rates at Qwen3.5-397B's own expert size: its real widths (so the rest of a layer costs what it costs
+    there too, on this CPU), few layers and experts; mlxq at 25 % on random tokens, reading 0, 1 and 3 layers ahead,
+    against the ceiling (back to back, measured before and after) and the device in the decode's own pattern."""
+    from mlxq.experts.io import measure_read_rate
+    from mlxq.experts.pack import open_pack_dir
+    from mlxq.formats.fetch import cache_dir
+
+    shape = SHAPES["real-experts"]
+    work = cache_dir() / "bench" / "experts-real-experts"
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+    paths, prep = prepare(work, shape, coactivation=False, mlx_lm=False)
+    shutil.rmtree(paths["src"], ignore_errors=True)  # (2 GB, not needed once packed)
+    packs = open_pack_dir(paths["packs"])
+    rng = random.Random(0)
+    warm, n_tokens = args.warm or 16, args.tokens or 12
+    noise = [rng.randrange(3, shape.vocab) for _ in range(warm + n_tokens)]
+    depth = args.threads + 1
+
+    def ceiling() -> dict:
+        raw = measure_read_rate(packs, threads=depth, seconds=5.0)
+        print(f"raw device: {raw['gb_per_s']:.3f} GB/s at {raw['read_bytes'] / 1e6:.2f} MB reads, {depth} in flight "
+              f"({_shape(raw)})", file=sys.stderr)
+        return raw
+
+    raws = [ceiling()]
+    runs = {}
+    for prefetch in (0, 1, 3):
+        runs[prefetch] = show(f"mlxq 25% prefetch {prefetch}", run(
+            {"top_k": args.top_k, "prompt": noise[:warm], "forced": noise[warm:], "peer": "mlxq",
+             "path": str(paths["packs"]), "budget": "25%", "options": {"threads": args.threads, "prefetch": prefetch}},
+            repeat=1))
+    burst = decode_pattern(packs, runs[0], args.threads, seconds=5.0) if runs[0]["ok"] else None
+    raws.append(ceiling())
+    raw = max(raws, key=lambda r: r["gb_per_s"])
+    rates = {}
+    for prefetch, r in runs.items():
+        if r["ok"]:
+            x = r["experts"]
+            rates[prefetch] = {"read_vs_raw": _ratio(x["read_gb_per_s"], raw["gb_per_s"]),
+                               "used_read_vs_raw": _ratio(x["used_read_gb_per_s"], raw["gb_per_s"]),
+                               "read_vs_raw_decode_pattern": _ratio(x["read_gb_per_s"], (burst or {}).get("gb_per_s")),
+                               "reads_in_flight": round(x["reads_in_flight"], 2),
+                               "ms_per_read": round(x["ms_per_read"], 2), "decode_tps": round(r["decode_tps"], 3)}
+    write_result("experts-real-experts", {
+        "mode": "real-experts",
+        "model": {**shape.__dict__, "expert_bytes": next(iter(packs.layers.values())).payload,
+                  "packs_bytes": sum(lp.stride * lp.n_experts for lp in packs.layers.values()),
+                  "scaled_from": "Qwen3.5-397B-A17B (its own widths; 4 layers, 64 experts)"},
+        "top_k": args.top_k, "warm_prompt_tokens": warm, "decode_tokens": n_tokens,
+        "read_rate_definition": READ_RATE,
+        "raw_read": raw, "raw_read_gb_per_s_runs": [round(r["gb_per_s"], 3) for r in raws],
+        "raw_read_decode_pattern": burst,
+        "mlxq_25pct": {f"prefetch_{k}": v for k, v in runs.items()},
+        "ratios": {"read_rate_vs_raw_by_prefetch": rates,
+                   "raw_decode_pattern_vs_back_to_back": _ratio((burst or {}).get("gb_per_s"), raw["gb_per_s"])},
+        "prepare": prep, "seconds": time.perf_counter() - t_start, "load_average": [load_start, os.getloadavg()],
+    })
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def show(name: str, r: dict) -> dict:
     if not r["ok"]:
         print(f"{name}: {r['error']}", file=sys.stderr)
@@ -605,7 +698,9 @@ def show(name: str, r: dict) -> dict:
     print(f"{name}: {r['decode_tps']:.2f} tok/s, peak RSS {r['peak_rss'] / 1e9:.2f} GB" + (
         f"; hit {100 * e['hit_rate']:.1f}% ({e['prefetch_hits']} prefetched), {e['bytes_per_token'] / 1e6:.2f} "
         f"MB/token, read {e['read_gb_per_s']:.3f} GB/s ({_shape(e)}), {e['experts_per_read']:.2f} experts/read, stall "
-        f"{e['stall_s']:.2f} s" if e else ""), file=sys.stderr)
+        f"{e['stall_s']:.2f} s" + (f"; read ahead {e['prefetch_hits']}/{e['prefetch_reads']} used, used bytes "
+                                   f"{e['used_read_gb_per_s']:.3f} GB/s" if e["prefetch_reads"] else "")
+        if e else ""), file=sys.stderr)
     return r
 
 

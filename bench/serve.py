@@ -7,10 +7,12 @@ latency of a Session, each against its peer measured in the same run.
    Goals: 8 clients >= 4x one client's aggregate tokens/s; the server within 10 % of the API. The machine may be
    shared: settings are repeated in interleaved rounds (API and server back to back at each level, which goes
    first alternating), each ratio is taken within a round, the figure is the median over rounds, and a goal's
-   verdict is `robust` when leaving out any one round does not change it. Every run records the load average,
-   the CPU seconds of this process (the API's engine, or the server's clients) and of the server process (its
-   event loop on the main thread apart), and at one client whether both sides saw the same prompt and gave the
-   same tokens (same seed).
+   verdict is `robust` when leaving out any one round does not change it. At one client, where a run is short
+   and the noise largest, a round holds several blocks of API, server and the API again (a control: the same
+   side twice, which tells whether the bench can resolve 10 % at all), order rotating, ratios per block. Every
+   run records the load average, the CPU seconds of this process (the API's engine, or the server's clients)
+   and of the server process (its event loop on the main thread apart), and at one client whether both sides
+   saw the same prompt and gave the same tokens (same seed).
 2. The Python game API: time to first token of a `Session` turn N with its cache kept between turns, against
    the same turn run on a fresh session holding the same conversation (the whole prompt prefilled).
 
@@ -175,13 +177,27 @@ def run_clients(one: Callable[[int], Answer], clients: int, requests: int, offse
     }, [a for res in results for a in res]
 
 
-def bench_concurrency(model_name: str, levels: list[int], max_tokens: int, requests: int, rounds: int) -> dict:
+CONTROL = "api_again"  # the API measured once more at the lowest level: what one side gives against itself
+
+
+def bench_concurrency(model_name: str, levels: list[int], max_tokens: int, requests: int, rounds: int,
+                      blocks: int) -> dict:
     """The same clients through the API (this process) and the server (a subprocess), level by level. Rounds are
-    interleaved and each alternates which side goes first, so load from elsewhere on the machine (and its drift)
-    hits both alike; every ratio is taken within a round, from runs made back to back, and the figure is the
-    median of the rounds' ratios (`rounds_verdict`). Both engines batch up to max(levels). Each run records the
-    CPU it took: this process's (the API: engine and callers; the server: its clients) and the server's, whose
-    main thread is its event loop (HTTP, SSE); an idle engine takes none."""
+    interleaved, so load from elsewhere on the machine (and its drift) hits both sides alike, and every ratio is
+    taken from runs made back to back; the figure is the median over rounds (`rounds_verdict`). Both engines batch
+    up to max(levels).
+
+    At the lowest level (one client, where a run is one request of ~10 s and the machine's noise is largest) each
+    round runs `blocks` blocks of three arms: the API, the server, and the API again (`CONTROL`, other prompts of
+    the same length, so its prompt cache gains nothing), their order rotating from block to block so that each
+    arm takes each place equally often. Its ratios are taken per block, and `api_again / api` shows what the
+    bench can resolve: a side against itself should give 1; when that control's own verdict within 10 % is not
+    robust, neither can the server's be, however the server does.
+
+    Each run records the CPU it took: this process's (the API: engine and callers; the server: its clients) and
+    the server's, whose main thread is its event loop (HTTP, SSE); an idle engine takes none. Per token, the
+    server's front (event loop and clients) against the engine's whole shows what serving over HTTP costs,
+    independently of how busy the machine is."""
     import openai
 
     import mlxq
@@ -192,7 +208,9 @@ def bench_concurrency(model_name: str, levels: list[int], max_tokens: int, reque
     proc = start_server(model_name, port, max_batch=max(levels))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=600)
     sides = {"api": lambda i: api_one(model, i, max_tokens),
-             "server": lambda i: served_one(client, served, i, max_tokens)}
+             "server": lambda i: served_one(client, served, i, max_tokens),
+             CONTROL: lambda i: api_one(model, i + 500, max_tokens)}  # same digit count: same prompt length
+    one = levels[0]
     runs: list[dict] = []
     try:
         t0 = time.perf_counter()
@@ -202,20 +220,22 @@ def bench_concurrency(model_name: str, levels: list[int], max_tokens: int, reque
         served_one(client, served, -1, 4), api_one(model, -1, 4)  # warm-up
         for r in range(rounds):
             for n in levels:
-                order = ["api", "server"] if r % 2 == 0 else ["server", "api"]
-                answers = {}
-                for side in order:
-                    before = cpu_use(proc.pid)
-                    run, answers[side] = run_clients(sides[side], n, requests, 1000 * r + 100 * n)
-                    used = {k: round(v - before[k], 2) for k, v in cpu_use(proc.pid).items()}
-                    runs.append({"round": r, "side": side, **run, "loadavg_1m": round(os.getloadavg()[0], 2),
-                                 "cpu_s": used})
-                    print(f"round {r} {side} {n} clients: {run['tokens_per_s']} tok/s (load {runs[-1]['loadavg_1m']}, "
-                          f"cpu {used})", file=sys.stderr, flush=True)
-                if n == 1:  # one row on both sides: the same prompt and seed must give the same tokens
-                    same = [a[2:] for a in answers["api"]] == [a[2:] for a in answers["server"]]
-                    for run in runs[-2:]:
-                        run["same_prompt_and_output_on_both_sides"] = same
+                arms = ["api", "server", CONTROL] if n == one else ["api", "server"]
+                for b in range(blocks if n == one else 1):
+                    turn = ((r * blocks + b) if n == one else r) % len(arms)  # who goes first
+                    answers = {}
+                    for side in arms[turn:] + arms[:turn]:
+                        before = cpu_use(proc.pid)
+                        run, answers[side] = run_clients(sides[side], n, requests, 1000 * r + 100 * n + 10 * b)
+                        used = {k: round(v - before[k], 2) for k, v in cpu_use(proc.pid).items()}
+                        runs.append({"round": r, "block": b, "side": side, **run,
+                                     "loadavg_1m": round(os.getloadavg()[0], 2), "cpu_s": used})
+                        print(f"round {r} block {b} {side} {n} clients: {run['tokens_per_s']} tok/s "
+                              f"(load {runs[-1]['loadavg_1m']}, cpu {used})", file=sys.stderr, flush=True)
+                    if n == 1:  # one row on both sides: the same prompt and seed must give the same tokens
+                        same = [a[2:] for a in answers["api"]] == [a[2:] for a in answers["server"]]
+                        for run in runs[-len(arms):]:
+                            run["same_prompt_and_output_on_both_sides"] = same
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -224,36 +244,62 @@ def bench_concurrency(model_name: str, levels: list[int], max_tokens: int, reque
             proc.kill()
         model.close()
 
-    def rate(r: int, side: str, n: int) -> float:
-        return next(x["tokens_per_s"] for x in runs if (x["round"], x["side"], x["clients"]) == (r, side, n))
+    def rate(side: str, n: int, r: int, b: int | None = None) -> float:
+        """Aggregate tokens/s of a round's runs (or of one block's)."""
+        mine = [x for x in runs if (x["side"], x["clients"], x["round"]) == (side, n, r) and b in (None, x["block"])]
+        return sum(x["completion_tokens"] for x in mine) / sum(x["wall_s"] for x in mine)
 
     def summary(side: str) -> dict:
         return {str(n): {key: median([x[key] for x in runs if (x["side"], x["clients"]) == (side, n)])
                          for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s")} for n in levels}
 
-    def per_round(top: tuple[str, int], bottom: tuple[str, int], goal: Callable[[float], bool]) -> dict:
-        """rate(top) / rate(bottom), round by round, with the goal's verdict."""
-        return rounds_verdict([round(rate(r, *top) / rate(r, *bottom), 3) for r in range(rounds)], goal)
+    def within_10_percent(x: float) -> bool:
+        return abs(x - 1) <= 0.1
 
-    one = levels[0]
+    def per_round(top: tuple[str, int], bottom: tuple[str, int], goal: Callable[[float], bool]) -> dict:
+        """rate(top) / rate(bottom), round by round (at the lowest level between arms of the same comparison:
+        block by block), with the goal's verdict."""
+        n = top[1]
+        units = [(r, b) for r in range(rounds) for b in range(blocks)] if n == bottom[1] == one else \
+            [(r, None) for r in range(rounds)]
+        return rounds_verdict([round(rate(*top, *u) / rate(*bottom, *u), 3) for u in units], goal)
+
     ratios = {}
     for n in levels[1:]:
         for side in ("api", "server"):
             ratios[f"{side}_concurrency_{n}_vs_{one}"] = per_round((side, n), (side, one), lambda x: x >= 4)
     for n in levels:
-        ratios[f"server_vs_api_{n}"] = per_round(("server", n), ("api", n), lambda x: abs(x - 1) <= 0.1)
+        ratios[f"server_vs_api_{n}"] = per_round(("server", n), ("api", n), within_10_percent)
+    control = ratios[f"control_{CONTROL}_vs_api_{one}"] = per_round((CONTROL, one), ("api", one), within_10_percent)
+
+    def per_token_ms(key: Callable[[dict], float], side: str, n: int) -> float:
+        return round(median([1000 * key(x["cpu_s"]) / x["completion_tokens"] for x in runs
+                             if (x["side"], x["clients"]) == (side, n)]), 2)
+
+    cpu = {str(n): {"api_engine_ms": per_token_ms(lambda c: c["bench_process"], "api", n),
+                    "server_engine_ms": per_token_ms(lambda c: c["server_process"] - c["server_event_loop"],
+                                                     "server", n),
+                    "server_event_loop_ms": per_token_ms(lambda c: c["server_event_loop"], "server", n),
+                    "server_clients_ms": per_token_ms(lambda c: c["bench_process"], "server", n)} for n in levels}
     return {
         "server_startup_s": round(startup, 2),
         "max_tokens": max_tokens,
         "requests_per_client": requests,
         "rounds": rounds,
-        "method": "per round and level: API and server back to back (first side alternating by round), same "
-                  "clients, prompts and seeds; ratios within a round; figure = median over rounds; goals: "
-                  "concurrency_N_vs_1 >= 4 (the issue names N = 8), server_vs_api within [0.9, 1.1]; robust = "
-                  ">= 3 rounds and the verdict unchanged with any one round left out",
+        "blocks_at_lowest_level": blocks,
+        "method": f"per round and level: API and server back to back, same clients, prompts and seeds; at "
+                  f"{one} client(s) {blocks} block(s) a round of API, server and the API again (control, other "
+                  "prompts of the same length), order rotating by block, ratios per block; elsewhere first side "
+                  "alternating by round, ratios per round; figure = median; goals: concurrency_N_vs_1 >= 4 (the "
+                  "issue names N = 8), server_vs_api within [0.9, 1.1]; robust = >= 3 values and the verdict "
+                  "unchanged with any one left out; the control shows whether the bench resolves 10 %",
         "runs": runs,
         "api": summary("api"),
         "server": summary("server"),
+        CONTROL: {str(one): summary(CONTROL)[str(one)]},
+        "cpu_per_token_median": cpu,
+        # the API against itself robustly within 10 %: the bench can tell whether the server is
+        "control_resolves_10_percent": control["goal_met"] and control["robust"],
         "ratios": ratios,
     }
 
@@ -306,15 +352,18 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=None, help="requests per client")
     ap.add_argument("--turns", type=int, default=None, help="session turns")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved repetitions of every setting")
+    ap.add_argument("--blocks", type=int, default=None,
+                    help="blocks of API, server and API again (the control) a round at the lowest level")
     args = parse_args(ap)
     levels = sorted({int(c) for c in args.clients.split(",")})
     max_tokens = args.max_tokens or (16 if args.quick else 64)
     requests = args.requests or 1
     rounds = args.rounds or (1 if args.quick else 5)
+    blocks = args.blocks or (1 if args.quick else 3)
     turns = args.turns or (2 if args.quick else 8)
     load_before = os.getloadavg()
 
-    concurrency = bench_concurrency(args.model, levels, max_tokens, requests, rounds)
+    concurrency = bench_concurrency(args.model, levels, max_tokens, requests, rounds, blocks)
     session = bench_session(args.model, turns, max_tokens=8)
     ratios = {name: r["median"] for name, r in concurrency["ratios"].items()}
     ratios["session_ttft_uncached_vs_cached"] = session["ratio"]

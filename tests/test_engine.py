@@ -9,7 +9,7 @@ from tiny import make_tiny
 
 from mlxq.engine.batch import make_batch
 from mlxq.engine.cache import KVCache, RotatingKVCache, checkpoint, restore
-from mlxq.engine.sampling import SamplingParams, draw, make_sampler, penalty_processors
+from mlxq.engine.sampling import SamplingParams, draw, make_sampler, penalize
 from mlxq.errors import InvalidRequest
 from mlxq.formats import open_checkpoint
 from mlxq.loading import load_model
@@ -49,13 +49,56 @@ def test_seed_reproducible():
 
 def test_penalties_and_bias():
     logits = mx.zeros((1, 5))
-    (bias,) = penalty_processors(SamplingParams(logit_bias={3: 5.0}))
-    assert mx.argmax(bias([], logits)).item() == 3
-    (rep,) = penalty_processors(SamplingParams(repetition_penalty=2.0))
-    out = rep([1, 1], mx.array([[1.0, 2.0, -1.0]]))
+    assert mx.argmax(penalize(logits, [SamplingParams(logit_bias={3: 5.0})], [[]])).item() == 3
+    out = penalize(mx.array([[1.0, 2.0, -1.0]]), [SamplingParams(repetition_penalty=2.0)], [[1, 1]])
     assert out.tolist() == [[1.0, 1.0, -1.0]]
-    (freq,) = penalty_processors(SamplingParams(frequency_penalty=1.0, presence_penalty=0.5))
-    assert freq([2, 2], mx.zeros((1, 3))).tolist() == [[0.0, 0.0, -2.5]]
+    out = penalize(mx.zeros((1, 3)), [SamplingParams(frequency_penalty=1.0, presence_penalty=0.5)], [[2, 2]])
+    assert out.tolist() == [[0.0, 0.0, -2.5]]
+
+
+def one_row_penalized(logits: mx.array, p: SamplingParams, tokens: list[int], context: int = 64) -> mx.array:
+    """What one row [1, V] got before `penalize` took all rows at once: its own bias, repetition and
+    presence/frequency steps, each with a Python float scalar."""
+    if p.logit_bias:
+        ids = mx.array(list(p.logit_bias.keys()))
+        logits = logits.at[:, ids].add(mx.array(list(p.logit_bias.values()), dtype=mx.float32))
+    if p.repetition_penalty != 1.0 and tokens:
+        ids = mx.array(sorted(set(tokens[-context:])))
+        sel = logits[:, ids]
+        logits[:, ids] = mx.where(sel < 0, sel * p.repetition_penalty, sel / p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and tokens:
+        counts: dict[int, int] = {}
+        for t in tokens:
+            counts[t] = counts.get(t, 0) + 1
+        n = mx.array(list(counts.values()), dtype=mx.float32)
+        logits = logits.at[:, mx.array(list(counts))].add(-(p.presence_penalty + p.frequency_penalty * n))
+    return logits
+
+
+def test_penalize_gives_every_row_what_it_would_get_alone():
+    """Rows with every mix of bias and penalties (and none) in one pass: bit for bit what each row's own steps give,
+    an id outside the vocabulary is left out, and the rows without any are untouched."""
+    rng = np.random.default_rng(5)
+    vocab = 97
+    params = [
+        SamplingParams(),
+        SamplingParams(logit_bias={3: 5.0, 40: -100.0, 96: 0.3}),
+        SamplingParams(repetition_penalty=1.3),
+        SamplingParams(repetition_penalty=0.7, presence_penalty=0.4),
+        SamplingParams(frequency_penalty=0.11, presence_penalty=-0.25, logit_bias={7: 1.7}),
+        SamplingParams(logit_bias={2: 2.0}, repetition_penalty=1.1, presence_penalty=0.2, frequency_penalty=0.9),
+        SamplingParams(repetition_penalty=1.2, frequency_penalty=0.5),
+    ]
+    generated = [rng.integers(0, vocab, size=rng.integers(0, 150)).tolist() for _ in params]
+    generated[2] = []  # nothing generated yet
+    logits = mx.array(rng.normal(0, 4, size=(len(params), vocab)).astype(np.float32))
+    got = penalize(logits, params, generated)
+    for b, (p, tokens) in enumerate(zip(params, generated, strict=True)):
+        want = one_row_penalized(logits[b : b + 1], p, tokens)
+        assert np.array_equal(np.array(got[b : b + 1]), np.array(want)), b
+    assert np.array_equal(np.array(got[0]), np.array(logits[0]))
+    outside = penalize(logits, [SamplingParams(logit_bias={vocab: 9.0, -1: 9.0})] * len(params), generated)
+    assert np.array_equal(np.array(outside), np.array(logits))
 
 
 def test_a_vanishing_temperature_draws_the_argmax_of_what_is_allowed():

@@ -188,6 +188,16 @@ def test_statistics_add_up(made):
     assert 0 < stats.reads < stats.misses
     assert stats.hits + stats.misses >= 2 * (len(DECODE) + 1)  # at least top-k... per MoE layer and step
     assert len(pool.steps) == len(DECODE)  # one entry per finished forward pass
+    # reading ahead while decoding: the bytes read for experts never computed with are counted apart
+    ahead = mlxq.load(str(packs), expert_memory="50%", expert_options={"prefetch": 2})
+    run(ahead)
+    stats = ahead.expert_stats()
+    wasted = (stats.prefetch_reads - stats.prefetch_hits) * stride
+    assert stats.prefetch_reads > stats.prefetch_hits > 0 and stats.as_dict()["bytes_wasted"] == wasted
+    assert stats.as_dict()["used_read_gb_per_s"] * stats.bytes_read == pytest.approx(
+        stats.as_dict()["read_gb_per_s"] * (stats.bytes_read - wasted))
+    # a window whose reads ahead were made before it (the prompt's) and used in it: never more used than read
+    assert ExpertStats(misses=2, prefetch_reads=1, prefetch_hits=3, bytes_read=300).as_dict()["bytes_wasted"] == 0
     assert sum(s["misses"] for s in pool.steps) <= stats.misses
     d = stats.as_dict()
     assert 0 < d["hit_rate"] < 1 and d["bytes_per_token"] == stats.bytes_read / stats.tokens
@@ -368,6 +378,37 @@ def test_read_rate_splits_into_size_reads_in_flight_and_time_a_read(monkeypatch)
     assert got["gb_per_s"] * 1e9 == pytest.approx(100 * got["reads_in_flight"] / (got["ms_per_read"] / 1e3))
     stats = ExpertStats(reads=2, bytes_read=200, read_s=4.0, read_sum_s=5.0).as_dict()
     assert (stats["ms_per_read"], stats["reads_in_flight"]) == (2500.0, 1.25)
+
+
+def test_waiting_thread_does_the_reads_still_queued_behind_a_busy_reader(made):
+    """finish: while the only reader thread is busy with one read, the thread waiting for both reads does the one
+    still queued itself (the queued read is not left for the busy reader: one read more in flight)."""
+    import threading
+
+    from mlxq.experts.io import PackReader, finish
+
+    packs = open_pack_dir(made("qwen3_moe")[2])
+    reader = PackReader(packs, threads=1)
+    started, release, ran_on = threading.Event(), threading.Event(), {}
+
+    def first(p, payload):
+        started.set()
+        release.wait(5.0)  # held until the second read has run (or, with the bug, 5 s: then it runs here, after)
+
+    def second(p, payload):
+        ran_on["second"] = threading.current_thread().name
+        release.set()
+
+    try:
+        one = reader.submit(0, 0, 1, first)
+        assert started.wait(5.0)
+        two = reader.submit(0, 1, 1, second)
+        finish([one, two])
+        assert ran_on["second"] == threading.current_thread().name and one.done() and two.done()
+        assert reader.io.snapshot()[:2] == (2, 2 * packs.layers[0].stride)
+    finally:
+        release.set()
+        reader.close()
 
 
 def test_rate_probes_read_runs_of_adjacent_experts_as_one_larger_read(made):

@@ -146,6 +146,9 @@ def awkward_rows(seed: int) -> np.ndarray:
     levels = np.asarray(CODECS["IQ4_NL"].levels)
     w[23, :32] = np.resize(np.concatenate([[127], (levels[:-1] + levels[1:]) / 2]), 32)
     w[23, 32:64] = np.resize(levels, 32)  # exactly on the levels: the fitted scale is 1
+    w[24, 64], w[24, 70] = F32_MAX, -F32_MAX  # one block spanning float32's range: max - min overflows
+    w[24, 96:128] *= np.float32(1e-39)  # a denormal block with an exact zero: its inverse scale overflows, 0 * inf
+    w[24, 100] = 0
     return w
 
 

@@ -15,6 +15,7 @@ import pytest
 from fixtures_qwen3 import *  # noqa: F403  (pytest fixtures: qwen3_model, ...)
 from fixtures_qwen35 import *  # noqa: F403  (pytest fixture: hybrid_model)
 
+from mlxq.engine.blas import BlasThreads, Faster
 from mlxq.engine.cache import KVCache
 from mlxq.engine.prompt_cache import PromptCache
 from mlxq.engine.sampling import SamplingParams
@@ -340,6 +341,27 @@ def test_rows_asking_for_different_logprobs_share_a_step(qwen3_model, engine):
             assert not k or g.top[0][0] == g.token  # greedy: the chosen token is the likeliest
 
 
+def test_rows_with_their_own_penalties_batched_get_the_tokens_they_get_alone(qwen3_model, engine):
+    """Penalties and logit bias are applied to all rows of a step at once (`sampling.penalize`): each request in a
+    batch of different settings (greedy and sampled, one drafting by prompt lookup, whose draft positions are
+    picked with the tokens accepted so far) gets the tokens it gets alone, and the penalties change them."""
+    ps = prompts(qwen3_model, 4)
+    params = [SamplingParams(repetition_penalty=1.8),
+              SamplingParams(frequency_penalty=1.5, presence_penalty=0.5, logit_bias={5: 4.0}),
+              SamplingParams(temperature=0.9, seed=3, repetition_penalty=1.3, frequency_penalty=0.6),
+              SamplingParams(presence_penalty=2.0)]
+
+    def requests() -> list[Request]:
+        return [Request(p, 16, params=q, speculative=4 if i == 3 else 0)
+                for i, (p, q) in enumerate(zip(ps, params, strict=True))]
+
+    alone = [tokens(run(engine, [req])[0]) for req in requests()]
+    together = [tokens(o) for o in run(engine, requests())]
+    assert together == alone
+    plain = [tokens(run(engine, [Request(p, 16, speculative=4 if i == 3 else 0)])[0]) for i, p in enumerate(ps)]
+    assert all(a != b for a, b in zip(alone, plain, strict=True))
+
+
 def test_mx_random_seed_makes_unseeded_sampling_repeat(qwen3_model, engine):
     """An unseeded request takes its seed from MLX's generator when submitted, so `mx.random.seed` repeats it (as
     with mlx-lm), and a greedy request leaves the generator alone."""
@@ -374,6 +396,7 @@ def test_decode_steps_of_several_rows_run_on_one_blas_thread(qwen3_model):
     else:
         assert started is None or started >= 1
     engine = Engine(qwen3_model.net, qwen3_model.tokenizer, max_batch=4).start()
+    started = engine._blas.default if started is not None else None  # the process's own (an engine may have set 1)
     seen: list[tuple[int, int | None]] = []  # (decode rows, 0 in a prefill step; threads) at every step's processors
 
     def watch(req, tokens, logits):
@@ -394,8 +417,71 @@ def test_decode_steps_of_several_rows_run_on_one_blas_thread(qwen3_model):
         engine.close()
     assert {rows for rows, _ in seen} >= {0, 1, 3}  # prefill, one row, three rows
     for rows, threads in seen:
-        want = started if rows <= 1 else (1 if started is not None else None)
-        assert threads == want, (rows, threads)
+        if rows == 1:  # whichever count has been faster (`Faster`, its own test below)
+            assert threads in {started, 1}, threads
+        else:
+            assert threads == (started if rows == 0 else 1 if started is not None else None), (rows, threads)
+
+
+def test_faster_takes_the_setting_whose_recent_steps_took_less_time():
+    """Both settings are measured in turns first; then the faster one runs, the other every EXPLORE-th step, one
+    slow step (a shared machine) does not flip the choice, and a lasting change does."""
+    faster = Faster((2, 1))
+    cost = {2: 1.0, 1: 2.0}
+    picks = []
+    for step in range(1, 81):
+        option = faster.pick()
+        picks.append(option)
+        outlier = step == 20 and option == 2  # one step ten times as long
+        faster.took(option, cost[option] * (10 if outlier else 1))
+        if step == 40:
+            cost = {2: 3.0, 1: 2.0}  # the machine got busy: one thread is now faster
+    window = 2 * Faster.WINDOW
+    assert sorted(picks[:window]) == [1] * Faster.WINDOW + [2] * Faster.WINDOW
+    for step in range(window + 1, 41):
+        assert picks[step - 1] == (1 if step % Faster.EXPLORE == 0 else 2), step
+    # after the change, 2's median turns once 3 of its last 5 steps took 3.0; then 1 runs and 2 only explores
+    for step in range(41, 81):
+        assert picks[step - 1] == (2 if step <= 43 or step % Faster.EXPLORE == 0 else 1), step
+
+
+@pytest.mark.parametrize("fast", ["one thread", "all threads"])
+def test_one_row_decode_runs_on_the_blas_thread_count_measured_faster(qwen3_model, fast):
+    """One-row decode steps run on 1 thread or the process's count, whichever its steps took less time on: a clock
+    that makes steps on `fast` take 1 s and on the other 3 s (reading OpenBLAS's real count as each step ends),
+    with the real count read from inside every step."""
+    total = [0.0]
+
+    def clock() -> float:
+        total[0] += 1.0 if openblas_threads() == quick else 3.0
+        return total[0]
+
+    engine = Engine(qwen3_model.net, qwen3_model.tokenizer, max_batch=2)
+    engine._blas = BlasThreads(clock=clock)
+    started = engine._blas.default if openblas_threads() is not None else None  # the process's own count
+    quick = 1 if fast == "one thread" else started
+    engine.start()
+    seen: list[int | None] = []
+
+    def watch(req, tokens, logits):
+        if not any(seq.req is req for seq in engine._prefilling):
+            seen.append(openblas_threads())
+        return logits
+
+    req = Request(prompts(qwen3_model, 1)[0], 60)
+    req.make_processors = lambda: [partial(watch, req)]
+    try:
+        run(engine, [req])
+    finally:
+        engine.close()
+    assert len(seen) == 59  # the first token comes from the prefill step
+    if started in (None, 1):  # nothing to choose from
+        assert engine._blas.one_row is None and set(seen) == {started}
+        return
+    slow = started if quick == 1 else 1
+    window = 2 * Faster.WINDOW
+    assert sorted(seen[:window]) == sorted([quick, slow] * Faster.WINDOW)
+    assert seen[window:] == [slow if k % Faster.EXPLORE == 0 else quick for k in range(window + 1, 60)]
 
 
 def test_outputs_of_a_step_wake_an_event_loop_once(qwen3_model):

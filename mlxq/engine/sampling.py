@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -43,36 +44,33 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def penalty_processors(p: SamplingParams, context: int = 64) -> list[LogitsProcessor]:
-    """Repetition (multiplicative, over the last `context` tokens), presence/frequency (additive, over
-    everything generated) and logit bias."""
-    procs: list[LogitsProcessor] = []
-    if p.logit_bias:
-        ids = mx.array(list(p.logit_bias.keys()))
-        vals = mx.array(list(p.logit_bias.values()), dtype=mx.float32)
-        procs.append(lambda _, logits: logits.at[:, ids].add(vals))
-    if p.repetition_penalty != 1.0:
-        def repetition(tokens: list[int], logits: mx.array) -> mx.array:
-            if not tokens:
-                return logits
-            ids = mx.array(sorted(set(tokens[-context:])))
-            sel = logits[:, ids]
-            sel = mx.where(sel < 0, sel * p.repetition_penalty, sel / p.repetition_penalty)
-            logits[:, ids] = sel
-            return logits
-        procs.append(repetition)
-    if p.presence_penalty or p.frequency_penalty:
-        def presence_frequency(tokens: list[int], logits: mx.array) -> mx.array:
-            if not tokens:
-                return logits
-            counts: dict[int, int] = {}
-            for t in tokens:
-                counts[t] = counts.get(t, 0) + 1
-            ids = mx.array(list(counts))
-            n = mx.array(list(counts.values()), dtype=mx.float32)
-            return logits.at[:, ids].add(-(p.presence_penalty + p.frequency_penalty * n))
-        procs.append(presence_frequency)
-    return procs
+def penalize(logits: mx.array, params: Sequence[SamplingParams], generated: Sequence[list[int]],
+             context: int = 64) -> mx.array:
+    """Logits [B, V] (float32) after every row's logit bias, repetition penalty (multiplicative, over the row's last
+    `context` generated tokens) and presence/frequency penalties (additive, over everything it generated), in that
+    order, each one scatter over all the rows that ask for it: row b with params[b], having generated
+    generated[b]. Each logit gets the same float32 operations as it would alone. A biased id outside the
+    vocabulary (nothing could sample it) is left out: scattered, it would land in another row."""
+    vocab = logits.shape[-1]
+    bias = [(b, t, v) for b, p in enumerate(params) for t, v in p.logit_bias.items() if 0 <= t < vocab]
+    if bias:
+        rows, ids, vals = zip(*bias, strict=True)
+        logits = logits.at[mx.array(rows), mx.array(ids)].add(mx.array(vals, dtype=mx.float32))
+    repeated = [(b, t, p.repetition_penalty) for b, (p, toks) in enumerate(zip(params, generated, strict=True))
+                if p.repetition_penalty != 1.0 for t in sorted(set(toks[-context:]))]
+    if repeated:
+        rows, ids, factor = (mx.array(x) for x in zip(*repeated, strict=True))
+        factor = factor.astype(mx.float32)
+        sel = logits[rows, ids]
+        logits[rows, ids] = mx.where(sel < 0, sel * factor, sel / factor)
+    counted = [(b, t, n, p.presence_penalty, p.frequency_penalty)
+               for b, (p, toks) in enumerate(zip(params, generated, strict=True))
+               if p.presence_penalty or p.frequency_penalty for t, n in Counter(toks).items()]
+    if counted:
+        rows, ids, n, presence, frequency = (mx.array(x) for x in zip(*counted, strict=True))
+        f32 = mx.float32
+        logits = logits.at[rows, ids].add(-(presence.astype(f32) + frequency.astype(f32) * n.astype(f32)))
+    return logits
 
 
 class Sampler:

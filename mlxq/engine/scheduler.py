@@ -50,7 +50,7 @@ from mlxq.engine.constraints import GrammarProcessor
 from mlxq.engine.output import Output, OutputProcessor, Reading, TokenLogprob, Usage
 from mlxq.engine.prompt_cache import CacheSlot, resume_point
 from mlxq.engine.runner import DECODE, PREFILL, Runner
-from mlxq.engine.sampling import LogitsProcessor, SamplingParams, draw, make_sampler, penalty_processors, seeded
+from mlxq.engine.sampling import LogitsProcessor, SamplingParams, draw, make_sampler, penalize, seeded
 from mlxq.engine.speculative import MTP, PromptLookup, draft_plan, mtp_drafts
 from mlxq.engine.tokenizer import Tokenizer
 from mlxq.errors import EngineDown, GenerationError, InvalidRequest, MlxqError
@@ -103,7 +103,7 @@ class _Sequence:
     def __init__(self, req: Request, tokenizer: Tokenizer):
         self.req = req
         self.sampler = make_sampler(req.params)
-        self.procs = penalty_processors(req.params) + list(req.make_processors())
+        self.procs = list(req.make_processors())  # after the penalties, which `penalize` applies to all rows
         self.out = OutputProcessor(tokenizer, max_tokens=req.max_tokens, stop=req.stop, ignore_eos=req.ignore_eos,
                                    reading=req.reading)
         self.generated = self.out.generated
@@ -158,7 +158,7 @@ class _Sequence:
         self.draft_len = max(1, min(self.max_draft, grown))
 
     def process(self, logits: mx.array) -> mx.array:
-        """This row's logits [1, V] (float32) after its processors (penalties, grammar, thinking control, guard)."""
+        """This row's logits [1, V] (float32, penalized) after its processors (grammar, thinking control, guard)."""
         for proc in self.procs:
             logits = proc(self.generated, logits)
         return logits
@@ -223,7 +223,7 @@ class Engine:
         self._parked = threading.Event()
         # outputs made on the engine thread wait here until it next waits for MLX (`_flush`)
         self._outbox: list[tuple[Request, Output]] = []
-        self._blas = BlasThreads()  # one BLAS thread for decode steps of several rows (`blas.py`)
+        self._blas = BlasThreads()  # one BLAS thread for decode steps of several rows, measured for one (`blas.py`)
         self.steps = self.prefill_steps = self.failures = self.cancelled = 0
         self.drafted = self.accepted_drafts = 0  # speculative draft tokens checked / taken by decode steps
 
@@ -518,6 +518,7 @@ class Engine:
             seq.decoded += 1
         picks = self._pick(self._running, firsts, [d[0] if d else None for d in drafts],
                            [q[0] if q else None for q in qs])
+        self._blas.decoded()
         self.steps += 1
         outs = [self._accept(seq, picked) for seq, picked in zip(self._running, picks, strict=True)]
         taken = [1] * len(outs)  # tokens of what each row was fed that it keeps (its next token, then the draft's)
@@ -548,7 +549,7 @@ class Engine:
         """Each sequence's sampled token from row i of `logits` (given draft token i if any, drawn from qs[i]), all
         rows in one pass (`sampling.draw`) after each row's own processors; an exception for a row that failed."""
         failed: dict[int, Exception] = {}
-        scores = logits.astype(mx.float32)
+        scores = penalize(logits.astype(mx.float32), [seq.req.params for seq in seqs], [seq.generated for seq in seqs])
         processed = {}
         for i, seq in enumerate(seqs):
             if seq.procs:

@@ -6,9 +6,10 @@ system refuses O_DIRECT (tmpfs), reads fall back to the page cache and `direct` 
 from mmap (page aligned, as O_DIRECT wants); every read starts and ends on the packs' 16 KiB boundaries.
 Adjacent experts are read with one call. Each block's CRC-32 is checked before it is handed on.
 
-Reads are tasks on a queue served by reader threads; a thread that waits for a read nobody has started yet does
-it itself. A layer's single missing expert is then read by the forward pass's own thread, without waking a reader
-(on a busy machine that wake-up alone takes longer than reading an expert), and several are read in parallel.
+Reads are tasks on a queue served by reader threads; a thread that waits for reads nobody has started yet does
+them itself (`finish`). A layer's single missing expert is then read by the forward pass's own thread, without
+waking a reader (on a busy machine that wake-up alone takes longer than reading an expert), and several are read in
+parallel.
 """
 
 from __future__ import annotations
@@ -134,6 +135,16 @@ class Read:
         self.wait()
         if self.error is not None:
             raise self.error
+
+
+def finish(reads: list[Read]) -> None:
+    """Wait for `reads`, first doing any that no reader thread has taken yet, last queued first (the readers take
+    from the front): waiting on a read a reader has while a later one sits in the queue would leave one read fewer in
+    flight than there are threads to make them. Raises the first failed read's error."""
+    for read in reversed(reads):
+        read.run()
+    for read in reads:
+        read.result()
 
 
 class PackReader:
@@ -273,8 +284,7 @@ def measure_burst_rate(packs: Packs, batch: float, gap_s: float, threads: int = 
             k = min(int(batch) + (rng.random() < batch - int(batch)), lp.n_experts // span)
             firsts = sorted(span * i for i in rng.sample(range(lp.n_experts // span), k))
             runs = reader.runs(lp, firsts) if span == 1 else [(first, span) for first in firsts]
-            for read in [reader.submit(lp.layer, first, count, lambda p, payload: None) for first, count in runs]:
-                read.result()
+            finish([reader.submit(lp.layer, first, count, lambda p, payload: None) for first, count in runs])
             time.sleep(gap_s)
     finally:
         reader.close()

@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxq.errors import ConfigError
-from mlxq.experts.io import PackReader, Read, read_shape
+from mlxq.experts.io import PackReader, Read, finish, read_shape
 from mlxq.experts.pack import LayerPack, Packs
 from mlxq.models.moe import QuantizedSwitchLinear, SwitchGLU
 
@@ -56,6 +56,15 @@ class ExpertStats:
     def __sub__(self, other: ExpertStats) -> ExpertStats:
         return ExpertStats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
 
+    @property
+    def bytes_used(self) -> float:
+        """Bytes read for experts a layer then computed with: every demand read, and the reads ahead that were wanted
+        while still in memory (the rest of the reads ahead were wasted). Blocks of one layout are the same size, so
+        the share of experts is the share of bytes; a read ahead still unused when the run ends counts as wasted, and
+        one made before a window began (the prompt's) but used in it counts as used only up to what the window read."""
+        read = self.misses + self.prefetch_reads
+        return self.bytes_read * min(self.misses + self.prefetch_hits, read) / read if read else 0.0
+
     def as_dict(self) -> dict:
         wanted = self.hits + self.misses
         return {
@@ -63,6 +72,9 @@ class ExpertStats:
             "hit_rate": self.hits / wanted if wanted else 0.0,
             "bytes_per_token": self.bytes_read / self.tokens if self.tokens else 0.0,
             "read_gb_per_s": self.bytes_read / self.read_s / 1e9 if self.read_s else 0.0,
+            "bytes_used": self.bytes_used,
+            "bytes_wasted": self.bytes_read - self.bytes_used,
+            "used_read_gb_per_s": self.bytes_used / self.read_s / 1e9 if self.read_s else 0.0,
             "experts_per_read": (self.misses + self.prefetch_reads) / self.reads if self.reads else 0.0,
             **read_shape(self.reads, self.read_sum_s, self.read_s),
         }
@@ -287,8 +299,7 @@ class SlotPool:
         """Block until the reads are done; a failed read empties its slots and raises its error."""
         t0 = time.perf_counter()
         try:
-            for f in futures:
-                f.result()
+            finish(futures)
         except BaseException:
             self._forget_failed(self.groups[layer])
             raise

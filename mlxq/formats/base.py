@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,19 @@ class TensorSource(Mapping[str, mx.array]):
     of each tensor that way."""
 
     def __init__(self, infos: dict[str, TensorInfo], loader: Callable[[str], mx.array],
-                 slicer: Callable[[str, int, Ranges], mx.array] | None = None):
+                 slicer: Callable[[str, int, Ranges], mx.array] | None = None,
+                 host: Callable[[str], np.ndarray | None] | None = None):
         self._infos = infos
         self._loader = loader
         self._slicer = slicer
+        self._host = host
+
+    def host_float(self, name: str) -> np.ndarray | None:
+        """Tensor `name` as a float32 numpy array read straight from the file (mapped, not copied, when it is stored
+        as float32), for a float tensor the format can give that way; None where it must go through `[name]`."""
+        if name not in self._infos:
+            raise KeyError(name)
+        return None if self._host is None else self._host(name)
 
     @property
     def can_slice(self) -> bool:
@@ -80,3 +90,23 @@ class Checkpoint:
     @property
     def quantization(self) -> dict[str, Any] | None:
         return self.config.get("quantization") or self.config.get("quantization_config")
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def mapped_float(path: Path, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """A float32/float16/bfloat16 tensor at `offset` in `path` as float32: float32 mapped copy-on-write (no copy, no
+    read: the pages come from the page cache, and writes never reach the file), the others converted (exactly)."""
+    count = 1
+    for d in shape:
+        count *= d
+    if not count:
+        return np.zeros(shape, np.float32)
+    if dtype == "float32":
+        return np.asarray(np.memmap(path, np.float32, "c", offset, (count,))).reshape(shape)
+    if dtype == "float16":
+        return np.memmap(path, np.float16, "r", offset, (count,)).astype(np.float32).reshape(shape)
+    bits = np.memmap(path, np.uint16, "r", offset, (count,)).astype(np.uint32)  # bfloat16: the high half of float32
+    bits <<= 16
+    return bits.view(np.float32).reshape(shape)

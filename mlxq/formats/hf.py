@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxq.errors import ConfigError, FormatError, ModelNotFound
-from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
+from mlxq.formats.base import FLOAT_DTYPES, Checkpoint, TensorInfo, TensorSource, mapped_float
 
 # safetensors dtype code -> (our dtype name, bytes per element)
 SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
@@ -141,7 +141,11 @@ def open_safetensors(files: list[Path]) -> TensorSource:
         except OSError as e:
             raise FormatError(f"{where[name]}: cannot read tensor '{name}' ({e.strerror or e})") from None
 
-    return TensorSource(infos, load, read_slice)
+    def host(name: str) -> np.ndarray | None:
+        info = infos[name]
+        return mapped_float(where[name], starts[name], info.shape, info.dtype) if info.dtype in FLOAT_DTYPES else None
+
+    return TensorSource(infos, load, read_slice, host)
 
 
 _NUMPY_CARRIERS = {"bfloat16": ("uint16", "bfloat16")}  # dtypes numpy lacks: read as same-width ints, viewed back

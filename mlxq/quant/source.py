@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import mlx.core as mx
+import numpy as np
 
 from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
@@ -118,7 +119,11 @@ def _float_view(ckpt: Checkpoint, infos: dict[str, TensorInfo], views: dict, dro
         return views[name][1]() if name in views else src[name]
 
     config = {k: v for k, v in ckpt.config.items() if k not in ("quantization", "quantization_config")}
-    return replace(ckpt, config=config, tensors=TensorSource(out, load), format="hf")
+
+    def host(name: str) -> np.ndarray | None:
+        return None if name in views else src.host_float(name)
+
+    return replace(ckpt, config=config, tensors=TensorSource(out, load, host=host), format="hf")
 
 
 def _entry(quant: dict, base: str) -> dict:

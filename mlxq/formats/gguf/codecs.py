@@ -17,6 +17,7 @@ scales and chooses the codes itself (GPTQ error feedback), the format stays llam
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -122,6 +123,33 @@ def _block_reduce(op: np.ufunc, lanes: np.ndarray) -> np.ndarray:
     """op over each block of `_lanes`'s layout -> [B] (for order-free ops: max, min, fmax, fmin)."""
     m = op.reduce(lanes, axis=0).reshape(-1, 4)
     return op(op(m[:, 0], m[:, 1]), op(m[:, 2], m[:, 3]))
+
+
+def _by_lanes(x: np.ndarray, fast, general) -> tuple:
+    """A fit without importance worked in `_lanes`'s layout (each block's scale broadcast along contiguous rows, one
+    cast per code): `fast(x, lanes, hi, lo, bad)` -> (arrays per block..., bad) for all blocks, given each block's
+    largest and least weight and `bad`, the blocks holding a NaN or an infinity (numpy's max and min carry them into
+    the result). The blocks still flagged bad come out of `general(x[bad])`, C's arithmetic taken literally."""
+    t = _lanes(x)
+    hi, lo = _block_reduce(np.maximum, t), _block_reduce(np.minimum, t)
+    with np.errstate(all="ignore"):  # the bad blocks' arithmetic is thrown away, the general path's is C's
+        *out, bad = fast(x, t, hi, lo, ~(np.isfinite(hi) & np.isfinite(lo)))
+        if bad.any():
+            redo = np.flatnonzero(bad)
+            for o, r in zip(out, general(x[redo]), strict=True):
+                o[redo] = r
+    return tuple(out)
+
+
+def _spread(v: np.ndarray) -> np.ndarray:
+    """One value per block [B] -> `_lanes`'s row layout [4B] (each block's value under its 4 lanes)."""
+    return np.repeat(v, 4)
+
+
+def _unlanes(codes: np.ndarray) -> np.ndarray:
+    """Byte codes in `_lanes`'s layout [n/4, 4B] -> blocks [B, n] (moved 4 bytes at a time)."""
+    n4 = codes.shape[0]
+    return np.ascontiguousarray(codes.view(np.uint32).T).view(np.uint8).reshape(-1, 4 * n4)
 
 
 def _min_max_rows(x: np.ndarray, start: float) -> tuple[np.ndarray, np.ndarray]:
@@ -268,28 +296,35 @@ def _refine(x, w, codes, sumlx, suml2, lo, hi, qp: bool) -> tuple[np.ndarray, np
     wx = w * x  # C's w*x[i]*L[i] associates as (w*x[i])*L[i]
     at = np.arange(x.shape[1])
     xs, ws, wxs, cs = x, w, wx, codes
+    sumlx, suml2 = sumlx.copy(), suml2.copy()  # updated in place below
     for _ in range(5):
-        moved = np.zeros(at.size, bool)
+        n = at.size
+        slx, sl2, new, slx2, sl22, a, b = np.empty((7, n), F)  # each step's work, in reused buffers
+        take, ok, moved = np.empty(n, bool), np.empty(n, bool), np.zeros(n, bool)
         for i, xi in enumerate(xs):
             wi, li = ws[i], cs[i]
-            slx = sumlx - wxs[i] * li
-            sl2 = suml2 - wi * li * li
-            new = xi * sl2
-            new /= slx
-            new = _nearest(new)
+            np.subtract(sumlx, np.multiply(wxs[i], li, out=slx), out=slx)
+            np.multiply(wi, li, out=sl2)
+            np.subtract(suml2, np.multiply(sl2, li, out=sl2), out=sl2)
+            np.multiply(xi, sl2, out=new)
+            np.divide(new, slx, out=new)
+            rounded = _nearest(new)  # in place, unless a NaN or |v| >= 2**22 is there
             if lo is None:
-                np.minimum(new, F(hi), out=new)
+                np.minimum(rounded, F(hi), out=rounded)
             else:
-                _clip(new, lo, hi)
-            slx2 = wxs[i] * new
-            slx2 += slx
-            sl22 = wi * new
-            sl22 *= new
-            sl22 += sl2
-            take = (slx > 0) & ((sl2 if qp else sl22) > 0) & (new != li)
-            take &= slx2 * slx2 * suml2 > sumlx * sumlx * sl22
-            cs[i] = np.where(take, np.mod(new, F(256)) if qp else new, li)
-            sumlx, suml2 = np.where(take, slx2, sumlx), np.where(take, sl22, suml2)
+                _clip(rounded, lo, hi)
+            np.add(np.multiply(wxs[i], rounded, out=slx2), slx, out=slx2)
+            np.multiply(wi, rounded, out=sl22)
+            np.add(np.multiply(sl22, rounded, out=sl22), sl2, out=sl22)
+            np.greater(slx, 0, out=take)
+            take &= np.greater(sl2 if qp else sl22, 0, out=ok)
+            take &= np.not_equal(rounded, li, out=ok)
+            np.multiply(np.multiply(slx2, slx2, out=a), suml2, out=a)
+            np.multiply(np.multiply(sumlx, sumlx, out=b), sl22, out=b)
+            take &= np.greater(a, b, out=ok)
+            np.copyto(li, np.mod(rounded, F(256)) if qp else rounded, where=take)
+            np.copyto(sumlx, slx2, where=take)
+            np.copyto(suml2, sl22, where=take)
             moved |= take
         if at.size == x.shape[1]:  # the first pass works on the arrays themselves
             sumlx_all, suml2_all = sumlx, suml2
@@ -479,6 +514,20 @@ def _nibbles(codes: np.ndarray) -> np.ndarray:
     return q.view(np.uint8)
 
 
+def _concat_bytes(parts: list[np.ndarray]) -> np.ndarray:
+    """`np.concatenate(parts, axis=1)` for byte blocks [B, k]: each part moves as one k-byte item per block (numpy
+    would copy a block's few bytes as a row of its own, several times slower)."""
+    n, width = len(parts[0]), sum(p.shape[1] for p in parts)
+    out = np.empty((n, width), np.uint8)
+    at = 0
+    for p in parts:
+        k = p.shape[1]
+        item = np.dtype(f"V{k}")
+        np.ndarray((n,), item, out, at, (width,))[...] = np.ascontiguousarray(p, np.uint8).view(item).reshape(n)
+        at += k
+    return out
+
+
 def _high_bits(codes: np.ndarray) -> np.ndarray:
     """Bit 4 of each of 32 codes, as the little-endian uint32 qh of Q5_0/Q5_1."""
     return np.packbits((codes.astype(np.uint8, copy=False) >> 4) & 1, axis=-1, bitorder="little")
@@ -490,15 +539,7 @@ class _Q4_0(Codec):
 
     def fit(self, x, qw, row_sigma2):
         if qw is None:  # no sums: the blocks stay in weight order
-            _, big = _abs_max_rows(x)
-            d = big / F(-self.half)
-            with np.errstate(all="ignore"):
-                inv = np.where(d != 0, F(1) / d, F(0))
-            v = x * inv[:, None]
-            v += F(self.half + 0.5)
-            codes = v.astype(np.int32).astype(np.int8)  # C's (int8_t)(int), NaN's INT_MIN included
-            np.minimum(codes, self.nmax, out=codes)
-            codes = codes.view(np.uint8)  # C's uint8_t of MIN(nmax, .)
+            d, codes = _by_lanes(x, self._fit_lanes, self._fit_plain)
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
             d, codes = _make_qx(_elements(x, QK), self.half, w)
@@ -506,15 +547,38 @@ class _Q4_0(Codec):
         stored = _fp16(d)
         return Fit({"d": d}, stored[:, None], (F(-self.half) * stored)[:, None], codes)
 
+    def _fit_lanes(self, x, t, hi, lo, bad):
+        """Where the weights and the inverse scale are finite, the codes x * id + half + 0.5 lie in
+        [0, 2 * half + 1): one cast to uint8 is C's (int8_t) cast."""
+        _, big = _signed_max(hi, lo, lambda tie: x[tie].T)
+        d = big / F(-self.half)
+        inv = np.where(d != 0, F(1) / d, F(0))
+        bad |= ~np.isfinite(inv)  # a denormal scale's inverse overflows
+        inv[bad] = 0
+        t *= _spread(inv)
+        t += F(self.half + 0.5)
+        np.minimum(t, F(self.nmax), out=t)  # MIN(nmax, .) before the cast: the same on codes that are not negative
+        return d, _unlanes(t.astype(np.uint8)), bad
+
+    def _fit_plain(self, x):
+        _, big = _abs_max_rows(x)
+        d = big / F(-self.half)
+        inv = np.where(d != 0, F(1) / d, F(0))
+        v = x * inv[:, None]
+        v += F(self.half + 0.5)
+        codes = v.astype(np.int32).astype(np.int8)  # C's (int8_t)(int), NaN's INT_MIN included
+        np.minimum(codes, self.nmax, out=codes)
+        return d, codes.view(np.uint8)  # C's uint8_t of MIN(nmax, .)
+
     def pack(self, fit, codes):
-        return np.concatenate([_half_bytes(fit.header["d"]), _nibbles(codes)], axis=1)
+        return _concat_bytes([_half_bytes(fit.header["d"]), _nibbles(codes)])
 
 
 class _Q5_0(_Q4_0):
     name, size, nmax, half = "Q5_0", 22, 31, 16
 
     def pack(self, fit, codes):
-        return np.concatenate([_half_bytes(fit.header["d"]), _high_bits(codes), _nibbles(codes)], axis=1)
+        return _concat_bytes([_half_bytes(fit.header["d"]), _high_bits(codes), _nibbles(codes)])
 
 
 class _Q4_1(Codec):
@@ -522,24 +586,42 @@ class _Q4_1(Codec):
 
     def fit(self, x, qw, row_sigma2):
         if qw is None:  # no sums: the blocks stay in weight order
-            lo, hi = _min_max_rows(x, np.finfo(F).max)
-            d = (hi - lo) / F(self.nmax)
-            with np.errstate(all="ignore"):
-                inv = np.where(d != 0, F(1) / d, F(0))
-            v = x - lo[:, None]
-            v *= inv[:, None]
-            v += F(0.5)
-            codes = v.astype(np.int32).astype(np.uint8)  # C's (uint8_t)(int), NaN's INT_MIN included
-            if self.nmax == 15:
-                np.minimum(codes, 15, out=codes)
+            d, lo, codes = _by_lanes(x, self._fit_lanes, self._fit_plain)
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
             d, neg_min, codes = _make_qkx(_elements(x, QK), w, self.nmax, -0.9, 0.05, 36, False)
             lo, codes = -neg_min, _blocks(codes, 1)
         return Fit({"d": d, "m": lo}, _fp16(d)[:, None], _fp16(lo)[:, None], codes)
 
+    def _fit_lanes(self, x, t, hi, lo, bad):
+        """Where the weights, the range and the inverse scale are finite, (x - min) * id + 0.5 lies in
+        [0, nmax + 1]: one cast to uint8 is C's. A block whose least or largest value is a zero is left to C's loop
+        (which keeps the first of +0 and -0)."""
+        d = (hi - lo) / F(self.nmax)
+        inv = np.where(d != 0, F(1) / d, F(0))
+        bad |= ~(np.isfinite(d) & np.isfinite(inv)) | (lo == 0) | (hi == 0)
+        inv[bad], lo[bad] = 0, 0
+        t -= _spread(lo)
+        t *= _spread(inv)
+        t += F(0.5)
+        if self.nmax == 15:
+            np.minimum(t, F(15), out=t)
+        return d, lo, _unlanes(t.astype(np.uint8)), bad
+
+    def _fit_plain(self, x):
+        lo, hi = _min_max_rows(x, np.finfo(F).max)
+        d = (hi - lo) / F(self.nmax)
+        inv = np.where(d != 0, F(1) / d, F(0))
+        v = x - lo[:, None]
+        v *= inv[:, None]
+        v += F(0.5)
+        codes = v.astype(np.int32).astype(np.uint8)  # C's (uint8_t)(int), NaN's INT_MIN included
+        if self.nmax == 15:
+            np.minimum(codes, 15, out=codes)
+        return d, lo, codes
+
     def pack(self, fit, codes):
-        return np.concatenate([_half_bytes(fit.header["d"]), _half_bytes(fit.header["m"]), _nibbles(codes)], axis=1)
+        return _concat_bytes([_half_bytes(fit.header["d"]), _half_bytes(fit.header["m"]), _nibbles(codes)])
 
 
 class _Q5_1(_Q4_1):
@@ -547,27 +629,49 @@ class _Q5_1(_Q4_1):
 
     def pack(self, fit, codes):
         h = fit.header
-        return np.concatenate([_half_bytes(h["d"]), _half_bytes(h["m"]), _high_bits(codes), _nibbles(codes)], axis=1)
+        return _concat_bytes([_half_bytes(h["d"]), _half_bytes(h["m"]), _high_bits(codes), _nibbles(codes)])
 
 
 class _Q8_0(Codec):
     name, block, size, sub, nmax, weighted = "Q8_0", QK, 34, QK, 255, False
 
     def fit(self, x, qw, row_sigma2):  # ggml's Q8_0 has no importance-weighted variant
+        d, codes = _by_lanes(x, self._fit_lanes, self._fit_plain)
+        stored = _fp16(d)
+        return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], codes)
+
+    def _fit_lanes(self, x, t, hi, lo, bad):
+        """Where the weights and the inverse scale are finite: amax from the block's extremes (+0 for an all-zero
+        block, as C's loop from 0), and |x * id| <= 127 rounded by C's roundf (numpy's rint, with exact halves moved
+        away from zero: v + copysign(0.5, v) is exact there)."""
+        d = np.abs(np.maximum(hi, -lo)) / F(127)
+        inv = np.where(d != 0, F(1) / d, F(0))
+        bad |= ~np.isfinite(inv)
+        inv[bad] = 0
+        t *= _spread(inv)
+        r = np.rint(t)
+        half = np.subtract(t, r)
+        np.abs(half, out=half)
+        tie = half == F(0.5)
+        if tie.any():
+            r[tie] = t[tie] + np.copysign(F(0.5), t[tie])
+        codes = r.astype(np.int8).view(np.uint8)
+        codes ^= np.uint8(0x80)  # + 128, as uint8
+        return d, _unlanes(codes), bad
+
+    def _fit_plain(self, x):
         d = _running_abs_max(x) / F(127)
-        with np.errstate(all="ignore"):
-            inv = np.where(d != 0, F(1) / d, F(0))
+        inv = np.where(d != 0, F(1) / d, F(0))
         v = x * inv[:, None]
         if np.isfinite(d).all() and not np.isnan(v).any():  # |v| <= 127: int8 holds every code
             codes = _roundf(v).astype(np.int8).view(np.uint8) ^ np.uint8(0x80)  # + 128, as uint8
         else:  # lroundf of a NaN: C's (int8_t) of LONG_MIN
             codes = (_roundf(v).astype(np.int32) + 128) & 0xFF
-        stored = _fp16(d)
-        return Fit({"d": d}, stored[:, None], (F(-128) * stored)[:, None], codes)
+        return d, codes
 
     def pack(self, fit, codes):
         q = codes.astype(np.uint8, copy=False) ^ np.uint8(0x80)  # codes - 128 as int8, when 0 <= codes <= 255
-        return np.concatenate([_half_bytes(fit.header["d"]), q], axis=1)
+        return _concat_bytes([_half_bytes(fit.header["d"]), q])
 
 
 def _pack_2bit(codes: np.ndarray) -> np.ndarray:
@@ -623,7 +727,7 @@ class _Q2_K(Codec):
 
     def pack(self, fit, codes):
         h = fit.header
-        return np.concatenate([h["scales"], _pack_2bit(codes), _half_bytes(h["d"]), _half_bytes(h["dmin"])], axis=1)
+        return _concat_bytes([h["scales"], _pack_2bit(codes), _half_bytes(h["d"]), _half_bytes(h["dmin"])])
 
 
 def _q3_scale_bytes(l: np.ndarray) -> np.ndarray:
@@ -677,7 +781,7 @@ class _Q3_K(Codec):
         hmask = np.zeros((c.shape[0], 32), np.uint8)
         for k in range(8):
             hmask |= high[:, k].astype(np.uint8) << k
-        return np.concatenate([hmask, _pack_2bit(c & 3), fit.header["scales"], _half_bytes(fit.header["d"])], axis=1)
+        return _concat_bytes([hmask, _pack_2bit(c & 3), fit.header["scales"], _half_bytes(fit.header["d"])])
 
 
 def _k4_scale_bytes(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -743,7 +847,7 @@ class _Q4_K(Codec):
             for i in range(4):
                 qh |= ((c[:, i, 0] >> 4) << (2 * i)) | ((c[:, i, 1] >> 4) << (2 * i + 1))
             parts.append(qh)
-        return np.concatenate([*parts, qs], axis=1)
+        return _concat_bytes([*parts, qs])
 
 
 class _Q5_K(_Q4_K):
@@ -776,8 +880,8 @@ class _Q6_K(Codec):
         ql = np.concatenate([(c[:, :, 0] & 0xF) | ((c[:, :, 2] & 0xF) << 4),
                              (c[:, :, 1] & 0xF) | ((c[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
         qh = ((c[:, :, 0] >> 4) | ((c[:, :, 1] >> 4) << 2) | ((c[:, :, 2] >> 4) << 4) | ((c[:, :, 3] >> 4) << 6))
-        out = np.concatenate([ql, qh.reshape(-1, 64), fit.header["scales"].astype(np.int8).view(np.uint8),
-                              _half_bytes(fit.header["d"])], axis=1)
+        out = _concat_bytes([ql, qh.reshape(-1, 64), fit.header["scales"].astype(np.int8).view(np.uint8),
+                             _half_bytes(fit.header["d"])])
         out[fit.header["zero"]] = 0
         return out
 
@@ -845,7 +949,7 @@ class _IQ4_NL(Codec):
         return Fit({"d": d}, _fp16(d)[:, None], np.zeros((len(d), 1), F), codes)
 
     def pack(self, fit, codes):
-        return np.concatenate([_half_bytes(fit.header["d"]), _nibbles(codes)], axis=1)
+        return _concat_bytes([_half_bytes(fit.header["d"]), _nibbles(codes)])
 
 
 def _ternary_fit(x: np.ndarray) -> Fit:
@@ -865,7 +969,7 @@ class _TQ2_0(Codec):
         return _ternary_fit(x)
 
     def pack(self, fit, codes):
-        return np.concatenate([_pack_2bit(codes & 3), _half_bytes(fit.header["d"])], axis=1)
+        return _concat_bytes([_pack_2bit(codes & 3), _half_bytes(fit.header["d"])])
 
 
 _POW3 = np.array([81, 27, 9, 3, 1], np.int32)
@@ -888,7 +992,7 @@ class _TQ1_0(Codec):
             return ((q.astype(np.uint16) * 256 + 242) // 243).astype(np.uint8)
 
         qs = np.concatenate([trits(c[:, :160], 32, 5), trits(c[:, 160:240], 16, 5)], axis=1)
-        return np.concatenate([qs, trits(c[:, 240:], 4, 4), _half_bytes(fit.header["d"])], axis=1)
+        return _concat_bytes([qs, trits(c[:, 240:], 4, 4), _half_bytes(fit.header["d"])])
 
 
 CODECS: dict[str, Codec] = {c.name: c for c in (
@@ -960,9 +1064,15 @@ def encode(w: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np
     if len(starts) == 1:
         run(0)
     else:  # numpy lets go of the GIL inside its array operations: chunks encode side by side
-        with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1)) as pool:
-            list(pool.map(run, starts))
+        list(_pool().map(run, starts))
     return out.reshape(*lead, -1)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """One pool of encoding threads for the process (an export encodes hundreds of tensors: starting threads for
+    each costs more than encoding the small ones)."""
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="mlxq-encode")
 
 
 def _encode_rows(codec: Codec, x: np.ndarray, qw: np.ndarray | None, out: np.ndarray) -> None:

@@ -95,11 +95,15 @@ class Source:
     undo: tuple[names.Transform, ...] = ()  # an mlx-lm checkpoint's own layout -> HF's (`to_hf` of each)
 
     def load(self, ckpt: Checkpoint) -> np.ndarray:
-        arrays = [ckpt.tensors[n] for n in self.names]
-        w = mx.stack(arrays) if len(arrays) > 1 else arrays[0]
-        if self.rows is not None:
-            w = mx.take(w, mx.array(self.rows), axis=-2)
-        w = np.asarray(w.astype(mx.float32) if mx.issubdtype(w.dtype, mx.floating) else w)
+        w = ckpt.tensors.host_float(self.names[0]) if len(self.names) == 1 else None
+        if w is not None:  # read from the file as float32 without MLX (mapped where it is stored so)
+            w = w if self.rows is None else np.take(w, self.rows, axis=-2)
+        else:
+            arrays = [ckpt.tensors[n] for n in self.names]
+            w = mx.stack(arrays) if len(arrays) > 1 else arrays[0]
+            if self.rows is not None:
+                w = mx.take(w, mx.array(self.rows), axis=-2)
+            w = np.asarray(w.astype(mx.float32) if mx.issubdtype(w.dtype, mx.floating) else w)
         for t in self.undo:
             w = t.to_hf(w, {})
         return w

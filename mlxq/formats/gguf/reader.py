@@ -31,7 +31,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from mlxq.errors import FormatError, UnsupportedModel
-from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource
+from mlxq.formats.base import Checkpoint, TensorInfo, TensorSource, mapped_float
 from mlxq.formats.gguf import names
 from mlxq.formats.gguf.checks import check_gguf, skip_strings
 from mlxq.formats.gguf.codecs import FLOAT_TYPES
@@ -257,9 +257,19 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
         except (ValueError, TypeError, NotImplementedError) as e:  # the metadata's heads may not fit the rows
             raise FormatError(f"{path}: tensor '{p.record.name}' ({p.record.kind}) cannot be decoded ({e})") from None
 
+    def host(hf: str) -> np.ndarray | None:
+        p = plan[hf]
+        if p.form != "float" or p.record.kind not in _HOST_DTYPES:
+            return None
+        w = mapped_float(path, p.record.offset, p.record.shape, _HOST_DTYPES[p.record.kind])
+        try:
+            return names.to_hf_all(p.transforms, w if p.rows is None else w[p.rows], config)
+        except (ValueError, TypeError, IndexError) as e:
+            raise FormatError(f"{path}: tensor '{p.record.name}' ({p.record.kind}) cannot be decoded ({e})") from None
+
     chat_template = meta.get("tokenizer.chat_template")
     small = {k: v for k, v in meta.items() if not isinstance(v, Strings)}
-    return Checkpoint(path, "gguf", config, TensorSource(infos, load), gguf_file=path,
+    return Checkpoint(path, "gguf", config, TensorSource(infos, load, host=host), gguf_file=path,
                       chat_template=chat_template if isinstance(chat_template, str) else None,
                       extra={"gguf_metadata": small, "gguf_header": header})
 
@@ -381,6 +391,9 @@ class _Part:
             parts = {k: names.to_hf_all(rows_only, v, config) for k, v in parts.items()}
         mx.eval(parts)  # one tensor at a time: its file bytes are freed before the next is read
         return parts
+
+
+_HOST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # float tensors read without MLX
 
 
 def _to_float(raw: mx.array, record: TensorRecord, rows: np.ndarray | None) -> mx.array:
