@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mlxq.errors import ConfigError, FormatError
 from mlxq.formats.base import Checkpoint
 from mlxq.models import build_model, text_config
-from mlxq.models.layers import TernaryLinear, cpu_layout, to_blocks
+from mlxq.models.layers import TernaryLinear, cpu_layout, drop_derived_biases, to_blocks
 from mlxq.models.moe import SwitchLinear
 
 if TYPE_CHECKING:
@@ -141,6 +141,8 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     try:
         for _, w in tree_flatten(model.parameters()):
             mx.eval(w)
+        if fuse:
+            drop_derived_biases(model)
     finally:
         mx.set_cache_limit(cache_limit)
     model.eval()

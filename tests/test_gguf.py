@@ -98,8 +98,13 @@ def test_keep_quantized_equals_dequantized(kind, tmp_path):
     down = packed.model.layers[0].mlp.down_proj
     assert isinstance(down, nn.QuantizedLinear)
     # float16 scales and biases are kept as the file's (exact; the matmul promotes them), except an embedding's,
-    # whose lookup dequantizes in its scales' dtype
-    assert down.scales.dtype == down.biases.dtype == mx.float16
+    # whose lookup dequantizes in its scales' dtype; off Metal, biases that are -2^(bits-1) times the scales (the
+    # zero-point types) are not held but made per product
+    assert down.scales.dtype == mx.float16
+    if kind in ("Q4_0", "Q5_0", "Q8_0") and not mx.metal.is_available():
+        assert "biases" not in down and down.bias_per_scale == -(1 << (down.bits - 1))
+    else:
+        assert down.biases.dtype == mx.float16
     embed = packed.model.embed_tokens
     assert not isinstance(embed, nn.QuantizedEmbedding) or embed.scales.dtype == mx.float32
     # The reference: every matrix through gguf-py's own block round trip. Blocks run along rows, so quantizing

@@ -3,10 +3,14 @@ cases, the exact MLX-affine form of the types that have one, and the block matmu
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from mlxq.kernels import kquants
 
@@ -92,6 +96,140 @@ def test_matmul_on_blocks(kind, rows):
     got = kquants.matmul(x, raw, kind)
     want = np.einsum("bri,oi->bro", np.array(x, np.float64), np.array(w, np.float64))
     np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind", ["Q3_K", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, kquants.DEQUANTIZE_FROM_ROWS])  # decode, prompt
+def test_products_dequantize_a_slice_of_rows_at_a_time(kind, rows, monkeypatch):
+    """Off Metal, a one-row product and a prompt's go through the weight a slice of 64 rows at a time (here: 200 rows
+    in four slices, the last one short); the float weight they use is the whole one's, bit for bit (an identity
+    input gives W^T back: one product by 1 per output, exact), and the product is the float one."""
+    monkeypatch.setattr(kquants, "SLICE_BYTES", 1)  # the smallest slice: 64 rows
+    raw = mx.array(random_blocks(kind, rows=201, blocks_per_row=1, seed=5)[:-1])
+    w = kquants.dequantize(raw, kind)
+    cols = w.shape[1]
+    eye = mx.eye(cols)
+    np.testing.assert_array_equal(np.array(kquants.matmul(eye, raw, kind)), np.array(w).T)
+    for r in range(cols if rows == 1 else 0):  # one row at a time: each row of the identity gives a column of W^T
+        if r % 37 == 0:
+            np.testing.assert_array_equal(np.array(kquants.matmul(eye[r], raw, kind)), np.array(w)[:, r])
+    x = mx.random.normal((rows, cols), key=mx.random.key(7))
+    want = np.array(x, np.float64) @ np.array(w, np.float64).T
+    np.testing.assert_allclose(np.array(kquants.matmul(x, raw, kind)), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+# Four 2048 x 2048 layers (16 MB each as float32), two in Q5_0's MLX affine form, two in Q6_K blocks, run lazily on a
+# prompt and on one row; prints MLX's peak of allocated memory above the model and input, in MB, for each
+_CHAIN = """
+import sys
+import mlx.core as mx
+import numpy as np
+from mlxq.kernels import kquants
+from mlxq.models.layers import BlockLinear, QuantizedLinear
+
+rng = np.random.default_rng(0)
+layers = []
+for kind in ("Q5_0", "Q6_K", "Q5_0", "Q6_K"):
+    elems, size = kquants.BLOCK_SIZES[kind]
+    raw = rng.integers(0, 256, (2048, 2048 // elems * size), dtype=np.uint8)
+    at = 0 if kind == "Q5_0" else 208
+    per_row = raw.reshape(-1, size)
+    per_row[:, at : at + 2] = np.full((per_row.shape[0], 1), 0.001, np.float16).view(np.uint8)
+    if kind == "Q5_0":
+        layer = QuantizedLinear(2048, 2048, bias=False, group_size=32, bits=5)
+        layer.weight, layer.scales, layer.biases = kquants.to_affine(mx.array(raw), kind)
+    else:
+        layer = BlockLinear(2048, 2048, kind)
+        layer.weight = mx.array(raw)
+    layers.append(layer)
+mx.eval([layer.parameters() for layer in layers])
+mx.set_cache_limit(0)  # the peak counts what is allocated, not what MLX keeps for reuse
+for rows in (32, 1):
+    x = mx.random.normal((1, rows, 2048), key=mx.random.key(rows))
+    mx.eval(x)
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    for layer in layers:
+        x = layer(x)
+    mx.eval(x)
+    print(rows, (mx.get_peak_memory() - base) / 2**20)
+"""
+
+
+def test_products_hold_one_slice_of_float_weight_at_once():
+    """A lazy chain of layers (as a model's forward is built) holds about one slice of float weight while it
+    computes (`SLICE_BYTES`, 1 MB; Q6_K's unpacking a few times that), not a layer's 16 MB, nor several layers' as
+    MLX allocates ahead; measured in a child process (MLX's peak is the process's)."""
+    if mx.metal.is_available():
+        pytest.skip("the sliced path is the CPU reference's")
+    out = subprocess.run([sys.executable, "-c", _CHAIN], check=True, timeout=300, capture_output=True, text=True)
+    peaks = {int(rows): float(mb) for rows, mb in (line.split() for line in out.stdout.split("\n") if line)}
+    print(peaks)
+    assert peaks[32] < 6 and peaks[1] < 6, f"MLX's peak above the model, MB, by rows: {peaks}"
+
+
+def quantized_linear_from(kind: str, rows: int, seed: int = 6):
+    """A QuantizedLinear holding GGUF blocks of an affine type in MLX's form (`to_affine`), with its blocks."""
+    from mlxq.models.layers import QuantizedLinear
+
+    raw = mx.array(random_blocks(kind, rows=rows + len(EDGE_SCALES) + 1, blocks_per_row=8, seed=seed)
+                   [len(EDGE_SCALES) : -1])  # no edge-case scales: +-max times -16 overflows float16
+    weight, scales, biases = kquants.to_affine(raw, kind)
+    layer = QuantizedLinear(256, rows, bias=False, group_size=32, bits=kquants.AFFINE_BITS[kind])
+    layer.weight, layer.scales, layer.biases = weight, scales, biases
+    return layer, raw
+
+
+def test_prompt_products_of_affine_layers_use_the_whole_float_weight(monkeypatch):
+    monkeypatch.setattr(kquants, "SLICE_BYTES", 1)
+    layer, raw = quantized_linear_from("Q5_0", rows=200)
+    np.testing.assert_array_equal(np.array(layer(mx.eye(256))), np.array(kquants.dequantize(raw, "Q5_0")).T)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q5_0", "Q8_0"])
+def test_biases_made_from_the_scales_are_dropped_and_made_again_exactly(kind):
+    """The legacy types' biases are -2^(bits-1) times their scales: held no more (off Metal), made per product, and
+    every output (decode, prompt, an embedding's lookup and its use as the output head) is bit for bit the same."""
+    import mlx.nn as nn
+
+    from mlxq.models.layers import QuantizedEmbedding, drop_derived_biases
+
+    layer, _ = quantized_linear_from(kind, rows=96)
+    table = QuantizedEmbedding(96, 256, group_size=32, bits=layer.bits)
+    table.weight, table.scales, table.biases = layer.weight, layer.scales, layer.biases
+    net = nn.Module()
+    net.layer, net.table = layer, table
+    ids = mx.array([[3, 95, 0, 3]])
+    xs = [mx.random.normal((rows, 256), key=mx.random.key(rows)) for rows in (1, 3, 2 * kquants.DEQUANTIZE_FROM_ROWS)]
+
+    def outputs():
+        return [layer(x) for x in xs] + [table.as_linear(x) for x in xs] + [table(ids)]
+
+    before = outputs()
+    held = sum(v.nbytes for _, v in tree_flatten(net.parameters()))
+    drop_derived_biases(net)
+    if mx.metal.is_available():  # an inference-only CPU layout
+        return
+    assert "biases" not in layer and "biases" not in table
+    assert sum(v.nbytes for _, v in tree_flatten(net.parameters())) == held - 2 * layer.scales.nbytes
+    for got, want in zip(outputs(), before, strict=True):
+        np.testing.assert_array_equal(np.array(got), np.array(want))
+
+
+def test_biases_of_their_own_are_kept():
+    """Q4_1's and Q4_K's biases are minimums of their own, and a bias that overflowed float16 stays float32."""
+    from mlxq.models.layers import drop_derived_biases
+
+    for kind in ("Q4_1", "Q4_K"):
+        layer, _ = quantized_linear_from(kind, rows=64)
+        drop_derived_biases(layer)
+        assert "biases" in layer
+    raw = mx.array(random_blocks("Q5_0", rows=16, blocks_per_row=8))  # 65504 * -16 overflows float16
+    layer, _ = quantized_linear_from("Q5_0", rows=16)
+    layer.weight, layer.scales, layer.biases = kquants.to_affine(raw, "Q5_0")
+    assert layer.biases.dtype == mx.float32
+    drop_derived_biases(layer)
+    assert "biases" in layer
 
 
 @pytest.mark.parametrize("tokens", [1, 40])  # a few (token, expert) pairs; more pairs than experts

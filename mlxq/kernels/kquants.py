@@ -545,15 +545,42 @@ def dequantize(blocks: mx.array, kind: str, dtype: mx.Dtype = mx.float32, *, bac
     return out if dtype == mx.float32 else out.astype(dtype)
 
 
+# From this many rows on (a prompt), off Metal, products on quantized weights dequantize the weight and run BLAS
+# matmuls: MLX's CPU quantized matmul costs about a row's worth of that per row, so it wins only for a few rows
+# (decode). The float weight is made this many bytes at a time (`sliced_matmul`).
+DEQUANTIZE_FROM_ROWS = 8
+SLICE_BYTES = 1 << 20
+
+
+def sliced_matmul(x: mx.array, rows: int, weight_rows: Callable[[int, int], mx.array]) -> mx.array:
+    """x [..., in] @ W^T for W [rows, in] made by `weight_rows(start, stop)` (its float rows), a slice of rows at a
+    time, each slice's product evaluated before the next slice is made: a prompt holds one slice of float weight
+    (`SLICE_BYTES`), not a layer's. Without the evaluation the slices would pile up: MLX allocates the outputs of
+    the operations it schedules ahead of the one computing, so a lazy prompt through SmolLM2 held several layers'
+    float weights at once. Each output is the same dot product of the same float weights; BLAS may still round it
+    differently in a slice of another width, as it does with another thread count. Not for traced functions
+    (`mx.compile`, gradients), which cannot evaluate."""
+    step = max(64, SLICE_BYTES // (4 * x.shape[-1]) // 64 * 64)  # whole 64-row panels of BLAS's kernels
+    one_row = x.size == x.shape[-1]
+    parts = []
+    for start in range(0, rows, step):
+        w = weight_rows(start, min(start + step, rows))
+        # one row: W @ x streams the weight once (see layers.Linear)
+        parts.append((w @ x.reshape(-1, 1)).reshape(*x.shape[:-1], -1) if one_row else x @ w.T)
+        mx.eval(parts[-1])
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
 def matmul(x: mx.array, blocks: mx.array, kind: str, *, backend: str | None = None) -> mx.array:
     """x [..., in] @ W^T -> [..., out] in x's dtype, W [out, in] stored as `blocks` [out, row_bytes(kind, in)]: a
-    GEMV for one row (decode), a GEMM for many (prefill). The reference dequantizes W, then multiplies."""
+    GEMV for one row (decode), a GEMM for many (prefill). The reference dequantizes W, then multiplies: for a
+    prompt off Metal a slice of rows at a time (`sliced_matmul`)."""
     if (kernel := _kernel("matmul", backend)) and (out := kernel(x, blocks, kind)) is not NotImplemented:
         return out
-    w = dequantize(blocks, kind, x.dtype, backend="reference")
-    if x.size == x.shape[-1] and not _ON_METAL:  # one row: W @ x streams the weight once (see layers.Linear)
-        return (w @ x.reshape(-1, 1)).reshape(*x.shape[:-1], -1)
-    return x @ w.T
+    if _ON_METAL or 1 < x.size // x.shape[-1] < DEQUANTIZE_FROM_ROWS:
+        return x @ dequantize(blocks, kind, x.dtype, backend="reference").T
+    return sliced_matmul(x, blocks.shape[0],
+                         lambda start, stop: dequantize(blocks[start:stop], kind, x.dtype, backend="reference"))
 
 
 def gather_matmul(x: mx.array, blocks: mx.array, kind: str, indices: mx.array, sorted_indices: bool = False, *,

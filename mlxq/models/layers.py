@@ -162,23 +162,55 @@ class Linear(nn.Linear):
         return QuantizedLinear.from_linear(self, group_size, bits, mode)
 
 
-# From this many rows on (a prompt), off Metal, quantized layers dequantize their weight and run one BLAS matmul:
-# MLX's CPU quantized matmul costs about a row's worth of that per row, so it wins only for a few rows (decode).
-DEQUANTIZE_FROM_ROWS = 8
+DEQUANTIZE_FROM_ROWS = kquants.DEQUANTIZE_FROM_ROWS
 
 
 def _quantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
-    """x @ W^T for an affine-quantized layer (QuantizedLinear, QuantizedEmbedding.as_linear)."""
+    """x @ W^T for an affine-quantized layer (QuantizedLinear, QuantizedEmbedding.as_linear): MLX's quantized matmul
+    for a few rows, else the weight dequantized a slice of rows at a time (`kquants.sliced_matmul`)."""
+    weight, scales, biases = layer["weight"], layer["scales"], _biases(layer)
     if _ON_METAL or layer.mode != "affine" or x.size // x.shape[-1] < DEQUANTIZE_FROM_ROWS:
-        return mx.quantized_matmul(x, layer["weight"], layer["scales"], layer.get("biases"), transpose=True,
-                                   group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
-    w = kquants.affine_dequantize(layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits,
-                                  x.dtype)
-    return x @ w.T
+        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=layer.group_size,
+                                   bits=layer.bits, mode=layer.mode)
+    return kquants.sliced_matmul(x, weight.shape[0], lambda start, stop: kquants.affine_dequantize(
+        weight[start:stop], scales[start:stop], biases[start:stop], layer.group_size, layer.bits, x.dtype))
+
+
+def _biases(layer: nn.Module, rows: mx.array | None = None) -> mx.array | None:
+    """A quantized layer's biases (those of `rows` only, if given): its own, or made from its scales where
+    `drop_derived_biases` dropped them. Made in float32 for a product (float16 arithmetic is several times slower on
+    x86; MLX's matmuls promote biases to float32 anyway), in the scales' dtype for a lookup's few rows (whose output
+    takes the scales' dtype, as with biases held)."""
+    if "biases" in layer or getattr(layer, "bias_per_scale", None) is None:
+        biases = layer.get("biases")
+        return biases if biases is None or rows is None else biases[rows]
+    if rows is not None:
+        return layer["scales"][rows] * layer.bias_per_scale
+    return layer["scales"].astype(mx.float32) * layer.bias_per_scale
+
+
+def drop_derived_biases(model: nn.Module) -> None:
+    """Drops the biases of affine layers (ours) where each is its scale times -2^(bits - 1) (codes offset by half
+    their range: GGUF's Q4_0, Q5_0 and Q8_0 in MLX's form), exactly so in their dtype; each product makes them
+    again from the scales (one small multiplication), bit for bit. 2 bytes of every 20-36 per 32 weights. Off Metal
+    (an inference-only layout, as `cpu_layout`'s), on evaluated weights."""
+    if _ON_METAL:
+        return
+    layers = [m for _, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
+              and m.mode == "affine" and "biases" in m and m["biases"].dtype == m["scales"].dtype]
+    # in float32 (exact: a power of two times a float16 that a float16 bias equals), all layers in one evaluation
+    derived = [mx.array_equal(m["scales"].astype(mx.float32) * -(1 << (m.bits - 1)), m["biases"].astype(mx.float32))
+               for m in layers]
+    mx.eval(derived)
+    for m, same in zip(layers, derived, strict=True):
+        if same.item():
+            m.bias_per_scale = -(1 << (m.bits - 1))
+            del m.biases
 
 
 class QuantizedLinear(nn.QuantizedLinear):
-    """nn.QuantizedLinear with a faster CPU path for prompts (`_quantized_matmul`)."""
+    """nn.QuantizedLinear with a faster CPU path for prompts (`_quantized_matmul`) and biases that may be made from
+    its scales (`drop_derived_biases`)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         y = _quantized_matmul(self, x)
@@ -194,6 +226,10 @@ class Embedding(nn.Embedding):
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
+    def __call__(self, ids: mx.array) -> mx.array:
+        return mx.dequantize(self["weight"][ids], self["scales"][ids], _biases(self, ids), group_size=self.group_size,
+                             bits=self.bits, mode=self.mode)
+
     def as_linear(self, x: mx.array) -> mx.array:
         return _quantized_matmul(self, x)
 
