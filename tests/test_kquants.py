@@ -242,6 +242,27 @@ def test_a_wide_heads_biases_are_made_a_slice_of_rows_at_a_time(monkeypatch):
     assert mx.get_peak_memory() - before < whole_biases // 2  # ~150 KB: the output twice, one slice's biases
 
 
+def test_dropping_derived_biases_checks_a_few_layers_at_a_time(monkeypatch):
+    """The check's float32 copies of scales and biases are made a group of layers (`SLICE_BYTES` of float32 scales)
+    at a time, dropping as it goes: the load's peak holds one group's, not every layer's (7 MB for SmolLM2)."""
+    import mlx.nn as nn
+
+    from mlxq.models.layers import drop_derived_biases
+
+    net = nn.Module()
+    net.layers = [quantized_linear_from("Q8_0", rows=2048, seed=i)[0] for i in range(8)]
+    monkeypatch.setattr(kquants, "SLICE_BYTES", 4 * net.layers[0].scales.size)  # one layer per group: 64 KB
+    mx.eval(net.parameters())
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    drop_derived_biases(net)
+    if mx.metal.is_available():  # an inference-only CPU layout
+        return
+    assert all("biases" not in layer for layer in net.layers)
+    assert mx.get_peak_memory() - before < 3 * 4 * net.layers[0].scales.size  # all 8 at once: 16 times that
+
+
 def test_biases_of_their_own_are_kept():
     """Q4_1's and Q4_K's biases are minimums of their own, and a bias that overflowed float16 stays float32."""
     from mlxq.models.layers import drop_derived_biases

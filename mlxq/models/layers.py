@@ -205,7 +205,18 @@ def drop_derived_biases(model: nn.Module) -> None:
         return
     layers = [m for _, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
               and m.mode == "affine" and "biases" in m and m["biases"].dtype == m["scales"].dtype]
-    # in float32 (exact: a power of two times a float16 that a float16 bias equals), all layers in one evaluation
+    # a few layers per evaluation, dropping as it goes: the float32 copies the check makes stay about
+    # `kquants.SLICE_BYTES` on top of the weights (all layers in one evaluation: 7 MB for SmolLM2's Q4_K_M)
+    group: list[nn.Module] = []
+    for i, m in enumerate(layers):
+        group.append(m)
+        if i == len(layers) - 1 or 4 * sum(g["scales"].size for g in group) >= kquants.SLICE_BYTES:
+            _drop_if_derived(group)
+            group = []
+
+
+def _drop_if_derived(layers: list[nn.Module]) -> None:
+    # in float32 (exact: a power of two times a float16 that a float16 bias equals), the layers in one evaluation
     derived = [mx.array_equal(m["scales"].astype(mx.float32) * -(1 << (m.bits - 1)), m["biases"].astype(mx.float32))
                for m in layers]
     mx.eval(derived)
