@@ -8,7 +8,7 @@ import pytest
 from tiny import make_tiny
 
 from mlxq.engine.batch import make_batch
-from mlxq.engine.cache import KVCache, RotatingKVCache, checkpoint, restore
+from mlxq.engine.cache import KVCache, RotatingKVCache, buffer_positions, checkpoint, restore
 from mlxq.engine.sampling import SamplingParams, draw, make_sampler, penalize
 from mlxq.errors import InvalidRequest
 from mlxq.formats import open_checkpoint
@@ -127,6 +127,20 @@ def test_kv_checkpoint_restore():
     c.restore(state)
     kk, _ = c.update_and_fetch(k[:, :, :1], k[:, :, :1])
     assert kk.shape[2] == 6 and mx.array_equal(kk[:, :, :5], k)
+
+
+def test_kv_buffers_double_up_to_a_block_then_grow_by_blocks():
+    """A short request's KV buffers hold a power of two positions (SmolLM2's 74 tokens: 128, not a 256-block: 5.6 MB
+    less), longer ones whole 256-blocks; what the cache returns is every token written, in order."""
+    assert [buffer_positions(n) for n in (1, 16, 17, 26, 74, 128, 129, 256, 257, 700)] == [
+        16, 16, 32, 32, 128, 128, 256, 256, 512, 768]
+    cache, written = KVCache(), []
+    for n, size in ((26, 32), (1, 32), (47, 128), (200, 512)):
+        kv = mx.random.normal((1, 2, n, 4), key=mx.random.key(n))
+        written.append(kv)
+        keys, values = cache.update_and_fetch(kv, -kv)
+        assert cache.keys.shape[2] == size
+    assert mx.array_equal(keys, mx.concatenate(written, axis=2)) and mx.array_equal(values, -keys)
 
 
 def test_rotating_cache_keeps_window_and_restores():

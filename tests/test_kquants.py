@@ -187,12 +187,16 @@ def test_prompt_products_of_affine_layers_use_the_whole_float_weight(monkeypatch
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q5_0", "Q8_0"])
-def test_biases_made_from_the_scales_are_dropped_and_made_again_exactly(kind):
+@pytest.mark.parametrize("sliced", [False, True])  # True: a few rows' products make biases 64 rows at a time
+def test_biases_made_from_the_scales_are_dropped_and_made_again_exactly(kind, sliced, monkeypatch):
     """The legacy types' biases are -2^(bits-1) times their scales: held no more (off Metal), made per product, and
     every output (decode, prompt, an embedding's lookup and its use as the output head) is bit for bit the same."""
     import mlx.nn as nn
 
     from mlxq.models.layers import QuantizedEmbedding, drop_derived_biases
+
+    if sliced:
+        monkeypatch.setattr(kquants, "SLICE_BYTES", 1)  # the smallest slice: 64 of the 96 rows
 
     layer, _ = quantized_linear_from(kind, rows=96)
     table = QuantizedEmbedding(96, 256, group_size=32, bits=layer.bits)
@@ -214,6 +218,49 @@ def test_biases_made_from_the_scales_are_dropped_and_made_again_exactly(kind):
     assert sum(v.nbytes for _, v in tree_flatten(net.parameters())) == held - 2 * layer.scales.nbytes
     for got, want in zip(outputs(), before, strict=True):
         np.testing.assert_array_equal(np.array(got), np.array(want))
+
+
+def test_a_wide_heads_biases_are_made_a_slice_of_rows_at_a_time(monkeypatch):
+    """Decoding through a wide layer whose biases were dropped (a tied Q8_0 output head: SmolLM2's biases would be
+    3.4 MB of float32 at every token) makes one slice of rows' biases at a time, not the whole layer's."""
+    from mlxq.models.layers import QuantizedEmbedding, drop_derived_biases
+
+    layer, _ = quantized_linear_from("Q8_0", rows=16384)
+    table = QuantizedEmbedding(16384, 256, group_size=32, bits=8)
+    table.weight, table.scales, table.biases = layer.weight, layer.scales, layer.biases
+    whole_biases = table.biases.astype(mx.float32).nbytes  # 512 KB
+    drop_derived_biases(table)
+    if mx.metal.is_available():  # an inference-only CPU layout
+        return
+    monkeypatch.setattr(kquants, "SLICE_BYTES", 16 << 10)  # 512 rows: 32 slices
+    x = mx.random.normal((1, 256), key=mx.random.key(1))
+    mx.eval(x, table.parameters())
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(table.as_linear(x))
+    assert mx.get_peak_memory() - before < whole_biases // 2  # ~150 KB: the output twice, one slice's biases
+
+
+def test_dropping_derived_biases_checks_a_few_layers_at_a_time(monkeypatch):
+    """The check's float32 copies of scales and biases are made a group of layers (`SLICE_BYTES` of float32 scales)
+    at a time, dropping as it goes: the load's peak holds one group's, not every layer's (7 MB for SmolLM2)."""
+    import mlx.nn as nn
+
+    from mlxq.models.layers import drop_derived_biases
+
+    net = nn.Module()
+    net.layers = [quantized_linear_from("Q8_0", rows=2048, seed=i)[0] for i in range(8)]
+    monkeypatch.setattr(kquants, "SLICE_BYTES", 4 * net.layers[0].scales.size)  # one layer per group: 64 KB
+    mx.eval(net.parameters())
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    drop_derived_biases(net)
+    if mx.metal.is_available():  # an inference-only CPU layout
+        return
+    assert all("biases" not in layer for layer in net.layers)
+    assert mx.get_peak_memory() - before < 3 * 4 * net.layers[0].scales.size  # all 8 at once: 16 times that
 
 
 def test_biases_of_their_own_are_kept():

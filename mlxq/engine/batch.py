@@ -21,14 +21,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from mlxq.engine.cache import KVCache, RecurrentCache, checkpoint, restore
+from mlxq.engine.cache import KVCache, RecurrentCache, buffer_positions, checkpoint, restore
 from mlxq.models.base import CausalLM
-
-_STEP = 256  # KV buffers grow and shrink in blocks of this many positions
-
-
-def _round_up(n: int) -> int:
-    return (n + _STEP - 1) // _STEP * _STEP
 
 
 class Rows:
@@ -101,10 +95,11 @@ class BatchKVCache:
         width, n = self.rows.width, keys.shape[2]
         if self.keys is None:
             B, H, _, D = keys.shape
-            self.keys = mx.zeros((B, H, _round_up(width), D), keys.dtype)
-            self.values = mx.zeros((B, H, _round_up(width), values.shape[3]), values.dtype)
+            self.keys = mx.zeros((B, H, buffer_positions(width), D), keys.dtype)
+            self.values = mx.zeros((B, H, buffer_positions(width), values.shape[3]), values.dtype)
         elif width > self.keys.shape[2]:
-            self.keys, self.values = _fit(self.keys, _round_up(width)), _fit(self.values, _round_up(width))
+            size = buffer_positions(width)
+            self.keys, self.values = _fit(self.keys, size), _fit(self.values, size)
         offset = self.rows.offset
         if isinstance(offset, int):  # rows of one length: one slice, written in place
             self.keys[:, :, offset : offset + n] = keys
@@ -117,7 +112,7 @@ class BatchKVCache:
 
     def add(self, row: KVCache) -> None:
         """Appends a single-row cache as the last row (call before `Rows.lengths` grows)."""
-        size = _round_up(max([row.offset, *self.rows.lengths]) + 1)
+        size = buffer_positions(max([row.offset, *self.rows.lengths]) + 1)
         n_rows = len(self.rows.lengths)
         rk = None if row.keys is None or not row.offset else row.keys[:, :, : row.offset]
         rv = None if row.values is None or not row.offset else row.values[:, :, : row.offset]
@@ -144,7 +139,7 @@ class BatchKVCache:
 
     def remove(self, keep: list[int]) -> None:
         """Keeps only the rows `keep` (call after `Rows.lengths` shrank); the buffer shrinks to what they need."""
-        size = _round_up(max(self.rows.lengths, default=0) + 1)
+        size = buffer_positions(max(self.rows.lengths, default=0) + 1)
         self.keys = _fit(_take_rows(self.keys, keep), size)
         self.values = _fit(_take_rows(self.values, keep), size)
 

@@ -12,6 +12,16 @@ from typing import Any
 import mlx.core as mx
 
 _STEP = 256  # grow KV buffers in blocks, so decode writes in place instead of concatenating
+_FIRST = 16  # the smallest buffer
+
+
+def buffer_positions(n: int) -> int:
+    """Positions a KV buffer holding `n` is given: a power of two up to `_STEP` (a short request holds little more
+    than its tokens: SmolLM2's 74 take 5.6 MB as 128, not 11.3 as 256; the doublings copy less than one buffer),
+    then whole blocks of `_STEP`."""
+    if n <= _STEP:
+        return max(_FIRST, 1 << (n - 1).bit_length())
+    return (n + _STEP - 1) // _STEP * _STEP
 
 
 class KVCache:
@@ -33,7 +43,7 @@ class KVCache:
         return self.keys[..., :end, :], self.values[..., :end, :]
 
     def _grow(self, keys: mx.array, values: mx.array, end: int) -> None:
-        size = (end + _STEP - 1) // _STEP * _STEP
+        size = buffer_positions(end)
         B, H, _, Dk = keys.shape
         new_k = mx.zeros((B, H, size, Dk), keys.dtype)
         new_v = mx.zeros((B, H, size, values.shape[3]), values.dtype)

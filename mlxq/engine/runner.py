@@ -27,6 +27,7 @@ from mlxq.models.base import CausalLM
 from mlxq.models.mtp import MTPDraft
 
 log = logging.getLogger("mlxq.engine")
+_ON_METAL = mx.metal.is_available()
 
 PREFILL, DECODE = "prefill", "decode"
 
@@ -91,6 +92,10 @@ class Runner:
         batch = self._batches[PREFILL]
         logits = batch.step(tokens, at)
         mx.eval(logits, batch.state, self._note_hidden(PREFILL, tokens))
+        if not _ON_METAL:
+            # MLX's CPU backend keeps the freed buffers of a prompt's products (a few MB per weight shape) for reuse:
+            # decode reuses few of them, and they stay in the process's memory through all of its tokens
+            mx.clear_cache()
         for i in marks:
             self._rows[PREFILL][i].marks[batch.lengths[i]] = batch.checkpoint(i)
         return logits

@@ -560,13 +560,27 @@ def sliced_matmul(x: mx.array, rows: int, weight_rows: Callable[[int, int], mx.a
     float weights at once. Each output is the same dot product of the same float weights; BLAS may still round it
     differently in a slice of another width, as it does with another thread count. Not for traced functions
     (`mx.compile`, gradients), which cannot evaluate."""
-    step = max(64, SLICE_BYTES // (4 * x.shape[-1]) // 64 * 64)  # whole 64-row panels of BLAS's kernels
     one_row = x.size == x.shape[-1]
+
+    def product(start: int, stop: int) -> mx.array:
+        w = weight_rows(start, stop)
+        # one row: W @ x streams the weight once (see layers.Linear)
+        return (w @ x.reshape(-1, 1)).reshape(*x.shape[:-1], -1) if one_row else x @ w.T
+
+    return by_row_slices(rows, slice_rows(4 * x.shape[-1]), product)
+
+
+def slice_rows(row_bytes: int) -> int:
+    """Rows in one slice of `SLICE_BYTES` made per row slice: whole 64-row panels of BLAS's kernels."""
+    return max(64, SLICE_BYTES // row_bytes // 64 * 64)
+
+
+def by_row_slices(rows: int, step: int, product: Callable[[int, int], mx.array]) -> mx.array:
+    """The outputs [..., rows] of `product(start, stop)` (those of weight rows start:stop) a slice of `step` rows at a
+    time, each evaluated before the next is made (`sliced_matmul`), joined along the last axis."""
     parts = []
     for start in range(0, rows, step):
-        w = weight_rows(start, min(start + step, rows))
-        # one row: W @ x streams the weight once (see layers.Linear)
-        parts.append((w @ x.reshape(-1, 1)).reshape(*x.shape[:-1], -1) if one_row else x @ w.T)
+        parts.append(product(start, min(start + step, rows)))
         mx.eval(parts[-1])
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 

@@ -168,25 +168,32 @@ DEQUANTIZE_FROM_ROWS = kquants.DEQUANTIZE_FROM_ROWS
 def _quantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
     """x @ W^T for an affine-quantized layer (QuantizedLinear, QuantizedEmbedding.as_linear): MLX's quantized matmul
     for a few rows, else the weight dequantized a slice of rows at a time (`kquants.sliced_matmul`)."""
-    weight, scales, biases = layer["weight"], layer["scales"], _biases(layer)
+    weight, scales = layer["weight"], layer["scales"]
     if _ON_METAL or layer.mode != "affine" or x.size // x.shape[-1] < DEQUANTIZE_FROM_ROWS:
-        return mx.quantized_matmul(x, weight, scales, biases, transpose=True, group_size=layer.group_size,
-                                   bits=layer.bits, mode=layer.mode)
+        step = kquants.slice_rows(4 * scales.shape[-1])
+        if _ON_METAL or "biases" in layer or getattr(layer, "bias_per_scale", None) is None or weight.shape[0] <= step:
+            return mx.quantized_matmul(x, weight, scales, _biases(layer), transpose=True, group_size=layer.group_size,
+                                       bits=layer.bits, mode=layer.mode)
+        # biases made from the scales (`drop_derived_biases`) a slice of rows at a time: a wide layer (a tied
+        # output head: SmolLM2's 3.4 MB of float32 biases) holds one slice's, not all of them, at every token
+        return kquants.by_row_slices(weight.shape[0], step, lambda start, stop: mx.quantized_matmul(
+            x, weight[start:stop], scales[start:stop], _biases(layer, slice(start, stop), True), transpose=True,
+            group_size=layer.group_size, bits=layer.bits, mode=layer.mode))
+    biases = _biases(layer)
     return kquants.sliced_matmul(x, weight.shape[0], lambda start, stop: kquants.affine_dequantize(
         weight[start:stop], scales[start:stop], biases[start:stop], layer.group_size, layer.bits, x.dtype))
 
 
-def _biases(layer: nn.Module, rows: mx.array | None = None) -> mx.array | None:
+def _biases(layer: nn.Module, rows: mx.array | slice | None = None, product: bool | None = None) -> mx.array | None:
     """A quantized layer's biases (those of `rows` only, if given): its own, or made from its scales where
-    `drop_derived_biases` dropped them. Made in float32 for a product (float16 arithmetic is several times slower on
-    x86; MLX's matmuls promote biases to float32 anyway), in the scales' dtype for a lookup's few rows (whose output
-    takes the scales' dtype, as with biases held)."""
+    `drop_derived_biases` dropped them. Made in float32 for a product (the default without `rows`; float16 arithmetic
+    is several times slower on x86; MLX's matmuls promote biases to float32 anyway), in the scales' dtype for a
+    lookup's few rows (whose output takes the scales' dtype, as with biases held)."""
     if "biases" in layer or getattr(layer, "bias_per_scale", None) is None:
         biases = layer.get("biases")
         return biases if biases is None or rows is None else biases[rows]
-    if rows is not None:
-        return layer["scales"][rows] * layer.bias_per_scale
-    return layer["scales"].astype(mx.float32) * layer.bias_per_scale
+    scales = layer["scales"] if rows is None else layer["scales"][rows]
+    return (scales.astype(mx.float32) if product or rows is None else scales) * layer.bias_per_scale
 
 
 def drop_derived_biases(model: nn.Module) -> None:
@@ -198,7 +205,18 @@ def drop_derived_biases(model: nn.Module) -> None:
         return
     layers = [m for _, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
               and m.mode == "affine" and "biases" in m and m["biases"].dtype == m["scales"].dtype]
-    # in float32 (exact: a power of two times a float16 that a float16 bias equals), all layers in one evaluation
+    # a few layers per evaluation, dropping as it goes: the float32 copies the check makes stay about
+    # `kquants.SLICE_BYTES` on top of the weights (all layers in one evaluation: 7 MB for SmolLM2's Q4_K_M)
+    group: list[nn.Module] = []
+    for i, m in enumerate(layers):
+        group.append(m)
+        if i == len(layers) - 1 or 4 * sum(g["scales"].size for g in group) >= kquants.SLICE_BYTES:
+            _drop_if_derived(group)
+            group = []
+
+
+def _drop_if_derived(layers: list[nn.Module]) -> None:
+    # in float32 (exact: a power of two times a float16 that a float16 bias equals), the layers in one evaluation
     derived = [mx.array_equal(m["scales"].astype(mx.float32) * -(1 << (m.bits - 1)), m["biases"].astype(mx.float32))
                for m in layers]
     mx.eval(derived)
