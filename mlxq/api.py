@@ -18,7 +18,7 @@ from mlxq.engine import stream as streams
 from mlxq.engine.controls import Prompt, prepare, split_options
 from mlxq.engine.prompt_cache import CacheSlot
 from mlxq.engine.runner import evaluate_all
-from mlxq.engine.sampling import LogitsProcessor, SamplingParams
+from mlxq.engine.sampling import LogitsProcessor, SamplingParams, check_logit_bias
 from mlxq.engine.scheduler import DEFAULT_MAX_BATCH, DEFAULT_PROMPT_CACHE_BYTES, PREFILL_CHUNK, Engine, Request
 from mlxq.engine.stops import check_stops
 from mlxq.engine.stream import Chunk, Result, Timings  # noqa: F401  (the API's result types)
@@ -161,9 +161,11 @@ class Model:
             raise InvalidRequest(f"give sampling options either as params or by keyword, not both ({min(sampling)})")
         prepared = prepare(self.tokenizer, self.read_prompt(prompt, raw), controls,
                            chat_template_kwargs=chat_template_kwargs, rewindable=self.engine.rewindable)
+        params = params or SamplingParams(**sampling)
+        check_logit_bias(params.logit_bias, self.tokenizer.vocab_size)
         stops = check_stops(stop)
         k = int(logprobs) if logprobs is not None and logprobs is not False else None
-        return prepared.request(max_tokens, params or SamplingParams(**sampling), stop=stops, logprobs=k,
+        return prepared.request(max_tokens, params, stop=stops, logprobs=k,
                                 ignore_eos=ignore_eos, extra=logits_processors, speculative=speculative)
 
     def stream(self, prompt: Prompt, **options: Any) -> Iterator[Chunk]:

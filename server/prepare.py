@@ -21,7 +21,7 @@ import llguidance
 
 from mlxq.engine.constraints import response_format_grammar, token_tables
 from mlxq.engine.controls import Controls, Prepared, prepare
-from mlxq.engine.sampling import SamplingParams
+from mlxq.engine.sampling import SamplingParams, check_logit_bias
 from mlxq.engine.scheduler import Request
 from mlxq.engine.stops import check_stops
 from mlxq.engine.tools import template_call
@@ -247,11 +247,10 @@ class Planner:
                 token = int(key)
             except ValueError:
                 raise InvalidRequest(f"logit_bias: key {key!r} is not a token id") from None
-            if not 0 <= token < self.vocab:
-                raise InvalidRequest(f"logit_bias: token id {token} is outside the vocabulary (0..{self.vocab - 1})")
             if not -100 <= value <= 100:
                 raise InvalidRequest(f"logit_bias: value {value} for token {token} is not in [-100, 100]")
             bias[token] = float(value)
+        check_logit_bias(bias, self.vocab)
         seed = None if body.seed is None else body.seed + index  # choices of one request differ, yet repeat
         return SamplingParams(
             temperature=body.temperature,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from fixtures_qwen3 import *  # noqa: F403  (pytest fixtures: qwen3_model, ...)
 from fixtures_qwen3 import THINK
@@ -86,3 +88,15 @@ def test_a_cache_slot_is_not_an_option_of_model_calls(qwen3_model):
 
     with pytest.raises(InvalidRequest, match="unknown option 'slot'"):
         qwen3_model.generate("Hello", max_tokens=2, slot=CacheSlot())
+
+
+def test_a_bias_on_an_id_outside_the_vocabulary_is_named_on_every_path(qwen3_model):
+    """The API and Session refuse it as the server does (one check), instead of dropping it unseen."""
+    vocab = qwen3_model.tokenizer.vocab_size
+    for bad in (vocab, -1):
+        want = f"logit_bias: token id {bad} is outside the vocabulary (0..{vocab - 1})"
+        with pytest.raises(InvalidRequest, match=re.escape(want)):
+            qwen3_model.generate("Hi", max_tokens=2, logit_bias={THINK: 1.0, bad: 5.0})
+        with pytest.raises(InvalidRequest, match="outside the vocabulary"):
+            Session(qwen3_model, max_tokens=2, logit_bias={bad: 5.0}).ask("Hi")
+    assert qwen3_model.generate("Hi", max_tokens=2, logit_bias={vocab - 1: 5.0}).tokens  # the last id is fine

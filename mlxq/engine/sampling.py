@@ -44,6 +44,13 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def check_logit_bias(bias: dict[int, float], vocab: int) -> None:
+    """A bias on an id outside the vocabulary is the caller's mistake (a wrong tokenizer's id): named, not ignored."""
+    bad = next((t for t in bias if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"logit_bias: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+
+
 def penalize(logits: mx.array, params: Sequence[SamplingParams], generated: Sequence[list[int]],
              context: int = 64) -> mx.array:
     """Logits [B, V] (float32) after every row's logit bias, repetition penalty (multiplicative, over the row's last
