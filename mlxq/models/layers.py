@@ -171,7 +171,7 @@ def _quantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
     weight, scales = layer["weight"], layer["scales"]
     if _ON_METAL or layer.mode != "affine" or x.size // x.shape[-1] < DEQUANTIZE_FROM_ROWS:
         step = kquants.slice_rows(4 * scales.shape[-1])
-        if _ON_METAL or "biases" in layer or getattr(layer, "bias_per_scale", None) is None or weight.shape[0] <= step:
+        if not _made_from_scales(layer) or weight.shape[0] <= step:
             return mx.quantized_matmul(x, weight, scales, _biases(layer), transpose=True, group_size=layer.group_size,
                                        bits=layer.bits, mode=layer.mode)
         # biases made from the scales (`drop_derived_biases`) a slice of rows at a time: a wide layer (a tied
@@ -184,12 +184,17 @@ def _quantized_matmul(layer: nn.Module, x: mx.array) -> mx.array:
         weight[start:stop], scales[start:stop], biases[start:stop], layer.group_size, layer.bits, x.dtype))
 
 
+def _made_from_scales(layer: nn.Module) -> bool:
+    """Whether `drop_derived_biases` dropped the layer's biases (never on Metal): each use makes them again."""
+    return "biases" not in layer and getattr(layer, "bias_per_scale", None) is not None
+
+
 def _biases(layer: nn.Module, rows: mx.array | slice | None = None, product: bool | None = None) -> mx.array | None:
     """A quantized layer's biases (those of `rows` only, if given): its own, or made from its scales where
     `drop_derived_biases` dropped them. Made in float32 for a product (the default without `rows`; float16 arithmetic
     is several times slower on x86; MLX's matmuls promote biases to float32 anyway), in the scales' dtype for a
     lookup's few rows (whose output takes the scales' dtype, as with biases held)."""
-    if "biases" in layer or getattr(layer, "bias_per_scale", None) is None:
+    if not _made_from_scales(layer):
         biases = layer.get("biases")
         return biases if biases is None or rows is None else biases[rows]
     scales = layer["scales"] if rows is None else layer["scales"][rows]
