@@ -346,10 +346,10 @@ def _affine_blocks(b: mx.array, kind: str) -> tuple[mx.array, mx.array, mx.array
     n = b.shape[0]
     if kind in ("Q4_0", "Q5_0"):
         d = _f16_as_stored(b, 0)
-        packed = _repack_nibbles(_words(b, 2, 18), 16) if kind == "Q4_0" else _repack_q5(b, 2)
+        packed = _repack_nibble_lanes(b, 2) if kind == "Q4_0" else _repack_q5(b, 2)
         return packed, d, -(8 if kind == "Q4_0" else 16) * d.astype(mx.float32)
     if kind in ("Q4_1", "Q5_1"):
-        packed = _repack_nibbles(_words(b, 4, 20), 16) if kind == "Q4_1" else _repack_q5(b, 4)
+        packed = _repack_nibble_lanes(b, 4) if kind == "Q4_1" else _repack_q5(b, 4)
         return packed, _f16_as_stored(b, 0), _f16_as_stored(b, 2)
     if kind == "Q8_0":
         d = _f16_as_stored(b, 0)
@@ -378,10 +378,33 @@ def _repack_nibbles(words: mx.array, run: int) -> mx.array:
 def _nibble_pairs(w: mx.array) -> mx.array:
     """[m, 1, j] words -> [m, 2, j] 32-bit words: the four lanes' low-nibble bytes, then their high-nibble bytes.
     Compiled: one pass over the bytes instead of one per operation (integer operations: exact)."""
-    half = mx.array([[[0], [4]]], mx.uint64)  # the low nibbles' bytes, then the high ones'
+    return _nibble_bytes(w, mx.array([[[0], [4]]], mx.uint64))  # the low nibbles' bytes, then the high ones'
+
+
+def _nibble_bytes(w: mx.array, half: mx.array) -> mx.array:
+    """The bytes made of the nibbles at `half` (0: low, 4: high) of each 16-bit lane's two bytes: 64-bit words -> 32-bit
+    words."""
     v = ((w >> half) & _u64(0x000F000F000F000F)) | ((w >> (half + _u64(4))) & _u64(0x00F000F000F000F0))
     v = (v | (v >> _u64(8))) & _u64(0x0000FFFF0000FFFF)  # each lane's byte, squeezed together
     return (v | (v >> _u64(16))).astype(mx.uint32)
+
+
+def _repack_nibble_lanes(b: mx.array, at: int) -> mx.array:
+    """Q4_0 / Q4_1 blocks (16 bytes of nibbles at `at`) -> MLX's bytes [n, 16], as `_repack_nibbles` does, from the
+    blocks' 16-bit lanes where they lie (their 18- and 20-byte blocks are not whole 64-bit words: a slice would be
+    copied first)."""
+    n = b.shape[0]
+    hw = _halfwords(b)
+    lanes = [hw[:, i : i + 1] for i in range(at // 2, at // 2 + 8)]
+    return mx.view(mx.concatenate(_nibble_lane_bytes(*lanes), axis=1), mx.uint8).reshape(n, 16)
+
+
+@mx.compile
+def _nibble_lane_bytes(*lanes: mx.array) -> tuple[mx.array, ...]:
+    """Eight 16-bit lanes [n, 1] each (a run of 16 bytes) -> four 32-bit words [n, 1]: the low nibbles' bytes of the
+    first and second 8, then the high nibbles' (`_nibble_pairs`' order)."""
+    words = _lanes_word(lanes[0:4]), _lanes_word(lanes[4:8])
+    return tuple(_nibble_bytes(w, _u64(half)) for half in (0, 4) for w in words)
 
 
 def _u64(v: int) -> mx.array:
