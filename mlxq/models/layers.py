@@ -13,6 +13,7 @@ import mlx.nn as nn
 
 from mlxq.errors import ConfigError
 from mlxq.kernels import kquants, ternary
+from mlxq.kernels.rows import joined_rows
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -367,7 +368,7 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     fused = copy.copy(first)  # same class and settings; the arrays are replaced below
     for key in ("weight", "scales", "biases", "bias"):
         if key in first:
-            fused[key] = mx.concatenate([m[key] for m in linears], axis=0)
+            fused[key] = joined_rows([m[key] for m in linears])  # read as one (`kernels.rows`): not copied
     return fused
 
 
