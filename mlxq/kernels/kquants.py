@@ -346,10 +346,10 @@ def _affine_blocks(b: mx.array, kind: str) -> tuple[mx.array, mx.array, mx.array
     n = b.shape[0]
     if kind in ("Q4_0", "Q5_0"):
         d = _f16_as_stored(b, 0)
-        packed = _repack_nibble_lanes(b, 2) if kind == "Q4_0" else _repack_q5(b, 2)
+        packed = _from_lanes(b, 2, 8, _nibble_lane_bytes) if kind == "Q4_0" else _from_lanes(b, 2, 10, _five_bits)
         return packed, d, -(8 if kind == "Q4_0" else 16) * d.astype(mx.float32)
     if kind in ("Q4_1", "Q5_1"):
-        packed = _repack_nibble_lanes(b, 4) if kind == "Q4_1" else _repack_q5(b, 4)
+        packed = _from_lanes(b, 4, 8, _nibble_lane_bytes) if kind == "Q4_1" else _from_lanes(b, 4, 10, _five_bits)
         return packed, _f16_as_stored(b, 0), _f16_as_stored(b, 2)
     if kind == "Q8_0":
         d = _f16_as_stored(b, 0)
@@ -389,20 +389,19 @@ def _nibble_bytes(w: mx.array, half: mx.array) -> mx.array:
     return (v | (v >> _u64(16))).astype(mx.uint32)
 
 
-def _repack_nibble_lanes(b: mx.array, at: int) -> mx.array:
-    """Q4_0 / Q4_1 blocks (16 bytes of nibbles at `at`) -> MLX's bytes [n, 16], as `_repack_nibbles` does, from the
-    blocks' 16-bit lanes where they lie (their 18- and 20-byte blocks are not whole 64-bit words: a slice would be
-    copied first)."""
-    n = b.shape[0]
+def _from_lanes(b: mx.array, at: int, lanes: int, kernel: Callable[..., tuple[mx.array, ...]]) -> mx.array:
+    """`kernel` on `lanes` 16-bit lanes of every block from (even) byte `at`, each [n, 1] where it lies in the blocks
+    (a slice of several would be copied first: blocks of 18, 20 or 22 bytes are not whole 64-bit words), its 32-bit
+    words [n, 1] joined as bytes [n, 4 * words]."""
     hw = _halfwords(b)
-    lanes = [hw[:, i : i + 1] for i in range(at // 2, at // 2 + 8)]
-    return mx.view(mx.concatenate(_nibble_lane_bytes(*lanes), axis=1), mx.uint8).reshape(n, 16)
+    return mx.view(mx.concatenate(kernel(*(hw[:, i : i + 1] for i in range(at // 2, at // 2 + lanes))), axis=1),
+                   mx.uint8)
 
 
 @mx.compile
 def _nibble_lane_bytes(*lanes: mx.array) -> tuple[mx.array, ...]:
-    """Eight 16-bit lanes [n, 1] each (a run of 16 bytes) -> four 32-bit words [n, 1]: the low nibbles' bytes of the
-    first and second 8, then the high nibbles' (`_nibble_pairs`' order)."""
+    """Q4_0 / Q4_1: a block's eight 16-bit lanes of nibble bytes [n, 1] each -> four 32-bit words [n, 1], MLX's
+    bytes as `_repack_nibbles` makes them: the low nibbles' bytes of the first and second 8, then the high ones'."""
     words = _lanes_word(lanes[0:4]), _lanes_word(lanes[4:8])
     return tuple(_nibble_bytes(w, _u64(half)) for half in (0, 4) for w in words)
 
@@ -411,21 +410,12 @@ def _u64(v: int) -> mx.array:
     return mx.array(v, mx.uint64)
 
 
-def _repack_q5(b: mx.array, at: int) -> mx.array:
-    """Q5_0 / Q5_1 blocks (4 bytes of fifth bits at `at`, then 16 bytes of nibbles) -> MLX's 5-bit stream [n, 20]
-    bytes, without unpacking the codes (`_five_bits`). The blocks' 16-bit lanes go in where they lie: a slice of
-    several would be copied first (Q5_0's 22-byte blocks are not whole 64-bit words)."""
-    n = b.shape[0]
-    hw = _halfwords(b)
-    lanes = [hw[:, i : i + 1] for i in range(at // 2, at // 2 + 10)]
-    return mx.view(mx.concatenate(_five_bits(*lanes), axis=1), mx.uint8).reshape(n, 20)
-
-
 @mx.compile
 def _five_bits(*lanes: mx.array) -> tuple[mx.array, ...]:
-    """A block's ten 16-bit lanes [n, 1] each (two of fifth bits, eight of nibble bytes) -> its 5-bit stream as five
-    32-bit words [n, 1] each. Four groups of 8 weights (`_five_bit_group`), 40 bits each, laid end to end.
-    Compiled: one pass instead of one per operation (integer operations: exact)."""
+    """Q5_0 / Q5_1, without unpacking the codes: a block's ten 16-bit lanes [n, 1] each (two of fifth bits, eight of
+    nibble bytes) -> MLX's 5-bit stream as five 32-bit words [n, 1] each: four groups of 8 weights
+    (`_five_bit_group`), 40 bits each, laid end to end. Compiled: one pass instead of one per operation (integer
+    operations: exact)."""
     high = _lanes_word(lanes[0:2])
     low_bytes, high_bytes = _lanes_word(lanes[2:6]), _lanes_word(lanes[6:10])  # nibble bytes 0..7, 8..15
     # weights 0..7, 8..15 are the low nibbles of bytes 0..7, 8..15; weights 16..23, 24..31 their high nibbles
