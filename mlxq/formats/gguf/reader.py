@@ -206,10 +206,10 @@ def read_array(path: Path, record: TensorRecord) -> mx.array:
 def _read_into(path: Path, record: TensorRecord, buf: np.ndarray, rows: np.ndarray | None = None) -> None:
     """The tensor's bytes into `buf`; with `rows` (a 2-D tensor's HF row j is its row rows[j]), each of its rows
     into its place in `buf` [rows, row bytes] as it is read (a row permutation undone at no cost)."""
-    if rows is None:
-        views = [memoryview(buf).cast("B")]
-    else:
-        views = [memoryview(buf[j]) for j in np.argsort(rows)]  # the file's rows in order: where each goes
+    views = [memoryview(buf).cast("B")]
+    if rows is not None:  # the file's rows in order, each a slice of the bytes where it goes
+        width = len(views[0]) // len(rows)
+        views = [views[0][j * width : (j + 1) * width] for j in np.argsort(rows).tolist()]
     fd = os.open(path, os.O_RDONLY)
     try:
         offset, i = record.offset, 0
