@@ -443,7 +443,8 @@ _FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.ga
 
 def _joined(plan: dict[str, _Part], layers: int) -> dict[str, _Part]:
     """The plan with the modules each layer fuses read together (`_Joint`) where they are packed alike, their
-    parts listed one after another (a load asks for them in this order; the last conversion is what is cached)."""
+    parts listed one after another (a load asks for them in this order; the last conversion is what is cached), and
+    every other whole packed matrix read as a `_Joint` of its own."""
     names_of: dict[str, list[str]] = {}  # module -> its HF tensors in the plan
     for hf, p in plan.items():
         names_of.setdefault(p.module, []).append(hf)
@@ -454,6 +455,11 @@ def _joined(plan: dict[str, _Part], layers: int) -> dict[str, _Part]:
                 joint = _Joint(tuple(weights))
                 for hf in (hf for w in weights for hf in names_of[w.module]):
                     plan[hf].joint = joint
+    for p in plan.values():  # the rest on their own, read the same way (a row permutation undone as read)
+        if p.joint is None and p.part == "weight" and _joinable(p, p):
+            joint = _Joint((p,))
+            for k in names_of[p.module]:
+                plan[k].joint = joint
     ordered: dict[str, _Part] = {}
     for hf, p in plan.items():
         members = [hf] if p.joint is None else [k for w in p.joint.weights for k in names_of[w.module]]
