@@ -380,7 +380,7 @@ class _Part:
     rows: np.ndarray | None = None  # a split: the rows of the GGUF tensor this HF tensor is
     column_units: np.ndarray | None = None  # packed forms: order of whole groups / blocks that undoes a permutation
     input_order: np.ndarray | None = None  # blocks whose columns could not be permuted: the layer gathers its input
-    joint: _Joint | None = None  # read and converted together with the other modules the model fuses with it
+    joint: _Joint | None = None  # a whole packed matrix: read that way, with the modules the model fuses it with
 
     def load(self, path: Path, config: dict, cache: dict) -> mx.array:
         if self.part == "input_order":
@@ -412,11 +412,12 @@ class _Part:
 
 @dataclass(eq=False)
 class _Joint:
-    """Modules a model fuses after loading (`_FUSED`: q/k/v, gate/up), of one GGML type and row width: their rows
-    read into one buffer (each module's row permutation undone as it is read) and converted once. Each module's
-    arrays are its block of rows of the result (`kernels.rows.cut_rows`), which fusing takes back whole: without
-    it, fusing copied every part into a new array (a tenth of a load's page faults, and a pass over the weights),
-    and each part was converted on its own (twice the MLX calls)."""
+    """Whole packed matrices read as one: the modules a model fuses after loading (`_FUSED`: q/k/v, gate/up) where
+    they share a GGML type and row width, or a matrix on its own. Their rows go into one buffer (each module's row
+    permutation undone as it is read) converted once, and each module's arrays are its block of rows of the result
+    (`kernels.rows.cut_rows`), which fusing takes back whole. Before, fusing copied every part into a new array (a
+    tenth of a load's page faults, and a pass over the weights), each part was converted on its own (twice the MLX
+    calls), and permuted q/k rows were gathered after converting."""
 
     weights: tuple[_Part, ...]  # the modules' .weight parts, in the order the model fuses them
 
