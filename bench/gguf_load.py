@@ -44,11 +44,6 @@ ENGINES = ("llama_cpp", "mlxq_blocks", "mlxq_float")
 # llama.cpp's threads. Its thread pool spins while it waits: on a machine whose cores are busy with other work, two
 # threads made its decode 50x slower here than one did; --threads changes it
 THREADS = 1
-# llama.cpp's "extra buffer types" (weights repacked at load for AMX / AVX kernels): off. On a CPU with AMX, ggml's
-# AMX matmul segfaults on any batch of two or more tokens (ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36, seen on
-# a Xeon with AMX_INT8), so the peer could not run the prompt; without them llama.cpp maps the file and repacks
-# nothing (its load CPU 0.08 s here, against 0.34-1.37 s with them)
-EXTRA_BUFFERS = False
 # SmolLM2's chat template applied by hand, so both engines tokenize the very same text
 PROMPT = ("<|im_start|>user\nWrite three sentences about the history of the printing press in Europe and why it "
           "mattered.<|im_end|>\n<|im_start|>assistant\n")
@@ -133,17 +128,8 @@ def child_mlxq(path: str, keep: bool, gen: int) -> dict:
 
 
 def child_llama_cpp(path: str, gen: int, threads: int) -> dict:
-    import llama_cpp
     from llama_cpp import Llama
 
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def model_params():  # extra buffers as EXTRA_BUFFERS says
-        params = defaults()
-        params.use_extra_bufts = EXTRA_BUFFERS
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = model_params
     settle_imports()
     base = rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -238,7 +224,6 @@ def main() -> None:
     write_result("gguf_load", {
         "model": "SmolLM2-135M-Instruct re-quantized by llama.cpp (llama_model_quantize)",
         "runs": runs, "decoded_tokens": gen, "quick": args.quick, "llama_cpp_threads": args.threads,
-        "llama_cpp_extra_buffers": EXTRA_BUFFERS,
         "load_average": os.getloadavg(),  # other work on the machine: figures from a busy one are noisier
         "goals": {"load_s_blocks_vs_llama_cpp": "<= 2", "rss_model_blocks_vs_file_plus_kv": "<= 1.3"},
         "results": results, "ratios": ratios})

@@ -28,9 +28,6 @@ _defaults = llama_cpp.llama_cpp.llama_model_default_params
 def _with_mtp():  # multi-token-prediction blocks loaded (and shape-checked), not skipped as unused
     params = _defaults()
     params.load_mtp = True
-    # no extra buffer types (weights repacked for AMX / AVX kernels): on a CPU with AMX, ggml's AMX matmul segfaults
-    # on any batch of two or more tokens (bench/gguf_load.py's EXTRA_BUFFERS)
-    params.use_extra_bufts = False
     return params
 
 
