@@ -67,6 +67,7 @@ class Runner:
         self._mtp_out: mx.array | None = None  # the head's last output per row, normed: what its next step reads
         self._mtp_start: tuple | None = None  # the MTP batch after the first step of a round of drafts
         self.fetched: dict | None = None  # the prompt cache's plan at the last `admit` (None: a slot resumed it)
+        self._decode_positions = 0  # what the decode batch's KV buffers were sized for at the last step
 
     def attach(self, abort: Callable[[EngineDown], None]) -> None:
         """The scheduler's `abort`, for a runner that can find the model gone while a step runs (a group's)."""
@@ -102,7 +103,14 @@ class Runner:
 
     def decode(self, tokens: list[int]) -> mx.array:
         """One token for every decode row; the logits [rows, vocab], lazy (sampling joins the same graph)."""
-        logits = self._batches[DECODE].step([[t] for t in tokens], [[0]] * len(tokens))
+        batch = self._batches[DECODE]
+        if not _ON_METAL and batch.positions != self._decode_positions:
+            # The KV buffers were replaced since the last step (grown, or rows joined or left), and MLX keeps the old
+            # ones for reuse, which no later buffer fits: handed back, the allocator reuses their memory for the
+            # next ones (SmolLM2: 3 MB less at the end of a request, where its KV is copied to the prompt cache)
+            mx.clear_cache()
+            self._decode_positions = batch.positions
+        logits = batch.step([[t] for t in tokens], [[0]] * len(tokens))
         self._note_hidden(DECODE, [[t] for t in tokens])
         return logits
 
