@@ -105,9 +105,9 @@ class Runner:
         """One token for every decode row; the logits [rows, vocab], lazy (sampling joins the same graph)."""
         batch = self._batches[DECODE]
         if not _ON_METAL and batch.positions != self._decode_positions:
-            # The KV buffers were replaced since the last step (grown, or rows joined or left), and MLX keeps the old
-            # ones for reuse, which no later buffer fits: handed back, the allocator reuses their memory for the
-            # next ones (SmolLM2: 3 MB less at the end of a request, where its KV is copied to the prompt cache)
+            # The KV buffers changed size since the last step, and MLX keeps the old ones for reuse, which no later
+            # buffer fits: handed back, their memory serves the next allocations (SmolLM2: 3 MB less at the end of a
+            # request, where its KV is copied to the prompt cache)
             mx.clear_cache()
             self._decode_positions = batch.positions
         logits = batch.step([[t] for t in tokens], [[0]] * len(tokens))
@@ -198,6 +198,10 @@ class Runner:
             self._mtp_batch.remove(sum(row.mtp for row in self._rows[DECODE][:i]), keep_cache=False)
         row = self._rows[phase].pop(i)
         keep = fed is not None and (row.slot is not None or self.prompt_cache.max_bytes > 0)
+        if keep and not _ON_METAL:
+            # the copy the row's cache is kept as reuses the memory of what MLX kept from the steps (SmolLM2: 2 MB
+            # less at the end of a request)
+            mx.clear_cache()
         cache = self._batches[phase].remove(i, keep_cache=keep)
         if cache is None or not fed:
             if row.slot is not None:
