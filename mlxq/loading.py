@@ -128,26 +128,26 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     with _as_config_error(ckpt):
         model = build_model(config)
     dtype = dtype or default_dtype()
-    # Cast before sanitize, so that its arithmetic (the 1 + w of zero-centred norms) runs at compute precision: in a
-    # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits.
-    narrow = _quantization_params(model)
     quant = ckpt.quantization or {}
     affine = "quant_method" not in quant  # mlx-lm's form (a transformers quant_method is the family's to read)
     sources, derived = {}, {}  # derived: layers whose biases are made from their scales (`take_derived_biases`)
     modules = dict(model.named_modules()) if fuse and affine and split is None else {}
     outsized, big = _outsized(ckpt), None
     for name in ckpt.tensors:
-        if big is not None and name.rpartition(".")[0] != big:
+        layer = name.rpartition(".")[0]
+        if big is not None and layer != big:
             mx.clear_cache()  # what converting an outsized tensor left in MLX's cache fits no later tensor
             big = None
         if name in outsized:
-            big = name.rpartition(".")[0]
+            big = layer
         if split is None or split.wants(name):
             sources[name] = ckpt.tensors[name]
-            layer = name.rpartition(".")[0]
             if modules and (factor := take_derived_biases(modules, sources, name, _layer_bits(quant, layer))):
                 derived[layer] = factor
-    sources = {name: _cast(w, dtype, narrow(name)) for name, w in sources.items()}  # lazy: evaluated one at a time
+    # Cast before sanitize, so that its arithmetic (the 1 + w of zero-centred norms) runs at compute precision: in a
+    # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits. (Lazy: evaluated one at a time below.)
+    narrow = _quantization_params(model)
+    sources = {name: _cast(w, dtype, narrow(name)) for name, w in sources.items()}
     weights = model.sanitize(dict(sources))
     if split is not None and expert_memory is None and _has_packs(ckpt):
         expert_memory = "100%"  # a rank streams its share of the experts from its own packs: by default all of it stays

@@ -205,13 +205,13 @@ def take_derived_biases(modules: dict[str, nn.Module], tensors: dict[str, mx.arr
                         bits: int | None) -> int | None:
     """Called as a checkpoint's tensors are read into `tensors`, `name` the last one: when that completes the scales
     and biases of a layer that loading will quantize (in `modules`, the model's by path: our Linear or Embedding,
-    `bits` per code) and each
-    bias is its scale times -2^(bits - 1) exactly (`drop_derived_biases`), the biases leave `tensors` and the factor is
-    returned, for `made_from_scales` once the layer is built: a load never holds them (SmolLM2's Q4_K_M: 7.4 MB at its
-    peak). Off Metal only, as `drop_derived_biases`."""
+    `bits` per code), and each bias is its scale times -2^(bits - 1) exactly in their dtype (`drop_derived_biases`),
+    the biases leave `tensors` and the factor is returned, for `made_from_scales` once the layer is built: a load
+    never holds them (SmolLM2's Q4_K_M: 7.4 MB at its peak). Off Metal only, as `drop_derived_biases`."""
     layer, _, part = name.rpartition(".")
     scales, biases = tensors.get(f"{layer}.scales"), tensors.get(f"{layer}.biases")
-    if _ON_METAL or part not in ("scales", "biases") or bits is None or scales is None or biases is None:
+    if (_ON_METAL or part not in ("scales", "biases") or bits is None or scales is None or biases is None
+            or scales.dtype != biases.dtype):
         return None
     if type(modules.get(layer)) not in (Linear, Embedding) or not _derived(scales, biases, bits).item():
         return None
@@ -408,7 +408,8 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
 
 
 def _layout(m: nn.Module) -> tuple:
-    """What must agree for layers to share one weight: quantization settings and whether there is a bias."""
+    """What must agree for layers to share one weight: quantization settings, whether there is a bias, and whether
+    the quantization biases are made from the scales."""
     return (getattr(m, "group_size", None), getattr(m, "bits", None), getattr(m, "mode", None),
             getattr(m, "kind", None), "bias" in m, _made_from_scales(m))
 
