@@ -144,6 +144,7 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
             sources[name] = ckpt.tensors[name]
             if modules and (factor := take_derived_biases(modules, sources, name, _layer_bits(quant, layer))):
                 derived[layer] = factor
+    del modules  # the modules as built, which fusing replaces: held, they would keep their arrays alive
     # Cast before sanitize, so that its arithmetic (the 1 + w of zero-centred norms) runs at compute precision: in a
     # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits. (Lazy: evaluated one at a time below.)
     narrow = _quantization_params(model)

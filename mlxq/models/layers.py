@@ -401,17 +401,19 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     if len({_layout(m) for m in linears}) > 1 or any("input_order" in m for m in linears):
         return None
     fused = copy.copy(first)  # same class and settings; the arrays are replaced below
-    for key in ("weight", "scales", "biases", "bias"):
+    for key in ("weight", "scales", "bias"):
         if key in first:
             fused[key] = mx.concatenate([m[key] for m in linears], axis=0)
+    if any("biases" in m for m in linears):  # held by some: those made from their scales are made here, as stored
+        fused["biases"] = mx.concatenate([m["biases"] if "biases" in m else m["scales"] * m.bias_per_scale
+                                          for m in linears], axis=0)
     return fused
 
 
 def _layout(m: nn.Module) -> tuple:
-    """What must agree for layers to share one weight: quantization settings, whether there is a bias, and whether
-    the quantization biases are made from the scales."""
+    """What must agree for layers to share one weight: quantization settings and whether there is a bias."""
     return (getattr(m, "group_size", None), getattr(m, "bits", None), getattr(m, "mode", None),
-            getattr(m, "kind", None), "bias" in m, _made_from_scales(m))
+            getattr(m, "kind", None), "bias" in m)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None) -> mx.array:
