@@ -458,20 +458,21 @@ def test_interleaved_read_rates_put_every_block_between_two_ceilings(made):  # n
     assert out["ok"], out
     arms = [r["arm"] for r in out["rows"]]
     # ceiling, the arms in an order that rotates from block to block, ceiling, ...
-    assert arms == ["ceiling", "prefetch_0", "prefetch_1", "pattern", "ceiling", "prefetch_1", "pattern",
-                    "prefetch_0", "ceiling", "pattern", "prefetch_0", "prefetch_1", "ceiling"]
+    assert arms == ["ceiling", "prefetch_0", "prefetch_1", "prefetch_1/0.3", "pattern",
+                    "ceiling", "prefetch_1", "prefetch_1/0.3", "pattern", "prefetch_0",
+                    "ceiling", "prefetch_1/0.3", "pattern", "prefetch_0", "prefetch_1", "ceiling"]
     rows = out["rows"]
     ceilings = [r["gb_per_s"] for r in rows if r["arm"] == "ceiling"]
     assert all(c > 0 for c in ceilings) and out["ceiling_gb_per_s"]["each"] == [round(c, 3) for c in ceilings]
-    for arm in ("prefetch_0", "prefetch_1", "pattern"):
+    for arm in ("prefetch_0", "prefetch_1", "prefetch_1/0.3", "pattern"):
         mine = [r for r in rows if r["arm"] == arm]
         assert [r["block"] for r in mine] == [0, 1, 2] and all(r["reads"] > 0 for r in mine)
         want = [round(r["gb_per_s"] / ((ceilings[r["block"]] + ceilings[r["block"] + 1]) / 2), 3) for r in mine]
         assert out["read_vs_ceiling"][arm]["rounds"] == want
     assert all(r["misses"] > 0 and r["prefetch_reads"] == 0 for r in rows if r["arm"] == "prefetch_0")
-    assert all(r["prefetch_reads"] > 0 for r in rows if r["arm"] == "prefetch_1")
+    assert all(r["prefetch_reads"] > 0 for r in rows if r["arm"] in ("prefetch_1", "prefetch_1/0.3"))
     # the raw device replays the pattern of the block read 0 layers ahead just before it
     p0 = [r for r in rows if r["arm"] == "prefetch_0"]
     for r in (r for r in rows if r["arm"] == "pattern"):
-        ref = p0[0] if r["block"] <= 1 else p0[1]
+        ref = p0[0] if r["block"] <= 1 else p0[1]  # (block 2 runs it before its own prefetch_0)
         assert r["batch"] == pytest.approx(ref["misses"] / (2 * len(open_pack_dir(packs).layers)))
