@@ -41,10 +41,16 @@ each step's input is the next token of a fixed text, not the model's own choice,
 output repeats one token and would route to the same experts every step (flattering every cache). The memory cap
 is what mlxq's own 25 % run was charged at most (a measuring cgroup's peak, page cache included), plus 10 %.
 
---real-experts (about 3 minutes once built; building takes ~6 more and 2 GB on the way, 1.5 GB kept with --keep):
+--real-experts (about 3 minutes once built; building takes ~2-6 more and 2 GB on the way, 1 GB kept with --keep):
 only 1. and 2., on a model with Qwen3.5-397B's own widths and so its own expert size (3.93 MB; 4 layers x 64
-experts), mlxq at 25 % reading 0, 1 and 3 layers ahead: the read rate at the size the projection is for, where a
-read's fixed costs no longer dominate (bench/results/experts-real-experts.json).
+experts): the read rate at the size the projection is for, where a read's fixed costs no longer dominate; the
+interleaved blocks also with whole reads (the runtime reads an expert in 1 MiB pieces)
+(bench/results/experts-real-experts.json).
+
+The goal's figure (ratios.read_rate_vs_ceiling_interleaved): in one process, the ceiling and mlxq's decode in turn
+(ceiling, mlxq reading 0 / 1 layers ahead / 1 ahead with only 30 % of the guesses right, the raw device in the
+decode's pattern, ceiling, ...), each block divided by the ceilings either side of it; the median over blocks, its
+spread, and whether leaving out any one block keeps the verdict.
 
     python bench/experts.py [--quick | --real-experts] [--top-k 4] [--warm 160] [--keep]
 """
@@ -64,6 +70,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, median, rounds_verdict, write_result  # noqa: E402
 from mlxq.bench.synthetic import QWEN35_397B, scaled  # noqa: E402
+from mlxq.experts.io import DEFAULT_THREADS  # noqa: E402
 
 SHAPES = {
     # 12 layers x 512 experts of 240 KiB (Qwen3.5-397B's 3.75 MiB / 16): 1.5 GB of packs
@@ -163,40 +170,48 @@ def unpredictable_routing():
     SlotPool.request = guessing
 
 def blocks(step, stats, spec, forced):
-    # the ceiling and mlxq's decode in turn: ceiling, then each arm (N: reads N layers ahead, `tokens` steps; "N/K":
-    # N ahead with only K of the guesses right; "pattern": the raw device in the pattern of the last prefetch-0 block,
-    # without the model), arms rotating from block to block, ..., a ceiling last, so every block lies between two
-    # ceilings
+    # the ceiling and mlxq's decode in turn: ceiling, then each arm (`tokens` steps reading `prefetch` layers ahead,
+    # with only `kept` of the guesses right, in `piece`-byte pieces; or "pattern": the raw device through the runtime's
+    # reader in the pattern of the last block named prefetch_0, without the model), arms rotating from block to block,
+    # ..., a ceiling last, so every block lies between two ceilings. Where the runtime reads in pieces the ceiling is
+    # the better of one-expert reads and piece-sized reads, back to back.
     global GUESSES_KEPT
     from mlxq.experts.io import measure_burst_rate, measure_read_rate
     unpredictable_routing()
-    rows, tokens, arms = [], iter(forced), spec["arms"]
+    rows, tokens, arms, piece = [], iter(forced), spec["arms"], POOL.reader.piece
+    stride = max(lp.stride for lp in POOL.packs.layers.values())
     for _ in range(WARMUP):  # the first decode steps build MLX's kernels for one-token shapes
         mx.eval(step([next(tokens)]))
     def ceiling():
         r = measure_read_rate(POOL.packs, threads=spec["depth"], seconds=spec["ceiling_s"], seed=len(rows))
-        rows.append({"arm": "ceiling", **{k: r[k] for k in ("gb_per_s", "reads", "reads_in_flight", "ms_per_read")}})
+        row = {"arm": "ceiling", "expert_gb_per_s": r["gb_per_s"],
+               **{k: r[k] for k in ("gb_per_s", "reads", "reads_in_flight", "ms_per_read")}}
+        if piece and stride > piece:
+            r = measure_read_rate(POOL.packs, threads=spec["depth"], seconds=spec["ceiling_s"], seed=len(rows),
+                                  piece=piece)
+            row.update(piece_gb_per_s=r["gb_per_s"], gb_per_s=max(row["gb_per_s"], r["gb_per_s"]))
+        rows.append(row)
     ceiling()
     for b in range(spec["n"]):
         for arm in arms[b % len(arms):] + arms[:b % len(arms)]:
-            if arm == "pattern":
+            POOL.reader.piece = arm.get("piece", piece)
+            if arm.get("pattern"):
                 ref = [r for r in rows if r["arm"] == "prefetch_0"][-1]
                 steps = spec["tokens"] * len(POOL.packs.layers)
                 r = measure_burst_rate(POOL.packs, batch=ref["misses"] / steps, threads=POOL.reader.threads,
                                        gap_s=max(0.0, ref["decode_s"] - ref["read_s"]) / steps,
-                                       seconds=spec["ceiling_s"], seed=len(rows))
-                rows.append({"arm": arm, "block": b, "used_gb_per_s": r["gb_per_s"],
+                                       seconds=spec["ceiling_s"], seed=len(rows), piece=POOL.reader.piece)
+                rows.append({"arm": arm["name"], "block": b, "used_gb_per_s": r["gb_per_s"],
                              **{k: r[k] for k in ("gb_per_s", "reads", "reads_in_flight", "ms_per_read", "batch",
                                                   "gap_s")}})
                 continue
-            ahead, _, kept = str(arm).partition("/")
-            POOL.prefetch, GUESSES_KEPT = int(ahead), float(kept or 1)
+            POOL.prefetch, GUESSES_KEPT = arm["prefetch"], arm.get("kept", 1.0)
             t0, before = time.perf_counter(), stats()
             for _ in range(spec["tokens"]):
                 mx.eval(step([next(tokens)]))
             e = (stats() - before).as_dict()
             took = time.perf_counter() - t0
-            rows.append({"arm": f"prefetch_{arm}", "block": b, "decode_tps": spec["tokens"] / took, "decode_s": took,
+            rows.append({"arm": arm["name"], "block": b, "decode_tps": spec["tokens"] / took, "decode_s": took,
                          "gb_per_s": e["read_gb_per_s"], "used_gb_per_s": e["used_read_gb_per_s"],
                          **{k: e[k] for k in ("reads", "misses", "hit_rate", "prefetch_reads", "prefetch_hits",
                                               "read_s", "reads_in_flight", "ms_per_read", "stall_s")}})
@@ -453,8 +468,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smaller model, fewer configurations (about 2 minutes)")
     p.add_argument("--top-k", type=int, default=4, help="experts per token (flash-moe's 2-bit run used 4)")
     p.add_argument("--tokens", type=int, default=None, help="decode tokens per run")
-    p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 4),
-                   help="reader threads (the raw rate has one more in flight: the forward pass's) (min(4, cores))")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="reader threads (the raw rate has one more in flight: the forward pass's) (the runtime's "
+                        f"default, {DEFAULT_THREADS})")
     p.add_argument("--warm", type=int, default=None,
                    help="prompt tokens before the decode in the budget matrix (fills the pool; quick 64, else 160)")
     p.add_argument("--repeat", type=int, default=None, help="runs per configuration, fastest kept (quick 1, else 2)")
@@ -702,6 +718,20 @@ def decode_pattern(packs, r: dict, threads: int, seconds: float) -> dict:
 
 
 READ_GOAL = 0.8  # issue 11: mlxq's read rate while decoding >= 80 % of the ceiling
+ARMS = ("prefetch_0", "prefetch_1", "prefetch_1/0.3", "pattern")
+
+
+def arm(name: str) -> dict:
+    """An interleaved arm by name: prefetch_N[/K][_whole] (N layers read ahead, only K of the guesses right, whole
+    reads instead of the runtime's pieces) or pattern[_whole] (the raw device in the decode's pattern)."""
+    spec: dict = {"name": name}
+    base = name.removesuffix("_whole")
+    if base != name:
+        spec["piece"] = 0
+    if base == "pattern":
+        return {**spec, "pattern": True}
+    ahead, _, kept = base.removeprefix("prefetch_").partition("/")
+    return {**spec, "prefetch": int(ahead), "kept": float(kept or 1)}
 
 
 def block_ratios(rows: list[dict], key: str = "gb_per_s") -> dict[str, list[float]]:
@@ -720,10 +750,9 @@ def block_ratios(rows: list[dict], key: str = "gb_per_s") -> dict[str, list[floa
 
 
 def interleaved_read_rates(path: Path, prompt: list[int], vocab: int, args, n_blocks: int, tokens: int,
-                           ceiling_s: float, arms: tuple = (0, 1, "1/0.3", "pattern")) -> dict:
+                           ceiling_s: float, arms: tuple[str, ...] = ARMS) -> dict:
     """The goal's figure, robust to a noisy disk: in one process, the ceiling (back to back, as many in flight as the
-    runtime can have) and mlxq at 25 % decoding `tokens` steps with each arm (N: N layers read ahead; "N/K": only K
-    of those guesses right, as on a real model, whose routing is far less predictable), in turn, so
+    runtime can have) and mlxq at 25 % decoding `tokens` steps with each arm (`arm`), in turn, so
     that every block's ratio divides by the ceilings measured just before and just after it; the median over blocks
     and its spread (`rounds_verdict`: robust when at least 3 blocks and leaving any one out keeps the verdict). The
     arm "pattern" is the raw device without the model in the reads' pattern of the last block read 0 layers ahead
@@ -732,7 +761,7 @@ def interleaved_read_rates(path: Path, prompt: list[int], vocab: int, args, n_bl
     forced = [rng.randrange(3, vocab) for _ in range(2 + n_blocks * len(arms) * tokens)]  # (2: warm-up steps)
     r = run_once({"top_k": args.top_k, "prompt": prompt, "forced": forced, "peer": "mlxq", "path": str(path),
                   "budget": "25%", "options": {"threads": args.threads},
-                  "blocks": {"n": n_blocks, "tokens": tokens, "arms": list(arms), "depth": args.threads + 1,
+                  "blocks": {"n": n_blocks, "tokens": tokens, "arms": [arm(a) for a in arms], "depth": args.threads + 1,
                              "ceiling_s": ceiling_s}})
     if not r["ok"]:
         print(f"interleaved read rates: {r['error']}", file=sys.stderr)
@@ -796,7 +825,7 @@ def real_experts(args) -> None:
 
     raws = [ceiling()]
     blocks = interleaved_read_rates(paths["packs"], noise[:warm], shape.vocab, args, args.blocks or 5, tokens=3,
-                                    ceiling_s=2.0, arms=(0, 1, 3, "1/0.3", "pattern"))
+                                    ceiling_s=2.0, arms=ARMS + ("prefetch_0_whole", "pattern_whole"))
     runs = {}
     for prefetch in (0,):  # (for the decode's pattern; reads ahead: the interleaved blocks)
         runs[prefetch] = show(f"mlxq 25% prefetch {prefetch}", run(
