@@ -43,8 +43,7 @@ is what mlxq's own 25 % run was charged at most (a measuring cgroup's peak, page
 
 --real-experts (about 3 minutes once built; building takes ~2-6 more and 2 GB on the way, 1 GB kept with --keep):
 only 1. and 2., on a model with Qwen3.5-397B's own widths and so its own expert size (3.93 MB; 4 layers x 64
-experts): the read rate at the size the projection is for, where a read's fixed costs no longer dominate; the
-interleaved blocks also with whole reads (the runtime reads an expert in 1 MiB pieces)
+experts): the read rate at the size the projection is for, where a read's fixed costs no longer dominate
 (bench/results/experts-real-experts.json).
 
 The goal's figure (ratios.read_rate_vs_ceiling_interleaved): in one process, the ceiling and mlxq's decode in turn
@@ -171,36 +170,27 @@ def unpredictable_routing():
 
 def blocks(step, stats, spec, forced):
     # the ceiling and mlxq's decode in turn: ceiling, then each arm (`tokens` steps reading `prefetch` layers ahead,
-    # with only `kept` of the guesses right, in `piece`-byte pieces; or "pattern": the raw device through the runtime's
-    # reader in the pattern of the last block named prefetch_0, without the model), arms rotating from block to block,
-    # ..., a ceiling last, so every block lies between two ceilings. Where the runtime reads in pieces the ceiling is
-    # the better of one-expert reads and piece-sized reads, back to back.
+    # with only `kept` of the guesses right; or "pattern": the raw device through the runtime's reader in the pattern
+    # of the last block named prefetch_0, without the model), arms rotating from block to block, ..., a ceiling last,
+    # so every block lies between two ceilings
     global GUESSES_KEPT
     from mlxq.experts.io import measure_burst_rate, measure_read_rate
     unpredictable_routing()
-    rows, tokens, arms, piece = [], iter(forced), spec["arms"], POOL.reader.piece
-    stride = max(lp.stride for lp in POOL.packs.layers.values())
+    rows, tokens, arms = [], iter(forced), spec["arms"]
     for _ in range(WARMUP):  # the first decode steps build MLX's kernels for one-token shapes
         mx.eval(step([next(tokens)]))
     def ceiling():
         r = measure_read_rate(POOL.packs, threads=spec["depth"], seconds=spec["ceiling_s"], seed=len(rows))
-        row = {"arm": "ceiling", "expert_gb_per_s": r["gb_per_s"],
-               **{k: r[k] for k in ("gb_per_s", "reads", "reads_in_flight", "ms_per_read")}}
-        if piece and stride > piece:
-            r = measure_read_rate(POOL.packs, threads=spec["depth"], seconds=spec["ceiling_s"], seed=len(rows),
-                                  piece=piece)
-            row.update(piece_gb_per_s=r["gb_per_s"], gb_per_s=max(row["gb_per_s"], r["gb_per_s"]))
-        rows.append(row)
+        rows.append({"arm": "ceiling", **{k: r[k] for k in ("gb_per_s", "reads", "reads_in_flight", "ms_per_read")}})
     ceiling()
     for b in range(spec["n"]):
         for arm in arms[b % len(arms):] + arms[:b % len(arms)]:
-            POOL.reader.piece = arm.get("piece", piece)
             if arm.get("pattern"):
                 ref = [r for r in rows if r["arm"] == "prefetch_0"][-1]
                 steps = spec["tokens"] * len(POOL.packs.layers)
                 r = measure_burst_rate(POOL.packs, batch=ref["misses"] / steps, threads=POOL.reader.threads,
                                        gap_s=max(0.0, ref["decode_s"] - ref["read_s"]) / steps,
-                                       seconds=spec["ceiling_s"], seed=len(rows), piece=POOL.reader.piece)
+                                       seconds=spec["ceiling_s"], seed=len(rows))
                 rows.append({"arm": arm["name"], "block": b, "used_gb_per_s": r["gb_per_s"],
                              **{k: r[k] for k in ("gb_per_s", "reads", "reads_in_flight", "ms_per_read", "batch",
                                                   "gap_s")}})
@@ -477,6 +467,9 @@ def main() -> None:
     p.add_argument("--llama-cpp", action="store_true",
                    help="also run llama.cpp (mmap) on a Q2_K GGUF of the same weights under the cap (the export "
                         "takes minutes: about 1.5 for --quick)")
+    p.add_argument("--arms", default=None,
+                   help=f"the interleaved blocks' arms, comma-separated: prefetch_N[/K], pattern (default "
+                        f"{','.join(ARMS)}; --real-experts adds prefetch_3)")
     p.add_argument("--blocks", type=int, default=None,
                    help="blocks of the interleaved read-rate figure (ceiling, decode, ceiling, ...) (quick 5, else 7)")
     p.add_argument("--keep", action="store_true", help="keep the generated models (cache dir) for another run")
@@ -549,7 +542,7 @@ def main() -> None:
     # 2. the goal's figure: mlxq's read rate against ceilings measured in turn with its decode blocks
     blocks = interleaved_read_rates(paths["packs"], noise[:warm], shape.vocab, args,
                                     args.blocks or (5 if args.quick else 7), tokens=6 if args.quick else 8,
-                                    ceiling_s=1.0 if args.quick else 2.0)
+                                    ceiling_s=1.0 if args.quick else 2.0, arms=_arms(args, ARMS))
 
     # 3. the same memory cap for mlxq (25 %) and mlx-lm: what mlxq's 25 % run is charged (in a measuring cgroup),
     # plus 10 % (quick: the matrix's first run, whose prompt is longer, sets it)
@@ -721,17 +714,13 @@ READ_GOAL = 0.8  # issue 11: mlxq's read rate while decoding >= 80 % of the ceil
 ARMS = ("prefetch_0", "prefetch_1", "prefetch_1/0.3", "pattern")
 
 
-def arm(name: str) -> dict:
-    """An interleaved arm by name: prefetch_N[/K][_whole] (N layers read ahead, only K of the guesses right, whole
-    reads instead of the runtime's pieces) or pattern[_whole] (the raw device in the decode's pattern)."""
-    spec: dict = {"name": name}
-    base = name.removesuffix("_whole")
-    if base != name:
-        spec["piece"] = 0
-    if base == "pattern":
-        return {**spec, "pattern": True}
-    ahead, _, kept = base.removeprefix("prefetch_").partition("/")
-    return {**spec, "prefetch": int(ahead), "kept": float(kept or 1)}
+def arm_spec(name: str) -> dict:
+    """An interleaved arm by name: prefetch_N[/K] (N layers read ahead, only K of the guesses right) or pattern (the
+    raw device in the decode's pattern)."""
+    if name == "pattern":
+        return {"name": name, "pattern": True}
+    ahead, _, kept = name.removeprefix("prefetch_").partition("/")
+    return {"name": name, "prefetch": int(ahead), "kept": float(kept or 1)}
 
 
 def block_ratios(rows: list[dict], key: str = "gb_per_s") -> dict[str, list[float]]:
@@ -752,7 +741,7 @@ def block_ratios(rows: list[dict], key: str = "gb_per_s") -> dict[str, list[floa
 def interleaved_read_rates(path: Path, prompt: list[int], vocab: int, args, n_blocks: int, tokens: int,
                            ceiling_s: float, arms: tuple[str, ...] = ARMS) -> dict:
     """The goal's figure, robust to a noisy disk: in one process, the ceiling (back to back, as many in flight as the
-    runtime can have) and mlxq at 25 % decoding `tokens` steps with each arm (`arm`), in turn, so
+    runtime can have) and mlxq at 25 % decoding `tokens` steps with each arm (`arm_spec`), in turn, so
     that every block's ratio divides by the ceilings measured just before and just after it; the median over blocks
     and its spread (`rounds_verdict`: robust when at least 3 blocks and leaving any one out keeps the verdict). The
     arm "pattern" is the raw device without the model in the reads' pattern of the last block read 0 layers ahead
@@ -761,8 +750,8 @@ def interleaved_read_rates(path: Path, prompt: list[int], vocab: int, args, n_bl
     forced = [rng.randrange(3, vocab) for _ in range(2 + n_blocks * len(arms) * tokens)]  # (2: warm-up steps)
     r = run_once({"top_k": args.top_k, "prompt": prompt, "forced": forced, "peer": "mlxq", "path": str(path),
                   "budget": "25%", "options": {"threads": args.threads},
-                  "blocks": {"n": n_blocks, "tokens": tokens, "arms": [arm(a) for a in arms], "depth": args.threads + 1,
-                             "ceiling_s": ceiling_s}})
+                  "blocks": {"n": n_blocks, "tokens": tokens, "arms": [arm_spec(a) for a in arms],
+                             "depth": args.threads + 1, "ceiling_s": ceiling_s}})
     if not r["ok"]:
         print(f"interleaved read rates: {r['error']}", file=sys.stderr)
         return r
@@ -781,12 +770,16 @@ def interleaved_read_rates(path: Path, prompt: list[int], vocab: int, args, n_bl
            "read_vs_ceiling": {arm: rounds_verdict(v, meets) for arm, v in read.items()},
            "used_read_vs_ceiling": {arm: rounds_verdict(v, meets) for arm, v in used.items()},
            "decode_tps": {arm: median([row["decode_tps"] for row in rows if row["arm"] == arm]) for arm in read
-                          if arm != "pattern"},
+                          if not arm.startswith("pattern")},
            "rows": rows, "load_s": r["load_s"], "prefill_s": r["prefill_s"]}
     print("interleaved read rate / ceiling, median over blocks (spread; used bytes): " + ", ".join(
         f"{arm} {v['median']} ({v['min']}-{v['max']}, robust {v['robust']}; {used[arm]['median']})"
         for arm, v in out["read_vs_ceiling"].items() if (used := out["used_read_vs_ceiling"])), file=sys.stderr)
     return out
+
+
+def _arms(args, default: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(args.arms.split(",")) if args.arms else default
 
 
 def _verdicts(blocks: dict) -> dict:
@@ -825,7 +818,7 @@ def real_experts(args) -> None:
 
     raws = [ceiling()]
     blocks = interleaved_read_rates(paths["packs"], noise[:warm], shape.vocab, args, args.blocks or 5, tokens=3,
-                                    ceiling_s=2.0, arms=ARMS + ("prefetch_0_whole", "pattern_whole"))
+                                    ceiling_s=2.0, arms=_arms(args, ARMS[:2] + ("prefetch_3",) + ARMS[2:]))
     runs = {}
     for prefetch in (0,):  # (for the decode's pattern; reads ahead: the interleaved blocks)
         runs[prefetch] = show(f"mlxq 25% prefetch {prefetch}", run(

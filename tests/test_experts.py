@@ -131,19 +131,6 @@ def test_reads_ahead_and_fewer_experts_per_token_stay_exact(name, made):
     assert np.array_equal(run(mlxq.load(str(packs), expert_memory=smallest, experts_per_tok=1)), want)
 
 
-def test_reads_in_pieces_stay_exact(made):
-    """Runs of adjacent experts read in 16 KiB pieces by several threads at once (the prompt's runs, merged misses)."""
-    _, resident, packs = made("qwen3_moe")
-    want = run(mlxq.load(str(resident)))
-    for budget in ("25%", minimum(packs)):
-        reads = {}
-        for piece in (16384, 0):
-            model = mlxq.load(str(packs), expert_memory=budget, expert_options={"piece": piece, "threads": 2})
-            assert np.array_equal(run(model), want), (budget, piece)
-            reads[piece] = model.expert_stats().reads
-        assert reads[16384] > reads[0], budget  # the same runs, some of them read in several pieces
-
-
 def test_a_layer_waits_for_reads_ahead_that_hold_the_slots_it_needs(made):
     """Reads ahead not yet done hold their slots; a layer that needs those slots lets them land first (never two
     reads into one slot), then its own experts are there, byte for byte."""
@@ -647,55 +634,3 @@ def test_expert_prefetch_reaches_every_rank_of_a_group(monkeypatch):
     done = CliRunner().invoke(worker.main, seen["worker_args"])
     assert isinstance(done.exception, _Loaded), done.output
     assert seen["rank"] == {"prefetch": 2}
-
-
-def big_blocks(root: Path, n: int = 4) -> Path:
-    """A one-layer pack whose expert blocks are 4 x 16 KiB (so that a read's pieces can end inside a block)."""
-    from mlxq.experts.pack import PackWriter
-
-    rng = np.random.default_rng(0)
-    writer = PackWriter(root, "big", "identity", {0: 3 * n})
-    for proj, (out, packed) in {"gate_proj": (64, 64), "up_proj": (64, 64), "down_proj": (256, 16)}.items():
-        parts = {"weight": rng.integers(0, 2**32, (n, out, packed), dtype=np.uint32),
-                 "scales": rng.standard_normal((n, out, packed * 16 // 64)).astype(np.float16),
-                 "biases": rng.standard_normal((n, out, packed * 16 // 64)).astype(np.float16)}
-        writer.add(0, "model.layers.0.mlp", proj, 0, parts, {"bits": 2, "group_size": 64})
-    writer.close({})
-    return root / "experts"
-
-
-def test_a_large_read_goes_in_pieces_that_end_inside_blocks_and_each_block_is_checked_whole(tmp_path):
-    from mlxq.experts.io import PackReader, Pieces, finish
-    from mlxq.experts.pack import ALIGN, read_manifest
-
-    root = big_blocks(tmp_path)
-    packs = read_manifest(root / "manifest.json")
-    lp = packs.layers[0]
-    assert lp.stride == 4 * ALIGN
-    data = (root / lp.file).read_bytes()
-    reader = PackReader(packs, threads=2, piece=ALIGN)
-    got = {}
-    try:
-        read = reader.submit(0, 1, 2, lambda p, payload: got.__setitem__(p, bytes(payload)))
-        assert isinstance(read, Pieces) and len(read.pieces) == 3  # 128 KiB in 3 pieces (threads + 1): 48, 48, 32
-        finish([read])
-        assert got == {p: data[p * lp.stride : p * lp.stride + lp.payload] for p in (1, 2)}
-        assert reader.io.snapshot()[:2] == (3, 2 * lp.stride)  # three requests to the device
-        whole = PackReader(packs, threads=2, piece=0)
-        assert not isinstance(whole.submit(0, 0, 4, lambda p, payload: None), Pieces)
-        whole.close()
-    finally:
-        reader.close()
-    # a flipped byte in the second piece of a block; a file cut inside the second piece
-    bad = bytearray(data)
-    bad[lp.stride + 3 * ALIGN + 7] ^= 1
-    (root / lp.file).write_bytes(bytes(bad))
-    reader = PackReader(packs, threads=2, piece=ALIGN)
-    try:
-        with pytest.raises(FormatError, match=r"layer 0 expert 1: checksum mismatch"):
-            finish([reader.submit(0, 1, 2, lambda p, payload: None)])
-        (root / lp.file).write_bytes(data[: 3 * lp.stride + ALIGN])
-        with pytest.raises(FormatError, match=r"layer 0 expert 3: short read"):
-            finish([reader.submit(0, 2, 2, lambda p, payload: None)])
-    finally:
-        reader.close()

@@ -15,7 +15,6 @@ from typing import Any
 import mlx.nn as nn
 
 from mlxq.errors import ConfigError
-from mlxq.experts.io import PIECE
 from mlxq.experts.pack import Packs, check_model, has_packs, open_packs
 from mlxq.experts.pool import ExpertStats, SlotPool, experts_nbytes
 from mlxq.experts.stream import StreamedMoE
@@ -35,7 +34,6 @@ def expert_stats(net: nn.Module) -> ExpertStats | None:
 @dataclass
 class StreamOptions:
     threads: int = 4  # reader threads (reads in flight)
-    piece: int = PIECE  # a read larger than this goes to the device in pieces in parallel (0: whole reads)
     # while decoding, read the next `prefetch` layers' likely experts (their routers on this layer's input) while
     # this one computes (True: 1): it helps on bench/experts.py's synthetic model, whose routing is predictable
     # from layer to layer; flash-moe measured a loss on the real Qwen3.5-397B (cache pollution, ~30 % accurate
@@ -103,7 +101,7 @@ def start_pool(streamed: list[StreamedMoE], packs: Packs, expert_memory: str | i
     budget = parse_size(expert_memory, experts_nbytes(packs, dtype))
     top_k = max(b.top_k for b in streamed)
     pool = SlotPool(packs, budget, top_k, dtype=dtype, threads=opts.threads, prefetch=opts.prefetch,
-                    policy=opts.policy, direct=opts.direct, verify=opts.verify, fuse=fuse, piece=opts.piece)
+                    policy=opts.policy, direct=opts.direct, verify=opts.verify, fuse=fuse)
     for block in streamed:
         block.pool = pool
     return pool

@@ -6,11 +6,6 @@ system refuses O_DIRECT (tmpfs), reads fall back to the page cache and `direct` 
 from mmap (page aligned, as O_DIRECT wants); every read starts and ends on the packs' 16 KiB boundaries.
 Adjacent experts are read with one call. Each block's CRC-32 is checked before it is handed on.
 
-A read larger than `piece` bytes is split into pieces (16 KiB aligned) that go to the device as separate requests,
-read by the reader threads and the waiting thread together: a layer's few large reads keep as many requests in
-flight as there are threads to make them, rather than one a read (the thread that completes a run's last piece
-checks it and hands it on).
-
 Reads are tasks on a queue served by reader threads; a thread that waits for reads nobody has started yet does
 them itself (`finish`). A layer's single missing expert is then read by the forward pass's own thread, without
 waking a reader (on a busy machine that wake-up alone takes longer than reading an expert), and several are read in
@@ -31,13 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mlxq.errors import FormatError
-from mlxq.experts.pack import ALIGN, LayerPack, Packs
+from mlxq.experts.pack import LayerPack, Packs
 
 DEFAULT_THREADS = 4
 MACOS = sys.platform == "darwin"  # (a name, so that a test can take the macOS path on Linux)
 F_NOCACHE = 48  # <sys/fcntl.h> on Darwin, for Pythons whose fcntl module does not name it
 MAX_MERGE = 8 << 20  # largest single read when adjacent experts are merged
-PIECE = 1 << 20  # a read larger than this goes to the device in pieces of about this size, in parallel
 
 
 def open_uncached(path: Path, direct: bool = True) -> tuple[int, bool]:
@@ -64,6 +58,17 @@ def drop_cached(path: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+class _Staging(threading.local):
+    buf: mmap.mmap | None = None
+
+    def get(self, size: int, keep: int) -> mmap.mmap:
+        if size > keep:
+            return mmap.mmap(-1, size)  # this read's alone: unmapped when its last view goes
+        if self.buf is None or len(self.buf) < size:
+            self.buf = mmap.mmap(-1, size)  # (the old one goes when the last view of it does)
+        return self.buf
 
 
 class IOCounters:
@@ -101,7 +106,7 @@ class IOCounters:
 
 
 class Read:
-    """One queued read (or piece of one): run by a reader thread or by whoever waits for it first."""
+    """One queued read: run by a reader thread or by whoever waits for it first."""
 
     def __init__(self, fn: Callable[[], None]):
         self._fn = fn
@@ -132,35 +137,7 @@ class Read:
             raise self.error
 
 
-class Pieces:
-    """A read made of pieces (each a `Read`), waited for as one: done when every piece is; its error, the first."""
-
-    def __init__(self, pieces: list[Read]):
-        self.pieces = pieces
-
-    @property
-    def error(self) -> BaseException | None:
-        return next((p.error for p in self.pieces if p.error is not None), None)
-
-    def run(self) -> None:
-        for p in reversed(self.pieces):  # (as `finish`: the readers take pieces from the front)
-            p.run()
-
-    def done(self) -> bool:
-        return all(p.done() for p in self.pieces)
-
-    def wait(self) -> None:
-        for p in self.pieces:
-            p.wait()
-
-    def result(self) -> None:
-        self.run()
-        self.wait()
-        if self.error is not None:
-            raise self.error
-
-
-def finish(reads: list[Read | Pieces]) -> None:
+def finish(reads: list[Read]) -> None:
     """Wait for `reads`, first doing any that no reader thread has taken yet, last queued first (the readers take
     from the front): waiting on a read a reader has while a later one sits in the queue would leave one read fewer in
     flight than there are threads to make them. Raises the first failed read's error."""
@@ -170,53 +147,14 @@ def finish(reads: list[Read | Pieces]) -> None:
         read.result()
 
 
-class _Run:
-    """One run of adjacent blocks read in `n` pieces into one staging buffer; the piece that completes last checks the
-    blocks and hands them on (unless a piece failed: that piece's error is the run's)."""
-
-    def __init__(self, reader: PackReader, layer: int, first: int, count: int, sink, n: int):
-        self.reader, self.layer, self.first, self.count, self.sink = reader, layer, first, count, sink
-        lp = reader.packs.layers[layer]
-        self.offset, self.size = lp.experts[first].offset, lp.stride * count
-        self.buf = reader.buffer(self.size)
-        step = -(-self.size // n // ALIGN) * ALIGN  # pieces start and end on 16 KiB boundaries, as O_DIRECT wants
-        self.bounds = [(lo, min(self.size, lo + step)) for lo in range(0, self.size, step)]
-        self.got = [0] * len(self.bounds)
-        self.left, self.failed = len(self.bounds), False
-        self.lock = threading.Lock()
-
-    def piece(self, i: int) -> None:
-        lo, hi = self.bounds[i]
-        try:
-            self.got[i] = self.reader.pread(self.layer, memoryview(self.buf)[lo:hi], self.offset + lo, self.first)
-        except BaseException:
-            self.failed = True
-            raise
-        finally:
-            with self.lock:
-                self.left -= 1
-                last = self.left == 0
-            if last and self.failed:
-                self.reader.give_back(self.buf)
-        if last and not self.failed:
-            try:
-                short = next((j for j, (a, b) in enumerate(self.bounds) if self.got[j] < b - a), None)
-                got = self.size if short is None else self.bounds[short][0] + self.got[short]
-                self.reader.hand_on(self.layer, self.first, self.count, memoryview(self.buf)[: self.size], got,
-                                    self.sink)
-            finally:
-                self.reader.give_back(self.buf)
-
-
 class PackReader:
     """Reads runs of adjacent expert blocks on `threads` threads; `sink(position, payload)` gets each checked
-    block (a memoryview into the staging buffer, valid only during the call). A run larger than `piece` bytes is
-    read in pieces in parallel (0: whole). Staging buffers of at most `keep` bytes (default: one expert) are kept
-    for reuse, at most one per reader thread and one for the thread that claims reads."""
+    block (a memoryview into the staging buffer, valid only during the call). A thread keeps a staging buffer of
+    at most `keep` bytes between reads (default: one expert)."""
 
     def __init__(self, packs: Packs, threads: int = DEFAULT_THREADS, direct: bool = True, verify: bool = True,
-                 keep: int | None = None, piece: int = PIECE):
-        self.packs, self.verify, self.piece = packs, verify, piece
+                 keep: int | None = None):
+        self.packs, self.verify = packs, verify
         self.keep = min(MAX_MERGE, keep or max(lp.stride for lp in packs.layers.values()))
         self.fds: dict[int, int] = {}
         bypass = []
@@ -226,8 +164,7 @@ class PackReader:
         self.direct = all(bypass)
         self.threads = threads
         self.io = IOCounters()
-        self._kept: list[mmap.mmap] = []
-        self._kept_lock = threading.Lock()
+        self._staging = _Staging()
         self._queue: queue.SimpleQueue[Read | None] = queue.SimpleQueue()
         self._workers = [threading.Thread(target=self._serve, name=f"mlxq-experts-io-{i}", daemon=True)
                          for i in range(threads)]
@@ -236,7 +173,8 @@ class PackReader:
 
     @property
     def held_bound(self) -> int:
-        """Staging memory held between reads: at most `threads + 1` buffers of at most `keep` bytes."""
+        """Staging memory held between reads: a buffer of at most `keep` bytes per reader thread and per thread that
+        claims reads (the forward pass's)."""
         return (self.threads + 1) * self.keep
 
     def runs(self, lp: LayerPack, positions: list[int]) -> list[tuple[int, int]]:
@@ -250,49 +188,27 @@ class PackReader:
                 out.append((p, 1))
         return out
 
-    def submit(self, layer: int, first: int, count: int, sink: Callable[[int, memoryview], None]) -> Read | Pieces:
-        size = self.packs.layers[layer].stride * count
-        n = min(self.threads + 1, round(size / self.piece)) if self.piece else 1
-        run = _Run(self, layer, first, count, sink, max(1, n))
-        pieces = [Read(lambda i=i: run.piece(i)) for i in range(len(run.bounds))]
-        for p in pieces:
-            self._queue.put(p)
-        return pieces[0] if len(pieces) == 1 else Pieces(pieces)
+    def submit(self, layer: int, first: int, count: int, sink: Callable[[int, memoryview], None]) -> Read:
+        read = Read(lambda: self._read(layer, first, count, sink))
+        self._queue.put(read)
+        return read
 
     def _serve(self) -> None:
         while (read := self._queue.get()) is not None:
             read.run()
 
-    def buffer(self, size: int) -> mmap.mmap:
-        """A staging buffer of at least `size` bytes (page aligned, as O_DIRECT wants): a kept one when one fits."""
-        with self._kept_lock:
-            for i, buf in enumerate(self._kept):
-                if len(buf) >= size:
-                    return self._kept.pop(i)
-        return mmap.mmap(-1, self.keep if size <= self.keep else size)
-
-    def give_back(self, buf: mmap.mmap) -> None:
-        with self._kept_lock:
-            if len(buf) <= self.keep and len(self._kept) <= self.threads:
-                self._kept.append(buf)
-        # (otherwise dropped: unmapped when its last view goes)
-
-    def pread(self, layer: int, view: memoryview, offset: int, expert: int) -> int:
-        """One request to the device, counted; the bytes it read."""
+    def _read(self, layer: int, first: int, count: int, sink: Callable[[int, memoryview], None]) -> None:
+        lp = self.packs.layers[layer]
+        size = lp.stride * count
+        buf = self._staging.get(size, self.keep)
+        view = memoryview(buf)[:size]
         started = self.io.start()
         try:
-            return os.preadv(self.fds[layer], [view], offset)
+            got = os.preadv(self.fds[layer], [view], lp.experts[first].offset)
         except OSError as e:
-            lp = self.packs.layers[layer]
-            raise FormatError(f"{self.packs.path(lp)}: layer {layer} expert {lp.first + expert}: read failed ({e})") \
-                from None
+            raise FormatError(f"{self.packs.path(lp)}: layer {layer} expert {first}: read failed ({e})") from None
         finally:
-            self.io.done(started, len(view))
-
-    def hand_on(self, layer: int, first: int, count: int, view: memoryview, got: int,
-                sink: Callable[[int, memoryview], None]) -> None:
-        """Check each block of a run read into `view` (of which `got` bytes arrived) and hand it to `sink`."""
-        lp = self.packs.layers[layer]
+            self.io.done(started, size)
         for i in range(count):
             start = i * lp.stride
             payload = view[start : start + min(lp.payload, max(0, got - start))]
@@ -311,11 +227,10 @@ class PackReader:
 
 
 def measure_read_rate(packs: Packs, threads: int = DEFAULT_THREADS, seconds: float = 3.0, direct: bool = True,
-                      seed: int = 0, span: int = 1, piece: int = 0) -> dict:
+                      seed: int = 0, span: int = 1) -> dict:
     """The device's read rate at the expert size: random single-expert reads (one per call, the layer's stride; `span`
     adjacent experts a call for a larger read) from every pack, on `threads` threads, for about `seconds`. The
-    ceiling the streaming reader is held to. `piece` (a multiple of 16 KiB): each call reads that many bytes from a
-    random place in an expert's block instead (the device's rate at the size of the runtime's pieces)."""
+    ceiling the streaming reader is held to."""
     layers = list(packs.layers.values())
     rng = random.Random(seed)
     fds = {lp.layer: open_uncached(packs.path(lp), direct) for lp in layers}
@@ -329,12 +244,10 @@ def measure_read_rate(packs: Packs, threads: int = DEFAULT_THREADS, seconds: flo
             while time.perf_counter() < stop:
                 lp = r.choice(layers)
                 p = r.randrange(lp.n_experts - span + 1)
-                size = min(piece, lp.stride) if piece else span * lp.stride
-                within = r.randrange((lp.stride - size) // ALIGN + 1) * ALIGN if piece else 0
-                view = memoryview(buf)[:size]
+                view = memoryview(buf)[: span * lp.stride]
                 started = totals.start()
-                os.preadv(fds[lp.layer][0], [view], lp.experts[p].offset + within)
-                totals.done(started, size)
+                os.preadv(fds[lp.layer][0], [view], lp.experts[p].offset)
+                totals.done(started, span * lp.stride)
                 view.release()
         finally:
             buf.close()
@@ -346,13 +259,11 @@ def measure_read_rate(packs: Packs, threads: int = DEFAULT_THREADS, seconds: flo
     finally:
         for fd, _ in fds.values():
             os.close(fd)
-    size = min(piece, max(lp.stride for lp in layers)) if piece else span * max(lp.stride for lp in layers)
-    return _rate(totals, threads, all(ok for _, ok in fds.values()), size)
+    return _rate(totals, threads, all(ok for _, ok in fds.values()), span * max(lp.stride for lp in layers))
 
 
 def measure_burst_rate(packs: Packs, batch: float, gap_s: float, threads: int = DEFAULT_THREADS,
-                       seconds: float = 3.0, direct: bool = True, seed: int = 0, span: int = 1,
-                       piece: int = PIECE) -> dict:
+                       seconds: float = 3.0, direct: bool = True, seed: int = 0, span: int = 1) -> dict:
     """The device's read rate in a decode step's pattern, without a model: bursts of `batch` (on average) random
     experts of one layer handed at once to a `PackReader` like the runtime's (the same threads and merging, the
     waiting thread claiming reads too: the same reads in flight), waited for, then `gap_s` idle, as the forward
@@ -361,11 +272,11 @@ def measure_burst_rate(packs: Packs, batch: float, gap_s: float, threads: int = 
     than back-to-back reads. Not a strict ceiling: the gaps here are idle, and an idle CPU can take longer to
     notice a completion than one busy computing (measured on a 2-core VM: this probe came out below the runtime's
     own rate in the same pattern). `span` > 1: each burst's reads are runs of that many adjacent experts (one
-    larger expert's read). `piece`: as the runtime's reader splits large reads (0: whole)."""
+    larger expert's read)."""
     layers = list(packs.layers.values())
     rng = random.Random(seed)
     stride = max(lp.stride for lp in layers)
-    reader = PackReader(packs, threads, direct, keep=span * stride, piece=piece)
+    reader = PackReader(packs, threads, direct, keep=span * stride)
     stop = time.perf_counter() + seconds
     try:
         while time.perf_counter() < stop:

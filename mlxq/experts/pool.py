@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxq.errors import ConfigError
-from mlxq.experts.io import PIECE, PackReader, Pieces, Read, finish, read_shape
+from mlxq.experts.io import PackReader, Read, finish, read_shape
 from mlxq.experts.pack import LayerPack, Packs
 from mlxq.models.moe import QuantizedSwitchLinear, SwitchGLU
 
@@ -46,7 +46,7 @@ class ExpertStats:
     misses: int = 0  # experts read on demand
     prefetch_reads: int = 0  # experts read ahead for the next layer
     prefetch_hits: int = 0  # of those, wanted while still in memory
-    reads: int = 0  # requests to the device (adjacent experts merged into one; a large read's pieces count each)
+    reads: int = 0  # read calls (adjacent experts merged into one)
     bytes_read: int = 0
     read_s: float = 0.0  # wall time with at least one read in flight
     read_sum_s: float = 0.0  # the reads' own times, summed (/ read_s: reads in flight on average while reading)
@@ -144,7 +144,7 @@ class _Slots:
             module, lo, hi = where[proj]
             self.dest.append((t, np.array(self.glu[module][part], copy=False)[:, lo:hi]))
         self.owner: list[tuple[int, int] | None] = [None] * n_slots
-        self.loading: dict[int, Read | Pieces] = {}
+        self.loading: dict[int, Read] = {}
         self.prefetched: set[int] = set()
         self.policy = POLICIES[policy](n_slots)
 
@@ -160,7 +160,7 @@ class SlotPool:
 
     def __init__(self, packs: Packs, budget: int, top_k: int, *, dtype: mx.Dtype = mx.float32, threads: int = 4,
                  prefetch: int = 0, policy: str = "lru", direct: bool = True, verify: bool = True,
-                 fuse: bool = True, piece: int = PIECE):
+                 fuse: bool = True):
         if policy not in POLICIES:
             raise ConfigError(f"expert cache policy '{policy}': unknown (known: {', '.join(POLICIES)})")
         self.packs, self.budget, self.prefetch = packs, budget, int(prefetch)  # layers read ahead (True: 1)
@@ -188,7 +188,7 @@ class SlotPool:
         self.tables = {layer: np.full(lp.n_experts, -1, np.int32) for layer, lp in packs.layers.items()}
         # a thread's staging buffer is kept up to what one decode step's merged read can be (top-k adjacent experts)
         stride = max(lp.stride for lp in packs.layers.values())
-        self.reader = PackReader(packs, threads, direct, verify, keep=top_k * stride, piece=piece)
+        self.reader = PackReader(packs, threads, direct, verify, keep=top_k * stride)
         self.cache_limit = int(budget * CACHE_SHARE)
         _cache_limits.hold(self)
         self.pending: list[mx.array] = []
@@ -235,7 +235,7 @@ class SlotPool:
             mx.eval(self.pending)
             self.pending.clear()
 
-    def request(self, layer: int, wanted: np.ndarray, prefetch: bool = False) -> list[Read | Pieces]:
+    def request(self, layer: int, wanted: np.ndarray, prefetch: bool = False) -> list[Read]:
         """Make sure experts `wanted` (sorted, at most `capacity`) of `layer` are in slots: missing ones are read.
         Returns the reads to wait for. A prefetch only reads what fits without touching the current request, into
         slots it marks recently used (so that the layers before the one it is for do not evict it)."""
@@ -295,7 +295,7 @@ class SlotPool:
                 slots.policy.touch(s)
         return futures
 
-    def wait(self, layer: int, futures: list[Read | Pieces]) -> None:
+    def wait(self, layer: int, futures: list[Read]) -> None:
         """Block until the reads are done; a failed read empties its slots and raises its error."""
         t0 = time.perf_counter()
         try:
