@@ -779,7 +779,15 @@ def interleaved_read_rates(path: Path, prompt: list[int], vocab: int, args, n_bl
 
 
 def _arms(args, default: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(args.arms.split(",")) if args.arms else default
+    arms = tuple(args.arms.split(",")) if args.arms else default
+    for name in arms:
+        try:
+            arm_spec(name)
+        except ValueError:
+            sys.exit(f"experts.py: --arms: '{name}' is neither prefetch_N[/K] nor pattern")
+    if "pattern" in arms and "prefetch_0" not in arms[: arms.index("pattern")]:
+        sys.exit("experts.py: --arms: pattern replays a prefetch_0 block's reads: name prefetch_0 before it")
+    return arms
 
 
 def _verdicts(blocks: dict) -> dict:

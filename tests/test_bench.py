@@ -476,3 +476,12 @@ def test_interleaved_read_rates_put_every_block_between_two_ceilings(made):  # n
     for r in (r for r in rows if r["arm"] == "pattern"):
         ref = p0[0] if r["block"] <= 1 else p0[1]  # (block 2 runs it before its own prefetch_0)
         assert r["batch"] == pytest.approx(ref["misses"] / (2 * len(open_pack_dir(packs).layers)))
+
+
+@pytest.mark.parametrize("arms, message", [("prefetch_x", "'prefetch_x' is neither"),
+                                           ("pattern,prefetch_0", "name prefetch_0 before it")])
+def test_bad_interleaved_arms_are_one_line_errors(arms, message):
+    with pytest.raises(SystemExit, match=message):
+        bench_experts()._arms(types.SimpleNamespace(arms=arms), ())
+    assert bench_experts()._arms(types.SimpleNamespace(arms=None), ("prefetch_0", "pattern")) == ("prefetch_0",
+                                                                                                   "pattern")
