@@ -489,6 +489,9 @@ class Codec:
     row_stat: float = 0.0  # legacy *_impl: the row's mean square enters the weights (0: not used)
     weighted: bool = True  # whether ggml has an importance-weighted fit for it
     levels: np.ndarray | None = None  # a non-linear type's value of each code (the grid is scale * levels[q])
+    # weights per encoding step: the fits' dozens of working arrays [weights in a sub-block, sub-blocks] stay in a
+    # core's cache (2 MB here) at 2**17; Q3_K's refinement costs numpy calls by the pass, whatever the step's size
+    chunk: int = 1 << 17
 
     def fit(self, x: np.ndarray, qw: np.ndarray | None, row_sigma2: np.ndarray | None) -> Fit:
         raise NotImplementedError
@@ -750,7 +753,7 @@ def _q3_scale_values(b: np.ndarray) -> np.ndarray:
 
 
 class _Q3_K(Codec):
-    name, block, size, sub, nmax = "Q3_K", QK_K, 110, 16, 7
+    name, block, size, sub, nmax, chunk = "Q3_K", QK_K, 110, 16, 7, 1 << 18
 
     def fit(self, x, qw, row_sigma2):
         n = x.shape[0]
@@ -1031,9 +1034,6 @@ def _bf16(x: np.ndarray) -> np.ndarray:
     return (n >> 16).astype(np.uint16)
 
 
-ROWS_PER_CHUNK = 1 << 18  # weights per encoding step: bounds the working arrays (~40 of them) to a few MB each
-
-
 def encode(w: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray:
     """Rows w [..., cols] -> GGUF data: float arrays for F32/F16, uint16 bits for BF16, else bytes
     [..., cols / block * size]. `importance` [cols] (or broadcastable to w) switches to ggml's importance-weighted
@@ -1054,7 +1054,7 @@ def encode(w: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np
     if importance is not None and codec.weighted:
         qw = np.broadcast_to(np.asarray(importance, F), w.shape).reshape(-1, cols)
     out = np.empty((rows.shape[0], cols // codec.block * codec.size), np.uint8)
-    step = max(1, ROWS_PER_CHUNK // cols)
+    step = max(1, codec.chunk // cols)
 
     def run(r: int) -> None:
         with np.errstate(all="ignore"):  # C's arithmetic, NaN and inf included, is the reference
