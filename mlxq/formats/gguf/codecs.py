@@ -286,58 +286,145 @@ def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray
     return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes + nmax)
 
 
+@dataclass
+class _Refining:
+    """Blocks ggml's refinement still moves, element-major: their columns `at` in the chunk [m]; per weight the
+    weight, w*x and its importance w [3, n, m], the codes (float32 whole numbers) [n, m] and the terms w*x*L and
+    w*L*L [2, n, m] (associated left to right, as C computes them); per block the two sums [2, m] and its clock
+    [m]: pass * n + the position its pass goes on from (the positions before it belong to its next pass)."""
+
+    at: np.ndarray
+    data: np.ndarray
+    codes: np.ndarray
+    terms: np.ndarray
+    sums: np.ndarray
+    clock: np.ndarray
+
+    @classmethod
+    def of(cls, at, x, wx, w, codes, sums, clock: int) -> _Refining:
+        """Blocks `at` (columns of x, w*x, w, codes [n, B] and sums [2, B]) at `clock`."""
+        data, own = np.stack([np.take(a, at, axis=1) for a in (x, wx, w)]), np.take(codes, at, axis=1)
+        terms = np.empty_like(data[1:])
+        np.multiply(data[1], own, out=terms[0])
+        np.multiply(data[2], own, out=terms[1])
+        terms[1] *= own
+        return cls(at, data, own, terms, np.take(sums, at, axis=1), np.full(len(at), clock))
+
+    def take(self, keep: np.ndarray) -> _Refining:
+        return _Refining(self.at[keep], *(np.compress(keep, a, axis=-1) for a in
+                                          (self.data, self.codes, self.terms, self.sums)), self.clock[keep])
+
+    def put(self, codes: np.ndarray, sums: np.ndarray) -> None:
+        """Into the chunk's codes [n, B] and sums [2, B]."""
+        codes[:, self.at], sums[:, self.at] = self.codes, self.sums
+
+
 def _refine(x, w, codes, sumlx, suml2, lo, hi, qp: bool) -> tuple[np.ndarray, np.ndarray]:
     """ggml's refinement of make_q3_quants / make_qp_quants: up to 5 passes over the weights, each code moved to
     nearest(x * sl2 / slx), clamped to lo..hi (lo None: only MIN(hi, .)), where that raises slx^2 / sl2. x, w,
-    codes (float32 whole numbers, changed in place) element-major [n, B]; returns the final (sumlx, suml2) [B]. Like
-    C, a block leaves after a pass that changed nothing (the next would redo the same arithmetic); the blocks still
-    moving are gathered, so later passes cost what they change. qp: make_qp's order of checks (sl2 > 0 before the
-    trial) and its uint8_t codes."""
+    codes (float32 whole numbers, changed in place) element-major [n, B]; returns the final (sumlx, suml2) [B]. qp:
+    make_qp's order of checks (sl2 > 0 before the trial) and its uint8_t codes.
+
+    The first pass runs as C's loop, one weight position at a time across all blocks. Few blocks move in it (~13 %
+    of Q3_K's on real weights); those go on in rounds (`_refine_round`), whose cost does not grow with the passes:
+    a pass costs ~30 numpy calls per position, whatever the number of blocks left."""
     wx = w * x  # C's w*x[i]*L[i] associates as (w*x[i])*L[i]
-    at = np.arange(x.shape[1])
-    xs, ws, wxs, cs = x, w, wx, codes
     sumlx, suml2 = sumlx.copy(), suml2.copy()  # updated in place below
-    for _ in range(5):
-        n = at.size
-        slx, sl2, new, slx2, sl22, a, b = np.empty((7, n), F)  # each step's work, in reused buffers
-        take, ok, moved = np.empty(n, bool), np.empty(n, bool), np.zeros(n, bool)
-        for i, xi in enumerate(xs):
-            wi, li = ws[i], cs[i]
-            np.subtract(sumlx, np.multiply(wxs[i], li, out=slx), out=slx)
-            np.multiply(wi, li, out=sl2)
-            np.subtract(suml2, np.multiply(sl2, li, out=sl2), out=sl2)
-            np.multiply(xi, sl2, out=new)
-            np.divide(new, slx, out=new)
-            rounded = _nearest(new)  # in place, unless a NaN or |v| >= 2**22 is there
-            if lo is None:
-                np.minimum(rounded, F(hi), out=rounded)
-            else:
-                _clip(rounded, lo, hi)
-            np.add(np.multiply(wxs[i], rounded, out=slx2), slx, out=slx2)
-            np.multiply(wi, rounded, out=sl22)
-            np.add(np.multiply(sl22, rounded, out=sl22), sl2, out=sl22)
-            np.greater(slx, 0, out=take)
-            take &= np.greater(sl2 if qp else sl22, 0, out=ok)
-            take &= np.not_equal(rounded, li, out=ok)
-            np.multiply(np.multiply(slx2, slx2, out=a), suml2, out=a)
-            np.multiply(np.multiply(sumlx, sumlx, out=b), sl22, out=b)
-            take &= np.greater(a, b, out=ok)
-            np.copyto(li, np.mod(rounded, F(256)) if qp else rounded, where=take)
-            np.copyto(sumlx, slx2, where=take)
-            np.copyto(suml2, sl22, where=take)
-            moved |= take
-        if at.size == x.shape[1]:  # the first pass works on the arrays themselves
-            sumlx_all, suml2_all = sumlx, suml2
+    slx, sl2, new, slx2, sl22, a, b = np.empty((7, x.shape[1]), F)  # each step's work, in reused buffers
+    take, ok, moved = np.empty(x.shape[1], bool), np.empty(x.shape[1], bool), np.zeros(x.shape[1], bool)
+    for i, xi in enumerate(x):
+        wi, li = w[i], codes[i]
+        np.subtract(sumlx, np.multiply(wx[i], li, out=slx), out=slx)
+        np.multiply(wi, li, out=sl2)
+        np.subtract(suml2, np.multiply(sl2, li, out=sl2), out=sl2)
+        np.multiply(xi, sl2, out=new)
+        np.divide(new, slx, out=new)
+        rounded = _nearest(new)  # in place, unless a NaN or |v| >= 2**22 is there
+        if lo is None:
+            np.minimum(rounded, F(hi), out=rounded)
         else:
-            codes[:, at] = cs
-            sumlx_all[at], suml2_all[at] = sumlx, suml2
-        if moved.all():
+            _clip(rounded, lo, hi)
+        np.add(np.multiply(wx[i], rounded, out=slx2), slx, out=slx2)
+        np.multiply(wi, rounded, out=sl22)
+        np.add(np.multiply(sl22, rounded, out=sl22), sl2, out=sl22)
+        np.greater(slx, 0, out=take)
+        take &= np.greater(sl2 if qp else sl22, 0, out=ok)
+        take &= np.not_equal(rounded, li, out=ok)
+        np.multiply(np.multiply(slx2, slx2, out=a), suml2, out=a)
+        np.multiply(np.multiply(sumlx, sumlx, out=b), sl22, out=b)
+        take &= np.greater(a, b, out=ok)
+        np.copyto(li, np.mod(rounded, F(256)) if qp else rounded, where=take)
+        np.copyto(sumlx, slx2, where=take)
+        np.copyto(suml2, sl22, where=take)
+        moved |= take
+    if moved.any():  # C's second pass on, in rounds
+        sums = np.stack([sumlx, suml2])
+        _finish(_Refining.of(np.flatnonzero(moved), x, wx, w, codes, sums, x.shape[0]), codes, sums, lo, hi, qp)
+        sumlx, suml2 = sums
+    return sumlx, suml2
+
+
+def _refine_round(r: _Refining, lo, hi, qp: bool) -> np.ndarray:
+    """One round of `_refine` over the blocks of `r` (changed in place). Returns which blocks moved; the others are
+    done (their clock is set past the end).
+
+    C visits a block's weights one after another, but a trial's arithmetic depends only on its weight, its code and
+    the block's two sums, and the sums change only where a code moves: few do (on real weights ~2 % of the trial
+    codes differ from the code held). So a round evaluates every weight of every block at once, from the sums the
+    block holds, and makes each block's first move in C's order: the rest of its pass, then the next pass from its
+    start. Up to that move, C computes exactly these trials. A block with no move left is done: its pass ends with
+    no change, or its fifth pass ends (a pass that follows one without moves would redo the same arithmetic)."""
+    n, m = r.codes.shape
+    d = r.sums[:, None, :] - r.terms  # each weight's sums without its own terms: slx, sl2
+    trial = d[0] > 0
+    if qp:
+        trial &= d[1] > 0
+    new = r.data[0] * d[1]
+    new /= d[0]  # (where slx <= 0 the quotient is never used)
+    new = _nearest(new)
+    if lo is None:
+        np.minimum(new, F(hi), out=new)
+    else:
+        _clip(new, lo, hi)
+    trial &= new != r.codes
+    f = np.flatnonzero(trial)  # the moves tried, position-major: within a block in C's order
+    i, b = np.divmod(f, m)
+    (slx, sl2), (wx, w), nl = d.reshape(2, -1)[:, f], r.data[1:].reshape(2, -1)[:, f], new.reshape(-1)[f]
+    s1 = slx + wx * nl
+    s2 = sl2 + w * nl * nl
+    sumlx, suml2 = r.sums[:, b]
+    take = (s1 * s1) * suml2 > (sumlx * sumlx) * s2
+    if not qp:
+        take &= s2 > 0
+    clock = r.clock[b]
+    clock += (i - clock) % n + 1  # the block's clock after this move: C's 5 passes end at 5n
+    take &= clock <= 5 * n
+    # each block's first move taken in C's order (the least clock), and its index among the moves tried
+    none = np.iinfo(np.int64).max
+    first = np.full(m, none)
+    np.minimum.at(first, b[take], clock[take] * f.size + np.flatnonzero(take))
+    moved = first < none
+    clock, k = np.divmod(first[moved], f.size)
+    f, nl = f[k], nl[k]
+    if qp:
+        np.mod(nl, F(256), out=nl)  # uint8_t
+    r.codes.reshape(-1)[f] = nl
+    r.terms.reshape(2, -1)[:, f] = wx[k] * nl, w[k] * nl * nl
+    r.sums[:, b[k]] = s1[k], s2[k]
+    r.clock[:] = 6 * n  # past the end: a block that did not move is done
+    r.clock[b[k]] = clock
+    return moved
+
+
+def _finish(r: _Refining, codes, sums, lo, hi, qp: bool) -> None:
+    """Refines the blocks of `r` until none moves; their codes and sums go into the chunk's `codes`, `sums`. The
+    arrays keep blocks that are done until most are (gathering the others costs about what a round does)."""
+    while r is not None:
+        moved = np.count_nonzero(_refine_round(r, lo, hi, qp))
+        if 2 * moved > r.at.size:
             continue
-        at, sumlx, suml2 = at[moved], sumlx[moved], suml2[moved]
-        if not at.size:
-            break
-        xs, ws, wxs, cs = x[:, at], w[:, at], wx[:, at], codes[:, at]
-    return sumlx_all, suml2_all
+        r.put(codes, sums)
+        r = r.take(r.clock <= 5 * len(codes)) if moved else None
 
 
 def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
