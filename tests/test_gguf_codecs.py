@@ -235,7 +235,7 @@ def test_refinement_moves_codes_in_cs_order(qp):
     assert (passes >= 3).sum() > 20 and (passes == 5).any()  # the data reaches late passes and the cap
     assert capped.sum() > (20 if qp else -1)
     codes = np.ascontiguousarray(codes.T)
-    got_lx, got_l2 = _refine(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), codes, sumlx, suml2, lo, hi, qp)
+    got_lx, got_l2 = _refine(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), codes, lo, hi, qp, (sumlx, suml2))
     np.testing.assert_array_equal(codes.T, np.array([c for c, *_ in want], np.float32))
     np.testing.assert_array_equal(got_lx, np.array([s for _, s, *_ in want], np.float32))
     np.testing.assert_array_equal(got_l2, np.array([s for _, _, s, *_ in want], np.float32))

@@ -319,17 +319,21 @@ class _Refining:
         codes[:, self.at], sums[:, self.at] = self.codes, self.sums
 
 
-def _refine(x, w, codes, sumlx, suml2, lo, hi, qp: bool) -> tuple[np.ndarray, np.ndarray]:
+def _refine(x, w, codes, lo, hi, qp: bool, sums=None) -> tuple[np.ndarray, np.ndarray]:
     """ggml's refinement of make_q3_quants / make_qp_quants: up to 5 passes over the weights, each code moved to
     nearest(x * sl2 / slx), clamped to lo..hi (lo None: only MIN(hi, .)), where that raises slx^2 / sl2. x, w,
-    codes (float32 whole numbers, changed in place) element-major [n, B]; returns the final (sumlx, suml2) [B]. qp:
-    make_qp's order of checks (sl2 > 0 before the trial) and its uint8_t codes.
+    codes (float32 whole numbers, changed in place) element-major [n, B]; starts from `sums` (sumlx, suml2), or the
+    codes' own; returns the final (sumlx, suml2) [B]. qp: make_qp's order of checks (sl2 > 0 before the trial) and
+    its uint8_t codes.
 
     The first pass runs as C's loop, one weight position at a time across all blocks. Few blocks move in it (~13 %
     of Q3_K's on real weights); those go on in rounds (`_refine_round`), whose cost does not grow with the passes:
     a pass costs ~30 numpy calls per position, whatever the number of blocks left."""
     wx = w * x  # C's w*x[i]*L[i] associates as (w*x[i])*L[i]
-    sumlx, suml2 = sumlx.copy(), suml2.copy()  # updated in place below
+    if sums is None:
+        sumlx, suml2 = _seq(wx * codes), _seq(w * codes * codes)
+    else:
+        sumlx, suml2 = sums[0].copy(), sums[1].copy()  # updated in place below
     slx, sl2, new, slx2, sl22, a, b = np.empty((7, x.shape[1]), F)  # each step's work, in reused buffers
     take, ok, moved = np.empty(x.shape[1], bool), np.empty(x.shape[1], bool), np.zeros(x.shape[1], bool)
     for i, xi in enumerate(x):
@@ -435,9 +439,7 @@ def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         lf = (F(-nmax) / big) * x  # elsewhere |lf| <= nmax: rint is nearest_int, unless a NaN or inf is there
         lf = np.rint(lf, out=lf) if np.isfinite(x).all() else _nearest(lf)
         _clip(lf, -nmax, nmax - 1)
-        w = x * x
-        sumlx, suml2 = _seq(w * x * lf), _seq(w * lf * lf)
-        sumlx, suml2 = _refine(x, w, lf, sumlx, suml2, -nmax, nmax - 1, qp=False)
+        sumlx, suml2 = _refine(x, x * x, lf, -nmax, nmax - 1, qp=False)
         scale = np.where(suml2 > 0, sumlx / suml2, F(0))
         codes = lf.astype(np.int32)
     return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes + nmax)
@@ -533,9 +535,8 @@ def _make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.nd
             iscale = np.where(better, iscale_step, iscale)
         raw = np.minimum(nmax, _nearest_int(iscale * x))
         lf = raw.astype(F)
-        sumlx, suml2 = _seq(w * x * lf), _seq(w * lf * lf)
-        codes = _u8(raw).astype(F)
-        sumlx, suml2 = _refine(x, w, codes, sumlx, suml2, None, nmax, qp=True)
+        codes = _u8(raw).astype(F)  # uint8_t, where the sums take the code as it was
+        sumlx, suml2 = _refine(x, w, codes, None, nmax, qp=True, sums=(_seq(w * x * lf), _seq(w * lf * lf)))
         scale = np.where(suml2 > 0, sumlx / suml2, F(0))
     zero = hi < GROUP_MAX_EPS
     return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes.astype(np.int32))
