@@ -363,7 +363,8 @@ def _refine(x, w, codes, lo, hi, qp: bool, sums=None) -> tuple[np.ndarray, np.nd
         moved |= take
     if moved.any():  # C's second pass on, in rounds
         sums = np.stack([sumlx, suml2])
-        _finish(_Refining.of(np.flatnonzero(moved), x, wx, w, codes, sums, x.shape[0]), codes, sums, lo, hi, qp)
+        r = _Refining.of(np.flatnonzero(moved), x, wx, w, codes, sums, clock=x.shape[0])
+        _refine_in_rounds(r, codes, sums, lo, hi, qp)
         sumlx, suml2 = sums
     return sumlx, suml2
 
@@ -420,7 +421,7 @@ def _refine_round(r: _Refining, lo, hi, qp: bool) -> np.ndarray:
     return moved
 
 
-def _finish(r: _Refining, codes, sums, lo, hi, qp: bool) -> None:
+def _refine_in_rounds(r: _Refining, codes, sums, lo, hi, qp: bool) -> None:
     """Refines the blocks of `r` until none moves; their codes and sums go into the chunk's `codes`, `sums`. The
     arrays keep blocks that are done until most are (gathering the others costs about what a round does)."""
     while r is not None:
