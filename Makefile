@@ -9,6 +9,13 @@ ifeq ($(UNAME),Linux)
   # torch (the transformers reference in the tests) from its CPU-only index where that can be reached: PyPI's Linux
   # wheel pulls ~3 GB of CUDA libraries
   TORCH_CPU := https://download.pytorch.org/whl/cpu
+  # llama.cpp (llama-cpp-python builds it with -march=native) segfaults in its AMX matmul on CPUs that have AMX
+  # (Sapphire Rapids: seen on llama-cpp-python 0.3.36); build it without. bench/llama_cpp_tools.py builds its tools
+  # with the same flags (NO_AMX there).
+  ifeq ($(shell uname -m),x86_64)
+    LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+      -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
+  endif
 endif
 PYTEST := $(RUN) $(PY) -m pytest -q
 
@@ -39,7 +46,7 @@ setup: system $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml | system
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip "setuptools>=68"  # setuptools: the wheel test builds with --no-build-isolation
-	$(PY) -m pip install -q -e ".[dev]" $(if $(TORCH_CPU),$$($(PY) -c "import urllib.request as r; \
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[dev]" $(if $(TORCH_CPU),$$($(PY) -c "import urllib.request as r; \
 	  r.urlopen('$(TORCH_CPU)/', timeout=10)" 2>/dev/null && echo --extra-index-url $(TORCH_CPU)))
 	touch $@
 

@@ -3,7 +3,7 @@ and the few steps a peer run takes with them: a float32 GGUF of the stored weigh
 calibration text, a quantization with it, and bits per weight counted from the GGUF's own tensors.
 
 They are built once from the pinned llama-cpp-python sdist, i.e. from the very llama.cpp the `llama_cpp` package
-(a dev dependency) was built from, and cached under `<mlxq cache>/llama.cpp-tools/<version>/`. The Python
+(a dev dependency) was built from, and cached under `<mlxq cache>/llama.cpp-tools/<version>-no-amx/`. The Python
 binding cannot run these: it has no importance-matrix input to its quantizer and no KL-divergence scoring, and
 the peer figures must come from llama.cpp's own quantizer with an imatrix and its own scoring.
 
@@ -18,6 +18,7 @@ the peer figures must come from llama.cpp's own quantizer with an imatrix and it
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -29,12 +30,16 @@ from mlxq.formats.fetch import LLAMA_CPP_SDIST, download_sdist
 
 VERSION = LLAMA_CPP_SDIST.package.split("==")[1]
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+# llama.cpp built with -march=native segfaults in its AMX matmul where the CPU has AMX; the Makefile builds
+# llama-cpp-python with the same flags (LLAMA_CMAKE_ARGS there)
+NO_AMX = ([f"-DCMAKE_{lang}_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" for lang in ("C", "CXX")]
+          if platform.machine() in ("x86_64", "AMD64") else [])
 
 
 def tools_dir() -> Path:
     from mlxq.formats.fetch import cache_dir
 
-    return cache_dir() / "llama.cpp-tools" / VERSION
+    return cache_dir() / "llama.cpp-tools" / (f"{VERSION}-no-amx" if NO_AMX else VERSION)  # older builds have AMX
 
 
 def tool(name: str) -> Path:
@@ -65,7 +70,7 @@ def build() -> Path:
         log = tmp / "build.log"
         _run(["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
               "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-              "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF"], log)
+              "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF", *NO_AMX], log)
         _run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 2), "--target", *TOOLS], log)
         staged = tmp / "tools"
         staged.mkdir()
