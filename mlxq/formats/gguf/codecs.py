@@ -578,8 +578,9 @@ class Codec:
     row_stat: float = 0.0  # legacy *_impl: the row's mean square enters the weights (0: not used)
     weighted: bool = True  # whether ggml has an importance-weighted fit for it
     levels: np.ndarray | None = None  # a non-linear type's value of each code (the grid is scale * levels[q])
-    # weights per encoding step: the fits' dozens of working arrays [weights in a sub-block, sub-blocks] stay in a
-    # core's cache (2 MB here) at 2**17; Q3_K's refinement costs numpy calls by the pass, whatever the step's size
+    # weights per encoding step: few enough that a fit's dozens of working arrays stay in a core's cache (the
+    # K-quant fits measured fastest at 2**17); Q3_K's refinement costs numpy calls per weight position whatever the
+    # step's size, so it takes larger steps
     chunk: int = 1 << 17
 
     def fit(self, x: np.ndarray, qw: np.ndarray | None, row_sigma2: np.ndarray | None) -> Fit:
