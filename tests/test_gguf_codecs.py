@@ -168,7 +168,7 @@ def test_bit_exact_with_ggml_on_awkward_rows(kind):
 
 @pytest.mark.parametrize("kind", ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q4_0", "Q8_0", "IQ4_NL"])
 def test_bit_exact_with_ggml_on_many_rows(kind):
-    """Enough blocks (and chunks encoded side by side) that the refinement passes drop the blocks that stopped
+    """Enough blocks (several encoding steps) that the refinement passes drop the blocks that stopped
     moving at different passes, and ties turn up in the data itself."""
     rng = np.random.default_rng(8)
     w = (rng.standard_normal((640, 1024)) * np.float32(0.02)).astype(np.float32)

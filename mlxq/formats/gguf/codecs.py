@@ -17,9 +17,6 @@ scales and chooses the codes itself (GPTQ error feedback), the format stays llam
 
 from __future__ import annotations
 
-import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -1145,24 +1142,12 @@ def encode(w: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np
         qw = np.broadcast_to(np.asarray(importance, F), w.shape).reshape(-1, cols)
     out = np.empty((rows.shape[0], cols // codec.block * codec.size), np.uint8)
     step = max(1, codec.chunk // cols)
-
-    def run(r: int) -> None:
-        with np.errstate(all="ignore"):  # C's arithmetic, NaN and inf included, is the reference
+    # one chunk after another, in this thread: a fit makes many small numpy calls, and side by side in two threads
+    # they contend for the GIL (measured on SmolLM2's exports: the same wall time for a third more CPU)
+    with np.errstate(all="ignore"):  # C's arithmetic, NaN and inf included, is the reference
+        for r in range(0, rows.shape[0], step):
             _encode_rows(codec, rows[r : r + step], None if qw is None else qw[r : r + step], out[r : r + step])
-
-    starts = range(0, rows.shape[0], step)
-    if len(starts) == 1:
-        run(0)
-    else:  # numpy lets go of the GIL inside its array operations: chunks encode side by side
-        list(_pool().map(run, starts))
     return out.reshape(*lead, -1)
-
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    """One pool of encoding threads for the process (an export encodes hundreds of tensors: starting threads for
-    each costs more than encoding the small ones)."""
-    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="mlxq-encode")
 
 
 def _encode_rows(codec: Codec, x: np.ndarray, qw: np.ndarray | None, out: np.ndarray) -> None:
