@@ -41,10 +41,15 @@ each step's input is the next token of a fixed text, not the model's own choice,
 output repeats one token and would route to the same experts every step (flattering every cache). The memory cap
 is what mlxq's own 25 % run was charged at most (a measuring cgroup's peak, page cache included), plus 10 %.
 
---real-experts (about 3 minutes once built; building takes ~6 more and 2 GB on the way, 1.5 GB kept with --keep):
+--real-experts (about 3 minutes once built; building takes ~2-6 more and 2 GB on the way, 1 GB kept with --keep):
 only 1. and 2., on a model with Qwen3.5-397B's own widths and so its own expert size (3.93 MB; 4 layers x 64
-experts), mlxq at 25 % reading 0, 1 and 3 layers ahead: the read rate at the size the projection is for, where a
-read's fixed costs no longer dominate (bench/results/experts-real-experts.json).
+experts): the read rate at the size the projection is for, where a read's fixed costs no longer dominate
+(bench/results/experts-real-experts.json).
+
+The goal's figure (ratios.read_rate_vs_ceiling_interleaved): in one process, the ceiling and mlxq's decode in turn
+(ceiling, mlxq reading 0 / 1 layers ahead / 1 ahead with only 30 % of the guesses right, the raw device in the
+decode's pattern, ceiling, ...), each block divided by the ceilings either side of it; the median over blocks, its
+spread, and whether leaving out any one block keeps the verdict.
 
     python bench/experts.py [--quick | --real-experts] [--top-k 4] [--warm 160] [--keep]
 """
@@ -62,8 +67,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, write_result  # noqa: E402
+from bench.common import RESULTS, median, rounds_verdict, write_result  # noqa: E402
 from mlxq.bench.synthetic import QWEN35_397B, scaled  # noqa: E402
+from mlxq.experts.io import DEFAULT_THREADS  # noqa: E402
 
 SHAPES = {
     # 12 layers x 512 experts of 240 KiB (Qwen3.5-397B's 3.75 MiB / 16): 1.5 GB of packs
@@ -139,8 +145,68 @@ def load(a):
     if a.get("mlx_cache") == "default":  # what holding the cache costs: the run with MLX's own limit
         mx.set_cache_limit(mlx_limit)
     cache = m.make_cache()
-    pool = getattr(m.net, "expert_pool", None)
+    global POOL
+    POOL = pool = getattr(m.net, "expert_pool", None)
     return lambda toks: m.net(mx.array([toks]), cache), m.expert_stats, {"pool_bytes": pool.nbytes if pool else 0}
+
+WARMUP = 2
+GUESSES_KEPT = 1.0
+
+def unpredictable_routing():
+    # reads ahead with all but GUESSES_KEPT of their guesses swapped for other experts (the synthetic model's routing
+    # is predictable from layer to layer, 98 % of guesses right; flash-moe saw ~30 % on the real Qwen3.5-397B)
+    import random
+    import numpy as np
+    from mlxq.experts.pool import SlotPool
+    request, rng = SlotPool.request, random.Random(0)
+    def guessing(self, layer, wanted, prefetch=False):
+        if prefetch and GUESSES_KEPT < 1:
+            others = sorted(set(range(self.packs.layers[layer].n_experts)) - set(wanted.tolist()))
+            rng.shuffle(others)
+            wanted = np.array(sorted(e if rng.random() < GUESSES_KEPT else others.pop() for e in wanted.tolist()),
+                              wanted.dtype)
+        return request(self, layer, wanted, prefetch)
+    SlotPool.request = guessing
+
+def blocks(step, stats, spec, forced):
+    # the ceiling and mlxq's decode in turn: ceiling, then each arm (`tokens` steps reading `prefetch` layers ahead,
+    # with only `kept` of the guesses right; or "pattern": the raw device through the runtime's reader in the pattern
+    # of the last block named prefetch_0, without the model), arms rotating from block to block, ..., a ceiling last,
+    # so every block lies between two ceilings
+    global GUESSES_KEPT
+    from mlxq.experts.io import measure_burst_rate, measure_read_rate
+    unpredictable_routing()
+    rows, tokens, arms = [], iter(forced), spec["arms"]
+    for _ in range(WARMUP):  # the first decode steps build MLX's kernels for one-token shapes
+        mx.eval(step([next(tokens)]))
+    def ceiling():
+        r = measure_read_rate(POOL.packs, threads=spec["depth"], seconds=spec["ceiling_s"], seed=len(rows))
+        rows.append({"arm": "ceiling", **{k: r[k] for k in ("gb_per_s", "reads", "reads_in_flight", "ms_per_read")}})
+    ceiling()
+    for b in range(spec["n"]):
+        for arm in arms[b % len(arms):] + arms[:b % len(arms)]:
+            if arm.get("pattern"):
+                ref = [r for r in rows if r["arm"] == "prefetch_0"][-1]
+                steps = spec["tokens"] * len(POOL.packs.layers)
+                r = measure_burst_rate(POOL.packs, batch=ref["misses"] / steps, threads=POOL.reader.threads,
+                                       gap_s=max(0.0, ref["decode_s"] - ref["read_s"]) / steps,
+                                       seconds=spec["ceiling_s"], seed=len(rows))
+                rows.append({"arm": arm["name"], "block": b, "used_gb_per_s": r["gb_per_s"],
+                             **{k: r[k] for k in ("gb_per_s", "reads", "reads_in_flight", "ms_per_read", "batch",
+                                                  "gap_s")}})
+                continue
+            POOL.prefetch, GUESSES_KEPT = arm["prefetch"], arm.get("kept", 1.0)
+            t0, before = time.perf_counter(), stats()
+            for _ in range(spec["tokens"]):
+                mx.eval(step([next(tokens)]))
+            e = (stats() - before).as_dict()
+            took = time.perf_counter() - t0
+            rows.append({"arm": arm["name"], "block": b, "decode_tps": spec["tokens"] / took, "decode_s": took,
+                         "gb_per_s": e["read_gb_per_s"], "used_gb_per_s": e["used_read_gb_per_s"],
+                         **{k: e[k] for k in ("reads", "misses", "hit_rate", "prefetch_reads", "prefetch_hits",
+                                              "read_s", "reads_in_flight", "ms_per_read", "stall_s")}})
+        ceiling()
+    return rows
 
 def prefill(step, stats, a, out):
     t0, before = time.perf_counter(), stats()
@@ -161,6 +227,9 @@ for r in runs:
     out["step_s"] = []
     models.append((step, stats, stats(), out))
     outs.append(out)
+if a.get("blocks"):
+    print(json.dumps({**outs[0], "blocks": blocks(*models[0][:2], a["blocks"], a["forced"])}))
+    sys.exit()
 for forced in a["forced"]:  # one token a step, the next one taken from a text (see the docstring)
     for step, _, _, out in models:
         t0 = time.perf_counter()
@@ -389,14 +458,20 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smaller model, fewer configurations (about 2 minutes)")
     p.add_argument("--top-k", type=int, default=4, help="experts per token (flash-moe's 2-bit run used 4)")
     p.add_argument("--tokens", type=int, default=None, help="decode tokens per run")
-    p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 4),
-                   help="reader threads (the raw rate has one more in flight: the forward pass's) (min(4, cores))")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help="reader threads (the raw rate has one more in flight: the forward pass's) (the runtime's "
+                        f"default, {DEFAULT_THREADS})")
     p.add_argument("--warm", type=int, default=None,
                    help="prompt tokens before the decode in the budget matrix (fills the pool; quick 64, else 160)")
     p.add_argument("--repeat", type=int, default=None, help="runs per configuration, fastest kept (quick 1, else 2)")
     p.add_argument("--llama-cpp", action="store_true",
                    help="also run llama.cpp (mmap) on a Q2_K GGUF of the same weights under the cap (the export "
                         "takes minutes: about 1.5 for --quick)")
+    p.add_argument("--arms", default=None,
+                   help=f"the interleaved blocks' arms, comma-separated: prefetch_N[/K], pattern (default "
+                        f"{','.join(ARMS)}; --real-experts adds prefetch_3)")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="blocks of the interleaved read-rate figure (ceiling, decode, ceiling, ...) (quick 5, else 7)")
     p.add_argument("--keep", action="store_true", help="keep the generated models (cache dir) for another run")
     p.add_argument("--real-experts", action="store_true",
                    help="only the read rates (1. and 2.), on a model with Qwen3.5-397B's own widths and so its expert "
@@ -463,6 +538,11 @@ def main() -> None:
         r.update(workload=workload, budget_pct=budget, order=order, prefetch=prefetch)
         matrix.append(show(f"mlxq {workload} {order} {budget}% prefetch {prefetch}" + (
             " (measuring the cap)" if measuring else ""), r))
+
+    # 2. the goal's figure: mlxq's read rate against ceilings measured in turn with its decode blocks
+    blocks = interleaved_read_rates(paths["packs"], noise[:warm], shape.vocab, args,
+                                    args.blocks or (5 if args.quick else 7), tokens=6 if args.quick else 8,
+                                    ceiling_s=1.0 if args.quick else 2.0, arms=_arms(args, ARMS))
 
     # 3. the same memory cap for mlxq (25 %) and mlx-lm: what mlxq's 25 % run is charged (in a measuring cgroup),
     # plus 10 % (quick: the matrix's first run, whose prompt is longer, sets it)
@@ -534,6 +614,7 @@ def main() -> None:
         "raw_read_gb_per_s_runs": [[round(r["gb_per_s"], 3), round(r1["gb_per_s"], 3)] for r, r1 in raw_runs],
         "raw_read_decode_pattern": raw_burst,
         "raw_read_397b_expert_size": raw_big,
+        "read_rate_interleaved": blocks,
         "warm_prompt_tokens": warm,
         "memory_cap_bytes": cap,
         "memory_cap_from": "mlxq 25 % run's cgroup peak (memory.max_usage_in_bytes) x 1.1" + (
@@ -549,6 +630,7 @@ def main() -> None:
         "seconds": time.perf_counter() - t_start,
         "load_average": [load_start, os.getloadavg()],  # other work on the machine: busy runs are noisier
         "ratios": {
+            "read_rate_vs_ceiling_interleaved": _verdicts(blocks),
             "read_rate_vs_raw": _ratio(e.get("read_gb_per_s"), raw["gb_per_s"]),
             "read_rate_vs_raw_one_in_flight": _ratio(e.get("read_gb_per_s"), raw_1["gb_per_s"]),
             "read_rate_vs_raw_decode_pattern": _ratio(e.get("read_gb_per_s"), (raw_burst or {}).get("gb_per_s")),
@@ -628,6 +710,95 @@ def decode_pattern(packs, r: dict, threads: int, seconds: float) -> dict:
     return burst
 
 
+READ_GOAL = 0.8  # issue 11: mlxq's read rate while decoding >= 80 % of the ceiling
+ARMS = ("prefetch_0", "prefetch_1", "prefetch_1/0.3", "pattern")
+
+
+def arm_spec(name: str) -> dict:
+    """An interleaved arm by name: prefetch_N[/K] (N layers read ahead, only K of the guesses right) or pattern (the
+    raw device in the decode's pattern)."""
+    if name == "pattern":
+        return {"name": name, "pattern": True}
+    ahead, _, kept = name.removeprefix("prefetch_").partition("/")
+    return {"name": name, "prefetch": int(ahead), "kept": float(kept or 1)}
+
+
+def block_ratios(rows: list[dict], key: str = "gb_per_s") -> dict[str, list[float]]:
+    """arm -> each of its decode blocks' rate (`key`) over the mean of the two ceilings measured either side of the
+    block (`rows` as `blocks` in the child records them: ceiling, arms, ceiling, arms, ..., ceiling)."""
+    out: dict[str, list[float]] = {}
+    before, between = None, []
+    for row in rows:
+        if row["arm"] != "ceiling":
+            between.append(row)
+            continue
+        for r in between:
+            out.setdefault(r["arm"], []).append(round(r[key] / ((before + row["gb_per_s"]) / 2), 3))
+        before, between = row["gb_per_s"], []
+    return out
+
+
+def interleaved_read_rates(path: Path, prompt: list[int], vocab: int, args, n_blocks: int, tokens: int,
+                           ceiling_s: float, arms: tuple[str, ...] = ARMS) -> dict:
+    """The goal's figure, robust to a noisy disk: in one process, the ceiling (back to back, as many in flight as the
+    runtime can have) and mlxq at 25 % decoding `tokens` steps with each arm (`arm_spec`), in turn, so
+    that every block's ratio divides by the ceilings measured just before and just after it; the median over blocks
+    and its spread (`rounds_verdict`: robust when at least 3 blocks and leaving any one out keeps the verdict). The
+    arm "pattern" is the raw device without the model in the reads' pattern of the last block read 0 layers ahead
+    (bursts of its misses per layer step, idle gaps of its time between reads): what the goal can be at this size."""
+    rng = random.Random(1)
+    forced = [rng.randrange(3, vocab) for _ in range(2 + n_blocks * len(arms) * tokens)]  # (2: warm-up steps)
+    r = run_once({"top_k": args.top_k, "prompt": prompt, "forced": forced, "peer": "mlxq", "path": str(path),
+                  "budget": "25%", "options": {"threads": args.threads},
+                  "blocks": {"n": n_blocks, "tokens": tokens, "arms": [arm_spec(a) for a in arms],
+                             "depth": args.threads + 1, "ceiling_s": ceiling_s}})
+    if not r["ok"]:
+        print(f"interleaved read rates: {r['error']}", file=sys.stderr)
+        return r
+    rows = r["blocks"]
+    for row in rows:
+        print("  " + (f"ceiling {row['gb_per_s']:.3f} GB/s" if row["arm"] == "ceiling" else
+                      f"block {row['block']} {row['arm']}: {row['gb_per_s']:.3f} GB/s ({_shape(row)}" + (
+                          f"; used {row['used_gb_per_s']:.3f}, {row['misses']} misses), {row['decode_tps']:.2f} tok/s"
+                          if "misses" in row else f"; {row['batch']:.2f} a burst, {1e3 * row['gap_s']:.1f} ms gaps)")),
+              file=sys.stderr)
+    meets = lambda x: x >= READ_GOAL  # noqa: E731
+    read, used = block_ratios(rows), block_ratios(rows, "used_gb_per_s")
+    ceilings = [row["gb_per_s"] for row in rows if row["arm"] == "ceiling"]
+    out = {"ok": True, "blocks": n_blocks, "tokens_per_block": tokens, "ceiling_s": ceiling_s,
+           "ceiling_gb_per_s": {"min": min(ceilings), "max": max(ceilings), "each": [round(c, 3) for c in ceilings]},
+           "read_vs_ceiling": {arm: rounds_verdict(v, meets) for arm, v in read.items()},
+           "used_read_vs_ceiling": {arm: rounds_verdict(v, meets) for arm, v in used.items()},
+           "decode_tps": {arm: median([row["decode_tps"] for row in rows if row["arm"] == arm]) for arm in read
+                          if not arm.startswith("pattern")},
+           "rows": rows, "load_s": r["load_s"], "prefill_s": r["prefill_s"]}
+    print("interleaved read rate / ceiling, median over blocks (spread; used bytes): " + ", ".join(
+        f"{arm} {v['median']} ({v['min']}-{v['max']}, robust {v['robust']}; {used[arm]['median']})"
+        for arm, v in out["read_vs_ceiling"].items() if (used := out["used_read_vs_ceiling"])), file=sys.stderr)
+    return out
+
+
+def _arms(args, default: tuple[str, ...]) -> tuple[str, ...]:
+    arms = tuple(args.arms.split(",")) if args.arms else default
+    for name in arms:
+        try:
+            arm_spec(name)
+        except ValueError:
+            sys.exit(f"experts.py: --arms: '{name}' is neither prefetch_N[/K] nor pattern")
+    if "pattern" in arms and "prefetch_0" not in arms[: arms.index("pattern")]:
+        sys.exit("experts.py: --arms: pattern replays a prefetch_0 block's reads: name prefetch_0 before it")
+    return arms
+
+
+def _verdicts(blocks: dict) -> dict:
+    """The interleaved figure's verdicts per arm (the median, spread and robustness; all bytes and used bytes)."""
+    if not blocks.get("ok"):
+        return {"error": blocks.get("error")}
+    return {arm: {**{k: v[k] for k in ("median", "min", "max", "goal_met", "robust")},
+                  "used_median": blocks["used_read_vs_ceiling"][arm]["median"]}
+            for arm, v in blocks["read_vs_ceiling"].items()}
+
+
 def real_experts(args) -> None:
     """The read rates at Qwen3.5-397B's own expert size: its real widths (so the rest of a layer costs what it costs
     there too, on this CPU), few layers and experts; mlxq at 25 % on random tokens, reading 0, 1 and 3 layers ahead,
@@ -654,8 +825,10 @@ def real_experts(args) -> None:
         return raw
 
     raws = [ceiling()]
+    blocks = interleaved_read_rates(paths["packs"], noise[:warm], shape.vocab, args, args.blocks or 5, tokens=3,
+                                    ceiling_s=2.0, arms=_arms(args, ARMS[:2] + ("prefetch_3",) + ARMS[2:]))
     runs = {}
-    for prefetch in (0, 1, 3):
+    for prefetch in (0,):  # (for the decode's pattern; reads ahead: the interleaved blocks)
         runs[prefetch] = show(f"mlxq 25% prefetch {prefetch}", run(
             {"top_k": args.top_k, "prompt": noise[:warm], "forced": noise[warm:], "peer": "mlxq",
              "path": str(paths["packs"]), "budget": "25%", "options": {"threads": args.threads, "prefetch": prefetch}},
@@ -682,7 +855,8 @@ def real_experts(args) -> None:
         "raw_read": raw, "raw_read_gb_per_s_runs": [round(r["gb_per_s"], 3) for r in raws],
         "raw_read_decode_pattern": burst,
         "mlxq_25pct": {f"prefetch_{k}": v for k, v in runs.items()},
-        "ratios": {"read_rate_vs_raw_by_prefetch": rates,
+        "read_rate_interleaved": blocks,
+        "ratios": {"read_rate_vs_ceiling_interleaved": _verdicts(blocks), "read_rate_vs_raw_by_prefetch": rates,
                    "raw_decode_pattern_vs_back_to_back": _ratio((burst or {}).get("gb_per_s"), raw["gb_per_s"])},
         "prepare": prep, "seconds": time.perf_counter() - t_start, "load_average": [load_start, os.getloadavg()],
     })

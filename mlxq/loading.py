@@ -19,7 +19,14 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mlxq.errors import ConfigError, FormatError
 from mlxq.formats.base import Checkpoint
 from mlxq.models import build_model, text_config
-from mlxq.models.layers import TernaryLinear, cpu_layout, drop_derived_biases, to_blocks
+from mlxq.models.layers import (
+    TernaryLinear,
+    cpu_layout,
+    drop_derived_biases,
+    made_from_scales,
+    take_derived_biases,
+    to_blocks,
+)
 from mlxq.models.moe import SwitchLinear
 
 if TYPE_CHECKING:
@@ -47,6 +54,27 @@ def _quantization_params(model: nn.Module) -> Callable[[str], bool]:
     resident 2-bit MoE decoded 3x slower with float16 scales)."""
     compute = {path for path, m in model.named_modules() if isinstance(m, (nn.Embedding, SwitchLinear))}
     return lambda name: name.endswith((".scales", ".biases")) and name.rpartition(".")[0] not in compute
+
+
+def _outsized(ckpt: Checkpoint) -> set[str]:
+    """Tensors more than twice the size of every tensor read after them (a small model's embedding among its
+    layers). MLX's cache reuses a buffer only for about its own size, so the buffers converting one leaves behind
+    would stay through the rest of the load unused (SmolLM2: 8 MB, a load's peak)."""
+    sizes = {info.name: info.nbytes for info in ckpt.tensors.infos()}
+    out, later = set(), 0
+    for name in reversed(list(ckpt.tensors)):
+        if later and sizes[name] > 2 * later:
+            out.add(name)
+        later = max(later, sizes[name])
+    return out
+
+
+def _layer_bits(quant: dict, layer: str) -> int | None:
+    """Bits per code of a quantized layer, as the checkpoint's quantization names them (its own entry, or the
+    default)."""
+    entry = quant.get(layer)
+    bits = entry.get("bits") if isinstance(entry, dict) else quant.get("bits")
+    return bits if isinstance(bits, int) else None
 
 
 def float_nbytes(ckpt: Checkpoint) -> int:
@@ -100,11 +128,27 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     with _as_config_error(ckpt):
         model = build_model(config)
     dtype = dtype or default_dtype()
+    quant = ckpt.quantization or {}
+    affine = "quant_method" not in quant  # mlx-lm's form (a transformers quant_method is the family's to read)
+    sources, derived = {}, {}  # derived: layers whose biases are made from their scales (`take_derived_biases`)
+    modules = dict(model.named_modules()) if fuse and affine and split is None else {}
+    outsized, big = _outsized(ckpt), None
+    for name in ckpt.tensors:
+        layer = name.rpartition(".")[0]
+        if big is not None and layer != big:
+            mx.clear_cache()  # what converting an outsized tensor left in MLX's cache fits no later tensor
+            big = None
+        if name in outsized:
+            big = layer
+        if split is None or split.wants(name):
+            sources[name] = ckpt.tensors[name]
+            if modules and (factor := take_derived_biases(modules, sources, name, _layer_bits(quant, layer))):
+                derived[layer] = factor
+    del modules  # the modules as built, which fusing replaces: held, they would keep their arrays alive
     # Cast before sanitize, so that its arithmetic (the 1 + w of zero-centred norms) runs at compute precision: in a
-    # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits.
+    # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits. (Lazy: evaluated one at a time below.)
     narrow = _quantization_params(model)
-    sources = {name: _cast(ckpt.tensors[name], dtype, narrow(name)) for name in ckpt.tensors
-               if split is None or split.wants(name)}
+    sources = {name: _cast(w, dtype, narrow(name)) for name, w in sources.items()}
     weights = model.sanitize(dict(sources))
     if split is not None and expert_memory is None and _has_packs(ckpt):
         expert_memory = "100%"  # a rank streams its share of the experts from its own packs: by default all of it stays
@@ -120,12 +164,12 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     del sources
     # experts read from packs, and parts of tensors read from the file, come in their stored dtype
     weights = {k: _cast(v, dtype, narrow(k)) for k, v in weights.items()}
-    quant = ckpt.quantization
-    if quant and "quant_method" not in quant:  # mlx-lm's; a transformers quant_method is the family's to read
+    if quant and affine:
         with _as_config_error(ckpt):
             _blocks_like(model, quant, dtype)
             _ternary_like(model, weights, quant)
             _quantize_like(model, weights, quant)
+    made_from_scales(model, derived)
     check_weights(ckpt.path, dict(tree_flatten(model.parameters())), weights)
     model.load_weights(list(weights.items()), strict=True)
     del weights  # from here only the model holds the checkpoint's arrays, so each can go once it is replaced

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
 from test_experts import made  # noqa: F401  (pytest fixture: tiny MoE checkpoints, resident and streamed)
 
 from mlxq.bench import runtime
+from mlxq.experts.pack import open_pack_dir
 
 
 def mlxq_cli(*args: str) -> subprocess.CompletedProcess:
@@ -429,3 +432,56 @@ def test_dwq_runner_on_a_tiny_model(tmp_path):
     model, _ = load(str(tmp_path / "dwq"))
     logits = model(mx.array([batches[0][:16]]))
     assert logits.shape == (1, 16, 160) and bool(mx.isfinite(logits).all())
+
+
+def bench_experts():
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    import experts
+
+    return experts
+
+
+def test_each_decode_block_divides_by_the_ceilings_either_side_of_it():
+    ceiling = lambda x: {"arm": "ceiling", "gb_per_s": x}  # noqa: E731
+    block = lambda arm, x: {"arm": arm, "gb_per_s": x, "used_gb_per_s": x / 2}  # noqa: E731
+    rows = [ceiling(1.0), block("a", 0.9), block("b", 0.6), ceiling(2.0), block("b", 1.2), block("a", 0.3),
+            ceiling(0.5)]
+    assert bench_experts().block_ratios(rows) == {"a": [0.6, 0.24], "b": [0.4, 0.96]}
+    assert bench_experts().block_ratios(rows, "used_gb_per_s") == {"a": [0.3, 0.12], "b": [0.2, 0.48]}
+
+
+def test_interleaved_read_rates_put_every_block_between_two_ceilings(made):  # noqa: F811
+    _, _, packs = made("qwen3_moe")
+    args = types.SimpleNamespace(top_k=0, threads=2)
+    out = bench_experts().interleaved_read_rates(packs, list(range(3, 23)), 150, args, n_blocks=3, tokens=2,
+                                                 ceiling_s=0.05)
+    assert out["ok"], out
+    arms = [r["arm"] for r in out["rows"]]
+    # ceiling, the arms in an order that rotates from block to block, ceiling, ...
+    assert arms == ["ceiling", "prefetch_0", "prefetch_1", "prefetch_1/0.3", "pattern",
+                    "ceiling", "prefetch_1", "prefetch_1/0.3", "pattern", "prefetch_0",
+                    "ceiling", "prefetch_1/0.3", "pattern", "prefetch_0", "prefetch_1", "ceiling"]
+    rows = out["rows"]
+    ceilings = [r["gb_per_s"] for r in rows if r["arm"] == "ceiling"]
+    assert all(c > 0 for c in ceilings) and out["ceiling_gb_per_s"]["each"] == [round(c, 3) for c in ceilings]
+    for arm in ("prefetch_0", "prefetch_1", "prefetch_1/0.3", "pattern"):
+        mine = [r for r in rows if r["arm"] == arm]
+        assert [r["block"] for r in mine] == [0, 1, 2] and all(r["reads"] > 0 for r in mine)
+        want = [round(r["gb_per_s"] / ((ceilings[r["block"]] + ceilings[r["block"] + 1]) / 2), 3) for r in mine]
+        assert out["read_vs_ceiling"][arm]["rounds"] == want
+    assert all(r["misses"] > 0 and r["prefetch_reads"] == 0 for r in rows if r["arm"] == "prefetch_0")
+    assert all(r["prefetch_reads"] > 0 for r in rows if r["arm"] in ("prefetch_1", "prefetch_1/0.3"))
+    # the raw device replays the pattern of the block read 0 layers ahead just before it
+    p0 = [r for r in rows if r["arm"] == "prefetch_0"]
+    for r in (r for r in rows if r["arm"] == "pattern"):
+        ref = p0[0] if r["block"] <= 1 else p0[1]  # (block 2 runs it before its own prefetch_0)
+        assert r["batch"] == pytest.approx(ref["misses"] / (2 * len(open_pack_dir(packs).layers)))
+
+
+@pytest.mark.parametrize("arms, message", [("prefetch_x", "'prefetch_x' is neither"),
+                                           ("pattern,prefetch_0", "name prefetch_0 before it")])
+def test_bad_interleaved_arms_are_one_line_errors(arms, message):
+    with pytest.raises(SystemExit, match=message):
+        bench_experts()._arms(types.SimpleNamespace(arms=arms), ())
+    assert bench_experts()._arms(types.SimpleNamespace(arms=None), ("prefetch_0", "pattern")) == ("prefetch_0",
+                                                                                                   "pattern")

@@ -129,13 +129,13 @@ def test_kv_checkpoint_restore():
     assert kk.shape[2] == 6 and mx.array_equal(kk[:, :, :5], k)
 
 
-def test_kv_buffers_double_up_to_a_block_then_grow_by_blocks():
-    """A short request's KV buffers hold a power of two positions (SmolLM2's 74 tokens: 128, not a 256-block: 5.6 MB
-    less), longer ones whole 256-blocks; what the cache returns is every token written, in order."""
-    assert [buffer_positions(n) for n in (1, 16, 17, 26, 74, 128, 129, 256, 257, 700)] == [
-        16, 16, 32, 32, 128, 128, 256, 256, 512, 768]
+def test_kv_buffers_grow_by_short_blocks_up_to_a_block_then_by_blocks():
+    """A short request's KV buffers grow 32 positions at a time from 16 (SmolLM2's 74 tokens: 96, not 128 or a
+    256-block), longer ones by whole 256-blocks; what the cache returns is every token written, in order."""
+    assert [buffer_positions(n) for n in (1, 16, 17, 26, 33, 74, 128, 129, 256, 257, 700)] == [
+        16, 16, 32, 32, 64, 96, 128, 160, 256, 512, 768]
     cache, written = KVCache(), []
-    for n, size in ((26, 32), (1, 32), (47, 128), (200, 512)):
+    for n, size in ((26, 32), (1, 32), (47, 96), (200, 512)):
         kv = mx.random.normal((1, 2, n, 4), key=mx.random.key(n))
         written.append(kv)
         keys, values = cache.update_and_fetch(kv, -kv)

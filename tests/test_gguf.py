@@ -120,6 +120,49 @@ def test_keep_quantized_equals_dequantized(kind, tmp_path):
     assert rel(plain(tokens, plain.make_cache())[0], want) < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0"])
+def test_biases_made_from_the_scales_are_never_held_while_loading(kind, tmp_path, monkeypatch):
+    """Off Metal, a zero-point type's biases (-2^(bits-1) times its scales) leave as each layer is read: none reaches
+    the model's sanitize (where every tensor read is held at once), the layers make them from their scales, and the
+    logits are bit for bit those of a load that held them and dropped them after."""
+    from mlxq import loading
+    from mlxq.models import llama
+    from mlxq.models.layers import QuantizedEmbedding, QuantizedLinear
+
+    ref = make_tiny("llama", tmp_path / "hf")
+    write_gguf(ref, "llama", tmp_path / "q.gguf", quantize=kind)
+    read: list[set[str]] = []
+    sanitize = llama.Model.sanitize
+    monkeypatch.setattr(llama.Model, "sanitize", lambda self, w: read.append(set(w)) or sanitize(self, w))
+    net = load_model(open_checkpoint(str(tmp_path / "q.gguf"), keep_quantized=True))
+    monkeypatch.setattr(loading, "take_derived_biases", lambda *args: None)  # held while loading, dropped after
+    held = load_model(open_checkpoint(str(tmp_path / "q.gguf"), keep_quantized=True))
+    on_metal = mx.metal.is_available()
+    biases = [{name for name in names if name.endswith(".biases")} for names in read]
+    assert len(biases[1]) > 10  # what the load held before
+    # the untied head is MLX's own nn.Linear, whose biases mlxq keeps
+    assert biases[0] == (biases[1] if on_metal else {"lm_head.biases"})
+    layers = [m for _, m in net.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]
+    assert len(layers) > 10 and all(("biases" in m) == on_metal for m in layers)
+    tokens = mx.array([PROMPT])
+    assert mx.array_equal(net(tokens, net.make_cache()), held(tokens, held.make_cache()))
+    # the rows of a lookup too (a tied embedding makes its biases in its scales' dtype)
+    assert mx.array_equal(net.model.embed_tokens(tokens), held.model.embed_tokens(tokens))
+
+
+def test_outsized_tensors_are_those_twice_every_later_one():
+    """MLX's cache is handed back after reading a tensor more than twice the size of every tensor read after it (a
+    small model's embedding among its layers: what converting it leaves in the cache fits no later tensor)."""
+    from mlxq.formats.base import TensorInfo, TensorSource
+    from mlxq.loading import _outsized
+
+    sizes = {"norm": 8, "embed.weight": 900, "embed.scales": 0, "l0.weight": 100, "l0.scales": 0, "l1.weight": 400,
+             "l2.weight": 100, "l3.weight": 60, "last.weight": 10}
+    infos = {name: TensorInfo(name, (n,), "F32", n) for name, n in sizes.items()}
+    ckpt = type("Ckpt", (), {"tensors": TensorSource(infos, lambda name: mx.zeros(1))})()
+    assert _outsized(ckpt) == {"embed.weight", "l1.weight", "l3.weight"}
+
+
 def test_smollm2_metadata_becomes_hf_config(smollm2_gguf):
     ckpt = open_checkpoint(str(smollm2_gguf))
     c = ckpt.config

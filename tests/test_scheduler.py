@@ -346,6 +346,48 @@ def test_prefill_hands_back_the_buffers_mlx_kept_off_metal(qwen3_model):
         assert kept == [0] * len(kept)
 
 
+def test_decode_hands_back_the_kv_buffers_mlx_kept_when_they_grow(qwen3_model, monkeypatch):
+    """Off Metal, once the KV buffers have grown (the old ones fit no later buffer), and before a finished row's cache
+    is copied out of the batch (the copy reuses what MLX kept from the steps), MLX's cache is handed back."""
+    from mlxq.engine.batch import Batch
+
+    model = qwen3_model
+    engine = Engine(model.net, model.tokenizer, max_batch=8).start()
+    prompt = prompts(model, 1)[0]
+    seen: list[tuple[int, int]] = []  # per decode step: the buffers' positions, and MLX's cache once it is built
+    decode = engine.runner.decode
+
+    def decode_then_look(tokens):
+        out = decode(tokens)
+        seen.append((engine.runner._batches["decode"].positions, mx.get_cache_memory()))
+        return out
+
+    kept_at_copy: list[int] = []
+    remove = Batch.remove
+
+    def look_then_remove(self, i, *, keep_cache=True):
+        if keep_cache:
+            kept_at_copy.append(mx.get_cache_memory())
+        return remove(self, i, keep_cache=keep_cache)
+
+    engine.runner.decode = decode_then_look
+    monkeypatch.setattr(Batch, "remove", look_then_remove)
+    try:
+        got = tokens(run(engine, [Request(prompt, 40 - len(prompt))])[0])
+    finally:
+        engine.close()
+    assert len(got) == 40 - len(prompt) and len(prompt) < 16
+    grown = [i for i in range(1, len(seen)) if seen[i][0] != seen[i - 1][0]]
+    assert [seen[i][0] for i in grown] == [32, 64]  # 16 -> 32 -> 64 positions
+    if not mx.metal.is_available():
+        # handed back at the step after each growth (what building that step freed aside: a few bytes); kept otherwise
+        # (what the steps reuse)
+        after = {i + 1 for i in grown}
+        assert all(seen[i][1] < 4096 for i in after)
+        assert all(c > 64 * 1024 for i, (_, c) in enumerate(seen) if i and i not in after)
+        assert kept_at_copy and all(c < 4096 for c in kept_at_copy)
+
+
 def test_rows_asking_for_different_logprobs_share_a_step(qwen3_model, engine):
     """Rows with no logprobs, the chosen token's only, and the top 2 or 5, sampled together in one pass, each get
     what they get alone: the same tokens, logprobs and top tokens (best first)."""

@@ -272,6 +272,12 @@ class Batch:
         """Every array the caches hold (to evaluate after a step)."""
         return [a for c in self.caches or [] for a in c.state]
 
+    @property
+    def positions(self) -> int:
+        """Positions the KV buffers are sized for (0 before any)."""
+        return max((c.keys.shape[2] for c in self.caches or [] if isinstance(c, BatchKVCache) and c.keys is not None),
+                   default=0)
+
     def add(self, cache: list) -> None:
         """Single-row caches (one per layer, fresh or resumed) join as the last row."""
         if self.caches is None:

@@ -37,7 +37,8 @@ class StreamOptions:
     # while decoding, read the next `prefetch` layers' likely experts (their routers on this layer's input) while
     # this one computes (True: 1): it helps on bench/experts.py's synthetic model, whose routing is predictable
     # from layer to layer; flash-moe measured a loss on the real Qwen3.5-397B (cache pollution, ~30 % accurate
-    # predictions), so it is off by default. (A prompt always reads the next layer ahead: `stream`.)
+    # predictions), and at 30 % right guesses (the bench's arm prefetch_1/0.3) most bytes read ahead are wasted, so
+    # it is off by default. (A prompt always reads the next layer ahead: `stream`.)
     prefetch: int = 0
     policy: str = "lru"
     direct: bool = True  # O_DIRECT / F_NOCACHE: reads bypass the page cache

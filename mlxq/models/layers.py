@@ -201,6 +201,43 @@ def _biases(layer: nn.Module, rows: mx.array | slice | None = None, product: boo
     return (scales.astype(mx.float32) if product or rows is None else scales) * layer.bias_per_scale
 
 
+def take_derived_biases(modules: dict[str, nn.Module], tensors: dict[str, mx.array], name: str,
+                        bits: int | None) -> int | None:
+    """Called as a checkpoint's tensors are read into `tensors`, `name` the last one: when that completes the scales
+    and biases of a layer that loading will quantize (in `modules`, the model's by path: our Linear or Embedding,
+    `bits` per code), and each bias is its scale times -2^(bits - 1) exactly in their dtype (`drop_derived_biases`),
+    the biases leave `tensors` and the factor is returned, for `made_from_scales` once the layer is built: a load
+    never holds them (SmolLM2's Q4_K_M: 7.4 MB at its peak). Off Metal only, as `drop_derived_biases`."""
+    layer, _, part = name.rpartition(".")
+    scales, biases = tensors.get(f"{layer}.scales"), tensors.get(f"{layer}.biases")
+    if (_ON_METAL or part not in ("scales", "biases") or bits is None or scales is None or biases is None
+            or scales.dtype != biases.dtype):
+        return None
+    if type(modules.get(layer)) not in (Linear, Embedding) or not _derived(scales, biases, bits).item():
+        return None
+    del tensors[f"{layer}.biases"]
+    return _bias_per_scale(bits)
+
+
+def made_from_scales(model: nn.Module, factors: dict[str, int]) -> None:
+    """The quantized layers named in `factors` (`take_derived_biases`) make their biases from their scales."""
+    modules = dict(model.named_modules())
+    for layer, factor in factors.items():
+        m = modules[layer]
+        m.bias_per_scale = factor
+        del m.biases
+
+
+def _bias_per_scale(bits: int) -> int:
+    return -(1 << (bits - 1))
+
+
+def _derived(scales: mx.array, biases: mx.array, bits: int) -> mx.array:
+    """Whether every bias is its scale times -2^(bits - 1), exactly (unevaluated). In float32: exact, a power of two
+    times a float16 that a float16 bias equals."""
+    return mx.array_equal(scales.astype(mx.float32) * _bias_per_scale(bits), biases.astype(mx.float32))
+
+
 def drop_derived_biases(model: nn.Module) -> None:
     """Drops the biases of affine layers (ours) where each is its scale times -2^(bits - 1) (codes offset by half
     their range: GGUF's Q4_0, Q5_0 and Q8_0 in MLX's form), exactly so in their dtype; each product makes them
@@ -222,12 +259,11 @@ def drop_derived_biases(model: nn.Module) -> None:
 
 def _drop_if_derived(layers: list[nn.Module]) -> None:
     # in float32 (exact: a power of two times a float16 that a float16 bias equals), the layers in one evaluation
-    derived = [mx.array_equal(m["scales"].astype(mx.float32) * -(1 << (m.bits - 1)), m["biases"].astype(mx.float32))
-               for m in layers]
+    derived = [_derived(m["scales"], m["biases"], m.bits) for m in layers]
     mx.eval(derived)
     for m, same in zip(layers, derived, strict=True):
         if same.item():
-            m.bias_per_scale = -(1 << (m.bits - 1))
+            m.bias_per_scale = _bias_per_scale(m.bits)
             del m.biases
 
 
@@ -365,9 +401,12 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     if len({_layout(m) for m in linears}) > 1 or any("input_order" in m for m in linears):
         return None
     fused = copy.copy(first)  # same class and settings; the arrays are replaced below
-    for key in ("weight", "scales", "biases", "bias"):
+    for key in ("weight", "scales", "bias"):
         if key in first:
             fused[key] = mx.concatenate([m[key] for m in linears], axis=0)
+    if any("biases" in m for m in linears):  # held by some: those made from their scales are made here, as stored
+        fused["biases"] = mx.concatenate([m["biases"] if "biases" in m else m["scales"] * m.bias_per_scale
+                                          for m in linears], axis=0)
     return fused
 
 
