@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from ggml_ref import ggml_quantize
 
-from mlxq.formats.gguf.codecs import CODECS, QK_K, _elements, _iq4_index, _row_sigma2, _seq, encode
+from mlxq.formats.gguf.codecs import CODECS, QK_K, _elements, _iq4_index, _refine, _row_sigma2, _seq, encode
 
 F32_MAX = np.finfo(np.float32).max
 
@@ -168,7 +168,7 @@ def test_bit_exact_with_ggml_on_awkward_rows(kind):
 
 @pytest.mark.parametrize("kind", ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q4_0", "Q8_0", "IQ4_NL"])
 def test_bit_exact_with_ggml_on_many_rows(kind):
-    """Enough blocks (and chunks encoded side by side) that the refinement passes drop the blocks that stopped
+    """Enough blocks (several encoding steps) that the refinement passes drop the blocks that stopped
     moving at different passes, and ties turn up in the data itself."""
     rng = np.random.default_rng(8)
     w = (rng.standard_normal((640, 1024)) * np.float32(0.02)).astype(np.float32)
@@ -176,3 +176,66 @@ def test_bit_exact_with_ggml_on_many_rows(kind):
     np.testing.assert_array_equal(encode(w, kind), ggml_quantize(w, kind))
     imatrix = (rng.random(w.shape[1]) ** 3).astype(np.float32)
     np.testing.assert_array_equal(encode(w, kind, imatrix), ggml_quantize(w, kind, imatrix))
+
+
+def _nearest_int(v: np.float32) -> int:
+    """ggml's nearest_int, bit for bit (garbage past 2**22, as in C)."""
+    return int((np.array([v], np.float32) + np.float32(12582912.0)).view(np.int32)[0] & 0x7FFFFF) - 0x400000
+
+
+def refine_reference(x, w, codes, sumlx, suml2, lo, hi, qp):
+    """The refinement loop of ggml's make_q3_quants (qp False) / make_qp_quants (qp True) for one block, line by
+    line in float32; returns (codes, sumlx, suml2, passes run, whether the fifth and last still moved a code)."""
+    f = np.float32
+    codes, passes = [int(c) for c in codes], 0
+    while passes < 5:
+        passes, changed = passes + 1, 0
+        for i in range(len(x)):
+            slx = f(sumlx - f(w[i] * x[i]) * f(codes[i]))
+            sl2 = f(suml2 - f(w[i] * f(codes[i])) * f(codes[i]))
+            if slx > 0 and (sl2 > 0 or not qp):
+                new = min(hi, _nearest_int(f(f(x[i] * sl2) / slx)))
+                new = new if lo is None else max(lo, new)
+                if new != codes[i]:
+                    slx = f(slx + f(w[i] * x[i]) * f(new))
+                    sl2 = f(sl2 + f(w[i] * f(new)) * f(new))
+                    if (qp or sl2 > 0) and f(slx * slx) * suml2 > f(sumlx * sumlx) * sl2:
+                        codes[i], sumlx, suml2, changed = new % 256 if qp else new, slx, sl2, changed + 1
+        if not changed:
+            break
+    return codes, sumlx, suml2, passes, changed > 0
+
+
+@pytest.mark.parametrize("qp", [False, True])
+def test_refinement_moves_codes_in_cs_order(qp):
+    """The refinement behind Q3_K (make_q3) and the importance-weighted K-quant scales (make_qp): a first pass across
+    all blocks, then rounds that make each block's next move in C's order, through pass boundaries and the fifth
+    pass's end. Against C's loop line by line, on blocks that keep moving: heavy tails, the largest weight negative
+    for make_q3 (only then are its trials ever taken), some negative values for make_qp (its uint8_t codes wrap, and
+    many blocks still move when the fifth pass ends)."""
+    rng = np.random.default_rng(9)
+    n, blocks = 16, 3000
+    x = (rng.standard_t(2, (blocks, n)) * np.exp(rng.standard_normal((blocks, 1)))).astype(np.float32)
+    rows = np.arange(blocks)
+    if qp:  # codes 0..hi from about hi / max
+        x, w, lo, hi = np.abs(x), rng.random((blocks, n)).astype(np.float32) ** 2, None, 15
+        x[rng.random(x.shape) < 0.1] *= -1
+        start = np.minimum(hi, np.rint(x * (np.float32(hi) / x.max(axis=1, keepdims=True)) * np.float32(1.3)))
+    else:  # codes -4..3 from -nmax / max, weights x*x
+        big = np.abs(x).argmax(axis=1)
+        x[rows, big] = -np.abs(x[rows, big])
+        w, lo, hi = x * x, -4, 3
+        start = np.clip(np.rint(x * (np.float32(-4) / x[rows, big])[:, None]), lo, hi)
+    start = start.astype(np.float32)  # the sums take these, the codes as stored (uint8_t for make_qp)
+    sumlx = _seq(np.ascontiguousarray((w * x * start).T))
+    suml2 = _seq(np.ascontiguousarray((w * start * start).T))
+    codes = np.mod(start, np.float32(256)) if qp else start
+    want = [refine_reference(x[b], w[b], codes[b], sumlx[b], suml2[b], lo, hi, qp) for b in range(blocks)]
+    passes, capped = np.array([p for *_, p, _ in want]), np.array([c for *_, c in want])
+    assert (passes >= 3).sum() > 20 and (passes == 5).any()  # the data reaches late passes and the cap
+    assert capped.sum() > (20 if qp else -1)
+    codes = np.ascontiguousarray(codes.T)
+    got_lx, got_l2 = _refine(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), codes, lo, hi, qp, (sumlx, suml2))
+    np.testing.assert_array_equal(codes.T, np.array([c for c, *_ in want], np.float32))
+    np.testing.assert_array_equal(got_lx, np.array([s for _, s, *_ in want], np.float32))
+    np.testing.assert_array_equal(got_l2, np.array([s for _, _, s, *_ in want], np.float32))

@@ -17,9 +17,6 @@ scales and chooses the codes itself (GPTQ error feedback), the format stays llam
 
 from __future__ import annotations
 
-import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -286,58 +283,150 @@ def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray
     return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes + nmax)
 
 
-def _refine(x, w, codes, sumlx, suml2, lo, hi, qp: bool) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class _Refining:
+    """Blocks ggml's refinement still moves, element-major: their columns `at` in the chunk [m]; per weight the
+    weight, w*x and its importance w [3, n, m], the codes (float32 whole numbers) [n, m] and the terms w*x*L and
+    w*L*L [2, n, m] (associated left to right, as C computes them); per block the two sums [2, m] and its clock
+    [m]: pass * n + the position its pass goes on from (the positions before it belong to its next pass)."""
+
+    at: np.ndarray
+    data: np.ndarray
+    codes: np.ndarray
+    terms: np.ndarray
+    sums: np.ndarray
+    clock: np.ndarray
+
+    @classmethod
+    def of(cls, at, x, wx, w, codes, sums, clock: int) -> _Refining:
+        """Blocks `at` (columns of x, w*x, w, codes [n, B] and sums [2, B]) at `clock`."""
+        data, own = np.stack([np.take(a, at, axis=1) for a in (x, wx, w)]), np.take(codes, at, axis=1)
+        terms = np.empty_like(data[1:])
+        np.multiply(data[1], own, out=terms[0])
+        np.multiply(data[2], own, out=terms[1])
+        terms[1] *= own
+        return cls(at, data, own, terms, np.take(sums, at, axis=1), np.full(len(at), clock))
+
+    def take(self, keep: np.ndarray) -> _Refining:
+        return _Refining(self.at[keep], *(np.compress(keep, a, axis=-1) for a in
+                                          (self.data, self.codes, self.terms, self.sums)), self.clock[keep])
+
+    def put(self, codes: np.ndarray, sums: np.ndarray) -> None:
+        """Into the chunk's codes [n, B] and sums [2, B]."""
+        codes[:, self.at], sums[:, self.at] = self.codes, self.sums
+
+
+def _refine(x, w, codes, lo, hi, qp: bool, sums=None) -> tuple[np.ndarray, np.ndarray]:
     """ggml's refinement of make_q3_quants / make_qp_quants: up to 5 passes over the weights, each code moved to
     nearest(x * sl2 / slx), clamped to lo..hi (lo None: only MIN(hi, .)), where that raises slx^2 / sl2. x, w,
-    codes (float32 whole numbers, changed in place) element-major [n, B]; returns the final (sumlx, suml2) [B]. Like
-    C, a block leaves after a pass that changed nothing (the next would redo the same arithmetic); the blocks still
-    moving are gathered, so later passes cost what they change. qp: make_qp's order of checks (sl2 > 0 before the
-    trial) and its uint8_t codes."""
+    codes (float32 whole numbers, changed in place) element-major [n, B]; starts from `sums` (sumlx, suml2), or the
+    codes' own; returns the final (sumlx, suml2) [B]. qp: make_qp's order of checks (sl2 > 0 before the trial) and
+    its uint8_t codes.
+
+    The first pass runs as C's loop, one weight position at a time across all blocks. Few blocks move in it (~13 %
+    of Q3_K's on real weights); those go on in rounds (`_refine_round`), whose cost does not grow with the passes:
+    a pass costs ~30 numpy calls per position, whatever the number of blocks left."""
     wx = w * x  # C's w*x[i]*L[i] associates as (w*x[i])*L[i]
-    at = np.arange(x.shape[1])
-    xs, ws, wxs, cs = x, w, wx, codes
-    sumlx, suml2 = sumlx.copy(), suml2.copy()  # updated in place below
-    for _ in range(5):
-        n = at.size
-        slx, sl2, new, slx2, sl22, a, b = np.empty((7, n), F)  # each step's work, in reused buffers
-        take, ok, moved = np.empty(n, bool), np.empty(n, bool), np.zeros(n, bool)
-        for i, xi in enumerate(xs):
-            wi, li = ws[i], cs[i]
-            np.subtract(sumlx, np.multiply(wxs[i], li, out=slx), out=slx)
-            np.multiply(wi, li, out=sl2)
-            np.subtract(suml2, np.multiply(sl2, li, out=sl2), out=sl2)
-            np.multiply(xi, sl2, out=new)
-            np.divide(new, slx, out=new)
-            rounded = _nearest(new)  # in place, unless a NaN or |v| >= 2**22 is there
-            if lo is None:
-                np.minimum(rounded, F(hi), out=rounded)
-            else:
-                _clip(rounded, lo, hi)
-            np.add(np.multiply(wxs[i], rounded, out=slx2), slx, out=slx2)
-            np.multiply(wi, rounded, out=sl22)
-            np.add(np.multiply(sl22, rounded, out=sl22), sl2, out=sl22)
-            np.greater(slx, 0, out=take)
-            take &= np.greater(sl2 if qp else sl22, 0, out=ok)
-            take &= np.not_equal(rounded, li, out=ok)
-            np.multiply(np.multiply(slx2, slx2, out=a), suml2, out=a)
-            np.multiply(np.multiply(sumlx, sumlx, out=b), sl22, out=b)
-            take &= np.greater(a, b, out=ok)
-            np.copyto(li, np.mod(rounded, F(256)) if qp else rounded, where=take)
-            np.copyto(sumlx, slx2, where=take)
-            np.copyto(suml2, sl22, where=take)
-            moved |= take
-        if at.size == x.shape[1]:  # the first pass works on the arrays themselves
-            sumlx_all, suml2_all = sumlx, suml2
+    if sums is None:
+        sumlx, suml2 = _seq(wx * codes), _seq(w * codes * codes)
+    else:
+        sumlx, suml2 = sums[0].copy(), sums[1].copy()  # updated in place below
+    slx, sl2, new, slx2, sl22, a, b = np.empty((7, x.shape[1]), F)  # each step's work, in reused buffers
+    take, ok, moved = np.empty(x.shape[1], bool), np.empty(x.shape[1], bool), np.zeros(x.shape[1], bool)
+    for i, xi in enumerate(x):
+        wi, li = w[i], codes[i]
+        np.subtract(sumlx, np.multiply(wx[i], li, out=slx), out=slx)
+        np.multiply(wi, li, out=sl2)
+        np.subtract(suml2, np.multiply(sl2, li, out=sl2), out=sl2)
+        np.multiply(xi, sl2, out=new)
+        np.divide(new, slx, out=new)
+        rounded = _nearest(new)  # in place, unless a NaN or |v| >= 2**22 is there
+        if lo is None:
+            np.minimum(rounded, F(hi), out=rounded)
         else:
-            codes[:, at] = cs
-            sumlx_all[at], suml2_all[at] = sumlx, suml2
-        if moved.all():
+            _clip(rounded, lo, hi)
+        np.add(np.multiply(wx[i], rounded, out=slx2), slx, out=slx2)
+        np.multiply(wi, rounded, out=sl22)
+        np.add(np.multiply(sl22, rounded, out=sl22), sl2, out=sl22)
+        np.greater(slx, 0, out=take)
+        take &= np.greater(sl2 if qp else sl22, 0, out=ok)
+        take &= np.not_equal(rounded, li, out=ok)
+        np.multiply(np.multiply(slx2, slx2, out=a), suml2, out=a)
+        np.multiply(np.multiply(sumlx, sumlx, out=b), sl22, out=b)
+        take &= np.greater(a, b, out=ok)
+        np.copyto(li, np.mod(rounded, F(256)) if qp else rounded, where=take)
+        np.copyto(sumlx, slx2, where=take)
+        np.copyto(suml2, sl22, where=take)
+        moved |= take
+    if moved.any():  # C's second pass on, in rounds
+        sums = np.stack([sumlx, suml2])
+        r = _Refining.of(np.flatnonzero(moved), x, wx, w, codes, sums, clock=x.shape[0])
+        _refine_in_rounds(r, codes, sums, lo, hi, qp)
+        sumlx, suml2 = sums
+    return sumlx, suml2
+
+
+def _refine_round(r: _Refining, lo, hi, qp: bool) -> np.ndarray:
+    """One round of `_refine` over the blocks of `r` (changed in place). Returns which blocks moved; the others are
+    done (their clock is set past the end).
+
+    C visits a block's weights one after another, but a trial's arithmetic depends only on its weight, its code and
+    the block's two sums, and the sums change only where a code moves: few do (on real weights ~2 % of the trial
+    codes differ from the code held). So a round evaluates every weight of every block at once, from the sums the
+    block holds, and makes each block's first move in C's order: the rest of its pass, then the next pass from its
+    start. Up to that move, C computes exactly these trials. A block with no move left is done: its pass ends with
+    no change, or its fifth pass ends (a pass that follows one without moves would redo the same arithmetic)."""
+    n, m = r.codes.shape
+    d = r.sums[:, None, :] - r.terms  # each weight's sums without its own terms: slx, sl2
+    trial = d[0] > 0
+    if qp:
+        trial &= d[1] > 0
+    new = r.data[0] * d[1]
+    new /= d[0]  # (where slx <= 0 the quotient is never used)
+    new = _nearest(new)
+    if lo is None:
+        np.minimum(new, F(hi), out=new)
+    else:
+        _clip(new, lo, hi)
+    trial &= new != r.codes
+    f = np.flatnonzero(trial)  # the moves tried, position-major: within a block in C's order
+    i, b = np.divmod(f, m)
+    (slx, sl2), (wx, w), nl = d.reshape(2, -1)[:, f], r.data[1:].reshape(2, -1)[:, f], new.reshape(-1)[f]
+    s1 = slx + wx * nl
+    s2 = sl2 + w * nl * nl
+    sumlx, suml2 = r.sums[:, b]
+    take = (s1 * s1) * suml2 > (sumlx * sumlx) * s2
+    if not qp:
+        take &= s2 > 0
+    clock = r.clock[b]
+    clock += (i - clock) % n + 1  # the block's clock after this move: C's 5 passes end at 5n
+    take &= clock <= 5 * n
+    # each block's first move taken in C's order (the least clock), and its index among the moves tried
+    none = np.iinfo(np.int64).max
+    first = np.full(m, none)
+    np.minimum.at(first, b[take], clock[take] * f.size + np.flatnonzero(take))
+    moved = first < none
+    clock, k = np.divmod(first[moved], f.size)
+    f, nl = f[k], nl[k]
+    if qp:
+        np.mod(nl, F(256), out=nl)  # uint8_t
+    r.codes.reshape(-1)[f] = nl
+    r.terms.reshape(2, -1)[:, f] = wx[k] * nl, w[k] * nl * nl
+    r.sums[:, b[k]] = s1[k], s2[k]
+    r.clock[:] = 6 * n  # past the end: a block that did not move is done
+    r.clock[b[k]] = clock
+    return moved
+
+
+def _refine_in_rounds(r: _Refining, codes, sums, lo, hi, qp: bool) -> None:
+    """Refines the blocks of `r` until none moves; their codes and sums go into the chunk's `codes`, `sums`. The
+    arrays keep blocks that are done until most are (gathering the others costs about what a round does)."""
+    while r is not None:
+        moved = np.count_nonzero(_refine_round(r, lo, hi, qp))
+        if 2 * moved > r.at.size:
             continue
-        at, sumlx, suml2 = at[moved], sumlx[moved], suml2[moved]
-        if not at.size:
-            break
-        xs, ws, wxs, cs = x[:, at], w[:, at], wx[:, at], codes[:, at]
-    return sumlx_all, suml2_all
+        r.put(codes, sums)
+        r = r.take(r.clock <= 5 * len(codes)) if moved else None
 
 
 def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -348,9 +437,7 @@ def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         lf = (F(-nmax) / big) * x  # elsewhere |lf| <= nmax: rint is nearest_int, unless a NaN or inf is there
         lf = np.rint(lf, out=lf) if np.isfinite(x).all() else _nearest(lf)
         _clip(lf, -nmax, nmax - 1)
-        w = x * x
-        sumlx, suml2 = _seq(w * x * lf), _seq(w * lf * lf)
-        sumlx, suml2 = _refine(x, w, lf, sumlx, suml2, -nmax, nmax - 1, qp=False)
+        sumlx, suml2 = _refine(x, x * x, lf, -nmax, nmax - 1, qp=False)
         scale = np.where(suml2 > 0, sumlx / suml2, F(0))
         codes = lf.astype(np.int32)
     return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes + nmax)
@@ -446,9 +533,8 @@ def _make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.nd
             iscale = np.where(better, iscale_step, iscale)
         raw = np.minimum(nmax, _nearest_int(iscale * x))
         lf = raw.astype(F)
-        sumlx, suml2 = _seq(w * x * lf), _seq(w * lf * lf)
-        codes = _u8(raw).astype(F)
-        sumlx, suml2 = _refine(x, w, codes, sumlx, suml2, None, nmax, qp=True)
+        codes = _u8(raw).astype(F)  # uint8_t, where the sums take the code as it was
+        sumlx, suml2 = _refine(x, w, codes, None, nmax, qp=True, sums=(_seq(w * x * lf), _seq(w * lf * lf)))
         scale = np.where(suml2 > 0, sumlx / suml2, F(0))
     zero = hi < GROUP_MAX_EPS
     return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes.astype(np.int32))
@@ -489,6 +575,10 @@ class Codec:
     row_stat: float = 0.0  # legacy *_impl: the row's mean square enters the weights (0: not used)
     weighted: bool = True  # whether ggml has an importance-weighted fit for it
     levels: np.ndarray | None = None  # a non-linear type's value of each code (the grid is scale * levels[q])
+    # weights per encoding step: few enough that a fit's dozens of working arrays stay in a core's cache (the
+    # K-quant fits measured fastest at 2**17); Q3_K's refinement costs numpy calls per weight position whatever the
+    # step's size, so it takes larger steps
+    chunk: int = 1 << 17
 
     def fit(self, x: np.ndarray, qw: np.ndarray | None, row_sigma2: np.ndarray | None) -> Fit:
         raise NotImplementedError
@@ -750,7 +840,7 @@ def _q3_scale_values(b: np.ndarray) -> np.ndarray:
 
 
 class _Q3_K(Codec):
-    name, block, size, sub, nmax = "Q3_K", QK_K, 110, 16, 7
+    name, block, size, sub, nmax, chunk = "Q3_K", QK_K, 110, 16, 7, 1 << 18
 
     def fit(self, x, qw, row_sigma2):
         n = x.shape[0]
@@ -1031,9 +1121,6 @@ def _bf16(x: np.ndarray) -> np.ndarray:
     return (n >> 16).astype(np.uint16)
 
 
-ROWS_PER_CHUNK = 1 << 18  # weights per encoding step: bounds the working arrays (~40 of them) to a few MB each
-
-
 def encode(w: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray:
     """Rows w [..., cols] -> GGUF data: float arrays for F32/F16, uint16 bits for BF16, else bytes
     [..., cols / block * size]. `importance` [cols] (or broadcastable to w) switches to ggml's importance-weighted
@@ -1054,25 +1141,13 @@ def encode(w: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np
     if importance is not None and codec.weighted:
         qw = np.broadcast_to(np.asarray(importance, F), w.shape).reshape(-1, cols)
     out = np.empty((rows.shape[0], cols // codec.block * codec.size), np.uint8)
-    step = max(1, ROWS_PER_CHUNK // cols)
-
-    def run(r: int) -> None:
-        with np.errstate(all="ignore"):  # C's arithmetic, NaN and inf included, is the reference
+    step = max(1, codec.chunk // cols)
+    # one chunk after another, in this thread: a fit makes many small numpy calls, and side by side in two threads
+    # they contend for the GIL (measured on SmolLM2's exports: the same wall time for a third more CPU)
+    with np.errstate(all="ignore"):  # C's arithmetic, NaN and inf included, is the reference
+        for r in range(0, rows.shape[0], step):
             _encode_rows(codec, rows[r : r + step], None if qw is None else qw[r : r + step], out[r : r + step])
-
-    starts = range(0, rows.shape[0], step)
-    if len(starts) == 1:
-        run(0)
-    else:  # numpy lets go of the GIL inside its array operations: chunks encode side by side
-        list(_pool().map(run, starts))
     return out.reshape(*lead, -1)
-
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    """One pool of encoding threads for the process (an export encodes hundreds of tensors: starting threads for
-    each costs more than encoding the small ones)."""
-    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="mlxq-encode")
 
 
 def _encode_rows(codec: Codec, x: np.ndarray, qw: np.ndarray | None, out: np.ndarray) -> None:
