@@ -10,7 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from tiny import make_tiny
+from tiny import WIDE, make_tiny
 
 from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats import open_checkpoint
@@ -28,9 +28,9 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(ref, arch: str, path, quantize: str | None = None) -> None:
+def write_gguf(ref, arch: str, path, quantize: str | None = None, v_type: str | None = None) -> None:
     """A GGUF of a transformers model, converted as llama.cpp does; `quantize` stores 2D weights in that
-    block type."""
+    block type (`v_type`: v_proj's in that one, as llama.cpp's mixes do)."""
     cfg = ref.config
     rope = rope_settings(cfg.to_dict(), "full_attention")
     w = gguf.GGUFWriter(str(path), arch)
@@ -61,7 +61,7 @@ def write_gguf(ref, arch: str, path, quantize: str | None = None) -> None:
         target = gguf_name(arch, name)
         assert target, name
         if quantize and t.ndim == 2:
-            qtype = gguf.GGMLQuantizationType[quantize]
+            qtype = gguf.GGMLQuantizationType[v_type if v_type and ".v_proj." in name else quantize]
             w.add_tensor(target, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(target, t)
@@ -306,3 +306,75 @@ def test_end_of_turn_ids_looked_up_as_the_vocabulary_has_them(smollm2_gguf):
     assert hf.unk_token == "<|endoftext|>" and "<|eot_id|>" not in vocab  # what the cases below rely on
     assert {t: tokenizer.token_id(t) for t in END_OF_TURN} == {t: vocab.get(t) for t in END_OF_TURN}
     assert tokenizer.eos_token_ids == {vocab[t] for t in END_OF_TURN if t in vocab} | {hf.eos_token_id}
+
+
+@pytest.mark.parametrize("kind, v_type", [("Q5_0", None), ("Q8_0", None), ("TQ2_0", None), ("Q5_0", "Q8_0")])
+def test_modules_the_model_fuses_are_read_as_one_array(kind, v_type, tmp_path):
+    """q/k/v and gate/up (packed alike) are read into one array and converted once, each module its block of rows
+    (llama's q/k permutation undone as the rows are read; TQ2_0 kept as raw blocks; with v in another type, q, k and
+    v each on its own): every part dequantizes exactly to gguf-py's dequantization of its own file tensor in HF row
+    order, and the parts of one array join back into it without a copy."""
+    from mlxq.formats.gguf import names
+    from mlxq.formats.gguf.reader import read_bytes
+    from mlxq.kernels import kquants
+    from mlxq.kernels.rows import joined_rows
+
+    ref = make_tiny("llama", tmp_path / "hf", **WIDE)  # rows of 256: whole K-quant blocks
+    write_gguf(ref, "llama", tmp_path / "q.gguf", quantize=kind, v_type=v_type)
+    ckpt = open_checkpoint(str(tmp_path / "q.gguf"), keep_quantized=True)
+    header = ckpt.extra["gguf_header"]
+    groups = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+    for layer in range(ckpt.config["num_hidden_layers"]):
+        for block, modules in groups.items():
+            parts = []
+            for module in modules:
+                hf = f"model.layers.{layer}.{block}.{module}"
+                record = header.tensors[gguf_name("llama", f"{hf}.weight")]
+                qtype = gguf.GGMLQuantizationType[record.kind]
+                stored = gguf.quants.dequantize(read_bytes(ckpt.path, record).reshape(record.shape[0], -1), qtype)
+                want = names.to_hf_all(names.transforms("llama", f"{hf}.weight"), stored, ckpt.config)
+                weight = ckpt.tensors[f"{hf}.weight"]
+                if record.kind in AFFINE_TYPES:
+                    got = mx.dequantize(weight, ckpt.tensors[f"{hf}.scales"].astype(mx.float32),
+                                        ckpt.tensors[f"{hf}.biases"].astype(mx.float32), group_size=32,
+                                        bits=AFFINE_TYPES[record.kind])
+                else:
+                    assert weight.dtype == mx.uint8  # the file's blocks, kept
+                    got = kquants.dequantize(weight, record.kind)
+                np.testing.assert_array_equal(np.array(got), want)
+                parts.append(weight)
+            # the rows of one array: joined again it is that array (the same one each time), not a new copy
+            if block == "mlp" or v_type is None:
+                assert joined_rows(parts) is joined_rows(parts)
+
+
+def test_a_read_that_stops_short_goes_on_from_there(tmp_path, monkeypatch):
+    """preadv may read less than asked (a signal, some file systems): the rest is read from where it stopped, also
+    for rows scattered by a permutation."""
+    import os
+
+    from mlxq.formats.gguf import reader
+
+    data = np.random.default_rng(0).integers(0, 256, size=(37, 40), dtype=np.uint8)
+    path = tmp_path / "rows.bin"
+    path.write_bytes(b"x" * 13 + data.tobytes())
+    record = reader.TensorRecord("t", (37, 40), "Q8_0", 13, data.nbytes)
+    real = os.preadv
+
+    def short(fd, buffers, offset):  # at most 55 bytes a call: stops inside a row
+        out, left = [], 55
+        for b in buffers:
+            if left <= 0:
+                break
+            out.append(b[: min(len(b), left)])
+            left -= len(out[-1])
+        return real(fd, out, offset)
+
+    monkeypatch.setattr(reader.os, "preadv", short)
+    whole = np.zeros_like(data)
+    reader._read_into(path, record, whole)
+    np.testing.assert_array_equal(whole, data)
+    order = np.random.default_rng(1).permutation(37)  # HF row j is the file's row order[j]
+    scattered = np.zeros_like(data)
+    reader._read_into(path, record, scattered, order)
+    np.testing.assert_array_equal(scattered, data[order])

@@ -346,10 +346,10 @@ def _affine_blocks(b: mx.array, kind: str) -> tuple[mx.array, mx.array, mx.array
     n = b.shape[0]
     if kind in ("Q4_0", "Q5_0"):
         d = _f16_as_stored(b, 0)
-        packed = _repack_nibbles(_words(b, 2, 18), 16) if kind == "Q4_0" else _repack_q5(b, 2)
+        packed = _from_lanes(b, 2, 8, _nibble_lane_bytes) if kind == "Q4_0" else _from_lanes(b, 2, 10, _five_bits)
         return packed, d, -(8 if kind == "Q4_0" else 16) * d.astype(mx.float32)
     if kind in ("Q4_1", "Q5_1"):
-        packed = _repack_nibbles(_words(b, 4, 20), 16) if kind == "Q4_1" else _repack_q5(b, 4)
+        packed = _from_lanes(b, 4, 8, _nibble_lane_bytes) if kind == "Q4_1" else _from_lanes(b, 4, 10, _five_bits)
         return packed, _f16_as_stored(b, 0), _f16_as_stored(b, 2)
     if kind == "Q8_0":
         d = _f16_as_stored(b, 0)
@@ -378,44 +378,73 @@ def _repack_nibbles(words: mx.array, run: int) -> mx.array:
 def _nibble_pairs(w: mx.array) -> mx.array:
     """[m, 1, j] words -> [m, 2, j] 32-bit words: the four lanes' low-nibble bytes, then their high-nibble bytes.
     Compiled: one pass over the bytes instead of one per operation (integer operations: exact)."""
-    half = mx.array([[[0], [4]]], mx.uint64)  # the low nibbles' bytes, then the high ones'
+    return _nibble_bytes(w, mx.array([[[0], [4]]], mx.uint64))  # the low nibbles' bytes, then the high ones'
+
+
+def _nibble_bytes(w: mx.array, half: mx.array) -> mx.array:
+    """The bytes made of the nibbles at `half` (0: low, 4: high) of each 16-bit lane's two bytes: 64-bit words -> 32-bit
+    words."""
     v = ((w >> half) & _u64(0x000F000F000F000F)) | ((w >> (half + _u64(4))) & _u64(0x00F000F000F000F0))
     v = (v | (v >> _u64(8))) & _u64(0x0000FFFF0000FFFF)  # each lane's byte, squeezed together
     return (v | (v >> _u64(16))).astype(mx.uint32)
+
+
+def _from_lanes(b: mx.array, at: int, lanes: int, kernel: Callable[..., tuple[mx.array, ...]]) -> mx.array:
+    """`kernel` on `lanes` 16-bit lanes of every block from (even) byte `at`, each [n, 1] where it lies in the blocks
+    (a slice of several would be copied first: blocks of 18, 20 or 22 bytes are not whole 64-bit words), its 32-bit
+    words [n, 1] joined as bytes [n, 4 * words]."""
+    hw = _halfwords(b)
+    return mx.view(mx.concatenate(kernel(*(hw[:, i : i + 1] for i in range(at // 2, at // 2 + lanes))), axis=1),
+                   mx.uint8)
+
+
+@mx.compile
+def _nibble_lane_bytes(*lanes: mx.array) -> tuple[mx.array, ...]:
+    """Q4_0 / Q4_1: a block's eight 16-bit lanes of nibble bytes [n, 1] each -> four 32-bit words [n, 1], MLX's
+    bytes as `_repack_nibbles` makes them: the low nibbles' bytes of the first and second 8, then the high ones'."""
+    words = _lanes_word(lanes[0:4]), _lanes_word(lanes[4:8])
+    return tuple(_nibble_bytes(w, _u64(half)) for half in (0, 4) for w in words)
 
 
 def _u64(v: int) -> mx.array:
     return mx.array(v, mx.uint64)
 
 
-def _repack_q5(b: mx.array, at: int) -> mx.array:
-    """Q5_0 / Q5_1 blocks (4 bytes of fifth bits at `at`, then 16 bytes of nibbles) -> MLX's 5-bit stream [n, 20]
-    bytes, without unpacking the codes (`_five_bits`)."""
-    n = b.shape[0]
-    high = mx.view(mx.contiguous(_halfwords(b)[:, at // 2 : at // 2 + 2]), mx.uint32).astype(mx.uint64)
-    low, top = _five_bits(_words(b, at + 4, at + 20)[:, None, :], high[:, :, None])
-    return mx.view(mx.concatenate([mx.view(low, mx.uint16).reshape(n, 2, 4), top.astype(mx.uint16)[..., None]],
-                                  axis=2), mx.uint8).reshape(n, 20)
-
-
 @mx.compile
-def _five_bits(q: mx.array, high: mx.array) -> tuple[mx.array, mx.array]:
-    """q [n, 1, 2]: a block's nibble bytes as 64-bit words; high [n, 1, 1]: its 32 fifth bits. Each 8 weights are 8
-    nibbles of one word (the low or the high nibbles of 8 bytes), each byte given its weight's fifth bit (one byte of
-    them spread a bit to a byte by one multiplication), squeezed from 8 bits apart to 5 in three halving steps: 40 bits
-    per 8 weights. Returns each pair of those (weights 0..15, 16..31) as its low 64 bits [n, 2] and high 16 [n, 2].
-    Compiled: one pass instead of one per operation (integer operations: exact)."""
-    # [n, 2, 2]: weights 0..7, 8..15 in the low nibbles, 16..23, 24..31 in the high ones, one nibble per byte
-    x = (q >> mx.array([[[0], [4]]], mx.uint64)) & _u64(0x0F0F0F0F0F0F0F0F)
-    # fifth bits, byte j for weights 8j..8j+7: bit k to bit 8k (7 copies 7 bits apart never overlap; bit 7 by a
-    # shift), then to bit 4 of its weight's byte
-    h = (high >> mx.array([[[0, 8], [16, 24]]], mx.uint64)) & _u64(0xFF)
+def _five_bits(*lanes: mx.array) -> tuple[mx.array, ...]:
+    """Q5_0 / Q5_1, without unpacking the codes: a block's ten 16-bit lanes [n, 1] each (two of fifth bits, eight of
+    nibble bytes) -> MLX's 5-bit stream as five 32-bit words [n, 1] each: four groups of 8 weights
+    (`_five_bit_group`), 40 bits each, laid end to end. Compiled: one pass instead of one per operation (integer
+    operations: exact)."""
+    high = _lanes_word(lanes[0:2])
+    low_bytes, high_bytes = _lanes_word(lanes[2:6]), _lanes_word(lanes[6:10])  # nibble bytes 0..7, 8..15
+    # weights 0..7, 8..15 are the low nibbles of bytes 0..7, 8..15; weights 16..23, 24..31 their high nibbles
+    g0, g1 = _five_bit_group(low_bytes, 0, high), _five_bit_group(high_bytes, 0, high >> _u64(8))
+    g2, g3 = _five_bit_group(low_bytes, 4, high >> _u64(16)), _five_bit_group(high_bytes, 4, high >> _u64(24))
+    words = (g0, (g0 >> _u64(32)) | (g1 << _u64(8)), (g1 >> _u64(24)) | (g2 << _u64(16)),
+             (g2 >> _u64(16)) | (g3 << _u64(24)), g3 >> _u64(8))
+    return tuple(w.astype(mx.uint32) for w in words)  # the low 32 bits of each
+
+
+def _lanes_word(lanes: list[mx.array]) -> mx.array:
+    """Little-endian 16-bit lanes -> one 64-bit word (up to four lanes)."""
+    word = lanes[0].astype(mx.uint64)
+    for i, lane in enumerate(lanes[1:], 1):
+        word = word | (lane.astype(mx.uint64) << _u64(16 * i))
+    return word
+
+
+def _five_bit_group(nibbles: mx.array, shift: int, high: mx.array) -> mx.array:
+    """8 weights as 40 bits: the nibbles at `shift` (0 or 4) of a word's 8 bytes, each given its fifth bit (the low
+    byte of `high`, bit k for byte k: spread a bit to a byte by one multiplication; 7 copies 7 bits apart never
+    overlap; bit 7 by a shift), squeezed from 8 bits apart to 5 in three halving steps."""
+    x = (nibbles >> _u64(shift)) & _u64(0x0F0F0F0F0F0F0F0F)
+    h = high & _u64(0xFF)
     spread = ((h & _u64(0x7F)) * _u64(0x2040810204081)) | ((h & _u64(0x80)) << _u64(49))
     x = x | ((spread & _u64(0x0101010101010101)) << _u64(4))
     x = (x & _u64(0x001F001F001F001F)) | ((x & _u64(0x1F001F001F001F00)) >> _u64(3))  # pairs: 10 bits in each 16
     x = (x & _u64(0x000003FF000003FF)) | ((x & _u64(0x03FF000003FF0000)) >> _u64(6))  # fours: 20 bits in each 32
-    x = (x & _u64(0xFFFFF)) | ((x >> _u64(12)) & _u64(0xFFFFF << 20))  # eights: 40 bits
-    return x[:, :, 0] | (x[:, :, 1] << _u64(40)), x[:, :, 1] >> _u64(24)
+    return (x & _u64(0xFFFFF)) | ((x >> _u64(12)) & _u64(0xFFFFF << 20))  # eights: 40 bits
 
 
 def _pack_bytes(codes: mx.array, bits: int) -> mx.array:

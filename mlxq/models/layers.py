@@ -13,6 +13,7 @@ import mlx.nn as nn
 
 from mlxq.errors import ConfigError
 from mlxq.kernels import kquants, ternary
+from mlxq.kernels.rows import joined_rows
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -403,10 +404,10 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
     fused = copy.copy(first)  # same class and settings; the arrays are replaced below
     for key in ("weight", "scales", "bias"):
         if key in first:
-            fused[key] = mx.concatenate([m[key] for m in linears], axis=0)
+            fused[key] = joined_rows([m[key] for m in linears])  # read as one (`kernels.rows`): not copied
     if any("biases" in m for m in linears):  # held by some: those made from their scales are made here, as stored
-        fused["biases"] = mx.concatenate([m["biases"] if "biases" in m else m["scales"] * m.bias_per_scale
-                                          for m in linears], axis=0)
+        fused["biases"] = joined_rows([m["biases"] if "biases" in m else m["scales"] * m.bias_per_scale
+                                       for m in linears])
     return fused
 
 

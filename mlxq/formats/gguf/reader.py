@@ -38,6 +38,7 @@ from mlxq.formats.gguf.codecs import FLOAT_TYPES
 from mlxq.formats.gguf.names import ARCHITECTURES, CONFIG_KEYS
 from mlxq.formats.gguf.writer import PackedStrings
 from mlxq.kernels import kquants
+from mlxq.kernels.rows import cut_rows
 
 GROUP = kquants.AFFINE_GROUP
 AFFINE_TYPES = kquants.AFFINE_BITS  # GGML type -> bits of its exact MLX affine form
@@ -202,17 +203,31 @@ def read_array(path: Path, record: TensorRecord) -> mx.array:
     return out
 
 
-def _read_into(path: Path, record: TensorRecord, buf: np.ndarray) -> None:
-    view, done = memoryview(buf), 0
+def _read_into(path: Path, record: TensorRecord, buf: np.ndarray, rows: np.ndarray | None = None) -> None:
+    """The tensor's bytes into `buf`; with `rows` (a 2-D tensor's HF row j is its row rows[j]), each of its rows
+    into its place in `buf` [rows, row bytes] as it is read (a row permutation undone at no cost)."""
+    views = [memoryview(buf).cast("B")]
+    if rows is not None:  # the file's rows in order, each a slice of the bytes where it goes
+        width = len(views[0]) // len(rows)
+        views = [views[0][j * width : (j + 1) * width] for j in np.argsort(rows).tolist()]
     fd = os.open(path, os.O_RDONLY)
     try:
-        while done < record.nbytes:
-            n = os.preadv(fd, [view[done:]], record.offset + done)
+        offset, i = record.offset, 0
+        while i < len(views):  # a read may stop short: it goes on from there
+            n = os.preadv(fd, views[i : i + _IOV_MAX], offset)
             if n <= 0:
                 raise FormatError(f"{path}: truncated (tensor '{record.name}')")
-            done += n
+            offset += n
+            while i < len(views) and n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            if n:
+                views[i] = views[i][n:]
     finally:
         os.close(fd)
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers one preadv takes
 
 
 # ------------------------------------------------------------------------------------------------ open
@@ -365,16 +380,18 @@ class _Part:
     rows: np.ndarray | None = None  # a split: the rows of the GGUF tensor this HF tensor is
     column_units: np.ndarray | None = None  # packed forms: order of whole groups / blocks that undoes a permutation
     input_order: np.ndarray | None = None  # blocks whose columns could not be permuted: the layer gathers its input
+    joint: _Joint | None = None  # a whole packed matrix: read that way, with the modules the model fuses it with
 
     def load(self, path: Path, config: dict, cache: dict) -> mx.array:
         if self.part == "input_order":
             return mx.array(self.input_order.astype(np.int32))
-        key = (self.record.name, self.module)
+        key = self.joint or (self.record.name, self.module)
         if cache.get("key") != key:
             cache.clear()
-            cache["value"] = self._convert(path, config)
+            cache["value"] = (self.joint.convert(path, config) if self.joint is not None
+                              else {self.module: self._convert(path, config)})
             cache["key"] = key
-        return cache["value"][self.part or "weight"]
+        return cache["value"][self.module][self.part or "weight"]
 
     def _convert(self, path: Path, config: dict) -> dict[str, mx.array]:
         raw = read_array(path, self.record).reshape(*self.record.shape[:-1], -1)
@@ -391,6 +408,73 @@ class _Part:
             parts = {k: names.to_hf_all(rows_only, v, config) for k, v in parts.items()}
         mx.eval(parts)  # one tensor at a time: its file bytes are freed before the next is read
         return parts
+
+
+@dataclass(eq=False)
+class _Joint:
+    """Whole packed matrices read as one: the modules a model fuses after loading (`_FUSED`: q/k/v, gate/up) where
+    they share a GGML type and row width, or a matrix on its own. Their rows go into one buffer (each module's row
+    permutation undone as it is read) converted once, and each module's arrays are its block of rows of the result
+    (`kernels.rows.cut_rows`), which fusing takes back whole. Before, fusing copied every part into a new array (a
+    tenth of a load's page faults, and a pass over the weights), each part was converted on its own (twice the MLX
+    calls), and permuted q/k rows were gathered after converting."""
+
+    weights: tuple[_Part, ...]  # the modules' .weight parts, in the order the model fuses them
+
+    def convert(self, path: Path, config: dict) -> dict[str, dict[str, mx.array]]:
+        first = self.weights[0]
+        sizes = [p.record.shape[0] for p in self.weights]
+        raw = mx.zeros((sum(sizes), first.record.nbytes // sizes[0]), mx.uint8)
+        mx.eval(raw)
+        rows, start = np.asarray(raw), 0
+        for p, n in zip(self.weights, sizes, strict=True):
+            order = names.to_hf_all(p.transforms, np.arange(n), config) if p.transforms else None
+            _read_into(path, p.record, rows[start : start + n], order)
+            start += n
+        whole = (dict(zip(("weight", "scales", "biases"), kquants.to_affine(raw, first.record.kind), strict=True))
+                 if first.form == "affine" else {"weight": raw})
+        mx.eval(whole)
+        cut = {k: cut_rows(v, sizes) for k, v in whole.items()}
+        return {p.module: {k: v[i] for k, v in cut.items()} for i, p in enumerate(self.weights)}
+
+
+# Modules (within a decoder layer) that models fuse after loading (`models.layers.fuse_linears`), in their order
+_FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def _joined(plan: dict[str, _Part], layers: int) -> dict[str, _Part]:
+    """The plan with the modules each layer fuses read together (`_Joint`) where they are packed alike, their
+    parts listed one after another (a load asks for them in this order; the last conversion is what is cached), and
+    every other whole packed matrix read as a `_Joint` of its own."""
+    names_of: dict[str, list[str]] = {}  # module -> its HF tensors in the plan
+    for hf, p in plan.items():
+        names_of.setdefault(p.module, []).append(hf)
+    for layer in range(layers):
+        for group in _FUSED:
+            weights = [plan.get(f"model.layers.{layer}.{m}.weight") for m in group]
+            if all(_joinable(p, weights[0]) for p in weights):
+                joint = _Joint(tuple(weights))
+                for hf in (hf for w in weights for hf in names_of[w.module]):
+                    plan[hf].joint = joint
+    for p in plan.values():  # the rest on their own, read the same way (a row permutation undone as read)
+        if p.joint is None and p.part == "weight" and _joinable(p, p):
+            joint = _Joint((p,))
+            for k in names_of[p.module]:
+                plan[k].joint = joint
+    ordered: dict[str, _Part] = {}
+    for hf, p in plan.items():
+        members = [hf] if p.joint is None else [k for w in p.joint.weights for k in names_of[w.module]]
+        ordered.update((k, plan[k]) for k in members if k not in ordered)
+    return ordered
+
+
+def _joinable(p: _Part | None, first: _Part | None) -> bool:
+    """Whether `p` can be read into one array with `first`: both packed whole (not split, no column reordering), of
+    one type and row width, moved by row permutations only."""
+    return (p is not None and first is not None and p.form in ("affine", "blocks") and p.rows is None
+            and p.column_units is None and p.input_order is None and p.record.kind == first.record.kind
+            and p.form == first.form and len(p.record.shape) == 2 and p.record.shape[1] == first.record.shape[1]
+            and all(isinstance(t, names.Permutation) and t.axis == 0 for t in p.transforms))
 
 
 _HOST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # float tensors read without MLX
@@ -458,7 +542,7 @@ def _plan(header: Header, arch: str, config: dict, keep_quantized: bool) -> dict
             raise FormatError(f"{header.path}: tensor '{name}' has no known meaning for architecture '{arch}'")
         ts = _applicable(names.transforms(arch, hf), tiled)
         plan.update(_parts(rec, hf, ts, config, keep_quantized))
-    return plan
+    return _joined(plan, config["num_hidden_layers"]) if keep_quantized else plan
 
 
 def _applicable(transforms: tuple[names.Transform, ...], tiled: bool) -> tuple[names.Transform, ...]:
