@@ -302,3 +302,29 @@ def test_a_seeded_row_draws_the_same_tokens_in_any_batch():
     assert len(set(alone)) > 5
     other_seed = make_sampler(SamplingParams(temperature=1.0, top_p=0.95, seed=43))
     assert [other_seed(lp).item() for lp in steps] != alone
+
+
+@pytest.mark.parametrize("kind", ["dense", "hybrid", "sliding"])
+def test_the_runner_decodes_every_kind_of_batch(nets, kind):
+    """`Runner.decode` asks its batch what its KV buffers are sized for (`positions`): a `Batch` (dense, hybrid) and
+    a `SerialBatch` (sliding windows) both answer, the answer grows with the buffers, and greedy decode through the
+    runner gives the tokens of the model stepped by hand."""
+    from mlxq.engine.runner import Runner
+
+    net = nets[kind]
+    prompt = list(range(3, 12))
+    runner = Runner(net, 0)
+    runner.admit(prompt, None)
+    token = int(mx.argmax(runner.prefill([prompt], [[len(prompt) - 1]], [])[0]))
+    runner.promote(0)
+    got, sizes = [token], []
+    for _ in range(24):
+        got.append(int(mx.argmax(runner.decode([got[-1]])[0])))
+        sizes.append(runner._batches["decode"].positions)
+    runner.close()
+    cache = net.make_cache()
+    want = [int(mx.argmax(net(mx.array([prompt]), cache)[0, -1]))]
+    for _ in range(24):
+        want.append(int(mx.argmax(net(mx.array([[want[-1]]]), cache)[0, -1])))
+    assert got == want
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]  # 9 + 24 positions: past the first buffer of 16 or 32

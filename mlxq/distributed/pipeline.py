@@ -107,6 +107,11 @@ class PipelineBatch:
     def state(self) -> list[mx.array]:
         return [a for part in self.parts for a in part.state]
 
+    @property
+    def positions(self) -> int:
+        """`Batch.positions`, over every micro-batch's buffers."""
+        return sum(part.positions for part in self.parts)
+
     def add(self, cache: list) -> None:
         p = min(range(len(self.parts)), key=lambda k: len(self.parts[k]))
         self.parts[p].add(cache)

@@ -274,9 +274,8 @@ class Batch:
 
     @property
     def positions(self) -> int:
-        """Positions the KV buffers are sized for (0 before any)."""
-        return max((c.keys.shape[2] for c in self.caches or [] if isinstance(c, BatchKVCache) and c.keys is not None),
-                   default=0)
+        """Positions the KV buffers are sized for (0 before any): it changes whenever they are replaced."""
+        return _kv_positions(self.caches or [])
 
     def add(self, cache: list) -> None:
         """Single-row caches (one per layer, fresh or resumed) join as the last row."""
@@ -357,6 +356,11 @@ class SerialBatch:
     def state(self) -> list[mx.array]:
         return [a for cache in self.caches for c in cache for a in c.state]
 
+    @property
+    def positions(self) -> int:
+        """`Batch.positions`, over every row's own buffers."""
+        return sum(_kv_positions(c) for c in self.caches)
+
     def add(self, cache: list) -> None:
         self.caches.append(cache)
 
@@ -381,6 +385,12 @@ class SerialBatch:
         rows = [forward(self.net, pad_rows([t]), c, [a])[0] for t, c, a in zip(tokens, self.caches, at, strict=True)]
         rows = [r for r, a in zip(rows, at, strict=True) if a]
         return mx.concatenate(rows, axis=0) if rows else mx.zeros((0, 0))
+
+
+def _kv_positions(caches: list) -> int:
+    """Positions the growing KV buffers among one row's (or one batch's) layer caches are sized for (0 before any)."""
+    return max((c.keys.shape[2] for c in caches if isinstance(c, (KVCache, BatchKVCache)) and c.keys is not None),
+               default=0)
 
 
 def make_batch(net: CausalLM) -> Batch | SerialBatch:
