@@ -97,7 +97,11 @@ READ_RATE = (
     "busy CPU are counted in full. Each rate is also split as read size x reads_in_flight (summed read time / busy "
     "time) / ms_per_read. raw_read_397b_expert_size: the back-to-back and decode-pattern probes again with each read "
     "a run of adjacent experts as large as one Qwen3.5-397B expert (3.9 MB): the share the decode's pattern keeps at "
-    "the size the projection is for")
+    "the size the projection is for. Every probe reads into the runtime's staging buffers (io.staging: from 2 MiB up "
+    "huge-page backed on Linux, so that a read is one device request), so the ceiling is the device's rate for the "
+    "requests the runtime makes. raw_reads_after_idle: one read at a time, a few in a row after an idle gap, the "
+    "median time of the first, second, ... read after the gap (gap 0: back to back): what a burst pays for starting "
+    "after the device and CPU idled")
 CAP_SLACK = 1.10  # the cap: what mlxq's 25 % run was charged (its cgroup's peak, page cache included), plus 10 %
 
 
@@ -595,6 +599,7 @@ def main() -> None:
               f"read): back to back {big['back_to_back']['gb_per_s']:.3f} GB/s, decode's pattern "
               f"{big['decode_pattern']['gb_per_s']:.3f} GB/s ({big['decode_pattern_vs_back_to_back']})",
               file=sys.stderr)
+    after_idle = reads_after_idle(packs, bursts=10 if args.quick else 20)
     raw_runs.append(ceiling())
     raw = max((r for r, _ in raw_runs), key=lambda r: r["gb_per_s"])
     raw_1 = max((r for _, r in raw_runs), key=lambda r: r["gb_per_s"])
@@ -614,6 +619,7 @@ def main() -> None:
         "raw_read_gb_per_s_runs": [[round(r["gb_per_s"], 3), round(r1["gb_per_s"], 3)] for r, r1 in raw_runs],
         "raw_read_decode_pattern": raw_burst,
         "raw_read_397b_expert_size": raw_big,
+        "raw_reads_after_idle": after_idle,
         "read_rate_interleaved": blocks,
         "warm_prompt_tokens": warm,
         "memory_cap_bytes": cap,
@@ -834,6 +840,7 @@ def real_experts(args) -> None:
              "path": str(paths["packs"]), "budget": "25%", "options": {"threads": args.threads, "prefetch": prefetch}},
             repeat=1))
     burst = decode_pattern(packs, runs[0], args.threads, seconds=5.0) if runs[0]["ok"] else None
+    after_idle = reads_after_idle(packs)
     raws.append(ceiling())
     raw = max(raws, key=lambda r: r["gb_per_s"])
     rates = {}
@@ -853,7 +860,7 @@ def real_experts(args) -> None:
         "top_k": args.top_k, "warm_prompt_tokens": warm, "decode_tokens": n_tokens,
         "read_rate_definition": READ_RATE,
         "raw_read": raw, "raw_read_gb_per_s_runs": [round(r["gb_per_s"], 3) for r in raws],
-        "raw_read_decode_pattern": burst,
+        "raw_read_decode_pattern": burst, "raw_reads_after_idle": after_idle,
         "mlxq_25pct": {f"prefetch_{k}": v for k, v in runs.items()},
         "read_rate_interleaved": blocks,
         "ratios": {"read_rate_vs_ceiling_interleaved": _verdicts(blocks), "read_rate_vs_raw_by_prefetch": rates,
@@ -862,6 +869,38 @@ def real_experts(args) -> None:
     })
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def reads_after_idle(packs, gaps_s: tuple[float, ...] = (0.0, 0.01, 0.05, 0.15), bursts: int = 20, reads: int = 4,
+                     seed: int = 0) -> dict:
+    """Why a decode step's burst gets less of the device than reads back to back: one-expert reads one at a time,
+    `reads` in a row after an idle gap (as a layer's reads follow the compute since the last layer's), `bursts` times a
+    gap; the median time of the first, second, ... read after the gap, in ms (gap 0: back to back)."""
+    from mlxq.experts.io import open_uncached, staging
+
+    layers = list(packs.layers.values())
+    rng = random.Random(seed)
+    fds = {lp.layer: open_uncached(packs.path(lp)) for lp in layers}
+    buf = staging(max(lp.stride for lp in layers))
+    out = {}
+    try:
+        for gap in gaps_s:
+            took = [[] for _ in range(reads)]
+            for _ in range(bursts):
+                time.sleep(gap)
+                for row in took:
+                    lp = rng.choice(layers)
+                    t0 = time.perf_counter()
+                    os.preadv(fds[lp.layer][0], [buf[: lp.stride]], lp.experts[rng.randrange(lp.n_experts)].offset)
+                    row.append(time.perf_counter() - t0)
+            out[f"{1e3 * gap:g}"] = [round(1e3 * median(row), 3) for row in took]
+    finally:
+        for fd, _ in fds.values():
+            os.close(fd)
+    print("raw device, ms a read after an idle gap (1st, 2nd, ... read): " + ", ".join(
+        f"{gap} ms gap {ms}" for gap, ms in out.items()), file=sys.stderr)
+    return {"ms_per_read_after_gap_ms": out, "bursts": bursts, "read_bytes": max(lp.stride for lp in layers),
+            "direct": all(ok for _, ok in fds.values())}
 
 
 def show(name: str, r: dict) -> dict:

@@ -485,3 +485,18 @@ def test_bad_interleaved_arms_are_one_line_errors(arms, message):
         bench_experts()._arms(types.SimpleNamespace(arms=arms), ())
     assert bench_experts()._arms(types.SimpleNamespace(arms=None), ("prefetch_0", "pattern")) == ("prefetch_0",
                                                                                                    "pattern")
+
+
+def test_reads_after_idle_time_each_read_of_a_burst_after_its_gap(made, monkeypatch):  # noqa: F811
+    """The after-idle probe: per gap, `bursts` idle gaps, each followed by `reads` single reads, timed one by one."""
+    experts = bench_experts()
+    packs = open_pack_dir(made("qwen3_moe")[2])
+    slept, reads, real_sleep, real_preadv = [], [], experts.time.sleep, experts.os.preadv
+    monkeypatch.setattr(experts.time, "sleep", lambda s: slept.append(s) or real_sleep(s))
+    monkeypatch.setattr(experts.os, "preadv", lambda fd, bufs, off: reads.append(len(bufs[0])) or real_preadv(
+        fd, bufs, off))
+    out = experts.reads_after_idle(packs, gaps_s=(0.0, 0.002), bursts=3, reads=2)
+    assert slept == [0.0] * 3 + [0.002] * 3
+    assert reads == [next(iter(packs.layers.values())).stride] * 12
+    assert list(out["ms_per_read_after_gap_ms"]) == ["0", "2"]
+    assert all(len(ms) == 2 and all(m > 0 for m in ms) for ms in out["ms_per_read_after_gap_ms"].values())

@@ -423,6 +423,83 @@ def test_rate_probes_read_runs_of_adjacent_experts_as_one_larger_read(made):
         assert 0 < got["reads_in_flight"] <= got["threads"] + 1 + 1e-9  # (the burst: its waiting thread reads too)
 
 
+def _smaps_entry(view: memoryview) -> dict[str, str]:
+    """/proc/self/smaps' fields of the mapping that holds `view`'s first byte."""
+    import ctypes
+
+    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    entry: dict[str, str] | None = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if entry is not None:
+                break
+            if lo <= address < hi:
+                entry = {}
+        elif entry is not None:
+            key, _, value = line.partition(":")
+            entry[key] = value.strip()
+    assert entry is not None
+    return entry
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge-page staging is Linux's (/proc/self/smaps)")
+def test_staging_buffers_from_a_huge_page_up_are_private_memory_marked_for_huge_pages():
+    """A read of a huge page or more lands in memory the kernel may back with huge pages, so that the block layer sends
+    it as one request (not one per max_segments 4 KiB pages): private anonymous memory (a shared mapping is shmem,
+    which huge pages for anonymous memory do not cover), huge-page aligned, marked for huge pages, and counted in
+    whole huge pages; a smaller read keeps a 4 KiB-page buffer of its own size."""
+    import ctypes
+
+    from mlxq.experts.io import HUGE_PAGE, staging, staging_bytes
+
+    big, small = staging(HUGE_PAGE + 16384), staging(65536)
+    big[:] = b"\1" * len(big)
+    small[:] = b"\1" * len(small)
+    assert (len(big), len(small)) == (HUGE_PAGE + 16384, 65536)
+    assert (staging_bytes(len(big)), staging_bytes(len(small))) == (2 * HUGE_PAGE, 65536)
+    assert ctypes.addressof(ctypes.c_char.from_buffer(big)) % HUGE_PAGE == 0
+    assert ctypes.addressof(ctypes.c_char.from_buffer(small)) % 4096 == 0
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()  # (a kernel built without: plain pages)
+    flags = _smaps_entry(big)["VmFlags"].split()
+    assert ("hg" in flags) == thp and "sh" not in flags
+    assert int(_smaps_entry(big)["Anonymous"].split()[0]) > 0  # (shmem counts none)
+    assert "hg" not in _smaps_entry(small)["VmFlags"].split()
+
+
+def test_staging_held_between_reads_counts_whole_huge_pages(made):
+    from mlxq.experts.io import HUGE_PAGE, PackReader, staging_bytes
+
+    reader = PackReader(open_pack_dir(made("qwen3_moe")[2]), threads=2, keep=HUGE_PAGE + 1)
+    try:
+        assert reader.held_bound == 3 * staging_bytes(HUGE_PAGE + 1) >= 3 * (HUGE_PAGE + 1)
+        if sys.platform.startswith("linux"):
+            assert reader.held_bound == 3 * 2 * HUGE_PAGE
+    finally:
+        reader.close()
+
+
+def test_the_ceiling_and_the_runtime_read_into_the_same_staging_buffers(made, monkeypatch):
+    """The ceiling probe makes the device requests the runtime makes: both read into `staging` buffers (whose pages
+    decide how many requests a read becomes)."""
+    from mlxq.experts import io
+
+    packs = open_pack_dir(made("qwen3_moe")[2])
+    stride = next(iter(packs.layers.values())).stride
+    sizes, real = [], io.staging
+    monkeypatch.setattr(io, "staging", lambda size: sizes.append(size) or real(size))
+    io.measure_read_rate(packs, threads=1, seconds=0.05, span=2)
+    assert sizes == [2 * stride]
+    sizes.clear()
+    reader = io.PackReader(packs, threads=1)  # keeps up to one expert: a read of two is a buffer of its own
+    try:
+        io.finish([reader.submit(0, 0, 1, lambda p, payload: None)])
+        io.finish([reader.submit(0, 2, 2, lambda p, payload: None)])
+    finally:
+        reader.close()
+    assert sizes == [stride, 2 * stride]
+
+
 # ------------------------------------------------------------------------------------------------ command line
 def mlxq_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mlxq.cli", *args], capture_output=True, text=True, timeout=600)
