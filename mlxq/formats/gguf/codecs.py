@@ -334,17 +334,21 @@ def _refine(x, w, codes, lo, hi, qp: bool, sums=None) -> tuple[np.ndarray, np.nd
     of Q3_K's on real weights); those go on in rounds (`_refine_round`), whose cost does not grow with the passes:
     a pass costs ~30 numpy calls per position, whatever the number of blocks left."""
     wx = w * x  # C's w*x[i]*L[i] associates as (w*x[i])*L[i]
+    # each weight's terms w*x*L and w*L*L for the codes the first pass starts from: a position's code is still that
+    # one when the pass reaches it (only its own step moves it)
+    lx = wx * codes
+    l2 = w * codes
+    l2 *= codes
     if sums is None:
-        sumlx, suml2 = _seq(wx * codes), _seq(w * codes * codes)
+        sumlx, suml2 = _seq(lx), _seq(l2)
     else:
         sumlx, suml2 = sums[0].copy(), sums[1].copy()  # updated in place below
     slx, sl2, new, slx2, sl22, a, b = np.empty((7, x.shape[1]), F)  # each step's work, in reused buffers
     take, ok, moved = np.empty(x.shape[1], bool), np.empty(x.shape[1], bool), np.zeros(x.shape[1], bool)
     for i, xi in enumerate(x):
         wi, li = w[i], codes[i]
-        np.subtract(sumlx, np.multiply(wx[i], li, out=slx), out=slx)
-        np.multiply(wi, li, out=sl2)
-        np.subtract(suml2, np.multiply(sl2, li, out=sl2), out=sl2)
+        np.subtract(sumlx, lx[i], out=slx)
+        np.subtract(suml2, l2[i], out=sl2)
         np.multiply(xi, sl2, out=new)
         np.divide(new, slx, out=new)
         rounded = _nearest(new)  # in place, unless a NaN or |v| >= 2**22 is there
