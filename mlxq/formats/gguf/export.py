@@ -14,8 +14,7 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from mlxq.formats.gguf.calibrated import choose_codes
 from mlxq.formats.gguf.codecs import CODECS, FALLBACK, FLOAT_TYPES, block_size, encode
 from mlxq.formats.gguf.vocab import tokenizer_metadata
 from mlxq.formats.gguf.writer import GGUFOut, TensorOut, Value
-from mlxq.loading import _glibc
 from mlxq.models import text_config
 from mlxq.models.layers import RoPE, rope_settings
 from mlxq.quant.calibrate import DEFAULT_TOKENS, Stats, calibration_stats
@@ -456,7 +454,7 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
     start = time.perf_counter()
     restore = terminate_cleanly()
     try:
-        with _heap_kept(), GGUFOut(out, the_plan.arch, metadata, tensors) as f:
+        with GGUFOut(out, the_plan.arch, metadata, tensors) as f:
             for t, data in the_plan.extra:
                 f.write(t.name, data)
             with progress_bar(console, "exporting", the_plan.items, progress) as advance:
@@ -468,29 +466,6 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
     params = sum(math.prod(t.shape) for t in tensors)
     return Result(out, len(tensors), out.stat().st_size, params, dict(Counter(t.kind for t in tensors)),
                   time.perf_counter() - start, recipe.name)
-
-
-# glibc hands the top of its heap back to the system whenever more than its trim threshold (about twice the largest
-# buffer freed so far) lies free there, and an encoding step frees its working arrays, MBs of them, together: the
-# next step then faults every page in again, at several microseconds a page here. Kept while exporting (SmolLM2's
-# ffn_down in Q3_K: 37 -> 18 ns a weight), handed back at the end.
-HEAP_PAD = 64 << 20
-M_TOP_PAD, GLIBC_TOP_PAD = -2, 128 << 10  # mallopt's parameter, and its default (malloc-machine.h)
-
-
-@contextmanager
-def _heap_kept() -> Iterator[None]:
-    """While open, glibc keeps up to HEAP_PAD bytes free at the top of its heap instead of returning them."""
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    libc.mallopt(M_TOP_PAD, HEAP_PAD)
-    try:
-        yield
-    finally:
-        libc.mallopt(M_TOP_PAD, GLIBC_TOP_PAD)
-        libc.malloc_trim(0)
 
 
 def _encoded(ckpt: Checkpoint, the_plan: Plan, item: Item, stats: Stats | None, method: str) -> np.ndarray:
