@@ -238,8 +238,10 @@ def _blocks(x: np.ndarray, per_block: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------- ggml's scale searches
 def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants(rmse_type=1): symmetric codes 0..2*nmax-1 around nmax and their least-squares scale, best
-    of 19 trial scales. x, w element-major [n, B]; w None means x*x. Returns (scale [B], codes [n, B]). The trials
-    work in two reused buffers; the winner's codes are computed once more at the end from its iscale."""
+    of 19 trial scales. x, w element-major [n, B]; w None means x*x. Returns (scale [B], codes): `codes(cols)` is
+    the winner's codes [n, len(cols)] of blocks `cols` (int32; `slice(None)` for all), computed when asked from the
+    winner's iscale (the K-quants' final pass replaces them except where a stored scale is zero: they are asked for
+    only there). The trials work in two reused buffers."""
     amax, big = _abs_max(x)
     w = x * x if w is None else w
     wx = w * x  # C's w*x[i]*l associates as (w*x[i])*l
@@ -279,8 +281,13 @@ def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray
             code_iscale = np.where(better, iscale, code_iscale)
             scale = np.where(better, slx / sl2, scale)
             best = np.where(better, scale * slx, best)
-        codes = codes_at(code_iscale).astype(np.int32)
-    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes + nmax)
+
+    def codes(cols) -> np.ndarray:  # the winner's codes (C's nearest_int: exact wherever they are asked for)
+        with np.errstate(all="ignore"):
+            q = _clip(_nearest_int(x[:, cols] * code_iscale[cols]), -nmax, nmax - 1) + nmax
+        return np.where(zero[cols], 0, q)
+
+    return np.where(zero, F(0), scale).astype(F), codes
 
 
 @dataclass
@@ -327,17 +334,21 @@ def _refine(x, w, codes, lo, hi, qp: bool, sums=None) -> tuple[np.ndarray, np.nd
     of Q3_K's on real weights); those go on in rounds (`_refine_round`), whose cost does not grow with the passes:
     a pass costs ~30 numpy calls per position, whatever the number of blocks left."""
     wx = w * x  # C's w*x[i]*L[i] associates as (w*x[i])*L[i]
+    # each weight's terms w*x*L and w*L*L for the codes the first pass starts from: a position's code is still that
+    # one when the pass reaches it (only its own step moves it)
+    lx = wx * codes
+    l2 = w * codes
+    l2 *= codes
     if sums is None:
-        sumlx, suml2 = _seq(wx * codes), _seq(w * codes * codes)
+        sumlx, suml2 = _seq(lx), _seq(l2)
     else:
         sumlx, suml2 = sums[0].copy(), sums[1].copy()  # updated in place below
     slx, sl2, new, slx2, sl22, a, b = np.empty((7, x.shape[1]), F)  # each step's work, in reused buffers
     take, ok, moved = np.empty(x.shape[1], bool), np.empty(x.shape[1], bool), np.zeros(x.shape[1], bool)
     for i, xi in enumerate(x):
         wi, li = w[i], codes[i]
-        np.subtract(sumlx, np.multiply(wx[i], li, out=slx), out=slx)
-        np.multiply(wi, li, out=sl2)
-        np.subtract(suml2, np.multiply(sl2, li, out=sl2), out=sl2)
+        np.subtract(sumlx, lx[i], out=slx)
+        np.subtract(suml2, l2[i], out=sl2)
         np.multiply(xi, sl2, out=new)
         np.divide(new, slx, out=new)
         rounded = _nearest(new)  # in place, unless a NaN or |v| >= 2**22 is there
@@ -430,7 +441,8 @@ def _refine_in_rounds(r: _Refining, codes, sums, lo, hi, qp: bool) -> None:
 
 
 def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """make_q3_quants(do_rmse=true): symmetric codes refined one weight at a time (x*x weighted)."""
+    """make_q3_quants(do_rmse=true): symmetric codes refined one weight at a time (x*x weighted). Returns
+    (scale [B], codes) as `_make_qx` does."""
     amax, big = _abs_max(x)
     zero = amax < GROUP_MAX_EPS  # C returns zeros for these: whatever happens to them here is replaced
     with np.errstate(all="ignore"):
@@ -439,15 +451,18 @@ def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         _clip(lf, -nmax, nmax - 1)
         sumlx, suml2 = _refine(x, x * x, lf, -nmax, nmax - 1, qp=False)
         scale = np.where(suml2 > 0, sumlx / suml2, F(0))
-        codes = lf.astype(np.int32)
-    return np.where(zero, F(0), scale).astype(F), np.where(zero, 0, codes + nmax)
+
+    def codes(cols) -> np.ndarray:
+        return np.where(zero[cols], 0, lf[:, cols].astype(np.int32) + nmax)
+
+    return np.where(zero, F(0), scale).astype(F), codes
 
 
 def _make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool):
     """make_qkx2_quants / make_qkx3_quants: asymmetric codes 0..nmax with a scale and a min (min <= 0), the best
     weighted least-squares fit over nstep+1 trial ranges (each trial starts from the best min so far, as in C).
-    Returns (scale [B], -min [B], codes [n, B]). Each trial works in three buffers the size of x; the winning codes
-    are computed once more at the end from the winner's (iscale, min) instead of kept trial by trial."""
+    Returns (scale [B], -min [B], codes), `codes(cols)` as `_make_qx`'s, from the winner's (iscale, min). Each trial
+    works in three buffers the size of x."""
     lo, hi = _min_max(x)
     sum_w, sum_x = _seq(w), _seq(w * x)
     lo = np.where(lo > 0, F(0), lo)
@@ -505,9 +520,14 @@ def _make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, mad: bool
             best = np.where(better, err, best)
             scale = np.where(better, this_scale, scale)
             lo = np.where(better, this_min, lo)
-        codes = codes_at(code_iscale, code_lo).astype(np.int32)
     lo = np.where(flat, first_lo, lo)
-    return np.where(flat, F(0), scale).astype(F), (-lo).astype(F), np.where(flat, 0, codes)
+
+    def codes(cols) -> np.ndarray:  # the winner's codes, as `_make_qx`'s
+        with np.errstate(all="ignore"):
+            q = _clip(_nearest_int((x[:, cols] - code_lo[cols]) * code_iscale[cols]), 0, nmax)
+        return np.where(flat[cols], 0, q)
+
+    return np.where(flat, F(0), scale).astype(F), (-lo).astype(F), codes
 
 
 def _make_qp(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -575,9 +595,10 @@ class Codec:
     row_stat: float = 0.0  # legacy *_impl: the row's mean square enters the weights (0: not used)
     weighted: bool = True  # whether ggml has an importance-weighted fit for it
     levels: np.ndarray | None = None  # a non-linear type's value of each code (the grid is scale * levels[q])
-    # weights per encoding step: few enough that a fit's dozens of working arrays stay in a core's cache (the
-    # K-quant fits measured fastest at 2**17); Q3_K's refinement costs numpy calls per weight position whatever the
-    # step's size, so it takes larger steps
+    # weights per encoding step: few enough that a fit's dozens of working arrays stay in cache, enough that its
+    # per-block numpy calls (on arrays of one value per sub-block) are not all overhead. Fastest in whole exports of
+    # SmolLM2 here (1 MB of L2 a core, 32 MB of L3): Q4_K / Q5_K / Q6_K at 2**18, and Q3_K, whose refinement costs
+    # numpy calls per weight position whatever the step's size, at 2**19
     chunk: int = 1 << 17
 
     def fit(self, x: np.ndarray, qw: np.ndarray | None, row_sigma2: np.ndarray | None) -> Fit:
@@ -633,7 +654,7 @@ class _Q4_0(Codec):
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
             d, codes = _make_qx(_elements(x, QK), self.half, w)
-            codes = _blocks(codes, 1)
+            codes = _blocks(codes(slice(None)), 1)
         stored = _fp16(d)
         return Fit({"d": d}, stored[:, None], (F(-self.half) * stored)[:, None], codes)
 
@@ -680,7 +701,7 @@ class _Q4_1(Codec):
         else:
             w = _elements(_impl_weights(x, qw, row_sigma2), QK)
             d, neg_min, codes = _make_qkx(_elements(x, QK), w, self.nmax, -0.9, 0.05, 36, False)
-            lo, codes = -neg_min, _blocks(codes, 1)
+            lo, codes = -neg_min, _blocks(codes(slice(None)), 1)
         return Fit({"d": d, "m": lo}, _fp16(d)[:, None], _fp16(lo)[:, None], codes)
 
     def _fit_lanes(self, x, t, hi, lo, bad):
@@ -776,12 +797,20 @@ def _k_weights(x: np.ndarray, qw: np.ndarray, factor: float) -> np.ndarray:
     return _impl_weights(x, qw, _row_sigma2(x, factor))
 
 
-def _requantize(xe, d, dm, codes, nmax, offset=0):
-    """ggml's final pass: codes = nearest((x + dm) / d) with the stored (float16-derived) scales; a sub-block whose
-    scale is zero keeps the codes it had. xe [n, B]; d, dm [B]."""
+def _requantize(xe, d, dm, codes, nmax, offset=0) -> np.ndarray:
+    """ggml's final pass: codes = nearest((x + dm) / d) + offset, clamped to 0..nmax, with the stored
+    (float16-derived) scales; a sub-block whose scale is zero keeps the codes its search found (`codes(cols)`, asked
+    for those sub-blocks only). xe [n, B]; d, dm [B] (dm None: no term, as C's x / d). Returns uint8 codes [n, B]."""
+    keep = np.flatnonzero(d == 0)
     with np.errstate(all="ignore"):
-        new = np.clip(_nearest_int((xe + dm) / d), -offset, nmax - offset) + offset
-    return np.where(d != 0, new, codes)
+        v = np.divide(xe if dm is None else xe + dm, d)
+        v[:, keep] = 0  # (thrown away: kept out of `_nearest`'s range check)
+        v = _nearest(v)
+    v += F(offset)
+    out = _clip(v, 0, nmax).astype(np.uint8)
+    if keep.size:
+        out[:, keep] = codes(keep)
+    return out
 
 
 class _Q2_K(Codec):
@@ -840,7 +869,7 @@ def _q3_scale_values(b: np.ndarray) -> np.ndarray:
 
 
 class _Q3_K(Codec):
-    name, block, size, sub, nmax, chunk = "Q3_K", QK_K, 110, 16, 7, 1 << 18
+    name, block, size, sub, nmax, chunk = "Q3_K", QK_K, 110, 16, 7, 1 << 19
 
     def fit(self, x, qw, row_sigma2):
         n = x.shape[0]
@@ -859,14 +888,14 @@ class _Q3_K(Codec):
             scales, codes = _make_qx(xe, 4, w)
             sw = _seq(w).reshape(n, 16).T
             d, l = _make_qx(np.ascontiguousarray(scales.reshape(n, 16).T), 32, np.ascontiguousarray(sw))
-            l = l.T
+            l = l(slice(None)).T
         sb = _q3_scale_bytes(l)
         step = (_fp16(d)[:, None] * _q3_scale_values(sb).astype(F)).reshape(-1)
-        codes = _requantize(xe, step, F(0), codes, 7, offset=4)
+        codes = _requantize(xe, step, None, codes, 7, offset=4)
         return Fit({"scales": sb, "d": d}, step.reshape(n, 16), -4 * step.reshape(n, 16), _blocks(codes, 16))
 
     def pack(self, fit, codes):
-        c = codes.astype(np.uint8)
+        c = codes.astype(np.uint8, copy=False)
         high = (c > 3).reshape(-1, 8, 32)  # weight 32k + m -> bit k of hmask byte m
         hmask = np.zeros((c.shape[0], 32), np.uint8)
         for k in range(8):
@@ -894,7 +923,7 @@ def _k4_scale_values(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Q4_K(Codec):
-    name, block, size, sub, nmax = "Q4_K", QK_K, 144, 32, 15
+    name, block, size, sub, nmax, chunk = "Q4_K", QK_K, 144, 32, 15, 1 << 18
     search = (-1.0, 0.1, 20)  # make_qkx2's (rmin, rdelta, nstep) without importance
 
     def fit(self, x, qw, row_sigma2):
@@ -929,7 +958,7 @@ class _Q4_K(Codec):
 
     def pack(self, fit, codes):
         h = fit.header
-        c = codes.reshape(-1, 4, 2, 32).astype(np.uint8)
+        c = codes.reshape(-1, 4, 2, 32).astype(np.uint8, copy=False)
         qs = ((c[:, :, 0] & 0xF) | ((c[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
         parts = [_half_bytes(h["d"]), _half_bytes(h["dmin"]), h["scales"]]
         if self.nmax == 31:  # bit 4 of weight 64i + j (+32) -> bit 2i (2i+1) of qh[j]
@@ -946,7 +975,7 @@ class _Q5_K(_Q4_K):
 
 
 class _Q6_K(Codec):
-    name, block, size, sub, nmax = "Q6_K", QK_K, 210, 16, 63
+    name, block, size, sub, nmax, chunk = "Q6_K", QK_K, 210, 16, 63, 1 << 18
 
     def fit(self, x, qw, row_sigma2):
         n = x.shape[0]
@@ -960,13 +989,14 @@ class _Q6_K(Codec):
             d = np.where(zero, F(0), F(1) / iscale)
             ls = np.where(zero[:, None], 0, _i8(np.minimum(127, _nearest_int(iscale[:, None] * scales))))
         step = (_fp16(d)[:, None] * ls.astype(F)).reshape(-1)
-        codes = _requantize(xe, step, F(0), codes, 63, offset=32)
-        codes = np.where(np.repeat(zero, 16)[None], 32, codes)  # an all-zero block is stored as zeros
+        codes = _requantize(xe, step, None, codes, 63, offset=32)
+        if zero.any():  # an all-zero block is stored as zeros
+            codes[:, np.repeat(zero, 16)] = 32
         return Fit({"scales": ls, "d": d, "zero": zero}, step.reshape(n, 16), -32 * step.reshape(n, 16),
                    _blocks(codes, 16))
 
     def pack(self, fit, codes):
-        c = codes.reshape(-1, 2, 4, 32).astype(np.uint8)  # [blocks, half, quarter, 32]
+        c = codes.reshape(-1, 2, 4, 32).astype(np.uint8, copy=False)  # [blocks, half, quarter, 32]
         ql = np.concatenate([(c[:, :, 0] & 0xF) | ((c[:, :, 2] & 0xF) << 4),
                              (c[:, :, 1] & 0xF) | ((c[:, :, 3] & 0xF) << 4)], axis=2).reshape(-1, 128)
         qh = ((c[:, :, 0] >> 4) | ((c[:, :, 1] >> 4) << 2) | ((c[:, :, 2] >> 4) << 4) | ((c[:, :, 3] >> 4) << 6))
