@@ -304,6 +304,64 @@ def test_a_seeded_row_draws_the_same_tokens_in_any_batch():
     assert [other_seed(lp).item() for lp in steps] != alone
 
 
+@pytest.mark.parametrize("kind", ["dense", "hybrid"])
+def test_a_rows_kv_buffers_reserved_for_its_end_are_made_once_and_decode_the_same(nets, kind):
+    """A decode row promoted with the positions it reaches at most (`end`) gets KV buffers of exactly that many when
+    they fit in a block, made once; past a block, or past its end (a draft), they grow as before. Its logits equal,
+    bit for bit, those of a row promoted without `end` (buffers growing by steps)."""
+    from mlxq.engine.runner import Runner
+
+    assert [buffer_positions(n, 40) for n in (1, 10, 40, 41)] == [40, 40, 40, 64]
+    assert [buffer_positions(n, 300) for n in (10, 40)] == [16, 64]  # past a block: the steps
+    net, prompt = nets[kind], list(range(3, 12))
+    runs = {}
+    for end in (0, len(prompt) + 30):
+        runner = Runner(net, 0)
+        runner.admit(prompt, None)
+        logits = [runner.prefill([prompt], [[len(prompt) - 1]], [])[0]]
+        runner.promote(0, end)
+        sizes = []
+        for _ in range(30):
+            logits.append(runner.decode([int(mx.argmax(logits[-1]))])[0])
+            mx.eval(logits[-1])
+            sizes.append(runner._batches["decode"].positions)
+        runner.close()
+        runs[end] = (mx.stack(logits), sizes)
+    assert set(runs[len(prompt) + 30][1]) == {len(prompt) + 30}
+    assert runs[0][1][0] < runs[0][1][-1]
+    assert mx.array_equal(runs[0][0], runs[len(prompt) + 30][0])
+
+
+@pytest.mark.skipif(mx.metal.is_available(), reason="MLX's cache is handed back mid-step off Metal only")
+def test_a_step_hands_back_what_the_layers_left_before_the_head(nets, monkeypatch):
+    """Off Metal, what MLX kept of the buffers the layers freed is handed back before the head runs (the head reuses
+    none of them), so a step holds one set at a time; the logits are the model's own."""
+    from mlxq.engine.runner import Runner
+
+    net, prompt = nets["dense"], list(range(3, 43))
+    at_head = []
+    head = net.head
+
+    def look_then_head(x):
+        at_head.append(mx.get_cache_memory())
+        return head(x)
+
+    monkeypatch.setattr(net, "head", look_then_head)
+    limit = mx.set_cache_limit(1 << 30)  # process-wide: an earlier test's expert pool may hold it near 0
+    try:
+        runner = Runner(net, 0)
+        runner.admit(prompt, None)
+        got = runner.prefill([prompt], [[len(prompt) - 1]], [])
+        runner.promote(0)
+        mx.eval(runner.decode([5]))
+        runner.close()
+    finally:
+        mx.set_cache_limit(limit)
+    assert at_head == [0, 0]
+    monkeypatch.undo()
+    assert mx.array_equal(got[0], net(mx.array([prompt]), net.make_cache())[0, -1])
+
+
 @pytest.mark.parametrize("kind", ["dense", "hybrid", "sliding"])
 def test_the_runner_decodes_every_kind_of_batch(nets, kind):
     """`Runner.decode` asks its batch what its KV buffers are sized for (`positions`): a `Batch` (dense, hybrid) and

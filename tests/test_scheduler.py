@@ -346,20 +346,23 @@ def test_prefill_hands_back_the_buffers_mlx_kept_off_metal(qwen3_model):
         assert kept == [0] * len(kept)
 
 
-def test_decode_hands_back_the_kv_buffers_mlx_kept_when_they_grow(qwen3_model, monkeypatch):
-    """Off Metal, once the KV buffers have grown (the old ones fit no later buffer), and before a finished row's cache
-    is copied out of the batch (the copy reuses what MLX kept from the steps), MLX's cache is handed back."""
+@pytest.mark.parametrize("max_tokens", [30, 300])
+def test_a_short_requests_kv_buffers_are_made_once_for_all_its_tokens(qwen3_model, monkeypatch, max_tokens):
+    """A request whose prompt and answer fit in a block gets decode KV buffers of exactly the positions it can reach
+    (its prompt and max_tokens - 1: the last token is never fed), made once; a longer one grows them in steps
+    (`buffer_positions`). Off Metal, MLX's cache is handed back before a finished row's cache is copied out of the
+    batch (the copy reuses what MLX kept from the steps)."""
     from mlxq.engine.batch import Batch
 
     model = qwen3_model
     engine = Engine(model.net, model.tokenizer, max_batch=8).start()
     prompt = prompts(model, 1)[0]
-    seen: list[tuple[int, int]] = []  # per decode step: the buffers' positions, and MLX's cache once it is built
+    seen: list[int] = []  # per decode step: the positions the buffers are sized for
     decode = engine.runner.decode
 
     def decode_then_look(tokens):
         out = decode(tokens)
-        seen.append((engine.runner._batches["decode"].positions, mx.get_cache_memory()))
+        seen.append(engine.runner._batches["decode"].positions)
         return out
 
     kept_at_copy: list[int] = []
@@ -375,19 +378,19 @@ def test_decode_hands_back_the_kv_buffers_mlx_kept_when_they_grow(qwen3_model, m
     # MLX's cache limit is process-wide: an expert pool an earlier test left for the collector holds it near 0
     limit = mx.set_cache_limit(1 << 30)
     try:
-        got = tokens(run(engine, [Request(prompt, 40 - len(prompt))])[0])
+        got = tokens(run(engine, [Request(prompt, max_tokens, ignore_eos=True)])[0])
+        first, seen[:] = list(seen), []
+        shorter = tokens(run(engine, [Request(prompt, 20, ignore_eos=True)])[0])  # the next row reserves its own
     finally:
         engine.close()
         mx.set_cache_limit(limit)
-    assert len(got) == 40 - len(prompt) and len(prompt) < 16
-    grown = [i for i in range(1, len(seen)) if seen[i][0] != seen[i - 1][0]]
-    assert [seen[i][0] for i in grown] == [32, 64]  # 16 -> 32 -> 64 positions
+    assert len(got) == max_tokens and len(first) == max_tokens - 1 and len(prompt) < 16
+    assert len(shorter) == 20 and set(seen) == {len(prompt) + 19}
+    if max_tokens < 256:
+        assert set(first) == {len(prompt) + max_tokens - 1}
+    else:
+        assert sorted(set(first)) == [16, 32, 64, 96, 128, 160, 192, 224, 256, 512]
     if not mx.metal.is_available():
-        # handed back at the step after each growth (what building that step freed aside: a few bytes); kept otherwise
-        # (what the steps reuse)
-        after = {i + 1 for i in grown}
-        assert all(seen[i][1] < 4096 for i in after)
-        assert all(c > 64 * 1024 for i, (_, c) in enumerate(seen) if i and i not in after)
         assert kept_at_copy and all(c < 4096 for c in kept_at_copy)
 
 

@@ -112,9 +112,9 @@ class PipelineBatch:
         """`Batch.positions`, over every micro-batch's buffers."""
         return sum(part.positions for part in self.parts)
 
-    def add(self, cache: list) -> None:
+    def add(self, cache: list, end: int = 0) -> None:
         p = min(range(len(self.parts)), key=lambda k: len(self.parts[k]))
-        self.parts[p].add(cache)
+        self.parts[p].add(cache, end)
         self.where.append((p, len(self.parts[p]) - 1))
 
     def remove(self, i: int, *, keep_cache: bool = True) -> list | None:

@@ -238,8 +238,8 @@ class GroupRunner(Runner):
     def mtp_end(self):
         return self._run("mtp_end", {}, lambda: Runner.mtp_end(self))
 
-    def promote(self, i):
-        return self._run("promote", {"i": i}, lambda: Runner.promote(self, i))
+    def promote(self, i, end=0):
+        return self._run("promote", {"i": i, "end": end}, lambda: Runner.promote(self, i, end))
 
     def leave(self, phase, i, fed, replay=None):
         """Runs here first (no collectives in it): the other ranks replay how rank 0's prompt cache took the row."""
@@ -338,7 +338,7 @@ def follow(net: CausalLM, link: Link, new_batch: Callable[[], Any] | None = None
             elif op == "rewind":
                 runner.rewind(args["keep"])
             elif op == "promote":
-                runner.promote(args["i"])
+                runner.promote(args["i"], args["end"])
             elif op == "leave":
                 runner.leave(args["phase"], args["i"], args["fed"], args["plan"])
             elif op == "reset":

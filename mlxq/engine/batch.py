@@ -24,6 +24,8 @@ import mlx.core as mx
 from mlxq.engine.cache import KVCache, RecurrentCache, buffer_positions, checkpoint, restore
 from mlxq.models.base import CausalLM
 
+_ON_METAL = mx.metal.is_available()
+
 
 class Rows:
     """The token count of every row, shared by all layers of a batch (every layer has seen the same tokens),
@@ -31,7 +33,12 @@ class Rows:
 
     def __init__(self) -> None:
         self.lengths: list[int] = []
+        self.ends: list[int] = []  # the positions each row reaches at most (0: unknown), which buffers may reserve
         self.counts: list[int] = []
+
+    def positions(self, n: int) -> int:
+        """Positions of KV buffers that hold `n` for these rows (`buffer_positions`, with the rows' reservation)."""
+        return buffer_positions(n, 0 if 0 in self.ends else max(self.ends, default=0))
 
     def begin(self, counts: list[int]) -> None:
         """Prepares a step that feeds row b `counts[b]` (>= 1) tokens."""
@@ -68,8 +75,9 @@ def _fit(x: mx.array | None, size: int) -> mx.array | None:
         return x
     if x.shape[2] > size:
         return x[:, :, :size]
-    pad = mx.zeros((*x.shape[:2], size - x.shape[2], x.shape[3]), x.dtype)
-    return mx.concatenate([x, pad], axis=2)
+    out = mx.zeros((*x.shape[:2], size, x.shape[3]), x.dtype)
+    out[:, :, : x.shape[2]] = x  # written into the new buffer: no padding array beside it (as a concatenation makes)
+    return out
 
 
 def _take_rows(x: mx.array | None, keep: list[int]) -> mx.array | None:
@@ -95,10 +103,10 @@ class BatchKVCache:
         width, n = self.rows.width, keys.shape[2]
         if self.keys is None:
             B, H, _, D = keys.shape
-            self.keys = mx.zeros((B, H, buffer_positions(width), D), keys.dtype)
-            self.values = mx.zeros((B, H, buffer_positions(width), values.shape[3]), values.dtype)
+            self.keys = mx.zeros((B, H, self.rows.positions(width), D), keys.dtype)
+            self.values = mx.zeros((B, H, self.rows.positions(width), values.shape[3]), values.dtype)
         elif width > self.keys.shape[2]:
-            size = buffer_positions(width)
+            size = self.rows.positions(width)
             self.keys, self.values = _fit(self.keys, size), _fit(self.values, size)
         offset = self.rows.offset
         if isinstance(offset, int):  # rows of one length: one slice, written in place
@@ -111,8 +119,8 @@ class BatchKVCache:
         return self.keys[:, :, :width], self.values[:, :, :width]
 
     def add(self, row: KVCache) -> None:
-        """Appends a single-row cache as the last row (call before `Rows.lengths` grows)."""
-        size = buffer_positions(max([row.offset, *self.rows.lengths]) + 1)
+        """Appends a single-row cache as the last row (call after `Rows.ends` grew, before `Rows.lengths` does)."""
+        size = self.rows.positions(max([row.offset, *self.rows.lengths]) + 1)
         n_rows = len(self.rows.lengths)
         rk = None if row.keys is None or not row.offset else row.keys[:, :, : row.offset]
         rv = None if row.values is None or not row.offset else row.values[:, :, : row.offset]
@@ -139,7 +147,7 @@ class BatchKVCache:
 
     def remove(self, keep: list[int]) -> None:
         """Keeps only the rows `keep` (call after `Rows.lengths` shrank); the buffer shrinks to what they need."""
-        size = buffer_positions(max(self.rows.lengths, default=0) + 1)
+        size = self.rows.positions(max(self.rows.lengths, default=0) + 1)
         self.keys = _fit(_take_rows(self.keys, keep), size)
         self.values = _fit(_take_rows(self.values, keep), size)
 
@@ -240,6 +248,12 @@ def forward(net: CausalLM, tokens: mx.array, caches: list, at: list[list[int]],
     x = net.embed(tokens) if hidden is None else net.embed(tokens, hidden)
     for layer, cache in zip(net.layers, caches, strict=True):
         x = layer(x, cache)
+    if not _ON_METAL:
+        # MLX's CPU backend keeps the buffers the layers freed (their slices of dequantized weights) for reuse, but
+        # the head (its slices of biases) is made of other shapes and reuses none of them: handed back before it, a
+        # step holds one set at a time, not both (SmolLM2 at Q2_K: ~2 MB less through prefill and every token)
+        mx.eval(x)
+        mx.clear_cache()
     return _gather_logits(net, x, at), x
 
 
@@ -277,12 +291,14 @@ class Batch:
         """Positions the KV buffers are sized for (0 before any): it changes whenever they are replaced."""
         return _kv_positions(self.caches or [])
 
-    def add(self, cache: list) -> None:
-        """Single-row caches (one per layer, fresh or resumed) join as the last row."""
+    def add(self, cache: list, end: int = 0) -> None:
+        """Single-row caches (one per layer, fresh or resumed) join as the last row. `end`: the positions the row
+        reaches at most (0: unknown), which the KV buffers reserve when it is short (`buffer_positions`)."""
         if self.caches is None:
             self.caches = [
                 BatchKVCache(self.rows) if isinstance(c, KVCache) else BatchRecurrentCache(self.rows) for c in cache
             ]
+        self.rows.ends.append(end)
         for batch_cache, row in zip(self.caches, cache, strict=True):
             batch_cache.add(row)
         self.rows.lengths.append(cache[0].offset)
@@ -291,7 +307,7 @@ class Batch:
         """Takes row i out; returns its cache as single-row caches when `keep_cache`."""
         out = [c.row(i) for c in self.caches] if keep_cache else None
         keep = [j for j in range(len(self)) if j != i]
-        del self.rows.lengths[i]
+        del self.rows.lengths[i], self.rows.ends[i]
         for c in self.caches:
             c.remove(keep)
         if out is not None:
@@ -361,8 +377,8 @@ class SerialBatch:
         """`Batch.positions`, over every row's own buffers."""
         return sum(_kv_positions(c) for c in self.caches)
 
-    def add(self, cache: list) -> None:
-        self.caches.append(cache)
+    def add(self, cache: list, end: int = 0) -> None:
+        self.caches.append(cache)  # each row's own caches grow as one sequence's: `end` is not used
 
     def remove(self, i: int, *, keep_cache: bool = True) -> list | None:
         cache = self.caches.pop(i)

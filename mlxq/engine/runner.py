@@ -23,6 +23,7 @@ from mlxq.engine.batch import Batch, gather_rows, make_batch
 from mlxq.engine.persist import fingerprint
 from mlxq.engine.prompt_cache import CacheSlot, DiskSpill, PromptCache
 from mlxq.errors import EngineDown, InvalidRequest
+from mlxq.loading import trim_heap
 from mlxq.models.base import CausalLM
 from mlxq.models.mtp import MTPDraft
 
@@ -67,7 +68,6 @@ class Runner:
         self._mtp_out: mx.array | None = None  # the head's last output per row, normed: what its next step reads
         self._mtp_start: tuple | None = None  # the MTP batch after the first step of a round of drafts
         self.fetched: dict | None = None  # the prompt cache's plan at the last `admit` (None: a slot resumed it)
-        self._decode_positions = 0  # what the decode batch's KV buffers were sized for at the last step
 
     def attach(self, abort: Callable[[EngineDown], None]) -> None:
         """The scheduler's `abort`, for a runner that can find the model gone while a step runs (a group's)."""
@@ -104,12 +104,6 @@ class Runner:
     def decode(self, tokens: list[int]) -> mx.array:
         """One token for every decode row; the logits [rows, vocab], lazy (sampling joins the same graph)."""
         batch = self._batches[DECODE]
-        if not _ON_METAL and batch.positions != self._decode_positions:
-            # The KV buffers changed size since the last step, and MLX keeps the old ones for reuse, which no later
-            # buffer fits: handed back, their memory serves the next allocations (SmolLM2: 3 MB less at the end of a
-            # request, where its KV is copied to the prompt cache)
-            mx.clear_cache()
-            self._decode_positions = batch.positions
         logits = batch.step([[t] for t in tokens], [[0]] * len(tokens))
         self._note_hidden(DECODE, [[t] for t in tokens])
         return logits
@@ -182,9 +176,18 @@ class Runner:
         """Every array the caches of `phase` hold (to evaluate a step whole)."""
         return self._batches[phase].state
 
-    def promote(self, i: int) -> None:
-        """Prefill row i, its prompt done, becomes the last decode row."""
-        self._batches[DECODE].add(self._batches[PREFILL].remove(i))
+    def promote(self, i: int, end: int = 0) -> None:
+        """Prefill row i, its prompt done, becomes the last decode row. `end`: the positions its cache reaches at most
+        (its prompt and every token it may still feed; 0: unknown), which its KV buffers may reserve at once."""
+        self._batches[DECODE].add(self._batches[PREFILL].remove(i), end)
+        if not _ON_METAL:
+            # The row's decode buffers, made now (often for good: reserved to `end`, they never grow), and what
+            # prefilling and copying the row freed handed back: MLX's cache, and the heap's free pages (the KV
+            # buffers of a small model are heap blocks, and their holes stay otherwise; SmolLM2: 1.5-2 MB less
+            # through every token that follows)
+            mx.eval(self._batches[DECODE].state)
+            mx.clear_cache()
+            trim_heap()
         self._rows[DECODE].append(self._rows[PREFILL].pop(i))
         if self._rows[DECODE][-1].mtp:
             self._mtp_batch.add(self.mtp.make_cache())

@@ -486,7 +486,8 @@ class Engine:
                 self._leave(PREFILL, self._prefilling, i, out)
             else:
                 del self._prefilling[i]
-                self.runner.promote(i)
+                # its last token is never fed: the cache ends at most max_tokens - 1 past the prompt
+                self.runner.promote(i, len(seq.req.prompt) + seq.req.max_tokens - 1)
                 self._running.append(seq)
 
     def _decode_step(self) -> None:
