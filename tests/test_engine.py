@@ -364,9 +364,9 @@ def test_a_step_hands_back_what_the_layers_left_before_the_head(nets, monkeypatc
 
 @pytest.mark.parametrize("kind", ["dense", "hybrid", "sliding"])
 def test_the_runner_decodes_every_kind_of_batch(nets, kind):
-    """`Runner.decode` asks its batch what its KV buffers are sized for (`positions`): a `Batch` (dense, hybrid) and
-    a `SerialBatch` (sliding windows) both answer, the answer grows with the buffers, and greedy decode through the
-    runner gives the tokens of the model stepped by hand."""
+    """Greedy decode through the runner gives the tokens of the model stepped by hand on every batch kind: a `Batch`
+    (dense, hybrid) and a `SerialBatch` (sliding windows); each tells what its KV buffers are sized for (`positions`,
+    what the tests observe), and the answer grows with the buffers."""
     from mlxq.engine.runner import Runner
 
     net = nets[kind]
