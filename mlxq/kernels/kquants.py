@@ -576,13 +576,13 @@ def dequantize(blocks: mx.array, kind: str, dtype: mx.Dtype = mx.float32, *, bac
 
 # From this many rows on (a prompt), off Metal, products on quantized weights dequantize the weight and run BLAS
 # matmuls: MLX's CPU quantized matmul costs about a row's worth of that per row, so it wins only for a few rows
-# (decode). The float weight is made this many bytes at a time (`sliced_matmul`): 2^14 * 27, which widths made of
-# 64, 3 and powers of two divide (SmolLM2's 576 and 1536 float32 weights: slices of 192 and 72 rows, every layer's
-# rows a whole number of them), so every slice, the last ones too, has one size: MLX's CPU cache reuses a freed
-# buffer only for a size within two pages of its own, and slices of one size need one set of buffers (SmolLM2 at
-# Q2_K: its first prompt's peak RSS 4.5 MB lower, decode's 1.6 MB)
+# (decode). The float weight is made this many bytes at a time (`sliced_matmul`): 2^15 * 27, which rows of widths
+# made of 64, 3 and powers of two divide (SmolLM2's 576 and 1536 float32 weights: slices of 384 and 144 rows; its
+# layers' 192, 576 and 1536 rows are whole slices and at most one half slice), so the slices, the last ones too,
+# come in two sizes: MLX's CPU cache reuses a freed buffer only for a size within two pages of its own, and it
+# keeps a set of buffers per size (SmolLM2 at Q2_K: the first prompt's peak RSS ~4 MB lower, decode's ~1.8 MB)
 DEQUANTIZE_FROM_ROWS = 8
-SLICE_BYTES = 432 << 10
+SLICE_BYTES = 864 << 10
 
 
 def sliced_matmul(x: mx.array, rows: int, weight_rows: Callable[[int, int], mx.array]) -> mx.array:
