@@ -158,7 +158,7 @@ for rows in (32, 1):
 
 def test_products_hold_one_slice_of_float_weight_at_once():
     """A lazy chain of layers (as a model's forward is built) holds about one slice of float weight while it
-    computes (`SLICE_BYTES`, 1 MB; Q6_K's unpacking a few times that), not a layer's 16 MB, nor several layers' as
+    computes (`SLICE_BYTES`, 432 KB; Q6_K's unpacking a few times that), not a layer's 16 MB, nor several layers' as
     MLX allocates ahead; measured in a child process (MLX's peak is the process's)."""
     if mx.metal.is_available():
         pytest.skip("the sliced path is the CPU reference's")
@@ -166,6 +166,40 @@ def test_products_hold_one_slice_of_float_weight_at_once():
     peaks = {int(rows): float(mb) for rows, mb in (line.split() for line in out.stdout.split("\n") if line)}
     print(peaks)
     assert peaks[32] < 6 and peaks[1] < 6, f"MLX's peak above the model, MB, by rows: {peaks}"
+
+
+def test_a_prompts_slices_of_smollm2s_layers_have_one_size_and_reuse_one_buffer(monkeypatch):
+    """Off Metal, every slice of float weight a prompt's products make of SmolLM2's layers (576 and 1536 weights
+    wide; 192, 576 and 1536 rows) is `SLICE_BYTES` or half of it, the last ones too. MLX's CPU cache reuses a freed
+    buffer only for a size within two pages of its own: the layers after the first (which makes both sizes) reuse
+    what it left, and MLX's cache grows by their small outputs only, not by other sets of slice buffers."""
+    if mx.metal.is_available():
+        pytest.skip("the sliced path is the CPU reference's")
+    layers = [(rows, mx.array(random_blocks("Q8_0", rows=rows, blocks_per_row=width // 32, seed=rows + width)))
+              for rows, width in ((576, 576), (1536, 576), (576, 1536), (192, 576))]
+    xs = {width: mx.random.normal((26, width), key=mx.random.key(width)) for width in (576, 1536)}
+    mx.eval([raw for _, raw in layers], xs)
+    made = []
+    dequantize = kquants.dequantize
+
+    def note_slice(blocks, kind, dtype=mx.float32, **options):
+        out = dequantize(blocks, kind, dtype, **options)
+        made.append(out.nbytes)
+        return out
+
+    monkeypatch.setattr(kquants, "dequantize", note_slice)
+    limit = mx.set_cache_limit(1 << 30)  # process-wide: an earlier test's expert pool may hold it near 0
+    try:
+        mx.clear_cache()
+        cached = []
+        for _, raw in layers:
+            mx.eval(kquants.matmul(xs[raw.shape[1] // 34 * 32], raw, "Q8_0"))
+            cached.append(mx.get_cache_memory())
+    finally:
+        mx.set_cache_limit(limit)
+    # what the later layers add: their slices' outputs (26 x 144 to 26 x 384 float32, 15-40 KB each)
+    assert cached[-1] - cached[0] < kquants.SLICE_BYTES // 2, cached
+    assert sorted(made) == [kquants.SLICE_BYTES // 2] * 2 + [kquants.SLICE_BYTES] * 9
 
 
 def quantized_linear_from(kind: str, rows: int, seed: int = 6):
