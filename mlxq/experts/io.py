@@ -68,7 +68,7 @@ def staging(size: int) -> memoryview:
     where the platform has transparent huge pages (Linux), it is backed by them: physically contiguous memory, so the
     block layer hands a large read to the device as one request, where 4 KiB pages split it into one request per
     `max_segments` pages (a virtio disk: 6 requests for one 3.9 MB expert, read 2.5x slower than as one request)."""
-    if size < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if not _huge(size):
         return memoryview(mmap.mmap(-1, size))
     span = staging_bytes(size)
     # private and anonymous (a shared mapping is shmem, which `enabled` does not cover), one huge page longer so
@@ -84,9 +84,12 @@ def staging(size: int) -> memoryview:
 
 def staging_bytes(size: int) -> int:
     """Memory a `staging(size)` buffer takes once read into (huge pages are resident whole)."""
-    if size < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return size
-    return -(-size // HUGE_PAGE) * HUGE_PAGE
+    return -(-size // HUGE_PAGE) * HUGE_PAGE if _huge(size) else size
+
+
+def _huge(size: int) -> bool:
+    """Whether a staging buffer of `size` bytes is backed by huge pages: from one up, where the platform has them."""
+    return size >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE")
 
 
 class _Staging(threading.local):
