@@ -1,5 +1,6 @@
-"""The benchmark scripts' shared options and result convention (bench/results/NAME.json, also printed as the last
-stdout line). What they measure with and record lives in mlxq.bench, which `mlxq bench` runs too.
+"""The benchmark scripts' shared options and result convention (bench/results/NAME.json, NAME-quick.json for
+--quick, also printed as the last stdout line). What they measure with and record lives in mlxq.bench, which
+`mlxq bench` runs too.
 
     args = parse_args(parser)        # adds --quick and --allow-reference-blas, refuses reference BLAS off the GPU
     src = float_copy("smollm2")      # the stored weights both sides load
@@ -40,9 +41,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 def write_result(name: str, result: dict) -> dict:
     """Adds machine facts and a timestamp, writes bench/results/NAME.json (whole or not at all), prints it as the
-    last stdout line."""
+    last stdout line. A quick run writes NAME-quick.json: it never replaces a recorded full run."""
     result = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **result}
-    write_json(RESULTS / f"{name}.json", result)
+    write_json(RESULTS / f"{name}-quick.json" if result.get("quick") else RESULTS / f"{name}.json", result)
     sys.stdout.flush()
     print(json.dumps(result))
     return result

@@ -606,6 +606,7 @@ def main() -> None:
     projection = project(matrix, raw, args.top_k)
     result = {
         "mode": mode,
+        "quick": args.quick,
         "model": {**shape.__dict__, "expert_bytes": next(iter(packs.layers.values())).payload,
                   "packs_bytes": sum(lp.stride * lp.n_experts for lp in packs.layers.values()),
                   "scaled_from": f"Qwen3.5-397B-A17B (widths and head counts / {QWEN35_397B.hidden // shape.hidden})"},

@@ -121,6 +121,16 @@ def bench_script(name: str):
         sys.path[:] = saved
 
 
+def test_a_quick_run_never_replaces_the_recorded_full_result(tmp_path, monkeypatch):
+    common = bench_script("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "machine", lambda: {})
+    common.write_result("demo", {"quick": False, "ratio": 1.0})
+    common.write_result("demo", {"quick": True, "ratio": 2.0})
+    assert json.loads((tmp_path / "demo.json").read_text())["ratio"] == 1.0
+    assert json.loads((tmp_path / "demo-quick.json").read_text())["ratio"] == 2.0
+
+
 def quant_quality():
     """bench/quant_quality.py: its plan, selection, store use and ratios."""
     return bench_script("quant_quality")
