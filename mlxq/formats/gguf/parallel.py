@@ -1,0 +1,237 @@
+"""An export's block-quantized tensors encoded on every core this process may run on.
+
+A fit is many small numpy calls with Python between them, so threads spend their time waiting for the GIL
+(session 11: the same wall time for a third more CPU). Worker processes are forked instead, once per export, before
+the first tensor: this process copies row slices of each tensor into memory shared with them, and encodes a slice
+itself whenever every worker's queue is full. Whoever encodes a slice writes its bytes at their place in the output
+file (os.pwrite on the one descriptor), so nothing encoded travels back. A worker runs only numpy and the codecs,
+never MLX (a forked child has none of MLX's threads), ignores Ctrl-C (this process ends it), and exits when this
+process is gone (its end of the pipe closes).
+
+Memory: each worker shares SLOTS slices of at most `slice_weights` float32 weights (and as many importance values in
+a calibrated export), and holds one slice's working arrays of its own.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+from dataclasses import dataclass
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+import numpy as np
+
+from mlxq.errors import MlxqError
+from mlxq.formats.gguf.codecs import CODECS, block_rows, encode
+from mlxq.formats.gguf.writer import write_at
+
+# Weights a slice holds: each slice is one message to a worker (~0.1 ms with its copy into shared memory), and a
+# worker's last slices are what the export waits for at its end. 2**19 is Q3_K's encoding step (the largest) and
+# 2 ms of Q8_0, the cheapest codec, per slice.
+SLICE_WEIGHTS = max(1 << 19, *(c.chunk for c in CODECS.values()))
+SLOTS = 2  # slices queued per worker: it starts the next the moment it ends one, while this process encodes its own
+# Below this many block-quantized weights an export stays in one process: forking and ending a worker costs ~10 ms,
+# more than a small model's whole encoding gains
+MIN_PARALLEL_WEIGHTS = 1 << 22
+MAX_WORKERS = 15
+
+
+def worker_count(weights: int) -> int:
+    """Workers for an export of `weights` block-quantized weights: one per core this process may use, none for a
+    small export or on one core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 0 if weights < MIN_PARALLEL_WEIGHTS or cores < 2 else min(cores, MAX_WORKERS)
+
+
+class EncodeError(MlxqError):
+    """A tensor whose encoding failed, in this process or in a worker."""
+
+
+@dataclass
+class _Worker:
+    pid: int
+    conn: Connection
+    busy: dict[int, tuple[str, str]]  # slot -> (tensor, type) handed to it and not yet done
+
+
+class Encoders:
+    """Encodes tensors into the open file `fd` (`path` names it in errors) with `workers` forked processes besides
+    this one. A context manager: leaving it normally waits for every slice handed out and raises the first error;
+    leaving it on an error kills the workers. Either way they are reaped before it returns."""
+
+    def __init__(self, path: Path, fd: int, workers: int, widest: int):
+        self.path, self.fd = path, fd
+        self.slice_weights = max(SLICE_WEIGHTS, widest)  # a slice holds at least one row
+        self.workers: list[_Worker] = []
+        self._want = workers
+        self._shared: mmap.mmap | None = None
+        self._free: list[tuple[_Worker, int]] = []
+
+    # -------------------------------------------------------------------------------------------- life
+    def __enter__(self) -> Encoders:
+        if self._want:
+            # anonymous and shared (Python's default): each slot holds a slice's weights, then its importance;
+            # pages never touched (importance outside calibrated exports) cost nothing
+            self._shared = mmap.mmap(-1, self._want * SLOTS * 2 * self.slice_weights * 4)
+        try:
+            for _ in range(self._want):
+                self._fork()
+        except BaseException:
+            self._end(kill=True)
+            raise
+        return self
+
+    def _fork(self) -> None:
+        mine, theirs = Pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns into the export's code (its cleanup would remove the file)
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                mine.close()
+                for w in self.workers:  # so that each worker sees EOF once this process is gone
+                    w.conn.close()
+                _serve(theirs, self._shared, self.fd, self.slice_weights)
+                code = 0
+            finally:
+                os._exit(code)
+        theirs.close()
+        worker = _Worker(pid, mine, {})
+        first = len(self.workers) * SLOTS
+        self.workers.append(worker)
+        self._free += [(worker, first + k) for k in range(SLOTS)]
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            if kind is None:
+                while any(w.busy for w in self.workers):
+                    self._collect(block=True)
+        except BaseException:
+            self._end(kill=True)
+            raise
+        self._end(kill=kind is not None)
+
+    def _end(self, kill: bool) -> None:
+        for w in self.workers:
+            try:
+                if kill:
+                    os.kill(w.pid, signal.SIGKILL)
+                else:
+                    w.conn.send(None)
+            except (OSError, ValueError):  # already gone
+                pass
+        for w in self.workers:
+            w.conn.close()
+            os.waitpid(w.pid, 0)
+        self.workers, self._free = [], []
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
+
+    # -------------------------------------------------------------------------------------------- work
+    def encode(self, name: str, offset: int, w: np.ndarray, kind: str, importance: np.ndarray | None) -> None:
+        """Tensor `name`'s rows w [..., cols] encoded as `kind` (importance-weighted with `importance`) into the file
+        from byte `offset` on: here, or slice by slice by the workers (returning once the last slice is handed
+        out)."""
+        codec = CODECS[kind]
+        x, qw = block_rows(w, kind, importance)
+        if not self.workers:
+            try:
+                data = encode(x, kind, qw)
+            except Exception as e:
+                raise self._failed(name, kind, f"{type(e).__name__}: {e}") from None
+            write_at(self.fd, data, offset)
+            return
+        cols = x.shape[1]
+        row_bytes = cols // codec.block * codec.size
+        step = max(1, self.slice_weights // cols)
+        mapped = _mapped_file(x)
+        for r in range(0, x.shape[0], step):
+            source = None if mapped is None else (mapped[0], mapped[1] + r * cols * 4)
+            self._hand_out(name, kind, x[r : r + step], None if qw is None else qw[r : r + step],
+                           offset + r * row_bytes, source)
+
+    def _hand_out(self, name: str, kind: str, x: np.ndarray, qw: np.ndarray | None, at: int,
+                  source: tuple[str, int] | None) -> None:
+        """Slice x to the next free worker: its weights read by the worker from `source` (file, byte offset) or
+        copied into its slot here, its importance copied."""
+        self._collect(block=not self._free)
+        worker, slot = self._free.pop(0)  # the worker that has been waiting longest
+        xs, qs = _slot(self._shared, slot, self.slice_weights, *x.shape, qw is not None)
+        if source is None:
+            xs[...] = x
+        if qw is not None:
+            qs[...] = qw
+        worker.conn.send((slot, kind, *x.shape, qw is not None, at, source))
+        worker.busy[slot] = (name, kind)
+
+    def _collect(self, block: bool) -> None:
+        """Frees the slots of slices done (waiting for one when `block`); raises a worker's error, or its death."""
+        busy = [w for w in self.workers if w.busy]
+        if block:
+            wait([w.conn for w in busy])
+        for w in busy:
+            while w.busy and w.conn.poll():
+                try:
+                    slot, error = w.conn.recv()
+                except (EOFError, OSError):
+                    name, kind = next(iter(w.busy.values()))
+                    raise self._failed(name, kind, f"its worker process (pid {w.pid}) died") from None
+                name, kind = w.busy.pop(slot)
+                if error is not None:
+                    raise self._failed(name, kind, f"{error} (in a worker process)")
+                self._free.append((w, slot))
+
+    def _failed(self, name: str, kind: str, why: str) -> EncodeError:
+        return EncodeError(f"{self.path}: encoding tensor '{name}' as {kind} failed: {why}")
+
+
+def _slot(shared: mmap.mmap, slot: int, slice_weights: int, rows: int, cols: int,
+          weighted: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Slot `slot`'s weights [rows, cols] and importance (or None) as views of the shared memory."""
+    start = slot * 2 * slice_weights * 4
+    x = np.frombuffer(shared, np.float32, rows * cols, start).reshape(rows, cols)
+    qw = np.frombuffer(shared, np.float32, rows * cols, start + slice_weights * 4).reshape(rows, cols)
+    return x, qw if weighted else None
+
+
+def _mapped_file(x: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset) of x's data when x is a C-contiguous float32 view of a file numpy maps (a float32 source
+    tensor, as `mapped_float` gives it, with no transform): a worker maps that file itself, so the weights are not
+    copied here. numpy's memmap whose base is the mapping itself starts at its `offset` in the file."""
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        return None
+    base = x
+    while base is not None and not (isinstance(base, np.memmap) and isinstance(base.base, mmap.mmap)):
+        base = base.base if isinstance(base, np.ndarray) else None
+    if base is None or base.filename is None:
+        return None
+    return base.filename, base.offset + (x.ctypes.data - base.ctypes.data)
+
+
+def _serve(conn: Connection, shared: mmap.mmap, fd: int, slice_weights: int) -> None:
+    """A worker's loop: a slice in, its bytes written, (slot, None or the error) back; ends on None or EOF."""
+    files: dict[str, mmap.mmap] = {}  # source files mapped, read-only
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:  # the export is gone
+            return
+        if task is None:
+            return
+        slot, kind, rows, cols, weighted, at, source = task
+        try:
+            x, qw = _slot(shared, slot, slice_weights, rows, cols, weighted)
+            if source is not None:
+                if source[0] not in files:
+                    with open(source[0], "rb") as f:
+                        files[source[0]] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                x = np.frombuffer(files[source[0]], np.float32, rows * cols, source[1]).reshape(rows, cols)
+            write_at(fd, encode(x, kind, qw), at)
+            conn.send((slot, None))
+        except Exception as e:
+            conn.send((slot, f"{type(e).__name__}: {e}"))
+
