@@ -69,12 +69,10 @@ def test_workers_weigh_slices_by_their_importance(kind, tmp_path, monkeypatch):
         want = encode(w, kind, importance).tobytes()
         assert want != encode(w, kind).tobytes()
         path = tmp_path / "t.bin"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-        try:
-            with parallel.Encoders(path, fd, 2, 512) as encoders:
-                encoders.encode("blk.0.ffn_up_exps.weight", 7, w, kind, importance)
-        finally:
-            os.close(fd)
+        path.write_bytes(b"")
+        with parallel.Encoders(path, 2, 512, path) as encoders:
+            encoders.encode("blk.0.ffn_up_exps.weight", 7, w, kind, importance)
+            encoders.finish()
         assert path.read_bytes()[7:] == want
 
 
@@ -91,12 +89,10 @@ def test_workers_read_a_mapped_view_from_where_it_starts(tmp_path, monkeypatch):
     monkeypatch.setattr(parallel.Encoders, "_hand_out",
                         lambda self, *a: handed.append(a[-1] is not None) or hand_out(self, *a))
     path = tmp_path / "t.bin"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-    try:
-        with parallel.Encoders(path, fd, 2, 256) as encoders:
-            encoders.encode("blk.0.ffn_up.weight", 0, w, "Q4_K", None)
-    finally:
-        os.close(fd)
+    path.write_bytes(b"")
+    with parallel.Encoders(path, 2, 256, path) as encoders:
+        encoders.encode("blk.0.ffn_up.weight", 0, w, "Q4_K", None)
+        encoders.finish()
     assert set(handed) == {True} and path.read_bytes() == encode(w, "Q4_K").tobytes()
 
 
@@ -195,8 +191,7 @@ def test_an_interrupted_export_leaves_no_file_and_no_worker(sources, tmp_path, m
 def test_workers_end_when_the_export_is_gone(tmp_path):
     """A worker whose pipe closes (the exporting process died) exits by itself."""
     path = tmp_path / "t.bin"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT)
-    encoders = parallel.Encoders(path, fd, 3, 256).__enter__()
+    encoders = parallel.Encoders(path, 3, 256, path).__enter__()
     try:
         for w in encoders.workers:
             w.conn.close()
@@ -211,7 +206,6 @@ def test_workers_end_when_the_export_is_gone(tmp_path):
             if not _gone(w.pid):
                 os.kill(w.pid, 9)
                 os.waitpid(w.pid, 0)
-        os.close(fd)
 
 
 def test_workers_one_per_core_but_none_for_a_small_model_or_one_core(monkeypatch):
@@ -222,3 +216,13 @@ def test_workers_one_per_core_but_none_for_a_small_model_or_one_core(monkeypatch
     assert parallel.worker_count(10 * big) == 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     assert parallel.worker_count(10 * big) == parallel.MAX_WORKERS
+
+
+def test_leaving_without_finish_is_an_error_and_reaps_the_workers(tmp_path):
+    """finish() is what waits for the workers' last slices: a file closed without it could miss them."""
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"")
+    with pytest.raises(RuntimeError, match="finish"), parallel.Encoders(path, 2, 256, path) as encoders:
+        pids = [w.pid for w in encoders.workers]
+        encoders.encode("blk.0.ffn_up.weight", 0, np.ones((8, 256), np.float32), "Q8_0", None)
+    assert len(pids) == 2 and all(map(_gone, pids))

@@ -460,14 +460,16 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
     if workers is None:
         workers = worker_count(sum(math.prod(t.shape) for t in blocks))
     try:
-        with (GGUFOut(out, the_plan.arch, metadata, tensors) as f,
-              Encoders(out, f.fd, workers, max((t.shape[-1] for t in blocks), default=0)) as encoders):
+        gguf = GGUFOut(out, the_plan.arch, metadata, tensors)
+        # the workers are reaped after the file is synced: their exits overlap the sync
+        with Encoders(gguf.tmp, workers, max((t.shape[-1] for t in blocks), default=0), out) as encoders, gguf as f:
             for t, data in the_plan.extra:
                 f.write(t.name, data)
             with progress_bar(console, "exporting", the_plan.items, progress) as advance:
                 for item in the_plan.items:
                     _write(f, encoders, ckpt, the_plan, item, stats, method)
                     advance(item.src_bytes)
+            encoders.finish()
     finally:
         restore()
     params = sum(math.prod(t.shape) for t in tensors)

@@ -58,17 +58,19 @@ class _Worker:
 
 
 class Encoders:
-    """Encodes tensors into the open file `fd` (`path` names it in errors) with `workers` forked processes besides
-    this one. A context manager: leaving it normally waits for every slice handed out and raises the first error;
-    leaving it on an error kills the workers. Either way they are reaped before it returns."""
+    """Encodes tensors into the file at `path` (named `shown` in errors; each process opens it for writing when it
+    first writes, so it need not exist yet) with `workers` forked processes besides this one. A context manager
+    around the writing: `finish` waits for every slice handed out (raising the first error) and lets the workers
+    go; leaving the block reaps them, killed first when it is left on an error."""
 
-    def __init__(self, path: Path, fd: int, workers: int, widest: int):
-        self.path, self.fd = path, fd
+    def __init__(self, path: Path, workers: int, widest: int, shown: Path):
+        self.path, self.shown = path, shown
         self.slice_weights = max(SLICE_WEIGHTS, widest)  # a slice holds at least one row
         self.workers: list[_Worker] = []
         self._want = workers
         self._shared: mmap.mmap | None = None
         self._free: list[tuple[_Worker, int]] = []
+        self._fd = -1  # this process's own, for what it encodes itself
 
     # -------------------------------------------------------------------------------------------- life
     def __enter__(self) -> Encoders:
@@ -94,7 +96,7 @@ class Encoders:
                 mine.close()
                 for w in self.workers:  # so that each worker sees EOF once this process is gone
                     w.conn.close()
-                _serve(theirs, self._shared, self.fd, self.slice_weights)
+                _serve(theirs, self._shared, self.path, self.slice_weights)
                 code = 0
             finally:
                 os._exit(code)
@@ -104,15 +106,20 @@ class Encoders:
         self.workers.append(worker)
         self._free += [(worker, first + k) for k in range(SLOTS)]
 
+    def finish(self) -> None:
+        """Waits for every slice handed out, raising the first error; the workers end once their last is done (so
+        their exit overlaps what follows: the file's sync)."""
+        for w in self.workers:
+            w.conn.send(None)
+        while any(w.busy for w in self.workers):
+            self._collect(block=True)
+        self._free = []
+
     def __exit__(self, kind, exc, tb) -> None:
-        try:
-            if kind is None:
-                while any(w.busy for w in self.workers):
-                    self._collect(block=True)
-        except BaseException:
-            self._end(kill=True)
-            raise
-        self._end(kill=kind is not None)
+        unfinished = kind is None and any(w.busy for w in self.workers)
+        self._end(kill=kind is not None or unfinished)
+        if unfinished:
+            raise RuntimeError("Encoders left with slices not written (finish() was not called)")
 
     def _end(self, kill: bool) -> None:
         for w in self.workers:
@@ -120,7 +127,7 @@ class Encoders:
                 if kill:
                     os.kill(w.pid, signal.SIGKILL)
                 else:
-                    w.conn.send(None)
+                    w.conn.send(None)  # (a second None, after finish's, is never read)
             except (OSError, ValueError):  # already gone
                 pass
         for w in self.workers:
@@ -130,6 +137,9 @@ class Encoders:
         if self._shared is not None:
             self._shared.close()
             self._shared = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     # -------------------------------------------------------------------------------------------- work
     def encode(self, name: str, offset: int, w: np.ndarray, kind: str, importance: np.ndarray | None) -> None:
@@ -143,7 +153,9 @@ class Encoders:
                 data = encode(x, kind, qw)
             except Exception as e:
                 raise self._failed(name, kind, f"{type(e).__name__}: {e}") from None
-            write_at(self.fd, data, offset)
+            if self._fd < 0:
+                self._fd = os.open(self.path, os.O_WRONLY)
+            write_at(self._fd, data, offset)
             return
         cols = x.shape[1]
         row_bytes = cols // codec.block * codec.size
@@ -186,7 +198,7 @@ class Encoders:
                 self._free.append((w, slot))
 
     def _failed(self, name: str, kind: str, why: str) -> EncodeError:
-        return EncodeError(f"{self.path}: encoding tensor '{name}' as {kind} failed: {why}")
+        return EncodeError(f"{self.shown}: encoding tensor '{name}' as {kind} failed: {why}")
 
 
 def _slot(shared: mmap.mmap, slot: int, slice_weights: int, rows: int, cols: int,
@@ -212,9 +224,11 @@ def _mapped_file(x: np.ndarray) -> tuple[str, int] | None:
     return base.filename, base.offset + (x.ctypes.data - base.ctypes.data)
 
 
-def _serve(conn: Connection, shared: mmap.mmap, fd: int, slice_weights: int) -> None:
-    """A worker's loop: a slice in, its bytes written, (slot, None or the error) back; ends on None or EOF."""
+def _serve(conn: Connection, shared: mmap.mmap, path: Path, slice_weights: int) -> None:
+    """A worker's loop: a slice in, its bytes written into `path`, (slot, None or the error) back; ends on None or
+    EOF."""
     files: dict[str, mmap.mmap] = {}  # source files mapped, read-only
+    fd = -1
     while True:
         try:
             task = conn.recv()
@@ -230,7 +244,10 @@ def _serve(conn: Connection, shared: mmap.mmap, fd: int, slice_weights: int) -> 
                     with open(source[0], "rb") as f:
                         files[source[0]] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 x = np.frombuffer(files[source[0]], np.float32, rows * cols, source[1]).reshape(rows, cols)
-            write_at(fd, encode(x, kind, qw), at)
+            data = encode(x, kind, qw)
+            if fd < 0:
+                fd = os.open(path, os.O_WRONLY)
+            write_at(fd, data, at)
             conn.send((slot, None))
         except Exception as e:
             conn.send((slot, f"{type(e).__name__}: {e}"))
