@@ -37,6 +37,7 @@ SLOTS = 2  # slices queued per worker: it starts the next the moment it ends one
 # more than a small model's whole encoding gains
 MIN_PARALLEL_WEIGHTS = 1 << 22
 MAX_WORKERS = 15
+WINDOW_BYTES = 64 << 20  # of the source file a worker maps at a time
 
 
 def worker_count(weights: int) -> int:
@@ -224,10 +225,32 @@ def _mapped_file(x: np.ndarray) -> tuple[str, int] | None:
     return base.filename, base.offset + (x.ctypes.data - base.ctypes.data)
 
 
+class _Window:
+    """A worker's view of the source file: WINDOW_BYTES of it mapped at a time (moved on as the slices go on), so
+    the worker holds a bounded part of a large file, and maps it in few calls (one mapping per slice: 5-10 % slower
+    exports of SmolLM2)."""
+
+    def __init__(self):
+        self.fds: dict[str, int] = {}
+        self.file, self.start, self.mapped = None, 0, None
+
+    def view(self, file: str, offset: int, count: int) -> np.ndarray:
+        """`count` float32 values at byte `offset` of `file`."""
+        end = offset + 4 * count
+        if file != self.file or not self.start <= offset or end > self.start + len(self.mapped):
+            if file not in self.fds:
+                self.fds[file] = os.open(file, os.O_RDONLY)
+            self.mapped = None  # unmapped (no view of it is left)
+            self.file, self.start = file, offset - offset % mmap.ALLOCATIONGRANULARITY
+            size = min(max(WINDOW_BYTES, end - self.start), os.fstat(self.fds[file]).st_size - self.start)
+            self.mapped = mmap.mmap(self.fds[file], size, access=mmap.ACCESS_READ, offset=self.start)
+        return np.frombuffer(self.mapped, np.float32, count, offset - self.start)
+
+
 def _serve(conn: Connection, shared: mmap.mmap, path: Path, slice_weights: int) -> None:
     """A worker's loop: a slice in, its bytes written into `path`, (slot, None or the error) back; ends on None or
     EOF."""
-    files: dict[str, mmap.mmap] = {}  # source files mapped, read-only
+    window = _Window()
     fd = -1
     while True:
         try:
@@ -240,11 +263,9 @@ def _serve(conn: Connection, shared: mmap.mmap, path: Path, slice_weights: int) 
         try:
             x, qw = _slot(shared, slot, slice_weights, rows, cols, weighted)
             if source is not None:
-                if source[0] not in files:
-                    with open(source[0], "rb") as f:
-                        files[source[0]] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                x = np.frombuffer(files[source[0]], np.float32, rows * cols, source[1]).reshape(rows, cols)
+                x = window.view(*source, rows * cols).reshape(rows, cols)
             data = encode(x, kind, qw)
+            x = None  # (a view of the window, which may move)
             if fd < 0:
                 fd = os.open(path, os.O_WRONLY)
             write_at(fd, data, at)
