@@ -1,15 +1,19 @@
 """An export's block-quantized tensors encoded on every core this process may run on.
 
 A fit is many small numpy calls with Python between them, so threads spend their time waiting for the GIL
-(session 11: the same wall time for a third more CPU). Worker processes are forked instead, once per export, before
-the first tensor: this process copies row slices of each tensor into memory shared with them, and encodes a slice
-itself whenever every worker's queue is full. Whoever encodes a slice writes its bytes at their place in the output
-file (os.pwrite on the one descriptor), so nothing encoded travels back. A worker runs only numpy and the codecs,
-never MLX (a forked child has none of MLX's threads), ignores Ctrl-C (this process ends it), and exits when this
+(session 11: the same wall time for a third more CPU). Worker processes are forked instead, one per core, once per
+export, before the first tensor. This process reads and transforms each tensor as before and hands its rows out in
+slices, first come first served: a worker maps a slice that is a float32 view of the source file itself (most
+tensors of a float32 source), others are copied into memory shared with the workers. Whoever encodes a slice writes
+its bytes at their place in the output file (pwrite), so nothing encoded travels back. This process only feeds the
+workers (0.1-0.2 s of CPU in SmolLM2's exports, against their 0.5-2 s) and waits. A worker runs only numpy and the
+codecs, never MLX (a forked child has none of MLX's threads; macOS, where forking a process that has started Metal
+or Objective-C code is riskier, has not been tried), ignores Ctrl-C (this process ends it), and exits when this
 process is gone (its end of the pipe closes).
 
-Memory: each worker shares SLOTS slices of at most `slice_weights` float32 weights (and as many importance values in
-a calibrated export), and holds one slice's working arrays of its own.
+Memory: this process holds one tensor, as without workers; each worker a window of the source file (WINDOW_BYTES),
+the working arrays of one slice, and SLOTS shared slices of at most `slice_weights` float32 weights (touched only
+when copied, and as many importance values in a calibrated export).
 """
 
 from __future__ import annotations
@@ -28,15 +32,15 @@ from mlxq.errors import MlxqError
 from mlxq.formats.gguf.codecs import CODECS, block_rows, encode
 from mlxq.formats.gguf.writer import write_at
 
-# Weights a slice holds: each slice is one message to a worker (~0.1 ms with its copy into shared memory), and a
+# Weights a slice holds: each slice is one message to a worker (tens of microseconds, or ~0.5 ms when copied), and a
 # worker's last slices are what the export waits for at its end. 2**19 is Q3_K's encoding step (the largest) and
-# 2 ms of Q8_0, the cheapest codec, per slice.
+# ~1 ms of Q4_0, the cheapest codec, per slice.
 SLICE_WEIGHTS = max(1 << 19, *(c.chunk for c in CODECS.values()))
-SLOTS = 2  # slices queued per worker: it starts the next the moment it ends one, while this process encodes its own
+SLOTS = 2  # slices queued per worker: it starts the next the moment it ends one
 # Below this many block-quantized weights an export stays in one process: forking and ending a worker costs ~10 ms,
 # more than a small model's whole encoding gains
 MIN_PARALLEL_WEIGHTS = 1 << 22
-MAX_WORKERS = 15
+MAX_WORKERS = 15  # one process feeds them all (only 2 cores tried)
 WINDOW_BYTES = 64 << 20  # of the source file a worker maps at a time
 
 
@@ -240,10 +244,11 @@ class _Window:
         if file != self.file or not self.start <= offset or end > self.start + len(self.mapped):
             if file not in self.fds:
                 self.fds[file] = os.open(file, os.O_RDONLY)
-            self.mapped = None  # unmapped (no view of it is left)
-            self.file, self.start = file, offset - offset % mmap.ALLOCATIONGRANULARITY
-            size = min(max(WINDOW_BYTES, end - self.start), os.fstat(self.fds[file]).st_size - self.start)
-            self.mapped = mmap.mmap(self.fds[file], size, access=mmap.ACCESS_READ, offset=self.start)
+            self.file = self.mapped = None  # unmapped (no view of it is left)
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            size = min(max(WINDOW_BYTES, end - start), os.fstat(self.fds[file]).st_size - start)
+            self.mapped = mmap.mmap(self.fds[file], size, access=mmap.ACCESS_READ, offset=start)
+            self.file, self.start = file, start
         return np.frombuffer(self.mapped, np.float32, count, offset - self.start)
 
 
