@@ -3,9 +3,10 @@
 The float model: the default model's GGUF weights dequantized once and exported as F32 GGUF; both tools start from
 exactly that file. Two parts, both run in this one process, mlxq and llama.cpp interleaved:
 
-- Speed: `mlxq export F32.gguf --type T` (the export function, in process: read, convert, encode, write) against
-  `llama-quantize F32.gguf OUT T 2` (llama_model_quantize, 2 threads) per type; wall and CPU seconds (this machine
-  is shared, so wall times carry other people's load; CPU seconds do not). Whether the two files hold the same
+- Speed: `mlxq export F32.gguf --type T` (the export function, in process: read, convert, encode, write, its worker
+  processes' start and end included) against `llama-quantize F32.gguf OUT T 2` (llama_model_quantize, 2 threads)
+  per type; wall and CPU seconds, the workers' CPU included (this machine is shared, so wall times carry other
+  people's load; CPU seconds do not). Whether the two files hold the same
   tensors byte for byte is recorded too (mlxq's encoders follow ggml's arithmetic: they should).
 - Quality: mlxq's calibrated export (`--calibrate`) with each method, `--method allocate` (the default: imatrix's
   fits, tensor types moved within the mix by measured KL), `--method imatrix` (ggml's importance-weighted fits with
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import resource
 import shutil
 import sys
 import time
@@ -57,16 +59,23 @@ def bpw(path: Path) -> float:
     return round(8 * sum(int(t.n_bytes) for t in ts) / sum(int(t.n_elements) for t in ts), 4)
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have ended: the export's worker processes, which it
+    reaps before returning (the llama.cpp tools, timed the same way in llama_cpp_peer, end before mlxq runs)."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
 def ours(src: Path, out: Path, kind: str, calibrate: Path | None = None, calib_tokens: int = 0,
          method: str = "imatrix") -> dict:
     from mlxq.formats.gguf.export import export
     from mlxq.quant.recipes import gguf_recipe
 
     out.unlink(missing_ok=True)
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu = time.perf_counter(), cpu_seconds()
     export(str(src), out, gguf_recipe(kind), calibrate=None if calibrate is None else str(calibrate),
            method=method, calib_tokens=calib_tokens, progress=False)
-    return {"wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3),
+    return {"wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(cpu_seconds() - cpu, 3),
             "size_mb": round(out.stat().st_size / 1e6, 2), "bpw": bpw(out)}
 
 

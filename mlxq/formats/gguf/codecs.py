@@ -1163,21 +1163,31 @@ def encode(w: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np
     if kind == "BF16":
         return _bf16(np.ascontiguousarray(w))
     codec = CODECS[kind]
-    *lead, cols = w.shape
-    if cols % codec.block:
-        raise ValueError(f"{kind} needs rows that are a multiple of {codec.block} (got {cols})")
-    rows = w.reshape(-1, cols)
-    qw = None
-    if importance is not None and codec.weighted:
-        qw = np.broadcast_to(np.asarray(importance, F), w.shape).reshape(-1, cols)
+    rows, qw = block_rows(w, kind, importance)
+    cols = rows.shape[1]
     out = np.empty((rows.shape[0], cols // codec.block * codec.size), np.uint8)
     step = max(1, codec.chunk // cols)
     # one chunk after another, in this thread: a fit makes many small numpy calls, and side by side in two threads
-    # they contend for the GIL (measured on SmolLM2's exports: the same wall time for a third more CPU)
+    # they contend for the GIL (measured on SmolLM2's exports: the same wall time for a third more CPU); an export
+    # spreads its tensors' rows over processes instead (parallel.py)
     with np.errstate(all="ignore"):  # C's arithmetic, NaN and inf included, is the reference
         for r in range(0, rows.shape[0], step):
             _encode_rows(codec, rows[r : r + step], None if qw is None else qw[r : r + step], out[r : r + step])
-    return out.reshape(*lead, -1)
+    return out.reshape(*w.shape[:-1], -1)
+
+
+def block_rows(w: np.ndarray, kind: str, importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """`encode`'s input as rows [n, cols] (float32) and each weight's importance [n, cols] (None: unweighted; a
+    block-quantized `kind` only). Rows are encoded independently: any split of them gives the same bytes."""
+    codec = CODECS[kind]
+    w = np.asarray(w, F)
+    cols = w.shape[-1]
+    if cols % codec.block:
+        raise ValueError(f"{kind} needs rows that are a multiple of {codec.block} (got {cols})")
+    qw = None
+    if importance is not None and codec.weighted:
+        qw = np.broadcast_to(np.asarray(importance, F), w.shape).reshape(-1, cols)
+    return w.reshape(-1, cols), qw
 
 
 def _encode_rows(codec: Codec, x: np.ndarray, qw: np.ndarray | None, out: np.ndarray) -> None:

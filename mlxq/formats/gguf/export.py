@@ -28,6 +28,7 @@ from mlxq.formats.base import Checkpoint
 from mlxq.formats.gguf import allocate, names
 from mlxq.formats.gguf.calibrated import choose_codes
 from mlxq.formats.gguf.codecs import CODECS, FALLBACK, FLOAT_TYPES, block_size, encode
+from mlxq.formats.gguf.parallel import Encoders, worker_count
 from mlxq.formats.gguf.vocab import tokenizer_metadata
 from mlxq.formats.gguf.writer import GGUFOut, TensorOut, Value
 from mlxq.models import text_config
@@ -410,10 +411,12 @@ DEFAULT_METHOD = "allocate"
 
 
 def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None = None, method: str = DEFAULT_METHOD,
-           calib_tokens: int = DEFAULT_TOKENS, console=None, progress: bool = True, mtp: bool = True) -> Result:
+           calib_tokens: int = DEFAULT_TOKENS, console=None, progress: bool = True, mtp: bool = True,
+           workers: int | None = None) -> Result:
     """Export checkpoint `src` (any name mlxq opens) as the GGUF file `out` in `recipe`'s types; `calibrate` (a text
     file, or "default" for the pinned corpus) chooses codes by `method`; `mtp`: with the multi-token-prediction
-    blocks (Qwen3.5 / Qwen3-Next)."""
+    blocks (Qwen3.5 / Qwen3-Next); `workers`: processes encoding beside this one (None: one per other core this
+    process may use, none for a small model; parallel.py)."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
@@ -453,14 +456,20 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     restore = terminate_cleanly()
+    blocks = [it.out for it in the_plan.items if it.out.kind in CODECS]
+    if workers is None:
+        workers = worker_count(sum(math.prod(t.shape) for t in blocks))
     try:
-        with GGUFOut(out, the_plan.arch, metadata, tensors) as f:
+        gguf = GGUFOut(out, the_plan.arch, metadata, tensors)
+        # the workers are reaped after the file is synced: their exits overlap the sync
+        with Encoders(gguf.tmp, workers, max((t.shape[-1] for t in blocks), default=0), out) as encoders, gguf as f:
             for t, data in the_plan.extra:
                 f.write(t.name, data)
             with progress_bar(console, "exporting", the_plan.items, progress) as advance:
                 for item in the_plan.items:
-                    f.write(item.out.name, _encoded(ckpt, the_plan, item, stats, method))
+                    _write(f, encoders, ckpt, the_plan, item, stats, method)
                     advance(item.src_bytes)
+            encoders.finish()
     finally:
         restore()
     params = sum(math.prod(t.shape) for t in tensors)
@@ -468,17 +477,21 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
                   time.perf_counter() - start, recipe.name)
 
 
-def _encoded(ckpt: Checkpoint, the_plan: Plan, item: Item, stats: Stats | None, method: str) -> np.ndarray:
-    """One tensor's GGUF data: plain, importance-weighted, or by GPTQ where the layer's Hessian is known."""
+def _write(f: GGUFOut, encoders: Encoders, ckpt: Checkpoint, the_plan: Plan, item: Item, stats: Stats | None,
+           method: str) -> None:
+    """One tensor's GGUF data into `f`: plain, importance-weighted (both by `encoders`, block types spread over its
+    workers), or by GPTQ where the layer's Hessian is known."""
     w = names.to_gguf(the_plan.arch, item.hf, item.source.load(ckpt), the_plan.config).reshape(item.out.shape)
     importance, hessian = calibration_for(the_plan, item, stats)
+    kind = item.out.kind
     # the embedding's rows are also looked up, where the head's Hessian says nothing: it keeps ggml's fit
     if method == "gptq" and hessian is not None and w.ndim == 2 and item.role != "embedding":
-        data = choose_codes(w, hessian, item.out.kind, importance)
+        f.write(item.out.name, choose_codes(w, hessian, kind, importance))
+    elif kind in CODECS:
+        encoders.encode(item.out.name, f.place(item.out.name), w, kind, importance)
     else:
-        data = encode(w, item.out.kind, importance)
+        f.write(item.out.name, encode(w, kind))
     mx.clear_cache()
-    return data
 
 
 def allocated(opener: Callable[[], Checkpoint], the_plan: Plan, stats: Stats, text: str, console) -> Plan:

@@ -1,13 +1,15 @@
 """Streaming GGUF output: every tensor's name, shape and type is declared first, the
 header, metadata and tensor index are written, then tensor data follows one tensor at a time, in declared order.
-Memory stays at one tensor. The file is built under a hidden temporary name next to the target and renamed into
-place only when complete; anything that fails on the way removes it.
+Memory stays at one tensor. Each tensor's place in the file is known from the header, so its bytes may also be
+written there by someone else (the export's worker processes, `place`). The file is built under a hidden temporary
+name next to the target and renamed into place only when complete; anything that fails on the way removes it.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,36 +66,59 @@ class GGUFOut:
         self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
         self._order = list(tensors)
         self._next = 0
-        self._file = None
+        self.fd = -1
         self._header = _header(arch, metadata, self._order)
+        self._offsets, end = [], len(self._header)
+        for t in self._order:
+            self._offsets.append(end)
+            end += t.nbytes + _pad(t.nbytes)
+        self._size = end
 
     def __enter__(self) -> GGUFOut:
-        self._file = open(self.tmp, "wb")  # noqa: SIM115 (closed in __exit__)
-        self._file.write(self._header)
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            write_at(self.fd, np.frombuffer(self._header, np.uint8), 0)
+            os.ftruncate(self.fd, self._size)  # the padding between tensors reads as zeros, as gguf-py writes it
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
         return self
 
     def write(self, name: str, data: np.ndarray) -> None:
+        t = self._order[self._next] if self._next < len(self._order) else None
+        if t is not None and (name != t.name or data.nbytes != t.nbytes):
+            raise FormatError(f"tensor '{name}' ({data.nbytes} bytes): expected '{t.name}' ({t.nbytes} bytes)")
+        write_at(self.fd, data, self.place(name))
+
+    def place(self, name: str) -> int:
+        """Where tensor `name`'s data starts in the file; it is the next planned one, and counts as written (by the
+        caller, before this file is closed)."""
         if self._next >= len(self._order):
             raise FormatError(f"tensor '{name}': written after the last planned tensor")
-        t = self._order[self._next]
-        if name != t.name or data.nbytes != t.nbytes:
-            raise FormatError(f"tensor '{name}' ({data.nbytes} bytes): expected '{t.name}' ({t.nbytes} bytes)")
-        np.ascontiguousarray(data).tofile(self._file)
-        self._file.write(bytes(_pad(data.nbytes)))
+        if name != self._order[self._next].name:
+            raise FormatError(f"tensor '{name}': expected '{self._order[self._next].name}' next")
         self._next += 1
+        return self._offsets[self._next - 1]
 
     def __exit__(self, kind, exc, tb) -> None:
         try:
             if kind is None and self._next != len(self._order):
                 raise FormatError(f"tensor '{self._order[self._next].name}': planned but never written")
             if kind is None:
-                self._file.flush()
-                os.fsync(self._file.fileno())
-            self._file.close()
+                os.fsync(self.fd)
+            os.close(self.fd)
             if kind is None:
                 os.replace(self.tmp, self.path)  # the file appears complete or not at all
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def write_at(fd: int, data: np.ndarray, at: int) -> None:
+    """All of `data`'s bytes into `fd` from byte `at` on (pwrite may write less than asked)."""
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
 
 
 ALIGNMENT = 32  # gguf-py's and llama.cpp's default; exports never set general.alignment
