@@ -216,6 +216,8 @@ def test_workers_one_per_core_but_none_for_a_small_model_or_one_core(monkeypatch
     assert parallel.worker_count(10 * big) == 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     assert parallel.worker_count(10 * big) == parallel.MAX_WORKERS
+    monkeypatch.setattr(parallel.sys, "platform", "darwin")  # no fork after Metal has started: one process
+    assert parallel.worker_count(10 * big) == 0
 
 
 def test_leaving_without_finish_is_an_error_and_reaps_the_workers(tmp_path):

@@ -7,9 +7,8 @@ slices, first come first served: a worker maps a slice that is a float32 view of
 tensors of a float32 source), others are copied into memory shared with the workers. Whoever encodes a slice writes
 its bytes at their place in the output file (pwrite), so nothing encoded travels back. This process only feeds the
 workers (0.1-0.2 s of CPU in SmolLM2's exports, against their 0.5-2 s) and waits. A worker runs only numpy and the
-codecs, never MLX (a forked child has none of MLX's threads; macOS, where forking a process that has started Metal
-or Objective-C code is riskier, has not been tried), ignores Ctrl-C (this process ends it), and exits when this
-process is gone (its end of the pipe closes).
+codecs, never MLX (a forked child has none of MLX's threads; Linux only: see `worker_count`), ignores Ctrl-C (this
+process ends it), and exits when this process is gone (its end of the pipe closes).
 
 Memory: this process holds one tensor, as without workers; each worker a window of the source file (WINDOW_BYTES),
 the working arrays of one slice, and SLOTS shared slices of at most `slice_weights` float32 weights (touched only
@@ -21,6 +20,7 @@ from __future__ import annotations
 import mmap
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
@@ -47,7 +47,10 @@ WINDOW_BYTES = 64 << 20  # of the source file a worker maps at a time
 
 def worker_count(weights: int) -> int:
     """Workers for an export of `weights` block-quantized weights: one per core this process may use, none for a
-    small export or on one core."""
+    small export or on one core. Linux only: on macOS a process that has started Metal or Objective-C code must not
+    fork without exec (its system libraries may abort or hang the child), and spawning is untried."""
+    if not sys.platform.startswith("linux"):
+        return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return 0 if weights < MIN_PARALLEL_WEIGHTS or cores < 2 else min(cores, MAX_WORKERS)
 
