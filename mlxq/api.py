@@ -214,15 +214,21 @@ def load(name: str | None = None, *, dtype: mx.Dtype | None = None, keep_quantiz
 
         return load_group(name, group, parallel=parallel, dtype=dtype, keep_quantized=keep_quantized,
                           experts_per_tok=experts_per_tok, expert_memory=expert_memory, expert_options=expert_options)
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     ckpt = open_for_run(name, keep_quantized)
     # the tokenizer loads beside the weights: MLX computes with the GIL released
     with ThreadPoolExecutor(1) as pool:
-        tok = pool.submit(load_tokenizer_for, ckpt)
+        tok: list[Future] = []  # started once the first weights are queued: its parse holds the GIL, MLX converts
+
+        def start_tokenizer() -> None:
+            tok.append(pool.submit(load_tokenizer_for, ckpt))
+
         net = load_model(ckpt, dtype, experts_per_tok=experts_per_tok, expert_memory=expert_memory,
-                         expert_options=expert_options)
-        tokenizer = tok.result()
+                         expert_options=expert_options, beside=start_tokenizer)
+        if not tok:
+            start_tokenizer()
+        tokenizer = tok[0].result()
     trim_heap()
     return Model(net, tokenizer, ckpt, name or "smollm2")
 

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -18,10 +18,12 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxq.errors import ConfigError, FormatError
 from mlxq.formats.base import Checkpoint
+from mlxq.kernels.kquants import Narrowing
 from mlxq.models import build_model, text_config
 from mlxq.models.layers import (
     TernaryLinear,
     cpu_layout,
+    derived_biases_check,
     drop_derived_biases,
     made_from_scales,
     take_derived_biases,
@@ -114,7 +116,8 @@ def open_for_run(name: str | None, keep_quantized: bool | None = None) -> Checkp
 
 def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = True,
                experts_per_tok: int | None = None, expert_memory: str | int | None = None,
-               expert_options: dict | None = None, split: Split | None = None) -> nn.Module:
+               expert_options: dict | None = None, split: Split | None = None,
+               beside: Callable[[], None] | None = None) -> nn.Module:
     """`fuse` merges projections that share an input (q/k/v, gate/up) after loading and puts weights in
     the backend's fastest layout (`inference_layout`); pass False to keep the checkpoint's module layout
     (calibration hooks, weight export). `experts_per_tok` routes each token of a MoE model to that many
@@ -122,7 +125,8 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     (`mlxq quantize --stream-experts`) streams its experts within `expert_memory` bytes ('8GB', '25%'; see
     `mlxq.experts`, options in `StreamOptions`), or holds them all in memory when that is None. `split`: load only
     one rank's share of the model (`mlxq.distributed.split`): the tensors it wants, the parts of them it holds,
-    into its network."""
+    into its network. `beside` is called once the first weights are queued for conversion, to run beside it
+    (`api.load` starts the tokenizer's parse there)."""
     _return_freed_memory()
     config = text_config(ckpt.config)
     with _as_config_error(ckpt):
@@ -130,20 +134,10 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     dtype = dtype or default_dtype()
     quant = ckpt.quantization or {}
     affine = "quant_method" not in quant  # mlx-lm's form (a transformers quant_method is the family's to read)
-    sources, derived = {}, {}  # derived: layers whose biases are made from their scales (`take_derived_biases`)
     modules = dict(model.named_modules()) if fuse and affine and split is None else {}
-    outsized, big = _outsized(ckpt), None
-    for name in ckpt.tensors:
-        layer = name.rpartition(".")[0]
-        if big is not None and layer != big:
-            mx.clear_cache()  # what converting an outsized tensor left in MLX's cache fits no later tensor
-            big = None
-        if name in outsized:
-            big = layer
-        if split is None or split.wants(name):
-            sources[name] = ckpt.tensors[name]
-            if modules and (factor := take_derived_biases(modules, sources, name, _layer_bits(quant, layer))):
-                derived[layer] = factor
+    # derived: layers whose biases are made from their scales (`take_derived_biases`)
+    sources, derived = _read_tensors(ckpt, [name for name in ckpt.tensors if split is None or split.wants(name)],
+                                     modules, quant, beside)
     del modules  # the modules as built, which fusing replaces: held, they would keep their arrays alive
     # Cast before sanitize, so that its arithmetic (the 1 + w of zero-centred norms) runs at compute precision: in a
     # float16/bfloat16 checkpoint's own type, 1 + w loses most of w's digits. (Lazy: evaluated one at a time below.)
@@ -202,6 +196,83 @@ def load_model(ckpt: Checkpoint, dtype: mx.Dtype | None = None, fuse: bool = Tru
     if streamed:
         shard.expert_pool = model.expert_pool
     return shard
+
+
+# Bytes of the file in the first window of a load (`_read_tensors`): enough that MLX converts it for about as long as
+# the tokenizer's parse started beside it takes (SmolLM2: its 30 MB embedding and a few layers). Every later window is
+# one module: more in flight would hold more memory at the end of the load, where its peak is.
+FIRST_WINDOW_BYTES = 40 << 20
+# MLX's cache while reading: enough to reuse a module's transient buffers for the next alike; what it would keep
+# beyond that is memory at the load's peak (SmolLM2 Q2_K: 10 MB above main's, its parse beside the first window)
+READ_CACHE_BYTES = 8 << 20
+
+
+def _read_tensors(ckpt: Checkpoint, names: list[str], modules: dict[str, nn.Module], quant: dict,
+                  beside: Callable[[], None] | None) -> tuple[dict[str, mx.array], dict[str, int]]:
+    """The checkpoint's tensors `names`, a window at a time (`_windows`): a window is read (`TensorSource.read`: a
+    GGUF file's bytes read, their conversion built), `beside` is called if it is the first, and its conversion is
+    queued (one `mx.async_eval`) with the checks of which layers' biases are derived from their scales
+    (`derived_biases_check`, for the layers in `modules`); the window before is resolved (float16 choices made,
+    derived biases dropped: `take_derived_biases`) only then. So MLX converts a window while Python reads the next,
+    and no tensor waits for MLX on its own; `mx.async_eval` waits for room in MLX's queue with the GIL released, so
+    `beside`'s Python runs meanwhile. Returns the tensors and the layers whose biases are dropped, with their factor."""
+    tensors: dict[str, mx.array] = {}
+    derived: dict[str, int] = {}
+    outsized, behind, chosen = _outsized(ckpt), None, []
+    cache_limit = mx.set_cache_limit(READ_CACHE_BYTES)
+    try:
+        for window in _windows(ckpt, names):
+            values, made = ckpt.tensors.read(window)
+            checks = {}
+            for layer in dict.fromkeys(name.rpartition(".")[0] for name in window) if modules else ():
+                scales, biases = values.get(f"{layer}.scales"), values.get(f"{layer}.biases")
+                if scales is not None and biases is not None:
+                    check = derived_biases_check(modules.get(layer), _wide(scales), _wide(biases),
+                                                 _layer_bits(quant, layer))
+                    if check is not None:
+                        checks[layer] = check
+            if behind is None and beside is not None:
+                beside()
+            mx.async_eval(chosen + made + list(checks.values()))
+            if behind is not None:
+                chosen = _resolve(*behind, tensors, derived, quant, outsized)
+            behind = values, checks
+        if behind is not None:
+            _resolve(*behind, tensors, derived, quant, outsized)
+    finally:
+        mx.set_cache_limit(cache_limit)
+    return tensors, derived
+
+
+def _windows(ckpt: Checkpoint, names: list[str]) -> Iterator[list[str]]:
+    """`names` in windows: the first of at least `FIRST_WINDOW_BYTES` of the file, each later one a module's tensors
+    (a window always ends with a module's last tensor: its scales and biases are checked together)."""
+    window, size = [], 0
+    for i, name in enumerate(names):
+        window.append(name)
+        size += ckpt.tensors.info(name).nbytes
+        if i + 1 == len(names) or (size >= FIRST_WINDOW_BYTES and
+                                   names[i + 1].rpartition(".")[0] != name.rpartition(".")[0]):
+            yield window
+            window, size = [], FIRST_WINDOW_BYTES  # from here each module ends a window
+
+
+def _wide(v: mx.array | Narrowing) -> mx.array:
+    return v.wide if isinstance(v, Narrowing) else v
+
+
+def _resolve(values: dict[str, mx.array | Narrowing], checks: dict[str, mx.array], tensors: dict[str, mx.array],
+             derived: dict[str, int], quant: dict, outsized: set[str]) -> list[mx.array]:
+    """A window's tensors into `tensors` in their final form, the derived biases its checks found left out; returns
+    the float16 forms chosen, made unevaluated (to queue)."""
+    for name, v in values.items():
+        tensors[name] = v.resolve() if isinstance(v, Narrowing) else v
+    for layer, check in checks.items():
+        if factor := take_derived_biases(tensors, layer, check, _layer_bits(quant, layer)):
+            derived[layer] = factor
+    if not outsized.isdisjoint(values):
+        mx.clear_cache()  # what converting an outsized tensor left in MLX's cache fits no later tensor
+    return [tensors[name] for name, v in values.items() if isinstance(v, Narrowing) and name in tensors]
 
 
 @functools.cache

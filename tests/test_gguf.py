@@ -4,6 +4,8 @@ logits, and damaged files give one-line errors."""
 
 from __future__ import annotations
 
+import os
+
 import gguf
 import mlx.core as mx
 import mlx.nn as nn
@@ -378,3 +380,96 @@ def test_a_read_that_stops_short_goes_on_from_there(tmp_path, monkeypatch):
     scattered = np.zeros_like(data)
     reader._read_into(path, record, scattered, order)
     np.testing.assert_array_equal(scattered, data[order])
+
+
+def test_a_load_queues_each_window_before_it_resolves_the_one_before(tmp_path, monkeypatch):
+    """A load converts a window of tensors while it reads the next: each window's conversion is queued (one
+    asynchronous evaluation) before the window before it is resolved (its float16 choices and derived-bias checks
+    read), `beside` (the tokenizer's parse, in `mlxq.load`) starts once, before the first window is queued, and the
+    model is bit for bit the model of a load in one window."""
+    from mlx.utils import tree_flatten
+
+    from mlxq import loading
+
+    ref = make_tiny("llama", tmp_path / "hf")
+    write_gguf(ref, "llama", tmp_path / "q.gguf", quantize="Q8_0")
+    path = str(tmp_path / "q.gguf")
+    whole = load_model(open_checkpoint(path, keep_quantized=True))  # the default first window holds it all
+    events: list[tuple] = []
+    async_eval, resolve = mx.async_eval, loading._resolve
+    monkeypatch.setattr(loading.mx, "async_eval", lambda arrays: events.append(("queue",)) or async_eval(arrays))
+    monkeypatch.setattr(loading, "_resolve", lambda values, *a: events.append(("resolve", *values)) or resolve(
+        values, *a))
+    monkeypatch.setattr(loading, "FIRST_WINDOW_BYTES", 1)  # a window per module
+    ckpt = open_checkpoint(path, keep_quantized=True)
+    windows = list(loading._windows(ckpt, list(ckpt.tensors)))
+    assert len(windows) > 10
+    net = load_model(ckpt, beside=lambda: events.append(("beside",)))
+    expected = [("beside",), ("queue",)]
+    for before in windows[:-1]:  # each next window queued, then the one before resolved
+        expected += [("queue",), ("resolve", *before)]
+    assert events == expected + [("resolve", *windows[-1])]
+    got, want = dict(tree_flatten(net.parameters())), dict(tree_flatten(whole.parameters()))
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        assert got[name].dtype == w.dtype and mx.array_equal(got[name], w).item(), name
+
+
+def test_windows_end_with_a_modules_last_tensor(monkeypatch):
+    """The first window holds at least FIRST_WINDOW_BYTES of the file, every later one a module; none ends inside a
+    module (its scales and biases are checked together)."""
+    from mlxq import loading
+    from mlxq.formats.base import TensorInfo, TensorSource
+
+    sizes = {"norm.weight": 8, "embed.weight": 900, "embed.scales": 0, "embed.biases": 0, "l0.q.weight": 100,
+             "l0.q.scales": 0, "l0.q.biases": 0, "l0.norm.weight": 4, "l1.q.weight": 400, "l1.q.scales": 0}
+    infos = {name: TensorInfo(name, (n,), "F32", n) for name, n in sizes.items()}
+    ckpt = type("Ckpt", (), {"tensors": TensorSource(infos, lambda name: mx.zeros(1))})()
+    monkeypatch.setattr(loading, "FIRST_WINDOW_BYTES", 950)
+    assert list(loading._windows(ckpt, list(sizes))) == [
+        ["norm.weight", "embed.weight", "embed.scales", "embed.biases", "l0.q.weight", "l0.q.scales", "l0.q.biases"],
+        ["l0.norm.weight"], ["l1.q.weight", "l1.q.scales"]]
+
+
+def test_a_narrowing_is_float16_only_where_exact_and_its_parts_choose_as_it_does():
+    """Scales and biases stay float32 where float16 would overflow or round one value, else become float16 (as
+    stored when they are); the choice is made when resolved, once, and the rows a joint read cuts from it choose as
+    the whole does and join back into the very array chosen."""
+    from mlxq.kernels.kquants import Narrowing
+    from mlxq.kernels.rows import cut_rows, joined_rows
+
+    exact = mx.array([[0.5, -3.0], [1024.0, 2.0**-20]])
+    for values, dtype in [(exact, mx.float16), (exact.at[0, 0].add(70000.0), mx.float32),
+                          (exact.at[0, 0].add(2.0**-12), mx.float32), (exact.astype(mx.float16), mx.float16)]:
+        n = Narrowing(values)
+        mx.eval(n.arrays)
+        chosen = n.resolve()
+        assert chosen.dtype == dtype and n.resolve() is chosen
+        assert mx.array_equal(chosen.astype(mx.float32), values.astype(mx.float32)).item()
+        parts = n.split(lambda a: cut_rows(a, [1, 1]))
+        assert [p.resolve().dtype for p in parts] == [dtype, dtype]
+        assert joined_rows([p.resolve() for p in parts]) is chosen
+        assert n.map(lambda a: a.T).resolve().dtype == dtype
+
+
+def test_a_read_error_inside_a_window_is_one_format_error_naming_the_tensor(tmp_path, monkeypatch):
+    """A read that fails (EIO) for a tensor in the middle of a window of the load is one FormatError naming the file
+    and that tensor."""
+    import errno
+
+    from mlxq.formats.gguf import reader
+
+    ref = make_tiny("llama", tmp_path / "hf")
+    write_gguf(ref, "llama", tmp_path / "q.gguf", quantize="Q8_0")
+    ckpt = open_checkpoint(str(tmp_path / "q.gguf"), keep_quantized=True)
+    record = ckpt.extra["gguf_header"].tensors["blk.0.ffn_down.weight"]
+    real = os.preadv
+
+    def failing(fd, buffers, offset):
+        if offset == record.offset:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(reader.os, "preadv", failing)
+    with pytest.raises(FormatError, match=r"q\.gguf: cannot read tensor 'blk\.0\.ffn_down\.weight' \(Input/output"):
+        load_model(ckpt)

@@ -9,10 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
+
+if TYPE_CHECKING:
+    from mlxq.kernels.kquants import Narrowing
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,23 @@ class TensorSource(Mapping[str, mx.array]):
 
     def __init__(self, infos: dict[str, TensorInfo], loader: Callable[[str], mx.array],
                  slicer: Callable[[str, int, Ranges], mx.array] | None = None,
-                 host: Callable[[str], np.ndarray | None] | None = None):
+                 host: Callable[[str], np.ndarray | None] | None = None,
+                 read: Callable[[list[str]], tuple[dict[str, mx.array | Narrowing], list[mx.array]]] | None = None):
         self._infos = infos
         self._loader = loader
         self._slicer = slicer
         self._host = host
+        self._read = read
+
+    def read(self, names: list[str]) -> tuple[dict[str, mx.array | Narrowing], list[mx.array]]:
+        """Tensors `names` (in the source's order) together, and what the caller must evaluate (soon: it holds
+        memory). A source that converts what it reads (GGUF) reads their bytes now and gives their conversions
+        unevaluated, a float16 choice left as a `kernels.kquants.Narrowing` (resolved once evaluated); any other
+        gives what `[name]` gives, nothing to evaluate."""
+        for name in names:
+            if name not in self._infos:
+                raise KeyError(name)
+        return self._read(names) if self._read is not None else ({name: self._loader(name) for name in names}, [])
 
     def host_float(self, name: str) -> np.ndarray | None:
         """Tensor `name` as a float32 numpy array read straight from the file (mapped, not copied, when it is stored

@@ -13,6 +13,7 @@ order; every product of a scale and a code is exact, so fused multiply-adds cann
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -510,11 +511,14 @@ def affine_dequantize(weight: mx.array, scales: mx.array, biases: mx.array, grou
     return w.reshape(*lead, n).astype(dtype)
 
 
-def to_affine(blocks: mx.array, kind: str, rows_per_step: int | None = None) -> tuple[mx.array, mx.array, mx.array]:
+def to_affine(blocks: mx.array, kind: str, rows_per_step: int | None = None, *,
+              defer: bool = False) -> tuple[mx.array, mx.array | Narrowing, mx.array | Narrowing]:
     """blocks [..., row_bytes] of an `AFFINE_BITS` type -> (weight, scales, biases) as `mx.quantize` would store
     them (group size 32, `AFFINE_BITS[kind]` bits; scales and biases float16 where exact, else float32), with
     `mx.dequantize` of the result (scales and biases as float32) bit-exact with `dequantize`.
-    Works `rows_per_step` rows at a time, by default all of them (steps are joined by a copy)."""
+    Works `rows_per_step` rows at a time, by default all of them (steps are joined by a copy). Evaluated; with
+    `defer`, nothing is evaluated and scales and biases come as `Narrowing`s, for the caller to evaluate with other
+    work and resolve."""
     if kind not in AFFINE_BITS:
         raise FormatError(f"GGML type {kind} is not exactly representable as MLX affine")
     elems, size = BLOCK_SIZES[kind]
@@ -531,17 +535,51 @@ def to_affine(blocks: mx.array, kind: str, rows_per_step: int | None = None) -> 
             mx.eval(part)  # each step done before the next is built: what working in steps is for
         parts.append(part)
     weight, scales, biases = (mx.concatenate(p) if len(parts) > 1 else p[0] for p in zip(*parts, strict=True))
-    scales, biases = _narrowed([scales, biases], weight)
-    return weight.reshape(*lead, -1), scales.reshape(*lead, -1), biases.reshape(*lead, -1)
+    weight, scales, biases = weight.reshape(*lead, -1), Narrowing(scales.reshape(*lead, -1)), Narrowing(
+        biases.reshape(*lead, -1))
+    if defer:
+        return weight, scales, biases
+    mx.eval(weight, *scales.arrays, *biases.arrays)  # one wait for MLX instead of one per check
+    return weight, scales.resolve(), biases.resolve()
 
 
-def _narrowed(xs: list[mx.array], *along: mx.array) -> list[mx.array]:
-    """Each float32 `x` as float16 when every value survives the round trip (a float16 overflow or rounding keeps it
-    float32). Evaluates them, their checks and `along` together: one wait for MLX instead of one per check."""
-    halves = [x.astype(mx.float16) for x in xs]
-    fits = [x.dtype == mx.float16 or mx.array_equal(h.astype(mx.float32), x) for h, x in zip(halves, xs, strict=True)]
-    mx.eval(*along, *xs, *halves, *(f for f in fits if isinstance(f, mx.array)))
-    return [h if bool(f) else x for h, f, x in zip(halves, fits, xs, strict=True)]
+class Narrowing:
+    """A float array kept as float16 when every value survives the round trip (a float16 overflow or rounding keeps
+    it float32). The array and the check are built unevaluated (`arrays`: evaluated with whatever else is queued);
+    the choice is made after (`resolve`, its float16 form made then, unevaluated), so that deciding never makes
+    MLX's caller wait on its own, and no form is made that is not kept."""
+
+    def __init__(self, wide: mx.array, *, of: Narrowing | None = None,
+                 then: Callable[[mx.array], mx.array] | None = None):
+        self.wide = wide
+        if of is None:
+            self.fits = wide.dtype == mx.float16 or mx.array_equal(wide.astype(mx.float16).astype(mx.float32), wide)
+        else:  # a part or a reshaping of `of` (`map`, `split`): chooses as it does, and is made from its choice
+            self.fits = of.fits
+        self._of, self._then, self._chosen = of, then, None
+
+    @property
+    def arrays(self) -> list[mx.array]:
+        return [self.wide] + ([self.fits] if isinstance(self.fits, mx.array) else [])
+
+    def map(self, f: Callable[[mx.array], mx.array]) -> Narrowing:
+        """`f` (a reordering or reshaping: values and dtype kept) on the array and on its choice."""
+        return Narrowing(f(self.wide), of=self, then=f)
+
+    def split(self, f: Callable[[mx.array], list[mx.array]]) -> list[Narrowing]:
+        """`f` (cutting an array into parts) on the array, and once on its choice: each part chooses as the whole."""
+        cut = functools.cache(lambda: f(self.resolve()))
+        return [Narrowing(part, of=self, then=lambda _, i=i: cut()[i]) for i, part in enumerate(f(self.wide))]
+
+    def resolve(self) -> mx.array:
+        """The chosen form (waits for the check if it has not been evaluated); the same array on every call."""
+        if self._chosen is None:
+            if self._of is not None:
+                self._chosen = self._then(self._of.resolve())
+            else:
+                narrow = self.wide.dtype != mx.float16 and bool(self.fits)
+                self._chosen = self.wide.astype(mx.float16) if narrow else self.wide
+        return self._chosen
 
 
 # ------------------------------------------------------------------------------------------------ interface

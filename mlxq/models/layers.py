@@ -202,19 +202,24 @@ def _biases(layer: nn.Module, rows: mx.array | slice | None = None, product: boo
     return (scales.astype(mx.float32) if product or rows is None else scales) * layer.bias_per_scale
 
 
-def take_derived_biases(modules: dict[str, nn.Module], tensors: dict[str, mx.array], name: str,
-                        bits: int | None) -> int | None:
-    """Called as a checkpoint's tensors are read into `tensors`, `name` the last one: when that completes the scales
-    and biases of a layer that loading will quantize (in `modules`, the model's by path: our Linear or Embedding,
-    `bits` per code), and each bias is its scale times -2^(bits - 1) exactly in their dtype (`drop_derived_biases`),
-    the biases leave `tensors` and the factor is returned, for `made_from_scales` once the layer is built: a load
-    never holds them (SmolLM2's Q4_K_M: 7.4 MB at its peak). Off Metal only, as `drop_derived_biases`."""
-    layer, _, part = name.rpartition(".")
-    scales, biases = tensors.get(f"{layer}.scales"), tensors.get(f"{layer}.biases")
-    if (_ON_METAL or part not in ("scales", "biases") or bits is None or scales is None or biases is None
-            or scales.dtype != biases.dtype):
+def derived_biases_check(module: nn.Module | None, scales: mx.array, biases: mx.array,
+                         bits: int | None) -> mx.array | None:
+    """Whether each of a layer's biases is its scale times -2^(bits - 1), exactly (unevaluated: evaluated with the
+    conversion that makes them, and read by `take_derived_biases`), for a layer that loading will quantize (`module`
+    as built: our Linear or Embedding, `bits` per code); None where its biases are held anyway (other modules, Metal,
+    as `drop_derived_biases`). `scales` and `biases` in any float dtype that holds their values."""
+    if _ON_METAL or bits is None or type(module) not in (Linear, Embedding):
         return None
-    if type(modules.get(layer)) not in (Linear, Embedding) or not _derived(scales, biases, bits).item():
+    return _derived(scales, biases, bits)
+
+
+def take_derived_biases(tensors: dict[str, mx.array], layer: str, check: mx.array, bits: int) -> int | None:
+    """Called as a checkpoint's tensors are read into `tensors` (the layer's scales and biases among them, in their
+    dtypes): when `check` (`derived_biases_check`) holds and they share a dtype, so that each bias is its scale times
+    -2^(bits - 1) exactly in their dtype (`drop_derived_biases`), the biases leave `tensors` and the factor is
+    returned, for `made_from_scales` once the layer is built: a load never holds them (SmolLM2's Q4_K_M: 7.4 MB at
+    its peak)."""
+    if tensors[f"{layer}.scales"].dtype != tensors[f"{layer}.biases"].dtype or not check.item():
         return None
     del tensors[f"{layer}.biases"]
     return _bias_per_scale(bits)

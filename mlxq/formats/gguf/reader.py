@@ -19,6 +19,7 @@ the same file (skipped).
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -195,12 +196,18 @@ def read_bytes(path: Path, record: TensorRecord) -> np.ndarray:
     return buf
 
 
-def read_array(path: Path, record: TensorRecord) -> mx.array:
-    """A tensor's bytes read straight into an MLX array (one copy from the file, no staging buffer)."""
-    out = mx.zeros((record.nbytes,), mx.uint8)
+def buffers(sizes: list[int]) -> list[mx.array]:
+    """Writable MLX arrays of `sizes` bytes to read tensors into (their own memory: one copy from the file, no
+    staging buffer), allocated together with one wait, on a stream of their own: a wait on the default stream would
+    last until every conversion queued there is done."""
+    out = [mx.zeros((n,), mx.uint8, stream=_allocation_stream()) for n in sizes]
     mx.eval(out)
-    _read_into(path, record, np.asarray(out))  # the array's own memory, before anything reads it
     return out
+
+
+@functools.cache
+def _allocation_stream() -> mx.ThreadLocalStream:
+    return mx.new_thread_local_stream(mx.default_device())
 
 
 def _read_into(path: Path, record: TensorRecord, buf: np.ndarray, rows: np.ndarray | None = None) -> None:
@@ -210,21 +217,24 @@ def _read_into(path: Path, record: TensorRecord, buf: np.ndarray, rows: np.ndarr
     if rows is not None:  # the file's rows in order, each a slice of the bytes where it goes
         width = len(views[0]) // len(rows)
         views = [views[0][j * width : (j + 1) * width] for j in np.argsort(rows).tolist()]
-    fd = os.open(path, os.O_RDONLY)
     try:
-        offset, i = record.offset, 0
-        while i < len(views):  # a read may stop short: it goes on from there
-            n = os.preadv(fd, views[i : i + _IOV_MAX], offset)
-            if n <= 0:
-                raise FormatError(f"{path}: truncated (tensor '{record.name}')")
-            offset += n
-            while i < len(views) and n >= len(views[i]):
-                n -= len(views[i])
-                i += 1
-            if n:
-                views[i] = views[i][n:]
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            offset, i = record.offset, 0
+            while i < len(views):  # a read may stop short: it goes on from there
+                n = os.preadv(fd, views[i : i + _IOV_MAX], offset)
+                if n <= 0:
+                    raise FormatError(f"{path}: truncated (tensor '{record.name}')")
+                offset += n
+                while i < len(views) and n >= len(views[i]):
+                    n -= len(views[i])
+                    i += 1
+                if n:
+                    views[i] = views[i][n:]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read tensor '{record.name}' ({e.strerror or e})") from None
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers one preadv takes
@@ -263,14 +273,33 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
 
     infos = {hf: TensorInfo(hf, p.shape, p.record.kind if p.part in (None, "weight") else "float32",
                             p.record.nbytes if p.part in (None, "weight") else 0) for hf, p in plan.items()}
-    cache: dict[str, tuple] = {}  # the last tensor converted, so its .weight/.scales/.biases read it once
+    converted: dict = {}  # the conversions of the last read, by key: each of a module's parts (.weight/.scales/
+    # .biases) and each module of a joint read comes from one conversion, whichever read asks for it
+
+    def read(hfs: list[str]) -> tuple[dict[str, mx.array | kquants.Narrowing], list[list[mx.array]]]:
+        steps = {}  # key -> the part that converts it, for conversions not made yet
+        for hf in hfs:
+            p = plan[hf]
+            if p.part != "input_order" and p.key not in converted:
+                steps.setdefault(p.key, p)
+        for (key, p), raw in zip(steps.items(), buffers([p.raw_nbytes for p in steps.values()]), strict=True):
+            try:
+                converted[key] = p.convert(path, config, raw)
+            except (ValueError, TypeError, NotImplementedError) as e:  # the metadata's heads may not fit the rows
+                raise FormatError(f"{path}: tensor '{p.record.name}' ({p.record.kind}) cannot be decoded "
+                                  f"({e})") from None
+        made = [[a for parts in converted[key].values() for v in parts.values() for a in _arrays(v)] for key in steps]
+        out = {hf: plan[hf].pick(converted) for hf in hfs}
+        last = plan[hfs[-1]].key if hfs else None
+        for key in [k for k in converted if k != last]:  # a later read can need only the last (parts in order)
+            del converted[key]
+        return out, made
 
     def load(hf: str) -> mx.array:
-        p = plan[hf]
-        try:
-            return p.load(path, config, cache)
-        except (ValueError, TypeError, NotImplementedError) as e:  # the metadata's heads may not fit the rows
-            raise FormatError(f"{path}: tensor '{p.record.name}' ({p.record.kind}) cannot be decoded ({e})") from None
+        v = read([hf])[0][hf]
+        v = v.resolve() if isinstance(v, kquants.Narrowing) else v
+        mx.eval(v)  # one tensor at a time: its file bytes are freed before the next is read
+        return v
 
     def host(hf: str) -> np.ndarray | None:
         p = plan[hf]
@@ -284,7 +313,7 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
 
     chat_template = meta.get("tokenizer.chat_template")
     small = {k: v for k, v in meta.items() if not isinstance(v, Strings)}
-    return Checkpoint(path, "gguf", config, TensorSource(infos, load, host=host), gguf_file=path,
+    return Checkpoint(path, "gguf", config, TensorSource(infos, load, host=host, read=read), gguf_file=path,
                       chat_template=chat_template if isinstance(chat_template, str) else None,
                       extra={"gguf_metadata": small, "gguf_header": header})
 
@@ -382,32 +411,53 @@ class _Part:
     input_order: np.ndarray | None = None  # blocks whose columns could not be permuted: the layer gathers its input
     joint: _Joint | None = None  # a whole packed matrix: read that way, with the modules the model fuses it with
 
-    def load(self, path: Path, config: dict, cache: dict) -> mx.array:
+    @property
+    def key(self) -> object:
+        """What identifies the conversion this part comes from."""
+        return self.joint or (self.record.name, self.module)
+
+    @property
+    def raw_nbytes(self) -> int:
+        """Bytes of the file the conversion reads."""
+        return self.joint.raw_nbytes if self.joint is not None else self.record.nbytes
+
+    def convert(self, path: Path, config: dict, raw: mx.array) -> dict[str, dict[str, mx.array | kquants.Narrowing]]:
+        """The conversion's parts by module, reading the file into `raw` (`raw_nbytes`), unevaluated."""
+        return self.joint.convert(path, config, raw) if self.joint is not None else {
+            self.module: self._convert(path, config, raw)}
+
+    def pick(self, converted: dict) -> mx.array | kquants.Narrowing:
         if self.part == "input_order":
             return mx.array(self.input_order.astype(np.int32))
-        key = self.joint or (self.record.name, self.module)
-        if cache.get("key") != key:
-            cache.clear()
-            cache["value"] = (self.joint.convert(path, config) if self.joint is not None
-                              else {self.module: self._convert(path, config)})
-            cache["key"] = key
-        return cache["value"][self.module][self.part or "weight"]
+        return converted[self.key][self.module][self.part or "weight"]
 
-    def _convert(self, path: Path, config: dict) -> dict[str, mx.array]:
-        raw = read_array(path, self.record).reshape(*self.record.shape[:-1], -1)
+    def _convert(self, path: Path, config: dict, raw: mx.array) -> dict[str, mx.array | kquants.Narrowing]:
+        _read_into(path, self.record, np.asarray(raw))  # the array's own memory, before anything reads it
+        raw = raw.reshape(*self.record.shape[:-1], -1)
         if self.rows is not None:
             raw = raw[mx.array(self.rows)]
         if self.form == "float":
-            parts = {"weight": names.to_hf_all(self.transforms, _to_float(raw, self.record, self.rows), config)}
-        else:
-            parts = (dict(zip(("weight", "scales", "biases"), kquants.to_affine(raw, self.record.kind), strict=True))
-                     if self.form == "affine" else {"weight": raw})
-            if self.column_units is not None:
-                parts = {k: _take_units(v, self.column_units) for k, v in parts.items()}
-            rows_only = tuple(t for t in self.transforms if not _moves_columns(t))  # columns were handled above
-            parts = {k: names.to_hf_all(rows_only, v, config) for k, v in parts.items()}
-        mx.eval(parts)  # one tensor at a time: its file bytes are freed before the next is read
-        return parts
+            return {"weight": names.to_hf_all(self.transforms, _to_float(raw, self.record, self.rows), config)}
+        parts = (dict(zip(("weight", "scales", "biases"), kquants.to_affine(raw, self.record.kind, defer=True),
+                          strict=True)) if self.form == "affine" else {"weight": raw})
+        if self.column_units is not None:
+            parts = {k: _each(v, lambda a: _take_units(a, self.column_units)) for k, v in parts.items()}
+        rows_only = tuple(t for t in self.transforms if not _moves_columns(t))  # columns were handled above
+        return {k: _each(v, lambda a: names.to_hf_all(rows_only, a, config)) for k, v in parts.items()}
+
+
+def _each(v: mx.array | kquants.Narrowing, f):
+    """`f` on an array, or on a `Narrowing` (and its choice)."""
+    return v.map(f) if isinstance(v, kquants.Narrowing) else f(v)
+
+
+def _arrays(v: mx.array | kquants.Narrowing) -> list[mx.array]:
+    return v.arrays if isinstance(v, kquants.Narrowing) else [v]
+
+
+def _cut(v: mx.array | kquants.Narrowing, sizes: list[int]) -> list:
+    """`cut_rows` of an array, or of a `Narrowing` (each block chooses as the whole does)."""
+    return v.split(lambda a: cut_rows(a, sizes)) if isinstance(v, kquants.Narrowing) else cut_rows(v, sizes)
 
 
 @dataclass(eq=False)
@@ -421,20 +471,23 @@ class _Joint:
 
     weights: tuple[_Part, ...]  # the modules' .weight parts, in the order the model fuses them
 
-    def convert(self, path: Path, config: dict) -> dict[str, dict[str, mx.array]]:
+    @property
+    def raw_nbytes(self) -> int:
+        return sum(p.record.nbytes for p in self.weights)
+
+    def convert(self, path: Path, config: dict, raw: mx.array) -> dict[str, dict[str, mx.array | kquants.Narrowing]]:
         first = self.weights[0]
         sizes = [p.record.shape[0] for p in self.weights]
-        raw = mx.zeros((sum(sizes), first.record.nbytes // sizes[0]), mx.uint8)
-        mx.eval(raw)
-        rows, start = np.asarray(raw), 0
+        # numpy's view of the buffer: an MLX reshape would be evaluated on the default stream, after its queue
+        rows, start = np.asarray(raw).reshape(sum(sizes), -1), 0
+        raw = raw.reshape(rows.shape)
         for p, n in zip(self.weights, sizes, strict=True):
             order = names.to_hf_all(p.transforms, np.arange(n), config) if p.transforms else None
             _read_into(path, p.record, rows[start : start + n], order)
             start += n
-        whole = (dict(zip(("weight", "scales", "biases"), kquants.to_affine(raw, first.record.kind), strict=True))
-                 if first.form == "affine" else {"weight": raw})
-        mx.eval(whole)
-        cut = {k: cut_rows(v, sizes) for k, v in whole.items()}
+        whole = (dict(zip(("weight", "scales", "biases"), kquants.to_affine(raw, first.record.kind, defer=True),
+                          strict=True)) if first.form == "affine" else {"weight": raw})
+        cut = {k: _cut(v, sizes) for k, v in whole.items()}
         return {p.module: {k: v[i] for k, v in cut.items()} for i, p in enumerate(self.weights)}
 
 
