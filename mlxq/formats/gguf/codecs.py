@@ -236,7 +236,7 @@ def _blocks(x: np.ndarray, per_block: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- ggml's scale searches
-_SEARCH_TILE = 1 << 16  # weights per `_make_qx` search tile (see there)
+_SEARCH_TILE = 1 << 17  # weights per `_make_qx` search tile (see there)
 
 
 def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
