@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from ggml_ref import ggml_quantize
 
-from mlxq.formats.gguf import codecs
 from mlxq.formats.gguf.codecs import CODECS, QK_K, _elements, _iq4_index, _refine, _row_sigma2, _seq, encode
 
 F32_MAX = np.finfo(np.float32).max
@@ -177,18 +176,6 @@ def test_bit_exact_with_ggml_on_many_rows(kind):
     np.testing.assert_array_equal(encode(w, kind), ggml_quantize(w, kind))
     imatrix = (rng.random(w.shape[1]) ** 3).astype(np.float32)
     np.testing.assert_array_equal(encode(w, kind, imatrix), ggml_quantize(w, kind, imatrix))
-
-
-@pytest.mark.parametrize("kind", ["Q6_K", "Q3_K", "Q4_0"])
-def test_scale_search_in_tiles_is_ggmls(kind, monkeypatch):
-    """make_qx_quants's search runs over tiles of blocks: with tiles of 11 sub-blocks of 16 (5 blocks of 32) the
-    last tile of each encoding step is a partial one, and every byte is still C's."""
-    monkeypatch.setattr(codecs, "_SEARCH_TILE", 176)
-    w = rows(4)
-    imatrix = (np.random.default_rng(5).random(w.shape[1]) ** 3).astype(np.float32)
-    np.testing.assert_array_equal(encode(w, kind, imatrix), ggml_quantize(w, kind, imatrix))
-    if kind == "Q6_K":  # the only one of these whose fit without importance searches so
-        np.testing.assert_array_equal(encode(w, kind), ggml_quantize(w, kind))
 
 
 def _nearest_int(v: np.float32) -> int:

@@ -236,79 +236,58 @@ def _blocks(x: np.ndarray, per_block: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- ggml's scale searches
-_SEARCH_TILE = 1 << 17  # weights per `_make_qx` search tile (see there)
-
-
 def _make_qx(x: np.ndarray, nmax: int, w: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants(rmse_type=1): symmetric codes 0..2*nmax-1 around nmax and their least-squares scale, best
     of 19 trial scales. x, w element-major [n, B]; w None means x*x. Returns (scale [B], codes): `codes(cols)` is
     the winner's codes [n, len(cols)] of blocks `cols` (int32; `slice(None)` for all), computed when asked from the
     winner's iscale (the K-quants' final pass replaces them except where a stored scale is zero: they are asked for
-    only there).
-
-    The search runs over tiles of blocks (_SEARCH_TILE weights): its five working arrays of a tile stay in a core's
-    L2 cache through the 19 trials, where a whole encoding step's spill to L3 (SmolLM2's Q6_K: 23-24 ns a weight in
-    64K-weight tiles against 29-31 in one tile of 2**18; 2**15 costs more in numpy calls)."""
+    only there). The trials work in two reused buffers."""
     amax, big = _abs_max(x)
+    w = x * x if w is None else w
+    wx = w * x  # C's w*x[i]*l associates as (w*x[i])*l
     zero = amax < GROUP_MAX_EPS  # C returns zeros for these: whatever the trials do with them is replaced
     # elsewhere |iscale * x| <= |iscale| * amax ~ nmax + 1: nearest_int is numpy's rint (one pass), unless a NaN or
     # an infinity is there (C's nearest_int of a NaN is garbage, clamped into a code)
     finite = bool(np.isfinite(x).all())
-    n, blocks = x.shape
-    width = max(1, _SEARCH_TILE // n)
-    buffers = np.empty((2, n, min(width, blocks)), F)
-    scale, code_iscale = np.empty(blocks, F), np.empty(blocks, F)
+    lf, wl = np.empty_like(x), np.empty_like(x)
     with np.errstate(all="ignore"):
-        for at in range(0, blocks, width):
-            cols = slice(at, at + width)
-            xt = x[:, cols]
-            lf, wl = buffers[:, :, : xt.shape[1]]
-            scale[cols], code_iscale[cols] = _search_qx(xt, xt * xt if w is None else w[:, cols], big[cols], nmax,
-                                                        finite, lf, wl)
+
+        def codes_at(iscale):  # clip(nearest(iscale * x)) into lf, as float32 whole numbers
+            np.multiply(x, iscale, out=lf)
+            if finite:
+                np.rint(lf, out=lf)
+            else:
+                np.copyto(lf, _nearest(lf))
+            return _clip(lf, -nmax, nmax - 1)
+
+        def trial(iscale):
+            codes_at(iscale)
+            np.multiply(wx, lf, out=wl)
+            sumlx = _seq(wl)
+            np.multiply(w, lf, out=wl)
+            np.multiply(wl, lf, out=wl)
+            return sumlx, _seq(wl)
+
+        code_iscale = F(-nmax) / big
+        sumlx, suml2 = trial(code_iscale)
+        scale = np.where(suml2 != 0, sumlx / suml2, F(0))
+        best = scale * sumlx
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            iscale = -(F(nmax) + F(0.1) * F(step)) / big
+            slx, sl2 = trial(iscale)
+            better = (sl2 > 0) & (slx * slx > best * sl2)
+            code_iscale = np.where(better, iscale, code_iscale)
+            scale = np.where(better, slx / sl2, scale)
+            best = np.where(better, scale * slx, best)
 
     def codes(cols) -> np.ndarray:  # the winner's codes (C's nearest_int: exact wherever they are asked for)
         with np.errstate(all="ignore"):
             q = _clip(_nearest_int(x[:, cols] * code_iscale[cols]), -nmax, nmax - 1) + nmax
         return np.where(zero[cols], 0, q)
 
-    return np.where(zero, F(0), scale), codes
-
-
-def _search_qx(x, w, big, nmax: int, finite: bool, lf, wl) -> tuple[np.ndarray, np.ndarray]:
-    """`_make_qx`'s 19 trials over blocks x, w [n, B] whose signed largest weight is `big`, in the buffers lf, wl
-    [n, B]. Returns the winner's (scale, iscale) [B]."""
-    wx = w * x  # C's w*x[i]*l associates as (w*x[i])*l
-
-    def codes_at(iscale):  # clip(nearest(iscale * x)) into lf, as float32 whole numbers
-        np.multiply(x, iscale, out=lf)
-        if finite:
-            np.rint(lf, out=lf)
-        else:
-            np.copyto(lf, _nearest(lf))
-        return _clip(lf, -nmax, nmax - 1)
-
-    def trial(iscale):
-        codes_at(iscale)
-        np.multiply(wx, lf, out=wl)
-        sumlx = _seq(wl)
-        np.multiply(w, lf, out=wl)
-        np.multiply(wl, lf, out=wl)
-        return sumlx, _seq(wl)
-
-    code_iscale = F(-nmax) / big
-    sumlx, suml2 = trial(code_iscale)
-    scale = np.where(suml2 != 0, sumlx / suml2, F(0))
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = -(F(nmax) + F(0.1) * F(step)) / big
-        slx, sl2 = trial(iscale)
-        better = (sl2 > 0) & (slx * slx > best * sl2)
-        code_iscale = np.where(better, iscale, code_iscale)
-        scale = np.where(better, slx / sl2, scale)
-        best = np.where(better, scale * slx, best)
-    return scale, code_iscale
+    return np.where(zero, F(0), scale).astype(F), codes
 
 
 @dataclass
