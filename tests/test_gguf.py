@@ -17,6 +17,7 @@ from tiny import WIDE, make_tiny
 from mlxq.errors import FormatError, UnsupportedModel
 from mlxq.formats import open_checkpoint
 from mlxq.formats.gguf import AFFINE_TYPES
+from mlxq.formats.gguf.checks import skip_strings
 from mlxq.formats.gguf.names import ARCHITECTURES, gguf_name
 from mlxq.loading import load_model
 from mlxq.models.layers import RoPE, rope_settings
@@ -185,6 +186,16 @@ def test_truncated_gguf_is_a_one_line_error(smollm2_gguf, tmp_path):
     head.write_bytes(data[:1000])  # ends inside the metadata
     with pytest.raises(FormatError, match="head.gguf"):
         open_checkpoint(str(head))
+
+
+def test_skip_strings_finds_the_end_or_says_it_runs_past():
+    texts = [b"", b"a", b"\xc4\xa0the", b"x" * 300]
+    data = b"".join(len(t).to_bytes(8, "little") + t for t in texts)
+    assert skip_strings(data, 0, 4) == len(data)
+    assert skip_strings(data + b"tail", 0, 3) == len(data) - 308
+    assert skip_strings(data[:-1], 0, 4) > len(data) - 1  # the last string runs past the end
+    assert skip_strings(data[:13], 0, 3) == 14  # the second string's length is cut: one past the end
+    assert skip_strings(data, 0, 5) == len(data) + 1  # one string more than there are
 
 
 def test_unknown_architecture_names_it(tmp_path):

@@ -109,12 +109,14 @@ _LENGTH = struct.Struct("<Q").unpack_from
 
 def skip_strings(data, pos: int, n: int) -> int:
     """Where `n` strings starting at `pos` end (one tight loop: a vocabulary holds 10^5 of them); past the end of
-    `data` when one of them runs past it."""
-    end = len(data)
-    for _ in range(n):
-        if pos + 8 > end:
-            return end + 1
-        pos += 8 + _LENGTH(data, pos)[0]
+    `data` when one of them runs past it (a length that does not fit stops the loop: struct's own bounds check, so
+    the loop makes none)."""
+    length = _LENGTH
+    try:
+        for _ in range(n):
+            pos += 8 + length(data, pos)[0]
+    except struct.error:
+        return len(data) + 1
     return pos
 
 
