@@ -227,7 +227,7 @@ def _read_tensors(ckpt: Checkpoint, names: list[str], modules: dict[str, nn.Modu
             for layer in dict.fromkeys(name.rpartition(".")[0] for name in window) if modules else ():
                 scales, biases = values.get(f"{layer}.scales"), values.get(f"{layer}.biases")
                 if scales is not None and biases is not None:
-                    check = derived_biases_check(modules.get(layer), _wide(scales), _wide(biases),
+                    check = derived_biases_check(modules.get(layer), _wide(scales), biases,
                                                  _layer_bits(quant, layer))
                     if check is not None:
                         checks[layer] = check

@@ -153,6 +153,49 @@ def test_biases_made_from_the_scales_are_never_held_while_loading(kind, tmp_path
     assert mx.array_equal(net.model.embed_tokens(tokens), held.model.embed_tokens(tokens))
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0"])
+def test_biases_made_from_the_scales_by_construction_are_never_evaluated(kind, tmp_path, monkeypatch):
+    """Off Metal, a load decides that a zero-point type's biases are derived from its scales alone: the biases'
+    graph (float32 product, float16 round trip, comparison with the scales) is never evaluated. Each biases graph
+    here carries a 64 MB computation, seen in MLX's peak memory if anything evaluates it."""
+    if mx.metal.is_available():
+        pytest.skip("biases are held on Metal")
+    from mlxq.kernels import kquants
+
+    ref = make_tiny("llama", tmp_path / "hf", tie_word_embeddings=True)  # no head: MLX's nn.Linear keeps biases
+    write_gguf(ref, "llama", tmp_path / "q.gguf", quantize=kind)
+    affine_blocks = kquants._affine_blocks
+
+    def with_a_trap(b, k):
+        packed, scales, biases = affine_blocks(b, k)
+        return packed, scales, biases + 0 * mx.arange(1 << 24, dtype=mx.float32).sum()  # unchanged values
+
+    monkeypatch.setattr(kquants, "_affine_blocks", with_a_trap)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    net = load_model(open_checkpoint(str(tmp_path / "q.gguf"), keep_quantized=True))
+    assert mx.get_peak_memory() < 16 << 20
+    down = net.model.layers[0].mlp.down_proj
+    assert "biases" not in down and down.bias_per_scale == -(1 << (down.bits - 1))
+
+
+def test_a_scale_too_large_for_float16_biases_keeps_them(tmp_path):
+    """A Q8_0 layer whose scale times -128 overflows float16 keeps its biases, float32 and exact, as a load that
+    checks the biases themselves does; the other layers' biases are made from their scales."""
+    if mx.metal.is_available():
+        pytest.skip("biases are held on Metal")
+    ref = make_tiny("llama", tmp_path / "hf")
+    with torch.no_grad():
+        ref.model.layers[0].mlp.down_proj.weight[0, 0] = 600.0 * 127  # its block's scale 600: biases -76800
+    write_gguf(ref, "llama", tmp_path / "q.gguf", quantize="Q8_0")
+    net = load_model(open_checkpoint(str(tmp_path / "q.gguf"), keep_quantized=True))
+    big, other = net.model.layers[0].mlp.down_proj, net.model.layers[1].mlp.down_proj
+    assert big.biases.dtype == mx.float32 and getattr(big, "bias_per_scale", None) is None
+    assert mx.array_equal(big.biases, -128 * big.scales.astype(mx.float32)).item()
+    assert big.biases.min().item() == -76800
+    assert "biases" not in other and other.bias_per_scale == -128
+
+
 def test_outsized_tensors_are_those_twice_every_later_one():
     """MLX's cache is handed back after reading a tensor more than twice the size of every tensor read after it (a
     small model's embedding among its layers: what converting it leaves in the cache fits no later tensor)."""

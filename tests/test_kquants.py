@@ -367,3 +367,22 @@ def test_quantized_layers_prompt_path_matches_the_quantized_matmul():
         x = mx.random.normal((rows, 256), key=mx.random.key(rows))
         np.testing.assert_allclose(np.array(ours(x)), np.array(theirs(x)), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.array(head.as_linear(x)), np.array(plain_head.as_linear(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(kquants.BIAS_PER_SCALE))
+def test_biases_from_scales_holds_exactly_when_the_biases_survive_float16_and_equal_the_scales_times_the_factor(
+        kind):
+    """The scales-only check that a zero-point type's biases are derived (`_biases_from_scales`) agrees with what a
+    load checks on the biases themselves (float32 products: float16 round trip and equality with scales times the
+    factor) at the float16 values around the limit, for infinities, NaN, negative and subnormal scales."""
+    factor = kquants.BIAS_PER_SCALE[kind]
+    limit = 2.0**16 / -factor
+    below = float(np.nextafter(np.float16(limit), np.float16(0)))
+    cases = [[below, 1.0], [limit, 1.0], [-below], [-limit], [float("inf"), 3.0], [-float("inf")], [float("nan")],
+             [2.0**-24, -0.0], [0.0], [below, float("inf")], [limit, float("inf")]]
+    for values in cases:
+        scales = mx.array(values, mx.float16)
+        biases = factor * scales.astype(mx.float32)
+        wanted = (mx.array_equal(biases.astype(mx.float16).astype(mx.float32), biases).item()
+                  and mx.array_equal(scales.astype(mx.float32) * factor, biases).item())
+        assert kquants._biases_from_scales(scales, kind).item() == wanted, values

@@ -338,6 +338,9 @@ BLOCK_SIZES: dict[str, tuple[int, int]] = {kind: GGML_QUANT_SIZES[GGMLQuantizati
 # are products of a float16 and a 6-bit integer: exact in float32, seldom in float16); MLX's quantized matmul
 # promotes them to the input's float32 exactly. GGML type -> bits per code.
 AFFINE_BITS: dict[str, int] = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
+# the types whose biases are, by construction, their (float16) scale times -2^(bits - 1): codes offset by half their
+# range
+BIAS_PER_SCALE: dict[str, int] = {"Q4_0": -8, "Q5_0": -16, "Q8_0": -128}
 AFFINE_GROUP = 32
 
 
@@ -348,14 +351,15 @@ def _affine_blocks(b: mx.array, kind: str) -> tuple[mx.array, mx.array, mx.array
     if kind in ("Q4_0", "Q5_0"):
         d = _f16_as_stored(b, 0)
         packed = _from_lanes(b, 2, 8, _nibble_lane_bytes) if kind == "Q4_0" else _from_lanes(b, 2, 10, _five_bits)
-        return packed, d, -(8 if kind == "Q4_0" else 16) * d.astype(mx.float32)
+        return packed, d, BIAS_PER_SCALE[kind] * d.astype(mx.float32)
     if kind in ("Q4_1", "Q5_1"):
         packed = _from_lanes(b, 4, 8, _nibble_lane_bytes) if kind == "Q4_1" else _from_lanes(b, 4, 10, _five_bits)
         return packed, _f16_as_stored(b, 0), _f16_as_stored(b, 2)
     if kind == "Q8_0":
         d = _f16_as_stored(b, 0)
         # int8 + 128 as a byte: the sign bit flipped, two bytes at a time
-        return mx.view(_halfwords(b)[:, 1:17] ^ mx.array(0x8080, mx.uint16), mx.uint8), d, -128 * d.astype(mx.float32)
+        return (mx.view(_halfwords(b)[:, 1:17] ^ mx.array(0x8080, mx.uint16), mx.uint8), d,
+                BIAS_PER_SCALE[kind] * d.astype(mx.float32))
     d, dmin = _f16(b, 0), _f16(b, 2)
     sc, mn = _scale_min_k4(b[:, 4:16])
     if kind == "Q4_K":
@@ -536,30 +540,47 @@ def to_affine(blocks: mx.array, kind: str, rows_per_step: int | None = None, *,
         parts.append(part)
     weight, scales, biases = (mx.concatenate(p) if len(parts) > 1 else p[0] for p in zip(*parts, strict=True))
     weight, scales, biases = weight.reshape(*lead, -1), Narrowing(scales.reshape(*lead, -1)), Narrowing(
-        biases.reshape(*lead, -1))
+        biases.reshape(*lead, -1), from_scales=_biases_from_scales(scales, kind) if kind in BIAS_PER_SCALE else None)
     if defer:
         return weight, scales, biases
     mx.eval(weight, *scales.arrays, *biases.arrays)  # one wait for MLX instead of one per check
     return weight, scales.resolve(), biases.resolve()
 
 
+def _biases_from_scales(scales: mx.array, kind: str) -> mx.array:
+    """Whether biases made from float16 `scales` (`BIAS_PER_SCALE`) are each, in float16, their scale times the factor
+    exactly (unevaluated), from the scales alone: every scale below 2^16 / |factor| in magnitude (the product then
+    is at most float16's largest, and a power of two times a float16 is exact) or infinite (so is its product), none
+    NaN. Exactly when the float32 biases would survive the float16 round trip and equal the scales times the factor
+    (`layers.derived_biases_check`)."""
+    magnitude = mx.view(scales, mx.uint16) & mx.array(0x7FFF, mx.uint16)
+    limit = (32 - (-BIAS_PER_SCALE[kind]).bit_length()) << 10  # float16 2^16 / |factor|: exponent field 31 - log2
+    return mx.all((magnitude < limit) | (magnitude == 0x7C00))
+
+
 class Narrowing:
     """A float array kept as float16 when every value survives the round trip (a float16 overflow or rounding keeps
     it float32). The array and the check are built unevaluated (`arrays`: evaluated with whatever else is queued);
     the choice is made after (`resolve`, its float16 form made then, unevaluated), so that deciding never makes
-    MLX's caller wait on its own, and no form is made that is not kept."""
+    MLX's caller wait on its own, and no form is made that is not kept.
+    `from_scales` (biases of a `BIAS_PER_SCALE` type: `_biases_from_scales`) is a check from the scales alone that
+    every value survives and is its scale times the factor: when given, only it is queued, and the array and the
+    round trip are evaluated only if it fails (a loader that drops such biases never makes them)."""
 
     def __init__(self, wide: mx.array, *, of: Narrowing | None = None,
-                 then: Callable[[mx.array], mx.array] | None = None):
+                 then: Callable[[mx.array], mx.array] | None = None, from_scales: mx.array | None = None):
         self.wide = wide
         if of is None:
             self.fits = wide.dtype == mx.float16 or mx.array_equal(wide.astype(mx.float16).astype(mx.float32), wide)
+            self.from_scales = from_scales
         else:  # a part or a reshaping of `of` (`map`, `split`): chooses as it does, and is made from its choice
-            self.fits = of.fits
+            self.fits, self.from_scales = of.fits, of.from_scales
         self._of, self._then, self._chosen = of, then, None
 
     @property
     def arrays(self) -> list[mx.array]:
+        if self.from_scales is not None:
+            return [self.from_scales]
         return [self.wide] + ([self.fits] if isinstance(self.fits, mx.array) else [])
 
     def map(self, f: Callable[[mx.array], mx.array]) -> Narrowing:
@@ -577,7 +598,8 @@ class Narrowing:
             if self._of is not None:
                 self._chosen = self._then(self._of.resolve())
             else:
-                narrow = self.wide.dtype != mx.float16 and bool(self.fits)
+                narrow = self.wide.dtype != mx.float16 and (
+                    (self.from_scales is not None and bool(self.from_scales)) or bool(self.fits))
                 self._chosen = self.wide.astype(mx.float16) if narrow else self.wide
         return self._chosen
 

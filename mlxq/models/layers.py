@@ -202,14 +202,19 @@ def _biases(layer: nn.Module, rows: mx.array | slice | None = None, product: boo
     return (scales.astype(mx.float32) if product or rows is None else scales) * layer.bias_per_scale
 
 
-def derived_biases_check(module: nn.Module | None, scales: mx.array, biases: mx.array,
+def derived_biases_check(module: nn.Module | None, scales: mx.array, biases: mx.array | kquants.Narrowing,
                          bits: int | None) -> mx.array | None:
     """Whether each of a layer's biases is its scale times -2^(bits - 1), exactly (unevaluated: evaluated with the
     conversion that makes them, and read by `take_derived_biases`), for a layer that loading will quantize (`module`
     as built: our Linear or Embedding, `bits` per code); None where its biases are held anyway (other modules, Metal,
-    as `drop_derived_biases`). `scales` and `biases` in any float dtype that holds their values."""
+    as `drop_derived_biases`). `scales` and `biases` in any float dtype that holds their values; biases that are made
+    from the scales by construction (`kquants.Narrowing.from_scales`) are checked from the scales alone, never made."""
     if _ON_METAL or bits is None or type(module) not in (Linear, Embedding):
         return None
+    if isinstance(biases, kquants.Narrowing):
+        if biases.from_scales is not None:
+            return biases.from_scales
+        biases = biases.wide
     return _derived(scales, biases, bits)
 
 
