@@ -239,6 +239,8 @@ def test_skip_strings_finds_the_end_or_says_it_runs_past():
     assert skip_strings(data[:-1], 0, 4) > len(data) - 1  # the last string runs past the end
     assert skip_strings(data[:13], 0, 3) == 14  # the second string's length is cut: one past the end
     assert skip_strings(data, 0, 5) == len(data) + 1  # one string more than there are
+    huge = (1 << 64) - 1  # a damaged length: the next offset is past what an index can hold
+    assert skip_strings(huge.to_bytes(8, "little") + data, 0, 2) == len(data) + 9
 
 
 def test_unknown_architecture_names_it(tmp_path):

@@ -110,12 +110,12 @@ _LENGTH = struct.Struct("<Q").unpack_from
 def skip_strings(data, pos: int, n: int) -> int:
     """Where `n` strings starting at `pos` end (one tight loop: a vocabulary holds 10^5 of them); past the end of
     `data` when one of them runs past it (a length that does not fit stops the loop: struct's own bounds check, so
-    the loop makes none)."""
+    the loop makes none; a damaged length may also put the next offset past what an index can hold)."""
     length = _LENGTH
     try:
         for _ in range(n):
             pos += 8 + length(data, pos)[0]
-    except struct.error:
+    except (struct.error, OverflowError):
         return len(data) + 1
     return pos
 
