@@ -257,7 +257,7 @@ def test_session_and_server_take_mtp(mtp_models):
 
 
 def test_a_model_without_mtp_weights_says_so(hybrid_model_without_mtp):
-    with pytest.raises(InvalidRequest, match=r"no multi-token-prediction head \(mtp\.\* weights\)"):
+    with pytest.raises(InvalidRequest, match=r"^speculative: .*no multi-token-prediction head \(mtp\.\* weights\)"):
         hybrid_model_without_mtp.generate("hello", max_tokens=4, speculative="mtp")
     with pytest.raises(InvalidRequest, match="speculative: must be"):
         hybrid_model_without_mtp.generate("hello", max_tokens=4, speculative="medusa")

@@ -77,7 +77,8 @@ class Runner:
         prompt cache holds; returns that prefix's length. `mtp`: the row drafts with the model's MTP head. The
         prompt cache's plan is kept in `fetched`, which the other ranks of a group replay (`replay`)."""
         if mtp and self.mtp is None:
-            raise InvalidRequest("speculative='mtp': this model has no multi-token-prediction head (mtp.* weights)")
+            # the field first, so the server's error names it as its param
+            raise InvalidRequest("speculative: 'mtp' but this model has no multi-token-prediction head (mtp.* weights)")
         caches, n, self.fetched = None, 0, None
         if slot is not None:
             caches, n = slot.take(prompt, self.rewindable)
