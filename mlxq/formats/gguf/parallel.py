@@ -119,7 +119,10 @@ class Encoders:
         """Waits for every slice handed out, raising the first error; the workers end once their last is done (so
         their exit overlaps what follows: the file's sync)."""
         for w in self.workers:
-            w.conn.send(None)
+            try:
+                w.conn.send(None)
+            except OSError:  # a worker that died (broken pipe): what it held fails below, naming the tensor
+                pass
         while any(w.busy for w in self.workers):
             self._collect(block=True)
         self._free = []
