@@ -5,8 +5,8 @@ exactly that file. Two parts, both run in this one process, mlxq and llama.cpp i
 
 - Speed: `mlxq export F32.gguf --type T` (the export function, in process: read, convert, encode, write, its worker
   processes' start and end included) against `llama-quantize F32.gguf OUT T 2` (llama_model_quantize, 2 threads)
-  per type; wall and CPU seconds, the workers' CPU included (this machine is shared, so wall times carry other
-  people's load; CPU seconds do not). Whether the two files hold the same
+  per type, each side's best of 4 interleaved runs; wall and CPU seconds, the workers' CPU included (this machine
+  is shared, so wall times carry other people's load; CPU seconds do not). Whether the two files hold the same
   tensors byte for byte is recorded too (mlxq's encoders follow ggml's arithmetic: they should).
 - Quality: mlxq's calibrated export (`--calibrate`) with each method, `--method allocate` (the default: imatrix's
   fits, tensor types moved within the mix by measured KL), `--method imatrix` (ggml's importance-weighted fits with
@@ -120,7 +120,9 @@ def main() -> None:
     quality_types = [] if args.part == "speed" else args.types.split(",") if args.types else ["Q3_K_M"] if quick else [
         "Q4_K_M", "Q3_K_M", "Q2_K"]
     calib_tokens, eval_tokens = (512, 1024) if quick else (8192, 8192)
-    reps = 1 if quick else 2
+    # each side's best of `reps` interleaved runs: an export of SmolLM2 takes about half a second, and on this shared
+    # machine one run in two or three is slowed by other work (two runs left a ratio to a single unlucky pair)
+    reps = 1 if quick else 4
 
     work = cache_dir() / "bench" / "gguf_export"
     work.mkdir(parents=True, exist_ok=True)
