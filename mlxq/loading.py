@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 import os
-import sys
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +16,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxq.errors import ConfigError, FormatError
 from mlxq.formats.base import Checkpoint
+from mlxq.glibc import glibc
 from mlxq.kernels.kquants import Narrowing
 from mlxq.models import build_model, text_config
 from mlxq.models.layers import (
@@ -283,7 +282,7 @@ def _return_freed_memory() -> None:
     MLX keeps its own cache of buffers while it runs, so this costs nothing afterwards. And one heap for all threads:
     glibc gives each thread that allocates its own, and keeps what is freed in each (MLX's worker thread and the
     tokenizer's loader held ~37 MB more on SmolLM2 by the end of a short generation)."""
-    libc = _glibc()
+    libc = glibc()
     if libc is not None:
         libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
         libc.mallopt(-8, 1)  # M_ARENA_MAX: threads share one heap, not one each
@@ -293,22 +292,9 @@ def trim_heap() -> None:
     """Hands the heap's freed memory back to the system (glibc's malloc_trim): what a load freed below the mmap
     threshold, the tokenizer's parse of its JSON among it (half of its 28 MB on SmolLM2), stays in the heap
     otherwise."""
-    libc = _glibc()
+    libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)
-
-
-@functools.cache
-def _glibc() -> ctypes.CDLL | None:
-    """glibc, or None on another system or C library (its allocator settings are glibc's own)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018  (a libc.so.6 without them is not glibc)
-    except (OSError, AttributeError):
-        return None
-    return libc
 
 
 def _has_packs(ckpt: Checkpoint) -> bool:
