@@ -95,10 +95,11 @@ def test_a_spawned_worker_starts_without_the_runtime():
     assert done.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q4_0", "IQ4_NL"])
-def test_workers_weigh_slices_by_their_importance(kind, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("kind", "start"), [("Q4_K", "fork"), ("Q4_0", "fork"), ("IQ4_NL", "fork"), ("Q4_K", "spawn")])
+def test_workers_weigh_slices_by_their_importance(kind, start, tmp_path, monkeypatch):
     """Importance per input column, and per expert ([experts, 1, cols] broadcast over the rows)."""
     monkeypatch.setattr(parallel, "SLICE_WEIGHTS", SMALL_SLICES)
+    monkeypatch.setattr(parallel, "start_method", lambda: start)
     rng = np.random.default_rng(1)
     w = rng.standard_normal((3, 40, 512)).astype(np.float32)
     for importance in (rng.random(512).astype(np.float32), rng.random((3, 1, 512)).astype(np.float32)):
