@@ -17,6 +17,8 @@ exactly that file. Two parts, both run in this one process, mlxq and llama.cpp i
 
     python bench/gguf_export.py [--quick] [--part all|speed|quality] [--methods allocate,imatrix,gptq] [--types T,..]
 
+`--types` limits both parts to those mixes (written to gguf_export[_PART]-TYPES.json, beside the full run's).
+
 Ratios: `export_time_T_vs_llama_cpp` (wall) and `export_cpu_T_vs_llama_cpp` = mlxq / llama.cpp (goal <= 1);
 `kl_T_vs_llama_cpp` = the mean KL of mlxq's default method / llama.cpp's (goal <= 0.8), `kl_T_M_vs_llama_cpp` per
 method M. Quick: Q4_K_M timed once, Q3_K_M's quality on 512 calibration and 1024 scored tokens. One part alone
@@ -108,17 +110,19 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--part", choices=["all", "speed", "quality"], default="all")
     p.add_argument("--methods", default=",".join(CALIBRATION_METHODS), help="mlxq's calibration methods to score")
-    p.add_argument("--types", default=None, help="the quality part's mixes (default Q4_K_M,Q3_K_M,Q2_K)")
+    p.add_argument("--types", default=None, help="the mixes to time and score (default: the speed part's 7, the "
+                                                  "quality part's Q4_K_M,Q3_K_M,Q2_K)")
     args = parse_args(p)  # --quick, and the reference-BLAS refusal
     quick = args.quick
     from mlxq.formats.fetch import cache_dir
     from mlxq.formats.gguf.export import DEFAULT_METHOD, export
     from mlxq.quant.recipes import gguf_recipe
 
-    speed_types = [] if args.part == "quality" else ["Q4_K_M"] if quick else [
-        "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
-    quality_types = [] if args.part == "speed" else args.types.split(",") if args.types else ["Q3_K_M"] if quick else [
-        "Q4_K_M", "Q3_K_M", "Q2_K"]
+    chosen = args.types.split(",") if args.types else None
+    speed_types = [] if args.part == "quality" else chosen or (["Q4_K_M"] if quick else [
+        "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"])
+    quality_types = [] if args.part == "speed" else chosen or (["Q3_K_M"] if quick else [
+        "Q4_K_M", "Q3_K_M", "Q2_K"])
     calib_tokens, eval_tokens = (512, 1024) if quick else (8192, 8192)
     # each side's best of `reps` interleaved runs: an export of SmolLM2 takes about half a second, and on this shared
     # machine one run in two or three is slowed by other work (two runs left a ratio to a single unlucky pair)
@@ -176,7 +180,10 @@ def main() -> None:
             ratios[f"kl_{kind}_vs_llama_cpp"] = ratios[f"kl_{kind}_{DEFAULT_METHOD}_vs_llama_cpp"]
         print(f"{kind}: {row}", file=sys.stderr)
 
-    write_result("gguf_export" if args.part == "all" else f"gguf_export_{args.part}", {
+    name = "gguf_export" if args.part == "all" else f"gguf_export_{args.part}"
+    if chosen:  # a run of some mixes never replaces the recorded run of all of them
+        name += "-" + "-".join(kind.lower() for kind in chosen)
+    write_result(name, {
         "quick": quick,
         "part": args.part,
         "default_method": DEFAULT_METHOD,
