@@ -102,6 +102,7 @@ def child_mlxq(path: str, keep: bool, gen: int) -> dict:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
 
     import mlxq
+    import mlxq.api  # noqa: F401  (`import mlxq` alone leaves the runtime to the first `mlxq.load`)
     from mlxq.formats.gguf import reader  # noqa: F401
     from mlxq.models import llama  # noqa: F401
 

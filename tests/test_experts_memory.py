@@ -37,6 +37,7 @@ import json, re, sys
 import mlx.core as mx
 from mlx.utils import tree_flatten
 import mlxq
+import mlxq.api  # the runtime's code is the baseline too (`import mlxq` leaves it to the first `mlxq.load`)
 
 def rss(key):
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
