@@ -460,7 +460,8 @@ def openblas_threads() -> int | None:
 
 def test_decode_steps_of_several_rows_run_on_one_blas_thread(qwen3_model):
     """A step's matmuls run on OpenBLAS's threads: a decode step of one row and a prefill step on as many as the
-    process started with, a decode step of several rows on one (`engine/blas.py`), read from inside each step."""
+    process started with, a decode step of several rows on one (`engine/blas.py`), read from inside each step; an
+    idle engine leaves the process its own count."""
     started = openblas_threads()
     if sys.platform.startswith("linux"):  # the tests run with OpenBLAS preloaded (Makefile), as mlxq's CLI does
         assert started is not None, "OpenBLAS is not loaded: preload it (LD_PRELOAD, see the Makefile)"
@@ -484,8 +485,13 @@ def test_decode_steps_of_several_rows_run_on_one_blas_thread(qwen3_model):
         ps = prompts(qwen3_model, 3)
         run(engine, [watched(ps[0], 3)])
         run(engine, [watched(p, 4) for p in ps])
+        deadline = time.monotonic() + 10  # its last step fed three rows, on one thread; once idle, the process's own
+        while openblas_threads() != started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        idle = openblas_threads()
     finally:
         engine.close()
+    assert idle == started
     assert {rows for rows, _ in seen} >= {0, 1, 3}  # prefill, one row, three rows
     for rows, threads in seen:
         if rows == 1:  # whichever count has been faster (`Faster`, its own test below)

@@ -88,6 +88,11 @@ class BlasThreads:
     def for_prefill(self) -> None:
         self._use(self.default)
 
+    def idle(self) -> None:
+        """No step to run: the process's own count back, for whatever else it runs meanwhile (after a decode step of
+        several rows it would stay on one thread)."""
+        self._use(self.default)
+
     def _use(self, threads: int) -> None:
         if self._set is not None and threads != self.now:
             self._set(threads)

@@ -390,6 +390,7 @@ class Engine:
         block = not (self._waiting or self._prefilling or self._running)
         if block:
             self._flush()
+            self._blas.idle()
         while True:
             try:
                 req = self._inbox.get(block=block, timeout=self.IDLE_S if block else None)
