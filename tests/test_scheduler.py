@@ -500,6 +500,29 @@ def test_decode_steps_of_several_rows_run_on_one_blas_thread(qwen3_model):
             assert threads == (started if rows == 0 else 1 if started is not None else None), (rows, threads)
 
 
+def test_an_engine_closed_mid_decode_leaves_the_process_its_own_blas_threads(qwen3_model):
+    """Closed while decoding three rows (steps on one OpenBLAS thread), the loop gives the process its own count back
+    as it ends."""
+    engine = Engine(qwen3_model.net, qwen3_model.tokenizer, max_batch=4).start()
+    started = engine._blas.default if openblas_threads() is not None else None
+    several = threading.Event()
+
+    def watch(tokens, logits):
+        if len(engine._running) == 3 and not engine._prefilling:
+            several.set()
+        return logits
+
+    reqs = [Request(p, 200, ignore_eos=True) for p in prompts(qwen3_model, 3)]
+    for req in reqs:
+        req.make_processors = lambda: [watch]
+        engine.submit(req)
+    try:
+        assert several.wait(60)
+    finally:
+        engine.close()
+    assert openblas_threads() == started
+
+
 def test_faster_takes_the_setting_whose_recent_steps_took_less_time():
     """Both settings are measured in turns first; then the faster one runs, the other every EXPLORE-th step, one
     slow step (a shared machine) does not flip the choice, and a lasting change does."""

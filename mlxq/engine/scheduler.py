@@ -321,6 +321,7 @@ class Engine:
                 self._guarded(partial(self._prefill_phase, only_new=True), PREFILL)
             self._guarded(self._decode_phase, DECODE)
         self._loop_done = True
+        self._blas.idle()  # closed, maybe right after a step on one thread
         self._cancel_left()
         try:
             self.runner.close()
