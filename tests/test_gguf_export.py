@@ -499,3 +499,13 @@ def test_float_tensors_read_from_the_file_are_the_loaders(kind, tiny_src, tmp_pa
             np.testing.assert_array_equal(host, want, err_msg=f"{path.name}: {name}")
             read += 1
         assert read > 10
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_5_text", "gemma3"])
+def test_a_float_gguf_exported_again_keeps_its_tensors_bit_for_bit(family, tiny_src, tmp_path):
+    """A float32 GGUF exported again as F32 holds the very same tensors: each is taken as the file stores it, not
+    brought to HF's layout and back (which copied llama's permuted q/k twice, and rounded the hybrid's zero-centred
+    norms, w - 1 + 1, and its decay rates, -exp(log(-A)))."""
+    first = exported(tiny_src(family), tmp_path / "a", "F32")
+    second = exported(first, tmp_path / "b", "F32")
+    assert tensors(second) == tensors(first)

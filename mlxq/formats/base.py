@@ -6,6 +6,7 @@ ever sees one convention: the transformers one.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +38,14 @@ class TensorSource(Mapping[str, mx.array]):
     def __init__(self, infos: dict[str, TensorInfo], loader: Callable[[str], mx.array],
                  slicer: Callable[[str, int, Ranges], mx.array] | None = None,
                  host: Callable[[str], np.ndarray | None] | None = None,
-                 read: Callable[[list[str]], tuple[dict[str, mx.array | Narrowing], list[mx.array]]] | None = None):
+                 read: Callable[[list[str]], tuple[dict[str, mx.array | Narrowing], list[mx.array]]] | None = None,
+                 stored: Callable[[str], tuple[np.ndarray, tuple] | None] | None = None):
         self._infos = infos
         self._loader = loader
         self._slicer = slicer
         self._host = host
         self._read = read
+        self._stored = stored
 
     def read(self, names: list[str]) -> tuple[dict[str, mx.array | Narrowing], list[mx.array]]:
         """Tensors `names` (in the source's order) together, and what the caller must evaluate (soon: it holds
@@ -60,6 +63,14 @@ class TensorSource(Mapping[str, mx.array]):
         if name not in self._infos:
             raise KeyError(name)
         return None if self._host is None else self._host(name)
+
+    def stored_float(self, name: str) -> tuple[np.ndarray, tuple] | None:
+        """Tensor `name` as `host_float` gives it but in the file's own layout, and the transforms (`to_hf`, in order)
+        that bring it to HF's: for a format that stores tensors transformed (GGUF), so that a writer of that layout
+        takes them as they are. None where the format has no such form."""
+        if name not in self._infos:
+            raise KeyError(name)
+        return None if self._stored is None else self._stored(name)
 
     @property
     def can_slice(self) -> bool:
@@ -118,6 +129,7 @@ def mapped_float(path: Path, offset: int, shape: tuple[int, ...], dtype: str) ->
         count *= d
     if not count:
         return np.zeros(shape, np.float32)
+    path = os.fspath(path)  # (numpy's memmap resolves a Path's links anew for every tensor: ~80 us each)
     if dtype == "float32":
         return np.asarray(np.memmap(path, np.float32, "c", offset, (count,))).reshape(shape)
     if dtype == "float16":

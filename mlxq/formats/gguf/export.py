@@ -109,6 +109,15 @@ class Source:
             w = t.to_hf(w, {})
         return w
 
+    def as_gguf(self, ckpt: Checkpoint, arch: str, hf: str, config: dict[str, Any]) -> np.ndarray:
+        """The tensor as llama.cpp's converter writes it for `arch` (under HF name `hf`). A GGUF source that stores it
+        so gives it as stored: mapped, no transform there and back (two copies of a permuted Q or K), bytes exact."""
+        if len(self.names) == 1 and self.rows is None and not self.undo:
+            found = ckpt.tensors.stored_float(self.names[0])
+            if found is not None and found[1] == names.transforms(arch, hf):
+                return found[0]
+        return names.to_gguf(arch, hf, self.load(ckpt), config)
+
     def take(self, rows) -> Source:
         """These of its rows (indices into this source's own rows)."""
         mine = tuple(int(r) for r in rows) if self.rows is None else tuple(self.rows[int(r)] for r in rows)
@@ -184,7 +193,7 @@ def model_metadata(cfg: dict[str, Any], arch: str, path, mtp_layers: int = 0) ->
     keys["rope.freq_base"] = float(rope["rope_theta"])
     if rope["rope_type"] == "linear":
         keys["rope.scaling.type"], keys["rope.scaling.factor"] = "linear", float(rope["factor"])
-    elif rope["rope_type"] not in ("default", "llama3"):
+    elif rope["rope_type"] not in ("default", "llama3", "freq_factors"):  # (these two: `_rope_factors`)
         raise UnsupportedModel(f"{path}: rope_type '{rope['rope_type']}' cannot be exported to GGUF")
     if arch == "llama":
         keys["rope.dimension_count"] = head_dim
@@ -287,8 +296,11 @@ def _gemma3_keys(cfg: dict[str, Any], head_dim: int, path) -> dict[str, Any]:
 
 
 def _rope_factors(cfg: dict[str, Any]) -> np.ndarray | None:
-    """Llama 3.1's frequency scaling, stored by llama.cpp as per-frequency factors (`rope_freqs.weight`)."""
+    """Llama 3.1's frequency scaling, stored by llama.cpp as per-frequency factors (`rope_freqs.weight`); a GGUF source
+    gives them as they are (its config's `freq_factors`)."""
     rope = rope_settings(cfg, "full_attention")
+    if rope["rope_type"] == "freq_factors":
+        return np.array(rope["factors"], dtype=np.float32)
     if rope["rope_type"] != "llama3":
         return None
     dims = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -481,7 +493,7 @@ def _write(f: GGUFOut, encoders: Encoders, ckpt: Checkpoint, the_plan: Plan, ite
            method: str) -> None:
     """One tensor's GGUF data into `f`: plain, importance-weighted (both by `encoders`, block types spread over its
     workers), or by GPTQ where the layer's Hessian is known."""
-    w = names.to_gguf(the_plan.arch, item.hf, item.source.load(ckpt), the_plan.config).reshape(item.out.shape)
+    w = item.source.as_gguf(ckpt, the_plan.arch, item.hf, the_plan.config).reshape(item.out.shape)
     importance, hessian = calibration_for(the_plan, item, stats)
     kind = item.out.kind
     # the embedding's rows are also looked up, where the head's Hessian says nothing: it keeps ggml's fit
@@ -539,7 +551,7 @@ def requantized(ckpt: Checkpoint, the_plan: Plan, item: Item, kind: str,
     checkpoint's own layout and shape (float32), and its importance-weighted squared error."""
     from mlxq.kernels import kquants
 
-    w = names.to_gguf(the_plan.arch, item.hf, item.source.load(ckpt), the_plan.config).reshape(item.out.shape)
+    w = item.source.as_gguf(ckpt, the_plan.arch, item.hf, the_plan.config).reshape(item.out.shape)
     importance = calibration_for(the_plan, item, stats)[0]
     q = np.asarray(kquants.dequantize(mx.array(encode(w, kind, importance)), kind)).reshape(item.out.shape)
     error = float(((w - q) ** 2 * (1.0 if importance is None else importance)).sum())

@@ -301,19 +301,26 @@ def open_gguf(path: Path, keep_quantized: bool = False) -> Checkpoint:
         mx.eval(v)  # one tensor at a time: its file bytes are freed before the next is read
         return v
 
-    def host(hf: str) -> np.ndarray | None:
+    def stored(hf: str) -> tuple[np.ndarray, tuple[names.Transform, ...]] | None:
         p = plan[hf]
         if p.form != "float" or p.record.kind not in _HOST_DTYPES:
             return None
         w = mapped_float(path, p.record.offset, p.record.shape, _HOST_DTYPES[p.record.kind])
+        return (w if p.rows is None else w[p.rows]), p.transforms
+
+    def host(hf: str) -> np.ndarray | None:
+        if (found := stored(hf)) is None:
+            return None
         try:
-            return names.to_hf_all(p.transforms, w if p.rows is None else w[p.rows], config)
+            return names.to_hf_all(found[1], found[0], config)
         except (ValueError, TypeError, IndexError) as e:
-            raise FormatError(f"{path}: tensor '{p.record.name}' ({p.record.kind}) cannot be decoded ({e})") from None
+            record = plan[hf].record
+            raise FormatError(f"{path}: tensor '{record.name}' ({record.kind}) cannot be decoded ({e})") from None
 
     chat_template = meta.get("tokenizer.chat_template")
     small = {k: v for k, v in meta.items() if not isinstance(v, Strings)}
-    return Checkpoint(path, "gguf", config, TensorSource(infos, load, host=host, read=read), gguf_file=path,
+    tensors = TensorSource(infos, load, host=host, read=read, stored=stored)
+    return Checkpoint(path, "gguf", config, tensors, gguf_file=path,
                       chat_template=chat_template if isinstance(chat_template, str) else None,
                       extra={"gguf_metadata": small, "gguf_header": header})
 
