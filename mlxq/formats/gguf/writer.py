@@ -19,6 +19,11 @@ from gguf.constants import GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFV
 
 from mlxq.errors import FormatError
 from mlxq.formats.gguf.codecs import row_bytes
+from mlxq.glibc import start_writeback
+
+# the file's data placed between starts of its write-out (`start_writeback`): the closing fsync then waits for about
+# the last this many bytes, not the whole file (SmolLM2's Q2_K export: 25-32 ms of fsync -> 3-6 ms)
+WRITE_BEHIND_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class GGUFOut:
         self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
         self._order = list(tensors)
         self._next = 0
+        self._written_out = 0  # where the file's data stood when its write-out last started
         self.fd = -1
         self._header = _header(arch, metadata, self._order)
         self._offsets, end = [], len(self._header)
@@ -98,7 +104,11 @@ class GGUFOut:
         if name != self._order[self._next].name:
             raise FormatError(f"tensor '{name}': expected '{self._order[self._next].name}' next")
         self._next += 1
-        return self._offsets[self._next - 1]
+        at = self._offsets[self._next - 1]
+        if at >= self._written_out + WRITE_BEHIND_BYTES:  # (what came before `at` is written, or being written)
+            start_writeback(self.fd)
+            self._written_out = at
+        return at
 
     def __exit__(self, kind, exc, tb) -> None:
         try:
