@@ -14,8 +14,6 @@ through ggml's float16 lookup table in llama.cpp; mlxq's reference rounds the sa
 
 from __future__ import annotations
 
-import sys
-
 import gguf
 import mlx.core as mx
 import mlx.nn as nn
@@ -511,17 +509,3 @@ def test_a_float_gguf_exported_again_keeps_its_tensors_bit_for_bit(family, tiny_
     first = exported(tiny_src(family), tmp_path / "a", "F32")
     second = exported(first, tmp_path / "b", "F32")
     assert tensors(second) == tensors(first)
-
-
-def test_the_export_writes_its_file_out_as_it_goes(tiny_src, tmp_path, monkeypatch):
-    """The writer starts the write-out of what it has written every WRITE_BEHIND_BYTES of the file's data (so the fsync
-    that completes the file waits for the last part, not the whole), and here (Linux) that call succeeds."""
-    from mlxq.formats.gguf import writer
-
-    started = []
-    real = writer.start_writeback
-    monkeypatch.setattr(writer, "start_writeback", lambda fd: started.append(real(fd)))
-    monkeypatch.setattr(writer, "WRITE_BEHIND_BYTES", 16 << 10)
-    out = exported(tiny_src("llama"), tmp_path, "F32")
-    assert len(started) >= out.stat().st_size // (64 << 10) >= 6
-    assert all(started) if sys.platform.startswith("linux") else not any(started)

@@ -28,6 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxq.errors import FormatError
+from mlxq.glibc import WriteBehind
 
 ALIGN = 16384  # expert blocks start and end on 16 KiB boundaries
 TENSOR_ALIGN = 64  # tensors inside a block
@@ -340,6 +341,7 @@ class PackWriter:
         experts = []
         block = bytearray(stride)
         with open(self.dir / name, "wb") as f:
+            behind = WriteBehind(f.fileno())
             for p, e in enumerate(perm):
                 block[:] = bytes(stride)
                 for t in tensors:
@@ -348,6 +350,7 @@ class PackWriter:
                     block[t.offset : t.offset + t.nbytes] = data.tobytes()
                 experts.append(Expert(p * stride, payload, zlib.crc32(memoryview(block)[:payload])))
                 f.write(block)
+                behind.wrote((p + 1) * stride)
             f.flush()
             os.fsync(f.fileno())
         self.layers[layer] = {

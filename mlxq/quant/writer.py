@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxq.errors import FormatError
+from mlxq.glibc import WriteBehind
 
 SAFETENSORS_DTYPE: dict[mx.Dtype, str] = {
     mx.float32: "F32",
@@ -69,6 +70,7 @@ class ShardWriter:
         self._order = [(i, t) for i, shard in enumerate(self.shards) for t in shard]
         self._next = 0
         self._f = None
+        self._behind: WriteBehind | None = None
         self._shard = -1
 
     def write(self, name: str, array: mx.array) -> None:
@@ -83,6 +85,7 @@ class ShardWriter:
             self._open(shard)
         data = np.asarray(array.view(mx.uint16) if array.dtype == mx.bfloat16 else array)
         self._f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        self._behind.wrote(self._f.tell())
         self._next += 1
 
     def close(self) -> dict[str, str]:
@@ -118,6 +121,7 @@ class ShardWriter:
         raw += b" " * (-(8 + len(raw)) % 8)  # tensor data starts 8-byte aligned
         self._f = open(self.root / self.files[shard], "wb")  # noqa: SIM115 (closed in _finish)
         self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._behind = WriteBehind(self._f.fileno())
         self._shard = shard
 
     def _finish(self) -> None:

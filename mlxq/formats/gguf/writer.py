@@ -19,11 +19,7 @@ from gguf.constants import GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFV
 
 from mlxq.errors import FormatError
 from mlxq.formats.gguf.codecs import row_bytes
-from mlxq.glibc import start_writeback
-
-# the file's data placed between starts of its write-out (`start_writeback`): the closing fsync then waits for about
-# the last this many bytes, not the whole file (SmolLM2's Q2_K export: 25-32 ms of fsync -> 3-6 ms)
-WRITE_BEHIND_BYTES = 16 << 20
+from mlxq.glibc import WriteBehind
 
 
 @dataclass(frozen=True)
@@ -71,7 +67,7 @@ class GGUFOut:
         self.tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
         self._order = list(tensors)
         self._next = 0
-        self._written_out = 0  # where the file's data stood when its write-out last started
+        self._behind: WriteBehind | None = None
         self.fd = -1
         self._header = _header(arch, metadata, self._order)
         self._offsets, end = [], len(self._header)
@@ -82,6 +78,7 @@ class GGUFOut:
 
     def __enter__(self) -> GGUFOut:
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._behind = WriteBehind(self.fd)
         try:
             write_at(self.fd, np.frombuffer(self._header, np.uint8), 0)
             os.ftruncate(self.fd, self._size)  # the padding between tensors reads as zeros, as gguf-py writes it
@@ -105,9 +102,7 @@ class GGUFOut:
             raise FormatError(f"tensor '{name}': expected '{self._order[self._next].name}' next")
         self._next += 1
         at = self._offsets[self._next - 1]
-        if at >= self._written_out + WRITE_BEHIND_BYTES:  # (what came before `at` is written, or being written)
-            start_writeback(self.fd)
-            self._written_out = at
+        self._behind.wrote(at)  # what comes before `at` is written, or being written (by the export's workers)
         return at
 
     def __exit__(self, kind, exc, tb) -> None:
