@@ -22,8 +22,8 @@ from tiny import WIDE, make_tiny, save_tiny_tokenizer
 
 from mlxq.formats import open_checkpoint
 from mlxq.formats.gguf import allocate
-from mlxq.formats.gguf.codecs import CODECS, bits_per_weight
-from mlxq.formats.gguf.export import export, plan, requantized
+from mlxq.formats.gguf.codecs import CODECS, bits_per_weight, encode
+from mlxq.formats.gguf.export import export, plan, requantized, trial_encoders
 from mlxq.loading import load_model
 from mlxq.quant.recipes import gguf_recipe
 
@@ -40,12 +40,12 @@ def test_a_tensor_moves_along_its_row_widths_ladder():
     assert t("F16", 512).at(1) == "F16" and t("TQ2_0", 512).at(1) == "TQ2_0"
 
 
-def measured_reference(src, variant, weight, batches):
+def measured_reference(src, variant, weights, batches):
     """KL(float || variant) by the whole model's forward pass: the float net against the net with the variant's
     tensors replaced (the file's own weights when `variant` is None)."""
     float_net = load_model(open_checkpoint(str(src)), dtype=mx.float32, fuse=False)
     net = load_model(open_checkpoint(str(src)), dtype=mx.float32, fuse=False)
-    net.load_weights([(n, weight(n, k)) for n, k in variant.items()], strict=False)
+    net.load_weights(list(zip(variant, weights(list(variant.items())), strict=True)), strict=False)
     total = 0.0
     for seq in batches:
         t = mx.array([seq])
@@ -69,15 +69,43 @@ def test_measured_kl_layer_by_layer_is_the_whole_models(tmp_path):
     assert "model.embed_tokens.weight" in full and len(set(full.values())) > 1
     one = {"model.layers.1.mlp.down_proj.weight": "Q2_K"}
 
-    def weight(name, kind):
-        return mx.array(requantized(open_checkpoint(str(src)), the_plan, items[name], kind)[0])
+    def weights(wanted):
+        with trial_encoders(0, 0) as encoders:
+            made = requantized(open_checkpoint(str(src)), the_plan, [(items[n], k) for n, k in wanted], None, encoders)
+        return [mx.array(w) for w, _ in made]
 
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 160, 48).tolist() for _ in range(3)]
-    got = allocate.measured_kl(open_checkpoint(str(src)), batches, [full, one], weight)
-    want = [measured_reference(src, v, weight, batches) for v in (full, one)]
+    got = allocate.measured_kl(open_checkpoint(str(src)), batches, [full, one], weights)
+    want = [measured_reference(src, v, weights, batches) for v in (full, one)]
     assert got == pytest.approx(want, rel=1e-3)
     assert want[0] > 2 * want[1] > 0
+
+
+def test_candidates_are_encoded_by_the_workers_as_here(tmp_path, monkeypatch):
+    """`requantized` hands every candidate to the workers before reading any back: the same weights and errors, bit
+    for bit, as encoded in this process, and each the error of that tensor at that type (so each was read back from
+    its own place in the scratch file)."""
+    from mlxq.formats.gguf import parallel
+    from mlxq.kernels.kquants import dequantize
+
+    src = tmp_path / "src"
+    make_tiny("llama", src, **WIDE)
+    ckpt = open_checkpoint(str(src))
+    the_plan = plan(ckpt, gguf_recipe("Q3_K_M"))
+    items = [it for it in the_plan.items if it.out.kind in CODECS and ".layers.1." in it.hf]
+    wanted = [(it, kind) for it in items for kind in ("Q2_K", "Q4_K", "Q8_0")]
+    monkeypatch.setattr(parallel, "SLICE_WEIGHTS", 4 * 256)  # every tensor in several slices
+    made = {}
+    for workers in (0, 2):
+        with trial_encoders(workers, max(it.out.shape[-1] for it in items)) as encoders:
+            made[workers] = requantized(open_checkpoint(str(src)), the_plan, wanted, None, encoders)
+    for (w0, e0), (w2, e2) in zip(made[0], made[2], strict=True):
+        assert e0 == e2 and np.array_equal(w0, w2)
+    for (item, kind), (_, error) in zip(wanted, made[0], strict=True):
+        w = item.source.as_gguf(ckpt, the_plan.arch, item.hf, the_plan.config).reshape(item.out.shape)
+        q = np.asarray(dequantize(mx.array(encode(w, kind)), kind)).reshape(w.shape)
+        assert error == pytest.approx(float(((w - q) ** 2).sum()), rel=1e-6)
 
 
 def table_measure(costs, interaction=0.0):
@@ -196,6 +224,10 @@ def test_allocated_export_is_no_larger_and_closer_to_the_float_model(kind, tmp_p
         files[method] = tmp_path / f"{kind}-{method}.gguf"
         export(str(src), files[method], gguf_recipe(kind), calibrate=str(text), method=method, calib_tokens=1024,
                progress=False)
+    # the candidates and the file encoded by two worker processes: the same choice, the same bytes
+    spread = tmp_path / f"{kind}-allocate-workers.gguf"
+    export(str(src), spread, gguf_recipe(kind), calibrate=str(text), calib_tokens=1024, progress=False, workers=2)
+    assert spread.read_bytes() == files["allocate"].read_bytes()
     kinds = {m: {t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors} for m, p in files.items()}
     assert kinds["allocate"] != kinds["imatrix"]  # something moved
     assert quantized_bits(files["allocate"]) <= quantized_bits(files["imatrix"])

@@ -163,11 +163,13 @@ def parameter_names(model) -> set[str]:
 
 
 def measured_kl(ckpt: Checkpoint, batches: list[list[int]], variants: list[Variant],
-                weight: Callable[[str, str], mx.array], progress: Callable[[], None] = lambda: None) -> list[float]:
-    """Mean KL(float || variant) per token on `batches` (sequences of one length) for each variant, a parameter
-    quantized at type k taken as `weight(name, k)` (dequantized, in the model's layout). Runs layer by layer: every
-    variant's hidden states go through decoder layer i before layer i+1 is read from the checkpoint, and a
-    layer's quantized weights are made once for all variants and dropped with the layer."""
+                weights: Callable[[list[tuple[str, str]]], list[mx.array]],
+                progress: Callable[[], None] = lambda: None) -> list[float]:
+    """Mean KL(float || variant) per token on `batches` (sequences of one length) for each variant, parameter n
+    quantized at type k taken from `weights([(n, k), ...])` (dequantized, in the model's layout). Runs layer by
+    layer: every variant's hidden states go through decoder layer i before layer i+1 is read from the checkpoint,
+    and a layer's quantized weights are asked for together (so they can be encoded side by side), once for all
+    variants, and dropped with the layer."""
     from mlxq.models import build_model, text_config
     from mlxq.quant.calibrate import _layer_of, _LayerSource
 
@@ -180,15 +182,18 @@ def measured_kl(ckpt: Checkpoint, batches: list[list[int]], variants: list[Varia
     everyone = [{}, *variants]  # the float model first
     made: dict[tuple[str, str], mx.array] = {}
 
+    def make(own: dict[str, mx.array]) -> None:
+        """Every variant's quantized weights among `own` (a layer's, or those outside the layers)."""
+        wanted = sorted({(n, v[n]) for v in variants for n in own.keys() & v.keys()} - made.keys())
+        made.update(zip(wanted, weights(wanted), strict=True))
+
     def load(own: dict[str, mx.array], variant: Variant) -> None:
-        """The float weights `own` (a layer's, or those outside the layers), the variant's replaced."""
-        for name in own.keys() & variant.keys():
-            if (name, variant[name]) not in made:
-                made[name, variant[name]] = weight(name, variant[name])
+        """The float weights `own`, the variant's replaced."""
         model.load_weights([(n, made[n, variant[n]] if n in variant else w) for n, w in own.items()], strict=False)
 
     source.bind(None)
     outside = {n: w for n, w in tree_flatten(model.parameters()) if _layer_of(n) is None}
+    make(outside)
     tokens = mx.array(batches)
     caches = [model.make_cache() for _ in everyone]  # made while every layer is still there to say its kind
     hidden = []
@@ -201,6 +206,7 @@ def measured_kl(ckpt: Checkpoint, batches: list[list[int]], variants: list[Varia
         source.bind(i)
         prefix = f"model.layers.{i}"
         own = {f"{prefix}.{n}": w for n, w in tree_flatten(layers[i].parameters())}
+        make(own)
         for j, v in enumerate(everyone):
             load(own, v)
             hidden[j] = layers[i](hidden[j], caches[j][i])

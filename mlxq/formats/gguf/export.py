@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -458,8 +460,10 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
         console.print(f"mlxq: warning: {text}", style="yellow", highlight=False)
 
     the_plan = plan(ckpt, recipe, warn, mtp)
+    if workers is None:
+        workers = worker_count(sum(math.prod(it.out.shape) for it in the_plan.items if it.out.kind in CODECS))
     if method == "allocate" and stats is not None:
-        the_plan = allocated(opener, the_plan, stats, calibrate, console)
+        the_plan = allocated(opener, the_plan, stats, calibrate, console, workers)
         ckpt = opener()
     metadata = dict(the_plan.metadata)
     metadata.update(_general(ckpt, recipe))
@@ -469,8 +473,6 @@ def export(src: str, out: str | Path, recipe: Recipe, *, calibrate: str | None =
     start = time.perf_counter()
     restore = terminate_cleanly()
     blocks = [it.out for it in the_plan.items if it.out.kind in CODECS]
-    if workers is None:
-        workers = worker_count(sum(math.prod(t.shape) for t in blocks))
     try:
         gguf = GGUFOut(out, the_plan.arch, metadata, tensors)
         # the workers are reaped after the file is synced: their exits overlap the sync
@@ -506,8 +508,10 @@ def _write(f: GGUFOut, encoders: Encoders, ckpt: Checkpoint, the_plan: Plan, ite
     mx.clear_cache()
 
 
-def allocated(opener: Callable[[], Checkpoint], the_plan: Plan, stats: Stats, text: str, console) -> Plan:
-    """`the_plan` with each group's types moved by `allocate.choose` (measured KL, bits at most the mix's)."""
+def allocated(opener: Callable[[], Checkpoint], the_plan: Plan, stats: Stats, text: str, console,
+              workers: int = 0) -> Plan:
+    """`the_plan` with each group's types moved by `allocate.choose` (measured KL, bits at most the mix's); the
+    candidates encoded by `workers` processes besides this one."""
     from rich.progress import Progress
 
     from mlxq.engine.tokenizer import load_tokenizer
@@ -530,33 +534,59 @@ def allocated(opener: Callable[[], Checkpoint], the_plan: Plan, stats: Stats, te
     def measure(variants: list[allocate.Variant]) -> list[float]:
         source = opener()  # a forward pass consumes the lazy tensors it loads
 
-        def weight(name: str, kind: str) -> mx.array:
-            w, errors[name, kind] = requantized(source, the_plan, items[name], kind, stats)
-            return mx.array(w)
+        def weights(wanted: list[tuple[str, str]]) -> list[mx.array]:
+            made = requantized(source, the_plan, [(items[name], kind) for name, kind in wanted], stats, encoders)
+            errors.update(zip(wanted, (e for _, e in made), strict=True))
+            return [mx.array(w) for w, _ in made]
 
         with Progress(console=console, transient=True) as bar:
             layers = bar.add_task(f"allocating: {len(variants)} variants, layer by layer", total=n_layers)
-            return allocate.measured_kl(source, batches, variants, weight, lambda: bar.advance(layers))
+            return allocate.measured_kl(source, batches, variants, weights, lambda: bar.advance(layers))
 
     console.print(f"allocating: KL measured on {len(batches)} x {allocate.MEASURE_SEQ} tokens", highlight=False)
-    pick = allocate.choose(measure, tensors, lambda name, kind: errors[name, kind],
-                           lambda line: console.print(f"allocating: {line}", highlight=False))
+    with trial_encoders(workers, max((it.out.shape[-1] for it in items.values()), default=0)) as encoders:
+        pick = allocate.choose(measure, tensors, lambda name, kind: errors[name, kind],
+                               lambda line: console.print(f"allocating: {line}", highlight=False))
     moved = [replace(it, out=replace(it.out, kind=pick[it.hf])) if it.hf in pick else it for it in the_plan.items]
     return replace(the_plan, items=moved)
 
 
-def requantized(ckpt: Checkpoint, the_plan: Plan, item: Item, kind: str,
-                stats: Stats | None = None) -> tuple[np.ndarray, float]:
-    """`item`'s tensor as the export would write it at `kind` (importance-weighted with `stats`), read back in the
-    checkpoint's own layout and shape (float32), and its importance-weighted squared error."""
+@contextmanager
+def trial_encoders(workers: int, widest: int) -> Iterator[Encoders]:
+    """Encoders (`workers` processes besides this one) into a scratch file of their own, for `requantized`."""
+    with tempfile.TemporaryDirectory(prefix="mlxq-trial-") as scratch:
+        path = Path(scratch) / "encoded"
+        path.touch()
+        with Encoders(path, workers, widest, path) as encoders:
+            yield encoders
+
+
+def requantized(ckpt: Checkpoint, the_plan: Plan, wanted: list[tuple[Item, str]], stats: Stats | None,
+                encoders: Encoders) -> list[tuple[np.ndarray, float]]:
+    """Each (item, kind)'s tensor as the export would write it at `kind` (importance-weighted with `stats`), read back
+    in the checkpoint's own layout and shape (float32), and its importance-weighted squared error. All are encoded
+    side by side by `encoders` (from `trial_encoders`) before the first is read back."""
     from mlxq.kernels import kquants
 
-    w = item.source.as_gguf(ckpt, the_plan.arch, item.hf, the_plan.config).reshape(item.out.shape)
-    importance = calibration_for(the_plan, item, stats)[0]
-    q = np.asarray(kquants.dequantize(mx.array(encode(w, kind, importance)), kind)).reshape(item.out.shape)
-    error = float(((w - q) ** 2 * (1.0 if importance is None else importance)).sum())
-    back = names.to_hf_all(names.transforms(the_plan.arch, item.hf), q, the_plan.config)
-    return np.asarray(back, np.float32).reshape(item.source.shape), error
+    sources, places, at = {}, [], 0
+    for item, kind in wanted:
+        if item.hf not in sources:  # (its weights and importance, once for all its types)
+            w = item.source.as_gguf(ckpt, the_plan.arch, item.hf, the_plan.config).reshape(item.out.shape)
+            sources[item.hf] = w, calibration_for(the_plan, item, stats)[0]
+        w, importance = sources[item.hf]
+        encoders.encode(item.hf, at, w, kind, importance)
+        places.append(at)
+        at += replace(item.out, kind=kind).nbytes
+    encoders.wait()
+    out = []
+    for (item, kind), at in zip(wanted, places, strict=True):
+        w, importance = sources[item.hf]
+        data = np.fromfile(encoders.path, np.uint8, replace(item.out, kind=kind).nbytes, offset=at)
+        q = np.asarray(kquants.dequantize(mx.array(data), kind)).reshape(item.out.shape)
+        error = float(((w - q) ** 2 * (1.0 if importance is None else importance)).sum())
+        back = names.to_hf_all(names.transforms(the_plan.arch, item.hf), q, the_plan.config)
+        out.append((np.asarray(back, np.float32).reshape(item.source.shape), error))
+    return out
 
 
 def calibration_for(the_plan: Plan, item: Item, stats: Stats | None) -> tuple[np.ndarray | None, mx.array | None]:

@@ -9,6 +9,8 @@ shared with the workers. Whoever encodes a slice writes its bytes at their place
 nothing encoded travels back. This process only feeds the workers (0.1-0.2 s of CPU in SmolLM2's exports, against
 their 0.5-2 s) and waits. A worker runs only numpy and the codecs, never MLX (a forked child has none of MLX's
 threads), ignores Ctrl-C (this process ends it), and exits when this process is gone (its end of the pipe closes).
+`--method allocate`'s candidates are encoded the same way, a layer's at a time, into a scratch file read back once
+all are written (`Encoders.wait`; export.requantized).
 
 Memory: this process holds one tensor, as without workers; each worker a window of the source file (WINDOW_BYTES),
 the working arrays of one slice, and SLOTS shared slices of at most `slice_weights` float32 weights (touched only
@@ -171,9 +173,13 @@ class Encoders:
                 w.conn.send(None)
             except OSError:  # a worker that died (broken pipe): what it held fails below, naming the tensor
                 pass
+        self.wait()
+        self._free = []
+
+    def wait(self) -> None:
+        """Waits for every slice handed out, raising the first error; the workers stay for more."""
         while any(w.busy for w in self.workers):
             self._collect(block=True)
-        self._free = []
 
     def __exit__(self, kind, exc, tb) -> None:
         unfinished = kind is None and any(w.busy for w in self.workers)
