@@ -11,6 +11,11 @@ llama.cpp, which loads the file and gives mlxq's logits.
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
 
 import gguf
 import mlx.core as mx
@@ -106,6 +111,42 @@ def test_candidates_are_encoded_by_the_workers_as_here(tmp_path, monkeypatch):
         w = item.source.as_gguf(ckpt, the_plan.arch, item.hf, the_plan.config).reshape(item.out.shape)
         q = np.asarray(dequantize(mx.array(encode(w, kind)), kind)).reshape(w.shape)
         assert error == pytest.approx(float(((w - q) ** 2).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_an_interrupted_allocation_leaves_no_scratch_no_worker_no_file(how, tmp_path, monkeypatch):
+    import mlxq.formats.gguf.export as export_module
+
+    monkeypatch.setenv("MLXQ_CACHE", str(tmp_path / "cache"))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    src = tmp_path / "src"
+    make_tiny("llama", src, **WIDE)
+    save_tiny_tokenizer(src, 160)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    real, workers = export_module.requantized, []
+
+    def interrupted(ckpt, the_plan, wanted, stats, encoders):
+        if not workers:  # the first layer's candidates go through; the next ask is interrupted
+            workers.extend(w.pid for w in encoders.workers)
+            return real(ckpt, the_plan, wanted, stats, encoders)
+        assert len(list(scratch.glob("mlxq-trial-*"))) == 1  # the scratch file is there while the pass runs
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        assert callable(signal.getsignal(signal.SIGTERM))  # (else the signal below would end the test run)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # its handler raises SystemExit before this returns
+
+    monkeypatch.setattr(export_module, "requantized", interrupted)
+    out = tmp_path / "out.gguf"
+    with pytest.raises(KeyboardInterrupt if how == "ctrl-c" else SystemExit):
+        export(str(src), out, gguf_recipe("Q3_K_M"), calibrate=str(text), calib_tokens=1024, progress=False,
+               workers=2)
+    assert len(workers) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    assert list(scratch.glob("mlxq-trial-*")) == [] and not out.exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back
 
 
 def table_measure(costs, interaction=0.0):

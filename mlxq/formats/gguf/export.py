@@ -553,12 +553,17 @@ def allocated(opener: Callable[[], Checkpoint], the_plan: Plan, stats: Stats, te
 
 @contextmanager
 def trial_encoders(workers: int, widest: int) -> Iterator[Encoders]:
-    """Encoders (`workers` processes besides this one) into a scratch file of their own, for `requantized`."""
-    with tempfile.TemporaryDirectory(prefix="mlxq-trial-") as scratch:
-        path = Path(scratch) / "encoded"
-        path.touch()
-        with Encoders(path, workers, widest, path) as encoders:
-            yield encoders
+    """Encoders (`workers` processes besides this one) into a scratch file of their own, for `requantized`. Ended,
+    and the scratch file removed, also on Ctrl-C and SIGTERM."""
+    restore = terminate_cleanly()
+    try:
+        with tempfile.TemporaryDirectory(prefix="mlxq-trial-") as scratch:
+            path = Path(scratch) / "encoded"
+            path.touch()
+            with Encoders(path, workers, widest, path) as encoders:
+                yield encoders
+    finally:
+        restore()
 
 
 def requantized(ckpt: Checkpoint, the_plan: Plan, wanted: list[tuple[Item, str]], stats: Stats | None,
