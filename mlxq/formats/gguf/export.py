@@ -580,13 +580,13 @@ def requantized(ckpt: Checkpoint, the_plan: Plan, wanted: list[tuple[Item, str]]
             sources[item.hf] = w, calibration_for(the_plan, item, stats)[0]
         w, importance = sources[item.hf]
         encoders.encode(item.hf, at, w, kind, importance)
-        places.append(at)
-        at += replace(item.out, kind=kind).nbytes
+        places.append((at, replace(item.out, kind=kind).nbytes))
+        at += places[-1][1]
     encoders.wait()
     out = []
-    for (item, kind), at in zip(wanted, places, strict=True):
+    for (item, kind), (at, size) in zip(wanted, places, strict=True):
         w, importance = sources[item.hf]
-        data = np.fromfile(encoders.path, np.uint8, replace(item.out, kind=kind).nbytes, offset=at)
+        data = np.fromfile(encoders.path, np.uint8, size, offset=at)
         q = np.asarray(kquants.dequantize(mx.array(data), kind)).reshape(item.out.shape)
         error = float(((w - q) ** 2 * (1.0 if importance is None else importance)).sum())
         back = names.to_hf_all(names.transforms(the_plan.arch, item.hf), q, the_plan.config)
